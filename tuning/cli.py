@@ -1,0 +1,74 @@
+"""``tune-moe``: argument parsing and dispatch only.
+
+``tune-moe --gpu H200 --dtype fp8 [...]`` runs the main job; the other commands are
+``tune-moe <command> --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import UsageError
+
+# command -> (module with add_arguments(parser) and run(args) -> int, one-line help)
+COMMANDS = {
+    "verify": ("tuning.verify", "load tuned files through vLLM's loader and re-time them against vLLM's default"),
+    "report": ("tuning.report", "tables and plots of tuned vs default from the provenance sidecars"),
+    "bake": ("tuning.bake", "install a device's tuned configs into a folder or image layer"),
+    "check-deepgemm": ("tuning.deepgemm_check", "verify DeepGEMM on this GPU: environment, correctness, speed"),
+    "compare-backends": ("tuning.backends", "time DeepGEMM's grouped FP8 GEMM against the tuned Triton kernel"),
+    "validate-serve": ("tuning.serve", "serve with the tuned configs, prove vLLM loaded them, benchmark"),
+}
+
+
+def tune_parser() -> argparse.ArgumentParser:
+    from . import tune
+
+    epilog = "other commands:\n" + "\n".join(f"  tune-moe {c:<17} {h}" for c, (_, h) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="tune-moe",
+        description="Tune vLLM's fused-MoE Triton kernel for every Step-3.5-Flash shape vLLM will run "
+                    "on this GPU, dtype and layout, and write the JSON files vLLM loads.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tune.add_arguments(parser)
+    return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors exit 2 with one line."""
+
+    def error(self, message: str) -> None:  # noqa: D401
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in COMMANDS:
+            module_name, help_text = COMMANDS[argv[0]]
+            module = importlib.import_module(module_name)
+            parser = _Parser(prog=f"tune-moe {argv[0]}", description=help_text)
+            module.add_arguments(parser)
+            args = parser.parse_args(argv[1:])
+            return module.run(args)
+        from . import tune
+
+        parser = tune_parser()
+        parser.__class__ = _Parser
+        args = parser.parse_args(argv)
+        return tune.run(args)
+    except UsageError as exc:
+        sys.stderr.write(f"tune-moe: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("tune-moe: interrupted; finished jobs are saved, re-run the same command to resume\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Where the fused-MoE kernel comes from: the installed vLLM, or a vLLM source given by path.
+
+``--vllm-src`` takes a ``fused_moe.py``, a vLLM wheel, or a vLLM source tree. Only
+its ``@triton.jit`` functions and ``get_default_config`` (with vLLM's platform
+helpers replaced by CUDA answers) are loaded; the rest of vLLM is never imported.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import inspect
+import os
+import re
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+from .errors import UsageError
+
+FUSED_MOE = "vllm/model_executor/layers/fused_moe/fused_moe.py"
+CACHE_DIR = Path(os.environ.get("TUNE_MOE_CACHE", Path.home() / ".cache" / "tune-moe"))
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """A picklable description of where to load the kernel from (sent to every worker)."""
+
+    path: str | None = None  # None: the installed vLLM
+    vllm_version: str | None = None  # overrides what the source says
+
+    def load(self) -> "Kernel":
+        return load_installed(self.vllm_version) if self.path is None else load_from_path(Path(self.path), self.vllm_version)
+
+
+@dataclass
+class Kernel:
+    fn: Any  # the @triton.jit fused_moe_kernel
+    default_config: Callable[..., dict]  # vLLM's get_default_config(M, E, N, K, topk, dtype, block_shape)
+    vllm_version: str
+    origin: str  # human-readable: where it came from
+    align_op: Callable | None = None  # vLLM's moe_align_block_size, when vLLM is importable
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(self.fn.arg_names)
+
+    @property
+    def describe(self) -> str:
+        return f"vLLM {self.vllm_version} fused_moe_kernel ({self.origin})"
+
+
+def load_installed(version: str | None = None) -> Kernel:
+    try:
+        from vllm.model_executor.layers.fused_moe import fused_moe as fm
+        from vllm.model_executor.layers.fused_moe.moe_align_block_size import moe_align_block_size
+        import vllm
+    except ImportError as exc:
+        raise UsageError(f"vLLM is not importable here ({exc}); install it (install/install-vllm.sh) "
+                         "or pass --vllm-src with a vLLM fused_moe.py or wheel") from None
+    kernel = Kernel(fm.fused_moe_kernel, fm.get_default_config, version or vllm.__version__,
+                    f"installed, {inspect.getfile(fm)}", moe_align_block_size)
+    check_signature(kernel)
+    return kernel
+
+
+def load_from_path(path: Path, version: str | None = None) -> Kernel:
+    source, origin, found_version = _read_source(path)
+    version = version or found_version
+    if version is None:
+        raise UsageError(f"--vllm-src {path}: cannot tell its vLLM version; add --vllm-version")
+    module = _import_kernels(source, version)
+    if not hasattr(module, "fused_moe_kernel"):
+        raise UsageError(f"--vllm-src {path}: no fused_moe_kernel in it; pass vLLM's fused_moe.py, wheel or tree")
+    kernel = Kernel(module.fused_moe_kernel, module.get_default_config, version, origin)
+    check_signature(kernel)
+    return kernel
+
+
+def _read_source(path: Path) -> tuple[str, str, str | None]:
+    if path.suffix == ".whl":
+        m = re.match(r"vllm-([0-9][^-]*)-", path.name)
+        try:
+            with zipfile.ZipFile(path) as whl:
+                return whl.read(FUSED_MOE).decode(), f"wheel {path}", m.group(1) if m else None
+        except (OSError, KeyError, zipfile.BadZipFile) as exc:
+            raise UsageError(f"--vllm-src {path}: not a vLLM wheel with {FUSED_MOE} ({exc})") from None
+    if path.is_dir():
+        path = path / FUSED_MOE if (path / FUSED_MOE).exists() else path / "fused_moe.py"
+    if not path.is_file():
+        raise UsageError(f"--vllm-src {path}: no such file; pass vLLM's fused_moe.py, a vLLM wheel or a source tree")
+    return path.read_text(), f"source {path}", _version_near(path)
+
+
+def _version_near(path: Path) -> str | None:
+    """The version of the vLLM tree or installed package a fused_moe.py sits in."""
+    for parent in path.resolve().parents:
+        for candidate in (parent / "_version.py", parent / "version.py"):
+            if parent.name == "vllm" and candidate.exists():
+                m = re.search(r"""(?:__version__|version)\s*(?::\s*str)?\s*=\s*['"]([0-9][^'"]*)['"]""",
+                              candidate.read_text())
+                if m:
+                    return m.group(1)
+    return None
+
+
+_KEEP = {"get_default_config", "should_moe_wna16_use_cuda"}
+
+
+def _import_kernels(source: str, version: str):
+    """Write vLLM's jit functions and default-config helpers to a module file and import it."""
+    tree = ast.parse(source)
+    chunks = []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and (node.name in _KEEP or _is_triton_jit(node)):
+            start = node.decorator_list[0].lineno if node.decorator_list else node.lineno
+            chunks.append("\n".join(source.splitlines()[start - 1:node.end_lineno]))
+    text = _PRELUDE + "\n\n\n".join(chunks) + "\n"
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    name = f"tune_moe_vllm_kernels_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    file = CACHE_DIR / f"{name}.py"
+    if not file.exists():
+        tmp = file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, file)
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _is_triton_jit(node: ast.FunctionDef) -> bool:
+    return any(ast.unparse(d).split("(")[0] in ("triton.jit", "jit") for d in node.decorator_list)
+
+
+# Stand-ins for the vLLM helpers get_default_config touches, answering as CUDA does.
+_PRELUDE = '''"""vLLM fused-MoE kernels, loaded on their own by tune-moe."""
+from typing import Any
+import torch
+import triton
+import triton.language as tl
+from tuning.kernel import platform_shim as current_platform, envs_shim as envs, next_power_of_2
+
+
+'''
+
+envs_shim = SimpleNamespace(VLLM_BATCH_INVARIANT=False)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n < 1 else 1 << (n - 1).bit_length()
+
+
+class _CudaPlatform:
+    def is_rocm(self) -> bool:
+        return False
+
+    def is_cuda(self) -> bool:
+        return True
+
+    def is_device_capability(self, cap: int) -> bool:
+        import torch
+
+        return torch.cuda.is_available() and torch.cuda.get_device_capability() == divmod(cap, 10)
+
+
+platform_shim = _CudaPlatform()
+
+
+# --- the launcher's contract with the kernel --------------------------------------------
+
+# Parameters the launcher knows how to fill (every vLLM version's names).
+KNOWN_PARAMS = frozenset("""
+a_ptr b_ptr c_ptr b_bias_ptr a_scale_ptr b_scale_ptr topk_weights_ptr sorted_token_ids_ptr expert_ids_ptr
+num_tokens_post_padded_ptr N K EM num_valid_tokens stride_am stride_ak stride_be stride_bk stride_bn stride_cm
+stride_cn stride_asm stride_ask stride_bse stride_bsk stride_bsn stride_bbe stride_bbn group_n group_k
+naive_block_assignment BLOCK_SIZE_M BLOCK_SIZE_N BLOCK_SIZE_K GROUP_SIZE_M SPLIT_K MUL_ROUTED_WEIGHT top_k
+compute_type use_fp8_w8a8 use_int8_w8a8 use_int8_w8a16 per_channel_quant HAS_BIAS SWAP_AB USE_TD even_Ks
+filter_expert
+""".split())
+REQUIRED_PARAMS = frozenset("""
+a_ptr b_ptr c_ptr a_scale_ptr b_scale_ptr topk_weights_ptr sorted_token_ids_ptr expert_ids_ptr
+num_tokens_post_padded_ptr N K EM num_valid_tokens BLOCK_SIZE_M BLOCK_SIZE_N BLOCK_SIZE_K GROUP_SIZE_M
+MUL_ROUTED_WEIGHT top_k compute_type use_fp8_w8a8
+""".split())
+
+
+def check_signature(kernel: Kernel) -> None:
+    params = set(kernel.params)
+    defaults = _params_with_defaults(kernel.fn)
+    unknown = sorted(params - KNOWN_PARAMS - defaults)
+    missing = sorted(REQUIRED_PARAMS - params)
+    if unknown or missing:
+        detail = (f"unknown parameters {', '.join(unknown)}" if unknown else "") + \
+                 ("; " if unknown and missing else "") + \
+                 (f"missing parameters {', '.join(missing)}" if missing else "")
+        raise UsageError(f"fused_moe_kernel of vLLM {kernel.vllm_version} ({kernel.origin}) has a signature this "
+                         f"launcher does not know ({detail}); use a supported vLLM (0.33) or update tuning/launch.py")
+
+
+def _params_with_defaults(fn) -> set[str]:
+    sig = inspect.signature(fn.fn)
+    return {n for n, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}

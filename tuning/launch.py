@@ -1,0 +1,139 @@
+"""Launch vLLM's fused_moe_kernel exactly as vLLM 0.33's TritonExperts does.
+
+Rules mirrored (vllm/model_executor/layers/fused_moe/fused_moe.py, experts/triton_moe.py):
+- naive block assignment (no alignment, one (token, expert) pair per block) when
+  ``M * top_k * 4 <= E`` and there is no expert map;
+- otherwise ``moe_align_block_size`` pads each expert's rows to BLOCK_SIZE_M over the
+  *global* experts; with an expert map the slots of remote experts are dropped
+  (``ignore_invalid_experts``) and expert ids are local;
+- EM = the aligned buffer length, capped at ``M * top_k * BLOCK_SIZE_M`` when M < BLOCK_SIZE_M;
+- fp8 on sm90 with BLOCK_SIZE_M < 64 and BLOCK_SIZE_N >= 64 swaps A and B (SWAP_AB);
+- BLOCK_SIZE_K is clamped to min(block_shape); SPLIT_K = 1; USE_TD follows VLLM_TRITON_USE_TD;
+- w13 without routed weights (top_k = 8), then w2 with routed weights (top_k = 1).
+Parameters the loaded kernel does not have are not passed (older vLLM), so the launch
+degrades exactly as that version's would.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .configs import TileConfig
+from .kernel import Kernel
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """moe_align_block_size's outputs, or the naive assignment (sorted_token_ids None)."""
+
+    sorted_token_ids: torch.Tensor | None
+    expert_ids: torch.Tensor
+    num_tokens_post_padded: torch.Tensor
+    block_m: int
+
+
+def use_naive(m: int, top_k: int, global_experts: int, expert_parallel: bool) -> bool:
+    return not expert_parallel and m * top_k * 4 <= global_experts
+
+
+def align(topk_ids: torch.Tensor, block_m: int, global_experts: int, expert_map: torch.Tensor | None,
+          kernel: Kernel | None = None) -> Alignment:
+    """Group (token, expert) slots by expert, each expert padded to ``block_m`` rows."""
+    if kernel is not None and kernel.align_op is not None and topk_ids.is_cuda:
+        sorted_ids, expert_ids, ntpp = kernel.align_op(topk_ids, block_m, global_experts, expert_map,
+                                                       ignore_invalid_experts=expert_map is not None)
+        return Alignment(sorted_ids, expert_ids, ntpp, block_m)
+    return _align_torch(topk_ids, block_m, global_experts, expert_map)
+
+
+def _align_torch(topk_ids, block_m, global_experts, expert_map) -> Alignment:
+    device, numel = topk_ids.device, topk_ids.numel()
+    # Buffer sizes exactly as vLLM allocates them (they set EM and the launch grid).
+    max_padded = numel + global_experts * (block_m - 1)
+    if numel < global_experts:
+        max_padded = min(numel * block_m, max_padded)
+    sorted_ids = torch.full((max_padded,), numel, dtype=torch.int32, device=device)
+    expert_ids = torch.zeros((triton.cdiv(max_padded, block_m),), dtype=torch.int32, device=device)
+    flat = topk_ids.reshape(-1).long()
+    local = expert_map[flat].long() if expert_map is not None else flat
+    keep = (local >= 0).nonzero().squeeze(1)
+    experts = flat[keep]
+    order = torch.argsort(experts, stable=True)
+    slots, experts = keep[order], experts[order]
+    counts = torch.bincount(experts, minlength=global_experts)
+    padded = (counts + block_m - 1) // block_m * block_m
+    starts = torch.cumsum(padded, 0) - padded
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(experts.numel(), device=device) - first[experts]
+    sorted_ids[starts[experts] + rank] = slots.to(torch.int32)
+    blocks = padded // block_m
+    block_expert = torch.repeat_interleave(torch.arange(global_experts, device=device), blocks)
+    if expert_map is not None:
+        block_expert = expert_map[block_expert].long()
+    expert_ids[: block_expert.numel()] = block_expert.to(torch.int32)
+    total = padded.sum().to(torch.int32).reshape(1)
+    return Alignment(sorted_ids, expert_ids, total, block_m)
+
+
+def naive(topk_ids: torch.Tensor, block_m: int) -> Alignment:
+    ntpp = torch.full((1,), topk_ids.numel() * block_m, dtype=torch.int32, device=topk_ids.device)
+    return Alignment(None, topk_ids.reshape(-1), ntpp, block_m)
+
+
+def swap_ab(fp8: bool, config: TileConfig, sm90: bool) -> bool:
+    return fp8 and sm90 and config.BLOCK_SIZE_M < 64 and config.BLOCK_SIZE_N >= 64
+
+
+def use_td(quantized: bool) -> bool:
+    return os.environ.get("VLLM_TRITON_USE_TD") == "1" and not quantized
+
+
+def invoke(kernel: Kernel, A, B, C, A_scale, B_scale, topk_weights, al: Alignment, mul_routed_weight: bool,
+           top_k: int, config: TileConfig, block_shape, sm90: bool) -> None:
+    """One fused_moe_kernel launch, argument for argument as invoke_fused_moe_triton_kernel."""
+    fp8 = B_scale is not None
+    m = A.size(0)
+    num_tokens = m * top_k
+    if al.sorted_token_ids is not None:
+        em = al.sorted_token_ids.size(0)
+        if m < config.BLOCK_SIZE_M:
+            em = min(em, m * top_k * config.BLOCK_SIZE_M)
+    else:
+        em = num_tokens * config.BLOCK_SIZE_M
+    block_k = config.BLOCK_SIZE_K if block_shape is None else min(config.BLOCK_SIZE_K, *block_shape)
+    grid = (triton.cdiv(em, config.BLOCK_SIZE_M) * triton.cdiv(B.size(1), config.BLOCK_SIZE_N),)
+    values = {
+        "a_ptr": A, "b_ptr": B, "c_ptr": C, "b_bias_ptr": None, "a_scale_ptr": A_scale, "b_scale_ptr": B_scale,
+        "topk_weights_ptr": topk_weights, "sorted_token_ids_ptr": al.sorted_token_ids,
+        "expert_ids_ptr": al.expert_ids, "num_tokens_post_padded_ptr": al.num_tokens_post_padded,
+        "N": B.size(1), "K": B.size(2), "EM": em, "num_valid_tokens": num_tokens,
+        "stride_am": A.stride(0), "stride_ak": A.stride(1), "stride_be": B.stride(0), "stride_bk": B.stride(2),
+        "stride_bn": B.stride(1), "stride_cm": C.stride(1), "stride_cn": C.stride(2),
+        "stride_asm": A_scale.stride(0) if A_scale is not None and A_scale.ndim == 2 else 0,
+        "stride_ask": A_scale.stride(1) if A_scale is not None and A_scale.ndim == 2 else 0,
+        "stride_bse": B_scale.stride(0) if fp8 else 0,
+        "stride_bsk": B_scale.stride(2) if fp8 and B_scale.ndim == 3 else 0,
+        "stride_bsn": B_scale.stride(1) if fp8 and B_scale.ndim >= 2 and B_scale.size(1) > 1 else 0,
+        "stride_bbe": 0, "stride_bbn": 0,
+        "group_n": 0 if block_shape is None else block_shape[0],
+        "group_k": 0 if block_shape is None else block_shape[1],
+        "naive_block_assignment": al.sorted_token_ids is None,
+        "BLOCK_SIZE_M": config.BLOCK_SIZE_M, "BLOCK_SIZE_N": config.BLOCK_SIZE_N, "BLOCK_SIZE_K": block_k,
+        "GROUP_SIZE_M": config.GROUP_SIZE_M, "SPLIT_K": 1, "MUL_ROUTED_WEIGHT": mul_routed_weight, "top_k": top_k,
+        "compute_type": _compute_type(C.dtype), "use_fp8_w8a8": fp8, "use_int8_w8a8": False,
+        "use_int8_w8a16": False, "per_channel_quant": False, "HAS_BIAS": False,
+        "SWAP_AB": swap_ab(fp8, config, sm90),
+        "USE_TD": use_td(fp8) and A.size(1) % block_k == 0, "even_Ks": B.size(2) % block_k == 0, "filter_expert": False,
+    }
+    args = {name: values[name] for name in kernel.params}
+    kernel.fn[grid](**args, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _compute_type(dtype: torch.dtype):
+    import triton.language as tl
+
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]

@@ -1,0 +1,164 @@
+"""MoE model geometry, read from a Hugging Face ``config.json``.
+
+Per-architecture differences are data (``ARCHITECTURES``): which keys hold the
+expert count, top-k and expert width, and which rule picks the MoE layers.
+Step-3.5-Flash and its FP8 checkpoint are embedded, so nothing needs the network.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class ArchKeys:
+    """Where one architecture keeps its MoE geometry in config.json."""
+
+    experts: str
+    top_k: str
+    intermediate: str
+    moe_layers: str  # name of a rule in MOE_LAYER_RULES
+
+
+ARCHITECTURES: dict[str, ArchKeys] = {
+    "step3p5": ArchKeys("moe_num_experts", "moe_top_k", "moe_intermediate_size", "step3p5"),
+    "deepseek_v3": ArchKeys("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "first_k_dense"),
+    "deepseek_v2": ArchKeys("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "first_k_dense"),
+    "qwen3_moe": ArchKeys("num_experts", "num_experts_per_tok", "moe_intermediate_size", "sparse_step"),
+    "qwen2_moe": ArchKeys("num_experts", "num_experts_per_tok", "moe_intermediate_size", "sparse_step"),
+    "mixtral": ArchKeys("num_local_experts", "num_experts_per_tok", "intermediate_size", "all"),
+}
+
+
+def _step3p5_layers(cfg: dict, n: int) -> list[int]:
+    # vLLM's step3p5._is_moe_layer: mlp_layer_types, then moe_layers_enum, then 1..n-1.
+    if "mlp_layer_types" in cfg:
+        return [i for i, t in enumerate(cfg["mlp_layer_types"]) if t == "sparse" and i < n]
+    if "moe_layers_enum" in cfg:
+        return sorted(int(i) for i in str(cfg["moe_layers_enum"]).strip().split(","))
+    return list(range(1, n))
+
+
+MOE_LAYER_RULES = {
+    "step3p5": _step3p5_layers,
+    "first_k_dense": lambda cfg, n: list(range(cfg.get("first_k_dense_replace", 0), n)),
+    "sparse_step": lambda cfg, n: [
+        i for i in range(n)
+        if i not in cfg.get("mlp_only_layers", []) and (i + 1) % cfg.get("decoder_sparse_step", 1) == 0
+    ],
+    "all": lambda cfg, n: list(range(n)),
+}
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What the fused-MoE shapes and the memory plan need from a model."""
+
+    name: str
+    model_type: str
+    num_experts: int
+    top_k: int
+    moe_intermediate_size: int  # I: one expert's gate (= up) width
+    hidden_size: int  # K of the first GEMM
+    num_layers: int
+    moe_layers: tuple[int, ...]
+    vocab_size: int
+    weight_block_size: tuple[int, int] | None  # block-FP8 checkpoints only
+    total_params: float  # counted or estimated, in parameters
+
+    @property
+    def expert_params(self) -> float:
+        """Routed-expert parameters of all MoE layers: E x (gate, up, down) x I x H."""
+        return self.num_experts * 3 * self.moe_intermediate_size * self.hidden_size * len(self.moe_layers)
+
+
+# stepfun-ai/Step-3.5-Flash: 45 layers, the first three dense, 196.81B parameters.
+_STEP35 = {
+    "model_type": "step3p5",
+    "hidden_size": 4096,
+    "num_hidden_layers": 45,
+    "vocab_size": 128896,
+    "moe_num_experts": 288,
+    "moe_top_k": 8,
+    "moe_intermediate_size": 1280,
+    "share_expert_dim": 1280,
+    "intermediate_size": 11264,
+    "moe_layers_enum": ",".join(str(i) for i in range(3, 45)),
+    "total_params": 196.81e9,
+}
+_FP8 = {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
+
+BUILTIN: dict[str, dict] = {
+    "stepfun-ai/Step-3.5-Flash": _STEP35,
+    "stepfun-ai/Step-3.5-Flash-FP8": {**_STEP35, "quantization_config": _FP8},
+}
+DEFAULT_MODEL = "stepfun-ai/Step-3.5-Flash"
+
+
+def load_model(spec: str = DEFAULT_MODEL) -> ModelGeometry:
+    """A built-in model name, a config.json path, or a directory holding one."""
+    if spec in BUILTIN:
+        return geometry_from_config(BUILTIN[spec], spec)
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        known = ", ".join(BUILTIN)
+        raise UsageError(f"--model {spec}: no such config.json; pass a config.json path, its folder, or one of {known}")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"--model {path}: not readable JSON ({exc}); pass the model's Hugging Face config.json") from None
+    if not isinstance(cfg, dict):
+        raise UsageError(f"--model {path}: expected a JSON object; pass the model's Hugging Face config.json")
+    return geometry_from_config(cfg, str(path))
+
+
+def geometry_from_config(cfg: dict, name: str) -> ModelGeometry:
+    """Read MoE geometry from a config dict, following a nested ``text_config``."""
+    quant = cfg.get("quantization_config") or {}
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    model_type = text.get("model_type", cfg.get("model_type", "?"))
+    keys = ARCHITECTURES.get(model_type)
+    if keys is None:
+        raise UsageError(
+            f"{name}: model_type {model_type!r} is not a known MoE architecture "
+            f"(known: {', '.join(sorted(ARCHITECTURES))}); add its keys to tuning.models.ARCHITECTURES"
+        )
+    wanted = (keys.experts, keys.top_k, keys.intermediate, "hidden_size", "num_hidden_layers")
+    missing = [k for k in wanted if not isinstance(text.get(k), int)]
+    if missing:
+        raise UsageError(f"{name}: not a {model_type} MoE config, missing integer keys {', '.join(missing)}; pass the model's config.json")
+    n = text["num_hidden_layers"]
+    moe_layers = tuple(MOE_LAYER_RULES[keys.moe_layers](text, n))
+    if not moe_layers:
+        raise UsageError(f"{name}: the config declares no MoE layers; pass an MoE model's config.json")
+    block = quant.get("weight_block_size") if quant.get("quant_method") == "fp8" else None
+    geometry = ModelGeometry(
+        name=name,
+        model_type=model_type,
+        num_experts=text[keys.experts],
+        top_k=text[keys.top_k],
+        moe_intermediate_size=text[keys.intermediate],
+        hidden_size=text["hidden_size"],
+        num_layers=n,
+        moe_layers=moe_layers,
+        vocab_size=text.get("vocab_size", 0),
+        weight_block_size=tuple(block) if block else None,
+        total_params=0.0,
+    )
+    total = cfg.get("total_params") or text.get("total_params") or _estimate_params(text, geometry)
+    return replace(geometry, total_params=float(total))
+
+
+def _estimate_params(cfg: dict, g: ModelGeometry) -> float:
+    """Experts exactly; embeddings, attention (~4 H^2), shared experts and dense MLPs approximately."""
+    h = g.hidden_size
+    shared = 3 * h * cfg.get("share_expert_dim", cfg.get("shared_expert_intermediate_size", 0)) * len(g.moe_layers)
+    dense = 3 * h * cfg.get("intermediate_size", 0) * (g.num_layers - len(g.moe_layers))
+    return g.expert_params + 2 * g.vocab_size * h + 4 * h * h * g.num_layers + shared + dense
+

@@ -1,0 +1,81 @@
+"""The tuning plan: layouts that fit, the shapes vLLM will ask for, and the (shape, M) jobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import fit as fitting
+from .gpus import GpuSpec
+from .models import ModelGeometry
+from .shapes import Layout, MoeShape, Refusal, shape_for
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of tuning work: the best tile config for ``shape`` at ``m`` tokens."""
+
+    shape: MoeShape
+    m: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.shape.label} M={self.m}"
+
+
+@dataclass
+class Plan:
+    gpu: GpuSpec
+    dtype: str
+    model: ModelGeometry
+    vllm_version: str
+    num_gpus: int
+    batch_sizes: tuple[int, ...]
+    fits: list[fitting.Fit] = field(default_factory=list)
+    shapes: dict[MoeShape, list[Layout]] = field(default_factory=dict)
+    refusals: list[Refusal] = field(default_factory=list)
+    alternatives: list[str] = field(default_factory=list)
+
+    @property
+    def jobs(self) -> list[Job]:
+        """Small M first within each shape, so neighbours' winners can seed larger M."""
+        return [Job(s, m) for s in self.shapes for m in self.batch_sizes]
+
+    def file_name(self, shape: MoeShape) -> str:
+        return shape.file_name(self.gpu.device_name)
+
+
+def make_plan(model: ModelGeometry, gpu: GpuSpec, dtype: str, layouts: list[Layout], num_gpus: int,
+              batch_sizes: tuple[int, ...], vllm_version: str, moe_backend: str = "auto",
+              check_fit: bool = True) -> Plan:
+    plan = Plan(gpu, dtype, model, vllm_version, num_gpus, tuple(sorted(set(batch_sizes))))
+    for layout in layouts:
+        shape = shape_for(model, layout, dtype, vllm_version, moe_backend)
+        if isinstance(shape, Refusal):
+            plan.refusals.append(shape)
+            continue
+        verdict = fitting.fit(model, layout, dtype, gpu)
+        plan.fits.append(verdict)
+        if verdict.fits or not check_fit:
+            plan.shapes.setdefault(shape, []).append(layout)
+    if not plan.shapes:
+        plan.alternatives = fitting.alternatives(model, dtype, gpu, num_gpus)
+    return plan
+
+
+def format_plan(plan: Plan) -> str:
+    lines = [f"Plan: {plan.model.name} {plan.dtype} on {plan.num_gpus}x{plan.gpu.key} "
+             f"({plan.gpu.device_name}, {plan.gpu.arch}), vLLM {plan.vllm_version} launch rules", "", "Layouts:"]
+    lines += [f"  {f.why(plan.gpu)}" for f in plan.fits]
+    lines += [f"  {r.layout.name}: refused by vLLM {plan.vllm_version}: {r.reason}" for r in plan.refusals]
+    if not plan.shapes:
+        lines += ["", f"No layout fits {plan.model.name} {plan.dtype} on {plan.num_gpus}x{plan.gpu.key}."]
+        lines += [f"  would fit: {alt}" for alt in plan.alternatives] or ["  nothing in the catalogue would"]
+        return "\n".join(lines)
+    lines += ["", f"Shapes ({len(plan.shapes)}), each a file vLLM loads:"]
+    for shape, layouts in plan.shapes.items():
+        ep = f", routed over {shape.global_experts} global experts" if shape.expert_parallel else ""
+        lines.append(f"  {plan.file_name(shape)}")
+        lines.append(f"      {shape.label}, K={shape.k}, top-{shape.top_k}{ep}; layouts {', '.join(l.name for l in layouts)}")
+    lines += ["", "Batch sizes (M): " + " ".join(map(str, plan.batch_sizes)),
+              f"Jobs: {len(plan.shapes)} shapes x {len(plan.batch_sizes)} batch sizes = {len(plan.jobs)} (shape, M) jobs"]
+    return "\n".join(lines)

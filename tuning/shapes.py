@@ -1,0 +1,196 @@
+"""Deployment layouts and the fused-MoE shapes vLLM asks for under each.
+
+A layout is ``TP<t>``, ``DP<d>``, ``TP<t>+EP`` or ``DP<d>+EP`` (or ``DP<d>+TP<t>+EP``).
+With expert parallelism vLLM splits the experts over all tp*dp ranks and does not
+split their width; without it, tensor parallelism splits the width.
+How vLLM treats an FP8 shard that the quantisation block does not divide depends
+on its version: ``FP8_SHARD_RULES`` is that table.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from .errors import UsageError
+from .models import ModelGeometry
+
+DTYPES = ("bf16", "fp8")
+# vLLM's tuning batch sizes (benchmarks/kernels/benchmark_moe.py).
+BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096)
+DEFAULT_VLLM_VERSION = "0.33"
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    dp: int = 1
+    ep: bool = False
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.dp
+
+    @property
+    def name(self) -> str:
+        parts = ([f"DP{self.dp}"] if self.dp > 1 else []) + ([f"TP{self.tp}"] if self.tp > 1 or self.dp == 1 else [])
+        return "+".join(parts + (["EP"] if self.ep else []))
+
+    def vllm_flags(self) -> list[str]:
+        flags = ["--tensor-parallel-size", str(self.tp)] if self.tp > 1 else []
+        flags += ["--data-parallel-size", str(self.dp)] if self.dp > 1 else []
+        return flags + (["--enable-expert-parallel"] if self.ep else [])
+
+
+_PART = re.compile(r"^(TP|DP)(\d+)$|^EP\d*$")
+
+
+def parse_layout(text: str) -> Layout:
+    tp = dp = 1
+    ep = False
+    for part in text.upper().replace(" ", "").split("+"):
+        m = _PART.match(part)
+        if not m:
+            raise UsageError(f"layout {text!r}: cannot read {part!r}; write layouts like TP4, DP4+EP, TP2+EP")
+        if m.group(1) == "TP":
+            tp = int(m.group(2))
+        elif m.group(1) == "DP":
+            dp = int(m.group(2))
+        else:
+            ep = True
+    if tp < 1 or dp < 1 or (ep and tp * dp == 1):
+        raise UsageError(f"layout {text!r}: sizes must be >= 1 and EP needs more than one GPU; e.g. DP4+EP")
+    return Layout(tp, dp, ep)
+
+
+def default_layouts(num_gpus: int) -> list[Layout]:
+    """TP1/2/4/8, TPn+EP and DPn+EP for every power of two that fits the node."""
+    sizes = [n for n in (1, 2, 4, 8) if n <= num_gpus]
+    out = [Layout(tp=n) for n in sizes]
+    out += [Layout(tp=n, ep=True) for n in sizes if n > 1]
+    return out + [Layout(dp=n, ep=True) for n in sizes if n > 1]
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    """One fused-MoE problem as vLLM's kernel sees it on one GPU."""
+
+    num_experts: int  # E: experts on this GPU
+    global_experts: int  # experts the router picks from
+    n: int  # N in vLLM's file name: w2.shape[2], the per-GPU expert width
+    k: int  # hidden size
+    top_k: int
+    dtype: str  # "bf16" or "fp8"
+    block_shape: tuple[int, int] | None = None
+
+    @property
+    def expert_parallel(self) -> bool:
+        return self.num_experts < self.global_experts
+
+    @property
+    def vllm_dtype(self) -> str | None:
+        return "fp8_w8a8" if self.dtype == "fp8" else None
+
+    def file_name(self, device_name: str) -> str:
+        """vLLM's get_config_file_name, exactly."""
+        name = f"E={self.num_experts},N={self.n},device_name={device_name}"
+        if self.vllm_dtype:
+            name += f",dtype={self.vllm_dtype}"
+        if self.block_shape and all(self.block_shape):
+            name += f",block_shape=[{self.block_shape[0]},{self.block_shape[1]}]"
+        return name + ".json"
+
+    @property
+    def label(self) -> str:
+        block = f" [{self.block_shape[0]},{self.block_shape[1]}]" if self.block_shape else ""
+        return f"{self.dtype} E={self.num_experts} N={self.n}{block}"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    layout: Layout
+    reason: str
+
+
+@dataclass(frozen=True)
+class Fp8ShardRule:
+    since: tuple[int, int]
+    action: str  # "refuse" | "refine" (auto backend) / "pad" (explicit non-Triton backend)
+
+
+# Newest first. 0.33 refines the block (auto backend) or pads the shard (explicit backend);
+# the recipe's vLLM (~0.16) refuses. Versions in between are treated as the older rule.
+FP8_SHARD_RULES = (Fp8ShardRule((0, 33), "refine"), Fp8ShardRule((0, 0), "refuse"))
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    m = re.match(r"^v?(\d+)\.(\d+)", text.strip())
+    if not m:
+        raise UsageError(f"--vllm-version {text!r}: write it as MAJOR.MINOR, e.g. 0.33")
+    return int(m.group(1)), int(m.group(2))
+
+
+def shape_for(model: ModelGeometry, layout: Layout, dtype: str, vllm_version: str = DEFAULT_VLLM_VERSION,
+              moe_backend: str = "auto") -> MoeShape | Refusal:
+    """The shape vLLM's fused MoE runs for ``layout``, or why vLLM refuses the layout."""
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype}: unknown; use one of {', '.join(DTYPES)}")
+    E, I = model.num_experts, model.moe_intermediate_size
+    ep_size = layout.gpus if layout.ep else 1
+    if E % ep_size:
+        return Refusal(layout, f"{E} experts do not split over {ep_size} EP ranks; use an EP size that divides {E}")
+    shard = I if layout.ep else I // layout.tp
+    if not layout.ep and I % layout.tp:
+        return Refusal(layout, f"expert width {I} does not split over TP{layout.tp}; use a TP size that divides {I}")
+    block = None
+    if dtype == "fp8":
+        if model.weight_block_size is None:
+            return Refusal(layout, f"{model.name} has no block-FP8 weights; use the -FP8 checkpoint or --dtype bf16")
+        block = model.weight_block_size
+        tp_split = not layout.ep and layout.tp > 1
+        if shard % block[0] or (tp_split and shard % block[1]):
+            fixed = _fix_fp8_shard(model, layout, shard, block, vllm_version, moe_backend)
+            if isinstance(fixed, Refusal):
+                return fixed
+            shard, block = fixed
+    return MoeShape(E // ep_size, E, shard, model.hidden_size, model.top_k, dtype, block)
+
+
+def _fix_fp8_shard(model, layout, shard, block, vllm_version, moe_backend):
+    version = parse_version(vllm_version)
+    rule = next(r for r in FP8_SHARD_RULES if version >= r.since)
+    if rule.action == "refuse":
+        return Refusal(
+            layout,
+            f"vLLM {vllm_version} needs the per-GPU expert width {model.moe_intermediate_size}/{layout.tp}={shard} "
+            f"to be a multiple of the FP8 block {block[0]}; use DP{layout.tp}+EP or a smaller TP, or vLLM >= 0.33",
+        )
+    if moe_backend not in ("auto", "triton"):
+        padded = -(-shard // block[0]) * block[0]
+        return padded, block
+    refine = math.gcd(block[0], block[1], shard, model.hidden_size)
+    if refine < 32:
+        return Refusal(layout, f"vLLM cannot refine the FP8 block for width {shard} (gcd {refine} < 32); use EP")
+    return shard, (refine, refine)
+
+
+_FILE = re.compile(r"^E=(\d+),N=(\d+),device_name=([^,]+)(?:,dtype=([a-z0-9_]+))?(?:,block_shape=\[(\d+),(\d+)\])?\.json$")
+
+
+def shapes_from_file_names(names: list[str], model: ModelGeometry, device_name: str) -> list[MoeShape]:
+    """Shapes behind vLLM config file names (e.g. from a log), for ``model`` on ``device_name``."""
+    out = []
+    for name in names:
+        m = _FILE.match(name)
+        if not m:
+            raise UsageError(f"{name}: not a vLLM fused-MoE config file name; expected E=..,N=..,device_name=...json")
+        if m.group(3) != device_name:
+            raise UsageError(f"{name} is for {m.group(3)}, not {device_name}; run on that GPU or pass its --gpu")
+        if m.group(4) not in (None, "fp8_w8a8"):
+            raise UsageError(f"{name}: dtype {m.group(4)} is not tuned by tune-moe (bf16 and fp8_w8a8 are)")
+        block = (int(m.group(5)), int(m.group(6))) if m.group(5) else None
+        dtype = "fp8" if m.group(4) else "bf16"
+        out.append(MoeShape(int(m.group(1)), model.num_experts, int(m.group(2)), model.hidden_size, model.top_k,
+                            dtype, block))
+    return out
