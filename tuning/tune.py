@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
     plan = build_plan(args, found)
     print(format_plan(plan))
     if not plan.shapes:
-        return 2
+        would = "; would fit: " + ", ".join(plan.alternatives) if plan.alternatives else ""
+        raise UsageError(f"no layout of {plan.model.name} {plan.dtype} fits {plan.num_gpus}x{plan.gpu.key}{would}")
     out = Path(args.out) if args.out else Path("kernels_configs") / plan.gpu.device_name
     if args.dry_run:
         print(f"\nDry run: nothing tuned. On a node with {plan.gpu.key} GPUs, drop --dry-run to tune "
