@@ -36,6 +36,12 @@ class TileConfig:
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
+    @classmethod
+    def from_short(cls, short: str) -> "TileConfig":
+        """Inverse of ``short``: 'M16-N64-K128-G1-w4-s3'."""
+        v = {p[0]: int(p[1:]) for p in short.split("-")}
+        return cls(v["M"], v["N"], v["K"], v["G"], v["w"], v["s"])
+
     @property
     def short(self) -> str:
         return (f"M{self.BLOCK_SIZE_M}-N{self.BLOCK_SIZE_N}-K{self.BLOCK_SIZE_K}-G{self.GROUP_SIZE_M}"

@@ -51,32 +51,31 @@ def align(topk_ids: torch.Tensor, block_m: int, global_experts: int, expert_map:
 
 
 def _align_torch(topk_ids, block_m, global_experts, expert_map) -> Alignment:
-    device, numel = topk_ids.device, topk_ids.numel()
+    """The same layout from torch ops that need no host sync, so CUDA graphs can capture it."""
+    device, numel, E = topk_ids.device, topk_ids.numel(), global_experts
     # Buffer sizes exactly as vLLM allocates them (they set EM and the launch grid).
-    max_padded = numel + global_experts * (block_m - 1)
-    if numel < global_experts:
+    max_padded = numel + E * (block_m - 1)
+    if numel < E:
         max_padded = min(numel * block_m, max_padded)
-    sorted_ids = torch.full((max_padded,), numel, dtype=torch.int32, device=device)
-    expert_ids = torch.zeros((triton.cdiv(max_padded, block_m),), dtype=torch.int32, device=device)
     flat = topk_ids.reshape(-1).long()
-    local = expert_map[flat].long() if expert_map is not None else flat
-    keep = (local >= 0).nonzero().squeeze(1)
-    experts = flat[keep]
-    order = torch.argsort(experts, stable=True)
-    slots, experts = keep[order], experts[order]
-    counts = torch.bincount(experts, minlength=global_experts)
-    padded = (counts + block_m - 1) // block_m * block_m
-    starts = torch.cumsum(padded, 0) - padded
+    key = flat if expert_map is None else torch.where(expert_map[flat] >= 0, flat, E)  # remote slots -> bucket E
+    counts = torch.zeros(E + 1, dtype=torch.long, device=device).scatter_add_(0, key, torch.ones_like(key))
+    padded = (counts[:E] + block_m - 1) // block_m * block_m
+    starts = torch.cat([torch.cumsum(padded, 0) - padded, padded.sum().reshape(1)])
     first = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(experts.numel(), device=device) - first[experts]
-    sorted_ids[starts[experts] + rank] = slots.to(torch.int32)
-    blocks = padded // block_m
-    block_expert = torch.repeat_interleave(torch.arange(global_experts, device=device), blocks)
+    order = torch.sort(key, stable=True).indices
+    sorted_key = key[order]
+    rank = torch.arange(numel, device=device) - first[sorted_key]
+    pos = torch.where(sorted_key < E, starts[sorted_key] + rank, max_padded)
+    buf = torch.full((max_padded + 1,), numel, dtype=torch.int32, device=device)
+    buf[pos] = order.to(torch.int32)
+    cum_blocks = torch.cumsum(padded // block_m, 0)
+    blocks = torch.arange(triton.cdiv(max_padded, block_m), device=device)
+    block_expert = torch.searchsorted(cum_blocks, blocks, right=True).clamp_(max=E - 1)
     if expert_map is not None:
-        block_expert = expert_map[block_expert].long()
-    expert_ids[: block_expert.numel()] = block_expert.to(torch.int32)
+        block_expert = expert_map[block_expert]
     total = padded.sum().to(torch.int32).reshape(1)
-    return Alignment(sorted_ids, expert_ids, total, block_m)
+    return Alignment(buf[:max_padded], block_expert.to(torch.int32), total, block_m)
 
 
 def naive(topk_ids: torch.Tensor, block_m: int) -> Alignment:
@@ -93,8 +92,11 @@ def use_td(quantized: bool) -> bool:
 
 
 def invoke(kernel: Kernel, A, B, C, A_scale, B_scale, topk_weights, al: Alignment, mul_routed_weight: bool,
-           top_k: int, config: TileConfig, block_shape, sm90: bool) -> None:
-    """One fused_moe_kernel launch, argument for argument as invoke_fused_moe_triton_kernel."""
+           top_k: int, config: TileConfig, block_shape, sm90: bool, warmup: bool = False) -> None:
+    """One fused_moe_kernel launch, argument for argument as invoke_fused_moe_triton_kernel.
+
+    ``warmup`` compiles into Triton's cache without launching (tensors may be on ``meta``).
+    """
     fp8 = B_scale is not None
     m = A.size(0)
     num_tokens = m * top_k
@@ -130,7 +132,10 @@ def invoke(kernel: Kernel, A, B, C, A_scale, B_scale, topk_weights, al: Alignmen
         "USE_TD": use_td(fp8) and A.size(1) % block_k == 0, "even_Ks": B.size(2) % block_k == 0, "filter_expert": False,
     }
     args = {name: values[name] for name in kernel.params}
-    kernel.fn[grid](**args, num_warps=config.num_warps, num_stages=config.num_stages)
+    if warmup:
+        kernel.fn.warmup(grid=grid, **args, num_warps=config.num_warps, num_stages=config.num_stages)
+    else:
+        kernel.fn[grid](**args, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _compute_type(dtype: torch.dtype):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import gpus, shapes
 from .errors import UsageError
+from .inputs import Routing
 from .models import DEFAULT_MODEL, load_model
 from .plan import Plan, format_plan, make_plan
 from .shapes import BATCH_SIZES, DEFAULT_VLLM_VERSION, DTYPES
@@ -29,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe-backend", default="auto", help="vLLM --moe-backend the serve will use (changes FP8 TP shapes)")
     p.add_argument("--out", help="output folder (default: kernels_configs/<device_name>/)")
     p.add_argument("--strategy", default="guided", choices=("guided", "exhaustive"), help="search strategy")
+    p.add_argument("--max-evals", type=int, default=120, help="guided search: most configs given a first look per job")
     p.add_argument("--vllm-src", metavar="PATH", help="take the kernel from this vLLM fused_moe.py, wheel or source "
                    "tree instead of the installed vLLM")
     p.add_argument("--routing", default="uniform", help="uniform, or zipf:<s> for skewed what-if tuning")
@@ -72,6 +74,9 @@ def build_plan(args: argparse.Namespace, found: list[gpus.DetectedGpu]) -> Plan:
     model = load_model(args.model or (DEFAULT_MODEL + ("-FP8" if args.dtype == "fp8" else "")))
     version = args.vllm_version or installed_vllm_version() or DEFAULT_VLLM_VERSION
     shapes.parse_version(version)
+    Routing.parse(args.routing)
+    if args.max_evals < 1:
+        raise UsageError(f"--max-evals {args.max_evals}: must be at least 1")
     num_gpus = args.num_gpus or len(found) or 8
     if num_gpus < 1:
         raise UsageError(f"--num-gpus {num_gpus}: must be at least 1")

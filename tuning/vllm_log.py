@@ -1,4 +1,15 @@
-"""What a vLLM server log says about fused-MoE configs and the MoE backend."""
+"""What a vLLM server log says about fused-MoE configs and the MoE backend, and whether it proves a tuned folder was used.
+
+The lines read (vLLM 0.33, ``fused_moe.get_moe_configs`` and the MoE backend oracles), each behind a
+prefix such as ``(EngineCore_DP0 pid=123) (Worker_TP0 pid=456) WARNING 11-29 05:40:01 [fused_moe.py:1165] ``:
+
+- ``Using configuration from <path> for MoE layer.`` (info, logged once by the global first rank);
+- ``Using default MoE config. Performance might be sub-optimal! Config file not found at <paths>``
+  (warning, once per node), ``<paths>`` being ``$VLLM_TUNED_CONFIG_FOLDER/<name>, <vllm>/configs/<name>``
+  joined with ", " -- the names hold commas but no spaces;
+- ``Using TRITON Fp8 MoE backend out of potential backends: [...]`` (or ``Unquantized``; names such as
+  ``FlashInfer CUTLASS`` hold spaces).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +19,12 @@ from pathlib import Path
 
 from .errors import UsageError
 
-USING = re.compile(r"Using configuration from (\S+\.json) for MoE layer")
-MISSING = re.compile(r"Using default MoE config\. Performance might be sub-optimal! Config file not found at (.+)$")
-BACKEND = re.compile(r"Using (\S+) (Fp8|Unquantized) MoE backend")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+USING = re.compile(r"Using configuration from (.+?\.json) for MoE layer\.")
+MISSING = re.compile(r"Using default MoE config\. Performance might be sub-optimal! Config file not found at (.+?\.json)\s*$")
+BACKEND = re.compile(r"Using (.+?) (Fp8|Unquantized) MoE backend\b")
+# Backends that run vLLM's fused_moe_kernel and so read the tuned files.
+TRITON_BACKENDS = ("TRITON", "BATCHED_TRITON")
 
 
 @dataclass
@@ -18,27 +32,37 @@ class MoeLogFacts:
     loaded: list[str] = field(default_factory=list)  # full paths vLLM loaded
     missing: list[str] = field(default_factory=list)  # file names vLLM looked for and did not find
     backends: list[str] = field(default_factory=list)  # e.g. "TRITON (Fp8)"
+    searched: list[str] = field(default_factory=list)  # every path vLLM tried for a missing file
+
+    @property
+    def backend_names(self) -> list[str]:
+        return [b.split(" (")[0] for b in self.backends]
 
 
 def read_log(text: str) -> MoeLogFacts:
     facts = MoeLogFacts()
-    for line in text.splitlines():
+    for line in ANSI.sub("", text).splitlines():
         if m := USING.search(line):
-            facts.loaded.append(m.group(1))
+            _add(facts.loaded, m.group(1))
         elif m := MISSING.search(line):
-            name = Path(_first_path(m.group(1))).name
-            if name not in facts.missing:
-                facts.missing.append(name)
+            paths = m.group(1).split(", ")
+            _add(facts.missing, file_name_of(paths[-1]))
+            for path in paths:
+                _add(facts.searched, path)
         elif m := BACKEND.search(line):
-            entry = f"{m.group(1)} ({m.group(2)})"
-            if entry not in facts.backends:
-                facts.backends.append(entry)
+            _add(facts.backends, f"{m.group(1)} ({m.group(2)})")
     return facts
 
 
-def _first_path(paths: str) -> str:
-    # vLLM joins the paths it tried with ", "; file names themselves contain commas but no spaces.
-    return paths.split(", ")[0].strip()
+def file_name_of(path: str) -> str:
+    # vLLM tries the user folder then its bundled folder, both ending in the same name; the last
+    # path is vLLM's own, so a user folder holding spaces or ", " cannot shift the split.
+    return path.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def _add(items: list[str], item: str) -> None:
+    if item not in items:
+        items.append(item)
 
 
 def missing_config_files(log: Path) -> list[str]:
@@ -50,3 +74,69 @@ def missing_config_files(log: Path) -> list[str]:
     if not missing:
         raise UsageError(f"--from-vllm-log {log}: vLLM reported no missing MoE config; nothing to tune")
     return missing
+
+
+@dataclass(frozen=True)
+class ConfigProof:
+    """Whether a server log shows vLLM used (or, for a baseline, did not use) the tuned files."""
+
+    ok: bool
+    expected: tuple[str, ...]  # file names the layout needs
+    loaded: tuple[str, ...]  # paths vLLM loaded
+    missing: tuple[str, ...]  # file names vLLM fell back to its default for
+    backends: tuple[str, ...]
+    problems: tuple[str, ...]  # one line each: what is wrong and what to do
+
+    def as_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+
+
+def prove_tuned(facts: MoeLogFacts, expected: list[str], folder: Path, log: Path) -> ConfigProof:
+    """Every expected file was loaded from ``folder`` and vLLM used no default config."""
+    problems = []
+    if facts.missing:
+        problems.append(f"vLLM used its default MoE config for {', '.join(facts.missing)} (not found in {folder}); "
+                        f"tune them: tune-moe --gpu <GPU> --dtype <dtype> --from-vllm-log {log}")
+    for name in expected:
+        path = _loaded_path(facts, name)
+        if path is None and name not in facts.missing:
+            problems.append(_not_reported(facts, name))
+        elif path is not None and not _inside(path, folder):
+            problems.append(f"vLLM loaded {name} from {path}, not from the tuned folder {folder}; "
+                            "check that VLLM_TUNED_CONFIG_FOLDER reaches the server")
+    return _proof(facts, expected, problems)
+
+
+def prove_default(facts: MoeLogFacts, expected: list[str], log: Path) -> ConfigProof:
+    """The baseline of an A/B run: vLLM reported its default config for every expected file."""
+    problems = []
+    for name in expected:
+        path = _loaded_path(facts, name)
+        if path is not None:
+            problems.append(f"the baseline server loaded {path}; unset VLLM_TUNED_CONFIG_FOLDER in the env file "
+                            "and shell, and make sure vLLM ships no config of that name")
+        elif name not in facts.missing:
+            problems.append(_not_reported(facts, name) + f" (log: {log})")
+    return _proof(facts, expected, problems)
+
+
+def _proof(facts: MoeLogFacts, expected: list[str], problems: list[str]) -> ConfigProof:
+    return ConfigProof(not problems, tuple(expected), tuple(facts.loaded), tuple(facts.missing),
+                       tuple(facts.backends), tuple(problems))
+
+
+def _loaded_path(facts: MoeLogFacts, name: str) -> str | None:
+    return next((p for p in facts.loaded if file_name_of(p) == name), None)
+
+
+def _inside(path: str, folder: Path) -> bool:
+    return Path(path).resolve().parent == Path(folder).resolve()
+
+
+def _not_reported(facts: MoeLogFacts, name: str) -> str:
+    other = [b for b, n in zip(facts.backends, facts.backend_names) if n not in TRITON_BACKENDS]
+    if other:
+        return (f"vLLM chose the {other[0]} MoE backend, which does not read Triton configs, so {name} "
+                "was never looked up; pass --moe-backend triton to serve with the tuned Triton kernel")
+    return (f"vLLM never reported a config for {name} (no 'Using configuration from' line); "
+            "keep VLLM_LOGGING_LEVEL at INFO or DEBUG and check the layout and dtype match the served model")

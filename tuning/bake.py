@@ -1,0 +1,223 @@
+"""``tune-moe bake``: install one device's tuned configs into a folder vLLM reads.
+
+Every vLLM JSON of ``kernels_configs/<device>/`` is validated (schema, device in its
+name, sidecar) before anything is written. The folder is then built beside the target
+and renamed into place, so the target holds either the old bake or the new one, never
+half of one. A manifest marks the folder as a bake, so a re-bake replaces it while a
+folder holding other files is refused unless ``--force`` (which keeps those files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .configs import PROVENANCE_SUFFIX, TOOL, provenance_path, read_config_file
+from .errors import UsageError
+
+DEFAULT_CONFIGS = Path("kernels_configs")
+IMAGE_FOLDER = "/opt/tune-moe/configs"
+MANIFEST = ".tune-moe-bake.json"
+ENV = "VLLM_TUNED_CONFIG_FOLDER"
+CONFIG_NAME = re.compile(r"^E=\d+,N=\d+,device_name=([^,]+)(?:,dtype=[a-z0-9_]+)?(?:,block_shape=\[\d+,\d+\])?\.json$")
+
+
+def config_device(name: str) -> str | None:
+    """The device a vLLM fused-MoE config file name is for; None for any other name (sidecars included)."""
+    m = None if name.endswith(PROVENANCE_SUFFIX) else CONFIG_NAME.match(name)
+    return m.group(1) if m else None
+
+
+@dataclass(frozen=True)
+class BakedFile:
+    name: str
+    data: bytes  # exactly the bytes that were validated, so what is copied is what was checked
+
+
+def device_folder(configs: Path, device: str) -> Path:
+    folder = configs / device
+    if not folder.is_dir() or not device or device.startswith(".") or "/" in device or os.sep in device:
+        present = sorted(d.name for d in configs.glob("*") if d.is_dir()) if configs.is_dir() else []
+        listing = ", ".join(present) if present else f"none; {configs} is empty or missing"
+        raise UsageError(f"--device {device}: no folder {folder}; device folders present: {listing}")
+    return folder
+
+
+def _load_json(path: Path, data: bytes) -> object:
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: corrupt JSON ({exc}); re-run tune-moe for it or delete it") from None
+
+
+def _validate_config(path: Path, device: str) -> list[BakedFile]:
+    """The config and its sidecar (if any), checked as vLLM and tune-moe would read them."""
+    named = config_device(path.name)
+    if named != device:
+        raise UsageError(f"{path} is for device {named}, not {device}; move it to {path.parent.parent / named}/")
+    data = path.read_bytes()
+    read_config_file(path)
+    side = provenance_path(path)
+    if not side.exists():
+        return [BakedFile(path.name, data)]
+    side_data = side.read_bytes()
+    prov = _load_json(side, side_data)
+    if not isinstance(prov, dict) or prov.get("tool") != TOOL or prov.get("file") != path.name:
+        raise UsageError(f"{side}: not a {TOOL} sidecar for {path.name}; regenerate it with tune-moe or delete it")
+    return [BakedFile(path.name, data), BakedFile(side.name, side_data)]
+
+
+def collect(folder: Path, device: str) -> list[BakedFile]:
+    """Every vLLM config (and sidecar) of ``folder``, validated; nothing is written."""
+    names = sorted(p.name for p in folder.glob("*.json") if not p.name.endswith(PROVENANCE_SUFFIX))
+    configs = [n for n in names if config_device(n)]
+    odd = [n for n in names if n.startswith("E=") and n not in configs]
+    if odd:
+        raise UsageError(f"{folder / odd[0]}: not a vLLM fused-MoE config name (E=..,N=..,device_name=...json); "
+                         "rename or remove it")
+    if not configs:
+        raise UsageError(f"{folder}: no vLLM config files (E=...,device_name={device}...json); run tune-moe first")
+    return [f for n in configs for f in _validate_config(folder / n, device)]
+
+
+def _manifest(target: Path) -> set[str] | None:
+    try:
+        data = json.loads((target / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return set(data.get("files", [])) if isinstance(data, dict) and data.get("tool") == TOOL else None
+
+
+def foreign_entries(target: Path) -> list[str]:
+    """Entries of ``target`` that an earlier bake did not put there."""
+    if not target.exists():
+        return []
+    if not target.is_dir():
+        raise UsageError(f"--target {target} exists and is not a folder; choose another --target")
+    ours = (_manifest(target) or set()) | {MANIFEST}
+    return sorted(p.name for p in target.iterdir() if p.name not in ours)
+
+
+def check_target(source: Path, target: Path, force: bool) -> list[str]:
+    src, dst = source.resolve(), target.resolve()
+    if src == dst or src in dst.parents or dst in src.parents:
+        raise UsageError(f"--target {target} overlaps the configs folder {source}; choose a folder outside it")
+    foreign = foreign_entries(target)
+    if foreign and not force:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UsageError(f"--target {target} holds files not from a bake ({shown}); "
+                         "choose an empty folder, or pass --force to bake beside them")
+    return foreign
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _stage(target: Path, files: list[BakedFile], keep: list[str], device: str) -> Path:
+    """A complete new folder beside ``target`` (same filesystem, so it can be renamed into place)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.bake-"))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        stage.chmod(0o777 & ~umask)
+        for name in keep:
+            copy = shutil.copytree if (target / name).is_dir() else shutil.copy2
+            copy(target / name, stage / name)
+        for f in files:
+            _write(stage / f.name, f.data)
+        manifest = {"tool": TOOL, "device": device, "files": sorted(f.name for f in files)}
+        _write(stage / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return stage
+
+
+def _swap(stage: Path, target: Path) -> None:
+    """Rename ``stage`` to ``target``; an existing target is moved aside first and restored on failure."""
+    if not target.exists():
+        os.rename(stage, target)
+        return
+    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+    os.rename(target, old / "prev")
+    try:
+        os.rename(stage, target)
+    except BaseException:
+        os.rename(old / "prev", target)
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def bake(configs: Path, device: str, target: Path, force: bool = False) -> list[BakedFile]:
+    """Validate everything, then replace ``target`` with the device's configs in one rename."""
+    source = device_folder(configs, device)
+    files = collect(source, device)
+    keep = check_target(source, target, force)
+    _swap(_stage(target, files, keep, device), target)
+    return files
+
+
+def env_line(target: str) -> str:
+    return f"export {ENV}={shlex.quote(target)}"
+
+
+def dockerfile_snippet(configs: Path, device: str, image_folder: str, count: int) -> str:
+    source = Path(os.path.relpath(configs / device)) if configs.is_absolute() else configs / device
+    return "\n".join([
+        f"# tune-moe: {count} fused-MoE config(s) for {device}; COPY paths are relative to the build context",
+        f"COPY {source.as_posix()}/ {image_folder}/",
+        f"ENV {ENV}={image_folder}",
+    ])
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", required=True, help="vLLM device name, i.e. the folder under --configs (NVIDIA_H200)")
+    p.add_argument("--configs", default=str(DEFAULT_CONFIGS), help=f"tuned configs root (default: {DEFAULT_CONFIGS})")
+    p.add_argument("--target", help="folder to install into (replaced as a whole); with --dockerfile the folder "
+                   f"inside the image (default there: {IMAGE_FOLDER})")
+    p.add_argument("--force", action="store_true", help="bake into a --target that holds other files (they are kept)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dockerfile", action="store_true", help="validate, then print a Dockerfile snippet; copy nothing")
+    mode.add_argument("--print-env", action="store_true", help="print only the export line for an existing bake")
+
+
+def _print_env(target: Path, device: str) -> int:
+    files = _manifest(target) if target.is_dir() else None
+    if not files or device not in {config_device(n) for n in files}:
+        raise UsageError(f"--target {target} holds no bake for {device}; run tune-moe bake without --print-env first")
+    print(env_line(str(target.resolve())))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    configs = Path(args.configs)
+    if args.dockerfile:
+        files = collect(device_folder(configs, args.device), args.device)
+        count = sum(not f.name.endswith(PROVENANCE_SUFFIX) for f in files)
+        print(dockerfile_snippet(configs, args.device, args.target or IMAGE_FOLDER, count))
+        return 0
+    if not args.target:
+        raise UsageError("--target is required (the folder vLLM will read); e.g. --target /opt/tune-moe/configs")
+    target = Path(args.target)
+    if args.print_env:
+        return _print_env(target, args.device)
+    files = bake(configs, args.device, target, args.force)
+    count = sum(not f.name.endswith(PROVENANCE_SUFFIX) for f in files)
+    print(f"baked {count} config(s) and {len(files) - count} sidecar(s) for {args.device} into {target.resolve()}")
+    print("set this in the environment of vLLM:")
+    print(env_line(str(target.resolve())))
+    return 0

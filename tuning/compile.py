@@ -1,0 +1,78 @@
+"""Compile tile configs in parallel processes into Triton's on-disk cache.
+
+Compiling dominates a sweep (each config is two kernels, w13 and w2, and Triton
+specialises on some integer arguments), while timing needs the GPU to itself. The
+worker process asks this pool to compile a batch of configs on ``meta`` tensors with
+the exact launch arguments of the real run; the real launch then finds the kernels
+in the cache. A config that fails to compile or exceeds the GPU's resources fails
+here, and the search never times it.
+"""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import torch
+
+from . import launch
+from .configs import TileConfig
+from .inputs import Routing, build_problem
+from .kernel import Kernel, KernelSource
+from .runner import classify
+from .shapes import MoeShape
+
+_kernel: Kernel | None = None
+
+
+def _init(source: KernelSource) -> None:
+    global _kernel
+    _kernel = source.load()
+    torch.cuda.init()
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_problem(shape: MoeShape, m: int):
+    return build_problem(shape, m, Routing(), 0, torch.device("meta"))
+
+
+def _warm(shape: MoeShape, m: int, config: TileConfig) -> str:
+    """Compile both GEMMs of ``config`` for (shape, m); '' or the failure."""
+    p = _meta_problem(shape, m)
+    sm90 = torch.cuda.get_device_capability() == (9, 0)
+    bm = config.BLOCK_SIZE_M
+    al = (launch.naive(p.topk_ids, bm) if launch.use_naive(m, shape.top_k, shape.global_experts, shape.expert_parallel)
+          else launch.align(p.topk_ids, bm, shape.global_experts, p.expert_map))
+    try:
+        launch.invoke(_kernel, p.a1, p.w13, p.c1, p.a1_scale, p.w13_scale, None, al, False, shape.top_k, config,
+                      shape.block_shape, sm90, warmup=True)
+        launch.invoke(_kernel, p.a2, p.w2, p.c3, p.a2_scale, p.w2_scale, p.topk_weights, al, True, 1, config,
+                      shape.block_shape, sm90, warmup=True)
+    except Exception as exc:  # reported to the search as a result
+        return classify(exc)
+    return ""
+
+
+class Precompiler:
+    """``precompiler(shape, m, configs)`` -> {config: failure} for the configs that cannot run."""
+
+    def __init__(self, source: KernelSource, workers: int):
+        ctx = mp.get_context("spawn")
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init, initargs=(source,))
+        self.broken = False
+
+    def __call__(self, shape: MoeShape, m: int, configs: list[TileConfig]) -> dict[TileConfig, str]:
+        if self.broken:
+            return {}  # the worker then compiles on first launch, as Triton always can
+        try:
+            futures = {c: self.pool.submit(_warm, shape, m, c) for c in configs}
+            results = {c: f.result() for c, f in futures.items()}
+        except BrokenProcessPool:
+            self.broken = True
+            return {}
+        return {c: why for c, why in results.items() if why.split(":")[0] in ("resources", "compile")}
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)

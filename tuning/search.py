@@ -1,0 +1,138 @@
+"""Search strategies over the space for one (shape, M).
+
+``guided`` (default): start from vLLM's default config, the winners of neighbouring
+batch sizes and a seeded sample of the space; climb along one axis at a time around
+the best few; then successive halving with longer timings for the finalists. vLLM's
+default is always a finalist and is re-timed head to head against the winner, so the
+tuner never picks a config slower than the default. ``exhaustive`` times the whole
+space cheaply, then finishes the same way. Configs that failed to compile or ran out
+of resources are remembered (``failures``) and never retried.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+from .configs import TileConfig
+from .runner import Outcome
+from .space import Context, neighbours, space
+
+CHEAP_MS = 10.0  # timing budget of a first look
+FINAL_MS = (40.0, 100.0)  # successive-halving rounds
+HEAD_TO_HEAD_MS = 60.0  # per side, per round, three rounds
+SAMPLE = 10  # seeded random configs added to the first round
+TOP = 3  # configs whose neighbourhoods are climbed
+MAX_EVALS = 120
+STICKY = ("resources", "compile")  # failure kinds that do not depend on M
+
+
+class Evaluator(Protocol):
+    def evaluate(self, config: TileConfig, budget_ms: float) -> Outcome: ...
+
+
+@dataclass
+class SearchResult:
+    best: Outcome
+    default: Outcome
+    outcomes: list[Outcome] = field(default_factory=list)  # every first-look evaluation
+
+    @property
+    def evaluated(self) -> int:
+        return len(self.outcomes)
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if not o.ok]
+
+    @property
+    def speedup(self) -> float:
+        return self.default.us / self.best.us if self.best.ok and self.default.ok else 1.0
+
+
+class _Book:
+    """First-look outcomes, failure memory and an optional batch precompiler."""
+
+    def __init__(self, ev: Evaluator, failures: dict[TileConfig, str], precompile: Callable | None):
+        self.ev, self.failures, self.precompile = ev, failures, precompile
+        self.seen: dict[TileConfig, Outcome] = {}
+
+    def look(self, configs: Iterable[TileConfig]) -> None:
+        todo = [c for c in dict.fromkeys(configs) if c not in self.seen]
+        for c in [c for c in todo if c in self.failures]:
+            self.seen[c] = Outcome(c, failure=self.failures[c])
+        todo = [c for c in todo if c not in self.seen]
+        if self.precompile and todo:
+            for c, why in self.precompile(todo).items():
+                self.failures[c] = why
+                self.seen[c] = Outcome(c, failure=why)
+            todo = [c for c in todo if c not in self.seen]
+        for c in todo:
+            out = self.ev.evaluate(c, CHEAP_MS)
+            self.seen[c] = out
+            if out.failure.split(":")[0] in STICKY:
+                self.failures[c] = out.failure
+
+    def ranked(self) -> list[Outcome]:
+        return sorted((o for o in self.seen.values() if o.ok), key=lambda o: o.us)
+
+
+def guided(ev: Evaluator, ctx: Context, default: TileConfig, seeds: Iterable[TileConfig] = (),
+           failures: dict[TileConfig, str] | None = None, precompile: Callable | None = None,
+           seed: int = 0, max_evals: int = MAX_EVALS) -> SearchResult:
+    book = _Book(ev, {} if failures is None else failures, precompile)
+    pool = space(ctx)
+    rng = random.Random(f"{seed}-{ctx.shape}-{ctx.m}")
+    book.look([default, *seeds, *rng.sample(pool, min(SAMPLE, len(pool), max(0, max_evals - 1)))])
+    while len(book.seen) < max_evals:
+        frontier = [n for o in book.ranked()[:TOP] for n in neighbours(o.config, ctx) if n not in book.seen]
+        if not frontier:
+            break
+        book.look(frontier[: max_evals - len(book.seen)])
+    return _finish(ev, book, default)
+
+
+def exhaustive(ev: Evaluator, ctx: Context, default: TileConfig, failures: dict[TileConfig, str] | None = None,
+               precompile: Callable | None = None, seeds: Iterable[TileConfig] = (), **_) -> SearchResult:
+    book = _Book(ev, {} if failures is None else failures, precompile)
+    book.look([default, *seeds, *space(ctx)])
+    return _finish(ev, book, default)
+
+
+STRATEGIES = {"guided": guided, "exhaustive": exhaustive}
+
+
+def _finish(ev: Evaluator, book: _Book, default: TileConfig) -> SearchResult:
+    """Successive halving of the best first looks, then the winner against the default."""
+    base = book.seen[default]
+    finalists = [o.config for o in book.ranked()[:4]]
+    for budget in FINAL_MS:
+        timed = sorted((ev.evaluate(c, budget) for c in finalists), key=lambda o: o.us)
+        finalists = [o.config for o in timed if o.ok][: max(1, len(finalists) // 2)]
+    outcomes = list(book.seen.values())
+    if not finalists:
+        return SearchResult(base, base, outcomes)
+    best, dflt = head_to_head(ev, finalists[0], default)
+    if not dflt.ok or best.us >= dflt.us:
+        best = dflt if dflt.ok else best
+    return SearchResult(best, dflt, outcomes)
+
+
+def head_to_head(ev: Evaluator, a: TileConfig, b: TileConfig, rounds: int = 3) -> tuple[Outcome, Outcome]:
+    """Alternate timings of a and b so drift hits both; pool each side's samples."""
+    from .bench import Timing
+
+    runs: dict[TileConfig, list[Outcome]] = {a: [], b: []}
+    for _ in range(rounds):
+        for c in (a, b) if a != b else (a,):
+            runs[c].append(ev.evaluate(c, HEAD_TO_HEAD_MS))
+
+    def pooled(c: TileConfig) -> Outcome:
+        bad = next((o for o in runs[c] if not o.ok), None)
+        if bad:
+            return bad
+        samples = tuple(s for o in runs[c] for s in o.timing.samples_us)
+        return Outcome(c, Timing(samples), max(o.error for o in runs[c]))
+
+    return pooled(a), pooled(b) if a != b else pooled(a)

@@ -1,0 +1,676 @@
+"""``tune-moe validate-serve``: serve Step-3.5-Flash with the tuned configs, prove vLLM used them, benchmark.
+
+One run builds the recipe's ``vllm serve`` command for a layout, starts it in its own process group with
+``VLLM_TUNED_CONFIG_FOLDER`` set to the device's folder, waits for ``GET /health``, reads the log for
+vLLM's config lines (tuning.vllm_log), runs ``vllm bench serve``, always stops the whole group, and
+writes report.md and report.json. ``--ab`` repeats it without the tuned folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from . import gpus
+from .errors import UsageError
+from .models import DEFAULT_MODEL, load_model
+from .shapes import DEFAULT_VLLM_VERSION, DTYPES, Layout, Refusal, parse_layout, shape_for
+from .vllm_log import ConfigProof, prove_default, prove_tuned, read_log
+
+TUNED_VAR = "VLLM_TUNED_CONFIG_FOLDER"
+ENV_FILE = "tune-moe-node.env"  # written by install/node-check.sh
+CHECKPOINTS = {"bf16": DEFAULT_MODEL, "fp8": DEFAULT_MODEL + "-FP8"}
+RECIPE_FLAGS = ("--reasoning-parser", "step3p5", "--tool-call-parser", "step3p5", "--enable-auto-tool-choice",
+                "--trust-remote-code")
+MTP_FLAGS = ("--hf-overrides", '{"num_nextn_predict_layers": 1}',
+             "--speculative-config", '{"method": "step3p5_mtp", "num_speculative_tokens": 1}')
+# The recipe's 4xH200 bf16 TP4 result for its `vllm bench serve` command.
+RECIPE_LABEL = "recipe 4xH200 bf16 TP4"
+RECIPE_METRICS = {"output_throughput": 811.94, "mean_tpot_ms": 11.91, "mean_ttft_ms": 422.62}
+# vLLM result keys kept in the report, with their labels; the first three are compared.
+METRICS = {"output_throughput": "output tok/s", "mean_tpot_ms": "mean TPOT (ms)", "mean_ttft_ms": "mean TTFT (ms)",
+           "median_tpot_ms": "median TPOT (ms)", "p99_tpot_ms": "P99 TPOT (ms)", "median_ttft_ms": "median TTFT (ms)",
+           "p99_ttft_ms": "P99 TTFT (ms)", "total_token_throughput": "total tok/s", "completed": "completed",
+           "failed": "failed", "duration": "duration (s)"}
+BLACKWELL_NOTE = ("on Blackwell vLLM 0.33 prefers FlashInfer's MoE kernels, so the tuned Triton configs may go "
+                  "unused; add --moe-backend triton to serve with them")
+COUNTS = ("completed", "failed", "duration")  # reported, not compared
+FP8_EP_NOTE = ("with FP8 and expert parallelism on Hopper, vLLM 0.33 picks the FlashInfer-CUTLASS MoE backend first, "
+               "so the tuned Triton configs may go unused; add --moe-backend triton to serve with them")
+
+
+@dataclass(frozen=True)
+class ServeSpec:
+    """One ``vllm serve`` of the recipe: what runs, with which environment."""
+
+    model: str
+    layout: Layout
+    dtype: str
+    port: int
+    mtp: bool = False
+    moe_backend: str = "auto"
+    tuned_folder: Path | None = None  # None: serve with vLLM's own configs (the A/B baseline)
+    env: tuple[tuple[str, str], ...] = ()  # from the node env file
+    extra_args: tuple[str, ...] = ()
+
+    def argv(self) -> list[str]:
+        argv = ["vllm", "serve", self.model, *self.layout.vllm_flags(), *RECIPE_FLAGS]
+        argv += MTP_FLAGS if self.mtp else ()
+        argv += ["--moe-backend", self.moe_backend] if self.moe_backend != "auto" else []
+        return argv + ["--port", str(self.port), *self.extra_args]
+
+    def env_updates(self) -> dict[str, str]:
+        """What this serve adds to the caller's environment."""
+        env = {k: v for k, v in self.env if k != TUNED_VAR}
+        return {**env, TUNED_VAR: str(self.tuned_folder)} if self.tuned_folder else env
+
+    def environ(self, base: dict[str, str]) -> dict[str, str]:
+        return {**{k: v for k, v in base.items() if k != TUNED_VAR}, **self.env_updates()}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """The recipe's ``vllm bench serve`` parameters."""
+
+    backend: str = "vllm"
+    endpoint: str = "/v1/completions"
+    dataset: str = "random"
+    input_len: int = 2048
+    output_len: int = 1024
+    max_concurrency: int = 10
+    num_prompts: int = 100
+    extra_args: tuple[str, ...] = ()
+
+    def argv(self, serve: ServeSpec, result: Path) -> list[str]:
+        return ["vllm", "bench", "serve", "--backend", self.backend, "--model", serve.model,
+                "--endpoint", self.endpoint, "--dataset-name", self.dataset,
+                "--random-input-len", str(self.input_len), "--random-output-len", str(self.output_len),
+                "--max-concurrency", str(self.max_concurrency), "--num-prompts", str(self.num_prompts),
+                "--host", "127.0.0.1", "--port", str(serve.port),
+                "--save-result", "--result-dir", str(result.parent), "--result-filename", result.name,
+                *self.extra_args]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    out: Path
+    log: Path | None
+    timeout: float
+    grace: float
+    bench: BenchSpec | None  # None: --no-bench
+    bench_timeout: float
+    poll: float = 0.5
+
+
+@dataclass(frozen=True)
+class RunResult:
+    name: str  # "tuned" or "default"
+    outcome: str  # ok | timeout | exited | proof | bench
+    log: str
+    healthy_after_s: float | None = None
+    proof: ConfigProof | None = None
+    metrics: dict = field(default_factory=dict)
+    result_file: str | None = None
+    problems: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "proof": self.proof.as_dict() if self.proof else None,
+                "problems": list(self.problems)}
+
+
+# -- signals: SIGINT/SIGTERM unwind the run so every server is torn down ----------------------------
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class SignalGate:
+    """SIGINT/SIGTERM raise Interrupted, except while ``held()``: then they are kept and raised on leaving."""
+
+    def __init__(self) -> None:
+        self.pending: int | None = None
+        self.holding = 0
+
+    def _handle(self, signum, frame) -> None:
+        if not self.holding:
+            raise Interrupted(signum)
+        self.pending = signum
+
+    @contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+    @contextmanager
+    def held(self):
+        self.holding += 1
+        try:
+            yield
+        finally:
+            self.holding -= 1
+            if not self.holding and self.pending is not None:
+                signum, self.pending = self.pending, None
+                raise Interrupted(signum)
+
+
+GATE = SignalGate()
+
+
+# -- a command in its own process group -------------------------------------------------------------
+
+
+class ProcessGroup:
+    """Runs ``argv`` as the leader of a new session, stdout+stderr to ``log``; ``stop()`` ends every member."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path, grace: float = 30.0):
+        self.argv, self.env, self.log, self.grace = argv, env, log, grace
+        self.proc: subprocess.Popen | None = None
+        self.stopped = False
+
+    def __enter__(self) -> ProcessGroup:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with GATE.held(), open(self.log, "wb") as log:
+                self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
+        except BaseException:  # a signal held during the start: __exit__ will not run, so stop here
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def members(self) -> list[int]:
+        self.proc.poll()  # reap the leader so it does not linger as a zombie
+        return group_members(self.proc.pid)
+
+    def stop(self) -> None:
+        """SIGTERM to the group, SIGKILL after ``grace`` s (or at once on a second Ctrl-C); waits until it is empty."""
+        if self.proc is None or self.stopped:
+            return
+        with GATE.held():
+            if self.members():
+                _killpg(self.proc.pid, signal.SIGTERM)
+            if not self._wait_empty(self.grace):
+                _killpg(self.proc.pid, signal.SIGKILL)
+                self._wait_empty(10.0, hurry=False)
+            left = self.members()
+            self.stopped = not left  # once empty, the group id may be reused: never signal it again
+            if left:
+                say(f"warning: processes {left} of group {self.proc.pid} outlived SIGKILL; end them by hand")
+
+    def _wait_empty(self, seconds: float, hurry: bool = True) -> bool:
+        deadline = time.monotonic() + seconds
+        while self.members():
+            if time.monotonic() >= deadline or (hurry and GATE.pending is not None):
+                return False
+            time.sleep(0.05)
+        return True
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``, from /proc; elsewhere, [pgid] while any is left."""
+    if not Path("/proc/self/stat").exists():
+        try:
+            os.killpg(pgid, 0)
+            return [pgid]
+        except (ProcessLookupError, PermissionError):
+            return []
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                found.append(int(entry.name))
+    return found
+
+
+# -- one serve: start, wait, prove, benchmark, stop ------------------------------------------------
+
+
+def health_ok(url: str) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
+    try:
+        with opener.open(url + "/health", timeout=5) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def wait_healthy(group: ProcessGroup, url: str, timeout: float, poll: float) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        if group.proc.poll() is not None:
+            return "exited"
+        if health_ok(url):
+            return "healthy"
+        if time.monotonic() >= deadline:
+            return "timeout"
+        time.sleep(poll)
+
+
+def serve_once(spec: ServeSpec, name: str, expected: list[str], opts: RunOptions) -> RunResult:
+    log = opts.log if (opts.log and name == "tuned") else opts.out / f"vllm-serve-{name}.log"
+    say(f"starting the {name} server: {shlex.join(spec.argv())}  (log: {log})")
+    started = time.monotonic()
+    group = ProcessGroup(spec.argv(), spec.environ(dict(os.environ)), log, opts.grace)
+    try:
+        with group:
+            state = wait_healthy(group, spec.url, opts.timeout, opts.poll)
+            if state != "healthy":
+                return _not_started(name, state, group, opts.timeout)
+            result = RunResult(name, "ok", str(log), round(time.monotonic() - started, 1))
+            say(f"{name} server healthy after {result.healthy_after_s:.0f} s")
+            result = _prove(result, spec, expected, log)
+            if result.outcome == "ok" and opts.bench:
+                result = _bench(result, spec, opts)
+            return result
+    finally:
+        if group.stopped:
+            say(f"{name} server stopped (process group {group.proc.pid}); nothing of it is left")
+
+
+def _not_started(name: str, state: str, group: ProcessGroup, timeout: float) -> RunResult:
+    why = (f"the {name} server was not healthy after {timeout:g} s; raise --timeout or read the log"
+           if state == "timeout" else
+           f"the {name} server exited with status {group.proc.returncode} before it was healthy; read the log")
+    return RunResult(name, state, str(group.log), problems=(f"{why}: {group.log}",))
+
+
+def _prove(result: RunResult, spec: ServeSpec, expected: list[str], log: Path) -> RunResult:
+    facts = read_log(log.read_text(errors="replace"))
+    if spec.tuned_folder:
+        proof = prove_tuned(facts, expected, spec.tuned_folder, log)
+    else:
+        proof = prove_default(facts, expected, log)
+    for path in proof.loaded:
+        say(f"vLLM loaded {path}")
+    say(f"MoE backend: {', '.join(proof.backends) or 'not reported'}")
+    return replace(result, proof=proof, outcome="ok" if proof.ok else "proof", problems=proof.problems)
+
+
+def _bench(result: RunResult, spec: ServeSpec, opts: RunOptions) -> RunResult:
+    out_json = (opts.out / f"bench-{result.name}.json").absolute()
+    argv = opts.bench.argv(spec, out_json)
+    log = opts.out / f"bench-{result.name}.log"
+    say(f"benchmarking: {shlex.join(argv)}")
+    out_json.unlink(missing_ok=True)
+    with ProcessGroup(argv, spec.environ(dict(os.environ)), log, opts.grace) as bench:
+        code = _wait_exit(bench, opts.bench_timeout)
+    metrics = _read_metrics(out_json)
+    if code != 0 or metrics is None:
+        why = "timed out" if code is None else f"exited with status {code}"
+        problem = f"vllm bench serve {why} and saved {'no' if metrics is None else 'a'} result; read {log}"
+        return replace(result, outcome="bench", problems=(problem,))
+    say(", ".join(f"{METRICS[k]} {v:.2f}" for k, v in metrics.items() if k in RECIPE_METRICS))
+    return replace(result, metrics=metrics, result_file=str(out_json))
+
+
+def _wait_exit(group: ProcessGroup, timeout: float) -> int | None:
+    deadline = time.monotonic() + timeout
+    while group.proc.poll() is None:
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.2)
+    return group.proc.returncode
+
+
+def _read_metrics(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return {k: data[k] for k in METRICS if isinstance(data.get(k), (int, float))} if isinstance(data, dict) else None
+
+
+def say(text: str) -> None:
+    print(f"validate-serve: {text}", flush=True)
+
+
+# -- the node env file --------------------------------------------------------------------------------
+
+_ASSIGN = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+_REF = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def read_env_file(path: Path, base: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """``export NAME=value`` lines, parsed without a shell: quotes as in sh, ``$NAME`` expanded, no commands."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--env-file {path}: cannot read it ({exc}); pass the file install/node-check.sh wrote") from None
+    env: dict[str, str] = {}
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = _ASSIGN.match(line)
+        if not m:
+            raise UsageError(f"{path}:{number}: not an 'export NAME=value' line; fix it or re-run install/node-check.sh")
+        env[m.group(1)] = _env_value(m.group(2), {**base, **env}, f"{path}:{number}")
+    return tuple(env.items())
+
+
+def _env_value(text: str, known: dict[str, str], where: str) -> str:
+    if "$(" in text or "`" in text:
+        raise UsageError(f"{where}: command substitution is not supported; write the value itself")
+    if not text.startswith("'"):
+        text = _REF.sub(lambda m: known.get(m.group(1) or m.group(2), ""), text)
+    try:
+        words = shlex.split(text, comments=True)
+    except ValueError as exc:
+        raise UsageError(f"{where}: {exc}; quote the value as sh would") from None
+    if len(words) > 1:
+        raise UsageError(f"{where}: the value has unquoted spaces; quote it")
+    return words[0] if words else ""
+
+
+def env_file(arg: str | None) -> Path | None:
+    if arg:
+        if not Path(arg).is_file():
+            raise UsageError(f"--env-file {arg}: no such file; run install/node-check.sh or drop --env-file")
+        return Path(arg)
+    return Path(ENV_FILE) if Path(ENV_FILE).is_file() else None
+
+
+# -- from arguments to a spec -------------------------------------------------------------------------
+
+
+def pick_gpu(key: str | None) -> gpus.GpuSpec:
+    if key:
+        return gpus.get_gpu(key)
+    found = gpus.detect_gpus()
+    spec = gpus.spec_for_name(found[0].name) if found else None
+    if spec is None:
+        known = ", ".join(g.key for g in gpus.CATALOGUE.values())
+        raise UsageError(f"--gpu: cannot tell the GPU ({gpus.describe(found)} found); pass --gpu, one of {known}")
+    return spec
+
+
+def expected_files(args: argparse.Namespace, layout: Layout, gpu: gpus.GpuSpec) -> list[str]:
+    """The config file every rank of ``layout`` asks vLLM for."""
+    config = Path(args.model) / "config.json" if args.model else None
+    model = load_model(str(config) if config and config.is_file() else CHECKPOINTS[args.dtype])
+    version = args.vllm_version or installed_vllm_version() or DEFAULT_VLLM_VERSION
+    shape = shape_for(model, layout, args.dtype, version, args.moe_backend)
+    if isinstance(shape, Refusal):
+        raise UsageError(f"layout {layout.name}: {shape.reason}")
+    return [shape.file_name(gpu.device_name)]
+
+
+def installed_vllm_version() -> str | None:
+    from .tune import installed_vllm_version as version
+
+    return version()
+
+
+def build_spec(args: argparse.Namespace, gpu: gpus.GpuSpec) -> ServeSpec:
+    if args.dtype not in DTYPES:
+        raise UsageError(f"--dtype {args.dtype}: unknown; use one of {', '.join(DTYPES)}")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port}: not a TCP port; pass 1-65535")
+    found = env_file(args.env_file)
+    folder = Path(args.configs or Path("kernels_configs") / gpu.device_name).absolute()
+    return ServeSpec(
+        model=args.model or CHECKPOINTS[args.dtype], layout=parse_layout(args.layout), dtype=args.dtype,
+        port=args.port, mtp=args.mtp, moe_backend=args.moe_backend, tuned_folder=folder,
+        env=read_env_file(found, dict(os.environ)) if found else (), extra_args=tuple(_split(args.serve_args, "--serve-args")),
+    )
+
+
+def build_bench(args: argparse.Namespace) -> BenchSpec | None:
+    if args.no_bench:
+        return None
+    for name in ("random_input", "random_output", "max_concurrency", "num_prompts"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    return BenchSpec(args.bench_backend, args.endpoint, args.dataset_name, args.random_input, args.random_output,
+                     args.max_concurrency, args.num_prompts, tuple(_split(args.bench_args, "--bench-args")))
+
+
+def _split(text: str | None, option: str) -> list[str]:
+    try:
+        return shlex.split(text or "")
+    except ValueError as exc:
+        raise UsageError(f"{option} {text!r}: {exc}; quote it as sh would") from None
+
+
+def notes(spec: ServeSpec, gpu: gpus.GpuSpec, expected: list[str]) -> list[str]:
+    """Things the user should know before a long serve."""
+    out = []
+    if spec.moe_backend == "auto" and gpu.capability[0] == 9 and spec.dtype == "fp8" and spec.layout.ep:
+        out.append(FP8_EP_NOTE)
+    if spec.moe_backend == "auto" and gpu.capability[0] == 10:
+        out.append(BLACKWELL_NOTE)
+    theirs = dict(spec.env).get(TUNED_VAR)
+    if theirs and Path(theirs).absolute() != spec.tuned_folder:
+        out.append(f"the env file sets {TUNED_VAR}={theirs}; this run uses {spec.tuned_folder} (pass --configs to change it)")
+    absent = [n for n in expected if not (spec.tuned_folder / n).is_file()]
+    if absent:
+        out.append(f"{spec.tuned_folder} has no {', '.join(absent)}: vLLM will use its default config and the "
+                   "check will fail; its log then feeds tune-moe --from-vllm-log")
+    return out
+
+
+def print_command(spec: ServeSpec, bench: BenchSpec | None, expected: list[str], opts_out: Path) -> None:
+    for name, value in spec.env_updates().items():
+        print(f"export {name}={shlex.quote(value)}")
+    print(shlex.join(spec.argv()))
+    if bench:
+        print("# then, once GET /health answers 200:")
+        print(shlex.join(bench.argv(spec, (opts_out / "bench-tuned.json").absolute())))
+    for name in expected:
+        print(f"# vLLM must log: Using configuration from {spec.tuned_folder / name} for MoE layer.")
+
+
+# -- the report ---------------------------------------------------------------------------------------
+
+
+def write_report(out: Path, report: dict) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("report.json", json.dumps(report, indent=2) + "\n"), ("report.md", render_markdown(report))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    return out / "report.md"
+
+
+def render_markdown(report: dict) -> str:
+    verdict = "PASS" if report["ok"] else "FAIL"
+    lines = [f"# validate-serve: {report['model']} {report['dtype']} {report['layout']}"
+             f"{' +MTP' if report['mtp'] else ''} on {report['gpu']}: {verdict}", "",
+             f"- command: `{report['command']}`", f"- tuned folder: `{report['tuned_folder']}`",
+             f"- expected config files: {', '.join(f'`{n}`' for n in report['expected_files'])}", ""]
+    lines += ["## Proof from vLLM's log", "", "| run | outcome | MoE backend | loaded | default config for | log |",
+              "|---|---|---|---|---|---|"]
+    for run in report["runs"]:
+        proof = run["proof"] or {"backends": [], "loaded": [], "missing": []}
+        lines.append(f"| {run['name']} | {run['outcome']} | {', '.join(proof['backends']) or '-'} | "
+                     f"{'<br>'.join(proof['loaded']) or '-'} | {', '.join(proof['missing']) or '-'} | {run['log']} |")
+    problems = [f"- {r['name']}: {p}" for r in report["runs"] for p in r["problems"]] + \
+               [f"- {p}" for p in report.get("problems", [])]
+    lines += ["", "Problems:", *problems] if problems else []
+    lines += ["", *_bench_table(report)] if any(r["metrics"] for r in report["runs"]) else []
+    lines += ["", "Notes:", *[f"- {n}" for n in report["notes"]]] if report["notes"] else []
+    return "\n".join(lines) + "\n"
+
+
+def _bench_table(report: dict) -> list[str]:
+    runs = {r["name"]: r["metrics"] for r in report["runs"] if r["metrics"]}
+    header = [RECIPE_LABEL, *runs] + (["tuned vs recipe"] if "tuned" in runs else []) + \
+             (["tuned vs default"] if {"tuned", "default"} <= set(runs) else [])
+    lines = ["## Benchmark", "", f"`{report['bench_command']}`", "",
+             "| metric | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+    for key, label in METRICS.items():
+        cells = [_num(RECIPE_METRICS.get(key))] + [_num(m.get(key)) for m in runs.values()]
+        compare = key not in COUNTS
+        if "tuned" in runs:
+            cells.append(_change(runs["tuned"].get(key), RECIPE_METRICS.get(key)) if compare else "")
+        if {"tuned", "default"} <= set(runs):
+            cells.append(_change(runs["tuned"].get(key), runs["default"].get(key)) if compare else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + ["", "Changes are relative: higher output tok/s is better, lower TPOT/TTFT is better. The recipe's "
+                    "numbers are bf16 TP4 without MTP on 4xH200; other setups compare with care."]
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def _change(new, old) -> str:
+    return "-" if not new or not old else f"{(new - old) / old * 100:+.1f}%"
+
+
+# -- the command --------------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layout", required=True, help="deployment layout, e.g. TP4 or DP4+EP (the recipe's two)")
+    p.add_argument("--dtype", required=True, help="bf16 (stepfun-ai/Step-3.5-Flash) or fp8 (-FP8 checkpoint)")
+    p.add_argument("--gpu", help="GPU model: H200, H20, H20-3e or B200 (default: this node's)")
+    p.add_argument("--mtp", action="store_true", help="add the recipe's MTP speculative decoding flags")
+    p.add_argument("--model", help="model to serve: a local checkpoint folder or HF id (default: the dtype's checkpoint)")
+    p.add_argument("--port", type=int, default=8000, help="server port (default: 8000)")
+    p.add_argument("--configs", metavar="DIR", help="tuned folder (default: kernels_configs/<device_name>)")
+    p.add_argument("--env-file", metavar="FILE", help=f"node env file of install/node-check.sh (default: ./{ENV_FILE} if present)")
+    p.add_argument("--moe-backend", default="auto", help="pass --moe-backend to vLLM, e.g. triton (default: vLLM chooses)")
+    p.add_argument("--vllm-version", help=f"vLLM whose shape rules to expect (default: installed, else {DEFAULT_VLLM_VERSION})")
+    p.add_argument("--serve-args", metavar="ARGS", help="more vllm serve arguments, one shell-quoted string")
+    p.add_argument("--print-command", action="store_true", help="print the environment and commands, then exit")
+    p.add_argument("--out", metavar="DIR", help="folder for logs, results and the report (default: serve-runs/<run>)")
+    p.add_argument("--log", metavar="FILE", help="server log of the tuned run (default: <out>/vllm-serve-tuned.log)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for GET /health (default: 1800)")
+    p.add_argument("--grace", type=float, default=30, help="seconds from SIGTERM to SIGKILL at teardown (default: 30)")
+    p.add_argument("--ab", action="store_true", help="then serve again without the tuned folder and compare")
+    p.add_argument("--no-bench", action="store_true", help="prove the configs only; skip vllm bench serve")
+    b = p.add_argument_group("vllm bench serve (defaults: the recipe's)")
+    b.add_argument("--bench-backend", default="vllm", help="--backend (default: vllm)")
+    b.add_argument("--endpoint", default="/v1/completions", help="--endpoint (default: /v1/completions)")
+    b.add_argument("--dataset-name", default="random", help="--dataset-name (default: random)")
+    b.add_argument("--random-input", type=int, default=2048, help="--random-input-len (default: 2048)")
+    b.add_argument("--random-output", type=int, default=1024, help="--random-output-len (default: 1024)")
+    b.add_argument("--max-concurrency", type=int, default=10, help="--max-concurrency (default: 10)")
+    b.add_argument("--num-prompts", type=int, default=100, help="--num-prompts (default: 100)")
+    b.add_argument("--bench-args", metavar="ARGS", help="more vllm bench serve arguments, one shell-quoted string")
+    b.add_argument("--bench-timeout", type=float, default=3600, help="seconds the benchmark may take (default: 3600)")
+
+
+def run(args: argparse.Namespace) -> int:
+    gpu = pick_gpu(args.gpu)
+    spec = build_spec(args, gpu)
+    bench = build_bench(args)
+    expected = expected_files(args, spec.layout, gpu)
+    out = Path(args.out or Path("serve-runs") / _run_name(spec, gpu))
+    if args.print_command:
+        print_command(spec, bench, expected, out)
+        return 0
+    _preflight(spec, gpu, args)
+    opts = RunOptions(out, Path(args.log) if args.log else None, args.timeout, args.grace, bench, args.bench_timeout)
+    report = _report_head(spec, gpu, bench, expected, out)
+    for note in report["notes"]:
+        say(f"note: {note}")
+    with GATE.installed():
+        code = _run_all(spec, expected, opts, args.ab, report)
+    path = write_report(out, report)
+    say(f"{'PASS' if report['ok'] else 'FAIL'}; report: {path}")
+    return code
+
+
+def _run_all(spec: ServeSpec, expected: list[str], opts: RunOptions, ab: bool, report: dict) -> int:
+    try:
+        runs = [serve_once(spec, "tuned", expected, opts)]
+        report["runs"].append(runs[0].as_dict())
+        if ab and runs[0].outcome == "ok":
+            runs.append(serve_once(replace(spec, tuned_folder=None), "default", expected, opts))
+            report["runs"].append(runs[1].as_dict())
+    except Interrupted as exc:
+        report["problems"].append(f"interrupted by {exc}; every server was stopped")
+        sys.stderr.write(f"tune-moe validate-serve: interrupted by {exc}; every server was stopped\n")
+        return 128 + exc.signum
+    for run_ in runs:
+        for problem in run_.problems:
+            sys.stderr.write(f"tune-moe validate-serve: {run_.name}: {problem}\n")
+        if run_.outcome in ("timeout", "exited"):
+            sys.stderr.write(_tail(Path(run_.log)))
+    report["ok"] = all(r.outcome == "ok" for r in runs)
+    return 0 if report["ok"] else 1
+
+
+def _preflight(spec: ServeSpec, gpu: gpus.GpuSpec, args: argparse.Namespace) -> None:
+    path = spec.environ(dict(os.environ)).get("PATH")
+    if shutil.which("vllm", path=path) is None:
+        raise UsageError("vllm: not on PATH; install vLLM (install/install-vllm.sh) or activate its environment")
+    found = gpus.detect_gpus()
+    if found:
+        gpus.check_node(gpu, found)
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        if sock.connect_ex(("127.0.0.1", spec.port)) == 0:
+            raise UsageError(f"--port {spec.port}: something already listens there; stop it or pass another --port")
+    if args.timeout <= 0 or args.grace < 0:
+        raise UsageError("--timeout must be > 0 and --grace >= 0 seconds")
+
+
+def _report_head(spec: ServeSpec, gpu: gpus.GpuSpec, bench: BenchSpec | None, expected: list[str], out: Path) -> dict:
+    return {
+        "ok": False, "model": spec.model, "dtype": spec.dtype, "layout": spec.layout.name, "mtp": spec.mtp,
+        "gpu": f"{spec.layout.gpus}x{gpu.key}", "device_name": gpu.device_name, "moe_backend": spec.moe_backend,
+        "tuned_folder": str(spec.tuned_folder), "expected_files": expected, "command": shlex.join(spec.argv()),
+        "env": spec.env_updates(),
+        "bench_command": shlex.join(bench.argv(spec, (out / "bench-tuned.json").absolute())) if bench else None,
+        "recipe": {"label": RECIPE_LABEL, **RECIPE_METRICS}, "notes": notes(spec, gpu, expected),
+        "runs": [], "problems": [],
+    }
+
+
+def _run_name(spec: ServeSpec, gpu: gpus.GpuSpec) -> str:
+    layout = spec.layout.name.lower().replace("+", "-")
+    return f"{gpu.device_name}-{spec.dtype}-{layout}{'-mtp' if spec.mtp else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _tail(log: Path, lines: int = 20) -> str:
+    try:
+        text = log.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "".join(f"  | {line}\n" for line in text)

@@ -1,0 +1,109 @@
+"""The search space: vLLM's tile axes, expanded once, filtered by named predicates.
+
+A predicate takes (config, context) and says whether the config is worth timing for
+this shape, GPU and M. ``explain`` reports which predicate drops a config.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable
+
+from .configs import TileConfig
+from .gpus import GpuSpec
+from .launch import use_naive
+from .shapes import MoeShape
+
+# vLLM's benchmark_moe.py axes.
+AXES: dict[str, tuple[int, ...]] = {
+    "BLOCK_SIZE_M": (16, 32, 64, 128, 256),
+    "BLOCK_SIZE_N": (32, 64, 128, 256),
+    "BLOCK_SIZE_K": (64, 128, 256),
+    "GROUP_SIZE_M": (1, 16, 32, 64),
+    "num_warps": (4, 8),
+    "num_stages": (2, 3, 4, 5),
+}
+
+ALL_CONFIGS: tuple[TileConfig, ...] = tuple(TileConfig(*values) for values in itertools.product(*AXES.values()))
+
+
+@dataclass(frozen=True)
+class Context:
+    shape: MoeShape
+    gpu: GpuSpec
+    m: int
+
+    @property
+    def naive(self) -> bool:
+        return use_naive(self.m, self.shape.top_k, self.shape.global_experts, self.shape.expert_parallel)
+
+    @property
+    def rows_per_expert(self) -> float:
+        """Expected (token, expert) rows per expert: M * top_k spread over the global experts."""
+        return self.m * self.shape.top_k / self.shape.global_experts
+
+    def block_k(self, cfg: TileConfig) -> int:
+        return min(cfg.BLOCK_SIZE_K, *self.shape.block_shape) if self.shape.block_shape else cfg.BLOCK_SIZE_K
+
+
+def fits_shared_memory(cfg: TileConfig, ctx: Context) -> bool:
+    """Pipelined A and B tiles of every stage fit the block's shared memory."""
+    elem = 1 if ctx.shape.dtype == "fp8" else 2
+    tile = (cfg.BLOCK_SIZE_M + cfg.BLOCK_SIZE_N) * ctx.block_k(cfg) * elem
+    return cfg.num_stages * tile <= ctx.gpu.smem_per_block
+
+
+def block_k_not_clamped(cfg: TileConfig, ctx: Context) -> bool:
+    """Block FP8 clamps BLOCK_SIZE_K to the quant block: larger values repeat a smaller config."""
+    return ctx.shape.block_shape is None or cfg.BLOCK_SIZE_K <= min(ctx.shape.block_shape)
+
+
+def m_tile_not_oversized(cfg: TileConfig, ctx: Context) -> bool:
+    """No M tile wider than 4x the rows an average expert gets; one row per block when naive."""
+    if ctx.naive:
+        return cfg.BLOCK_SIZE_M == 16
+    return cfg.BLOCK_SIZE_M <= max(16, 4 * ctx.rows_per_expert)
+
+
+def group_has_blocks(cfg: TileConfig, ctx: Context) -> bool:
+    """GROUP_SIZE_M > 1 reorders M blocks; pointless beyond the M blocks there are."""
+    if cfg.GROUP_SIZE_M == 1:
+        return True
+    experts_hit = min(ctx.shape.num_experts, ctx.m * ctx.shape.top_k * ctx.shape.num_experts / ctx.shape.global_experts)
+    m_blocks = experts_hit * max(1.0, ctx.rows_per_expert / cfg.BLOCK_SIZE_M)
+    return m_blocks >= cfg.GROUP_SIZE_M
+
+
+def warps_have_work(cfg: TileConfig, ctx: Context) -> bool:
+    """8 warps on a tile of fewer than 64x64 outputs leaves warps idle."""
+    return cfg.num_warps == 4 or cfg.BLOCK_SIZE_M * cfg.BLOCK_SIZE_N >= 64 * 64
+
+
+PREDICATES: tuple[Callable[[TileConfig, Context], bool], ...] = (
+    fits_shared_memory, block_k_not_clamped, m_tile_not_oversized, group_has_blocks, warps_have_work,
+)
+
+
+def explain(cfg: TileConfig, ctx: Context) -> list[str]:
+    """Names of the predicates that reject ``cfg`` (empty: it is in the space)."""
+    return [p.__name__ for p in PREDICATES if not p(cfg, ctx)]
+
+
+def space(ctx: Context) -> list[TileConfig]:
+    return [c for c in ALL_CONFIGS if all(p(c, ctx) for p in PREDICATES)]
+
+
+def neighbours(cfg: TileConfig, ctx: Context) -> list[TileConfig]:
+    """Configs one step away along one axis, inside the space."""
+    out = []
+    for axis, values in AXES.items():
+        i = values.index(getattr(cfg, axis)) if getattr(cfg, axis) in values else None
+        if i is None:
+            continue
+        for j in (i - 1, i + 1):
+            if 0 <= j < len(values):
+                cand = TileConfig(**{**cfg.to_dict(), axis: values[j]})
+                if all(p(cand, ctx) for p in PREDICATES):
+                    out.append(cand)
+    return out

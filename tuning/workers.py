@@ -1,0 +1,85 @@
+"""The Ray actor: pin one GPU, load the kernel, run (shape, M) jobs, return results."""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import socket
+
+from .configs import TileConfig
+from .gpus import get_gpu, vllm_device_name
+from .jobs import JobResult, Settings, run_job
+from .plan import Job
+
+KERNEL_CACHE_LIMIT = 512  # compiled kernels kept in memory per worker; Triton's disk cache keeps the rest
+
+
+class TuneWorker:
+    """One per GPU (``num_gpus=1``). Ray restarts nothing itself; the driver replaces dead workers."""
+
+    def __init__(self, settings: Settings, device_name: str, compile_workers: int):
+        import torch
+
+        self.settings, self.device_name = settings, device_name
+        self.gpu = get_gpu(settings.gpu)
+        self.kernel = settings.source.load()
+        self.failures: dict[str, dict[TileConfig, str]] = {}
+        self.precompile = None
+        if torch.cuda.is_available() and compile_workers > 0:
+            from .compile import Precompiler
+
+            self.precompile = Precompiler(settings.source, compile_workers)
+
+    def info(self) -> dict:
+        """Who this worker is and what it runs on (checked by the driver, kept in provenance)."""
+        import torch
+        import triton
+
+        cuda = torch.cuda.is_available()
+        name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter)"
+        free, total = torch.cuda.mem_get_info() if cuda else (0, 0)
+        return {
+            "pid": os.getpid(), "host": socket.gethostname(), "gpu_ids": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+            "name": name, "device_name": vllm_device_name(name) if cuda else None,
+            "free_gb": free / 1e9, "total_gb": total / 1e9, "cuda": torch.version.cuda or "", "torch": torch.__version__,
+            "triton": triton.__version__, "python": platform.python_version(), "kernel": self.kernel.describe,
+            "vllm": self.kernel.vllm_version, "driver": _driver_version(),
+        }
+
+    def run(self, job: Job, seeds: list[TileConfig], known_failures: dict[TileConfig, str]) -> JobResult:
+        import torch
+
+        failures = self.failures.setdefault(job.shape.file_name(self.device_name), {})
+        failures.update(known_failures)
+        worker = f"{socket.gethostname()}:{os.environ.get('CUDA_VISIBLE_DEVICES', 'cpu')}"
+        try:
+            return run_job(self.kernel, self.gpu, job, self.settings, self.device_name, worker, seeds, failures,
+                           self.precompile)
+        finally:
+            self._bound_memory(torch)
+
+    def _bound_memory(self, torch) -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        caches = getattr(self.kernel.fn, "device_caches", {})
+        for entry in list(caches.values()):
+            if len(entry[0]) > KERNEL_CACHE_LIMIT:
+                entry[0].clear()
+
+
+def _driver_version() -> str:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlSystemGetDriverVersion()
+    except Exception:
+        import subprocess
+
+        try:
+            return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                  capture_output=True, text=True, timeout=30).stdout.split("\n")[0].strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
