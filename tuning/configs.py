@@ -53,6 +53,9 @@ def atomic_write_json(path: Path, data: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # readable like any other file (mkstemp makes it 0600)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=4)

@@ -537,7 +537,7 @@ def _context(source: DeepGemmSource | None, capability: tuple[int, int] | None, 
         "versions": {"python": sys.version.split()[0], "torch": getattr(torch, "__version__", None),
                      "torch_cuda": getattr(getattr(torch, "version", None), "cuda", None)},
         "inputs": {"experts": args.experts, "rows_per_expert": args.rows_per_expert,
-                   "dense_m": args.dense_m, "reps": args.reps, "seed": args.seed},
+                   "dense_m": args.dense_m, "reps": args.reps, "seed": args.seed, "pass_diff": PASS_DIFF},
     }
 
 
@@ -571,7 +571,8 @@ def run(args: argparse.Namespace) -> int:
     cached_before = count_cached_kernels(cache)
     module, import_check = import_deep_gemm(source)
     checks.append(import_check)
-    if module is not None and checks[0].ok:
+    gpu_ok = next(c.ok for c in checks if c.name == "gpu.capability")
+    if module is not None and gpu_ok:
         spec = spec_for_name(device)
         checks += _gemm_checks(module, capability, spec.fp8_tflops if spec else None, args)
     else:

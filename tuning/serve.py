@@ -33,6 +33,7 @@ from .shapes import DEFAULT_VLLM_VERSION, DTYPES, Layout, Refusal, parse_layout,
 from .vllm_log import ConfigProof, prove_default, prove_tuned, read_log
 
 TUNED_VAR = "VLLM_TUNED_CONFIG_FOLDER"
+SECRET = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|KEY", re.IGNORECASE)
 ENV_FILE = "tune-moe-node.env"  # written by install/node-check.sh
 CHECKPOINTS = {"bf16": DEFAULT_MODEL, "fp8": DEFAULT_MODEL + "-FP8"}
 RECIPE_FLAGS = ("--reasoning-parser", "step3p5", "--tool-call-parser", "step3p5", "--enable-auto-tool-choice",
@@ -42,16 +43,16 @@ MTP_FLAGS = ("--hf-overrides", '{"num_nextn_predict_layers": 1}',
 # The recipe's 4xH200 bf16 TP4 result for its `vllm bench serve` command.
 RECIPE_LABEL = "recipe 4xH200 bf16 TP4"
 RECIPE_METRICS = {"output_throughput": 811.94, "mean_tpot_ms": 11.91, "mean_ttft_ms": 422.62}
-# vLLM result keys kept in the report, with their labels; the first three are compared.
+# Keys of vLLM's result JSON kept in the report, with their labels.
 METRICS = {"output_throughput": "output tok/s", "mean_tpot_ms": "mean TPOT (ms)", "mean_ttft_ms": "mean TTFT (ms)",
            "median_tpot_ms": "median TPOT (ms)", "p99_tpot_ms": "P99 TPOT (ms)", "median_ttft_ms": "median TTFT (ms)",
            "p99_ttft_ms": "P99 TTFT (ms)", "total_token_throughput": "total tok/s", "completed": "completed",
            "failed": "failed", "duration": "duration (s)"}
-BLACKWELL_NOTE = ("on Blackwell vLLM 0.33 prefers FlashInfer's MoE kernels, so the tuned Triton configs may go "
-                  "unused; add --moe-backend triton to serve with them")
 COUNTS = ("completed", "failed", "duration")  # reported, not compared
 FP8_EP_NOTE = ("with FP8 and expert parallelism on Hopper, vLLM 0.33 picks the FlashInfer-CUTLASS MoE backend first, "
                "so the tuned Triton configs may go unused; add --moe-backend triton to serve with them")
+BLACKWELL_NOTE = ("on Blackwell vLLM 0.33 prefers FlashInfer's MoE kernels, so the tuned Triton configs may go "
+                  "unused; add --moe-backend triton to serve with them")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,10 @@ class ServeSpec:
 
     def environ(self, base: dict[str, str]) -> dict[str, str]:
         return {**{k: v for k, v in base.items() if k != TUNED_VAR}, **self.env_updates()}
+
+    def shown_env(self) -> dict[str, str]:
+        """``env_updates()`` fit for a terminal or a report: secrets (tokens, keys, passwords) hidden."""
+        return {k: "<hidden>" if SECRET.search(k) else v for k, v in self.env_updates().items()}
 
     @property
     def url(self) -> str:
@@ -118,6 +123,7 @@ class RunOptions:
     grace: float
     bench: BenchSpec | None  # None: --no-bench
     bench_timeout: float
+    gpu: str = "<GPU>"  # for the tune-moe command a failure suggests
     poll: float = 0.5
 
 
@@ -260,7 +266,7 @@ def group_members(pgid: int) -> list[int]:
                 fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
             except (OSError, IndexError):
                 continue
-            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            if fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
                 found.append(int(entry.name))
     return found
 
@@ -301,7 +307,7 @@ def serve_once(spec: ServeSpec, name: str, expected: list[str], opts: RunOptions
                 return _not_started(name, state, group, opts.timeout)
             result = RunResult(name, "ok", str(log), round(time.monotonic() - started, 1))
             say(f"{name} server healthy after {result.healthy_after_s:.0f} s")
-            result = _prove(result, spec, expected, log)
+            result = _prove(result, spec, expected, log, opts.gpu)
             if result.outcome == "ok" and opts.bench:
                 result = _bench(result, spec, opts)
             return result
@@ -317,10 +323,10 @@ def _not_started(name: str, state: str, group: ProcessGroup, timeout: float) -> 
     return RunResult(name, state, str(group.log), problems=(f"{why}: {group.log}",))
 
 
-def _prove(result: RunResult, spec: ServeSpec, expected: list[str], log: Path) -> RunResult:
+def _prove(result: RunResult, spec: ServeSpec, expected: list[str], log: Path, gpu: str) -> RunResult:
     facts = read_log(log.read_text(errors="replace"))
     if spec.tuned_folder:
-        proof = prove_tuned(facts, expected, spec.tuned_folder, log)
+        proof = prove_tuned(facts, expected, spec.tuned_folder, log, f"tune-moe --gpu {gpu} --dtype {spec.dtype}")
     else:
         proof = prove_default(facts, expected, log)
     for path in proof.loaded:
@@ -339,11 +345,15 @@ def _bench(result: RunResult, spec: ServeSpec, opts: RunOptions) -> RunResult:
         code = _wait_exit(bench, opts.bench_timeout)
     metrics = _read_metrics(out_json)
     if code != 0 or metrics is None:
-        why = "timed out" if code is None else f"exited with status {code}"
-        problem = f"vllm bench serve {why} and saved {'no' if metrics is None else 'a'} result; read {log}"
-        return replace(result, outcome="bench", problems=(problem,))
+        why = "timed out (raise --bench-timeout)" if code is None else \
+            f"exited with status {code}" if code else f"saved no result at {out_json}"
+        return replace(result, outcome="bench", problems=(f"vllm bench serve {why}; read {log}",))
     say(", ".join(f"{METRICS[k]} {v:.2f}" for k, v in metrics.items() if k in RECIPE_METRICS))
-    return replace(result, metrics=metrics, result_file=str(out_json))
+    result = replace(result, metrics=metrics, result_file=str(out_json))
+    if metrics.get("failed"):
+        problem = f"{metrics['failed']} benchmark requests failed; read the server log {result.log}"
+        return replace(result, outcome="bench", problems=(problem,))
+    return result
 
 
 def _wait_exit(group: ProcessGroup, timeout: float) -> int | None:
@@ -378,7 +388,8 @@ def read_env_file(path: Path, base: dict[str, str]) -> tuple[tuple[str, str], ..
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--env-file {path}: cannot read it ({exc}); pass the file install/node-check.sh wrote") from None
+        raise UsageError(f"--env-file {path}: cannot read it ({exc}); pass the file install/node-check.sh wrote") \
+            from None
     env: dict[str, str] = {}
     for number, raw in enumerate(lines, 1):
         line = raw.strip()
@@ -386,7 +397,8 @@ def read_env_file(path: Path, base: dict[str, str]) -> tuple[tuple[str, str], ..
             continue
         m = _ASSIGN.match(line)
         if not m:
-            raise UsageError(f"{path}:{number}: not an 'export NAME=value' line; fix it or re-run install/node-check.sh")
+            raise UsageError(f"{path}:{number}: not an 'export NAME=value' line; "
+                             "fix it or re-run install/node-check.sh")
         env[m.group(1)] = _env_value(m.group(2), {**base, **env}, f"{path}:{number}")
     return tuple(env.items())
 
@@ -397,10 +409,12 @@ def _env_value(text: str, known: dict[str, str], where: str) -> str:
     if not text.startswith("'"):
         text = _REF.sub(lambda m: known.get(m.group(1) or m.group(2), ""), text)
     try:
-        words = shlex.split(text, comments=True)
+        words = shlex.split(text)
     except ValueError as exc:
         raise UsageError(f"{where}: {exc}; quote the value as sh would") from None
-    if len(words) > 1:
+    if text[:1].isspace():  # NAME= followed by a blank: empty, as in sh
+        words = [""] + words
+    if len(words) > 1 and not words[1].startswith("#"):  # a comment starts a word; 'a#b' is a value
         raise UsageError(f"{where}: the value has unquoted spaces; quote it")
     return words[0] if words else ""
 
@@ -450,11 +464,12 @@ def build_spec(args: argparse.Namespace, gpu: gpus.GpuSpec) -> ServeSpec:
     if not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port}: not a TCP port; pass 1-65535")
     found = env_file(args.env_file)
-    folder = Path(args.configs or Path("kernels_configs") / gpu.device_name).absolute()
     return ServeSpec(
         model=args.model or CHECKPOINTS[args.dtype], layout=parse_layout(args.layout), dtype=args.dtype,
-        port=args.port, mtp=args.mtp, moe_backend=args.moe_backend, tuned_folder=folder,
-        env=read_env_file(found, dict(os.environ)) if found else (), extra_args=tuple(_split(args.serve_args, "--serve-args")),
+        port=args.port, mtp=args.mtp, moe_backend=args.moe_backend,
+        tuned_folder=Path(args.configs or Path("kernels_configs") / gpu.device_name).absolute(),
+        env=read_env_file(found, dict(os.environ)) if found else (),
+        extra_args=tuple(_split(args.serve_args, "--serve-args")),
     )
 
 
@@ -484,7 +499,8 @@ def notes(spec: ServeSpec, gpu: gpus.GpuSpec, expected: list[str]) -> list[str]:
         out.append(BLACKWELL_NOTE)
     theirs = dict(spec.env).get(TUNED_VAR)
     if theirs and Path(theirs).absolute() != spec.tuned_folder:
-        out.append(f"the env file sets {TUNED_VAR}={theirs}; this run uses {spec.tuned_folder} (pass --configs to change it)")
+        out.append(f"the env file sets {TUNED_VAR}={theirs}; this run uses {spec.tuned_folder} "
+                   "(pass --configs to change it)")
     absent = [n for n in expected if not (spec.tuned_folder / n).is_file()]
     if absent:
         out.append(f"{spec.tuned_folder} has no {', '.join(absent)}: vLLM will use its default config and the "
@@ -492,15 +508,18 @@ def notes(spec: ServeSpec, gpu: gpus.GpuSpec, expected: list[str]) -> list[str]:
     return out
 
 
-def print_command(spec: ServeSpec, bench: BenchSpec | None, expected: list[str], opts_out: Path) -> None:
-    for name, value in spec.env_updates().items():
-        print(f"export {name}={shlex.quote(value)}")
+def print_command(spec: ServeSpec, bench: BenchSpec | None, expected: list[str], out: Path, ab: bool) -> None:
+    for name, value in spec.shown_env().items():
+        print(f"# {name} is set from the env file (not shown)" if value == "<hidden>" else
+              f"export {name}={shlex.quote(value)}")
     print(shlex.join(spec.argv()))
     if bench:
         print("# then, once GET /health answers 200:")
-        print(shlex.join(bench.argv(spec, (opts_out / "bench-tuned.json").absolute())))
+        print(shlex.join(bench.argv(spec, (out / "bench-tuned.json").absolute())))
     for name in expected:
         print(f"# vLLM must log: Using configuration from {spec.tuned_folder / name} for MoE layer.")
+    if ab:
+        print(f"# --ab: then the same serve and benchmark with {TUNED_VAR} unset (vLLM must log its default config)")
 
 
 # -- the report ---------------------------------------------------------------------------------------
@@ -569,12 +588,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", required=True, help="bf16 (stepfun-ai/Step-3.5-Flash) or fp8 (-FP8 checkpoint)")
     p.add_argument("--gpu", help="GPU model: H200, H20, H20-3e or B200 (default: this node's)")
     p.add_argument("--mtp", action="store_true", help="add the recipe's MTP speculative decoding flags")
-    p.add_argument("--model", help="model to serve: a local checkpoint folder or HF id (default: the dtype's checkpoint)")
+    p.add_argument("--model", help="model to serve: local checkpoint folder or HF id (default: the dtype's checkpoint)")
     p.add_argument("--port", type=int, default=8000, help="server port (default: 8000)")
     p.add_argument("--configs", metavar="DIR", help="tuned folder (default: kernels_configs/<device_name>)")
-    p.add_argument("--env-file", metavar="FILE", help=f"node env file of install/node-check.sh (default: ./{ENV_FILE} if present)")
-    p.add_argument("--moe-backend", default="auto", help="pass --moe-backend to vLLM, e.g. triton (default: vLLM chooses)")
-    p.add_argument("--vllm-version", help=f"vLLM whose shape rules to expect (default: installed, else {DEFAULT_VLLM_VERSION})")
+    p.add_argument("--env-file", metavar="FILE",
+                   help=f"node env file of install/node-check.sh (default: ./{ENV_FILE} if present)")
+    p.add_argument("--moe-backend", default="auto",
+                   help="pass --moe-backend to vLLM, e.g. triton (default: vLLM chooses)")
+    p.add_argument("--vllm-version",
+                   help=f"vLLM whose shape rules to expect (default: installed, else {DEFAULT_VLLM_VERSION})")
     p.add_argument("--serve-args", metavar="ARGS", help="more vllm serve arguments, one shell-quoted string")
     p.add_argument("--print-command", action="store_true", help="print the environment and commands, then exit")
     p.add_argument("--out", metavar="DIR", help="folder for logs, results and the report (default: serve-runs/<run>)")
@@ -602,10 +624,13 @@ def run(args: argparse.Namespace) -> int:
     expected = expected_files(args, spec.layout, gpu)
     out = Path(args.out or Path("serve-runs") / _run_name(spec, gpu))
     if args.print_command:
-        print_command(spec, bench, expected, out)
+        print_command(spec, bench, expected, out, args.ab)
+        for note in notes(spec, gpu, expected):
+            sys.stderr.write(f"note: {note}\n")
         return 0
     _preflight(spec, gpu, args)
-    opts = RunOptions(out, Path(args.log) if args.log else None, args.timeout, args.grace, bench, args.bench_timeout)
+    opts = RunOptions(out, Path(args.log) if args.log else None, args.timeout, args.grace, bench, args.bench_timeout,
+                      gpu.key)
     report = _report_head(spec, gpu, bench, expected, out)
     for note in report["notes"]:
         say(f"note: {note}")
@@ -637,8 +662,12 @@ def _run_all(spec: ServeSpec, expected: list[str], opts: RunOptions, ab: bool, r
 
 
 def _preflight(spec: ServeSpec, gpu: gpus.GpuSpec, args: argparse.Namespace) -> None:
-    path = spec.environ(dict(os.environ)).get("PATH")
-    if shutil.which("vllm", path=path) is None:
+    env = spec.environ(dict(os.environ))
+    quiet = env.get("VLLM_LOGGING_LEVEL", "INFO").upper() not in ("INFO", "DEBUG")
+    if quiet or env.get("VLLM_CONFIGURE_LOGGING") == "0":
+        raise UsageError("VLLM_LOGGING_LEVEL above INFO or VLLM_CONFIGURE_LOGGING=0 hides vLLM's 'Using configuration "
+                         "from' line, so the check cannot pass; unset them in the shell and the env file")
+    if shutil.which("vllm", path=env.get("PATH")) is None:
         raise UsageError("vllm: not on PATH; install vLLM (install/install-vllm.sh) or activate its environment")
     found = gpus.detect_gpus()
     if found:
@@ -656,7 +685,7 @@ def _report_head(spec: ServeSpec, gpu: gpus.GpuSpec, bench: BenchSpec | None, ex
         "ok": False, "model": spec.model, "dtype": spec.dtype, "layout": spec.layout.name, "mtp": spec.mtp,
         "gpu": f"{spec.layout.gpus}x{gpu.key}", "device_name": gpu.device_name, "moe_backend": spec.moe_backend,
         "tuned_folder": str(spec.tuned_folder), "expected_files": expected, "command": shlex.join(spec.argv()),
-        "env": spec.env_updates(),
+        "env": spec.shown_env(),
         "bench_command": shlex.join(bench.argv(spec, (out / "bench-tuned.json").absolute())) if bench else None,
         "recipe": {"label": RECIPE_LABEL, **RECIPE_METRICS}, "notes": notes(spec, gpu, expected),
         "runs": [], "problems": [],

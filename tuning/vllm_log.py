@@ -1,4 +1,4 @@
-"""What a vLLM server log says about fused-MoE configs and the MoE backend, and whether it proves a tuned folder was used.
+"""What a vLLM server log says about fused-MoE configs and the MoE backend; whether it proves the tuned folder was used.
 
 The lines read (vLLM 0.33, ``fused_moe.get_moe_configs`` and the MoE backend oracles), each behind a
 prefix such as ``(EngineCore_DP0 pid=123) (Worker_TP0 pid=456) WARNING 11-29 05:40:01 [fused_moe.py:1165] ``:
@@ -21,7 +21,8 @@ from .errors import UsageError
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 USING = re.compile(r"Using configuration from (.+?\.json) for MoE layer\.")
-MISSING = re.compile(r"Using default MoE config\. Performance might be sub-optimal! Config file not found at (.+?\.json)\s*$")
+MISSING = re.compile(r"Using default MoE config\. Performance might be sub-optimal! "
+                     r"Config file not found at (.+?\.json)\s*$")
 BACKEND = re.compile(r"Using (.+?) (Fp8|Unquantized) MoE backend\b")
 # Backends that run vLLM's fused_moe_kernel and so read the tuned files.
 TRITON_BACKENDS = ("TRITON", "BATCHED_TRITON")
@@ -69,7 +70,8 @@ def missing_config_files(log: Path) -> list[str]:
     try:
         text = Path(log).read_text(errors="replace")
     except OSError as exc:
-        raise UsageError(f"--from-vllm-log {log}: cannot read it ({exc.strerror}); pass the vLLM server log file") from None
+        raise UsageError(f"--from-vllm-log {log}: cannot read it ({exc.strerror}); pass the vLLM server log file") \
+            from None
     missing = read_log(text).missing
     if not missing:
         raise UsageError(f"--from-vllm-log {log}: vLLM reported no missing MoE config; nothing to tune")
@@ -91,12 +93,13 @@ class ConfigProof:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
 
 
-def prove_tuned(facts: MoeLogFacts, expected: list[str], folder: Path, log: Path) -> ConfigProof:
+def prove_tuned(facts: MoeLogFacts, expected: list[str], folder: Path, log: Path,
+                tune: str = "tune-moe --gpu <GPU> --dtype <dtype>") -> ConfigProof:
     """Every expected file was loaded from ``folder`` and vLLM used no default config."""
     problems = []
     if facts.missing:
         problems.append(f"vLLM used its default MoE config for {', '.join(facts.missing)} (not found in {folder}); "
-                        f"tune them: tune-moe --gpu <GPU> --dtype <dtype> --from-vllm-log {log}")
+                        f"tune them: {tune} --from-vllm-log {log}")
     for name in expected:
         path = _loaded_path(facts, name)
         if path is None and name not in facts.missing:

@@ -1,0 +1,237 @@
+#!/usr/bin/env bash
+# Check that this node can serve Step-3.5-Flash as planned, then write the
+# environment the serve step sources.
+#
+# Checks: the GPUs (model and count) against --gpu and --num-gpus, that the
+# weights fit in 90% of their memory (vLLM's default share), the driver and
+# the CUDA version it supports, the CUDA toolkit (nvcc and cuobjdump, required
+# for fp8: DeepGEMM compiles at run time), free space for the weights in the
+# model cache and for environments and caches where this runs.
+#
+# Usage: install/node-check.sh --gpu H200|H20|H20-3e|B200 [options]
+#
+# Options:
+#   --gpu MODEL          the GPU this node should have (any H200-family name counts as H200)
+#   --num-gpus N         GPUs the deployment uses; the node needs at least N (default: all found)
+#   --dtype bf16|fp8     checkpoint to serve: BF16 ~394 GB, FP8 ~200 GB (default: bf16)
+#   --env-out FILE       environment file to write (default: ./tune-moe-node.env)
+#   --model-cache DIR    Hugging Face cache (default: $HF_HOME, else ~/.cache/huggingface)
+#   --configs-dir DIR    tuned configs, one folder per device (default: <repo>/kernels_configs)
+#   --min-driver-cuda X.Y  oldest CUDA the driver must support (default: TUNE_MOE_MIN_DRIVER_CUDA)
+#   --min-free-gb N      free space needed where this runs (default: 50)
+#   -h, --help           this text
+#
+# The env file holds `export NAME=value` lines: the model, HF_HOME,
+# VLLM_TUNED_CONFIG_FOLDER=<configs-dir>/<device name>, and what the recipe needs
+# on this GPU (VLLM_USE_FLASHINFER_MOE_FP8=0 for fp8 on B200). It is written only
+# when every check passes, and re-running writes the same file.
+# Exit status: 0 ready, 1 a check failed (each failure is printed), 2 bad arguments.
+set -euo pipefail
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+tm_load_pins
+
+# --gpu (lower case) -> the name nvidia-smi and torch report
+declare -A GPU_NAMES=([h200]="NVIDIA H200" [h20]="NVIDIA H20" [h20-3e]="NVIDIA H20-3e" [b200]="NVIDIA B200")
+declare -A GPU_KEYS=([NVIDIA_H200]="H200" [NVIDIA_H20]="H20" [NVIDIA_H20-3e]="H20-3e" [NVIDIA_B200]="B200")
+# --dtype -> checkpoint and its size on disk (GB)
+declare -A MODELS=([bf16]="stepfun-ai/Step-3.5-Flash" [fp8]="stepfun-ai/Step-3.5-Flash-FP8")
+declare -A MODEL_GB=([bf16]=394 [fp8]=200)
+GPU_MEMORY_SHARE=90  # percent of GPU memory vLLM takes by default
+
+gpu=""
+num_gpus=""
+dtype="bf16"
+env_out="./tune-moe-node.env"
+model_cache="${HF_HOME:-$HOME/.cache/huggingface}"
+configs_dir="$TM_REPO_ROOT/kernels_configs"
+min_driver_cuda="$TUNE_MOE_MIN_DRIVER_CUDA"
+min_free_gb=50
+failures=0
+found_count=0
+nvcc_path=""
+
+parse_args() {
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --gpu) tm_need_value "$@"; gpu="$2"; shift 2 ;;
+      --num-gpus) tm_need_value "$@"; num_gpus="$2"; shift 2 ;;
+      --dtype) tm_need_value "$@"; dtype="$2"; shift 2 ;;
+      --env-out) tm_need_value "$@"; env_out="$2"; shift 2 ;;
+      --model-cache) tm_need_value "$@"; model_cache="$2"; shift 2 ;;
+      --configs-dir) tm_need_value "$@"; configs_dir="$2"; shift 2 ;;
+      --min-driver-cuda) tm_need_value "$@"; min_driver_cuda="$2"; shift 2 ;;
+      --min-free-gb) tm_need_value "$@"; min_free_gb="$2"; shift 2 ;;
+      -h | --help) tm_usage "$0"; exit 0 ;;
+      *) tm_usage_error "unknown option $1; see --help" ;;
+    esac
+  done
+  [[ -n "$gpu" ]] || tm_usage_error "--gpu is required: H200, H20, H20-3e or B200"
+  [[ -n "${GPU_NAMES[${gpu,,}]:-}" ]] || tm_usage_error "--gpu $gpu: unknown GPU; use H200, H20, H20-3e or B200"
+  gpu="${GPU_KEYS[$(tm_vllm_device_name "${GPU_NAMES[${gpu,,}]}")]}"
+  [[ -z "$num_gpus" || "$num_gpus" =~ ^[1-9][0-9]*$ ]] || tm_usage_error "--num-gpus $num_gpus: use a positive whole number"
+  [[ -n "${MODELS[$dtype]:-}" ]] || tm_usage_error "--dtype $dtype: use bf16 or fp8"
+  [[ "$min_driver_cuda" =~ ^[0-9]+\.[0-9]+$ ]] || tm_usage_error "--min-driver-cuda $min_driver_cuda: use a version like 13.0"
+  [[ "$min_free_gb" =~ ^[0-9]+$ ]] || tm_usage_error "--min-free-gb $min_free_gb: use a whole number of GB"
+}
+
+pass() { printf 'ok    %-12s %s\n' "$1" "$2"; }
+fail() {
+  printf 'FAIL  %-12s %s\n' "$1" "$2" >&2
+  failures=$((failures + 1))
+}
+
+# "3x NVIDIA H20 + 1x NVIDIA H200" from one name per line.
+describe() { sort <<<"$1" | uniq -c | awk '{n=$1; $1=""; sub(/^ /, ""); printf "%s%sx %s", sep, n, $0; sep=" + "}'; }
+
+check_gpus() {
+  local rows names want wrong
+  rows="$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader,nounits 2>/dev/null)" || rows=""
+  if [[ -z "$rows" ]]; then
+    fail gpus "no NVIDIA GPU found (nvidia-smi missing or failing); run on the GPU node"
+    return
+  fi
+  names="$(cut -d, -f1 <<<"$rows" | sed 's/^ *//; s/ *$//')"
+  found_count="$(wc -l <<<"$names")"
+  want="${GPU_NAMES[${gpu,,}]}"
+  wrong="$(while read -r name; do
+    [[ "$(tm_vllm_device_name "$name")" == "$(tm_vllm_device_name "$want")" ]] || printf '%s\n' "$name"
+  done <<<"$names")"
+  if [[ -n "$wrong" ]]; then
+    local hint=""
+    local other="${GPU_KEYS[$(tm_vllm_device_name "$(sed -n 1p <<<"$wrong")")]:-}"
+    [[ -z "$other" ]] || hint="; pass --gpu $other"
+    fail gpus "--gpu $gpu: this node has $(describe "$names"), not $want$hint"
+    return
+  fi
+  if [[ -n "$num_gpus" && "$found_count" -lt "$num_gpus" ]]; then
+    fail gpus "--num-gpus $num_gpus: this node has only $found_count GPUs ($(describe "$names")); lower --num-gpus"
+    return
+  fi
+  pass gpus "$(describe "$names")"
+  check_fit "$rows"
+}
+
+# Weights must fit in vLLM's share of the memory of the GPUs used.
+check_fit() {
+  local used="${num_gpus:-$found_count}" mib gb need="${MODEL_GB[$dtype]}"
+  mib="$(sed -n 1p <<<"$1" | cut -d, -f2 | tr -d ' ')"
+  [[ "$mib" =~ ^[0-9]+$ ]] || { fail memory "nvidia-smi reported no memory size"; return; }
+  gb=$((used * mib * 1048576 * GPU_MEMORY_SHARE / 100 / 1000000000))
+  if [[ "$gb" -lt "$need" ]]; then
+    fail memory "$dtype weights (~$need GB) do not fit in ${GPU_MEMORY_SHARE}% of ${used}x $((mib * 1048576 / 1000000000)) GB; use more GPUs or --dtype fp8"
+  else
+    pass memory "$dtype weights ~$need GB in ${GPU_MEMORY_SHARE}% of ${used} GPUs = $gb GB"
+  fi
+}
+
+check_driver() {
+  local driver cuda
+  driver="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | sed -n 1p | tr -d ' ')" || driver=""
+  cuda="$(tm_driver_cuda)"
+  if [[ -z "$driver" || -z "$cuda" ]]; then
+    fail driver "cannot read the driver version from nvidia-smi; install the NVIDIA driver"
+  elif ! tm_version_ge "$cuda" "$min_driver_cuda"; then
+    fail driver "driver $driver supports CUDA $cuda, older than $min_driver_cuda; upgrade the driver (or pass --min-driver-cuda for an older vLLM)"
+  else
+    pass driver "$driver (CUDA $cuda, needs >= $min_driver_cuda)"
+  fi
+}
+
+# nvcc and cuobjdump: required for fp8 (DeepGEMM's JIT), informational for bf16.
+check_toolkit() {
+  local have note="needed for fp8 (DeepGEMM JIT)"
+  nvcc_path="$(tm_find_nvcc)" || nvcc_path=""
+  have="$([[ -z "$nvcc_path" ]] || tm_nvcc_release "$nvcc_path")"
+  if [[ -z "$have" ]]; then
+    toolkit_result nvcc "no nvcc found; install CUDA toolkit >= $TUNE_MOE_MIN_NVCC_FP8 and set CUDA_HOME ($note)"
+  elif ! tm_version_ge "$have" "$TUNE_MOE_MIN_NVCC_FP8"; then
+    toolkit_result nvcc "nvcc $have at $nvcc_path is older than $TUNE_MOE_MIN_NVCC_FP8; install a newer CUDA toolkit ($note)"
+  else
+    pass nvcc "$have at $nvcc_path"
+  fi
+  if command -v cuobjdump >/dev/null 2>&1; then
+    pass cuobjdump "$(command -v cuobjdump)"
+  else
+    toolkit_result cuobjdump "cuobjdump is not on PATH; add the CUDA toolkit's bin/ to PATH ($note)"
+  fi
+}
+
+toolkit_result() {
+  if [[ "$dtype" == fp8 ]]; then fail "$1" "$2"; else tm_warn "$1: $2"; fi
+}
+
+# Free KB on the filesystem of DIR (its nearest existing parent).
+free_kb() {
+  local dir="$1"
+  while [[ ! -d "$dir" ]]; do dir="$(dirname "$dir")"; done
+  df -Pk "$dir" | awk 'NR == 2 { print $4 }'
+}
+
+device_of() {
+  local dir="$1"
+  while [[ ! -d "$dir" ]]; do dir="$(dirname "$dir")"; done
+  df -Pk "$dir" | awk 'NR == 2 { print $1 }'
+}
+
+check_disk() {
+  local model="${MODELS[$dtype]}" need_gb="${MODEL_GB[$dtype]}" have_kb present_gb=0
+  local cached="$model_cache/hub/models--${model//\//--}"
+  if [[ -d "$cached" ]]; then present_gb=$(($(du -skL "$cached" | cut -f1) / 1000000)); fi
+  local missing_gb=$((need_gb > present_gb ? need_gb - present_gb : 0))
+  local here_gb="$min_free_gb"
+  if [[ "$(device_of "$model_cache")" == "$(device_of "$PWD")" ]]; then
+    missing_gb=$((missing_gb + min_free_gb))
+    here_gb=0
+  fi
+  have_kb="$(free_kb "$model_cache")"
+  local why="$((missing_gb - min_free_gb + here_gb)) GB of $model not cached yet"
+  [[ "$here_gb" -gt 0 ]] || why+=" + $min_free_gb GB for environments and caches"
+  if [[ $((have_kb / 1000000)) -lt "$missing_gb" ]]; then
+    fail disk "$model_cache has $((have_kb / 1000000)) GB free, needs $missing_gb GB ($why); free space or pass --model-cache"
+  else
+    pass disk "$model_cache: $((have_kb / 1000000)) GB free, needs $missing_gb GB ($why)"
+  fi
+  if [[ "$here_gb" -gt 0 && $(($(free_kb "$PWD") / 1000000)) -lt "$here_gb" ]]; then
+    fail disk "$PWD has less than $here_gb GB free for environments and JIT caches; free space or run elsewhere"
+  fi
+}
+
+write_env() {
+  local device folder tmp
+  device="$(tm_vllm_device_name "${GPU_NAMES[${gpu,,}]}")"
+  folder="$configs_dir/$device"
+  [[ -d "$folder" ]] || tm_warn "no tuned configs in $folder yet; vLLM falls back to its defaults until tune-moe writes them"
+  mkdir -p "$(dirname "$env_out")"
+  tmp="$(mktemp "$env_out.XXXXXX")"
+  {
+    printf '# Serving environment for Step-3.5-Flash (%s) on %s; written by install/node-check.sh.\n' "$dtype" "$gpu"
+    printf '# Source it before vllm serve: source %s\n' "$(basename "$env_out")"
+    env_line TUNE_MOE_GPU "$gpu"
+    env_line TUNE_MOE_DTYPE "$dtype"
+    env_line TUNE_MOE_NUM_GPUS "${num_gpus:-$found_count}"
+    env_line TUNE_MOE_MODEL "${MODELS[$dtype]}"
+    env_line HF_HOME "$model_cache"
+    env_line VLLM_TUNED_CONFIG_FOLDER "$folder"
+    if [[ -n "$nvcc_path" ]]; then env_line CUDA_HOME "$(dirname "$(dirname "$nvcc_path")")"; fi
+    if [[ "$gpu" == B200 && "$dtype" == fp8 ]]; then env_line VLLM_USE_FLASHINFER_MOE_FP8 0; fi
+  } >"$tmp"
+  mv -f "$tmp" "$env_out"
+  tm_info "wrote $env_out"
+}
+
+env_line() { printf 'export %s=%q\n' "$1" "$2"; }
+
+main() {
+  parse_args "$@"
+  check_gpus
+  check_driver
+  check_toolkit
+  check_disk
+  if [[ "$failures" -gt 0 ]]; then
+    tm_die "$failures check(s) failed; $env_out was not written"
+  fi
+  write_env
+}
+
+main "$@"

@@ -1,0 +1,178 @@
+"""``tune-moe bake``: validate a device folder, install it atomically, print the environment."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tuning import bake
+from tuning.cli import main
+from tuning.configs import TileConfig, provenance_path, read_config_file, write_config_file, write_provenance
+from tuning.errors import UsageError
+
+DEVICE = "NVIDIA_H200"
+FP8 = "E=72,N=1280,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"
+BF16 = "E=288,N=320,device_name=NVIDIA_H200.json"
+TILE = TileConfig(16, 64, 128, 1, 4, 3)
+
+
+@pytest.fixture
+def configs(tmp_path: Path) -> Path:
+    root = tmp_path / "kernels_configs"
+    for name in (FP8, BF16):
+        write_config_file(root / DEVICE / name, {1: TILE, 96: TILE}, "3.6.0")
+    write_provenance(root / DEVICE / FP8, {"file": FP8})
+    (root / DEVICE / "REPORT.md").write_text("# report\n")
+    (root / DEVICE / "summary.json").write_text("{}\n")
+    (root / "NVIDIA_B200").mkdir()
+    return root
+
+
+def bake_cli(*argv: str) -> int:
+    return main(["bake", *argv])
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_bake_copies_configs_and_sidecars_and_prints_env(configs: Path, tmp_path: Path, capsys):
+    target = tmp_path / "opt" / "configs"
+    assert bake_cli("--device", DEVICE, "--configs", str(configs), "--target", str(target)) == 0
+    baked = sorted(p.name for p in target.iterdir())
+    assert baked == sorted([FP8, BF16, provenance_path(Path(FP8)).name, bake.MANIFEST])
+    for name in (FP8, BF16):
+        assert (target / name).read_bytes() == (configs / DEVICE / name).read_bytes()
+        assert read_config_file(target / name) == {1: TILE, 96: TILE}
+    out = capsys.readouterr().out
+    assert "baked 2 config(s) and 1 sidecar(s)" in out
+    assert out.strip().endswith(f"export VLLM_TUNED_CONFIG_FOLDER={target.resolve()}")
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_rebake_replaces_previous_bake(configs: Path, tmp_path: Path):
+    target = tmp_path / "target"
+    bake.bake(configs, DEVICE, target)
+    (configs / DEVICE / BF16).unlink()
+    bake.bake(configs, DEVICE, target)
+    assert not (target / BF16).exists() and (target / FP8).exists()
+
+
+def test_foreign_target_refused_unless_force(configs: Path, tmp_path: Path):
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "E=256,N=256,device_name=NVIDIA_H200.json").write_text('{"1": {}}')
+    before = snapshot(target)
+    with pytest.raises(UsageError, match="not from a bake.*--force"):
+        bake.bake(configs, DEVICE, target)
+    assert snapshot(target) == before
+    bake.bake(configs, DEVICE, target, force=True)
+    assert (target / FP8).exists()
+    assert (target / "E=256,N=256,device_name=NVIDIA_H200.json").read_bytes() == before[
+        "E=256,N=256,device_name=NVIDIA_H200.json"]
+
+
+def test_corrupt_json_leaves_target_untouched(configs: Path, tmp_path: Path, capsys):
+    target = tmp_path / "target"
+    bake.bake(configs, DEVICE, target)
+    before = snapshot(target)
+    (configs / DEVICE / BF16).write_text('{"1": {"BLOCK_SIZE_M": 16,')
+    assert bake_cli("--device", DEVICE, "--configs", str(configs), "--target", str(target)) == 2
+    err = capsys.readouterr().err
+    assert BF16 in err and "corrupt JSON" in err and err.count("\n") == 1
+    assert snapshot(target) == before
+
+
+def test_failure_while_staging_leaves_target_unchanged(configs: Path, tmp_path: Path, monkeypatch):
+    target = tmp_path / "target"
+    bake.bake(configs, DEVICE, target)
+    before = snapshot(target)
+    calls = []
+
+    def failing_write(path: Path, data: bytes) -> None:
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        path.write_bytes(data)
+
+    monkeypatch.setattr(bake, "_write", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        bake.bake(configs, DEVICE, target)
+    assert snapshot(target) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels_configs", "target"]
+
+
+def test_failure_while_swapping_restores_previous_bake(configs: Path, tmp_path: Path, monkeypatch):
+    target = tmp_path / "target"
+    bake.bake(configs, DEVICE, target)
+    before = snapshot(target)
+    real_rename, calls = bake.os.rename, []
+
+    def failing_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # moving the staged folder into place
+            raise OSError("rename failed")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(bake.os, "rename", failing_rename)
+    with pytest.raises(OSError, match="rename failed"):
+        bake.bake(configs, DEVICE, target)
+    assert snapshot(target) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels_configs", "target"]
+
+
+def test_file_for_another_device_refused(configs: Path, tmp_path: Path):
+    other = "E=72,N=1280,device_name=NVIDIA_H20,dtype=fp8_w8a8,block_shape=[128,128].json"
+    write_config_file(configs / DEVICE / other, {1: TILE}, "3.6.0")
+    with pytest.raises(UsageError, match="is for device NVIDIA_H20, not NVIDIA_H200"):
+        bake.bake(configs, DEVICE, tmp_path / "target")
+    assert not (tmp_path / "target").exists()
+
+
+def test_unknown_and_empty_device_folders(configs: Path, tmp_path: Path):
+    with pytest.raises(UsageError, match="present: NVIDIA_B200, NVIDIA_H200"):
+        bake.bake(configs, "NVIDIA_H20", tmp_path / "target")
+    with pytest.raises(UsageError, match="no vLLM config files"):
+        bake.bake(configs, "NVIDIA_B200", tmp_path / "target")
+
+
+def test_schema_error_and_bad_sidecar(configs: Path, tmp_path: Path):
+    (configs / DEVICE / BF16).write_text(json.dumps({"1": TILE.to_dict(), "note": "hand-tuned"}))
+    with pytest.raises(UsageError, match="'note' is not a batch size"):
+        bake.bake(configs, DEVICE, tmp_path / "target")
+    write_config_file(configs / DEVICE / BF16, {1: TILE}, "3.6.0")
+    provenance_path(configs / DEVICE / BF16).write_text(json.dumps({"tool": "tune-moe", "file": FP8}))
+    with pytest.raises(UsageError, match=f"not a tune-moe sidecar for {BF16}"):
+        bake.bake(configs, DEVICE, tmp_path / "target")
+
+
+def test_target_inside_the_configs_is_refused(configs: Path):
+    with pytest.raises(UsageError, match="overlaps"):
+        bake.bake(configs, DEVICE, configs / DEVICE / "baked")
+
+
+def test_dockerfile_snippet_copies_nothing(configs: Path, tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert bake_cli("--device", DEVICE, "--dockerfile") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:] == [f"COPY kernels_configs/{DEVICE}/ /opt/tune-moe/configs/",
+                       "ENV VLLM_TUNED_CONFIG_FOLDER=/opt/tune-moe/configs"]
+    assert "2 fused-MoE config(s)" in out[0]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_print_env_only_for_an_existing_bake(configs: Path, tmp_path: Path, capsys):
+    target = tmp_path / "with space"
+    assert bake_cli("--device", DEVICE, "--configs", str(configs), "--target", str(target), "--print-env") == 2
+    assert "run tune-moe bake without --print-env" in capsys.readouterr().err
+    bake.bake(configs, DEVICE, target)
+    assert bake_cli("--device", DEVICE, "--configs", str(configs), "--target", str(target), "--print-env") == 0
+    assert capsys.readouterr().out == f"export VLLM_TUNED_CONFIG_FOLDER='{target.resolve()}'\n"
+
+
+def test_target_is_required_to_install(configs: Path, capsys):
+    assert bake_cli("--device", DEVICE, "--configs", str(configs)) == 2
+    assert "--target is required" in capsys.readouterr().err

