@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .errors import UsageError
@@ -48,6 +49,8 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--interpret" in argv:
+        os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: it reads this once
     try:
         if argv and argv[0] in COMMANDS:
             module_name, help_text = COMMANDS[argv[0]]
