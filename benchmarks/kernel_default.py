@@ -41,16 +41,29 @@ def main() -> int:
     p.add_argument("--vllm-version")
     p.add_argument("--budget-ms", type=float, default=300.0)
     p.add_argument("--json")
+    p.add_argument("--scope", default="gemms", choices=("gemms", "layer"))
+    p.add_argument("--shapes", help="only shapes whose names start with one of these ';'-separated prefixes")
+    p.add_argument("--ms", help="comma list of M (default: 1,16,64,256,1024,4096)")
+    p.add_argument("--no-flush", action="store_true", help="keep L2 warm between samples")
     args = p.parse_args()
+    wanted = [w for w in (args.shapes or "").split(";") if w]
+    ms = {int(t) for t in args.ms.split(",")} if args.ms else set(MS)
     kernel = KernelSource(args.vllm_src, args.vllm_version).load()
     gpu = get_gpu(args.gpu)
     print(f"# {kernel.describe} on {gpu.torch_name}\n")
+    print(f"scope: {args.scope}; L2 {'kept warm' if args.no_flush else 'flushed where the data fits in 4x L2'}\n")
     print("| shape | M | default config | rel. error | median µs | p20–p80 µs | % roofline (bound) | facts.md µs | Δ |")
     print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     for name, shape in SHAPES.items():
+        if wanted and not any(name.startswith(w) for w in wanted):
+            continue
         for m, fact in zip(MS, FACTS[name]):
-            runner = Runner(kernel, shape, m, gpu, Routing(), seed=0)
+            if m not in ms:
+                continue
+            runner = Runner(kernel, shape, m, gpu, Routing(), seed=0, scope=args.scope)
+            if args.no_flush:
+                runner.flush_bytes = 0
             cfg = runner.default_config()
             out = runner.evaluate(cfg, budget_ms=args.budget_ms)
             row = {"shape": name, "m": m, "config": cfg.to_dict(), "error": out.error, "failure": out.failure,

@@ -119,7 +119,9 @@ check_fit() {
   [[ "$mib" =~ ^[0-9]+$ ]] || { fail memory "nvidia-smi reported no memory size"; return; }
   gb=$((used * mib * 1048576 * GPU_MEMORY_SHARE / 100 / 1000000000))
   if [[ "$gb" -lt "$need" ]]; then
-    fail memory "$dtype weights (~$need GB) do not fit in ${GPU_MEMORY_SHARE}% of ${used}x $((mib * 1048576 / 1000000000)) GB; use more GPUs or --dtype fp8"
+    local fix="use more GPUs"
+    if [[ "$dtype" == bf16 ]]; then fix+=" or --dtype fp8"; fi
+    fail memory "$dtype weights (~$need GB) do not fit in ${GPU_MEMORY_SHARE}% of ${used}x $((mib * 1048576 / 1000000000)) GB; $fix"
   else
     pass memory "$dtype weights ~$need GB in ${GPU_MEMORY_SHARE}% of ${used} GPUs = $gb GB"
   fi

@@ -385,8 +385,10 @@ def test_node_check_bf16_does_not_fit_4x_h20(node):
     h20 = {"FAKE_GPU_NAME": "NVIDIA H20", "FAKE_GPU_MEM_MIB": "97871", "FAKE_GPU_COUNT": "4"}
     bf16 = node.run("node-check.sh", "--gpu", "H20", "--dtype", "bf16", **h20)
     assert bf16.returncode == 1
-    assert "bf16 weights (~394 GB) do not fit" in bf16.stderr
+    assert "bf16 weights (~394 GB) do not fit in 90% of 4x 102 GB; use more GPUs or --dtype fp8" in bf16.stderr
     assert node.run("node-check.sh", "--gpu", "H20", "--dtype", "fp8", **h20).returncode == 0
+    one = node.run("node-check.sh", "--gpu", "H20", "--dtype", "fp8", **{**h20, "FAKE_GPU_COUNT": "1"})
+    assert one.returncode == 1 and "fp8 weights (~200 GB) do not fit in 90% of 1x 102 GB; use more GPUs\n" in one.stderr
 
 
 def test_node_check_old_nvcc_fails_fp8_and_warns_for_bf16(node):

@@ -1,0 +1,183 @@
+"""vLLM 0.33's real fused_moe_kernel, loaded from vLLM's own source file, under Triton's interpreter.
+
+fp16 stands in for bf16 (the interpreter mishandles bf16 dots); bf16 is proven on the GPU
+(benchmarks/kernel_default.md).
+"""
+
+import math
+
+import pytest
+import torch
+
+from tuning import launch
+from tuning.configs import TileConfig
+from tuning.errors import UsageError
+from tuning.gpus import get_gpu
+from tuning.inputs import TOLERANCE, Routing, build_problem, expert_map, reference, route
+from tuning.kernel import KernelSource, load_from_path
+from tuning.roofline import roofline
+from tuning.runner import Runner
+from tuning.shapes import MoeShape
+
+H200 = get_gpu("H200")
+TP = MoeShape(16, 16, 64, 128, 2, "bf16")  # all experts local
+EP = MoeShape(8, 16, 64, 128, 2, "bf16")  # half the experts on this GPU
+FP8_TP = MoeShape(16, 16, 128, 256, 2, "fp8", (64, 64))
+FP8_EP = MoeShape(8, 16, 128, 256, 2, "fp8", (64, 64))
+
+
+@pytest.fixture(scope="module")
+def kernel(fused_moe_py):
+    return KernelSource(str(fused_moe_py)).load()
+
+
+def test_loads_vllm_source_with_its_version(kernel):
+    assert kernel.vllm_version.startswith("0.33")
+    for name in ("naive_block_assignment", "SWAP_AB", "USE_TD", "SPLIT_K", "group_n", "group_k"):
+        assert name in kernel.params
+    assert kernel.align_op is None  # loaded on its own: vLLM itself is not imported
+
+
+def test_unknown_signature_is_refused_naming_the_version(fused_moe_py, tmp_path):
+    src = fused_moe_py.read_text().replace("    SWAP_AB: tl.constexpr,\n", "    SWAP_AB: tl.constexpr,\n    FUTURE_FLAG: tl.constexpr,\n", 1)
+    assert "FUTURE_FLAG" in src
+    path = tmp_path / "fused_moe.py"
+    path.write_text(src)
+    with pytest.raises(UsageError, match=r"vLLM 9\.9.*FUTURE_FLAG"):
+        load_from_path(path, "9.9")
+
+
+def test_missing_source_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="no such file"):
+        KernelSource(str(tmp_path / "nope.py")).load()
+
+
+@pytest.mark.parametrize("shape,m,naive", [
+    (TP, 1, True),  # 1 * 2 * 4 <= 16: one (token, expert) pair per block
+    (TP, 16, False),
+    (EP, 4, False),  # an expert map never takes the naive path
+    (FP8_TP, 2, True),
+    (FP8_TP, 16, False),
+    (FP8_EP, 16, False),
+])
+def test_default_config_matches_float_reference(kernel, shape, m, naive):
+    runner = Runner(kernel, shape, m, H200, Routing(), seed=1)
+    assert runner.naive is naive
+    err = runner.check(runner.default_config())
+    assert err <= TOLERANCE[shape.dtype if shape.dtype == "fp8" else "bf16"]
+    assert err < 5e-3  # dequantised inputs: only accumulation order and output rounding differ
+
+
+@pytest.mark.parametrize("config", [
+    TileConfig(32, 32, 64, 1, 4, 2),
+    TileConfig(16, 128, 64, 16, 4, 3),
+    TileConfig(64, 64, 128, 1, 8, 2),
+])
+def test_other_tiles_match_reference_on_fp8_ep(kernel, config):
+    runner = Runner(kernel, FP8_EP, 24, H200, Routing(), seed=2)
+    assert runner.check(config) < 5e-3
+
+
+def test_a_wrong_result_is_rejected_with_its_error(kernel):
+    runner = Runner(kernel, TP, 16, H200, Routing(), seed=3)
+    runner.problem.w2.mul_(1.5)  # the reference was not built yet: poison the weights afterwards instead
+    runner._reference = reference(runner.problem)
+    runner.problem.w2.div_(1.5)
+    out = runner.evaluate(runner.default_config(), budget_ms=1)
+    assert not out.ok and out.failure.startswith("numerics:") and out.error > 0.1
+
+
+def test_launcher_matches_vllms_own_invoke(kernel, monkeypatch):
+    """Our launch of the kernel equals vLLM 0.33's invoke_fused_moe_triton_kernel, bit for bit.
+
+    Without a GPU vLLM swaps Triton for a placeholder, so its launcher is handed the same
+    (interpreted) kernel and the real Triton module.
+    """
+    fm = pytest.importorskip("vllm.model_executor.layers.fused_moe.fused_moe")
+    import triton
+
+    monkeypatch.setattr(fm, "fused_moe_kernel", kernel.fn)
+    monkeypatch.setattr(fm, "triton", triton)
+    p = build_problem(FP8_EP, 16, Routing(), 4, torch.device("cpu"), torch.float16)
+    cfg = TileConfig(16, 64, 128, 1, 4, 3)
+    al = launch.align(p.topk_ids, cfg.BLOCK_SIZE_M, FP8_EP.global_experts, p.expert_map)
+    ours, theirs = p.c1.clone().fill_(0), p.c1.clone().fill_(0)
+    launch.invoke(kernel, p.a1, p.w13, ours, p.a1_scale, p.w13_scale, None, al, False, 2, cfg, (64, 64), False)
+    import triton.language as tl
+
+    fm.invoke_fused_moe_triton_kernel(
+        p.a1, p.w13, theirs, p.a1_scale, p.w13_scale, None, al.sorted_token_ids, al.expert_ids,
+        al.num_tokens_post_padded, False, 2, cfg.to_dict(), compute_type=tl.float16, use_fp8_w8a8=True,
+        use_int8_w8a8=False, use_int8_w8a16=False, use_int4_w4a16=False, per_channel_quant=False,
+        block_shape=[64, 64])
+    assert torch.equal(ours, theirs)
+    assert ours.abs().sum() > 0
+
+
+@pytest.mark.parametrize("shape,block_m", [(TP, 16), (EP, 16), (EP, 32), (FP8_EP, 64)])
+def test_alignment_layout(shape, block_m):
+    gen = torch.Generator().manual_seed(5)
+    ids, _ = route(40, shape, Routing(), gen, "cpu")
+    emap = expert_map(shape, "cpu")
+    al = launch.align(ids, block_m, shape.global_experts, emap)
+    numel, E = ids.numel(), shape.global_experts
+    assert al.sorted_token_ids.numel() == min(numel * block_m, numel + E * (block_m - 1)) if numel < E else \
+        al.sorted_token_ids.numel() == numel + E * (block_m - 1)
+    local = (emap[ids.long()] if emap is not None else ids).reshape(-1).long()
+    total = int(al.num_tokens_post_padded)
+    assert total % block_m == 0
+    body = al.sorted_token_ids[:total].long()
+    real = body[body < numel]
+    assert sorted(real.tolist()) == (local >= 0).nonzero().squeeze(1).tolist()  # each local slot once
+    block_of = torch.arange(total) // block_m
+    assert torch.equal(al.expert_ids[block_of[body < numel]].long(), local[real])  # slot sits in its expert's blocks
+    counts = torch.bincount(local[local >= 0], minlength=shape.num_experts)
+    assert total == int(((counts + block_m - 1) // block_m * block_m).sum())
+
+
+def test_naive_assignment_threshold():
+    assert launch.use_naive(9, 8, 288, False) and not launch.use_naive(10, 8, 288, False)
+    assert not launch.use_naive(1, 8, 288, True)
+
+
+def test_swap_ab_rule():
+    assert launch.swap_ab(True, TileConfig(16, 64, 128, 1, 4, 3), sm90=True)
+    assert not launch.swap_ab(True, TileConfig(64, 64, 128, 1, 4, 3), sm90=True)
+    assert not launch.swap_ab(True, TileConfig(16, 32, 128, 1, 4, 3), sm90=True)
+    assert not launch.swap_ab(False, TileConfig(16, 64, 128, 1, 4, 3), sm90=True)
+    assert not launch.swap_ab(True, TileConfig(16, 64, 128, 1, 4, 3), sm90=False)
+
+
+def test_uniform_routing_statistics():
+    shape = MoeShape(72, 288, 1280, 4096, 8, "fp8", (128, 128))
+    ids, w = route(4096, shape, Routing(), torch.Generator().manual_seed(0), "cpu")
+    assert all(len(set(row)) == 8 for row in ids.tolist())  # top-8 distinct experts per token
+    counts = torch.bincount(ids.reshape(-1).long(), minlength=288).float()
+    mean = 4096 * 8 / 288
+    assert abs(counts.mean().item() - mean) < 1e-6
+    assert 0.7 < counts.std().item() / math.sqrt(mean * (1 - 1 / 36)) < 1.3  # binomial spread
+    local_share = (ids < 72).float().mean().item()
+    assert abs(local_share - 0.25) < 0.01  # faithful EP: a quarter of the slots are this GPU's
+    assert torch.allclose(w.sum(1), torch.ones(4096))
+
+
+def test_zipf_routing_is_skewed():
+    shape = MoeShape(288, 288, 320, 4096, 8, "bf16")
+    ids, _ = route(4096, shape, Routing.parse("zipf:1.2"), torch.Generator().manual_seed(0), "cpu")
+    counts = torch.bincount(ids.reshape(-1).long(), minlength=288).float().sort(descending=True).values
+    assert counts[0] > 5 * counts[144]
+    with pytest.raises(UsageError):
+        Routing.parse("zipf:x")
+
+
+def test_roofline_arithmetic():
+    shape = MoeShape(72, 288, 1280, 4096, 8, "fp8", (128, 128))
+    r = roofline(shape, H200, m=1024, touched_experts=72, pairs=2048)
+    weights = 72 * 3 * 1280 * 4096 + 72 * 4 * (20 * 32 + 32 * 10)
+    acts = 1024 * 4096 + 2048 * 1280 + 4 * (1024 * 32 + 2048 * 10)
+    outs = 2048 * (2560 + 4096) * 2
+    assert r.bytes == weights + acts + outs
+    assert r.flops == 2 * 2048 * 3 * 1280 * 4096
+    assert math.isclose(r.memory_us, r.bytes / 4.8e12 * 1e6)
+    assert math.isclose(r.compute_us, r.flops / 1979e12 * 1e6)
+    assert r.bound == "memory" and math.isclose(r.percent(2 * r.bound_us), 50.0)

@@ -1,0 +1,179 @@
+"""``tune-moe compare-backends``: DeepGEMM's grouped FP8 GEMM against the tuned Triton kernel.
+
+Same routed batch, same block-FP8 weights. Triton: vLLM's two fused_moe_kernel launches
+(the gather and the routed-weight scatter are fused into them). DeepGEMM: what vLLM's
+DeepGemmExperts runs around its two ``m_grouped_fp8_gemm_nt_contiguous`` calls: rows
+gathered into per-expert blocks aligned to DeepGEMM's M alignment, then scattered back
+with the routed weights (torch gathers here; vLLM uses fused kernels for these). The
+activation between the GEMMs is the same work for both and is left out.
+
+DeepGEMM needs 128x128 blocks: where vLLM refines the block for Triton (TP4: [64,64]),
+``--moe-backend deep_gemm`` makes vLLM pad the shard instead (N=384), so that is the
+shape DeepGEMM is timed on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import configs
+from .bench import measure
+from .errors import UsageError
+from .gpus import get_gpu
+from .inputs import Problem, Routing, build_problem, reference
+from .kernel import KernelSource
+from .models import DEFAULT_MODEL, load_model
+from .runner import Runner
+from .shapes import MoeShape, Refusal, parse_layout, shape_for
+
+DEFAULT_MS = (1, 16, 64, 128, 256, 512, 1024, 2048, 4096)
+SELECTION = {  # what vLLM 0.33 does for block FP8 on Hopper (oracle/fp8.py)
+    "tp": "Triton (TritonExperts) is vLLM's first choice with EP=1; the tuned configs are used",
+    "ep": "FlashInfer-CUTLASS is vLLM's first choice with EP>1; the tuned Triton configs are used only "
+          "with --moe-backend triton",
+}
+FLAGS = ("--moe-backend triton | deep_gemm, or VLLM_USE_DEEP_GEMM=1 with VLLM_MOE_USE_DEEP_GEMM=1 "
+         "(either set to 0 removes DeepGEMM); with deep_gemm vLLM still runs Triton below M=128 "
+         "(TritonOrDeepGemmExperts)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu", required=True, help="H200 or H20 (DeepGEMM: sm90/sm100)")
+    p.add_argument("--layouts", default="DP4+EP,TP4", help="FP8 layouts to compare (default: the recipe's)")
+    p.add_argument("--batch-sizes", help=f"comma list of M (default: {','.join(map(str, DEFAULT_MS))})")
+    p.add_argument("--configs", help="tuned Triton configs (default: kernels_configs/<device_name>)")
+    p.add_argument("--deep-gemm-path", help="folder holding deep_gemm/ to import first (e.g. a copy of vllm/third_party)")
+    p.add_argument("--vllm-src", help="kernel from this vLLM fused_moe.py or wheel (default: installed vLLM)")
+    p.add_argument("--vllm-version", help="vLLM version of --vllm-src when it cannot tell")
+    p.add_argument("--json-out", help="write the measurements here")
+
+
+@dataclass(frozen=True)
+class Row:
+    layout: str
+    m: int
+    triton_default_us: float
+    triton_tuned_us: float
+    deepgemm_gemms_us: float
+    deepgemm_total_us: float
+    deepgemm_error: float
+    faster: str
+
+
+class DeepGemmMoe:
+    """DeepGEMM's contiguous grouped layout for one routed batch, built once; ``run`` is timed."""
+
+    def __init__(self, dg, p: Problem):
+        self.dg, self.p = dg, p
+        align = int(dg.get_mk_alignment_for_contiguous_layout())
+        local = p.local_ids.reshape(-1)
+        pairs = (local >= 0).nonzero().squeeze(1)
+        experts = local[pairs]
+        order = torch.argsort(experts, stable=True)
+        self.pairs, experts = pairs[order], experts[order]
+        counts = torch.bincount(experts, minlength=p.shape.num_experts)
+        aligned = (counts + align - 1) // align * align
+        rank = torch.arange(experts.numel(), device=local.device) - (torch.cumsum(counts, 0) - counts)[experts]
+        self.rows = (torch.cumsum(aligned, 0) - aligned)[experts] + rank
+        m_sum, k, n = int(aligned.sum()), p.shape.k, p.shape.n
+        self.m_indices = torch.full((m_sum,), -1, dtype=torch.int32, device=local.device)
+        self.m_indices[self.rows] = experts.to(torch.int32)
+        self.tokens = self.pairs // p.shape.top_k
+        self.a1 = torch.zeros(m_sum, k, dtype=torch.uint8, device=local.device)
+        self.a1s = torch.ones(m_sum, k // 128, dtype=torch.float32, device=local.device)
+        self.a2 = torch.zeros(m_sum, n, dtype=torch.uint8, device=local.device)
+        self.a2s = torch.ones(m_sum, n // 128, dtype=torch.float32, device=local.device)
+        self.a2[self.rows] = p.a2.view(torch.uint8)[self.pairs]  # vLLM's activation writes it in this order
+        self.a2s[self.rows] = p.a2_scale[self.pairs]
+        self.mm1 = torch.empty(m_sum, 2 * n, dtype=torch.bfloat16, device=local.device)
+        self.mm2 = torch.empty(m_sum, k, dtype=torch.bfloat16, device=local.device)
+        self.out = torch.zeros(p.m * p.shape.top_k, k, dtype=torch.bfloat16, device=local.device)
+        self.weights = p.topk_weights.reshape(-1)[self.pairs].unsqueeze(1)
+
+    def gemms(self) -> None:
+        fp8 = torch.float8_e4m3fn
+        self.dg.m_grouped_fp8_gemm_nt_contiguous((self.a1.view(fp8), self.a1s), (self.p.w13, self.p.w13_scale),
+                                                 self.mm1, self.m_indices, disable_ue8m0_cast=True)
+        self.dg.m_grouped_fp8_gemm_nt_contiguous((self.a2.view(fp8), self.a2s), (self.p.w2, self.p.w2_scale),
+                                                 self.mm2, self.m_indices, disable_ue8m0_cast=True)
+
+    def run(self) -> None:
+        """Gather rows per expert, both GEMMs, scatter back with the routed weights."""
+        self.a1[self.rows] = self.p.a1.view(torch.uint8)[self.tokens]
+        self.a1s[self.rows] = self.p.a1_scale[self.tokens]
+        self.gemms()
+        self.out[self.pairs] = (self.mm2[self.rows].float() * self.weights).to(torch.bfloat16)
+
+    def error(self) -> float:
+        self.run()
+        ref1, ref3 = reference(self.p)
+        e1 = _rel(self.mm1[self.rows], ref1.reshape(-1, ref1.shape[-1])[self.pairs])
+        e3 = _rel(self.out[self.pairs], ref3.reshape(-1, ref3.shape[-1])[self.pairs])
+        return max(e1, e3)
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out = out.float()
+    return float("inf") if not torch.isfinite(out).all() else float((out - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
+def compare(dg, kernel, gpu, model, layout_text: str, ms, folder: Path) -> list[Row]:
+    layout = parse_layout(layout_text)
+    tri = shape_for(model, layout, "fp8")
+    dgs = shape_for(model, layout, "fp8", moe_backend="deep_gemm")
+    if isinstance(tri, Refusal) or isinstance(dgs, Refusal):
+        raise UsageError(f"layout {layout_text}: {(tri if isinstance(tri, Refusal) else dgs).reason}")
+    tuned_file = folder / tri.file_name(gpu.device_name)
+    tuned = configs.read_config_file(tuned_file) if tuned_file.exists() else {}
+    print(f"\n{layout.name}: Triton on {tri.label} ({'tuned' if tuned else 'NOT tuned: default only'}), "
+          f"DeepGEMM on {dgs.label}. {SELECTION['ep' if layout.ep else 'tp']}.")
+    print(f"  {'M':>5} {'Triton default':>15} {'Triton tuned':>13} {'DeepGEMM GEMMs':>15} {'DeepGEMM total':>15}  faster")
+    rows = []
+    for m in ms:
+        rows.append(_one(dg, kernel, gpu, layout.name, tri, dgs, m, tuned))
+        r = rows[-1]
+        print(f"  {m:>5} {r.triton_default_us:>15.1f} {r.triton_tuned_us:>13.1f} {r.deepgemm_gemms_us:>15.1f} "
+              f"{r.deepgemm_total_us:>15.1f}  {r.faster}   (DeepGEMM rel. error {r.deepgemm_error:.1e})")
+    return rows
+
+
+def _one(dg, kernel, gpu, layout: str, tri: MoeShape, dgs: MoeShape, m: int, tuned: dict) -> Row:
+    runner = Runner(kernel, tri, m, gpu, Routing(), 0)
+    default = runner.evaluate(runner.default_config(), 100).us
+    best = runner.evaluate(tuned[min(tuned, key=lambda k: abs(k - m))], 100).us if tuned else default
+    del runner
+    deep = DeepGemmMoe(dg, build_problem(dgs, m, Routing(), 0, torch.device("cuda")))
+    err = deep.error()
+    gemms = measure(deep.gemms, budget_ms=100).median_us
+    total = measure(deep.run, budget_ms=100).median_us
+    faster = "DeepGEMM" if total < best else "Triton"
+    return Row(layout, m, default, best, gemms, total, err, faster)
+
+
+def run(args: argparse.Namespace) -> int:
+    gpu = get_gpu(args.gpu)
+    if not torch.cuda.is_available():
+        raise UsageError("compare-backends times DeepGEMM and Triton on the GPU, and this node has none; run it on a GPU node")
+    from .deepgemm_check import import_deep_gemm, locate_deep_gemm
+
+    dg, check = import_deep_gemm(locate_deep_gemm(args.deep_gemm_path))
+    if dg is None:
+        raise UsageError(f"DeepGEMM is not importable ({check.detail})")
+    kernel = KernelSource(args.vllm_src, args.vllm_version).load()
+    ms = [int(t) for t in args.batch_sizes.split(",")] if args.batch_sizes else list(DEFAULT_MS)
+    folder = Path(args.configs or Path("kernels_configs") / gpu.device_name)
+    model = load_model(DEFAULT_MODEL + "-FP8")
+    print(f"DeepGEMM {getattr(dg, '__version__', '?')} vs {kernel.describe} on {torch.cuda.get_device_name()}")
+    rows = [r for lay in args.layouts.split(",") if lay for r in compare(dg, kernel, gpu, model, lay, ms, folder)]
+    print(f"\nSelecting a backend: {FLAGS}.")
+    if args.json_out:
+        configs.atomic_write_json(Path(args.json_out), {"gpu": torch.cuda.get_device_name(), "kernel": kernel.describe,
+                                                         "deep_gemm": getattr(dg, "__version__", None),
+                                                         "rows": [asdict(r) for r in rows]})
+    bad = [r for r in rows if not r.deepgemm_error < 2e-2]
+    return 1 if bad else 0
