@@ -90,7 +90,7 @@ def parse_config_json(data: object, where: str) -> dict[int, TileConfig]:
             continue
         if not key.isdigit():
             raise UsageError(f"{where}: key {key!r} is not a batch size, and vLLM's loader would fail on it; remove it")
-        if not isinstance(value, dict) or set(value) != set(FIELDS) or not all(isinstance(v, int) for v in value.values()):
+        if not isinstance(value, dict) or set(value) != set(FIELDS) or not all(type(v) is int for v in value.values()):
             raise UsageError(f"{where}: batch {key} must hold exactly the integer fields {', '.join(FIELDS)}; fix or remove it")
         out[int(key)] = TileConfig.from_dict(value)
     if not out:

@@ -37,7 +37,7 @@ class Fit:
 def weights_per_gpu_gb(model: ModelGeometry, layout: Layout, dtype: str) -> float:
     experts = model.expert_params
     rest = max(model.total_params - experts, 0.0)
-    expert_split = layout.gpus if layout.ep else layout.tp
+    expert_split = layout.gpus  # EP splits the experts, otherwise DP x TP splits their width
     params = experts / expert_split + rest / layout.tp
     return params * BYTES_PER_PARAM[dtype] / 1e9
 
@@ -58,6 +58,13 @@ def alternatives(model: ModelGeometry, dtype: str, gpu: GpuSpec, num_gpus: int) 
     if dtype == "bf16":
         for n in (1, 2, 4, 8):
             if n <= num_gpus and any(fit(model, lay, "fp8", gpu).fits for lay in (Layout(tp=n), Layout(dp=n, ep=n > 1))):
-                out.append(f"fp8 (stepfun-ai/Step-3.5-Flash-FP8) on {n}x{gpu.key}")
+                out.append(f"fp8 ({_fp8_name(model)}) on {n}x{gpu.key}")
                 break
     return out
+
+
+def _fp8_name(model: ModelGeometry) -> str:
+    from .models import BUILTIN
+
+    name = f"{model.name}-FP8"
+    return name if name in BUILTIN else f"a block-FP8 checkpoint of {model.name}"

@@ -43,12 +43,12 @@ class Layout:
         return flags + (["--enable-expert-parallel"] if self.ep else [])
 
 
-_PART = re.compile(r"^(TP|DP)(\d+)$|^EP\d*$")
+_PART = re.compile(r"^(TP|DP)(\d+)$|^EP(\d*)$")
 
 
 def parse_layout(text: str) -> Layout:
     tp = dp = 1
-    ep = False
+    ep, ep_size = False, ""
     for part in text.upper().replace(" ", "").split("+"):
         m = _PART.match(part)
         if not m:
@@ -58,9 +58,11 @@ def parse_layout(text: str) -> Layout:
         elif m.group(1) == "DP":
             dp = int(m.group(2))
         else:
-            ep = True
+            ep, ep_size = True, m.group(3)
     if tp < 1 or dp < 1 or (ep and tp * dp == 1):
         raise UsageError(f"layout {text!r}: sizes must be >= 1 and EP needs more than one GPU; e.g. DP4+EP")
+    if ep_size and int(ep_size) != tp * dp:
+        raise UsageError(f"layout {text!r}: vLLM's EP size is TP x DP = {tp * dp}; write EP or EP{tp * dp}")
     return Layout(tp, dp, ep)
 
 
@@ -138,17 +140,18 @@ def shape_for(model: ModelGeometry, layout: Layout, dtype: str, vllm_version: st
         raise UsageError(f"--dtype {dtype}: unknown; use one of {', '.join(DTYPES)}")
     E, I = model.num_experts, model.moe_intermediate_size
     ep_size = layout.gpus if layout.ep else 1
+    moe_tp = 1 if layout.ep else layout.gpus  # vLLM shards expert width over DP x TP without EP
     if E % ep_size:
         return Refusal(layout, f"{E} experts do not split over {ep_size} EP ranks; use an EP size that divides {E}")
-    shard = I if layout.ep else I // layout.tp
-    if not layout.ep and I % layout.tp:
-        return Refusal(layout, f"expert width {I} does not split over TP{layout.tp}; use a TP size that divides {I}")
+    shard = I // moe_tp
+    if I % moe_tp:
+        return Refusal(layout, f"expert width {I} does not split over {layout.name}; use a TP size that divides {I}")
     block = None
     if dtype == "fp8":
         if model.weight_block_size is None:
             return Refusal(layout, f"{model.name} has no block-FP8 weights; use the -FP8 checkpoint or --dtype bf16")
         block = model.weight_block_size
-        tp_split = not layout.ep and layout.tp > 1
+        tp_split = moe_tp > 1
         if shard % block[0] or (tp_split and shard % block[1]):
             fixed = _fix_fp8_shard(model, layout, shard, block, vllm_version, moe_backend)
             if isinstance(fixed, Refusal):
@@ -163,8 +166,8 @@ def _fix_fp8_shard(model, layout, shard, block, vllm_version, moe_backend):
     if rule.action == "refuse":
         return Refusal(
             layout,
-            f"vLLM {vllm_version} needs the per-GPU expert width {model.moe_intermediate_size}/{layout.tp}={shard} "
-            f"to be a multiple of the FP8 block {block[0]}; use DP{layout.tp}+EP or a smaller TP, or vLLM >= 0.33",
+            f"vLLM {vllm_version} needs the per-GPU expert width {model.moe_intermediate_size}/{layout.gpus}={shard} "
+            f"to be a multiple of the FP8 block {block[0]}; use DP{layout.gpus}+EP or a smaller TP, or vLLM >= 0.33",
         )
     if moe_backend not in ("auto", "triton"):
         padded = -(-shard // block[0]) * block[0]

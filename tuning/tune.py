@@ -72,12 +72,15 @@ def build_plan(args: argparse.Namespace, found: list[gpus.DetectedGpu]) -> Plan:
     if args.dtype not in DTYPES:
         raise UsageError(f"--dtype {args.dtype}: unknown; use one of {', '.join(DTYPES)}")
     model = load_model(args.model or (DEFAULT_MODEL + ("-FP8" if args.dtype == "fp8" else "")))
+    if args.dtype == "fp8" and model.weight_block_size is None:
+        raise UsageError(f"--model {model.name} has no block-FP8 weights (quantization_config.weight_block_size); "
+                         "use the -FP8 checkpoint or --dtype bf16")
     version = args.vllm_version or installed_vllm_version() or DEFAULT_VLLM_VERSION
     shapes.parse_version(version)
     Routing.parse(args.routing)
     if args.max_evals < 1:
         raise UsageError(f"--max-evals {args.max_evals}: must be at least 1")
-    num_gpus = args.num_gpus or len(found) or 8
+    num_gpus = args.num_gpus if args.num_gpus is not None else (len(found) or 8)
     if num_gpus < 1:
         raise UsageError(f"--num-gpus {num_gpus}: must be at least 1")
     layouts = [shapes.parse_layout(t) for t in _csv(args.layouts)] or shapes.default_layouts(num_gpus)
@@ -94,15 +97,16 @@ def build_plan(args: argparse.Namespace, found: list[gpus.DetectedGpu]) -> Plan:
 
 
 def _select_shapes(plan: Plan, args: argparse.Namespace) -> Plan:
-    wanted = _csv(args.shapes)
     if args.from_vllm_log:
         from .vllm_log import missing_config_files
 
         names = missing_config_files(Path(args.from_vllm_log))
-        wanted += [n.removesuffix(".json") for n in names]
-        extra = shapes.shapes_from_file_names(names, plan.model, plan.gpu.device_name)
-        for s in extra:
-            plan.shapes.setdefault(s, [])
+        logged = shapes.shapes_from_file_names(names, plan.model, plan.gpu.device_name)
+        other = sorted({s.dtype for s in logged} - {plan.dtype})
+        if other:
+            raise UsageError(f"--from-vllm-log names {other[0]} shapes, not {plan.dtype}; re-run with --dtype {other[0]}")
+        plan.shapes = {s: plan.shapes.get(s, []) for s in logged}
+    wanted = _csv(args.shapes)
     if wanted:
         keep = {s: lay for s, lay in plan.shapes.items() if any(plan.file_name(s).startswith(w) for w in wanted)}
         if not keep:

@@ -1,0 +1,316 @@
+"""``tune-moe`` planning from the command line: dry runs, narrowing, logs, and one-line refusals that write nothing.
+
+Most cases call ``tuning.cli.main`` in-process; the cases that need a real PATH (no nvidia-smi, or a fake one)
+and the "nothing written" checks run the installed console script, all at once, each in its own folder.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tuning.cli import main
+from tuning.shapes import BATCH_SIZES
+
+FIXTURES = Path(__file__).parent / "fixtures" / "foundation"
+TUNE_MOE = Path(sys.executable).with_name("tune-moe")
+EP4 = "E=72,N=1280,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"
+TP4 = "E=288,N=320,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[64,64].json"
+BF16_EP4 = "E=72,N=1280,device_name=NVIDIA_H200.json"
+BUNDLED = "/usr/lib/python3/dist-packages/vllm/model_executor/layers/fused_moe/configs"
+BATCH_LINE = "Batch sizes (M): " + " ".join(map(str, BATCH_SIZES))
+
+
+def install_fake_smi(bin_dir: Path) -> None:
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(FIXTURES / "bin" / "nvidia-smi", bin_dir / "nvidia-smi")
+    os.chmod(bin_dir / "nvidia-smi", 0o755)
+
+
+def smi_rows(name: str, count: int, mib: int = 143771) -> str:
+    return "\n".join(f"{i}, {name}, {mib}, 570.86.15" for i in range(count))
+
+
+def missing_line(name: str) -> str:
+    # As vLLM 0.33's get_moe_configs logs it: the tuned folder's path, then vLLM's bundled one.
+    return ("(EngineCore_DP0 pid=123) (Worker_TP0 pid=456) WARNING 11-29 05:40:01 [fused_moe.py:1165] Using default "
+            "MoE config. Performance might be sub-optimal! Config file not found at "
+            f"/srv/tune-moe/kernels_configs/NVIDIA_H200/{name}, {BUNDLED}/{name}")
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@pytest.fixture
+def tune(tmp_path, monkeypatch, capsys):
+    """Run ``tune-moe`` in-process in an empty folder with no nvidia-smi on PATH; returns (rc, stdout, stderr)."""
+    empty_bin = tmp_path / "empty-bin"
+    empty_bin.mkdir()
+    monkeypatch.setenv("PATH", str(empty_bin))
+    monkeypatch.chdir(tmp_path)
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        try:
+            rc = main(list(argv))
+        except SystemExit as exc:  # argparse's own errors
+            rc = exc.code
+        out, err = capsys.readouterr()
+        assert not (tmp_path / "kernels_configs").exists()
+        return rc, out, err
+
+    return run
+
+
+def one_error_line(err: str) -> str:
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("tune-moe: error: ")
+    return lines[0]
+
+
+# --- dry runs --------------------------------------------------------------------------------
+
+
+def test_fp8_dry_run_on_h200(tune):
+    rc, out, err = tune("--gpu", "H200", "--dtype", "fp8", "--dry-run")
+    assert rc == 0 and err == ""
+    assert out.startswith("Plan: stepfun-ai/Step-3.5-Flash-FP8 fp8 on 8xH200 (NVIDIA_H200, sm90)")
+    assert f"  {EP4}\n" in out
+    assert f"  {TP4}\n" in out
+    assert "layouts TP4+EP, DP4+EP" in out
+    assert BATCH_LINE in out
+    assert "Jobs: 6 shapes x 18 batch sizes = 108 (shape, M) jobs" in out
+    assert "Dry run: nothing tuned." in out and "kernels_configs/NVIDIA_H200/" in out
+
+
+def test_vllm_016_refuses_fp8_tp4(tune):
+    rc, out, err = tune("--gpu", "H200", "--dtype", "fp8", "--dry-run", "--vllm-version", "0.16")
+    assert rc == 0 and err == ""
+    assert ("TP4: refused by vLLM 0.16: vLLM 0.16 needs the per-GPU expert width 1280/4=320 to be a multiple of "
+            "the FP8 block 128; use DP4+EP") in out
+    assert "block_shape=[64,64]" not in out and "block_shape=[32,32]" not in out
+    assert f"  {EP4}\n" in out
+    assert "Jobs: 4 shapes x 18 batch sizes = 72 (shape, M) jobs" in out
+
+
+def test_vllm_016_with_only_tp4_is_an_error(tune):
+    rc, out, err = tune("--gpu", "H200", "--dtype", "fp8", "--dry-run", "--vllm-version", "0.16", "--layouts", "TP4")
+    assert rc == 2 and out == ""
+    line = one_error_line(err)
+    assert "layout TP4: vLLM 0.16 needs" in line and "use DP4+EP" in line
+
+
+def test_bf16_does_not_fit_4xh20(tune):
+    rc, out, err = tune("--gpu", "H20", "--dtype", "bf16", "--num-gpus", "4", "--dry-run")
+    assert rc == 2
+    assert "No layout fits stepfun-ai/Step-3.5-Flash bf16 on 4xH20." in out
+    assert "TP4 on 4xH20: 98 GB weights per GPU of a 86 GB budget" in out
+    assert one_error_line(err) == (
+        "tune-moe: error: no layout of stepfun-ai/Step-3.5-Flash bf16 fits 4xH20; would fit: "
+        "bf16 on 8xH20 (TP8 or DP8+EP), fp8 (stepfun-ai/Step-3.5-Flash-FP8) on 4xH20")
+
+
+def test_layouts_and_batch_sizes_narrow_the_plan(tune):
+    rc, out, err = tune("--gpu", "H200", "--dtype", "fp8", "--dry-run", "--layouts", "TP4", "--batch-sizes", "16,1")
+    assert rc == 0 and err == ""
+    assert "Shapes (1), each a file vLLM loads:" in out
+    assert f"  {TP4}\n" in out and EP4 not in out
+    assert "Batch sizes (M): 1 16\n" in out
+    assert "Jobs: 1 shapes x 2 batch sizes = 2 (shape, M) jobs" in out
+    assert out.count(" on 4xH200: ") == 1  # only TP4 was considered
+
+
+def test_shapes_filter_by_file_name_prefix(tune):
+    rc, out, _ = tune("--gpu", "H200", "--dtype", "bf16", "--dry-run", "--shapes", "E=72,N=1280")
+    assert rc == 0
+    assert "Shapes (1)" in out and f"  {BF16_EP4}\n" in out
+    rc, _, err = tune("--gpu", "H200", "--dtype", "bf16", "--dry-run", "--shapes", "E=999")
+    assert rc == 2 and "--shapes E=999 matches none of the plan's shapes" in one_error_line(err)
+
+
+def test_num_gpus_defaults_to_8_without_gpus(tune):
+    _, out, _ = tune("--gpu", "B200", "--dtype", "bf16", "--dry-run")
+    assert "on 8xB200 (NVIDIA_B200, sm100)" in out
+    assert "TP8 on 8xB200" in out and "DP8+EP on 8xB200" in out
+    rc, out, _ = tune("--gpu", "B200", "--dtype", "fp8", "--dry-run", "--num-gpus", "2")
+    assert rc == 0 and "on 2xB200" in out
+    layouts = [line.split(" on ")[0].strip() for line in out.splitlines()
+               if " on 1xB200: " in line or " on 2xB200: " in line]
+    assert layouts == ["TP1", "TP2", "TP2+EP", "DP2+EP"]
+    assert "  E=288,N=640,device_name=NVIDIA_B200,dtype=fp8_w8a8,block_shape=[128,128].json\n" in out
+
+
+def test_num_gpus_defaults_to_the_gpus_present(tune, tmp_path, monkeypatch):
+    install_fake_smi(tmp_path / "smi-bin")
+    monkeypatch.setenv("PATH", str(tmp_path / "smi-bin"))
+    monkeypatch.setenv("FAKE_NVIDIA_SMI_ROWS", smi_rows("NVIDIA H200", 4))
+    rc, out, _ = tune("--gpu", "H200", "--dtype", "fp8", "--dry-run")
+    assert rc == 0
+    assert "on 4xH200" in out and "TP8" not in out and "E=36," not in out
+    assert "Jobs: 4 shapes x 18 batch sizes = 72 (shape, M) jobs" in out
+
+
+def test_another_model_from_its_config(tune):
+    rc, out, _ = tune("--gpu", "H200", "--dtype", "fp8", "--dry-run", "--model", str(FIXTURES / "deepseek_v3"),
+                      "--layouts", "TP8,DP8+EP")
+    assert rc == 0
+    assert "  E=256,N=256,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json\n" in out
+    assert "  E=32,N=2048,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json\n" in out
+    assert "routed over 256 global experts" in out
+
+
+def test_from_vllm_log_lists_exactly_the_missing_shapes(tune, tmp_path):
+    log = tmp_path / "vllm.log"
+    log.write_text("\n".join(["(APIServer pid=100) INFO vLLM API server version 0.33.0",
+                              missing_line(EP4), missing_line(TP4), missing_line(EP4)]) + "\n")
+    rc, out, err = tune("--gpu", "H200", "--dtype", "fp8", "--dry-run", "--from-vllm-log", str(log))
+    assert rc == 0 and err == ""
+    listed = [line.strip() for line in out.splitlines() if line.startswith("  E=")]
+    assert sorted(listed) == sorted([EP4, TP4])
+    assert "Jobs: 2 shapes x 18 batch sizes = 36 (shape, M) jobs" in out
+
+
+def test_from_vllm_log_without_missing_configs_is_an_error(tune, tmp_path):
+    log = tmp_path / "vllm.log"
+    log.write_text("INFO [fused_moe.py:1152] Using configuration from /k/x.json for MoE layer.\n")
+    rc, _, err = tune("--gpu", "H200", "--dtype", "fp8", "--dry-run", "--from-vllm-log", str(log))
+    assert rc == 2 and "vLLM reported no missing MoE config" in one_error_line(err)
+    rc, _, err = tune("--gpu", "H200", "--dtype", "fp8", "--dry-run", "--from-vllm-log", str(tmp_path / "none.log"))
+    assert rc == 2 and "cannot read it" in one_error_line(err)
+
+
+def test_from_vllm_log_does_not_add_shapes_the_log_did_not_name(tune, tmp_path):
+    log = tmp_path / "vllm.log"
+    log.write_text(missing_line(BF16_EP4) + "\n")
+    _, out, _ = tune("--gpu", "H200", "--dtype", "fp8", "--dry-run", "--from-vllm-log", str(log))
+    assert EP4 not in out
+
+
+def test_num_gpus_zero_is_refused(tune):
+    rc, out, err = tune("--gpu", "H200", "--dtype", "fp8", "--dry-run", "--num-gpus", "0")
+    assert rc == 2 and out == ""
+    assert "--num-gpus 0: must be at least 1" in one_error_line(err)
+
+
+def test_fp8_of_a_bf16_checkpoint_says_so(tune):
+    rc, out, err = tune("--gpu", "H200", "--dtype", "fp8", "--dry-run", "--model", "stepfun-ai/Step-3.5-Flash")
+    assert rc == 2
+    line = one_error_line(err)
+    assert "no block-FP8 weights" in line and "-FP8" in line
+
+
+# --- bad input, in-process: one line, the problem and the fix --------------------------------
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--gpu", "H200", "--dtype", "fp8", "--dry-run", "--max-evals", "0"], "--max-evals 0: must be at least 1"),
+    (["--gpu", "H200", "--dtype", "fp8", "--dry-run", "--num-gpus", "-1"], "--num-gpus -1: must be at least 1"),
+    (["--gpu", "H200", "--dtype", "fp8", "--dry-run", "--num-gpus", "eight"], "argument --num-gpus: invalid int value"),
+    (["--dtype", "fp8", "--dry-run"], "the following arguments are required: --gpu"),
+    (["--gpu", "H200", "--dtype", "fp8", "--strategy", "random"], "argument --strategy: invalid choice"),
+    (["--gpu", "H200", "--dtype", "fp8", "--dry-run", "--layouts", "TP4,XP2"], "cannot read 'XP2'"),
+    (["--gpu", "H200", "--dtype", "fp8", "--dry-run", "--batch-sizes", ","], "--batch-sizes ','"),
+])
+def test_more_bad_input_in_process(tune, argv, expected):
+    rc, out, err = tune(*argv)
+    assert rc == 2 and out == ""
+    assert expected in one_error_line(err)
+
+
+# --- the installed console script: PATH, nvidia-smi, and nothing written ---------------------
+
+# case -> (arguments, nvidia-smi rows or None for no nvidia-smi on PATH, what stderr must say)
+MISSING, CORRUPT, LLAMA = "missing/config.json", FIXTURES / "corrupt" / "config.json", FIXTURES / "llama"
+BAD = {
+    "unknown-gpu": (["--gpu", "A100", "--dtype", "fp8", "--dry-run"], None,
+                    ["--gpu A100: unknown GPU", "use one of H200, H20, H20-3e, B200"]),
+    "unknown-dtype": (["--gpu", "H200", "--dtype", "int8", "--dry-run"], None,
+                      ["--dtype int8: unknown", "use one of bf16, fp8"]),
+    "model-missing": (["--gpu", "H200", "--dtype", "bf16", "--dry-run", "--model", MISSING], None,
+                      [f"--model {MISSING}: no such config.json", "pass a config.json path"]),
+    "model-corrupt": (["--gpu", "H200", "--dtype", "bf16", "--dry-run", "--model", str(CORRUPT)], None,
+                      [f"--model {CORRUPT}: not readable JSON", "pass the model's Hugging Face config.json"]),
+    "model-not-moe": (["--gpu", "H200", "--dtype", "bf16", "--dry-run", "--model", str(LLAMA)], None,
+                      ["model_type 'llama' is not a known MoE architecture", "tuning.models.ARCHITECTURES"]),
+    "layout-dp5-ep": (["--gpu", "H200", "--dtype", "fp8", "--dry-run", "--layouts", "DP5+EP"], None,
+                      ["layout DP5+EP: 288 experts do not split over 5 EP ranks", "use an EP size that divides 288"]),
+    "layout-tp3": (["--gpu", "H200", "--dtype", "bf16", "--dry-run", "--layouts", "TP3"], None,
+                   ["layout TP3: expert width 1280 does not split over TP3", "use a TP size that divides 1280"]),
+    "layout-tp16": (["--gpu", "H200", "--dtype", "bf16", "--dry-run", "--layouts", "TP16", "--num-gpus", "8"], None,
+                    ["--layouts TP16 need more than the 8 GPUs of the node", "raise --num-gpus"]),
+    "batch-sizes": (["--gpu", "H200", "--dtype", "fp8", "--dry-run", "--batch-sizes", "1,x,16"], None,
+                    ["--batch-sizes '1,x,16'", "positive integers separated by commas"]),
+    "batch-sizes-zero": (["--gpu", "H200", "--dtype", "fp8", "--dry-run", "--batch-sizes", "0,16"], None,
+                         ["--batch-sizes '0,16'", "positive integers"]),
+    "routing": (["--gpu", "H200", "--dtype", "fp8", "--dry-run", "--routing", "zipf:steep"], None,
+                ["--routing 'zipf:steep'", "use uniform or zipf:<s>"]),
+    "vllm-version": (["--gpu", "H200", "--dtype", "fp8", "--dry-run", "--vllm-version", "garbage"], None,
+                     ["--vllm-version 'garbage'", "MAJOR.MINOR, e.g. 0.33"]),
+    "bf16-4xh20": (["--gpu", "H20", "--dtype", "bf16", "--num-gpus", "4", "--dry-run"], None,
+                   ["fits 4xH20", "bf16 on 8xH20", "fp8 (stepfun-ai/Step-3.5-Flash-FP8) on 4xH20"]),
+    "no-gpu": (["--gpu", "H200", "--dtype", "fp8"], None,
+               ["--gpu H200: this node has no NVIDIA GPU", "--dry-run"]),
+    "wrong-gpu": (["--gpu", "H200", "--dtype", "fp8"], smi_rows("NVIDIA H20", 8, 97871),
+                  ["this node has 8x NVIDIA H20, not NVIDIA H200", "pass the --gpu that matches", "--dry-run"]),
+}
+GOOD = {
+    "dry-run": (["--gpu", "H200", "--dtype", "fp8", "--dry-run"], None),
+    "dry-run-4xh200": (["--gpu", "H200", "--dtype", "fp8", "--dry-run"], smi_rows("NVIDIA H200 NVL", 4)),
+}
+
+
+@pytest.fixture(scope="module")
+def console_runs(tmp_path_factory):
+    """Every console-script case, started together; each gets (rc, stdout, stderr, folder before, folder after)."""
+    if not TUNE_MOE.exists():
+        pytest.skip(f"no console script at {TUNE_MOE}; pip install -e .")
+    started = {}
+    for case, (argv, rows, *_) in {**BAD, **GOOD}.items():
+        cwd = tmp_path_factory.mktemp(case)
+        bin_dir = cwd / "bin"
+        if rows is None:
+            bin_dir.mkdir()
+        else:
+            install_fake_smi(bin_dir)
+        env = {**os.environ, "PATH": str(bin_dir), "FAKE_NVIDIA_SMI_ROWS": rows or ""}
+        before = snapshot(cwd)
+        proc = subprocess.Popen([str(TUNE_MOE), *argv], cwd=cwd, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        started[case] = (proc, cwd, before)
+    results = {}
+    for case, (proc, cwd, before) in started.items():
+        out, err = proc.communicate(timeout=120)
+        results[case] = (proc.returncode, out, err, cwd, before, snapshot(cwd))
+    return results
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(console_runs, case):
+    rc, out, err, cwd, before, after = console_runs[case]
+    assert rc == 2, (out, err)
+    line = one_error_line(err)
+    for words in BAD[case][2]:
+        assert words in line
+    assert not (cwd / "kernels_configs").exists()
+    assert after == before
+
+
+def test_console_dry_run_writes_nothing(console_runs):
+    rc, out, err, cwd, before, after = console_runs["dry-run"]
+    assert rc == 0 and err == ""
+    assert f"  {EP4}\n" in out and f"  {TP4}\n" in out
+    assert BATCH_LINE in out and "= 108 (shape, M) jobs" in out
+    assert "on 8xH200" in out
+    assert not (cwd / "kernels_configs").exists() and after == before
+
+
+def test_console_dry_run_counts_the_gpus_nvidia_smi_reports(console_runs):
+    rc, out, err, cwd, before, after = console_runs["dry-run-4xh200"]
+    assert rc == 0 and err == ""
+    assert "on 4xH200" in out and "TP8" not in out
+    assert "= 72 (shape, M) jobs" in out
+    assert after == before
