@@ -181,17 +181,23 @@ def _compile_workers(num_gpus: int, args: argparse.Namespace) -> int:
 def _start_ray(args: argparse.Namespace, local_gpus: int, plan: Plan) -> int:
     import ray
 
-    if args.ray_address:
+    if ray.is_initialized():
+        pass  # the caller connected already
+    elif args.ray_address:
         ray.init(address=args.ray_address, log_to_driver=False)
     elif args.interpret:
         ray.init(num_gpus=args.num_gpus or 1, num_cpus=max(2, args.num_gpus or 1), log_to_driver=False)
     else:
         ray.init(num_gpus=local_gpus, log_to_driver=False)
-    res = ray.cluster_resources()
-    kinds = sorted(k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:"))
+    return cluster_gpus(ray.cluster_resources())
+
+
+def cluster_gpus(resources: dict) -> int:
+    """GPUs of a Ray cluster of one GPU model; refuses mixed models and GPU-less clusters."""
+    kinds = sorted(k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:"))
     if len(kinds) > 1:
         raise UsageError(f"the Ray cluster mixes GPU models ({', '.join(kinds)}); tune each model on its own cluster")
-    gpus = int(res.get("GPU", 0))
+    gpus = int(resources.get("GPU", 0))
     if gpus < 1:
         raise UsageError("the Ray cluster has no GPUs; start Ray on GPU nodes, or add --dry-run to print the plan")
     return gpus

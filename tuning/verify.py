@@ -28,7 +28,8 @@ REGRESSION = 0.98
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", required=True, help="H200, H20, H20-3e or B200")
     p.add_argument("--configs", help="folder of tuned files (default: kernels_configs/<device_name>)")
-    p.add_argument("--files", help="only files whose names start with these comma-separated prefixes")
+    p.add_argument("--files", action="append", default=[], metavar="PREFIX",
+                   help="only files whose names start with PREFIX (repeatable; names hold commas)")
     p.add_argument("--batch-sizes", help="comma list of M to re-time (default: every batch size in each file)")
     p.add_argument("--model", help=f"config.json or built-in name (default: {DEFAULT_MODEL}[-FP8] by file dtype)")
     p.add_argument("--vllm-src", help="kernel from this vLLM fused_moe.py or wheel (default: installed vLLM)")
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     gpu = get_gpu(args.gpu)
     folder = Path(args.configs or Path("kernels_configs") / gpu.device_name)
     names = sorted(p.name for p in folder.glob("E=*.json") if not p.name.endswith(configs.PROVENANCE_SUFFIX))
-    prefixes = [t for t in (args.files or "").split(",") if t]
+    prefixes = args.files
     names = [n for n in names if not prefixes or any(n.startswith(p) for p in prefixes)]
     if not names:
         raise UsageError(f"{folder}: no tuned config files{' matching --files' if prefixes else ''}; run tune-moe first")

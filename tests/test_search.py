@@ -1,0 +1,146 @@
+"""Search space predicates and strategies, on evaluators whose costs are known exactly."""
+
+import math
+
+import pytest
+
+from tuning.bench import Timing
+from tuning.configs import TileConfig
+from tuning.gpus import get_gpu
+from tuning.runner import Outcome
+from tuning.search import exhaustive, guided, head_to_head
+from tuning.shapes import MoeShape
+from tuning.space import ALL_CONFIGS, AXES, Context, explain, neighbours, space
+
+H200 = get_gpu("H200")
+FP8_EP = MoeShape(72, 288, 1280, 4096, 8, "fp8", (128, 128))
+BF16_TP4 = MoeShape(288, 288, 320, 4096, 8, "bf16")
+
+
+class Landscape:
+    """A smooth cost over the axes (log2 distance to an optimum) plus configs that fail."""
+
+    def __init__(self, best: TileConfig, failing=(), kind="resources"):
+        self.best, self.failing, self.kind = best, set(failing), kind
+        self.calls: list[TileConfig] = []
+
+    def cost(self, c: TileConfig) -> float:
+        d = sum((math.log2(getattr(c, a)) - math.log2(getattr(self.best, a))) ** 2 for a in AXES)
+        return 100.0 * (1 + 0.05 * d)
+
+    def evaluate(self, c: TileConfig, budget_ms: float) -> Outcome:
+        self.calls.append(c)
+        if c in self.failing:
+            return Outcome(c, failure=f"{self.kind}: out of shared memory")
+        return Outcome(c, Timing((self.cost(c),) * 5), 1e-3)
+
+
+def test_space_size_and_predicates():
+    ctx = Context(FP8_EP, H200, 1024)
+    pool = space(ctx)
+    assert len(ALL_CONFIGS) == 5 * 4 * 3 * 4 * 2 * 4
+    assert 0 < len(pool) < len(ALL_CONFIGS)
+    assert all(c.BLOCK_SIZE_K <= 128 for c in pool)  # larger K tiles are clamped to the FP8 block
+    assert all(c.BLOCK_SIZE_M <= 4 * 1024 * 8 / 288 for c in pool)
+    big = TileConfig(256, 256, 128, 1, 8, 5)
+    assert "fits_shared_memory" in explain(big, Context(BF16_TP4, H200, 4096))
+    assert explain(TileConfig(16, 64, 128, 1, 4, 3), ctx) == []
+
+
+def test_naive_batches_use_one_row_tiles():
+    ctx = Context(BF16_TP4, H200, 4)  # 4 * 8 * 4 <= 288: naive block assignment
+    assert ctx.naive and {c.BLOCK_SIZE_M for c in space(ctx)} == {16}
+    assert not Context(FP8_EP, H200, 1).naive  # EP never is
+
+
+def test_neighbours_move_one_axis_one_step():
+    ctx = Context(BF16_TP4, H200, 1024)
+    c = TileConfig(32, 64, 64, 16, 4, 3)
+    for n in neighbours(c, ctx):
+        changed = [a for a in AXES if getattr(n, a) != getattr(c, a)]
+        assert len(changed) == 1
+        values = AXES[changed[0]]
+        assert abs(values.index(getattr(n, changed[0])) - values.index(getattr(c, changed[0]))) == 1
+
+
+@pytest.mark.parametrize("m,best", [
+    (64, TileConfig(16, 64, 128, 1, 4, 3)),
+    (1024, TileConfig(32, 128, 128, 16, 4, 3)),
+    (4096, TileConfig(64, 128, 128, 1, 4, 4)),
+])
+def test_guided_matches_exhaustive_for_far_fewer_evaluations(m, best):
+    ctx = Context(FP8_EP, H200, m)
+    default = TileConfig(16, 128, 128, 1, 4, 3)
+    g, e = Landscape(best), Landscape(best)
+    rg = guided(g, ctx, default, seed=0)
+    re_ = exhaustive(e, ctx, default)
+    assert re_.best.config == best
+    assert rg.best.us <= 1.01 * re_.best.us
+    assert len(set(g.calls)) < len(set(e.calls)) / 2
+
+
+def test_default_wins_when_it_is_the_best():
+    ctx = Context(BF16_TP4, H200, 256)
+    default = TileConfig(64, 128, 64, 1, 8, 3)
+    result = guided(Landscape(default), ctx, default)
+    assert result.best.config == default and result.default.config == default and result.speedup == 1.0
+
+
+def test_never_slower_than_default_even_on_noise():
+    """A config that looked faster in first looks but loses head to head is not chosen."""
+
+    class Noisy(Landscape):
+        def evaluate(self, c, budget_ms):
+            out = super().evaluate(c, budget_ms)
+            if out.ok and c != DEFAULT and budget_ms < 60:
+                return Outcome(c, Timing((self.cost(c) * 0.5,) * 5), 1e-3)  # flattering first look
+            return out
+
+    DEFAULT = TileConfig(16, 64, 128, 1, 4, 3)
+    result = guided(Noisy(DEFAULT), Context(FP8_EP, H200, 64), DEFAULT)
+    assert result.best.us <= result.default.us
+    assert result.best.config == DEFAULT
+
+
+def test_failures_are_results_and_remembered_across_m():
+    best = TileConfig(16, 64, 128, 1, 4, 3)
+    bad = {TileConfig(16, 128, 128, 1, 4, 3), TileConfig(16, 64, 128, 1, 4, 4)}
+    memory: dict = {}
+    first = Landscape(best, bad)
+    r1 = guided(first, Context(FP8_EP, H200, 64), best, failures=memory)
+    assert set(memory) == bad & set(first.calls)
+    assert all(o.failure.startswith("resources") for o in r1.failed)
+    second = Landscape(best, bad)
+    guided(second, Context(FP8_EP, H200, 96), best, failures=memory)
+    assert not set(second.calls) & set(memory)  # never retried
+
+
+def test_numerical_failures_are_not_remembered():
+    best = TileConfig(16, 64, 128, 1, 4, 3)
+    memory: dict = {}
+    guided(Landscape(best, {TileConfig(16, 128, 128, 1, 4, 3)}, kind="numerics"), Context(FP8_EP, H200, 64), best,
+           failures=memory)
+    assert memory == {}
+
+
+def test_precompile_failures_skip_timing():
+    best = TileConfig(16, 64, 128, 1, 4, 3)
+    doomed = TileConfig(16, 128, 128, 1, 4, 3)
+    land = Landscape(best)
+    asked = []
+
+    def precompile(configs):
+        asked.extend(configs)
+        return {doomed: "compile: CompilationError: boom"} if doomed in configs else {}
+
+    memory: dict = {}
+    guided(land, Context(FP8_EP, H200, 64), best, failures=memory, precompile=precompile)
+    assert doomed in asked and doomed not in land.calls and memory[doomed].startswith("compile")
+
+
+def test_head_to_head_pools_alternating_samples():
+    land = Landscape(TileConfig(16, 64, 128, 1, 4, 3))
+    a, b = TileConfig(16, 64, 128, 1, 4, 3), TileConfig(32, 64, 128, 1, 4, 3)
+    oa, ob = head_to_head(land, a, b)
+    assert land.calls == [a, b, a, b, a, b]
+    assert len(oa.timing.samples_us) == 15 and oa.us < ob.us

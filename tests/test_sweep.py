@@ -1,0 +1,182 @@
+"""The main job end to end on the CPU: a local Ray cluster with declared fake GPUs, two
+workers, vLLM's real kernel under Triton's interpreter, a tiny MoE model; then the
+faults: a worker killed mid-sweep, the whole run killed and resumed, bad output folders,
+GPUs that are busy or absent.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import TINY_MODEL, vllm_fused_moe_path
+from tuning import configs
+from tuning.errors import UsageError
+from tuning.sweep import cluster_gpus
+
+pytestmark = pytest.mark.slow
+
+BATCHES = "1,2,4,8,12,16"
+FILE = "E=8,N=128,device_name=NVIDIA_H200.json"  # bf16 DP2+EP of the tiny model: 16 experts, 8 per GPU
+
+
+def command(out: Path) -> list[str]:
+    src = vllm_fused_moe_path()
+    if src is None:
+        pytest.skip("vLLM is not installed: its fused_moe.py is the kernel under test")
+    return [sys.executable, "-m", "tuning.cli", "--gpu", "H200", "--dtype", "bf16", "--model", str(TINY_MODEL),
+            "--layouts", "DP2+EP", "--num-gpus", "2", "--batch-sizes", BATCHES, "--max-evals", "3",
+            "--interpret", "--vllm-src", str(src), "--out", str(out)]
+
+
+def env() -> dict:
+    return {**os.environ, "TRITON_INTERPRET": "1", "RAY_DISABLE_USAGE_STATS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def results(out: Path) -> list[dict]:
+    path = out / ".tune-moe" / "results.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+
+
+def wait_for_results(proc, out: Path, n: int, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while len(results(out)) < n:
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "no results in time"
+        time.sleep(0.5)
+
+
+def workers() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline", "name"]):
+        text = " ".join(p.info["cmdline"] or []) + " " + (p.info["name"] or "")
+        if "TuneWorker" in text:
+            found.append(p)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_ray_leftovers():
+    yield
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_sweep_survives_a_killed_worker_and_writes_what_vllm_loads(tmp_path):
+    out = tmp_path / "cfg"
+    proc = subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
+    wait_for_results(proc, out, 1)
+    victims = workers()
+    assert len(victims) == 2  # one actor per (fake) GPU
+    victims[0].send_signal(signal.SIGKILL)
+    text, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, text
+    assert "worker died" in text
+    done = {(r["file"], r["m"]) for r in results(out)}
+    assert done == {(FILE, int(m)) for m in BATCHES.split(",")}  # nothing lost, nothing missing
+    written = configs.read_config_file(out / FILE)
+    assert sorted(written) == [int(m) for m in BATCHES.split(",")]
+    prov = configs.read_provenance(out / FILE)
+    assert prov["file"] == FILE and prov["shape"]["global_experts"] == 16 and prov["layouts"] == ["DP2+EP"]
+    assert all(prov["results"][m]["tuned_us"] <= prov["results"][m]["default_us"] for m in prov["results"])
+    assert written == vllm_loads(out, 8, 128)
+
+
+def vllm_loads(folder: Path, e: int, n: int) -> dict:
+    fm = pytest.importorskip("vllm.model_executor.layers.fused_moe.fused_moe")
+    os.environ["VLLM_TUNED_CONFIG_FOLDER"] = str(folder)
+    real = fm.get_device_name_as_file_name
+    fm.get_device_name_as_file_name = lambda *a, **k: "NVIDIA_H200"
+    try:
+        fm.get_moe_configs.cache_clear()
+        got = fm.get_moe_configs(e, n, None)
+    finally:
+        fm.get_device_name_as_file_name = real
+        fm.get_moe_configs.cache_clear()
+        del os.environ["VLLM_TUNED_CONFIG_FOLDER"]
+    return {m: configs.TileConfig.from_dict(c) for m, c in got.items()}
+
+
+def test_killed_run_resumes_only_the_rest(tmp_path):
+    out = tmp_path / "cfg"
+    proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(),
+                            start_new_session=True)
+    wait_for_results(proc, out, 2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True, timeout=120)
+    before = results(out)
+    assert 2 <= len(before) < 6
+    again = subprocess.run(command(out), capture_output=True, text=True, env=env(), timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"{len(before)} of 6 jobs already done" in again.stdout
+    after = results(out)
+    assert after[: len(before)] == before  # finished work kept as it was
+    assert len(after) == 6 and len({r["m"] for r in after}) == 6  # only the rest was run
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{ not json", "corrupt JSON"),
+    (json.dumps({"16": {"BLOCK_SIZE_M": 16}}), "exactly the integer fields"),
+    (json.dumps({"16": dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=1, num_warps=4,
+                            num_stages=3)}), "not written by tune-moe"),
+])
+def test_existing_corrupt_or_foreign_file_is_refused_and_kept(tmp_path, content, message):
+    out = tmp_path / "cfg"
+    out.mkdir()
+    (out / FILE).write_text(content)
+    run = subprocess.run(command(out), capture_output=True, text=True, env=env(), timeout=300)
+    assert run.returncode == 2
+    assert message in run.stderr and run.stderr.count("\n") == 1
+    assert (out / FILE).read_text() == content
+    assert not (out / ".tune-moe").exists()
+
+
+def test_cluster_checks():
+    assert cluster_gpus({"CPU": 64.0, "GPU": 8.0, "accelerator_type:H200": 1.0}) == 8
+    with pytest.raises(UsageError, match="mixes GPU models.*H20, H200"):
+        cluster_gpus({"GPU": 16.0, "accelerator_type:H200": 1.0, "accelerator_type:H20": 1.0})
+    with pytest.raises(UsageError, match="no GPUs"):
+        cluster_gpus({"CPU": 2.0})
+
+
+def test_all_gpus_busy_is_a_clear_error(tmp_path, monkeypatch):
+    import argparse
+
+    import ray
+
+    from tuning import sweep
+    from tuning.gpus import get_gpu
+    from tuning.jobs import Settings
+    from tuning.kernel import KernelSource
+    from tuning.models import load_model
+    from tuning.plan import make_plan
+    from tuning.shapes import Layout
+    from tuning.store import Store
+
+    src = vllm_fused_moe_path() or pytest.skip("vLLM is not installed")
+    ray.init(num_gpus=1, num_cpus=2, log_to_driver=False)
+    try:
+        @ray.remote(num_gpus=1)
+        class Holder:
+            def ping(self):
+                return True
+
+        holder = Holder.remote()
+        ray.get(holder.ping.remote())  # the only GPU is taken
+        monkeypatch.setattr(sweep, "START_TIMEOUT_S", 5)
+        plan = make_plan(load_model(str(TINY_MODEL)), get_gpu("H200"), "bf16", [Layout(dp=2, ep=True)], 2, (1,), "0.33")
+        args = argparse.Namespace(ray_address=None, interpret=True, num_gpus=1)
+        settings = Settings("H200", KernelSource(str(src)))
+        driver = sweep.Driver(plan, settings, args, 0)
+        with pytest.raises(UsageError, match="busy"):
+            driver.run(plan.jobs, Store(tmp_path, settings.fingerprint()))
+    finally:
+        ray.shutdown()
