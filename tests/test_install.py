@@ -221,7 +221,7 @@ def test_vllm_pinned_installs_the_pin_and_rerun_reuses_the_venv(node):
     assert done.returncode == 0, done.stderr
     venv_python = node.tmp / ".venv" / "bin" / "python"
     assert "uv venv --python 3.12 ./.venv" in node.calls()
-    assert f"uv pip install --python ./.venv/bin/python vllm==0.33.0" in node.calls()
+    assert "uv pip install --python ./.venv/bin/python vllm==0.33.0" in node.calls()
     assert "vllm 0.33.0, torch 2.14.0+cu130 (CUDA 13.0)" in done.stdout
     assert venv_python.exists()
     again = node.run("install-vllm.sh")

@@ -15,7 +15,6 @@ shape DeepGEMM is timed on.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 

@@ -9,9 +9,9 @@ from pathlib import Path
 from . import configs
 from .jobs import JobResult, Settings
 from .plan import Plan
+from .serve import RECIPE_FLAGS
 from .shapes import Layout, MoeShape
 
-RECIPE_FLAGS = "--reasoning-parser step3p5 --tool-call-parser step3p5 --enable-auto-tool-choice --trust-remote-code"
 
 
 def write_shape(out: Path, plan: Plan, shape: MoeShape, results: dict[int, JobResult], settings: Settings,
@@ -88,5 +88,5 @@ def serve_lines(plan: Plan, out: Path) -> list[str]:
                 # vLLM 0.33 on Hopper runs block FP8 + EP on FlashInfer-CUTLASS unless told to use Triton.
                 backend = ["--moe-backend", "triton"] if shape.dtype == "fp8" and lay.ep else []
                 flags = " ".join(lay.vllm_flags() + backend)
-                lines.append(f"VLLM_TUNED_CONFIG_FOLDER={Path(out).resolve()} vllm serve {model} {flags} {RECIPE_FLAGS}")
+                lines.append(f"VLLM_TUNED_CONFIG_FOLDER={Path(out).resolve()} vllm serve {model} {flags} {' '.join(RECIPE_FLAGS)}")
     return lines

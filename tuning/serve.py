@@ -14,15 +14,11 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -30,11 +26,13 @@ from . import gpus
 from .errors import UsageError
 from .models import DEFAULT_MODEL, load_model
 from .shapes import DEFAULT_VLLM_VERSION, DTYPES, Layout, Refusal, parse_layout, shape_for
+from .envfile import ENV_FILE, env_file, read_env_file  # noqa: F401 (read_env_file is part of this API)
+from .procgroup import GATE, Interrupted, ProcessGroup, say
+from .tune import installed_vllm_version
 from .vllm_log import ConfigProof, prove_default, prove_tuned, read_log
 
 TUNED_VAR = "VLLM_TUNED_CONFIG_FOLDER"
 SECRET = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|KEY", re.IGNORECASE)
-ENV_FILE = "tune-moe-node.env"  # written by install/node-check.sh
 CHECKPOINTS = {"bf16": DEFAULT_MODEL, "fp8": DEFAULT_MODEL + "-FP8"}
 RECIPE_FLAGS = ("--reasoning-parser", "step3p5", "--tool-call-parser", "step3p5", "--enable-auto-tool-choice",
                 "--trust-remote-code")
@@ -143,134 +141,6 @@ class RunResult:
                 "problems": list(self.problems)}
 
 
-# -- signals: SIGINT/SIGTERM unwind the run so every server is torn down ----------------------------
-
-
-class Interrupted(Exception):
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class SignalGate:
-    """SIGINT/SIGTERM raise Interrupted, except while ``held()``: then they are kept and raised on leaving."""
-
-    def __init__(self) -> None:
-        self.pending: int | None = None
-        self.holding = 0
-
-    def _handle(self, signum, frame) -> None:
-        if not self.holding:
-            raise Interrupted(signum)
-        self.pending = signum
-
-    @contextmanager
-    def installed(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, handler in old.items():
-                signal.signal(s, handler)
-
-    @contextmanager
-    def held(self):
-        self.holding += 1
-        try:
-            yield
-        finally:
-            self.holding -= 1
-            if not self.holding and self.pending is not None:
-                signum, self.pending = self.pending, None
-                raise Interrupted(signum)
-
-
-GATE = SignalGate()
-
-
-# -- a command in its own process group -------------------------------------------------------------
-
-
-class ProcessGroup:
-    """Runs ``argv`` as the leader of a new session, stdout+stderr to ``log``; ``stop()`` ends every member."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path, grace: float = 30.0):
-        self.argv, self.env, self.log, self.grace = argv, env, log, grace
-        self.proc: subprocess.Popen | None = None
-        self.stopped = False
-
-    def __enter__(self) -> ProcessGroup:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with GATE.held(), open(self.log, "wb") as log:
-                self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, start_new_session=True)
-        except BaseException:  # a signal held during the start: __exit__ will not run, so stop here
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def members(self) -> list[int]:
-        self.proc.poll()  # reap the leader so it does not linger as a zombie
-        return group_members(self.proc.pid)
-
-    def stop(self) -> None:
-        """SIGTERM to the group, SIGKILL after ``grace`` s (or at once on a second Ctrl-C); waits until it is empty."""
-        if self.proc is None or self.stopped:
-            return
-        with GATE.held():
-            if self.members():
-                _killpg(self.proc.pid, signal.SIGTERM)
-            if not self._wait_empty(self.grace):
-                _killpg(self.proc.pid, signal.SIGKILL)
-                self._wait_empty(10.0, hurry=False)
-            left = self.members()
-            self.stopped = not left  # once empty, the group id may be reused: never signal it again
-            if left:
-                say(f"warning: processes {left} of group {self.proc.pid} outlived SIGKILL; end them by hand")
-
-    def _wait_empty(self, seconds: float, hurry: bool = True) -> bool:
-        deadline = time.monotonic() + seconds
-        while self.members():
-            if time.monotonic() >= deadline or (hurry and GATE.pending is not None):
-                return False
-            time.sleep(0.05)
-        return True
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of process group ``pgid``, from /proc; elsewhere, [pgid] while any is left."""
-    if not Path("/proc/self/stat").exists():
-        try:
-            os.killpg(pgid, 0)
-            return [pgid]
-        except (ProcessLookupError, PermissionError):
-            return []
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
-                found.append(int(entry.name))
-    return found
-
-
 # -- one serve: start, wait, prove, benchmark, stop ------------------------------------------------
 
 
@@ -373,60 +243,6 @@ def _read_metrics(path: Path) -> dict | None:
     return {k: data[k] for k in METRICS if isinstance(data.get(k), (int, float))} if isinstance(data, dict) else None
 
 
-def say(text: str) -> None:
-    print(f"validate-serve: {text}", flush=True)
-
-
-# -- the node env file --------------------------------------------------------------------------------
-
-_ASSIGN = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
-_REF = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
-
-
-def read_env_file(path: Path, base: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    """``export NAME=value`` lines, parsed without a shell: quotes as in sh, ``$NAME`` expanded, no commands."""
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--env-file {path}: cannot read it ({exc}); pass the file install/node-check.sh wrote") \
-            from None
-    env: dict[str, str] = {}
-    for number, raw in enumerate(lines, 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        m = _ASSIGN.match(line)
-        if not m:
-            raise UsageError(f"{path}:{number}: not an 'export NAME=value' line; "
-                             "fix it or re-run install/node-check.sh")
-        env[m.group(1)] = _env_value(m.group(2), {**base, **env}, f"{path}:{number}")
-    return tuple(env.items())
-
-
-def _env_value(text: str, known: dict[str, str], where: str) -> str:
-    if "$(" in text or "`" in text:
-        raise UsageError(f"{where}: command substitution is not supported; write the value itself")
-    if not text.startswith("'"):
-        text = _REF.sub(lambda m: known.get(m.group(1) or m.group(2), ""), text)
-    try:
-        words = shlex.split(text)
-    except ValueError as exc:
-        raise UsageError(f"{where}: {exc}; quote the value as sh would") from None
-    if text[:1].isspace():  # NAME= followed by a blank: empty, as in sh
-        words = [""] + words
-    if len(words) > 1 and not words[1].startswith("#"):  # a comment starts a word; 'a#b' is a value
-        raise UsageError(f"{where}: the value has unquoted spaces; quote it")
-    return words[0] if words else ""
-
-
-def env_file(arg: str | None) -> Path | None:
-    if arg:
-        if not Path(arg).is_file():
-            raise UsageError(f"--env-file {arg}: no such file; run install/node-check.sh or drop --env-file")
-        return Path(arg)
-    return Path(ENV_FILE) if Path(ENV_FILE).is_file() else None
-
-
 # -- from arguments to a spec -------------------------------------------------------------------------
 
 
@@ -450,12 +266,6 @@ def expected_files(args: argparse.Namespace, layout: Layout, gpu: gpus.GpuSpec) 
     if isinstance(shape, Refusal):
         raise UsageError(f"layout {layout.name}: {shape.reason}")
     return [shape.file_name(gpu.device_name)]
-
-
-def installed_vllm_version() -> str | None:
-    from .tune import installed_vllm_version as version
-
-    return version()
 
 
 def build_spec(args: argparse.Namespace, gpu: gpus.GpuSpec) -> ServeSpec:
