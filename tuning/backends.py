@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     gpu = get_gpu(args.gpu)
     if not torch.cuda.is_available():
         raise UsageError("compare-backends times DeepGEMM and Triton on the GPU, and this node has none; run it on a GPU node")
-    from .deepgemm_check import import_deep_gemm, locate_deep_gemm
+    from .deepgemm_env import import_deep_gemm, locate_deep_gemm
 
     dg, check = import_deep_gemm(locate_deep_gemm(args.deep_gemm_path))
     if dg is None:

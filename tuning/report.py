@@ -4,12 +4,13 @@ For each device folder it writes ``REPORT.md`` (a table per shape plus provenanc
 ``summary.json`` (the same numbers) and ``plots/*.png``; the summary table is printed
 and, with ``--readme``, written between the README's report markers. Shapes are sorted
 and floats formatted with fixed precision, so re-running gives identical markdown.
+The plots are drawn by ``plots``; this module reads and validates the sidecars, builds
+the tables and markdown, and writes every file atomically.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from .configs import FIELDS, PROVENANCE_SUFFIX, TOOL, TileConfig, read_config_file
 from .errors import UsageError
+from .plots import shape_png, summary_png
 from .shapes import MoeShape
 
 BEGIN = "<!-- tune-moe:report:begin -->"
@@ -239,7 +241,7 @@ def summary_data(reports: list[ShapeReport]) -> dict:
         for r in reports]}
 
 
-# ---- files: atomic writes, plots, README ---------------------------------------------------------
+# ---- files: atomic writes, the folder's report, README -------------------------------------------
 
 def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -254,55 +256,10 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _save(fig, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    write_atomic(path, buf.getvalue())
-
-
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def plot_shape(r: ShapeReport, path: Path) -> None:
-    fig = _figure(11, 4.2)
-    times, speed = fig.subplots(1, 2)
-    ms = [b.m for b in r.rows]
-    times.loglog(ms, [b.default_us for b in r.rows], "o-", label="vLLM default")
-    times.loglog(ms, [b.tuned_us for b in r.rows], "s-", label="tuned")
-    times.loglog(ms, [b.roofline_us for b in r.rows], "--", color="gray", label="roofline")
-    times.set(xlabel="M (tokens)", ylabel="µs per MoE layer call", title="time vs M")
-    speed.semilogx(ms, [b.speedup for b in r.rows], "o-", color="tab:green")
-    speed.axhline(1.0, color="gray", linestyle="--")
-    speed.set(xlabel="M (tokens)", ylabel="speedup (default / tuned)", title="speedup vs M")
-    for ax in (times, speed):
-        ax.grid(True, which="both", alpha=0.3)
-    times.legend()
-    fig.suptitle(f"{r.shape.label} on {r.device}")
-    _save(fig, path)
-
-
-def plot_summary(reports: list[ShapeReport], path: Path) -> None:
-    fig = _figure(8, 1.2 + 0.45 * len(reports))
-    ax = fig.subplots()
-    labels = [f"{r.device} {r.shape.label}" for r in reports]
-    ax.barh(range(len(reports)), [r.geomean for r in reports], color="tab:blue")
-    ax.set_yticks(range(len(reports)), labels)
-    ax.invert_yaxis()
-    ax.axvline(1.0, color="gray", linestyle="--")
-    ax.set(xlabel="geomean speedup over vLLM's default", title="Tuned vs default, per shape")
-    _save(fig, path)
-
-
 def write_folder_report(out: Path, reports: list[ShapeReport]) -> None:
     for r in reports:
-        plot_shape(r, out / "plots" / f"{r.slug}.png")
-    plot_summary(reports, out / "plots" / "summary.png")
+        write_atomic(out / "plots" / f"{r.slug}.png", shape_png(r))
+    write_atomic(out / "plots" / "summary.png", summary_png(reports))
     write_atomic(out / "summary.json", (json.dumps(summary_data(reports), indent=2) + "\n").encode())
     write_atomic(out / "REPORT.md", render_markdown(reports).encode())
 
