@@ -54,10 +54,14 @@ def wait_for_results(proc, out: Path, n: int, timeout: float = 600) -> None:
         time.sleep(0.5)
 
 
-def workers() -> list[psutil.Process]:
+def workers(driver_pid: int) -> list[psutil.Process]:
+    """The Ray actor processes of this run: descendants of its driver (Ray's node processes start them)."""
     found = []
-    for p in psutil.process_iter(["cmdline", "name"]):
-        text = " ".join(p.info["cmdline"] or []) + " " + (p.info["name"] or "")
+    for p in psutil.Process(driver_pid).children(recursive=True):
+        try:
+            text = " ".join(p.cmdline()) + " " + p.name()
+        except psutil.Error:
+            continue
         if "TuneWorker" in text:
             found.append(p)
     return found
@@ -73,7 +77,7 @@ def test_sweep_survives_a_killed_worker_and_writes_what_vllm_loads(tmp_path):
     out = tmp_path / "cfg"
     proc = subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
     wait_for_results(proc, out, 1)
-    victims = workers()
+    victims = workers(proc.pid)
     assert len(victims) == 2  # one actor per (fake) GPU
     victims[0].send_signal(signal.SIGKILL)
     text, _ = proc.communicate(timeout=900)
