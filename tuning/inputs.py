@@ -37,10 +37,6 @@ class Routing:
                 pass
         raise UsageError(f"--routing {text!r}: use uniform or zipf:<s> (e.g. zipf:1.2)")
 
-    @property
-    def label(self) -> str:
-        return self.kind if self.kind == "uniform" else f"zipf:{self.zipf_s:g}"
-
 
 def route(m: int, shape: MoeShape, routing: Routing, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
     """top-k distinct experts per token (Gumbel top-k over popularity), and their weights."""

@@ -12,7 +12,6 @@ from .kernel import Kernel, KernelSource
 from .plan import Job
 from .runner import Runner
 from .search import STRATEGIES
-from .shapes import MoeShape
 from .space import Context
 
 
@@ -84,7 +83,3 @@ def run_job(kernel: Kernel, gpu: GpuSpec, job: Job, settings: Settings, device_n
                      best.timing.p20_us, best.timing.p80_us, rl.bound_us, rl.bound, best.error or 0.0,
                      result.evaluated, len(result.failed), time.monotonic() - t0, worker, bad)
 
-
-def shape_from_json(d: dict) -> MoeShape:
-    return MoeShape(d["num_experts"], d["global_experts"], d["n"], d["k"], d["top_k"], d["dtype"],
-                    tuple(d["block_shape"]) if d.get("block_shape") else None)

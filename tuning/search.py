@@ -15,6 +15,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
+from .bench import Timing
 from .configs import TileConfig
 from .runner import Outcome
 from .space import Context, neighbours, space
@@ -121,8 +122,6 @@ def _finish(ev: Evaluator, book: _Book, default: TileConfig) -> SearchResult:
 
 def head_to_head(ev: Evaluator, a: TileConfig, b: TileConfig, rounds: int = 3) -> tuple[Outcome, Outcome]:
     """Alternate timings of a and b so drift hits both; pool each side's samples."""
-    from .bench import Timing
-
     runs: dict[TileConfig, list[Outcome]] = {a: [], b: []}
     for _ in range(rounds):
         for c in (a, b) if a != b else (a,):
