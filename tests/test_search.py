@@ -10,7 +10,7 @@ from tuning.gpus import get_gpu
 from tuning.runner import Outcome
 from tuning.search import exhaustive, guided, head_to_head
 from tuning.shapes import MoeShape
-from tuning.space import ALL_CONFIGS, AXES, Context, explain, neighbours, space
+from tuning.space import AXES, Context, axes, candidates, explain, neighbours, space
 
 H200 = get_gpu("H200")
 FP8_EP = MoeShape(72, 288, 1280, 4096, 8, "fp8", (128, 128))
@@ -38,13 +38,31 @@ class Landscape:
 def test_space_size_and_predicates():
     ctx = Context(FP8_EP, H200, 1024)
     pool = space(ctx)
-    assert len(ALL_CONFIGS) == 5 * 4 * 3 * 4 * 2 * 4
-    assert 0 < len(pool) < len(ALL_CONFIGS)
+    assert len(candidates(Context(BF16_TP4, H200, 1024))) == 5 * 4 * 3 * 4 * 2 * 4
+    assert len(candidates(ctx)) == 5 * 4 * 2 * 4 * 2 * 4  # K 256 is clamped to the 128 block
+    assert 0 < len(pool) < len(candidates(ctx))
     assert all(c.BLOCK_SIZE_K <= 128 for c in pool)  # larger K tiles are clamped to the FP8 block
     assert all(c.BLOCK_SIZE_M <= 4 * 1024 * 8 / 288 for c in pool)
     big = TileConfig(256, 256, 128, 1, 8, 5)
     assert "fits_shared_memory" in explain(big, Context(BF16_TP4, H200, 4096))
     assert explain(TileConfig(16, 64, 128, 1, 4, 3), ctx) == []
+
+
+@pytest.mark.parametrize("block,ks", [((128, 128), (64, 128)), ((64, 64), (64,)), ((32, 32), (32,))])
+def test_block_fp8_searches_the_k_tile_vllm_will_run(block, ks):
+    """vLLM clamps BLOCK_SIZE_K to the quant block (TP8 refines FP8 to [32,32]): the space holds
+    exactly those K tiles, is not empty, and guided and exhaustive both reach its best config."""
+    shape = MoeShape(288, 288, 160 if block == (32, 32) else 320, 4096, 8, "fp8", block)
+    ctx = Context(shape, H200, 1024)
+    assert axes(ctx)["BLOCK_SIZE_K"] == ks
+    pool = space(ctx)
+    assert {c.BLOCK_SIZE_K for c in pool} == set(ks)
+    assert {c.BLOCK_SIZE_N for c in pool} == set(AXES["BLOCK_SIZE_N"])
+    assert len(pool) > 100
+    best, default = TileConfig(32, 128, ks[-1], 16, 4, 4), TileConfig(64, block[0], block[1], 1, 4, 3)
+    rg, re_ = guided(Landscape(best), ctx, default), exhaustive(Landscape(best), ctx, default)
+    assert rg.best.config == re_.best.config == best
+    assert all(n.BLOCK_SIZE_K in ks for n in neighbours(best, ctx))
 
 
 def test_naive_batches_use_one_row_tiles():

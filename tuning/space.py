@@ -25,9 +25,6 @@ AXES: dict[str, tuple[int, ...]] = {
     "num_stages": (2, 3, 4, 5),
 }
 
-ALL_CONFIGS: tuple[TileConfig, ...] = tuple(TileConfig(*values) for values in itertools.product(*AXES.values()))
-
-
 @dataclass(frozen=True)
 class Context:
     shape: MoeShape
@@ -45,6 +42,14 @@ class Context:
 
     def block_k(self, cfg: TileConfig) -> int:
         return min(cfg.BLOCK_SIZE_K, *self.shape.block_shape) if self.shape.block_shape else cfg.BLOCK_SIZE_K
+
+
+def axes(ctx: Context) -> dict[str, tuple[int, ...]]:
+    """AXES for this shape. vLLM clamps BLOCK_SIZE_K to a block-FP8 quant block, so there K takes
+    the clamped values: a [32,32] block searches K=32 alone, a [128,128] block 64 and 128."""
+    if not ctx.shape.block_shape:
+        return AXES
+    return {**AXES, "BLOCK_SIZE_K": tuple(sorted({min(k, *ctx.shape.block_shape) for k in AXES["BLOCK_SIZE_K"]}))}
 
 
 def fits_shared_memory(cfg: TileConfig, ctx: Context) -> bool:
@@ -90,14 +95,19 @@ def explain(cfg: TileConfig, ctx: Context) -> list[str]:
     return [p.__name__ for p in PREDICATES if not p(cfg, ctx)]
 
 
+def candidates(ctx: Context) -> list[TileConfig]:
+    """Every config on this shape's axes, before the predicates."""
+    return [TileConfig(*values) for values in itertools.product(*axes(ctx).values())]
+
+
 def space(ctx: Context) -> list[TileConfig]:
-    return [c for c in ALL_CONFIGS if all(p(c, ctx) for p in PREDICATES)]
+    return [c for c in candidates(ctx) if all(p(c, ctx) for p in PREDICATES)]
 
 
 def neighbours(cfg: TileConfig, ctx: Context) -> list[TileConfig]:
     """Configs one step away along one axis, inside the space."""
     out = []
-    for axis, values in AXES.items():
+    for axis, values in axes(ctx).items():
         i = values.index(getattr(cfg, axis)) if getattr(cfg, axis) in values else None
         if i is None:
             continue
