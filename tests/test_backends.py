@@ -9,7 +9,9 @@ against the float reference of the whole expert computation.
 import pytest
 import torch
 
-from tuning.backends import DeepGemmMoe
+from tuning.backends import DeepGemmMoe, deepgemm_runs
+from tuning.models import DEFAULT_MODEL, load_model
+from tuning.shapes import parse_layout, shape_for
 from tuning.inputs import Routing, build_problem, dequant_blocks
 from tuning.shapes import MoeShape
 
@@ -49,3 +51,23 @@ def test_grouped_layout_reproduces_the_expert_computation(shape, m):
     assert all(int(s) % 128 == 0 for s in starts if moe.m_indices[s] >= 0)  # each expert starts aligned
     assert moe.error() < 5e-3
     assert dg.rows_seen == 2 * local_slots  # two GEMMs, padding rows skipped
+
+
+@pytest.mark.parametrize("layout,n,runs_from", [
+    ("TP2", 640, 128),  # DeepGEMM from M=128 (its M alignment) up
+    ("DP4+EP", 1280, 128),
+    ("TP4", 384, None),  # padded 320 -> 384: N <= 512, Triton at every M
+    ("TP8", 256, None),
+])
+def test_where_a_deep_gemm_serve_runs_deepgemm(layout, n, runs_from):
+    """vLLM 0.33 on Hopper: TritonOrDeepGemmExperts uses DeepGEMM only for aligned M, N, K and N > 512."""
+    shape = shape_for(load_model(DEFAULT_MODEL + "-FP8"), parse_layout(layout), "fp8", moe_backend="deep_gemm")
+    assert (shape.n, shape.block_shape) == (n, (128, 128))
+    runs = [m for m in (1, 16, 64, 127, 128, 256, 1024, 4096) if deepgemm_runs(m, shape)]
+    assert runs == ([] if runs_from is None else [m for m in (128, 256, 1024, 4096) if m >= runs_from])
+
+
+def test_layout_records_its_alignment():
+    p = build_problem(MoeShape(8, 8, 128, 256, 2, "fp8", (128, 128)), 5, Routing(), 0, torch.device("cpu"),
+                      torch.bfloat16)
+    assert DeepGemmMoe(GroupedGemmContract(alignment=64), p).alignment == 64

@@ -207,3 +207,32 @@ def test_several_folders_with_out_and_readme(folder: Path, tmp_path: Path):
     text = readme.read_text()
     assert text.index("| NVIDIA_H20 |") < text.index("| NVIDIA_H200 |")
     assert "[NVIDIA_H20](reports/NVIDIA_H20/REPORT.md)" in text
+
+
+def test_layout_tuned_under_both_fp8_shapes_is_compared(folder: Path, tmp_path: Path):
+    """TP4 FP8: vLLM 0.33 runs N=320 [64,64] (auto backend) or N=384 [128,128] (explicit backend)."""
+    refined = MoeShape(288, 288, 320, 4096, 8, "fp8", (64, 64))
+    padded = MoeShape(288, 288, 384, 4096, 8, "fp8", (128, 128))
+    cfg = TileConfig(16, 64, 64, 1, 4, 3)
+    write_shape(folder, refined, {1: (39.1, 34.5, 1.133, 10.0, 25.0, 29.0, cfg), 128: (636.8, 370.3, 1.72, 200.0, 31.4,
+                                                                                      54.0, cfg)}, layouts=("TP4",))
+    write_shape(folder, padded, {1: (29.4, 27.8, 1.058, 10.0, 34.0, 36.0, cfg), 128: (427.2, 337.2, 1.267, 200.0, 46.8,
+                                                                                     59.3, cfg),
+                                 4096: (846.6, 834.7, 1.014, 300.0, 35.4, 35.9, cfg)}, layouts=("TP4",))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"x\n{report.BEGIN}\n{report.END}\n")
+    assert report.run(args(folder, readme=readme)) == 0
+    rows = table_rows((folder / "REPORT.md").read_text(), f"TP4: {refined.label} or {padded.label}")
+    assert rows == [["1", "34.5", "27.8", f"{34.5 / 27.8:.3f}x"], ["128", "370.3", "337.2", f"{370.3 / 337.2:.3f}x"]]
+    alt = json.loads((folder / "summary.json").read_text())["alternatives"]
+    assert [(a["layout"], a["refined"], a["padded"]) for a in alt] == [
+        ("TP4", refined.file_name(DEVICE), padded.file_name(DEVICE))]
+    assert alt[0]["geomean_refined_over_padded"] == pytest.approx(geomean([34.5 / 27.8, 370.3 / 337.2]), abs=1e-6)
+    assert f"| {DEVICE} | TP4 | {refined.label} | {padded.label} | {geomean([34.5 / 27.8, 370.3 / 337.2]):.3f}x |" \
+        in readme.read_text()
+
+
+def test_no_comparison_without_a_second_shape(folder: Path):
+    report.run(args(folder))
+    assert "two FP8 shapes" not in (folder / "REPORT.md").read_text()
+    assert json.loads((folder / "summary.json").read_text())["alternatives"] == []

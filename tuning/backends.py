@@ -9,7 +9,9 @@ activation between the GEMMs is the same work for both and is left out.
 
 DeepGEMM needs 128x128 blocks: where vLLM refines the block for Triton (TP4: [64,64]),
 ``--moe-backend deep_gemm`` makes vLLM pad the shard instead (N=384), so that is the
-shape DeepGEMM is timed on.
+shape DeepGEMM is timed on. Even then vLLM 0.33 on Hopper only runs DeepGEMM where
+``deepgemm_runs`` says so (M and N aligned, N > 512); elsewhere it runs Triton on the
+padded shape, and the "vLLM runs" column says which.
 """
 
 from __future__ import annotations
@@ -37,8 +39,16 @@ SELECTION = {  # what vLLM 0.33 does for block FP8 on Hopper (oracle/fp8.py)
           "with --moe-backend triton",
 }
 FLAGS = ("--moe-backend triton | deep_gemm, or VLLM_USE_DEEP_GEMM=1 with VLLM_MOE_USE_DEEP_GEMM=1 "
-         "(either set to 0 removes DeepGEMM); with deep_gemm vLLM still runs Triton below M=128 "
-         "(TritonOrDeepGemmExperts)")
+         "(either set to 0 removes DeepGEMM); with deep_gemm on Hopper vLLM still runs Triton below M=128 "
+         "and for shards of N <= 512 (TritonOrDeepGemmExperts), on the padded shape")
+DEEPGEMM_MIN_N = 513  # vLLM 0.33 _valid_deep_gemm: "DeepGemm disabled for N <= 512", Triton is faster there
+
+
+def deepgemm_runs(m: int, shape: MoeShape, alignment: int = 128) -> bool:
+    """Whether vLLM 0.33's TritonOrDeepGemmExperts picks DeepGEMM on Hopper (no UE8M0) for M tokens of
+    ``shape`` (the padded shape of a deep_gemm serve): M, N and K aligned and N > 512; else Triton."""
+    return (m >= alignment and shape.n % alignment == 0 and shape.k % alignment == 0
+            and shape.n >= DEEPGEMM_MIN_N)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,6 +72,7 @@ class Row:
     deepgemm_total_us: float
     deepgemm_error: float
     faster: str
+    vllm_runs: str  # what a --moe-backend deep_gemm serve runs at this M
 
 
 class DeepGemmMoe:
@@ -69,7 +80,7 @@ class DeepGemmMoe:
 
     def __init__(self, dg, p: Problem):
         self.dg, self.p = dg, p
-        align = int(dg.get_mk_alignment_for_contiguous_layout())
+        self.alignment = align = int(dg.get_mk_alignment_for_contiguous_layout())
         local = p.local_ids.reshape(-1)
         pairs = (local >= 0).nonzero().squeeze(1)
         experts = local[pairs]
@@ -131,13 +142,14 @@ def compare(dg, kernel, gpu, model, layout_text: str, ms, folder: Path) -> list[
     tuned = configs.read_config_file(tuned_file) if tuned_file.exists() else {}
     print(f"\n{layout.name}: Triton on {tri.label} ({'tuned' if tuned else 'NOT tuned: default only'}), "
           f"DeepGEMM on {dgs.label}. {SELECTION['ep' if layout.ep else 'tp']}.")
-    print(f"  {'M':>5} {'Triton default':>15} {'Triton tuned':>13} {'DeepGEMM GEMMs':>15} {'DeepGEMM total':>15}  faster")
+    print(f"  {'M':>5} {'Triton default':>15} {'Triton tuned':>13} {'DeepGEMM GEMMs':>15} {'DeepGEMM total':>15}  "
+          f"{'faster':<9} {'--moe-backend deep_gemm runs':<29}")
     rows = []
     for m in ms:
         rows.append(_one(dg, kernel, gpu, layout.name, tri, dgs, m, tuned))
         r = rows[-1]
         print(f"  {m:>5} {r.triton_default_us:>15.1f} {r.triton_tuned_us:>13.1f} {r.deepgemm_gemms_us:>15.1f} "
-              f"{r.deepgemm_total_us:>15.1f}  {r.faster}   (DeepGEMM rel. error {r.deepgemm_error:.1e})")
+              f"{r.deepgemm_total_us:>15.1f}  {r.faster:<9} {r.vllm_runs:<29} (DeepGEMM rel. error {r.deepgemm_error:.1e})")
     return rows
 
 
@@ -151,7 +163,8 @@ def _one(dg, kernel, gpu, layout: str, tri: MoeShape, dgs: MoeShape, m: int, tun
     gemms = measure(deep.gemms, budget_ms=100).median_us
     total = measure(deep.run, budget_ms=100).median_us
     faster = "DeepGEMM" if total < best else "Triton"
-    return Row(layout, m, default, best, gemms, total, err, faster)
+    runs = "DeepGEMM" if deepgemm_runs(m, dgs, deep.alignment) else f"Triton on {dgs.label}"
+    return Row(layout, m, default, best, gemms, total, err, faster, runs)
 
 
 def run(args: argparse.Namespace) -> int:

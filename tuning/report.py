@@ -79,6 +79,49 @@ class ShapeReport:
         return re.sub(r"[^A-Za-z0-9]+", "_", self.file.removesuffix(".json")).strip("_")
 
 
+@dataclass(frozen=True)
+class Alternative:
+    """One layout tuned under both FP8 shapes vLLM 0.33 may run for it: the refined block (auto or
+    triton backend) and the shard padded to whole checkpoint blocks (an explicit other backend;
+    with deep_gemm, vLLM falls back to Triton on the padded shape when N <= 512)."""
+    device: str
+    layout: str
+    refined: ShapeReport
+    padded: ShapeReport
+
+    @property
+    def rows(self) -> list[tuple[int, float, float]]:
+        """(M, refined tuned µs, padded tuned µs) for the batch sizes both were tuned at."""
+        padded = {r.m: r.tuned_us for r in self.padded.rows}
+        return [(r.m, r.tuned_us, padded[r.m]) for r in self.refined.rows if r.m in padded]
+
+    @property
+    def ratios(self) -> list[float]:
+        return [refined / padded for _, refined, padded in self.rows]
+
+    @property
+    def geomean(self) -> float:
+        return math.exp(sum(math.log(x) for x in self.ratios) / len(self.ratios))
+
+
+def alternatives(reports: list[ShapeReport]) -> list[Alternative]:
+    by_layout: dict[tuple[str, str], list[ShapeReport]] = {}
+    for r in reports:
+        if r.shape.dtype == "fp8" and r.shape.block_shape:
+            for layout in r.layouts:
+                by_layout.setdefault((r.device, layout), []).append(r)
+    out = []
+    for (device, layout), rs in sorted(by_layout.items()):
+        if len(rs) != 2:
+            continue
+        refined, padded = sorted(rs, key=lambda r: (min(r.shape.block_shape), r.shape.n))
+        if min(refined.shape.block_shape) < min(padded.shape.block_shape) and padded.shape.n > refined.shape.n:
+            alt = Alternative(device, layout, refined, padded)
+            if alt.rows:
+                out.append(alt)
+    return out
+
+
 # ---- reading and validating sidecars -------------------------------------------------------------
 
 def _get(data: object, path: str, where: Path) -> object:
@@ -205,6 +248,25 @@ def summary_table(reports: list[ShapeReport]) -> list[str]:
     return lines
 
 
+def alternatives_table(alts: list[Alternative]) -> list[str]:
+    if not alts:
+        return []
+    lines = ["| GPU | layout | refined block (auto or triton backend) | padded shard (e.g. `--moe-backend deep_gemm`) "
+             "| refined / padded µs, geomean | range |", "|---|---|---|---|---:|---:|"]
+    for a in alts:
+        lines.append(f"| {a.device} | {a.layout} | {a.refined.shape.label} | {a.padded.shape.label} | {_x(a.geomean)} "
+                     f"| {_x(min(a.ratios))} – {_x(max(a.ratios))} |")
+    return lines
+
+
+def alternative_section(a: Alternative) -> list[str]:
+    lines = [f"### {a.layout}: {a.refined.shape.label} or {a.padded.shape.label}", "",
+             f"Tuned µs of `{a.refined.file}` against `{a.padded.file}`; above 1.000x the padded shape is faster.", "",
+             "| M | refined tuned µs | padded tuned µs | refined / padded |", "|---:|---:|---:|---:|"]
+    lines += [f"| {m} | {r:.1f} | {p:.1f} | {_x(r / p)} |" for m, r, p in a.rows]
+    return lines + ["", f"Geomean {_x(a.geomean)}.", ""]
+
+
 def shape_section(r: ShapeReport) -> list[str]:
     lines = [f"## {r.shape.label}", "", f"File `{r.file}`; layouts: {', '.join(r.layouts) or '-'}.", "",
              *r.provenance, "",
@@ -225,6 +287,16 @@ def render_markdown(reports: list[ShapeReport]) -> str:
              "editing this file. Times are medians under each shape's search scope (gemms: the two expert GEMMs; "
              "layer: the whole expert path); speedup is default / tuned.", "",
              "## Summary", "", *summary_table(reports), "", "![Geomean speedup per shape](plots/summary.png)", ""]
+    alts = alternatives(reports)
+    if alts:
+        lines += ["## One layout, two FP8 shapes", "",
+                  "vLLM 0.33 runs a TP shard that is not a whole number of FP8 blocks in one of two ways: it refines "
+                  "the block when the MoE backend is auto or triton, and pads the shard to whole blocks for any other "
+                  "explicit backend. With `--moe-backend deep_gemm` on Hopper, DeepGEMM declines N <= 512, so the "
+                  "padded shape runs on Triton at every M. Both tuned, on the same GPU:", "",
+                  *alternatives_table(alts), ""]
+        for a in alts:
+            lines += alternative_section(a)
     for r in reports:
         lines += shape_section(r)
     return "\n".join(lines)
@@ -238,7 +310,11 @@ def summary_data(reports: list[ShapeReport]) -> dict:
         {"device": r.device, "file": r.file, "shape": r.shape.label, "layouts": list(r.layouts),
          "geomean_speedup": round(r.geomean, 6), "worst": {"m": r.worst.m, "speedup": r.worst.speedup},
          "best": {"m": r.best.m, "speedup": r.best.speedup}, "rows": [row(b) for b in r.rows]}
-        for r in reports]}
+        for r in reports], "alternatives": [
+        {"device": a.device, "layout": a.layout, "refined": a.refined.file, "padded": a.padded.file,
+         "geomean_refined_over_padded": round(a.geomean, 6),
+         "rows": [{"m": m, "refined_us": r, "padded_us": p} for m, r, p in a.rows]}
+        for a in alternatives(reports)]}
 
 
 # ---- files: atomic writes, the folder's report, README -------------------------------------------
@@ -337,6 +413,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out / 'REPORT.md'}, {out / 'summary.json'} and {len(reports) + 1} plots in {out / 'plots'}")
     everything = sorted((r for reports in per_folder for r in reports), key=lambda r: r.sort_key)
     table = summary_table(everything)
+    alts = alternatives_table(alternatives(everything))
+    if alts:
+        table += ["", "Layouts tuned under both FP8 shapes vLLM can run for them (tuned µs, refined / padded):", "",
+                  *alts]
     print("\n" + "\n".join(table))
     if readme is not None:
         update_readme(Path(args.readme), readme, table + ["", _details_line(outs, Path(args.readme))])
