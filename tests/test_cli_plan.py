@@ -314,3 +314,16 @@ def test_console_dry_run_counts_the_gpus_nvidia_smi_reports(console_runs):
     assert "on 4xH200" in out and "TP8" not in out
     assert "= 72 (shape, M) jobs" in out
     assert after == before
+
+
+def test_plan_notes_which_fp8_shape_a_tp_serve_runs(tune):
+    """Auto backend: the refined block, with a pointer to the padded shape; deep_gemm: the padded shape, which
+    Triton runs at every M when N <= 512 (TP4, TP8) but not when DeepGEMM takes it (TP2)."""
+    rc, out, _ = tune("--gpu", "H200", "--dtype", "fp8", "--layouts", "TP4", "--num-gpus", "4", "--dry-run")
+    assert rc == 0 and TP4 in out and "(--moe-backend deep_gemm pads the shard instead)" in out
+    rc, out, _ = tune("--gpu", "H200", "--dtype", "fp8", "--layouts", "TP2,TP4,TP8", "--num-gpus", "8",
+                      "--moe-backend", "deep_gemm", "--dry-run")
+    notes = {ln.split()[2]: ln for ln in out.splitlines() if ln.startswith("      fp8 ")}
+    assert set(notes) == {"N=640", "N=384", "N=256"}
+    assert "Triton runs it at every M" in notes["N=384"] and "Triton runs it at every M" in notes["N=256"]
+    assert "pads" not in notes["N=640"]

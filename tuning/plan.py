@@ -76,9 +76,12 @@ def format_plan(plan: Plan) -> str:
         ep = f", routed over {shape.global_experts} global experts" if shape.expert_parallel else ""
         block = plan.model.weight_block_size
         if shape.block_shape and block and tuple(shape.block_shape) != tuple(block):
-            ep += f"; vLLM {plan.vllm_version} refines the checkpoint's {list(block)} block for this shard"
+            ep += (f"; vLLM {plan.vllm_version} refines the checkpoint's {list(block)} block for this shard "
+                   "(--moe-backend deep_gemm pads the shard instead)")
         elif layouts and not shape.expert_parallel and shape.n * layouts[0].gpus != plan.model.moe_intermediate_size:
             ep += f"; vLLM pads the {plan.model.moe_intermediate_size // layouts[0].gpus}-wide shard to whole FP8 blocks"
+            if shape.n <= 512:
+                ep += " (with deep_gemm, Triton runs it at every M: DeepGEMM declines N <= 512)"
         lines.append(f"  {plan.file_name(shape)}")
         lines.append(f"      {shape.label}, K={shape.k}, top-{shape.top_k}{ep}; layouts {', '.join(l.name for l in layouts)}")
     lines += ["", "Batch sizes (M): " + " ".join(map(str, plan.batch_sizes)),
