@@ -30,7 +30,7 @@ from .inputs import Problem, Routing, build_problem, reference
 from .kernel import KernelSource
 from .models import DEFAULT_MODEL, load_model
 from .runner import Runner
-from .shapes import MoeShape, Refusal, parse_layout, shape_for
+from .shapes import MoeShape, Refusal, deepgemm_runs, parse_layout, shape_for
 
 DEFAULT_MS = (1, 16, 64, 128, 256, 512, 1024, 2048, 4096)
 SELECTION = {  # what vLLM 0.33 does for block FP8 on Hopper (oracle/fp8.py)
@@ -41,14 +41,6 @@ SELECTION = {  # what vLLM 0.33 does for block FP8 on Hopper (oracle/fp8.py)
 FLAGS = ("--moe-backend triton | deep_gemm, or VLLM_USE_DEEP_GEMM=1 with VLLM_MOE_USE_DEEP_GEMM=1 "
          "(either set to 0 removes DeepGEMM); with deep_gemm on Hopper vLLM still runs Triton below M=128 "
          "and for shards of N <= 512 (TritonOrDeepGemmExperts), on the padded shape")
-DEEPGEMM_MIN_N = 513  # vLLM 0.33 _valid_deep_gemm: "DeepGemm disabled for N <= 512", Triton is faster there
-
-
-def deepgemm_runs(m: int, shape: MoeShape, alignment: int = 128) -> bool:
-    """Whether vLLM 0.33's TritonOrDeepGemmExperts picks DeepGEMM on Hopper (no UE8M0) for M tokens of
-    ``shape`` (the padded shape of a deep_gemm serve): M, N and K aligned and N > 512; else Triton."""
-    return (m >= alignment and shape.n % alignment == 0 and shape.k % alignment == 0
-            and shape.n >= DEEPGEMM_MIN_N)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
