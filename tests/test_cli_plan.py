@@ -327,3 +327,11 @@ def test_plan_notes_which_fp8_shape_a_tp_serve_runs(tune):
     assert set(notes) == {"N=640", "N=384", "N=256"}
     assert "Triton runs it at every M" in notes["N=384"] and "Triton runs it at every M" in notes["N=256"]
     assert "pads" not in notes["N=640"]
+
+
+def test_blackwell_plan_does_not_claim_triton_runs_the_padded_shape(tune):
+    """On B200 vLLM 0.33 uses DeepGEMM's UE8M0 path whenever deep_gemm is chosen, whatever N."""
+    rc, out, _ = tune("--gpu", "B200", "--dtype", "fp8", "--layouts", "TP4", "--num-gpus", "4",
+                      "--moe-backend", "deep_gemm", "--dry-run")
+    assert rc == 0 and "E=288,N=384,device_name=NVIDIA_B200,dtype=fp8_w8a8,block_shape=[128,128].json" in out
+    assert "pads the 320-wide shard" in out and "Triton runs it" not in out

@@ -80,7 +80,8 @@ def format_plan(plan: Plan) -> str:
                    "(--moe-backend deep_gemm pads the shard instead)")
         elif layouts and not shape.expert_parallel and shape.n * layouts[0].gpus != plan.model.moe_intermediate_size:
             ep += f"; vLLM pads the {plan.model.moe_intermediate_size // layouts[0].gpus}-wide shard to whole FP8 blocks"
-            if shape.n <= DEEPGEMM_DECLINES_N:
+            # Hopper only: on Blackwell vLLM's UE8M0 path takes DeepGEMM at any N.
+            if shape.n <= DEEPGEMM_DECLINES_N and plan.gpu.arch == "sm90":
                 ep += " (with deep_gemm, Triton runs it at every M: DeepGEMM declines N <= 512)"
         lines.append(f"  {plan.file_name(shape)}")
         lines.append(f"      {shape.label}, K={shape.k}, top-{shape.top_k}{ep}; layouts {', '.join(l.name for l in layouts)}")
