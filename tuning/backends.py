@@ -11,7 +11,7 @@ DeepGEMM needs 128x128 blocks: where vLLM refines the block for Triton (TP4: [64
 ``--moe-backend deep_gemm`` makes vLLM pad the shard instead (N=384), so that is the
 shape DeepGEMM is timed on. Even then vLLM 0.33 on Hopper only runs DeepGEMM where
 ``deepgemm_runs`` says so (M and N aligned, N > 512); elsewhere it runs Triton on the
-padded shape, and the "vLLM runs" column says which.
+padded shape, and the "--moe-backend deep_gemm runs" column says which.
 """
 
 from __future__ import annotations

@@ -34,6 +34,10 @@ REQUIRED = ("tool", "file", "layouts", "tuning_seconds", "results", *(f"shape.{k
 NUMBERS = ("default_us", "tuned_us", "speedup", "roofline_us", "default_pct_roofline", "tuned_pct_roofline")
 
 
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
 @dataclass(frozen=True)
 class BatchRow:
     m: int
@@ -64,7 +68,7 @@ class ShapeReport:
 
     @property
     def geomean(self) -> float:
-        return math.exp(sum(math.log(r.speedup) for r in self.rows) / len(self.rows))
+        return _geomean([r.speedup for r in self.rows])
 
     @property
     def worst(self) -> BatchRow:
@@ -101,7 +105,7 @@ class Alternative:
 
     @property
     def geomean(self) -> float:
-        return math.exp(sum(math.log(x) for x in self.ratios) / len(self.ratios))
+        return _geomean(self.ratios)
 
 
 def alternatives(reports: list[ShapeReport]) -> list[Alternative]:
