@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from tuning import configs
+from tuning import configs, files
 from tuning.configs import (FIELDS, TileConfig, check_writable, merge, provenance_path, read_config_file,
                             read_provenance, write_config_file, write_provenance)
 from tuning.errors import UsageError
@@ -67,7 +67,7 @@ def test_failed_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(configs.json, "dump", boom)
+    monkeypatch.setattr(files.os, "fsync", boom)
     with pytest.raises(OSError, match="No space left"):
         write_config_file(path, {1: B}, "3.8.0")
     assert path.read_bytes() == before

@@ -25,6 +25,7 @@ import torch
 from . import configs
 from .bench import measure
 from .errors import UsageError
+from .files import atomic_write_json
 from .gpus import get_gpu
 from .inputs import Problem, Routing, build_problem, reference
 from .kernel import KernelSource
@@ -176,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [r for lay in args.layouts.split(",") if lay for r in compare(dg, kernel, gpu, model, lay, ms, folder)]
     print(f"\nSelecting a backend: {FLAGS}.")
     if args.json_out:
-        configs.atomic_write_json(Path(args.json_out), {"gpu": torch.cuda.get_device_name(), "kernel": kernel.describe,
+        atomic_write_json(Path(args.json_out), {"gpu": torch.cuda.get_device_name(), "kernel": kernel.describe,
                                                          "deep_gemm": getattr(dg, "__version__", None),
                                                          "rows": [asdict(r) for r in rows]})
     bad = [r for r in rows if not r.deepgemm_error < 2e-2]

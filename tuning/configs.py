@@ -8,12 +8,11 @@ else (provenance included) lives in a sidecar ``<name>.provenance.json``.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import UsageError
+from .files import atomic_write_json
 
 FIELDS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
 PROVENANCE_SUFFIX = ".provenance.json"
@@ -46,26 +45,6 @@ class TileConfig:
     def short(self) -> str:
         return (f"M{self.BLOCK_SIZE_M}-N{self.BLOCK_SIZE_N}-K{self.BLOCK_SIZE_K}-G{self.GROUP_SIZE_M}"
                 f"-w{self.num_warps}-s{self.num_stages}")
-
-
-def atomic_write_json(path: Path, data: dict) -> None:
-    """Write JSON to a temp file beside ``path``, fsync, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # readable like any other file (mkstemp makes it 0600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=4)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def to_vllm_json(configs: dict[int, TileConfig], triton_version: str) -> dict:
