@@ -13,7 +13,7 @@ import json
 import sys
 
 from tuning.gpus import get_gpu
-from tuning.inputs import Routing
+from tuning.routing import Routing
 from tuning.kernel import KernelSource
 from tuning.runner import Runner
 from tuning.shapes import MoeShape

@@ -4,12 +4,13 @@ Without a GPU, vLLM's Triton kernels run under Triton's interpreter; the variabl
 be set before Triton is first imported, hence here.
 """
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 import torch
+
+from tuning.kernel import installed_fused_moe
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -20,11 +21,7 @@ TINY_MODEL = FIXTURES / "tiny-moe" / "config.json"
 
 def vllm_fused_moe_path() -> Path | None:
     """vLLM's fused_moe.py of the installed vLLM, found without importing vLLM."""
-    spec = importlib.util.find_spec("vllm")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "model_executor/layers/fused_moe/fused_moe.py"
-    return path if path.exists() else None
+    return installed_fused_moe()
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +39,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def provenance_for(config_path: Path, configs: dict, *, triton: str = "3.8.0", vllm: str = "0.33.0",
+                   kernel_sha256: str = "0" * 64, layouts: tuple[str, ...] = ()):
+    """A valid sidecar record for ``config_path`` holding ``configs`` (default = tuned, speedup 1)."""
+    import re
+
+    from tuning.provenance import BatchRow, Provenance, RunInfo
+    from tuning.shapes import MoeShape
+
+    m = re.match(r"^E=(\d+),N=(\d+),device_name=([^,]+)(?:,dtype=fp8_w8a8)?(?:,block_shape=\[(\d+),(\d+)\])?\.json$",
+                 Path(config_path).name)
+    block = (int(m.group(4)), int(m.group(5))) if m.group(4) else None
+    shape = MoeShape(int(m.group(1)), 288, int(m.group(2)), 4096, 8, "fp8" if "fp8_w8a8" in m.group(0) else "bf16",
+                     block)
+    run = RunInfo(gpu_name="NVIDIA H200", device_name=m.group(3), driver="580.159.04", count=1, cuda="13.0",
+                  torch="2.11.0", triton=triton, python="3.12.3", vllm=vllm, kernel="vLLM fused_moe_kernel",
+                  kernel_sha256=kernel_sha256)
+    rows = tuple(BatchRow(m=bs, default=c, default_us=10.0, tuned=c, tuned_us=10.0, speedup=1.0, roofline_us=5.0,
+                          default_pct_roofline=50.0, tuned_pct_roofline=50.0, bound="memory")
+                 for bs, c in sorted(configs.items()))
+    return Provenance(file=Path(config_path).name, shape=shape, layouts=layouts, gpu_key="H200", run=run,
+                      search={"strategy": "guided", "routing": "uniform", "seed": 0, "scope": "gemms"},
+                      started="2026-11-30T00:00:00Z", finished="2026-11-30T00:01:00Z", tuning_seconds=60.0, rows=rows)

@@ -12,7 +12,8 @@ import torch
 from tuning.backends import DeepGemmMoe, deepgemm_runs
 from tuning.models import DEFAULT_MODEL, load_model
 from tuning.shapes import parse_layout, shape_for
-from tuning.inputs import Routing, build_problem, dequant_blocks
+from tuning.inputs import build_problem, dequant_blocks
+from tuning.routing import Routing
 from tuning.shapes import MoeShape
 
 

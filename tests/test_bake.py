@@ -9,7 +9,10 @@ import pytest
 
 from tuning import bake
 from tuning.cli import main
-from tuning.configs import TileConfig, provenance_path, read_config_file, write_config_file, write_provenance
+from conftest import provenance_for
+from tuning import provenance
+from tuning.configs import TileConfig, read_config_file, write_config_file
+from tuning.provenance import sidecar_path as provenance_path
 from tuning.errors import UsageError
 
 DEVICE = "NVIDIA_H200"
@@ -23,7 +26,7 @@ def configs(tmp_path: Path) -> Path:
     root = tmp_path / "kernels_configs"
     for name in (FP8, BF16):
         write_config_file(root / DEVICE / name, {1: TILE, 96: TILE}, "3.6.0")
-    write_provenance(root / DEVICE / FP8, {"file": FP8})
+    provenance.write(root / DEVICE / FP8, provenance_for(root / DEVICE / FP8, read_config_file(root / DEVICE / FP8)))
     (root / DEVICE / "REPORT.md").write_text("# report\n")
     (root / DEVICE / "summary.json").write_text("{}\n")
     (root / "NVIDIA_B200").mkdir()

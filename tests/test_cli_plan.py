@@ -124,12 +124,12 @@ def test_layouts_and_batch_sizes_narrow_the_plan(tune):
     assert out.count(" on 4xH200: ") == 1  # only TP4 was considered
 
 
-def test_shapes_filter_by_file_name_prefix(tune):
-    rc, out, _ = tune("--gpu", "H200", "--dtype", "bf16", "--dry-run", "--shapes", "E=72,N=1280")
+def test_shape_selects_by_experts_and_width(tune):
+    rc, out, _ = tune("--gpu", "H200", "--dtype", "bf16", "--dry-run", "--shape", "E=72,N=1280")
     assert rc == 0
     assert "Shapes (1)" in out and f"  {BF16_EP4}\n" in out
-    rc, _, err = tune("--gpu", "H200", "--dtype", "bf16", "--dry-run", "--shapes", "E=999")
-    assert rc == 2 and "--shapes E=999 matches none of the plan's shapes" in one_error_line(err)
+    rc, _, err = tune("--gpu", "H200", "--dtype", "bf16", "--dry-run", "--shape", "E=999,N=1")
+    assert rc == 2 and "--shape E=999,N=1 matches none of the plan's shapes" in one_error_line(err)
 
 
 def test_num_gpus_defaults_to_8_without_gpus(tune):

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tuning.configs import PROVENANCE_SUFFIX, TileConfig, provenance_path, read_config_file, write_config_file
+from tuning.configs import TileConfig, read_config_file, write_config_file
+from tuning.provenance import SUFFIX as PROVENANCE_SUFFIX, sidecar_path as provenance_path
 from tuning.gpus import CATALOGUE
 from tuning.report import load_sidecar
 from tuning.shapes import BATCH_SIZES, MoeShape

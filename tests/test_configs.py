@@ -6,9 +6,9 @@ import stat
 
 import pytest
 
-from tuning import configs, files
-from tuning.configs import (FIELDS, TileConfig, check_writable, merge, provenance_path, read_config_file,
-                            read_provenance, write_config_file, write_provenance)
+from conftest import provenance_for
+from tuning import configs, files, provenance
+from tuning.configs import FIELDS, TileConfig, merge, read_config_file, write_config_file
 from tuning.errors import UsageError
 
 EP4 = "E=72,N=1280,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"
@@ -83,9 +83,9 @@ def test_empty_configs_are_not_written(tmp_path):
 def test_file_is_readable_by_others(tmp_path, umask022):
     path = tmp_path / EP4
     write_config_file(path, CONFIGS, "3.8.0")
-    write_provenance(path, {"gpu": "NVIDIA H200"})
+    provenance.write(path, provenance_for(path, CONFIGS))
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
-    assert stat.S_IMODE(provenance_path(path).stat().st_mode) == 0o644
+    assert stat.S_IMODE(provenance.sidecar_path(path).stat().st_mode) == 0o644
 
 
 def test_file_mode_follows_the_umask(tmp_path):
@@ -145,69 +145,6 @@ def test_merge_keeps_old_batch_sizes_and_new_entries_win():
     assert merge({}, {1: A}) == {1: A}
 
 
-# --- provenance and overwrite rules ----------------------------------------------------------
-
-
-def test_provenance_sidecar_name(tmp_path):
-    assert provenance_path(tmp_path / EP4) == tmp_path / (
-        "E=72,N=1280,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].provenance.json")
-    assert provenance_path(tmp_path / BF16_TP4).name == "E=288,N=320,device_name=NVIDIA_H200.provenance.json"
-
-
-def test_provenance_round_trip_carries_the_tool(tmp_path):
-    path = tmp_path / EP4
-    write_provenance(path, {"gpu": "NVIDIA H200", "vllm": "0.33.0"})
-    assert read_provenance(path) == {"tool": "tune-moe", "gpu": "NVIDIA H200", "vllm": "0.33.0"}
-    assert json.loads(provenance_path(path).read_text())["tool"] == "tune-moe"
-
-
-def test_provenance_of_another_tool_or_shape_does_not_count(tmp_path):
-    path = tmp_path / EP4
-    assert read_provenance(path) is None
-    provenance_path(path).write_text(json.dumps({"tool": "benchmark_moe.py"}))
-    assert read_provenance(path) is None
-    provenance_path(path).write_text("[]")
-    assert read_provenance(path) is None
-
-
-def test_check_writable_new_file(tmp_path):
-    assert check_writable(tmp_path / EP4) == {}
-
-
-def test_check_writable_merges_into_our_own_file(tmp_path):
-    path = tmp_path / EP4
-    write_config_file(path, CONFIGS, "3.8.0")
-    write_provenance(path, {"gpu": "NVIDIA H200"})
-    assert check_writable(path) == CONFIGS
-
-
-def test_check_writable_refuses_a_foreign_file_unless_overwrite(tmp_path):
-    path = tmp_path / EP4
-    write_config_file(path, CONFIGS, "3.8.0")  # e.g. vLLM's benchmark_moe.py: no sidecar
-    with pytest.raises(UsageError) as err:
-        check_writable(path)
-    msg = str(err.value)
-    assert "was not written by tune-moe" in msg and provenance_path(path).name in msg and "--overwrite" in msg
-    assert check_writable(path, overwrite=True) == CONFIGS
-
-
-def test_check_writable_refuses_a_corrupt_file_even_with_overwrite(tmp_path):
-    path = tmp_path / EP4
-    path.write_text('{"1": ')
-    write_provenance(path, {"gpu": "NVIDIA H200"})
-    for overwrite in (False, True):
-        with pytest.raises(UsageError, match="unreadable or corrupt JSON"):
-            check_writable(path, overwrite=overwrite)
-
-
-def test_check_writable_refuses_a_corrupt_sidecar(tmp_path):
-    path = tmp_path / EP4
-    write_config_file(path, CONFIGS, "3.8.0")
-    provenance_path(path).write_text("{not json")
-    with pytest.raises(UsageError, match="corrupt provenance"):
-        check_writable(path)
-
-
 # --- through vLLM's own loader ---------------------------------------------------------------
 
 
@@ -223,7 +160,7 @@ def fused_moe():
 ])
 def test_vllm_loader_reads_back_exactly_what_was_written(fused_moe, tmp_path, monkeypatch, name, args):
     write_config_file(tmp_path / name, CONFIGS, "3.8.0")
-    write_provenance(tmp_path / name, {"gpu": "NVIDIA H200"})  # the sidecar beside it must not disturb vLLM
+    provenance.write(tmp_path / name, provenance_for(tmp_path / name, CONFIGS))  # a sidecar must not disturb vLLM
     monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(tmp_path))
     monkeypatch.setattr(fused_moe, "get_device_name_as_file_name", lambda device_id=0: "NVIDIA_H200")
     fused_moe.get_moe_configs.cache_clear()

@@ -5,6 +5,7 @@ fp16 stands in for bf16 (the interpreter mishandles bf16 dots); bf16 is proven o
 """
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,9 @@ from tuning import launch
 from tuning.configs import TileConfig
 from tuning.errors import UsageError
 from tuning.gpus import get_gpu
-from tuning.inputs import TOLERANCE, Routing, build_problem, expert_map, reference, route
+from tuning.jobs import FailureKind
+from tuning.inputs import TOLERANCE, build_problem, expert_map, reference, route
+from tuning.routing import Routing
 from tuning.kernel import KernelSource, load_from_path
 from tuning.roofline import roofline
 from tuning.runner import Runner
@@ -62,7 +65,7 @@ def test_missing_source_is_a_usage_error(tmp_path):
 ])
 def test_default_config_matches_float_reference(kernel, shape, m, naive):
     runner = Runner(kernel, shape, m, H200, Routing(), seed=1)
-    assert runner.naive is naive
+    assert (runner.alignment(16).sorted_token_ids is None) is naive
     err = runner.check(runner.default_config())
     assert err <= TOLERANCE[shape.dtype if shape.dtype == "fp8" else "bf16"]
     assert err < 5e-3  # dequantised inputs: only accumulation order and output rounding differ
@@ -84,7 +87,7 @@ def test_a_wrong_result_is_rejected_with_its_error(kernel):
     runner._reference = reference(runner.problem)
     runner.problem.w2.div_(1.5)
     out = runner.evaluate(runner.default_config(), budget_ms=1)
-    assert not out.ok and out.failure.startswith("numerics:") and out.error > 0.1
+    assert not out.ok and out.failure.kind is FailureKind.NUMERICS and out.error > 0.1
 
 
 def test_launcher_matches_vllms_own_invoke(kernel, monkeypatch):
@@ -102,7 +105,7 @@ def test_launcher_matches_vllms_own_invoke(kernel, monkeypatch):
     cfg = TileConfig(16, 64, 128, 1, 4, 3)
     al = launch.align(p.topk_ids, cfg.BLOCK_SIZE_M, FP8_EP.global_experts, p.expert_map)
     ours, theirs = p.c1.clone().fill_(0), p.c1.clone().fill_(0)
-    launch.invoke(kernel, p.a1, p.w13, ours, p.a1_scale, p.w13_scale, None, al, False, 2, cfg, (64, 64), False)
+    launch.invoke(kernel, replace(launch.w13(p), c=ours), al, cfg, (64, 64), False)
     import triton.language as tl
 
     fm.invoke_fused_moe_triton_kernel(

@@ -11,7 +11,8 @@ import pytest
 
 from tuning import report
 from tuning.cli import main
-from tuning.configs import TileConfig, provenance_path, write_config_file, write_provenance
+from tuning.configs import TileConfig, write_config_file
+from tuning.provenance import sidecar_path as provenance_path
 from tuning.errors import UsageError
 from tuning.shapes import MoeShape
 
@@ -36,8 +37,8 @@ def write_shape(folder: Path, shape: MoeShape, results: dict, layouts=("TP4+EP",
     """A vLLM config plus its sidecar, as the tuner leaves them."""
     path = folder / shape.file_name(device)
     write_config_file(path, {m: r[6] for m, r in results.items()}, "3.6.0")
-    write_provenance(path, {
-        "tool_version": "0.1.0", "file": path.name,
+    provenance_path(path).write_text(json.dumps({
+        "tool": "tune-moe", "tool_version": "0.1.0", "file": path.name,
         "shape": {"num_experts": shape.num_experts, "global_experts": shape.global_experts, "n": shape.n,
                   "k": shape.k, "top_k": shape.top_k, "dtype": shape.dtype,
                   "block_shape": list(shape.block_shape) if shape.block_shape else None},
@@ -52,7 +53,7 @@ def write_shape(folder: Path, shape: MoeShape, results: dict, layouts=("TP4+EP",
                              "bound": "memory", "default_pct_roofline": dp, "tuned_pct_roofline": tp,
                              "evaluated": 37, "failed": 2}
                     for m, (d, u, s, r, dp, tp, t) in results.items()},
-    })
+    }))
     return path
 
 

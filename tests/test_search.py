@@ -6,6 +6,7 @@ import pytest
 
 from tuning.bench import Timing
 from tuning.configs import TileConfig
+from tuning.jobs import Failure, FailureKind
 from tuning.gpus import get_gpu
 from tuning.runner import Outcome
 from tuning.search import exhaustive, guided, head_to_head
@@ -31,7 +32,7 @@ class Landscape:
     def evaluate(self, c: TileConfig, budget_ms: float) -> Outcome:
         self.calls.append(c)
         if c in self.failing:
-            return Outcome(c, failure=f"{self.kind}: out of shared memory")
+            return Outcome(c, failure=Failure(kind=FailureKind(self.kind), detail="out of shared memory"))
         return Outcome(c, Timing((self.cost(c),) * 5), 1e-3)
 
 
@@ -127,7 +128,7 @@ def test_failures_are_results_and_remembered_across_m():
     first = Landscape(best, bad)
     r1 = guided(first, Context(FP8_EP, H200, 64), best, failures=memory)
     assert set(memory) == bad & set(first.calls)
-    assert all(o.failure.startswith("resources") for o in r1.failed)
+    assert all(o.failure.kind is FailureKind.RESOURCES for o in r1.failed)
     second = Landscape(best, bad)
     guided(second, Context(FP8_EP, H200, 96), best, failures=memory)
     assert not set(second.calls) & set(memory)  # never retried
@@ -149,11 +150,11 @@ def test_precompile_failures_skip_timing():
 
     def precompile(configs):
         asked.extend(configs)
-        return {doomed: "compile: CompilationError: boom"} if doomed in configs else {}
+        return {doomed: Failure(kind=FailureKind.COMPILE, detail="CompilationError: boom")} if doomed in configs else {}
 
     memory: dict = {}
     guided(land, Context(FP8_EP, H200, 64), best, failures=memory, precompile=precompile)
-    assert doomed in asked and doomed not in land.calls and memory[doomed].startswith("compile")
+    assert doomed in asked and doomed not in land.calls and memory[doomed].kind is FailureKind.COMPILE
 
 
 def test_head_to_head_pools_alternating_samples():

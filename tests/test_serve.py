@@ -14,7 +14,8 @@ import pytest
 
 from tuning import cli
 from tuning.errors import UsageError
-from tuning.serve import BenchSpec, ServeSpec, read_env_file
+from tuning.envfile import read_env_file
+from tuning.recipe import BenchSpec, ServeSpec
 from tuning.shapes import parse_layout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,13 +32,13 @@ EP4_FP8 = "E=72,N=1280,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,1
 
 
 def test_tp4_bf16_is_the_recipes_command():
-    spec = ServeSpec("stepfun-ai/Step-3.5-Flash", parse_layout("TP4"), "bf16", 8000)
+    spec = ServeSpec(model="stepfun-ai/Step-3.5-Flash", layout=parse_layout("TP4"), dtype="bf16", port=8000)
     assert spec.argv() == ["vllm", "serve", "stepfun-ai/Step-3.5-Flash", "--tensor-parallel-size", "4", *RECIPE,
                            "--port", "8000"]
 
 
 def test_dp4_ep_fp8_with_mtp_backend_and_extra_args():
-    spec = ServeSpec("/models/Step-3.5-Flash-FP8", parse_layout("dp4+ep"), "fp8", 9001, mtp=True,
+    spec = ServeSpec(model="/models/Step-3.5-Flash-FP8", layout=parse_layout("dp4+ep"), dtype="fp8", port=9001, mtp=True,
                      moe_backend="triton", extra_args=("--max-model-len", "32768"))
     assert spec.argv() == ["vllm", "serve", "/models/Step-3.5-Flash-FP8", "--data-parallel-size", "4",
                            "--enable-expert-parallel", *RECIPE, *MTP, "--moe-backend", "triton", "--port", "9001",
@@ -58,8 +59,7 @@ def test_print_command_tp4_mtp_with_env_file(tmp_path, monkeypatch, capsys):
     assert lines[2] == f"export VLLM_TUNED_CONFIG_FOLDER={tmp_path / 'kernels_configs' / 'NVIDIA_H200'}"
     assert shlex.split(lines[3]) == ["vllm", "serve", "stepfun-ai/Step-3.5-Flash", "--tensor-parallel-size", "4",
                                      *RECIPE, *MTP, "--port", "8123"]
-    assert shlex.split(lines[5]) == BenchSpec().argv(ServeSpec("stepfun-ai/Step-3.5-Flash", parse_layout("TP4"),
-                                                               "bf16", 8123), tmp_path / "runs" / "bench-tuned.json")
+    assert shlex.split(lines[5]) == BenchSpec().argv(ServeSpec(model="stepfun-ai/Step-3.5-Flash", layout=parse_layout("TP4"), dtype="bf16", port=8123), tmp_path / "runs" / "bench-tuned.json")
     assert lines[-1].endswith(f"kernels_configs/NVIDIA_H200/{TP4_BF16} for MoE layer.")
 
 
@@ -77,17 +77,17 @@ def test_print_command_fp8_dp4_ep_model_override_and_configs(tmp_path, monkeypat
 
 def test_environment_adds_the_env_file_and_the_tuned_folder_and_hides_secrets(tmp_path):
     env = (("HF_TOKEN", "hf_s3cr3t"), ("VLLM_TUNED_CONFIG_FOLDER", "/from/env/file"), ("NCCL_DEBUG", "WARN"))
-    spec = ServeSpec("m", parse_layout("TP4"), "bf16", 8000, tuned_folder=tmp_path, env=env)
+    spec = ServeSpec(model="m", layout=parse_layout("TP4"), dtype="bf16", port=8000, tuned_folder=tmp_path, env=env)
     base = {"PATH": "/bin", "VLLM_TUNED_CONFIG_FOLDER": "/from/shell"}
     assert spec.environ(base) == {"PATH": "/bin", "HF_TOKEN": "hf_s3cr3t", "NCCL_DEBUG": "WARN",
                                   "VLLM_TUNED_CONFIG_FOLDER": str(tmp_path)}
-    baseline = ServeSpec("m", parse_layout("TP4"), "bf16", 8000, tuned_folder=None, env=env)
+    baseline = ServeSpec(model="m", layout=parse_layout("TP4"), dtype="bf16", port=8000, tuned_folder=None, env=env)
     assert "VLLM_TUNED_CONFIG_FOLDER" not in baseline.environ(base)
     assert spec.shown_env()["HF_TOKEN"] == "<hidden>"
 
 
 def test_bench_command_is_the_recipes_and_overridable():
-    serve = ServeSpec("stepfun-ai/Step-3.5-Flash", parse_layout("TP4"), "bf16", 8000)
+    serve = ServeSpec(model="stepfun-ai/Step-3.5-Flash", layout=parse_layout("TP4"), dtype="bf16", port=8000)
     assert BenchSpec().argv(serve, Path("/o/bench-tuned.json")) == [
         "vllm", "bench", "serve", "--backend", "vllm", "--model", "stepfun-ai/Step-3.5-Flash",
         "--endpoint", "/v1/completions", "--dataset-name", "random", "--random-input-len", "2048",

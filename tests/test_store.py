@@ -1,45 +1,113 @@
-"""Persistence of finished jobs: append-only, fsynced, tolerant of a line cut by a kill."""
+"""Persistence of finished jobs: append-only, fsynced, tolerant of a line cut by a kill; fingerprints per
+file; one run per output folder."""
+
+import json
+import subprocess
+import sys
 
 import pytest
 
 from tuning.configs import TileConfig
 from tuning.errors import UsageError
-from tuning.jobs import JobResult
+from tuning.jobs import Failure, FailureKind, JobResult
 from tuning.store import Store
 
-FP = {"gpu": "H200", "strategy": "guided"}
+FILE = "E=72.json"
+FP = {"shape": {"num_experts": 72}, "triton": "3.8.0", "strategy": "guided"}
 
 
-def result(m: int) -> JobResult:
+def result(m: int, file: str = FILE) -> JobResult:
     c = TileConfig(16, 64, 128, 1, 4, 3)
-    return JobResult("E=72.json", m, c, 10.0, c, 9.0, 8.9, 9.1, 5.0, "memory", 1e-3, 30, 1, 2.5, "host:0",
-                     {"M256-N256-K128-G1-w8-s5": "resources: out of shared memory"})
+    return JobResult(file=file, m=m, default=c, default_us=10.0, tuned=c, tuned_us=9.0, tuned_p20_us=8.9,
+                     tuned_p80_us=9.1, roofline_us=5.0, bound="memory", error=1e-3, evaluated=30, failed=1,
+                     seconds=2.5, worker="host:0",
+                     failures={"M256-N256-K128-G1-w8-s5": Failure(kind=FailureKind.RESOURCES, detail="out of smem")})
+
+
+def opened(tmp_path, fp=FP, file=FILE, fresh=False) -> Store:
+    s = Store(tmp_path, fresh=fresh)
+    s.claim(file, fp)
+    return s
 
 
 def test_results_survive_a_restart(tmp_path):
-    s = Store(tmp_path, FP)
+    s = opened(tmp_path)
     s.add(result(16))
     s.add(result(32))
-    again = Store(tmp_path, FP)
-    assert again.done("E=72.json", 16) and again.done("E=72.json", 32)
-    assert again.for_file("E=72.json")[32] == result(32)
-    assert again.for_file("E=72.json")[32].speedup == pytest.approx(10 / 9)
+    s.close()
+    again = opened(tmp_path)
+    assert again.done(FILE, 16) and again.done(FILE, 32)
+    assert again.for_file(FILE)[32] == result(32)
+    assert again.for_file(FILE)[32].failures["M256-N256-K128-G1-w8-s5"].kind.sticky
+    assert again.for_file(FILE)[32].speedup == pytest.approx(10 / 9)
 
 
 def test_a_line_cut_short_loses_only_that_job(tmp_path):
-    s = Store(tmp_path, FP)
+    s = opened(tmp_path)
     s.add(result(16))
     with open(s.results_path, "a") as f:
         f.write('{"file": "E=72.json", "m": 6')  # killed mid-write
-    again = Store(tmp_path, FP)
-    assert set(again.for_file("E=72.json")) == {16}
+    s.close()
+    again = opened(tmp_path)
+    assert set(again.for_file(FILE)) == {16}
     again.add(result(64))
-    assert set(Store(tmp_path, FP).for_file("E=72.json")) == {16, 64}
+    again.close()
+    assert set(opened(tmp_path).for_file(FILE)) == {16, 64}
 
 
-def test_other_settings_are_refused_unless_fresh(tmp_path):
-    Store(tmp_path, FP).add(result(16))
-    with pytest.raises(UsageError, match="strategy.*--fresh"):
-        Store(tmp_path, {**FP, "strategy": "exhaustive"})
-    fresh = Store(tmp_path, {**FP, "strategy": "exhaustive"}, fresh=True)
+def test_other_settings_for_a_file_are_refused_unless_fresh(tmp_path):
+    opened(tmp_path).add(result(16))
+    with pytest.raises(UsageError, match=r"other settings \(triton '3.8.0' -> '3.6.0'\).*--fresh"):
+        opened(tmp_path, {**FP, "triton": "3.6.0"})
+    fresh = opened(tmp_path, {**FP, "triton": "3.6.0"}, fresh=True)
     assert fresh.results == {}
+
+
+def test_other_geometry_is_another_fingerprint(tmp_path):
+    opened(tmp_path).add(result(16))
+    with pytest.raises(UsageError, match="shape"):
+        opened(tmp_path, {**FP, "shape": {"num_experts": 36}})
+
+
+def test_files_of_one_folder_keep_their_own_fingerprints(tmp_path):
+    s = opened(tmp_path)
+    s.add(result(16))
+    s.claim("E=36.json", {**FP, "strategy": "exhaustive"})  # a bf16 and an fp8 run may share a folder
+    s.add(result(1, "E=36.json"))
+    s.close()
+    again = Store(tmp_path)
+    again.claim(FILE, FP)
+    again.claim("E=36.json", {**FP, "strategy": "exhaustive"})
+    assert set(again.results) == {(FILE, 16), ("E=36.json", 1)}
+
+
+def test_results_without_settings_are_refused(tmp_path):
+    s = opened(tmp_path)
+    s.add(result(16))
+    s.close()
+    (tmp_path / ".tune-moe" / "run.json").unlink()
+    with pytest.raises(UsageError, match="without their settings.*--fresh"):
+        opened(tmp_path)
+
+
+def test_a_corrupt_or_old_run_json_is_named_as_such(tmp_path):
+    opened(tmp_path).close()
+    run = tmp_path / ".tune-moe" / "run.json"
+    run.write_text("{cut")
+    with pytest.raises(UsageError, match="run.json is unreadable"):
+        Store(tmp_path)
+    run.write_text(json.dumps({"gpu": "H200", "strategy": "guided"}))  # the flat format of older versions
+    with pytest.raises(UsageError, match="another tune-moe version.*--fresh"):
+        Store(tmp_path)
+
+
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
+    first = Store(tmp_path)
+    code = ("import sys; from tuning.store import Store; from tuning.errors import UsageError\n"
+            "try:\n    Store(sys.argv[1])\nexcept UsageError as e:\n    print(e); sys.exit(2)\n")
+    other = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert other.returncode == 2
+    assert "being written by another tune-moe (pid" in other.stdout and "another --out" in other.stdout
+    first.close()
+    again = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0

@@ -27,7 +27,8 @@ from .bench import measure
 from .errors import UsageError
 from .files import atomic_write_json
 from .gpus import get_gpu
-from .inputs import Problem, Routing, build_problem, reference
+from .inputs import Problem, build_problem, reference
+from .routing import Routing
 from .kernel import KernelSource
 from .models import DEFAULT_MODEL, load_model
 from .runner import Runner

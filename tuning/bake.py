@@ -19,7 +19,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .configs import PROVENANCE_SUFFIX, TOOL, provenance_path, read_config_file
+from .configs import read_config_file
+from .provenance import SUFFIX as PROVENANCE_SUFFIX, TOOL, sidecar_path as provenance_path
 from .errors import UsageError
 
 DEFAULT_CONFIGS = Path("kernels_configs")

@@ -19,7 +19,9 @@ import torch
 
 from . import launch
 from .configs import TileConfig
-from .inputs import Routing, build_problem
+from .inputs import build_problem
+from .jobs import Failure
+from .routing import Routing
 from .kernel import Kernel, KernelSource
 from .runner import classify
 from .shapes import MoeShape
@@ -38,32 +40,26 @@ def _meta_problem(shape: MoeShape, m: int):
     return build_problem(shape, m, Routing(), 0, torch.device("meta"))
 
 
-def _warm(shape: MoeShape, m: int, config: TileConfig) -> str:
-    """Compile both GEMMs of ``config`` for (shape, m); '' or the failure."""
+def _warm(shape: MoeShape, m: int, config: TileConfig) -> Failure | None:
+    """Compile both GEMMs of ``config`` for (shape, m), launch arguments exactly as the timed run's."""
     p = _meta_problem(shape, m)
     sm90 = torch.cuda.get_device_capability() == (9, 0)
-    bm = config.BLOCK_SIZE_M
-    al = (launch.naive(p.topk_ids, bm) if launch.use_naive(m, shape.top_k, shape.global_experts, shape.expert_parallel)
-          else launch.align(p.topk_ids, bm, shape.global_experts, p.expert_map))
     try:
-        launch.invoke(_kernel, p.a1, p.w13, p.c1, p.a1_scale, p.w13_scale, None, al, False, shape.top_k, config,
-                      shape.block_shape, sm90, warmup=True)
-        launch.invoke(_kernel, p.a2, p.w2, p.c3, p.a2_scale, p.w2_scale, p.topk_weights, al, True, 1, config,
-                      shape.block_shape, sm90, warmup=True)
+        launch.both_gemms(_kernel, p, launch.alignment(p, config.BLOCK_SIZE_M), config, sm90, warmup=True)
     except Exception as exc:  # reported to the search as a result
         return classify(exc)
-    return ""
+    return None
 
 
 class Precompiler:
-    """``precompiler(shape, m, configs)`` -> {config: failure} for the configs that cannot run."""
+    """``precompiler(shape, m, configs)`` -> {config: failure} for the configs that can never run."""
 
     def __init__(self, source: KernelSource, workers: int):
         ctx = mp.get_context("spawn")
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init, initargs=(source,))
         self.broken = False
 
-    def __call__(self, shape: MoeShape, m: int, configs: list[TileConfig]) -> dict[TileConfig, str]:
+    def __call__(self, shape: MoeShape, m: int, configs: list[TileConfig]) -> dict[TileConfig, Failure]:
         if self.broken:
             return {}  # the worker then compiles on first launch, as Triton always can
         try:
@@ -72,7 +68,4 @@ class Precompiler:
         except BrokenProcessPool:
             self.broken = True
             return {}
-        return {c: why for c, why in results.items() if why.split(":")[0] in ("resources", "compile")}
-
-    def close(self) -> None:
-        self.pool.shutdown(cancel_futures=True)
+        return {c: why for c, why in results.items() if why is not None and why.kind.sticky}

@@ -1,8 +1,8 @@
-"""vLLM's tuned-config file contract: name, schema, atomic write, read, merge, provenance.
+"""vLLM's tuned-config file contract: schema, atomic write, read, merge.
 
 A file maps batch sizes (string keys) to six integer fields, plus ``triton_version``.
 vLLM's loader pops ``triton_version`` and ``int()``s every other key, so anything
-else (provenance included) lives in a sidecar ``<name>.provenance.json``.
+else lives in a sidecar (``provenance``).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 from .errors import UsageError
 from .files import atomic_write_json
 
+CONFIGS_ROOT = Path("kernels_configs")  # the project's configs, one folder per vLLM device name
+TUNED_VAR = "VLLM_TUNED_CONFIG_FOLDER"  # where vLLM looks for tuned files before its own
 FIELDS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
-PROVENANCE_SUFFIX = ".provenance.json"
-TOOL = "tune-moe"
 
 
 @dataclass(frozen=True, order=True)
@@ -88,37 +88,3 @@ def read_config_file(path: Path) -> dict[int, TileConfig]:
 def merge(old: dict[int, TileConfig], new: dict[int, TileConfig]) -> dict[int, TileConfig]:
     """New entries win; batch sizes only in ``old`` are kept."""
     return {**old, **new}
-
-
-def provenance_path(config_path: Path) -> Path:
-    config_path = Path(config_path)
-    return config_path.with_name(config_path.name.removesuffix(".json") + PROVENANCE_SUFFIX)
-
-
-def write_provenance(config_path: Path, provenance: dict) -> None:
-    atomic_write_json(provenance_path(config_path), {"tool": TOOL, **provenance})
-
-
-def read_provenance(config_path: Path) -> dict | None:
-    path = provenance_path(config_path)
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path}: corrupt provenance ({exc}); delete it and its config, or restore them") from None
-    return data if isinstance(data, dict) and data.get("tool") == TOOL else None
-
-
-def check_writable(config_path: Path, overwrite: bool = False) -> dict[int, TileConfig]:
-    """Existing entries we may merge into, or a refusal for corrupt and foreign files."""
-    config_path = Path(config_path)
-    if not config_path.exists():
-        return {}
-    existing = read_config_file(config_path)
-    if read_provenance(config_path) is None and not overwrite:
-        raise UsageError(
-            f"{config_path} exists and was not written by {TOOL} (no {provenance_path(config_path).name}); "
-            "move it away, choose another --out, or pass --overwrite"
-        )
-    return existing

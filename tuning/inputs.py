@@ -13,29 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .routing import Routing
 from .shapes import MoeShape
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
-
-
-@dataclass(frozen=True)
-class Routing:
-    kind: str = "uniform"  # "uniform" or "zipf"
-    zipf_s: float = 1.0
-
-    @classmethod
-    def parse(cls, text: str) -> "Routing":
-        from .errors import UsageError
-
-        if text == "uniform":
-            return cls()
-        if text.startswith("zipf:"):
-            try:
-                return cls("zipf", float(text[5:]))
-            except ValueError:
-                pass
-        raise UsageError(f"--routing {text!r}: use uniform or zipf:<s> (e.g. zipf:1.2)")
 
 
 def route(m: int, shape: MoeShape, routing: Routing, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +69,7 @@ def dequant_blocks(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int])
     return q.float() * s[:, : q.shape[1], : q.shape[2]]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Problem:
     """Everything one (shape, M) needs; tensors shaped as vLLM's TritonExperts sees them."""
 
@@ -136,9 +118,11 @@ def build_problem(shape: MoeShape, m: int, routing: Routing, seed: int, device, 
         w2, s2 = _quant_chunked(w2, shape.block_shape)
         a1, a1s = quant_groups(hidden, shape.block_shape[1])
         inter, a2s = quant_groups(inter, shape.block_shape[1])
-    return Problem(shape, m, hidden, a1, a1s, w13, s13, inter, a2s, w2, s2, ids, weights, expert_map(shape, device),
-                   torch.empty(m, k, 2 * N, device=device, dtype=act_dtype),
-                   torch.empty(m, k, K, device=device, dtype=act_dtype))
+    return Problem(shape=shape, m=m, hidden=hidden, a1=a1, a1_scale=a1s, w13=w13, w13_scale=s13, a2=inter,
+                   a2_scale=a2s, w2=w2, w2_scale=s2, topk_ids=ids, topk_weights=weights,
+                   expert_map=expert_map(shape, device),
+                   c1=torch.empty(m, k, 2 * N, device=device, dtype=act_dtype),
+                   c3=torch.empty(m, k, K, device=device, dtype=act_dtype))
 
 
 def _weights(size, gen, device, dtype) -> torch.Tensor:

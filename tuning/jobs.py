@@ -1,23 +1,62 @@
-"""One (shape, M) job: build its inputs, search, and report the result as plain data."""
+"""A unit of tuning work, the settings that decide its result, and what comes back: plain data, no torch.
+
+The driver, the store, the report and the tests use these records on machines without a GPU; the
+worker (``workers``) is the only place that turns a ``Job`` into a ``JobResult``.
+"""
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 
 from .configs import TileConfig
-from .gpus import GpuSpec
-from .inputs import Routing
-from .kernel import Kernel, KernelSource
-from .plan import Job
-from .runner import Runner
-from .search import STRATEGIES
-from .space import Context
+from .kernel import KernelSource
+from .shapes import MoeShape
 
 
 @dataclass(frozen=True)
+class Job:
+    """The best tile config for ``shape`` at ``m`` tokens."""
+
+    shape: MoeShape
+    m: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.shape.label} M={self.m}"
+
+
+class FailureKind(str, Enum):
+    RESOURCES = "resources"  # out of shared memory or registers: the same at every M
+    COMPILE = "compile"  # Triton cannot compile it: the same at every M
+    LAUNCH = "launch"  # the launch failed
+    NUMERICS = "numerics"  # it ran, and its result is wrong
+
+    @property
+    def sticky(self) -> bool:
+        """Whether a config that failed so will fail at every M (never worth retrying)."""
+        return self in (FailureKind.RESOURCES, FailureKind.COMPILE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Failure:
+    kind: FailureKind
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}: {self.detail}"
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind.value, "detail": self.detail}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Failure:
+        return cls(kind=FailureKind(d["kind"]), detail=str(d["detail"]))
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
-    """Everything besides the job that decides its result (part of the resume fingerprint)."""
+    """Everything besides the job and the software that decides its result."""
 
     gpu: str
     source: KernelSource
@@ -27,13 +66,21 @@ class Settings:
     scope: str = "gemms"
     max_evals: int = 120
 
-    def fingerprint(self) -> dict:
-        return {"gpu": self.gpu, "kernel_path": self.source.path, "vllm_version": self.source.vllm_version,
-                "strategy": self.strategy, "routing": self.routing, "seed": self.seed, "scope": self.scope,
-                "max_evals": self.max_evals}
+
+def fingerprint(settings: Settings, shape: MoeShape, *, device_name: str, vllm: str, kernel_sha256: str,
+                triton: str) -> dict:
+    """Everything that changes a timing of ``shape``: results under another fingerprint are never reused."""
+    return {
+        "shape": {"num_experts": shape.num_experts, "global_experts": shape.global_experts, "n": shape.n,
+                  "k": shape.k, "top_k": shape.top_k, "dtype": shape.dtype,
+                  "block_shape": list(shape.block_shape) if shape.block_shape else None},
+        "device_name": device_name, "vllm": vllm, "kernel_sha256": kernel_sha256, "triton": triton,
+        "strategy": settings.strategy, "routing": settings.routing, "seed": settings.seed,
+        "scope": settings.scope, "max_evals": settings.max_evals,
+    }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class JobResult:
     file: str  # the vLLM config file this batch size belongs to
     m: int
@@ -50,7 +97,7 @@ class JobResult:
     failed: int
     seconds: float
     worker: str
-    failures: dict[str, str] = field(default_factory=dict)  # config -> reason (first few)
+    failures: dict[str, Failure] = field(default_factory=dict)  # config (short form) -> why (first few)
 
     @property
     def speedup(self) -> float:
@@ -59,27 +106,10 @@ class JobResult:
     def to_json(self) -> dict:
         d = asdict(self)
         d["default"], d["tuned"] = self.default.to_dict(), self.tuned.to_dict()
+        d["failures"] = {c: f.to_json() for c, f in self.failures.items()}
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "JobResult":
-        return cls(**{**d, "default": TileConfig.from_dict(d["default"]), "tuned": TileConfig.from_dict(d["tuned"])})
-
-
-def run_job(kernel: Kernel, gpu: GpuSpec, job: Job, settings: Settings, device_name: str, worker: str,
-            seeds: list[TileConfig], failures: dict[TileConfig, str], precompile=None) -> JobResult:
-    t0 = time.monotonic()
-    runner = Runner(kernel, job.shape, job.m, gpu, Routing.parse(settings.routing), settings.seed, settings.scope)
-    default = runner.default_config()
-    ctx = Context(job.shape, gpu, job.m)
-    pre = (lambda cfgs: precompile(job.shape, job.m, cfgs)) if precompile else None
-    result = STRATEGIES[settings.strategy](runner, ctx, default, seeds=seeds, failures=failures,
-                                           precompile=pre, seed=settings.seed, max_evals=settings.max_evals)
-    if not result.default.ok:
-        raise RuntimeError(f"vLLM's default config {default.short} fails at M={job.m}: {result.default.failure}")
-    best, rl = result.best, runner.roofline
-    bad = {o.config.short: o.failure for o in result.failed[:8]}
-    return JobResult(job.shape.file_name(device_name), job.m, default, result.default.us, best.config, best.us,
-                     best.timing.p20_us, best.timing.p80_us, rl.bound_us, rl.bound, best.error or 0.0,
-                     result.evaluated, len(result.failed), time.monotonic() - t0, worker, bad)
-
+    def from_json(cls, d: dict) -> JobResult:
+        return cls(**{**d, "default": TileConfig.from_dict(d["default"]), "tuned": TileConfig.from_dict(d["tuned"]),
+                      "failures": {c: Failure.from_json(f) for c, f in d.get("failures", {}).items()}})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.metadata
 import importlib.util
 import inspect
 import os
@@ -24,6 +25,23 @@ from .errors import UsageError
 
 FUSED_MOE = "vllm/model_executor/layers/fused_moe/fused_moe.py"
 CACHE_DIR = Path(os.environ.get("TUNE_MOE_CACHE", Path.home() / ".cache" / "tune-moe"))
+
+
+def installed_vllm_version() -> str | None:
+    """The installed vLLM's version, read from its metadata without importing it."""
+    try:
+        return importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def installed_fused_moe() -> Path | None:
+    """The installed vLLM's fused_moe.py, found without importing vLLM."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / FUSED_MOE.removeprefix("vllm/")
+    return path if path.exists() else None
 
 
 @dataclass(frozen=True)
@@ -43,6 +61,7 @@ class Kernel:
     default_config: Callable[..., dict]  # vLLM's get_default_config(M, E, N, K, topk, dtype, block_shape)
     vllm_version: str
     origin: str  # human-readable: where it came from
+    source_sha256: str  # of vLLM's fused_moe.py text: the same file gives the same hash, installed or not
     align_op: Callable | None = None  # vLLM's moe_align_block_size, when vLLM is importable
 
     @property
@@ -62,8 +81,9 @@ def load_installed(version: str | None = None) -> Kernel:
     except ImportError as exc:
         raise UsageError(f"vLLM is not importable here ({exc}); install it (install/install-vllm.sh) "
                          "or pass --vllm-src with a vLLM fused_moe.py or wheel") from None
+    path = inspect.getfile(fm)
     kernel = Kernel(fm.fused_moe_kernel, fm.get_default_config, version or vllm.__version__,
-                    f"installed, {inspect.getfile(fm)}", moe_align_block_size)
+                    f"installed, {path}", _sha256(Path(path).read_text()), moe_align_block_size)
     check_signature(kernel)
     return kernel
 
@@ -76,9 +96,13 @@ def load_from_path(path: Path, version: str | None = None) -> Kernel:
     module = _import_kernels(source, version)
     if not hasattr(module, "fused_moe_kernel"):
         raise UsageError(f"--vllm-src {path}: no fused_moe_kernel in it; pass vLLM's fused_moe.py, wheel or tree")
-    kernel = Kernel(module.fused_moe_kernel, module.get_default_config, version, origin)
+    kernel = Kernel(module.fused_moe_kernel, module.get_default_config, version, origin, _sha256(source))
     check_signature(kernel)
     return kernel
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _read_source(path: Path) -> tuple[str, str, str | None]:
@@ -87,13 +111,18 @@ def _read_source(path: Path) -> tuple[str, str, str | None]:
         try:
             with zipfile.ZipFile(path) as whl:
                 return whl.read(FUSED_MOE).decode(), f"wheel {path}", m.group(1) if m else None
-        except (OSError, KeyError, zipfile.BadZipFile) as exc:
+        except (OSError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
             raise UsageError(f"--vllm-src {path}: not a vLLM wheel with {FUSED_MOE} ({exc})") from None
     if path.is_dir():
         path = path / FUSED_MOE if (path / FUSED_MOE).exists() else path / "fused_moe.py"
     if not path.is_file():
         raise UsageError(f"--vllm-src {path}: no such file; pass vLLM's fused_moe.py, a vLLM wheel or a source tree")
-    return path.read_text(), f"source {path}", _version_near(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--vllm-src {path}: not a readable Python source ({type(exc).__name__}); "
+                         "pass vLLM's fused_moe.py, a vLLM wheel or a source tree") from None
+    return text, f"source {path}", _version_near(path)
 
 
 def _version_near(path: Path) -> str | None:
@@ -113,7 +142,11 @@ _KEEP = {"get_default_config", "should_moe_wna16_use_cuda"}
 
 def _import_kernels(source: str, version: str):
     """Write vLLM's jit functions and default-config helpers to a module file and import it."""
-    tree = ast.parse(source)
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError) as exc:
+        raise UsageError(f"--vllm-src: not Python source ({type(exc).__name__}: {exc.msg if isinstance(exc, SyntaxError) else exc}); "
+                         "pass vLLM's fused_moe.py, a vLLM wheel or a source tree") from None
     chunks = []
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and (node.name in _KEEP or _is_triton_jit(node)):

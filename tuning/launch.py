@@ -11,7 +11,8 @@ Rules mirrored (vllm/model_executor/layers/fused_moe/fused_moe.py, experts/trito
 - BLOCK_SIZE_K is clamped to min(block_shape); SPLIT_K = 1; USE_TD follows VLLM_TRITON_USE_TD;
 - w13 without routed weights (top_k = 8), then w2 with routed weights (top_k = 1).
 Parameters the loaded kernel does not have are not passed (older vLLM), so the launch
-degrades exactly as that version's would.
+degrades exactly as that version's would. ``both_gemms`` is the one place the two launches are
+issued: the search times, the precompiler compiles and the layer scope runs exactly the same calls.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import torch
 import triton
 
 from .configs import TileConfig
+from .inputs import Problem
 from .kernel import Kernel
+from .vllm_rules import naive_block_assignment
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class Alignment:
 
 
 def use_naive(m: int, top_k: int, global_experts: int, expert_parallel: bool) -> bool:
-    return not expert_parallel and m * top_k * 4 <= global_experts
+    return naive_block_assignment(m, top_k, global_experts, has_expert_map=expert_parallel)
 
 
 def align(topk_ids: torch.Tensor, block_m: int, global_experts: int, expert_map: torch.Tensor | None,
@@ -91,12 +94,57 @@ def use_td(quantized: bool) -> bool:
     return os.environ.get("VLLM_TRITON_USE_TD") == "1" and not quantized
 
 
-def invoke(kernel: Kernel, A, B, C, A_scale, B_scale, topk_weights, al: Alignment, mul_routed_weight: bool,
-           top_k: int, config: TileConfig, block_shape, sm90: bool, warmup: bool = False) -> None:
+@dataclass(frozen=True, kw_only=True)
+class Gemm:
+    """The tensors of one launch: ``c[slot] = a[token] @ b[expert].T`` for every routed slot."""
+
+    a: torch.Tensor  # (M, K) for w13, (M * top_k, N) for w2
+    a_scale: torch.Tensor | None
+    b: torch.Tensor  # (E, N_out, K_in) weights
+    b_scale: torch.Tensor | None
+    c: torch.Tensor  # (M, top_k, N_out)
+    topk_weights: torch.Tensor | None  # multiplied in (w2) or not (w13)
+    top_k: int  # slots per row of ``a``: top_k for w13, 1 for w2
+
+
+def w13(p: Problem, a: torch.Tensor | None = None, a_scale: torch.Tensor | None = None) -> Gemm:
+    return Gemm(a=p.a1 if a is None else a, a_scale=p.a1_scale if a is None else a_scale, b=p.w13,
+                b_scale=p.w13_scale, c=p.c1, topk_weights=None, top_k=p.shape.top_k)
+
+
+def w2(p: Problem, a: torch.Tensor | None = None, a_scale: torch.Tensor | None = None) -> Gemm:
+    return Gemm(a=p.a2 if a is None else a, a_scale=p.a2_scale if a is None else a_scale, b=p.w2,
+                b_scale=p.w2_scale, c=p.c3, topk_weights=p.topk_weights, top_k=1)
+
+
+def alignment(p: Problem, block_m: int, kernel: Kernel | None = None) -> Alignment:
+    """The slot layout vLLM builds for ``p`` and this M tile: naive, or aligned per expert."""
+    s = p.shape
+    if use_naive(p.m, s.top_k, s.global_experts, s.expert_parallel):
+        return naive(p.topk_ids, block_m)
+    return align(p.topk_ids, block_m, s.global_experts, p.expert_map, kernel)
+
+
+def both_gemms(kernel: Kernel, p: Problem, al: Alignment, config: TileConfig, sm90: bool, *,
+               first: Gemm | None = None, between=None, warmup: bool = False) -> None:
+    """w13, then w2 with the routed weights, as TritonExperts.apply issues them.
+
+    ``first`` replaces w13's inputs (the layer scope quantises them per call); ``between`` maps w13's
+    output to w2's input and scale (the activation); without it w2 reads the inputs prepared once.
+    """
+    invoke(kernel, first or w13(p), al, config, p.shape.block_shape, sm90, warmup)
+    second = w2(p, *between(p.c1)) if between else w2(p)
+    invoke(kernel, second, al, config, p.shape.block_shape, sm90, warmup)
+
+
+def invoke(kernel: Kernel, g: Gemm, al: Alignment, config: TileConfig, block_shape, sm90: bool,
+           warmup: bool = False) -> None:
     """One fused_moe_kernel launch, argument for argument as invoke_fused_moe_triton_kernel.
 
     ``warmup`` compiles into Triton's cache without launching (tensors may be on ``meta``).
     """
+    A, B, C, A_scale, B_scale, topk_weights, top_k = g.a, g.b, g.c, g.a_scale, g.b_scale, g.topk_weights, g.top_k
+    mul_routed_weight = topk_weights is not None
     fp8 = B_scale is not None
     m = A.size(0)
     num_tokens = m * top_k

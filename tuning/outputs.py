@@ -1,55 +1,83 @@
-"""Turn finished jobs into vLLM's files, their provenance sidecars, and the end-of-run summary."""
+"""What a run writes: vLLM's config file and its provenance sidecar per shape, checked before any work.
+
+``check_writable`` runs before the GPUs start: a config file in the way must be one of ours, tuned
+under the same software, or ``--overwrite`` replaces it. ``write_shape`` runs the moment a shape's last
+batch size is done, and only for shapes that got a result in this run: a re-run that tunes nothing
+rewrites nothing, so provenance always comes from the run that tuned the file.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import configs
+from . import configs, provenance
+from .configs import TileConfig
+from .errors import UsageError
 from .jobs import JobResult, Settings
 from .plan import Plan
-from .serve import RECIPE_FLAGS
-from .shapes import Layout, MoeShape
+from .provenance import BatchRow, Provenance, RunInfo, Target
+from .shapes import MoeShape
+
+SOFTWARE = ("triton", "vllm", "kernel_sha256")  # what must match to merge a new run into an old file
 
 
+@dataclass(frozen=True, kw_only=True)
+class Existing:
+    """What a run may merge into: the file's configs and sidecar rows (empty when it replaces the file)."""
 
-def write_shape(out: Path, plan: Plan, shape: MoeShape, results: dict[int, JobResult], settings: Settings,
-                info: dict, started: str) -> Path:
+    configs: dict[int, TileConfig]
+    rows: tuple[BatchRow, ...] = ()
+
+
+def check_writable(path: Path, software: dict[str, str], overwrite: bool = False) -> Existing:
+    """Existing entries a run may merge into; a one-line refusal for foreign or other-software files."""
+    if not path.exists():
+        return Existing(configs={})
+    existing = configs.read_config_file(path)
+    prov = provenance.read(path)
+    if prov is None:
+        if overwrite:
+            return Existing(configs={})
+        raise UsageError(f"{path} exists and was not written by tune-moe (no {provenance.sidecar_path(path).name}); "
+                         "move it away, choose another --out, or pass --overwrite")
+    old = {"triton": prov.run.triton, "vllm": prov.run.vllm, "kernel_sha256": prov.run.kernel_sha256}
+    differ = [k for k in SOFTWARE if old[k] != software[k]]
+    if differ and not overwrite:
+        was = ", ".join(f"{k} {old[k] or '?'}" for k in differ)
+        now = ", ".join(f"{software[k]}" for k in differ)
+        raise UsageError(f"{path.name} in {path.parent} was tuned under other software ({was}; this run: {now}); "
+                         "pass --overwrite to replace it with this run's batch sizes, or choose another --out")
+    return Existing(configs={}) if differ else Existing(configs=existing, rows=prov.rows)
+
+
+def write_shape(out: Path, plan: Plan, shape: MoeShape, results: dict[int, JobResult], *, settings: Settings,
+                run: RunInfo, target: Target | None, existing: Existing, started: str) -> Path:
     """Write (merge into) the vLLM JSON for ``shape`` and its sidecar; return the JSON path."""
     path = Path(out) / plan.file_name(shape)
-    old = configs.check_writable(path, overwrite=True)
-    old_prov = configs.read_provenance(path) or {}
-    merged = configs.merge(old, {m: r.tuned for m, r in results.items()})
-    rows = {**old_prov.get("results", {}), **{str(m): _row(r) for m, r in sorted(results.items())}}
-    configs.write_config_file(path, merged, info.get("triton", "unknown"))
-    configs.write_provenance(path, {
-        "tool_version": _tool_version(),
-        "file": path.name,
-        "shape": {"num_experts": shape.num_experts, "global_experts": shape.global_experts, "n": shape.n,
-                  "k": shape.k, "top_k": shape.top_k, "dtype": shape.dtype,
-                  "block_shape": list(shape.block_shape) if shape.block_shape else None},
-        "layouts": [lay.name for lay in plan.shapes.get(shape, [])],
-        "gpu": {"key": plan.gpu.key, "name": info.get("name"), "device_name": plan.gpu.device_name,
-                "driver": info.get("driver"), "count": info.get("count", 1)},
-        "software": {k: info.get(k) for k in ("cuda", "torch", "triton", "vllm", "kernel", "python")},
-        "search": {"strategy": settings.strategy, "routing": settings.routing, "seed": settings.seed,
-                   "scope": settings.scope},
-        "started": started, "finished": now(),
-        "tuning_seconds": round(sum(r.seconds for r in results.values()), 1),
-        "results": dict(sorted(rows.items(), key=lambda kv: int(kv[0]))),
-    })
+    rows = {r.m: r for r in existing.rows} | {m: row(r) for m, r in results.items()}
+    merged = configs.merge(existing.configs, {m: r.tuned for m, r in results.items()})
+    configs.write_config_file(path, merged, run.triton)
+    provenance.write(path, Provenance(
+        file=path.name, shape=shape, layouts=tuple(lay.name for lay in plan.shapes.get(shape, [])),
+        gpu_key=plan.gpu.key, run=run, target=target, tool_version=_tool_version(),
+        search={"strategy": settings.strategy, "routing": settings.routing, "seed": settings.seed,
+                "scope": settings.scope, "max_evals": settings.max_evals},
+        started=started, finished=now(), tuning_seconds=round(sum(r.seconds for r in results.values()), 1),
+        rows=tuple(rows[m] for m in sorted(rows))))
     return path
 
 
-def _row(r: JobResult) -> dict:
-    return {"default": r.default.to_dict(), "default_us": round(r.default_us, 2), "tuned": r.tuned.to_dict(),
-            "tuned_us": round(r.tuned_us, 2), "tuned_p20_us": round(r.tuned_p20_us, 2),
-            "tuned_p80_us": round(r.tuned_p80_us, 2), "speedup": round(r.speedup, 4),
-            "roofline_us": round(r.roofline_us, 2), "bound": r.bound,
-            "default_pct_roofline": round(100 * r.roofline_us / r.default_us, 1),
-            "tuned_pct_roofline": round(100 * r.roofline_us / r.tuned_us, 1),
-            "evaluated": r.evaluated, "failed": r.failed}
+def row(r: JobResult) -> BatchRow:
+    return BatchRow(m=r.m, default=r.default, default_us=round(r.default_us, 2), tuned=r.tuned,
+                    tuned_us=round(r.tuned_us, 2), tuned_p20_us=round(r.tuned_p20_us, 2),
+                    tuned_p80_us=round(r.tuned_p80_us, 2), speedup=round(r.speedup, 4),
+                    roofline_us=round(r.roofline_us, 2), bound=r.bound,
+                    default_pct_roofline=round(100 * r.roofline_us / r.default_us, 1),
+                    tuned_pct_roofline=round(100 * r.roofline_us / r.tuned_us, 1),
+                    evaluated=r.evaluated, failed=r.failed)
 
 
 def now() -> str:
@@ -76,17 +104,3 @@ def summary(plan: Plan, results: dict[tuple[str, int], JobResult]) -> str:
             worst = min(rows, key=lambda r: r.speedup)
             lines.append(f"{shape.label:<34} geomean {geo:.3f}x, worst {worst.speedup:.3f}x at M={worst.m}")
     return "\n".join(lines)
-
-
-def serve_lines(plan: Plan, out: Path) -> list[str]:
-    """The exact serve command for each recipe layout the plan tuned for."""
-    model = plan.model.name
-    lines = []
-    for shape, layouts in plan.shapes.items():
-        for lay in layouts:
-            if lay in (Layout(tp=4), Layout(dp=4, ep=True)):
-                # vLLM 0.33 on Hopper runs block FP8 + EP on FlashInfer-CUTLASS unless told to use Triton.
-                backend = ["--moe-backend", "triton"] if shape.dtype == "fp8" and lay.ep else []
-                flags = " ".join(lay.vllm_flags() + backend)
-                lines.append(f"VLLM_TUNED_CONFIG_FOLDER={Path(out).resolve()} vllm serve {model} {flags} {' '.join(RECIPE_FLAGS)}")
-    return lines

@@ -6,20 +6,9 @@ from dataclasses import dataclass, field
 
 from . import fit as fitting
 from .gpus import GpuSpec
+from .jobs import Job
 from .models import ModelGeometry
 from .shapes import DEEPGEMM_DECLINES_N, Layout, MoeShape, Refusal, shape_for
-
-
-@dataclass(frozen=True)
-class Job:
-    """One unit of tuning work: the best tile config for ``shape`` at ``m`` tokens."""
-
-    shape: MoeShape
-    m: int
-
-    @property
-    def key(self) -> str:
-        return f"{self.shape.label} M={self.m}"
 
 
 @dataclass

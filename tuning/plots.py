@@ -1,7 +1,7 @@
 """The report's plots, drawn with matplotlib's Agg canvas and returned as PNG bytes.
 
 ``shape_png`` draws one shape's time and speedup against M (vLLM's default, tuned and
-the roofline); ``summary_png`` draws the geomean speedup of every shape as bars. Figures
+the roofline) from its provenance rows; ``summary_png`` draws geomean speedups as bars. Figures
 are made on their own Agg canvas (no pyplot, no global state, no display) and saved
 without the Software metadata, so the same data gives the same bytes; ``report`` writes
 them to disk. matplotlib is imported only when a plot is drawn.
@@ -10,10 +10,9 @@ them to disk. matplotlib is imported only when a plot is drawn.
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING
+from typing import Sequence
 
-if TYPE_CHECKING:
-    from .report import ShapeReport
+from .provenance import BatchRow
 
 
 def _png(fig) -> bytes:
@@ -31,30 +30,29 @@ def _figure(width: float, height: float):
     return fig
 
 
-def shape_png(r: ShapeReport) -> bytes:
+def shape_png(title: str, rows: Sequence[BatchRow]) -> bytes:
     fig = _figure(11, 4.2)
     times, speed = fig.subplots(1, 2)
-    ms = [b.m for b in r.rows]
-    times.loglog(ms, [b.default_us for b in r.rows], "o-", label="vLLM default")
-    times.loglog(ms, [b.tuned_us for b in r.rows], "s-", label="tuned")
-    times.loglog(ms, [b.roofline_us for b in r.rows], "--", color="gray", label="roofline")
+    ms = [b.m for b in rows]
+    times.loglog(ms, [b.default_us for b in rows], "o-", label="vLLM default")
+    times.loglog(ms, [b.tuned_us for b in rows], "s-", label="tuned")
+    times.loglog(ms, [b.roofline_us for b in rows], "--", color="gray", label="roofline")
     times.set(xlabel="M (tokens)", ylabel="µs per MoE layer call", title="time vs M")
-    speed.semilogx(ms, [b.speedup for b in r.rows], "o-", color="tab:green")
+    speed.semilogx(ms, [b.speedup for b in rows], "o-", color="tab:green")
     speed.axhline(1.0, color="gray", linestyle="--")
     speed.set(xlabel="M (tokens)", ylabel="speedup (default / tuned)", title="speedup vs M")
     for ax in (times, speed):
         ax.grid(True, which="both", alpha=0.3)
     times.legend()
-    fig.suptitle(f"{r.shape.label} on {r.device}")
+    fig.suptitle(title)
     return _png(fig)
 
 
-def summary_png(reports: list[ShapeReport]) -> bytes:
-    fig = _figure(8, 1.2 + 0.45 * len(reports))
+def summary_png(labels: Sequence[str], geomeans: Sequence[float]) -> bytes:
+    fig = _figure(8, 1.2 + 0.45 * len(labels))
     ax = fig.subplots()
-    labels = [f"{r.device} {r.shape.label}" for r in reports]
-    ax.barh(range(len(reports)), [r.geomean for r in reports], color="tab:blue")
-    ax.set_yticks(range(len(reports)), labels)
+    ax.barh(range(len(labels)), list(geomeans), color="tab:blue")
+    ax.set_yticks(range(len(labels)), list(labels))
     ax.invert_yaxis()
     ax.axvline(1.0, color="gray", linestyle="--")
     ax.set(xlabel="geomean speedup over vLLM's default", title="Tuned vs default, per shape")

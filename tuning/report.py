@@ -15,41 +15,24 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .configs import FIELDS, PROVENANCE_SUFFIX, TOOL, TileConfig, read_config_file
+from . import provenance
+from .configs import CONFIGS_ROOT, read_config_file
 from .errors import UsageError
-from .plots import shape_png, summary_png
+from .files import atomic_write, output_folder
+from .provenance import SUFFIX as PROVENANCE_SUFFIX, TOOL, BatchRow, Provenance
 from .shapes import MoeShape
+from .triton_pins import mismatch, target_triton
 
 BEGIN = "<!-- tune-moe:report:begin -->"
 END = "<!-- tune-moe:report:end -->"
-DEFAULT_ROOT = Path("kernels_configs")
-REQUIRED = ("tool", "file", "layouts", "tuning_seconds", "results", *(f"shape.{k}" for k in (
-    "num_experts", "global_experts", "n", "k", "top_k", "dtype", "block_shape")), "gpu.name", "gpu.device_name",
-    "gpu.driver", "gpu.count", "software.cuda", "software.torch", "software.triton", "software.vllm",
-    "search.strategy", "search.routing")
-NUMBERS = ("default_us", "tuned_us", "speedup", "roofline_us", "default_pct_roofline", "tuned_pct_roofline")
+DEFAULT_ROOT = CONFIGS_ROOT
 
 
 def _geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
-
-
-@dataclass(frozen=True)
-class BatchRow:
-    m: int
-    default_us: float
-    tuned_us: float
-    speedup: float
-    roofline_us: float
-    default_pct_roofline: float
-    tuned_pct_roofline: float
-    bound: str
-    default: TileConfig
-    tuned: TileConfig
 
 
 @dataclass(frozen=True)
@@ -128,63 +111,25 @@ def alternatives(reports: list[ShapeReport]) -> list[Alternative]:
 
 # ---- reading and validating sidecars -------------------------------------------------------------
 
-def _get(data: object, path: str, where: Path) -> object:
-    """``data[a][b]...`` for the dotted ``path``; a missing key is a one-line error naming file and key."""
-    parts = path.split(".")
-    for i, part in enumerate(parts):
-        if not isinstance(data, dict) or part not in data:
-            missing = ".".join(parts[: i + 1])
-            raise UsageError(f"{where}: missing required key '{missing}'; regenerate the sidecar with tune-moe")
-        data = data[part]
-    return data
-
-
-def _number(data: dict, path: str, where: Path) -> float:
-    value = _get(data, path, where)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UsageError(f"{where}: key '{path}' is not a finite number; regenerate the sidecar with tune-moe")
-    return float(value)
-
-
-def _tile(data: dict, path: str, where: Path) -> TileConfig:
-    values = [_get(data, f"{path}.{f}", where) for f in FIELDS]
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise UsageError(f"{where}: '{path}' holds a non-integer tile field; regenerate the sidecar with tune-moe")
-    return TileConfig(*values)
-
-
-def _row(data: dict, m: str, where: Path) -> BatchRow:
-    if not m.isdigit():
-        raise UsageError(f"{where}: results key {m!r} is not a batch size; regenerate the sidecar with tune-moe")
-    n = {key: _number(data, f"results.{m}.{key}", where) for key in NUMBERS}
-    if min(n["speedup"], n["default_us"], n["tuned_us"]) <= 0:
-        raise UsageError(f"{where}: results.{m} has a non-positive time or speedup; regenerate the sidecar")
-    return BatchRow(m=int(m), **n, bound=str(data["results"][m].get("bound", "")),
-                    default=_tile(data, f"results.{m}.default", where), tuned=_tile(data, f"results.{m}.tuned", where))
-
-
-def _shape(d: dict, where: Path) -> MoeShape:
-    block = d["block_shape"]
-    try:
-        return MoeShape(int(d["num_experts"]), int(d["global_experts"]), int(d["n"]), int(d["k"]),
-                        int(d["top_k"]), str(d["dtype"]), tuple(int(b) for b in block) if block else None)
-    except (TypeError, ValueError):
-        raise UsageError(f"{where}: 'shape' holds a non-integer field; regenerate the sidecar with tune-moe") from None
-
-
-def _provenance_lines(data: dict) -> tuple[str, ...]:
-    gpu, sw, search = data["gpu"], data["software"], data["search"]
-    seconds = float(data["tuning_seconds"])
-    span = f" ({data['started']} to {data['finished']})" if data.get("started") and data.get("finished") else ""
-    kernel = f"; kernel: {sw['kernel']}" if sw.get("kernel") else ""
-    python = f", Python {sw['python']}" if sw.get("python") else ""
+def _provenance_lines(p: Provenance) -> tuple[str, ...]:
+    r, search = p.run, p.search
+    span = f" ({p.started} to {p.finished})" if p.started and p.finished else ""
+    kernel = f"; kernel: {r.kernel}" if r.kernel else ""
+    python = f", Python {r.python}" if r.python else ""
     extra = "".join(f", {k} {search[k]}" for k in ("seed", "scope") if k in search)
     return (
-        f"- GPU: {gpu['count']}x {gpu['name']} (device_name {gpu['device_name']}), driver {gpu['driver']}",
-        f"- Software: vLLM {sw['vllm']}, Triton {sw['triton']}, torch {sw['torch']}, CUDA {sw['cuda']}{python}{kernel}",
+        f"- GPU: {r.count}x {r.gpu_name} (device_name {r.device_name}), driver {r.driver}",
+        f"- Software: vLLM {r.vllm}, Triton {r.triton}, torch {r.torch}, CUDA {r.cuda}{python}{kernel}",
         f"- Search: {search['strategy']}, routing {search['routing']}{extra}",
-        f"- Tuning time: {seconds / 60:.1f} min{span}",
+        f"- Tuning time: {p.tuning_seconds / 60:.1f} min{span}",
+        *([f"- Triton drift: {drift}"] if (drift := triton_drift(p)) else []),
     )
+
+
+def triton_drift(p: Provenance) -> str | None:
+    """How the Triton a file was tuned with differs from the one its vLLM runs (None: same, or unknown)."""
+    pin = target_triton(p.run.vllm)
+    return mismatch(pin, p.run.triton).replace("this node compiles", "this file was tuned") if pin else None
 
 
 def _check_config(folder: Path, report: ShapeReport, where: Path) -> None:
@@ -200,24 +145,15 @@ def _check_config(folder: Path, report: ShapeReport, where: Path) -> None:
 
 
 def load_sidecar(path: Path) -> ShapeReport:
-    """One validated sidecar; any missing key is a one-line error naming the file and the key."""
+    """One validated sidecar; any problem is a one-line error naming the file and the key."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"{path}: unreadable or corrupt JSON ({exc}); regenerate it with tune-moe") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: not a provenance object; regenerate it with tune-moe")
-    for key in REQUIRED:
-        _get(data, key, path)
-    if data["tool"] != TOOL or not isinstance(data["results"], dict) or not data["results"]:
-        raise UsageError(f"{path}: not a {TOOL} sidecar with results; regenerate it with tune-moe")
-    shape, device = _shape(data["shape"], path), str(data["gpu"]["device_name"])
-    if data["file"] != shape.file_name(device) or path.name != data["file"].removesuffix(".json") + PROVENANCE_SUFFIX:
-        raise UsageError(f"{path}: its 'file' {data['file']!r} does not match its shape, device or own name; "
-                         "regenerate the sidecar with tune-moe")
-    rows = tuple(sorted((_row(data, m, path) for m in data["results"]), key=lambda r: r.m))
-    layouts = tuple(str(x) for x in data["layouts"]) if isinstance(data["layouts"], list) else ()
-    return ShapeReport(device, data["file"], shape, layouts, _provenance_lines(data), rows)
+    p = Provenance.from_json(data, path)
+    if path.name != provenance.sidecar_path(p.file).name:
+        raise UsageError(f"{path}: its 'file' {p.file!r} does not match its own name; regenerate the sidecar with tune-moe")
+    return ShapeReport(str(p.run.device_name), p.file, p.shape, p.layouts, _provenance_lines(p), p.rows)
 
 
 def sidecars_in(folder: Path) -> list[Path]:
@@ -323,25 +259,15 @@ def summary_data(reports: list[ShapeReport]) -> dict:
 
 # ---- files: atomic writes, the folder's report, README -------------------------------------------
 
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_folder_report(out: Path, reports: list[ShapeReport]) -> None:
+    from .plots import shape_png, summary_png
+
     for r in reports:
-        write_atomic(out / "plots" / f"{r.slug}.png", shape_png(r))
-    write_atomic(out / "plots" / "summary.png", summary_png(reports))
-    write_atomic(out / "summary.json", (json.dumps(summary_data(reports), indent=2) + "\n").encode())
-    write_atomic(out / "REPORT.md", render_markdown(reports).encode())
+        atomic_write(out / "plots" / f"{r.slug}.png", shape_png(f"{r.shape.label} on {r.device}", r.rows))
+    labels = [f"{r.device} {r.shape.label}" for r in reports]
+    atomic_write(out / "plots" / "summary.png", summary_png(labels, [r.geomean for r in reports]))
+    atomic_write(out / "summary.json", (json.dumps(summary_data(reports), indent=2) + "\n").encode())
+    atomic_write(out / "REPORT.md", render_markdown(reports).encode())
 
 
 def _marker_span(text: str, readme: Path) -> tuple[int, int]:
@@ -364,7 +290,7 @@ def update_readme(readme: Path, text: str, block: list[str]) -> None:
     start, end = _marker_span(text, readme)
     new = text[:start] + "\n" + "\n".join(block) + "\n" + text[end:]
     if new != text:
-        write_atomic(Path(readme), new.encode())
+        atomic_write(Path(readme), new.encode())
 
 
 # ---- command -------------------------------------------------------------------------------------

@@ -18,8 +18,10 @@ import torch
 from . import launch
 from .bench import Timing, measure
 from .configs import FIELDS, TileConfig
+from .jobs import Failure, FailureKind
 from .gpus import GpuSpec
-from .inputs import TOLERANCE, Problem, Routing, build_problem, quant_groups, reference, relative_error
+from .inputs import TOLERANCE, Problem, build_problem, quant_groups, reference, relative_error
+from .routing import Routing
 from .kernel import Kernel
 from .roofline import Roofline, roofline
 from .shapes import MoeShape
@@ -32,11 +34,11 @@ class Outcome:
     config: TileConfig
     timing: Timing | None = None
     error: float | None = None  # relative error against the reference
-    failure: str = ""  # "" when it ran and passed
+    failure: Failure | None = None  # None when it ran and passed
 
     @property
     def ok(self) -> bool:
-        return not self.failure
+        return self.failure is None
 
     @property
     def us(self) -> float:
@@ -55,7 +57,6 @@ class Runner:
         self.act_dtype = torch.bfloat16 if cuda else torch.float16
         self.sm90 = cuda and torch.cuda.get_device_capability() == (9, 0)
         self.problem: Problem = build_problem(shape, m, routing, seed, self.device, self.act_dtype)
-        self.naive = launch.use_naive(m, shape.top_k, shape.global_experts, shape.expert_parallel)
         self._alignments: dict[int, launch.Alignment] = {}
         self._reference: tuple[torch.Tensor, torch.Tensor] | None = None
         local = self.problem.local_ids
@@ -72,35 +73,27 @@ class Runner:
 
     def alignment(self, block_m: int) -> launch.Alignment:
         if block_m not in self._alignments:
-            p = self.problem
-            self._alignments[block_m] = (
-                launch.naive(p.topk_ids, block_m) if self.naive
-                else launch.align(p.topk_ids, block_m, self.shape.global_experts, p.expert_map, self.kernel))
+            self._alignments[block_m] = launch.alignment(self.problem, block_m, self.kernel)
         return self._alignments[block_m]
 
     def gemms(self, config: TileConfig) -> None:
-        """Both GEMMs exactly as TritonExperts.apply issues them."""
-        p, al, block = self.problem, self.alignment(config.BLOCK_SIZE_M), self.shape.block_shape
-        launch.invoke(self.kernel, p.a1, p.w13, p.c1, p.a1_scale, p.w13_scale, None, al, False, self.shape.top_k,
-                      config, block, self.sm90)
-        launch.invoke(self.kernel, p.a2, p.w2, p.c3, p.a2_scale, p.w2_scale, p.topk_weights, al, True, 1,
-                      config, block, self.sm90)
+        """Both GEMMs exactly as TritonExperts.apply issues them, on inputs quantised once."""
+        launch.both_gemms(self.kernel, self.problem, self.alignment(config.BLOCK_SIZE_M), config, self.sm90)
 
     def layer(self, config: TileConfig) -> torch.Tensor:
-        """The whole expert path for a bf16 batch (M, K) -> (M, K)."""
+        """The whole expert path for a bf16 batch (M, K) -> (M, K): quantise, align, w13, SiLU-and-mul,
+        quantise, w2, sum over top-k."""
         p, s = self.problem, self.shape
-        hidden = p.hidden
-        a1, a1s = quant_groups(hidden, s.block_shape[1]) if s.block_shape else (hidden, None)
-        al = (launch.naive(p.topk_ids, config.BLOCK_SIZE_M) if self.naive
-              else launch.align(p.topk_ids, config.BLOCK_SIZE_M, s.global_experts, p.expert_map, self.kernel))
-        launch.invoke(self.kernel, a1, p.w13, p.c1, a1s, p.w13_scale, None, al, False, s.top_k, config,
-                      s.block_shape, self.sm90)
-        c1 = p.c1.view(-1, 2 * s.n)
-        act = (torch.nn.functional.silu(c1[:, : s.n].float()) * c1[:, s.n:].float()).to(self.act_dtype)
-        a2, a2s = quant_groups(act, s.block_shape[1]) if s.block_shape else (act, None)
-        launch.invoke(self.kernel, a2, p.w2, p.c3, a2s, p.w2_scale, p.topk_weights, al, True, 1, config,
-                      s.block_shape, self.sm90)
+        a1, a1s = quant_groups(p.hidden, s.block_shape[1]) if s.block_shape else (p.hidden, None)
+        al = launch.alignment(p, config.BLOCK_SIZE_M, self.kernel)
+        launch.both_gemms(self.kernel, p, al, config, self.sm90, first=launch.w13(p, a1, a1s), between=self._act)
         return (p.c3 * p.valid.unsqueeze(-1)).sum(1)
+
+    def _act(self, c1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        s = self.shape
+        c1 = c1.view(-1, 2 * s.n)
+        act = (torch.nn.functional.silu(c1[:, : s.n].float()) * c1[:, s.n:].float()).to(self.act_dtype)
+        return quant_groups(act, s.block_shape[1]) if s.block_shape else (act, None)
 
     def check(self, config: TileConfig) -> float:
         """Relative error of both GEMMs on poisoned outputs; raises nothing, returns inf on garbage."""
@@ -118,7 +111,8 @@ class Runner:
             err = self.check(config)
             tol = TOLERANCE["fp8" if self.shape.dtype == "fp8" else "bf16"]
             if not err <= tol:
-                return Outcome(config, error=err, failure=f"numerics: relative error {err:.2e} > {tol:.0e}")
+                return Outcome(config, error=err, failure=Failure(kind=FailureKind.NUMERICS,
+                                                                  detail=f"relative error {err:.2e} > {tol:.0e}"))
             fn = (lambda: self.gemms(config)) if self.scope == "gemms" else (lambda: self.layer(config))
             timing = measure(fn, budget_ms=budget_ms, flush_l2_bytes=self.flush_bytes)
             return Outcome(config, timing, err)
@@ -126,11 +120,12 @@ class Runner:
             return Outcome(config, failure=classify(exc))
 
 
-def classify(exc: Exception) -> str:
+def classify(exc: Exception) -> Failure:
+    """A compile, resource or launch error as a result (never a crash of the sweep)."""
     name = type(exc).__name__
     text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
     if name == "OutOfResources":
-        return f"resources: {text}"
+        return Failure(kind=FailureKind.RESOURCES, detail=text)
     if "Compilation" in name or "compile" in text.lower():
-        return f"compile: {name}: {text}"
-    return f"launch: {name}: {text}"
+        return Failure(kind=FailureKind.COMPILE, detail=f"{name}: {text}")
+    return Failure(kind=FailureKind.LAUNCH, detail=f"{name}: {text}")

@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Protocol
 
 from .bench import Timing
 from .configs import TileConfig
+from .jobs import Failure
 from .runner import Outcome
 from .space import Context, neighbours, space
 
@@ -26,7 +27,6 @@ HEAD_TO_HEAD_MS = 60.0  # per side, per round, three rounds
 SAMPLE = 10  # seeded random configs added to the first round
 TOP = 3  # configs whose neighbourhoods are climbed
 MAX_EVALS = 120
-STICKY = ("resources", "compile")  # failure kinds that do not depend on M
 
 
 class Evaluator(Protocol):
@@ -55,7 +55,7 @@ class SearchResult:
 class _Book:
     """First-look outcomes, failure memory and an optional batch precompiler."""
 
-    def __init__(self, ev: Evaluator, failures: dict[TileConfig, str], precompile: Callable | None):
+    def __init__(self, ev: Evaluator, failures: dict[TileConfig, Failure], precompile: Callable | None):
         self.ev, self.failures, self.precompile = ev, failures, precompile
         self.seen: dict[TileConfig, Outcome] = {}
 
@@ -72,7 +72,7 @@ class _Book:
         for c in todo:
             out = self.ev.evaluate(c, CHEAP_MS)
             self.seen[c] = out
-            if out.failure.split(":")[0] in STICKY:
+            if out.failure is not None and out.failure.kind.sticky:
                 self.failures[c] = out.failure
 
     def ranked(self) -> list[Outcome]:
@@ -80,7 +80,7 @@ class _Book:
 
 
 def guided(ev: Evaluator, ctx: Context, default: TileConfig, seeds: Iterable[TileConfig] = (),
-           failures: dict[TileConfig, str] | None = None, precompile: Callable | None = None,
+           failures: dict[TileConfig, Failure] | None = None, precompile: Callable | None = None,
            seed: int = 0, max_evals: int = MAX_EVALS) -> SearchResult:
     book = _Book(ev, {} if failures is None else failures, precompile)
     pool = space(ctx)
@@ -94,7 +94,7 @@ def guided(ev: Evaluator, ctx: Context, default: TileConfig, seeds: Iterable[Til
     return _finish(ev, book, default)
 
 
-def exhaustive(ev: Evaluator, ctx: Context, default: TileConfig, failures: dict[TileConfig, str] | None = None,
+def exhaustive(ev: Evaluator, ctx: Context, default: TileConfig, failures: dict[TileConfig, Failure] | None = None,
                precompile: Callable | None = None, seeds: Iterable[TileConfig] = (), **_) -> SearchResult:
     book = _Book(ev, {} if failures is None else failures, precompile)
     book.look([default, *seeds, *space(ctx)])

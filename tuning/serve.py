@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import shutil
 import socket
@@ -23,24 +22,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import gpus
+from .configs import CONFIGS_ROOT, TUNED_VAR
 from .errors import UsageError
 from .models import DEFAULT_MODEL, load_model
 from .shapes import DEFAULT_VLLM_VERSION, DTYPES, Layout, Refusal, parse_layout, shape_for
 from .envfile import ENV_FILE, env_file, read_env_file  # noqa: F401 (read_env_file is part of this API)
 from .procgroup import GATE, Interrupted, ProcessGroup, say
+from .recipe import CHECKPOINTS, RECIPE_LABEL, RECIPE_METRICS, BenchSpec, ServeSpec
 from .tune import installed_vllm_version
 from .vllm_log import ConfigProof, prove_default, prove_tuned, read_log
 
-TUNED_VAR = "VLLM_TUNED_CONFIG_FOLDER"
-SECRET = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|KEY", re.IGNORECASE)
-CHECKPOINTS = {"bf16": DEFAULT_MODEL, "fp8": DEFAULT_MODEL + "-FP8"}
-RECIPE_FLAGS = ("--reasoning-parser", "step3p5", "--tool-call-parser", "step3p5", "--enable-auto-tool-choice",
-                "--trust-remote-code")
-MTP_FLAGS = ("--hf-overrides", '{"num_nextn_predict_layers": 1}',
-             "--speculative-config", '{"method": "step3p5_mtp", "num_speculative_tokens": 1}')
-# The recipe's 4xH200 bf16 TP4 result for its `vllm bench serve` command.
-RECIPE_LABEL = "recipe 4xH200 bf16 TP4"
-RECIPE_METRICS = {"output_throughput": 811.94, "mean_tpot_ms": 11.91, "mean_ttft_ms": 422.62}
 # Keys of vLLM's result JSON kept in the report, with their labels.
 METRICS = {"output_throughput": "output tok/s", "mean_tpot_ms": "mean TPOT (ms)", "mean_ttft_ms": "mean TTFT (ms)",
            "median_tpot_ms": "median TPOT (ms)", "p99_tpot_ms": "P99 TPOT (ms)", "median_ttft_ms": "median TTFT (ms)",
@@ -51,66 +42,6 @@ FP8_EP_NOTE = ("with FP8 and expert parallelism on Hopper, vLLM 0.33 picks the F
                "so the tuned Triton configs may go unused; add --moe-backend triton to serve with them")
 BLACKWELL_NOTE = ("on Blackwell vLLM 0.33 prefers FlashInfer's MoE kernels, so the tuned Triton configs may go "
                   "unused; add --moe-backend triton to serve with them")
-
-
-@dataclass(frozen=True)
-class ServeSpec:
-    """One ``vllm serve`` of the recipe: what runs, with which environment."""
-
-    model: str
-    layout: Layout
-    dtype: str
-    port: int
-    mtp: bool = False
-    moe_backend: str = "auto"
-    tuned_folder: Path | None = None  # None: serve with vLLM's own configs (the A/B baseline)
-    env: tuple[tuple[str, str], ...] = ()  # from the node env file
-    extra_args: tuple[str, ...] = ()
-
-    def argv(self) -> list[str]:
-        argv = ["vllm", "serve", self.model, *self.layout.vllm_flags(), *RECIPE_FLAGS]
-        argv += MTP_FLAGS if self.mtp else ()
-        argv += ["--moe-backend", self.moe_backend] if self.moe_backend != "auto" else []
-        return argv + ["--port", str(self.port), *self.extra_args]
-
-    def env_updates(self) -> dict[str, str]:
-        """What this serve adds to the caller's environment."""
-        env = {k: v for k, v in self.env if k != TUNED_VAR}
-        return {**env, TUNED_VAR: str(self.tuned_folder)} if self.tuned_folder else env
-
-    def environ(self, base: dict[str, str]) -> dict[str, str]:
-        return {**{k: v for k, v in base.items() if k != TUNED_VAR}, **self.env_updates()}
-
-    def shown_env(self) -> dict[str, str]:
-        """``env_updates()`` fit for a terminal or a report: secrets (tokens, keys, passwords) hidden."""
-        return {k: "<hidden>" if SECRET.search(k) else v for k, v in self.env_updates().items()}
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-@dataclass(frozen=True)
-class BenchSpec:
-    """The recipe's ``vllm bench serve`` parameters."""
-
-    backend: str = "vllm"
-    endpoint: str = "/v1/completions"
-    dataset: str = "random"
-    input_len: int = 2048
-    output_len: int = 1024
-    max_concurrency: int = 10
-    num_prompts: int = 100
-    extra_args: tuple[str, ...] = ()
-
-    def argv(self, serve: ServeSpec, result: Path) -> list[str]:
-        return ["vllm", "bench", "serve", "--backend", self.backend, "--model", serve.model,
-                "--endpoint", self.endpoint, "--dataset-name", self.dataset,
-                "--random-input-len", str(self.input_len), "--random-output-len", str(self.output_len),
-                "--max-concurrency", str(self.max_concurrency), "--num-prompts", str(self.num_prompts),
-                "--host", "127.0.0.1", "--port", str(serve.port),
-                "--save-result", "--result-dir", str(result.parent), "--result-filename", result.name,
-                *self.extra_args]
 
 
 @dataclass(frozen=True)
@@ -277,7 +208,7 @@ def build_spec(args: argparse.Namespace, gpu: gpus.GpuSpec) -> ServeSpec:
     return ServeSpec(
         model=args.model or CHECKPOINTS[args.dtype], layout=parse_layout(args.layout), dtype=args.dtype,
         port=args.port, mtp=args.mtp, moe_backend=args.moe_backend,
-        tuned_folder=Path(args.configs or Path("kernels_configs") / gpu.device_name).absolute(),
+        tuned_folder=Path(args.configs or CONFIGS_ROOT / gpu.device_name).absolute(),
         env=read_env_file(found, dict(os.environ)) if found else (),
         extra_args=tuple(_split(args.serve_args, "--serve-args")),
     )
@@ -289,8 +220,10 @@ def build_bench(args: argparse.Namespace) -> BenchSpec | None:
     for name in ("random_input", "random_output", "max_concurrency", "num_prompts"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    return BenchSpec(args.bench_backend, args.endpoint, args.dataset_name, args.random_input, args.random_output,
-                     args.max_concurrency, args.num_prompts, tuple(_split(args.bench_args, "--bench-args")))
+    return BenchSpec(backend=args.bench_backend, endpoint=args.endpoint, dataset=args.dataset_name,
+                     input_len=args.random_input, output_len=args.random_output,
+                     max_concurrency=args.max_concurrency, num_prompts=args.num_prompts,
+                     extra_args=tuple(_split(args.bench_args, "--bench-args")))
 
 
 def _split(text: str | None, option: str) -> list[str]:

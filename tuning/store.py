@@ -1,46 +1,73 @@
 """Finished jobs, persisted the moment they finish, so a killed run resumes where it stopped.
 
-``<out>/.tune-moe/results.jsonl`` holds one JobResult per line (appended, flushed and
-fsynced); ``run.json`` holds the fingerprint of the settings that produced them. A
-run with other settings refuses to mix its results in, unless told ``--fresh``.
+``<out>/.tune-moe/`` holds ``results.jsonl`` (one JobResult per line, appended, flushed and fsynced),
+``run.json`` (per config file, the fingerprint of everything that decided its timings) and ``lock``
+(held by the one run writing here). A result is reused only under its file's fingerprint; another
+fingerprint, results with none, or an unreadable ``run.json`` are refused in one line (``--fresh``
+discards them).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
-import shutil
+import socket
+import time
 from pathlib import Path
 
-from .configs import atomic_write_json
 from .errors import UsageError
+from .files import atomic_write_json
 from .jobs import JobResult
 
 STATE_DIR = ".tune-moe"
+FORMAT = 2
 
 
 class Store:
-    def __init__(self, out: Path, fingerprint: dict, fresh: bool = False):
+    def __init__(self, out: Path, fresh: bool = False):
         self.dir = Path(out) / STATE_DIR
         self.results_path = self.dir / "results.jsonl"
         self.run_path = self.dir / "run.json"
-        if fresh and self.dir.exists():
-            shutil.rmtree(self.dir)
-        self._check_fingerprint(fingerprint)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = _take_lock(self.dir / "lock", Path(out))
+        if fresh:
+            for path in (self.results_path, self.run_path):
+                path.unlink(missing_ok=True)
+        self.fingerprints: dict[str, dict] = self._read_run()
         self.results: dict[tuple[str, int], JobResult] = self._load()
 
-    def _check_fingerprint(self, fingerprint: dict) -> None:
-        if self.run_path.exists():
-            try:
-                old = json.loads(self.run_path.read_text())
-            except (OSError, json.JSONDecodeError):
-                old = None
-            if old != fingerprint:
-                diff = sorted(k for k in fingerprint if not isinstance(old, dict) or old.get(k) != fingerprint[k])
-                raise UsageError(f"{self.dir} holds results of a run with other settings ({', '.join(diff) or 'unreadable'}); "
-                                 "re-run with those settings to resume, or pass --fresh to discard them")
-        else:
-            atomic_write_json(self.run_path, fingerprint)
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # releases the lock
+            self._lock = None
+
+    def _read_run(self) -> dict[str, dict]:
+        if not self.run_path.exists():
+            return {}
+        try:
+            data = json.loads(self.run_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            raise UsageError(f"{self.run_path} is unreadable, so the results beside it cannot be checked; "
+                             "move the folder away, or pass --fresh to discard them") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("files"), dict):
+            raise UsageError(f"{self.dir} holds results of another tune-moe version; pass --fresh to discard them")
+        return data["files"]
+
+    def claim(self, file: str, fingerprint: dict) -> None:
+        """Record that ``file`` is tuned under ``fingerprint``; refuse results made under another."""
+        old = self.fingerprints.get(file)
+        if old is None and any(f == file for f, _ in self.results):
+            raise UsageError(f"{self.dir} holds results for {file} without their settings; "
+                             "pass --fresh to discard them")
+        if old is not None and old != fingerprint:
+            differ = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
+            shown = ", ".join(f"{k} {old.get(k)!r} -> {fingerprint[k]!r}" for k in differ[:3])
+            raise UsageError(f"{self.dir} holds results for {file} made under other settings ({shown}); "
+                             "re-run with those settings to resume, or pass --fresh to discard them")
+        if old is None:
+            self.fingerprints[file] = fingerprint
+            atomic_write_json(self.run_path, {"format": FORMAT, "files": self.fingerprints})
 
     def _load(self) -> dict[tuple[str, int], JobResult]:
         out = {}
@@ -55,7 +82,6 @@ class Store:
         return out
 
     def add(self, result: JobResult) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.results_path, "a+b") as f:
             f.seek(0, os.SEEK_END)
             if f.tell():
@@ -72,3 +98,21 @@ class Store:
 
     def for_file(self, file: str) -> dict[int, JobResult]:
         return {m: r for (f, m), r in self.results.items() if f == file}
+
+
+def _take_lock(path: Path, out: Path):
+    """An exclusive lock on the output folder for this process's lifetime (the OS drops it if we die)."""
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UsageError(f"{out} is being written by another tune-moe ({holder}); wait for it to finish, "
+                         "or pass another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle

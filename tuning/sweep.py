@@ -1,58 +1,99 @@
 """The driver: a dynamic queue of (shape, M) jobs fed to one Ray actor per GPU.
 
-Jobs go to whichever worker is free, so long and short jobs balance. Each finished job
-is persisted at once; a shape's vLLM file is written as soon as its last batch size is
-done. A worker that dies is replaced and its job re-queued. Neighbouring batch sizes'
-winners seed a job's search; compile failures seen anywhere are shared.
+Jobs go to whichever worker is free, so long and short jobs balance. Each finished job is
+persisted at once, and a shape's vLLM file is written the moment its last batch size is done. A
+worker that dies is replaced and its job re-queued. Neighbouring batch sizes' winners seed a job's
+search; compile failures seen anywhere are shared. Every worker must run the GPU model and the
+Triton the run was planned for.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from . import configs, outputs
+from . import outputs
 from .configs import TileConfig
 from .errors import UsageError
-from .gpus import DetectedGpu
-from .jobs import JobResult, Settings
-from .kernel import KernelSource
-from .plan import Job, Plan
+from .jobs import Failure, Job, JobResult, Settings, fingerprint
+from .plan import Plan
+from .provenance import RunInfo, Target
 from .store import Store
+from .triton_pins import compiling_triton
 
 MAX_RESTARTS = 8
 START_TIMEOUT_S = 300
 MIN_FREE_GB = 40
 
 
-def run_sweep(plan: Plan, args: argparse.Namespace, out: Path, found: list[DetectedGpu]) -> int:
-    source = KernelSource(args.vllm_src, args.vllm_version)
-    source.load()  # fail here, before Ray starts, on a missing or unknown kernel
-    settings = Settings(plan.gpu.key, source, args.strategy, args.routing, args.seed, args.scope, args.max_evals)
-    for shape in plan.shapes:
-        configs.check_writable(out / plan.file_name(shape), args.overwrite)
-    store = Store(out, settings.fingerprint(), fresh=args.fresh)
-    pending = [j for j in _order(plan.jobs) if not store.done(plan.file_name(j.shape), j.m)]
-    print(f"\n{len(plan.jobs) - len(pending)} of {len(plan.jobs)} jobs already done in {store.dir}; {len(pending)} to run.")
-    started = outputs.now()
-    info = {"count": 0}
-    if pending:
-        info = Driver(plan, settings, args, len(found)).run(pending, store)
-    written = [outputs.write_shape(out, plan, s, store.for_file(plan.file_name(s)), settings, info, started)
-               for s in plan.shapes if len(store.for_file(plan.file_name(s))) >= len(plan.batch_sizes)]
-    print("\n" + outputs.summary(plan, store.results))
-    print("\nWrote:\n" + "\n".join(f"  {p}" for p in written))
-    for line in outputs.serve_lines(plan, out):
-        print(f"\nServe with the tuned configs:\n  {line}")
-    missing = len(plan.jobs) - sum(store.done(plan.file_name(j.shape), j.m) for j in plan.jobs)
+@dataclass(frozen=True, kw_only=True)
+class RayOptions:
+    """How to get workers: a Ray address to join (or a local cluster), and the CPU test mode."""
+
+    address: str | None = None
+    interpret: bool = False  # Triton's interpreter on CPU workers with declared fake GPUs
+    local_gpus: int = 0  # GPUs of this node, for a local cluster
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outputs:
+    """Where the files go and what may be replaced."""
+
+    out: Path
+    fresh: bool = False
+    overwrite: bool = False
+    target: Target | None = None  # the Triton the target vLLM runs, for provenance
+
+
+def run_sweep(plan: Plan, settings: Settings, ray_options: RayOptions, outs: Outputs) -> int:
+    kernel = settings.source.load()  # fail here, before Ray starts, on a missing or unknown kernel
+    triton = compiling_triton() or "unknown"
+    software = {"triton": triton, "vllm": kernel.vllm_version, "kernel_sha256": kernel.source_sha256}
+    files = {s: plan.file_name(s) for s in plan.shapes}
+    existing = {s: outputs.check_writable(outs.out / files[s], software, outs.overwrite) for s in plan.shapes}
+    store = Store(outs.out, fresh=outs.fresh)
+    try:
+        for s in plan.shapes:
+            store.claim(files[s], fingerprint(settings, s, device_name=plan.gpu.device_name, **software))
+        pending = [j for j in _order(plan.jobs) if not store.done(files[j.shape], j.m)]
+        print(f"\n{len(plan.jobs) - len(pending)} of {len(plan.jobs)} jobs already done in {store.dir}; "
+              f"{len(pending)} to run.")
+        if not pending:
+            print("Nothing to tune: every file of the plan is complete and left as it is.")
+            return 0
+        writer = _ShapeWriter(plan, settings, outs, existing, store)
+        Driver(plan, settings, ray_options, triton).run(pending, store, writer)
+        print("\n" + outputs.summary(plan, store.results))
+        print("\nWrote:\n" + "\n".join(f"  {p}" for p in writer.written) if writer.written else "\nWrote no file.")
+        missing = sum(not store.done(files[j.shape], j.m) for j in plan.jobs)
+    finally:
+        store.close()
     if missing:
         print(f"\n{missing} jobs did not finish; re-run the same command to finish them.", file=sys.stderr)
     return 1 if missing else 0
+
+
+class _ShapeWriter:
+    """Writes a shape's files the moment its last batch size is done, if this run tuned any of them."""
+
+    def __init__(self, plan: Plan, settings: Settings, outs: Outputs, existing: dict, store: Store):
+        self.plan, self.settings, self.outs, self.existing, self.store = plan, settings, outs, existing, store
+        self.started = outputs.now()
+        self.written: list[Path] = []
+
+    def __call__(self, job: Job, run: RunInfo) -> None:
+        results = self.store.for_file(self.plan.file_name(job.shape))
+        if len(results) < len(self.plan.batch_sizes):
+            return
+        path = outputs.write_shape(self.outs.out, self.plan, job.shape, results, settings=self.settings, run=run,
+                                   target=self.outs.target, existing=self.existing[job.shape], started=self.started)
+        self.written.append(path)
+        tqdm.write(f"wrote {path}")
 
 
 def _order(jobs: list[Job]) -> list[Job]:
@@ -68,25 +109,25 @@ def _order(jobs: list[Job]) -> list[Job]:
 
 
 class Driver:
-    def __init__(self, plan: Plan, settings: Settings, args: argparse.Namespace, local_gpus: int):
-        self.plan, self.settings, self.args = plan, settings, args
-        self.num_workers = _start_ray(args, local_gpus, plan)
-        self.failures: dict[str, dict[TileConfig, str]] = {}
+    def __init__(self, plan: Plan, settings: Settings, ray_options: RayOptions, triton: str):
+        self.plan, self.settings, self.options, self.triton = plan, settings, ray_options, triton
+        self.num_workers = _start_ray(ray_options)
+        self.failures: dict[str, dict[TileConfig, Failure]] = {}
         self.restarts = 0
 
-    def run(self, pending: list[Job], store: Store) -> dict:
+    def run(self, pending: list[Job], store: Store, on_done) -> RunInfo:
         import ray
 
         queue, workers = deque(pending), [self._new_worker() for _ in range(self.num_workers)]
-        info = self._check_workers(workers)
+        run = self._check_workers(workers)
         bars = self._bars(pending, store)
         in_flight: dict = {}
         try:
             while queue or in_flight:
-                for w in [w for w in workers if w not in {a for a, _ in in_flight.values()}]:
-                    if queue:
-                        job = queue.popleft()
-                        in_flight[w.run.remote(job, self._seeds(job, store), self._known(job))] = (w, job)
+                busy = {w for w, _ in in_flight.values()}
+                for w in [w for w in workers if w not in busy and queue]:
+                    job = queue.popleft()
+                    in_flight[w.run.remote(job, self._seeds(job, store), self._known(job))] = (w, job)
                 done, _ = ray.wait(list(in_flight), num_returns=1)
                 worker, job = in_flight.pop(done[0])
                 try:
@@ -99,23 +140,24 @@ class Driver:
                     continue
                 store.add(result)
                 self._learn(result)
+                on_done(job, run)
                 for bar in (bars["all"], bars[job.shape]):
                     bar.update(1)
         finally:
             for bar in bars.values():
                 bar.close()
-        return info
+        return run
 
     def _new_worker(self):
         import ray
 
         from .workers import TuneWorker
 
-        env = {"TRITON_INTERPRET": "1"} if self.args.interpret else {}
+        env = {"TRITON_INTERPRET": "1"} if self.options.interpret else {}
         cls = ray.remote(num_gpus=1, max_restarts=0, runtime_env={"env_vars": env})(TuneWorker)
-        return cls.remote(self.settings, self.plan.gpu.device_name, _compile_workers(self.num_workers, self.args))
+        return cls.remote(self.settings, self.plan.gpu.device_name, self._compile_workers())
 
-    def _check_workers(self, workers) -> dict:
+    def _check_workers(self, workers) -> RunInfo:
         import ray
 
         try:
@@ -123,17 +165,29 @@ class Driver:
         except ray.exceptions.GetTimeoutError:
             raise UsageError(f"no worker got a GPU within {START_TIMEOUT_S}s: all GPUs of the Ray cluster are busy; "
                              "free them or pass --ray-address of a cluster with idle GPUs") from None
-        if not self.args.interpret:
-            for i in infos:
-                if i["device_name"] != self.plan.gpu.device_name:
-                    raise UsageError(f"worker on {i['host']} runs on {i['name']}, not {self.plan.gpu.torch_name}; "
-                                     "use a cluster of one GPU model and the matching --gpu")
-                if i["free_gb"] < MIN_FREE_GB:
-                    raise UsageError(f"GPU {i['gpu_ids']} on {i['host']} is busy ({i['free_gb']:.0f} GB free); "
-                                     "stop what runs there and re-run")
+        for i in infos:
+            self._check_worker(i)
         print(f"{len(infos)} workers: " + ", ".join(f"{i['host']}:{i['gpu_ids'] or '-'}" for i in infos)
-              + f"; kernel: {infos[0]['kernel']}")
-        return {**infos[0], "count": len(infos)}
+              + f"; kernel: {infos[0]['kernel']}; Triton {infos[0]['triton']}")
+        first = infos[0]
+        return RunInfo(gpu_name=first["name"], device_name=first["device_name"], driver=first["driver"],
+                       count=len(infos), cuda=first["cuda"], torch=first["torch"], triton=first["triton"],
+                       python=first["python"], vllm=first["vllm"], kernel=first["kernel"],
+                       kernel_sha256=first["kernel_sha256"])
+
+    def _check_worker(self, info: dict) -> None:
+        where = f"worker on {info['host']}"
+        if info["triton"] != self.triton:
+            raise UsageError(f"{where} compiles with Triton {info['triton']}, but this run was planned for Triton "
+                             f"{self.triton}; install the same Triton on every node")
+        if self.options.interpret:
+            return
+        if info["device_name"] != self.plan.gpu.device_name:
+            raise UsageError(f"{where} runs on {info['name']}, not {self.plan.gpu.torch_name}; "
+                             "use a cluster of one GPU model and the matching --gpu")
+        if info["free_gb"] < MIN_FREE_GB:
+            raise UsageError(f"GPU {info['gpu_ids']} on {info['host']} is busy ({info['free_gb']:.0f} GB free); "
+                             "stop what runs there and re-run")
 
     def _replace(self, dead, job: Job, queue: deque):
         import ray
@@ -145,7 +199,7 @@ class Driver:
         ray.kill(dead, no_restart=True)
         queue.appendleft(job)
         worker = self._new_worker()
-        ray.get(worker.info.remote(), timeout=START_TIMEOUT_S)
+        self._check_worker(ray.get(worker.info.remote(), timeout=START_TIMEOUT_S))
         return worker
 
     def _seeds(self, job: Job, store: Store) -> list[TileConfig]:
@@ -154,13 +208,13 @@ class Driver:
         near = sorted(done, key=lambda m: abs(m - job.m))[:2]
         return list(dict.fromkeys(done[m].tuned for m in near))
 
-    def _known(self, job: Job) -> dict[TileConfig, str]:
+    def _known(self, job: Job) -> dict[TileConfig, Failure]:
         return dict(self.failures.get(self.plan.file_name(job.shape), {}))
 
     def _learn(self, result: JobResult) -> None:
         known = self.failures.setdefault(result.file, {})
         for short, why in result.failures.items():
-            if why.split(":")[0] in ("resources", "compile"):
+            if why.kind.sticky:
                 known[TileConfig.from_short(short)] = why
 
     def _bars(self, pending: list[Job], store: Store) -> dict:
@@ -171,24 +225,24 @@ class Driver:
             bars[shape] = tqdm(total=total[shape], initial=done, desc=shape.label, position=i, dynamic_ncols=True)
         return bars
 
+    def _compile_workers(self) -> int:
+        if self.options.interpret:
+            return 0
+        return max(1, (os.cpu_count() or 2) // max(1, self.num_workers) - 1)
 
-def _compile_workers(num_gpus: int, args: argparse.Namespace) -> int:
-    if args.interpret:
-        return 0
-    return max(1, (os.cpu_count() or 2) // max(1, num_gpus) - 1)
 
-
-def _start_ray(args: argparse.Namespace, local_gpus: int, plan: Plan) -> int:
+def _start_ray(options: RayOptions) -> int:
     import ray
 
     if ray.is_initialized():
         pass  # the caller connected already
-    elif args.ray_address:
-        ray.init(address=args.ray_address, log_to_driver=False)
-    elif args.interpret:
-        ray.init(num_gpus=args.num_gpus or 1, num_cpus=max(2, args.num_gpus or 1), log_to_driver=False)
+    elif options.address:
+        ray.init(address=options.address, log_to_driver=False)
+    elif options.interpret:
+        n = max(1, options.local_gpus)
+        ray.init(num_gpus=n, num_cpus=max(2, n), log_to_driver=False)
     else:
-        ray.init(num_gpus=local_gpus, log_to_driver=False)
+        ray.init(num_gpus=options.local_gpus, log_to_driver=False)
     return cluster_gpus(ray.cluster_resources())
 
 

@@ -1,18 +1,26 @@
-"""The main job: plan, check the node, sweep on Ray, write vLLM's files, summarise."""
+"""The main job: plan, check the node and its Triton, sweep on Ray, write vLLM's files.
+
+Everything here runs without torch until the sweep starts, so ``--dry-run`` works on any machine.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
+import re
 import sys
 from pathlib import Path
 
 from . import gpus, shapes
+from .configs import CONFIGS_ROOT
 from .errors import UsageError
-from .inputs import Routing
+from .kernel import KernelSource, installed_fused_moe, installed_vllm_version
 from .models import DEFAULT_MODEL, load_model
 from .plan import Plan, format_plan, make_plan
-from .shapes import BATCH_SIZES, DEFAULT_VLLM_VERSION, DTYPES
+from .provenance import Target
+from .routing import Routing
+from .shapes import DEFAULT_VLLM_VERSION, DTYPES
+from .triton_pins import compiling_triton, mismatch, target_triton
+from .vllm_rules import normalize_moe_backend
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,13 +30,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-gpus", type=int, help="GPUs per node for the plan (default: GPUs present, else 8)")
     p.add_argument("--layouts", help="comma list, e.g. TP4,DP4+EP (default: every TP/DP/EP layout the node allows)")
     p.add_argument("--batch-sizes", help="comma list of M (default: vLLM's 18 tuning sizes)")
-    p.add_argument("--shapes", help="only these shapes, comma list of 'E=..,N=..' prefixes of the file names")
+    p.add_argument("--shape", action="append", default=[], metavar="E=..,N=..",
+                   help="only this shape of the plan, e.g. --shape E=72,N=1280 (repeatable)")
     p.add_argument("--from-vllm-log", metavar="LOG", help="tune exactly the shapes a vLLM log reports missing")
     p.add_argument("--model", default=None, help=f"config.json path/folder or built-in name (default: {DEFAULT_MODEL}[-FP8])")
     p.add_argument("--vllm-version", help="vLLM whose launch rules to follow (default: the installed one, else "
                    f"{DEFAULT_VLLM_VERSION})")
     p.add_argument("--moe-backend", default="auto", help="vLLM --moe-backend the serve will use (changes FP8 TP shapes)")
-    p.add_argument("--out", help="output folder (default: kernels_configs/<device_name>/)")
+    p.add_argument("--out", help=f"output folder (default: {CONFIGS_ROOT}/<device_name>/)")
     p.add_argument("--strategy", default="guided", choices=("guided", "exhaustive"), help="search strategy")
     p.add_argument("--max-evals", type=int, default=120, help="guided search: most configs given a first look per job")
     p.add_argument("--vllm-src", metavar="PATH", help="take the kernel from this vLLM fused_moe.py, wheel or source "
@@ -39,31 +48,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="time the two GEMM kernels (what the tile config controls) or the whole expert path")
     p.add_argument("--ray-address", help="join this Ray cluster (e.g. auto or ray://head:10001) instead of starting one")
     p.add_argument("--fresh", action="store_true", help="discard saved results of an earlier run in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace config files in --out not written by tune-moe")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace config files in --out that tune-moe did not write or tuned under other software")
+    p.add_argument("--allow-triton-mismatch", action="store_true",
+                   help="tune although this node's Triton is not the one the target vLLM runs (recorded in provenance)")
     p.add_argument("--interpret", action="store_true",
                    help="run the kernels under Triton's CPU interpreter with fake GPUs (tiny models; for testing)")
-
-
-def installed_vllm_version() -> str | None:
-    try:
-        return importlib.metadata.version("vllm")
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _csv(text: str | None) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else []
 
 
-def _batch_sizes(text: str | None) -> tuple[int, ...]:
-    if not text:
-        return BATCH_SIZES
+def batch_sizes(text: str | None, option: str = "--batch-sizes") -> tuple[int, ...]:
+    """The one parser of batch-size lists: positive integers separated by commas."""
+    if text is None:
+        return shapes.BATCH_SIZES
     try:
         sizes = tuple(int(t) for t in _csv(text))
     except ValueError:
-        raise UsageError(f"--batch-sizes {text!r}: write positive integers separated by commas, e.g. 1,16,256") from None
+        sizes = ()
     if not sizes or min(sizes) < 1:
-        raise UsageError(f"--batch-sizes {text!r}: write positive integers separated by commas, e.g. 1,16,256")
+        raise UsageError(f"{option} {text!r}: write positive integers separated by commas, e.g. 1,16,256")
     return sizes
 
 
@@ -78,22 +84,27 @@ def build_plan(args: argparse.Namespace, found: list[gpus.DetectedGpu]) -> Plan:
     version = args.vllm_version or installed_vllm_version() or DEFAULT_VLLM_VERSION
     shapes.parse_version(version)
     Routing.parse(args.routing)
+    backend = normalize_moe_backend(args.moe_backend)
     if args.max_evals < 1:
         raise UsageError(f"--max-evals {args.max_evals}: must be at least 1")
     num_gpus = args.num_gpus if args.num_gpus is not None else (len(found) or 8)
     if num_gpus < 1:
         raise UsageError(f"--num-gpus {num_gpus}: must be at least 1")
+    if args.layouts is not None and not _csv(args.layouts):
+        raise UsageError(f"--layouts {args.layouts!r}: names no layout; write e.g. TP4,DP4+EP, or drop it for all")
     layouts = [shapes.parse_layout(t) for t in _csv(args.layouts)] or shapes.default_layouts(num_gpus)
     too_big = [lay.name for lay in layouts if lay.gpus > num_gpus]
     if too_big:
         raise UsageError(f"--layouts {','.join(too_big)} need more than the {num_gpus} GPUs of the node; "
                          "raise --num-gpus or pick smaller layouts")
-    plan = make_plan(model, gpu, args.dtype, layouts, num_gpus, _batch_sizes(args.batch_sizes), version,
-                     args.moe_backend)
+    plan = make_plan(model, gpu, args.dtype, layouts, num_gpus, batch_sizes(args.batch_sizes), version, backend)
     if args.layouts and plan.refusals and not plan.shapes:
         r = plan.refusals[0]
         raise UsageError(f"layout {r.layout.name}: {r.reason}")
     return _select_shapes(plan, args)
+
+
+_SHAPE = re.compile(r"^E=(\d+),N=(\d+)$")
 
 
 def _select_shapes(plan: Plan, args: argparse.Namespace) -> Plan:
@@ -106,13 +117,34 @@ def _select_shapes(plan: Plan, args: argparse.Namespace) -> Plan:
         if other:
             raise UsageError(f"--from-vllm-log names {other[0]} shapes, not {plan.dtype}; re-run with --dtype {other[0]}")
         plan.shapes = {s: plan.shapes.get(s, []) for s in logged}
-    wanted = _csv(args.shapes)
+    wanted = []
+    for text in args.shape:
+        m = _SHAPE.match(text.replace(" ", ""))
+        if not m:
+            raise UsageError(f"--shape {text!r}: write E=<experts>,N=<width>, e.g. --shape E=72,N=1280")
+        wanted.append((int(m.group(1)), int(m.group(2))))
     if wanted:
-        keep = {s: lay for s, lay in plan.shapes.items() if any(plan.file_name(s).startswith(w) for w in wanted)}
+        keep = {s: lay for s, lay in plan.shapes.items() if (s.num_experts, s.n) in wanted}
         if not keep:
-            raise UsageError(f"--shapes {','.join(wanted)} matches none of the plan's shapes; see --dry-run for their names")
+            raise UsageError(f"--shape {' '.join(args.shape)} matches none of the plan's shapes "
+                             f"({', '.join(f'E={s.num_experts},N={s.n}' for s in plan.shapes)}); see --dry-run")
         plan.shapes = keep
     return plan
+
+
+def triton_target(plan: Plan, source: KernelSource, allow: bool) -> Target | None:
+    """The Triton the target vLLM runs against the one this node compiles with; one line when they differ."""
+    pin = target_triton(plan.vllm_version, source.path)
+    if pin is None:
+        return None
+    compiling = compiling_triton() or "none"
+    drift = mismatch(pin, compiling)
+    if drift and not allow:
+        raise UsageError(f"{drift}: configs tuned here would be for another compiler; install Triton {pin.triton} "
+                         "(or run with PYTHONPATH pointing at it), or pass --allow-triton-mismatch to tune anyway")
+    if drift:
+        print(f"warning: {drift}; tuning anyway (--allow-triton-mismatch, recorded in provenance)", file=sys.stderr)
+    return Target(vllm=pin.vllm, torch=pin.torch, triton=pin.triton, how=pin.how, mismatch_allowed=bool(drift))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,16 +154,33 @@ def run(args: argparse.Namespace) -> int:
     if not plan.shapes:
         would = "; would fit: " + ", ".join(plan.alternatives) if plan.alternatives else ""
         raise UsageError(f"no layout of {plan.model.name} {plan.dtype} fits {plan.num_gpus}x{plan.gpu.key}{would}")
-    out = Path(args.out) if args.out else Path("kernels_configs") / plan.gpu.device_name
+    out = Path(args.out) if args.out else CONFIGS_ROOT / plan.gpu.device_name
     if args.dry_run:
         print(f"\nDry run: nothing tuned. On a node with {plan.gpu.key} GPUs, drop --dry-run to tune "
               f"(one Ray worker per GPU) and write the files to {out}/.")
         return 0
+    from .files import output_folder
+
+    output_folder(out, "--out")
+    src = args.vllm_src or (str(installed_fused_moe() or "") if args.interpret else None) or None
+    source = KernelSource(src, args.vllm_version)
+    target = None if args.interpret else triton_target(plan, source, args.allow_triton_mismatch)
     if not args.interpret:
         gpus.check_node(plan.gpu, found)
-    from .sweep import run_sweep
+    from .jobs import Settings
+    from .sweep import Outputs, RayOptions, run_sweep
 
-    return run_sweep(plan, args, out, found)
+    settings = Settings(gpu=plan.gpu.key, source=source, strategy=args.strategy, routing=args.routing,
+                        seed=args.seed, scope=args.scope, max_evals=args.max_evals)
+    ray_options = RayOptions(address=args.ray_address, interpret=args.interpret,
+                             local_gpus=(args.num_gpus or 1) if args.interpret else len(found))
+    outs = Outputs(out=out, fresh=args.fresh, overwrite=args.overwrite, target=target)
+    code = run_sweep(plan, settings, ray_options, outs)
+    from .advice import serve_lines
+
+    for line in serve_lines(plan, out):
+        print(f"\nServe with the tuned configs:\n  {line}")
+    return code
 
 
 if __name__ == "__main__":

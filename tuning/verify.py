@@ -15,7 +15,7 @@ from pathlib import Path
 from . import configs
 from .errors import UsageError
 from .gpus import get_gpu
-from .inputs import Routing
+from .routing import Routing
 from .kernel import KernelSource
 from .models import DEFAULT_MODEL, load_model
 from .runner import Runner

@@ -1,4 +1,4 @@
-"""The Ray actor: pin one GPU, load the kernel, run (shape, M) jobs, return results."""
+"""The Ray actor: pin one GPU, load the kernel, run (shape, M) jobs, return results as plain data."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import gc
 import os
 import platform
 import socket
+import time
 
 from .configs import TileConfig
-from .gpus import get_gpu, vllm_device_name
-from .jobs import JobResult, Settings, run_job
-from .plan import Job
+from .gpus import GpuSpec, get_gpu, vllm_device_name
+from .jobs import Failure, Job, JobResult, Settings
+from .kernel import Kernel
 
 KERNEL_CACHE_LIMIT = 512  # compiled kernels kept in memory per worker; Triton's disk cache keeps the rest
 
@@ -24,7 +25,7 @@ class TuneWorker:
         self.settings, self.device_name = settings, device_name
         self.gpu = get_gpu(settings.gpu)
         self.kernel = settings.source.load()
-        self.failures: dict[str, dict[TileConfig, str]] = {}
+        self.failures: dict[str, dict[TileConfig, Failure]] = {}
         self.precompile = None
         if torch.cuda.is_available() and compile_workers > 0:
             from .compile import Precompiler
@@ -44,18 +45,18 @@ class TuneWorker:
             "name": name, "device_name": vllm_device_name(name) if cuda else None,
             "free_gb": free / 1e9, "total_gb": total / 1e9, "cuda": torch.version.cuda or "", "torch": torch.__version__,
             "triton": triton.__version__, "python": platform.python_version(), "kernel": self.kernel.describe,
-            "vllm": self.kernel.vllm_version, "driver": _driver_version(),
+            "kernel_sha256": self.kernel.source_sha256, "vllm": self.kernel.vllm_version, "driver": _driver_version(),
         }
 
-    def run(self, job: Job, seeds: list[TileConfig], known_failures: dict[TileConfig, str]) -> JobResult:
+    def run(self, job: Job, seeds: list[TileConfig], known_failures: dict[TileConfig, Failure]) -> JobResult:
         import torch
 
         failures = self.failures.setdefault(job.shape.file_name(self.device_name), {})
         failures.update(known_failures)
         worker = f"{socket.gethostname()}:{os.environ.get('CUDA_VISIBLE_DEVICES', 'cpu')}"
         try:
-            return run_job(self.kernel, self.gpu, job, self.settings, self.device_name, worker, seeds, failures,
-                           self.precompile)
+            return run_job(self.kernel, self.gpu, job, self.settings, device_name=self.device_name, worker=worker,
+                           seeds=seeds, failures=failures, precompile=self.precompile)
         finally:
             self._bound_memory(torch)
 
@@ -67,6 +68,32 @@ class TuneWorker:
         for entry in list(caches.values()):
             if len(entry[0]) > KERNEL_CACHE_LIMIT:
                 entry[0].clear()
+
+
+def run_job(kernel: Kernel, gpu: GpuSpec, job: Job, settings: Settings, *, device_name: str, worker: str,
+            seeds: list[TileConfig], failures: dict[TileConfig, Failure], precompile=None) -> JobResult:
+    """Search ``job``'s tile configs on this GPU; vLLM's default is always timed head to head."""
+    from .routing import Routing
+    from .runner import Runner
+    from .search import STRATEGIES
+    from .space import Context
+
+    t0 = time.monotonic()
+    runner = Runner(kernel, job.shape, job.m, gpu, Routing.parse(settings.routing), settings.seed, settings.scope)
+    default = runner.default_config()
+    pre = (lambda cfgs: precompile(job.shape, job.m, cfgs)) if precompile else None
+    result = STRATEGIES[settings.strategy](runner, Context(job.shape, gpu, job.m), default, seeds=seeds,
+                                           failures=failures, precompile=pre, seed=settings.seed,
+                                           max_evals=settings.max_evals)
+    if not result.default.ok:
+        raise RuntimeError(f"vLLM's default config {default.short} fails at M={job.m}: {result.default.failure}")
+    best, rl = result.best, runner.roofline
+    return JobResult(file=job.shape.file_name(device_name), m=job.m, default=default, default_us=result.default.us,
+                     tuned=best.config, tuned_us=best.us, tuned_p20_us=best.timing.p20_us,
+                     tuned_p80_us=best.timing.p80_us, roofline_us=rl.bound_us, bound=rl.bound,
+                     error=best.error or 0.0, evaluated=result.evaluated, failed=len(result.failed),
+                     seconds=time.monotonic() - t0, worker=worker,
+                     failures={o.config.short: o.failure for o in result.failed[:8]})
 
 
 def _driver_version() -> str:

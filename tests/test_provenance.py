@@ -1,0 +1,96 @@
+"""Provenance sidecars: one record, written and read back whole; checks before a run touches a file."""
+
+import json
+
+import pytest
+
+from conftest import provenance_for
+from tuning import provenance
+from tuning.configs import TileConfig, write_config_file
+from tuning.errors import UsageError
+from tuning.outputs import check_writable
+from tuning.provenance import Provenance
+
+EP4 = "E=72,N=1280,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"
+BF16_TP4 = "E=288,N=320,device_name=NVIDIA_H200.json"
+A = TileConfig(16, 64, 128, 1, 4, 3)
+CONFIGS = {1: A, 64: TileConfig(64, 128, 128, 16, 8, 4)}
+SOFTWARE = {"triton": "3.8.0", "vllm": "0.33.0", "kernel_sha256": "0" * 64}
+
+
+def ours(tmp_path, name=EP4, **software):
+    path = tmp_path / name
+    write_config_file(path, CONFIGS, software.get("triton", "3.8.0"))
+    provenance.write(path, provenance_for(path, CONFIGS, **software))
+    return path
+
+
+def test_sidecar_name(tmp_path):
+    assert provenance.sidecar_path(tmp_path / EP4) == tmp_path / (
+        "E=72,N=1280,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].provenance.json")
+    assert provenance.sidecar_path(tmp_path / BF16_TP4).name == "E=288,N=320,device_name=NVIDIA_H200.provenance.json"
+
+
+def test_round_trip_is_exact(tmp_path):
+    path = ours(tmp_path)
+    record = provenance.read(path)
+    assert record == provenance_for(path, CONFIGS)
+    data = json.loads(provenance.sidecar_path(path).read_text())
+    assert data["tool"] == "tune-moe" and data["software"]["triton"] == "3.8.0"
+    assert Provenance.from_json(data, "x") == record
+
+
+def test_no_sidecar_is_none_and_a_bad_one_is_one_line(tmp_path):
+    path = tmp_path / EP4
+    assert provenance.read(path) is None
+    for text, match in (("{not json", "corrupt JSON"), ("[]", "not a tune-moe sidecar"),
+                        (json.dumps({"tool": "benchmark_moe.py"}), "not a tune-moe sidecar"),
+                        (json.dumps({"tool": "tune-moe", "file": EP4}), "missing required key 'layouts'")):
+        provenance.sidecar_path(path).write_text(text)
+        with pytest.raises(UsageError, match=match) as err:
+            provenance.read(path)
+        assert "\n" not in str(err.value)
+
+
+def test_check_writable_new_file(tmp_path):
+    assert check_writable(tmp_path / EP4, SOFTWARE).configs == {}
+
+
+def test_check_writable_merges_into_a_file_of_the_same_software(tmp_path):
+    path = ours(tmp_path)
+    existing = check_writable(path, SOFTWARE)
+    assert existing.configs == CONFIGS and [r.m for r in existing.rows] == [1, 64]
+
+
+def test_check_writable_refuses_another_triton_unless_overwrite(tmp_path):
+    path = ours(tmp_path, triton="3.6.0")
+    with pytest.raises(UsageError) as err:
+        check_writable(path, SOFTWARE)
+    assert "other software (triton 3.6.0; this run: 3.8.0)" in str(err.value) and "--overwrite" in str(err.value)
+    replaced = check_writable(path, SOFTWARE, overwrite=True)
+    assert replaced.configs == {} and replaced.rows == ()
+
+
+def test_check_writable_refuses_a_foreign_file_unless_overwrite(tmp_path):
+    path = tmp_path / EP4
+    write_config_file(path, CONFIGS, "3.8.0")  # e.g. vLLM's benchmark_moe.py: no sidecar
+    with pytest.raises(UsageError) as err:
+        check_writable(path, SOFTWARE)
+    msg = str(err.value)
+    assert "was not written by tune-moe" in msg and provenance.sidecar_path(path).name in msg and "--overwrite" in msg
+    assert check_writable(path, SOFTWARE, overwrite=True).configs == {}
+
+
+def test_check_writable_refuses_a_corrupt_file_even_with_overwrite(tmp_path):
+    path = ours(tmp_path)
+    path.write_text('{"1": ')
+    for overwrite in (False, True):
+        with pytest.raises(UsageError, match="unreadable or corrupt JSON"):
+            check_writable(path, SOFTWARE, overwrite=overwrite)
+
+
+def test_check_writable_refuses_a_corrupt_sidecar(tmp_path):
+    path = ours(tmp_path)
+    provenance.sidecar_path(path).write_text("{not json")
+    with pytest.raises(UsageError, match="corrupt JSON"):
+        check_writable(path, SOFTWARE)

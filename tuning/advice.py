@@ -1,0 +1,58 @@
+"""What a serve will run, per MoE layer kind, and the serve lines a tune prints: from vLLM's rules.
+
+``runtimes`` asks vLLM itself (``vllm_probe``, in a subprocess) when vLLM is importable here, and
+the mirror in ``vllm_rules`` otherwise, and says which answered. Step-3.5-Flash has two kinds of MoE
+layer: SiLU, and the clamped SwiGLU ("swiglustep") of the layers with a ``swiglu_limits`` entry;
+vLLM picks the backend for each kind on its own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from .plan import Plan
+from .recipe import ServeSpec, serve_line
+from .shapes import Layout
+from .vllm_rules import ACTIVATIONS, LayerRuntime, ServeFacts, layer_runtime
+
+RECIPE_LAYOUTS = (Layout(tp=4), Layout(dp=4, ep=True))
+KIND = {"silu": "SiLU layers", "swiglustep": "SwiGLU-step layers"}
+
+
+def runtimes(serve: ServeFacts) -> tuple[dict[str, LayerRuntime], str]:
+    """Per activation, what vLLM runs; and who answered (vLLM's own code, or the mirror)."""
+    if importlib.util.find_spec("vllm") is not None:
+        try:
+            from .vllm_probe import probe
+
+            answers = probe([(serve, act) for act in ACTIVATIONS])
+            return dict(zip(ACTIVATIONS, answers)), "vLLM's own selection code (vllm_probe)"
+        except Exception as exc:  # another vLLM whose internals moved: the mirror still answers
+            note = f"vLLM could not be asked ({type(exc).__name__}); tune-moe's mirror of vLLM 0.33"
+            return {act: layer_runtime(serve, act) for act in ACTIVATIONS}, note
+    return {act: layer_runtime(serve, act) for act in ACTIVATIONS}, "tune-moe's mirror of vLLM 0.33 (vLLM not importable)"
+
+
+def describe(act: str, r: LayerRuntime) -> str:
+    if r.error:
+        return f"{KIND[act]}: vLLM refuses to start ({r.error})"
+    reads = "reads the tuned file" if r.reads_tuned_file else "does not read the tuned Triton file"
+    return f"{KIND[act]}: {r.backend} ({r.experts}), {reads}"
+
+
+def serve_lines(plan: Plan, out: Path) -> list[str]:
+    """The serve command for each recipe layout the plan tuned, and what each MoE layer kind runs."""
+    lines = []
+    for shape, layouts in plan.shapes.items():
+        for lay in (lay for lay in layouts if lay in RECIPE_LAYOUTS):
+            model = plan.model.name
+            spec = ServeSpec(model=model, layout=lay, dtype=plan.dtype, tuned_folder=Path(out).resolve())
+            facts = ServeFacts(arch=plan.gpu.arch, dtype=plan.dtype, tp=lay.tp, dp=lay.dp, ep=lay.ep,
+                               num_experts=plan.model.num_experts, intermediate=plan.model.moe_intermediate_size,
+                               hidden=plan.model.hidden_size, top_k=plan.model.top_k)
+            answers, who = runtimes(facts)
+            notes = [describe(act, r) for act, r in answers.items()]
+            lines.append(serve_line(spec) + "".join(f"\n    # {n}" for n in notes) + f"\n    # (answered by {who})")
+    return lines
+

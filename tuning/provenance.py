@@ -1,0 +1,220 @@
+"""Provenance: which run tuned a vLLM config file, on what, with which software, and how each batch size did.
+
+vLLM's loader ``int()``s every key of a config file but ``triton_version``, so this lives in a
+sidecar ``<name>.provenance.json`` beside it. ``Provenance`` is the one record of it: written by
+``outputs`` when a run finishes a shape, read (and validated, one line per problem) by ``report``,
+``bake`` and the config-file checks. ``RunInfo`` is what a run's workers report about themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .configs import FIELDS, TileConfig
+from .errors import UsageError
+from .files import atomic_write_json
+from .shapes import MoeShape
+
+TOOL = "tune-moe"
+SUFFIX = ".provenance.json"
+
+
+def sidecar_path(config_path: Path | str) -> Path:
+    config_path = Path(config_path)
+    return config_path.with_name(config_path.name.removesuffix(".json") + SUFFIX)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunInfo:
+    """The GPUs and software a run's workers ran on (the same for all of them: the driver checks)."""
+
+    gpu_name: str
+    device_name: str | None
+    driver: str
+    count: int  # workers (one per GPU)
+    cuda: str
+    torch: str
+    triton: str
+    python: str
+    vllm: str
+    kernel: str  # human-readable origin of the kernel
+    kernel_sha256: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Target:
+    """The Triton the target vLLM runs, and whether a tune under another Triton was allowed anyway."""
+
+    vllm: str
+    torch: str | None
+    triton: str | None
+    how: str
+    mismatch_allowed: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchRow:
+    m: int
+    default: TileConfig
+    default_us: float
+    tuned: TileConfig
+    tuned_us: float
+    speedup: float
+    roofline_us: float
+    default_pct_roofline: float
+    tuned_pct_roofline: float
+    bound: str = ""
+    tuned_p20_us: float | None = None
+    tuned_p80_us: float | None = None
+    evaluated: int | None = None
+    failed: int | None = None
+
+    def to_json(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "m" and v is not None}
+        d["default"], d["tuned"] = self.default.to_dict(), self.tuned.to_dict()
+        return d
+
+
+@dataclass(frozen=True, kw_only=True)
+class Provenance:
+    file: str
+    shape: MoeShape
+    layouts: tuple[str, ...]
+    gpu_key: str
+    run: RunInfo
+    search: dict  # strategy, routing, seed, scope, max_evals
+    started: str
+    finished: str
+    tuning_seconds: float
+    rows: tuple[BatchRow, ...]
+    target: Target | None = None
+    tool_version: str = ""
+    extra: dict = field(default_factory=dict)  # keys of newer tools, kept as read
+
+    def to_json(self) -> dict:
+        s, r = self.shape, self.run
+        return {
+            "tool": TOOL, "tool_version": self.tool_version, "file": self.file,
+            "shape": {"num_experts": s.num_experts, "global_experts": s.global_experts, "n": s.n, "k": s.k,
+                      "top_k": s.top_k, "dtype": s.dtype, "block_shape": list(s.block_shape) if s.block_shape else None},
+            "layouts": list(self.layouts),
+            "gpu": {"key": self.gpu_key, "name": r.gpu_name, "device_name": r.device_name, "driver": r.driver,
+                    "count": r.count},
+            "software": {"cuda": r.cuda, "torch": r.torch, "triton": r.triton, "vllm": r.vllm, "kernel": r.kernel,
+                         "kernel_sha256": r.kernel_sha256, "python": r.python},
+            "target": asdict(self.target) if self.target else None,
+            "search": dict(self.search), "started": self.started, "finished": self.finished,
+            "tuning_seconds": self.tuning_seconds,
+            "results": {str(row.m): row.to_json() for row in sorted(self.rows, key=lambda row: row.m)},
+            **self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, data: object, where: Path | str) -> Provenance:
+        return _Reader(where).provenance(data)
+
+
+class _Reader:
+    """Validation of a sidecar: every problem is one line naming the file and the key."""
+
+    def __init__(self, where: Path | str):
+        self.where = where
+
+    def fail(self, what: str) -> UsageError:
+        return UsageError(f"{self.where}: {what}; regenerate the sidecar with tune-moe")
+
+    def get(self, data: object, path: str) -> object:
+        for i, part in enumerate(parts := path.split(".")):
+            if not isinstance(data, dict) or part not in data:
+                raise self.fail(f"missing required key '{'.'.join(parts[: i + 1])}'")
+            data = data[part]
+        return data
+
+    def number(self, data: dict, path: str) -> float:
+        value = self.get(data, path)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.fail(f"key '{path}' is not a finite number")
+        return float(value)
+
+    def tile(self, data: dict, path: str) -> TileConfig:
+        values = [self.get(data, f"{path}.{f}") for f in FIELDS]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise self.fail(f"'{path}' holds a non-integer tile field")
+        return TileConfig(*values)
+
+    def row(self, data: dict, m: str) -> BatchRow:
+        if not m.isdigit():
+            raise self.fail(f"results key {m!r} is not a batch size")
+        raw = data["results"][m]
+        numbers = {k: self.number(data, f"results.{m}.{k}") for k in (
+            "default_us", "tuned_us", "speedup", "roofline_us", "default_pct_roofline", "tuned_pct_roofline")}
+        if min(numbers["speedup"], numbers["default_us"], numbers["tuned_us"]) <= 0:
+            raise self.fail(f"results.{m} has a non-positive time or speedup")
+        optional = {k: raw.get(k) for k in ("tuned_p20_us", "tuned_p80_us", "evaluated", "failed")}
+        return BatchRow(m=int(m), **numbers, **optional, bound=str(raw.get("bound", "")),
+                        default=self.tile(data, f"results.{m}.default"), tuned=self.tile(data, f"results.{m}.tuned"))
+
+    def shape(self, d: dict) -> MoeShape:
+        try:
+            block = d["block_shape"]
+            return MoeShape(int(d["num_experts"]), int(d["global_experts"]), int(d["n"]), int(d["k"]),
+                            int(d["top_k"]), str(d["dtype"]), tuple(int(b) for b in block) if block else None)
+        except (KeyError, TypeError, ValueError):
+            raise self.fail("'shape' holds a missing or non-integer field") from None
+
+    def target(self, data: object) -> Target | None:
+        if data is None:
+            return None
+        try:
+            return Target(**data)
+        except TypeError:
+            raise self.fail("'target' is not a vLLM/torch/Triton target record") from None
+
+    def provenance(self, data: object) -> Provenance:
+        if not isinstance(data, dict) or data.get("tool") != TOOL:
+            raise self.fail(f"not a {TOOL} sidecar")
+        for key in ("file", "layouts", "tuning_seconds", "results", "gpu.name", "gpu.device_name", "gpu.driver",
+                    "gpu.count", "software.cuda", "software.torch", "software.triton", "software.vllm",
+                    "search.strategy", "search.routing"):
+            self.get(data, key)
+        if not isinstance(data["results"], dict) or not data["results"]:
+            raise self.fail("it holds no results")
+        shape, gpu, sw = self.shape(self.get(data, "shape")), data["gpu"], data["software"]
+        if data["file"] != shape.file_name(str(gpu["device_name"])):
+            raise self.fail(f"its 'file' {data['file']!r} does not match its shape and device")
+        run = RunInfo(gpu_name=str(gpu["name"]), device_name=gpu["device_name"], driver=str(gpu["driver"]),
+                      count=int(gpu["count"]), cuda=str(sw["cuda"]), torch=str(sw["torch"]),
+                      triton=str(sw["triton"]), python=str(sw.get("python", "")), vllm=str(sw["vllm"]),
+                      kernel=str(sw.get("kernel", "")), kernel_sha256=str(sw.get("kernel_sha256", "")))
+        target = data.get("target")
+        known = {"tool", "tool_version", "file", "shape", "layouts", "gpu", "software", "target", "search", "started",
+                 "finished", "tuning_seconds", "results"}
+        return Provenance(
+            file=data["file"], shape=shape, gpu_key=str(gpu.get("key", "")), run=run,
+            layouts=tuple(str(x) for x in data["layouts"]) if isinstance(data["layouts"], list) else (),
+            search=dict(data["search"]), started=str(data.get("started", "")), finished=str(data.get("finished", "")),
+            tuning_seconds=self.number(data, "tuning_seconds"),
+            rows=tuple(sorted((self.row(data, m) for m in data["results"]), key=lambda r: r.m)),
+            target=self.target(target),
+            tool_version=str(data.get("tool_version", "")),
+            extra={k: v for k, v in data.items() if k not in known})
+
+
+def read(config_path: Path | str) -> Provenance | None:
+    """The sidecar of ``config_path``; None when there is none; one-line error when it is corrupt."""
+    path = sidecar_path(config_path)
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: unreadable or corrupt JSON ({exc}); regenerate it with tune-moe or delete it "
+                         "with its config") from None
+    return Provenance.from_json(data, path)
+
+
+def write(config_path: Path | str, provenance: Provenance) -> None:
+    atomic_write_json(sidecar_path(config_path), provenance.to_json())
