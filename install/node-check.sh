@@ -3,10 +3,11 @@
 # environment the serve step sources.
 #
 # Checks: the GPUs (model and count) against --gpu and --num-gpus, that the
-# weights fit in 90% of their memory (vLLM's default share), the driver and
-# the CUDA version it supports, the CUDA toolkit (nvcc and cuobjdump, required
-# for fp8: DeepGEMM compiles at run time), free space for the weights in the
-# model cache and for environments and caches where this runs.
+# weights fit in 92% of their memory (vLLM 0.33's default
+# --gpu-memory-utilization), the driver and the CUDA version it supports, the
+# CUDA toolkit (nvcc and cuobjdump, required for fp8: DeepGEMM compiles at run
+# time), free space for the weights in the model cache and for environments
+# and caches where this runs.
 #
 # Usage: install/node-check.sh --gpu H200|H20|H20-3e|B200 [options]
 #
@@ -21,11 +22,15 @@
 #   --min-free-gb N      free space needed where this runs (default: 50)
 #   -h, --help           this text
 #
-# The env file holds `export NAME=value` lines: the model, HF_HOME,
-# VLLM_TUNED_CONFIG_FOLDER=<configs-dir>/<device name>, and what the recipe needs
-# on this GPU (VLLM_USE_FLASHINFER_MOE_FP8=0 for fp8 on B200). It is written only
-# when every check passes, and re-running writes the same file.
-# Exit status: 0 ready, 1 a check failed (each failure is printed), 2 bad arguments.
+# The env file holds `export NAME=value` lines: the GPU, dtype, GPU count and
+# model, HF_HOME, VLLM_TUNED_CONFIG_FOLDER=<configs-dir>/<device name> and
+# CUDA_HOME (when nvcc works). It is written only when every check passes, and
+# re-running writes the same file. For fp8 on B200 a note line (not a check)
+# says that vLLM 0.33 chooses the MoE backend per layer, set with
+# `vllm serve --moe-backend`, and that `tune-moe preflight -- <serve command>`
+# shows which backend each MoE layer kind will run.
+# Exit status: 0 ready, 1 a check failed (each failure is printed, then how
+# many failed), 2 bad arguments.
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -37,7 +42,7 @@ declare -A GPU_KEYS=([NVIDIA_H200]="H200" [NVIDIA_H20]="H20" [NVIDIA_H20-3e]="H2
 # --dtype -> checkpoint and its size on disk (GB)
 declare -A MODELS=([bf16]="stepfun-ai/Step-3.5-Flash" [fp8]="stepfun-ai/Step-3.5-Flash-FP8")
 declare -A MODEL_GB=([bf16]=394 [fp8]=200)
-GPU_MEMORY_SHARE=90  # percent of GPU memory vLLM takes by default
+GPU_MEMORY_SHARE=92  # percent of GPU memory vLLM 0.33 takes by default (--gpu-memory-utilization 0.92)
 
 gpu=""
 num_gpus=""
@@ -76,6 +81,7 @@ parse_args() {
 }
 
 pass() { printf 'ok    %-12s %s\n' "$1" "$2"; }
+note() { printf 'note  %-12s %s\n' "$1" "${*:2}"; }
 fail() {
   printf 'FAIL  %-12s %s\n' "$1" "$2" >&2
   failures=$((failures + 1))
@@ -199,6 +205,13 @@ check_disk() {
   fi
 }
 
+# fp8 on B200: how vLLM 0.33 picks the MoE backend. Information, not a check.
+note_moe_backend() {
+  [[ "$gpu" == B200 && "$dtype" == fp8 ]] || return 0
+  note moe-backend "vLLM 0.33 chooses the MoE backend per layer, set with vllm serve --moe-backend;" \
+    "tune-moe preflight -- <serve command> shows which backend each MoE layer kind will run"
+}
+
 write_env() {
   local device folder tmp
   device="$(tm_vllm_device_name "${GPU_NAMES[${gpu,,}]}")"
@@ -216,7 +229,6 @@ write_env() {
     env_line HF_HOME "$model_cache"
     env_line VLLM_TUNED_CONFIG_FOLDER "$folder"
     if [[ -n "$nvcc_path" ]]; then env_line CUDA_HOME "$(dirname "$(dirname "$nvcc_path")")"; fi
-    if [[ "$gpu" == B200 && "$dtype" == fp8 ]]; then env_line VLLM_USE_FLASHINFER_MOE_FP8 0; fi
   } >"$tmp"
   mv -f "$tmp" "$env_out"
   tm_info "wrote $env_out"
@@ -230,6 +242,7 @@ main() {
   check_driver
   check_toolkit
   check_disk
+  note_moe_backend
   if [[ "$failures" -gt 0 ]]; then
     tm_die "$failures check(s) failed; $env_out was not written"
   fi

@@ -8,7 +8,9 @@ network, the real Python environment or the GPU.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -351,16 +353,70 @@ def test_node_check_wrong_gpu_names_what_it_found(node):
     assert not (node.tmp / "tune-moe-node.env").exists()
 
 
-def test_node_check_b200_fp8_disables_flashinfer_moe(node):
+def test_node_check_b200_fp8_notes_how_to_choose_the_moe_backend(node):
     args = ("--gpu", "b200", "--env-out", "out/b200.env")
-    fp8 = node.run("node-check.sh", *args, "--dtype", "fp8", FAKE_GPU_NAME="NVIDIA B200", FAKE_COMPUTE_CAP="10.0")
+    b200 = {"FAKE_GPU_NAME": "NVIDIA B200", "FAKE_COMPUTE_CAP": "10.0"}
+    fp8 = node.run("node-check.sh", *args, "--dtype", "fp8", **b200)
     assert fp8.returncode == 0, fp8.stderr
+    assert ("note  moe-backend  vLLM 0.33 chooses the MoE backend per layer, set with vllm serve --moe-backend; "
+            "tune-moe preflight -- <serve command> shows which backend each MoE layer kind will run\n") in fp8.stdout
+    assert "FAIL" not in fp8.stdout + fp8.stderr
     text = (node.tmp / "out" / "b200.env").read_text()
-    assert "export VLLM_USE_FLASHINFER_MOE_FP8=0\n" in text
+    assert "FLASHINFER" not in text
     assert f"export VLLM_TUNED_CONFIG_FOLDER={ROOT}/kernels_configs/NVIDIA_B200\n" in text
-    bf16 = node.run("node-check.sh", *args, "--dtype", "bf16", FAKE_GPU_NAME="NVIDIA B200", FAKE_COMPUTE_CAP="10.0")
+    assert [line.split("=")[0] for line in text.splitlines() if not line.startswith("#")] == [
+        "export TUNE_MOE_GPU", "export TUNE_MOE_DTYPE", "export TUNE_MOE_NUM_GPUS", "export TUNE_MOE_MODEL",
+        "export HF_HOME", "export VLLM_TUNED_CONFIG_FOLDER", "export CUDA_HOME"]
+    bf16 = node.run("node-check.sh", *args, "--dtype", "bf16", **b200)
     assert bf16.returncode == 0, bf16.stderr
-    assert "VLLM_USE_FLASHINFER_MOE_FP8" not in (node.tmp / "out" / "b200.env").read_text()
+    assert "moe-backend" not in bf16.stdout
+    h200 = node.run("node-check.sh", "--gpu", "H200", "--dtype", "fp8")
+    assert h200.returncode == 0 and "moe-backend" not in h200.stdout
+
+
+@pytest.fixture(scope="module")
+def vllm_facts() -> dict:
+    """From this environment's vLLM: the variables vllm.envs defines, the default --gpu-memory-utilization."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed here")
+    probe = ("import json, vllm, vllm.envs as e\n"
+             "from vllm.config.cache import CacheConfig\n"
+             "print(json.dumps({'version': vllm.__version__, 'names': sorted(e.environment_variables),"
+             " 'gpu_memory_utilization': CacheConfig().gpu_memory_utilization}))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+NODES = {"H200": {}, "H20": {"FAKE_GPU_NAME": "NVIDIA H20", "FAKE_GPU_MEM_MIB": "97871"},
+         "H20-3e": {"FAKE_GPU_NAME": "NVIDIA H20-3e"}, "B200": {"FAKE_GPU_NAME": "NVIDIA B200", "FAKE_COMPUTE_CAP": "10.0"}}
+
+
+def test_node_check_env_file_sets_no_variable_unknown_to_vllm(node, vllm_facts):
+    """vLLM only warns about a VLLM_* name it does not define; the scripts and this guide must not use one."""
+    known = set(vllm_facts["names"])
+    written = set()
+    for gpu, fakes in NODES.items():
+        for dtype in ("bf16", "fp8"):
+            done = node.run("node-check.sh", "--gpu", gpu, "--dtype", dtype, **fakes)
+            assert done.returncode == 0, (gpu, dtype, done.stderr)
+            written |= set(_env_file(node))
+    assert {"HF_HOME", "VLLM_TUNED_CONFIG_FOLDER", "CUDA_HOME"} <= written
+    assert {name for name in written if name.startswith("VLLM_")} <= known
+    texts = [path.read_text() for path in [*SCRIPTS, ROOT / "docs" / "install.md"]]
+    named = {name for text in texts for name in re.findall(r"\bVLLM_[A-Z0-9_]+", text)}
+    assert "VLLM_TUNED_CONFIG_FOLDER" in named
+    assert named - known == set(), f"not defined by vLLM {vllm_facts['version']}"
+
+
+def test_node_check_memory_share_is_vllms_default(node, vllm_facts):
+    share = round(vllm_facts["gpu_memory_utilization"] * 100)
+    done = node.run("node-check.sh", "--gpu", "H200", "--num-gpus", "8", "--dtype", "fp8")
+    assert done.returncode == 0, done.stderr
+    gb = 8 * 143771 * 1048576 * share // 100 // 1000000000
+    assert f"ok    memory       fp8 weights ~200 GB in {share}% of 8 GPUs = {gb} GB\n" in done.stdout
+    assert f"{share}% of their memory (vLLM 0.33's" in node.run("node-check.sh", "--help").stdout
+    assert f"fit in {share}% (vLLM's" in (ROOT / "docs" / "install.md").read_text()
 
 
 def test_node_check_h200_family_names_share_one_config_folder(node):
@@ -385,10 +441,10 @@ def test_node_check_bf16_does_not_fit_4x_h20(node):
     h20 = {"FAKE_GPU_NAME": "NVIDIA H20", "FAKE_GPU_MEM_MIB": "97871", "FAKE_GPU_COUNT": "4"}
     bf16 = node.run("node-check.sh", "--gpu", "H20", "--dtype", "bf16", **h20)
     assert bf16.returncode == 1
-    assert "bf16 weights (~394 GB) do not fit in 90% of 4x 102 GB; use more GPUs or --dtype fp8" in bf16.stderr
+    assert "bf16 weights (~394 GB) do not fit in 92% of 4x 102 GB; use more GPUs or --dtype fp8" in bf16.stderr
     assert node.run("node-check.sh", "--gpu", "H20", "--dtype", "fp8", **h20).returncode == 0
     one = node.run("node-check.sh", "--gpu", "H20", "--dtype", "fp8", **{**h20, "FAKE_GPU_COUNT": "1"})
-    assert one.returncode == 1 and "fp8 weights (~200 GB) do not fit in 90% of 1x 102 GB; use more GPUs\n" in one.stderr
+    assert one.returncode == 1 and "fp8 weights (~200 GB) do not fit in 92% of 1x 102 GB; use more GPUs\n" in one.stderr
 
 
 def test_node_check_old_nvcc_fails_fp8_and_warns_for_bf16(node):
