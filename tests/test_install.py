@@ -62,10 +62,50 @@ class Node:
     def calls(self) -> list[str]:
         return self.log.read_text().splitlines()
 
+    def without(self, tool: str) -> dict[str, str]:
+        """Env for a PATH with no TOOL anywhere (a node without it, even where the
+        real one is installed): the fakes less TOOL, then links to every other
+        program of the real PATH, the first of each name."""
+        (self.bin / tool).unlink()
+        rest = self.tmp / f"path-without-{tool}"
+        rest.mkdir()
+        for folder in os.environ["PATH"].split(os.pathsep):
+            try:
+                programs = sorted(Path(folder).iterdir())
+            except OSError:
+                continue
+            for program in programs:
+                link = rest / program.name
+                if (program.name != tool and not os.path.lexists(link)
+                        and program.is_file() and os.access(program, os.X_OK)):
+                    link.symlink_to(program.resolve())
+        assert shutil.which(tool, path=f"{self.bin}:{rest}") is None
+        return {"PATH": f"{self.bin}:{rest}"}
+
 
 @pytest.fixture
 def node(tmp_path: Path) -> Node:
     return Node(tmp_path)
+
+
+# A node whose driver is gone (no nvidia-smi) or broken (nvidia-smi exits 9, as
+# the real one does when it cannot talk to the driver).
+BROKEN_DRIVERS = ["missing", "exit9"]
+SMI_SAID = ("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
+            "Make sure that the latest NVIDIA driver is installed and running.")
+
+
+def _broken_driver(node: Node, kind: str) -> tuple[dict[str, str], str, str]:
+    """Env for a broken driver, what the scripts say is wrong, and the fix they name."""
+    if kind == "missing":
+        return (node.without("nvidia-smi"), "nvidia-smi not found: no NVIDIA driver on this host",
+                "install the NVIDIA driver or run on the GPU node")
+    return {"FAKE_SMI_RC": "9"}, "nvidia-smi failed (exit 9): the NVIDIA driver is not usable", "fix the driver"
+
+
+def _driver_message(kind: str, problem: str, fix: str) -> str:
+    """The one line: the problem, what nvidia-smi said when it ran and failed, the fix."""
+    return f"{problem}{f' ({SMI_SAID})' if kind == 'exit9' else ''}; {fix}"
 
 
 def _site(tmp_path: Path, vllm_version: str | None = None, deep_gemm: bool = False) -> str:
@@ -203,6 +243,29 @@ def test_deepgemm_unsupported_gpu_fails(node, remote):
     assert "compute capability '8.0'" in done.stderr
 
 
+@pytest.mark.parametrize("driver", BROKEN_DRIVERS)
+def test_deepgemm_broken_driver_fails_with_one_line_unless_arch_is_given(node, remote, driver):
+    env, problem, fix = _broken_driver(node, driver)
+    message = _driver_message(driver, problem, fix)
+    site = _site(node.tmp, "0.16.0")
+    done = _deepgemm(node, remote, PYTHONPATH=site, **env)
+    assert done.returncode == 1
+    assert done.stderr == (f"install-deepgemm.sh: error: {message}, or pass --arch sm90|sm100 "
+                           "(and --skip-verify) on a build host without a GPU\n")
+    assert not (node.tmp / "src").exists()
+    built = _deepgemm(node, remote, "--arch", "sm90", "--skip-verify", PYTHONPATH=site, **env)
+    assert built.returncode == 0, built.stderr
+    assert "(>= 12.3 for sm90)" in built.stdout
+
+
+def test_deepgemm_broken_nvcc_fails_with_one_line(node, remote):
+    done = _deepgemm(node, remote, PYTHONPATH=_site(node.tmp, "0.16.0"), FAKE_NVCC_RC="127")
+    assert done.returncode == 1
+    assert done.stderr == (f"install-deepgemm.sh: error: '{node.tmp}/cuda/bin/nvcc --version' failed or names "
+                           "no release; reinstall the CUDA toolkit or set CUDA_HOME to a working one\n")
+    assert not (node.tmp / "src").exists()
+
+
 def test_deepgemm_unknown_ref_fails(node, remote):
     done = _deepgemm(node, remote, "--ref", "no-such-ref", PYTHONPATH=_site(node.tmp, "0.16.0"))
     assert done.returncode == 1
@@ -242,6 +305,25 @@ def test_vllm_driver_older_than_torch_cuda_fails(node):
     done = node.run("install-vllm.sh", FAKE_DRIVER_CUDA="12.8", FAKE_TORCH_CUDA="13.0")
     assert done.returncode == 1
     assert "built for CUDA 13.0 but the driver supports only CUDA 12.8" in done.stderr
+
+
+@pytest.mark.parametrize("driver", BROKEN_DRIVERS)
+def test_vllm_broken_driver_fails_with_one_line_before_installing(node, driver):
+    env, problem, fix = _broken_driver(node, driver)
+    message = _driver_message(driver, problem, fix)
+    done = node.run("install-vllm.sh", **env)
+    assert done.returncode == 1
+    assert done.stderr == f"install-vllm.sh: error: {message}, or pass --no-gpu-check on a host without a GPU\n"
+    assert node.calls() == []
+    assert not (node.tmp / ".venv").exists()
+
+
+def test_vllm_no_gpu_check_installs_on_a_host_whose_driver_fails(node):
+    done = node.run("install-vllm.sh", "--no-gpu-check", FAKE_SMI_RC="9")
+    assert done.returncode == 0, done.stderr
+    assert "uv pip install --python ./.venv/bin/python vllm==0.33.0" in node.calls()
+    assert done.stderr == ("install-vllm.sh: warning: --no-gpu-check: the driver was not compared with "
+                           "torch's CUDA 13.0\n")
 
 
 def test_vllm_cpu_torch_fails(node):
