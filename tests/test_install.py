@@ -428,10 +428,66 @@ def test_node_check_8x_h200_passes_and_writes_the_env_file(node):
     assert (node.tmp / "tune-moe-node.env").read_text() == first
 
 
+def _lines(done: subprocess.CompletedProcess) -> dict[str, list[str]]:
+    """node-check's check names by status: {"ok": [...], "FAIL": [...], "note": [...]}."""
+    lines = {"ok": [], "FAIL": [], "note": []}
+    for line in (done.stdout + done.stderr).splitlines():
+        status, _, rest = line.partition(" ")
+        if status in lines:
+            lines[status].append(rest.split()[0])
+    return lines
+
+
+def _fail_line(done: subprocess.CompletedProcess, check: str) -> str:
+    return next(line for line in done.stderr.splitlines() if line.startswith(f"FAIL  {check} "))
+
+
 def test_node_check_wrong_gpu_names_what_it_found(node):
     done = node.run("node-check.sh", "--gpu", "H200", FAKE_GPU_NAME="NVIDIA H20", FAKE_GPU_MEM_MIB="97871")
     assert done.returncode == 1
     assert "--gpu H200: this node has 8x NVIDIA H20, not NVIDIA H200; pass --gpu H20" in done.stderr
+    assert _fail_line(done, "memory").endswith("cannot check that the bf16 weights fit on GPUs that are not "
+                                               "NVIDIA H200 (see gpus)")
+    assert _lines(done)["ok"] == ["driver", "nvcc", "cuobjdump", "disk"]
+    assert done.stderr.splitlines()[-1] == "node-check.sh: error: 2 check(s) failed; ./tune-moe-node.env was not written"
+    assert not (node.tmp / "tune-moe-node.env").exists()
+
+
+@pytest.mark.parametrize("driver", BROKEN_DRIVERS)
+def test_node_check_broken_driver_runs_every_check(node, driver):
+    env, problem, fix = _broken_driver(node, driver)
+    message = _driver_message(driver, problem, fix)
+    done = node.run("node-check.sh", "--gpu", "H200", "--dtype", "fp8", **env)
+    assert done.returncode == 1
+    assert _lines(done) == {"ok": ["nvcc", "cuobjdump", "disk"], "FAIL": ["gpus", "memory", "driver"], "note": []}
+    assert _fail_line(done, "gpus") == f"FAIL  gpus         cannot list the GPUs: {message}"
+    assert _fail_line(done, "memory") == ("FAIL  memory       cannot check that the fp8 weights fit without the "
+                                          f"GPUs' memory size: {problem}; {fix}")
+    assert _fail_line(done, "driver") == f"FAIL  driver       cannot read the driver version: {problem}; {fix}"
+    assert done.stderr.splitlines()[-1] == "node-check.sh: error: 3 check(s) failed; ./tune-moe-node.env was not written"
+    assert not (node.tmp / "tune-moe-node.env").exists()
+
+
+def test_node_check_broken_nvcc_fails_fp8_and_warns_for_bf16(node):
+    nvcc = f"{node.tmp}/cuda/bin/nvcc"
+    fp8 = node.run("node-check.sh", "--gpu", "H200", "--dtype", "fp8", FAKE_NVCC_RC="127")
+    assert fp8.returncode == 1
+    assert _lines(fp8) == {"ok": ["gpus", "memory", "driver", "cuobjdump", "disk"], "FAIL": ["nvcc"], "note": []}
+    assert _fail_line(fp8, "nvcc") == (f"FAIL  nvcc         '{nvcc} --version' failed or names no release; reinstall "
+                                       "the CUDA toolkit or set CUDA_HOME to a working one (needed for fp8 (DeepGEMM JIT))")
+    assert fp8.stderr.splitlines()[-1] == "node-check.sh: error: 1 check(s) failed; ./tune-moe-node.env was not written"
+    bf16 = node.run("node-check.sh", "--gpu", "H200", "--dtype", "bf16", FAKE_NVCC_RC="127")
+    assert bf16.returncode == 0, bf16.stderr
+    assert f"warning: nvcc: '{nvcc} --version' failed" in bf16.stderr
+    assert "CUDA_HOME" not in _env_file(node)  # not a toolkit whose nvcc does not run
+
+
+def test_node_check_unreadable_disk_fails_and_the_other_checks_run(node):
+    done = node.run("node-check.sh", "--gpu", "H200", FAKE_DF_RC="1")
+    assert done.returncode == 1
+    assert _lines(done) == {"ok": ["gpus", "memory", "driver", "nvcc", "cuobjdump"], "FAIL": ["disk"], "note": []}
+    assert _fail_line(done, "disk") == (f"FAIL  disk         cannot read the free space of {node.tmp}/home/.cache/"
+                                        "huggingface (df failed); check that filesystem or pass --model-cache")
     assert not (node.tmp / "tune-moe-node.env").exists()
 
 
@@ -517,6 +573,7 @@ def test_node_check_too_few_gpus_fails(node):
     done = node.run("node-check.sh", "--gpu", "H200", "--num-gpus", "8", FAKE_GPU_COUNT="4")
     assert done.returncode == 1
     assert "--num-gpus 8: this node has only 4 GPUs" in done.stderr
+    assert "ok    memory       bf16 weights ~394 GB in 92% of 8 GPUs = 1109 GB\n" in done.stdout
 
 
 def test_node_check_bf16_does_not_fit_4x_h20(node):
