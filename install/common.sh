@@ -49,9 +49,16 @@ tm_version_ge() {
   [[ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | sed -n 1p)" == "$2" ]]
 }
 
-# First X.Y of "release X.Y" in `nvcc --version`.
+# Helpers that print a value (tm_nvcc_release, tm_driver_cuda) exit 0 and print
+# nothing when it cannot be read (a tool missing or failing), so `x="$(helper)"`
+# never ends a script silently under `set -euo pipefail`; the caller checks for "".
+# tm_find_nvcc returns 1 when there is no nvcc: call it as `x="$(tm_find_nvcc)" || ...`.
+
+# First X.Y of "release X.Y" in `NVCC --version`; nothing when NVCC fails.
 tm_nvcc_release() {
-  "$1" --version 2>/dev/null | sed -n 's/.*release \([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' | sed -n 1p
+  local out
+  out="$("$1" --version 2>/dev/null)" || return 0
+  sed -n 's/.*release \([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' <<<"$out" | sed -n 1p
 }
 
 # The nvcc DeepGEMM would use: $CUDA_HOME/bin/nvcc, else the one on PATH, else /usr/local/cuda.
@@ -66,9 +73,39 @@ tm_find_nvcc() {
   return 1
 }
 
-# Highest CUDA version the driver supports, from nvidia-smi's banner ("CUDA Version: 13.0").
+# Highest CUDA version the driver supports, from nvidia-smi's banner ("CUDA
+# Version: 13.0"); nothing when nvidia-smi is missing or fails.
 tm_driver_cuda() {
-  nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' | sed -n 1p
+  local out
+  out="$(nvidia-smi 2>/dev/null)" || return 0
+  sed -n 's/.*CUDA Version: *\([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' <<<"$out" | sed -n 1p
+}
+
+# Can this host use the NVIDIA driver? Runs nvidia-smi once and sets
+# TM_DRIVER_PROBLEM (empty when nvidia-smi works; else what is wrong),
+# TM_DRIVER_FIX (what to do about it) and TM_DRIVER_SAID (the first line a
+# failing nvidia-smi printed). Always returns 0; call it, then test the variables.
+tm_probe_driver() {
+  TM_DRIVER_PROBLEM="" TM_DRIVER_FIX="" TM_DRIVER_SAID=""
+  if ! command -v nvidia-smi >/dev/null 2>&1; then
+    TM_DRIVER_PROBLEM="nvidia-smi not found: no NVIDIA driver on this host"
+    TM_DRIVER_FIX="install the NVIDIA driver or run on the GPU node"
+    return 0
+  fi
+  local out rc=0
+  out="$(nvidia-smi 2>&1)" || rc=$?
+  if [[ "$rc" -ne 0 ]]; then
+    TM_DRIVER_PROBLEM="nvidia-smi failed (exit $rc): the NVIDIA driver is not usable"
+    TM_DRIVER_FIX="fix the driver"
+    TM_DRIVER_SAID="$(sed -n 's/^[[:space:]]*//; s/[[:space:]]*$//; /./ { p; q; }' <<<"$out")"
+  fi
+  return 0
+}
+
+# After tm_probe_driver found a problem, the line that says it:
+# "PROBLEM (what nvidia-smi said); FIX". Callers may add ", or ..." to the fix.
+tm_driver_message() {
+  printf '%s%s; %s\n' "$TM_DRIVER_PROBLEM" "${TM_DRIVER_SAID:+ ($TM_DRIVER_SAID)}" "$TM_DRIVER_FIX"
 }
 
 # vLLM's device name for a GPU name: spaces and '/' become '_', any H200 is NVIDIA_H200.

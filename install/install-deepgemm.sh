@@ -3,11 +3,13 @@
 #
 # vLLM >= 0.20 bundles DeepGEMM (vllm.third_party.deep_gemm) and an installed
 # deep_gemm package takes precedence over it: when either is there, the build is
-# skipped. Otherwise DeepGEMM is cloned at the pinned ref, its submodules are
-# updated after the checkout, nvcc is checked against the GPU (>= 12.3 for sm90,
-# >= 12.9 for sm100), the wheel is built (python setup.py bdist_wheel) and
-# installed. Last, `python -m tuning.deepgemm_check` (tune-moe check-deepgemm)
-# runs and its exit status decides this script's.
+# skipped. Otherwise the GPU generation is read from nvidia-smi (or --arch; a
+# missing or failing nvidia-smi stops it), nvcc must run and be new enough for
+# it (>= 12.3 for sm90, >= 12.9 for sm100), DeepGEMM is cloned at the pinned
+# ref, its submodules are updated after the checkout, and the wheel is built
+# (python setup.py bdist_wheel) and installed. Last, `python -m
+# tuning.deepgemm_check` (tune-moe check-deepgemm) runs and its exit status
+# decides this script's.
 #
 # Usage: install/install-deepgemm.sh [options]
 #
@@ -98,18 +100,18 @@ PY
 }
 
 # The GPU generation to build for: --arch, else the first GPU's compute capability.
+# Sets arch; a missing or failing nvidia-smi ends the run with one line.
 detect_arch() {
-  if [[ -n "$arch" ]]; then
-    printf '%s\n' "$arch"
-    return
-  fi
-  command -v nvidia-smi >/dev/null 2>&1 ||
-    tm_die "no NVIDIA driver here (nvidia-smi not found); run on the GPU node or pass --arch sm90|sm100"
+  [[ -z "$arch" ]] || return 0
+  tm_probe_driver
+  [[ -z "$TM_DRIVER_PROBLEM" ]] ||
+    tm_die "$(tm_driver_message), or pass --arch sm90|sm100 (and --skip-verify) on a build host without a GPU"
   local cap
-  cap="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | sed -n 1p | tr -d '[:space:]')"
+  cap="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | sed -n 1p | tr -d '[:space:]')" || cap=""
   case "$cap" in
-    9.0) printf 'sm90\n' ;;
-    10.*) printf 'sm100\n' ;;
+    9.0) arch=sm90 ;;
+    10.*) arch=sm100 ;;
+    "") tm_die "nvidia-smi reports no compute capability; check the driver, or pass --arch sm90|sm100" ;;
     *) tm_die "GPU compute capability '${cap}' is not supported by DeepGEMM (needs 9.0 or 10.x)" ;;
   esac
 }
@@ -122,7 +124,8 @@ check_nvcc() {
   nvcc="$(tm_find_nvcc)" ||
     tm_die "nvcc not found; install CUDA toolkit >= $need and set CUDA_HOME (or put its bin/ on PATH)"
   have="$(tm_nvcc_release "$nvcc")"
-  [[ -n "$have" ]] || tm_die "cannot read the release from '$nvcc --version'; check the CUDA toolkit install"
+  [[ -n "$have" ]] ||
+    tm_die "'$nvcc --version' failed or names no release; reinstall the CUDA toolkit or set CUDA_HOME to a working one"
   tm_version_ge "$have" "$need" ||
     tm_die "nvcc $have ($nvcc) is too old for $target, DeepGEMM needs >= $need; install a newer CUDA toolkit and set CUDA_HOME to it"
   export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$nvcc")")}"
@@ -202,9 +205,8 @@ main() {
   if [[ "$state" == none && -n "$vllm_version" ]] && tm_version_ge "$vllm_version" "$TUNE_MOE_VLLM_BUNDLES_DEEPGEMM_SINCE"; then
     tm_warn "vLLM $vllm_version should bundle DeepGEMM but its third_party/deep_gemm is missing; building from source"
   fi
-  local target
-  target="$(detect_arch)"
-  check_nvcc "$target"
+  detect_arch
+  check_nvcc "$arch"
   checkout_source
   build_and_install
   run_verifier

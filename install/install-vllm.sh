@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install vLLM into a virtual environment, then check that vllm, torch and
 # triton import, that the installed vLLM is the one asked for, and that the
-# driver supports the CUDA torch was built for.
+# driver supports the CUDA torch was built for. nvidia-smi must work: that is
+# checked first, before anything is installed (--no-gpu-check skips both).
 #
 # Usage: install/install-vllm.sh [--pinned [VERSION] | --nightly | --offline DIR] [options]
 #
@@ -16,7 +17,7 @@
 #   --venv DIR          virtual environment to create or reuse (default: ./.venv)
 #   --python X.Y        its Python (default: TUNE_MOE_PYTHON_VERSION)
 #   --extra-index URL   another index for --pinned, e.g. a PyTorch CUDA index
-#   --no-gpu-check      skip the driver comparison (a host without a GPU)
+#   --no-gpu-check      skip the driver checks (a host without a GPU)
 #   -h, --help          this text
 #
 # Uses uv when it is on PATH (required for --nightly), else python3 -m venv and
@@ -159,13 +160,19 @@ check_install() {
   check_driver "$torch_version" "$torch_cuda"
 }
 
+# Before installing: a missing or failing nvidia-smi ends the run with one line.
+check_driver_usable() {
+  [[ "$gpu_check" -eq 1 ]] || return 0
+  tm_probe_driver
+  [[ -z "$TM_DRIVER_PROBLEM" ]] ||
+    tm_die "$(tm_driver_message), or pass --no-gpu-check on a host without a GPU"
+}
+
 check_driver() {
   if [[ "$gpu_check" -eq 0 ]]; then
     tm_warn "--no-gpu-check: the driver was not compared with torch's CUDA $2"
     return 0
   fi
-  command -v nvidia-smi >/dev/null 2>&1 ||
-    tm_die "no NVIDIA driver (nvidia-smi not found); run on the GPU node or pass --no-gpu-check"
   local driver_cuda
   driver_cuda="$(tm_driver_cuda)"
   [[ -n "$driver_cuda" ]] || tm_die "nvidia-smi reports no CUDA version; check the NVIDIA driver"
@@ -176,6 +183,7 @@ check_driver() {
 
 main() {
   parse_args "$@"
+  check_driver_usable
   make_venv
   install_vllm
   check_install

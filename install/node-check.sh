@@ -2,11 +2,13 @@
 # Check that this node can serve Step-3.5-Flash as planned, then write the
 # environment the serve step sources.
 #
-# Checks: the GPUs (model and count) against --gpu and --num-gpus, that the
-# weights fit in 90% of their memory (vLLM's default share), the driver and
-# the CUDA version it supports, the CUDA toolkit (nvcc and cuobjdump, required
-# for fp8: DeepGEMM compiles at run time), free space for the weights in the
-# model cache and for environments and caches where this runs.
+# Checks, one ok or FAIL line each: the GPUs (model and count) against --gpu
+# and --num-gpus, that the weights fit in 92% of their memory (vLLM 0.33's
+# default --gpu-memory-utilization), the driver and the CUDA version it
+# supports, the CUDA toolkit (nvcc and cuobjdump, required for fp8: DeepGEMM
+# compiles at run time), free space for the weights in the model cache and for
+# environments and caches where this runs. Every check runs even when
+# nvidia-smi is missing or fails: those that need it fail and say how to fix it.
 #
 # Usage: install/node-check.sh --gpu H200|H20|H20-3e|B200 [options]
 #
@@ -21,11 +23,15 @@
 #   --min-free-gb N      free space needed where this runs (default: 50)
 #   -h, --help           this text
 #
-# The env file holds `export NAME=value` lines: the model, HF_HOME,
-# VLLM_TUNED_CONFIG_FOLDER=<configs-dir>/<device name>, and what the recipe needs
-# on this GPU (VLLM_USE_FLASHINFER_MOE_FP8=0 for fp8 on B200). It is written only
-# when every check passes, and re-running writes the same file.
-# Exit status: 0 ready, 1 a check failed (each failure is printed), 2 bad arguments.
+# The env file holds `export NAME=value` lines: the GPU, dtype, GPU count and
+# model, HF_HOME, VLLM_TUNED_CONFIG_FOLDER=<configs-dir>/<device name> and
+# CUDA_HOME (when nvcc works). It is written only when every check passes, and
+# re-running writes the same file. For fp8 on B200 a note line (not a check)
+# says that vLLM 0.33 chooses the MoE backend per layer, set with
+# `vllm serve --moe-backend`, and that `tune-moe preflight -- <serve command>`
+# shows which backend each MoE layer kind will run.
+# Exit status: 0 ready, 1 a check failed (each failure is printed, then how
+# many failed), 2 bad arguments.
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -37,7 +43,7 @@ declare -A GPU_KEYS=([NVIDIA_H200]="H200" [NVIDIA_H20]="H20" [NVIDIA_H20-3e]="H2
 # --dtype -> checkpoint and its size on disk (GB)
 declare -A MODELS=([bf16]="stepfun-ai/Step-3.5-Flash" [fp8]="stepfun-ai/Step-3.5-Flash-FP8")
 declare -A MODEL_GB=([bf16]=394 [fp8]=200)
-GPU_MEMORY_SHARE=90  # percent of GPU memory vLLM takes by default
+GPU_MEMORY_SHARE=92  # percent of GPU memory vLLM 0.33 takes by default (--gpu-memory-utilization 0.92)
 
 gpu=""
 num_gpus=""
@@ -49,7 +55,9 @@ min_driver_cuda="$TUNE_MOE_MIN_DRIVER_CUDA"
 min_free_gb=50
 failures=0
 found_count=0
-nvcc_path=""
+gpu_rows=""     # nvidia-smi's rows, once check_gpus found the --gpu model
+no_fit_check="" # otherwise, why check_memory cannot run
+nvcc_path=""    # a working nvcc, for CUDA_HOME
 
 parse_args() {
   while [[ $# -gt 0 ]]; do
@@ -76,6 +84,7 @@ parse_args() {
 }
 
 pass() { printf 'ok    %-12s %s\n' "$1" "$2"; }
+note() { printf 'note  %-12s %s\n' "$1" "${*:2}"; }
 fail() {
   printf 'FAIL  %-12s %s\n' "$1" "$2" >&2
   failures=$((failures + 1))
@@ -86,9 +95,15 @@ describe() { sort <<<"$1" | uniq -c | awk '{n=$1; $1=""; sub(/^ /, ""); printf "
 
 check_gpus() {
   local rows names want wrong
+  if [[ -n "$TM_DRIVER_PROBLEM" ]]; then
+    fail gpus "cannot list the GPUs: $(tm_driver_message)"
+    no_fit_check="without the GPUs' memory size: $TM_DRIVER_PROBLEM; $TM_DRIVER_FIX"
+    return
+  fi
   rows="$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader,nounits 2>/dev/null)" || rows=""
   if [[ -z "$rows" ]]; then
-    fail gpus "no NVIDIA GPU found (nvidia-smi missing or failing); run on the GPU node"
+    fail gpus "nvidia-smi lists no NVIDIA GPU; check the driver (nvidia-smi -L) and run on the GPU node"
+    no_fit_check="without the GPUs' memory size (see gpus)"
     return
   fi
   names="$(cut -d, -f1 <<<"$rows" | sed 's/^ *//; s/ *$//')"
@@ -102,21 +117,26 @@ check_gpus() {
     local other="${GPU_KEYS[$(tm_vllm_device_name "$(sed -n 1p <<<"$wrong")")]:-}"
     [[ -z "$other" ]] || hint="; pass --gpu $other"
     fail gpus "--gpu $gpu: this node has $(describe "$names"), not $want$hint"
+    no_fit_check="on GPUs that are not $want (see gpus)"
     return
   fi
+  gpu_rows="$rows"
   if [[ -n "$num_gpus" && "$found_count" -lt "$num_gpus" ]]; then
     fail gpus "--num-gpus $num_gpus: this node has only $found_count GPUs ($(describe "$names")); lower --num-gpus"
     return
   fi
   pass gpus "$(describe "$names")"
-  check_fit "$rows"
 }
 
 # Weights must fit in vLLM's share of the memory of the GPUs used.
-check_fit() {
+check_memory() {
+  if [[ -z "$gpu_rows" ]]; then
+    fail memory "cannot check that the $dtype weights fit $no_fit_check"
+    return
+  fi
   local used="${num_gpus:-$found_count}" mib gb need="${MODEL_GB[$dtype]}"
-  mib="$(sed -n 1p <<<"$1" | cut -d, -f2 | tr -d ' ')"
-  [[ "$mib" =~ ^[0-9]+$ ]] || { fail memory "nvidia-smi reported no memory size"; return; }
+  mib="$(sed -n 1p <<<"$gpu_rows" | cut -d, -f2 | tr -d ' ')"
+  [[ "$mib" =~ ^[0-9]+$ ]] || { fail memory "nvidia-smi reported no memory size; check the driver (nvidia-smi -q -d MEMORY)"; return; }
   gb=$((used * mib * 1048576 * GPU_MEMORY_SHARE / 100 / 1000000000))
   if [[ "$gb" -lt "$need" ]]; then
     local fix="use more GPUs"
@@ -129,6 +149,10 @@ check_fit() {
 
 check_driver() {
   local driver cuda
+  if [[ -n "$TM_DRIVER_PROBLEM" ]]; then
+    fail driver "cannot read the driver version: $TM_DRIVER_PROBLEM; $TM_DRIVER_FIX"
+    return
+  fi
   driver="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | sed -n 1p | tr -d ' ')" || driver=""
   cuda="$(tm_driver_cuda)"
   if [[ -z "$driver" || -z "$cuda" ]]; then
@@ -142,15 +166,19 @@ check_driver() {
 
 # nvcc and cuobjdump: required for fp8 (DeepGEMM's JIT), informational for bf16.
 check_toolkit() {
-  local have note="needed for fp8 (DeepGEMM JIT)"
-  nvcc_path="$(tm_find_nvcc)" || nvcc_path=""
-  have="$([[ -z "$nvcc_path" ]] || tm_nvcc_release "$nvcc_path")"
-  if [[ -z "$have" ]]; then
+  local found have="" note="needed for fp8 (DeepGEMM JIT)"
+  found="$(tm_find_nvcc)" || found=""
+  if [[ -n "$found" ]]; then have="$(tm_nvcc_release "$found")"; fi
+  if [[ -z "$found" ]]; then
     toolkit_result nvcc "no nvcc found; install CUDA toolkit >= $TUNE_MOE_MIN_NVCC_FP8 and set CUDA_HOME ($note)"
+  elif [[ -z "$have" ]]; then
+    toolkit_result nvcc "'$found --version' failed or names no release; reinstall the CUDA toolkit or set CUDA_HOME to a working one ($note)"
   elif ! tm_version_ge "$have" "$TUNE_MOE_MIN_NVCC_FP8"; then
-    toolkit_result nvcc "nvcc $have at $nvcc_path is older than $TUNE_MOE_MIN_NVCC_FP8; install a newer CUDA toolkit ($note)"
+    nvcc_path="$found"
+    toolkit_result nvcc "nvcc $have at $found is older than $TUNE_MOE_MIN_NVCC_FP8; install a newer CUDA toolkit ($note)"
   else
-    pass nvcc "$have at $nvcc_path"
+    nvcc_path="$found"
+    pass nvcc "$have at $found"
   fi
   if command -v cuobjdump >/dev/null 2>&1; then
     pass cuobjdump "$(command -v cuobjdump)"
@@ -163,30 +191,39 @@ toolkit_result() {
   if [[ "$dtype" == fp8 ]]; then fail "$1" "$2"; else tm_warn "$1: $2"; fi
 }
 
-# Free KB on the filesystem of DIR (its nearest existing parent).
+# Free KB on the filesystem of DIR (its nearest existing parent); nothing when df fails.
 free_kb() {
   local dir="$1"
   while [[ ! -d "$dir" ]]; do dir="$(dirname "$dir")"; done
-  df -Pk "$dir" | awk 'NR == 2 { print $4 }'
+  df -Pk "$dir" 2>/dev/null | awk 'NR == 2 { print $4 }' || true
 }
 
 device_of() {
   local dir="$1"
   while [[ ! -d "$dir" ]]; do dir="$(dirname "$dir")"; done
-  df -Pk "$dir" | awk 'NR == 2 { print $1 }'
+  df -Pk "$dir" 2>/dev/null | awk 'NR == 2 { print $1 }' || true
 }
 
 check_disk() {
-  local model="${MODELS[$dtype]}" need_gb="${MODEL_GB[$dtype]}" have_kb present_gb=0
+  local model="${MODELS[$dtype]}" need_gb="${MODEL_GB[$dtype]}" have_kb here_kb present_kb="" present_gb=0
+  have_kb="$(free_kb "$model_cache")"
+  here_kb="$(free_kb "$PWD")"
+  if [[ ! "$have_kb" =~ ^[0-9]+$ ]]; then
+    fail disk "cannot read the free space of $model_cache (df failed); check that filesystem or pass --model-cache"
+    return
+  elif [[ ! "$here_kb" =~ ^[0-9]+$ ]]; then
+    fail disk "cannot read the free space of $PWD (df failed); check that filesystem or run elsewhere"
+    return
+  fi
   local cached="$model_cache/hub/models--${model//\//--}"
-  if [[ -d "$cached" ]]; then present_gb=$(($(du -skL "$cached" | cut -f1) / 1000000)); fi
+  if [[ -d "$cached" ]]; then present_kb="$(du -skL "$cached" 2>/dev/null | cut -f1)" || true; fi
+  if [[ "$present_kb" =~ ^[0-9]+$ ]]; then present_gb=$((present_kb / 1000000)); fi
   local missing_gb=$((need_gb > present_gb ? need_gb - present_gb : 0))
   local here_gb="$min_free_gb"
   if [[ "$(device_of "$model_cache")" == "$(device_of "$PWD")" ]]; then
     missing_gb=$((missing_gb + min_free_gb))
     here_gb=0
   fi
-  have_kb="$(free_kb "$model_cache")"
   local why="$((missing_gb - min_free_gb + here_gb)) GB of $model not cached yet"
   [[ "$here_gb" -gt 0 ]] || why+=" + $min_free_gb GB for environments and caches"
   if [[ $((have_kb / 1000000)) -lt "$missing_gb" ]]; then
@@ -194,9 +231,16 @@ check_disk() {
   else
     pass disk "$model_cache: $((have_kb / 1000000)) GB free, needs $missing_gb GB ($why)"
   fi
-  if [[ "$here_gb" -gt 0 && $(($(free_kb "$PWD") / 1000000)) -lt "$here_gb" ]]; then
+  if [[ "$here_gb" -gt 0 && $((here_kb / 1000000)) -lt "$here_gb" ]]; then
     fail disk "$PWD has less than $here_gb GB free for environments and JIT caches; free space or run elsewhere"
   fi
+}
+
+# fp8 on B200: how vLLM 0.33 picks the MoE backend. Information, not a check.
+note_moe_backend() {
+  [[ "$gpu" == B200 && "$dtype" == fp8 ]] || return 0
+  note moe-backend "vLLM 0.33 chooses the MoE backend per layer, set with vllm serve --moe-backend;" \
+    "tune-moe preflight -- <serve command> shows which backend each MoE layer kind will run"
 }
 
 write_env() {
@@ -204,8 +248,9 @@ write_env() {
   device="$(tm_vllm_device_name "${GPU_NAMES[${gpu,,}]}")"
   folder="$configs_dir/$device"
   [[ -d "$folder" ]] || tm_warn "no tuned configs in $folder yet; vLLM falls back to its defaults until tune-moe writes them"
-  mkdir -p "$(dirname "$env_out")"
-  tmp="$(mktemp "$env_out.XXXXXX")"
+  if ! mkdir -p "$(dirname "$env_out")" 2>/dev/null || ! tmp="$(mktemp "$env_out.XXXXXX" 2>/dev/null)"; then
+    tm_die "cannot write $env_out; pass --env-out in a writable folder"
+  fi
   {
     printf '# Serving environment for Step-3.5-Flash (%s) on %s; written by install/node-check.sh.\n' "$dtype" "$gpu"
     printf '# Source it before vllm serve: source %s\n' "$(basename "$env_out")"
@@ -216,7 +261,6 @@ write_env() {
     env_line HF_HOME "$model_cache"
     env_line VLLM_TUNED_CONFIG_FOLDER "$folder"
     if [[ -n "$nvcc_path" ]]; then env_line CUDA_HOME "$(dirname "$(dirname "$nvcc_path")")"; fi
-    if [[ "$gpu" == B200 && "$dtype" == fp8 ]]; then env_line VLLM_USE_FLASHINFER_MOE_FP8 0; fi
   } >"$tmp"
   mv -f "$tmp" "$env_out"
   tm_info "wrote $env_out"
@@ -226,10 +270,13 @@ env_line() { printf 'export %s=%q\n' "$1" "$2"; }
 
 main() {
   parse_args "$@"
+  tm_probe_driver
   check_gpus
+  check_memory
   check_driver
   check_toolkit
   check_disk
+  note_moe_backend
   if [[ "$failures" -gt 0 ]]; then
     tm_die "$failures check(s) failed; $env_out was not written"
   fi

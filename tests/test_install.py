@@ -8,7 +8,9 @@ network, the real Python environment or the GPU.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,10 +62,50 @@ class Node:
     def calls(self) -> list[str]:
         return self.log.read_text().splitlines()
 
+    def without(self, tool: str) -> dict[str, str]:
+        """Env for a PATH with no TOOL anywhere (a node without it, even where the
+        real one is installed): the fakes less TOOL, then links to every other
+        program of the real PATH, the first of each name."""
+        (self.bin / tool).unlink()
+        rest = self.tmp / f"path-without-{tool}"
+        rest.mkdir()
+        for folder in os.environ["PATH"].split(os.pathsep):
+            try:
+                programs = sorted(Path(folder).iterdir())
+            except OSError:
+                continue
+            for program in programs:
+                link = rest / program.name
+                if (program.name != tool and not os.path.lexists(link)
+                        and program.is_file() and os.access(program, os.X_OK)):
+                    link.symlink_to(program.resolve())
+        assert shutil.which(tool, path=f"{self.bin}:{rest}") is None
+        return {"PATH": f"{self.bin}:{rest}"}
+
 
 @pytest.fixture
 def node(tmp_path: Path) -> Node:
     return Node(tmp_path)
+
+
+# A node whose driver is gone (no nvidia-smi) or broken (nvidia-smi exits 9, as
+# the real one does when it cannot talk to the driver).
+BROKEN_DRIVERS = ["missing", "exit9"]
+SMI_SAID = ("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
+            "Make sure that the latest NVIDIA driver is installed and running.")
+
+
+def _broken_driver(node: Node, kind: str) -> tuple[dict[str, str], str, str]:
+    """Env for a broken driver, what the scripts say is wrong, and the fix they name."""
+    if kind == "missing":
+        return (node.without("nvidia-smi"), "nvidia-smi not found: no NVIDIA driver on this host",
+                "install the NVIDIA driver or run on the GPU node")
+    return {"FAKE_SMI_RC": "9"}, "nvidia-smi failed (exit 9): the NVIDIA driver is not usable", "fix the driver"
+
+
+def _driver_message(kind: str, problem: str, fix: str) -> str:
+    """The one line: the problem, what nvidia-smi said when it ran and failed, the fix."""
+    return f"{problem}{f' ({SMI_SAID})' if kind == 'exit9' else ''}; {fix}"
 
 
 def _site(tmp_path: Path, vllm_version: str | None = None, deep_gemm: bool = False) -> str:
@@ -201,6 +243,29 @@ def test_deepgemm_unsupported_gpu_fails(node, remote):
     assert "compute capability '8.0'" in done.stderr
 
 
+@pytest.mark.parametrize("driver", BROKEN_DRIVERS)
+def test_deepgemm_broken_driver_fails_with_one_line_unless_arch_is_given(node, remote, driver):
+    env, problem, fix = _broken_driver(node, driver)
+    message = _driver_message(driver, problem, fix)
+    site = _site(node.tmp, "0.16.0")
+    done = _deepgemm(node, remote, PYTHONPATH=site, **env)
+    assert done.returncode == 1
+    assert done.stderr == (f"install-deepgemm.sh: error: {message}, or pass --arch sm90|sm100 "
+                           "(and --skip-verify) on a build host without a GPU\n")
+    assert not (node.tmp / "src").exists()
+    built = _deepgemm(node, remote, "--arch", "sm90", "--skip-verify", PYTHONPATH=site, **env)
+    assert built.returncode == 0, built.stderr
+    assert "(>= 12.3 for sm90)" in built.stdout
+
+
+def test_deepgemm_broken_nvcc_fails_with_one_line(node, remote):
+    done = _deepgemm(node, remote, PYTHONPATH=_site(node.tmp, "0.16.0"), FAKE_NVCC_RC="127")
+    assert done.returncode == 1
+    assert done.stderr == (f"install-deepgemm.sh: error: '{node.tmp}/cuda/bin/nvcc --version' failed or names "
+                           "no release; reinstall the CUDA toolkit or set CUDA_HOME to a working one\n")
+    assert not (node.tmp / "src").exists()
+
+
 def test_deepgemm_unknown_ref_fails(node, remote):
     done = _deepgemm(node, remote, "--ref", "no-such-ref", PYTHONPATH=_site(node.tmp, "0.16.0"))
     assert done.returncode == 1
@@ -240,6 +305,25 @@ def test_vllm_driver_older_than_torch_cuda_fails(node):
     done = node.run("install-vllm.sh", FAKE_DRIVER_CUDA="12.8", FAKE_TORCH_CUDA="13.0")
     assert done.returncode == 1
     assert "built for CUDA 13.0 but the driver supports only CUDA 12.8" in done.stderr
+
+
+@pytest.mark.parametrize("driver", BROKEN_DRIVERS)
+def test_vllm_broken_driver_fails_with_one_line_before_installing(node, driver):
+    env, problem, fix = _broken_driver(node, driver)
+    message = _driver_message(driver, problem, fix)
+    done = node.run("install-vllm.sh", **env)
+    assert done.returncode == 1
+    assert done.stderr == f"install-vllm.sh: error: {message}, or pass --no-gpu-check on a host without a GPU\n"
+    assert node.calls() == []
+    assert not (node.tmp / ".venv").exists()
+
+
+def test_vllm_no_gpu_check_installs_on_a_host_whose_driver_fails(node):
+    done = node.run("install-vllm.sh", "--no-gpu-check", FAKE_SMI_RC="9")
+    assert done.returncode == 0, done.stderr
+    assert "uv pip install --python ./.venv/bin/python vllm==0.33.0" in node.calls()
+    assert done.stderr == ("install-vllm.sh: warning: --no-gpu-check: the driver was not compared with "
+                           "torch's CUDA 13.0\n")
 
 
 def test_vllm_cpu_torch_fails(node):
@@ -344,23 +428,133 @@ def test_node_check_8x_h200_passes_and_writes_the_env_file(node):
     assert (node.tmp / "tune-moe-node.env").read_text() == first
 
 
+def _lines(done: subprocess.CompletedProcess) -> dict[str, list[str]]:
+    """node-check's check names by status: {"ok": [...], "FAIL": [...], "note": [...]}."""
+    lines = {"ok": [], "FAIL": [], "note": []}
+    for line in (done.stdout + done.stderr).splitlines():
+        status, _, rest = line.partition(" ")
+        if status in lines:
+            lines[status].append(rest.split()[0])
+    return lines
+
+
+def _fail_line(done: subprocess.CompletedProcess, check: str) -> str:
+    return next(line for line in done.stderr.splitlines() if line.startswith(f"FAIL  {check} "))
+
+
 def test_node_check_wrong_gpu_names_what_it_found(node):
     done = node.run("node-check.sh", "--gpu", "H200", FAKE_GPU_NAME="NVIDIA H20", FAKE_GPU_MEM_MIB="97871")
     assert done.returncode == 1
     assert "--gpu H200: this node has 8x NVIDIA H20, not NVIDIA H200; pass --gpu H20" in done.stderr
+    assert _fail_line(done, "memory").endswith("cannot check that the bf16 weights fit on GPUs that are not "
+                                               "NVIDIA H200 (see gpus)")
+    assert _lines(done)["ok"] == ["driver", "nvcc", "cuobjdump", "disk"]
+    assert done.stderr.splitlines()[-1] == "node-check.sh: error: 2 check(s) failed; ./tune-moe-node.env was not written"
     assert not (node.tmp / "tune-moe-node.env").exists()
 
 
-def test_node_check_b200_fp8_disables_flashinfer_moe(node):
-    args = ("--gpu", "b200", "--env-out", "out/b200.env")
-    fp8 = node.run("node-check.sh", *args, "--dtype", "fp8", FAKE_GPU_NAME="NVIDIA B200", FAKE_COMPUTE_CAP="10.0")
-    assert fp8.returncode == 0, fp8.stderr
-    text = (node.tmp / "out" / "b200.env").read_text()
-    assert "export VLLM_USE_FLASHINFER_MOE_FP8=0\n" in text
-    assert f"export VLLM_TUNED_CONFIG_FOLDER={ROOT}/kernels_configs/NVIDIA_B200\n" in text
-    bf16 = node.run("node-check.sh", *args, "--dtype", "bf16", FAKE_GPU_NAME="NVIDIA B200", FAKE_COMPUTE_CAP="10.0")
+@pytest.mark.parametrize("driver", BROKEN_DRIVERS)
+def test_node_check_broken_driver_runs_every_check(node, driver):
+    env, problem, fix = _broken_driver(node, driver)
+    message = _driver_message(driver, problem, fix)
+    done = node.run("node-check.sh", "--gpu", "H200", "--dtype", "fp8", **env)
+    assert done.returncode == 1
+    assert _lines(done) == {"ok": ["nvcc", "cuobjdump", "disk"], "FAIL": ["gpus", "memory", "driver"], "note": []}
+    assert _fail_line(done, "gpus") == f"FAIL  gpus         cannot list the GPUs: {message}"
+    assert _fail_line(done, "memory") == ("FAIL  memory       cannot check that the fp8 weights fit without the "
+                                          f"GPUs' memory size: {problem}; {fix}")
+    assert _fail_line(done, "driver") == f"FAIL  driver       cannot read the driver version: {problem}; {fix}"
+    assert done.stderr.splitlines()[-1] == "node-check.sh: error: 3 check(s) failed; ./tune-moe-node.env was not written"
+    assert not (node.tmp / "tune-moe-node.env").exists()
+
+
+def test_node_check_broken_nvcc_fails_fp8_and_warns_for_bf16(node):
+    nvcc = f"{node.tmp}/cuda/bin/nvcc"
+    fp8 = node.run("node-check.sh", "--gpu", "H200", "--dtype", "fp8", FAKE_NVCC_RC="127")
+    assert fp8.returncode == 1
+    assert _lines(fp8) == {"ok": ["gpus", "memory", "driver", "cuobjdump", "disk"], "FAIL": ["nvcc"], "note": []}
+    assert _fail_line(fp8, "nvcc") == (f"FAIL  nvcc         '{nvcc} --version' failed or names no release; reinstall "
+                                       "the CUDA toolkit or set CUDA_HOME to a working one (needed for fp8 (DeepGEMM JIT))")
+    assert fp8.stderr.splitlines()[-1] == "node-check.sh: error: 1 check(s) failed; ./tune-moe-node.env was not written"
+    bf16 = node.run("node-check.sh", "--gpu", "H200", "--dtype", "bf16", FAKE_NVCC_RC="127")
     assert bf16.returncode == 0, bf16.stderr
-    assert "VLLM_USE_FLASHINFER_MOE_FP8" not in (node.tmp / "out" / "b200.env").read_text()
+    assert f"warning: nvcc: '{nvcc} --version' failed" in bf16.stderr
+    assert "CUDA_HOME" not in _env_file(node)  # not a toolkit whose nvcc does not run
+
+
+def test_node_check_unreadable_disk_fails_and_the_other_checks_run(node):
+    done = node.run("node-check.sh", "--gpu", "H200", FAKE_DF_RC="1")
+    assert done.returncode == 1
+    assert _lines(done) == {"ok": ["gpus", "memory", "driver", "nvcc", "cuobjdump"], "FAIL": ["disk"], "note": []}
+    assert _fail_line(done, "disk") == (f"FAIL  disk         cannot read the free space of {node.tmp}/home/.cache/"
+                                        "huggingface (df failed); check that filesystem or pass --model-cache")
+    assert not (node.tmp / "tune-moe-node.env").exists()
+
+
+def test_node_check_b200_fp8_notes_how_to_choose_the_moe_backend(node):
+    args = ("--gpu", "b200", "--env-out", "out/b200.env")
+    b200 = {"FAKE_GPU_NAME": "NVIDIA B200", "FAKE_COMPUTE_CAP": "10.0"}
+    fp8 = node.run("node-check.sh", *args, "--dtype", "fp8", **b200)
+    assert fp8.returncode == 0, fp8.stderr
+    assert ("note  moe-backend  vLLM 0.33 chooses the MoE backend per layer, set with vllm serve --moe-backend; "
+            "tune-moe preflight -- <serve command> shows which backend each MoE layer kind will run\n") in fp8.stdout
+    assert "FAIL" not in fp8.stdout + fp8.stderr
+    text = (node.tmp / "out" / "b200.env").read_text()
+    assert "FLASHINFER" not in text
+    assert f"export VLLM_TUNED_CONFIG_FOLDER={ROOT}/kernels_configs/NVIDIA_B200\n" in text
+    assert [line.split("=")[0] for line in text.splitlines() if not line.startswith("#")] == [
+        "export TUNE_MOE_GPU", "export TUNE_MOE_DTYPE", "export TUNE_MOE_NUM_GPUS", "export TUNE_MOE_MODEL",
+        "export HF_HOME", "export VLLM_TUNED_CONFIG_FOLDER", "export CUDA_HOME"]
+    bf16 = node.run("node-check.sh", *args, "--dtype", "bf16", **b200)
+    assert bf16.returncode == 0, bf16.stderr
+    assert "moe-backend" not in bf16.stdout
+    h200 = node.run("node-check.sh", "--gpu", "H200", "--dtype", "fp8")
+    assert h200.returncode == 0 and "moe-backend" not in h200.stdout
+
+
+@pytest.fixture(scope="module")
+def vllm_facts() -> dict:
+    """From this environment's vLLM: the variables vllm.envs defines, the default --gpu-memory-utilization."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed here")
+    probe = ("import json, vllm, vllm.envs as e\n"
+             "from vllm.config.cache import CacheConfig\n"
+             "print(json.dumps({'version': vllm.__version__, 'names': sorted(e.environment_variables),"
+             " 'gpu_memory_utilization': CacheConfig().gpu_memory_utilization}))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+NODES = {"H200": {}, "H20": {"FAKE_GPU_NAME": "NVIDIA H20", "FAKE_GPU_MEM_MIB": "97871"},
+         "H20-3e": {"FAKE_GPU_NAME": "NVIDIA H20-3e"}, "B200": {"FAKE_GPU_NAME": "NVIDIA B200", "FAKE_COMPUTE_CAP": "10.0"}}
+
+
+def test_node_check_env_file_sets_no_variable_unknown_to_vllm(node, vllm_facts):
+    """vLLM only warns about a VLLM_* name it does not define; the scripts and this guide must not use one."""
+    known = set(vllm_facts["names"])
+    written = set()
+    for gpu, fakes in NODES.items():
+        for dtype in ("bf16", "fp8"):
+            done = node.run("node-check.sh", "--gpu", gpu, "--dtype", dtype, **fakes)
+            assert done.returncode == 0, (gpu, dtype, done.stderr)
+            written |= set(_env_file(node))
+    assert {"HF_HOME", "VLLM_TUNED_CONFIG_FOLDER", "CUDA_HOME"} <= written
+    assert {name for name in written if name.startswith("VLLM_")} <= known
+    texts = [path.read_text() for path in [*SCRIPTS, ROOT / "docs" / "install.md"]]
+    named = {name for text in texts for name in re.findall(r"\bVLLM_[A-Z0-9_]+", text)}
+    assert "VLLM_TUNED_CONFIG_FOLDER" in named
+    assert named - known == set(), f"not defined by vLLM {vllm_facts['version']}"
+
+
+def test_node_check_memory_share_is_vllms_default(node, vllm_facts):
+    share = round(vllm_facts["gpu_memory_utilization"] * 100)
+    done = node.run("node-check.sh", "--gpu", "H200", "--num-gpus", "8", "--dtype", "fp8")
+    assert done.returncode == 0, done.stderr
+    gb = 8 * 143771 * 1048576 * share // 100 // 1000000000
+    assert f"ok    memory       fp8 weights ~200 GB in {share}% of 8 GPUs = {gb} GB\n" in done.stdout
+    assert f"{share}% of their memory (vLLM 0.33's" in node.run("node-check.sh", "--help").stdout
+    assert f"fit in {share}% (vLLM's" in (ROOT / "docs" / "install.md").read_text()
 
 
 def test_node_check_h200_family_names_share_one_config_folder(node):
@@ -379,16 +573,17 @@ def test_node_check_too_few_gpus_fails(node):
     done = node.run("node-check.sh", "--gpu", "H200", "--num-gpus", "8", FAKE_GPU_COUNT="4")
     assert done.returncode == 1
     assert "--num-gpus 8: this node has only 4 GPUs" in done.stderr
+    assert "ok    memory       bf16 weights ~394 GB in 92% of 8 GPUs = 1109 GB\n" in done.stdout
 
 
 def test_node_check_bf16_does_not_fit_4x_h20(node):
     h20 = {"FAKE_GPU_NAME": "NVIDIA H20", "FAKE_GPU_MEM_MIB": "97871", "FAKE_GPU_COUNT": "4"}
     bf16 = node.run("node-check.sh", "--gpu", "H20", "--dtype", "bf16", **h20)
     assert bf16.returncode == 1
-    assert "bf16 weights (~394 GB) do not fit in 90% of 4x 102 GB; use more GPUs or --dtype fp8" in bf16.stderr
+    assert "bf16 weights (~394 GB) do not fit in 92% of 4x 102 GB; use more GPUs or --dtype fp8" in bf16.stderr
     assert node.run("node-check.sh", "--gpu", "H20", "--dtype", "fp8", **h20).returncode == 0
     one = node.run("node-check.sh", "--gpu", "H20", "--dtype", "fp8", **{**h20, "FAKE_GPU_COUNT": "1"})
-    assert one.returncode == 1 and "fp8 weights (~200 GB) do not fit in 90% of 1x 102 GB; use more GPUs\n" in one.stderr
+    assert one.returncode == 1 and "fp8 weights (~200 GB) do not fit in 92% of 1x 102 GB; use more GPUs\n" in one.stderr
 
 
 def test_node_check_old_nvcc_fails_fp8_and_warns_for_bf16(node):
