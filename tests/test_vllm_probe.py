@@ -1,0 +1,233 @@
+"""What vLLM 0.33's own selection code runs for Step-3.5-Flash's MoE layers (tuning/vllm_probe.py).
+
+The grid runs in one probe subprocess (about a minute: importing vLLM dominates); its answers are
+saved as a test artifact under the test's tmp folder. The facts below were read in vLLM's
+oracle/fp8.py, oracle/unquantized.py and the experts classes; they are the claims this project
+publishes, and vLLM's answers decide them.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import inspect
+import itertools
+import json
+import subprocess
+import sys
+import textwrap
+import time
+import typing
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from tuning.vllm_probe import LayerRuntime, ServeFacts, normalize_moe_backend, probe
+
+REPO = Path(__file__).resolve().parent.parent
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM 0.33 installed")
+
+LAYOUTS = {  # name: (tp, dp, ep)
+    "TP1": (1, 1, False), "TP2": (2, 1, False), "TP4": (4, 1, False), "TP8": (8, 1, False),
+    "TP2+EP": (2, 1, True), "TP4+EP": (4, 1, True), "TP8+EP": (8, 1, True),
+    "DP2+EP": (1, 2, True), "DP4+EP": (1, 4, True), "DP8+EP": (1, 8, True),
+    "DP2": (1, 2, False), "DP4": (1, 4, False),
+}
+EP_LAYOUTS = [name for name, (_, _, ep) in LAYOUTS.items() if ep]
+REFINED = ["TP4", "TP8", "DP4"]  # 1280 / 4 or 8 is not a multiple of 128
+WHOLE_BLOCKS = ["TP1", "TP2", "DP2", *EP_LAYOUTS]
+ENVS = {
+    "none": (),
+    "DG=0": (("VLLM_USE_DEEP_GEMM", "0"),),
+    "DG=1": (("VLLM_MOE_USE_DEEP_GEMM", "1"), ("VLLM_USE_DEEP_GEMM", "1")),
+    "E8M0=0": (("VLLM_USE_DEEP_GEMM_E8M0", "0"),),
+    "BI=1": (("VLLM_BATCH_INVARIANT", "1"),),
+}
+BF16_ENVS = ("none", "BI=1")  # the unquantized oracle reads no DeepGEMM variable
+BACKENDS = ("auto", "triton", "deep_gemm", "cutlass", "flashinfer_cutlass", "flashinfer_trtllm",
+            "marlin", "batched_triton")
+ACTS = ("silu", "swiglustep")
+
+
+def grid_keys() -> list[tuple[str, ...]]:
+    keys = itertools.product(("sm90", "sm100"), ("bf16", "fp8"), LAYOUTS, ACTS, BACKENDS, ENVS)
+    return [k for k in keys if k[1] == "fp8" or k[5] in BF16_ENVS]
+
+
+def serve_for(arch, dtype, layout, backend, env) -> ServeFacts:
+    tp, dp, ep = LAYOUTS[layout]
+    return ServeFacts(arch=arch, dtype=dtype, tp=tp, dp=dp, ep=ep, moe_backend=backend, env=ENVS[env])
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory) -> dict[tuple[str, ...], LayerRuntime]:
+    if not HAS_VLLM:
+        pytest.skip("needs vLLM 0.33 installed")
+    keys = grid_keys()
+    start = time.monotonic()
+    answers = probe([(serve_for(a, d, lay, b, e), act) for a, d, lay, act, b, e in keys])
+    seconds = time.monotonic() - start
+    out = tmp_path_factory.mktemp("vllm_probe") / "grid.json"
+    rows = [{"key": dict(zip(("arch", "dtype", "layout", "activation", "moe_backend", "env"), k)),
+             **asdict(r)} for k, r in zip(keys, answers)]
+    out.write_text(json.dumps({"seconds": round(seconds, 1), "rows": rows}, indent=1))
+    print(f"\nvllm_probe: {len(keys)} cases in {seconds:.1f} s -> {out}")
+    return dict(zip(keys, answers))
+
+
+def at(grid, arch, dtype, layout, act, backend="auto", env="none") -> LayerRuntime:
+    return grid[(arch, dtype, layout, act, backend, env)]
+
+
+def runs(r: LayerRuntime) -> tuple:
+    return r.backend, r.experts, r.n, r.block
+
+
+# -- the module itself ------------------------------------------------------------------------------
+
+def test_import_is_light():
+    code = "import sys, tuning.vllm_probe; print(sorted({'vllm', 'torch'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("version, says", [("0.34.0", "vLLM 0.34.0 is installed"),
+                                           ("0.33.0", "vLLM 0.33.0: internals differ")])
+def test_other_vllm_fails_in_one_line(tmp_path, monkeypatch, version, says):
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text(f"__version__ = {version!r}\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with pytest.raises(RuntimeError) as err:
+        probe([(ServeFacts(arch="sm90", dtype="fp8"), "silu")])
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
+@needs_vllm
+def test_normalize_is_vllms():
+    from vllm.config.kernel import KernelConfig, MoEBackend
+    from vllm.engine.arg_utils import EngineArgs
+
+    cli_type = _moe_backend_cli_type(inspect.getsource(EngineArgs.add_cli_args))
+    values = typing.get_args(MoEBackend)
+    assert set(BACKENDS) <= set(values)
+    for value in values:
+        for raw in (value, value.upper(), value.replace("_", "-"), value.title().replace("_", "-")):
+            assert normalize_moe_backend(raw) == cli_type(raw) == KernelConfig(moe_backend=raw).moe_backend == value
+
+
+def _moe_backend_cli_type(source: str):
+    """The ``type=`` vLLM's CLI gives --moe-backend: ``moe_backend_kwargs["type"] = lambda ...``."""
+    for node in ast.walk(ast.parse(textwrap.dedent(source))):
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Lambda)
+                and ast.unparse(node.targets[0]) == "moe_backend_kwargs['type']"):
+            return eval(compile(ast.Expression(node.value), "arg_utils", "eval"))  # noqa: S307
+    raise AssertionError("vLLM's CLI no longer normalises --moe-backend with a lambda")
+
+
+@needs_vllm
+def test_env_facts():
+    import vllm.envs as envs
+    from vllm.config import ParallelConfig
+
+    assert "VLLM_USE_FLASHINFER_MOE_FP8" not in envs.environment_variables
+    assert ParallelConfig.__dataclass_fields__["all2all_backend"].default == "allgather_reducescatter"
+
+
+# -- the grid ---------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_grid_is_complete(grid):
+    assert len(grid) == 2 * 12 * 2 * 8 * (5 + 2) == 2688  # fp8 with 5 env variants, bf16 with 2
+    for r in grid.values():
+        assert (r.error is None) == (r.backend is not None) == (r.experts is not None) == (r.n is not None)
+        assert r.error is None or r.error.split(":")[0].isidentifier()
+
+
+@pytest.mark.slow
+def test_hopper_fp8_tp_layouts(grid):
+    for act in ACTS:
+        assert runs(at(grid, "sm90", "fp8", "TP4", act)) == ("TRITON", "TritonExperts", 320, (64, 64))
+        assert runs(at(grid, "sm90", "fp8", "TP8", act)) == ("TRITON", "TritonExperts", 160, (32, 32))
+        assert runs(at(grid, "sm90", "fp8", "TP2", act)) == ("TRITON", "TritonExperts", 640, (128, 128))
+        assert runs(at(grid, "sm90", "fp8", "DP4", act)) == runs(at(grid, "sm90", "fp8", "TP4", act))
+        # --moe-backend deep_gemm pads the shard to whole 128 blocks instead of refining
+        assert runs(at(grid, "sm90", "fp8", "TP4", act, "deep_gemm")) == (
+            "DEEPGEMM", "TritonOrDeepGemmExperts", 384, (128, 128))
+        assert runs(at(grid, "sm90", "fp8", "TP8", act, "deep_gemm"))[2:] == (256, (128, 128))
+        assert runs(at(grid, "sm90", "fp8", "TP4", act, "triton")) == runs(at(grid, "sm90", "fp8", "TP4", act))
+
+
+@pytest.mark.slow
+def test_hopper_fp8_ep_depends_on_activation(grid):
+    for layout in EP_LAYOUTS:
+        assert runs(at(grid, "sm90", "fp8", layout, "silu")) == (
+            "FLASHINFER_CUTLASS", "FlashInferExperts", 1280, (128, 128))
+        # FlashInfer CUTLASS has no swiglustep: the next in vLLM's order is DeepGEMM
+        assert runs(at(grid, "sm90", "fp8", layout, "swiglustep")) == (
+            "DEEPGEMM", "TritonOrDeepGemmExperts", 1280, (128, 128))
+        assert at(grid, "sm90", "fp8", layout, "swiglustep", env="DG=0").backend == "TRITON"
+        assert at(grid, "sm90", "fp8", layout, "silu", "flashinfer_cutlass").backend == "FLASHINFER_CUTLASS"
+        assert "SWIGLUSTEP" in at(grid, "sm90", "fp8", layout, "swiglustep", "flashinfer_cutlass").error
+        for act in ACTS:
+            assert at(grid, "sm90", "fp8", layout, act, env="BI=1").backend == "TRITON"
+
+
+@pytest.mark.slow
+def test_e8m0(grid):
+    for arch, dtype in itertools.product(("sm90", "sm100"), ("bf16", "fp8")):
+        assert at(grid, arch, dtype, "TP4", "silu").e8m0 is True
+    for arch in ("sm90", "sm100"):
+        assert at(grid, arch, "fp8", "TP4", "silu", env="E8M0=0").e8m0 is False
+        assert at(grid, arch, "fp8", "TP4", "silu", env="DG=0").e8m0 is False
+
+
+@pytest.mark.slow
+def test_forcing_deep_gemm_by_env(grid):
+    for arch, act in itertools.product(("sm90", "sm100"), ACTS):
+        for layout in REFINED:  # DeepGEMM needs 128x128 blocks; with auto the block was refined
+            assert at(grid, arch, "fp8", layout, act, env="DG=1").error.startswith(
+                "ValueError: FP8 MoE backend DEEPGEMM does not support")
+        for layout in WHOLE_BLOCKS:  # set explicitly, the defaults override vLLM's preferred order
+            assert at(grid, arch, "fp8", layout, act, env="DG=1").backend == "DEEPGEMM"
+        assert at(grid, arch, "fp8", "TP2", act, "deep_gemm", "DG=0").error.startswith(
+            "ValueError: FP8 MoE backend DEEPGEMM does not support")
+
+
+@pytest.mark.slow
+def test_blackwell_fp8(grid):
+    for layout in WHOLE_BLOCKS:
+        assert runs(at(grid, "sm100", "fp8", layout, "silu"))[:2] == (
+            "FLASHINFER_TRTLLM", "TrtLlmFp8ExpertsMonolithic")
+        assert at(grid, "sm100", "fp8", layout, "swiglustep").backend == "DEEPGEMM"
+    for layout, act in itertools.product(REFINED, ACTS):
+        assert at(grid, "sm100", "fp8", layout, act).backend == "TRITON"
+    assert runs(at(grid, "sm100", "fp8", "TP4", "silu", "flashinfer_trtllm"))[2:] == (384, (128, 128))
+
+
+@pytest.mark.slow
+def test_bf16(grid):
+    for layout, act in itertools.product(LAYOUTS, ACTS):
+        tp, dp, ep = LAYOUTS[layout]
+        width = 1280 if ep else 1280 // (tp * dp)
+        assert runs(at(grid, "sm90", "bf16", layout, act)) == ("TRITON", "TritonExperts", width, None)
+        assert runs(at(grid, "sm100", "bf16", layout, "swiglustep")) == ("TRITON", "TritonExperts", width, None)
+        # Blackwell SiLU: FlashInfer TRT-LLM, whose shard vLLM rounds up to a multiple of 128
+        assert runs(at(grid, "sm100", "bf16", layout, "silu")) == (
+            "FlashInfer TRTLLM", "TrtLlmBf16ExpertsMonolithic", -(-width // 128) * 128, None)
+        assert at(grid, "sm100", "bf16", layout, act, env="BI=1").backend == "TRITON"
+        for arch in ("sm90", "sm100"):
+            assert at(grid, arch, "bf16", layout, act, "marlin") == at(grid, arch, "bf16", layout, act)
+
+
+@pytest.mark.slow
+def test_refused_backends(grid):
+    for arch, layout, act in itertools.product(("sm90", "sm100"), LAYOUTS, ACTS):
+        fp8 = at(grid, arch, "fp8", layout, act, "cutlass").error
+        assert fp8 == "ValueError: vLLM CUTLASS FP8 MoE backend is disabled for this configuration."
+        assert "is not supported for FP8 MoE" in at(grid, arch, "fp8", layout, act, "batched_triton").error
+        for backend in ("deep_gemm", "cutlass"):
+            assert "not supported for unquantized MoE" in at(grid, arch, "bf16", layout, act, backend).error
+        assert at(grid, "sm90", "fp8", layout, act, "flashinfer_trtllm").error.endswith(
+            "kernel does not support current device cuda.")

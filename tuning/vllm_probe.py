@@ -1,0 +1,272 @@
+"""Ask vLLM 0.33's own selection code what it runs for a Step-3.5-Flash MoE layer.
+
+``probe`` sends (ServeFacts, activation) pairs to one ``python -m tuning.vllm_probe`` subprocess
+(JSON on stdin and stdout); importing this module imports neither vLLM nor torch, and the
+caller's process is never patched. The subprocess first imports the vLLM modules on the
+selection path under the platform vLLM finds here, then sets the ``__class__`` of the one
+platform instance (``vllm.platforms.current_platform``, which every module imported by name)
+to a ``CudaPlatformBase`` subclass saying 9.0 "NVIDIA H200" or 10.0 "NVIDIA B200": swapping
+the shared instance's class reaches every holder, and importing first keeps the CUDA ops some
+modules call at import time on a CUDA platform from running here (where cuda.py cannot load
+its op extension for want of a driver, the extension is stubbed; selection runs no kernel).
+It assumes the serving node's full install: FlashInfer's CUTLASS and TRT-LLM fused MoE and
+DeepGEMM answer available in every vLLM module that imported the checks, and DeepGEMM's
+``_fp8_gemm_nt_impl`` is present. Per case it sets the serve's ``VLLM_*`` variables (clearing
+the others that matter), drops vLLM's env cache and the cached DeepGEMM answers, builds the
+FusedMoEConfig as ``FusedMoEFactory`` does for step3p5's layer (parallel sizes from
+``FusedMoEParallelConfig.make`` as rank 0, model type "step3p5" in the current vLLM config),
+and runs what ``Fp8MoEMethod.__init__`` runs (resolve the block, derive the weight key,
+``select_fp8_moe_backend``) or ``select_unquantized_moe_backend`` and the round-up
+``RoutedExperts`` applies for the unquantized backend chosen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+VLLM_SERIES = "0.33"
+ARCHS = {"sm90": ((9, 0), "NVIDIA H200"), "sm100": ((10, 0), "NVIDIA B200")}
+DTYPES = ("bf16", "fp8")
+ACTIVATIONS = ("silu", "swiglustep")
+CLEARED_ENV = ("VLLM_USE_DEEP_GEMM", "VLLM_MOE_USE_DEEP_GEMM", "VLLM_USE_DEEP_GEMM_E8M0",
+               "VLLM_BATCH_INVARIANT", "VLLM_TRITON_USE_TD")
+CHECKPOINT_BLOCK = (128, 128)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeFacts:
+    """What decides a MoE layer's backend."""
+    arch: str  # "sm90" (H200, H20) or "sm100" (B200)
+    dtype: str  # "bf16" or "fp8" (the block-FP8 [128,128] checkpoint)
+    tp: int = 1
+    dp: int = 1
+    ep: bool = False  # --enable-expert-parallel
+    moe_backend: str = "auto"  # already normalised
+    env: tuple[tuple[str, str], ...] = ()  # VLLM_* variables set for the serve, sorted
+    num_experts: int = 288
+    intermediate: int = 1280
+    hidden: int = 4096
+    top_k: int = 8
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerRuntime:
+    backend: str | None  # vLLM's backend enum value; None when start-up fails
+    experts: str | None  # the FusedMoEExperts class selected
+    error: str | None  # the start-up failure: "ExceptionType: first line"
+    n: int | None  # per-GPU expert width the fused MoE runs (after refine/pad/round-up)
+    block: tuple[int, int] | None  # weight block the kernels see; None for bf16
+    e8m0: bool  # vLLM's is_deep_gemm_e8m0_used() for this serve
+
+
+def normalize_moe_backend(text: str) -> str:
+    """``--moe-backend`` as vLLM stores it (arg_utils' ``type=`` lambda, KernelConfig's validator)."""
+    return text.lower().replace("-", "_")
+
+
+def probe(cases: list[tuple[ServeFacts, str]]) -> list[LayerRuntime]:
+    """vLLM's answer for each (serve, activation), all in one subprocess."""
+    for serve, activation in cases:
+        if serve.arch not in ARCHS or serve.dtype not in DTYPES or activation not in ACTIVATIONS:
+            raise ValueError(f"cannot probe {serve} with activation {activation!r}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+    env["VLLM_LOGGING_LEVEL"] = "ERROR"
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    payload = json.dumps([{"serve": asdict(s), "activation": a} for s, a in cases])
+    proc = subprocess.run([sys.executable, "-m", "tuning.vllm_probe"], input=payload, env=env,
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        raise RuntimeError(lines[-1] if lines else f"vllm_probe exited with {proc.returncode}")
+    return [LayerRuntime(**{**d, "block": d["block"] and tuple(d["block"])}) for d in json.loads(proc.stdout)]
+
+
+# -- the subprocess side ---------------------------------------------------------------------------
+
+class _Mismatch(Exception):
+    pass
+
+
+class _Oracle:
+    """vLLM's selection code on a patched platform; one per subprocess."""
+
+    def __init__(self) -> None:
+        import vllm
+
+        version = vllm.__version__
+        if not version.startswith(VLLM_SERIES + "."):
+            raise _Mismatch(f"vLLM {version} is installed; the probe reads vLLM {VLLM_SERIES}")
+        try:
+            self._import()
+            self.gpu = _swap_platform()
+            self._assume_full_install()
+        except (ImportError, AttributeError) as e:
+            raise _Mismatch(f"vLLM {version}: internals differ from {VLLM_SERIES} ({type(e).__name__}: {e})") from None
+        self.vllm_config = self.VllmConfig()
+        self.vllm_config.model_config = SimpleNamespace(hf_text_config=SimpleNamespace(model_type="step3p5"))
+        self.baseline = dict(os.environ)
+
+    def _import(self) -> None:
+        import torch
+        import vllm.envs as envs
+        import vllm.model_executor.layers.fused_moe.config as cfg
+        import vllm.model_executor.layers.fused_moe.oracle.fp8 as fp8
+        import vllm.model_executor.layers.fused_moe.oracle.unquantized as unq
+        import vllm.model_executor.layers.quantization.fp8  # noqa: F401  (what Fp8MoEMethod imports)
+        import vllm.model_executor.layers.quantization.utils.quant_utils as qu
+        import vllm.utils.deep_gemm as dg
+        from vllm.config import VllmConfig, set_current_vllm_config
+        from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+        self.torch, self.envs, self.cfg, self.fp8, self.unq, self.qu, self.dg = torch, envs, cfg, fp8, unq, qu, dg
+        self.VllmConfig, self.set_config, self.MoEActivation = VllmConfig, set_current_vllm_config, MoEActivation
+        for oracle, backends in ((fp8, fp8.Fp8MoeBackend), (unq, unq.UnquantizedMoeBackend)):
+            for backend in backends:  # the experts modules selection imports lazily
+                try:
+                    oracle.backend_to_kernel_cls(backend)
+                except (ImportError, ValueError):
+                    pass  # not a CUDA backend
+
+    def _assume_full_install(self) -> None:
+        import vllm.utils.flashinfer as fi
+        import vllm.utils.import_utils as iu
+
+        for module, name in ((fi, "has_flashinfer_cutlass_fused_moe"), (fi, "has_flashinfer_trtllm_fused_moe"),
+                             (iu, "has_deep_gemm")):
+            _replace_everywhere(module, name, lambda: True)
+        self.dg._fp8_gemm_nt_impl = _deep_gemm_stub
+
+    def run_all(self, cases: list[dict]) -> list[dict]:
+        with self.set_config(self.vllm_config):
+            return [asdict(self.run(ServeFacts(**{**c["serve"], "env": tuple(map(tuple, c["serve"]["env"]))}),
+                                    c["activation"])) for c in cases]
+
+    def run(self, serve: ServeFacts, activation: str) -> LayerRuntime:
+        self._enter(serve)
+        e8m0 = bool(self.dg.is_deep_gemm_e8m0_used())
+        try:
+            config = self._moe_config(serve, activation)
+            backend, experts, n, block = (self._select_fp8 if serve.dtype == "fp8" else self._select_bf16)(config)
+        except Exception as e:  # what vLLM raises at start-up
+            first = (str(e).strip().splitlines() or [""])[0]
+            return LayerRuntime(backend=None, experts=None, error=f"{type(e).__name__}: {first}", n=None,
+                                block=None, e8m0=e8m0)
+        return LayerRuntime(backend=backend.value, experts=experts and experts.__name__, error=None, n=n,
+                            block=block, e8m0=e8m0)
+
+    def _enter(self, serve: ServeFacts) -> None:
+        self.gpu.capability, self.gpu.name = ARCHS[serve.arch]
+        os.environ.clear()
+        os.environ.update({k: v for k, v in self.baseline.items() if k not in CLEARED_ENV})
+        os.environ.update(dict(serve.env))
+        self.envs.disable_envs_cache()
+        self.dg.is_deep_gemm_supported.cache_clear()
+        self.dg.is_deep_gemm_e8m0_used.cache_clear()
+
+    def _parallel(self, serve: ServeFacts):
+        """``FusedMoEParallelConfig.make`` as rank 0 of a TP x DP serve (no PCP, no SP)."""
+        parallel = self.vllm_config.parallel_config
+        parallel.enable_expert_parallel = serve.ep
+        rank0 = {"get_tensor_model_parallel_rank": lambda: 0,
+                 "get_dp_group": lambda: SimpleNamespace(rank_in_group=0)}
+        saved = {name: getattr(self.cfg, name) for name in rank0}
+        try:
+            vars(self.cfg).update(rank0)
+            return self.cfg.FusedMoEParallelConfig.make(
+                tp_size_=serve.tp, pcp_size_=1, dp_size_=serve.dp, sp_size_=1, vllm_parallel_config=parallel)
+        finally:
+            vars(self.cfg).update(saved)
+
+    def _moe_config(self, serve: ServeFacts, activation: str):
+        """``FusedMoEFactory``'s FusedMoEConfig for step3p5's layer: sigmoid + bias, renormalised."""
+        parallel = self._parallel(serve)
+        return self.cfg.FusedMoEConfig(
+            num_experts=serve.num_experts, experts_per_token=serve.top_k, hidden_dim=serve.hidden,
+            intermediate_size=serve.intermediate, num_logical_experts=serve.num_experts,
+            num_local_experts=-(-serve.num_experts // parallel.ep_size),  # rank 0's share
+            moe_parallel_config=parallel, in_dtype=self.torch.bfloat16, moe_backend=serve.moe_backend,
+            router_logits_dtype=self.torch.float32, device="cuda",
+            max_num_tokens=self.vllm_config.scheduler_config.max_num_batched_tokens,
+            activation=self.MoEActivation.from_str(activation),
+            routing_method=self.cfg.get_routing_method_type("sigmoid", serve.top_k, True, None, True))
+
+    def _select_fp8(self, config):
+        """``Fp8MoEMethod.__init__`` (quantization/fp8.py) for the serialized block-FP8 checkpoint."""
+        act_key = self.qu.kFp8Dynamic128Sym
+        block, _ = self.fp8.resolve_fp8_moe_weight_block_shape(config, list(CHECKPOINT_BLOCK), act_key, True)
+        weight_key = self.qu.create_fp8_quant_key(static=True, group_shape=self.qu.GroupShape(*block))
+        backend, experts = self.fp8.select_fp8_moe_backend(
+            config=config, weight_key=weight_key, activation_key=act_key, allow_vllm_cutlass=False)
+        return backend, experts, config.intermediate_size_per_partition, tuple(block)
+
+    def _select_bf16(self, config):
+        """``UnquantizedFusedMoEMethod``: the backend, then ``maybe_roundup_sizes`` for it."""
+        backend, experts = self.unq.select_unquantized_moe_backend(config)
+        _, n = self.unq.unquantized_round_up_hidden_size_and_intermediate_size(
+            backend, config.hidden_dim, config.intermediate_size_per_partition)
+        return backend, experts, n, None
+
+
+def _swap_platform() -> type:
+    """Make the shared platform instance a CUDA GPU whose arch ``_Oracle._enter`` sets per case."""
+    import vllm.platforms as platforms
+    from vllm.platforms.interface import DeviceCapability
+
+    platform = platforms.current_platform
+    try:
+        from vllm.platforms import cuda
+    except ImportError:  # no CUDA driver: cuda.py's custom-op extension cannot load here
+        sys.modules.setdefault("vllm._C_stable_libtorch", type(sys)("vllm._C_stable_libtorch"))
+        from vllm.platforms import cuda
+
+    class ServeGpu(cuda.CudaPlatformBase):
+        capability, name = ARCHS["sm90"]
+
+        @classmethod
+        def get_device_capability(cls, device_id: int = 0) -> DeviceCapability:
+            return DeviceCapability(*cls.capability)
+
+        @classmethod
+        def get_device_name(cls, device_id: int = 0) -> str:
+            return cls.name
+
+    platform.__class__ = ServeGpu
+    return ServeGpu
+
+
+def _replace_everywhere(module, name: str, value) -> None:
+    """Rebind ``module.name`` and every vLLM module's copy of it imported by name."""
+    old = getattr(module, name)
+    for mod in list(sys.modules.values()):
+        if getattr(mod, "__name__", "").startswith("vllm") and vars(mod).get(name) is old:
+            setattr(mod, name, value)
+
+
+def _deep_gemm_stub(*_args, **_kwargs):
+    raise RuntimeError("vllm_probe stands in for DeepGEMM; no kernel runs here")
+
+
+def main() -> int:
+    cases = json.load(sys.stdin)
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # vLLM logs to stdout: keep the answer channel clean
+    sys.stdout = sys.stderr
+    try:
+        oracle = _Oracle()
+    except _Mismatch as e:
+        print(e, file=sys.stderr)
+        return 2
+    json.dump(oracle.run_all(cases), answers)
+    answers.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
