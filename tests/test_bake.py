@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,37 @@ def test_print_env_only_for_an_existing_bake(configs: Path, tmp_path: Path, caps
 def test_target_is_required_to_install(configs: Path, capsys):
     assert bake_cli("--device", DEVICE, "--configs", str(configs)) == 2
     assert "--target is required" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ unusable paths: one line
+
+def listing(folder: Path) -> list[str]:
+    """Every path under ``folder``, hidden ones included, so a stray staging folder shows."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_file_or_read_only_folder_as_target_is_one_line(configs: Path, tmp_path: Path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("x")
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere; make access() answer as it would for a user
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != read_only and real_access(p, mode, **kw))
+    before = listing(tmp_path)
+    for target in ("file", "file/configs", "ro", "ro/configs"):
+        assert bake_cli("--device", DEVICE, "--configs", str(configs), "--target", str(tmp_path / target)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"tune-moe: error: --target {tmp_path / target}") and err.count("\n") == 1, err
+    assert listing(tmp_path) == before
+
+
+def test_configs_that_is_a_file_is_one_line(tmp_path: Path, capsys):
+    (tmp_path / "configs.json").write_text("{}")
+    argv = ("--device", DEVICE, "--configs", str(tmp_path / "configs.json"))
+    assert bake_cli(*argv, "--target", str(tmp_path / "t")) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and err.count("\n") == 1
+    assert bake_cli(*argv, "--dockerfile") == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["configs.json"]

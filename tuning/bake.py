@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .configs import PROVENANCE_SUFFIX, TOOL, provenance_path, read_config_file
 from .errors import UsageError
+from .files import output_folder
 
 DEFAULT_CONFIGS = Path("kernels_configs")
 IMAGE_FOLDER = "/opt/tune-moe/configs"
@@ -42,6 +43,9 @@ class BakedFile:
 
 
 def device_folder(configs: Path, device: str) -> Path:
+    if configs.exists() and not configs.is_dir():
+        raise UsageError(f"--configs {configs}: is a file, not a folder; pass the folder holding <device>/ folders "
+                         f"(default {DEFAULT_CONFIGS})")
     folder = configs / device
     if not folder.is_dir() or not device or device.startswith(".") or "/" in device or os.sep in device:
         present = sorted(d.name for d in configs.glob("*") if d.is_dir()) if configs.is_dir() else []
@@ -109,6 +113,7 @@ def check_target(source: Path, target: Path, force: bool) -> list[str]:
     src, dst = source.resolve(), target.resolve()
     if src == dst or src in dst.parents or dst in src.parents:
         raise UsageError(f"--target {target} overlaps the configs folder {source}; choose a folder outside it")
+    output_folder(target, "--target")
     foreign = foreign_entries(target)
     if foreign and not force:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
