@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -211,3 +214,91 @@ def test_configs_that_is_a_file_is_one_line(tmp_path: Path, capsys):
     assert bake_cli(*argv, "--dockerfile") == 2
     assert "is a file, not a folder" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["configs.json"]
+
+
+# ----------------------------------------------------------- targets that cannot be renamed
+
+def unmovable(monkeypatch, target: Path, code: int = errno.EBUSY) -> None:
+    """``target`` behaves as a mount point: renaming the folder itself fails with ``code``."""
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if Path(src) == target or Path(dst) == target:
+            raise OSError(code, os.strerror(code), str(src))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+
+
+@pytest.mark.parametrize("code", [errno.EBUSY, errno.EXDEV, errno.EPERM], ids=["EBUSY", "EXDEV", "EPERM"])
+def test_mount_point_target_gets_its_files_replaced_in_place(configs: Path, tmp_path: Path, monkeypatch, capsys,
+                                                             code):
+    target = tmp_path / "volume"
+    bake.bake(configs, DEVICE, target)
+    inode = target.stat().st_ino
+    (configs / DEVICE / BF16).unlink()
+    write_config_file(configs / DEVICE / FP8, {1: TILE, 4096: TILE}, "3.6.0")
+    unmovable(monkeypatch, target, code)
+    assert bake_cli("--device", DEVICE, "--configs", str(configs), "--target", str(target)) == 0
+    assert target.stat().st_ino == inode  # the same folder, not a new one
+    assert listing(target) == sorted([FP8, provenance_path(Path(FP8)).name, bake.MANIFEST])
+    assert (target / FP8).read_bytes() == (configs / DEVICE / FP8).read_bytes()
+    assert json.loads((target / bake.MANIFEST).read_text())["files"] == sorted([FP8, provenance_path(Path(FP8)).name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels_configs", "volume"]
+    out = capsys.readouterr().out
+    assert "replaced the bake's files inside the folder one by one" in out and os.strerror(code) in out
+    assert out.strip().endswith(f"export VLLM_TUNED_CONFIG_FOLDER={target.resolve()}")
+
+
+def test_empty_mount_point_and_read_only_parent_take_a_first_bake(configs: Path, tmp_path: Path, monkeypatch):
+    target = tmp_path / "volume"
+    target.mkdir()
+    unmovable(monkeypatch, target)
+    bake.bake(configs, DEVICE, target)
+    assert listing(target) == sorted([FP8, BF16, provenance_path(Path(FP8)).name, bake.MANIFEST])
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(dir=None, prefix=None, **kw):  # a parent this user cannot write (Kubernetes: a volume under /opt)
+        if Path(dir) == tmp_path:
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real_mkdtemp(dir=dir, prefix=prefix, **kw)
+
+    monkeypatch.setattr(bake.tempfile, "mkdtemp", mkdtemp)
+    (configs / DEVICE / BF16).unlink()
+    baked = bake.bake(configs, DEVICE, target)
+    assert "Permission denied" in baked.in_place
+    assert listing(target) == sorted([FP8, provenance_path(Path(FP8)).name, bake.MANIFEST])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels_configs", "volume"]
+
+
+# os.replace in place: 1 the interim manifest, 2 FP8, 3 its sidecar, 4 removing BF16, 5 the final manifest
+@pytest.mark.parametrize("failing", [2, 4, 5], ids=["new-file", "removal", "manifest"])
+@pytest.mark.parametrize("hard_links", [True, False], ids=["links", "no-links"])
+def test_failure_in_place_restores_previous_bake(configs: Path, tmp_path: Path, monkeypatch, failing, hard_links):
+    target = tmp_path / "volume"
+    bake.bake(configs, DEVICE, target)
+    before = snapshot(target)
+    (configs / DEVICE / BF16).unlink()
+    write_config_file(configs / DEVICE / FP8, {1: TILE, 4096: TILE}, "3.6.0")
+    unmovable(monkeypatch, target)
+    if not hard_links:  # each earlier file is then moved aside just before its replacement: one more os.replace
+        failing = {2: 4, 4: 7, 5: 8}[failing]
+
+        def link(*args, **kwargs):
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", link)
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == failing:
+            raise OSError(errno.EIO, "Input/output error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="Input/output error"):
+        bake.bake(configs, DEVICE, target)
+    assert snapshot(target) == before
+    assert listing(target) == sorted(before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels_configs", "volume"]
