@@ -302,3 +302,41 @@ def test_failure_in_place_restores_previous_bake(configs: Path, tmp_path: Path, 
     assert snapshot(target) == before
     assert listing(target) == sorted(before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels_configs", "volume"]
+
+
+# ------------------------------------------------------------------ --force beside other files
+
+def test_force_leaves_symlinks_and_special_files_as_they_are(configs: Path, tmp_path: Path, capsys):
+    target = tmp_path / "target"
+    target.mkdir()
+    (tmp_path / "elsewhere.json").write_text("{}")
+    (target / "link.json").symlink_to(tmp_path / "elsewhere.json")
+    os.mkfifo(target / "pipe")
+    (target / "notes").mkdir()
+    (target / "notes" / "a.txt").write_text("a")
+    fifo = (target / "pipe").stat().st_ino
+    argv = ("--device", DEVICE, "--configs", str(configs), "--target", str(target), "--force")
+    assert bake_cli(*argv) == 0
+    out = capsys.readouterr().out
+    assert "because it holds other files" in out and "kept 3 other entries untouched: link.json, notes, pipe" in out
+    for _ in range(2):  # a first bake, then a re-bake that drops BF16
+        assert os.readlink(target / "link.json") == str(tmp_path / "elsewhere.json")
+        assert stat.S_ISFIFO((target / "pipe").lstat().st_mode) and (target / "pipe").stat().st_ino == fifo
+        assert (target / "notes" / "a.txt").read_text() == "a"
+        assert (tmp_path / "elsewhere.json").read_text() == "{}"
+        (configs / DEVICE / BF16).unlink(missing_ok=True)
+        assert bake_cli(*argv) == 0
+    assert listing(target) == sorted(["link.json", "pipe", "notes", "notes/a.txt", FP8,
+                                      provenance_path(Path(FP8)).name, bake.MANIFEST])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere.json", "kernels_configs", "target"]
+
+
+def test_force_refuses_a_folder_named_like_a_config(configs: Path, tmp_path: Path, capsys):
+    target = tmp_path / "target"
+    (target / BF16).mkdir(parents=True)
+    (target / BF16 / "mine.txt").write_text("mine")
+    before = listing(target)
+    assert bake_cli("--device", DEVICE, "--configs", str(configs), "--target", str(target), "--force") == 2
+    err = capsys.readouterr().err
+    assert f"holds a folder {BF16} where the bake writes a file" in err and err.count("\n") == 1
+    assert listing(target) == before and (target / BF16 / "mine.txt").read_text() == "mine"

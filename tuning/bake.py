@@ -4,13 +4,14 @@ Every vLLM JSON of ``kernels_configs/<device>/`` is validated (schema, device in
 name, sidecar) before anything is written. The folder is then built beside the target
 and renamed into place, so the target holds either the old bake or the new one, never
 half of one. A manifest marks the folder as a bake, so a re-bake replaces it while a
-folder holding other files is refused unless ``--force`` (which keeps those files).
+folder holding other files is refused unless ``--force``.
 
 A target that cannot be renamed (a Docker or Kubernetes volume, a folder whose parent
-is read-only) keeps its folder: the new files are staged in a hidden folder inside it
-and renamed over the earlier bake's files one by one, the earlier bake's files the new
-one lacks are removed, and the manifest goes last. Every other entry is left exactly as
-it is. A failure puts back every entry touched and leaves no staging folder.
+is read-only), and a target holding other files (``--force``), keep their folder: the
+new files are staged in a hidden folder inside it and renamed over the earlier bake's
+files one by one, the earlier bake's files the new one lacks are removed, and the
+manifest goes last. Every other entry is left exactly as it is. A failure puts back
+every entry touched and leaves no staging folder.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class BakedFile:
 class Baked:
     files: list[BakedFile]
     in_place: str = ""  # why the files were replaced inside the folder; "" when the folder was renamed into place
+    kept: tuple[str, ...] = ()  # entries of the target that are not the bake's, left as they were
 
 
 def device_folder(configs: Path, device: str) -> Path:
@@ -159,7 +161,7 @@ def _fill(stage: Path, files: list[BakedFile], device: str) -> None:
     _write(stage / MANIFEST, _manifest_bytes(device, [f.name for f in files]))
 
 
-def _stage(target: Path, files: list[BakedFile], keep: list[str], device: str) -> Path:
+def _stage(target: Path, files: list[BakedFile], device: str) -> Path:
     """A complete new folder beside ``target`` (same filesystem, so it can be renamed into place)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.bake-"))
@@ -167,9 +169,6 @@ def _stage(target: Path, files: list[BakedFile], keep: list[str], device: str) -
         umask = os.umask(0)
         os.umask(umask)
         stage.chmod(0o777 & ~umask)
-        for name in keep:
-            copy = shutil.copytree if (target / name).is_dir() else shutil.copy2
-            copy(target / name, stage / name)
         _fill(stage, files, device)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -227,6 +226,10 @@ def replace_in_place(target: Path, files: list[BakedFile], device: str) -> None:
     and the new manifest is renamed in last. On failure every entry touched is put back.
     """
     names = [f.name for f in files]
+    folders = [n for n in [*names, MANIFEST] if (target / n).is_dir() and not (target / n).is_symlink()]
+    if folders:
+        raise UsageError(f"--target {target} holds a folder {folders[0]} where the bake writes a file; "
+                         "move it away and bake again")
     previous = (_manifest(target) or set()) - {MANIFEST}
     gone = sorted(previous - set(names))
     for stale in target.glob(f"{STAGE}*"):  # left by a bake that was killed
@@ -267,14 +270,18 @@ def replace_in_place(target: Path, files: list[BakedFile], device: str) -> None:
 def bake(configs: Path, device: str, target: Path, force: bool = False) -> Baked:
     """Validate everything, then replace ``target`` with the device's configs in one rename.
 
-    A target that cannot be renamed keeps its folder and gets the bake's files replaced inside it
-    (``replace_in_place``).
+    A target holding other files (``force``), or one that cannot be renamed, keeps its folder and
+    gets the bake's files replaced inside it (``replace_in_place``).
     """
     source = device_folder(configs, device)
     files = collect(source, device)
-    keep = check_target(source, target, force)
+    foreign = check_target(source, target, force)
+    if foreign:
+        replace_in_place(target, files, device)
+        written = {f.name for f in files}
+        return Baked(files, "it holds other files", tuple(n for n in foreign if n not in written))
     try:
-        stage = _stage(target, files, keep, device)
+        stage = _stage(target, files, device)
     except OSError as exc:  # the parent takes no new folder, but the target may still take files
         if not target.is_dir() or exc.errno not in UNMOVABLE:
             raise
@@ -306,7 +313,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="folder to install into (replaced as a whole, or its bake files one by one "
                    f"where it cannot be renamed); with --dockerfile the folder inside the image (default there: "
                    f"{IMAGE_FOLDER})")
-    p.add_argument("--force", action="store_true", help="bake into a --target that holds other files (they are kept)")
+    p.add_argument("--force", action="store_true",
+                   help="bake into a --target that holds other files (they are left exactly as they are)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dockerfile", action="store_true", help="validate, then print a Dockerfile snippet; copy nothing")
     mode.add_argument("--print-env", action="store_true", help="print only the export line for an existing bake")
@@ -338,6 +346,9 @@ def run(args: argparse.Namespace) -> int:
           f"into {target.resolve()}")
     if baked.in_place:
         print(f"replaced the bake's files inside the folder one by one, each in one rename, because {baked.in_place}")
+    if baked.kept:
+        print(f"kept {len(baked.kept)} other entr{'y' if len(baked.kept) == 1 else 'ies'} untouched: "
+              f"{_listing(baked.kept)}")
     print("set this in the environment of vLLM:")
     print(env_line(str(target.resolve())))
     return 0
