@@ -260,11 +260,36 @@ def test_summary_has_one_line_per_check_and_a_verdict():
     assert lines[-1] == "DeepGEMM check FAILED: gemm.dense"
 
 
-def test_write_json_atomic(tmp_path):
-    target = tmp_path / "out" / "report.json"
-    dc.write_json_atomic(str(target), {"ok": True})
-    assert json.loads(target.read_text()) == {"ok": True}
-    assert [p.name for p in target.parent.iterdir()] == ["report.json"]
+def _listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("where", ["folder", "under-a-file", "read-only"])
+def test_unusable_json_out_is_refused_before_any_check(tmp_path, monkeypatch, capsys, where):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "file").write_text("")
+    read_only = tmp_path / "report.json"
+    read_only.write_text("{}")
+    read_only.chmod(0o444)
+    if os.geteuid() == 0:  # root writes anywhere; make access() answer as it would for a user
+        real_access = os.access
+
+        def access(path, mode, **kwargs):
+            return not (Path(path) == read_only and mode & os.W_OK) and real_access(path, mode, **kwargs)
+
+        monkeypatch.setattr(os, "access", access)
+
+    def no_check(*args, **kwargs):
+        raise AssertionError("a check ran")
+
+    monkeypatch.setattr(dc, "locate_deep_gemm", no_check)
+    path = {"folder": tmp_path / "out", "under-a-file": tmp_path / "file" / "r.json", "read-only": read_only}[where]
+    before = _listing(tmp_path)
+    assert cli_main(["check-deepgemm", "--json-out", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("tune-moe: error: --json-out ")
+    assert captured.err.count("\n") == 1
+    assert _listing(tmp_path) == before and read_only.read_text() == "{}"
 
 
 # ------------------------------------------------------------------- CLI
@@ -284,6 +309,7 @@ def test_module_run_without_a_gpu_reports_and_fails(tmp_path):
     assert done.returncode == 1, done.stderr
     assert marker.exists()
     report = json.loads((tmp_path / "r.json").read_text())
+    assert not list(tmp_path.glob(".r.json*"))  # no temp file left beside it
     assert report["deep_gemm"] == {"module": "deep_gemm", "directory": str(package),
                                    "how": "--deep-gemm-path", "version": "2.8.1"}
     status = {c["name"]: c["status"] for c in report["checks"]}

@@ -19,10 +19,8 @@ Exit status: 0 when every check passed, 1 otherwise, 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from .deepgemm_gemms import (
     time_launches, use_ue8m0,
 )
 from .errors import UsageError
+from .files import atomic_write_json, output_file
 from .gpus import spec_for_name
 
 try:
@@ -57,7 +56,7 @@ __all__ = [
     "ceil_to_ue8m0", "contiguous_layout", "expert_rows", "gemm_checks", "measure", "per_block_cast_to_fp8",
     "per_token_cast_to_fp8", "time_launches", "use_ue8m0",
     # this module
-    "assemble_report", "format_check", "summary_lines", "write_json_atomic", "add_arguments", "run", "main",
+    "assemble_report", "format_check", "summary_lines", "add_arguments", "run", "main",
 ]
 
 
@@ -94,16 +93,6 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = [format_check(c) for c in report["checks"]]
     verdict_line = "DeepGEMM check passed" if report["ok"] else f"DeepGEMM check FAILED: {', '.join(report['failed'])}"
     return lines + [verdict_line]
-
-
-def write_json_atomic(path: str, data: dict[str, Any]) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, default=str)
-        handle.write("\n")
-    os.replace(tmp, target)
 
 
 # --------------------------------------------------------------------- CLI
@@ -146,6 +135,8 @@ def _validate(args: argparse.Namespace) -> None:
                              ("--dense-m", args.dense_m, 65536), ("--reps", args.reps, 10000)):
         if not 1 <= value <= top:
             raise UsageError(f"{flag} {value}: out of range; use 1..{top}")
+    if args.json_out:  # refused before any check runs, not after minutes of JIT
+        output_file(args.json_out, "--json-out")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     report = assemble_report(checks, context)
     print("\n".join(summary_lines(report)))
     if args.json_out:
-        write_json_atomic(args.json_out, report)
+        atomic_write_json(args.json_out, report, indent=2)
     return 0 if report["ok"] else 1
 
 
