@@ -11,8 +11,7 @@ K=1280) shapes of one EP rank (72 experts, ~128 rows each).
 This module is the command: its arguments, the run, and the report assembled
 from the checks. The environment checks and locating DeepGEMM live in
 ``deepgemm_env``, the GEMMs (calc_diff, the quantizers, layouts, timing) in
-``deepgemm_gemms``; their public names are re-exported here. All but
-``deepgemm_gemms.gemm_checks`` need no GPU.
+``deepgemm_gemms``. All but ``deepgemm_gemms.gemm_checks`` need no GPU.
 Exit status: 0 when every check passed, 1 otherwise, 2 for bad arguments.
 """
 
@@ -26,16 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from .deepgemm_env import (
-    ARCH_NVCC_MIN, DEEP_JIT_NVCC_MIN, DEEP_JIT_SINCE, Check, DeepGemmSource, check_cache_dir, check_capability,
-    check_cuobjdump, check_nvcc, count_cached_kernels, default_jit_cache_dir, environment_checks, find_cuda_home,
-    find_nvcc, import_deep_gemm, jit_cache_dir, locate_deep_gemm, parse_nvcc_release, parse_version, required_nvcc,
-    verdict, version_from_init,
+    Check, DeepGemmSource, count_cached_kernels, environment_checks, import_deep_gemm, locate_deep_gemm, parse_version,
 )
-from .deepgemm_gemms import (
-    FP8_MAX, GEMM_CASES, PASS_DIFF, PREPARE, QUANT_BLOCK, GemmCase, Prepared, align_up, calc_diff, ceil_to_ue8m0,
-    contiguous_layout, expert_rows, gemm_checks, measure, per_block_cast_to_fp8, per_token_cast_to_fp8,
-    time_launches, use_ue8m0,
-)
+from .deepgemm_gemms import GEMM_CASES, PASS_DIFF, gemm_checks, use_ue8m0
 from .errors import UsageError
 from .files import atomic_write_json, output_file
 from .gpus import spec_for_name
@@ -44,20 +36,6 @@ try:
     import torch
 except ImportError:  # reported as a failed check by run()
     torch = None
-
-__all__ = [
-    # deepgemm_env
-    "ARCH_NVCC_MIN", "DEEP_JIT_NVCC_MIN", "DEEP_JIT_SINCE", "Check", "DeepGemmSource", "check_cache_dir",
-    "check_capability", "check_cuobjdump", "check_nvcc", "count_cached_kernels", "default_jit_cache_dir",
-    "environment_checks", "find_cuda_home", "find_nvcc", "import_deep_gemm", "jit_cache_dir", "locate_deep_gemm",
-    "parse_nvcc_release", "parse_version", "required_nvcc", "verdict", "version_from_init",
-    # deepgemm_gemms
-    "FP8_MAX", "GEMM_CASES", "PASS_DIFF", "PREPARE", "QUANT_BLOCK", "GemmCase", "Prepared", "align_up", "calc_diff",
-    "ceil_to_ue8m0", "contiguous_layout", "expert_rows", "gemm_checks", "measure", "per_block_cast_to_fp8",
-    "per_token_cast_to_fp8", "time_launches", "use_ue8m0",
-    # this module
-    "assemble_report", "format_check", "summary_lines", "add_arguments", "run", "main",
-]
 
 
 # ------------------------------------------------------------------ report
