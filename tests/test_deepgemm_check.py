@@ -12,6 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tuning import bench, deepgemm_gemms
+from tuning.bench import Timing
 from tuning.cli import main as cli_main
 from tuning.deepgemm_check import assemble_report, summary_lines
 from tuning.deepgemm_env import (
@@ -20,7 +22,7 @@ from tuning.deepgemm_env import (
     required_nvcc, verdict,
 )
 from tuning.deepgemm_gemms import (
-    GEMM_CASES, PASS_DIFF, calc_diff, ceil_to_ue8m0, contiguous_layout, expert_rows, per_block_cast_to_fp8,
+    GEMM_CASES, PASS_DIFF, Prepared, calc_diff, ceil_to_ue8m0, contiguous_layout, expert_rows, per_block_cast_to_fp8,
     per_token_cast_to_fp8,
 )
 from tuning.errors import UsageError
@@ -88,6 +90,28 @@ def test_contiguous_layout_pads_each_expert_to_the_alignment():
     assert layout[:4] == [0, 0, 0, -1] and layout[127] == -1
     assert layout[128:256] == [1] * 128
     assert layout[256] == 2 and set(layout[257:]) == {-1}
+
+
+# ---------------------------------------------------------------- timing
+
+def test_gemm_timing_goes_through_bench_measure(monkeypatch):
+    """--reps is exactly that many samples of tuning.bench.measure, L2 flushed; its median gives time and TFLOP/s."""
+    seen = {}
+
+    def fake_measure(fn, **kwargs):
+        seen.update(kwargs, fn=fn)
+        return Timing((90.0, 100.0, 400.0))
+
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    monkeypatch.setattr(deepgemm_gemms, "_wall", lambda fn: fn() or 0.5)  # no GPU to synchronize
+    calls, out = [], torch.ones(4)
+    prepared = Prepared(lambda: calls.append(1), lambda: (out, out), m=4096, groups=1, flops=2 * 10**8)
+    check = deepgemm_gemms.measure(GEMM_CASES[0], prepared, 1000.0, reps=7)
+    assert seen == {"fn": prepared.call, "min_samples": 7, "max_samples": 7,
+                    "flush_l2_bytes": deepgemm_gemms.FLUSH_L2_BYTES}
+    assert len(calls) == 2  # the untimed calls (JIT, then cached) come before the capture
+    assert check.ok and check.value["time_us"] == 100.0
+    assert check.value["tflops"] == pytest.approx(2.0) and check.value["pct_of_peak"] == pytest.approx(0.2)
 
 
 # ------------------------------------------------------- version rules

@@ -104,7 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experts", type=int, default=72, help="experts per GPU for the grouped GEMMs (default 72: EP4)")
     parser.add_argument("--rows-per-expert", type=int, default=128, help="mean rows (tokens) per expert (default 128)")
     parser.add_argument("--dense-m", type=int, default=4096, help="M of the dense GEMM (default 4096)")
-    parser.add_argument("--reps", type=int, default=20, help="timed launches per GEMM; the median is reported")
+    parser.add_argument("--reps", type=int, default=20,
+                        help="timed launches per GEMM (CUDA-graph replays, L2 flushed); the median is reported")
     parser.add_argument("--seed", type=int, default=0)
 
 
