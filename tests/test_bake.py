@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -179,3 +183,163 @@ def test_print_env_only_for_an_existing_bake(configs: Path, tmp_path: Path, caps
 def test_target_is_required_to_install(configs: Path, capsys):
     assert bake_cli("--device", DEVICE, "--configs", str(configs)) == 2
     assert "--target is required" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ unusable paths: one line
+
+def listing(folder: Path) -> list[str]:
+    """Every path under ``folder``, hidden ones included, so a stray staging folder shows."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_file_or_read_only_folder_as_target_is_one_line(configs: Path, tmp_path: Path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("x")
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere; make access() answer as it would for a user
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != read_only and real_access(p, mode, **kw))
+    before = listing(tmp_path)
+    for target in ("file", "file/configs", "ro", "ro/configs"):
+        assert bake_cli("--device", DEVICE, "--configs", str(configs), "--target", str(tmp_path / target)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"tune-moe: error: --target {tmp_path / target}") and err.count("\n") == 1, err
+    assert listing(tmp_path) == before
+
+
+def test_configs_that_is_a_file_is_one_line(tmp_path: Path, capsys):
+    (tmp_path / "configs.json").write_text("{}")
+    argv = ("--device", DEVICE, "--configs", str(tmp_path / "configs.json"))
+    assert bake_cli(*argv, "--target", str(tmp_path / "t")) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and err.count("\n") == 1
+    assert bake_cli(*argv, "--dockerfile") == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["configs.json"]
+
+
+# ----------------------------------------------------------- targets that cannot be renamed
+
+def unmovable(monkeypatch, target: Path, code: int = errno.EBUSY) -> None:
+    """``target`` behaves as a mount point: renaming the folder itself fails with ``code``."""
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if Path(src) == target or Path(dst) == target:
+            raise OSError(code, os.strerror(code), str(src))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+
+
+@pytest.mark.parametrize("code", [errno.EBUSY, errno.EXDEV, errno.EPERM], ids=["EBUSY", "EXDEV", "EPERM"])
+def test_mount_point_target_gets_its_files_replaced_in_place(configs: Path, tmp_path: Path, monkeypatch, capsys,
+                                                             code):
+    target = tmp_path / "volume"
+    bake.bake(configs, DEVICE, target)
+    inode = target.stat().st_ino
+    (configs / DEVICE / BF16).unlink()
+    write_config_file(configs / DEVICE / FP8, {1: TILE, 4096: TILE}, "3.6.0")
+    unmovable(monkeypatch, target, code)
+    assert bake_cli("--device", DEVICE, "--configs", str(configs), "--target", str(target)) == 0
+    assert target.stat().st_ino == inode  # the same folder, not a new one
+    assert listing(target) == sorted([FP8, provenance_path(Path(FP8)).name, bake.MANIFEST])
+    assert (target / FP8).read_bytes() == (configs / DEVICE / FP8).read_bytes()
+    assert json.loads((target / bake.MANIFEST).read_text())["files"] == sorted([FP8, provenance_path(Path(FP8)).name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels_configs", "volume"]
+    out = capsys.readouterr().out
+    assert "replaced the bake's files inside the folder one by one" in out and os.strerror(code) in out
+    assert out.strip().endswith(f"export VLLM_TUNED_CONFIG_FOLDER={target.resolve()}")
+
+
+def test_empty_mount_point_and_read_only_parent_take_a_first_bake(configs: Path, tmp_path: Path, monkeypatch):
+    target = tmp_path / "volume"
+    target.mkdir()
+    unmovable(monkeypatch, target)
+    bake.bake(configs, DEVICE, target)
+    assert listing(target) == sorted([FP8, BF16, provenance_path(Path(FP8)).name, bake.MANIFEST])
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(dir=None, prefix=None, **kw):  # a parent this user cannot write (Kubernetes: a volume under /opt)
+        if Path(dir) == tmp_path:
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real_mkdtemp(dir=dir, prefix=prefix, **kw)
+
+    monkeypatch.setattr(bake.tempfile, "mkdtemp", mkdtemp)
+    (configs / DEVICE / BF16).unlink()
+    baked = bake.bake(configs, DEVICE, target)
+    assert "Permission denied" in baked.in_place
+    assert listing(target) == sorted([FP8, provenance_path(Path(FP8)).name, bake.MANIFEST])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels_configs", "volume"]
+
+
+# os.replace in place: 1 the interim manifest, 2 FP8, 3 its sidecar, 4 removing BF16, 5 the final manifest
+@pytest.mark.parametrize("failing", [2, 4, 5], ids=["new-file", "removal", "manifest"])
+@pytest.mark.parametrize("hard_links", [True, False], ids=["links", "no-links"])
+def test_failure_in_place_restores_previous_bake(configs: Path, tmp_path: Path, monkeypatch, failing, hard_links):
+    target = tmp_path / "volume"
+    bake.bake(configs, DEVICE, target)
+    before = snapshot(target)
+    (configs / DEVICE / BF16).unlink()
+    write_config_file(configs / DEVICE / FP8, {1: TILE, 4096: TILE}, "3.6.0")
+    unmovable(monkeypatch, target)
+    if not hard_links:  # each earlier file is then moved aside just before its replacement: one more os.replace
+        failing = {2: 4, 4: 7, 5: 8}[failing]
+
+        def link(*args, **kwargs):
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", link)
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == failing:
+            raise OSError(errno.EIO, "Input/output error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="Input/output error"):
+        bake.bake(configs, DEVICE, target)
+    assert snapshot(target) == before
+    assert listing(target) == sorted(before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels_configs", "volume"]
+
+
+# ------------------------------------------------------------------ --force beside other files
+
+def test_force_leaves_symlinks_and_special_files_as_they_are(configs: Path, tmp_path: Path, capsys):
+    target = tmp_path / "target"
+    target.mkdir()
+    (tmp_path / "elsewhere.json").write_text("{}")
+    (target / "link.json").symlink_to(tmp_path / "elsewhere.json")
+    os.mkfifo(target / "pipe")
+    (target / "notes").mkdir()
+    (target / "notes" / "a.txt").write_text("a")
+    fifo = (target / "pipe").stat().st_ino
+    argv = ("--device", DEVICE, "--configs", str(configs), "--target", str(target), "--force")
+    assert bake_cli(*argv) == 0
+    out = capsys.readouterr().out
+    assert "because it holds other files" in out and "kept 3 other entries untouched: link.json, notes, pipe" in out
+    for _ in range(2):  # a first bake, then a re-bake that drops BF16
+        assert os.readlink(target / "link.json") == str(tmp_path / "elsewhere.json")
+        assert stat.S_ISFIFO((target / "pipe").lstat().st_mode) and (target / "pipe").stat().st_ino == fifo
+        assert (target / "notes" / "a.txt").read_text() == "a"
+        assert (tmp_path / "elsewhere.json").read_text() == "{}"
+        (configs / DEVICE / BF16).unlink(missing_ok=True)
+        assert bake_cli(*argv) == 0
+    assert listing(target) == sorted(["link.json", "pipe", "notes", "notes/a.txt", FP8,
+                                      provenance_path(Path(FP8)).name, bake.MANIFEST])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere.json", "kernels_configs", "target"]
+
+
+def test_force_refuses_a_folder_named_like_a_config(configs: Path, tmp_path: Path, capsys):
+    target = tmp_path / "target"
+    (target / BF16).mkdir(parents=True)
+    (target / BF16 / "mine.txt").write_text("mine")
+    before = listing(target)
+    assert bake_cli("--device", DEVICE, "--configs", str(configs), "--target", str(target), "--force") == 2
+    err = capsys.readouterr().err
+    assert f"holds a folder {BF16} where the bake writes a file" in err and err.count("\n") == 1
+    assert listing(target) == before and (target / BF16 / "mine.txt").read_text() == "mine"

@@ -12,8 +12,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tuning import deepgemm_check as dc
+from tuning import bench, deepgemm_gemms
+from tuning.bench import Timing
 from tuning.cli import main as cli_main
+from tuning.deepgemm_check import assemble_report, summary_lines
+from tuning.deepgemm_env import (
+    Check, DeepGemmSource, check_cache_dir, check_capability, check_cuobjdump, check_nvcc, count_cached_kernels,
+    find_cuda_home, find_nvcc, import_deep_gemm, jit_cache_dir, locate_deep_gemm, parse_nvcc_release, parse_version,
+    required_nvcc, verdict,
+)
+from tuning.deepgemm_gemms import (
+    GEMM_CASES, PASS_DIFF, Prepared, calc_diff, ceil_to_ue8m0, contiguous_layout, expert_rows, per_block_cast_to_fp8,
+    per_token_cast_to_fp8,
+)
 from tuning.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,21 +36,21 @@ NVCC_13 = ("nvcc: NVIDIA (R) Cuda compiler driver\n"
 
 def test_calc_diff_on_known_tensors():
     x = torch.tensor([1.0, -2.0, 3.0])
-    assert dc.calc_diff(x, x) == pytest.approx(0.0, abs=1e-12)
-    assert dc.calc_diff(x, -x) == pytest.approx(2.0)
-    assert dc.calc_diff(x, 2 * x) == pytest.approx(1 - 2 * 2 / 5)  # 1 - 2*sum(2x^2)/sum(5x^2)
-    assert dc.calc_diff(torch.zeros(4), torch.zeros(4)) == 0.0
+    assert calc_diff(x, x) == pytest.approx(0.0, abs=1e-12)
+    assert calc_diff(x, -x) == pytest.approx(2.0)
+    assert calc_diff(x, 2 * x) == pytest.approx(1 - 2 * 2 / 5)  # 1 - 2*sum(2x^2)/sum(5x^2)
+    assert calc_diff(torch.zeros(4), torch.zeros(4)) == 0.0
 
 
 def test_calc_diff_of_nan_fails_the_bar():
-    diff = dc.calc_diff(torch.tensor([float("nan"), 1.0]), torch.tensor([1.0, 1.0]))
-    assert not diff < dc.PASS_DIFF
+    diff = calc_diff(torch.tensor([float("nan"), 1.0]), torch.tensor([1.0, 1.0]))
+    assert not diff < PASS_DIFF
 
 
 # ------------------------------------------------------------ quantizers
 
 def test_ceil_to_ue8m0_rounds_up_to_powers_of_two():
-    got = dc.ceil_to_ue8m0(torch.tensor([0.3, 1.0, 1.5, 4.0, 5.0]))
+    got = ceil_to_ue8m0(torch.tensor([0.3, 1.0, 1.5, 4.0, 5.0]))
     assert got.tolist() == [0.5, 1.0, 2.0, 4.0, 8.0]
 
 
@@ -48,13 +59,13 @@ def test_quantized_gemm_matches_the_float_reference(ue8m0):
     """What the kernel computes from these scales, on the CPU: DeepGEMM's bar holds."""
     torch.manual_seed(0)
     a, b = torch.randn(64, 512, dtype=torch.bfloat16), torch.randn(256, 512, dtype=torch.bfloat16)
-    a8, sa = dc.per_token_cast_to_fp8(a, ue8m0)
-    b8, sb = dc.per_block_cast_to_fp8(b, ue8m0)
+    a8, sa = per_token_cast_to_fp8(a, ue8m0)
+    b8, sb = per_block_cast_to_fp8(b, ue8m0)
     assert a8.dtype == b8.dtype == torch.float8_e4m3fn
     assert sa.shape == (64, 4) and sb.shape == (2, 4)  # 1x128 groups, 128x128 blocks
     deq_a = (a8.float().view(64, 4, 128) * sa.unsqueeze(2)).view(64, 512)
     deq_b = (b8.float().view(2, 128, 4, 128) * sb.view(2, 1, 4, 1)).view(256, 512)
-    assert dc.calc_diff(deq_a @ deq_b.t(), a.float() @ b.float().t()) < dc.PASS_DIFF
+    assert calc_diff(deq_a @ deq_b.t(), a.float() @ b.float().t()) < PASS_DIFF
     if ue8m0:
         exponents = torch.log2(torch.cat([sa.flatten(), sb.flatten()]))
         assert torch.equal(exponents, exponents.round())
@@ -62,23 +73,45 @@ def test_quantized_gemm_matches_the_float_reference(ue8m0):
 
 def test_quantizer_rejects_unaligned_shapes():
     with pytest.raises(ValueError, match="k=100"):
-        dc.per_token_cast_to_fp8(torch.randn(4, 100), False)
+        per_token_cast_to_fp8(torch.randn(4, 100), False)
 
 
 # ------------------------------------------------------- grouped layouts
 
 def test_expert_rows_are_seeded_and_spread_around_the_mean():
-    rows = dc.expert_rows(72, 128, seed=3)
-    assert rows == dc.expert_rows(72, 128, seed=3) != dc.expert_rows(72, 128, seed=4)
+    rows = expert_rows(72, 128, seed=3)
+    assert rows == expert_rows(72, 128, seed=3) != expert_rows(72, 128, seed=4)
     assert all(int(0.7 * 128) <= r <= int(1.3 * 128) for r in rows)
 
 
 def test_contiguous_layout_pads_each_expert_to_the_alignment():
-    layout = dc.contiguous_layout([3, 128, 1], 128)
+    layout = contiguous_layout([3, 128, 1], 128)
     assert len(layout) == 3 * 128
     assert layout[:4] == [0, 0, 0, -1] and layout[127] == -1
     assert layout[128:256] == [1] * 128
     assert layout[256] == 2 and set(layout[257:]) == {-1}
+
+
+# ---------------------------------------------------------------- timing
+
+def test_gemm_timing_goes_through_bench_measure(monkeypatch):
+    """--reps is exactly that many samples of tuning.bench.measure, L2 flushed; its median gives time and TFLOP/s."""
+    seen = {}
+
+    def fake_measure(fn, **kwargs):
+        seen.update(kwargs, fn=fn)
+        return Timing((90.0, 100.0, 400.0))
+
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    monkeypatch.setattr(deepgemm_gemms, "_wall", lambda fn: fn() or 0.5)  # no GPU to synchronize
+    calls, out = [], torch.ones(4)
+    prepared = Prepared(lambda: calls.append(1), lambda: (out, out), m=4096, groups=1, flops=2 * 10**8)
+    check = deepgemm_gemms.measure(GEMM_CASES[0], prepared, 1000.0, reps=7)
+    assert seen == {"fn": prepared.call, "min_samples": 7, "max_samples": 7,
+                    "flush_l2_bytes": deepgemm_gemms.FLUSH_L2_BYTES}
+    assert len(calls) == 2  # the untimed calls (JIT, then cached) come before the capture
+    assert check.ok and check.value["time_us"] == 100.0
+    assert check.value["tflops"] == pytest.approx(2.0) and check.value["pct_of_peak"] == pytest.approx(0.2)
 
 
 # ------------------------------------------------------- version rules
@@ -86,13 +119,13 @@ def test_contiguous_layout_pads_each_expert_to_the_alignment():
 @pytest.mark.parametrize("text,expected", [("2.8.1", (2, 8, 1)), ("2.1.1.post3+abc", (2, 1, 1)),
                                            ("v1.2", (1, 2)), ("", ()), (None, ())])
 def test_parse_version(text, expected):
-    assert dc.parse_version(text) == expected
+    assert parse_version(text) == expected
 
 
 def test_parse_nvcc_release():
-    assert dc.parse_nvcc_release(NVCC_13) == (13, 0)
-    assert dc.parse_nvcc_release("Cuda compilation tools, release 12.9, V12.9.86") == (12, 9)
-    assert dc.parse_nvcc_release("command not found") is None
+    assert parse_nvcc_release(NVCC_13) == (13, 0)
+    assert parse_nvcc_release("Cuda compilation tools, release 12.9, V12.9.86") == (12, 9)
+    assert parse_nvcc_release("command not found") is None
 
 
 @pytest.mark.parametrize("cap,dg,need", [
@@ -102,25 +135,25 @@ def test_parse_nvcc_release():
     (None, (), (12, 3)),
 ])
 def test_required_nvcc_per_arch_and_deepgemm(cap, dg, need):
-    assert dc.required_nvcc(cap, dg)[0] == need
+    assert required_nvcc(cap, dg)[0] == need
 
 
 def test_check_nvcc_thresholds():
     old = "Cuda compilation tools, release 12.8, V12.8.93"
-    assert not dc.check_nvcc("/cuda/bin/nvcc", old, (9, 0), (2, 8, 1)).ok
-    assert "needs >= 12.9 for DeepGEMM 2.8.1" in dc.check_nvcc("/cuda/bin/nvcc", old, (9, 0), (2, 8, 1)).detail
-    assert dc.check_nvcc("/cuda/bin/nvcc", old, (9, 0), (2, 1, 1)).ok
-    assert not dc.check_nvcc("/cuda/bin/nvcc", old, (10, 0), (2, 1, 1)).ok
-    passed = dc.check_nvcc("/cuda/bin/nvcc", NVCC_13, (10, 0), (2, 8, 1))
+    assert not check_nvcc("/cuda/bin/nvcc", old, (9, 0), (2, 8, 1)).ok
+    assert "needs >= 12.9 for DeepGEMM 2.8.1" in check_nvcc("/cuda/bin/nvcc", old, (9, 0), (2, 8, 1)).detail
+    assert check_nvcc("/cuda/bin/nvcc", old, (9, 0), (2, 1, 1)).ok
+    assert not check_nvcc("/cuda/bin/nvcc", old, (10, 0), (2, 1, 1)).ok
+    passed = check_nvcc("/cuda/bin/nvcc", NVCC_13, (10, 0), (2, 8, 1))
     assert passed.ok and passed.value == "13.0"
-    missing = dc.check_nvcc("/nope/nvcc", None, (9, 0), ())
+    missing = check_nvcc("/nope/nvcc", None, (9, 0), ())
     assert not missing.ok and "not found" in missing.detail
 
 
 @pytest.mark.parametrize("cap,ok", [((9, 0), True), ((10, 0), True), ((10, 3), True),
                                     ((8, 0), False), ((12, 0), False), (None, False)])
 def test_check_capability(cap, ok):
-    assert dc.check_capability(cap, "GPU").ok is ok
+    assert check_capability(cap, "GPU").ok is ok
 
 
 # ------------------------------------------------- environment discovery
@@ -129,35 +162,35 @@ def test_cuda_home_and_nvcc_follow_deepgemms_order(tmp_path):
     nvcc = tmp_path / "cuda-12.9" / "bin" / "nvcc"
     nvcc.parent.mkdir(parents=True)
     nvcc.touch()
-    assert dc.find_cuda_home({"CUDA_HOME": "/a", "CUDA_PATH": "/b"}, str(nvcc)) == "/a"
-    assert dc.find_cuda_home({"CUDA_PATH": "/b"}, str(nvcc)) == "/b"
-    assert dc.find_cuda_home({}, str(nvcc)) == str(tmp_path / "cuda-12.9")
-    assert dc.find_cuda_home({}, None) == "/usr/local/cuda"
-    assert dc.find_nvcc({}, "/a") == "/a/bin/nvcc"
-    assert dc.find_nvcc({"DG_JIT_NVCC_COMPILER": "/x/nvcc"}, "/a") == "/x/nvcc"
+    assert find_cuda_home({"CUDA_HOME": "/a", "CUDA_PATH": "/b"}, str(nvcc)) == "/a"
+    assert find_cuda_home({"CUDA_PATH": "/b"}, str(nvcc)) == "/b"
+    assert find_cuda_home({}, str(nvcc)) == str(tmp_path / "cuda-12.9")
+    assert find_cuda_home({}, None) == "/usr/local/cuda"
+    assert find_nvcc({}, "/a") == "/a/bin/nvcc"
+    assert find_nvcc({"DG_JIT_NVCC_COMPILER": "/x/nvcc"}, "/a") == "/x/nvcc"
 
 
 def test_jit_cache_dir_default_depends_on_the_deepgemm_version():
-    assert dc.jit_cache_dir({"DG_JIT_CACHE_DIR": "/c", "HOME": "/h"}, (2, 8, 1)) == ("/c", "DG_JIT_CACHE_DIR")
-    assert dc.jit_cache_dir({"HOME": "/h"}, (2, 8, 1))[0] == "/h/.dj"
-    assert dc.jit_cache_dir({"HOME": "/h"}, (2, 1, 1))[0] == "/h/.deep_gemm"
+    assert jit_cache_dir({"DG_JIT_CACHE_DIR": "/c", "HOME": "/h"}, (2, 8, 1)) == ("/c", "DG_JIT_CACHE_DIR")
+    assert jit_cache_dir({"HOME": "/h"}, (2, 8, 1))[0] == "/h/.dj"
+    assert jit_cache_dir({"HOME": "/h"}, (2, 1, 1))[0] == "/h/.deep_gemm"
 
 
 def test_check_cache_dir(tmp_path):
-    made = dc.check_cache_dir(str(tmp_path / "new" / "cache"), "DG_JIT_CACHE_DIR")
+    made = check_cache_dir(str(tmp_path / "new" / "cache"), "DG_JIT_CACHE_DIR")
     assert made.ok and (tmp_path / "new" / "cache").is_dir()
     assert not list((tmp_path / "new" / "cache").iterdir())  # the probe file is gone
     blocker = tmp_path / "file"
     blocker.write_text("")
-    bad = dc.check_cache_dir(str(blocker / "cache"), "DG_JIT_CACHE_DIR")
+    bad = check_cache_dir(str(blocker / "cache"), "DG_JIT_CACHE_DIR")
     assert not bad.ok and "set DG_JIT_CACHE_DIR to a writable folder" in bad.detail
 
 
 def test_check_cuobjdump(tmp_path):
-    assert dc.check_cuobjdump("/usr/local/cuda/bin/cuobjdump", "/usr/local/cuda").ok
+    assert check_cuobjdump("/usr/local/cuda/bin/cuobjdump", "/usr/local/cuda").ok
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "cuobjdump").touch()
-    missing = dc.check_cuobjdump(None, str(tmp_path))
+    missing = check_cuobjdump(None, str(tmp_path))
     assert not missing.ok and f"add {tmp_path / 'bin'} to PATH" in missing.detail
 
 
@@ -165,8 +198,8 @@ def test_count_cached_kernels(tmp_path):
     for name in ("sm90_a.1", "sm90_b.2"):
         (tmp_path / "cache" / name).mkdir(parents=True)
         (tmp_path / "cache" / name / "kernel.cubin").touch()
-    assert dc.count_cached_kernels(str(tmp_path)) == 2
-    assert dc.count_cached_kernels(str(tmp_path / "absent")) == 0
+    assert count_cached_kernels(str(tmp_path)) == 2
+    assert count_cached_kernels(str(tmp_path / "absent")) == 0
 
 
 # ------------------------------------------------------ which DeepGEMM
@@ -181,14 +214,14 @@ def _fake_package(folder: Path, version: str = "9.9.9", body: str = "") -> Path:
 def test_deep_gemm_path_goes_first(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
     package = _fake_package(tmp_path / "third_party")
-    source = dc.locate_deep_gemm(str(tmp_path / "third_party"))
-    assert source == dc.DeepGemmSource("deep_gemm", str(package), "--deep-gemm-path", "9.9.9")
+    source = locate_deep_gemm(str(tmp_path / "third_party"))
+    assert source == DeepGemmSource("deep_gemm", str(package), "--deep-gemm-path", "9.9.9")
     assert sys.path[0] == str(tmp_path / "third_party")
 
 
 def test_deep_gemm_path_without_the_package_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="no deep_gemm/__init__.py in it"):
-        dc.locate_deep_gemm(str(tmp_path))
+        locate_deep_gemm(str(tmp_path))
 
 
 def _specs(tmp_path: Path, installed: bool, bundled: bool):
@@ -216,19 +249,19 @@ def _specs(tmp_path: Path, installed: bool, bundled: bool):
     (False, False, None),
 ])
 def test_resolution_order(tmp_path, installed, bundled, expected):
-    source = dc.locate_deep_gemm(None, find_spec=_specs(tmp_path, installed, bundled))
+    source = locate_deep_gemm(None, find_spec=_specs(tmp_path, installed, bundled))
     assert (source and (source.module, source.how, source.version)) == expected
 
 
 def test_import_failure_is_a_failed_check(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
     _fake_package(tmp_path, body="raise ImportError('libcudart.so.13: cannot open shared object file')\n")
-    source = dc.locate_deep_gemm(str(tmp_path))
-    module, check = dc.import_deep_gemm(source)
+    source = locate_deep_gemm(str(tmp_path))
+    module, check = import_deep_gemm(source)
     sys.modules.pop("deep_gemm", None)
     assert module is None and not check.ok
     assert check.detail.endswith("ImportError: libcudart.so.13: cannot open shared object file")
-    assert not dc.import_deep_gemm(None)[1].ok
+    assert not import_deep_gemm(None)[1].ok
 
 
 # ---------------------------------------------------------------- report
@@ -239,32 +272,57 @@ def _gemm_value(diff: float = 6.8e-4) -> dict:
 
 
 def test_report_passes_only_when_every_check_passed():
-    good = [dc.verdict("gpu.capability", True, "9.0"), dc.verdict("gemm.dense", True, _gemm_value())]
-    report = dc.assemble_report(good, {"gpu": {"name": "NVIDIA H200"}})
+    good = [verdict("gpu.capability", True, "9.0"), verdict("gemm.dense", True, _gemm_value())]
+    report = assemble_report(good, {"gpu": {"name": "NVIDIA H200"}})
     assert report["ok"] and report["failed"] == [] and report["gpu"]["name"] == "NVIDIA H200"
     assert json.loads(json.dumps(report))["checks"][1]["value"]["calc_diff"] == 6.8e-4
-    failed = dc.assemble_report([*good, dc.verdict("cuobjdump", False, None, "not on PATH")], {})
+    failed = assemble_report([*good, verdict("cuobjdump", False, None, "not on PATH")], {})
     assert not failed["ok"] and failed["failed"] == ["cuobjdump"]
-    skipped = dc.assemble_report([*good, dc.Check("gemm.masked.w2", "skip")], {})
+    skipped = assemble_report([*good, Check("gemm.masked.w2", "skip")], {})
     assert not skipped["ok"]
-    assert not dc.assemble_report([], {})["ok"]
+    assert not assemble_report([], {})["ok"]
 
 
 def test_summary_has_one_line_per_check_and_a_verdict():
-    report = dc.assemble_report([dc.verdict("nvcc.version", True, "13.0", "/usr/local/cuda/bin/nvcc"),
-                                 dc.verdict("gemm.dense", False, _gemm_value(2e-3), "calc_diff too high")], {})
-    lines = dc.summary_lines(report)
+    report = assemble_report([verdict("nvcc.version", True, "13.0", "/usr/local/cuda/bin/nvcc"),
+                                 verdict("gemm.dense", False, _gemm_value(2e-3), "calc_diff too high")], {})
+    lines = summary_lines(report)
     assert lines[0].startswith("PASS nvcc.version") and "13.0 /usr/local/cuda/bin/nvcc" in lines[0]
     assert lines[1].startswith("FAIL gemm.dense") and "1005 TFLOP/s ( 51% of 1979)" in lines[1]
     assert "first 7.96 s, cached 0.44 ms" in lines[1]
     assert lines[-1] == "DeepGEMM check FAILED: gemm.dense"
 
 
-def test_write_json_atomic(tmp_path):
-    target = tmp_path / "out" / "report.json"
-    dc.write_json_atomic(str(target), {"ok": True})
-    assert json.loads(target.read_text()) == {"ok": True}
-    assert [p.name for p in target.parent.iterdir()] == ["report.json"]
+def _listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("where", ["folder", "under-a-file", "read-only"])
+def test_unusable_json_out_is_refused_before_any_check(tmp_path, monkeypatch, capsys, where):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "file").write_text("")
+    read_only = tmp_path / "report.json"
+    read_only.write_text("{}")
+    read_only.chmod(0o444)
+    if os.geteuid() == 0:  # root writes anywhere; make access() answer as it would for a user
+        real_access = os.access
+
+        def access(path, mode, **kwargs):
+            return not (Path(path) == read_only and mode & os.W_OK) and real_access(path, mode, **kwargs)
+
+        monkeypatch.setattr(os, "access", access)
+
+    def no_check(*args, **kwargs):
+        raise AssertionError("a check ran")
+
+    monkeypatch.setattr("tuning.deepgemm_check.locate_deep_gemm", no_check)
+    path = {"folder": tmp_path / "out", "under-a-file": tmp_path / "file" / "r.json", "read-only": read_only}[where]
+    before = _listing(tmp_path)
+    assert cli_main(["check-deepgemm", "--json-out", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("tune-moe: error: --json-out ")
+    assert captured.err.count("\n") == 1
+    assert _listing(tmp_path) == before and read_only.read_text() == "{}"
 
 
 # ------------------------------------------------------------------- CLI
@@ -284,11 +342,12 @@ def test_module_run_without_a_gpu_reports_and_fails(tmp_path):
     assert done.returncode == 1, done.stderr
     assert marker.exists()
     report = json.loads((tmp_path / "r.json").read_text())
+    assert not list(tmp_path.glob(".r.json*"))  # no temp file left beside it
     assert report["deep_gemm"] == {"module": "deep_gemm", "directory": str(package),
                                    "how": "--deep-gemm-path", "version": "2.8.1"}
     status = {c["name"]: c["status"] for c in report["checks"]}
     assert status["deep_gemm.import"] == "pass" and status["gpu.capability"] == "fail"
-    assert {status[c.name] for c in dc.GEMM_CASES} == {"skip"}
+    assert {status[c.name] for c in GEMM_CASES} == {"skip"}
     assert report["jit_cache"]["dir"] == str(tmp_path / ".dj")
     assert "DeepGEMM check FAILED" in done.stdout.splitlines()[-1]
 
@@ -308,7 +367,7 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
 def test_deepgemm_on_this_gpu(tmp_path):
     """The whole check on a real GPU; TUNE_MOE_TEST_DEEP_GEMM_PATH points at a copied deep_gemm folder."""
     extra = os.environ.get("TUNE_MOE_TEST_DEEP_GEMM_PATH")
-    if not extra and dc.locate_deep_gemm(None) is None:
+    if not extra and locate_deep_gemm(None) is None:
         pytest.skip("no DeepGEMM here; set TUNE_MOE_TEST_DEEP_GEMM_PATH")
     args = ["--json-out", str(tmp_path / "r.json"), "--experts", "8", "--reps", "3"]
     done = subprocess.run([sys.executable, "-m", "tuning.deepgemm_check", *args,
@@ -316,4 +375,4 @@ def test_deepgemm_on_this_gpu(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((tmp_path / "r.json").read_text())
-    assert all(c["value"]["calc_diff"] < dc.PASS_DIFF for c in report["checks"] if c["name"].startswith("gemm."))
+    assert all(c["value"]["calc_diff"] < PASS_DIFF for c in report["checks"] if c["name"].startswith("gemm."))

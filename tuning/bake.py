@@ -4,12 +4,20 @@ Every vLLM JSON of ``kernels_configs/<device>/`` is validated (schema, device in
 name, sidecar) before anything is written. The folder is then built beside the target
 and renamed into place, so the target holds either the old bake or the new one, never
 half of one. A manifest marks the folder as a bake, so a re-bake replaces it while a
-folder holding other files is refused unless ``--force`` (which keeps those files).
+folder holding other files is refused unless ``--force``.
+
+A target that cannot be renamed (a Docker or Kubernetes volume, a folder whose parent
+is read-only), and a target holding other files (``--force``), keep their folder: the
+new files are staged in a hidden folder inside it and renamed over the earlier bake's
+files one by one, the earlier bake's files the new one lacks are removed, and the
+manifest goes last. Every other entry is left exactly as it is. A failure puts back
+every entry touched and leaves no staging folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -22,12 +30,17 @@ from pathlib import Path
 from .configs import read_config_file
 from .provenance import SUFFIX as PROVENANCE_SUFFIX, TOOL, sidecar_path as provenance_path
 from .errors import UsageError
+from .files import output_folder
 
 DEFAULT_CONFIGS = Path("kernels_configs")
 IMAGE_FOLDER = "/opt/tune-moe/configs"
 MANIFEST = ".tune-moe-bake.json"
+STAGE = ".tune-moe-bake-"  # staging folder inside a target whose files are replaced in place
 ENV = "VLLM_TUNED_CONFIG_FOLDER"
 CONFIG_NAME = re.compile(r"^E=\d+,N=\d+,device_name=([^,]+)(?:,dtype=[a-z0-9_]+)?(?:,block_shape=\[\d+,\d+\])?\.json$")
+# renaming the target folder itself fails with these on a mount point (EBUSY), an image layer of
+# overlayfs (EXDEV), a sticky or read-only parent (EPERM, EACCES, EROFS); its files can still be replaced
+UNMOVABLE = frozenset({errno.EBUSY, errno.EXDEV, errno.EPERM, errno.EACCES, errno.EROFS})
 
 
 def config_device(name: str) -> str | None:
@@ -42,7 +55,17 @@ class BakedFile:
     data: bytes  # exactly the bytes that were validated, so what is copied is what was checked
 
 
+@dataclass(frozen=True)
+class Baked:
+    files: list[BakedFile]
+    in_place: str = ""  # why the files were replaced inside the folder; "" when the folder was renamed into place
+    kept: tuple[str, ...] = ()  # entries of the target that are not the bake's, left as they were
+
+
 def device_folder(configs: Path, device: str) -> Path:
+    if configs.exists() and not configs.is_dir():
+        raise UsageError(f"--configs {configs}: is a file, not a folder; pass the folder holding <device>/ folders "
+                         f"(default {DEFAULT_CONFIGS})")
     folder = configs / device
     if not folder.is_dir() or not device or device.startswith(".") or "/" in device or os.sep in device:
         present = sorted(d.name for d in configs.glob("*") if d.is_dir()) if configs.is_dir() else []
@@ -96,26 +119,34 @@ def _manifest(target: Path) -> set[str] | None:
     return set(data.get("files", [])) if isinstance(data, dict) and data.get("tool") == TOOL else None
 
 
+def _manifest_bytes(device: str, names: list[str]) -> bytes:
+    return (json.dumps({"tool": TOOL, "device": device, "files": sorted(names)}, indent=2) + "\n").encode()
+
+
 def foreign_entries(target: Path) -> list[str]:
-    """Entries of ``target`` that an earlier bake did not put there."""
+    """Entries of ``target`` that an earlier bake did not put there (a killed bake's staging folder is ours)."""
     if not target.exists():
         return []
     if not target.is_dir():
         raise UsageError(f"--target {target} exists and is not a folder; choose another --target")
     ours = (_manifest(target) or set()) | {MANIFEST}
-    return sorted(p.name for p in target.iterdir() if p.name not in ours)
+    return sorted(p.name for p in target.iterdir() if p.name not in ours and not p.name.startswith(STAGE))
 
 
 def check_target(source: Path, target: Path, force: bool) -> list[str]:
     src, dst = source.resolve(), target.resolve()
     if src == dst or src in dst.parents or dst in src.parents:
         raise UsageError(f"--target {target} overlaps the configs folder {source}; choose a folder outside it")
+    output_folder(target, "--target")
     foreign = foreign_entries(target)
     if foreign and not force:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise UsageError(f"--target {target} holds files not from a bake ({shown}); "
+        raise UsageError(f"--target {target} holds files not from a bake ({_listing(foreign)}); "
                          "choose an empty folder, or pass --force to bake beside them")
     return foreign
+
+
+def _listing(names: list[str] | tuple[str, ...]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -125,7 +156,13 @@ def _write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _stage(target: Path, files: list[BakedFile], keep: list[str], device: str) -> Path:
+def _fill(stage: Path, files: list[BakedFile], device: str) -> None:
+    for f in files:
+        _write(stage / f.name, f.data)
+    _write(stage / MANIFEST, _manifest_bytes(device, [f.name for f in files]))
+
+
+def _stage(target: Path, files: list[BakedFile], device: str) -> Path:
     """A complete new folder beside ``target`` (same filesystem, so it can be renamed into place)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.bake-"))
@@ -133,43 +170,129 @@ def _stage(target: Path, files: list[BakedFile], keep: list[str], device: str) -
         umask = os.umask(0)
         os.umask(umask)
         stage.chmod(0o777 & ~umask)
-        for name in keep:
-            copy = shutil.copytree if (target / name).is_dir() else shutil.copy2
-            copy(target / name, stage / name)
-        for f in files:
-            _write(stage / f.name, f.data)
-        manifest = {"tool": TOOL, "device": device, "files": sorted(f.name for f in files)}
-        _write(stage / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        _fill(stage, files, device)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return stage
 
 
-def _swap(stage: Path, target: Path) -> None:
-    """Rename ``stage`` to ``target``; an existing target is moved aside first and restored on failure."""
+def _swap(stage: Path, target: Path) -> OSError | None:
+    """Rename ``stage`` to ``target``; an existing target is moved aside first and restored on failure.
+
+    When ``target`` itself cannot be moved (``UNMOVABLE``), nothing has changed: the staging folder is
+    removed and the error returned.
+    """
     if not target.exists():
-        os.rename(stage, target)
-        return
+        try:
+            os.rename(stage, target)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        return None
     old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-    os.rename(target, old / "prev")
     try:
-        os.rename(stage, target)
-    except BaseException:
-        os.rename(old / "prev", target)
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+        try:
+            os.rename(target, old / "prev")
+        except OSError as exc:
+            shutil.rmtree(stage, ignore_errors=True)
+            if exc.errno in UNMOVABLE:
+                return exc
+            raise
+        try:
+            os.rename(stage, target)
+        except BaseException:
+            os.rename(old / "prev", target)
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
     finally:
         shutil.rmtree(old, ignore_errors=True)
+    return None
 
 
-def bake(configs: Path, device: str, target: Path, force: bool = False) -> list[BakedFile]:
-    """Validate everything, then replace ``target`` with the device's configs in one rename."""
+def _save(entry: Path, backup: Path) -> None:
+    """Keep ``entry`` as ``backup`` while it stays in place (a hard link); moved aside where links fail."""
+    try:
+        os.link(entry, backup, follow_symlinks=False)
+    except OSError:
+        os.replace(entry, backup)
+
+
+def replace_in_place(target: Path, files: list[BakedFile], device: str) -> None:
+    """Replace the earlier bake's files inside ``target`` one rename each; every other entry is left as it is.
+
+    The new files are staged in a hidden folder inside ``target`` (same filesystem). A manifest listing
+    the earlier and the new files goes in first, so an interrupted bake still owns every file it placed;
+    then each new file is renamed over its name, the earlier bake's files the new one lacks are removed,
+    and the new manifest is renamed in last. On failure every entry touched is put back.
+    """
+    names = [f.name for f in files]
+    folders = [n for n in [*names, MANIFEST] if (target / n).is_dir() and not (target / n).is_symlink()]
+    if folders:
+        raise UsageError(f"--target {target} holds a folder {folders[0]} where the bake writes a file; "
+                         "move it away and bake again")
+    previous = (_manifest(target) or set()) - {MANIFEST}
+    gone = sorted(previous - set(names))
+    for stale in target.glob(f"{STAGE}*"):  # left by a bake that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(dir=target, prefix=STAGE))
+    new, old = stage / "new", stage / "old"
+    undo: list[tuple[str, bool]] = []  # (name, its earlier entry is in old/), in the order done
+    try:
+        new.mkdir()
+        old.mkdir()
+        _fill(new, files, device)
+        _write(stage / "interim", _manifest_bytes(device, sorted(previous | set(names))))
+        for source, name in [(stage / "interim", MANIFEST), *((new / n, n) for n in names)]:
+            entry, saved = target / name, os.path.lexists(target / name)
+            if saved:
+                _save(entry, old / name)
+            undo.append((name, saved))
+            os.replace(source, entry)
+        for name in gone:
+            if os.path.lexists(target / name):
+                os.replace(target / name, old / name)
+                undo.append((name, True))
+        os.replace(new / MANIFEST, target / MANIFEST)
+    except BaseException:
+        for name, saved in reversed(undo):
+            try:
+                if saved:
+                    os.replace(old / name, target / name)
+                else:
+                    (target / name).unlink(missing_ok=True)
+            except OSError:
+                pass  # best effort: the error that stopped the bake is the one reported
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def bake(configs: Path, device: str, target: Path, force: bool = False) -> Baked:
+    """Validate everything, then replace ``target`` with the device's configs in one rename.
+
+    A target holding other files (``force``), or one that cannot be renamed, keeps its folder and
+    gets the bake's files replaced inside it (``replace_in_place``).
+    """
     source = device_folder(configs, device)
     files = collect(source, device)
-    keep = check_target(source, target, force)
-    _swap(_stage(target, files, keep, device), target)
-    return files
+    foreign = check_target(source, target, force)
+    if foreign:
+        replace_in_place(target, files, device)
+        written = {f.name for f in files}
+        return Baked(files, "it holds other files", tuple(n for n in foreign if n not in written))
+    try:
+        stage = _stage(target, files, device)
+    except OSError as exc:  # the parent takes no new folder, but the target may still take files
+        if not target.is_dir() or exc.errno not in UNMOVABLE:
+            raise
+        replace_in_place(target, files, device)
+        return Baked(files, f"its parent folder takes no new folder ({exc.strerror})")
+    unmovable = _swap(stage, target)
+    if unmovable is not None:
+        replace_in_place(target, files, device)
+        return Baked(files, f"the folder itself cannot be renamed ({unmovable.strerror}), as with a mount point")
+    return Baked(files)
 
 
 def env_line(target: str) -> str:
@@ -188,9 +311,11 @@ def dockerfile_snippet(configs: Path, device: str, image_folder: str, count: int
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", required=True, help="vLLM device name, i.e. the folder under --configs (NVIDIA_H200)")
     p.add_argument("--configs", default=str(DEFAULT_CONFIGS), help=f"tuned configs root (default: {DEFAULT_CONFIGS})")
-    p.add_argument("--target", help="folder to install into (replaced as a whole); with --dockerfile the folder "
-                   f"inside the image (default there: {IMAGE_FOLDER})")
-    p.add_argument("--force", action="store_true", help="bake into a --target that holds other files (they are kept)")
+    p.add_argument("--target", help="folder to install into (replaced as a whole, or its bake files one by one "
+                   f"where it cannot be renamed); with --dockerfile the folder inside the image (default there: "
+                   f"{IMAGE_FOLDER})")
+    p.add_argument("--force", action="store_true",
+                   help="bake into a --target that holds other files (they are left exactly as they are)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dockerfile", action="store_true", help="validate, then print a Dockerfile snippet; copy nothing")
     mode.add_argument("--print-env", action="store_true", help="print only the export line for an existing bake")
@@ -216,9 +341,15 @@ def run(args: argparse.Namespace) -> int:
     target = Path(args.target)
     if args.print_env:
         return _print_env(target, args.device)
-    files = bake(configs, args.device, target, args.force)
-    count = sum(not f.name.endswith(PROVENANCE_SUFFIX) for f in files)
-    print(f"baked {count} config(s) and {len(files) - count} sidecar(s) for {args.device} into {target.resolve()}")
+    baked = bake(configs, args.device, target, args.force)
+    count = sum(not f.name.endswith(PROVENANCE_SUFFIX) for f in baked.files)
+    print(f"baked {count} config(s) and {len(baked.files) - count} sidecar(s) for {args.device} "
+          f"into {target.resolve()}")
+    if baked.in_place:
+        print(f"replaced the bake's files inside the folder one by one, each in one rename, because {baked.in_place}")
+    if baked.kept:
+        print(f"kept {len(baked.kept)} other entr{'y' if len(baked.kept) == 1 else 'ies'} untouched: "
+              f"{_listing(baked.kept)}")
     print("set this in the environment of vLLM:")
     print(env_line(str(target.resolve())))
     return 0

@@ -11,54 +11,31 @@ K=1280) shapes of one EP rank (72 experts, ~128 rows each).
 This module is the command: its arguments, the run, and the report assembled
 from the checks. The environment checks and locating DeepGEMM live in
 ``deepgemm_env``, the GEMMs (calc_diff, the quantizers, layouts, timing) in
-``deepgemm_gemms``; their public names are re-exported here. All but
-``deepgemm_gemms.gemm_checks`` need no GPU.
+``deepgemm_gemms``. All but ``deepgemm_gemms.gemm_checks`` need no GPU.
 Exit status: 0 when every check passed, 1 otherwise, 2 for bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from .deepgemm_env import (
-    ARCH_NVCC_MIN, DEEP_JIT_NVCC_MIN, DEEP_JIT_SINCE, Check, DeepGemmSource, check_cache_dir, check_capability,
-    check_cuobjdump, check_nvcc, count_cached_kernels, default_jit_cache_dir, environment_checks, find_cuda_home,
-    find_nvcc, import_deep_gemm, jit_cache_dir, locate_deep_gemm, parse_nvcc_release, parse_version, required_nvcc,
-    verdict, version_from_init,
+    Check, DeepGemmSource, count_cached_kernels, environment_checks, import_deep_gemm, locate_deep_gemm, parse_version,
 )
-from .deepgemm_gemms import (
-    FP8_MAX, GEMM_CASES, PASS_DIFF, PREPARE, QUANT_BLOCK, GemmCase, Prepared, align_up, calc_diff, ceil_to_ue8m0,
-    contiguous_layout, expert_rows, gemm_checks, measure, per_block_cast_to_fp8, per_token_cast_to_fp8,
-    time_launches, use_ue8m0,
-)
+from .deepgemm_gemms import GEMM_CASES, PASS_DIFF, gemm_checks, use_ue8m0
 from .errors import UsageError
+from .files import atomic_write_json, output_file
 from .gpus import spec_for_name
 
 try:
     import torch
 except ImportError:  # reported as a failed check by run()
     torch = None
-
-__all__ = [
-    # deepgemm_env
-    "ARCH_NVCC_MIN", "DEEP_JIT_NVCC_MIN", "DEEP_JIT_SINCE", "Check", "DeepGemmSource", "check_cache_dir",
-    "check_capability", "check_cuobjdump", "check_nvcc", "count_cached_kernels", "default_jit_cache_dir",
-    "environment_checks", "find_cuda_home", "find_nvcc", "import_deep_gemm", "jit_cache_dir", "locate_deep_gemm",
-    "parse_nvcc_release", "parse_version", "required_nvcc", "verdict", "version_from_init",
-    # deepgemm_gemms
-    "FP8_MAX", "GEMM_CASES", "PASS_DIFF", "PREPARE", "QUANT_BLOCK", "GemmCase", "Prepared", "align_up", "calc_diff",
-    "ceil_to_ue8m0", "contiguous_layout", "expert_rows", "gemm_checks", "measure", "per_block_cast_to_fp8",
-    "per_token_cast_to_fp8", "time_launches", "use_ue8m0",
-    # this module
-    "assemble_report", "format_check", "summary_lines", "write_json_atomic", "add_arguments", "run", "main",
-]
 
 
 # ------------------------------------------------------------------ report
@@ -96,16 +73,6 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     return lines + [verdict_line]
 
 
-def write_json_atomic(path: str, data: dict[str, Any]) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, default=str)
-        handle.write("\n")
-    os.replace(tmp, target)
-
-
 # --------------------------------------------------------------------- CLI
 
 def _probe_gpu() -> tuple[tuple[int, int] | None, str]:
@@ -137,7 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experts", type=int, default=72, help="experts per GPU for the grouped GEMMs (default 72: EP4)")
     parser.add_argument("--rows-per-expert", type=int, default=128, help="mean rows (tokens) per expert (default 128)")
     parser.add_argument("--dense-m", type=int, default=4096, help="M of the dense GEMM (default 4096)")
-    parser.add_argument("--reps", type=int, default=20, help="timed launches per GEMM; the median is reported")
+    parser.add_argument("--reps", type=int, default=20,
+                        help="timed launches per GEMM (CUDA-graph replays, L2 flushed); the median is reported")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -146,6 +114,8 @@ def _validate(args: argparse.Namespace) -> None:
                              ("--dense-m", args.dense_m, 65536), ("--reps", args.reps, 10000)):
         if not 1 <= value <= top:
             raise UsageError(f"{flag} {value}: out of range; use 1..{top}")
+    if args.json_out:  # refused before any check runs, not after minutes of JIT
+        output_file(args.json_out, "--json-out")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     report = assemble_report(checks, context)
     print("\n".join(summary_lines(report)))
     if args.json_out:
-        write_json_atomic(args.json_out, report)
+        atomic_write_json(args.json_out, report, indent=2)
     return 0 if report["ok"] else 1
 
 

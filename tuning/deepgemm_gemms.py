@@ -6,15 +6,15 @@ Three GEMMs are run against a float reference of the unquantized inputs: dense
 shapes of Step-3.5-Flash on one EP rank (``GEMM_CASES``). Inputs are cast to FP8 the
 way DeepGEMM's own tests do (1x128 activation groups, 128x128 weight blocks, UE8M0
 scales on sm100), compared by DeepGEMM's ``calc_diff`` (passing below ``PASS_DIFF``)
-and timed by the median of CUDA-event launches with L2 flushed. The quantizers and
-layouts run on the CPU; only ``gemm_checks`` needs a GPU.
+and timed by ``tuning.bench.measure``: after the first (JIT) call, one launch is captured
+in a CUDA graph and replayed ``reps`` times, L2 flushed before each, and the median
+taken. The quantizers and layouts run on the CPU; only ``gemm_checks`` needs a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -29,6 +29,7 @@ except ImportError:  # reported as a failed check by deepgemm_check.run()
 PASS_DIFF = 1e-3  # DeepGEMM's own bar for FP8 against a float reference
 FP8_MAX = 448.0  # largest float8_e4m3fn
 QUANT_BLOCK = 128  # 1x128 activation groups, 128x128 weight blocks
+FLUSH_L2_BYTES = 256 * 2**20  # more than the L2 of any GPU DeepGEMM runs on, so every timed launch starts cold
 
 
 @dataclass(frozen=True)
@@ -190,24 +191,15 @@ def _wall(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def time_launches(fn: Callable[[], Any], reps: int) -> float:
-    """Median seconds of one launch, L2 flushed before each (CUDA events)."""
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        flush.zero_()
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3
-
-
 def measure(case: GemmCase, prepared: Prepared, peak_tflops: float | None, reps: int) -> Check:
+    from .bench import measure as timed  # bench needs torch; this module imports without it
+
     first_s = _wall(prepared.call)  # JIT compile, or a load from the disk cache
     cached_s = _wall(prepared.call)
     diff = calc_diff(*prepared.result())
-    seconds = time_launches(prepared.call, reps)
+    # compiled and loaded by now, so the launch can be captured in a CUDA graph; exactly ``reps`` samples
+    timing = timed(prepared.call, min_samples=reps, max_samples=reps, flush_l2_bytes=FLUSH_L2_BYTES)
+    seconds = timing.median_us / 1e6
     tflops = prepared.flops / seconds / 1e12
     n, k = case.n, case.k
     value = {
