@@ -108,7 +108,7 @@ def test_bf16_does_not_fit_4xh20(tune):
     rc, out, err = tune("--gpu", "H20", "--dtype", "bf16", "--num-gpus", "4", "--dry-run")
     assert rc == 2
     assert "No layout fits stepfun-ai/Step-3.5-Flash bf16 on 4xH20." in out
-    assert "TP4 on 4xH20: 98 GB weights per GPU of a 86 GB budget" in out
+    assert "TP4 on 4xH20: 98 GB weights per GPU of a 88 GB budget" in out
     assert one_error_line(err) == (
         "tune-moe: error: no layout of stepfun-ai/Step-3.5-Flash bf16 fits 4xH20; would fit: "
         "bf16 on 8xH20 (TP8 or DP8+EP), fp8 (stepfun-ai/Step-3.5-Flash-FP8) on 4xH20")

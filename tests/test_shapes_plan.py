@@ -244,8 +244,8 @@ def test_tp4_bf16_fits_an_h200():
     verdict = fitting.fit(BF16, Layout(tp=4), "bf16", H200)
     assert verdict.fits
     assert verdict.weights_gb == pytest.approx(98.4, abs=0.1)
-    assert verdict.kv_gb == pytest.approx(141 * 0.9 - 6 - 98.4, abs=0.1)
-    assert verdict.why(H200) == ("TP4 on 4xH200: 98 GB weights per GPU of a 127 GB budget, 22 GB left for "
+    assert verdict.kv_gb == pytest.approx(141 * 0.92 - 6 - 98.4, abs=0.1)
+    assert verdict.why(H200) == ("TP4 on 4xH200: 98 GB weights per GPU of a 130 GB budget, 25 GB left for "
                                  "KV cache: fits (needs >= 10 GB)")
 
 
@@ -257,7 +257,7 @@ def test_tp1_fp8_does_not_fit_an_h200():
 
 
 def test_alternatives_name_the_smallest_node_that_fits():
-    # fp8 on H20 (86 GB budget): 2 GPUs hold 98 GB each, too much; 4 hold 49 GB. No dtype change is offered for fp8.
+    # fp8 on H20 (88 GB budget): 2 GPUs hold 98 GB each, too much; 4 hold 49 GB. No dtype change is offered for fp8.
     assert not fitting.fit(FP8, Layout(tp=2), "fp8", H20).fits
     assert fitting.alternatives(FP8, "fp8", H20, 1) == ["fp8 on 4xH20 (TP4 or DP4+EP)"]
     assert fitting.alternatives(FP8, "fp8", H20, 2) == ["fp8 on 4xH20 (TP4 or DP4+EP)"]

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tuning.vllm_probe import LayerRuntime, ServeFacts, normalize_moe_backend, probe
+from tuning.vllm_probe import probe
+from tuning.vllm_rules import LayerRuntime, ServeFacts, normalize_moe_backend
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -231,3 +232,29 @@ def test_refused_backends(grid):
             assert "not supported for unquantized MoE" in at(grid, arch, "bf16", layout, act, backend).error
         assert at(grid, "sm90", "fp8", layout, act, "flashinfer_trtllm").error.endswith(
             "kernel does not support current device cuda.")
+
+
+@needs_vllm
+def test_the_mirror_answers_as_vllm_on_every_row(grid):
+    """tuning.vllm_rules (used where vLLM cannot be imported) gives vLLM's answer on every row of the grid."""
+    from tuning.vllm_rules import layer_runtime
+
+    def verdict(r: LayerRuntime) -> tuple:  # the message wording aside, every field and the exception type
+        return r.backend, r.experts, r.n, r.block, r.e8m0, (r.error or "").split(":")[0]
+
+    wrong = []
+    for key, theirs in grid.items():
+        arch, dtype, layout, act, backend, env = key
+        ours = layer_runtime(serve_for(arch, dtype, layout, backend, env), act)
+        if verdict(ours) != verdict(theirs):
+            wrong.append(f"{key}: mirror {runs(ours)} {ours.error}; vLLM {runs(theirs)} {theirs.error}")
+    assert not wrong, f"{len(wrong)} of {len(grid)} rows differ:\n" + "\n".join(wrong[:40])
+
+
+@needs_vllm
+def test_the_accepted_moe_backends_are_vllms():
+    from vllm.config.kernel import MoEBackend
+
+    from tuning.vllm_rules import MOE_BACKENDS
+
+    assert MOE_BACKENDS == typing.get_args(MoEBackend)

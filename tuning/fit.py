@@ -13,7 +13,7 @@ from .gpus import GpuSpec
 from .models import ModelGeometry
 from .shapes import Layout
 
-GPU_MEMORY_UTILIZATION = 0.90  # vLLM's default --gpu-memory-utilization
+GPU_MEMORY_UTILIZATION = 0.92  # vLLM 0.33 CacheConfig.gpu_memory_utilization default
 RESERVED_GB = 6.0  # activations, CUDA graphs, NCCL buffers
 MIN_KV_GB = 10.0  # less than this and the server holds only a few long requests
 BYTES_PER_PARAM = {"bf16": 2.0, "fp8": 1.0}

@@ -157,13 +157,15 @@ class _Reader:
         return BatchRow(m=int(m), **numbers, **optional, bound=str(raw.get("bound", "")),
                         default=self.tile(data, f"results.{m}.default"), tuned=self.tile(data, f"results.{m}.tuned"))
 
-    def shape(self, d: dict) -> MoeShape:
+    def shape(self, data: dict) -> MoeShape:
+        keys = ("num_experts", "global_experts", "n", "k", "top_k", "dtype", "block_shape")
+        d = {k: self.get(data, f"shape.{k}") for k in keys}
         try:
             block = d["block_shape"]
             return MoeShape(int(d["num_experts"]), int(d["global_experts"]), int(d["n"]), int(d["k"]),
                             int(d["top_k"]), str(d["dtype"]), tuple(int(b) for b in block) if block else None)
-        except (KeyError, TypeError, ValueError):
-            raise self.fail("'shape' holds a missing or non-integer field") from None
+        except (TypeError, ValueError):
+            raise self.fail("'shape' holds a non-integer field") from None
 
     def target(self, data: object) -> Target | None:
         if data is None:
@@ -182,7 +184,7 @@ class _Reader:
             self.get(data, key)
         if not isinstance(data["results"], dict) or not data["results"]:
             raise self.fail("it holds no results")
-        shape, gpu, sw = self.shape(self.get(data, "shape")), data["gpu"], data["software"]
+        shape, gpu, sw = self.shape(data), data["gpu"], data["software"]
         if data["file"] != shape.file_name(str(gpu["device_name"])):
             raise self.fail(f"its 'file' {data['file']!r} does not match its shape and device")
         run = RunInfo(gpu_name=str(gpu["name"]), device_name=gpu["device_name"], driver=str(gpu["driver"]),

@@ -134,7 +134,8 @@ def _select_shapes(plan: Plan, args: argparse.Namespace) -> Plan:
 
 def triton_target(plan: Plan, source: KernelSource, allow: bool) -> Target | None:
     """The Triton the target vLLM runs against the one this node compiles with; one line when they differ."""
-    pin = target_triton(plan.vllm_version, source.path)
+    wheel = source.path if source.path and source.path.endswith(".whl") else None
+    pin = target_triton(plan.vllm_version, wheel)
     if pin is None:
         return None
     compiling = compiling_triton() or "none"

@@ -26,48 +26,17 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
-VLLM_SERIES = "0.33"
+from .vllm_rules import ACTIVATIONS, VLLM_VERSION as VLLM_SERIES, LayerRuntime, ServeFacts
+
 ARCHS = {"sm90": ((9, 0), "NVIDIA H200"), "sm100": ((10, 0), "NVIDIA B200")}
 DTYPES = ("bf16", "fp8")
-ACTIVATIONS = ("silu", "swiglustep")
 CLEARED_ENV = ("VLLM_USE_DEEP_GEMM", "VLLM_MOE_USE_DEEP_GEMM", "VLLM_USE_DEEP_GEMM_E8M0",
                "VLLM_BATCH_INVARIANT", "VLLM_TRITON_USE_TD")
 CHECKPOINT_BLOCK = (128, 128)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ServeFacts:
-    """What decides a MoE layer's backend."""
-    arch: str  # "sm90" (H200, H20) or "sm100" (B200)
-    dtype: str  # "bf16" or "fp8" (the block-FP8 [128,128] checkpoint)
-    tp: int = 1
-    dp: int = 1
-    ep: bool = False  # --enable-expert-parallel
-    moe_backend: str = "auto"  # already normalised
-    env: tuple[tuple[str, str], ...] = ()  # VLLM_* variables set for the serve, sorted
-    num_experts: int = 288
-    intermediate: int = 1280
-    hidden: int = 4096
-    top_k: int = 8
-
-
-@dataclass(frozen=True, kw_only=True)
-class LayerRuntime:
-    backend: str | None  # vLLM's backend enum value; None when start-up fails
-    experts: str | None  # the FusedMoEExperts class selected
-    error: str | None  # the start-up failure: "ExceptionType: first line"
-    n: int | None  # per-GPU expert width the fused MoE runs (after refine/pad/round-up)
-    block: tuple[int, int] | None  # weight block the kernels see; None for bf16
-    e8m0: bool  # vLLM's is_deep_gemm_e8m0_used() for this serve
-
-
-def normalize_moe_backend(text: str) -> str:
-    """``--moe-backend`` as vLLM stores it (arg_utils' ``type=`` lambda, KernelConfig's validator)."""
-    return text.lower().replace("-", "_")
 
 
 def probe(cases: list[tuple[ServeFacts, str]]) -> list[LayerRuntime]:

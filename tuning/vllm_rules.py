@@ -28,7 +28,7 @@ MOE_BACKENDS = (
     "auto", "triton", "batched_triton", "deep_gemm", "deep_gemm_mega_moe", "cutlass", "flashinfer_trtllm",
     "flashinfer_cutlass", "flashinfer_cutedsl", "flashinfer_moe_ep_cutedsl", "flashinfer_b12x", "b12x",
     "flashinfer_moe_ep_mega_deep_gemm", "marlin", "humming", "triton_unfused", "aiter", "aiter_mega_moe",
-    "aiter_triton_mxfp4_bf16", "aiter_triton_mxfp4_mxfp4",
+    "aiter_triton_mxfp4_bf16", "aiter_triton_mxfp4_mxfp4", "flydsl", "hpc", "emulation", "rdna3",
 )
 ACTIVATIONS = ("silu", "swiglustep")  # step3p5.py: "swiglustep" where swiglu_limits[layer] is set (7.0)
 DEEPGEMM_ALIGN = 128  # DeepGEMM's get_mk_alignment_for_contiguous_layout() on sm90 and sm100
@@ -39,7 +39,7 @@ READS_TUNED_FILE = ("TRITON",)
 
 def normalize_moe_backend(text: str) -> str:
     """vLLM's normalisation of ``--moe-backend`` (lower case, '-' -> '_'); one line for an unknown value."""
-    value = text.strip().lower().replace("-", "_")
+    value = text.lower().replace("-", "_")
     if value not in MOE_BACKENDS:
         raise UsageError(f"--moe-backend {text!r}: not a vLLM {VLLM_VERSION} value; use one of {', '.join(MOE_BACKENDS)}")
     return value
@@ -100,68 +100,88 @@ def fp8_shard(s: ServeFacts, block: tuple[int, int] = (128, 128)) -> tuple[int, 
         return n, block, False
     refine = math.gcd(bn, bk, n, s.hidden)
     refined = (refine, refine) if refine >= 32 else None
-    if s.moe_backend != "auto" and not (refined and _fp8_request(s) in _REFINABLE):
+    if s.moe_backend != "auto" and not (refined and _refinable(_fp8_request(s))):
         return -(-n // bn) * bn, block, False  # pad_tp_shard_to_weight_blocks
     return (n, refined, True) if refined else (n, block, False)
 
 
 # ---- which experts class supports what (modular_kernel.is_supported_config, per class) ----------
 
-def _triton(s, act, refined, batched=False):
-    return "Standard activation format" if batched else None
+@dataclass(frozen=True)
+class Supports:
+    """What one FusedMoEExperts class accepts, for Step-3.5-Flash's layers on CUDA."""
+
+    archs: tuple[str, ...] = ("sm90", "sm100")
+    activations: tuple[str, ...] = ACTIVATIONS
+    fp8: tuple[str, ...] = ("sm90", "sm100")  # archs where it takes the 128-block FP8 scheme
+    refined: bool = False  # takes a refined (e.g. [64,64]) FP8 block
+    bf16: bool = True
+    batch_invariant: bool = False
+    needs_deep_gemm: bool = False
+
+    def refuses(self, s: ServeFacts, act: str, refined: bool) -> str | None:
+        """The reason vLLM's is_supported_config gives, or None when the class is supported."""
+        if s.arch not in self.archs or (self.needs_deep_gemm and not s.flag("VLLM_USE_DEEP_GEMM", True)):
+            return "current device cuda"
+        if act not in self.activations:
+            return f"MoEActivation.{act.upper()} activation"
+        if (s.dtype == "fp8" and (s.arch not in self.fp8 or (refined and not self.refined))) or \
+                (s.dtype == "bf16" and not self.bf16):
+            return "quantization scheme"
+        if s.flag("VLLM_BATCH_INVARIANT", False) and not self.batch_invariant:
+            return "batch invariance"
+        return None
 
 
-def _deep_gemm(s, act, refined, batched=False):
-    if not s.flag("VLLM_USE_DEEP_GEMM", True):
-        return "current device (VLLM_USE_DEEP_GEMM=0)"
-    return "a refined block" if refined else None
-
-
-def _fi_cutlass(s, act, refined, batched=False):
-    if act != "silu":
-        return f"{act} activation"
-    if s.dtype == "fp8" and (s.arch != "sm90" or refined):
-        return "the quantization scheme"
-    return None
-
-
-def _trtllm(s, act, refined, batched=False):
-    if s.arch != "sm100":
-        return "current device"
-    if act != "silu":
-        return f"{act} activation"
-    return "the quantization scheme" if refined else None
-
-
-EXPERTS = {  # backend -> [(class, unsupported-reason function)], vLLM's order
-    "TRITON": [("TritonExperts", _triton)],
-    "DEEPGEMM": [("TritonOrDeepGemmExperts", _deep_gemm)],
-    "FLASHINFER_CUTLASS": [("FlashInferExperts", _fi_cutlass)],
-    "FLASHINFER_TRTLLM": [("TrtLlmFp8ExpertsMonolithic", _trtllm), ("TrtLlmFp8ExpertsModular", _trtllm)],
-    "FlashInfer CUTLASS": [("FlashInferExperts", _fi_cutlass)],
-    "FlashInfer TRTLLM": [("TrtLlmBf16ExpertsMonolithic", _trtllm), ("TrtLlmBf16ExpertsModular", _trtllm)],
+CLASSES = {
+    "TritonExperts": Supports(refined=True, batch_invariant=True),
+    "BatchedTritonExperts": Supports(fp8=()),
+    "TritonOrDeepGemmExperts": Supports(bf16=False, needs_deep_gemm=True),
+    "MarlinExperts": Supports(bf16=False),
+    "FlashInferExperts": Supports(activations=("silu",), fp8=("sm90",)),
+    "TrtLlmFp8ExpertsMonolithic": Supports(archs=("sm100",), activations=("silu",), bf16=False),
+    "TrtLlmBf16ExpertsMonolithic": Supports(archs=("sm100",), activations=("silu",), fp8=()),
+}
+EXPERTS = {  # backend -> its experts classes in vLLM's order (oracle/*.py backend_to_kernel_cls)
+    "TRITON": ("TritonExperts",),
+    "BATCHED_TRITON": ("BatchedTritonExperts",),
+    "DEEPGEMM": ("TritonOrDeepGemmExperts",),
+    "MARLIN": ("MarlinExperts",),
+    "FLASHINFER_CUTLASS": ("FlashInferExperts",),
+    "FLASHINFER_TRTLLM": ("TrtLlmFp8ExpertsMonolithic",),
+    "FlashInfer CUTLASS": ("FlashInferExperts",),
+    "FlashInfer TRTLLM": ("TrtLlmBf16ExpertsMonolithic",),
 }
 FP8_REQUEST = {"triton": "TRITON", "deep_gemm": "DEEPGEMM", "flashinfer_trtllm": "FLASHINFER_TRTLLM",
-               "flashinfer_cutlass": "FLASHINFER_CUTLASS"}
-_REFINABLE = ("TRITON",)  # oracle/fp8.py: only Triton-based kernels consume a refined block
-BF16_REQUEST = {"triton": "TRITON", "flashinfer_trtllm": "FlashInfer TRTLLM", "flashinfer_cutlass": "FlashInfer CUTLASS"}
+               "flashinfer_cutlass": "FLASHINFER_CUTLASS", "marlin": "MARLIN"}
+BF16_REQUEST = {"triton": "TRITON", "batched_triton": "BATCHED_TRITON", "flashinfer_trtllm": "FlashInfer TRTLLM",
+                "flashinfer_cutlass": "FlashInfer CUTLASS"}
+DISABLED = {"cutlass": "vLLM CUTLASS FP8 MoE backend is disabled for this configuration"}  # allow_vllm_cutlass=False
 
 
 def _fp8_request(s: ServeFacts) -> str | None:
     return FP8_REQUEST.get(s.moe_backend)
 
 
-def _pick(s: ServeFacts, act: str, order: list[str], refined: bool) -> tuple[str, str] | None:
+def _refinable(backend: str | None) -> bool:
+    """oracle/fp8.py: only Triton-based kernels consume a refined block."""
+    return backend is not None and all(CLASSES[c].refined for c in EXPERTS[backend])
+
+
+def _pick(s: ServeFacts, act: str, order: list[str], refined: bool) -> tuple[str, str] | str:
+    """The first (backend, class) vLLM accepts in ``order``; else the last refusal's reason."""
+    why = ""
     for backend in order:
-        for cls, unsupported in EXPERTS[backend]:
-            if unsupported(s, act, refined) is None:
+        for cls in EXPERTS[backend]:
+            why = CLASSES[cls].refuses(s, act, refined)
+            if why is None:
                 return backend, cls
-    return None
+    return why
 
 
 def _fp8_order(s: ServeFacts) -> list[str]:
-    """oracle/fp8.py _get_priority_backends for block FP8 on CUDA, after the DeepGEMM variables."""
-    order = ["FLASHINFER_TRTLLM", "FLASHINFER_CUTLASS", "DEEPGEMM", "TRITON"]
+    """oracle/fp8.py _get_priority_backends for block FP8 on CUDA (the ones that apply to this model)."""
+    order = ["FLASHINFER_TRTLLM", "FLASHINFER_CUTLASS", "DEEPGEMM", "TRITON", "MARLIN"]
     if s.arch == "sm90":
         first = "FLASHINFER_CUTLASS" if s.ep and s.tp * s.dp > 1 else "TRITON"
         order.insert(0, order.pop(order.index(first)))
@@ -173,13 +193,16 @@ def e8m0_used(s: ServeFacts) -> bool:
     return s.flag("VLLM_USE_DEEP_GEMM", True) and s.flag("VLLM_USE_DEEP_GEMM_E8M0", True)
 
 
-def _fp8_layer(s: ServeFacts, act: str) -> tuple[str | None, str | None, str | None]:
-    n, block, refined = fp8_shard(s)
+def _fp8_layer(s: ServeFacts, act: str) -> tuple[str, str] | str:
+    """oracle/fp8.py select_fp8_moe_backend: (backend, class), or the start-up error."""
+    _, _, refined = fp8_shard(s)
     order = _fp8_order(s)
     if s.moe_backend != "auto":
+        if s.moe_backend in DISABLED:
+            return f"ValueError: {DISABLED[s.moe_backend]}"
         backend = _fp8_request(s)
         if backend is None:
-            return None, None, f"ValueError: moe_backend='{s.moe_backend}' is not supported for FP8 MoE"
+            return f"ValueError: moe_backend='{s.moe_backend}' is not supported for FP8 MoE"
         order = [backend]
     elif s.var("VLLM_USE_DEEP_GEMM") is not None or s.var("VLLM_MOE_USE_DEEP_GEMM") is not None:
         if s.flag("VLLM_USE_DEEP_GEMM", True) and s.flag("VLLM_MOE_USE_DEEP_GEMM", True):
@@ -187,43 +210,48 @@ def _fp8_layer(s: ServeFacts, act: str) -> tuple[str | None, str | None, str | N
         else:
             order.remove("DEEPGEMM")
     found = _pick(s, act, order, refined)
-    if found is None:
-        name = order[0] if len(order) == 1 else None
-        why = EXPERTS[name][-1][1](s, act, refined) if name else None
-        text = (f"ValueError: FP8 MoE backend {name} does not support the deployment configuration since kernel "
-                f"does not support {why}." if name else
-                "NotImplementedError: No FP8 MoE backend supports the deployment configuration.")
-        return None, None, text
-    return found[0], found[1], None
+    if isinstance(found, tuple):
+        return found
+    if len(order) == 1:
+        return (f"ValueError: FP8 MoE backend {order[0]} does not support the deployment configuration since "
+                f"kernel does not support {found}.")
+    return "NotImplementedError: No FP8 MoE backend supports the deployment configuration."
 
 
-def _bf16_layer(s: ServeFacts, act: str) -> tuple[str | None, str | None, str | None]:
-    """oracle/unquantized.py select_unquantized_moe_backend on CUDA."""
-    order = ["FlashInfer TRTLLM", "FlashInfer CUTLASS", "TRITON"]
+def _bf16_layer(s: ServeFacts, act: str) -> tuple[str, str] | str:
+    """oracle/unquantized.py select_unquantized_moe_backend on CUDA: (backend, class), or the error."""
+    order = ["FlashInfer TRTLLM", "FlashInfer CUTLASS", "TRITON", "BATCHED_TRITON"]
     if s.arch == "sm90":
-        order = ["TRITON", "FlashInfer TRTLLM", "FlashInfer CUTLASS"]
+        order = ["TRITON", "BATCHED_TRITON", "FlashInfer TRTLLM", "FlashInfer CUTLASS"]
     if s.dp > 1:
         order.append(order.pop(order.index("FlashInfer CUTLASS")))
     if s.moe_backend not in ("auto", "humming", "marlin"):
         backend = BF16_REQUEST.get(s.moe_backend)
         if backend is None:
-            return None, None, f"ValueError: moe_backend='{s.moe_backend}' is not supported for unquantized MoE"
+            return f"ValueError: moe_backend='{s.moe_backend}' is not supported for unquantized MoE"
         order = [backend]
     found = _pick(s, act, order, refined=False)
-    if found is None:
-        return None, None, f"ValueError: Unquantized MoE backend {order[0]} does not support the deployment configuration"
-    return found[0], found[1], None
+    if isinstance(found, tuple):
+        return found
+    if len(order) == 1:
+        return (f"ValueError: Unquantized MoE backend {order[0]} does not support the deployment configuration "
+                f"since kernel does not support {found}.")
+    return "NotImplementedError: No Unquantized MoE backend supports the deployment configuration."
 
 
 def layer_runtime(s: ServeFacts, activation: str) -> LayerRuntime:
     """The backend and shard vLLM runs one MoE layer of ``activation`` with (the mirror)."""
+    e8m0 = e8m0_used(s)
+    found = _fp8_layer(s, activation) if s.dtype == "fp8" else _bf16_layer(s, activation)
+    if isinstance(found, str):
+        return LayerRuntime(backend=None, experts=None, error=found, n=None, block=None, e8m0=e8m0)
+    backend, experts = found
     if s.dtype == "fp8":
         n, block, _ = fp8_shard(s)
-        backend, experts, error = _fp8_layer(s, activation)
-    else:
+    else:  # unquantized_round_up_hidden_size_and_intermediate_size: TRT-LLM wants whole 128 columns
         n, block = s.intermediate // (1 if s.ep else s.tp * s.dp), None
-        backend, experts, error = _bf16_layer(s, activation)
-    return LayerRuntime(backend=backend, experts=experts, error=error, n=n, block=block, e8m0=e8m0_used(s))
+        n = -(-n // 128) * 128 if backend == "FlashInfer TRTLLM" else n
+    return LayerRuntime(backend=backend, experts=experts, error=None, n=n, block=block, e8m0=e8m0)
 
 
 # ---- per call: DeepGEMM or its Triton fallback, naive assignment, the batch key -------------------
