@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from conftest import TINY_MODEL, vllm_fused_moe_path
-from tuning import configs
+from tuning import configs, provenance
 from tuning.errors import UsageError
 from tuning.sweep import cluster_gpus
 
@@ -67,10 +67,23 @@ def workers(driver_pid: int) -> list[psutil.Process]:
     return found
 
 
-@pytest.fixture(autouse=True)
-def no_ray_leftovers():
-    yield
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True, timeout=120)
+def kill_tree(pid: int) -> None:
+    """SIGKILL a driver and everything it started (its own Ray cluster), touching no other Ray cluster."""
+    procs = [psutil.Process(pid)]
+    try:
+        procs += procs[0].children(recursive=True)
+    except psutil.Error:
+        pass
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=60)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
 def test_sweep_survives_a_killed_worker_and_writes_what_vllm_loads(tmp_path):
@@ -87,10 +100,22 @@ def test_sweep_survives_a_killed_worker_and_writes_what_vllm_loads(tmp_path):
     assert done == {(FILE, int(m)) for m in BATCHES.split(",")}  # nothing lost, nothing missing
     written = configs.read_config_file(out / FILE)
     assert sorted(written) == [int(m) for m in BATCHES.split(",")]
-    prov = configs.read_provenance(out / FILE)
-    assert prov["file"] == FILE and prov["shape"]["global_experts"] == 16 and prov["layouts"] == ["DP2+EP"]
-    assert all(prov["results"][m]["tuned_us"] <= prov["results"][m]["default_us"] for m in prov["results"])
+    prov = provenance.read(out / FILE)
+    assert prov.file == FILE and prov.shape.global_experts == 16 and prov.layouts == ("DP2+EP",)
+    assert prov.run.count == 2 and prov.run.triton == written_triton(out / FILE) != "unknown"
+    assert all(row.tuned_us <= row.default_us for row in prov.rows)
     assert written == vllm_loads(out, 8, 128)
+
+    # the same command again: nothing to tune, and nothing rewritten (provenance stays the tuning run's)
+    before = snapshot(out)
+    again = subprocess.run(command(out), capture_output=True, text=True, env=env(), timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "Nothing to tune" in again.stdout
+    assert snapshot(out) == before
+
+
+def written_triton(path: Path) -> str:
+    return json.loads(path.read_text())["triton_version"]
 
 
 def vllm_loads(folder: Path, e: int, n: int) -> dict:
@@ -113,9 +138,8 @@ def test_killed_run_resumes_only_the_rest(tmp_path):
     proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(),
                             start_new_session=True)
     wait_for_results(proc, out, 2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)
     proc.wait(timeout=60)
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True, timeout=120)
     before = results(out)
     assert 2 <= len(before) < 6
     again = subprocess.run(command(out), capture_output=True, text=True, env=env(), timeout=900)
@@ -124,6 +148,28 @@ def test_killed_run_resumes_only_the_rest(tmp_path):
     after = results(out)
     assert after[: len(before)] == before  # finished work kept as it was
     assert len(after) == 6 and len({r["m"] for r in after}) == 6  # only the rest was run
+
+
+def test_resume_under_another_geometry_is_refused(tmp_path):
+    """Results of one model are never reused for another whose file name is the same (K differs here)."""
+    out = tmp_path / "cfg"
+    proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(),
+                            start_new_session=True)
+    wait_for_results(proc, out, 1)
+    kill_tree(proc.pid)
+    proc.wait(timeout=60)
+    wider = json.loads(TINY_MODEL.read_text())
+    wider["hidden_size"] *= 2
+    (tmp_path / "wider.json").write_text(json.dumps(wider))
+    cmd = command(out)
+    cmd[cmd.index("--model") + 1] = str(tmp_path / "wider.json")
+    before = snapshot(out / ".tune-moe")
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)
+    assert again.returncode == 2
+    assert "made under other settings (shape" in again.stderr and "--fresh" in again.stderr
+    assert again.stderr.count("\n") == 1 and "Traceback" not in again.stderr
+    assert {k: v for k, v in snapshot(out / ".tune-moe").items() if k != "lock"} == \
+           {k: v for k, v in before.items() if k != "lock"}
 
 
 @pytest.mark.parametrize("content,message", [
@@ -152,8 +198,6 @@ def test_cluster_checks():
 
 
 def test_all_gpus_busy_is_a_clear_error(tmp_path, monkeypatch):
-    import argparse
-
     import ray
 
     from tuning import sweep
@@ -177,10 +221,9 @@ def test_all_gpus_busy_is_a_clear_error(tmp_path, monkeypatch):
         ray.get(holder.ping.remote())  # the only GPU is taken
         monkeypatch.setattr(sweep, "START_TIMEOUT_S", 5)
         plan = make_plan(load_model(str(TINY_MODEL)), get_gpu("H200"), "bf16", [Layout(dp=2, ep=True)], 2, (1,), "0.33")
-        args = argparse.Namespace(ray_address=None, interpret=True, num_gpus=1)
-        settings = Settings("H200", KernelSource(str(src)))
-        driver = sweep.Driver(plan, settings, args, 0)
+        settings = Settings(gpu="H200", source=KernelSource(str(src)))
+        driver = sweep.Driver(plan, settings, sweep.RayOptions(interpret=True, local_gpus=1), "3.8.0")
         with pytest.raises(UsageError, match="busy"):
-            driver.run(plan.jobs, Store(tmp_path, settings.fingerprint()))
+            driver.run(plan.jobs, Store(tmp_path), on_done=lambda job, run: None)
     finally:
         ray.shutdown()

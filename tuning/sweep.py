@@ -38,6 +38,7 @@ class RayOptions:
     address: str | None = None
     interpret: bool = False  # Triton's interpreter on CPU workers with declared fake GPUs
     local_gpus: int = 0  # GPUs of this node, for a local cluster
+    max_workers: int | None = None  # at most this many workers (default: one per GPU of the cluster)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,7 +112,7 @@ def _order(jobs: list[Job]) -> list[Job]:
 class Driver:
     def __init__(self, plan: Plan, settings: Settings, ray_options: RayOptions, triton: str):
         self.plan, self.settings, self.options, self.triton = plan, settings, ray_options, triton
-        self.num_workers = _start_ray(ray_options)
+        self.num_workers = min(_start_ray(ray_options), ray_options.max_workers or 1 << 30)
         self.failures: dict[str, dict[TileConfig, Failure]] = {}
         self.restarts = 0
 
@@ -169,8 +170,8 @@ class Driver:
             self._check_worker(i)
         print(f"{len(infos)} workers: " + ", ".join(f"{i['host']}:{i['gpu_ids'] or '-'}" for i in infos)
               + f"; kernel: {infos[0]['kernel']}; Triton {infos[0]['triton']}")
-        first = infos[0]
-        return RunInfo(gpu_name=first["name"], device_name=first["device_name"], driver=first["driver"],
+        first = infos[0]  # every worker was checked to match it (device, Triton); the file is for the plan's device
+        return RunInfo(gpu_name=first["name"], device_name=self.plan.gpu.device_name, driver=first["driver"],
                        count=len(infos), cuda=first["cuda"], torch=first["torch"], triton=first["triton"],
                        python=first["python"], vllm=first["vllm"], kernel=first["kernel"],
                        kernel_sha256=first["kernel_sha256"])

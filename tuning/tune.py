@@ -47,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scope", default="gemms", choices=("gemms", "layer"),
                    help="time the two GEMM kernels (what the tile config controls) or the whole expert path")
     p.add_argument("--ray-address", help="join this Ray cluster (e.g. auto or ray://head:10001) instead of starting one")
+    p.add_argument("--workers", type=int, help="start at most this many Ray workers (default: one per GPU)")
     p.add_argument("--fresh", action="store_true", help="discard saved results of an earlier run in --out")
     p.add_argument("--overwrite", action="store_true",
                    help="replace config files in --out that tune-moe did not write or tuned under other software")
@@ -87,6 +88,8 @@ def build_plan(args: argparse.Namespace, found: list[gpus.DetectedGpu]) -> Plan:
     backend = normalize_moe_backend(args.moe_backend)
     if args.max_evals < 1:
         raise UsageError(f"--max-evals {args.max_evals}: must be at least 1")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers {args.workers}: must be at least 1")
     num_gpus = args.num_gpus if args.num_gpus is not None else (len(found) or 8)
     if num_gpus < 1:
         raise UsageError(f"--num-gpus {num_gpus}: must be at least 1")
@@ -174,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings(gpu=plan.gpu.key, source=source, strategy=args.strategy, routing=args.routing,
                         seed=args.seed, scope=args.scope, max_evals=args.max_evals)
     ray_options = RayOptions(address=args.ray_address, interpret=args.interpret,
-                             local_gpus=(args.num_gpus or 1) if args.interpret else len(found))
+                             local_gpus=(args.num_gpus or 1) if args.interpret else len(found),
+                             max_workers=args.workers)
     outs = Outputs(out=out, fresh=args.fresh, overwrite=args.overwrite, target=target)
     code = run_sweep(plan, settings, ray_options, outs)
     from .advice import serve_lines
