@@ -6,7 +6,8 @@
 #   stash FILE...      copy carried files to /tmp/stash (the machine keeps /tmp while it stays warm)
 #   setup              unpack Triton 3.8.0 (zstd parts) to /tmp/t38 and Ray to /tmp/ray; check both import
 #   tune NAME SECS ARGS...  run `tune-moe ARGS` for at most SECS seconds (SIGINT then), log to $OUT/NAME.log,
-#                      and bring its results.jsonl, run.json and written files back under $OUT/NAME*
+#                      and bring its results.jsonl, run.json and written files back under $OUT/NAME*;
+#                      runs named alike up to the first '-' share a Triton cache (w1 and main-* do not)
 #   kill-after SECS    in the background: SIGKILL one tune-moe Ray worker after SECS seconds
 #
 # The environment every stage exports: Triton 3.8.0 (the Triton vLLM 0.33.0 runs) ahead of the machine's
@@ -30,6 +31,7 @@ case "$stage" in
   tune)
     name=$1 secs=$2; shift 2
     mkdir -p "$runs"
+    export TRITON_CACHE_DIR=/tmp/triton-cache-${name%%-*}  # w1 and main compile from cold caches of their own
     start=$(date +%s)
     set +e
     timeout -s INT -k 60 "$secs" python3 -m tuning.cli "$@" --vllm-src /tmp/stash/fused_moe_v033.py \
