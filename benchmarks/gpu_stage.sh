@@ -24,6 +24,7 @@ case "$stage" in
   setup)
     mkdir -p /tmp/t38 /tmp/ray
     cat /tmp/stash/part-00 "$@" | python3 /tmp/stash/unzstd.py | tar xf - -C /tmp/t38
+    chmod +x /tmp/t38/triton/backends/nvidia/bin/*  # the pack is made from the wheel's zip, which keeps no modes
     python3 /tmp/stash/unzstd.py < /tmp/stash/ray-site.tar.zst | tar xf - -C /tmp/ray
     python3 -c 'import triton, ray, torch; print("triton", triton.__version__, "ray", ray.__version__, "torch",
                 torch.__version__, "gpus", torch.cuda.device_count())'
