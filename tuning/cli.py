@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 from .errors import UsageError
 
@@ -71,6 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("tune-moe: interrupted; finished jobs are saved, re-run the same command to resume\n")
         return 130
+    except Exception as exc:  # a bug, not bad input: one line, and the traceback only when asked for
+        if os.environ.get("TUNE_MOE_TRACEBACK") == "1":
+            raise
+        where = exc.__traceback__
+        while where is not None and where.tb_next is not None:
+            where = where.tb_next
+        at = f" at {Path(where.tb_frame.f_code.co_filename).name}:{where.tb_lineno}" if where else ""
+        sys.stderr.write(f"tune-moe: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                         f"{at}; re-run with TUNE_MOE_TRACEBACK=1 and report it\n")
+        return 1
 
 
 if __name__ == "__main__":

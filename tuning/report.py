@@ -129,7 +129,8 @@ def _provenance_lines(p: Provenance) -> tuple[str, ...]:
 def triton_drift(p: Provenance) -> str | None:
     """How the Triton a file was tuned with differs from the one its vLLM runs (None: same, or unknown)."""
     pin = target_triton(p.run.vllm)
-    return mismatch(pin, p.run.triton).replace("this node compiles", "this file was tuned") if pin else None
+    drift = mismatch(pin, p.run.triton) if pin else None
+    return drift.replace("this node compiles", "this file was tuned") if drift else None
 
 
 def _check_config(folder: Path, report: ShapeReport, where: Path) -> None:
