@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from conftest import provenance_for
-from tuning import configs, files, provenance
+from tuning import files, provenance
 from tuning.configs import FIELDS, TileConfig, merge, read_config_file, write_config_file
 from tuning.errors import UsageError
 

@@ -22,6 +22,8 @@ COMMANDS = {
     "check-deepgemm": ("tuning.deepgemm_check", "verify DeepGEMM on this GPU: environment, correctness, speed"),
     "compare-backends": ("tuning.backends", "time DeepGEMM's grouped FP8 GEMM against the tuned Triton kernel"),
     "validate-serve": ("tuning.serve", "serve with the tuned configs, prove vLLM loaded them, benchmark"),
+    "preflight": ("tuning.preflight", "check a vllm serve command before it starts: backend per MoE layer kind, "
+                  "tuned files, batch sizes, drift"),
 }
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from . import provenance
 from .configs import CONFIGS_ROOT, read_config_file
 from .errors import UsageError
-from .files import atomic_write, output_folder
+from .files import atomic_write
 from .provenance import SUFFIX as PROVENANCE_SUFFIX, TOOL, BatchRow, Provenance
 from .shapes import MoeShape
 from .triton_pins import mismatch, target_triton

@@ -24,7 +24,7 @@ from pathlib import Path
 from . import gpus
 from .configs import CONFIGS_ROOT, TUNED_VAR
 from .errors import UsageError
-from .models import DEFAULT_MODEL, load_model
+from .models import load_model
 from .shapes import DEFAULT_VLLM_VERSION, DTYPES, Layout, Refusal, parse_layout, shape_for
 from .envfile import ENV_FILE, env_file, read_env_file  # noqa: F401 (read_env_file is part of this API)
 from .procgroup import GATE, Interrupted, ProcessGroup, say

@@ -22,6 +22,7 @@ and runs what ``Fp8MoEMethod.__init__`` runs (resolve the block, derive the weig
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -39,22 +40,45 @@ CLEARED_ENV = ("VLLM_USE_DEEP_GEMM", "VLLM_MOE_USE_DEEP_GEMM", "VLLM_USE_DEEP_GE
 CHECKPOINT_BLOCK = (128, 128)
 
 
+def _ask(request: dict) -> object:
+    """Run one request in a ``python -m tuning.vllm_probe`` subprocess; its JSON answer."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+    env["VLLM_LOGGING_LEVEL"] = "ERROR"
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-m", "tuning.vllm_probe"], input=json.dumps(request), env=env,
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        raise RuntimeError(lines[-1] if lines else f"vllm_probe exited with {proc.returncode}")
+    return json.loads(proc.stdout)
+
+
 def probe(cases: list[tuple[ServeFacts, str]]) -> list[LayerRuntime]:
     """vLLM's answer for each (serve, activation), all in one subprocess."""
     for serve, activation in cases:
         if serve.arch not in ARCHS or serve.dtype not in DTYPES or activation not in ACTIVATIONS:
             raise ValueError(f"cannot probe {serve} with activation {activation!r}")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
-    env["VLLM_LOGGING_LEVEL"] = "ERROR"
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    payload = json.dumps([{"serve": asdict(s), "activation": a} for s, a in cases])
-    proc = subprocess.run([sys.executable, "-m", "tuning.vllm_probe"], input=payload, env=env,
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        raise RuntimeError(lines[-1] if lines else f"vllm_probe exited with {proc.returncode}")
-    return [LayerRuntime(**{**d, "block": d["block"] and tuple(d["block"])}) for d in json.loads(proc.stdout)]
+    answers = _ask({"op": "layers", "cases": [{"serve": asdict(s), "activation": a} for s, a in cases]})
+    return [LayerRuntime(**{**d, "block": d["block"] and tuple(d["block"])}) for d in answers]
+
+
+def serve_flags() -> dict[str, list]:
+    """vLLM's own ``vllm serve`` parser: option -> [destination, takes a value, value stored without one]."""
+    return _ask({"op": "flags"})
+
+
+def preflight(argv: list[str], arch: str, memory_gb: float, env: dict[str, str]) -> dict:
+    """One subprocess for ``tune-moe preflight``: vLLM's reading of the serve command (as ``serve_plans``),
+    and, for the checkpoint it names, vLLM's backend per activation under ``env``; or {"error": ...}."""
+    return _ask({"op": "preflight", "argv": argv, "arch": arch, "memory_gb": memory_gb, "env": env})
+
+
+def serve_plans(requests: list[tuple[list[str], str, float]]) -> list[dict]:
+    """For each (serve argv after ``vllm serve``, arch, GPU memory in GB): what vLLM's parser reads, its batch
+    defaults for ``vllm serve`` and the CUDA-graph capture sizes ``VllmConfig._set_cudagraph_sizes`` gives;
+    or {"error": parser message}."""
+    return _ask({"op": "serve", "requests": [{"argv": a, "arch": arch, "memory_gb": m} for a, arch, m in requests]})
 
 
 # -- the subprocess side ---------------------------------------------------------------------------
@@ -111,6 +135,90 @@ class _Oracle:
                              (iu, "has_deep_gemm")):
             _replace_everywhere(module, name, lambda: True)
         self.dg._fp8_gemm_nt_impl = _deep_gemm_stub
+
+    def parser(self):
+        from vllm.entrypoints.common.cli_args import make_arg_parser
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+        return make_arg_parser(FlexibleArgumentParser())
+
+    def flags(self) -> dict:
+        """option -> [destination, takes a value, the value it stores when it takes none]."""
+        def stored(action, opt: str):
+            if action.nargs != 0:
+                return None
+            negative = getattr(action, "negative_option_strings", None)  # vLLM's EnableDisableAction
+            if negative is not None:
+                return opt not in negative
+            if isinstance(action, argparse.BooleanOptionalAction):
+                return not opt.startswith("--no-")
+            return action.const
+
+        registered = self.parser()._option_string_actions  # hidden spellings too (e.g. --no-enable-x)
+        return {opt: [a.dest, a.nargs != 0, stored(a, opt)] for opt, a in registered.items()}
+
+    def serve(self, request: dict) -> dict:
+        """vLLM's parser, batch defaults and capture sizes for one serve command on one GPU."""
+        import contextlib
+        import io
+
+        from vllm.config import CompilationConfig
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.usage.usage_lib import UsageContext
+
+        self._enter(ServeFacts(arch=request["arch"], dtype="bf16"))
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                ns = self.parser().parse_args(request["argv"])
+        except SystemExit:
+            return {"error": (err.getvalue().strip().splitlines() or ["unparseable"])[-1]}
+        spec = ns.speculative_config or {}
+        cc = ns.compilation_config  # a dict when not given, a CompilationConfig when given
+        comp = {k: cc.get(k) if isinstance(cc, dict) else getattr(cc, k, None)
+                for k in ("cudagraph_capture_sizes", "max_cudagraph_capture_size")}
+        explicit = comp.get("cudagraph_capture_sizes")
+        command = {"model": ns.model_tag or ns.model, "tp": ns.tensor_parallel_size, "dp": ns.data_parallel_size,
+                   "ep": bool(ns.enable_expert_parallel), "moe_backend": ns.moe_backend,
+                   "quantization": ns.quantization, "num_speculative_tokens": int(spec.get("num_speculative_tokens") or 0),
+                   "max_num_seqs": ns.max_num_seqs, "max_num_batched_tokens": ns.max_num_batched_tokens,
+                   "enforce_eager": bool(ns.enforce_eager), "capture_sizes": explicit,
+                   "max_capture_size": comp.get("max_cudagraph_capture_size"), "performance_mode": ns.performance_mode}
+        memory = int(request["memory_gb"] * 1e9)
+        self.gpu.get_device_total_memory = classmethod(lambda cls, device_id=0: memory)
+        tokens, seqs = (d[UsageContext.OPENAI_API_SERVER] for d in EngineArgs.get_batch_defaults(ns.tensor_parallel_size))
+        if ns.performance_mode == "throughput":
+            tokens, seqs = tokens * 2, seqs * 2
+        tokens, seqs = ns.max_num_batched_tokens or tokens, ns.max_num_seqs or seqs
+        stand_in = SimpleNamespace(
+            model_config=SimpleNamespace(enforce_eager=bool(ns.enforce_eager)),
+            compilation_config=CompilationConfig(**{k: v for k, v in comp.items() if v is not None}),
+            scheduler_config=SimpleNamespace(max_num_seqs=seqs, max_num_batched_tokens=tokens),
+            uniform_decode_query_len=1 + command["num_speculative_tokens"], speculative_config=None,
+            performance_mode=ns.performance_mode, num_speculative_tokens=command["num_speculative_tokens"])
+        self.VllmConfig._set_cudagraph_sizes(stand_in)
+        sizes = stand_in.compilation_config.cudagraph_capture_sizes
+        return {"command": command, "plan": {"max_num_seqs": seqs, "max_num_batched_tokens": tokens,
+                                             "capture_sizes": list(sizes or [])}}
+
+    def preflight(self, request: dict) -> dict:
+        from .errors import UsageError
+        from .preflight import checkpoint
+
+        answer = self.serve(request)
+        if "error" in answer:
+            return answer
+        c = answer["command"]
+        try:
+            model, dtype = checkpoint(c["model"], c["quantization"])
+        except UsageError as e:
+            return {"error": str(e)}
+        facts = ServeFacts(arch=request["arch"], dtype=dtype, tp=c["tp"], dp=c["dp"], ep=c["ep"],
+                           moe_backend=c["moe_backend"], env=tuple(sorted(request["env"].items())),
+                           num_experts=model.num_experts, intermediate=model.moe_intermediate_size,
+                           hidden=model.hidden_size, top_k=model.top_k)
+        cases = [{"serve": asdict(facts), "activation": act} for act in ACTIVATIONS]
+        return {**answer, "dtype": dtype, "layers": self.run_all(cases)}
 
     def run_all(self, cases: list[dict]) -> list[dict]:
         with self.set_config(self.vllm_config):
@@ -223,7 +331,7 @@ def _deep_gemm_stub(*_args, **_kwargs):
 
 
 def main() -> int:
-    cases = json.load(sys.stdin)
+    request = json.load(sys.stdin)
     answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # vLLM logs to stdout: keep the answer channel clean
     sys.stdout = sys.stderr
@@ -232,7 +340,15 @@ def main() -> int:
     except _Mismatch as e:
         print(e, file=sys.stderr)
         return 2
-    json.dump(oracle.run_all(cases), answers)
+    if request["op"] == "layers":
+        answer = oracle.run_all(request["cases"])
+    elif request["op"] == "flags":
+        answer = oracle.flags()
+    elif request["op"] == "preflight":
+        answer = oracle.preflight(request)
+    else:
+        answer = [oracle.serve(r) for r in request["requests"]]
+    json.dump(answer, answers)
     answers.flush()
     return 0
 

@@ -1,0 +1,174 @@
+"""``tune-moe preflight``: the recipe's serve commands against the committed configs, answered by vLLM 0.33's
+own parser and selection code; the mirrors used without vLLM give the same answers; bad input is one line."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tuning import preflight, serve_command, vllm_probe
+from tuning.cli import main
+from tuning.gpus import get_gpu
+from tuning.shapes import BATCH_SIZES
+
+pytestmark = pytest.mark.slow
+vllm = pytest.importorskip("vllm", reason="preflight's answers are vLLM 0.33's own")
+
+ROOT = Path(__file__).resolve().parents[1] / "kernels_configs"
+H200 = ROOT / "NVIDIA_H200"
+RECIPE = ["--reasoning-parser", "step3p5", "--tool-call-parser", "step3p5", "--enable-auto-tool-choice",
+          "--trust-remote-code"]
+MTP = ["--hf-overrides", '{"num_nextn_predict_layers": 1}',
+       "--speculative-config", '{"method": "step3p5_mtp", "num_speculative_tokens": 1}']
+
+
+def run(capsys, gpu: str, serve: list[str], folder: Path | None = H200) -> tuple[int, str, str]:
+    env = [f"VLLM_TUNED_CONFIG_FOLDER={folder}"] if folder else []
+    code = main(["preflight", "--gpu", gpu, "--", *env, "vllm", "serve", *serve])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_tp4_bf16_recipe_reads_the_tuned_file_on_both_layer_kinds(capsys):
+    code, out, _ = run(capsys, "H200", ["stepfun-ai/Step-3.5-Flash", "--tensor-parallel-size", "4", *RECIPE])
+    assert code == 0, out
+    assert "answered by vLLM's own code" in out
+    assert "SiLU layers: TRITON (TritonExperts), N=320" in out and "SwiGLU-step layers: TRITON (TritonExperts), N=320" in out
+    assert f"found {H200 / 'E=288,N=320,device_name=NVIDIA_H200.json'}" in out
+    assert "51 CUDA-graph sizes up to 512" in out and "max_num_batched_tokens 8192" in out
+    assert re.search(r"M 200-384 \(16 sizes\) +-> key 256 ", out) and re.search(r"M 8192 +-> key 4096 ", out)
+
+
+def test_dp4_ep_fp8_runs_no_triton_file_by_default(capsys):
+    code, out, _ = run(capsys, "H200", ["stepfun-ai/Step-3.5-Flash-FP8", "--data-parallel-size", "4",
+                                        "--enable-expert-parallel", *RECIPE])
+    assert code == 0, out
+    assert "SiLU layers: FLASHINFER_CUTLASS (FlashInferExperts), N=1280" in out
+    assert "SwiGLU-step layers: DEEPGEMM (TritonOrDeepGemmExperts), N=1280" in out
+    assert out.count("reads no Triton tuned file") == 2
+    assert "fused-MoE M per step: 4 ... 32768 (all 4 DP ranks' tokens reach each expert rank)" in out
+
+
+def test_dp4_ep_fp8_with_triton_reads_e72_and_flags_the_prefill_sizes(capsys):
+    code, out, _ = run(capsys, "H200", ["stepfun-ai/Step-3.5-Flash-FP8", "--data-parallel-size", "4",
+                                        "--enable-expert-parallel", "--moe-backend", "triton", *RECIPE])
+    assert code == 1
+    assert "tuned file E=72,N=1280,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json" in out
+    assert "batch sizes 32768 are more than 2x away from the nearest tuned key" in out
+    assert ("fix: tune-moe --gpu H200 --dtype fp8 --layouts DP4+EP --num-gpus 4 --moe-backend triton "
+            f"--batch-sizes vllm,32768 --out {H200}") in out
+
+
+def test_mtp_adds_the_verify_steps_to_the_captured_sizes(capsys):
+    code, out, _ = run(capsys, "H200", ["stepfun-ai/Step-3.5-Flash", "--tensor-parallel-size", "4", *RECIPE, *MTP])
+    assert code == 0, out
+    assert "1 speculative tokens per step" in out
+    plan = serve_command.batch_plan(serve_command.parse(["vllm", "serve", "m", "--speculative-config",
+                                                         '{"num_speculative_tokens": 2}']), "sm90", 141)
+    assert {3, 6, 12, 24}.issubset(plan.capture_sizes)  # 1, 2, 4 and 8 requests of three tokens each
+
+
+def test_deep_gemm_tp4_runs_deep_gemm_on_both_kinds_and_no_file(capsys):
+    code, out, _ = run(capsys, "H200", ["stepfun-ai/Step-3.5-Flash-FP8", "--tensor-parallel-size", "4",
+                                        "--moe-backend", "deep_gemm", *RECIPE])
+    assert code == 0, out
+    assert out.count("DEEPGEMM (TritonOrDeepGemmExperts), N=384, block [128, 128]") == 2
+    assert out.count("reads no Triton tuned file") == 2  # E8M0 is on: DeepGEMM at every M
+
+
+def test_deep_gemm_without_e8m0_reads_the_padded_file(capsys):
+    code = main(["preflight", "--gpu", "H200", "--", f"VLLM_TUNED_CONFIG_FOLDER={H200}", "VLLM_USE_DEEP_GEMM_E8M0=0",
+                 "vllm", "serve", "stepfun-ai/Step-3.5-Flash-FP8", "--tensor-parallel-size", "4",
+                 "--moe-backend", "deep_gemm"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "tuned file E=288,N=384,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json" in out
+
+
+def test_b200_fp8_tp4_is_triton_and_untuned_here(capsys, tmp_path):
+    code, out, _ = run(capsys, "B200", ["stepfun-ai/Step-3.5-Flash-FP8", "--tensor-parallel-size", "4", *RECIPE],
+                       folder=tmp_path)
+    assert code == 1
+    assert out.count("TRITON (TritonExperts), N=320, block [64, 64]") == 2
+    assert "E=288,N=320,device_name=NVIDIA_B200,dtype=fp8_w8a8,block_shape=[64,64].json is not in" in out
+    assert "max_num_batched_tokens 16384" in out and "up to 1024" in out
+    assert "fix: tune-moe --gpu B200 --dtype fp8 --layouts TP4 --num-gpus 4" in out
+
+
+@pytest.mark.parametrize("serve,message", [
+    (["stepfun-ai/Step-3.5-Flash", "--tensor-paralel-size", "4"], "unrecognized arguments: --tensor-paralel-size"),
+    (["stepfun-ai/Step-3.5-Flash", "--tensor-parallel-size", "four"], "invalid int value: 'four'"),
+    (["some/other-model"], "neither a built-in name"),
+    (["stepfun-ai/Step-3.5-Flash", "--quantization", "fp8"], "per-tensor FP8"),
+])
+def test_bad_serve_commands_are_one_line(capsys, serve, message):
+    code, out, err = run(capsys, "H200", serve)
+    assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_preflight_arguments_are_one_line(capsys, tmp_path):
+    for argv, message in ((["preflight", "--gpu", "H200"], "pass the serve command after '--'"),
+                          (["preflight", "--gpu", "H200", "--config-dir", str(tmp_path / "nope"), "--", "vllm", "serve",
+                            "stepfun-ai/Step-3.5-Flash"], "no such folder")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+
+
+# ---- the mirrors answer as vLLM does ------------------------------------------------------------------
+
+COMMANDS = [
+    ["m"], ["m", "-tp", "4"], ["m", "--max-num-seqs", "64"], ["m", "--max_num_batched_tokens", "2048"],
+    ["m", "--enforce-eager"], ["m", "--performance-mode", "throughput"], ["m", "--performance-mode", "interactivity"],
+    ["m", "--compilation-config", '{"cudagraph_capture_sizes": [1, 3, 8, 9000]}'],
+    ["m", "--compilation-config", '{"max_cudagraph_capture_size": 64}'],
+    ["m", "--speculative-config", '{"method": "step3p5_mtp", "num_speculative_tokens": 1}'],
+    ["m", "--speculative-config", '{"method": "step3p5_mtp", "num_speculative_tokens": 3}', "--max-num-seqs", "100"],
+    ["m", "--data-parallel-size", "4", "--enable-expert-parallel", "--moe-backend", "Deep-Gemm"],
+    ["m", "-tp", "2", "--enable-expert-parallel", "--disable-expert-parallel", "--quantization", "fp8"],
+]
+
+
+def test_the_serve_mirror_reads_and_plans_as_vllm():
+    requests = [(argv, arch, mem) for argv in COMMANDS for arch, mem in (("sm90", 141), ("sm90", 96), ("sm100", 180))]
+    answers = vllm_probe.serve_plans(requests)
+    for (argv, arch, mem), theirs in zip(requests, answers):
+        cmd = serve_command.parse(["vllm", "serve", *argv])
+        plan = serve_command.batch_plan(cmd, arch, mem)
+        ours = {k: v for k, v in vars(cmd).items() if k != "argv"}
+        ours["capture_sizes"] = list(cmd.capture_sizes) if cmd.capture_sizes is not None else None
+        assert ours == theirs["command"], argv
+        assert [plan.max_num_seqs, plan.max_num_batched_tokens, list(plan.capture_sizes)] == \
+            [theirs["plan"][k] for k in ("max_num_seqs", "max_num_batched_tokens", "capture_sizes")], (argv, arch, mem)
+
+
+def test_the_committed_flag_list_is_vllms_parser():
+    assert serve_command.serve_flags() == vllm_probe.serve_flags()
+
+
+def test_the_flags_tune_moe_emits_are_vllms():
+    from tuning.recipe import MTP_FLAGS, RECIPE_FLAGS
+
+    flags = serve_command.serve_flags()
+    emitted = [w for w in (*RECIPE_FLAGS, *MTP_FLAGS, "--tensor-parallel-size", "--data-parallel-size",
+                           "--enable-expert-parallel", "--moe-backend", "--port") if w.startswith("--")]
+    assert all(f in flags for f in emitted), [f for f in emitted if f not in flags]
+    import vllm.envs as envs
+
+    from tuning.configs import TUNED_VAR
+
+    for name in (TUNED_VAR, "VLLM_USE_DEEP_GEMM", "VLLM_MOE_USE_DEEP_GEMM", "VLLM_USE_DEEP_GEMM_E8M0",
+                 "VLLM_BATCH_INVARIANT", "VLLM_TRITON_USE_TD", "VLLM_USE_FLASHINFER_SAMPLER", "VLLM_LOGGING_LEVEL"):
+        assert name in envs.environment_variables, name
+    assert "VLLM_USE_FLASHINFER_MOE_FP8" not in envs.environment_variables
+
+
+def test_tokens_per_step_multiply_by_the_dp_ranks_only_under_ep():
+    plan = serve_command.BatchPlan(max_num_seqs=8, max_num_batched_tokens=64, capture_sizes=(1, 2, 4, 8))
+    ep = serve_command.ServeCommand(model="m", dp=4, ep=True)
+    assert preflight.engine_tokens(ep, plan) == [4, 8, 16, 32, 256]
+    assert preflight.engine_tokens(serve_command.ServeCommand(model="m", dp=4), plan) == [1, 2, 4, 8, 64]
+    assert preflight.far(32768, BATCH_SIZES) and not preflight.far(8192, BATCH_SIZES)
+    assert get_gpu("B200").arch == "sm100"

@@ -1,0 +1,338 @@
+"""``tune-moe preflight -- vllm serve ...``: what a serve will run, per MoE layer kind, before it starts.
+
+For the serve command (and the ``VLLM_*`` variables of this shell or written before it) it says, for
+the SiLU and the clamped-SwiGLU layers of Step-3.5-Flash: the backend vLLM 0.33 runs; whether that reads
+a Triton tuned file, which one, and whether it is found (``VLLM_TUNED_CONFIG_FOLDER`` first, then the
+config folder); the batch sizes the server pushes through the fused MoE (CUDA-graph sizes, the prefill
+chunk, times the DP ranks under expert parallelism) and the tuned key vLLM picks for each; and drift
+between a file's provenance and this node (GPU, the Triton the target vLLM runs, vLLM, the kernel).
+Exit 0 when everything the serve will use is tuned and current; otherwise 1, with the ``tune-moe``
+command that fills the gap. Needs no GPU. vLLM's own parser and selection code answer where vLLM is
+importable (``vllm_probe``); elsewhere the mirrors in ``serve_command`` and ``vllm_rules`` do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import os
+import re
+import shlex
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import gpus, provenance
+from .configs import CONFIGS_ROOT, TUNED_VAR, read_config_file
+from .errors import UsageError
+from .kernel import installed_fused_moe, installed_vllm_version
+from .models import BUILTIN, ModelGeometry, load_model
+from .serve_command import MEMORY_GB, BatchPlan, ServeCommand, batch_plan, parse
+from .shapes import BATCH_SIZES, DEFAULT_VLLM_VERSION, MoeShape
+from .triton_pins import mismatch, target_triton
+from .vllm_rules import ACTIVATIONS, LayerRuntime, ServeFacts, layer_runtime, nearest_key
+
+KIND = {"silu": "SiLU layers", "swiglustep": "SwiGLU-step layers"}
+ASSIGN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+MIRROR = "tune-moe's mirror of vLLM 0.33's parser and rules (vLLM is not importable here)"
+FAR = 2.0  # a batch size this many times beyond the nearest tuned key is reported as untuned
+
+
+@dataclass(frozen=True, kw_only=True)
+class Node:
+    """Where the serve will run and what it reads."""
+
+    gpu: gpus.GpuSpec
+    env: dict[str, str]
+    config_dir: Path
+    vllm_version: str
+
+
+@dataclass(kw_only=True)
+class Layer:
+    activation: str
+    runtime: LayerRuntime
+    file: str | None = None  # the tuned file it reads, when it reads one
+    found: Path | None = None
+    keys: tuple[int, ...] = ()
+    drift: list[str] = field(default_factory=list)
+
+
+def split_command(words: list[str]) -> tuple[dict[str, str], list[str]]:
+    """``VAR=value ... vllm serve ...``: the leading assignments, and the command."""
+    env, i = {}, 0
+    while i < len(words) and (m := ASSIGN.match(words[i])):
+        env[m.group(1)] = m.group(2)
+        i += 1
+    return env, words[i:]
+
+
+def checkpoint(name: str, quantization: str | None) -> tuple[ModelGeometry, str]:
+    """The served checkpoint's MoE geometry and dtype (bf16, or the block-FP8 checkpoint)."""
+    if quantization not in (None, "fp8"):
+        raise UsageError(f"preflight: --quantization {quantization} is not modelled; serve the bf16 or -FP8 checkpoint")
+    if name not in BUILTIN and not Path(name).exists():
+        raise UsageError(f"preflight: model {name!r} is neither a built-in name ({', '.join(BUILTIN)}) nor a "
+                         "local checkpoint folder; pass the folder holding its config.json")
+    model = load_model(name)
+    if model.weight_block_size is not None:
+        return model, "fp8"
+    if quantization == "fp8":
+        raise UsageError("preflight: --quantization fp8 on the bf16 checkpoint runs per-tensor FP8 "
+                         "(file dtype=fp8_w8a8 without block_shape), which tune-moe does not tune; "
+                         "serve stepfun-ai/Step-3.5-Flash-FP8 instead")
+    return model, "bf16"
+
+
+def _understand(argv: list[str], arch: str, memory_gb: float, env: dict[str, str]):
+    """The serve command, its batch plan, the checkpoint and vLLM's backend per activation: from one vLLM
+    subprocess where vLLM is importable, else from the mirrors."""
+    if importlib.util.find_spec("vllm") is not None:
+        try:
+            from .vllm_probe import preflight
+
+            answer = preflight(list(_after_serve(argv)), arch, memory_gb, env)
+        except RuntimeError:
+            answer = None  # a vLLM whose internals moved: the mirrors answer below
+        if answer is not None:
+            if "error" in answer:
+                raise UsageError(answer["error"] if answer["error"].startswith("preflight:") else
+                                 f"preflight: vLLM's parser refuses the serve command: {answer['error']}")
+            c, p = answer["command"], answer["plan"]
+            c["capture_sizes"] = tuple(c["capture_sizes"]) if c["capture_sizes"] is not None else None
+            layers = {act: LayerRuntime(**{**d, "block": d["block"] and tuple(d["block"])})
+                      for act, d in zip(ACTIVATIONS, answer["layers"])}
+            plan = BatchPlan(max_num_seqs=p["max_num_seqs"], max_num_batched_tokens=p["max_num_batched_tokens"],
+                             capture_sizes=tuple(p["capture_sizes"]))
+            model, _ = checkpoint(c["model"], c["quantization"])
+            return ServeCommand(**c, argv=tuple(argv)), plan, model, answer["dtype"], layers, "vLLM's own code"
+    cmd = parse(argv)
+    model, dtype = checkpoint(cmd.model, cmd.quantization)
+    facts = ServeFacts(arch=arch, dtype=dtype, tp=cmd.tp, dp=cmd.dp, ep=cmd.ep, moe_backend=cmd.moe_backend,
+                       env=tuple(sorted(env.items())), num_experts=model.num_experts,
+                       intermediate=model.moe_intermediate_size, hidden=model.hidden_size, top_k=model.top_k)
+    layers = {act: layer_runtime(facts, act) for act in ACTIVATIONS}
+    return cmd, batch_plan(cmd, arch, memory_gb), model, dtype, layers, MIRROR
+
+
+def _after_serve(argv: list[str]) -> list[str]:
+    if argv[:2] == ["vllm", "serve"] or (len(argv) > 1 and argv[0].endswith("/vllm") and argv[1] == "serve"):
+        return argv[2:]
+    return argv[1:] if argv[:1] == ["serve"] else argv
+
+
+def engine_tokens(cmd: ServeCommand, plan: BatchPlan) -> list[int]:
+    """M of the fused MoE per step: each captured size and the prefill chunk; all DP ranks' tokens under EP
+    (vLLM's default all2all gathers every rank's tokens, padded to the same size, into each expert rank)."""
+    ranks = cmd.dp if cmd.ep else 1
+    return sorted({s * ranks for s in (*plan.capture_sizes, plan.max_num_batched_tokens)})
+
+
+def _layer_shape(model: ModelGeometry, cmd: ServeCommand, r: LayerRuntime, dtype: str) -> MoeShape:
+    ep = cmd.tp * cmd.dp if cmd.ep else 1
+    return MoeShape(model.num_experts // ep, model.num_experts, r.n, model.hidden_size, model.top_k, dtype,
+                    tuple(r.block) if r.block else None)
+
+
+def folder(node: Node) -> Path:
+    """Where vLLM will look for tuned files: $VLLM_TUNED_CONFIG_FOLDER of the serve (vLLM's bundled configs
+    hold no Step-3.5-Flash shape); without it, the config dir the serve should be given."""
+    return Path(node.env[TUNED_VAR]) if node.env.get(TUNED_VAR) else node.config_dir
+
+
+def _find(name: str, node: Node) -> Path | None:
+    path = folder(node) / name
+    return path if path.is_file() else None
+
+
+def _drift(path: Path, node: Node) -> list[str]:
+    prov = provenance.read(path)
+    if prov is None:
+        return [f"{path.name} has no tune-moe provenance, so its GPU and software are unknown"]
+    out = []
+    if prov.run.device_name != node.gpu.device_name:
+        out.append(f"tuned on {prov.run.device_name}, this serve runs on {node.gpu.device_name}")
+    pin = target_triton(node.vllm_version)
+    drift = mismatch(pin, prov.run.triton) if pin else None
+    if drift:
+        out.append(drift.replace("this node compiles", "the file was tuned"))
+    if ".".join(prov.run.vllm.split(".")[:2]) != ".".join(node.vllm_version.split(".")[:2]):
+        out.append(f"tuned for vLLM {prov.run.vllm}, the serve runs vLLM {node.vllm_version}")
+    installed = installed_fused_moe()
+    if installed and prov.run.kernel_sha256 and installed_vllm_version() == node.vllm_version:
+        if hashlib.sha256(installed.read_text().encode()).hexdigest() != prov.run.kernel_sha256:
+            out.append("tuned on another fused_moe_kernel source than the installed vLLM's")
+    return out
+
+
+def check(argv: list[str], node: Node) -> dict:
+    """Everything preflight reports, as data."""
+    env = {k: v for k, v in node.env.items() if k.startswith("VLLM_")}
+    memory = MEMORY_GB[node.gpu.arch].get(node.gpu.key, node.gpu.hbm_gb)
+    cmd, plan, model, dtype, answers, answered_by = _understand(argv, node.gpu.arch, memory, env)
+    tokens = engine_tokens(cmd, plan)
+    layers = [_layer(act, answers[act], model, cmd, dtype, node) for act in ACTIVATIONS]
+    problems = _problems(layers, tokens, node)
+    return {"command": cmd, "plan": plan, "dtype": dtype, "tokens": tokens, "layers": layers, "problems": problems,
+            "notes": _notes(node), "answered_by": answered_by,
+            "fix": _fix(cmd, dtype, node, layers, tokens) if problems else None}
+
+
+def _layer(act: str, r: LayerRuntime, model, cmd, dtype, node: Node) -> Layer:
+    layer = Layer(activation=act, runtime=r)
+    if r.error or not r.reads_tuned_file:
+        return layer
+    layer.file = _layer_shape(model, cmd, r, dtype).file_name(node.gpu.device_name)
+    layer.found = _find(layer.file, node)
+    if layer.found:
+        layer.keys = tuple(sorted(read_config_file(layer.found)))
+        layer.drift = _drift(layer.found, node)
+    return layer
+
+
+def far(m: int, keys) -> bool:
+    key = nearest_key(keys, m)
+    return m > FAR * key or m * FAR < key
+
+
+def _problems(layers: list[Layer], tokens: list[int], node: Node) -> list[str]:
+    out = []
+    for layer in layers:
+        kind = KIND[layer.activation]
+        if layer.runtime.error:
+            out.append(f"{kind}: vLLM will not start: {layer.runtime.error}")
+        elif layer.file and not layer.found:
+            out.append(f"{kind}: {layer.file} is not in {folder(node)}; vLLM will use its default config")
+        elif layer.found:
+            out += [f"{kind}: {d}" for d in layer.drift]
+            beyond = [m for m in tokens if far(m, layer.keys)]
+            if beyond:
+                out.append(f"{kind}: batch sizes {', '.join(map(str, beyond))} are more than {FAR:g}x away from "
+                           f"the nearest tuned key of {layer.file}")
+    if any(layer.file for layer in layers) and not node.env.get(TUNED_VAR):
+        out.append(f"{TUNED_VAR} is not set for the serve, so vLLM reads only its own configs (none for this "
+                   f"model); export {TUNED_VAR}={node.config_dir.resolve()}")
+    if node.env.get("VLLM_BATCH_INVARIANT") not in (None, "", "0"):
+        out.append("VLLM_BATCH_INVARIANT=1: vLLM's get_moe_configs returns no tuned config at all (its default "
+                   "config everywhere); unset it to use the tuned files")
+    return out
+
+
+def _notes(node: Node) -> list[str]:
+    notes = []
+    if node.env.get("VLLM_TRITON_USE_TD") not in (None, ""):
+        notes.append("VLLM_TRITON_USE_TD is set: vLLM's tensor-descriptor path (unquantized, sm100 only) is not the "
+                     "kernel the files were tuned with")
+    if "VLLM_USE_FLASHINFER_MOE_FP8" in node.env:
+        notes.append("VLLM_USE_FLASHINFER_MOE_FP8 is not a vLLM 0.33 variable (vLLM ignores it); the MoE backend is "
+                     "chosen with --moe-backend")
+    return notes
+
+
+def _fix(cmd: ServeCommand, dtype: str, node: Node, layers: list[Layer], tokens: list[int]) -> str | None:
+    """The tune-moe command that tunes what this serve would read."""
+    wanted = [layer for layer in layers if layer.file]
+    if not wanted:
+        return None
+    layout = "+".join(([f"DP{cmd.dp}"] if cmd.dp > 1 else []) + ([f"TP{cmd.tp}"] if cmd.tp > 1 or cmd.dp == 1 else [])
+                      + (["EP"] if cmd.ep else []))
+    words = ["tune-moe", "--gpu", node.gpu.key, "--dtype", dtype, "--layouts", layout, "--num-gpus",
+             str(cmd.tp * cmd.dp)]
+    words += ["--moe-backend", cmd.moe_backend] if cmd.moe_backend != "auto" else []
+    keys = set(BATCH_SIZES)
+    extra = sorted({m for m in tokens if far(m, sorted(keys))})
+    words += ["--batch-sizes", ",".join(["vllm", *map(str, extra)])] if extra else []
+    words += ["--out", str(Path(node.env[TUNED_VAR]))] if node.env.get(TUNED_VAR) else []
+    return shlex.join(words)
+
+
+# ---- text -----------------------------------------------------------------------------------------
+
+def _ranges(tokens: list[int], keys) -> list[str]:
+    """M grouped by the tuned key vLLM picks for them."""
+    groups: dict[int, list[int]] = {}
+    for m in tokens:
+        groups.setdefault(nearest_key(keys, m), []).append(m)
+    out = []
+    for key, ms in sorted(groups.items()):
+        span = f"{ms[0]}" if len(ms) == 1 else f"{ms[0]}-{ms[-1]} ({len(ms)} sizes)"
+        worst = max(ms, key=lambda m: max(m / key, key / m))
+        flag = "  <- untuned" if far(worst, keys) else ""
+        out.append(f"      M {span:<24} -> key {key:<6} (farthest {worst}: {max(worst / key, key / worst):.2f}x){flag}")
+    return out
+
+
+def render(report: dict, node: Node) -> str:
+    cmd, plan = report["command"], report["plan"]
+    lines = [f"Serve: {report['dtype']} {cmd.model} on {cmd.tp * cmd.dp}x{node.gpu.key} (tp {cmd.tp}, dp {cmd.dp}"
+             f"{', expert parallel' if cmd.ep else ''}), --moe-backend {cmd.moe_backend}, vLLM {node.vllm_version}",
+             f"  answered by {report['answered_by']}",
+             f"  per engine: max_num_seqs {plan.max_num_seqs}, max_num_batched_tokens {plan.max_num_batched_tokens}, "
+             f"{len(plan.capture_sizes)} CUDA-graph sizes"
+             f"{' up to ' + str(plan.capture_sizes[-1]) if plan.capture_sizes else ' (eager)'}"
+             + (f"; {cmd.num_speculative_tokens} speculative tokens per step" if cmd.num_speculative_tokens else ""),
+             f"  fused-MoE M per step: {report['tokens'][0]} ... {report['tokens'][-1]}"
+             + (f" (all {cmd.dp} DP ranks' tokens reach each expert rank)" if cmd.ep and cmd.dp > 1 else ""), ""]
+    shown = set()
+    for layer in report["layers"]:
+        r = layer.runtime
+        head = f"{KIND[layer.activation]}: "
+        if r.error:
+            lines.append(head + f"vLLM refuses to start: {r.error}")
+            continue
+        lines.append(head + f"{r.backend} ({r.experts}), N={r.n}{', block ' + str(list(r.block)) if r.block else ''}")
+        if not layer.file:
+            lines.append("    reads no Triton tuned file")
+            continue
+        where = layer.found or f"missing (looked in {folder(node)})"
+        lines += [f"    tuned file {layer.file}", f"    {'found ' if layer.found else ''}{where}"]
+        lines += [f"    drift: {d}" for d in layer.drift]
+        if layer.file in shown:
+            lines.append("    batch sizes: as above (the same file)")
+            continue
+        shown.add(layer.file)
+        lines += _ranges(report["tokens"], layer.keys or BATCH_SIZES)
+    lines += [""] + [f"note: {n}" for n in report["notes"]]
+    if report["problems"]:
+        lines += [f"problem: {p}" for p in report["problems"]]
+        if report["fix"]:
+            lines += ["", f"fix: {report['fix']}"]
+    else:
+        lines.append("ok: every MoE layer kind the serve runs on Triton has its tuned file, current for this node")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu", help="GPU of the serving node: H200, H20, H20-3e or B200 (default: this node's)")
+    p.add_argument("--config-dir", metavar="DIR", help=f"tuned folder the serve will be given (default: "
+                   f"${TUNED_VAR} when set, else {CONFIGS_ROOT}/<device_name>)")
+    p.add_argument("--vllm-version", help=f"vLLM the serve runs (default: the installed one, else {DEFAULT_VLLM_VERSION})")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.add_argument("serve", nargs=argparse.REMAINDER, help="-- [VAR=value ...] vllm serve MODEL [options]")
+
+
+def run(args: argparse.Namespace) -> int:
+    words = args.serve[1:] if args.serve[:1] == ["--"] else args.serve
+    assigned, argv = split_command(words)
+    if not argv:
+        raise UsageError("preflight: pass the serve command after '--', e.g. "
+                         "tune-moe preflight --gpu H200 -- vllm serve stepfun-ai/Step-3.5-Flash --tensor-parallel-size 4")
+    from .serve import pick_gpu
+
+    gpu = pick_gpu(args.gpu)
+    env = {**{k: v for k, v in os.environ.items() if k.startswith("VLLM_")}, **assigned}
+    config_dir = Path(args.config_dir or CONFIGS_ROOT / gpu.device_name)
+    if args.config_dir and not config_dir.is_dir():
+        raise UsageError(f"--config-dir {config_dir}: no such folder; pass the folder holding the tuned files")
+    node = Node(gpu=gpu, env=env, config_dir=config_dir,
+                vllm_version=args.vllm_version or installed_vllm_version() or DEFAULT_VLLM_VERSION)
+    report = check(argv, node)
+    print(render(report, node))
+    if args.json:
+        from .files import atomic_write_json, output_file
+
+        data = {**report, "command": asdict(report["command"]), "plan": asdict(report["plan"]),
+                "layers": [{**asdict(l), "found": str(l.found) if l.found else None} for l in report["layers"]]}
+        atomic_write_json(output_file(args.json, "--json"), data)
+    return 1 if report["problems"] else 0
+
