@@ -69,7 +69,10 @@ def workers(driver_pid: int) -> list[psutil.Process]:
 
 def kill_tree(pid: int) -> None:
     """SIGKILL a driver and everything it started (its own Ray cluster), touching no other Ray cluster."""
-    procs = [psutil.Process(pid)]
+    try:
+        procs = [psutil.Process(pid)]
+    except psutil.NoSuchProcess:
+        return
     try:
         procs += procs[0].children(recursive=True)
     except psutil.Error:
@@ -227,3 +230,35 @@ def test_all_gpus_busy_is_a_clear_error(tmp_path, monkeypatch):
             driver.run(plan.jobs, Store(tmp_path), on_done=lambda job, run: None)
     finally:
         ray.shutdown()
+
+
+def test_sigterm_stops_the_run_in_one_line_and_keeps_what_finished(tmp_path):
+    out = tmp_path / "cfg"
+    proc = subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                            start_new_session=True)
+    wait_for_results(proc, out, 1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "interrupted; finished jobs are saved" in err and "Traceback" not in err and "Aborted" not in err
+    assert len(results(out)) >= 1
+    kill_tree(proc.pid)
+
+
+def test_a_broken_toolchain_stops_the_sweep_in_one_line(tmp_path):
+    """Jobs failing before any succeeded (here: as a missing ptxas makes every launch fail) end the run."""
+    src = vllm_fused_moe_path() or pytest.skip("vLLM is not installed")
+    broken = tmp_path / "fused_moe.py"
+    broken.write_text(src.read_text() + (  # the later definition wins: every job fails as on a broken node
+        "\n\ndef get_default_config(*args, **kwargs):\n"
+        "    raise PermissionError(13, \"Permission denied: '/tmp/t38/triton/backends/nvidia/bin/ptxas'\")\n"))
+    out = tmp_path / "cfg"
+    cmd = command(out)
+    cmd[cmd.index("--vllm-src") + 1] = str(broken)
+    cmd += ["--vllm-version", "0.33.0"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "jobs fail on this node before any succeeded" in run.stderr and "ptxas" in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("tune-moe: error")]
+    assert len(errors) == 1 and run.stderr.strip().endswith(errors[0]) and "Traceback" not in run.stderr
+    assert not (out / FILE).exists()

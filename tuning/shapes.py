@@ -136,6 +136,23 @@ def deepgemm_runs(m: int, shape: MoeShape, alignment: int = 128) -> bool:
             and shape.n > DEEPGEMM_DECLINES_N)
 
 
+def parse_batch_sizes(text: str | None, option: str = "--batch-sizes") -> tuple[int, ...]:
+    """The one parser of batch-size lists: positive integers separated by commas; ``vllm`` stands for
+    vLLM's 18 tuning sizes (so ``vllm,32768`` adds a size a serve reaches). None: the 18."""
+    if text is None:
+        return BATCH_SIZES
+    sizes: list[int] = []
+    try:
+        for word in (w.strip() for w in text.split(",") if w.strip()):
+            sizes += BATCH_SIZES if word == "vllm" else [int(word)]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise UsageError(f"{option} {text!r}: write positive integers separated by commas (vllm: its 18 sizes), "
+                         "e.g. 1,16,256 or vllm,32768")
+    return tuple(sorted(set(sizes)))
+
+
 def parse_version(text: str) -> tuple[int, int]:
     m = re.match(r"^v?(\d+)\.(\d+)", text.strip())
     if not m:
@@ -202,6 +219,9 @@ def shapes_from_file_names(names: list[str], model: ModelGeometry, device_name: 
             raise UsageError(f"{name} is for {m.group(3)}, not {device_name}; run on that GPU or pass its --gpu")
         if m.group(4) not in (None, "fp8_w8a8"):
             raise UsageError(f"{name}: dtype {m.group(4)} is not tuned by tune-moe (bf16 and fp8_w8a8 are)")
+        if m.group(4) and not m.group(5):
+            raise UsageError(f"{name}: per-tensor FP8 (--quantization fp8 on a bf16 checkpoint) is not tuned by "
+                             "tune-moe; serve the block-FP8 checkpoint (-FP8), whose files carry block_shape")
         block = (int(m.group(5)), int(m.group(6))) if m.group(5) else None
         dtype = "fp8" if m.group(4) else "bf16"
         out.append(MoeShape(int(m.group(1)), model.num_experts, int(m.group(2)), model.hidden_size, model.top_k,

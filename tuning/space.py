@@ -59,11 +59,6 @@ def fits_shared_memory(cfg: TileConfig, ctx: Context) -> bool:
     return cfg.num_stages * tile <= ctx.gpu.smem_per_block
 
 
-def block_k_not_clamped(cfg: TileConfig, ctx: Context) -> bool:
-    """Block FP8 clamps BLOCK_SIZE_K to the quant block: larger values repeat a smaller config."""
-    return ctx.shape.block_shape is None or cfg.BLOCK_SIZE_K <= min(ctx.shape.block_shape)
-
-
 def m_tile_not_oversized(cfg: TileConfig, ctx: Context) -> bool:
     """No M tile wider than 4x the rows an average expert gets; one row per block when naive."""
     if ctx.naive:
@@ -86,7 +81,7 @@ def warps_have_work(cfg: TileConfig, ctx: Context) -> bool:
 
 
 PREDICATES: tuple[Callable[[TileConfig, Context], bool], ...] = (
-    fits_shared_memory, block_k_not_clamped, m_tile_not_oversized, group_has_blocks, warps_have_work,
+    fits_shared_memory, m_tile_not_oversized, group_has_blocks, warps_have_work,
 )
 
 

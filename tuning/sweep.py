@@ -10,7 +10,9 @@ Triton the run was planned for.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +70,11 @@ def run_sweep(plan: Plan, settings: Settings, ray_options: RayOptions, outs: Out
             print("Nothing to tune: every file of the plan is complete and left as it is.")
             return 0
         writer = _ShapeWriter(plan, settings, outs, existing, store)
-        Driver(plan, settings, ray_options, triton).run(pending, store, writer)
+        driver = Driver(plan, settings, ray_options, triton)
+        try:
+            driver.run(pending, store, writer)
+        finally:
+            driver.close()
         print("\n" + outputs.summary(plan, store.results))
         print("\nWrote:\n" + "\n".join(f"  {p}" for p in writer.written) if writer.written else "\nWrote no file.")
         missing = sum(not store.done(files[j.shape], j.m) for j in plan.jobs)
@@ -115,7 +121,16 @@ class Driver:
         self.num_workers = min(_start_ray(ray_options), ray_options.max_workers or 1 << 30)
         self.failures: dict[str, dict[TileConfig, Failure]] = {}
         self.restarts = 0
+        self.succeeded = 0
+        self.broken: list[str] = []  # job failures before any job succeeded
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _interrupt)  # unwind (and stop our Ray) instead of dying mid-write
 
+    def close(self) -> None:
+        import ray
+
+        if ray.is_initialized() and not self.options.address:
+            ray.shutdown()
     def run(self, pending: list[Job], store: Store, on_done) -> RunInfo:
         import ray
 
@@ -137,9 +152,10 @@ class Driver:
                     workers[workers.index(worker)] = self._replace(worker, job, queue)
                     continue
                 except ray.exceptions.RayTaskError as exc:
-                    tqdm.write(f"job {job.key} failed, skipped: {str(exc).strip().splitlines()[-1]}")
+                    self._failed(job, str(exc).strip().splitlines()[-1])
                     continue
                 store.add(result)
+                self.succeeded += 1
                 self._learn(result)
                 on_done(job, run)
                 for bar in (bars["all"], bars[job.shape]):
@@ -148,6 +164,17 @@ class Driver:
             for bar in bars.values():
                 bar.close()
         return run
+
+    def _failed(self, job: Job, why: str) -> None:
+        """A job that raised (a config that fails is a result; a job fails when vLLM's default config or the
+        kernel cannot run at all). Two such failures before any success mean the node's toolchain is broken
+        (e.g. Triton's ptxas not executable), and going on would only repeat them."""
+        tqdm.write(f"job {job.key} failed, skipped: {why}")
+        if self.succeeded == 0:
+            self.broken.append(why)
+        if len(self.broken) >= 2:
+            raise UsageError(f"jobs fail on this node before any succeeded ({why[:200]}); fix the GPU toolchain "
+                             "(Triton, its ptxas, CUDA) and re-run")
 
     def _new_worker(self):
         import ray
@@ -230,6 +257,10 @@ class Driver:
         if self.options.interpret:
             return 0
         return max(1, (os.cpu_count() or 2) // max(1, self.num_workers) - 1)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _start_ray(options: RayOptions) -> int:

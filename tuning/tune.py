@@ -6,6 +6,7 @@ Everything here runs without torch until the sweep starts, so ``--dry-run`` work
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -29,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit; needs no GPU")
     p.add_argument("--num-gpus", type=int, help="GPUs per node for the plan (default: GPUs present, else 8)")
     p.add_argument("--layouts", help="comma list, e.g. TP4,DP4+EP (default: every TP/DP/EP layout the node allows)")
-    p.add_argument("--batch-sizes", help="comma list of M (default: vLLM's 18 tuning sizes)")
+    p.add_argument("--batch-sizes", help="comma list of M; 'vllm' stands for vLLM's 18 tuning sizes "
+                   "(default), so vllm,32768 adds a size a serve reaches (see tune-moe preflight)")
     p.add_argument("--shape", action="append", default=[], metavar="E=..,N=..",
                    help="only this shape of the plan, e.g. --shape E=72,N=1280 (repeatable)")
     p.add_argument("--from-vllm-log", metavar="LOG", help="tune exactly the shapes a vLLM log reports missing")
@@ -61,19 +63,6 @@ def _csv(text: str | None) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else []
 
 
-def batch_sizes(text: str | None, option: str = "--batch-sizes") -> tuple[int, ...]:
-    """The one parser of batch-size lists: positive integers separated by commas."""
-    if text is None:
-        return shapes.BATCH_SIZES
-    try:
-        sizes = tuple(int(t) for t in _csv(text))
-    except ValueError:
-        sizes = ()
-    if not sizes or min(sizes) < 1:
-        raise UsageError(f"{option} {text!r}: write positive integers separated by commas, e.g. 1,16,256")
-    return sizes
-
-
 def build_plan(args: argparse.Namespace, found: list[gpus.DetectedGpu]) -> Plan:
     gpu = gpus.get_gpu(args.gpu)
     if args.dtype not in DTYPES:
@@ -88,6 +77,9 @@ def build_plan(args: argparse.Namespace, found: list[gpus.DetectedGpu]) -> Plan:
     backend = normalize_moe_backend(args.moe_backend)
     if args.max_evals < 1:
         raise UsageError(f"--max-evals {args.max_evals}: must be at least 1")
+    if os.environ.get("VLLM_TRITON_USE_TD") not in (None, ""):
+        raise UsageError("VLLM_TRITON_USE_TD is set: tune-moe times vLLM's pointer path of fused_moe_kernel, not the "
+                         "tensor-descriptor path (unquantized, sm100, needs Triton's allocator); unset it to tune")
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers {args.workers}: must be at least 1")
     num_gpus = args.num_gpus if args.num_gpus is not None else (len(found) or 8)
@@ -100,7 +92,7 @@ def build_plan(args: argparse.Namespace, found: list[gpus.DetectedGpu]) -> Plan:
     if too_big:
         raise UsageError(f"--layouts {','.join(too_big)} need more than the {num_gpus} GPUs of the node; "
                          "raise --num-gpus or pick smaller layouts")
-    plan = make_plan(model, gpu, args.dtype, layouts, num_gpus, batch_sizes(args.batch_sizes), version, backend)
+    plan = make_plan(model, gpu, args.dtype, layouts, num_gpus, shapes.parse_batch_sizes(args.batch_sizes), version, backend)
     if args.layouts and plan.refusals and not plan.shapes:
         r = plan.refusals[0]
         raise UsageError(f"layout {r.layout.name}: {r.reason}")
