@@ -9,7 +9,8 @@ against the float reference of the whole expert computation.
 import pytest
 import torch
 
-from tuning.backends import DeepGemmMoe, deepgemm_runs
+from tuning.backends import DeepGemmMoe
+from tuning.vllm_rules import deepgemm_runs
 from tuning.models import DEFAULT_MODEL, load_model
 from tuning.shapes import parse_layout, shape_for
 from tuning.inputs import build_problem, dequant_blocks
@@ -55,16 +56,19 @@ def test_grouped_layout_reproduces_the_expert_computation(shape, m):
 
 
 @pytest.mark.parametrize("layout,n,runs_from", [
-    ("TP2", 640, 128),  # DeepGEMM from M=128 (its M alignment) up
+    ("TP2", 640, 128),  # without E8M0: DeepGEMM from M=128 (its M alignment) up
     ("DP4+EP", 1280, 128),
-    ("TP4", 384, None),  # padded 320 -> 384: N <= 512, Triton at every M
+    ("TP4", 384, None),  # padded 320 -> 384: N <= 512, Triton at every M without E8M0
     ("TP8", 256, None),
 ])
 def test_where_a_deep_gemm_serve_runs_deepgemm(layout, n, runs_from):
-    """vLLM 0.33 on Hopper: TritonOrDeepGemmExperts uses DeepGEMM only for aligned M, N, K and N > 512."""
+    """vLLM 0.33's TritonOrDeepGemmExperts: DeepGEMM whenever E8M0 is used (the default on sm90 and sm100);
+    with VLLM_USE_DEEP_GEMM_E8M0=0 only for aligned M, N, K and N > 512."""
     shape = shape_for(load_model(DEFAULT_MODEL + "-FP8"), parse_layout(layout), "fp8", moe_backend="deep_gemm")
     assert (shape.n, shape.block_shape) == (n, (128, 128))
-    runs = [m for m in (1, 16, 64, 127, 128, 256, 1024, 4096) if deepgemm_runs(m, shape)]
+    ms = (1, 16, 64, 127, 128, 256, 1024, 4096)
+    assert all(deepgemm_runs(m, shape.n, shape.k, e8m0=True) for m in ms)
+    runs = [m for m in ms if deepgemm_runs(m, shape.n, shape.k, e8m0=False)]
     assert runs == ([] if runs_from is None else [m for m in (128, 256, 1024, 4096) if m >= runs_from])
 
 

@@ -318,20 +318,21 @@ def test_console_dry_run_counts_the_gpus_nvidia_smi_reports(console_runs):
 
 def test_plan_notes_which_fp8_shape_a_tp_serve_runs(tune):
     """Auto backend: the refined block, with a pointer to the padded shape; deep_gemm: the padded shape, which
-    Triton runs at every M when N <= 512 (TP4, TP8) but not when DeepGEMM takes it (TP2)."""
+    DeepGEMM runs by default (E8M0 on) and Triton only with VLLM_USE_DEEP_GEMM_E8M0=0 (N <= 512: TP4, TP8)."""
     rc, out, _ = tune("--gpu", "H200", "--dtype", "fp8", "--layouts", "TP4", "--num-gpus", "4", "--dry-run")
     assert rc == 0 and TP4 in out and "(--moe-backend deep_gemm pads the shard instead)" in out
     rc, out, _ = tune("--gpu", "H200", "--dtype", "fp8", "--layouts", "TP2,TP4,TP8", "--num-gpus", "8",
                       "--moe-backend", "deep_gemm", "--dry-run")
     notes = {ln.split()[2]: ln for ln in out.splitlines() if ln.startswith("      fp8 ")}
     assert set(notes) == {"N=640", "N=384", "N=256"}
-    assert "Triton runs it at every M" in notes["N=384"] and "Triton runs it at every M" in notes["N=256"]
+    assert all("runs DeepGEMM at every M" in notes[n] and "VLLM_USE_DEEP_GEMM_E8M0=0" in notes[n]
+               for n in ("N=384", "N=256"))
     assert "pads" not in notes["N=640"]
 
 
-def test_blackwell_plan_does_not_claim_triton_runs_the_padded_shape(tune):
-    """On B200 vLLM 0.33 uses DeepGEMM's UE8M0 path whenever deep_gemm is chosen, whatever N."""
+def test_blackwell_plan_says_the_same_of_the_padded_shape(tune):
+    """On B200 as on H200, vLLM 0.33 runs DeepGEMM whenever deep_gemm is chosen and E8M0 is on."""
     rc, out, _ = tune("--gpu", "B200", "--dtype", "fp8", "--layouts", "TP4", "--num-gpus", "4",
                       "--moe-backend", "deep_gemm", "--dry-run")
     assert rc == 0 and "E=288,N=384,device_name=NVIDIA_B200,dtype=fp8_w8a8,block_shape=[128,128].json" in out
-    assert "pads the 320-wide shard" in out and "Triton runs it" not in out
+    assert "pads the 320-wide shard" in out and "runs DeepGEMM at every M" in out

@@ -9,9 +9,11 @@ activation between the GEMMs is the same work for both and is left out.
 
 DeepGEMM needs 128x128 blocks: where vLLM refines the block for Triton (TP4: [64,64]),
 ``--moe-backend deep_gemm`` makes vLLM pad the shard instead (N=384), so that is the
-shape DeepGEMM is timed on. Even then vLLM 0.33 on Hopper only runs DeepGEMM where
-``deepgemm_runs`` says so (M and N aligned, N > 512); elsewhere it runs Triton on the
-padded shape, and the "--moe-backend deep_gemm runs" column says which.
+shape DeepGEMM is timed on. What a deep_gemm serve runs per call is ``vllm_rules.deepgemm_runs``:
+DeepGEMM at every M while E8M0 is on (vLLM 0.33's default, sm90 too), and with
+``VLLM_USE_DEEP_GEMM_E8M0=0`` only for aligned M >= 128 and N > 512; the last column gives both.
+DeepGEMM is timed here with float32 scales (``disable_ue8m0_cast=True``), not the UE8M0-cast
+scales vLLM 0.33 uses by default.
 """
 
 from __future__ import annotations
@@ -32,17 +34,18 @@ from .routing import Routing
 from .kernel import KernelSource
 from .models import DEFAULT_MODEL, load_model
 from .runner import Runner
-from .shapes import MoeShape, Refusal, deepgemm_runs, parse_layout, shape_for
+from .shapes import MoeShape, Refusal, parse_layout, shape_for
+from .vllm_rules import deepgemm_runs
 
 DEFAULT_MS = (1, 16, 64, 128, 256, 512, 1024, 2048, 4096)
-SELECTION = {  # what vLLM 0.33 does for block FP8 on Hopper (oracle/fp8.py)
-    "tp": "Triton (TritonExperts) is vLLM's first choice with EP=1; the tuned configs are used",
-    "ep": "FlashInfer-CUTLASS is vLLM's first choice with EP>1; the tuned Triton configs are used only "
-          "with --moe-backend triton",
+SELECTION = {  # what vLLM 0.33 runs for block FP8 on Hopper, per MoE layer kind (vllm_rules, proven in CI)
+    "tp": "vLLM runs Triton (TritonExperts) on both layer kinds with EP=1; the tuned configs are used",
+    "ep": "with EP>1 vLLM runs FlashInfer-CUTLASS on the SiLU layers and DeepGEMM on the SwiGLU-step layers; "
+          "neither reads the tuned Triton file (--moe-backend triton makes both Triton)",
 }
-FLAGS = ("--moe-backend triton | deep_gemm, or VLLM_USE_DEEP_GEMM=1 with VLLM_MOE_USE_DEEP_GEMM=1 "
-         "(either set to 0 removes DeepGEMM); with deep_gemm on Hopper vLLM still runs Triton below M=128 "
-         "and for shards of N <= 512 (TritonOrDeepGemmExperts), on the padded shape")
+FLAGS = ("--moe-backend triton | deep_gemm (a set VLLM_USE_DEEP_GEMM=1 with VLLM_MOE_USE_DEEP_GEMM=1 also forces "
+         "DeepGEMM, and fails at start-up on the refined TP4/TP8 blocks); tune-moe preflight -- vllm serve ... "
+         "says what each MoE layer kind will run")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,7 +69,7 @@ class Row:
     deepgemm_total_us: float
     deepgemm_error: float
     faster: str
-    vllm_runs: str  # what a --moe-backend deep_gemm serve runs at this M
+    vllm_runs: str  # what a --moe-backend deep_gemm serve runs at this M: E8M0 on (default) / off
 
 
 class DeepGemmMoe:
@@ -137,7 +140,7 @@ def compare(dg, kernel, gpu, model, layout_text: str, ms, folder: Path) -> list[
     print(f"\n{layout.name}: Triton on {tri.label} ({'tuned' if tuned else 'NOT tuned: default only'}), "
           f"DeepGEMM on {dgs.label}. {SELECTION['ep' if layout.ep else 'tp']}.")
     print(f"  {'M':>5} {'Triton default':>15} {'Triton tuned':>13} {'DeepGEMM GEMMs':>15} {'DeepGEMM total':>15}  "
-          f"{'faster':<9} {'--moe-backend deep_gemm runs':<29}")
+          f"{'faster':<9} {'deep_gemm runs (E8M0 on / off)':<29}")
     rows = []
     for m in ms:
         rows.append(_one(dg, kernel, gpu, layout.name, tri, dgs, m, tuned))
@@ -157,7 +160,8 @@ def _one(dg, kernel, gpu, layout: str, tri: MoeShape, dgs: MoeShape, m: int, tun
     gemms = measure(deep.gemms, budget_ms=100).median_us
     total = measure(deep.run, budget_ms=100).median_us
     faster = "DeepGEMM" if total < best else "Triton"
-    runs = "DeepGEMM" if deepgemm_runs(m, dgs, deep.alignment) else f"Triton on {dgs.label}"
+    without = "DeepGEMM" if deepgemm_runs(m, dgs.n, dgs.k, e8m0=False) else f"Triton on {dgs.label}"
+    runs = f"DeepGEMM / {without}"  # E8M0 on (vLLM's default) / VLLM_USE_DEEP_GEMM_E8M0=0
     return Row(layout, m, default, best, gemms, total, err, faster, runs)
 
 

@@ -8,7 +8,8 @@ from . import fit as fitting
 from .gpus import GpuSpec
 from .jobs import Job
 from .models import ModelGeometry
-from .shapes import DEEPGEMM_DECLINES_N, Layout, MoeShape, Refusal, shape_for
+from .shapes import Layout, MoeShape, Refusal, shape_for
+from .vllm_rules import DEEPGEMM_MIN_N
 
 
 @dataclass
@@ -69,9 +70,9 @@ def format_plan(plan: Plan) -> str:
                    "(--moe-backend deep_gemm pads the shard instead)")
         elif layouts and not shape.expert_parallel and shape.n * layouts[0].gpus != plan.model.moe_intermediate_size:
             ep += f"; vLLM pads the {plan.model.moe_intermediate_size // layouts[0].gpus}-wide shard to whole FP8 blocks"
-            # Hopper only: on Blackwell vLLM's UE8M0 path takes DeepGEMM at any N.
-            if shape.n <= DEEPGEMM_DECLINES_N and plan.gpu.arch == "sm90":
-                ep += " (with deep_gemm, Triton runs it at every M: DeepGEMM declines N <= 512)"
+            if shape.n < DEEPGEMM_MIN_N:  # TritonOrDeepGemmExperts: DeepGEMM at every M unless E8M0 is off
+                ep += (" (with deep_gemm, vLLM runs DeepGEMM at every M, E8M0 being on by default; Triton runs this "
+                       "file only with VLLM_USE_DEEP_GEMM_E8M0=0)")
         lines.append(f"  {plan.file_name(shape)}")
         lines.append(f"      {shape.label}, K={shape.k}, top-{shape.top_k}{ep}; layouts {', '.join(l.name for l in layouts)}")
     lines += ["", "Batch sizes (M): " + " ".join(map(str, plan.batch_sizes)),

@@ -70,7 +70,8 @@ class ShapeReport:
 class Alternative:
     """One layout tuned under both FP8 shapes vLLM 0.33 may run for it: the refined block (auto or
     triton backend) and the shard padded to whole checkpoint blocks (an explicit other backend;
-    with deep_gemm, vLLM falls back to Triton on the padded shape when N <= 512)."""
+    with deep_gemm, vLLM runs DeepGEMM at every M unless VLLM_USE_DEEP_GEMM_E8M0=0, when Triton runs the padded
+    shape for N <= 512)."""
     device: str
     layout: str
     refined: ShapeReport
@@ -233,8 +234,10 @@ def render_markdown(reports: list[ShapeReport]) -> str:
         lines += ["## One layout, two FP8 shapes", "",
                   "vLLM 0.33 runs a TP shard that is not a whole number of FP8 blocks in one of two ways: it refines "
                   "the block when the MoE backend is auto or triton, and pads the shard to whole blocks for any other "
-                  "explicit backend. With `--moe-backend deep_gemm` on Hopper, DeepGEMM declines N <= 512, so the "
-                  "padded shape runs on Triton at every M. Both tuned, on the same GPU:", "",
+                  "explicit backend. With `--moe-backend deep_gemm`, vLLM 0.33 runs DeepGEMM at every M by default "
+                  "(E8M0 on, sm90 too); Triton runs the padded file only with `VLLM_USE_DEEP_GEMM_E8M0=0` (then at "
+                  "every M for N <= 512). `tune-moe preflight` says which for a serve. Both tuned, on the same GPU:",
+                  "",
                   *alternatives_table(alts), ""]
         for a in alts:
             lines += alternative_section(a)

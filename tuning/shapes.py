@@ -126,16 +126,6 @@ class Fp8ShardRule:
 FP8_SHARD_RULES = (Fp8ShardRule((0, 33), "refine"), Fp8ShardRule((0, 0), "refuse"))
 
 
-DEEPGEMM_DECLINES_N = 512  # vLLM 0.33 _valid_deep_gemm on Hopper: "DeepGemm disabled for N <= 512"
-
-
-def deepgemm_runs(m: int, shape: MoeShape, alignment: int = 128) -> bool:
-    """Whether vLLM 0.33's TritonOrDeepGemmExperts picks DeepGEMM on Hopper (no UE8M0) for M tokens of
-    ``shape`` (the padded shape of a deep_gemm serve): M, N and K aligned and N > 512; else Triton."""
-    return (m >= alignment and shape.n % alignment == 0 and shape.k % alignment == 0
-            and shape.n > DEEPGEMM_DECLINES_N)
-
-
 def parse_batch_sizes(text: str | None, option: str = "--batch-sizes") -> tuple[int, ...]:
     """The one parser of batch-size lists: positive integers separated by commas; ``vllm`` stands for
     vLLM's 18 tuning sizes (so ``vllm,32768`` adds a size a serve reaches). None: the 18."""
