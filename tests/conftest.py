@@ -44,16 +44,12 @@ def pytest_collection_modifyitems(config, items):
 def provenance_for(config_path: Path, configs: dict, *, triton: str = "3.8.0", vllm: str = "0.33.0",
                    kernel_sha256: str = "0" * 64, layouts: tuple[str, ...] = ()):
     """A valid sidecar record for ``config_path`` holding ``configs`` (default = tuned, speedup 1)."""
-    import re
-
     from tuning.provenance import BatchRow, Provenance, RunInfo
-    from tuning.shapes import MoeShape
+    from tuning.shapes import FILE_NAME, MoeShape
 
-    m = re.match(r"^E=(\d+),N=(\d+),device_name=([^,]+)(?:,dtype=fp8_w8a8)?(?:,block_shape=\[(\d+),(\d+)\])?\.json$",
-                 Path(config_path).name)
-    block = (int(m.group(4)), int(m.group(5))) if m.group(4) else None
-    shape = MoeShape(int(m.group(1)), 288, int(m.group(2)), 4096, 8, "fp8" if "fp8_w8a8" in m.group(0) else "bf16",
-                     block)
+    m = FILE_NAME.match(Path(config_path).name)
+    block = (int(m.group(5)), int(m.group(6))) if m.group(5) else None
+    shape = MoeShape(int(m.group(1)), 288, int(m.group(2)), 4096, 8, "fp8" if m.group(4) else "bf16", block)
     run = RunInfo(gpu_name="NVIDIA H200", device_name=m.group(3), driver="580.159.04", count=1, cuda="13.0",
                   torch="2.11.0", triton=triton, python="3.12.3", vllm=vllm, kernel="vLLM fused_moe_kernel",
                   kernel_sha256=kernel_sha256)

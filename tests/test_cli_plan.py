@@ -190,6 +190,26 @@ def test_from_vllm_log_does_not_add_shapes_the_log_did_not_name(tune, tmp_path):
     assert EP4 not in out
 
 
+def test_from_vllm_log_with_per_tensor_fp8_is_one_line(tune, tmp_path):
+    """--quantization fp8 on the bf16 checkpoint: vLLM asks for dtype=fp8_w8a8 without a block_shape."""
+    log = tmp_path / "vllm.log"
+    log.write_text(missing_line("E=288,N=320,device_name=NVIDIA_H200,dtype=fp8_w8a8.json") + "\n")
+    rc, out, err = tune("--gpu", "H200", "--dtype", "fp8", "--dry-run", "--from-vllm-log", str(log))
+    assert rc == 2 and "per-tensor FP8" in one_error_line(err) and "-FP8" in err
+
+
+def test_vllm_triton_use_td_is_refused(tune, monkeypatch):
+    monkeypatch.setenv("VLLM_TRITON_USE_TD", "1")
+    rc, _, err = tune("--gpu", "H200", "--dtype", "bf16", "--dry-run")
+    assert rc == 2 and "VLLM_TRITON_USE_TD" in one_error_line(err)
+
+
+def test_batch_sizes_vllm_adds_to_the_18(tune):
+    rc, out, _ = tune("--gpu", "H200", "--dtype", "bf16", "--dry-run", "--layouts", "TP4", "--num-gpus", "4",
+                      "--batch-sizes", "vllm,8192,32768")
+    assert rc == 0 and "Batch sizes (M): 1 2 4 8 16 24 32 48 64 96 128 256 512 1024 1536 2048 3072 4096 8192 32768" in out
+
+
 def test_num_gpus_zero_is_refused(tune):
     rc, out, err = tune("--gpu", "H200", "--dtype", "fp8", "--dry-run", "--num-gpus", "0")
     assert rc == 2 and out == ""

@@ -9,7 +9,6 @@ must pick vLLM's nearest batch key. The round-trip tests write files with
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -18,14 +17,14 @@ from tuning.configs import TileConfig, read_config_file, write_config_file
 from tuning.provenance import SUFFIX as PROVENANCE_SUFFIX, sidecar_path as provenance_path
 from tuning.gpus import CATALOGUE
 from tuning.report import load_sidecar
-from tuning.shapes import BATCH_SIZES, MoeShape
+from tuning.shapes import BATCH_SIZES, FILE_NAME, MoeShape
 
 fused_moe = pytest.importorskip("vllm.model_executor.layers.fused_moe.fused_moe",
                                 reason="vLLM is not installed (pip install -e '.[vllm]')")
 
 ROOT = Path(__file__).resolve().parents[1] / "kernels_configs"
 HIDDEN, TOP_K = 4096, 8
-NAME = re.compile(r"^E=(\d+),N=(\d+),device_name=([^,]+)(?:,dtype=([a-z0-9_]+))?(?:,block_shape=\[(\d+),(\d+)\])?\.json$")
+NAME = FILE_NAME
 REPORT_FILES = {"REPORT.md", "summary.json", "plots"}
 
 

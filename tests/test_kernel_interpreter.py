@@ -42,7 +42,8 @@ def test_loads_vllm_source_with_its_version(kernel):
 
 
 def test_unknown_signature_is_refused_naming_the_version(fused_moe_py, tmp_path):
-    src = fused_moe_py.read_text().replace("    SWAP_AB: tl.constexpr,\n", "    SWAP_AB: tl.constexpr,\n    FUTURE_FLAG: tl.constexpr,\n", 1)
+    swap = "    SWAP_AB: tl.constexpr,\n"
+    src = fused_moe_py.read_text().replace(swap, swap + "    FUTURE_FLAG: tl.constexpr,\n", 1)
     assert "FUTURE_FLAG" in src
     path = tmp_path / "fused_moe.py"
     path.write_text(src)
@@ -105,7 +106,7 @@ def test_launcher_matches_vllms_own_invoke(kernel, monkeypatch):
     cfg = TileConfig(16, 64, 128, 1, 4, 3)
     al = launch.align(p.topk_ids, cfg.BLOCK_SIZE_M, FP8_EP.global_experts, p.expert_map)
     ours, theirs = p.c1.clone().fill_(0), p.c1.clone().fill_(0)
-    launch.invoke(kernel, replace(launch.w13(p), c=ours), al, cfg, (64, 64), False)
+    launch.invoke(kernel, replace(launch.w13(p), c=ours), al, cfg, block_shape=(64, 64), sm90=False)
     import triton.language as tl
 
     fm.invoke_fused_moe_triton_kernel(

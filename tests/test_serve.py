@@ -59,7 +59,8 @@ def test_print_command_tp4_mtp_with_env_file(tmp_path, monkeypatch, capsys):
     assert lines[2] == f"export VLLM_TUNED_CONFIG_FOLDER={tmp_path / 'kernels_configs' / 'NVIDIA_H200'}"
     assert shlex.split(lines[3]) == ["vllm", "serve", "stepfun-ai/Step-3.5-Flash", "--tensor-parallel-size", "4",
                                      *RECIPE, *MTP, "--port", "8123"]
-    assert shlex.split(lines[5]) == BenchSpec().argv(ServeSpec(model="stepfun-ai/Step-3.5-Flash", layout=parse_layout("TP4"), dtype="bf16", port=8123), tmp_path / "runs" / "bench-tuned.json")
+    served = ServeSpec(model="stepfun-ai/Step-3.5-Flash", layout=parse_layout("TP4"), dtype="bf16", port=8123)
+    assert shlex.split(lines[5]) == BenchSpec().argv(served, tmp_path / "runs" / "bench-tuned.json")
     assert lines[-1].endswith(f"kernels_configs/NVIDIA_H200/{TP4_BF16} for MoE layer.")
 
 

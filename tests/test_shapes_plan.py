@@ -267,7 +267,7 @@ def test_alternatives_name_the_smallest_node_that_fits():
 
 
 def test_fp8_plan_on_8xh200():
-    plan = make_plan(FP8, H200, "fp8", default_layouts(8), 8, BATCH_SIZES, "0.33")
+    plan = make_plan(FP8, H200, "fp8", default_layouts(8), 8, BATCH_SIZES, vllm_version="0.33")
     names = [plan.file_name(s) for s in plan.shapes]
     assert names == [
         "E=288,N=640,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json",
@@ -287,7 +287,7 @@ def test_fp8_plan_on_8xh200():
 
 
 def test_plan_under_vllm_016_lists_the_refusals():
-    plan = make_plan(FP8, H200, "fp8", default_layouts(8), 8, BATCH_SIZES, "0.16")
+    plan = make_plan(FP8, H200, "fp8", default_layouts(8), 8, BATCH_SIZES, vllm_version="0.16")
     assert [r.layout.name for r in plan.refusals] == ["TP4", "TP8"]
     assert len(plan.shapes) == 4
     text = format_plan(plan)
@@ -297,20 +297,20 @@ def test_plan_under_vllm_016_lists_the_refusals():
 
 
 def test_plan_batch_sizes_are_sorted_and_unique():
-    plan = make_plan(FP8, H200, "fp8", [Layout(tp=4)], 8, (16, 1, 16), "0.33")
+    plan = make_plan(FP8, H200, "fp8", [Layout(tp=4)], 8, (16, 1, 16), vllm_version="0.33")
     assert plan.batch_sizes == (1, 16)
     assert [j.m for j in plan.jobs] == [1, 16]
 
 
 def test_plan_without_fit_check_keeps_layouts_that_do_not_fit():
     layouts = [Layout(tp=1)]
-    assert make_plan(FP8, H200, "fp8", layouts, 8, (1,), "0.33").shapes == {}
-    forced = make_plan(FP8, H200, "fp8", layouts, 8, (1,), "0.33", check_fit=False)
+    assert make_plan(FP8, H200, "fp8", layouts, 8, (1,), vllm_version="0.33").shapes == {}
+    forced = make_plan(FP8, H200, "fp8", layouts, 8, (1,), vllm_version="0.33", check_fit=False)
     assert list(forced.shapes) == [MoeShape(288, 288, 1280, 4096, 8, "fp8", (128, 128))]
 
 
 def test_plan_that_fits_nowhere_says_what_would():
-    plan = make_plan(BF16, H20, "bf16", default_layouts(4), 4, BATCH_SIZES, "0.33")
+    plan = make_plan(BF16, H20, "bf16", default_layouts(4), 4, BATCH_SIZES, vllm_version="0.33")
     assert plan.shapes == {} and plan.jobs == []
     text = format_plan(plan)
     assert "No layout fits stepfun-ai/Step-3.5-Flash bf16 on 4xH20." in text

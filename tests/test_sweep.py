@@ -223,7 +223,8 @@ def test_all_gpus_busy_is_a_clear_error(tmp_path, monkeypatch):
         holder = Holder.remote()
         ray.get(holder.ping.remote())  # the only GPU is taken
         monkeypatch.setattr(sweep, "START_TIMEOUT_S", 5)
-        plan = make_plan(load_model(str(TINY_MODEL)), get_gpu("H200"), "bf16", [Layout(dp=2, ep=True)], 2, (1,), "0.33")
+        plan = make_plan(load_model(str(TINY_MODEL)), get_gpu("H200"), "bf16", [Layout(dp=2, ep=True)], 2, (1,),
+                         vllm_version="0.33")
         settings = Settings(gpu="H200", source=KernelSource(str(src)))
         driver = sweep.Driver(plan, settings, sweep.RayOptions(interpret=True, local_gpus=1), "3.8.0")
         with pytest.raises(UsageError, match="busy"):

@@ -78,7 +78,7 @@ def grid(tmp_path_factory) -> dict[tuple[str, ...], LayerRuntime]:
     return dict(zip(keys, answers))
 
 
-def at(grid, arch, dtype, layout, act, backend="auto", env="none") -> LayerRuntime:
+def at(grid, arch, dtype, layout, act, *, backend="auto", env="none") -> LayerRuntime:
     return grid[(arch, dtype, layout, act, backend, env)]
 
 
@@ -154,10 +154,10 @@ def test_hopper_fp8_tp_layouts(grid):
         assert runs(at(grid, "sm90", "fp8", "TP2", act)) == ("TRITON", "TritonExperts", 640, (128, 128))
         assert runs(at(grid, "sm90", "fp8", "DP4", act)) == runs(at(grid, "sm90", "fp8", "TP4", act))
         # --moe-backend deep_gemm pads the shard to whole 128 blocks instead of refining
-        assert runs(at(grid, "sm90", "fp8", "TP4", act, "deep_gemm")) == (
+        assert runs(at(grid, "sm90", "fp8", "TP4", act, backend="deep_gemm")) == (
             "DEEPGEMM", "TritonOrDeepGemmExperts", 384, (128, 128))
-        assert runs(at(grid, "sm90", "fp8", "TP8", act, "deep_gemm"))[2:] == (256, (128, 128))
-        assert runs(at(grid, "sm90", "fp8", "TP4", act, "triton")) == runs(at(grid, "sm90", "fp8", "TP4", act))
+        assert runs(at(grid, "sm90", "fp8", "TP8", act, backend="deep_gemm"))[2:] == (256, (128, 128))
+        assert runs(at(grid, "sm90", "fp8", "TP4", act, backend="triton")) == runs(at(grid, "sm90", "fp8", "TP4", act))
 
 
 @pytest.mark.slow
@@ -169,8 +169,8 @@ def test_hopper_fp8_ep_depends_on_activation(grid):
         assert runs(at(grid, "sm90", "fp8", layout, "swiglustep")) == (
             "DEEPGEMM", "TritonOrDeepGemmExperts", 1280, (128, 128))
         assert at(grid, "sm90", "fp8", layout, "swiglustep", env="DG=0").backend == "TRITON"
-        assert at(grid, "sm90", "fp8", layout, "silu", "flashinfer_cutlass").backend == "FLASHINFER_CUTLASS"
-        assert "SWIGLUSTEP" in at(grid, "sm90", "fp8", layout, "swiglustep", "flashinfer_cutlass").error
+        assert at(grid, "sm90", "fp8", layout, "silu", backend="flashinfer_cutlass").backend == "FLASHINFER_CUTLASS"
+        assert "SWIGLUSTEP" in at(grid, "sm90", "fp8", layout, "swiglustep", backend="flashinfer_cutlass").error
         for act in ACTS:
             assert at(grid, "sm90", "fp8", layout, act, env="BI=1").backend == "TRITON"
 
@@ -192,7 +192,7 @@ def test_forcing_deep_gemm_by_env(grid):
                 "ValueError: FP8 MoE backend DEEPGEMM does not support")
         for layout in WHOLE_BLOCKS:  # set explicitly, the defaults override vLLM's preferred order
             assert at(grid, arch, "fp8", layout, act, env="DG=1").backend == "DEEPGEMM"
-        assert at(grid, arch, "fp8", "TP2", act, "deep_gemm", "DG=0").error.startswith(
+        assert at(grid, arch, "fp8", "TP2", act, backend="deep_gemm", env="DG=0").error.startswith(
             "ValueError: FP8 MoE backend DEEPGEMM does not support")
 
 
@@ -204,7 +204,7 @@ def test_blackwell_fp8(grid):
         assert at(grid, "sm100", "fp8", layout, "swiglustep").backend == "DEEPGEMM"
     for layout, act in itertools.product(REFINED, ACTS):
         assert at(grid, "sm100", "fp8", layout, act).backend == "TRITON"
-    assert runs(at(grid, "sm100", "fp8", "TP4", "silu", "flashinfer_trtllm"))[2:] == (384, (128, 128))
+    assert runs(at(grid, "sm100", "fp8", "TP4", "silu", backend="flashinfer_trtllm"))[2:] == (384, (128, 128))
 
 
 @pytest.mark.slow
@@ -219,18 +219,18 @@ def test_bf16(grid):
             "FlashInfer TRTLLM", "TrtLlmBf16ExpertsMonolithic", -(-width // 128) * 128, None)
         assert at(grid, "sm100", "bf16", layout, act, env="BI=1").backend == "TRITON"
         for arch in ("sm90", "sm100"):
-            assert at(grid, arch, "bf16", layout, act, "marlin") == at(grid, arch, "bf16", layout, act)
+            assert at(grid, arch, "bf16", layout, act, backend="marlin") == at(grid, arch, "bf16", layout, act)
 
 
 @pytest.mark.slow
 def test_refused_backends(grid):
     for arch, layout, act in itertools.product(("sm90", "sm100"), LAYOUTS, ACTS):
-        fp8 = at(grid, arch, "fp8", layout, act, "cutlass").error
+        fp8 = at(grid, arch, "fp8", layout, act, backend="cutlass").error
         assert fp8 == "ValueError: vLLM CUTLASS FP8 MoE backend is disabled for this configuration."
-        assert "is not supported for FP8 MoE" in at(grid, arch, "fp8", layout, act, "batched_triton").error
+        assert "is not supported for FP8 MoE" in at(grid, arch, "fp8", layout, act, backend="batched_triton").error
         for backend in ("deep_gemm", "cutlass"):
-            assert "not supported for unquantized MoE" in at(grid, arch, "bf16", layout, act, backend).error
-        assert at(grid, "sm90", "fp8", layout, act, "flashinfer_trtllm").error.endswith(
+            assert "not supported for unquantized MoE" in at(grid, arch, "bf16", layout, act, backend=backend).error
+        assert at(grid, "sm90", "fp8", layout, act, backend="flashinfer_trtllm").error.endswith(
             "kernel does not support current device cuda.")
 
 

@@ -129,7 +129,7 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float("inf") if not torch.isfinite(out).all() else float((out - ref).norm() / ref.norm().clamp(min=1e-30))
 
 
-def compare(dg, kernel, gpu, model, layout_text: str, ms, folder: Path) -> list[Row]:
+def compare(dg, kernel, gpu, model, layout_text: str, *, ms, folder: Path) -> list[Row]:
     layout = parse_layout(layout_text)
     tri = shape_for(model, layout, "fp8")
     dgs = shape_for(model, layout, "fp8", moe_backend="deep_gemm")
@@ -143,15 +143,15 @@ def compare(dg, kernel, gpu, model, layout_text: str, ms, folder: Path) -> list[
           f"{'faster':<9} {'deep_gemm runs (E8M0 on / off)':<29}")
     rows = []
     for m in ms:
-        rows.append(_one(dg, kernel, gpu, layout.name, tri, dgs, m, tuned))
+        rows.append(_one(dg, kernel, gpu, layout.name, tri=tri, dgs=dgs, m=m, tuned=tuned))
         r = rows[-1]
         print(f"  {m:>5} {r.triton_default_us:>15.1f} {r.triton_tuned_us:>13.1f} {r.deepgemm_gemms_us:>15.1f} "
               f"{r.deepgemm_total_us:>15.1f}  {r.faster:<9} {r.vllm_runs:<29} (DeepGEMM rel. error {r.deepgemm_error:.1e})")
     return rows
 
 
-def _one(dg, kernel, gpu, layout: str, tri: MoeShape, dgs: MoeShape, m: int, tuned: dict) -> Row:
-    runner = Runner(kernel, tri, m, gpu, Routing(), 0)
+def _one(dg, kernel, gpu, layout: str, *, tri: MoeShape, dgs: MoeShape, m: int, tuned: dict) -> Row:
+    runner = Runner(kernel, tri, m, gpu, Routing(), seed=0)
     default = runner.evaluate(runner.default_config(), 100).us
     best = runner.evaluate(tuned[min(tuned, key=lambda k: abs(k - m))], 100).us if tuned else default
     del runner
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     folder = Path(args.configs or Path("kernels_configs") / gpu.device_name)
     model = load_model(DEFAULT_MODEL + "-FP8")
     print(f"DeepGEMM {getattr(dg, '__version__', '?')} vs {kernel.describe} on {torch.cuda.get_device_name()}")
-    rows = [r for lay in args.layouts.split(",") if lay for r in compare(dg, kernel, gpu, model, lay, ms, folder)]
+    rows = [r for lay in args.layouts.split(",") if lay for r in compare(dg, kernel, gpu, model, lay, ms=ms, folder=folder)]
     print(f"\nSelecting a backend: {FLAGS}.")
     if args.json_out:
         atomic_write_json(Path(args.json_out), {"gpu": torch.cuda.get_device_name(), "kernel": kernel.describe,

@@ -20,7 +20,6 @@ import argparse
 import errno
 import json
 import os
-import re
 import shlex
 import shutil
 import tempfile
@@ -31,13 +30,13 @@ from .configs import read_config_file
 from .provenance import SUFFIX as PROVENANCE_SUFFIX, TOOL, sidecar_path as provenance_path
 from .errors import UsageError
 from .files import output_folder
+from .shapes import FILE_NAME
 
 DEFAULT_CONFIGS = Path("kernels_configs")
 IMAGE_FOLDER = "/opt/tune-moe/configs"
 MANIFEST = ".tune-moe-bake.json"
 STAGE = ".tune-moe-bake-"  # staging folder inside a target whose files are replaced in place
 ENV = "VLLM_TUNED_CONFIG_FOLDER"
-CONFIG_NAME = re.compile(r"^E=\d+,N=\d+,device_name=([^,]+)(?:,dtype=[a-z0-9_]+)?(?:,block_shape=\[\d+,\d+\])?\.json$")
 # renaming the target folder itself fails with these on a mount point (EBUSY), an image layer of
 # overlayfs (EXDEV), a sticky or read-only parent (EPERM, EACCES, EROFS); its files can still be replaced
 UNMOVABLE = frozenset({errno.EBUSY, errno.EXDEV, errno.EPERM, errno.EACCES, errno.EROFS})
@@ -45,8 +44,8 @@ UNMOVABLE = frozenset({errno.EBUSY, errno.EXDEV, errno.EPERM, errno.EACCES, errn
 
 def config_device(name: str) -> str | None:
     """The device a vLLM fused-MoE config file name is for; None for any other name (sidecars included)."""
-    m = None if name.endswith(PROVENANCE_SUFFIX) else CONFIG_NAME.match(name)
-    return m.group(1) if m else None
+    m = None if name.endswith(PROVENANCE_SUFFIX) else FILE_NAME.match(name)
+    return m.group(3) if m else None
 
 
 @dataclass(frozen=True)

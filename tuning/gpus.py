@@ -1,7 +1,7 @@
 """GPU catalogue (data), vLLM's device-name rule, and what this node has.
 
 Rates are dense datasheet numbers; H200 bandwidth measured by a device-to-device
-copy is ~4.3 TB/s of the 4.8 in the table (see docs/measurements.md).
+copy is ~4.3 TB/s of the 4.8 in the table.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 from .errors import UsageError
+from .files import atomic_write_text
 
 FUSED_MOE = "vllm/model_executor/layers/fused_moe/fused_moe.py"
 CACHE_DIR = Path(os.environ.get("TUNE_MOE_CACHE", Path.home() / ".cache" / "tune-moe"))
@@ -145,7 +146,8 @@ def _import_kernels(source: str, version: str):
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError) as exc:
-        raise UsageError(f"--vllm-src: not Python source ({type(exc).__name__}: {exc.msg if isinstance(exc, SyntaxError) else exc}); "
+        why = exc.msg if isinstance(exc, SyntaxError) else exc
+        raise UsageError(f"--vllm-src: not Python source ({type(exc).__name__}: {why}); "
                          "pass vLLM's fused_moe.py, a vLLM wheel or a source tree") from None
     chunks = []
     for node in tree.body:
@@ -157,12 +159,9 @@ def _import_kernels(source: str, version: str):
     name = f"tune_moe_vllm_kernels_{digest}"
     if name in sys.modules:
         return sys.modules[name]
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
     file = CACHE_DIR / f"{name}.py"
     if not file.exists():
-        tmp = file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, file)
+        atomic_write_text(file, text)
     spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

@@ -132,12 +132,12 @@ def both_gemms(kernel: Kernel, p: Problem, al: Alignment, config: TileConfig, sm
     ``first`` replaces w13's inputs (the layer scope quantises them per call); ``between`` maps w13's
     output to w2's input and scale (the activation); without it w2 reads the inputs prepared once.
     """
-    invoke(kernel, first or w13(p), al, config, p.shape.block_shape, sm90, warmup)
+    invoke(kernel, first or w13(p), al, config, block_shape=p.shape.block_shape, sm90=sm90, warmup=warmup)
     second = w2(p, *between(p.c1)) if between else w2(p)
-    invoke(kernel, second, al, config, p.shape.block_shape, sm90, warmup)
+    invoke(kernel, second, al, config, block_shape=p.shape.block_shape, sm90=sm90, warmup=warmup)
 
 
-def invoke(kernel: Kernel, g: Gemm, al: Alignment, config: TileConfig, block_shape, sm90: bool,
+def invoke(kernel: Kernel, g: Gemm, al: Alignment, config: TileConfig, *, block_shape, sm90: bool,
            warmup: bool = False) -> None:
     """One fused_moe_kernel launch, argument for argument as invoke_fused_moe_triton_kernel.
 

@@ -132,7 +132,8 @@ def geometry_from_config(cfg: dict, name: str) -> ModelGeometry:
     wanted = (keys.experts, keys.top_k, keys.intermediate, "hidden_size", "num_hidden_layers")
     missing = [k for k in wanted if not isinstance(text.get(k), int)]
     if missing:
-        raise UsageError(f"{name}: not a {model_type} MoE config, missing integer keys {', '.join(missing)}; pass the model's config.json")
+        raise UsageError(f"{name}: not a {model_type} MoE config, missing integer keys {', '.join(missing)}; "
+                         "pass the model's config.json")
     n = text["num_hidden_layers"]
     moe_layers = tuple(MOE_LAYER_RULES[keys.moe_layers](text, n))
     if not moe_layers:

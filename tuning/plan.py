@@ -35,7 +35,7 @@ class Plan:
 
 
 def make_plan(model: ModelGeometry, gpu: GpuSpec, dtype: str, layouts: list[Layout], num_gpus: int,
-              batch_sizes: tuple[int, ...], vllm_version: str, moe_backend: str = "auto",
+              batch_sizes: tuple[int, ...], *, vllm_version: str, moe_backend: str = "auto",
               check_fit: bool = True) -> Plan:
     plan = Plan(gpu, dtype, model, vllm_version, num_gpus, tuple(sorted(set(batch_sizes))))
     for layout in layouts:

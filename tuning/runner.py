@@ -48,7 +48,7 @@ class Outcome:
 class Runner:
     """Inputs built once per (shape, M); every config is checked, then timed, on them."""
 
-    def __init__(self, kernel: Kernel, shape: MoeShape, m: int, gpu: GpuSpec, routing: Routing = Routing(),
+    def __init__(self, kernel: Kernel, shape: MoeShape, m: int, gpu: GpuSpec, routing: Routing = Routing(), *,
                  seed: int = 0, scope: str = "gemms"):
         self.kernel, self.shape, self.m, self.gpu, self.scope = kernel, shape, m, gpu, scope
         cuda = torch.cuda.is_available()

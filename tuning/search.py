@@ -79,7 +79,7 @@ class _Book:
         return sorted((o for o in self.seen.values() if o.ok), key=lambda o: o.us)
 
 
-def guided(ev: Evaluator, ctx: Context, default: TileConfig, seeds: Iterable[TileConfig] = (),
+def guided(ev: Evaluator, ctx: Context, default: TileConfig, *, seeds: Iterable[TileConfig] = (),
            failures: dict[TileConfig, Failure] | None = None, precompile: Callable | None = None,
            seed: int = 0, max_evals: int = MAX_EVALS) -> SearchResult:
     book = _Book(ev, {} if failures is None else failures, precompile)
@@ -94,7 +94,7 @@ def guided(ev: Evaluator, ctx: Context, default: TileConfig, seeds: Iterable[Til
     return _finish(ev, book, default)
 
 
-def exhaustive(ev: Evaluator, ctx: Context, default: TileConfig, failures: dict[TileConfig, Failure] | None = None,
+def exhaustive(ev: Evaluator, ctx: Context, default: TileConfig, *, failures: dict[TileConfig, Failure] | None = None,
                precompile: Callable | None = None, seeds: Iterable[TileConfig] = (), **_) -> SearchResult:
     book = _Book(ev, {} if failures is None else failures, precompile)
     book.look([default, *seeds, *space(ctx)])

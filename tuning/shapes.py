@@ -195,14 +195,15 @@ def _fix_fp8_shard(model, layout, shard, block, vllm_version, moe_backend):
     return shard, (refine, refine)
 
 
-_FILE = re.compile(r"^E=(\d+),N=(\d+),device_name=([^,]+)(?:,dtype=([a-z0-9_]+))?(?:,block_shape=\[(\d+),(\d+)\])?\.json$")
+# The inverse of MoeShape.file_name: E, N, device, dtype (None: bf16), block n, block k.
+FILE_NAME = re.compile(r"^E=(\d+),N=(\d+),device_name=([^,]+)(?:,dtype=([a-z0-9_]+))?(?:,block_shape=\[(\d+),(\d+)\])?\.json$")
 
 
 def shapes_from_file_names(names: list[str], model: ModelGeometry, device_name: str) -> list[MoeShape]:
     """Shapes behind vLLM config file names (e.g. from a log), for ``model`` on ``device_name``."""
     out = []
     for name in names:
-        m = _FILE.match(name)
+        m = FILE_NAME.match(name)
         if not m:
             raise UsageError(f"{name}: not a vLLM fused-MoE config file name; expected E=..,N=..,device_name=...json")
         if m.group(3) != device_name:

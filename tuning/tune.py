@@ -92,7 +92,8 @@ def build_plan(args: argparse.Namespace, found: list[gpus.DetectedGpu]) -> Plan:
     if too_big:
         raise UsageError(f"--layouts {','.join(too_big)} need more than the {num_gpus} GPUs of the node; "
                          "raise --num-gpus or pick smaller layouts")
-    plan = make_plan(model, gpu, args.dtype, layouts, num_gpus, shapes.parse_batch_sizes(args.batch_sizes), version, backend)
+    plan = make_plan(model, gpu, args.dtype, layouts, num_gpus, shapes.parse_batch_sizes(args.batch_sizes),
+                     vllm_version=version, moe_backend=backend)
     if args.layouts and plan.refusals and not plan.shapes:
         r = plan.refusals[0]
         raise UsageError(f"layout {r.layout.name}: {r.reason}")

@@ -89,7 +89,7 @@ def _verify_file(folder: Path, name: str, gpu, kernel, args) -> int:
     print(f"  {'M':>5} {'default us':>11} {'tuned us':>9} {'speedup':>8}  tuned")
     for m in sizes:
         tuned = loaded[min(loaded, key=lambda k: abs(k - m))]  # vLLM's nearest-key rule
-        runner = Runner(kernel, shape, m, gpu, Routing(), 0)
+        runner = Runner(kernel, shape, m, gpu, Routing(), seed=0)
         t, d = head_to_head(runner, tuned, runner.default_config())
         if not t.ok:
             print(f"  {m:>5} tuned config fails: {t.failure}")

@@ -79,7 +79,8 @@ def run_job(kernel: Kernel, gpu: GpuSpec, job: Job, settings: Settings, *, devic
     from .space import Context
 
     t0 = time.monotonic()
-    runner = Runner(kernel, job.shape, job.m, gpu, Routing.parse(settings.routing), settings.seed, settings.scope)
+    runner = Runner(kernel, job.shape, job.m, gpu, Routing.parse(settings.routing), seed=settings.seed,
+                    scope=settings.scope)
     default = runner.default_config()
     pre = (lambda cfgs: precompile(job.shape, job.m, cfgs)) if precompile else None
     result = STRATEGIES[settings.strategy](runner, Context(job.shape, gpu, job.m), default, seeds=seeds,
