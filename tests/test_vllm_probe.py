@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tuning.vllm_probe import probe
-from tuning.vllm_rules import LayerRuntime, ServeFacts, normalize_moe_backend
+from tuning.vllm_rules import MOE_BACKENDS, LayerRuntime, ServeFacts, normalize_moe_backend
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -47,8 +47,9 @@ ENVS = {
     "BI=1": (("VLLM_BATCH_INVARIANT", "1"),),
 }
 BF16_ENVS = ("none", "BI=1")  # the unquantized oracle reads no DeepGEMM variable
-BACKENDS = ("auto", "triton", "deep_gemm", "cutlass", "flashinfer_cutlass", "flashinfer_trtllm",
-            "marlin", "batched_triton")
+# Every --moe-backend value vLLM 0.33 accepts, but "humming" and "hpc": whether those run depends on optional
+# packages (humming, hpc) that a vLLM 0.33 install does not bring, so vLLM's answer depends on the machine.
+BACKENDS = tuple(b for b in MOE_BACKENDS if b not in ("humming", "hpc"))
 ACTS = ("silu", "swiglustep")
 
 
@@ -140,7 +141,7 @@ def test_env_facts():
 
 @pytest.mark.slow
 def test_grid_is_complete(grid):
-    assert len(grid) == 2 * 12 * 2 * 8 * (5 + 2) == 2688  # fp8 with 5 env variants, bf16 with 2
+    assert len(grid) == 2 * 12 * 2 * len(BACKENDS) * (5 + 2) == 7392  # fp8 with 5 env variants, bf16 with 2
     for r in grid.values():
         assert (r.error is None) == (r.backend is not None) == (r.experts is not None) == (r.n is not None)
         assert r.error is None or r.error.split(":")[0].isidentifier()
