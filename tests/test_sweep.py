@@ -263,3 +263,24 @@ def test_a_broken_toolchain_stops_the_sweep_in_one_line(tmp_path):
     errors = [line for line in run.stderr.splitlines() if line.startswith("tune-moe: error")]
     assert len(errors) == 1 and run.stderr.strip().endswith(errors[0]) and "Traceback" not in run.stderr
     assert not (out / FILE).exists()
+
+
+def test_a_shape_is_written_the_moment_its_last_batch_size_finishes(tmp_path):
+    """Two shapes; the one that finishes first is on disk (config and sidecar) before the run ends."""
+    out = tmp_path / "cfg"
+    cmd = command(out)
+    cmd[cmd.index("--layouts") + 1] = "DP2+EP,TP2"
+    cmd[cmd.index("--batch-sizes") + 1] = "1,2,4"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), start_new_session=True)
+    files = [out / FILE, out / "E=16,N=64,device_name=NVIDIA_H200.json"]
+    deadline = time.time() + 600
+    while not any(f.exists() for f in files):
+        assert proc.poll() is None and time.time() < deadline, "no file before the run ended"
+        time.sleep(0.2)
+    kill_tree(proc.pid)  # the run is killed right after the first shape completed
+    proc.wait(timeout=60)
+    first = next(f for f in files if f.exists())
+    assert sorted(configs.read_config_file(first)) == [1, 2, 4]
+    assert provenance.read(first).file == first.name
+    done = {(r["file"], r["m"]) for r in results(out)}
+    assert {m for f, m in done if f == first.name} == {1, 2, 4}
