@@ -136,13 +136,18 @@ def vllm_loads(folder: Path, e: int, n: int) -> dict:
     return {m: configs.TileConfig.from_dict(c) for m, c in got.items()}
 
 
-def test_killed_run_resumes_only_the_rest(tmp_path):
-    out = tmp_path / "cfg"
+def killed_after(out: Path, n: int) -> None:
+    """Start a run into ``out`` and SIGKILL it (and its own Ray) once ``n`` jobs are saved."""
     proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(),
                             start_new_session=True)
-    wait_for_results(proc, out, 2)
+    wait_for_results(proc, out, n)
     kill_tree(proc.pid)
     proc.wait(timeout=60)
+
+
+def test_killed_run_resumes_only_the_rest(tmp_path):
+    out = tmp_path / "cfg"
+    killed_after(out, 2)
     before = results(out)
     assert 2 <= len(before) < 6
     again = subprocess.run(command(out), capture_output=True, text=True, env=env(), timeout=900)
@@ -156,11 +161,7 @@ def test_killed_run_resumes_only_the_rest(tmp_path):
 def test_resume_under_another_geometry_is_refused(tmp_path):
     """Results of one model are never reused for another whose file name is the same (K differs here)."""
     out = tmp_path / "cfg"
-    proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(),
-                            start_new_session=True)
-    wait_for_results(proc, out, 1)
-    kill_tree(proc.pid)
-    proc.wait(timeout=60)
+    killed_after(out, 1)
     wider = json.loads(TINY_MODEL.read_text())
     wider["hidden_size"] *= 2
     (tmp_path / "wider.json").write_text(json.dumps(wider))

@@ -179,6 +179,18 @@ def _pick(s: ServeFacts, act: str, order: list[str], refined: bool) -> tuple[str
     return why
 
 
+def _select(s: ServeFacts, act: str, order: list[str], refined: bool, kind: str) -> tuple[str, str] | str:
+    """The first supported (backend, class) of ``order``, or the error vLLM raises: one requested backend that
+    refuses (ValueError, _return_or_raise), or none left (NotImplementedError)."""
+    found = _pick(s, act, order, refined)
+    if isinstance(found, tuple):
+        return found
+    if len(order) == 1:
+        return (f"ValueError: {kind} MoE backend {order[0]} does not support the deployment configuration since "
+                f"kernel does not support {found}.")
+    return f"NotImplementedError: No {kind} MoE backend supports the deployment configuration."
+
+
 def _fp8_order(s: ServeFacts) -> list[str]:
     """oracle/fp8.py _get_priority_backends for block FP8 on CUDA (the ones that apply to this model)."""
     order = ["FLASHINFER_TRTLLM", "FLASHINFER_CUTLASS", "DEEPGEMM", "TRITON", "MARLIN"]
@@ -209,13 +221,7 @@ def _fp8_layer(s: ServeFacts, act: str) -> tuple[str, str] | str:
             order = ["DEEPGEMM"]
         else:
             order.remove("DEEPGEMM")
-    found = _pick(s, act, order, refined)
-    if isinstance(found, tuple):
-        return found
-    if len(order) == 1:
-        return (f"ValueError: FP8 MoE backend {order[0]} does not support the deployment configuration since "
-                f"kernel does not support {found}.")
-    return "NotImplementedError: No FP8 MoE backend supports the deployment configuration."
+    return _select(s, act, order, refined, "FP8")
 
 
 def _bf16_layer(s: ServeFacts, act: str) -> tuple[str, str] | str:
@@ -230,13 +236,7 @@ def _bf16_layer(s: ServeFacts, act: str) -> tuple[str, str] | str:
         if backend is None:
             return f"ValueError: moe_backend='{s.moe_backend}' is not supported for unquantized MoE"
         order = [backend]
-    found = _pick(s, act, order, refined=False)
-    if isinstance(found, tuple):
-        return found
-    if len(order) == 1:
-        return (f"ValueError: Unquantized MoE backend {order[0]} does not support the deployment configuration "
-                f"since kernel does not support {found}.")
-    return "NotImplementedError: No Unquantized MoE backend supports the deployment configuration."
+    return _select(s, act, order, False, "Unquantized")
 
 
 def layer_runtime(s: ServeFacts, activation: str) -> LayerRuntime:
