@@ -1,5 +1,10 @@
-"""validate-serve: the recipe's commands, and the serve orchestration against a fake ``vllm`` (no GPU, no model)."""
+"""validate-serve: the recipe's commands, and the serve orchestration against a fake ``vllm`` (no GPU, no model).
 
+Preflight answers from tune-moe's mirror of vLLM's rules here (``vllm_probe.preflight`` answers None, as
+for a vLLM whose internals moved), so no test but the one marked ``slow`` spends ~20 s importing vLLM.
+"""
+
+import importlib.util
 import json
 import os
 import shlex
@@ -12,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from tuning import cli
+from tuning import cli, vllm_probe
 from tuning.errors import UsageError
 from tuning.envfile import read_env_file
 from tuning.recipe import BenchSpec, ServeSpec
-from tuning.shapes import parse_layout
+from tuning.shapes import BATCH_SIZES, parse_layout
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = REPO / "tests" / "fixtures" / "fake_vllm"
@@ -26,6 +31,11 @@ MTP = ["--hf-overrides", '{"num_nextn_predict_layers": 1}',
        "--speculative-config", '{"method": "step3p5_mtp", "num_speculative_tokens": 1}']
 TP4_BF16 = "E=288,N=320,device_name=NVIDIA_H200.json"
 EP4_FP8 = "E=72,N=1280,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"
+TILE = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 3}
+CONFIG = json.dumps({str(m): TILE for m in BATCH_SIZES})  # a valid tuned file at vLLM's batch sizes
+VLLMS_OWN_PREFLIGHT = vllm_probe.preflight
+MIRROR_CLI = ("import sys; from tuning import cli, vllm_probe; vllm_probe.preflight = lambda *a: None; "
+              "sys.exit(cli.main(sys.argv[1:]))")  # validate-serve in a subprocess, preflight from the mirror
 
 
 # -- the commands ----------------------------------------------------------------------------------
@@ -138,9 +148,21 @@ def test_bad_input_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
     assert cli.main([*base, "--layout", "TP4", "--env-file", "absent.env"]) == 2
     assert cli.main(["validate-serve", "--layout", "TP4", "--dtype", "fp8", "--gpu", "H200", "--model", "x",
                      "--vllm-version", "0.16", "--print-command"]) == 2
+    assert cli.main([*base, "--layout", "TP4", "--moe-backend", "tritn"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("tune-moe: error: ") for line in err)
+    assert len(err) == 4 and all(line.startswith("tune-moe: error: ") for line in err)
     assert "DP4+EP" in err[2]  # vLLM 0.16 refuses FP8 TP4: the fix names the recipe's layout
+    assert "--moe-backend 'tritn': not a vLLM 0.33 value; use one of auto, triton, batched_triton" in err[3]
+
+
+def test_moe_backend_is_normalised_as_vllm_does(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["validate-serve", "--layout", "DP4+EP", "--dtype", "fp8", "--gpu", "H200", "--moe-backend",
+                     "Deep-Gemm", "--no-bench", "--print-command"]) == 0
+    out, err = capsys.readouterr()
+    assert "--moe-backend deep_gemm --port 8000" in out
+    assert "what vLLM runs per MoE layer kind, and which tuned file each reads: tune-moe preflight --gpu H200 -- " \
+           f"VLLM_TUNED_CONFIG_FOLDER={tmp_path / 'kernels_configs' / 'NVIDIA_H200'} vllm serve" in err
 
 
 # -- the orchestration, against tests/fixtures/fake_vllm/vllm ---------------------------------------
@@ -162,16 +184,17 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
-    """The fake vllm first on PATH; a tuned folder holding the TP4 bf16 file; pids of every fake process."""
+    """The fake vllm first on PATH; a tuned folder holding the TP4 bf16 file; pids of every fake process;
+    preflight answered by the mirror."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PATH", f"{FAKE}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER", raising=False)
+    monkeypatch.setattr(vllm_probe, "preflight", lambda *args: None)
     pids = tmp_path / "pids"
     monkeypatch.setenv("FAKE_VLLM_PIDS", str(pids))
-    monkeypatch.setenv("FAKE_VLLM_SHAPES", TP4_BF16)
     folder = tmp_path / "configs"
     folder.mkdir()
-    (folder / TP4_BF16).write_text("{}")
+    (folder / TP4_BF16).write_text(CONFIG)
     yield {"dir": tmp_path, "configs": folder, "pids": pids, "out": tmp_path / "out"}
     started = [int(p) for p in pids.read_text().split()] if pids.exists() else []
     left = [p for p in started if alive(p)]
@@ -190,21 +213,40 @@ def report(fake) -> dict:
     return json.loads((fake["out"] / "report.json").read_text())
 
 
+def fp8_ep(args: list[str]) -> list[str]:
+    args[args.index("TP4")], args[args.index("bf16")] = "DP4+EP", "fp8"
+    return args
+
+
 def test_serve_proves_the_tuned_file_and_benchmarks(fake, capsys):
     (fake["dir"] / "tune-moe-node.env").write_text("export HF_TOKEN=hf_s3cr3t\n")  # found in the working folder
     log = fake["dir"] / "logs" / "serve.log"
     assert cli.main(argv(fake, "--log", str(log), "--num-prompts", "3")) == 0
-    assert "PASS" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "PASS" in out
+    # preflight's per-layer-kind table, printed before the server started
+    table = out.split("what vLLM runs per MoE layer kind):", 1)[1].split("starting the tuned server", 1)[0]
+    assert "SiLU layers: TRITON (TritonExperts), N=320" in table
+    assert "SwiGLU-step layers: TRITON (TritonExperts), N=320" in table
+    assert f"found {fake['configs'] / TP4_BF16}" in table
     rep = report(fake)
     (run,) = rep["runs"]
-    assert rep["ok"] and run["outcome"] == "ok" and run["log"] == str(log)
+    assert rep["ok"] and run["outcome"] == "ok" and run["log"] == str(log) and run["problems"] == []
+    assert rep["expected_files"] == [TP4_BF16]
+    assert [(k["kind"], k["backend"], k["file"]) for k in rep["preflight"]["layers"]] == [
+        ("SiLU layers", "TRITON", TP4_BF16), ("SwiGLU-step layers", "TRITON", TP4_BF16)]
     assert run["proof"]["loaded"] == [str(fake["configs"] / TP4_BF16)]
-    assert run["proof"]["backends"] == ["TRITON (Unquantized)"]
+    assert run["proof"]["backends"] == ["TRITON (Unquantized)"]  # logged once for both layer kinds
+    assert run["kinds"] == [{"kind": kind, "backend": "TRITON", "backend_logged": True, "file": TP4_BF16,
+                             "log": f"loaded {fake['configs'] / TP4_BF16}"} for kind in ("SiLU layers",
+                                                                                      "SwiGLU-step layers")]
     assert run["metrics"]["output_throughput"] == 850.0 and run["metrics"]["completed"] == 3
     saved = json.loads(Path(run["result_file"]).read_text())
     assert saved["output_throughput"] == 850.0 and saved["num_prompts"] == 3
     md = (fake["out"] / "report.md").read_text()
     assert "| output tok/s | 811.94 | 850.00 | +4.7% |" in md
+    assert "## Preflight: what vLLM runs per MoE layer kind" in md and "SiLU layers: TRITON (TritonExperts)" in md
+    assert f"| tuned | SwiGLU-step layers | TRITON | yes | `{TP4_BF16}` | loaded {fake['configs'] / TP4_BF16} |" in md
     assert "POST /v1/completions" in log.read_text()
     assert rep["env"]["HF_TOKEN"] == "<hidden>" and "s3cr3t" not in (fake["out"] / "report.json").read_text()
 
@@ -223,7 +265,9 @@ def test_missing_config_fails_and_names_the_file(fake, capsys):
     (fake["configs"] / TP4_BF16).unlink()
     assert cli.main(argv(fake)) == 1
     captured = capsys.readouterr()
-    assert f"has no {TP4_BF16}" in captured.out  # the note before the serve
+    before = captured.out.split("starting the tuned server", 1)[0]
+    assert f"problem: SiLU layers: {TP4_BF16} is not in {fake['configs']}" in before  # preflight's table
+    assert f"has no {TP4_BF16}" in before  # the note: the run goes ahead, its log drives the tuner
     assert f"vLLM used its default MoE config for {TP4_BF16}" in captured.err
     assert f"tune them: tune-moe --gpu H200 --dtype bf16 --from-vllm-log {fake['out']}/vllm-serve-tuned.log" \
         in captured.err
@@ -231,11 +275,8 @@ def test_missing_config_fails_and_names_the_file(fake, capsys):
     assert not (fake["out"] / "bench-tuned.json").exists()
 
 
-def test_the_failed_serves_log_drives_the_tuner(fake, monkeypatch):
-    monkeypatch.setenv("FAKE_VLLM_SHAPES", EP4_FP8)
-    args = argv(fake, "--moe-backend", "triton")
-    args[args.index("TP4")], args[args.index("bf16")] = "DP4+EP", "fp8"
-    assert cli.main(args) == 1
+def test_the_failed_serves_log_drives_the_tuner(fake):
+    assert cli.main(fp8_ep(argv(fake, "--moe-backend", "triton"))) == 1  # the fake looks up the layout's file
     plan = subprocess.run([sys.executable, "-m", "tuning.cli", "--gpu", "H200", "--dtype", "fp8", "--from-vllm-log",
                            str(fake["out"] / "vllm-serve-tuned.log"), "--dry-run"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -244,16 +285,105 @@ def test_the_failed_serves_log_drives_the_tuner(fake, monkeypatch):
     assert [line.strip() for line in shapes.splitlines() if line.strip().endswith(".json")] == [EP4_FP8]
 
 
-def test_non_triton_backend_fails_with_the_fix(fake, monkeypatch, capsys):
-    monkeypatch.setenv("FAKE_VLLM_BACKEND", "FLASHINFER_CUTLASS")
-    monkeypatch.setenv("FAKE_VLLM_SHAPES", EP4_FP8)
-    (fake["configs"] / EP4_FP8).write_text("{}")
-    args = argv(fake, "--no-bench")
-    args[args.index("TP4")], args[args.index("bf16")] = "DP4+EP", "fp8"
-    assert cli.main(args) == 1
+def test_fp8_ep_runs_no_kind_on_triton_and_fails_with_the_per_kind_fix(fake, capsys):
+    (fake["configs"] / EP4_FP8).write_text(CONFIG)
+    assert cli.main(fp8_ep(argv(fake, "--no-bench"))) == 1
     captured = capsys.readouterr()
-    assert "FlashInfer-CUTLASS MoE backend first" in captured.out
-    assert "FLASHINFER_CUTLASS (Fp8) MoE backend" in captured.err and "--moe-backend triton" in captured.err
+    per_kind = ("SiLU layers: FLASHINFER_CUTLASS, reads no Triton tuned file; SwiGLU-step layers: DEEPGEMM, reads no "
+                "Triton tuned file (E8M0 is on: DeepGEMM at every M)")
+    fix = "with --moe-backend triton vLLM 0.33 runs every MoE layer kind on TRITON, which reads the tuned file"
+    assert f"note: {per_kind}: no MoE layer kind runs the tuned Triton kernel, so the check will fail; {fix}" \
+        in captured.out.split("starting the tuned server", 1)[0]
+    rep = report(fake)
+    (run,) = rep["runs"]
+    assert rep["expected_files"] == []
+    assert run["proof"]["backends"] == ["FLASHINFER_CUTLASS (Fp8)", "DEEPGEMM (Fp8)"]  # the log agrees per kind
+    assert run["problems"] == [f"no MoE layer kind of this serve runs the tuned Triton kernel ({per_kind}); {fix}"]
+    assert "FlashInfer-CUTLASS MoE backend first" not in captured.out + captured.err  # the old blanket note
+
+
+def test_a_file_preflight_did_not_predict_fails_the_run(fake, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_VLLM_SHAPES", EP4_FP8)  # the engine also looks this file up
+    (fake["configs"] / EP4_FP8).write_text(CONFIG)
+    assert cli.main(argv(fake, "--no-bench")) == 1
+    (run,) = report(fake)["runs"]
+    assert run["outcome"] == "proof"
+    assert run["problems"] == [f"vLLM's log disagrees with preflight on the tuned files: vLLM looked up {EP4_FP8}, "
+                               f"which preflight did not predict (preflight predicted SiLU layers: {TP4_BF16}; "
+                               f"SwiGLU-step layers: {TP4_BF16})"]
+    assert f"tuned: {run['problems'][0]}" in capsys.readouterr().err
+
+
+def test_a_backend_preflight_did_not_predict_fails_the_run(fake, monkeypatch):
+    monkeypatch.setenv("FAKE_VLLM_BACKEND", "BATCHED_TRITON")  # reads the same file, another kernel
+    assert cli.main(argv(fake, "--no-bench")) == 1
+    (run,) = report(fake)["runs"]
+    assert run["proof"]["loaded"] == [str(fake["configs"] / TP4_BF16)]
+    disagree, batched = sorted(run["problems"], key=lambda p: "disagrees" not in p)
+    assert disagree == ("vLLM's log disagrees with preflight on the MoE backend: vLLM logged BATCHED_TRITON; "
+                        "preflight predicted SiLU layers: TRITON; SwiGLU-step layers: TRITON")
+    assert batched.startswith(f"vLLM ran the BATCHED_TRITON MoE backend and read {TP4_BF16}: that backend runs the "
+                              "batched kernel, where M means tokens per expert")
+    assert [k["backend_logged"] for k in run["kinds"]] == [False, False]
+
+
+def test_batched_triton_asked_for_is_predicted_but_proves_nothing(fake):
+    assert cli.main(argv(fake, "--no-bench", "--moe-backend", "batched_triton")) == 1
+    rep = report(fake)
+    assert rep["expected_files"] == [] and any("BATCHED_TRITON, looks the tuned file up but runs the batched kernel"
+                                               in n for n in rep["notes"])
+    (run,) = rep["runs"]
+    assert len(run["problems"]) == 1 and "does not prove the tuned configs ran as tuned" in run["problems"][0]
+
+
+def test_a_serve_vllm_will_not_start_is_refused_before_anything_starts(fake, capsys):
+    args = argv(fake, "--moe-backend", "flashinfer-cutlass")
+    args[args.index("bf16")] = "fp8"
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("tune-moe: error: preflight: vLLM will not start this serve "
+                                                   "(SwiGLU-step layers: ValueError: FP8 MoE backend FLASHINFER_CUTLASS")
+    assert not fake["pids"].exists() and not fake["out"].exists()
+
+
+def test_a_layout_that_does_not_fit_is_refused_before_anything_starts(fake, capsys):
+    args = argv(fake)
+    args[args.index("TP4")] = "TP2"
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err == ("tune-moe: error: layout TP2 does not fit in memory: TP2 on 2xH200: 197 GB weights per GPU of a "
+                   "130 GB budget, -73 GB left for KV cache: does not fit (needs >= 10 GB); nothing was started; "
+                   "try bf16 on 4xH200 (TP4 or DP4+EP) or fp8 (stepfun-ai/Step-3.5-Flash-FP8) on 2xH200\n")
+    assert not fake["pids"].exists() and not fake["out"].exists()
+
+
+def test_blackwell_bf16_layer_kinds_pick_two_backends_and_the_log_agrees(fake, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_VLLM_GPU", "B200")
+    b200 = TP4_BF16.replace("H200", "B200")
+    (fake["configs"] / b200).write_text(CONFIG)
+    args = argv(fake, "--no-bench")
+    args[args.index("H200")] = "B200"
+    assert cli.main(args) == 0
+    assert ("note: SiLU layers: FlashInfer TRTLLM, reads no Triton tuned file; SwiGLU-step layers: TRITON, reads the "
+            f"tuned file {b200}: the tuned configs serve only the layer kinds that read them") in capsys.readouterr().out
+    rep = report(fake)
+    (run,) = rep["runs"]
+    assert rep["ok"] and rep["expected_files"] == [b200]
+    assert run["proof"]["backends"] == ["FlashInfer TRTLLM (Unquantized)", "TRITON (Unquantized)"]
+    assert [(k["kind"], k["backend"], k["backend_logged"], k["log"]) for k in run["kinds"]] == [
+        ("SiLU layers", "FlashInfer TRTLLM", True, "-"),
+        ("SwiGLU-step layers", "TRITON", True, f"loaded {fake['configs'] / b200}")]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM installed")
+def test_log_agrees_with_vllms_own_preflight_answer(fake, monkeypatch):
+    """Preflight answered by vLLM 0.33's own parser and selection code; the fake logs what the mirror says."""
+    monkeypatch.setattr(vllm_probe, "preflight", VLLMS_OWN_PREFLIGHT)
+    assert cli.main(argv(fake, "--no-bench")) == 0
+    rep = report(fake)
+    assert rep["preflight"]["answered_by"] == "vLLM's own code"
+    assert rep["ok"] and rep["runs"][0]["problems"] == [] and rep["expected_files"] == [TP4_BF16]
 
 
 def test_failed_benchmark_requests_fail_the_run(fake, monkeypatch, capsys):
@@ -331,7 +461,7 @@ def test_signal_to_validate_serve_stops_the_server(fake, sig, code):
     env = {**os.environ, "FAKE_VLLM_NEVER_HEALTHY": "1", "PYTHONPATH": str(REPO)}
     args = argv(fake)
     args[args.index("--timeout") + 1] = "60"
-    proc = subprocess.Popen([sys.executable, "-m", "tuning.cli", *args], env=env, cwd=fake["dir"],
+    proc = subprocess.Popen([sys.executable, "-c", MIRROR_CLI, *args], env=env, cwd=fake["dir"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for_pids(fake, 2)
     proc.send_signal(sig)
@@ -345,7 +475,7 @@ def test_second_ctrl_c_skips_the_grace_period(fake):
     env = {**os.environ, "FAKE_VLLM_NEVER_HEALTHY": "1", "FAKE_VLLM_IGNORE_TERM": "1", "PYTHONPATH": str(REPO)}
     args = argv(fake)
     args[args.index("--timeout") + 1], args[args.index("--grace") + 1] = "60", "60"
-    proc = subprocess.Popen([sys.executable, "-m", "tuning.cli", *args], env=env, cwd=fake["dir"],
+    proc = subprocess.Popen([sys.executable, "-c", MIRROR_CLI, *args], env=env, cwd=fake["dir"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for_pids(fake, 2)
     proc.send_signal(signal.SIGINT)

@@ -1,4 +1,5 @@
-"""Reading vLLM 0.33 server logs: config lines, backend lines, the proof check, and the loop back to tuning."""
+"""Reading vLLM 0.33 server logs: config lines, backend lines, the proof check, agreement with preflight's
+per-layer-kind prediction, and the loop back to tuning."""
 
 import importlib.util
 import subprocess
@@ -9,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from tuning.errors import UsageError
-from tuning.vllm_log import missing_config_files, prove_default, prove_tuned, read_log
+from tuning.vllm_log import (
+    TRITON_BACKENDS,
+    Predicted,
+    agreement,
+    missing_config_files,
+    prove_default,
+    prove_tuned,
+    read_log,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = "/usr/lib/python3/dist-packages/vllm/model_executor/layers/fused_moe/configs"
@@ -94,10 +103,65 @@ def test_non_triton_backend_explains_the_silence(tmp_path):
     log = "Using FLASHINFER_CUTLASS Fp8 MoE backend out of potential backends: ['FLASHINFER_CUTLASS', 'TRITON']."
     proof = prove_tuned(read_log(log), [EP4], tmp_path, tmp_path / "log")
     assert not proof.ok
-    assert "FLASHINFER_CUTLASS (Fp8)" in proof.problems[0] and "--moe-backend triton" in proof.problems[0]
+    assert proof.problems == (f"vLLM ran only the FLASHINFER_CUTLASS (Fp8) MoE backend, which reads no Triton tuned "
+                              f"file, so {EP4} was never looked up",)
 
     silent = prove_tuned(read_log("Using TRITON Fp8 MoE backend"), [EP4], tmp_path, tmp_path / "log")
     assert "never reported a config" in silent.problems[0]
+
+
+def backend_line(name: str, quant: str = "Unquantized") -> str:
+    return f"{PREFIX} INFO 11-29 05:40:00 [unquantized.py:266] Using {name} {quant} MoE backend out of potential " \
+           f"backends: ['{name}']."
+
+
+def test_only_triton_proves_the_tuned_configs_ran_as_tuned(tmp_path):
+    assert TRITON_BACKENDS == ("TRITON",)
+    folder = tmp_path / "NVIDIA_H200"
+    name = "E=288,N=320,device_name=NVIDIA_H200.json"
+    loaded = loaded_line(f"{folder}/{name}")
+    assert prove_tuned(read_log(backend_line("TRITON") + "\n" + loaded), [name], folder, tmp_path / "log").ok
+    batched = prove_tuned(read_log(backend_line("BATCHED_TRITON") + "\n" + loaded), [name], folder, tmp_path / "log")
+    assert not batched.ok and batched.loaded == (f"{folder}/{name}",)
+    assert batched.problems == (f"vLLM ran the BATCHED_TRITON MoE backend and read {name}: that backend runs the "
+                                "batched kernel, where M means tokens per expert, not the tokens the file's batch "
+                                "keys mean, so reading a tuned file does not prove the tuned configs ran as tuned "
+                                "(only TRITON, vLLM's TritonExperts, runs them as tuned)",)
+
+
+SILU, STEP = "SiLU layers", "SwiGLU-step layers"
+
+
+def test_agreement_one_backend_line_covers_both_layer_kinds():
+    log = read_log("\n".join([backend_line("TRITON", "Fp8")] * 4 + [loaded_line(f"/k/{TP4}")]))
+    assert agreement(log, [Predicted(SILU, "TRITON", TP4), Predicted(STEP, "TRITON", TP4)]) == ()
+
+
+def test_agreement_two_kinds_two_backends_both_logged():
+    log = read_log(backend_line("FLASHINFER_CUTLASS", "Fp8") + "\n" + backend_line("DEEPGEMM", "Fp8"))
+    assert agreement(log, [Predicted(SILU, "FLASHINFER_CUTLASS"), Predicted(STEP, "DEEPGEMM")]) == ()
+    only_one = read_log(backend_line("FLASHINFER_CUTLASS", "Fp8"))
+    assert agreement(only_one, [Predicted(SILU, "FLASHINFER_CUTLASS"), Predicted(STEP, "DEEPGEMM")]) == (
+        "vLLM's log disagrees with preflight on the MoE backend: vLLM logged FLASHINFER_CUTLASS; preflight predicted "
+        "SiLU layers: FLASHINFER_CUTLASS; SwiGLU-step layers: DEEPGEMM",)
+
+
+def test_agreement_names_a_file_preflight_did_not_predict_and_the_predicted_ones():
+    log = read_log("\n".join([backend_line("TRITON", "Fp8"), loaded_line(f"/k/{TP4}"), missing_line(EP4)]))
+    assert agreement(log, [Predicted(SILU, "TRITON", TP4), Predicted(STEP, "TRITON", TP4)]) == (
+        f"vLLM's log disagrees with preflight on the tuned files: vLLM looked up {EP4}, which preflight did not predict "
+        f"(preflight predicted SiLU layers: {TP4}; SwiGLU-step layers: {TP4})",)
+    # a file vLLM looked up and did not find still counts as looked up: the default run of --ab agrees
+    defaulted = read_log(backend_line("TRITON", "Fp8") + "\n" + missing_line(TP4, None))
+    assert agreement(defaulted, [Predicted(SILU, "TRITON", TP4), Predicted(STEP, "TRITON", TP4)]) == ()
+
+
+def test_agreement_with_space_named_backends_and_batched_triton():
+    log = read_log(backend_line("FlashInfer CUTLASS") + "\n" + backend_line("TRITON"))
+    assert agreement(log, [Predicted(SILU, "FlashInfer CUTLASS"), Predicted(STEP, "TRITON")]) == ()
+    # BATCHED_TRITON looks a file up that preflight does not count as read as tuned: not a disagreement
+    batched = read_log(backend_line("BATCHED_TRITON") + "\n" + loaded_line(f"/k/{TP4}"))
+    assert agreement(batched, [Predicted(SILU, "BATCHED_TRITON"), Predicted(STEP, "BATCHED_TRITON")]) == ()
 
 
 def test_default_proof_wants_the_warning_for_every_expected_file(tmp_path):

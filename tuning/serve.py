@@ -1,9 +1,12 @@
 """``tune-moe validate-serve``: serve Step-3.5-Flash with the tuned configs, prove vLLM used them, benchmark.
 
-One run builds the recipe's ``vllm serve`` command for a layout, starts it in its own process group with
-``VLLM_TUNED_CONFIG_FOLDER`` set to the device's folder, waits for ``GET /health``, reads the log for
-vLLM's config lines (tuning.vllm_log), runs ``vllm bench serve``, always stops the whole group, and
-writes report.md and report.json. ``--ab`` repeats it without the tuned folder.
+One run builds the recipe's ``vllm serve`` command for a layout, refuses a layout that does not fit in
+memory, runs ``tune-moe preflight`` on the exact command and environment (what vLLM runs per MoE layer
+kind, and which tuned file each kind reads) and refuses a serve vLLM will not start, then starts it in its
+own process group with ``VLLM_TUNED_CONFIG_FOLDER`` set to the device's folder, waits for ``GET /health``,
+reads the log for vLLM's config and backend lines (tuning.vllm_log), checks that they prove the tuned files
+were used and agree with preflight's prediction, runs ``vllm bench serve``, always stops the whole group,
+and writes report.md and report.json. ``--ab`` repeats it without the tuned folder.
 """
 
 from __future__ import annotations
@@ -18,19 +21,23 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import gpus
+from . import preflight as pf
 from .configs import CONFIGS_ROOT, TUNED_VAR
 from .errors import UsageError
-from .models import load_model
-from .shapes import DEFAULT_VLLM_VERSION, DTYPES, Layout, Refusal, parse_layout, shape_for
+from .fit import alternatives, fit
+from .models import BUILTIN, load_model
+from .shapes import DEFAULT_VLLM_VERSION, DTYPES, Refusal, parse_layout, shape_for
 from .envfile import ENV_FILE, env_file, read_env_file  # noqa: F401 (read_env_file is part of this API)
 from .procgroup import GATE, Interrupted, ProcessGroup, say
 from .recipe import CHECKPOINTS, RECIPE_LABEL, RECIPE_METRICS, BenchSpec, ServeSpec
 from .tune import installed_vllm_version
-from .vllm_log import ConfigProof, prove_default, prove_tuned, read_log
+from .vllm_log import (BATCHED, ConfigProof, MoeLogFacts, Predicted, agreement, file_name_of, prove_default,
+                       prove_tuned, read_log)
+from .vllm_rules import ACTIVATIONS, ServeFacts, layer_runtime, normalize_moe_backend
 
 # Keys of vLLM's result JSON kept in the report, with their labels.
 METRICS = {"output_throughput": "output tok/s", "mean_tpot_ms": "mean TPOT (ms)", "mean_ttft_ms": "mean TTFT (ms)",
@@ -38,10 +45,6 @@ METRICS = {"output_throughput": "output tok/s", "mean_tpot_ms": "mean TPOT (ms)"
            "p99_ttft_ms": "P99 TTFT (ms)", "total_token_throughput": "total tok/s", "completed": "completed",
            "failed": "failed", "duration": "duration (s)"}
 COUNTS = ("completed", "failed", "duration")  # reported, not compared
-FP8_EP_NOTE = ("with FP8 and expert parallelism on Hopper, vLLM 0.33 picks the FlashInfer-CUTLASS MoE backend first, "
-               "so the tuned Triton configs may go unused; add --moe-backend triton to serve with them")
-BLACKWELL_NOTE = ("on Blackwell vLLM 0.33 prefers FlashInfer's MoE kernels, so the tuned Triton configs may go "
-                  "unused; add --moe-backend triton to serve with them")
 
 
 @dataclass(frozen=True)
@@ -66,10 +69,123 @@ class RunResult:
     metrics: dict = field(default_factory=dict)
     result_file: str | None = None
     problems: tuple[str, ...] = ()
+    kinds: tuple[dict, ...] = ()  # per MoE layer kind: preflight's prediction against what the log shows
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "proof": self.proof.as_dict() if self.proof else None,
-                "problems": list(self.problems)}
+                "problems": list(self.problems), "kinds": list(self.kinds)}
+
+
+# -- preflight: what vLLM runs per MoE layer kind ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """``tune-moe preflight``'s answer for the exact serve command and environment."""
+
+    report: dict  # preflight.check's
+    node: pf.Node
+    stand_in: str | None = None  # the checkpoint whose geometry was read for a model without a local config.json
+
+    @property
+    def layers(self) -> list[pf.Layer]:
+        return self.report["layers"]
+
+    @property
+    def files(self) -> list[str]:
+        """The tuned files the serve reads as tuned: vLLM must log exactly these."""
+        return list(dict.fromkeys(layer.file for layer in self.layers if layer.file))
+
+    def predicted(self) -> list[Predicted]:
+        return [Predicted(pf.KIND[layer.activation], layer.runtime.backend, layer.file) for layer in self.layers]
+
+    def as_dict(self) -> dict:
+        r = self.report
+        layers = [{"kind": pf.KIND[layer.activation], "activation": layer.activation, **asdict(layer.runtime),
+                   "reads_tuned_file": layer.runtime.reads_tuned_file, "file": layer.file,
+                   "found": str(layer.found) if layer.found else None, "drift": layer.drift} for layer in self.layers]
+        return {"answered_by": r["answered_by"], "model": r["command"].model, "stand_in": self.stand_in,
+                "dtype": r["dtype"], "plan": asdict(r["plan"]), "tokens": r["tokens"], "layers": layers,
+                "problems": r["problems"], "notes": r["notes"], "fix": r["fix"], "text": self.report_text()}
+
+    def report_text(self) -> str:
+        """Preflight's per-layer-kind table, as ``tune-moe preflight`` prints it."""
+        return pf.render(self.report, self.node)
+
+
+def kind_phrase(layer: pf.Layer) -> str:
+    """One layer kind in a few words: its backend and what it reads."""
+    r, kind = layer.runtime, pf.KIND[layer.activation]
+    if r.error:
+        return f"{kind}: vLLM will not start ({r.error})"
+    if layer.file:
+        how = "runs DeepGEMM's Triton fallback with" if r.backend == "DEEPGEMM" else "reads"
+        return f"{kind}: {r.backend}, {how} the tuned file {layer.file}"
+    if r.backend == BATCHED:
+        return (f"{kind}: {r.backend}, looks the tuned file up but runs the batched kernel (M = tokens per "
+                "expert), so the tuned configs do not run as tuned")
+    why = " (E8M0 is on: DeepGEMM at every M)" if r.backend == "DEEPGEMM" else ""
+    return f"{kind}: {r.backend}, reads no Triton tuned file{why}"
+
+
+def triton_alternative(pre: Preflight) -> str | None:
+    """What ``--moe-backend triton`` would change, by vLLM 0.33's rules (the mirror), when it runs every kind on
+    TritonExperts."""
+    cmd = pre.report["command"]
+    if cmd.moe_backend == "triton":
+        return None
+    model, dtype = pf.checkpoint(cmd.model, cmd.quantization)
+    facts = ServeFacts(arch=pre.node.gpu.arch, dtype=dtype, tp=cmd.tp, dp=cmd.dp, ep=cmd.ep, moe_backend="triton",
+                       env=tuple(sorted((k, v) for k, v in pre.node.env.items() if k.startswith("VLLM_"))),
+                       num_experts=model.num_experts, intermediate=model.moe_intermediate_size,
+                       hidden=model.hidden_size, top_k=model.top_k)
+    if all(layer_runtime(facts, act).reads_tuned_file for act in ACTIVATIONS):
+        return "with --moe-backend triton vLLM 0.33 runs every MoE layer kind on TRITON, which reads the tuned file"
+    return None
+
+
+def kind_notes(pre: Preflight) -> list[str]:
+    """Per layer kind, when some kind will not run the tuned configs."""
+    if all(layer.file for layer in pre.layers):
+        return []
+    text = "; ".join(kind_phrase(layer) for layer in pre.layers)
+    if any(layer.file for layer in pre.layers):
+        return [f"{text}: the tuned configs serve only the layer kinds that read them"]
+    alt = triton_alternative(pre)
+    return [f"{text}: no MoE layer kind runs the tuned Triton kernel, so the check will fail" + (f"; {alt}" if alt else "")]
+
+
+def geometry_name(model: str, dtype: str) -> str:
+    """What to read the MoE geometry from: the model's own config.json when it is local, else the dtype's
+    checkpoint (a Hugging Face id of another name is served as given, its geometry taken as Step-3.5-Flash's)."""
+    return model if model in BUILTIN or (Path(model) / "config.json").is_file() else CHECKPOINTS[dtype]
+
+
+def run_preflight(spec: ServeSpec, gpu: gpus.GpuSpec, version: str) -> Preflight:
+    """Preflight on ``spec``'s command with the serve's environment; refuses (one line) a serve vLLM will not start."""
+    argv, name = spec.argv(), geometry_name(spec.model, spec.dtype)
+    argv[2] = name
+    node = pf.Node(gpu=gpu, env=spec.environ(dict(os.environ)), config_dir=spec.tuned_folder, vllm_version=version)
+    report = pf.check(argv, node)
+    if report["dtype"] != spec.dtype:
+        raise UsageError(f"--dtype {spec.dtype}: {spec.model} is a {report['dtype']} checkpoint; "
+                         f"pass --dtype {report['dtype']}")
+    broken = [layer for layer in report["layers"] if layer.runtime.error]
+    if broken:
+        why = "; ".join(f"{pf.KIND[layer.activation]}: {layer.runtime.error}" for layer in broken)
+        raise UsageError(f"preflight: vLLM will not start this serve ({why}); nothing was started; change "
+                         "--moe-backend or the layout (tune-moe preflight shows what each MoE layer kind runs)")
+    return Preflight(report, node, name if name != spec.model else None)
+
+
+def check_fit(spec: ServeSpec, gpu: gpus.GpuSpec) -> None:
+    """Refuse (one line) a layout whose weights leave too little memory on each GPU."""
+    model = load_model(geometry_name(spec.model, spec.dtype))
+    verdict = fit(model, spec.layout, spec.dtype, gpu)
+    if not verdict.fits:
+        others = alternatives(model, spec.dtype, gpu, spec.layout.gpus)
+        raise UsageError(f"layout {spec.layout.name} does not fit in memory: {verdict.why(gpu)}; nothing was started"
+                         + (f"; try {' or '.join(others)}" if others else ""))
 
 
 # -- one serve: start, wait, prove, benchmark, stop ------------------------------------------------
@@ -96,7 +212,7 @@ def wait_healthy(group: ProcessGroup, url: str, timeout: float, poll: float) -> 
         time.sleep(poll)
 
 
-def serve_once(spec: ServeSpec, name: str, expected: list[str], opts: RunOptions) -> RunResult:
+def serve_once(spec: ServeSpec, name: str, pre: Preflight, opts: RunOptions) -> RunResult:
     log = opts.log if (opts.log and name == "tuned") else opts.out / f"vllm-serve-{name}.log"
     say(f"starting the {name} server: {shlex.join(spec.argv())}  (log: {log})")
     started = time.monotonic()
@@ -108,7 +224,7 @@ def serve_once(spec: ServeSpec, name: str, expected: list[str], opts: RunOptions
                 return _not_started(name, state, group, opts.timeout)
             result = RunResult(name, "ok", str(log), round(time.monotonic() - started, 1))
             say(f"{name} server healthy after {result.healthy_after_s:.0f} s")
-            result = _prove(result, spec, expected, log, opts.gpu)
+            result = _prove(result, spec, pre, log, opts.gpu)
             if result.outcome == "ok" and opts.bench:
                 result = _bench(result, spec, opts)
             return result
@@ -124,16 +240,36 @@ def _not_started(name: str, state: str, group: ProcessGroup, timeout: float) -> 
     return RunResult(name, state, str(group.log), problems=(f"{why}: {group.log}",))
 
 
-def _prove(result: RunResult, spec: ServeSpec, expected: list[str], log: Path, gpu: str) -> RunResult:
+def _prove(result: RunResult, spec: ServeSpec, pre: Preflight, log: Path, gpu: str) -> RunResult:
+    """The log proves the tuned files (or, for the baseline, vLLM's default) and agrees with preflight."""
     facts = read_log(log.read_text(errors="replace"))
+    expected = pre.files
     if spec.tuned_folder:
         proof = prove_tuned(facts, expected, spec.tuned_folder, log, f"tune-moe --gpu {gpu} --dtype {spec.dtype}")
     else:
         proof = prove_default(facts, expected, log)
+    problems = [*proof.problems, *agreement(facts, pre.predicted())]
+    if spec.tuned_folder and proof.ok and not expected:
+        alt = triton_alternative(pre)
+        problems.append("no MoE layer kind of this serve runs the tuned Triton kernel ("
+                        + "; ".join(kind_phrase(layer) for layer in pre.layers) + ")" + (f"; {alt}" if alt else ""))
     for path in proof.loaded:
         say(f"vLLM loaded {path}")
     say(f"MoE backend: {', '.join(proof.backends) or 'not reported'}")
-    return replace(result, proof=proof, outcome="ok" if proof.ok else "proof", problems=proof.problems)
+    return replace(result, proof=proof, kinds=_per_kind(facts, pre), outcome="proof" if problems else "ok",
+                   problems=tuple(problems))
+
+
+def _per_kind(facts: MoeLogFacts, pre: Preflight) -> tuple[dict, ...]:
+    rows = []
+    for layer in pre.layers:
+        seen = "-"
+        if layer.file:
+            path = next((p for p in facts.loaded if file_name_of(p) == layer.file), None)
+            seen = f"loaded {path}" if path else "default config" if layer.file in facts.missing else "not looked up"
+        rows.append({"kind": pf.KIND[layer.activation], "backend": layer.runtime.backend,
+                     "backend_logged": layer.runtime.backend in facts.backend_names, "file": layer.file, "log": seen})
+    return tuple(rows)
 
 
 def _bench(result: RunResult, spec: ServeSpec, opts: RunOptions) -> RunResult:
@@ -188,12 +324,11 @@ def pick_gpu(key: str | None) -> gpus.GpuSpec:
     return spec
 
 
-def expected_files(args: argparse.Namespace, layout: Layout, gpu: gpus.GpuSpec) -> list[str]:
-    """The config file every rank of ``layout`` asks vLLM for."""
-    config = Path(args.model) / "config.json" if args.model else None
-    model = load_model(str(config) if config and config.is_file() else CHECKPOINTS[args.dtype])
-    version = args.vllm_version or installed_vllm_version() or DEFAULT_VLLM_VERSION
-    shape = shape_for(model, layout, args.dtype, version, args.moe_backend)
+def expected_files(spec: ServeSpec, gpu: gpus.GpuSpec, version: str) -> list[str]:
+    """The config file every rank of the layout asks vLLM for, by the tuning plan's shape rule (--print-command;
+    a run expects what preflight predicts per MoE layer kind)."""
+    model, layout = load_model(geometry_name(spec.model, spec.dtype)), spec.layout
+    shape = shape_for(model, layout, spec.dtype, version, spec.moe_backend)
     if isinstance(shape, Refusal):
         raise UsageError(f"layout {layout.name}: {shape.reason}")
     return [shape.file_name(gpu.device_name)]
@@ -207,7 +342,7 @@ def build_spec(args: argparse.Namespace, gpu: gpus.GpuSpec) -> ServeSpec:
     found = env_file(args.env_file)
     return ServeSpec(
         model=args.model or CHECKPOINTS[args.dtype], layout=parse_layout(args.layout), dtype=args.dtype,
-        port=args.port, mtp=args.mtp, moe_backend=args.moe_backend,
+        port=args.port, mtp=args.mtp, moe_backend=normalize_moe_backend(args.moe_backend),
         tuned_folder=Path(args.configs or CONFIGS_ROOT / gpu.device_name).absolute(),
         env=read_env_file(found, dict(os.environ)) if found else (),
         extra_args=tuple(_split(args.serve_args, "--serve-args")),
@@ -233,13 +368,9 @@ def _split(text: str | None, option: str) -> list[str]:
         raise UsageError(f"{option} {text!r}: {exc}; quote it as sh would") from None
 
 
-def notes(spec: ServeSpec, gpu: gpus.GpuSpec, expected: list[str]) -> list[str]:
-    """Things the user should know before a long serve."""
+def notes(spec: ServeSpec, expected: list[str]) -> list[str]:
+    """Things the user should know before a long serve (per MoE layer kind: ``kind_notes``)."""
     out = []
-    if spec.moe_backend == "auto" and gpu.capability[0] == 9 and spec.dtype == "fp8" and spec.layout.ep:
-        out.append(FP8_EP_NOTE)
-    if spec.moe_backend == "auto" and gpu.capability[0] == 10:
-        out.append(BLACKWELL_NOTE)
     theirs = dict(spec.env).get(TUNED_VAR)
     if theirs and Path(theirs).absolute() != spec.tuned_folder:
         out.append(f"the env file sets {TUNED_VAR}={theirs}; this run uses {spec.tuned_folder} "
@@ -249,6 +380,15 @@ def notes(spec: ServeSpec, gpu: gpus.GpuSpec, expected: list[str]) -> list[str]:
         out.append(f"{spec.tuned_folder} has no {', '.join(absent)}: vLLM will use its default config and the "
                    "check will fail; its log then feeds tune-moe --from-vllm-log")
     return out
+
+
+def print_notes(spec: ServeSpec, gpu: gpus.GpuSpec, expected: list[str]) -> list[str]:
+    """--print-command's notes: it starts nothing and runs no preflight, so it says how to run one."""
+    verdict = fit(load_model(geometry_name(spec.model, spec.dtype)), spec.layout, spec.dtype, gpu)
+    out = [] if verdict.fits else [f"validate-serve will refuse this layout: {verdict.why(gpu)}"]
+    command = shlex.join(["tune-moe", "preflight", "--gpu", gpu.key, "--", f"{TUNED_VAR}={spec.tuned_folder}",
+                          *spec.argv()])
+    return out + notes(spec, expected) + [f"what vLLM runs per MoE layer kind, and which tuned file each reads: {command}"]
 
 
 def print_command(spec: ServeSpec, bench: BenchSpec | None, expected: list[str], out: Path, ab: bool) -> None:
@@ -282,13 +422,27 @@ def render_markdown(report: dict) -> str:
     lines = [f"# validate-serve: {report['model']} {report['dtype']} {report['layout']}"
              f"{' +MTP' if report['mtp'] else ''} on {report['gpu']}: {verdict}", "",
              f"- command: `{report['command']}`", f"- tuned folder: `{report['tuned_folder']}`",
-             f"- expected config files: {', '.join(f'`{n}`' for n in report['expected_files'])}", ""]
+             f"- expected config files: {', '.join(f'`{n}`' for n in report['expected_files']) or 'none'}", ""]
+    pre = report["preflight"]
+    lines += ["## Preflight: what vLLM runs per MoE layer kind", "",
+              "Before the serve started, `tune-moe preflight` ran on the exact command and environment"
+              + (f" (the MoE geometry read from {pre['stand_in']})" if pre["stand_in"] else "") + ":", "",
+              "```text", pre["text"], "```", ""]
     lines += ["## Proof from vLLM's log", "", "| run | outcome | MoE backend | loaded | default config for | log |",
               "|---|---|---|---|---|---|"]
     for run in report["runs"]:
         proof = run["proof"] or {"backends": [], "loaded": [], "missing": []}
         lines.append(f"| {run['name']} | {run['outcome']} | {', '.join(proof['backends']) or '-'} | "
                      f"{'<br>'.join(proof['loaded']) or '-'} | {', '.join(proof['missing']) or '-'} | {run['log']} |")
+    kinds = [(run["name"], k) for run in report["runs"] for k in run["kinds"]]
+    if kinds:
+        lines += ["", "Per MoE layer kind, preflight's prediction against vLLM's log:", "",
+                  "| run | layer kind | backend (preflight) | in vLLM's log | tuned file (preflight) | vLLM's log |",
+                  "|---|---|---|---|---|---|"]
+        for name, k in kinds:
+            file = f"`{k['file']}`" if k["file"] else "reads none"
+            lines.append(f"| {name} | {k['kind']} | {k['backend']} | {'yes' if k['backend_logged'] else 'NO'} | "
+                         f"{file} | {k['log']} |")
     problems = [f"- {r['name']}: {p}" for r in report["runs"] for p in r["problems"]] + \
                [f"- {p}" for p in report.get("problems", [])]
     lines += ["", "Problems:", *problems] if problems else []
@@ -337,9 +491,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--env-file", metavar="FILE",
                    help=f"node env file of install/node-check.sh (default: ./{ENV_FILE} if present)")
     p.add_argument("--moe-backend", default="auto",
-                   help="pass --moe-backend to vLLM, e.g. triton (default: vLLM chooses)")
+                   help="pass --moe-backend to vLLM, e.g. triton (default: vLLM chooses per MoE layer kind)")
     p.add_argument("--vllm-version",
-                   help=f"vLLM whose shape rules to expect (default: installed, else {DEFAULT_VLLM_VERSION})")
+                   help=f"vLLM the serve runs: the shape rule of --print-command and preflight's drift check "
+                        f"(default: installed, else {DEFAULT_VLLM_VERSION})")
     p.add_argument("--serve-args", metavar="ARGS", help="more vllm serve arguments, one shell-quoted string")
     p.add_argument("--print-command", action="store_true", help="print the environment and commands, then exit")
     p.add_argument("--out", metavar="DIR", help="folder for logs, results and the report (default: serve-runs/<run>)")
@@ -364,32 +519,37 @@ def run(args: argparse.Namespace) -> int:
     gpu = pick_gpu(args.gpu)
     spec = build_spec(args, gpu)
     bench = build_bench(args)
-    expected = expected_files(args, spec.layout, gpu)
+    version = args.vllm_version or installed_vllm_version() or DEFAULT_VLLM_VERSION
     out = Path(args.out or Path("serve-runs") / _run_name(spec, gpu))
     if args.print_command:
+        expected = expected_files(spec, gpu, version)
         print_command(spec, bench, expected, out, args.ab)
-        for note in notes(spec, gpu, expected):
+        for note in print_notes(spec, gpu, expected):
             sys.stderr.write(f"note: {note}\n")
         return 0
-    _preflight(spec, gpu, args)
+    _check_node(spec, gpu, args)
+    check_fit(spec, gpu)
+    pre = run_preflight(spec, gpu, version)
+    say("preflight, on the exact serve command and environment (what vLLM runs per MoE layer kind):")
+    print("\n".join(f"  {line}" if line else "" for line in pre.report_text().splitlines()), flush=True)
     opts = RunOptions(out, Path(args.log) if args.log else None, args.timeout, args.grace, bench, args.bench_timeout,
                       gpu.key)
-    report = _report_head(spec, gpu, bench, expected, out)
+    report = _report_head(spec, gpu, bench, pre, out)
     for note in report["notes"]:
         say(f"note: {note}")
     with GATE.installed():
-        code = _run_all(spec, expected, opts, args.ab, report)
+        code = _run_all(spec, pre, opts, args.ab, report)
     path = write_report(out, report)
     say(f"{'PASS' if report['ok'] else 'FAIL'}; report: {path}")
     return code
 
 
-def _run_all(spec: ServeSpec, expected: list[str], opts: RunOptions, ab: bool, report: dict) -> int:
+def _run_all(spec: ServeSpec, pre: Preflight, opts: RunOptions, ab: bool, report: dict) -> int:
     try:
-        runs = [serve_once(spec, "tuned", expected, opts)]
+        runs = [serve_once(spec, "tuned", pre, opts)]
         report["runs"].append(runs[0].as_dict())
         if ab and runs[0].outcome == "ok":
-            runs.append(serve_once(replace(spec, tuned_folder=None), "default", expected, opts))
+            runs.append(serve_once(replace(spec, tuned_folder=None), "default", pre, opts))
             report["runs"].append(runs[1].as_dict())
     except Interrupted as exc:
         report["problems"].append(f"interrupted by {exc}; every server was stopped")
@@ -404,7 +564,7 @@ def _run_all(spec: ServeSpec, expected: list[str], opts: RunOptions, ab: bool, r
     return 0 if report["ok"] else 1
 
 
-def _preflight(spec: ServeSpec, gpu: gpus.GpuSpec, args: argparse.Namespace) -> None:
+def _check_node(spec: ServeSpec, gpu: gpus.GpuSpec, args: argparse.Namespace) -> None:
     env = spec.environ(dict(os.environ))
     quiet = env.get("VLLM_LOGGING_LEVEL", "INFO").upper() not in ("INFO", "DEBUG")
     if quiet or env.get("VLLM_CONFIGURE_LOGGING") == "0":
@@ -423,15 +583,17 @@ def _preflight(spec: ServeSpec, gpu: gpus.GpuSpec, args: argparse.Namespace) -> 
         raise UsageError("--timeout must be > 0 and --grace >= 0 seconds")
 
 
-def _report_head(spec: ServeSpec, gpu: gpus.GpuSpec, bench: BenchSpec | None, expected: list[str], out: Path) -> dict:
+def _report_head(spec: ServeSpec, gpu: gpus.GpuSpec, bench: BenchSpec | None, pre: Preflight, out: Path) -> dict:
+    stand_in = [f"--model {spec.model} has no local config.json, so preflight read the MoE geometry of {pre.stand_in}"
+                ] if pre.stand_in else []
     return {
         "ok": False, "model": spec.model, "dtype": spec.dtype, "layout": spec.layout.name, "mtp": spec.mtp,
         "gpu": f"{spec.layout.gpus}x{gpu.key}", "device_name": gpu.device_name, "moe_backend": spec.moe_backend,
-        "tuned_folder": str(spec.tuned_folder), "expected_files": expected, "command": shlex.join(spec.argv()),
+        "tuned_folder": str(spec.tuned_folder), "expected_files": pre.files, "command": shlex.join(spec.argv()),
         "env": spec.shown_env(),
         "bench_command": shlex.join(bench.argv(spec, (out / "bench-tuned.json").absolute())) if bench else None,
-        "recipe": {"label": RECIPE_LABEL, **RECIPE_METRICS}, "notes": notes(spec, gpu, expected),
-        "runs": [], "problems": [],
+        "recipe": {"label": RECIPE_LABEL, **RECIPE_METRICS}, "preflight": pre.as_dict(),
+        "notes": [*stand_in, *kind_notes(pre), *notes(spec, pre.files)], "runs": [], "problems": [],
     }
 
 

@@ -8,7 +8,11 @@ prefix such as ``(EngineCore_DP0 pid=123) (Worker_TP0 pid=456) WARNING 11-29 05:
   (warning, once per node), ``<paths>`` being ``$VLLM_TUNED_CONFIG_FOLDER/<name>, <vllm>/configs/<name>``
   joined with ", " -- the names hold commas but no spaces;
 - ``Using TRITON Fp8 MoE backend out of potential backends: [...]`` (or ``Unquantized``; names such as
-  ``FlashInfer CUTLASS`` hold spaces).
+  ``FlashInfer CUTLASS`` hold spaces), logged once per distinct backend (``logger.info_once``): a serve
+  whose two MoE layer kinds (SiLU and clamped SwiGLU) pick two backends logs both.
+
+``prove_tuned`` says whether a log proves the tuned folder was used; ``agreement`` whether the log
+agrees with what preflight predicted per layer kind (the backends, and the files vLLM looked up).
 """
 
 from __future__ import annotations
@@ -24,8 +28,12 @@ USING = re.compile(r"Using configuration from (.+?\.json) for MoE layer\.")
 MISSING = re.compile(r"Using default MoE config\. Performance might be sub-optimal! "
                      r"Config file not found at (.+?\.json)\s*$")
 BACKEND = re.compile(r"Using (.+?) (Fp8|Unquantized) MoE backend\b")
-# Backends that run vLLM's fused_moe_kernel and so read the tuned files.
-TRITON_BACKENDS = ("TRITON", "BATCHED_TRITON")
+# Backends whose reading of a tuned file proves the tuned configs ran as tuned: TritonExperts, where M is
+# the tokens of the call, as the file's keys mean. BATCHED_TRITON reads the same file but runs the batched
+# kernel, where M is the tokens per expert; DEEPGEMM reads it only for its Triton fallback.
+TRITON_BACKENDS = ("TRITON",)
+BATCHED = "BATCHED_TRITON"
+READERS = (*TRITON_BACKENDS, BATCHED, "DEEPGEMM")  # backends that may look a tuned file up at all
 
 
 @dataclass
@@ -95,8 +103,15 @@ class ConfigProof:
 
 def prove_tuned(facts: MoeLogFacts, expected: list[str], folder: Path, log: Path,
                 tune: str = "tune-moe --gpu <GPU> --dtype <dtype>") -> ConfigProof:
-    """Every expected file was loaded from ``folder`` and vLLM used no default config."""
+    """Every expected file was loaded from ``folder``, vLLM used no default config, and no layer ran the
+    batched Triton kernel (whose reading of the file proves nothing about the tuned configs)."""
     problems = []
+    if BATCHED in facts.backend_names:
+        read = ", ".join(file_name_of(p) for p in facts.loaded)
+        problems.append(f"vLLM ran the {BATCHED} MoE backend{' and read ' + read if read else ''}: that backend runs "
+                        "the batched kernel, where M means tokens per expert, not the tokens the file's batch keys "
+                        "mean, so reading a tuned file does not prove the tuned configs ran as tuned (only TRITON, "
+                        "vLLM's TritonExperts, runs them as tuned)")
     if facts.missing:
         problems.append(f"vLLM used its default MoE config for {', '.join(facts.missing)} (not found in {folder}); "
                         f"tune them: {tune} --from-vllm-log {log}")
@@ -137,9 +152,42 @@ def _inside(path: str, folder: Path) -> bool:
 
 
 def _not_reported(facts: MoeLogFacts, name: str) -> str:
-    other = [b for b, n in zip(facts.backends, facts.backend_names) if n not in TRITON_BACKENDS]
-    if other:
-        return (f"vLLM chose the {other[0]} MoE backend, which does not read Triton configs, so {name} "
-                "was never looked up; pass --moe-backend triton to serve with the tuned Triton kernel")
+    if facts.backends and not any(n in READERS for n in facts.backend_names):
+        return (f"vLLM ran only the {', '.join(facts.backends)} MoE backend, which reads no Triton tuned file, so "
+                f"{name} was never looked up")
     return (f"vLLM never reported a config for {name} (no 'Using configuration from' line); "
             "keep VLLM_LOGGING_LEVEL at INFO or DEBUG and check the layout and dtype match the served model")
+
+
+# -- the log against preflight's per-layer-kind prediction ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Predicted:
+    """What preflight says one MoE layer kind runs: vLLM's backend value (as the log spells it) and the tuned
+    file it reads as tuned (None when it reads none)."""
+
+    kind: str  # "SiLU layers" or "SwiGLU-step layers"
+    backend: str
+    file: str | None = None
+
+
+def agreement(facts: MoeLogFacts, predicted: list[Predicted]) -> tuple[str, ...]:
+    """Problems where the log disagrees with ``predicted``: the set of backends vLLM logged (once per distinct
+    backend) must be the set predicted, and every file vLLM looked up (loaded, or defaulted) must be one a layer
+    kind was predicted to read. (A predicted file vLLM never looked up is ``prove_tuned``'s problem.)"""
+    out = []
+    said = "; ".join(f"{p.kind}: {p.backend}" for p in predicted)
+    logged = list(dict.fromkeys(facts.backend_names))
+    if set(logged) != {p.backend for p in predicted}:
+        out.append(f"vLLM's log disagrees with preflight on the MoE backend: vLLM logged "
+                   f"{', '.join(logged) or 'no backend line'}; preflight predicted {said}")
+    looked = list(dict.fromkeys([file_name_of(p) for p in facts.loaded] + facts.missing))
+    files = {p.file for p in predicted if p.file}
+    batched = any(p.backend == BATCHED for p in predicted)  # reads a file preflight does not count as tuned
+    extra = [] if batched else [n for n in looked if n not in files]
+    if extra:
+        wanted = "; ".join(f"{p.kind}: {p.file or 'no tuned file'}" for p in predicted)
+        out.append(f"vLLM's log disagrees with preflight on the tuned files: vLLM looked up {', '.join(extra)}, "
+                   f"which preflight did not predict (preflight predicted {wanted})")
+    return tuple(out)
