@@ -110,18 +110,27 @@ def test_bench_command_is_the_recipes_and_overridable():
     assert short[-2:] == ["--seed", "1"]
 
 
-@pytest.mark.parametrize("layout, dtype, backend, name", [
-    ("TP4", "bf16", "auto", TP4_BF16),
-    ("DP4+EP", "fp8", "auto", EP4_FP8),
-    ("TP4", "fp8", "auto", "E=288,N=320,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[64,64].json"),
-    ("TP4", "fp8", "flashinfer_cutlass",
-     "E=288,N=384,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"),
+@pytest.mark.parametrize("layout, dtype, backend, names", [
+    ("TP4", "bf16", "auto", [TP4_BF16]),
+    ("DP4+EP", "fp8", "auto", []),  # SiLU: FlashInfer-CUTLASS, SwiGLU-step: DeepGEMM: no Triton file is read
+    ("DP4+EP", "fp8", "triton", [EP4_FP8]),
+    ("TP4", "fp8", "auto", ["E=288,N=320,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[64,64].json"]),
+    ("TP4", "fp8", "deep_gemm", []),  # DeepGEMM at every M: E8M0 is on by default
 ])
-def test_expected_file_follows_the_plan(layout, dtype, backend, name, tmp_path, monkeypatch, capsys):
+def test_expected_files_follow_vllms_rules_per_layer_kind(layout, dtype, backend, names, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    cli.main(["validate-serve", "--layout", layout, "--dtype", dtype, "--gpu", "H200", "--moe-backend", backend,
-              "--vllm-version", "0.33", "--print-command"])
-    assert capsys.readouterr().out.splitlines()[-1].endswith(f"/{name} for MoE layer.")
+    assert cli.main(["validate-serve", "--layout", layout, "--dtype", dtype, "--gpu", "H200", "--moe-backend", backend,
+                     "--vllm-version", "0.33", "--print-command"]) == 0
+    must = [line for line in capsys.readouterr().out.splitlines() if line.startswith("# vLLM must log")]
+    assert [line.rsplit("/", 1)[1].removesuffix(" for MoE layer.") for line in must] == names
+
+
+def test_print_command_refuses_a_serve_vllm_will_not_start(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["validate-serve", "--layout", "TP4", "--dtype", "fp8", "--gpu", "H200", "--moe-backend",
+                     "flashinfer_cutlass", "--print-command"]) == 2
+    err = capsys.readouterr().err
+    assert "SwiGLU-step layers: vLLM 0.33" in err and "will not start this serve" in err and err.count("\n") == 1
 
 
 def test_env_file_is_parsed_without_a_shell(tmp_path):

@@ -128,7 +128,8 @@ def engine_tokens(cmd: ServeCommand, plan: BatchPlan) -> list[int]:
     return sorted({s * ranks for s in (*plan.capture_sizes, plan.max_num_batched_tokens)})
 
 
-def _layer_shape(model: ModelGeometry, cmd: ServeCommand, r: LayerRuntime, dtype: str) -> MoeShape:
+def layer_shape(model: ModelGeometry, cmd, r: LayerRuntime, dtype: str) -> MoeShape:
+    """The fused-MoE shape (and so the file) one layer of ``cmd`` (anything with tp, dp, ep) runs with ``r``."""
     ep = cmd.tp * cmd.dp if cmd.ep else 1
     return MoeShape(model.num_experts // ep, model.num_experts, r.n, model.hidden_size, model.top_k, dtype,
                     tuple(r.block) if r.block else None)
@@ -182,7 +183,7 @@ def _layer(act: str, r: LayerRuntime, model, cmd, dtype, node: Node) -> Layer:
     layer = Layer(activation=act, runtime=r)
     if r.error or not r.reads_tuned_file:
         return layer
-    layer.file = _layer_shape(model, cmd, r, dtype).file_name(node.gpu.device_name)
+    layer.file = layer_shape(model, cmd, r, dtype).file_name(node.gpu.device_name)
     layer.found = _find(layer.file, node)
     if layer.found:
         layer.keys = tuple(sorted(read_config_file(layer.found)))

@@ -30,14 +30,14 @@ from .configs import CONFIGS_ROOT, TUNED_VAR
 from .errors import UsageError
 from .fit import alternatives, fit
 from .models import BUILTIN, load_model
-from .shapes import DEFAULT_VLLM_VERSION, DTYPES, Refusal, parse_layout, shape_for
-from .envfile import ENV_FILE, env_file, read_env_file  # noqa: F401 (read_env_file is part of this API)
+from .shapes import DEFAULT_VLLM_VERSION, DTYPES, Refusal, parse_layout, parse_version, shape_for
+from .envfile import ENV_FILE, env_file, read_env_file
 from .procgroup import GATE, Interrupted, ProcessGroup, say
 from .recipe import CHECKPOINTS, RECIPE_LABEL, RECIPE_METRICS, BenchSpec, ServeSpec
-from .tune import installed_vllm_version
+from .kernel import installed_vllm_version
 from .vllm_log import (BATCHED, ConfigProof, MoeLogFacts, Predicted, agreement, file_name_of, prove_default,
                        prove_tuned, read_log)
-from .vllm_rules import ACTIVATIONS, ServeFacts, layer_runtime, normalize_moe_backend
+from .vllm_rules import ACTIVATIONS, VLLM_VERSION, ServeFacts, layer_runtime, normalize_moe_backend
 
 # Keys of vLLM's result JSON kept in the report, with their labels.
 METRICS = {"output_throughput": "output tok/s", "mean_tpot_ms": "mean TPOT (ms)", "mean_ttft_ms": "mean TTFT (ms)",
@@ -325,13 +325,27 @@ def pick_gpu(key: str | None) -> gpus.GpuSpec:
 
 
 def expected_files(spec: ServeSpec, gpu: gpus.GpuSpec, version: str) -> list[str]:
-    """The config file every rank of the layout asks vLLM for, by the tuning plan's shape rule (--print-command;
-    a run expects what preflight predicts per MoE layer kind)."""
+    """The tuned files the serve's MoE layer kinds read (--print-command, which starts nothing): vLLM 0.33's rules
+    from the mirror (a run asks preflight, which asks vLLM itself); other versions by the plan's shape rule."""
     model, layout = load_model(geometry_name(spec.model, spec.dtype)), spec.layout
-    shape = shape_for(model, layout, spec.dtype, version, spec.moe_backend)
-    if isinstance(shape, Refusal):
-        raise UsageError(f"layout {layout.name}: {shape.reason}")
-    return [shape.file_name(gpu.device_name)]
+    if parse_version(version) != parse_version(VLLM_VERSION):
+        shape = shape_for(model, layout, spec.dtype, version, spec.moe_backend)
+        if isinstance(shape, Refusal):
+            raise UsageError(f"layout {layout.name}: {shape.reason}")
+        return [shape.file_name(gpu.device_name)]
+    env = tuple(sorted((k, v) for k, v in spec.environ(dict(os.environ)).items() if k.startswith("VLLM_")))
+    facts = ServeFacts(arch=gpu.arch, dtype=spec.dtype, tp=layout.tp, dp=layout.dp, ep=layout.ep,
+                       moe_backend=spec.moe_backend, env=env, num_experts=model.num_experts,
+                       intermediate=model.moe_intermediate_size, hidden=model.hidden_size, top_k=model.top_k)
+    names = []
+    for act in ACTIVATIONS:
+        r = layer_runtime(facts, act)
+        if r.error:
+            raise UsageError(f"{pf.KIND[act]}: vLLM {version} will not start this serve ({r.error}); change "
+                             "--moe-backend or the layout")
+        if r.reads_tuned_file:
+            names.append(pf.layer_shape(model, layout, r, spec.dtype).file_name(gpu.device_name))
+    return list(dict.fromkeys(names))
 
 
 def build_spec(args: argparse.Namespace, gpu: gpus.GpuSpec) -> ServeSpec:
