@@ -69,10 +69,6 @@ class ServeFacts:
         value = self.var(name)
         return default if value is None else bool(int(value))
 
-    @property
-    def use_all2all(self) -> bool:  # FusedMoEParallelConfig.use_all2all_kernels
-        return self.ep and self.dp > 1
-
 
 @dataclass(frozen=True, kw_only=True)
 class LayerRuntime:
