@@ -51,6 +51,34 @@ def test_unknown_signature_is_refused_naming_the_version(fused_moe_py, tmp_path)
         load_from_path(path, "9.9")
 
 
+@pytest.mark.parametrize("source,match", [
+    ("import os\n\n\ndef helper():\n    pass\n", "lacks a @triton.jit fused_moe_kernel and get_default_config"),
+    ("@triton.jit(do_not_specialize=nope)\ndef fused_moe_kernel(a_ptr):\n    pass\n\n\n"
+     "def get_default_config(M):\n    return {}\n", "its kernels do not load \\(NameError"),
+    ("@triton.jit\ndef fused_moe_kernel(a_ptr):\n    pass\n\n\ndef get_default_config(M):\n    return {}\n",
+     "has a signature this launcher does not know"),
+])
+def test_a_refused_source_leaves_nothing_in_the_cache(tmp_path, monkeypatch, source, match):
+    cache = tmp_path / "home" / ".cache" / "tune-moe"
+    monkeypatch.setattr("tuning.kernel.CACHE_DIR", cache)
+    path = tmp_path / "fused_moe.py"
+    path.write_text(source)
+    with pytest.raises(UsageError, match=match):
+        load_from_path(path, "0.33")
+    assert not (tmp_path / "home").exists()
+
+
+def test_installed_vllm_on_a_host_without_a_driver_loads_its_file_on_its_own(fused_moe_py):
+    """vLLM swaps Triton for a placeholder where no GPU driver is active; its kernel is then a plain function."""
+    from tuning.kernel import load_installed
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU host: vLLM imports the real Triton")
+    kernel = load_installed()
+    assert kernel.origin == f"source {fused_moe_py}"
+    assert "a_ptr" in kernel.params and kernel.align_op is None
+
+
 def test_missing_source_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="no such file"):
         KernelSource(str(tmp_path / "nope.py")).load()

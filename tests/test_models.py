@@ -159,3 +159,50 @@ def test_missing_file_and_empty_folder_name_the_builtins(tmp_path):
             load_model(str(spec))
         assert "no such config.json" in str(err.value)
         assert "stepfun-ai/Step-3.5-Flash-FP8" in str(err.value)
+
+
+TINY = json.loads((Path(__file__).parent / "fixtures" / "tiny-moe" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"moe_num_experts": 0}, "moe_num_experts=0: must be at least 1"),
+    ({"moe_num_experts": True}, "missing integer keys moe_num_experts"),
+    ({"hidden_size": -1}, "hidden_size=-1: must be at least 1"),
+    ({"moe_top_k": 17}, "moe_top_k=17 is more than the 16 experts"),
+    ({"num_hidden_layers": 10**9}, "is more than 10000"),
+    ({"model_type": ["step3p5"]}, "is not a known MoE architecture"),
+    ({"moe_layers_enum": "1,two"}, "moe_layers_enum must list layer numbers"),
+    ({"mlp_layer_types": "sparse"}, "mlp_layer_types must be a list"),
+    ({"quantization_config": ["fp8"]}, "quantization_config must be a JSON object"),
+    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128]}}, "is not two positive integers"),
+    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [0, 128]}}, "is not two positive integers"),
+    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [64.0, 64.0]}}, "not two positive integers"),
+    ({"total_params": "197B"}, "total_params '197B' is not a positive number"),
+    ({"vocab_size": "big"}, "vocab_size must be a whole number"),
+    ({"share_expert_dim": None}, "share_expert_dim must be a whole number"),
+])
+def test_bad_values_are_one_line_naming_the_key(change, match):
+    with pytest.raises(UsageError, match=match):
+        geometry_from_config({**TINY, **change}, "c")
+
+
+@pytest.mark.parametrize("cfg,match", [
+    ({"decoder_sparse_step": 0}, "decoder_sparse_step must be an integer >= 1"),
+    ({"mlp_only_layers": 5}, "mlp_only_layers must be a list of layer numbers"),
+])
+def test_bad_qwen_layer_rules(cfg, match):
+    base = {"model_type": "qwen3_moe", "num_experts": 16, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+            "hidden_size": 128, "num_hidden_layers": 4}
+    with pytest.raises(UsageError, match=match):
+        geometry_from_config({**base, **cfg}, "q")
+
+
+def test_bad_first_k_dense_replace():
+    base = {"model_type": "deepseek_v3", "n_routed_experts": 16, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+            "hidden_size": 128, "num_hidden_layers": 4, "first_k_dense_replace": "1"}
+    with pytest.raises(UsageError, match="first_k_dense_replace must be an integer >= 0"):
+        geometry_from_config(base, "d")
+
+
+def test_layers_enum_beyond_the_model_is_ignored_as_vllm_does():
+    assert geometry_from_config({**TINY, "moe_layers_enum": "1,2,99"}, "t").moe_layers == (1, 2)

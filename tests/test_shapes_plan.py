@@ -263,6 +263,22 @@ def test_alternatives_name_the_smallest_node_that_fits():
     assert fitting.alternatives(FP8, "fp8", H20, 2) == ["fp8 on 4xH20 (TP4 or DP4+EP)"]
 
 
+def test_alternatives_name_the_layouts_of_this_node_first():
+    # --layouts TP1 of bf16 on an 8-GPU H200 node: TP4 and TP8 fit on the same node, no 16-GPU node is needed.
+    alts = fitting.alternatives(BF16, "bf16", H200, 8)
+    assert alts == ["bf16 on this node (8xH200) with --layouts TP4,TP8,TP4+EP,TP8+EP,DP4+EP,DP8+EP",
+                    "fp8 (stepfun-ai/Step-3.5-Flash-FP8) on 2xH200"]
+    assert not any("16xH200" in a for a in alts)
+    plan = make_plan(BF16, H200, "bf16", [Layout(tp=1)], 8, BATCH_SIZES, "0.33")
+    assert plan.shapes == {} and plan.alternatives == alts
+
+
+def test_alternatives_on_this_node_leave_out_what_vllm_refuses():
+    # vLLM 0.16 refuses the FP8 TP4 and TP8 shards; the 4-GPU node still has TP2+EP, DP2+EP and the rest.
+    alts = fitting.alternatives(FP8, "fp8", H200, 4, vllm_version="0.16")
+    assert alts == ["fp8 on this node (4xH200) with --layouts TP2,TP2+EP,TP4+EP,DP2+EP,DP4+EP"]
+
+
 # --- the plan --------------------------------------------------------------------------------
 
 

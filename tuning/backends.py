@@ -21,21 +21,22 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from . import configs
-from .bench import measure
+from . import configs, gpus
 from .errors import UsageError
-from .files import atomic_write_json
+from .files import atomic_write_json, output_file
 from .gpus import get_gpu
-from .inputs import Problem, build_problem, reference
 from .routing import Routing
 from .kernel import KernelSource
 from .models import DEFAULT_MODEL, load_model
-from .runner import Runner
 from .shapes import MoeShape, Refusal, parse_layout, shape_for
 from .vllm_rules import deepgemm_runs
+
+if TYPE_CHECKING:  # torch is imported where the GPU work starts, so bad arguments are refused at once
+    import torch
+
+    from .inputs import Problem
 
 DEFAULT_MS = (1, 16, 64, 128, 256, 512, 1024, 2048, 4096)
 SELECTION = {  # what vLLM 0.33 runs for block FP8 on Hopper, per MoE layer kind (vllm_rules, proven in CI)
@@ -76,6 +77,8 @@ class DeepGemmMoe:
     """DeepGEMM's contiguous grouped layout for one routed batch, built once; ``run`` is timed."""
 
     def __init__(self, dg, p: Problem):
+        import torch
+
         self.dg, self.p = dg, p
         self.alignment = align = int(dg.get_mk_alignment_for_contiguous_layout())
         local = p.local_ids.reshape(-1)
@@ -103,6 +106,8 @@ class DeepGemmMoe:
         self.weights = p.topk_weights.reshape(-1)[self.pairs].unsqueeze(1)
 
     def gemms(self) -> None:
+        import torch
+
         fp8 = torch.float8_e4m3fn
         self.dg.m_grouped_fp8_gemm_nt_contiguous((self.a1.view(fp8), self.a1s), (self.p.w13, self.p.w13_scale),
                                                  self.mm1, self.m_indices, disable_ue8m0_cast=True)
@@ -111,12 +116,16 @@ class DeepGemmMoe:
 
     def run(self) -> None:
         """Gather rows per expert, both GEMMs, scatter back with the routed weights."""
+        import torch
+
         self.a1[self.rows] = self.p.a1.view(torch.uint8)[self.tokens]
         self.a1s[self.rows] = self.p.a1_scale[self.tokens]
         self.gemms()
         self.out[self.pairs] = (self.mm2[self.rows].float() * self.weights).to(torch.bfloat16)
 
     def error(self) -> float:
+        from .inputs import reference
+
         self.run()
         ref1, ref3 = reference(self.p)
         e1 = _rel(self.mm1[self.rows], ref1.reshape(-1, ref1.shape[-1])[self.pairs])
@@ -125,6 +134,8 @@ class DeepGemmMoe:
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    import torch
+
     out = out.float()
     return float("inf") if not torch.isfinite(out).all() else float((out - ref).norm() / ref.norm().clamp(min=1e-30))
 
@@ -151,6 +162,12 @@ def compare(dg, kernel, gpu, model, layout_text: str, *, ms, folder: Path) -> li
 
 
 def _one(dg, kernel, gpu, layout: str, *, tri: MoeShape, dgs: MoeShape, m: int, tuned: dict) -> Row:
+    import torch
+
+    from .bench import measure
+    from .inputs import build_problem
+    from .runner import Runner
+
     runner = Runner(kernel, tri, m, gpu, Routing(), seed=0)
     default = runner.evaluate(runner.default_config(), 100).us
     best = runner.evaluate(tuned[min(tuned, key=lambda k: abs(k - m))], 100).us if tuned else default
@@ -165,25 +182,49 @@ def _one(dg, kernel, gpu, layout: str, *, tri: MoeShape, dgs: MoeShape, m: int, 
     return Row(layout, m, default, best, gemms, total, err, faster, runs)
 
 
+def _layouts(text: str, model) -> list[str]:
+    """The --layouts list, each one vLLM runs for the FP8 checkpoint under both backends; one line otherwise."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise UsageError(f"--layouts {text!r}: names no layout; write e.g. DP4+EP,TP4")
+    for name in names:
+        layout = parse_layout(name)
+        for backend in ("auto", "deep_gemm"):
+            shape = shape_for(model, layout, "fp8", moe_backend=backend)
+            if isinstance(shape, Refusal):
+                raise UsageError(f"layout {name}: {shape.reason}")
+    return names
+
+
 def run(args: argparse.Namespace) -> int:
+    from .shapes import parse_batch_sizes as batch_sizes
+
     gpu = get_gpu(args.gpu)
-    if not torch.cuda.is_available():
+    model = load_model(DEFAULT_MODEL + "-FP8")
+    layouts = _layouts(args.layouts, model)
+    ms = list(batch_sizes(args.batch_sizes)) if args.batch_sizes is not None else list(DEFAULT_MS)
+    if args.json_out:
+        output_file(args.json_out, "--json-out")
+    if not gpus.detect_gpus():
         raise UsageError("compare-backends times DeepGEMM and Triton on the GPU, and this node has none; run it on a GPU node")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError("compare-backends times DeepGEMM and Triton on the GPU, and torch sees none here; "
+                         "install torch with CUDA support or run it on a GPU node")
     from .deepgemm_env import import_deep_gemm, locate_deep_gemm
 
     dg, check = import_deep_gemm(locate_deep_gemm(args.deep_gemm_path))
     if dg is None:
         raise UsageError(f"DeepGEMM is not importable ({check.detail})")
     kernel = KernelSource(args.vllm_src, args.vllm_version).load()
-    ms = [int(t) for t in args.batch_sizes.split(",")] if args.batch_sizes else list(DEFAULT_MS)
     folder = Path(args.configs or Path("kernels_configs") / gpu.device_name)
-    model = load_model(DEFAULT_MODEL + "-FP8")
     print(f"DeepGEMM {getattr(dg, '__version__', '?')} vs {kernel.describe} on {torch.cuda.get_device_name()}")
-    rows = [r for lay in args.layouts.split(",") if lay for r in compare(dg, kernel, gpu, model, lay, ms=ms, folder=folder)]
+    rows = [r for lay in layouts for r in compare(dg, kernel, gpu, model, lay, ms=ms, folder=folder)]
     print(f"\nSelecting a backend: {FLAGS}.")
     if args.json_out:
         atomic_write_json(Path(args.json_out), {"gpu": torch.cuda.get_device_name(), "kernel": kernel.describe,
-                                                         "deep_gemm": getattr(dg, "__version__", None),
-                                                         "rows": [asdict(r) for r in rows]})
+                                                "deep_gemm": getattr(dg, "__version__", None),
+                                                "rows": [asdict(r) for r in rows]})
     bad = [r for r in rows if not r.deepgemm_error < 2e-2]
     return 1 if bad else 0

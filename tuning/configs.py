@@ -67,7 +67,7 @@ def parse_config_json(data: object, where: str) -> dict[int, TileConfig]:
     for key, value in data.items():
         if key == "triton_version":
             continue
-        if not key.isdigit():
+        if not (key.isascii() and key.isdigit()):
             raise UsageError(f"{where}: key {key!r} is not a batch size, and vLLM's loader would fail on it; remove it")
         if not isinstance(value, dict) or set(value) != set(FIELDS) or not all(type(v) is int for v in value.values()):
             raise UsageError(f"{where}: batch {key} must hold exactly the integer fields {', '.join(FIELDS)}; fix or remove it")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .gpus import GpuSpec
 from .models import ModelGeometry
-from .shapes import Layout
+from .shapes import DEFAULT_VLLM_VERSION, Layout, Refusal, default_layouts, shape_for
 
 GPU_MEMORY_UTILIZATION = 0.92  # vLLM 0.33 CacheConfig.gpu_memory_utilization default
 RESERVED_GB = 6.0  # activations, CUDA graphs, NCCL buffers
@@ -48,19 +48,32 @@ def fit(model: ModelGeometry, layout: Layout, dtype: str, gpu: GpuSpec) -> Fit:
     return Fit(layout, weights, kv, kv >= MIN_KV_GB)
 
 
-def alternatives(model: ModelGeometry, dtype: str, gpu: GpuSpec, num_gpus: int) -> list[str]:
-    """What would fit when nothing does on this node: more GPUs, or the other dtype."""
+def alternatives(model: ModelGeometry, dtype: str, gpu: GpuSpec, num_gpus: int,
+                 vllm_version: str = DEFAULT_VLLM_VERSION, moe_backend: str = "auto") -> list[str]:
+    """What would fit when none of the layouts asked for does: first the other layouts of this node
+    (when --layouts left them out), else more GPUs; for bf16 also the FP8 checkpoint."""
     out = []
-    for n in (2, 4, 8, 16):
-        if n > num_gpus and fit(model, Layout(tp=n), dtype, gpu).fits:
-            out.append(f"{dtype} on {n}x{gpu.key} (TP{n} or DP{n}+EP)")
-            break
+    here = [lay.name for lay in default_layouts(num_gpus) if _usable(model, lay, dtype, gpu, vllm_version, moe_backend)]
+    if here:
+        out.append(f"{dtype} on this node ({num_gpus}x{gpu.key}) with --layouts {','.join(here)}")
+    else:
+        for n in (2, 4, 8, 16):
+            if n > num_gpus and fit(model, Layout(tp=n), dtype, gpu).fits:
+                out.append(f"{dtype} on {n}x{gpu.key} (TP{n} or DP{n}+EP)")
+                break
     if dtype == "bf16":
         for n in (1, 2, 4, 8):
             if n <= num_gpus and any(fit(model, lay, "fp8", gpu).fits for lay in (Layout(tp=n), Layout(dp=n, ep=n > 1))):
                 out.append(f"fp8 ({_fp8_name(model)}) on {n}x{gpu.key}")
                 break
     return out
+
+
+def _usable(model: ModelGeometry, layout: Layout, dtype: str, gpu: GpuSpec, vllm_version: str,
+            moe_backend: str) -> bool:
+    """vLLM runs ``layout`` and the weights leave room for the KV cache."""
+    return (not isinstance(shape_for(model, layout, dtype, vllm_version, moe_backend), Refusal)
+            and fit(model, layout, dtype, gpu).fits)
 
 
 def _fp8_name(model: ModelGeometry) -> str:

@@ -8,17 +8,19 @@ helpers replaced by CUDA answers) are loaded; the rest of vLLM is never imported
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
 import inspect
+import logging
 import os
 import re
 import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Any, Callable
 
 from .errors import UsageError
@@ -74,17 +76,41 @@ class Kernel:
         return f"vLLM {self.vllm_version} fused_moe_kernel ({self.origin})"
 
 
+@contextlib.contextmanager
+def quiet_imports():
+    """Importing vLLM logs deprecations, a missing ``vllm._C`` and a missing CUDA runtime through torch's
+    and vLLM's loggers on stderr; none of it is tune-moe's to report. Errors still show. torch is imported
+    first: its import sets its loggers' levels."""
+    with contextlib.suppress(ImportError):
+        import torch  # noqa: F401
+    loggers = [logging.getLogger(name) for name in ("torch", "vllm")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            if lg.level == logging.ERROR:  # a level the import itself configured is left as it is
+                lg.setLevel(level)
+
+
 def load_installed(version: str | None = None) -> Kernel:
     try:
-        from vllm.model_executor.layers.fused_moe import fused_moe as fm
-        from vllm.model_executor.layers.fused_moe.moe_align_block_size import moe_align_block_size
-        import vllm
+        with quiet_imports():
+            from vllm.model_executor.layers.fused_moe import fused_moe as fm
+            from vllm.model_executor.layers.fused_moe.moe_align_block_size import moe_align_block_size
+            import vllm
     except ImportError as exc:
         raise UsageError(f"vLLM is not importable here ({exc}); install it (install/install-vllm.sh) "
                          "or pass --vllm-src with a vLLM fused_moe.py or wheel") from None
-    path = inspect.getfile(fm)
+    path = Path(inspect.getfile(fm))
+    if not hasattr(fm.fused_moe_kernel, "arg_names"):
+        # No usable GPU driver: vLLM swapped Triton for its placeholder, so its fused_moe_kernel is a plain
+        # function. The same source file, loaded on its own, gets the real Triton (its interpreter here).
+        return load_from_path(path, version or vllm.__version__)
     kernel = Kernel(fm.fused_moe_kernel, fm.get_default_config, version or vllm.__version__,
-                    f"installed, {path}", _sha256(Path(path).read_text()), moe_align_block_size)
+                    f"installed, {path}", _sha256(path.read_text()), moe_align_block_size)
     check_signature(kernel)
     return kernel
 
@@ -94,11 +120,13 @@ def load_from_path(path: Path, version: str | None = None) -> Kernel:
     version = version or found_version
     if version is None:
         raise UsageError(f"--vllm-src {path}: cannot tell its vLLM version; add --vllm-version")
-    module = _import_kernels(source, version)
-    if not hasattr(module, "fused_moe_kernel"):
-        raise UsageError(f"--vllm-src {path}: no fused_moe_kernel in it; pass vLLM's fused_moe.py, wheel or tree")
-    kernel = Kernel(module.fused_moe_kernel, module.get_default_config, version, origin, _sha256(source))
-    check_signature(kernel)
+    module, discard = _import_kernels(source, version, path)
+    try:
+        kernel = Kernel(module.fused_moe_kernel, module.get_default_config, version, origin, _sha256(source))
+        check_signature(kernel)
+    except UsageError:
+        discard()  # a refused source leaves nothing in the cache
+        raise
     return kernel
 
 
@@ -141,32 +169,62 @@ def _version_near(path: Path) -> str | None:
 _KEEP = {"get_default_config", "should_moe_wna16_use_cuda"}
 
 
-def _import_kernels(source: str, version: str):
-    """Write vLLM's jit functions and default-config helpers to a module file and import it."""
+def _import_kernels(source: str, version: str, path: Path) -> tuple[ModuleType, Callable[[], None]]:
+    """Write vLLM's jit functions and default-config helpers to a module file and import it; the module, and a
+    function that forgets it and removes what this call wrote to the cache (for a source refused later).
+
+    The source is checked first (Python, with a ``@triton.jit`` ``fused_moe_kernel`` and ``get_default_config``),
+    so a file that is not vLLM's fused_moe.py leaves nothing in the cache; one whose kernels fail to load is
+    removed again."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError) as exc:
         why = exc.msg if isinstance(exc, SyntaxError) else exc
-        raise UsageError(f"--vllm-src: not Python source ({type(exc).__name__}: {why}); "
+        raise UsageError(f"--vllm-src {path}: not Python source ({type(exc).__name__}: {why}); "
                          "pass vLLM's fused_moe.py, a vLLM wheel or a source tree") from None
-    chunks = []
+    chunks, found = [], set()
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and (node.name in _KEEP or _is_triton_jit(node)):
             start = node.decorator_list[0].lineno if node.decorator_list else node.lineno
             chunks.append("\n".join(source.splitlines()[start - 1:node.end_lineno]))
+            found.add(node.name if node.name in _KEEP else f"jit:{node.name}")
+    lacking = [what for what, key in (("a @triton.jit fused_moe_kernel", "jit:fused_moe_kernel"),
+                                      ("get_default_config", "get_default_config")) if key not in found]
+    if lacking:
+        raise UsageError(f"--vllm-src {path}: lacks {' and '.join(lacking)}; "
+                         "pass vLLM's fused_moe.py, wheel or tree")
     text = _PRELUDE + "\n\n\n".join(chunks) + "\n"
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     name = f"tune_moe_vllm_kernels_{digest}"
     if name in sys.modules:
-        return sys.modules[name]
+        return sys.modules[name], lambda: None
     file = CACHE_DIR / f"{name}.py"
+    compiled = Path(importlib.util.cache_from_source(str(file)))
+    made = [d for d in (compiled.parent, CACHE_DIR, *CACHE_DIR.parents) if not d.exists()]  # deepest first
+    wrote = [p for p in (file, compiled) if not p.exists()]
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
     if not file.exists():
         atomic_write_text(file, text)
+
+    def discard() -> None:
+        sys.modules.pop(name, None)
+        for p in wrote:
+            p.unlink(missing_ok=True)
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if empty: another process may have put files there meanwhile
+
     spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the source's own code fails at import: bad input, not a bug here
+        discard()
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise UsageError(f"--vllm-src {path}: its kernels do not load ({type(exc).__name__}: {detail}); "
+                         "pass vLLM's fused_moe.py, wheel or tree") from None
+    return module, discard
 
 
 def _is_triton_jit(node: ast.FunctionDef) -> bool:

@@ -34,22 +34,54 @@ ARCHITECTURES: dict[str, ArchKeys] = {
 }
 
 
+MAX_LAYERS = 10_000  # far beyond any real model; the layer rules enumerate every layer
+
+
+class _BadKey(Exception):
+    """A layer-rule key of config.json holds something vLLM could not read; the message names it."""
+
+
+def _int_list(cfg: dict, key: str) -> list[int]:
+    value = cfg.get(key, [])
+    if not isinstance(value, list) or not all(type(i) is int for i in value):
+        raise _BadKey(f"{key} must be a list of layer numbers")
+    return value
+
+
+def _whole(cfg: dict, key: str, default: int, minimum: int) -> int:
+    value = cfg.get(key, default)
+    if type(value) is not int or value < minimum:
+        raise _BadKey(f"{key} must be an integer >= {minimum}")
+    return value
+
+
 def _step3p5_layers(cfg: dict, n: int) -> list[int]:
     # vLLM's step3p5._is_moe_layer: mlp_layer_types, then moe_layers_enum, then 1..n-1.
     if "mlp_layer_types" in cfg:
-        return [i for i, t in enumerate(cfg["mlp_layer_types"]) if t == "sparse" and i < n]
+        types = cfg["mlp_layer_types"]
+        if not isinstance(types, list):
+            raise _BadKey("mlp_layer_types must be a list of 'sparse' or 'dense' per layer")
+        return [i for i, t in enumerate(types) if t == "sparse" and i < n]
     if "moe_layers_enum" in cfg:
-        return sorted(int(i) for i in str(cfg["moe_layers_enum"]).strip().split(","))
+        parts = str(cfg["moe_layers_enum"]).strip().split(",")
+        try:
+            layers = {int(i) for i in parts}
+        except ValueError:
+            raise _BadKey("moe_layers_enum must list layer numbers separated by commas, e.g. \"3,4,5\"") from None
+        return sorted(i for i in layers if 0 <= i < n)  # vLLM asks per layer index, so others never match
     return list(range(1, n))
+
+
+def _sparse_step_layers(cfg: dict, n: int) -> list[int]:
+    step = _whole(cfg, "decoder_sparse_step", 1, 1)
+    dense = _int_list(cfg, "mlp_only_layers")
+    return [i for i in range(n) if i not in dense and (i + 1) % step == 0]
 
 
 MOE_LAYER_RULES = {
     "step3p5": _step3p5_layers,
-    "first_k_dense": lambda cfg, n: list(range(cfg.get("first_k_dense_replace", 0), n)),
-    "sparse_step": lambda cfg, n: [
-        i for i in range(n)
-        if i not in cfg.get("mlp_only_layers", []) and (i + 1) % cfg.get("decoder_sparse_step", 1) == 0
-    ],
+    "first_k_dense": lambda cfg, n: list(range(_whole(cfg, "first_k_dense_replace", 0, 0), n)),
+    "sparse_step": _sparse_step_layers,
     "all": lambda cfg, n: list(range(n)),
 }
 
@@ -119,26 +151,48 @@ def load_model(spec: str = DEFAULT_MODEL) -> ModelGeometry:
 
 
 def geometry_from_config(cfg: dict, name: str) -> ModelGeometry:
-    """Read MoE geometry from a config dict, following a nested ``text_config``."""
+    """Read MoE geometry from a config dict, following a nested ``text_config``; one line for anything unusable."""
     quant = cfg.get("quantization_config") or {}
+    if not isinstance(quant, dict):
+        raise UsageError(f"{name}: quantization_config must be a JSON object; pass the model's config.json")
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
     model_type = text.get("model_type", cfg.get("model_type", "?"))
-    keys = ARCHITECTURES.get(model_type)
+    keys = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
     if keys is None:
         raise UsageError(
             f"{name}: model_type {model_type!r} is not a known MoE architecture "
             f"(known: {', '.join(sorted(ARCHITECTURES))}); add its keys to tuning.models.ARCHITECTURES"
         )
     wanted = (keys.experts, keys.top_k, keys.intermediate, "hidden_size", "num_hidden_layers")
-    missing = [k for k in wanted if not isinstance(text.get(k), int)]
+    missing = [k for k in wanted if type(text.get(k)) is not int]
     if missing:
         raise UsageError(f"{name}: not a {model_type} MoE config, missing integer keys {', '.join(missing)}; "
                          "pass the model's config.json")
+    small = [k for k in wanted if text[k] < 1]
+    if small:
+        raise UsageError(f"{name}: {', '.join(f'{k}={text[k]}' for k in small)}: must be at least 1; "
+                         "pass the model's config.json")
+    if text["num_hidden_layers"] > MAX_LAYERS:
+        raise UsageError(f"{name}: num_hidden_layers={text['num_hidden_layers']} is more than {MAX_LAYERS}; "
+                         "pass the model's config.json")
+    if text[keys.top_k] > text[keys.experts]:
+        raise UsageError(f"{name}: {keys.top_k}={text[keys.top_k]} is more than the {text[keys.experts]} experts "
+                         f"({keys.experts}); pass the model's config.json")
     n = text["num_hidden_layers"]
-    moe_layers = tuple(MOE_LAYER_RULES[keys.moe_layers](text, n))
+    try:
+        moe_layers = tuple(MOE_LAYER_RULES[keys.moe_layers](text, n))
+    except _BadKey as exc:
+        raise UsageError(f"{name}: {exc}; pass the model's config.json") from None
     if not moe_layers:
         raise UsageError(f"{name}: the config declares no MoE layers; pass an MoE model's config.json")
     block = quant.get("weight_block_size") if quant.get("quant_method") == "fp8" else None
+    if block is not None and (not isinstance(block, list) or len(block) != 2
+                              or not all(type(b) is int and b > 0 for b in block)):
+        raise UsageError(f"{name}: quantization_config.weight_block_size {block!r} is not two positive integers "
+                         "[block_n, block_k]; pass the block-FP8 checkpoint's config.json")
+    for key in ("vocab_size", "intermediate_size", "share_expert_dim", "shared_expert_intermediate_size"):
+        if key in text and (type(text[key]) is not int or text[key] < 0):
+            raise UsageError(f"{name}: {key} must be a whole number; pass the model's config.json")
     geometry = ModelGeometry(
         name=name,
         model_type=model_type,
@@ -152,8 +206,10 @@ def geometry_from_config(cfg: dict, name: str) -> ModelGeometry:
         weight_block_size=tuple(block) if block else None,
         total_params=0.0,
     )
-    total = cfg.get("total_params") or text.get("total_params") or _estimate_params(text, geometry)
-    return replace(geometry, total_params=float(total))
+    total = cfg.get("total_params") or text.get("total_params")
+    if total is not None and (type(total) not in (int, float) or not 0 < total < float("inf")):
+        raise UsageError(f"{name}: total_params {total!r} is not a positive number; fix it or remove it")
+    return replace(geometry, total_params=float(total or _estimate_params(text, geometry)))
 
 
 def _estimate_params(cfg: dict, g: ModelGeometry) -> float:

@@ -48,7 +48,7 @@ def make_plan(model: ModelGeometry, gpu: GpuSpec, dtype: str, layouts: list[Layo
         if verdict.fits or not check_fit:
             plan.shapes.setdefault(shape, []).append(layout)
     if not plan.shapes:
-        plan.alternatives = fitting.alternatives(model, dtype, gpu, num_gpus)
+        plan.alternatives = fitting.alternatives(model, dtype, gpu, num_gpus, vllm_version, moe_backend)
     return plan
 
 

@@ -135,9 +135,18 @@ class _Reader:
 
     def number(self, data: dict, path: str) -> float:
         value = self.get(data, path)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        try:
+            finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(float(value))
+        except OverflowError:
+            finite = False
+        if not finite:
             raise self.fail(f"key '{path}' is not a finite number")
         return float(value)
+
+    def count(self, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise self.fail("'gpu.count' is not a whole number of GPUs")
+        return value
 
     def tile(self, data: dict, path: str) -> TileConfig:
         values = [self.get(data, f"{path}.{f}") for f in FIELDS]
@@ -164,7 +173,7 @@ class _Reader:
             block = d["block_shape"]
             return MoeShape(int(d["num_experts"]), int(d["global_experts"]), int(d["n"]), int(d["k"]),
                             int(d["top_k"]), str(d["dtype"]), tuple(int(b) for b in block) if block else None)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise self.fail("'shape' holds a non-integer field") from None
 
     def target(self, data: object) -> Target | None:
@@ -188,7 +197,7 @@ class _Reader:
         if data["file"] != shape.file_name(str(gpu["device_name"])):
             raise self.fail(f"its 'file' {data['file']!r} does not match its shape and device")
         run = RunInfo(gpu_name=str(gpu["name"]), device_name=gpu["device_name"], driver=str(gpu["driver"]),
-                      count=int(gpu["count"]), cuda=str(sw["cuda"]), torch=str(sw["torch"]),
+                      count=self.count(gpu["count"]), cuda=str(sw["cuda"]), torch=str(sw["torch"]),
                       triton=str(sw["triton"]), python=str(sw.get("python", "")), vllm=str(sw["vllm"]),
                       kernel=str(sw.get("kernel", "")), kernel_sha256=str(sw.get("kernel_sha256", "")))
         target = data.get("target")

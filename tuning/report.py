@@ -21,7 +21,7 @@ from pathlib import Path
 from . import provenance
 from .configs import CONFIGS_ROOT, read_config_file
 from .errors import UsageError
-from .files import atomic_write
+from .files import atomic_write, output_file, output_folder
 from .provenance import SUFFIX as PROVENANCE_SUFFIX, TOOL, BatchRow, Provenance
 from .shapes import MoeShape
 from .triton_pins import mismatch, target_triton
@@ -331,6 +331,14 @@ def out_dirs(dirs: list[Path], out: str | None) -> list[Path]:
     return [Path(out) / n for n in names]
 
 
+def check_out(out: Path, option: str) -> None:
+    """``out`` can take REPORT.md, summary.json and plots/; one line before anything is written otherwise."""
+    output_folder(out, option)
+    output_folder(out / "plots", option)
+    for name in ("REPORT.md", "summary.json"):
+        output_file(out / name, option)
+
+
 def _details_line(outs: list[Path], readme: Path) -> str:
     base = readme.resolve().parent
     links = [f"[{o.resolve().name}]({Path(os.path.relpath(o.resolve() / 'REPORT.md', base)).as_posix()})" for o in outs]
@@ -340,8 +348,12 @@ def _details_line(outs: list[Path], readme: Path) -> str:
 def run(args: argparse.Namespace) -> int:
     dirs = config_dirs(args.configs)
     outs = out_dirs(dirs, args.out)
+    for out in outs:
+        check_out(out, "--out" if args.out else "--configs")
     per_folder = [load_folder(d) for d in dirs]  # everything validated before anything is written
     readme = readme_text(Path(args.readme)) if args.readme else None
+    if args.readme:
+        output_file(args.readme, "--readme")
     for out, reports in zip(outs, per_folder):
         write_folder_report(out, reports)
         print(f"wrote {out / 'REPORT.md'}, {out / 'summary.json'} and {len(reports) + 1} plots in {out / 'plots'}")

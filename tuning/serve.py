@@ -28,6 +28,7 @@ from . import gpus
 from . import preflight as pf
 from .configs import CONFIGS_ROOT, TUNED_VAR
 from .errors import UsageError
+from .files import output_folder
 from .fit import alternatives, fit
 from .models import BUILTIN, load_model
 from .shapes import DEFAULT_VLLM_VERSION, DTYPES, Refusal, parse_layout, parse_version, shape_for
@@ -328,10 +329,10 @@ def expected_files(spec: ServeSpec, gpu: gpus.GpuSpec, version: str) -> list[str
     """The tuned files the serve's MoE layer kinds read (--print-command, which starts nothing): vLLM 0.33's rules
     from the mirror (a run asks preflight, which asks vLLM itself); other versions by the plan's shape rule."""
     model, layout = load_model(geometry_name(spec.model, spec.dtype)), spec.layout
+    shape = shape_for(model, layout, spec.dtype, version, spec.moe_backend)
+    if isinstance(shape, Refusal):
+        raise UsageError(f"layout {layout.name}: {shape.reason}")
     if parse_version(version) != parse_version(VLLM_VERSION):
-        shape = shape_for(model, layout, spec.dtype, version, spec.moe_backend)
-        if isinstance(shape, Refusal):
-            raise UsageError(f"layout {layout.name}: {shape.reason}")
         return [shape.file_name(gpu.device_name)]
     env = tuple(sorted((k, v) for k, v in spec.environ(dict(os.environ)).items() if k.startswith("VLLM_")))
     facts = ServeFacts(arch=gpu.arch, dtype=spec.dtype, tp=layout.tp, dp=layout.dp, ep=layout.ep,
@@ -535,6 +536,8 @@ def run(args: argparse.Namespace) -> int:
     bench = build_bench(args)
     version = args.vllm_version or installed_vllm_version() or DEFAULT_VLLM_VERSION
     out = Path(args.out or Path("serve-runs") / _run_name(spec, gpu))
+    if not args.print_command:
+        output_folder(out, "--out")
     if args.print_command:
         expected = expected_files(spec, gpu, version)
         print_command(spec, bench, expected, out, args.ab)

@@ -20,6 +20,7 @@ DTYPES = ("bf16", "fp8")
 # vLLM's tuning batch sizes (benchmarks/kernels/benchmark_moe.py).
 BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096)
 DEFAULT_VLLM_VERSION = "0.33"
+MAX_BATCH = 1 << 20  # tokens in one fused-MoE call: beyond any serve's prefill chunk times its DP ranks
 
 
 @dataclass(frozen=True)
@@ -137,9 +138,9 @@ def parse_batch_sizes(text: str | None, option: str = "--batch-sizes") -> tuple[
             sizes += BATCH_SIZES if word == "vllm" else [int(word)]
     except ValueError:
         sizes = []
-    if not sizes or min(sizes) < 1:
-        raise UsageError(f"{option} {text!r}: write positive integers separated by commas (vllm: its 18 sizes), "
-                         "e.g. 1,16,256 or vllm,32768")
+    if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH:
+        raise UsageError(f"{option} {text!r}: write integers from 1 to {MAX_BATCH} separated by commas "
+                         "(vllm: its 18 sizes), e.g. 1,16,256 or vllm,32768")
     return tuple(sorted(set(sizes)))
 
 

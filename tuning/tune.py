@@ -150,15 +150,17 @@ def run(args: argparse.Namespace) -> int:
     print(format_plan(plan))
     if not plan.shapes:
         would = "; would fit: " + ", ".join(plan.alternatives) if plan.alternatives else ""
-        raise UsageError(f"no layout of {plan.model.name} {plan.dtype} fits {plan.num_gpus}x{plan.gpu.key}{would}")
+        which = f"of --layouts {args.layouts}" if args.layouts else "of the node"
+        raise UsageError(f"no layout {which} fits {plan.model.name} {plan.dtype} on {plan.num_gpus}x{plan.gpu.key}"
+                         f"{would}")
     out = Path(args.out) if args.out else CONFIGS_ROOT / plan.gpu.device_name
+    from .files import output_folder
+
+    output_folder(out, "--out")
     if args.dry_run:
         print(f"\nDry run: nothing tuned. On a node with {plan.gpu.key} GPUs, drop --dry-run to tune "
               f"(one Ray worker per GPU) and write the files to {out}/.")
         return 0
-    from .files import output_folder
-
-    output_folder(out, "--out")
     src = args.vllm_src or (str(installed_fused_moe() or "") if args.interpret else None) or None
     source = KernelSource(src, args.vllm_version)
     target = None if args.interpret else triton_target(plan, source, args.allow_triton_mismatch)

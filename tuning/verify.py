@@ -1,25 +1,29 @@
 """``tune-moe verify``: load tuned files the way vLLM does, then re-time tuned vs default.
 
-The loader is vLLM's own ``get_moe_configs`` when vLLM is importable (with the device
-name it would look up), else this project's mirror of it (tuning.configs). Each batch
-size is re-timed head to head on the same kernel and inputs; a tuned config more than
-2% slower than vLLM's default fails the check.
+Every file is read and checked first (name, schema, device), before anything heavy is imported;
+a file vLLM's loader would choke on is one line, and nothing runs. Each file is then loaded by
+vLLM's own ``get_moe_configs`` when vLLM is importable (with the device name it would look up),
+else by this project's mirror of it (tuning.configs); that part needs no GPU. Each batch size is
+then re-timed head to head on the same kernel and inputs; a tuned config more than 2% slower than
+vLLM's default fails the check. Re-timing needs the GPU the files are for: without one it stops
+with one line after the loader check (``--interpret`` runs the kernel under Triton's CPU
+interpreter, for tiny test models).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import configs
+from . import configs, gpus
+from .configs import CONFIGS_ROOT, TileConfig
 from .errors import UsageError
-from .gpus import get_gpu
-from .routing import Routing
-from .kernel import KernelSource
-from .models import DEFAULT_MODEL, load_model
-from .runner import Runner
-from .search import head_to_head
+from .gpus import GpuSpec, get_gpu
+from .kernel import KernelSource, installed_fused_moe, quiet_imports
+from .models import DEFAULT_MODEL, ModelGeometry, load_model
+from .provenance import SUFFIX as PROVENANCE_SUFFIX
 from .shapes import MoeShape, shapes_from_file_names
 
 REGRESSION = 0.98
@@ -37,11 +41,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interpret", action="store_true", help="Triton interpreter on the CPU (tiny models; testing)")
 
 
+@dataclass(frozen=True)
+class TunedFile:
+    name: str
+    shape: MoeShape
+    configs: dict[int, TileConfig]  # what the file holds, by tune-moe's reading of vLLM's contract
+
+
 def load_with_vllm(folder: Path, shape: MoeShape, device_name: str) -> tuple[dict, str]:
     """What vLLM's loader returns for ``shape`` from ``folder`` (or the mirror when vLLM is absent)."""
     path = folder / shape.file_name(device_name)
     try:
-        from vllm.model_executor.layers.fused_moe import fused_moe
+        with quiet_imports():
+            from vllm.model_executor.layers.fused_moe import fused_moe
     except ImportError:
         return configs.read_config_file(path), "tune-moe's mirror of vLLM's loader (vLLM not importable)"
     os.environ["VLLM_TUNED_CONFIG_FOLDER"] = str(folder.resolve())
@@ -59,45 +71,115 @@ def load_with_vllm(folder: Path, shape: MoeShape, device_name: str) -> tuple[dic
     return {m: configs.TileConfig.from_dict(c) for m, c in found.items()}, "vLLM's get_moe_configs"
 
 
-def run(args: argparse.Namespace) -> int:
-    gpu = get_gpu(args.gpu)
-    folder = Path(args.configs or Path("kernels_configs") / gpu.device_name)
-    names = sorted(p.name for p in folder.glob("E=*.json") if not p.name.endswith(configs.PROVENANCE_SUFFIX))
-    prefixes = args.files
+def tuned_files(folder: Path, prefixes: list[str], gpu: GpuSpec, model_arg: str | None) -> list[TunedFile]:
+    """Every tuned file of ``folder`` (matching ``prefixes``), each read and checked; one line for the first bad one."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--configs {folder}: is a file, not a folder; pass the folder holding the tuned files")
+    names = sorted(p.name for p in folder.glob("E=*.json") if not p.name.endswith(PROVENANCE_SUFFIX))
     names = [n for n in names if not prefixes or any(n.startswith(p) for p in prefixes)]
     if not names:
         raise UsageError(f"{folder}: no tuned config files{' matching --files' if prefixes else ''}; run tune-moe first")
-    kernel = KernelSource(args.vllm_src, args.vllm_version).load()
-    failures = 0
+    models: dict[str, ModelGeometry] = {}
+    out = []
     for name in names:
-        failures += _verify_file(folder, name, gpu, kernel, args)
-    print(f"\n{len(names)} files, {failures} failed")
+        spec = model_arg or (DEFAULT_MODEL + ("-FP8" if "dtype=fp8" in name else ""))
+        model = models[spec] = models.get(spec) or load_model(spec)
+        shape = shapes_from_file_names([name], model, gpu.device_name)[0]
+        if model.num_experts % shape.num_experts or shape.k != model.hidden_size:
+            raise UsageError(f"{folder / name}: E={shape.num_experts} is not a shape of {model.name} "
+                             f"({model.num_experts} experts); pass the --model it was tuned for")
+        out.append(TunedFile(name, shape, configs.read_config_file(folder / name)))
+    return out
+
+
+def kernel_source(args: argparse.Namespace) -> KernelSource:
+    """Where the kernel comes from. Under the interpreter vLLM's fused_moe.py is loaded on its own: an
+    imported vLLM replaces Triton with a placeholder on a host without a GPU driver."""
+    if args.interpret and not args.vllm_src:
+        path = installed_fused_moe()
+        if path is None:
+            raise UsageError("--interpret: vLLM is not installed here, so there is no fused_moe.py to interpret; "
+                             "pass --vllm-src with a vLLM fused_moe.py or wheel")
+        return KernelSource(str(path), args.vllm_version)
+    return KernelSource(args.vllm_src, args.vllm_version)
+
+
+def check_gpu(gpu: GpuSpec, checked: int, failed: int) -> None:
+    """Re-timing needs ``gpu`` here; one line when it is not (exit 1 when the loader check already failed)."""
+    found = gpus.detect_gpus()
+    done = (f"the loader check above: {checked} file{'s' if checked != 1 else ''}"
+            f"{f', {failed} FAILED' if failed else ' loaded as written'}; ")
+    problem = None
+    if not found:
+        problem = (f"{done}re-timing tuned vs default needs a {gpu.key} GPU and this node has none; "
+                   f"run tune-moe verify on a {gpu.key} node")
+    elif any(gpus.vllm_device_name(g.name) != gpu.device_name for g in found):
+        problem = (f"{done}re-timing for --gpu {gpu.key} needs that GPU and this node has {gpus.describe(found)}; "
+                   "pass the --gpu of this node or run on a matching one")
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            problem = (f"{done}re-timing needs CUDA and torch sees no GPU here ({gpus.describe(found)}); "
+                       "install torch with CUDA support")
+    if problem:
+        error = UsageError(problem)
+        error.exit_code = 1 if failed else UsageError.exit_code
+        raise error
+
+
+def run(args: argparse.Namespace) -> int:
+    from .shapes import parse_batch_sizes as batch_sizes
+
+    gpu = get_gpu(args.gpu)
+    folder = Path(args.configs or CONFIGS_ROOT / gpu.device_name)
+    sizes = batch_sizes(args.batch_sizes) if args.batch_sizes is not None else None
+    files = tuned_files(folder, args.files, gpu, args.model)
+    source = kernel_source(args)
+    kernel = source.load() if source.path else None  # a bad --vllm-src is refused before anything runs
+    loaded = [f for f in files if _check_loader(folder, f, gpu)]
+    if not args.interpret:
+        check_gpu(gpu, len(files), len(files) - len(loaded))
+    if kernel is None:
+        kernel = source.load()
+    failures = len(files) - len(loaded) + sum(_retime(f, gpu, kernel, sizes, judge=not args.interpret) for f in loaded)
+    print(f"\n{len(files)} files, {failures} failed"
+          + (" (under --interpret: numerics checked, CPU timings shown but not judged)" if args.interpret else ""))
     return 1 if failures else 0
 
 
-def _verify_file(folder: Path, name: str, gpu, kernel, args) -> int:
-    model = load_model(args.model or (DEFAULT_MODEL + ("-FP8" if "dtype=fp8" in name else "")))
-    shape = shapes_from_file_names([name], model, gpu.device_name)[0]
-    loaded, loader = load_with_vllm(folder, shape, gpu.device_name)
-    ours = configs.read_config_file(folder / name)
-    print(f"\n{name}\n  loaded by {loader}: {len(loaded)} batch sizes")
-    if loaded != ours:
+def _check_loader(folder: Path, f: TunedFile, gpu: GpuSpec) -> bool:
+    """Whether the loader returns exactly what the file holds (printed either way)."""
+    loaded, loader = load_with_vllm(folder, f.shape, gpu.device_name)
+    print(f"\n{f.name}\n  loaded by {loader}: {len(loaded)} batch sizes")
+    if loaded != f.configs:
         print("  FAIL: the loader returns other configs than the file holds")
-        return 1
-    sizes = [int(t) for t in args.batch_sizes.split(",")] if args.batch_sizes else sorted(loaded)
+        return False
+    return True
+
+
+def _retime(f: TunedFile, gpu: GpuSpec, kernel, sizes: tuple[int, ...] | None, judge: bool = True) -> int:
+    from .routing import Routing
+    from .runner import Runner
+    from .search import head_to_head
+
+    loaded = f.configs
     bad = 0
-    print(f"  {'M':>5} {'default us':>11} {'tuned us':>9} {'speedup':>8}  tuned")
-    for m in sizes:
+    print(f"\n{f.name}\n  {'M':>5} {'default us':>11} {'tuned us':>9} {'speedup':>8}  tuned")
+    for m in sizes or sorted(loaded):
         tuned = loaded[min(loaded, key=lambda k: abs(k - m))]  # vLLM's nearest-key rule
-        runner = Runner(kernel, shape, m, gpu, Routing(), seed=0)
-        t, d = head_to_head(runner, tuned, runner.default_config())
+        runner = Runner(kernel, f.shape, m, gpu, Routing(), seed=0)
+        t, d = head_to_head(runner, tuned, runner.default_config(), rounds=3 if judge else 1)
+        del runner
         if not t.ok:
             print(f"  {m:>5} tuned config fails: {t.failure}")
             bad += 1
             continue
+        if not d.ok:
+            print(f"  {m:>5} vLLM's default config fails: {d.failure}; tuned {t.us:.1f} us")
+            continue
         speedup = d.us / t.us
-        flag = "  REGRESSION" if speedup < REGRESSION else ""
+        flag = "  REGRESSION" if judge and speedup < REGRESSION else ""
         bad += bool(flag)
         print(f"  {m:>5} {d.us:>11.1f} {t.us:>9.1f} {speedup:>7.3f}x  {tuned.short}{flag}")
-        del runner
     return int(bad > 0)

@@ -27,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -46,8 +47,10 @@ def _ask(request: dict) -> object:
     env["VLLM_LOGGING_LEVEL"] = "ERROR"
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-m", "tuning.vllm_probe"], input=json.dumps(request), env=env,
-                          capture_output=True, text=True, check=False)
+    with tempfile.TemporaryDirectory(prefix="tune-moe-probe-") as scratch:
+        env["HUMMING_TMP_DIR"] = scratch  # vLLM's import of the humming kernels leaves a lock file there
+        proc = subprocess.run([sys.executable, "-m", "tuning.vllm_probe"], input=json.dumps(request), env=env,
+                              capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         raise RuntimeError(lines[-1] if lines else f"vllm_probe exited with {proc.returncode}")

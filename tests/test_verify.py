@@ -1,0 +1,86 @@
+"""``tune-moe verify`` before any kernel runs: files checked first, the loader check, and the GPU it needs."""
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from tuning import verify
+from tuning.configs import TileConfig
+from tuning.errors import UsageError
+from tuning.gpus import DetectedGpu
+
+REPO = Path(__file__).resolve().parent.parent
+EP4 = "E=72,N=1280,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"
+GOOD = (REPO / "kernels_configs" / "NVIDIA_H200" / EP4).read_text()
+
+
+def args(configs: Path, **kw) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    verify.add_arguments(parser)
+    ns = parser.parse_args(["--gpu", "H200", "--configs", str(configs)])
+    return argparse.Namespace(**{**vars(ns), **kw})
+
+
+@pytest.fixture
+def folder(tmp_path):
+    (tmp_path / EP4).write_text(GOOD)
+    return tmp_path
+
+
+@pytest.fixture
+def mirror(monkeypatch):
+    """vLLM's loader replaced by tune-moe's own reading of the file."""
+    def load(folder, shape, device_name):
+        return verify.configs.read_config_file(folder / shape.file_name(device_name)), "mirror"
+    monkeypatch.setattr(verify, "load_with_vllm", load)
+    return load
+
+
+def test_without_a_gpu_the_loader_check_runs_then_one_line(folder, mirror, monkeypatch, capsys):
+    monkeypatch.setattr(verify.gpus, "detect_gpus", lambda: [])
+    with pytest.raises(UsageError) as err:
+        verify.run(args(folder))
+    assert err.value.exit_code == 2
+    assert "1 file loaded as written; re-timing tuned vs default needs a H200 GPU" in str(err.value)
+    assert f"{EP4}\n  loaded by mirror: 18 batch sizes" in capsys.readouterr().out
+
+
+def test_a_loader_mismatch_without_a_gpu_exits_1(folder, monkeypatch, capsys):
+    other = TileConfig(16, 32, 64, 1, 4, 3)
+    monkeypatch.setattr(verify, "load_with_vllm", lambda *a: ({1: other}, "mirror"))
+    monkeypatch.setattr(verify.gpus, "detect_gpus", lambda: [])
+    with pytest.raises(UsageError) as err:
+        verify.run(args(folder))
+    assert err.value.exit_code == 1 and "1 file, 1 FAILED" in str(err.value)
+    assert "FAIL: the loader returns other configs than the file holds" in capsys.readouterr().out
+
+
+def test_another_gpu_model_is_refused_before_re_timing(folder, mirror, monkeypatch):
+    monkeypatch.setattr(verify.gpus, "detect_gpus", lambda: [DetectedGpu(0, "NVIDIA H20", 97871, "570")])
+    with pytest.raises(UsageError, match="needs that GPU and this node has 1x NVIDIA H20"):
+        verify.run(args(folder))
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"1": {', "unreadable or corrupt JSON"),
+    ('{"1": {"BLOCK_SIZE_M": 16}}', "must hold exactly the integer fields"),
+    (json.dumps({**json.loads(GOOD), "note": "x"}), "key 'note' is not a batch size"),
+])
+def test_every_file_is_checked_before_the_loader(folder, monkeypatch, content, match):
+    (folder / EP4).write_text(content)
+    monkeypatch.setattr(verify, "load_with_vllm", lambda *a: pytest.fail("the loader ran on a bad file"))
+    with pytest.raises(UsageError, match=match):
+        verify.run(args(folder))
+
+
+def test_interpret_loads_the_installed_fused_moe_on_its_own(folder, monkeypatch, tmp_path):
+    fused = tmp_path / "fused_moe.py"
+    monkeypatch.setattr(verify, "installed_fused_moe", lambda: fused)
+    assert verify.kernel_source(args(folder, interpret=True)).path == str(fused)
+    assert verify.kernel_source(args(folder, interpret=True, vllm_src="x.whl")).path == "x.whl"
+    assert verify.kernel_source(args(folder)).path is None  # on a GPU: the installed vLLM, imported
+    monkeypatch.setattr(verify, "installed_fused_moe", lambda: None)
+    with pytest.raises(UsageError, match="--interpret: vLLM is not installed here"):
+        verify.kernel_source(args(folder, interpret=True))
