@@ -84,3 +84,18 @@ def test_interpret_loads_the_installed_fused_moe_on_its_own(folder, monkeypatch,
     monkeypatch.setattr(verify, "installed_fused_moe", lambda: None)
     with pytest.raises(UsageError, match="--interpret: vLLM is not installed here"):
         verify.kernel_source(args(folder, interpret=True))
+
+
+def test_verify_shows_the_triton_drift_of_each_file(folder, mirror, monkeypatch, capsys):
+    from conftest import provenance_for
+    from tuning import provenance
+    from tuning.configs import read_config_file
+
+    path = folder / EP4
+    provenance.write(path, provenance_for(path, read_config_file(path), triton="3.6.0", vllm="0.33.0"))
+    monkeypatch.setattr(verify.gpus, "detect_gpus", lambda: [])
+    with pytest.raises(UsageError):
+        verify.run(args(folder))
+    out = capsys.readouterr().out
+    assert "Triton: tuned with 3.6.0 for vLLM 0.33.0" in out
+    assert "drift: vLLM 0.33.0 runs Triton 3.8.0 (torch 2.14.0 pins it) but this file was tuned with Triton 3.6.0" in out

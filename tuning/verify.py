@@ -148,10 +148,26 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _drift(path: Path) -> str:
+    """The Triton the file was tuned with against the one its vLLM runs (and this process compiles with)."""
+    from . import provenance
+    from .report import triton_drift
+    from .triton_pins import compiling_triton
+
+    prov = provenance.read(path)
+    if prov is None:
+        return "Triton: no tune-moe provenance, so the Triton it was tuned with is unknown"
+    here = compiling_triton()
+    drift = triton_drift(prov)
+    line = f"Triton: tuned with {prov.run.triton} for vLLM {prov.run.vllm}; this process compiles with {here}"
+    return line + (f"; drift: {drift}" if drift else "")
+
+
 def _check_loader(folder: Path, f: TunedFile, gpu: GpuSpec) -> bool:
     """Whether the loader returns exactly what the file holds (printed either way)."""
     loaded, loader = load_with_vllm(folder, f.shape, gpu.device_name)
     print(f"\n{f.name}\n  loaded by {loader}: {len(loaded)} batch sizes")
+    print(f"  {_drift(folder / f.name)}")
     if loaded != f.configs:
         print("  FAIL: the loader returns other configs than the file holds")
         return False
