@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import gpus
@@ -29,23 +29,19 @@ from . import preflight as pf
 from .configs import CONFIGS_ROOT, TUNED_VAR
 from .errors import UsageError
 from .files import output_folder
-from .fit import alternatives, fit
-from .models import BUILTIN, load_model
+from .fit import fit
+from .models import load_model
 from .shapes import DEFAULT_VLLM_VERSION, DTYPES, Refusal, parse_layout, parse_version, shape_for
 from .envfile import ENV_FILE, env_file, read_env_file
 from .procgroup import GATE, Interrupted, ProcessGroup, say
+from .serve_checks import Preflight, check_fit, geometry_name, kind_notes, kind_phrase, run_preflight, triton_alternative
+from .serve_report import METRICS, write_report
 from .recipe import CHECKPOINTS, RECIPE_LABEL, RECIPE_METRICS, BenchSpec, ServeSpec
 from .kernel import installed_vllm_version
-from .vllm_log import (BATCHED, ConfigProof, MoeLogFacts, Predicted, agreement, file_name_of, prove_default,
+from .vllm_log import (ConfigProof, MoeLogFacts, agreement, file_name_of, prove_default,
                        prove_tuned, read_log)
 from .vllm_rules import ACTIVATIONS, VLLM_VERSION, ServeFacts, layer_runtime, normalize_moe_backend
 
-# Keys of vLLM's result JSON kept in the report, with their labels.
-METRICS = {"output_throughput": "output tok/s", "mean_tpot_ms": "mean TPOT (ms)", "mean_ttft_ms": "mean TTFT (ms)",
-           "median_tpot_ms": "median TPOT (ms)", "p99_tpot_ms": "P99 TPOT (ms)", "median_ttft_ms": "median TTFT (ms)",
-           "p99_ttft_ms": "P99 TTFT (ms)", "total_token_throughput": "total tok/s", "completed": "completed",
-           "failed": "failed", "duration": "duration (s)"}
-COUNTS = ("completed", "failed", "duration")  # reported, not compared
 
 
 @dataclass(frozen=True)
@@ -75,118 +71,6 @@ class RunResult:
     def as_dict(self) -> dict:
         return {**self.__dict__, "proof": self.proof.as_dict() if self.proof else None,
                 "problems": list(self.problems), "kinds": list(self.kinds)}
-
-
-# -- preflight: what vLLM runs per MoE layer kind ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Preflight:
-    """``tune-moe preflight``'s answer for the exact serve command and environment."""
-
-    report: dict  # preflight.check's
-    node: pf.Node
-    stand_in: str | None = None  # the checkpoint whose geometry was read for a model without a local config.json
-
-    @property
-    def layers(self) -> list[pf.Layer]:
-        return self.report["layers"]
-
-    @property
-    def files(self) -> list[str]:
-        """The tuned files the serve reads as tuned: vLLM must log exactly these."""
-        return list(dict.fromkeys(layer.file for layer in self.layers if layer.file))
-
-    def predicted(self) -> list[Predicted]:
-        return [Predicted(pf.KIND[layer.activation], layer.runtime.backend, layer.file) for layer in self.layers]
-
-    def as_dict(self) -> dict:
-        r = self.report
-        layers = [{"kind": pf.KIND[layer.activation], "activation": layer.activation, **asdict(layer.runtime),
-                   "reads_tuned_file": layer.runtime.reads_tuned_file, "file": layer.file,
-                   "found": str(layer.found) if layer.found else None, "drift": layer.drift} for layer in self.layers]
-        return {"answered_by": r["answered_by"], "model": r["command"].model, "stand_in": self.stand_in,
-                "dtype": r["dtype"], "plan": asdict(r["plan"]), "tokens": r["tokens"], "layers": layers,
-                "problems": r["problems"], "notes": r["notes"], "fix": r["fix"], "text": self.report_text()}
-
-    def report_text(self) -> str:
-        """Preflight's per-layer-kind table, as ``tune-moe preflight`` prints it."""
-        return pf.render(self.report, self.node)
-
-
-def kind_phrase(layer: pf.Layer) -> str:
-    """One layer kind in a few words: its backend and what it reads."""
-    r, kind = layer.runtime, pf.KIND[layer.activation]
-    if r.error:
-        return f"{kind}: vLLM will not start ({r.error})"
-    if layer.file:
-        how = "runs DeepGEMM's Triton fallback with" if r.backend == "DEEPGEMM" else "reads"
-        return f"{kind}: {r.backend}, {how} the tuned file {layer.file}"
-    if r.backend == BATCHED:
-        return (f"{kind}: {r.backend}, looks the tuned file up but runs the batched kernel (M = tokens per "
-                "expert), so the tuned configs do not run as tuned")
-    why = " (E8M0 is on: DeepGEMM at every M)" if r.backend == "DEEPGEMM" else ""
-    return f"{kind}: {r.backend}, reads no Triton tuned file{why}"
-
-
-def triton_alternative(pre: Preflight) -> str | None:
-    """What ``--moe-backend triton`` would change, by vLLM 0.33's rules (the mirror), when it runs every kind on
-    TritonExperts."""
-    cmd = pre.report["command"]
-    if cmd.moe_backend == "triton":
-        return None
-    model, dtype = pf.checkpoint(cmd.model, cmd.quantization)
-    facts = ServeFacts(arch=pre.node.gpu.arch, dtype=dtype, tp=cmd.tp, dp=cmd.dp, ep=cmd.ep, moe_backend="triton",
-                       env=tuple(sorted((k, v) for k, v in pre.node.env.items() if k.startswith("VLLM_"))),
-                       num_experts=model.num_experts, intermediate=model.moe_intermediate_size,
-                       hidden=model.hidden_size, top_k=model.top_k)
-    if all(layer_runtime(facts, act).reads_tuned_file for act in ACTIVATIONS):
-        return "with --moe-backend triton vLLM 0.33 runs every MoE layer kind on TRITON, which reads the tuned file"
-    return None
-
-
-def kind_notes(pre: Preflight) -> list[str]:
-    """Per layer kind, when some kind will not run the tuned configs."""
-    if all(layer.file for layer in pre.layers):
-        return []
-    text = "; ".join(kind_phrase(layer) for layer in pre.layers)
-    if any(layer.file for layer in pre.layers):
-        return [f"{text}: the tuned configs serve only the layer kinds that read them"]
-    alt = triton_alternative(pre)
-    return [f"{text}: no MoE layer kind runs the tuned Triton kernel, so the check will fail" + (f"; {alt}" if alt else "")]
-
-
-def geometry_name(model: str, dtype: str) -> str:
-    """What to read the MoE geometry from: the model's own config.json when it is local, else the dtype's
-    checkpoint (a Hugging Face id of another name is served as given, its geometry taken as Step-3.5-Flash's)."""
-    return model if model in BUILTIN or (Path(model) / "config.json").is_file() else CHECKPOINTS[dtype]
-
-
-def run_preflight(spec: ServeSpec, gpu: gpus.GpuSpec, version: str) -> Preflight:
-    """Preflight on ``spec``'s command with the serve's environment; refuses (one line) a serve vLLM will not start."""
-    argv, name = spec.argv(), geometry_name(spec.model, spec.dtype)
-    argv[2] = name
-    node = pf.Node(gpu=gpu, env=spec.environ(dict(os.environ)), config_dir=spec.tuned_folder, vllm_version=version)
-    report = pf.check(argv, node)
-    if report["dtype"] != spec.dtype:
-        raise UsageError(f"--dtype {spec.dtype}: {spec.model} is a {report['dtype']} checkpoint; "
-                         f"pass --dtype {report['dtype']}")
-    broken = [layer for layer in report["layers"] if layer.runtime.error]
-    if broken:
-        why = "; ".join(f"{pf.KIND[layer.activation]}: {layer.runtime.error}" for layer in broken)
-        raise UsageError(f"preflight: vLLM will not start this serve ({why}); nothing was started; change "
-                         "--moe-backend or the layout (tune-moe preflight shows what each MoE layer kind runs)")
-    return Preflight(report, node, name if name != spec.model else None)
-
-
-def check_fit(spec: ServeSpec, gpu: gpus.GpuSpec) -> None:
-    """Refuse (one line) a layout whose weights leave too little memory on each GPU."""
-    model = load_model(geometry_name(spec.model, spec.dtype))
-    verdict = fit(model, spec.layout, spec.dtype, gpu)
-    if not verdict.fits:
-        others = alternatives(model, spec.dtype, gpu, spec.layout.gpus)
-        raise UsageError(f"layout {spec.layout.name} does not fit in memory: {verdict.why(gpu)}; nothing was started"
-                         + (f"; try {' or '.join(others)}" if others else ""))
 
 
 # -- one serve: start, wait, prove, benchmark, stop ------------------------------------------------
@@ -418,78 +302,6 @@ def print_command(spec: ServeSpec, bench: BenchSpec | None, expected: list[str],
         print(f"# vLLM must log: Using configuration from {spec.tuned_folder / name} for MoE layer.")
     if ab:
         print(f"# --ab: then the same serve and benchmark with {TUNED_VAR} unset (vLLM must log its default config)")
-
-
-# -- the report ---------------------------------------------------------------------------------------
-
-
-def write_report(out: Path, report: dict) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("report.json", json.dumps(report, indent=2) + "\n"), ("report.md", render_markdown(report))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
-    return out / "report.md"
-
-
-def render_markdown(report: dict) -> str:
-    verdict = "PASS" if report["ok"] else "FAIL"
-    lines = [f"# validate-serve: {report['model']} {report['dtype']} {report['layout']}"
-             f"{' +MTP' if report['mtp'] else ''} on {report['gpu']}: {verdict}", "",
-             f"- command: `{report['command']}`", f"- tuned folder: `{report['tuned_folder']}`",
-             f"- expected config files: {', '.join(f'`{n}`' for n in report['expected_files']) or 'none'}", ""]
-    pre = report["preflight"]
-    lines += ["## Preflight: what vLLM runs per MoE layer kind", "",
-              "Before the serve started, `tune-moe preflight` ran on the exact command and environment"
-              + (f" (the MoE geometry read from {pre['stand_in']})" if pre["stand_in"] else "") + ":", "",
-              "```text", pre["text"], "```", ""]
-    lines += ["## Proof from vLLM's log", "", "| run | outcome | MoE backend | loaded | default config for | log |",
-              "|---|---|---|---|---|---|"]
-    for run in report["runs"]:
-        proof = run["proof"] or {"backends": [], "loaded": [], "missing": []}
-        lines.append(f"| {run['name']} | {run['outcome']} | {', '.join(proof['backends']) or '-'} | "
-                     f"{'<br>'.join(proof['loaded']) or '-'} | {', '.join(proof['missing']) or '-'} | {run['log']} |")
-    kinds = [(run["name"], k) for run in report["runs"] for k in run["kinds"]]
-    if kinds:
-        lines += ["", "Per MoE layer kind, preflight's prediction against vLLM's log:", "",
-                  "| run | layer kind | backend (preflight) | in vLLM's log | tuned file (preflight) | vLLM's log |",
-                  "|---|---|---|---|---|---|"]
-        for name, k in kinds:
-            file = f"`{k['file']}`" if k["file"] else "reads none"
-            lines.append(f"| {name} | {k['kind']} | {k['backend']} | {'yes' if k['backend_logged'] else 'NO'} | "
-                         f"{file} | {k['log']} |")
-    problems = [f"- {r['name']}: {p}" for r in report["runs"] for p in r["problems"]] + \
-               [f"- {p}" for p in report.get("problems", [])]
-    lines += ["", "Problems:", *problems] if problems else []
-    lines += ["", *_bench_table(report)] if any(r["metrics"] for r in report["runs"]) else []
-    lines += ["", "Notes:", *[f"- {n}" for n in report["notes"]]] if report["notes"] else []
-    return "\n".join(lines) + "\n"
-
-
-def _bench_table(report: dict) -> list[str]:
-    runs = {r["name"]: r["metrics"] for r in report["runs"] if r["metrics"]}
-    header = [RECIPE_LABEL, *runs] + (["tuned vs recipe"] if "tuned" in runs else []) + \
-             (["tuned vs default"] if {"tuned", "default"} <= set(runs) else [])
-    lines = ["## Benchmark", "", f"`{report['bench_command']}`", "",
-             "| metric | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
-    for key, label in METRICS.items():
-        cells = [_num(RECIPE_METRICS.get(key))] + [_num(m.get(key)) for m in runs.values()]
-        compare = key not in COUNTS
-        if "tuned" in runs:
-            cells.append(_change(runs["tuned"].get(key), RECIPE_METRICS.get(key)) if compare else "")
-        if {"tuned", "default"} <= set(runs):
-            cells.append(_change(runs["tuned"].get(key), runs["default"].get(key)) if compare else "")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return lines + ["", "Changes are relative: higher output tok/s is better, lower TPOT/TTFT is better. The recipe's "
-                    "numbers are bf16 TP4 without MTP on 4xH200; other setups compare with care."]
-
-
-def _num(value) -> str:
-    return "-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
-
-
-def _change(new, old) -> str:
-    return "-" if not new or not old else f"{(new - old) / old * 100:+.1f}%"
 
 
 # -- the command --------------------------------------------------------------------------------------

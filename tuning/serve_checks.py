@@ -1,0 +1,125 @@
+"""What validate-serve checks before it starts a server: the layout fits in memory, and ``tune-moe preflight``
+on the exact serve command and environment (what vLLM runs per MoE layer kind, which tuned files it reads)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import gpus
+from . import preflight as pf
+from .errors import UsageError
+from .fit import alternatives, fit
+from .models import BUILTIN, load_model
+from .recipe import CHECKPOINTS, ServeSpec
+from .vllm_log import BATCHED, Predicted
+from .vllm_rules import ACTIVATIONS, ServeFacts, layer_runtime
+
+@dataclass(frozen=True)
+class Preflight:
+    """``tune-moe preflight``'s answer for the exact serve command and environment."""
+
+    report: dict  # preflight.check's
+    node: pf.Node
+    stand_in: str | None = None  # the checkpoint whose geometry was read for a model without a local config.json
+
+    @property
+    def layers(self) -> list[pf.Layer]:
+        return self.report["layers"]
+
+    @property
+    def files(self) -> list[str]:
+        """The tuned files the serve reads as tuned: vLLM must log exactly these."""
+        return list(dict.fromkeys(layer.file for layer in self.layers if layer.file))
+
+    def predicted(self) -> list[Predicted]:
+        return [Predicted(pf.KIND[layer.activation], layer.runtime.backend, layer.file) for layer in self.layers]
+
+    def as_dict(self) -> dict:
+        r = self.report
+        layers = [{"kind": pf.KIND[layer.activation], "activation": layer.activation, **asdict(layer.runtime),
+                   "reads_tuned_file": layer.runtime.reads_tuned_file, "file": layer.file,
+                   "found": str(layer.found) if layer.found else None, "drift": layer.drift} for layer in self.layers]
+        return {"answered_by": r["answered_by"], "model": r["command"].model, "stand_in": self.stand_in,
+                "dtype": r["dtype"], "plan": asdict(r["plan"]), "tokens": r["tokens"], "layers": layers,
+                "problems": r["problems"], "notes": r["notes"], "fix": r["fix"], "text": self.report_text()}
+
+    def report_text(self) -> str:
+        """Preflight's per-layer-kind table, as ``tune-moe preflight`` prints it."""
+        return pf.render(self.report, self.node)
+
+
+def kind_phrase(layer: pf.Layer) -> str:
+    """One layer kind in a few words: its backend and what it reads."""
+    r, kind = layer.runtime, pf.KIND[layer.activation]
+    if r.error:
+        return f"{kind}: vLLM will not start ({r.error})"
+    if layer.file:
+        how = "runs DeepGEMM's Triton fallback with" if r.backend == "DEEPGEMM" else "reads"
+        return f"{kind}: {r.backend}, {how} the tuned file {layer.file}"
+    if r.backend == BATCHED:
+        return (f"{kind}: {r.backend}, looks the tuned file up but runs the batched kernel (M = tokens per "
+                "expert), so the tuned configs do not run as tuned")
+    why = " (E8M0 is on: DeepGEMM at every M)" if r.backend == "DEEPGEMM" else ""
+    return f"{kind}: {r.backend}, reads no Triton tuned file{why}"
+
+
+def triton_alternative(pre: Preflight) -> str | None:
+    """What ``--moe-backend triton`` would change, by vLLM 0.33's rules (the mirror), when it runs every kind on
+    TritonExperts."""
+    cmd = pre.report["command"]
+    if cmd.moe_backend == "triton":
+        return None
+    model, dtype = pf.checkpoint(cmd.model, cmd.quantization)
+    facts = ServeFacts(arch=pre.node.gpu.arch, dtype=dtype, tp=cmd.tp, dp=cmd.dp, ep=cmd.ep, moe_backend="triton",
+                       env=tuple(sorted((k, v) for k, v in pre.node.env.items() if k.startswith("VLLM_"))),
+                       num_experts=model.num_experts, intermediate=model.moe_intermediate_size,
+                       hidden=model.hidden_size, top_k=model.top_k)
+    if all(layer_runtime(facts, act).reads_tuned_file for act in ACTIVATIONS):
+        return "with --moe-backend triton vLLM 0.33 runs every MoE layer kind on TRITON, which reads the tuned file"
+    return None
+
+
+def kind_notes(pre: Preflight) -> list[str]:
+    """Per layer kind, when some kind will not run the tuned configs."""
+    if all(layer.file for layer in pre.layers):
+        return []
+    text = "; ".join(kind_phrase(layer) for layer in pre.layers)
+    if any(layer.file for layer in pre.layers):
+        return [f"{text}: the tuned configs serve only the layer kinds that read them"]
+    alt = triton_alternative(pre)
+    return [f"{text}: no MoE layer kind runs the tuned Triton kernel, so the check will fail" + (f"; {alt}" if alt else "")]
+
+
+def geometry_name(model: str, dtype: str) -> str:
+    """What to read the MoE geometry from: the model's own config.json when it is local, else the dtype's
+    checkpoint (a Hugging Face id of another name is served as given, its geometry taken as Step-3.5-Flash's)."""
+    return model if model in BUILTIN or (Path(model) / "config.json").is_file() else CHECKPOINTS[dtype]
+
+
+def run_preflight(spec: ServeSpec, gpu: gpus.GpuSpec, version: str) -> Preflight:
+    """Preflight on ``spec``'s command with the serve's environment; refuses (one line) a serve vLLM will not start."""
+    argv, name = spec.argv(), geometry_name(spec.model, spec.dtype)
+    argv[2] = name
+    node = pf.Node(gpu=gpu, env=spec.environ(dict(os.environ)), config_dir=spec.tuned_folder, vllm_version=version)
+    report = pf.check(argv, node)
+    if report["dtype"] != spec.dtype:
+        raise UsageError(f"--dtype {spec.dtype}: {spec.model} is a {report['dtype']} checkpoint; "
+                         f"pass --dtype {report['dtype']}")
+    broken = [layer for layer in report["layers"] if layer.runtime.error]
+    if broken:
+        why = "; ".join(f"{pf.KIND[layer.activation]}: {layer.runtime.error}" for layer in broken)
+        raise UsageError(f"preflight: vLLM will not start this serve ({why}); nothing was started; change "
+                         "--moe-backend or the layout (tune-moe preflight shows what each MoE layer kind runs)")
+    return Preflight(report, node, name if name != spec.model else None)
+
+
+def check_fit(spec: ServeSpec, gpu: gpus.GpuSpec) -> None:
+    """Refuse (one line) a layout whose weights leave too little memory on each GPU."""
+    model = load_model(geometry_name(spec.model, spec.dtype))
+    verdict = fit(model, spec.layout, spec.dtype, gpu)
+    if not verdict.fits:
+        others = alternatives(model, spec.dtype, gpu, spec.layout.gpus)
+        raise UsageError(f"layout {spec.layout.name} does not fit in memory: {verdict.why(gpu)}; nothing was started"
+                         + (f"; try {' or '.join(others)}" if others else ""))
