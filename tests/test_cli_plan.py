@@ -110,7 +110,7 @@ def test_bf16_does_not_fit_4xh20(tune):
     assert "No layout fits stepfun-ai/Step-3.5-Flash bf16 on 4xH20." in out
     assert "TP4 on 4xH20: 98 GB weights per GPU of a 88 GB budget" in out
     assert one_error_line(err) == (
-        "tune-moe: error: no layout of stepfun-ai/Step-3.5-Flash bf16 fits 4xH20; would fit: "
+        "tune-moe: error: no layout fits stepfun-ai/Step-3.5-Flash bf16 on 4xH20; would fit: "
         "bf16 on 8xH20 (TP8 or DP8+EP), fp8 (stepfun-ai/Step-3.5-Flash-FP8) on 4xH20")
 
 
@@ -263,15 +263,15 @@ BAD = {
     "layout-tp16": (["--gpu", "H200", "--dtype", "bf16", "--dry-run", "--layouts", "TP16", "--num-gpus", "8"], None,
                     ["--layouts TP16 need more than the 8 GPUs of the node", "raise --num-gpus"]),
     "batch-sizes": (["--gpu", "H200", "--dtype", "fp8", "--dry-run", "--batch-sizes", "1,x,16"], None,
-                    ["--batch-sizes '1,x,16'", "positive integers separated by commas"]),
+                    ["--batch-sizes '1,x,16'", "write integers from 1 to 1048576 separated by commas"]),
     "batch-sizes-zero": (["--gpu", "H200", "--dtype", "fp8", "--dry-run", "--batch-sizes", "0,16"], None,
-                         ["--batch-sizes '0,16'", "positive integers"]),
+                         ["--batch-sizes '0,16'", "write integers from 1 to"]),
     "routing": (["--gpu", "H200", "--dtype", "fp8", "--dry-run", "--routing", "zipf:steep"], None,
                 ["--routing 'zipf:steep'", "use uniform or zipf:<s>"]),
     "vllm-version": (["--gpu", "H200", "--dtype", "fp8", "--dry-run", "--vllm-version", "garbage"], None,
                      ["--vllm-version 'garbage'", "MAJOR.MINOR, e.g. 0.33"]),
     "bf16-4xh20": (["--gpu", "H20", "--dtype", "bf16", "--num-gpus", "4", "--dry-run"], None,
-                   ["fits 4xH20", "bf16 on 8xH20", "fp8 (stepfun-ai/Step-3.5-Flash-FP8) on 4xH20"]),
+                   ["fits stepfun-ai/Step-3.5-Flash bf16 on 4xH20", "bf16 on 8xH20", "fp8 (stepfun-ai/Step-3.5-Flash-FP8) on 4xH20"]),
     "no-gpu": (["--gpu", "H200", "--dtype", "fp8"], None,
                ["--gpu H200: this node has no NVIDIA GPU", "--dry-run"]),
     "wrong-gpu": (["--gpu", "H200", "--dtype", "fp8"], smi_rows("NVIDIA H20", 8, 97871),

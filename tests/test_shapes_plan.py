@@ -269,7 +269,7 @@ def test_alternatives_name_the_layouts_of_this_node_first():
     assert alts == ["bf16 on this node (8xH200) with --layouts TP4,TP8,TP4+EP,TP8+EP,DP4+EP,DP8+EP",
                     "fp8 (stepfun-ai/Step-3.5-Flash-FP8) on 2xH200"]
     assert not any("16xH200" in a for a in alts)
-    plan = make_plan(BF16, H200, "bf16", [Layout(tp=1)], 8, BATCH_SIZES, "0.33")
+    plan = make_plan(BF16, H200, "bf16", [Layout(tp=1)], 8, BATCH_SIZES, vllm_version="0.33")
     assert plan.shapes == {} and plan.alternatives == alts
 
 

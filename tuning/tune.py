@@ -150,9 +150,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_plan(plan))
     if not plan.shapes:
         would = "; would fit: " + ", ".join(plan.alternatives) if plan.alternatives else ""
-        which = f"of --layouts {args.layouts}" if args.layouts else "of the node"
-        raise UsageError(f"no layout {which} fits {plan.model.name} {plan.dtype} on {plan.num_gpus}x{plan.gpu.key}"
-                         f"{would}")
+        which = f"none of --layouts {args.layouts} fits" if args.layouts else "no layout fits"
+        raise UsageError(f"{which} {plan.model.name} {plan.dtype} on {plan.num_gpus}x{plan.gpu.key}{would}")
     out = Path(args.out) if args.out else CONFIGS_ROOT / plan.gpu.device_name
     from .files import output_folder
 
