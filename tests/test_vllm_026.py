@@ -48,8 +48,14 @@ FP8_EP = MoeShape(8, 16, 128, 256, 2, "fp8", (64, 64))
 FP8_ONE_N_BLOCK = MoeShape(8, 16, 128, 64, 2, "fp8", (64, 64))  # w2's scales have one N block: stride_bsn differs
 
 
-def _member(request, name: str) -> Path:
-    cache = request.config.cache.mkdir("vllm-0.26.0") if request.config.cache else Path(request.config.rootpath)
+@pytest.fixture(scope="module")
+def cache(request, tmp_path_factory) -> Path:
+    """pytest's cache folder (kept between runs), or a temporary one where the cache plugin is off."""
+    plugin = getattr(request.config, "cache", None)
+    return plugin.mkdir("vllm-0.26.0") if plugin is not None else tmp_path_factory.mktemp("vllm-0.26.0")
+
+
+def _member(cache: Path, name: str) -> Path:
     try:
         return fetch_member(URL, name, SHA256[name], cache / Path(name).name)
     except OFFLINE as exc:
@@ -57,17 +63,17 @@ def _member(request, name: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def src(request) -> Path:
-    return _member(request, FUSED_MOE)
+def src(cache) -> Path:
+    return _member(cache, FUSED_MOE)
 
 
 @pytest.fixture(scope="module")
-def wheel(request, src, tmp_path_factory) -> Path:
+def wheel(cache, src, tmp_path_factory) -> Path:
     """A wheel of the two real members this needs, under the release's own wheel name."""
     path = tmp_path_factory.mktemp("wheel") / WHEEL
     with zipfile.ZipFile(path, "w") as zf:
         zf.write(src, FUSED_MOE)
-        zf.write(_member(request, METADATA), METADATA)
+        zf.write(_member(cache, METADATA), METADATA)
     return path
 
 
