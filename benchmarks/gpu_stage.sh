@@ -16,7 +16,10 @@
 # unless TUNE_MOE_STAGE_SRC and TUNE_MOE_STAGE_VLLM name another (e.g. /tmp/stash/fused_moe.py and 0.26.0).
 set -euo pipefail
 stage=${1:?stage}; shift
-export TRITON_BACKENDS_IN_TREE=1 PYTHONUNBUFFERED=1 RAY_DISABLE_USAGE_STATS=1 RAY_AUTH_MODE=disabled
+export PYTHONUNBUFFERED=1 RAY_DISABLE_USAGE_STATS=1 RAY_AUTH_MODE=disabled
+if [ -d /tmp/t38/triton ]; then
+  export TRITON_BACKENDS_IN_TREE=1  # the unpacked Triton has no entry points; the machine's own needs nothing
+fi
 export PYTHONPATH=/tmp/t38:/tmp/ray:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PATH=/tmp/ray/bin:$PATH
 runs=/tmp/runs
