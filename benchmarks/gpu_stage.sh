@@ -13,7 +13,7 @@
 #
 # The environment every stage exports: Triton 3.8.0 (the Triton vLLM 0.33.0 runs) ahead of the machine's
 # own when it was unpacked, Ray, and this checkout. The kernel is vLLM 0.33.0's, /tmp/stash/fused_moe_v033.py,
-# unless TUNE_MOE_STAGE_SRC and TUNE_MOE_STAGE_VLLM name another (e.g. /tmp/stash/fused_moe.py and 0.26.0).
+# unless TUNE_MOE_STAGE_SRC and TUNE_MOE_STAGE_VLLM name another (e.g. /tmp/stash/fused_moe_v026.py and 0.26.0).
 set -euo pipefail
 stage=${1:?stage}; shift
 export PYTHONUNBUFFERED=1 RAY_DISABLE_USAGE_STATS=1 RAY_AUTH_MODE=disabled
