@@ -4,17 +4,22 @@
 # Usage: benchmarks/gpu_stage.sh STAGE [ARGS...]      (run from the repository root, $OUT set)
 #
 #   stash FILE...      copy carried files to /tmp/stash (the machine keeps /tmp while it stays warm)
-#   setup              unpack Triton 3.8.0 (zstd parts) to /tmp/t38 and Ray to /tmp/ray; check both import
+#   setup [PARTS...]   unpack Ray to /tmp/ray and, given the zstd parts of Triton 3.8.0, Triton to /tmp/t38
+#                      (for vLLM 0.26, which runs the machine's own Triton 3.6.0, give none); check what imports
 #   tune NAME SECS ARGS...  run `tune-moe ARGS` for at most SECS seconds (SIGINT then), log to $OUT/NAME.log,
 #                      and bring its results.jsonl, run.json and written files back under $OUT/NAME*;
 #                      runs named alike up to the first '-' share a Triton cache (w1 and main-* do not)
 #   kill-after SECS    in the background: SIGKILL one tune-moe Ray worker after SECS seconds
 #
 # The environment every stage exports: Triton 3.8.0 (the Triton vLLM 0.33.0 runs) ahead of the machine's
-# own, Ray, and this checkout; vLLM 0.33.0's kernel comes from /tmp/stash/fused_moe_v033.py.
+# own when it was unpacked, Ray, and this checkout. The kernel is vLLM 0.33.0's, /tmp/stash/fused_moe_v033.py,
+# unless TUNE_MOE_STAGE_SRC and TUNE_MOE_STAGE_VLLM name another (e.g. /tmp/stash/fused_moe_v026.py and 0.26.0).
 set -euo pipefail
 stage=${1:?stage}; shift
-export TRITON_BACKENDS_IN_TREE=1 PYTHONUNBUFFERED=1 RAY_DISABLE_USAGE_STATS=1 RAY_AUTH_MODE=disabled
+export PYTHONUNBUFFERED=1 RAY_DISABLE_USAGE_STATS=1 RAY_AUTH_MODE=disabled
+if [ -d /tmp/t38/triton ]; then
+  export TRITON_BACKENDS_IN_TREE=1  # the unpacked Triton has no entry points; the machine's own needs nothing
+fi
 export PYTHONPATH=/tmp/t38:/tmp/ray:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PATH=/tmp/ray/bin:$PATH
 runs=/tmp/runs
@@ -22,9 +27,12 @@ case "$stage" in
   stash)
     mkdir -p /tmp/stash && cp -v "$@" /tmp/stash/ ;;
   setup)
-    mkdir -p /tmp/t38 /tmp/ray
-    cat /tmp/stash/part-00 "$@" | python3 /tmp/stash/unzstd.py | tar xf - -C /tmp/t38
-    chmod +x /tmp/t38/triton/backends/nvidia/bin/*  # the pack is made from the wheel's zip, which keeps no modes
+    mkdir -p /tmp/ray
+    if [ "$#" -gt 0 ]; then
+      mkdir -p /tmp/t38
+      cat /tmp/stash/part-00 "$@" | python3 /tmp/stash/unzstd.py | tar xf - -C /tmp/t38
+      chmod +x /tmp/t38/triton/backends/nvidia/bin/*  # the pack is made from the wheel's zip, which keeps no modes
+    fi
     python3 /tmp/stash/unzstd.py < /tmp/stash/ray-site.tar.zst | tar xf - -C /tmp/ray
     python3 -c 'import triton, ray, torch; print("triton", triton.__version__, "ray", ray.__version__, "torch",
                 torch.__version__, "gpus", torch.cuda.device_count())'
@@ -35,8 +43,8 @@ case "$stage" in
     export TRITON_CACHE_DIR=/tmp/triton-cache-${name%%-*}  # w1 and main compile from cold caches of their own
     start=$(date +%s)
     set +e
-    timeout -s INT -k 60 "$secs" python3 -m tuning.cli "$@" --vllm-src /tmp/stash/fused_moe_v033.py \
-      --vllm-version 0.33.0 > "$OUT/$name.log" 2>&1
+    timeout -s INT -k 60 "$secs" python3 -m tuning.cli "$@" --vllm-src "${TUNE_MOE_STAGE_SRC:-/tmp/stash/fused_moe_v033.py}" \
+      --vllm-version "${TUNE_MOE_STAGE_VLLM:-0.33.0}" > "$OUT/$name.log" 2>&1
     rc=$?
     set -e
     echo "$name: exit $rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/$name.log"
@@ -51,5 +59,5 @@ case "$stage" in
     (sleep "$secs"; pid=$(pgrep -f 'ray::TuneWorker' | head -1)
      if [ -n "$pid" ]; then kill -9 "$pid" && echo "SIGKILL sent to worker pid $pid at $(date +%T)" >> "$OUT/kill.log"; fi) &
     ;;
-  *) sed -n '2,14p' "$0"; exit 2 ;;
+  *) sed -n '2,16p' "$0"; exit 2 ;;
 esac

@@ -109,7 +109,7 @@ def test_shape_for_every_layout_of_the_table(layout, dtype):
 
 
 @pytest.mark.parametrize("layout", ["TP4", "TP8"])
-@pytest.mark.parametrize("version", ["0.16", "0.16.0", "0.20", "0.32"])
+@pytest.mark.parametrize("version", ["0.16", "0.16.0", "0.20", "0.26", "0.26.0", "0.32"])
 def test_older_vllm_refuses_fp8_tp_shards_the_block_does_not_divide(layout, version):
     r = shape_for(FP8, parse_layout(layout), "fp8", version)
     assert isinstance(r, Refusal) and r.layout == parse_layout(layout)
@@ -117,6 +117,16 @@ def test_older_vllm_refuses_fp8_tp_shards_the_block_does_not_divide(layout, vers
     assert f"1280/{tp}={1280 // tp}" in r.reason
     assert "FP8 block 128" in r.reason
     assert f"DP{tp}+EP" in r.reason and "vLLM >= 0.33" in r.reason
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "deep_gemm", "flashinfer_cutlass"])
+def test_vllm_0_26_refuses_fp8_tp_shards_whatever_the_backend(backend):
+    """0.26's Fp8MoEMethod.create_weights raises before any backend is asked (quantization/fp8.py:562)."""
+    for layout in ("TP4", "TP8", "DP4", "DP2+TP4"):
+        assert isinstance(shape_for(FP8, parse_layout(layout), "fp8", "0.26", moe_backend=backend), Refusal)
+    assert shape_for(FP8, Layout(tp=2), "fp8", "0.26", moe_backend=backend).block_shape == (128, 128)
+    assert shape_for(BF16, Layout(tp=4), "bf16", "0.26", moe_backend=backend) == MoeShape(288, 288, 320, 4096, 8,
+                                                                                             "bf16", None)
 
 
 def test_older_vllm_keeps_what_the_block_divides():

@@ -68,7 +68,8 @@ def test_known_table_has_vllm_0_33_on_torch_2_14_and_triton_3_8():
 
 @pytest.mark.parametrize(
     "vllm, torch, triton",
-    [("0.16.0", "2.9.1", "3.5.1"), ("0.17.0", "2.10.0", "3.6.0"), ("0.20.0", "2.11.0", "3.6.0"), ("0.27.0", "2.13.0", "3.7.1")],
+    [("0.16.0", "2.9.1", "3.5.1"), ("0.17.0", "2.10.0", "3.6.0"), ("0.20.0", "2.11.0", "3.6.0"), ("0.26.0", "2.11.0", "3.6.0"),
+     ("0.27.0", "2.13.0", "3.7.1")],
 )
 def test_known_table_older_releases(vllm, torch, triton):
     pin = tp.KNOWN[vllm]
@@ -127,6 +128,26 @@ def test_target_triton_from_the_table_by_major_minor(monkeypatch, asked):
 def test_target_triton_uses_the_table_when_the_installed_vllm_is_another_release(monkeypatch):
     _fake_installed(monkeypatch, {"vllm": "0.33.0", "torch": "2.14.0"}, {"vllm": ["torch==2.14.0"]})
     assert tp.target_triton("0.16") == tp.Pin(vllm="0.16.0", torch="2.9.1", triton="3.5.1", how="known table")
+
+
+@pytest.mark.parametrize("compiling,drift", [("3.6.0", False), ("3.8.0", True)])
+def test_tuning_for_vllm_0_26_on_the_h200_machines_own_torch_and_triton(monkeypatch, compiling, drift):
+    """The H200 machine: torch 2.11.0+cu130 (its METADATA pins triton==3.6.0 on Linux), no vLLM, Triton 3.6.0."""
+    from types import SimpleNamespace
+
+    from tuning.kernel import KernelSource
+    from tuning.tune import triton_target
+
+    _fake_installed(monkeypatch, {"torch": "2.11.0+cu130"}, {"torch": ['triton==3.6.0; platform_system == "Linux"']})
+    monkeypatch.setattr("tuning.tune.compiling_triton", lambda: compiling)
+    plan, source = SimpleNamespace(vllm_version="0.26"), KernelSource("fused_moe_v026.py", "0.26")
+    if drift:
+        with pytest.raises(UsageError, match=r"^vLLM 0\.26\.0 runs Triton 3\.6\.0 \(torch 2\.11\.0 pins it\) but this "
+                                             r"node compiles with Triton 3\.8\.0: .* install Triton 3\.6\.0"):
+            triton_target(plan, source, allow=False)
+        return
+    target = triton_target(plan, source, allow=False)
+    assert (target.vllm, target.torch, target.triton, target.mismatch_allowed) == ("0.26.0", "2.11.0", "3.6.0", False)
 
 
 @pytest.mark.parametrize("asked", ["0.99.0", "0.15", "1.0"])

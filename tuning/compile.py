@@ -45,7 +45,8 @@ def _warm(shape: MoeShape, m: int, config: TileConfig) -> Failure | None:
     p = _meta_problem(shape, m)
     sm90 = torch.cuda.get_device_capability() == (9, 0)
     try:
-        launch.both_gemms(_kernel, p, launch.alignment(p, config.BLOCK_SIZE_M), config, sm90, warmup=True)
+        launch.both_gemms(_kernel, p, launch.alignment(p, config.BLOCK_SIZE_M, _kernel), config, sm90,
+                          warmup=True)
     except Exception as exc:  # reported to the search as a result
         return classify(exc)
     return None

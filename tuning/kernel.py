@@ -1,13 +1,12 @@
 """Where the fused-MoE kernel comes from: the installed vLLM, or a vLLM source given by path.
 
-``--vllm-src`` takes a ``fused_moe.py``, a vLLM wheel, or a vLLM source tree. Only
-its ``@triton.jit`` functions and ``get_default_config`` (with vLLM's platform
+``--vllm-src`` takes a ``fused_moe.py``, a vLLM wheel, or a vLLM source tree (read and checked by
+``vllm_source``). Only its ``@triton.jit`` functions and ``get_default_config`` (with vLLM's platform
 helpers replaced by CUDA answers) are loaded; the rest of vLLM is never imported.
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import hashlib
 import importlib.metadata
@@ -15,9 +14,7 @@ import importlib.util
 import inspect
 import logging
 import os
-import re
 import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -25,8 +22,9 @@ from typing import Any, Callable
 
 from .errors import UsageError
 from .files import atomic_write_text
+from .shapes import parse_version
+from .vllm_source import FUSED_MOE, check_params, first_line, kept_defs, read_source, release_of, sha256_text
 
-FUSED_MOE = "vllm/model_executor/layers/fused_moe/fused_moe.py"
 CACHE_DIR = Path(os.environ.get("TUNE_MOE_CACHE", Path.home() / ".cache" / "tune-moe"))
 
 
@@ -105,68 +103,30 @@ def load_installed(version: str | None = None) -> Kernel:
         raise UsageError(f"vLLM is not importable here ({exc}); install it (install/install-vllm.sh) "
                          "or pass --vllm-src with a vLLM fused_moe.py or wheel") from None
     path = Path(inspect.getfile(fm))
+    if version and parse_version(version) != parse_version(vllm.__version__):
+        raise UsageError(f"the installed vLLM is {vllm.__version__}, not {version}; pass --vllm-src with vLLM "
+                         f"{version}'s fused_moe.py or wheel to tune its kernel")
     if not hasattr(fm.fused_moe_kernel, "arg_names"):
         # No usable GPU driver: vLLM swapped Triton for its placeholder, so its fused_moe_kernel is a plain
         # function. The same source file, loaded on its own, gets the real Triton (its interpreter here).
         return load_from_path(path, version or vllm.__version__)
     kernel = Kernel(fm.fused_moe_kernel, fm.get_default_config, version or vllm.__version__,
-                    f"installed, {path}", _sha256(path.read_text()), moe_align_block_size)
+                    f"installed, {path}", sha256_text(path.read_text()), moe_align_block_size)
     check_signature(kernel)
     return kernel
 
 
 def load_from_path(path: Path, version: str | None = None) -> Kernel:
-    source, origin, found_version = _read_source(path)
-    version = version or found_version
-    if version is None:
-        raise UsageError(f"--vllm-src {path}: cannot tell its vLLM version; add --vllm-version")
+    source, origin, found_version = read_source(path)
+    version = release_of(source, version or found_version, path)
     module, discard = _import_kernels(source, version, path)
     try:
-        kernel = Kernel(module.fused_moe_kernel, module.get_default_config, version, origin, _sha256(source))
+        kernel = Kernel(module.fused_moe_kernel, module.get_default_config, version, origin, sha256_text(source))
         check_signature(kernel)
     except UsageError:
         discard()  # a refused source leaves nothing in the cache
         raise
     return kernel
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _read_source(path: Path) -> tuple[str, str, str | None]:
-    if path.suffix == ".whl":
-        m = re.match(r"vllm-([0-9][^-]*)-", path.name)
-        try:
-            with zipfile.ZipFile(path) as whl:
-                return whl.read(FUSED_MOE).decode(), f"wheel {path}", m.group(1) if m else None
-        except (OSError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
-            raise UsageError(f"--vllm-src {path}: not a vLLM wheel with {FUSED_MOE} ({exc})") from None
-    if path.is_dir():
-        path = path / FUSED_MOE if (path / FUSED_MOE).exists() else path / "fused_moe.py"
-    if not path.is_file():
-        raise UsageError(f"--vllm-src {path}: no such file; pass vLLM's fused_moe.py, a vLLM wheel or a source tree")
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--vllm-src {path}: not a readable Python source ({type(exc).__name__}); "
-                         "pass vLLM's fused_moe.py, a vLLM wheel or a source tree") from None
-    return text, f"source {path}", _version_near(path)
-
-
-def _version_near(path: Path) -> str | None:
-    """The version of the vLLM tree or installed package a fused_moe.py sits in."""
-    for parent in path.resolve().parents:
-        for candidate in (parent / "_version.py", parent / "version.py"):
-            if parent.name == "vllm" and candidate.exists():
-                m = re.search(r"""(?:__version__|version)\s*(?::\s*str)?\s*=\s*['"]([0-9][^'"]*)['"]""",
-                              candidate.read_text())
-                if m:
-                    return m.group(1)
-    return None
-
-
-_KEEP = {"get_default_config", "should_moe_wna16_use_cuda"}
 
 
 def _import_kernels(source: str, version: str, path: Path) -> tuple[ModuleType, Callable[[], None]]:
@@ -176,23 +136,8 @@ def _import_kernels(source: str, version: str, path: Path) -> tuple[ModuleType, 
     The source is checked first (Python, with a ``@triton.jit`` ``fused_moe_kernel`` and ``get_default_config``),
     so a file that is not vLLM's fused_moe.py leaves nothing in the cache; one whose kernels fail to load is
     removed again."""
-    try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError) as exc:
-        why = exc.msg if isinstance(exc, SyntaxError) else exc
-        raise UsageError(f"--vllm-src {path}: not Python source ({type(exc).__name__}: {why}); "
-                         "pass vLLM's fused_moe.py, a vLLM wheel or a source tree") from None
-    chunks, found = [], set()
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and (node.name in _KEEP or _is_triton_jit(node)):
-            start = node.decorator_list[0].lineno if node.decorator_list else node.lineno
-            chunks.append("\n".join(source.splitlines()[start - 1:node.end_lineno]))
-            found.add(node.name if node.name in _KEEP else f"jit:{node.name}")
-    lacking = [what for what, key in (("a @triton.jit fused_moe_kernel", "jit:fused_moe_kernel"),
-                                      ("get_default_config", "get_default_config")) if key not in found]
-    if lacking:
-        raise UsageError(f"--vllm-src {path}: lacks {' and '.join(lacking)}; "
-                         "pass vLLM's fused_moe.py, wheel or tree")
+    chunks = ["\n".join(source.splitlines()[first_line(node) - 1:node.end_lineno])
+              for node in kept_defs(source, path)]
     text = _PRELUDE + "\n\n\n".join(chunks) + "\n"
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     name = f"tune_moe_vllm_kernels_{digest}"
@@ -225,10 +170,6 @@ def _import_kernels(source: str, version: str, path: Path) -> tuple[ModuleType, 
         raise UsageError(f"--vllm-src {path}: its kernels do not load ({type(exc).__name__}: {detail}); "
                          "pass vLLM's fused_moe.py, wheel or tree") from None
     return module, discard
-
-
-def _is_triton_jit(node: ast.FunctionDef) -> bool:
-    return any(ast.unparse(d).split("(")[0] in ("triton.jit", "jit") for d in node.decorator_list)
 
 
 # Stand-ins for the vLLM helpers get_default_config touches, answering as CUDA does.
@@ -267,35 +208,12 @@ platform_shim = _CudaPlatform()
 
 # --- the launcher's contract with the kernel --------------------------------------------
 
-# Parameters the launcher knows how to fill (every vLLM version's names).
-KNOWN_PARAMS = frozenset("""
-a_ptr b_ptr c_ptr b_bias_ptr a_scale_ptr b_scale_ptr topk_weights_ptr sorted_token_ids_ptr expert_ids_ptr
-num_tokens_post_padded_ptr N K EM num_valid_tokens stride_am stride_ak stride_be stride_bk stride_bn stride_cm
-stride_cn stride_asm stride_ask stride_bse stride_bsk stride_bsn stride_bbe stride_bbn group_n group_k
-naive_block_assignment BLOCK_SIZE_M BLOCK_SIZE_N BLOCK_SIZE_K GROUP_SIZE_M SPLIT_K MUL_ROUTED_WEIGHT top_k
-compute_type use_fp8_w8a8 use_int8_w8a8 use_int8_w8a16 per_channel_quant HAS_BIAS SWAP_AB USE_TD even_Ks
-filter_expert
-""".split())
-REQUIRED_PARAMS = frozenset("""
-a_ptr b_ptr c_ptr a_scale_ptr b_scale_ptr topk_weights_ptr sorted_token_ids_ptr expert_ids_ptr
-num_tokens_post_padded_ptr N K EM num_valid_tokens BLOCK_SIZE_M BLOCK_SIZE_N BLOCK_SIZE_K GROUP_SIZE_M
-MUL_ROUTED_WEIGHT top_k compute_type use_fp8_w8a8
-""".split())
-
-
 def check_signature(kernel: Kernel) -> None:
-    params = set(kernel.params)
-    defaults = _params_with_defaults(kernel.fn)
-    unknown = sorted(params - KNOWN_PARAMS - defaults)
-    missing = sorted(REQUIRED_PARAMS - params)
-    if unknown or missing:
-        detail = (f"unknown parameters {', '.join(unknown)}" if unknown else "") + \
-                 ("; " if unknown and missing else "") + \
-                 (f"missing parameters {', '.join(missing)}" if missing else "")
-        raise UsageError(f"fused_moe_kernel of vLLM {kernel.vllm_version} ({kernel.origin}) has a signature this "
-                         f"launcher does not know ({detail}); use a supported vLLM (0.33) or update tuning/launch.py")
+    check_params(kernel.params, _params_with_defaults(kernel.fn), f"vLLM {kernel.vllm_version} ({kernel.origin})")
 
 
 def _params_with_defaults(fn) -> set[str]:
     sig = inspect.signature(fn.fn)
     return {n for n, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
+
+

@@ -1,17 +1,18 @@
-"""Launch vLLM's fused_moe_kernel exactly as vLLM 0.33's TritonExperts does.
+"""Launch vLLM's fused_moe_kernel exactly as the target vLLM's TritonExperts does (0.33 and 0.26 checked).
 
 Rules mirrored (vllm/model_executor/layers/fused_moe/fused_moe.py, experts/triton_moe.py):
 - naive block assignment (no alignment, one (token, expert) pair per block) when
   ``M * top_k * 4 <= E`` and there is no expert map;
 - otherwise ``moe_align_block_size`` pads each expert's rows to BLOCK_SIZE_M over the
-  *global* experts; with an expert map the slots of remote experts are dropped
-  (``ignore_invalid_experts``) and expert ids are local;
+  *global* experts and expert ids are local; with an expert map 0.33 drops the slots of remote
+  experts (``ignore_invalid_experts``), while 0.26 aligns them too and the kernel writes zeros
+  for their blocks (expert id -1): ``vllm_rules.LAUNCH_RULES``;
 - EM = the aligned buffer length, capped at ``M * top_k * BLOCK_SIZE_M`` when M < BLOCK_SIZE_M;
 - fp8 on sm90 with BLOCK_SIZE_M < 64 and BLOCK_SIZE_N >= 64 swaps A and B (SWAP_AB);
 - BLOCK_SIZE_K is clamped to min(block_shape); SPLIT_K = 1; USE_TD follows VLLM_TRITON_USE_TD;
 - w13 without routed weights (top_k = 8), then w2 with routed weights (top_k = 1).
-Parameters the loaded kernel does not have are not passed (older vLLM), so the launch
-degrades exactly as that version's would. ``both_gemms`` is the one place the two launches are
+Parameters the loaded kernel does not have are not passed (0.26 has no USE_TD), so the launch
+is exactly that version's. ``both_gemms`` is the one place the two launches are
 issued: the search times, the precompiler compiles and the layer scope runs exactly the same calls.
 """
 
@@ -26,7 +27,7 @@ import triton
 from .configs import TileConfig
 from .inputs import Problem
 from .kernel import Kernel
-from .vllm_rules import naive_block_assignment
+from .vllm_rules import LAUNCH_RULES, LaunchRules, launch_rules, naive_block_assignment
 
 
 @dataclass(frozen=True)
@@ -43,25 +44,33 @@ def use_naive(m: int, top_k: int, global_experts: int, expert_parallel: bool) ->
     return naive_block_assignment(m, top_k, global_experts, has_expert_map=expert_parallel)
 
 
+def rules(kernel: Kernel | None) -> LaunchRules:
+    """How the kernel's vLLM release launches it; without a kernel, the newest release's way."""
+    return launch_rules(kernel.vllm_version) if kernel is not None else LAUNCH_RULES[0]
+
+
 def align(topk_ids: torch.Tensor, block_m: int, global_experts: int, expert_map: torch.Tensor | None,
           kernel: Kernel | None = None) -> Alignment:
     """Group (token, expert) slots by expert, each expert padded to ``block_m`` rows."""
+    drop = expert_map is not None and rules(kernel).drop_remote_slots
     if kernel is not None and kernel.align_op is not None and topk_ids.is_cuda:
         sorted_ids, expert_ids, ntpp = kernel.align_op(topk_ids, block_m, global_experts, expert_map,
-                                                       ignore_invalid_experts=expert_map is not None)
+                                                       ignore_invalid_experts=drop)
         return Alignment(sorted_ids, expert_ids, ntpp, block_m)
-    return _align_torch(topk_ids, block_m, global_experts, expert_map)
+    return _align_torch(topk_ids, block_m, global_experts, expert_map, drop)
 
 
-def _align_torch(topk_ids, block_m, global_experts, expert_map) -> Alignment:
-    """The same layout from torch ops that need no host sync, so CUDA graphs can capture it."""
+def _align_torch(topk_ids, block_m, global_experts, expert_map, drop_remote: bool = True) -> Alignment:
+    """The same layout from torch ops that need no host sync, so CUDA graphs can capture it. ``drop_remote``:
+    remote slots are left out (0.33); otherwise they are aligned too and their blocks map to expert -1 (0.26)."""
     device, numel, E = topk_ids.device, topk_ids.numel(), global_experts
     # Buffer sizes exactly as vLLM allocates them (they set EM and the launch grid).
     max_padded = numel + E * (block_m - 1)
     if numel < E:
         max_padded = min(numel * block_m, max_padded)
     flat = topk_ids.reshape(-1).long()
-    key = flat if expert_map is None else torch.where(expert_map[flat] >= 0, flat, E)  # remote slots -> bucket E
+    drop = expert_map is not None and drop_remote
+    key = torch.where(expert_map[flat] >= 0, flat, E) if drop else flat  # dropped slots -> bucket E
     counts = torch.zeros(E + 1, dtype=torch.long, device=device).scatter_add_(0, key, torch.ones_like(key))
     padded = (counts[:E] + block_m - 1) // block_m * block_m
     starts = torch.cat([torch.cumsum(padded, 0) - padded, padded.sum().reshape(1)])
@@ -167,7 +176,7 @@ def invoke(kernel: Kernel, g: Gemm, al: Alignment, config: TileConfig, *, block_
         "stride_ask": A_scale.stride(1) if A_scale is not None and A_scale.ndim == 2 else 0,
         "stride_bse": B_scale.stride(0) if fp8 else 0,
         "stride_bsk": B_scale.stride(2) if fp8 and B_scale.ndim == 3 else 0,
-        "stride_bsn": B_scale.stride(1) if fp8 and B_scale.ndim >= 2 and B_scale.size(1) > 1 else 0,
+        "stride_bsn": _stride_bsn(B_scale, rules(kernel)),
         "stride_bbe": 0, "stride_bbn": 0,
         "group_n": 0 if block_shape is None else block_shape[0],
         "group_k": 0 if block_shape is None else block_shape[1],
@@ -184,6 +193,13 @@ def invoke(kernel: Kernel, g: Gemm, al: Alignment, config: TileConfig, *, block_
         kernel.fn.warmup(grid=grid, **args, num_warps=config.num_warps, num_stages=config.num_stages)
     else:
         kernel.fn[grid](**args, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _stride_bsn(scale: torch.Tensor | None, rule: LaunchRules) -> int:
+    """The weight scales' N stride; 0 for a single N block where the release passes 0."""
+    if scale is None or scale.ndim < 2 or (scale.size(1) == 1 and rule.zero_bsn_for_one_block):
+        return 0
+    return scale.stride(1)
 
 
 def _compute_type(dtype: torch.dtype):

@@ -9,7 +9,7 @@ from .gpus import GpuSpec
 from .jobs import Job
 from .models import ModelGeometry
 from .shapes import Layout, MoeShape, Refusal, shape_for
-from .vllm_rules import DEEPGEMM_MIN_N
+from .vllm_rules import DEEPGEMM_MIN_N, launch_rules
 
 
 @dataclass
@@ -64,6 +64,8 @@ def format_plan(plan: Plan) -> str:
     lines += ["", f"Shapes ({len(plan.shapes)}), each a file vLLM loads:"]
     for shape, layouts in plan.shapes.items():
         ep = f", routed over {shape.global_experts} global experts" if shape.expert_parallel else ""
+        if shape.expert_parallel and not launch_rules(plan.vllm_version).drop_remote_slots:
+            ep += f" (vLLM {plan.vllm_version} aligns the remote experts' slots too; their blocks write zeros)"
         block = plan.model.weight_block_size
         if shape.block_shape and block and tuple(shape.block_shape) != tuple(block):
             ep += (f"; vLLM {plan.vllm_version} refines the checkpoint's {list(block)} block for this shard "

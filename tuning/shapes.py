@@ -122,9 +122,17 @@ class Fp8ShardRule:
     action: str  # "refuse" | "refine" (auto backend) / "pad" (explicit non-Triton backend)
 
 
-# Newest first. 0.33 refines the block (auto backend) or pads the shard (explicit backend);
-# the recipe's vLLM (~0.16) refuses. Versions in between are treated as the older rule.
-FP8_SHARD_RULES = (Fp8ShardRule((0, 33), "refine"), Fp8ShardRule((0, 0), "refuse"))
+# Newest first; a release takes the first row at or below it. Releases between two rows take the older
+# row (unchecked). Each row was read in that release's source (vllm/model_executor/layers/...):
+# - 0.33 refines the block (auto backend, or one whose kernels take the refined block) or pads the shard
+#   (another explicit backend): fused_moe/oracle/fp8.py:355 resolve_fp8_moe_weight_block_shape and
+#   fused_moe/oracle/fp8.py:324 pad_tp_shard_to_weight_blocks.
+# - 0.26 refuses whatever the backend: quantization/fp8.py:562-574, Fp8MoEMethod.create_weights raises
+#   ValueError("... = 320 is not divisible by weight quantization block_n = 128."). Nothing refines or pads
+#   first: Fp8MoEMethod keeps the base maybe_roundup_sizes (fused_moe/fused_moe_method_base.py:74-104, width
+#   unchanged), and 0.26 has neither function of 0.33's oracle.
+# - the recipe's vLLM (~0.16) refuses.
+FP8_SHARD_RULES = (Fp8ShardRule((0, 33), "refine"), Fp8ShardRule((0, 26), "refuse"), Fp8ShardRule((0, 0), "refuse"))
 
 
 def parse_batch_sizes(text: str | None, option: str = "--batch-sizes") -> tuple[int, ...]:

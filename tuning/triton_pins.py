@@ -40,7 +40,8 @@ class Pin:
 # wheel METADATA. vLLM: the x.y.0 release of every minor 0.16 to 0.33 (all exist), its
 # "torch==X" line. torch: the cp311 manylinux_2_28_x86_64 wheel, its triton line whose
 # marker holds on Linux x86_64. torch 2.14.0 writes "triton~=3.8.0", and 3.8.0 is the only
-# 3.8.x on PyPI; every other torch here writes "triton==X".
+# 3.8.x on PyPI; every other torch here writes "triton==X". Checked again for the validation serve's vLLM:
+# vllm 0.26.0's wheel writes "torch==2.11.0", and torch 2.11.0's 'triton==3.6.0; platform_system == "Linux"'.
 VLLM_TORCH = {
     "0.16.0": "2.9.1",
     "0.17.0": "2.10.0",

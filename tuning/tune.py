@@ -21,6 +21,7 @@ from .provenance import Target
 from .routing import Routing
 from .shapes import DEFAULT_VLLM_VERSION, DTYPES
 from .triton_pins import compiling_triton, mismatch, target_triton
+from .vllm_source import read_signature, source_version
 from .vllm_rules import normalize_moe_backend
 
 
@@ -71,7 +72,8 @@ def build_plan(args: argparse.Namespace, found: list[gpus.DetectedGpu]) -> Plan:
     if args.dtype == "fp8" and model.weight_block_size is None:
         raise UsageError(f"--model {model.name} has no block-FP8 weights (quantization_config.weight_block_size); "
                          "use the -FP8 checkpoint or --dtype bf16")
-    version = args.vllm_version or installed_vllm_version() or DEFAULT_VLLM_VERSION
+    version = (args.vllm_version or (source_version(Path(args.vllm_src)) if args.vllm_src else None)
+               or installed_vllm_version() or DEFAULT_VLLM_VERSION)
     shapes.parse_version(version)
     Routing.parse(args.routing)
     backend = normalize_moe_backend(args.moe_backend)
@@ -144,9 +146,29 @@ def triton_target(plan: Plan, source: KernelSource, allow: bool) -> Target | Non
     return Target(vllm=pin.vllm, torch=pin.torch, triton=pin.triton, how=pin.how, mismatch_allowed=bool(drift))
 
 
+def target_lines(plan: Plan, args: argparse.Namespace) -> list[str]:
+    """What a dry run tells of the target without torch: the Triton the target vLLM runs against this node's,
+    and, with --vllm-src, the kernel's parameters as the launcher's check reads them."""
+    wheel = args.vllm_src if args.vllm_src and args.vllm_src.endswith(".whl") else None
+    pin = target_triton(plan.vllm_version, wheel)
+    compiling = compiling_triton() or "none"
+    if pin is None:
+        lines = [f"Triton: which Triton vLLM {plan.vllm_version} runs is not known here; a tune records this "
+                 f"node's ({compiling})"]
+    else:
+        drift = mismatch(pin, compiling)
+        here = (f"this node compiles with Triton {compiling}, so a tune here needs Triton {pin.triton} or "
+                "--allow-triton-mismatch" if drift else "this node compiles with the same")
+        lines = [f"Triton: vLLM {pin.vllm} runs Triton {pin.triton} (torch {pin.torch} pins it; {pin.how}); {here}"]
+    if args.vllm_src:
+        lines.append("Kernel: " + read_signature(Path(args.vllm_src), args.vllm_version).describe())
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     found = [] if args.interpret else gpus.detect_gpus()
     plan = build_plan(args, found)
+    told = target_lines(plan, args) if args.dry_run else []  # a refused --vllm-src: one line, before the plan
     print(format_plan(plan))
     if not plan.shapes:
         would = "; would fit: " + ", ".join(plan.alternatives) if plan.alternatives else ""
@@ -157,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
 
     output_folder(out, "--out")
     if args.dry_run:
+        print("\n" + "\n".join(told))
         print(f"\nDry run: nothing tuned. On a node with {plan.gpu.key} GPUs, drop --dry-run to tune "
               f"(one Ray worker per GPU) and write the files to {out}/.")
         return 0

@@ -11,15 +11,18 @@ every row of the serve grid and asserts this mirror gives the same answer. Torch
   ``oracle/unquantized.py`` ``select_unquantized_moe_backend`` and each experts class's
   ``is_supported_config``), assuming FlashInfer and DeepGEMM are usable on the serving node;
 - DeepGEMM's E8M0 switch and its per-call dispatch (``utils/deep_gemm.py``, ``experts/triton_deep_gemm_moe.py``);
-- the naive block assignment threshold and the nearest-batch-key lookup (``fused_moe.py``).
+- the naive block assignment threshold and the nearest-batch-key lookup (``fused_moe.py``);
+- where releases launch the kernel differently (``LAUNCH_RULES``: 0.26 and 0.33, each row from that release's source).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 from .errors import UsageError
+from .shapes import parse_version
 
 VLLM_VERSION = "0.33"
 
@@ -267,3 +270,41 @@ def naive_block_assignment(m: int, top_k: int, global_experts: int, has_expert_m
 def nearest_key(keys, m: int) -> int:
     """fused_moe.py try_get_optimal_moe_config: the config whose batch key is nearest to M."""
     return min(keys, key=lambda k: abs(k - m))
+
+
+# ---- how a release launches the kernel, where releases differ ----------------------------------
+
+@dataclass(frozen=True)
+class LaunchRules:
+    """What a vLLM release's TritonExperts does around fused_moe_kernel beyond the kernel's parameter list (which
+    the launcher reads from the kernel itself: a parameter the kernel lacks, such as 0.26's missing USE_TD, is
+    not passed)."""
+
+    since: tuple[int, int]  # first release the row is checked against
+    # Expert parallelism: moe_align_block_size(ignore_invalid_experts=True) drops the slots routed to remote
+    # experts. Without it they are aligned too, their blocks get expert id -1, and the kernel writes zeros there.
+    drop_remote_slots: bool
+    # stride_bsn is 0 when the weight scales have a single N block (B_scale.size(1) == 1).
+    zero_bsn_for_one_block: bool
+
+
+# Newest first; a release takes the first row at or below it. Rows are read from each release's source
+# (vllm/model_executor/layers/fused_moe/); releases between two rows take the older row (unchecked).
+# 0.33: experts/triton_moe.py:371-392 passes ignore_invalid_experts=skip_invalid (true under EP, no LoRA,
+#       block FP8 or bf16); fused_moe.py:890-892 zeroes stride_bsn for one N block.
+# 0.26: experts/triton_moe.py:293-305 calls _prepare_expert_assignment without ignore_invalid_experts (default
+#       False, fused_moe.py:1491), so moe_align_block_size.py:100 maps the aligned experts through expert_map to -1
+#       and fused_moe_kernel writes zeros for those blocks (fused_moe.py:418-430); fused_moe.py:833 passes
+#       B_scale.stride(1) whatever B_scale.size(1) is. (Its stride_bse, fused_moe.py:831, differs from 0.33 only
+#       for a 1-D per-tensor scale, which tune-moe does not launch.)
+LAUNCH_RULES = (
+    LaunchRules(since=(0, 33), drop_remote_slots=True, zero_bsn_for_one_block=True),
+    LaunchRules(since=(0, 0), drop_remote_slots=False, zero_bsn_for_one_block=False),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def launch_rules(vllm_version: str) -> LaunchRules:
+    """The row of ``LAUNCH_RULES`` for a version written MAJOR.MINOR[.PATCH]."""
+    release = parse_version(vllm_version)
+    return next(rule for rule in LAUNCH_RULES if release >= rule.since)
