@@ -22,6 +22,7 @@ from tuning.errors import UsageError
 from tuning.envfile import read_env_file
 from tuning.recipe import BenchSpec, ServeSpec
 from tuning.shapes import BATCH_SIZES, parse_layout
+from tuning.workloads import WORKLOADS
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = REPO / "tests" / "fixtures" / "fake_vllm"
@@ -108,6 +109,22 @@ def test_bench_command_is_the_recipes_and_overridable():
     short = BenchSpec(num_prompts=5, max_concurrency=2, extra_args=("--seed", "1")).argv(serve, Path("/o/r.json"))
     assert short[short.index("--num-prompts") + 1] == "5" and short[short.index("--max-concurrency") + 1] == "2"
     assert short[-2:] == ["--seed", "1"]
+
+
+def test_bench_options_ignore_eos_seed_and_profile_come_before_the_extra_args():
+    serve = ServeSpec(model="m", layout=parse_layout("TP4"), dtype="bf16", port=8000)
+    words = BenchSpec(ignore_eos=True, seed=1, profile=True, extra_args=("--x", "y")).argv(serve, Path("/o/r.json"))
+    assert words[-6:] == ["--ignore-eos", "--seed", "1", "--profile", "--x", "y"]
+    assert "--ignore-eos" not in BenchSpec().argv(serve, Path("/o/r.json"))
+
+
+@pytest.mark.parametrize("name, m", [("decode", 32), ("prefill", 8192), ("recipe", 10)])
+def test_workloads_know_the_tokens_per_fused_moe_call(name, m):
+    w = WORKLOADS[name]
+    assert w.tokens_per_step(8192) == m
+    assert w.ignore_eos == (name != "recipe")
+    assert w.primary == ("total_token_throughput" if name == "prefill" else "output_throughput")
+    assert WORKLOADS["prefill"].tokens_per_step(2048) == 2048  # a smaller prefill chunk
 
 
 @pytest.mark.parametrize("layout, dtype, backend, names", [
