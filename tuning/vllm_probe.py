@@ -193,7 +193,8 @@ class _Oracle:
                    "quantization": ns.quantization, "num_speculative_tokens": int(spec.get("num_speculative_tokens") or 0),
                    "max_num_seqs": ns.max_num_seqs, "max_num_batched_tokens": ns.max_num_batched_tokens,
                    "enforce_eager": bool(ns.enforce_eager), "capture_sizes": explicit,
-                   "max_capture_size": comp.get("max_cudagraph_capture_size"), "performance_mode": ns.performance_mode}
+                   "max_capture_size": comp.get("max_cudagraph_capture_size"), "performance_mode": ns.performance_mode,
+                   "hf_overrides": dict(ns.hf_overrides or {})}
         memory = int(request["memory_gb"] * 1e9)
         self.gpu.get_device_total_memory = classmethod(lambda cls, device_id=0: memory)
         tokens, seqs = (d[UsageContext.OPENAI_API_SERVER] for d in EngineArgs.get_batch_defaults(ns.tensor_parallel_size))
@@ -244,7 +245,7 @@ class _Oracle:
             return answer
         c = answer["command"]
         try:
-            model, dtype = checkpoint(c["model"], c["quantization"])
+            model, dtype = checkpoint(c["model"], c["quantization"], c["hf_overrides"])
         except UsageError as e:
             return {"error": str(e)}
         facts = ServeFacts(arch=request["arch"], dtype=dtype, tp=c["tp"], dp=c["dp"], ep=c["ep"],
