@@ -83,3 +83,15 @@ def test_predicted_gain_is_amdahls_law():
     assert ab.predicted_gain(0.5, 2.0) == pytest.approx(4 / 3)
     assert ab.predicted_gain(0.0, 5.0) == 1.0
     assert ab.predicted_gain(1.0, 1.25) == pytest.approx(1.25)
+
+
+def test_summary_per_metric_skips_what_a_run_lacks():
+    metrics = [ab.Metric("output_throughput", "output tok/s", True), ab.Metric("median_tpot_ms", "median TPOT", False),
+               ab.Metric("median_ttft_ms", "median TTFT", False)]
+    pairs = [({"output_throughput": 800.0, "median_tpot_ms": 10.0, "median_ttft_ms": 0.0},
+              {"output_throughput": 880.0, "median_tpot_ms": 9.0, "median_ttft_ms": 0.0}) for _ in range(3)]
+    s = ab.summarize(pairs, metrics)
+    assert set(s["ratios"]) == {"output_throughput", "median_tpot_ms"}  # TTFT zero: left out
+    assert s["arms"]["tuned"]["output_throughput"] == {"median": 880.0, "low": 880.0, "high": 880.0, "n": 3}
+    assert s["ratios"]["median_tpot_ms"]["estimate"] == pytest.approx(0.9)
+    assert s["verdicts"]["median_tpot_ms"]["outcome"] == "better" == s["verdicts"]["output_throughput"]["outcome"]

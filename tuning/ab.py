@@ -14,7 +14,7 @@ import itertools
 import math
 import random
 import statistics
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 LEVEL = 0.95
 EXACT_UP_TO = 8  # C(2n-1, n) multisets: 6435 at n = 8
@@ -127,6 +127,28 @@ def verdict(ratio: Ratio, label: str, *, higher_is_better: bool = True) -> Verdi
     better = (ratio.estimate > 1) == higher_is_better
     word = "better" if better else "worse"
     return Verdict(f"tuned is {word} in {label}: {change:+.1f}% ({ci}); {resolves}", word)
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str  # in vllm bench serve's result JSON
+    label: str
+    higher_is_better: bool
+
+
+def summarize(pairs: list[tuple[dict, dict]], metrics: list[Metric]) -> dict:
+    """Per metric over the (default, tuned) results of each pair: both arms' spreads, the ratio and the verdict.
+    A metric some run lacks or reports as zero (TPOT of one-token outputs) is left out."""
+    out = {"arms": {"default": {}, "tuned": {}}, "ratios": {}, "verdicts": {}}
+    for m in metrics:
+        default, tuned = [p[0].get(m.key) for p in pairs], [p[1].get(m.key) for p in pairs]
+        if not pairs or not all(isinstance(x, (int, float)) and x > 0 for x in default + tuned):
+            continue
+        out["arms"]["default"][m.key], out["arms"]["tuned"][m.key] = asdict(spread(default)), asdict(spread(tuned))
+        ratio = paired_ratio(m.label, tuned, default)
+        out["ratios"][m.key] = asdict(ratio)
+        out["verdicts"][m.key] = asdict(verdict(ratio, m.label, higher_is_better=m.higher_is_better))
+    return out
 
 
 def predicted_gain(moe_share: float, kernel_speedup: float) -> float:
