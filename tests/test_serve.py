@@ -532,8 +532,10 @@ def test_reduced_serve_runs_the_layouts_shape_on_one_gpu(fake, monkeypatch, caps
 def test_reduced_print_command_shows_every_command_and_writes_nothing(fake, capsys):
     assert cli.main(reduced_args(fake, "--layout", "DP4+EP", "--print-command", "--ab", "--measure-moe-share",
                                  "--workload", "prefill")) == 0
-    out = capsys.readouterr().out.splitlines()
-    folder = fake["out"] / "reduced-model"
+    out, err = capsys.readouterr()
+    out, folder = out.splitlines(), fake["out"] / "reduced-model"
+    assert (f"tune-moe preflight --gpu H200 -- VLLM_TUNED_CONFIG_FOLDER={fake['configs']} vllm serve "
+            "stepfun-ai/Step-3.5-Flash --load-format dummy --hf-overrides ") in err  # the folder is not written yet
     assert out[0] == (f"# first writes {folder}/: config.json (Step-3.5-Flash's published bf16 config), tokenizer.json, "
                       "tokenizer_config.json")
     assert "export VLLM_USE_FLASHINFER_SAMPLER=0" in out

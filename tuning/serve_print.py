@@ -78,6 +78,8 @@ def print_notes(setup: Setup, expected: list[str]) -> list[str]:
     model = setup.reduced.geometry() if setup.reduced else load_model(geometry_name(spec.model, spec.dtype))
     verdict = fit(model, spec.layout, spec.dtype, gpu)
     out = [] if verdict.fits else [f"validate-serve will refuse this layout: {verdict.why(gpu)}"]
+    served = spec.argv()
+    served[2] = geometry_name(spec.model, spec.dtype)  # a reduced folder is written by the run: its published config
     command = shlex.join(["tune-moe", "preflight", "--gpu", gpu.key, "--", f"{TUNED_VAR}={spec.tuned_folder}",
-                          *spec.argv()])
+                          *served])
     return out + notes(spec, expected) + [f"what vLLM runs per MoE layer kind, and which tuned file each reads: {command}"]
