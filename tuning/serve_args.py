@@ -167,7 +167,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve-args", metavar="ARGS", help="more vllm serve arguments, one shell-quoted string")
     p.add_argument("--print-command", action="store_true", help="print the environment and commands, then exit")
     p.add_argument("--out", metavar="DIR", help="folder for logs, results and the report (default: serve-runs/<run>)")
-    p.add_argument("--log", metavar="FILE", help="server log of the tuned run (default: <out>/vllm-serve-tuned.log)")
+    p.add_argument("--log", metavar="FILE", help="server log of a single run's tuned server (default: "
+                   "<out>/vllm-serve-tuned.log; an A/B writes <out>/vllm-serve-<arm>-<pair>.log)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for GET /health (default: 1800)")
     p.add_argument("--grace", type=float, default=30, help="seconds from SIGTERM to SIGKILL at teardown (default: 30)")
     p.add_argument("--no-bench", action="store_true", help="prove the configs only; skip vllm bench serve")
