@@ -570,6 +570,16 @@ def test_reduced_refuses_a_serve_that_reads_other_files_than_the_layout(fake, ca
     assert report(fake)["runs"][0]["proof"]["loaded"] == [str(fake["configs"] / EP4_FP8)]
 
 
+def test_a_single_reduced_run_is_not_compared_with_the_recipe(fake):
+    assert cli.main(reduced_args(fake, "--num-prompts", "2")) == 0
+    rep, md = report(fake), (fake["out"] / "report.md").read_text()
+    (run,) = rep["runs"]
+    assert run["metrics"]["output_throughput"] == 850.0 and run["warmup"]["output_throughput"] == pytest.approx(510.0)
+    assert "| output tok/s | 850.00 |" in md and "recipe 4xH200" not in md.split("## Benchmark")[1]
+    assert "a reduced model's numbers do not compare with the recipe's 4xH200 serve" in md
+    assert rep["prediction"]["why"].endswith("has no tune-moe provenance (no per-batch speedup to predict from)")
+
+
 def test_failed_benchmark_requests_fail_the_run(fake, monkeypatch, capsys):
     monkeypatch.setenv("FAKE_VLLM_BENCH_FAILED", "4")
     assert cli.main(argv(fake, "--num-prompts", "10")) == 1

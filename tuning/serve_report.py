@@ -124,18 +124,18 @@ def _prediction_section(report: dict) -> list[str]:
 
 def _bench_table(report: dict) -> list[str]:
     runs = {r["name"]: r["metrics"] for r in report["runs"] if r["metrics"] and r.get("arm") != "profile"}
-    header = [RECIPE_LABEL, *runs] + (["tuned vs recipe"] if "tuned" in runs else []) + \
-             (["tuned vs default"] if {"tuned", "default"} <= set(runs) else [])
+    recipe = not report.get("reduced")  # a reduced model on one GPU is no comparison for the recipe's serve
+    header = ([RECIPE_LABEL] if recipe else []) + [*runs] + (["tuned vs recipe"] if recipe and "tuned" in runs else [])
     lines = ["## Benchmark", "", f"`{report['bench_command']}`", "",
              "| metric | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for key, label in METRICS.items():
-        cells = [_num(RECIPE_METRICS.get(key))] + [_num(m.get(key)) for m in runs.values()]
-        compare = key not in COUNTS
-        if "tuned" in runs:
-            cells.append(_change(runs["tuned"].get(key), RECIPE_METRICS.get(key)) if compare else "")
-        if {"tuned", "default"} <= set(runs):
-            cells.append(_change(runs["tuned"].get(key), runs["default"].get(key)) if compare else "")
+        cells = ([_num(RECIPE_METRICS.get(key))] if recipe else []) + [_num(m.get(key)) for m in runs.values()]
+        if recipe and "tuned" in runs:
+            cells.append(_change(runs["tuned"].get(key), RECIPE_METRICS.get(key)) if key not in COUNTS else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if not recipe:
+        return lines + ["", "The measured pass of each server; a reduced model's numbers do not compare with the "
+                        "recipe's 4xH200 serve (use --ab for tuned against default)."]
     return lines + ["", "Changes are relative: higher output tok/s is better, lower TPOT/TTFT is better. The recipe's "
                     "numbers are bf16 TP4 without MTP on 4xH200; other setups compare with care."]
 
