@@ -6,13 +6,17 @@
 # Builds the recipe's `vllm serve` command for the layout (with --mtp, the MTP flags), sets
 # VLLM_TUNED_CONFIG_FOLDER to kernels_configs/<device_name>/ and the variables of ./tune-moe-node.env,
 # waits for GET /health, checks the server log for "Using configuration from <tuned folder>/...",
-# runs the recipe's `vllm bench serve`, always stops the whole server process group, and writes
-# report.md and report.json into --out. --ab repeats the serve without the tuned folder.
+# runs the recipe's `vllm bench serve` (a warm-up pass, discarded, then the measured one), always stops the
+# whole server process group, and writes report.md and report.json into --out. --ab compares interleaved
+# pairs of servers without and with the tuned folder (--pairs, default 5): interval and verdict. --reduced
+# runs the layout's per-GPU MoE shape on one GPU (a reduced model with dummy weights).
 #
 # Examples (4xH200):
 #   scripts/validate-serve.sh --layout TP4 --dtype bf16 --print-command
 #   scripts/validate-serve.sh --layout TP4 --dtype bf16 --ab
 #   scripts/validate-serve.sh --layout DP4+EP --dtype fp8 --moe-backend triton
+# One H200 (the TP4 shard, E=288 N=320):
+#   scripts/validate-serve.sh --layout TP4 --dtype bf16 --reduced --ab --workload decode --measure-moe-share
 #
 # Runs from the repo root, so relative paths (--configs, --out, --log, --env-file) are taken from there.
 # PYTHON selects the interpreter (default python3; it needs the tuning package's dependencies).

@@ -24,11 +24,13 @@ def test_ruff_is_clean():
 TORCH_FREE = [
     ["--gpu", "H200", "--dtype", "fp8", "--dry-run"],
     ["validate-serve", "--layout", "TP4", "--dtype", "bf16", "--gpu", "H200", "--print-command"],
+    ["validate-serve", "--layout", "DP4+EP", "--dtype", "bf16", "--gpu", "H200", "--reduced", "--ab",
+     "--measure-moe-share", "--print-command"],
     ["preflight", "--gpu", "H200", "--", "vllm", "serve", "stepfun-ai/Step-3.5-Flash", "--tensor-parallel-size", "4"],
 ]
 
 
-@pytest.mark.parametrize("argv", TORCH_FREE, ids=["dry-run", "validate-serve", "preflight"])
+@pytest.mark.parametrize("argv", TORCH_FREE, ids=["dry-run", "validate-serve", "validate-serve-reduced-ab", "preflight"])
 def test_commands_without_a_gpu_import_no_torch(argv, tmp_path):
     """They run on machines without torch; anything they ask of vLLM runs in a subprocess."""
     code = ("import sys, runpy\n"

@@ -41,6 +41,17 @@ def test_tp4_bf16_recipe_reads_the_tuned_file_on_both_layer_kinds(capsys):
     assert re.search(r"M 200-384 \(16 sizes\) +-> key 256 ", out) and re.search(r"M 8192 +-> key 4096 ", out)
 
 
+def test_hf_overrides_reshape_the_experts_as_vllm_loads_them(capsys):
+    """A reduced one-GPU serve (validate-serve --reduced): the width and experts its --hf-overrides set."""
+    overrides = '{"num_hidden_layers": 12, "moe_num_experts": 288, "moe_intermediate_size": 320}'
+    code, out, _ = run(capsys, "H200", ["stepfun-ai/Step-3.5-Flash", "--load-format", "dummy", "--hf-overrides",
+                                        overrides, *RECIPE])
+    assert "answered by vLLM's own code" in out and "(tp 1, dp 1)" in out
+    assert "SiLU layers: TRITON (TritonExperts), N=320" in out and "SwiGLU-step layers: TRITON (TritonExperts), N=320" in out
+    assert f"found {H200 / 'E=288,N=320,device_name=NVIDIA_H200.json'}" in out
+    assert "fix: tune-moe" not in out  # no layout of the tuner's plan is this serve
+
+
 def test_dp4_ep_fp8_runs_no_triton_file_by_default(capsys):
     code, out, _ = run(capsys, "H200", ["stepfun-ai/Step-3.5-Flash-FP8", "--data-parallel-size", "4",
                                         "--enable-expert-parallel", *RECIPE])
@@ -128,6 +139,7 @@ COMMANDS = [
     ["m", "--speculative-config", '{"method": "step3p5_mtp", "num_speculative_tokens": 3}', "--max-num-seqs", "100"],
     ["m", "--data-parallel-size", "4", "--enable-expert-parallel", "--moe-backend", "Deep-Gemm"],
     ["m", "-tp", "2", "--enable-expert-parallel", "--disable-expert-parallel", "--quantization", "fp8"],
+    ["m", "--load-format", "dummy", "--hf-overrides", '{"moe_num_experts": 72, "moe_intermediate_size": 1280}'],
 ]
 
 
@@ -153,7 +165,8 @@ def test_the_flags_tune_moe_emits_are_vllms():
 
     flags = serve_command.serve_flags()
     emitted = [w for w in (*RECIPE_FLAGS, *MTP_FLAGS, "--tensor-parallel-size", "--data-parallel-size",
-                           "--enable-expert-parallel", "--moe-backend", "--port") if w.startswith("--")]
+                           "--enable-expert-parallel", "--moe-backend", "--port", "--load-format", "--hf-overrides",
+                           "--profiler-config") if w.startswith("--")]
     assert all(f in flags for f in emitted), [f for f in emitted if f not in flags]
     import vllm.envs as envs
 

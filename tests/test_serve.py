@@ -5,6 +5,7 @@ for a vLLM whose internals moved), so no test but the one marked ``slow`` spends
 """
 
 import importlib.util
+import dataclasses
 import json
 import os
 import shlex
@@ -17,11 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from tuning import cli, vllm_probe
+from conftest import provenance_for
+from tuning import ab, cli, provenance, vllm_probe
+from tuning.configs import read_config_file
 from tuning.errors import UsageError
 from tuning.envfile import read_env_file
+from tuning.models import load_model
 from tuning.recipe import BenchSpec, ServeSpec
 from tuning.shapes import BATCH_SIZES, parse_layout
+from tuning.workloads import WORKLOADS
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = REPO / "tests" / "fixtures" / "fake_vllm"
@@ -31,6 +36,7 @@ MTP = ["--hf-overrides", '{"num_nextn_predict_layers": 1}',
        "--speculative-config", '{"method": "step3p5_mtp", "num_speculative_tokens": 1}']
 TP4_BF16 = "E=288,N=320,device_name=NVIDIA_H200.json"
 EP4_FP8 = "E=72,N=1280,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"
+EP4_BF16 = "E=72,N=1280,device_name=NVIDIA_H200.json"
 TILE = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 3}
 CONFIG = json.dumps({str(m): TILE for m in BATCH_SIZES})  # a valid tuned file at vLLM's batch sizes
 VLLMS_OWN_PREFLIGHT = vllm_probe.preflight
@@ -70,7 +76,10 @@ def test_print_command_tp4_mtp_with_env_file(tmp_path, monkeypatch, capsys):
     assert shlex.split(lines[3]) == ["vllm", "serve", "stepfun-ai/Step-3.5-Flash", "--tensor-parallel-size", "4",
                                      *RECIPE, *MTP, "--port", "8123"]
     served = ServeSpec(model="stepfun-ai/Step-3.5-Flash", layout=parse_layout("TP4"), dtype="bf16", port=8123)
-    assert shlex.split(lines[5]) == BenchSpec().argv(served, tmp_path / "runs" / "bench-tuned.json")
+    assert lines[4] == "# then, once GET /health answers 200, a warm-up pass on other prompts (discarded):"
+    assert shlex.split(lines[5]) == BenchSpec(seed=1).argv(served, tmp_path / "runs" / "bench-tuned-warmup.json")
+    assert lines[6] == "# then the measured pass:"
+    assert shlex.split(lines[7]) == BenchSpec().argv(served, tmp_path / "runs" / "bench-tuned.json")
     assert lines[-1].endswith(f"kernels_configs/NVIDIA_H200/{TP4_BF16} for MoE layer.")
 
 
@@ -108,6 +117,22 @@ def test_bench_command_is_the_recipes_and_overridable():
     short = BenchSpec(num_prompts=5, max_concurrency=2, extra_args=("--seed", "1")).argv(serve, Path("/o/r.json"))
     assert short[short.index("--num-prompts") + 1] == "5" and short[short.index("--max-concurrency") + 1] == "2"
     assert short[-2:] == ["--seed", "1"]
+
+
+def test_bench_options_ignore_eos_seed_and_profile_come_before_the_extra_args():
+    serve = ServeSpec(model="m", layout=parse_layout("TP4"), dtype="bf16", port=8000)
+    words = BenchSpec(ignore_eos=True, seed=1, profile=True, extra_args=("--x", "y")).argv(serve, Path("/o/r.json"))
+    assert words[-6:] == ["--ignore-eos", "--seed", "1", "--profile", "--x", "y"]
+    assert "--ignore-eos" not in BenchSpec().argv(serve, Path("/o/r.json"))
+
+
+@pytest.mark.parametrize("name, m", [("decode", 32), ("prefill", 8192), ("recipe", 10)])
+def test_workloads_know_the_tokens_per_fused_moe_call(name, m):
+    w = WORKLOADS[name]
+    assert w.tokens_per_step(8192) == m
+    assert w.ignore_eos == (name != "recipe")
+    assert w.primary == ("total_token_throughput" if name == "prefill" else "output_throughput")
+    assert WORKLOADS["prefill"].tokens_per_step(2048) == 2048  # a smaller prefill chunk
 
 
 @pytest.mark.parametrize("layout, dtype, backend, names", [
@@ -193,14 +218,15 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
-    """The fake vllm first on PATH; a tuned folder holding the TP4 bf16 file; pids of every fake process;
-    preflight answered by the mirror."""
+    """The fake vllm first on PATH; a tuned folder holding the TP4 bf16 file; pids of every fake process and a log
+    of every benchmark; preflight answered by the mirror."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PATH", f"{FAKE}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER", raising=False)
     monkeypatch.setattr(vllm_probe, "preflight", lambda *args: None)
     pids = tmp_path / "pids"
     monkeypatch.setenv("FAKE_VLLM_PIDS", str(pids))
+    monkeypatch.setenv("FAKE_VLLM_BENCH_LOG", str(tmp_path / "bench.jsonl"))
     folder = tmp_path / "configs"
     folder.mkdir()
     (folder / TP4_BF16).write_text(CONFIG)
@@ -260,14 +286,67 @@ def test_serve_proves_the_tuned_file_and_benchmarks(fake, capsys):
     assert rep["env"]["HF_TOKEN"] == "<hidden>" and "s3cr3t" not in (fake["out"] / "report.json").read_text()
 
 
-def test_ab_baseline_runs_without_the_tuned_folder(fake, monkeypatch):
+PAIRS3 = ["default-1", "tuned-1", "tuned-2", "default-2", "default-3", "tuned-3"]  # the order alternates per pair
+
+
+def bench_log(fake) -> list[dict]:
+    return [json.loads(line) for line in (fake["dir"] / "bench.jsonl").read_text().splitlines()]
+
+
+def test_ab_interleaves_warmed_pairs_and_reports_the_interval(fake, monkeypatch):
     monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(fake["configs"]))  # inherited: the baseline must drop it
-    assert cli.main(argv(fake, "--ab", "--num-prompts", "2")) == 0
-    tuned, default = report(fake)["runs"]
-    assert default["name"] == "default" and default["proof"]["missing"] == [TP4_BF16]
-    assert "Using default MoE config" in (fake["out"] / "vllm-serve-default.log").read_text()
-    assert (tuned["metrics"]["output_throughput"], default["metrics"]["output_throughput"]) == (850.0, 800.0)
-    assert "| output tok/s | 811.94 | 850.00 | 800.00 | +4.7% | +6.2% |" in (fake["out"] / "report.md").read_text()
+    monkeypatch.setenv("FAKE_VLLM_NOISE", "0,0.02,-0.01,0.03,0.01,-0.02")  # one per measured pass, in turn
+    assert cli.main(argv(fake, "--ab", "--pairs", "3", "--num-prompts", "2")) == 0
+    rep = report(fake)
+    assert [r["name"] for r in rep["runs"]] == PAIRS3
+    assert [(r["arm"], r["pair"]) for r in rep["runs"]] == [(n.split("-")[0], int(n[-1])) for n in PAIRS3]
+    # every server: a warm-up pass first (cold, other prompts: --seed 1), then the measured pass (warm, seed 0)
+    log = bench_log(fake)
+    assert [(b["cold"], b["seed"]) for b in log] == [(True, 1), (False, 0)] * 6
+    assert [b["tuned"] for b in log[::2]] == [n.startswith("tuned") for n in PAIRS3]
+    assert len({b["pid"] for b in log}) == 12  # one vllm bench serve process per pass
+    for r in rep["runs"]:
+        assert r["warmup"]["output_throughput"] < r["metrics"]["output_throughput"]  # the cold pass is discarded
+        assert Path(r["result_file"]).name == f"bench-{r['name']}.json"
+        assert (fake["out"] / f"bench-{r['name']}-warmup.json").is_file()
+    default = rep["runs"][0]
+    assert default["proof"]["missing"] == [TP4_BF16] and default["proof"]["loaded"] == []
+    assert "Using default MoE config" in (fake["out"] / "vllm-serve-default-1.log").read_text()
+    measured = {r["name"]: r["metrics"]["output_throughput"] for r in rep["runs"]}
+    noise = dict(zip(PAIRS3, (0, 0.02, -0.01, 0.03, 0.01, -0.02)))
+    assert measured == pytest.approx({n: (850.0 if n.startswith("tuned") else 800.0) * (1 + noise[n]) for n in PAIRS3})
+    a = rep["ab"]
+    expected = ab.paired_ratio("output tok/s", [measured[f"tuned-{i}"] for i in (1, 2, 3)],
+                               [measured[f"default-{i}"] for i in (1, 2, 3)])
+    assert a["ratios"]["output_throughput"]["estimate"] == pytest.approx(expected.estimate)
+    assert (a["ratios"]["output_throughput"]["low"], a["ratios"]["output_throughput"]["high"]) == \
+        pytest.approx((expected.low, expected.high))
+    assert a["verdict"] == ab.verdict(expected, "output tok/s").text and a["outcome"] == "better"
+    assert a["order"] == ["1: default then tuned", "2: tuned then default", "3: default then tuned"]
+    assert a["ratios"]["median_tpot_ms"]["estimate"] < 1  # TPOT falls as throughput rises
+    md = (fake["out"] / "report.md").read_text()
+    assert "## A/B: tuned against vLLM's default config (3 pairs, workload recipe)" in md
+    assert f"**{a['verdict']}**" in md
+    assert "exact bootstrap over the 3 pairs (all 3^3 resamples)" in md
+    assert f"| 1 | 800.00 | {measured['tuned-1']:.2f} |" in md
+    assert "| output tok/s | 808.00 (800.00-824.00) |" in md
+
+
+def test_ab_says_when_the_gain_is_inside_the_noise(fake, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_VLLM_NOISE", "0.15,-0.1,0.05,-0.15,0.1,0.0")
+    assert cli.main(argv(fake, "--ab", "--pairs", "3", "--num-prompts", "2")) == 0
+    a = report(fake)["ab"]
+    assert a["outcome"] == "noise"
+    assert a["verdict"].startswith("no measurable difference in output tok/s: ")
+    assert "too noisy to resolve a 5% change" in a["verdict"] and a["verdict"] in capsys.readouterr().out
+
+
+def test_ab_stops_at_the_first_failed_server_and_reports_no_verdict(fake, monkeypatch, capsys):
+    (fake["configs"] / TP4_BF16).unlink()  # the tuned server of pair 1 fails its proof
+    assert cli.main(argv(fake, "--ab", "--pairs", "3", "--num-prompts", "2")) == 1
+    rep = report(fake)
+    assert [r["name"] for r in rep["runs"]] == ["default-1", "tuned-1"] and rep["runs"][1]["outcome"] == "proof"
+    assert "ab" not in rep and "tuned-1: vLLM used its default MoE config" in capsys.readouterr().err
 
 
 def test_missing_config_fails_and_names_the_file(fake, capsys):
@@ -393,6 +472,112 @@ def test_log_agrees_with_vllms_own_preflight_answer(fake, monkeypatch):
     rep = report(fake)
     assert rep["preflight"]["answered_by"] == "vLLM's own code"
     assert rep["ok"] and rep["runs"][0]["problems"] == [] and rep["expected_files"] == [TP4_BF16]
+
+
+# -- --reduced: one GPU for a multi-GPU layout ----------------------------------------------------------
+
+
+def with_provenance(path: Path, speedup_at: dict[int, float]) -> None:
+    """A sidecar saying the tuned file is ``speedup`` x vLLM's default at those batch sizes (1.0 elsewhere)."""
+    prov = provenance_for(path, read_config_file(path))
+    rows = tuple(dataclasses.replace(r, speedup=speedup_at.get(r.m, 1.0)) for r in prov.rows)
+    provenance.write(path, dataclasses.replace(prov, rows=rows))
+
+
+def reduced_args(fake, *extra) -> list[str]:
+    args = argv(fake, "--reduced", *extra)
+    return args
+
+
+def test_reduced_serve_runs_the_layouts_shape_on_one_gpu(fake, monkeypatch, capsys):
+    """TP4 emulated: the written folder, the exact command, the proof, decode A/B, the measured MoE share and the
+    predicted gain against the measured one."""
+    monkeypatch.setenv("FAKE_VLLM_NOISE", "0,0.01,-0.01,0.005,0.0,-0.005")
+    monkeypatch.setenv("FAKE_VLLM_MOE_SHARE", "0.5")
+    with_provenance(fake["configs"] / TP4_BF16, {32: 1.25})
+    assert cli.main(reduced_args(fake, "--workload", "decode", "--num-prompts", "2", "--ab", "--pairs", "3",
+                                 "--measure-moe-share")) == 0
+    rep, folder = report(fake), fake["out"] / "reduced-model"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert load_model(str(folder)).num_experts == 288  # the published config; the overrides reduce it
+    r = rep["reduced"]
+    assert (r["layout"], r["experts"], r["width"], r["layers"]) == ("TP4", 288, 320, 12)
+    assert shlex.split(rep["command"])[:7] == ["vllm", "serve", str(folder), "--load-format", "dummy",
+                                               "--hf-overrides", json.dumps(r["overrides"], separators=(",", ":"))]
+    assert "--tensor-parallel-size" not in rep["command"] and rep["gpu"] == "1xH200"
+    assert rep["env"]["VLLM_USE_FLASHINFER_SAMPLER"] == "0" and rep["layout"] == "TP4 (reduced, one GPU)"
+    assert rep["expected_files"] == [TP4_BF16]  # preflight read the serve's --hf-overrides
+    assert [layer["n"] for layer in rep["preflight"]["layers"]] == [320, 320]
+    assert rep["runs"][-1]["name"] == "profile"
+    for run in rep["runs"]:  # the fake's engine computed the file from the folder and the overrides
+        assert run["proof"]["loaded" if run["arm"] != "default" else "missing"] == (
+            [str(fake["configs"] / TP4_BF16)] if run["arm"] != "default" else [TP4_BF16])
+    words = shlex.split(rep["bench_command"])
+    assert words[words.index("--random-input-len") + 1] == "128" and "--ignore-eos" in words
+    assert words[words.index("--max-concurrency") + 1] == "32"
+    assert list((fake["out"] / "profile").glob("*.pt.trace.json.gz"))
+    assert rep["moe_share"]["value"] == pytest.approx(0.5) and rep["moe_share"]["measured"]
+    served = rep["prediction"]["served"]
+    assert (served["m"], served["key"], served["kernel_speedup"]) == (32, 32, 1.25)
+    assert served["gain"] == pytest.approx(1 / (0.5 + 0.5 / 1.25))  # Amdahl on the measured share
+    full = rep["prediction"]["full"]
+    assert not full["share"]["measured"] and full["share"]["value"] > served["share"]["value"]
+    md = (fake["out"] / "report.md").read_text()
+    assert "## Reduced model: one GPU for TP4" in md and "What it does not:" in md
+    assert "- workload decode: M = 32 tokens per step (one decode token for each of 32 requests)" in md
+    assert "predicted +11.1%" in md and "the prediction is above the interval" in md
+    assert "the TP4 serve: `E=288,N=320,device_name=NVIDIA_H200.json` is 1.250x vLLM's default" in md
+
+
+def test_reduced_print_command_shows_every_command_and_writes_nothing(fake, capsys):
+    assert cli.main(reduced_args(fake, "--layout", "DP4+EP", "--print-command", "--ab", "--measure-moe-share",
+                                 "--workload", "prefill")) == 0
+    out, err = capsys.readouterr()
+    out, folder = out.splitlines(), fake["out"] / "reduced-model"
+    assert (f"tune-moe preflight --gpu H200 -- VLLM_TUNED_CONFIG_FOLDER={fake['configs']} vllm serve "
+            "stepfun-ai/Step-3.5-Flash --load-format dummy --hf-overrides ") in err  # the folder is not written yet
+    assert out[0] == (f"# first writes {folder}/: config.json (Step-3.5-Flash's published bf16 config), tokenizer.json, "
+                      "tokenizer_config.json")
+    assert "export VLLM_USE_FLASHINFER_SAMPLER=0" in out
+    serve = shlex.split(next(line for line in out if line.startswith("vllm serve")))
+    overrides = json.loads(serve[serve.index("--hf-overrides") + 1])
+    assert (overrides["moe_num_experts"], overrides["moe_intermediate_size"]) == (72, 1280)
+    assert "--data-parallel-size" not in serve and "--enable-expert-parallel" not in serve
+    benches = [shlex.split(line) for line in out if line.startswith("vllm bench serve")]
+    assert [b[b.index("--result-filename") + 1] for b in benches] == ["bench-tuned-1-warmup.json", "bench-tuned-1.json"]
+    assert all(b[b.index("--random-input-len") + 1] == "8192" and b[b.index("--random-output-len") + 1] == "1"
+               and "--ignore-eos" in b for b in benches)
+    assert out[-3] == "# vLLM must log: Using configuration from " + str(fake["configs"] / EP4_BF16) + " for MoE layer."
+    assert out[-2].startswith("# --ab: 5 pairs of fresh servers, one at a time, in the order default, tuned; tuned, "
+                              "default; default, tuned;")
+    assert out[-1].startswith("# --measure-moe-share: then one more tuned server with --profiler-config ")
+    assert not fake["out"].exists()
+
+
+def test_reduced_refuses_a_serve_that_reads_other_files_than_the_layout(fake, capsys):
+    """FP8 DP4+EP with vLLM's choice runs FlashInfer/DeepGEMM (no tuned file); one GPU without EP runs Triton."""
+    args = fp8_ep(reduced_args(fake))
+    assert cli.main(args) == 2
+    assert cli.main([*args, "--print-command"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0] == err[1]
+    assert err[0] == (f"tune-moe: error: --reduced: the one-GPU serve reads {EP4_FP8} but DP4+EP reads no Triton tuned "
+                      "file; nothing was started; DP4+EP reads no Triton tuned file with --moe-backend auto (tune-moe "
+                      "preflight shows what each layer kind runs); emulate a Triton serve of it with --moe-backend triton")
+    assert not fake["pids"].exists() and not fake["out"].exists()
+    (fake["configs"] / EP4_FP8).write_text(CONFIG)
+    assert cli.main(fp8_ep(reduced_args(fake, "--moe-backend", "triton", "--no-bench"))) == 0
+    assert report(fake)["runs"][0]["proof"]["loaded"] == [str(fake["configs"] / EP4_FP8)]
+
+
+def test_a_single_reduced_run_is_not_compared_with_the_recipe(fake):
+    assert cli.main(reduced_args(fake, "--num-prompts", "2")) == 0
+    rep, md = report(fake), (fake["out"] / "report.md").read_text()
+    (run,) = rep["runs"]
+    assert run["metrics"]["output_throughput"] == 850.0 and run["warmup"]["output_throughput"] == pytest.approx(510.0)
+    assert "| output tok/s | 850.00 |" in md and "recipe 4xH200" not in md.split("## Benchmark")[1]
+    assert "a reduced model's numbers do not compare with the recipe's 4xH200 serve" in md
+    assert rep["prediction"]["why"].endswith("has no tune-moe provenance (no per-batch speedup to predict from)")
 
 
 def test_failed_benchmark_requests_fail_the_run(fake, monkeypatch, capsys):

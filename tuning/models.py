@@ -131,10 +131,20 @@ BUILTIN: dict[str, dict] = {
 DEFAULT_MODEL = "stepfun-ai/Step-3.5-Flash"
 
 
-def load_model(spec: str = DEFAULT_MODEL) -> ModelGeometry:
-    """A built-in model name, a config.json path, or a directory holding one."""
+def load_model(spec: str = DEFAULT_MODEL, overrides: dict | None = None) -> ModelGeometry:
+    """A built-in model name, a config.json path, or a directory holding one; ``overrides`` replace keys of it as
+    vLLM's ``--hf-overrides`` do (the flat ones; a changed geometry drops a recorded parameter count)."""
+    flat = {k: v for k, v in (overrides or {}).items() if not isinstance(v, dict)}
+    cfg, name = load_config(spec)
+    if flat:
+        cfg = {**{k: v for k, v in cfg.items() if k != "total_params"}, **flat}
+    return geometry_from_config(cfg, name + (" with --hf-overrides" if flat else ""))
+
+
+def load_config(spec: str) -> tuple[dict, str]:
+    """config.json of a built-in model name, a config.json path or a directory holding one, and its name."""
     if spec in BUILTIN:
-        return geometry_from_config(BUILTIN[spec], spec)
+        return BUILTIN[spec], spec
     path = Path(spec)
     if path.is_dir():
         path = path / "config.json"
@@ -147,7 +157,7 @@ def load_model(spec: str = DEFAULT_MODEL) -> ModelGeometry:
         raise UsageError(f"--model {path}: not readable JSON ({exc}); pass the model's Hugging Face config.json") from None
     if not isinstance(cfg, dict):
         raise UsageError(f"--model {path}: expected a JSON object; pass the model's Hugging Face config.json")
-    return geometry_from_config(cfg, str(path))
+    return cfg, str(path)
 
 
 def geometry_from_config(cfg: dict, name: str) -> ModelGeometry:

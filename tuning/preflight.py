@@ -36,6 +36,7 @@ KIND = {"silu": "SiLU layers", "swiglustep": "SwiGLU-step layers"}
 ASSIGN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 MIRROR = "tune-moe's mirror of vLLM 0.33's parser and rules (vLLM is not importable here)"
 FAR = 2.0  # a batch size this many times beyond the nearest tuned key is reported as untuned
+RESHAPING = {"moe_num_experts", "moe_intermediate_size", "moe_top_k", "hidden_size"}  # --hf-overrides keys
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,14 +68,14 @@ def split_command(words: list[str]) -> tuple[dict[str, str], list[str]]:
     return env, words[i:]
 
 
-def checkpoint(name: str, quantization: str | None) -> tuple[ModelGeometry, str]:
-    """The served checkpoint's MoE geometry and dtype (bf16, or the block-FP8 checkpoint)."""
+def checkpoint(name: str, quantization: str | None, overrides: dict | None = None) -> tuple[ModelGeometry, str]:
+    """The served checkpoint's MoE geometry (after ``--hf-overrides``) and dtype (bf16, or the block-FP8 one)."""
     if quantization not in (None, "fp8"):
         raise UsageError(f"preflight: --quantization {quantization} is not modelled; serve the bf16 or -FP8 checkpoint")
     if name not in BUILTIN and not Path(name).exists():
         raise UsageError(f"preflight: model {name!r} is neither a built-in name ({', '.join(BUILTIN)}) nor a "
                          "local checkpoint folder; pass the folder holding its config.json")
-    model = load_model(name)
+    model = load_model(name, overrides)
     if model.weight_block_size is not None:
         return model, "fp8"
     if quantization == "fp8":
@@ -104,10 +105,10 @@ def _understand(argv: list[str], arch: str, memory_gb: float, env: dict[str, str
                       for act, d in zip(ACTIVATIONS, answer["layers"])}
             plan = BatchPlan(max_num_seqs=p["max_num_seqs"], max_num_batched_tokens=p["max_num_batched_tokens"],
                              capture_sizes=tuple(p["capture_sizes"]))
-            model, _ = checkpoint(c["model"], c["quantization"])
+            model, _ = checkpoint(c["model"], c["quantization"], c["hf_overrides"])
             return ServeCommand(**c, argv=tuple(argv)), plan, model, answer["dtype"], layers, "vLLM's own code"
     cmd = parse(argv)
-    model, dtype = checkpoint(cmd.model, cmd.quantization)
+    model, dtype = checkpoint(cmd.model, cmd.quantization, cmd.hf_overrides)
     facts = ServeFacts(arch=arch, dtype=dtype, tp=cmd.tp, dp=cmd.dp, ep=cmd.ep, moe_backend=cmd.moe_backend,
                        env=tuple(sorted(env.items())), num_experts=model.num_experts,
                        intermediate=model.moe_intermediate_size, hidden=model.hidden_size, top_k=model.top_k)
@@ -233,8 +234,8 @@ def _notes(node: Node) -> list[str]:
 def _fix(cmd: ServeCommand, dtype: str, node: Node, layers: list[Layer], tokens: list[int]) -> str | None:
     """The tune-moe command that tunes what this serve would read."""
     wanted = [layer for layer in layers if layer.file]
-    if not wanted:
-        return None
+    if not wanted or set(cmd.hf_overrides) & RESHAPING:
+        return None  # a serve whose --hf-overrides reshape the experts is no layout the tuner plans
     layout = "+".join(([f"DP{cmd.dp}"] if cmd.dp > 1 else []) + ([f"TP{cmd.tp}"] if cmd.tp > 1 or cmd.dp == 1 else [])
                       + (["EP"] if cmd.ep else []))
     words = ["tune-moe", "--gpu", node.gpu.key, "--dtype", dtype, "--layouts", layout, "--num-gpus",
@@ -318,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
     if not argv:
         raise UsageError("preflight: pass the serve command after '--', e.g. "
                          "tune-moe preflight --gpu H200 -- vllm serve stepfun-ai/Step-3.5-Flash --tensor-parallel-size 4")
-    from .serve import pick_gpu
+    from .serve_args import pick_gpu
 
     gpu = pick_gpu(args.gpu)
     env = {**{k: v for k, v in os.environ.items() if k.startswith("VLLM_")}, **assigned}

@@ -38,11 +38,12 @@ class ServeSpec:
     mtp: bool = False
     moe_backend: str = "auto"
     tuned_folder: Path | None = None  # None: serve with vLLM's own configs (the A/B baseline)
-    env: tuple[tuple[str, str], ...] = ()  # from the node env file
+    env: tuple[tuple[str, str], ...] = ()  # from the node env file (and what a reduced serve adds)
+    model_args: tuple[str, ...] = ()  # right after the model: a reduced serve's --load-format and --hf-overrides
     extra_args: tuple[str, ...] = ()
 
     def argv(self) -> list[str]:
-        argv = ["vllm", "serve", self.model, *self.layout.vllm_flags(), *RECIPE_FLAGS]
+        argv = ["vllm", "serve", self.model, *self.model_args, *self.layout.vllm_flags(), *RECIPE_FLAGS]
         argv += MTP_FLAGS if self.mtp else ()
         argv += ["--moe-backend", self.moe_backend] if self.moe_backend != "auto" else []
         argv += ["--port", str(self.port)] if self.port is not None else []
@@ -76,6 +77,9 @@ class BenchSpec:
     output_len: int = 1024
     max_concurrency: int = 10
     num_prompts: int = 100
+    ignore_eos: bool = False  # every request produces exactly output_len tokens
+    seed: int | None = None  # the random dataset's --seed (vLLM's default is 0)
+    profile: bool = False  # --profile: /start_profile and /stop_profile around the run
     extra_args: tuple[str, ...] = ()
 
     def argv(self, serve: ServeSpec, result: Path) -> list[str]:
@@ -85,7 +89,11 @@ class BenchSpec:
                 "--max-concurrency", str(self.max_concurrency), "--num-prompts", str(self.num_prompts),
                 "--host", "127.0.0.1", "--port", str(serve.port),
                 "--save-result", "--result-dir", str(result.parent), "--result-filename", result.name,
-                *self.extra_args]
+                *self._options(), *self.extra_args]
+
+    def _options(self) -> list[str]:
+        seed = ["--seed", str(self.seed)] if self.seed is not None else []
+        return (["--ignore-eos"] if self.ignore_eos else []) + seed + (["--profile"] if self.profile else [])
 
 
 def serve_line(spec: ServeSpec) -> str:

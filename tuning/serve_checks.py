@@ -1,5 +1,6 @@
-"""What validate-serve checks before it starts a server: the layout fits in memory, and ``tune-moe preflight``
-on the exact serve command and environment (what vLLM runs per MoE layer kind, which tuned files it reads)."""
+"""What validate-serve checks before it starts a server: the layout fits in memory, ``tune-moe preflight`` on
+the exact serve command and environment (what vLLM runs per MoE layer kind, which tuned files it reads), and,
+for a reduced one-GPU serve, that it reads the same tuned files as the layout it emulates."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from . import gpus
 from . import preflight as pf
 from .errors import UsageError
 from .fit import alternatives, fit
-from .models import BUILTIN, load_model
+from .models import BUILTIN, ModelGeometry, load_model
 from .recipe import CHECKPOINTS, ServeSpec
+from .reduced import Reduced
+from .shapes import Refusal, parse_version, shape_for
 from .vllm_log import BATCHED, Predicted
-from .vllm_rules import ACTIVATIONS, ServeFacts, layer_runtime
+from .vllm_rules import ACTIVATIONS, VLLM_VERSION, ServeFacts, layer_runtime
 
 @dataclass(frozen=True)
 class Preflight:
@@ -71,7 +74,7 @@ def triton_alternative(pre: Preflight) -> str | None:
     cmd = pre.report["command"]
     if cmd.moe_backend == "triton":
         return None
-    model, dtype = pf.checkpoint(cmd.model, cmd.quantization)
+    model, dtype = pf.checkpoint(cmd.model, cmd.quantization, cmd.hf_overrides)
     facts = ServeFacts(arch=pre.node.gpu.arch, dtype=dtype, tp=cmd.tp, dp=cmd.dp, ep=cmd.ep, moe_backend="triton",
                        env=tuple(sorted((k, v) for k, v in pre.node.env.items() if k.startswith("VLLM_"))),
                        num_experts=model.num_experts, intermediate=model.moe_intermediate_size,
@@ -98,9 +101,10 @@ def geometry_name(model: str, dtype: str) -> str:
     return model if model in BUILTIN or (Path(model) / "config.json").is_file() else CHECKPOINTS[dtype]
 
 
-def run_preflight(spec: ServeSpec, gpu: gpus.GpuSpec, version: str) -> Preflight:
-    """Preflight on ``spec``'s command with the serve's environment; refuses (one line) a serve vLLM will not start."""
-    argv, name = spec.argv(), geometry_name(spec.model, spec.dtype)
+def run_preflight(spec: ServeSpec, gpu: gpus.GpuSpec, version: str, geometry: Path | None = None) -> Preflight:
+    """Preflight on ``spec``'s command with the serve's environment; refuses (one line) a serve vLLM will not start.
+    ``geometry``: the config.json to read the MoE geometry from (a reduced serve's, with its overrides applied)."""
+    argv, name = spec.argv(), str(geometry) if geometry else geometry_name(spec.model, spec.dtype)
     argv[2] = name
     node = pf.Node(gpu=gpu, env=spec.environ(dict(os.environ)), config_dir=spec.tuned_folder, vllm_version=version)
     report = pf.check(argv, node)
@@ -112,14 +116,63 @@ def run_preflight(spec: ServeSpec, gpu: gpus.GpuSpec, version: str) -> Preflight
         why = "; ".join(f"{pf.KIND[layer.activation]}: {layer.runtime.error}" for layer in broken)
         raise UsageError(f"preflight: vLLM will not start this serve ({why}); nothing was started; change "
                          "--moe-backend or the layout (tune-moe preflight shows what each MoE layer kind runs)")
-    return Preflight(report, node, name if name != spec.model else None)
+    return Preflight(report, node, name if name != spec.model and not geometry else None)
 
 
-def check_fit(spec: ServeSpec, gpu: gpus.GpuSpec) -> None:
+def check_fit(spec: ServeSpec, gpu: gpus.GpuSpec, reduced: Reduced | None = None) -> None:
     """Refuse (one line) a layout whose weights leave too little memory on each GPU."""
+    if reduced:
+        verdict = fit(reduced.geometry(), spec.layout, spec.dtype, gpu)
+        if not verdict.fits:
+            raise UsageError(f"--reduced {reduced.layout.name}: {reduced.layers} layers do not fit on one {gpu.key} "
+                             f"({verdict.why(gpu)}); nothing was started; pass fewer --reduced-layers")
+        return
     model = load_model(geometry_name(spec.model, spec.dtype))
     verdict = fit(model, spec.layout, spec.dtype, gpu)
     if not verdict.fits:
         others = alternatives(model, spec.dtype, gpu, spec.layout.gpus)
         raise UsageError(f"layout {spec.layout.name} does not fit in memory: {verdict.why(gpu)}; nothing was started"
                          + (f"; try {' or '.join(others)}" if others else ""))
+
+
+def expected_files(spec: ServeSpec, gpu: gpus.GpuSpec, version: str, model: ModelGeometry) -> list[str]:
+    """The tuned files the serve's MoE layer kinds read (--print-command, which starts nothing): vLLM 0.33's rules
+    from the mirror (a run asks preflight, which asks vLLM itself); other versions by the plan's shape rule."""
+    layout = spec.layout
+    shape = shape_for(model, layout, spec.dtype, version, spec.moe_backend)
+    if isinstance(shape, Refusal):
+        raise UsageError(f"layout {layout.name}: {shape.reason}")
+    if parse_version(version) != parse_version(VLLM_VERSION):
+        return [shape.file_name(gpu.device_name)]
+    env = tuple(sorted((k, v) for k, v in spec.environ(dict(os.environ)).items() if k.startswith("VLLM_")))
+    facts = ServeFacts(arch=gpu.arch, dtype=spec.dtype, tp=layout.tp, dp=layout.dp, ep=layout.ep,
+                       moe_backend=spec.moe_backend, env=env, num_experts=model.num_experts,
+                       intermediate=model.moe_intermediate_size, hidden=model.hidden_size, top_k=model.top_k)
+    names = []
+    for act in ACTIVATIONS:
+        r = layer_runtime(facts, act)
+        if r.error:
+            raise UsageError(f"{pf.KIND[act]}: vLLM {version} will not start this serve ({r.error}); change "
+                             "--moe-backend or the layout")
+        if r.reads_tuned_file:
+            names.append(pf.layer_shape(model, layout, r, spec.dtype).file_name(gpu.device_name))
+    return list(dict.fromkeys(names))
+
+
+def check_emulation(served: list[str], emulated: list[str], reduced: Reduced, moe_backend: str) -> None:
+    """A reduced serve must read exactly the tuned files the layout it emulates reads; else it would prove
+    nothing about that layout (one line, nothing started)."""
+    if served == emulated:
+        return
+    layout = reduced.layout.name
+    if not emulated:
+        fix = (f"{layout} reads no Triton tuned file with --moe-backend {moe_backend} (tune-moe preflight shows what "
+               "each layer kind runs); emulate a Triton serve of it with --moe-backend triton")
+    else:
+        fix = "pass the --moe-backend the layout is served with (tune-moe preflight shows what each layer kind runs)"
+    raise UsageError(f"--reduced: the one-GPU serve reads {_names(served)} but {layout} reads {_names(emulated)}; "
+                     f"nothing was started; {fix}")
+
+
+def _names(files: list[str]) -> str:
+    return ", ".join(files) if files else "no Triton tuned file"

@@ -1,7 +1,7 @@
 """A ``vllm serve`` command as vLLM 0.33 reads it, and the batch sizes its fused MoE will see.
 
 ``parse`` turns the words of a serve command into a ``ServeCommand``: the model, the parallel layout,
-``--moe-backend``, MTP, and what sets the batch sizes (``--max-num-seqs``, ``--max-num-batched-tokens``,
+``--moe-backend``, MTP, ``--hf-overrides``, and what sets the batch sizes (``--max-num-seqs``, ``--max-num-batched-tokens``,
 ``--enforce-eager``, ``--compilation-config``'s capture sizes, ``--performance-mode``). Every flag is
 checked against vLLM 0.33's serve parser (``data/vllm_serve_flags.json``, written from that parser and
 compared with it in CI); an unknown one is refused in one line. ``batch_plan`` mirrors
@@ -45,6 +45,7 @@ class ServeCommand:
     capture_sizes: tuple[int, ...] | None = None  # --compilation-config cudagraph_capture_sizes
     max_capture_size: int | None = None  # --compilation-config max_cudagraph_capture_size
     performance_mode: str = "balanced"
+    hf_overrides: dict = field(default_factory=dict)  # --hf-overrides: config.json keys vLLM replaces at load
     argv: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -128,7 +129,7 @@ def parse(argv: list[str]) -> ServeCommand:
         capture_sizes=tuple(int(s) for s in sizes) if sizes is not None else None,
         max_capture_size=compilation.get("max_cudagraph_capture_size"),
         performance_mode=str(values.get("performance_mode", "balanced")),
-        argv=tuple(argv))
+        hf_overrides=_json(values, "hf_overrides"), argv=tuple(argv))
 
 
 def parse_text(text: str) -> ServeCommand:

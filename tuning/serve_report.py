@@ -1,5 +1,6 @@
 """validate-serve's report: ``report.json`` (everything) and ``report.md`` (the proof per MoE layer kind, the
-benchmark against the recipe's numbers), written atomically."""
+benchmark against the recipe's numbers, a reduced model's scope, an A/B's pairs, interval and verdict, and the
+predicted gain against the measured one), written atomically."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def render_markdown(report: dict) -> str:
              f"{' +MTP' if report['mtp'] else ''} on {report['gpu']}: {verdict}", "",
              f"- command: `{report['command']}`", f"- tuned folder: `{report['tuned_folder']}`",
              f"- expected config files: {', '.join(f'`{n}`' for n in report['expected_files']) or 'none'}", ""]
+    lines += _reduced_section(report["reduced"]) if report.get("reduced") else []
     pre = report["preflight"]
     lines += ["## Preflight: what vLLM runs per MoE layer kind", "",
               "Before the serve started, `tune-moe preflight` ran on the exact command and environment"
@@ -52,25 +54,88 @@ def render_markdown(report: dict) -> str:
     problems = [f"- {r['name']}: {p}" for r in report["runs"] for p in r["problems"]] + \
                [f"- {p}" for p in report.get("problems", [])]
     lines += ["", "Problems:", *problems] if problems else []
-    lines += ["", *_bench_table(report)] if any(r["metrics"] for r in report["runs"]) else []
+    if report.get("ab"):
+        lines += ["", *_ab_section(report["ab"])]
+    elif any(r["metrics"] for r in report["runs"]):
+        lines += ["", *_bench_table(report)]
+    lines += ["", *_prediction_section(report)] if report.get("prediction") else []
     lines += ["", "Notes:", *[f"- {n}" for n in report["notes"]]] if report["notes"] else []
     return "\n".join(lines) + "\n"
 
 
+def _reduced_section(r: dict) -> list[str]:
+    moe = r["moe_layers"]
+    overrides = json.dumps(r["overrides"], separators=(",", ":"))
+    env = " ".join(f"`{k}={v}`" for k, v in r["env"].items())
+    return ["## Reduced model: one GPU for " + r["layout"], "",
+            f"- served: `{r['folder']}` (Step-3.5-Flash's published {r['dtype']} config.json and a word-level "
+            f"tokenizer of its vocabulary) with `--load-format dummy`, {env} and", f"  `--hf-overrides {overrides}`",
+            f"- {r['layers']} layers: layer 0 dense, MoE layers {moe[0]}-{moe[-1]}, {r['experts']} experts of width "
+            f"{r['width']} per MoE layer ({r['shape']} as {r['layout']} runs it)", "",
+            "What it reproduces:", *[f"- {x}" for x in r["reproduces"]], "",
+            "What it does not:", *[f"- {x}" for x in r["differs"]], ""]
+
+
+def _ab_section(a: dict) -> list[str]:
+    primary = a["primary"]
+    keys = [k for k in (primary, "median_ttft_ms", "median_tpot_ms") if k in a["ratios"]]
+    lines = [f"## A/B: tuned against vLLM's default config ({a['pairs']} pairs, workload {a['workload']})", "",
+             f"**{a['verdict']}**", "",
+             "Each pair is two fresh servers, one at a time, their order alternating (" + "; ".join(a["order"]) +
+             "); each server ran a warm-up pass on other prompts (discarded) before its measured pass. "
+             f"Intervals: {a['method']}, on the geometric mean of the per-pair tuned/default ratios.", "",
+             "| pair | " + " | ".join(f"default {METRICS[k]} | tuned {METRICS[k]}" for k in keys) +
+             f" | tuned/default {METRICS[primary]} |", "|---" * (2 * len(keys) + 2) + "|"]
+    for pair, arms in a["per_pair"].items():
+        cells = [f"{_num(arms['default'].get(k))} | {_num(arms['tuned'].get(k))}" for k in keys]
+        ratio = a["ratios"][primary]["per_pair"][int(pair) - 1]
+        lines.append(f"| {pair} | " + " | ".join(cells) + f" | {ratio:.3f} |")
+    lines += ["", "| metric | default median (min-max) | tuned median (min-max) | tuned/default (95% CI) | verdict |",
+              "|---|---|---|---|---|"]
+    for k in keys:
+        d, t, r = a["arms"]["default"][k], a["arms"]["tuned"][k], a["ratios"][k]
+        lines.append(f"| {METRICS[k]} | {_spread(d)} | {_spread(t)} | {r['estimate']:.3f} ({r['low']:.3f}-"
+                     f"{r['high']:.3f}) | {a['verdicts'][k]['outcome']} |")
+    return lines
+
+
+def _spread(s: dict) -> str:
+    return f"{s['median']:.2f} ({s['low']:.2f}-{s['high']:.2f})"
+
+
+def _prediction_section(report: dict) -> list[str]:
+    p, a = report["prediction"], report.get("ab")
+    lines = ["## Predicted gain", "", f"- workload {report['workload']['name']}: {p['m_phrase']}"]
+    if not p["served"]:
+        return lines + [f"- no prediction: {p['why']}"]
+    for label, x in (("this serve", p["served"]), (f"the {report['layout'].split(' ')[0]} serve", p["full"])):
+        if x:
+            lines.append(f"- {label}: `{x['file']}` is {x['kernel_speedup']:.3f}x vLLM's default at batch key "
+                         f"{x['key']} (its provenance); the fused MoE is {x['share']['value']:.0%} of the step "
+                         f"({x['share']['how']}): predicted {(x['gain'] - 1) * 100:+.1f}%")
+    if a and a["primary"] in a["ratios"]:
+        r, gain = a["ratios"][a["primary"]], p["served"]["gain"]
+        where = "inside" if r["low"] <= gain <= r["high"] else "above" if gain > r["high"] else "below"
+        lines.append(f"- measured: {(r['estimate'] - 1) * 100:+.1f}% {METRICS[a['primary']]} (95% CI "
+                     f"{(r['low'] - 1) * 100:+.1f}% to {(r['high'] - 1) * 100:+.1f}%): the prediction is {where} "
+                     "the interval")
+    return lines
+
+
 def _bench_table(report: dict) -> list[str]:
-    runs = {r["name"]: r["metrics"] for r in report["runs"] if r["metrics"]}
-    header = [RECIPE_LABEL, *runs] + (["tuned vs recipe"] if "tuned" in runs else []) + \
-             (["tuned vs default"] if {"tuned", "default"} <= set(runs) else [])
+    runs = {r["name"]: r["metrics"] for r in report["runs"] if r["metrics"] and r.get("arm") != "profile"}
+    recipe = not report.get("reduced")  # a reduced model on one GPU is no comparison for the recipe's serve
+    header = ([RECIPE_LABEL] if recipe else []) + [*runs] + (["tuned vs recipe"] if recipe and "tuned" in runs else [])
     lines = ["## Benchmark", "", f"`{report['bench_command']}`", "",
              "| metric | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for key, label in METRICS.items():
-        cells = [_num(RECIPE_METRICS.get(key))] + [_num(m.get(key)) for m in runs.values()]
-        compare = key not in COUNTS
-        if "tuned" in runs:
-            cells.append(_change(runs["tuned"].get(key), RECIPE_METRICS.get(key)) if compare else "")
-        if {"tuned", "default"} <= set(runs):
-            cells.append(_change(runs["tuned"].get(key), runs["default"].get(key)) if compare else "")
+        cells = ([_num(RECIPE_METRICS.get(key))] if recipe else []) + [_num(m.get(key)) for m in runs.values()]
+        if recipe and "tuned" in runs:
+            cells.append(_change(runs["tuned"].get(key), RECIPE_METRICS.get(key)) if key not in COUNTS else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if not recipe:
+        return lines + ["", "The measured pass of each server; a reduced model's numbers do not compare with the "
+                        "recipe's 4xH200 serve (use --ab for tuned against default)."]
     return lines + ["", "Changes are relative: higher output tok/s is better, lower TPOT/TTFT is better. The recipe's "
                     "numbers are bf16 TP4 without MTP on 4xH200; other setups compare with care."]
 

@@ -66,6 +66,12 @@ def probe(cases: list[tuple[ServeFacts, str]]) -> list[LayerRuntime]:
     return [LayerRuntime(**{**d, "block": d["block"] and tuple(d["block"])}) for d in answers]
 
 
+def model_configs(commands: list[list[str]]) -> list[dict]:
+    """For each serve command (the words after ``vllm serve``), vLLM's ``ModelConfig``: the Step-3.5 geometry
+    its model code reads from the config, --hf-overrides applied; or {"error": message}. One subprocess."""
+    return _ask({"op": "model", "requests": [{"argv": argv} for argv in commands]})
+
+
 def serve_flags() -> dict[str, list]:
     """vLLM's own ``vllm serve`` parser: option -> [destination, takes a value, value stored without one]."""
     return _ask({"op": "flags"})
@@ -116,6 +122,7 @@ class _Oracle:
         import vllm.model_executor.layers.fused_moe.oracle.fp8 as fp8
         import vllm.model_executor.layers.fused_moe.oracle.unquantized as unq
         import vllm.model_executor.layers.quantization.fp8  # noqa: F401  (what Fp8MoEMethod imports)
+        import vllm.model_executor.layers.quantization.online.base  # noqa: F401  (what ModelConfig's check imports)
         import vllm.model_executor.layers.quantization.utils.quant_utils as qu
         import vllm.utils.deep_gemm as dg
         from vllm.config import VllmConfig, set_current_vllm_config
@@ -186,7 +193,8 @@ class _Oracle:
                    "quantization": ns.quantization, "num_speculative_tokens": int(spec.get("num_speculative_tokens") or 0),
                    "max_num_seqs": ns.max_num_seqs, "max_num_batched_tokens": ns.max_num_batched_tokens,
                    "enforce_eager": bool(ns.enforce_eager), "capture_sizes": explicit,
-                   "max_capture_size": comp.get("max_cudagraph_capture_size"), "performance_mode": ns.performance_mode}
+                   "max_capture_size": comp.get("max_cudagraph_capture_size"), "performance_mode": ns.performance_mode,
+                   "hf_overrides": dict(ns.hf_overrides or {})}
         memory = int(request["memory_gb"] * 1e9)
         self.gpu.get_device_total_memory = classmethod(lambda cls, device_id=0: memory)
         tokens, seqs = (d[UsageContext.OPENAI_API_SERVER] for d in EngineArgs.get_batch_defaults(ns.tensor_parallel_size))
@@ -204,6 +212,30 @@ class _Oracle:
         return {"command": command, "plan": {"max_num_seqs": seqs, "max_num_batched_tokens": tokens,
                                              "capture_sizes": list(sizes or [])}}
 
+    def model(self, request: dict) -> dict:
+        """``EngineArgs.create_model_config`` for the serve command, and what step3p5.py reads of its hf_config:
+        ``_is_moe_layer`` per layer, the ``swiglu_limits`` entry ``FusedMoEBlock`` takes, the expert geometry."""
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.model_executor.models.step3p5 import _is_moe_layer
+
+        self._enter(ServeFacts(arch=request["arch"], dtype="bf16"))
+        ns = self.parser().parse_args(request["argv"])
+        ns.model = ns.model_tag or ns.model
+        try:
+            config = EngineArgs.from_cli_args(ns).create_model_config()
+        except (ValueError, OSError) as e:
+            return {"error": f"{type(e).__name__}: {e}"}
+        hf = config.hf_text_config
+        limits = list(hf.swiglu_limits or [])
+        layers = [{"moe": _is_moe_layer(hf, i), "swiglu_limit": limits[i] if i < len(limits) else None,
+                   "layer_type": hf.layer_types[i]} for i in range(hf.num_hidden_layers)]
+        quant = getattr(hf, "quantization_config", None) or {}
+        return {"architectures": list(hf.architectures or config.hf_config.architectures or []),
+                "model_type": hf.model_type, "num_experts": hf.moe_num_experts, "top_k": hf.moe_top_k,
+                "intermediate": hf.moe_intermediate_size, "hidden": hf.hidden_size, "vocab_size": hf.vocab_size,
+                "quantization": config.quantization, "weight_block_size": quant.get("weight_block_size"),
+                "max_model_len": config.max_model_len, "layers": layers}
+
     def preflight(self, request: dict) -> dict:
         from .errors import UsageError
         from .preflight import checkpoint
@@ -213,7 +245,7 @@ class _Oracle:
             return answer
         c = answer["command"]
         try:
-            model, dtype = checkpoint(c["model"], c["quantization"])
+            model, dtype = checkpoint(c["model"], c["quantization"], c["hf_overrides"])
         except UsageError as e:
             return {"error": str(e)}
         facts = ServeFacts(arch=request["arch"], dtype=dtype, tp=c["tp"], dp=c["dp"], ep=c["ep"],
@@ -349,6 +381,8 @@ def main() -> int:
         answer = oracle.flags()
     elif request["op"] == "preflight":
         answer = oracle.preflight(request)
+    elif request["op"] == "model":
+        answer = [oracle.model({"arch": "sm90", **r}) for r in request["requests"]]
     else:
         answer = [oracle.serve(r) for r in request["requests"]]
     json.dump(answer, answers)

@@ -1,0 +1,83 @@
+"""The fused MoE's share of a step: read from torch-profiler traces, estimated from the geometry, and the gain the
+tuned file's provenance predicts from it."""
+
+import dataclasses
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import provenance_for
+from tuning import moe_share, provenance
+from tuning.configs import read_config_file
+from tuning.gpus import get_gpu
+from tuning.model_folder import published_config
+from tuning.shapes import MoeShape
+
+H200 = get_gpu("H200")
+TP4 = MoeShape(288, 288, 320, 4096, 8, "bf16")
+TILE = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 3}
+
+
+def kernel(name: str, dur: float) -> dict:
+    return {"ph": "X", "cat": "kernel", "name": name, "ts": 0, "dur": dur, "args": {"stream": 7}}
+
+
+def test_the_share_is_fused_moe_kernel_time_over_all_gpu_kernel_time(tmp_path):
+    with gzip.open(tmp_path / "rank0.1.pt.trace.json.gz", "wt") as f:  # the worker's trace, as vLLM writes it
+        json.dump({"traceEvents": [kernel("fused_moe_kernel", 300.0), kernel("nvjet_tst_64x8", 500.0),
+                                   {"ph": "X", "cat": "cpu_op", "name": "fused_moe_kernel", "dur": 9000.0}]}, f)
+    (tmp_path / "frontend.pt.trace.json").write_text(json.dumps({"traceEvents": [
+        {"ph": "X", "cat": "python_function", "name": "generate", "dur": 1e6}]}))  # CPU only: no kernels
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "more.json").write_text(json.dumps([kernel("fused_moe_kernel", 100.0),
+                                                            kernel("flash_fwd", 100.0)]))
+    (tmp_path / "broken.json.gz").write_bytes(b"not gzip")
+    share = moe_share.measure(tmp_path)
+    assert share.measured and share.value == pytest.approx(400 / 1000)
+    assert share.how.startswith("measured: fused_moe_kernel's share of GPU kernel time") and "2 trace file(s)" in share.how
+
+
+def test_no_kernels_no_measurement(tmp_path):
+    (tmp_path / "cpu.json").write_text(json.dumps({"traceEvents": []}))
+    assert moe_share.measure(tmp_path) is None
+
+
+def reduced_cfg(layers: int) -> dict:
+    moe = list(range(1, layers))
+    return {**published_config("bf16"), "num_hidden_layers": layers,
+            "moe_layers_enum": ",".join(map(str, moe)), "moe_intermediate_size": 320}
+
+
+def test_the_estimate_grows_with_moe_layers_and_shrinks_under_tensor_parallel_elsewhere():
+    few, many = (moe_share.estimate(reduced_cfg(n), TP4, H200, m=32, logit_rows=32) for n in (4, 24))
+    assert 0 < few.value < many.value < 1 and not few.measured
+    assert few.how.startswith("estimate (not measured): weights-only roofline of one step at M=32 on H200, 3 MoE of 4")
+    full_tp1 = moe_share.estimate(published_config("bf16"), TP4, H200, m=32, logit_rows=32)
+    full_tp4 = moe_share.estimate(published_config("bf16"), TP4, H200, m=32, logit_rows=32, tp=4)
+    assert full_tp4.value > full_tp1.value  # attention and the LM head split four ways, the MoE shard as given
+
+
+def test_the_decode_estimate_follows_the_weights_read():
+    """At M=1 every linear layer is memory-bound: the share is the MoE's bytes over all bytes read per step."""
+    cfg = reduced_cfg(4)
+    share = moe_share.estimate(cfg, TP4, H200, m=1, logit_rows=1).value
+    moe_bytes = 3 * (8 * 3 * 320 * 4096 * 2 + 4096 * 2 + 8 * 320 * 2 + 8 * (2 * 320 + 4096) * 2)  # 8 experts a layer
+    attn = sum(moe_share._attention_params(cfg, i) for i in range(4))
+    rest = (attn + 3 * 4096 * 1280 * 3 + 3 * 4096 * 11264) * 2 + 3 * 4096 * 288 * 4 + 128896 * 4096 * 2
+    assert share == pytest.approx(moe_bytes / (moe_bytes + rest), rel=1e-6)
+
+
+def test_the_prediction_takes_the_speedup_at_the_nearest_tuned_batch_size(tmp_path):
+    path = tmp_path / "E=288,N=320,device_name=NVIDIA_H200.json"
+    path.write_text(json.dumps({str(m): TILE for m in (16, 32, 64)}))
+    assert moe_share.predict(path, 32, moe_share.Share(0.5, True, "")) is None  # no sidecar: no prediction
+    prov = provenance_for(path, read_config_file(path))
+    rows = tuple(dataclasses.replace(r, speedup={16: 1.1, 32: 1.25, 64: 1.4}[r.m]) for r in prov.rows)
+    provenance.write(path, dataclasses.replace(prov, rows=rows))
+    p = moe_share.predict(path, 40, moe_share.Share(0.5, True, "measured"))
+    assert (p.key, p.kernel_speedup, p.m) == (32, 1.25, 40)
+    assert p.gain == pytest.approx(1 / (0.5 + 0.5 / 1.25))
+    Path(str(path).replace(".json", ".provenance.json")).write_text("{broken")
+    assert moe_share.predict(path, 40, moe_share.Share(0.5, True, "")) is None

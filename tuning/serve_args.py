@@ -1,0 +1,202 @@
+"""validate-serve's arguments, and what they build: the serve, the benchmark, the reduced model, the A/B.
+
+Everything here is checked before anything is written or started; bad input is one ``UsageError`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import gpus
+from . import reduced as rd
+from .configs import CONFIGS_ROOT
+from .envfile import ENV_FILE, env_file, read_env_file
+from .errors import UsageError
+from .recipe import CHECKPOINTS, BenchSpec, ServeSpec
+from .shapes import DEFAULT_VLLM_VERSION, DTYPES, Layout, parse_layout
+from .vllm_rules import normalize_moe_backend
+from .workloads import WORKLOADS, Workload
+
+DEFAULT_PAIRS = 5
+PAIR_ORDER = (("default", "tuned"), ("tuned", "default"))  # alternated pair by pair: drift cancels within pairs
+MIN_PAIRS = 3
+BENCH_SIZES = ("random_input", "random_output", "max_concurrency", "num_prompts")
+BENCH_FIELDS = dict(zip(BENCH_SIZES, ("input_len", "output_len", "max_concurrency", "num_prompts")))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Setup:
+    """One validate-serve run, built from the arguments."""
+
+    gpu: gpus.GpuSpec
+    version: str  # the vLLM the serve runs
+    spec: ServeSpec  # the served command (a reduced serve: one GPU, the written folder)
+    layout: Layout  # the layout validated (a reduced serve emulates it)
+    bench: BenchSpec | None
+    workload: Workload
+    reduced: rd.Reduced | None
+    out: Path
+    pairs: int  # 0: no A/B
+    measure_share: bool
+
+    @property
+    def full_spec(self) -> ServeSpec:
+        """The multi-GPU serve the run validates (a reduced run emulates it)."""
+        if not self.reduced:
+            return self.spec
+        return ServeSpec(model=CHECKPOINTS[self.spec.dtype], layout=self.layout, dtype=self.spec.dtype,
+                         moe_backend=self.spec.moe_backend, tuned_folder=self.spec.tuned_folder, port=self.spec.port,
+                         env=self.spec.env)
+
+
+def pick_gpu(key: str | None) -> gpus.GpuSpec:
+    if key:
+        return gpus.get_gpu(key)
+    found = gpus.detect_gpus()
+    spec = gpus.spec_for_name(found[0].name) if found else None
+    if spec is None:
+        known = ", ".join(g.key for g in gpus.CATALOGUE.values())
+        raise UsageError(f"--gpu: cannot tell the GPU ({gpus.describe(found)} found); pass --gpu, one of {known}")
+    return spec
+
+
+def build(args: argparse.Namespace, installed_version: str | None) -> Setup:
+    gpu = pick_gpu(args.gpu)
+    version = args.vllm_version or installed_version or DEFAULT_VLLM_VERSION
+    if args.dtype not in DTYPES:
+        raise UsageError(f"--dtype {args.dtype}: unknown; use one of {', '.join(DTYPES)}")
+    layout = parse_layout(args.layout)
+    _check_modes(args)
+    out = Path(args.out or Path("serve-runs") / _run_name(args, gpu, layout))
+    reduced = _reduced(args, layout, out, version) if args.reduced else None
+    workload = WORKLOADS[args.workload]
+    return Setup(gpu=gpu, version=version, spec=build_spec(args, gpu, reduced), layout=layout,
+                 bench=build_bench(args, workload, reduced), workload=workload, reduced=reduced, out=out,
+                 pairs=(args.pairs or DEFAULT_PAIRS) if args.ab else 0, measure_share=args.measure_moe_share)
+
+
+def _check_modes(args: argparse.Namespace) -> None:
+    """Options that need another option, or exclude one."""
+    if args.reduced and args.model:
+        raise UsageError("--model with --reduced: the reduced run serves the folder it writes (Step-3.5-Flash's "
+                         "published config with dummy weights); drop --model")
+    if args.reduced and args.mtp:
+        raise UsageError("--mtp with --reduced: the reduced model has no MTP layers; drop --mtp")
+    if args.reduced_layers is not None and not args.reduced:
+        raise UsageError("--reduced-layers needs --reduced")
+    if args.pairs is not None and not args.ab:
+        raise UsageError("--pairs needs --ab")
+    if args.ab and args.pairs is not None and args.pairs < MIN_PAIRS:
+        raise UsageError(f"--pairs {args.pairs}: an A/B needs at least {MIN_PAIRS} pairs for a confidence interval "
+                         f"(default {DEFAULT_PAIRS})")
+    if args.ab and args.no_bench:
+        raise UsageError("--ab with --no-bench: the A/B compares benchmarks; drop --no-bench")
+    if args.measure_moe_share and args.no_bench:
+        raise UsageError("--measure-moe-share with --no-bench: the share is measured on a benchmark; drop --no-bench")
+
+
+def _reduced(args: argparse.Namespace, layout: Layout, out: Path, version: str) -> rd.Reduced:
+    return rd.plan(layout, args.dtype, layers=args.reduced_layers or rd.DEFAULT_LAYERS, folder=out / "reduced-model",
+                   version=version, moe_backend=normalize_moe_backend(args.moe_backend))
+
+
+def build_spec(args: argparse.Namespace, gpu: gpus.GpuSpec, reduced: rd.Reduced | None = None) -> ServeSpec:
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port}: not a TCP port; pass 1-65535")
+    found = env_file(args.env_file)
+    env = read_env_file(found, dict(os.environ)) if found else ()
+    served = {"model": args.model or CHECKPOINTS[args.dtype], "layout": parse_layout(args.layout)}
+    if reduced:
+        served = {"model": str(reduced.folder), "layout": Layout(), "model_args": reduced.model_args()}
+        env = tuple((k, v) for k, v in env if k not in dict(rd.ENV)) + rd.ENV
+    return ServeSpec(**served, dtype=args.dtype, port=args.port, mtp=args.mtp,
+                     moe_backend=normalize_moe_backend(args.moe_backend),
+                     tuned_folder=Path(args.configs or CONFIGS_ROOT / gpu.device_name).absolute(), env=env,
+                     extra_args=tuple(_split(args.serve_args, "--serve-args")))
+
+
+def build_bench(args: argparse.Namespace, workload: Workload = WORKLOADS["recipe"],
+                reduced: rd.Reduced | None = None) -> BenchSpec | None:
+    """The workload's benchmark; an explicit size option wins. A reduced serve ignores EOS (random weights)."""
+    if args.no_bench:
+        return None
+    sizes = {name: getattr(args, name) if getattr(args, name) is not None else getattr(workload, BENCH_FIELDS[name])
+             for name in BENCH_SIZES}
+    for name, value in sizes.items():
+        if value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    return BenchSpec(backend=args.bench_backend, endpoint=args.endpoint, dataset=args.dataset_name,
+                     **{BENCH_FIELDS[name]: value for name, value in sizes.items()},
+                     ignore_eos=workload.ignore_eos or reduced is not None,
+                     extra_args=tuple(_split(args.bench_args, "--bench-args")))
+
+
+def _split(text: str | None, option: str) -> list[str]:
+    try:
+        return shlex.split(text or "")
+    except ValueError as exc:
+        raise UsageError(f"{option} {text!r}: {exc}; quote it as sh would") from None
+
+
+def _run_name(args: argparse.Namespace, gpu: gpus.GpuSpec, layout: Layout) -> str:
+    name = layout.name.lower().replace("+", "-")
+    mode = ("-mtp" if args.mtp else "") + ("-reduced" if args.reduced else "") + ("-ab" if args.ab else "")
+    return f"{gpu.device_name}-{args.dtype}-{name}{mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layout", required=True, help="deployment layout, e.g. TP4 or DP4+EP (the recipe's two)")
+    p.add_argument("--dtype", required=True, help="bf16 (stepfun-ai/Step-3.5-Flash) or fp8 (-FP8 checkpoint)")
+    p.add_argument("--gpu", help="GPU model: H200, H20, H20-3e or B200 (default: this node's)")
+    p.add_argument("--mtp", action="store_true", help="add the recipe's MTP speculative decoding flags")
+    p.add_argument("--model", help="model to serve: local checkpoint folder or HF id (default: the dtype's checkpoint)")
+    p.add_argument("--port", type=int, default=8000, help="server port (default: 8000)")
+    p.add_argument("--configs", metavar="DIR", help="tuned folder (default: kernels_configs/<device_name>)")
+    p.add_argument("--env-file", metavar="FILE",
+                   help=f"node env file of install/node-check.sh (default: ./{ENV_FILE} if present)")
+    p.add_argument("--moe-backend", default="auto",
+                   help="pass --moe-backend to vLLM, e.g. triton (default: vLLM chooses per MoE layer kind)")
+    p.add_argument("--vllm-version",
+                   help=f"vLLM the serve runs: the shape rule of --print-command and preflight's drift check "
+                        f"(default: installed, else {DEFAULT_VLLM_VERSION})")
+    p.add_argument("--serve-args", metavar="ARGS", help="more vllm serve arguments, one shell-quoted string")
+    p.add_argument("--print-command", action="store_true", help="print the environment and commands, then exit")
+    p.add_argument("--out", metavar="DIR", help="folder for logs, results and the report (default: serve-runs/<run>)")
+    p.add_argument("--log", metavar="FILE", help="server log of a single run's tuned server (default: "
+                   "<out>/vllm-serve-tuned.log; an A/B writes <out>/vllm-serve-<arm>-<pair>.log)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for GET /health (default: 1800)")
+    p.add_argument("--grace", type=float, default=30, help="seconds from SIGTERM to SIGKILL at teardown (default: 30)")
+    p.add_argument("--no-bench", action="store_true", help="prove the configs only; skip vllm bench serve")
+    r = p.add_argument_group("one GPU for a multi-GPU layout")
+    r.add_argument("--reduced", action="store_true",
+                   help="serve, on one GPU, a reduced Step-3.5-Flash (dummy weights, few layers, most of them MoE) "
+                        "whose fused MoE runs the per-GPU shape of --layout (TP4: E=288 N=320; DP4+EP: 72 experts)")
+    r.add_argument("--reduced-layers", type=int, metavar="N",
+                   help=f"layers of the reduced model: layer 0 dense, the rest MoE (default: {rd.DEFAULT_LAYERS})")
+    a = p.add_argument_group("A/B against vLLM's default config")
+    a.add_argument("--ab", action="store_true",
+                   help="interleaved pairs of servers without and with the tuned folder, each warmed up first; "
+                        "medians, a bootstrap interval on tuned/default and a verdict")
+    a.add_argument("--pairs", type=int, metavar="N", help=f"pairs of an A/B (default: {DEFAULT_PAIRS}; at least "
+                                                          f"{MIN_PAIRS})")
+    a.add_argument("--measure-moe-share", action="store_true",
+                   help="then one more tuned server under vLLM's torch profiler: the fused MoE's share of GPU time, "
+                        "for the predicted gain (without it the share is estimated)")
+    b = p.add_argument_group("vllm bench serve (each server: a warm-up pass, discarded, then the measured pass)")
+    b.add_argument("--workload", choices=tuple(WORKLOADS), default="recipe",
+                   help="; ".join(f"{w.name}: {w.what}" for w in WORKLOADS.values()) + " (default: recipe)")
+    b.add_argument("--bench-backend", default="vllm", help="--backend (default: vllm)")
+    b.add_argument("--endpoint", default="/v1/completions", help="--endpoint (default: /v1/completions)")
+    b.add_argument("--dataset-name", default="random", help="--dataset-name (default: random)")
+    b.add_argument("--random-input", type=int, help="--random-input-len (default: the workload's)")
+    b.add_argument("--random-output", type=int, help="--random-output-len (default: the workload's)")
+    b.add_argument("--max-concurrency", type=int, help="--max-concurrency (default: the workload's)")
+    b.add_argument("--num-prompts", type=int, help="--num-prompts (default: the workload's)")
+    b.add_argument("--bench-args", metavar="ARGS", help="more vllm bench serve arguments, one shell-quoted string")
+    b.add_argument("--bench-timeout", type=float, default=3600, help="seconds one benchmark pass may take "
+                                                                      "(default: 3600)")

@@ -1,0 +1,70 @@
+"""What validate-serve's runs say about the tuned configs' gain: the A/B of server pairs (``ab``'s statistics
+over the measured passes) and the gain the tuned files predict for the serve (``moe_share``), and for the layout
+a reduced serve emulates. Also the ``--profiler-config`` of the server that measures the fused MoE's share."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import ab
+from . import preflight as pf
+from .model_folder import published_config
+from .models import load_model
+from .moe_share import Prediction, Share, estimate, predict
+from .serve_args import Setup
+from .serve_checks import Preflight, geometry_name
+from .serve_report import METRICS
+
+
+def profiler_config(folder: Path, phase: str) -> str:
+    """--profiler-config (its keys in vLLM 0.26 and 0.33): torch, GPU kernels, a window of steady steps."""
+    return json.dumps({"profiler": "torch", "torch_profiler_dir": str(folder.absolute()),
+                       "torch_profiler_with_stack": False, "ignore_frontend": True,
+                       "delay_iterations": 0 if phase == "prefill" else 4, "max_iterations": 16})
+
+
+def ab_summary(setup: Setup, runs: list[dict]) -> dict:
+    """The pairs' measured passes (report.json's runs), per metric: spreads, the ratio's interval, the verdict."""
+    w = setup.workload
+    pairs: dict[int, dict] = {}
+    for r in runs:
+        if r["pair"] is not None:
+            pairs.setdefault(r["pair"], {})[r["arm"]] = r["metrics"]
+    metrics = [ab.Metric(w.primary, METRICS[w.primary], True),
+               ab.Metric("median_ttft_ms", METRICS["median_ttft_ms"], False),
+               ab.Metric("median_tpot_ms", METRICS["median_tpot_ms"], False)]
+    summary = ab.summarize([(p["default"], p["tuned"]) for _, p in sorted(pairs.items())], metrics)
+    order = [f"{p}: {' then '.join(pairs[p])}" for p in sorted(pairs)]
+    head = summary["verdicts"].get(w.primary, {"text": f"no {METRICS[w.primary]} in every run", "outcome": "none"})
+    return {"pairs": len(pairs), "order": order, "workload": w.name, "primary": w.primary, **summary,
+            "per_pair": {str(p): v for p, v in sorted(pairs.items())}, "verdict": head["text"],
+            "outcome": head["outcome"], "method": summary["ratios"].get(w.primary, {}).get("method")}
+
+
+def predictions(setup: Setup, pre: Preflight, measured: Share | None) -> dict:
+    """The gain the tuned files predict for this serve, and (reduced) for the layout it emulates at the same
+    concurrency (an expert-parallel rank gets every DP rank's tokens, so M stays the concurrency)."""
+    files = [layer.found for layer in pre.layers if layer.found]
+    chunk = pre.report["plan"].max_num_batched_tokens
+    w, gpu, dtype = setup.workload, setup.gpu, setup.spec.dtype
+    m, phrase = w.tokens_per_step(chunk), w.m_phrase(chunk)
+    if not files:
+        return {"served": None, "full": None, "m": m, "m_phrase": phrase,
+                "why": "the tuned folder holds no file this serve reads"}
+    rows = w.max_concurrency if w.phase != "prefill" else max(1, m // w.input_len)
+    layer, cmd = next(layer for layer in pre.layers if layer.found), pre.report["command"]
+    shape = pf.layer_shape(load_model(geometry_name(setup.spec.model, dtype), cmd.hf_overrides), cmd, layer.runtime,
+                           dtype)
+    cfg = setup.reduced.effective_config() if setup.reduced else published_config(dtype)
+    served = predict(files[0], m, measured or estimate(cfg, shape, gpu, m=m, logit_rows=rows, tp=setup.spec.layout.tp))
+    full = None
+    if setup.reduced:
+        share = estimate(published_config(dtype), setup.reduced.shape, gpu, m=m, logit_rows=rows, tp=setup.layout.tp)
+        full = predict(files[0], m, share)
+    return {"served": _as(served), "full": _as(full), "m": m, "m_phrase": phrase, "why": None if served else
+            f"{files[0].name} has no tune-moe provenance (no per-batch speedup to predict from)"}
+
+
+def _as(p: Prediction | None) -> dict | None:
+    return p.as_dict() if p else None

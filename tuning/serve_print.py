@@ -1,0 +1,85 @@
+"""``validate-serve --print-command``: the environment and every command a run will execute, in order, with
+the files vLLM must log; and the notes a user should read before a long serve. It starts and writes nothing."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import replace
+from pathlib import Path
+
+from .configs import TUNED_VAR
+from .fit import fit
+from .models import load_model
+from .recipe import ServeSpec
+from .serve_args import PAIR_ORDER, Setup
+from .serve_checks import check_emulation, expected_files, geometry_name
+from .serve_gain import profiler_config
+from .workloads import PROFILE_SEED, WARMUP_SEED
+
+
+def notes(spec: ServeSpec, expected: list[str]) -> list[str]:
+    """Things the user should know before a long serve (per MoE layer kind: ``kind_notes``)."""
+    out = []
+    theirs = dict(spec.env).get(TUNED_VAR)
+    if theirs and Path(theirs).absolute() != spec.tuned_folder:
+        out.append(f"the env file sets {TUNED_VAR}={theirs}; this run uses {spec.tuned_folder} "
+                   "(pass --configs to change it)")
+    absent = [n for n in expected if not (spec.tuned_folder / n).is_file()]
+    if absent:
+        out.append(f"{spec.tuned_folder} has no {', '.join(absent)}: vLLM will use its default config and the "
+                   "check will fail; its log then feeds tune-moe --from-vllm-log")
+    return out
+
+
+def expected(setup: Setup) -> list[str]:
+    """The files the serve reads; a reduced serve must read the layout's (refused otherwise)."""
+    spec, gpu, version = setup.spec, setup.gpu, setup.version
+    if not setup.reduced:
+        return expected_files(spec, gpu, version, load_model(geometry_name(spec.model, spec.dtype)))
+    served = expected_files(spec, gpu, version, setup.reduced.geometry())
+    full = setup.full_spec
+    check_emulation(served, expected_files(full, gpu, version, load_model(full.model)), setup.reduced,
+                    spec.moe_backend)
+    return served
+
+
+def print_command(setup: Setup, expected: list[str]) -> None:
+    spec, bench, r = setup.spec, setup.bench, setup.reduced
+    if r:
+        print(f"# first writes {r.folder}/: config.json (Step-3.5-Flash's published {spec.dtype} config), "
+              "tokenizer.json, tokenizer_config.json")
+    for name, value in spec.shown_env().items():
+        print(f"# {name} is set from the env file (not shown)" if value == "<hidden>" else
+              f"export {name}={shlex.quote(value)}")
+    print(shlex.join(spec.argv()))
+    name = "tuned-1" if setup.pairs else "tuned"
+    if bench:
+        print("# then, once GET /health answers 200, a warm-up pass on other prompts (discarded):")
+        warm = replace(bench, seed=WARMUP_SEED)
+        print(shlex.join(warm.argv(spec, (setup.out / f"bench-{name}-warmup.json").absolute())))
+        print("# then the measured pass:")
+        print(shlex.join(bench.argv(spec, (setup.out / f"bench-{name}.json").absolute())))
+    for file in expected:
+        print(f"# vLLM must log: Using configuration from {spec.tuned_folder / file} for MoE layer.")
+    if setup.pairs:
+        order = "; ".join(", ".join(PAIR_ORDER[i % 2]) for i in range(setup.pairs))
+        print(f"# --ab: {setup.pairs} pairs of fresh servers, one at a time, in the order {order}; the default server "
+              f"has {TUNED_VAR} unset (vLLM must log its default config)")
+    if setup.measure_share:
+        folder = setup.out / "profile"
+        print(f"# --measure-moe-share: then one more tuned server with --profiler-config "
+              f"{shlex.quote(profiler_config(folder, setup.workload.phase))}, and its pass with --profile "
+              f"--seed {PROFILE_SEED} --num-prompts {bench.max_concurrency}")
+
+
+def print_notes(setup: Setup, expected: list[str]) -> list[str]:
+    """--print-command's notes: it starts nothing and runs no preflight, so it says how to run one."""
+    spec, gpu = setup.spec, setup.gpu
+    model = setup.reduced.geometry() if setup.reduced else load_model(geometry_name(spec.model, spec.dtype))
+    verdict = fit(model, spec.layout, spec.dtype, gpu)
+    out = [] if verdict.fits else [f"validate-serve will refuse this layout: {verdict.why(gpu)}"]
+    served = spec.argv()
+    served[2] = geometry_name(spec.model, spec.dtype)  # a reduced folder is written by the run: its published config
+    command = shlex.join(["tune-moe", "preflight", "--gpu", gpu.key, "--", f"{TUNED_VAR}={spec.tuned_folder}",
+                          *served])
+    return out + notes(spec, expected) + [f"what vLLM runs per MoE layer kind, and which tuned file each reads: {command}"]
