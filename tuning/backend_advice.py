@@ -144,7 +144,8 @@ def entries_from(rows, gpu: str, provenance: dict) -> list[dict]:
 
 # ---- the data file ---------------------------------------------------------------------------------
 
-def load(path: Path = DATA) -> dict[tuple[str, str], Advice]:
+def load(path: Path | None = None) -> dict[tuple[str, str], Advice]:
+    path = path or DATA
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
@@ -169,15 +170,15 @@ def _entry(e: dict, where: str) -> Advice:
                   e.get("provenance"))
 
 
-def merged(entries: list[dict], path: Path = DATA) -> dict:
+def merged(entries: list[dict], path: Path | None = None) -> dict:
     """The data file with ``entries`` replacing those of the same (GPU, layout)."""
-    data = json.loads(Path(path).read_text())
+    data = json.loads(Path(path or DATA).read_text())
     new = {(e["gpu"], e["layout"]) for e in entries}
     data["entries"] = [e for e in data["entries"] if (e["gpu"], e["layout"]) not in new] + entries
     return data
 
 
-def advice_for(gpu: str, layout: Layout, dtype: str, path: Path = DATA) -> Advice | str | None:
+def advice_for(gpu: str, layout: Layout, dtype: str, path: Path | None = None) -> Advice | str | None:
     """The advice for a serve: an Advice for block FP8, the one bf16 line, None where the file has no entry."""
     if dtype != "fp8":
         return BF16
