@@ -87,3 +87,28 @@ def test_a_bake_off_becomes_measured_entries_the_readers_load(tmp_path):
     a = table[("H200", "DP4+EP")]
     assert a.measured and a.provenance == prov and "measured 2026-12-01: M 1-64: triton; M 1024-1024: deep_gemm" in a.line()
     assert not table[("H200", "TP4")].measured
+
+
+def test_compare_backends_writes_its_rows_and_merges_advice_from_finished_layouts(tmp_path):
+    import argparse
+
+    from tuning.backends import finish, serve_command
+
+    args = argparse.Namespace(json_out=str(tmp_path / "b.json"), write_advice=str(tmp_path / "advice.json"))
+    partial = rows("DP2+EP", {("silu", 1, "triton_tuned"): 5.0})  # cut by the time limit: no advice from it
+    prov = {"date": "2026-12-01"}
+    assert finish(args, rows("DP4+EP", EP_US) + partial, ["DP4+EP"], prov, "H200") == 0
+    first = adv.load(tmp_path / "advice.json")
+    assert first[("H200", "DP4+EP")].measured and not first[("H200", "DP2+EP")].measured
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert len(data["rows"]) == len(EP_US) + 1 and data["configs"]["DP4+EP"]["1"]["triton"] == 20
+    # a later call merges into the file the first wrote
+    assert finish(args, rows("DP2+EP", {k: v for k, v in EP_US.items()}), ["DP2+EP"], prov, "H200") == 0
+    both = adv.load(tmp_path / "advice.json")
+    assert both[("H200", "DP4+EP")].measured and both[("H200", "DP2+EP")].measured
+    bad = [Measured("TP4", "silu", 1, "deepgemm_e8m0", "s", failure="numerics: relative error 0.300 > 0.1")]
+    assert finish(argparse.Namespace(json_out=None, write_advice=None), bad, [], prov, "H200") == 1
+    line = serve_command("DP4+EP", "deep_gemm_e8m0_off", tmp_path)
+    assert line == (f"VLLM_USE_DEEP_GEMM_E8M0=0 VLLM_TUNED_CONFIG_FOLDER={tmp_path.resolve()} vllm serve "
+                    "stepfun-ai/Step-3.5-Flash-FP8 --data-parallel-size 4 --enable-expert-parallel --moe-backend deep_gemm")
+    assert serve_command("TP4", "auto", tmp_path).endswith("--tensor-parallel-size 4")

@@ -74,7 +74,15 @@ def test_tp_layout_triton_on_the_refined_block_deepgemm_on_the_padded_shard(benc
 
     write_config_file(bench.folder / "E=4,N=384,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json",
                       {1: TileConfig(16, 32, 128, 1, 4, 2)}, "3.8.0")
-    rows = run_layout(bench, "TP2", [3], say=lambda _: None)
+    jobs = []
+    bench.precompile = types.SimpleNamespace(all=jobs.extend)
+    try:
+        rows = run_layout(bench, "TP2", [3], say=lambda _: None)
+    finally:
+        bench.precompile = None
+    # before timing, every Triton config the layout launches goes to the parallel precompiler
+    assert {(shape.n, m) for shape, m, _ in jobs} == {(320, 3), (384, 3)}
+    assert (bench.folder.name and TileConfig(16, 32, 128, 1, 4, 2)) in {c for _, _, c in jobs}
     assert by(rows, "silu", "triton_default").shape == "fp8 E=4 N=320 [64,64]"
     assert by(rows, "silu", "deepgemm_e8m0").shape == "fp8 E=4 N=384 [128,128]"
     hybrid = by(rows, "swiglustep", "hybrid")  # N = 384 <= 512: Triton with the padded shape's tuned file

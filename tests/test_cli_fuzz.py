@@ -367,6 +367,8 @@ ROWS = [
         files={"out": None}, err="--json-out out: is a folder"),
     row("compare-backends-write-advice-folder", "compare-backends", "--gpu", "H200", "--write-advice", "out",
         files={"out": None}, err="--write-advice out: is a folder"),
+    row("compare-backends-write-advice-not-advice", "compare-backends", "--gpu", "H200", "--write-advice", "a.json",
+        files={"a.json": "{}"}, err="a.json: not a schema-1 backend-advice file"),
     row("compare-backends-budget-zero", "compare-backends", "--gpu", "H200", "--budget-ms", "0",
         err="--budget-ms 0.0: give milliseconds between 0 and 10000"),
     row("compare-backends-budget-letter", "compare-backends", "--gpu", "H200", "--budget-ms", "x",

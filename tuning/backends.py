@@ -41,8 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-flashinfer", action="store_true", help="skip FlashInfer-CUTLASS (its first call JIT-builds)")
     p.add_argument("--budget-ms", type=float, default=50.0, help="timing budget per measurement (default 50)")
     p.add_argument("--json-out", help="write every measurement and the per-configuration table here")
-    p.add_argument("--write-advice", metavar="FILE", help="write the backend-advice data file (the committed one "
-                   "with the measured layouts replaced) here")
+    p.add_argument("--write-advice", metavar="FILE", help="write the backend-advice data file here: FILE (when it "
+                   "exists, else the committed one) with the measured layouts replaced")
 
 
 def check_args(args: argparse.Namespace) -> tuple[list[str], list[int], tuple[str, ...]]:
@@ -63,6 +63,8 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[int], tuple[st
     for option, value in (("--json-out", args.json_out), ("--write-advice", args.write_advice)):
         if value:
             output_file(value, option)
+    if args.write_advice and Path(args.write_advice).exists():
+        adv.load(Path(args.write_advice))  # merged into, so it must be an advice file
     if args.vllm_src and not Path(args.vllm_src).exists():
         raise UsageError(f"--vllm-src {args.vllm_src}: no such file or folder")
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
@@ -136,19 +138,40 @@ def run(args: argparse.Namespace) -> int:
                 flush_bytes=gpu.l2_mb * 2**20 * 4, budget_ms=args.budget_ms,
                 sm90=torch.cuda.get_device_capability() == (9, 0))
     ctx.dg, ctx.fi = load_backends(args, ctx.missing)
+    import os
+
+    from .compile import Precompiler
+
+    ctx.precompile = Precompiler(KernelSource(src.fused_moe, version), workers=max(1, (os.cpu_count() or 2) - 1))
     _header(ctx, kernel, BACKENDS, STAND_INS)
-    rows = []
-    for name in names:
-        print(f"\n{name}:")
-        rows += run_layout(ctx, name, ms, kinds=kinds)
-        _summary(name, rows, ctx.folder)
-    prov = provenance(args, ctx, kernel, names, ms)
+    rows, done = [], []
+    try:
+        for name in names:
+            print(f"\n{name}:")
+            run_layout(ctx, name, ms, kinds=kinds, into=rows)
+            done.append(name)
+            _summary(name, rows, ctx.folder)
+    except KeyboardInterrupt:  # the call's time limit: keep what was measured
+        print(f"\ninterrupted: finished {', '.join(done) or 'no layout'}; the rows measured so far are kept")
+    prov = {**provenance(args, ctx, kernel, names, ms), "finished_layouts": done}
+    return finish(args, rows, done, prov, gpu.key)
+
+
+def finish(args, rows, done: list[str], prov: dict, gpu_key: str) -> int:
+    """Write the measurements and the advice (only from layouts measured at every M); 1 when a backend failed
+    its numerical check."""
+    from .bakeoff import BACKENDS
+    from .moe_ops import STAND_INS
+
     if args.json_out:
+        layouts = sorted({r.layout for r in rows})
         atomic_write_json(Path(args.json_out), {"provenance": prov, "stand_ins": STAND_INS, "backends": BACKENDS,
                                                 "rows": [asdict(r) for r in rows],
-                                                "configs": {n: adv.costs(rows, n) for n in names}})
+                                                "configs": {n: adv.costs(rows, n) for n in layouts}})
     if args.write_advice:
-        atomic_write_json(Path(args.write_advice), adv.merged(adv.entries_from(rows, gpu.key, prov)), indent=1)
+        base = Path(args.write_advice) if Path(args.write_advice).exists() else None
+        finished = [r for r in rows if r.layout in done]
+        atomic_write_json(Path(args.write_advice), adv.merged(adv.entries_from(finished, gpu_key, prov), base), indent=1)
     bad = [r for r in rows if r.failure and r.failure.startswith("numerics")]
     return 1 if bad else 0
 
@@ -166,6 +189,15 @@ def _header(ctx, kernel, backends: dict, stand_ins: dict) -> None:
 
 
 def _summary(name: str, rows, folder: Path) -> None:
+    mine = [r for r in rows if r.layout == name]
+    errors = {}
+    for r in mine:
+        if r.rel_error is not None:
+            errors.setdefault(r.backend, []).append(r.rel_error)
+    print("  numerics, worst relative error against float over M and kinds (UE8M0 vs float32 scales): "
+          + ", ".join(f"{b} {max(e):.3f}" for b, e in errors.items()))
+    for r in (r for r in mine if r.failure and not r.failure.startswith("no tuned file")):
+        print(f"  not timed: {r.backend} {r.activation} M={r.m}: {r.failure}")
     table = adv.costs(rows, name)
     print(f"  per serve configuration, µs of one SiLU + one SwiGLU-step layer (weights {adv.KIND_WEIGHTS}):")
     print("  " + f"{'M':>6}" + "".join(f"{c:>20}" for c in adv.SERVE_CONFIGS) + "   fastest")

@@ -70,6 +70,7 @@ class Bench:
     sm90: bool = True
     dtype: torch.dtype = torch.bfloat16
     device: str = "cuda"
+    precompile: object | None = None  # compile.Precompiler: Triton configs compiled in parallel processes
 
 
 def default_tile(kernel, shape: MoeShape, m: int) -> TileConfig:
@@ -147,10 +148,14 @@ def setup(ctx: Bench, name: str) -> LayoutSetup:
     return LayoutSetup(name, layout, tri, dgs, w, q_tri, q_dg, q_fi)
 
 
-def run_layout(ctx: Bench, name: str, ms: list[int], *, kinds: tuple[str, ...] = ACTIVATIONS,
-               say=print) -> list[Measured]:
+def run_layout(ctx: Bench, name: str, ms: list[int], *, kinds: tuple[str, ...] = ACTIVATIONS, say=print,
+               into: list | None = None) -> list[Measured]:
+    """Every backend per M and layer kind; rows are appended to ``into`` as they are measured (an interrupted
+    run keeps them)."""
     ls = setup(ctx, name)
-    rows: list[Measured] = []
+    if ctx.precompile:
+        _precompile(ctx, ls, ms)
+    rows: list[Measured] = [] if into is None else into
     for m in ms:
         b = batch(ls.triton, m, ls.layout.dp, ctx.seed, ctx.device, ctx.dtype)
         for act in kinds:
@@ -161,6 +166,18 @@ def run_layout(ctx: Bench, name: str, ms: list[int], *, kinds: tuple[str, ...] =
             say(_line(m, act, [*got, hybrid]))
         del b
     return rows
+
+
+def _precompile(ctx: Bench, ls: LayoutSetup, ms: list[int]) -> None:
+    """Every Triton config the layout will launch, compiled into Triton's cache in parallel before the GPU times."""
+    jobs = []
+    for m in ms:
+        tri = {default_tile(ctx.kernel, ls.triton, m), tuned_tile(ctx.folder, ls.triton, ctx.device_name, m)}
+        jobs += [(ls.triton, m, c) for c in tri if c]
+        if not deepgemm_runs(m, ls.deepgemm.n, ls.deepgemm.k, e8m0=False):
+            jobs.append((ls.deepgemm, m, tuned_tile(ctx.folder, ls.deepgemm, ctx.device_name, m)
+                         or default_tile(ctx.kernel, ls.deepgemm, m)))
+    ctx.precompile.all(jobs)
 
 
 def _plans(ctx: Bench, ls: LayoutSetup, b, act: str):
