@@ -11,16 +11,32 @@
 #                      runs named alike up to the first '-' share a Triton cache (w1 and main-* do not)
 #   kill-after SECS    in the background: SIGKILL one tune-moe Ray worker after SECS seconds
 #
+# The backend bake-off (tune-moe compare-backends; benchmarks/README.md has the calls in order):
+#   pack-sources       run HERE, not on the GPU machine: vLLM 0.33's source files the bake-off loads (.gpu/vllm-src/)
+#                      and vLLM's bundled DeepGEMM (.gpu/dg.tar.zst), from the python of this checkout ($PYTHON)
+#   setup-t38 PART...  unpack Triton 3.8.0 alone (no Ray) from /tmp/stash/part-00 and PART to /tmp/t38
+#   setup-dg           unpack /tmp/stash/dg.tar.zst to /tmp/dg (the bake-off's --deep-gemm-path)
+#   flashinfer-setup   unpack FlashInfer 0.7.2.post1 and apache-tvm-ffi (/tmp/stash/fi-part-*, made by
+#                      benchmarks/pack_flashinfer.sh) to /tmp/fi; check that cutlass_fused_moe imports
+#   flashinfer-build   start the JIT build of FlashInfer's SM90 CUTLASS fused MoE in a session of its own (it outlives
+#                      the call while the machine stays warm), cache under /tmp/fi-cache, log /tmp/fi-build.log
+#   flashinfer-wait SECS   wait at most SECS for that build, print the end of its log; fail if it is not done
+#   bakeoff NAME SECS ARGS...  `tune-moe compare-backends ARGS` for at most SECS seconds (SIGINT then), vLLM's
+#                      sources from .gpu/vllm-src, DeepGEMM from /tmp/dg; log, JSON and advice under $OUT/NAME.*; the
+#                      advice accumulates over the calls in /tmp/runs/backend_advice.json
+#
 # The environment every stage exports: Triton 3.8.0 (the Triton vLLM 0.33.0 runs) ahead of the machine's
-# own when it was unpacked, Ray, and this checkout. The kernel is vLLM 0.33.0's, /tmp/stash/fused_moe_v033.py,
-# unless TUNE_MOE_STAGE_SRC and TUNE_MOE_STAGE_VLLM name another (e.g. /tmp/stash/fused_moe_v026.py and 0.26.0).
+# own when it was unpacked, Ray, FlashInfer, and this checkout. The kernel is vLLM 0.33.0's,
+# /tmp/stash/fused_moe_v033.py, unless TUNE_MOE_STAGE_SRC and TUNE_MOE_STAGE_VLLM name another
+# (e.g. /tmp/stash/fused_moe_v026.py and 0.26.0).
 set -euo pipefail
 stage=${1:?stage}; shift
 export PYTHONUNBUFFERED=1 RAY_DISABLE_USAGE_STATS=1 RAY_AUTH_MODE=disabled
 if [ -d /tmp/t38/triton ]; then
   export TRITON_BACKENDS_IN_TREE=1  # the unpacked Triton has no entry points; the machine's own needs nothing
 fi
-export PYTHONPATH=/tmp/t38:/tmp/ray:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=/tmp/t38:/tmp/ray:/tmp/fi:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export FLASHINFER_WORKSPACE_BASE=/tmp/fi-cache DG_JIT_CACHE_DIR=/tmp/dg-cache
 export PATH=/tmp/ray/bin:$PATH
 runs=/tmp/runs
 case "$stage" in
@@ -54,10 +70,55 @@ case "$stage" in
       cp "$out/.tune-moe/run.json" "$OUT/$name.run.json" 2>/dev/null || true
       (cd "$out" && tar cf "$OUT/$name.files.tar" --exclude=.tune-moe . 2>/dev/null) || true
     fi ;;
+  pack-sources)
+    py=${PYTHON:-python3}
+    "$py" -c 'import shutil; from pathlib import Path; from tuning.vllm_helpers import FILES, _installed
+for rel in FILES:
+    dest = Path(".gpu/vllm-src") / rel
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_installed(rel), dest)
+print("vLLM sources:", len(FILES), "files in .gpu/vllm-src")'
+    third=$("$py" -c 'import importlib.util as u; print(u.find_spec("vllm").submodule_search_locations[0])')/third_party
+    tar cf - -C "$third" --exclude=__pycache__ deep_gemm | zstd -12 --long=27 -q -c > .gpu/dg.tar.zst
+    ls -l .gpu/dg.tar.zst ;;
+  setup-t38)
+    mkdir -p /tmp/t38
+    cat /tmp/stash/part-00 "$@" | python3 /tmp/stash/unzstd.py | tar xf - -C /tmp/t38
+    chmod +x /tmp/t38/triton/backends/nvidia/bin/*
+    python3 -c 'import triton, torch; print("triton", triton.__version__, "torch", torch.__version__)' ;;
+  setup-dg)
+    mkdir -p /tmp/dg && python3 /tmp/stash/unzstd.py < /tmp/stash/dg.tar.zst | tar xf - -C /tmp/dg
+    ls /tmp/dg/deep_gemm >/dev/null && echo "DeepGEMM in /tmp/dg" ;;
+  flashinfer-setup)
+    mkdir -p /tmp/fi && cat /tmp/stash/fi-part-* | python3 /tmp/stash/unzstd.py | tar xf - -C /tmp/fi
+    python3 -c 'import flashinfer, tvm_ffi; from flashinfer.fused_moe import cutlass_fused_moe
+print("flashinfer", flashinfer.__version__, "tvm_ffi", tvm_ffi.__version__)' ;;
+  flashinfer-build)
+    MAX_JOBS=$(nproc) setsid nohup python3 -c 'from flashinfer.fused_moe.core import get_cutlass_fused_moe_module as g
+g("90"); print("built fused_moe_90")' > /tmp/fi-build.log 2>&1 < /dev/null &
+    echo "FlashInfer fused_moe_90 JIT build started (log /tmp/fi-build.log)" ;;
+  flashinfer-wait)
+    end=$(( $(date +%s) + ${1:?seconds} ))
+    while ! grep -q "built fused_moe_90" /tmp/fi-build.log 2>/dev/null && pgrep -f get_cutlass_fused_moe_module >/dev/null \
+          && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
+    tail -5 /tmp/fi-build.log
+    grep -q "built fused_moe_90" /tmp/fi-build.log ;;
+  bakeoff)
+    name=$1 secs=$2; shift 2
+    mkdir -p "$runs"
+    export TRITON_CACHE_DIR=/tmp/triton-cache-bakeoff
+    set +e
+    timeout -s INT -k 60 "$secs" python3 -m tuning.cli compare-backends "$@" --vllm-src .gpu/vllm-src \
+      --deep-gemm-path /tmp/dg --json-out "$OUT/$name.json" --write-advice "$runs/backend_advice.json" \
+      > "$OUT/$name.log" 2>&1
+    rc=$?
+    set -e
+    cp "$runs/backend_advice.json" "$OUT/$name.advice.json" 2>/dev/null || true
+    echo "$name: exit $rc" | tee -a "$OUT/$name.log" ;;
   kill-after)
     secs=$1
     (sleep "$secs"; pid=$(pgrep -f 'ray::TuneWorker' | head -1)
      if [ -n "$pid" ]; then kill -9 "$pid" && echo "SIGKILL sent to worker pid $pid at $(date +%T)" >> "$OUT/kill.log"; fi) &
     ;;
-  *) sed -n '2,16p' "$0"; exit 2 ;;
+  *) sed -n '2,31p' "$0"; exit 2 ;;
 esac

@@ -355,7 +355,7 @@ ROWS = [
 
     # ---- compare-backends --------------------------------------------------------------------------------------
     row("compare-backends-no-gpu", "compare-backends", "--gpu", "H200",
-        err="compare-backends times DeepGEMM and Triton on the GPU, and this node has none"),
+        err="compare-backends times the MoE backends on the GPU, and this node has none"),
     row("compare-backends-gpu-unknown", "compare-backends", "--gpu", "H100", err="--gpu H100: unknown GPU"),
     row("compare-backends-batch-sizes-letter", "compare-backends", "--gpu", "H200", "--batch-sizes", "a",
         err="--batch-sizes 'a': write integers from 1 to"),
@@ -365,6 +365,18 @@ ROWS = [
         err="--layouts ',': names no layout"),
     row("compare-backends-json-out-folder", "compare-backends", "--gpu", "H200", "--json-out", "out",
         files={"out": None}, err="--json-out out: is a folder"),
+    row("compare-backends-write-advice-folder", "compare-backends", "--gpu", "H200", "--write-advice", "out",
+        files={"out": None}, err="--write-advice out: is a folder"),
+    row("compare-backends-write-advice-not-advice", "compare-backends", "--gpu", "H200", "--write-advice", "a.json",
+        files={"a.json": "{}"}, err="a.json: not a schema-1 backend-advice file"),
+    row("compare-backends-budget-zero", "compare-backends", "--gpu", "H200", "--budget-ms", "0",
+        err="--budget-ms 0.0: give milliseconds between 0 and 10000"),
+    row("compare-backends-budget-letter", "compare-backends", "--gpu", "H200", "--budget-ms", "x",
+        err="argument --budget-ms: invalid float value: 'x'"),
+    row("compare-backends-kinds-unknown", "compare-backends", "--gpu", "H200", "--kinds", "gelu",
+        err="--kinds 'gelu': write silu or swiglustep, separated by commas"),
+    row("compare-backends-vllm-src-missing", "compare-backends", "--gpu", "H200", "--vllm-src", "nope",
+        err="--vllm-src nope: no such file or folder"),
 
     # ---- validate-serve --print-command -------------------------------------------------------------------------
     row("serve-print-ok", "validate-serve", "--print-command", "--layout", "TP4", "--dtype", "fp8", "--gpu", "H200",

@@ -185,3 +185,27 @@ def test_tokens_per_step_multiply_by_the_dp_ranks_only_under_ep():
     assert preflight.engine_tokens(serve_command.ServeCommand(model="m", dp=4), plan) == [1, 2, 4, 8, 64]
     assert preflight.far(32768, BATCH_SIZES) and not preflight.far(8192, BATCH_SIZES)
     assert get_gpu("B200").arch == "sm100"
+
+
+def test_preflight_reads_the_backend_advice_file(capsys, tmp_path, monkeypatch):
+    """The advice line comes from data/backend_advice.json: unmeasured as committed, measured once a GPU run
+    wrote it; bf16 gets the one line that needs no bake-off."""
+    import json
+
+    from tuning import backend_advice
+
+    serve = ["stepfun-ai/Step-3.5-Flash-FP8", "--data-parallel-size", "4", "--enable-expert-parallel", *RECIPE]
+    _, out, _ = run(capsys, "H200", serve)
+    assert "advice: backend advice for DP4+EP on H200: --moe-backend triton (unmeasured:" in out
+    data = json.loads(backend_advice.DATA.read_text())
+    entry = next(e for e in data["entries"] if e["layout"] == "DP4+EP")
+    entry.update(measured=True, serve_config="deep_gemm_e8m0_off", provenance={"date": "2026-12-01"},
+                 ranges=[{"m_min": 1, "m_max": 96, "fastest": "triton"},
+                         {"m_min": 128, "m_max": 4096, "fastest": "deep_gemm_e8m0_off"}])
+    (tmp_path / "advice.json").write_text(json.dumps(data))
+    monkeypatch.setattr(backend_advice, "DATA", tmp_path / "advice.json")
+    _, out, _ = run(capsys, "H200", serve)
+    assert ("advice: backend advice for DP4+EP on H200: VLLM_USE_DEEP_GEMM_E8M0=0 --moe-backend deep_gemm "
+            "(measured 2026-12-01: M 1-96: triton; M 128-4096: deep_gemm_e8m0_off)") in out
+    _, out, _ = run(capsys, "H200", ["stepfun-ai/Step-3.5-Flash", "--tensor-parallel-size", "4", *RECIPE])
+    assert f"advice: {backend_advice.BF16}" in out

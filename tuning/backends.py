@@ -1,230 +1,212 @@
-"""``tune-moe compare-backends``: DeepGEMM's grouped FP8 GEMM against the tuned Triton kernel.
+"""``tune-moe compare-backends``: the block-FP8 MoE backend bake-off as vLLM 0.33 runs it (see ``bakeoff``).
 
-Same routed batch, same block-FP8 weights. Triton: vLLM's two fused_moe_kernel launches
-(the gather and the routed-weight scatter are fused into them). DeepGEMM: what vLLM's
-DeepGemmExperts runs around its two ``m_grouped_fp8_gemm_nt_contiguous`` calls: rows
-gathered into per-expert blocks aligned to DeepGEMM's M alignment, then scattered back
-with the routed weights (torch gathers here; vLLM uses fused kernels for these). The
-activation between the GEMMs is the same work for both and is left out.
-
-DeepGEMM needs 128x128 blocks: where vLLM refines the block for Triton (TP4: [64,64]),
-``--moe-backend deep_gemm`` makes vLLM pad the shard instead (N=384), so that is the
-shape DeepGEMM is timed on. What a deep_gemm serve runs per call is ``vllm_rules.deepgemm_runs``:
-DeepGEMM at every M while E8M0 is on (vLLM 0.33's default, sm90 too), and with
-``VLLM_USE_DEEP_GEMM_E8M0=0`` only for aligned M >= 128 and N > 512; the last column gives both.
-DeepGEMM is timed here with float32 scales (``disable_ue8m0_cast=True``), not the UE8M0-cast
-scales vLLM 0.33 uses by default.
+Per layout and batch size it times one MoE layer's whole expert computation (activation quantisation,
+permutation/alignment, both GEMMs, the activation, the weighted reduce) for tuned and default Triton,
+DeepGEMM with UE8M0 and with float32 scales, the E8M0-off hybrid, and FlashInfer-CUTLASS where vLLM runs it,
+on both layer kinds; then, per serve configuration (``backend_advice.SERVE_CONFIGS``), the time of a layer
+of each kind, the fastest per range of M, and the exact serve command. ``--write-advice`` turns the result
+into the data file preflight and serve read. bf16 needs no bake-off (vLLM runs Triton on Hopper).
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass
+import datetime
+import sys
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from . import configs, gpus
+from . import backend_advice as adv
+from . import gpus
 from .errors import UsageError
 from .files import atomic_write_json, output_file
-from .gpus import get_gpu
-from .routing import Routing
-from .kernel import KernelSource
 from .models import DEFAULT_MODEL, load_model
-from .shapes import MoeShape, Refusal, parse_layout, shape_for
-from .vllm_rules import deepgemm_runs
+from .shapes import Refusal, parse_batch_sizes, parse_layout, shape_for
+from .vllm_rules import ACTIVATIONS
 
-if TYPE_CHECKING:  # torch is imported where the GPU work starts, so bad arguments are refused at once
-    import torch
-
-    from .inputs import Problem
-
-DEFAULT_MS = (1, 16, 64, 128, 256, 512, 1024, 2048, 4096)
-SELECTION = {  # what vLLM 0.33 runs for block FP8 on Hopper, per MoE layer kind (vllm_rules, proven in CI)
-    "tp": "vLLM runs Triton (TritonExperts) on both layer kinds with EP=1; the tuned configs are used",
-    "ep": "with EP>1 vLLM runs FlashInfer-CUTLASS on the SiLU layers and DeepGEMM on the SwiGLU-step layers; "
-          "neither reads the tuned Triton file (--moe-backend triton makes both Triton)",
-}
-FLAGS = ("--moe-backend triton | deep_gemm (a set VLLM_USE_DEEP_GEMM=1 with VLLM_MOE_USE_DEEP_GEMM=1 also forces "
-         "DeepGEMM, and fails at start-up on the refined TP4/TP8 blocks); tune-moe preflight -- vllm serve ... "
-         "says what each MoE layer kind will run")
+DEFAULT_LAYOUTS = "TP2,TP4,TP8,DP2+EP,DP4+EP,DP8+EP"
+MODEL = DEFAULT_MODEL + "-FP8"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gpu", required=True, help="H200 or H20 (DeepGEMM: sm90/sm100)")
-    p.add_argument("--layouts", default="DP4+EP,TP4", help="FP8 layouts to compare (default: the recipe's)")
-    p.add_argument("--batch-sizes", help=f"comma list of M (default: {','.join(map(str, DEFAULT_MS))})")
+    p.add_argument("--gpu", required=True, help="H200 (Hopper: the backends vLLM picks there)")
+    p.add_argument("--layouts", default=DEFAULT_LAYOUTS, help=f"FP8 layouts (default: {DEFAULT_LAYOUTS})")
+    p.add_argument("--batch-sizes", help="comma list of M (default: vLLM's 18 tuning sizes)")
     p.add_argument("--configs", help="tuned Triton configs (default: kernels_configs/<device_name>)")
-    p.add_argument("--deep-gemm-path", help="folder holding deep_gemm/ to import first (e.g. a copy of vllm/third_party)")
-    p.add_argument("--vllm-src", help="kernel from this vLLM fused_moe.py or wheel (default: installed vLLM)")
+    p.add_argument("--vllm-src", help="folder holding vllm/ (benchmarks/gpu_stage.sh stash-vllm) or a vLLM wheel; "
+                                      "default: the installed vLLM's files")
     p.add_argument("--vllm-version", help="vLLM version of --vllm-src when it cannot tell")
-    p.add_argument("--json-out", help="write the measurements here")
+    p.add_argument("--deep-gemm-path", help="folder holding deep_gemm/ to import first (e.g. a copy of vllm/third_party)")
+    p.add_argument("--kinds", default="silu,swiglustep", help="MoE layer kinds to time (default: both)")
+    p.add_argument("--no-flashinfer", action="store_true", help="skip FlashInfer-CUTLASS (its first call JIT-builds)")
+    p.add_argument("--budget-ms", type=float, default=50.0, help="timing budget per measurement (default 50)")
+    p.add_argument("--json-out", help="write every measurement and the per-configuration table here")
+    p.add_argument("--write-advice", metavar="FILE", help="write the backend-advice data file here: FILE (when it "
+                   "exists, else the committed one) with the measured layouts replaced")
 
 
-@dataclass(frozen=True)
-class Row:
-    layout: str
-    m: int
-    triton_default_us: float
-    triton_tuned_us: float
-    deepgemm_gemms_us: float
-    deepgemm_total_us: float
-    deepgemm_error: float
-    faster: str
-    vllm_runs: str  # what a --moe-backend deep_gemm serve runs at this M: E8M0 on (default) / off
-
-
-class DeepGemmMoe:
-    """DeepGEMM's contiguous grouped layout for one routed batch, built once; ``run`` is timed."""
-
-    def __init__(self, dg, p: Problem):
-        import torch
-
-        self.dg, self.p = dg, p
-        self.alignment = align = int(dg.get_mk_alignment_for_contiguous_layout())
-        local = p.local_ids.reshape(-1)
-        pairs = (local >= 0).nonzero().squeeze(1)
-        experts = local[pairs]
-        order = torch.argsort(experts, stable=True)
-        self.pairs, experts = pairs[order], experts[order]
-        counts = torch.bincount(experts, minlength=p.shape.num_experts)
-        aligned = (counts + align - 1) // align * align
-        rank = torch.arange(experts.numel(), device=local.device) - (torch.cumsum(counts, 0) - counts)[experts]
-        self.rows = (torch.cumsum(aligned, 0) - aligned)[experts] + rank
-        m_sum, k, n = int(aligned.sum()), p.shape.k, p.shape.n
-        self.m_indices = torch.full((m_sum,), -1, dtype=torch.int32, device=local.device)
-        self.m_indices[self.rows] = experts.to(torch.int32)
-        self.tokens = self.pairs // p.shape.top_k
-        self.a1 = torch.zeros(m_sum, k, dtype=torch.uint8, device=local.device)
-        self.a1s = torch.ones(m_sum, k // 128, dtype=torch.float32, device=local.device)
-        self.a2 = torch.zeros(m_sum, n, dtype=torch.uint8, device=local.device)
-        self.a2s = torch.ones(m_sum, n // 128, dtype=torch.float32, device=local.device)
-        self.a2[self.rows] = p.a2.view(torch.uint8)[self.pairs]  # vLLM's activation writes it in this order
-        self.a2s[self.rows] = p.a2_scale[self.pairs]
-        self.mm1 = torch.empty(m_sum, 2 * n, dtype=torch.bfloat16, device=local.device)
-        self.mm2 = torch.empty(m_sum, k, dtype=torch.bfloat16, device=local.device)
-        self.out = torch.zeros(p.m * p.shape.top_k, k, dtype=torch.bfloat16, device=local.device)
-        self.weights = p.topk_weights.reshape(-1)[self.pairs].unsqueeze(1)
-
-    def gemms(self) -> None:
-        import torch
-
-        fp8 = torch.float8_e4m3fn
-        self.dg.m_grouped_fp8_gemm_nt_contiguous((self.a1.view(fp8), self.a1s), (self.p.w13, self.p.w13_scale),
-                                                 self.mm1, self.m_indices, disable_ue8m0_cast=True)
-        self.dg.m_grouped_fp8_gemm_nt_contiguous((self.a2.view(fp8), self.a2s), (self.p.w2, self.p.w2_scale),
-                                                 self.mm2, self.m_indices, disable_ue8m0_cast=True)
-
-    def run(self) -> None:
-        """Gather rows per expert, both GEMMs, scatter back with the routed weights."""
-        import torch
-
-        self.a1[self.rows] = self.p.a1.view(torch.uint8)[self.tokens]
-        self.a1s[self.rows] = self.p.a1_scale[self.tokens]
-        self.gemms()
-        self.out[self.pairs] = (self.mm2[self.rows].float() * self.weights).to(torch.bfloat16)
-
-    def error(self) -> float:
-        from .inputs import reference
-
-        self.run()
-        ref1, ref3 = reference(self.p)
-        e1 = _rel(self.mm1[self.rows], ref1.reshape(-1, ref1.shape[-1])[self.pairs])
-        e3 = _rel(self.out[self.pairs], ref3.reshape(-1, ref3.shape[-1])[self.pairs])
-        return max(e1, e3)
-
-
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    import torch
-
-    out = out.float()
-    return float("inf") if not torch.isfinite(out).all() else float((out - ref).norm() / ref.norm().clamp(min=1e-30))
-
-
-def compare(dg, kernel, gpu, model, layout_text: str, *, ms, folder: Path) -> list[Row]:
-    layout = parse_layout(layout_text)
-    tri = shape_for(model, layout, "fp8")
-    dgs = shape_for(model, layout, "fp8", moe_backend="deep_gemm")
-    if isinstance(tri, Refusal) or isinstance(dgs, Refusal):
-        raise UsageError(f"layout {layout_text}: {(tri if isinstance(tri, Refusal) else dgs).reason}")
-    tuned_file = folder / tri.file_name(gpu.device_name)
-    tuned = configs.read_config_file(tuned_file) if tuned_file.exists() else {}
-    print(f"\n{layout.name}: Triton on {tri.label} ({'tuned' if tuned else 'NOT tuned: default only'}), "
-          f"DeepGEMM on {dgs.label}. {SELECTION['ep' if layout.ep else 'tp']}.")
-    print(f"  {'M':>5} {'Triton default':>15} {'Triton tuned':>13} {'DeepGEMM GEMMs':>15} {'DeepGEMM total':>15}  "
-          f"{'faster':<9} {'deep_gemm runs (E8M0 on / off)':<29}")
-    rows = []
-    for m in ms:
-        rows.append(_one(dg, kernel, gpu, layout.name, tri=tri, dgs=dgs, m=m, tuned=tuned))
-        r = rows[-1]
-        print(f"  {m:>5} {r.triton_default_us:>15.1f} {r.triton_tuned_us:>13.1f} {r.deepgemm_gemms_us:>15.1f} "
-              f"{r.deepgemm_total_us:>15.1f}  {r.faster:<9} {r.vllm_runs:<29} (DeepGEMM rel. error {r.deepgemm_error:.1e})")
-    return rows
-
-
-def _one(dg, kernel, gpu, layout: str, *, tri: MoeShape, dgs: MoeShape, m: int, tuned: dict) -> Row:
-    import torch
-
-    from .bench import measure
-    from .inputs import build_problem
-    from .runner import Runner
-
-    runner = Runner(kernel, tri, m, gpu, Routing(), seed=0)
-    default = runner.evaluate(runner.default_config(), 100).us
-    best = runner.evaluate(tuned[min(tuned, key=lambda k: abs(k - m))], 100).us if tuned else default
-    del runner
-    deep = DeepGemmMoe(dg, build_problem(dgs, m, Routing(), 0, torch.device("cuda")))
-    err = deep.error()
-    gemms = measure(deep.gemms, budget_ms=100).median_us
-    total = measure(deep.run, budget_ms=100).median_us
-    faster = "DeepGEMM" if total < best else "Triton"
-    without = "DeepGEMM" if deepgemm_runs(m, dgs.n, dgs.k, e8m0=False) else f"Triton on {dgs.label}"
-    runs = f"DeepGEMM / {without}"  # E8M0 on (vLLM's default) / VLLM_USE_DEEP_GEMM_E8M0=0
-    return Row(layout, m, default, best, gemms, total, err, faster, runs)
-
-
-def _layouts(text: str, model) -> list[str]:
-    """The --layouts list, each one vLLM runs for the FP8 checkpoint under both backends; one line otherwise."""
-    names = [t.strip() for t in text.split(",") if t.strip()]
+def check_args(args: argparse.Namespace) -> tuple[list[str], list[int], tuple[str, ...]]:
+    """Everything checkable before torch is imported; one line per refusal."""
+    gpus.get_gpu(args.gpu)
+    model = load_model(MODEL)
+    names = [t.strip() for t in args.layouts.split(",") if t.strip()]
     if not names:
-        raise UsageError(f"--layouts {text!r}: names no layout; write e.g. DP4+EP,TP4")
+        raise UsageError(f"--layouts {args.layouts!r}: names no layout; write e.g. DP4+EP,TP4")
     for name in names:
         layout = parse_layout(name)
-        for backend in ("auto", "deep_gemm"):
+        for backend in ("triton", "deep_gemm"):
             shape = shape_for(model, layout, "fp8", moe_backend=backend)
             if isinstance(shape, Refusal):
                 raise UsageError(f"layout {name}: {shape.reason}")
-    return names
+    if not args.budget_ms > 0 or args.budget_ms > 10_000:
+        raise UsageError(f"--budget-ms {args.budget_ms}: give milliseconds between 0 and 10000")
+    for option, value in (("--json-out", args.json_out), ("--write-advice", args.write_advice)):
+        if value:
+            output_file(value, option)
+    if args.write_advice and Path(args.write_advice).exists():
+        adv.load(Path(args.write_advice))  # merged into, so it must be an advice file
+    if args.vllm_src and not Path(args.vllm_src).exists():
+        raise UsageError(f"--vllm-src {args.vllm_src}: no such file or folder")
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    if not kinds or any(k not in ACTIVATIONS for k in kinds):
+        raise UsageError(f"--kinds {args.kinds!r}: write {' or '.join(ACTIVATIONS)}, separated by commas")
+    return names, list(parse_batch_sizes(args.batch_sizes)), kinds
 
 
-def run(args: argparse.Namespace) -> int:
-    from .shapes import parse_batch_sizes as batch_sizes
+def serve_command(layout_name: str, config: str, folder: Path) -> str:
+    """The exact serve line of one configuration (the tuned folder where a layer kind reads it)."""
+    layout = parse_layout(layout_name)
+    backend, env = adv.SERVE_CONFIGS[config]
+    if adv.reads_tuned_file(layout, config):
+        env = {**env, adv.TUNED_VAR: str(folder.resolve())}
+    words = [f"{k}={v}" for k, v in env.items()] + ["vllm", "serve", MODEL, *layout.vllm_flags()]
+    return " ".join(words + (["--moe-backend", backend] if backend != "auto" else []))
 
-    gpu = get_gpu(args.gpu)
-    model = load_model(DEFAULT_MODEL + "-FP8")
-    layouts = _layouts(args.layouts, model)
-    ms = list(batch_sizes(args.batch_sizes)) if args.batch_sizes is not None else list(DEFAULT_MS)
-    if args.json_out:
-        output_file(args.json_out, "--json-out")
-    if not gpus.detect_gpus():
-        raise UsageError("compare-backends times DeepGEMM and Triton on the GPU, and this node has none; run it on a GPU node")
-    import torch
 
-    if not torch.cuda.is_available():
-        raise UsageError("compare-backends times DeepGEMM and Triton on the GPU, and torch sees none here; "
-                         "install torch with CUDA support or run it on a GPU node")
+def load_backends(args, ctx_missing: dict):
+    """DeepGEMM and FlashInfer, each or the reason it is missing."""
     from .deepgemm_env import import_deep_gemm, locate_deep_gemm
 
     dg, check = import_deep_gemm(locate_deep_gemm(args.deep_gemm_path))
     if dg is None:
-        raise UsageError(f"DeepGEMM is not importable ({check.detail})")
-    kernel = KernelSource(args.vllm_src, args.vllm_version).load()
-    folder = Path(args.configs or Path("kernels_configs") / gpu.device_name)
-    print(f"DeepGEMM {getattr(dg, '__version__', '?')} vs {kernel.describe} on {torch.cuda.get_device_name()}")
-    rows = [r for lay in layouts for r in compare(dg, kernel, gpu, model, lay, ms=ms, folder=folder)]
-    print(f"\nSelecting a backend: {FLAGS}.")
+        ctx_missing["deepgemm"] = f"DeepGEMM not importable ({check.detail})"
+    fi = None
+    if args.no_flashinfer:
+        ctx_missing["flashinfer"] = "skipped (--no-flashinfer)"
+    else:
+        try:
+            from flashinfer.fused_moe import cutlass_fused_moe as fi
+        except Exception as exc:  # not installed, or an import-time failure of its dependencies
+            ctx_missing["flashinfer"] = f"FlashInfer not importable ({type(exc).__name__}: {str(exc)[:120]})"
+    return dg, fi
+
+
+def provenance(args, ctx, kernel, names, ms) -> dict:
+    import torch
+    import triton
+
+    def version(mod):
+        return getattr(sys.modules.get(mod), "__version__", None)
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+            "gpu_name": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "triton": triton.__version__, "kernel": kernel.describe, "kernel_sha256": kernel.source_sha256,
+            "helpers_sha256": ctx.helpers.SOURCE_SHA256, "deep_gemm": getattr(ctx.dg, "__version__", None),
+            "flashinfer": version("flashinfer"), "layouts": names, "batch_sizes": ms, "budget_ms": args.budget_ms,
+            "seed": ctx.seed, "kind_weights": adv.KIND_WEIGHTS, "missing": ctx.missing,
+            "command": " ".join(["tune-moe", *sys.argv[1:]])}
+
+
+def run(args: argparse.Namespace) -> int:
+    names, ms, kinds = check_args(args)
+    gpu = gpus.get_gpu(args.gpu)
+    if not gpus.detect_gpus():
+        raise UsageError("compare-backends times the MoE backends on the GPU, and this node has none; run it on a GPU node")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError("compare-backends needs torch with CUDA; torch sees no GPU here")
+    from .bakeoff import BACKENDS, Bench, run_layout
+    from .kernel import KernelSource
+    from .moe_ops import STAND_INS
+    from .vllm_helpers import VllmSource, load_helpers
+
+    src = VllmSource(args.vllm_src)
+    version = args.vllm_version or src.version()
+    kernel = KernelSource(src.fused_moe, version).load()
+    ctx = Bench(kernel=kernel, helpers=load_helpers(src), model=load_model(MODEL),
+                folder=Path(args.configs or Path("kernels_configs") / gpu.device_name), device_name=gpu.device_name,
+                flush_bytes=gpu.l2_mb * 2**20 * 4, budget_ms=args.budget_ms,
+                sm90=torch.cuda.get_device_capability() == (9, 0))
+    ctx.dg, ctx.fi = load_backends(args, ctx.missing)
+    import os
+
+    from .compile import Precompiler
+
+    ctx.precompile = Precompiler(KernelSource(src.fused_moe, version), workers=max(1, (os.cpu_count() or 2) - 1))
+    _header(ctx, kernel, BACKENDS, STAND_INS)
+    rows, done = [], []
+    try:
+        for name in names:
+            print(f"\n{name}:")
+            run_layout(ctx, name, ms, kinds=kinds, into=rows)
+            done.append(name)
+            _summary(name, rows, ctx.folder)
+    except KeyboardInterrupt:  # the call's time limit: keep what was measured
+        print(f"\ninterrupted: finished {', '.join(done) or 'no layout'}; the rows measured so far are kept")
+    prov = {**provenance(args, ctx, kernel, names, ms), "finished_layouts": done}
+    return finish(args, rows, done, prov, gpu.key)
+
+
+def finish(args, rows, done: list[str], prov: dict, gpu_key: str) -> int:
+    """Write the measurements and the advice (only from layouts measured at every M); 1 when a backend failed
+    its numerical check."""
+    from .bakeoff import BACKENDS
+    from .moe_ops import STAND_INS
+
     if args.json_out:
-        atomic_write_json(Path(args.json_out), {"gpu": torch.cuda.get_device_name(), "kernel": kernel.describe,
-                                                "deep_gemm": getattr(dg, "__version__", None),
-                                                "rows": [asdict(r) for r in rows]})
-    bad = [r for r in rows if not r.deepgemm_error < 2e-2]
+        layouts = sorted({r.layout for r in rows})
+        atomic_write_json(Path(args.json_out), {"provenance": prov, "stand_ins": STAND_INS, "backends": BACKENDS,
+                                                "rows": [asdict(r) for r in rows],
+                                                "configs": {n: adv.costs(rows, n) for n in layouts}})
+    if args.write_advice:
+        base = Path(args.write_advice) if Path(args.write_advice).exists() else None
+        finished = [r for r in rows if r.layout in done]
+        atomic_write_json(Path(args.write_advice), adv.merged(adv.entries_from(finished, gpu_key, prov), base), indent=1)
+    bad = [r for r in rows if r.failure and r.failure.startswith("numerics")]
     return 1 if bad else 0
+
+
+def _header(ctx, kernel, backends: dict, stand_ins: dict) -> None:
+    print(f"{kernel.describe}; DeepGEMM {getattr(ctx.dg, '__version__', 'missing')}; FlashInfer "
+          f"{'loaded' if ctx.fi else ctx.missing.get('flashinfer')}")
+    print(adv.BF16 + ".")
+    for name, what in backends.items():
+        print(f"  {name:<15} {what}{' -- ' + ctx.missing[name.split('_')[0]] if name.split('_')[0] in ctx.missing else ''}")
+    print("What differs from vLLM 0.33 (its vllm._C CUDA ops cannot load here):")
+    for op, what in stand_ins.items():
+        print(f"  {op}: {what}")
+    print("Communication (DP all-gather, reduce-scatter) is not timed; with EP each rank quantises its M/DP rows.")
+
+
+def _summary(name: str, rows, folder: Path) -> None:
+    mine = [r for r in rows if r.layout == name]
+    errors = {}
+    for r in mine:
+        if r.rel_error is not None:
+            errors.setdefault(r.backend, []).append(r.rel_error)
+    print("  numerics, worst relative error against float over M and kinds (UE8M0 vs float32 scales): "
+          + ", ".join(f"{b} {max(e):.3f}" for b, e in errors.items()))
+    for r in (r for r in mine if r.failure and not r.failure.startswith("no tuned file")):
+        print(f"  not timed: {r.backend} {r.activation} M={r.m}: {r.failure}")
+    table = adv.costs(rows, name)
+    print(f"  per serve configuration, µs of one SiLU + one SwiGLU-step layer (weights {adv.KIND_WEIGHTS}):")
+    print("  " + f"{'M':>6}" + "".join(f"{c:>20}" for c in adv.SERVE_CONFIGS) + "   fastest")
+    for m, per_m in table.items():
+        cells = "".join(f"{v:>20.1f}" if v is not None else f"{'--':>20}" for v in per_m.values())
+        print(f"  {m:>6}{cells}   {adv.fastest(per_m)}")
+    for r in adv.ranges(table):
+        print(f"  M {r['m_min']}-{r['m_max']}: fastest {r['fastest']}")
+    pick = adv.overall(table)
+    print(f"  overall (geometric mean over M): {pick}")
+    for config in adv.SERVE_CONFIGS:
+        print(f"    {config:<20} {serve_command(name, config, folder)}")

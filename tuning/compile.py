@@ -70,3 +70,13 @@ class Precompiler:
             self.broken = True
             return {}
         return {c: why for c, why in results.items() if why is not None and why.kind.sticky}
+
+    def all(self, jobs: list[tuple[MoeShape, int, TileConfig]]) -> None:
+        """Compile every (shape, m, config) at once (failures show again, as results, when the run launches)."""
+        if self.broken:
+            return
+        try:
+            for f in [self.pool.submit(_warm, *job) for job in jobs]:
+                f.result()
+        except BrokenProcessPool:
+            self.broken = True

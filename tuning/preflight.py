@@ -22,13 +22,13 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import gpus, provenance
+from . import backend_advice, gpus, provenance
 from .configs import CONFIGS_ROOT, TUNED_VAR, read_config_file
 from .errors import UsageError
 from .kernel import installed_fused_moe, installed_vllm_version
 from .models import BUILTIN, ModelGeometry, load_model
 from .serve_command import MEMORY_GB, BatchPlan, ServeCommand, batch_plan, parse
-from .shapes import BATCH_SIZES, DEFAULT_VLLM_VERSION, MoeShape
+from .shapes import BATCH_SIZES, DEFAULT_VLLM_VERSION, Layout, MoeShape
 from .triton_pins import mismatch, target_triton
 from .vllm_rules import ACTIVATIONS, LayerRuntime, ServeFacts, layer_runtime, nearest_key
 
@@ -176,8 +176,14 @@ def check(argv: list[str], node: Node) -> dict:
     layers = [_layer(act, answers[act], model, cmd, dtype, node) for act in ACTIVATIONS]
     problems = _problems(layers, tokens, node)
     return {"command": cmd, "plan": plan, "dtype": dtype, "tokens": tokens, "layers": layers, "problems": problems,
-            "notes": _notes(node), "answered_by": answered_by,
+            "notes": _notes(node), "answered_by": answered_by, "advice": advice_line(cmd, dtype, node),
             "fix": _fix(cmd, dtype, node, layers, tokens) if problems else None}
+
+
+def advice_line(cmd: ServeCommand, dtype: str, node: Node) -> str | None:
+    """What ``data/backend_advice.json`` says for this GPU and layout (measured or not), as one line."""
+    found = backend_advice.advice_for(node.gpu.key, Layout(tp=cmd.tp, dp=cmd.dp, ep=cmd.ep), dtype)
+    return found if isinstance(found, str) or found is None else found.line()
 
 
 def _layer(act: str, r: LayerRuntime, model, cmd, dtype, node: Node) -> Layer:
@@ -295,6 +301,7 @@ def render(report: dict, node: Node) -> str:
         shown.add(layer.file)
         lines += _ranges(report["tokens"], layer.keys or BATCH_SIZES)
     lines += [""] + [f"note: {n}" for n in report["notes"]]
+    lines += [f"advice: {report['advice']}"] if report.get("advice") else []
     if report["problems"]:
         lines += [f"problem: {p}" for p in report["problems"]]
         if report["fix"]:

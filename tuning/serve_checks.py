@@ -46,7 +46,8 @@ class Preflight:
                    "found": str(layer.found) if layer.found else None, "drift": layer.drift} for layer in self.layers]
         return {"answered_by": r["answered_by"], "model": r["command"].model, "stand_in": self.stand_in,
                 "dtype": r["dtype"], "plan": asdict(r["plan"]), "tokens": r["tokens"], "layers": layers,
-                "problems": r["problems"], "notes": r["notes"], "fix": r["fix"], "text": self.report_text()}
+                "problems": r["problems"], "notes": r["notes"], "advice": r.get("advice"), "fix": r["fix"],
+                "text": self.report_text()}
 
     def report_text(self) -> str:
         """Preflight's per-layer-kind table, as ``tune-moe preflight`` prints it."""
@@ -80,17 +81,20 @@ def triton_alternative(pre: Preflight) -> str | None:
                        num_experts=model.num_experts, intermediate=model.moe_intermediate_size,
                        hidden=model.hidden_size, top_k=model.top_k)
     if all(layer_runtime(facts, act).reads_tuned_file for act in ACTIVATIONS):
-        return "with --moe-backend triton vLLM 0.33 runs every MoE layer kind on TRITON, which reads the tuned file"
+        advice = pre.report.get("advice")
+        return ("with --moe-backend triton vLLM 0.33 runs every MoE layer kind on TRITON, which reads the tuned file"
+                + (f" ({advice})" if advice else ""))
     return None
 
 
 def kind_notes(pre: Preflight) -> list[str]:
-    """Per layer kind, when some kind will not run the tuned configs."""
+    """Per layer kind, when some kind will not run the tuned configs; and the backend advice for the layout."""
+    advice = [pre.report["advice"]] if pre.report.get("advice") else []
     if all(layer.file for layer in pre.layers):
-        return []
+        return advice
     text = "; ".join(kind_phrase(layer) for layer in pre.layers)
     if any(layer.file for layer in pre.layers):
-        return [f"{text}: the tuned configs serve only the layer kinds that read them"]
+        return [f"{text}: the tuned configs serve only the layer kinds that read them", *advice]
     alt = triton_alternative(pre)
     return [f"{text}: no MoE layer kind runs the tuned Triton kernel, so the check will fail" + (f"; {alt}" if alt else "")]
 

@@ -62,10 +62,10 @@ def read_source(path: Path) -> tuple[str, str, str | None]:
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"--vllm-src {path}: not a readable Python source ({type(exc).__name__}); "
                          "pass vLLM's fused_moe.py, a vLLM wheel or a source tree") from None
-    return text, f"source {path}", _version_near(path)
+    return text, f"source {path}", version_near(path)
 
 
-def _version_near(path: Path) -> str | None:
+def version_near(path: Path) -> str | None:
     """The version of the vLLM tree or installed package a fused_moe.py sits in."""
     for parent in path.resolve().parents:
         for candidate in (parent / "_version.py", parent / "version.py"):

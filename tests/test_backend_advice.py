@@ -1,0 +1,114 @@
+"""The backend advice is data: the committed file's schema, the rule that fills it from a bake-off (per serve
+configuration, what vLLM 0.33 runs on each layer kind, summed), and its round trip."""
+
+import json
+
+import pytest
+
+from tuning import backend_advice as adv
+from tuning.bakeoff import Measured
+from tuning.errors import UsageError
+from tuning.shapes import parse_layout
+
+LAYOUTS = ("TP2", "TP4", "TP8", "DP2+EP", "DP4+EP", "DP8+EP")
+
+
+def test_committed_file_is_unmeasured_and_keeps_the_earlier_advice():
+    table = adv.load()
+    assert sorted(layout for _, layout in table) == sorted(LAYOUTS)
+    for (gpu, layout), a in table.items():
+        assert gpu == "H200" and not a.measured and a.provenance is None and a.ranges == ()
+        assert a.serve_config == ("triton" if "EP" in layout else "auto")
+        assert "unmeasured" in a.line()
+    assert json.loads(adv.DATA.read_text())["status"] == "not measured"
+    assert adv.advice_for("H200", parse_layout("DP4+EP"), "fp8").flags() == "--moe-backend triton"
+    assert adv.advice_for("H200", parse_layout("TP4"), "bf16") == adv.BF16
+    assert adv.advice_for("B200", parse_layout("TP4"), "fp8") is None
+
+
+@pytest.mark.parametrize("text,match", [
+    ("{", "not a readable backend-advice file"),
+    ('{"schema": 2, "entries": []}', "not a schema-1 backend-advice file"),
+    ('{"schema": 1, "entries": [{"gpu": "H200", "layout": "TP4", "serve_config": "fast", "measured": false, '
+     '"why": "x"}]}', "serve_config one of auto, triton"),
+    ('{"schema": 1, "entries": [{"gpu": "H200", "layout": "TP4", "serve_config": "auto", "measured": true, '
+     '"why": "x"}]}', "a measured entry needs its provenance"),
+    ('{"schema": 1, "entries": [{"gpu": "H200", "layout": "TP3x", "serve_config": "auto", "measured": false, '
+     '"why": "x"}]}', "cannot read"),
+])
+def test_a_bad_file_is_one_line(tmp_path, text, match):
+    path = tmp_path / "advice.json"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=match):
+        adv.load(path)
+
+
+def test_each_serve_configuration_runs_what_vllm_runs_per_layer_kind():
+    ep, tp4 = parse_layout("DP4+EP"), parse_layout("TP4")
+    cols = {c: tuple(adv.column(adv.layer_runtime(adv.facts(ep, c), a)) for a in adv.ACTIVATIONS)
+            for c in adv.SERVE_CONFIGS}
+    assert cols == {"auto": ("flashinfer", "deepgemm_e8m0"), "triton": ("triton_tuned", "triton_tuned"),
+                    "deep_gemm": ("deepgemm_e8m0", "deepgemm_e8m0"), "deep_gemm_e8m0_off": ("hybrid", "hybrid")}
+    assert adv.column(adv.layer_runtime(adv.facts(tp4, "auto"), "silu")) == "triton_tuned"
+    assert adv.reads_tuned_file(tp4, "deep_gemm_e8m0_off") and not adv.reads_tuned_file(tp4, "deep_gemm")
+
+
+def rows(layout, us):
+    """Measured rows from {(activation, m, backend): µs}."""
+    return [Measured(layout, a, m, b, "shape", us=v) for (a, m, b), v in us.items()]
+
+
+EP_US = {**{("silu", m, "flashinfer"): 100.0 * m for m in (1, 64, 1024)},
+         **{(a, m, "deepgemm_e8m0"): 90.0 * m for a in adv.ACTIVATIONS for m in (1, 64, 1024)},
+         **{(a, m, "triton_tuned"): {1: 10.0, 64: 50.0 * 64, 1024: 200.0 * 1024}[m]
+            for a in adv.ACTIVATIONS for m in (1, 64, 1024)},
+         **{(a, m, "hybrid"): 95.0 * m for a in adv.ACTIVATIONS for m in (1, 64, 1024)}}
+
+
+def test_fastest_per_m_ranges_and_the_one_pick():
+    table = adv.costs(rows("DP4+EP", EP_US), "DP4+EP")
+    assert table[1] == {"auto": 100 + 90, "triton": 20, "deep_gemm": 180, "deep_gemm_e8m0_off": 190}
+    assert [adv.fastest(table[m]) for m in (1, 64, 1024)] == ["triton", "triton", "deep_gemm"]
+    assert adv.ranges(table) == [{"m_min": 1, "m_max": 64, "fastest": "triton"},
+                                 {"m_min": 1024, "m_max": 1024, "fastest": "deep_gemm"}]
+    assert adv.overall(table) == "triton"  # 1x, 1x, 2.2x against deep_gemm's 9x, 1.8x, 1x
+    missing = {k: v for k, v in EP_US.items() if k != ("silu", 64, "flashinfer")}
+    assert adv.costs(rows("DP4+EP", missing), "DP4+EP")[64]["auto"] is None
+
+
+def test_a_bake_off_becomes_measured_entries_the_readers_load(tmp_path):
+    prov = {"date": "2026-12-01", "gpu_name": "NVIDIA H200"}
+    entries = adv.entries_from(rows("DP4+EP", EP_US), "H200", prov)
+    assert [e["layout"] for e in entries] == ["DP4+EP"] and entries[0]["serve_config"] == "triton"
+    path = tmp_path / "advice.json"
+    path.write_text(json.dumps(adv.merged(entries)))
+    table = adv.load(path)
+    assert len(table) == len(LAYOUTS)
+    a = table[("H200", "DP4+EP")]
+    assert a.measured and a.provenance == prov and "measured 2026-12-01: M 1-64: triton; M 1024-1024: deep_gemm" in a.line()
+    assert not table[("H200", "TP4")].measured
+
+
+def test_compare_backends_writes_its_rows_and_merges_advice_from_finished_layouts(tmp_path):
+    import argparse
+
+    from tuning.backends import finish, serve_command
+
+    args = argparse.Namespace(json_out=str(tmp_path / "b.json"), write_advice=str(tmp_path / "advice.json"))
+    partial = rows("DP2+EP", {("silu", 1, "triton_tuned"): 5.0})  # cut by the time limit: no advice from it
+    prov = {"date": "2026-12-01"}
+    assert finish(args, rows("DP4+EP", EP_US) + partial, ["DP4+EP"], prov, "H200") == 0
+    first = adv.load(tmp_path / "advice.json")
+    assert first[("H200", "DP4+EP")].measured and not first[("H200", "DP2+EP")].measured
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert len(data["rows"]) == len(EP_US) + 1 and data["configs"]["DP4+EP"]["1"]["triton"] == 20
+    # a later call merges into the file the first wrote
+    assert finish(args, rows("DP2+EP", {k: v for k, v in EP_US.items()}), ["DP2+EP"], prov, "H200") == 0
+    both = adv.load(tmp_path / "advice.json")
+    assert both[("H200", "DP4+EP")].measured and both[("H200", "DP2+EP")].measured
+    bad = [Measured("TP4", "silu", 1, "deepgemm_e8m0", "s", failure="numerics: relative error 0.300 > 0.1")]
+    assert finish(argparse.Namespace(json_out=None, write_advice=None), bad, [], prov, "H200") == 1
+    line = serve_command("DP4+EP", "deep_gemm_e8m0_off", tmp_path)
+    assert line == (f"VLLM_USE_DEEP_GEMM_E8M0=0 VLLM_TUNED_CONFIG_FOLDER={tmp_path.resolve()} vllm serve "
+                    "stepfun-ai/Step-3.5-Flash-FP8 --data-parallel-size 4 --enable-expert-parallel --moe-backend deep_gemm")
+    assert serve_command("TP4", "auto", tmp_path).endswith("--tensor-parallel-size 4")

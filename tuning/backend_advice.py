@@ -1,0 +1,185 @@
+"""Which MoE backend a block-FP8 serve should use, per GPU and layout: a data file, and the rule that fills it.
+
+``data/backend_advice.json`` holds one entry per (GPU, layout): the serve configuration to use, whether a
+bake-off measured it (with the measurement's provenance), and the fastest configuration per range of M.
+``preflight`` and ``serve`` read it (``advice_for``); ``compare-backends --write-advice`` writes it from a
+bake-off (``entries_from``). Until a GPU run fills an entry it says ``"measured": false`` and keeps the
+tool's earlier advice. bf16 needs no bake-off: vLLM 0.33 runs Triton for bf16 on Hopper (``BF16``).
+
+A serve configuration is a ``--moe-backend`` value and VLLM_* variables; what it runs on each layer kind
+comes from vLLM's rules (``vllm_rules.layer_runtime``), and its time per M is the sum over the layer kinds
+of the measured backend that kind runs, weighted by ``KIND_WEIGHTS`` (the number of layers of each kind is
+not in the model geometry; 1:1 is recorded with the measurement).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UsageError
+from .shapes import Layout, parse_layout
+from .vllm_rules import ACTIVATIONS, LayerRuntime, ServeFacts, layer_runtime
+
+DATA = Path(__file__).parent / "data" / "backend_advice.json"
+SCHEMA = 1
+SERVE_CONFIGS = {  # name -> (--moe-backend, VLLM_* variables)
+    "auto": ("auto", {}),
+    "triton": ("triton", {}),
+    "deep_gemm": ("deep_gemm", {}),
+    "deep_gemm_e8m0_off": ("deep_gemm", {"VLLM_USE_DEEP_GEMM_E8M0": "0"}),
+}
+KIND_WEIGHTS = {"silu": 1.0, "swiglustep": 1.0}
+BF16 = "bf16 needs no bake-off: vLLM 0.33 runs Triton (TritonExperts) for bf16 on Hopper on both layer kinds"
+TUNED_VAR = "VLLM_TUNED_CONFIG_FOLDER"
+
+
+@dataclass(frozen=True)
+class Advice:
+    gpu: str
+    layout: str
+    serve_config: str
+    measured: bool
+    why: str
+    ranges: tuple[dict, ...] = ()
+    provenance: dict | None = None
+
+    @property
+    def moe_backend(self) -> str:
+        return SERVE_CONFIGS[self.serve_config][0]
+
+    @property
+    def env(self) -> dict[str, str]:
+        return SERVE_CONFIGS[self.serve_config][1]
+
+    def flags(self) -> str:
+        env = " ".join(f"{k}={v}" for k, v in self.env.items())
+        backend = "(no --moe-backend: vLLM's default)" if self.moe_backend == "auto" else f"--moe-backend {self.moe_backend}"
+        return f"{env + ' ' if env else ''}{backend}"
+
+    def line(self) -> str:
+        if not self.measured:
+            return f"backend advice for {self.layout} on {self.gpu}: {self.flags()} (unmeasured: {self.why})"
+        spans = "; ".join(f"M {r['m_min']}-{r['m_max']}: {r['fastest']}" for r in self.ranges)
+        when = (self.provenance or {}).get("date", "?")
+        return f"backend advice for {self.layout} on {self.gpu}: {self.flags()} (measured {when}: {spans})"
+
+
+def facts(layout: Layout, config: str, arch: str = "sm90") -> ServeFacts:
+    backend, env = SERVE_CONFIGS[config]
+    return ServeFacts(arch=arch, dtype="fp8", tp=layout.tp, dp=layout.dp, ep=layout.ep, moe_backend=backend,
+                      env=tuple(sorted(env.items())))
+
+
+def column(r: LayerRuntime) -> str | None:
+    """The bake-off backend that a layer kind's runtime is: what vLLM runs there."""
+    if r.error:
+        return None
+    if r.backend == "DEEPGEMM":
+        return "deepgemm_e8m0" if r.e8m0 else "hybrid"
+    return {"TRITON": "triton_tuned", "FLASHINFER_CUTLASS": "flashinfer"}.get(r.backend)
+
+
+def reads_tuned_file(layout: Layout, config: str) -> bool:
+    return any(layer_runtime(facts(layout, config), act).reads_tuned_file for act in ACTIVATIONS)
+
+
+def costs(rows, layout_name: str) -> dict[int, dict[str, float | None]]:
+    """Per M, per serve configuration: the weighted µs of one layer of each kind (None: a kind not measured)."""
+    layout = parse_layout(layout_name)
+    us = {(r.activation, r.m, r.backend): r.us for r in rows if r.layout == layout_name}
+    cols = {c: {act: column(layer_runtime(facts(layout, c), act)) for act in ACTIVATIONS} for c in SERVE_CONFIGS}
+    out: dict[int, dict[str, float | None]] = {}
+    for m in sorted({r.m for r in rows if r.layout == layout_name}):
+        out[m] = {}
+        for c, kinds in cols.items():
+            parts = [us.get((act, m, col)) for act, col in kinds.items()]
+            ok = all(p is not None for p in parts)
+            out[m][c] = sum(KIND_WEIGHTS[a] * p for a, p in zip(kinds, parts)) if ok else None
+    return out
+
+
+def fastest(per_m: dict[str, float | None]) -> str | None:
+    timed = {c: v for c, v in per_m.items() if v is not None}
+    return min(timed, key=timed.get) if timed else None
+
+
+def ranges(table: dict[int, dict[str, float | None]]) -> list[dict]:
+    """Consecutive batch sizes with the same fastest configuration."""
+    out: list[dict] = []
+    for m, per_m in sorted(table.items()):
+        best = fastest(per_m)
+        if out and out[-1]["fastest"] == best:
+            out[-1]["m_max"] = m
+        else:
+            out.append({"m_min": m, "m_max": m, "fastest": best})
+    return out
+
+
+def overall(table: dict[int, dict[str, float | None]]) -> str | None:
+    """The configuration one serve should use: smallest geometric mean of its time over the best, over the batch
+    sizes where every candidate was timed."""
+    full = [per_m for per_m in table.values() if all(v is not None for v in per_m.values())]
+    if not full:
+        return None
+    score = {c: math.exp(sum(math.log(p[c] / min(p.values())) for p in full) / len(full)) for c in full[0]}
+    return min(score, key=score.get)
+
+
+def entries_from(rows, gpu: str, provenance: dict) -> list[dict]:
+    out = []
+    for name in sorted({r.layout for r in rows}):
+        table = costs(rows, name)
+        pick = overall(table)
+        if pick is None:
+            continue
+        out.append({"gpu": gpu, "layout": name, "serve_config": pick, "measured": True,
+                    "why": "fastest over vLLM's batch sizes (geometric mean of time over the best per M)",
+                    "ranges": ranges(table), "us": {str(m): v for m, v in table.items()},
+                    "kind_weights": KIND_WEIGHTS, "provenance": provenance})
+    return out
+
+
+# ---- the data file ---------------------------------------------------------------------------------
+
+def load(path: Path | None = None) -> dict[tuple[str, str], Advice]:
+    path = path or DATA
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: not a readable backend-advice file ({type(exc).__name__})") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("entries"), list):
+        raise UsageError(f"{path}: not a schema-{SCHEMA} backend-advice file (needs 'schema' and 'entries')")
+    out = {}
+    for i, e in enumerate(data["entries"]):
+        out[(e.get("gpu"), e.get("layout"))] = _entry(e, f"{path}: entry {i}")
+    return out
+
+
+def _entry(e: dict, where: str) -> Advice:
+    need = {"gpu": str, "layout": str, "serve_config": str, "measured": bool, "why": str}
+    bad = [k for k, t in need.items() if not isinstance(e.get(k), t)]
+    if bad or e["serve_config"] not in SERVE_CONFIGS:
+        raise UsageError(f"{where}: needs {', '.join(need)}, serve_config one of {', '.join(SERVE_CONFIGS)}")
+    if e["measured"] and not isinstance(e.get("provenance"), dict):
+        raise UsageError(f"{where}: a measured entry needs its provenance")
+    parse_layout(e["layout"])
+    return Advice(e["gpu"], e["layout"], e["serve_config"], e["measured"], e["why"], tuple(e.get("ranges") or ()),
+                  e.get("provenance"))
+
+
+def merged(entries: list[dict], path: Path | None = None) -> dict:
+    """The data file with ``entries`` replacing those of the same (GPU, layout)."""
+    data = json.loads(Path(path or DATA).read_text())
+    new = {(e["gpu"], e["layout"]) for e in entries}
+    data["entries"] = [e for e in data["entries"] if (e["gpu"], e["layout"]) not in new] + entries
+    return data
+
+
+def advice_for(gpu: str, layout: Layout, dtype: str, path: Path | None = None) -> Advice | str | None:
+    """The advice for a serve: an Advice for block FP8, the one bf16 line, None where the file has no entry."""
+    if dtype != "fp8":
+        return BF16
+    return load(path).get((gpu, layout.name))

@@ -1,0 +1,88 @@
+"""vLLM 0.33's TritonExperts for block FP8, one call: what runs between routing and the final reduce.
+
+Mirrors, in order (vllm/model_executor/layers/fused_moe/...):
+1. the prepare step's activation quantisation: prepare_finalize/no_dp_ep.py:82 (TP) or naive_dp_ep.py:192
+   (DP+EP, each rank quantises its own M/DP rows before the all-gather) -> utils.py:464
+   moe_kernel_quantize_input -> per_token_group_quant_fp8 (use_ue8m0 None: is_deep_gemm_e8m0_used());
+2. experts/triton_moe.py:322 try_get_optimal_moe_config (the tuned file's nearest key, or vLLM's default);
+3. triton_moe.py:382 _prepare_expert_assignment (fused_moe.py:1549): naive assignment, or moe_align_block_size
+   over the global experts dropping remote slots (ignore_invalid_experts with an expert map);
+4. triton_moe.py:436 w13 launch (invoke_fused_moe_triton_kernel, no routed weights);
+5. triton_moe.py:525-550 the activation and re-quantisation: with SiLU, a [128,128] block and E8M0 off vLLM
+   calls the fused ops.silu_and_mul_per_block_quant; else activation (SiLU: _C silu_and_mul; SwiGLU-step:
+   activation.py:50 swiglustep_and_mul_triton) then moe_kernel_quantize_input;
+6. triton_moe.py:557 w2 launch with the routed weights (top_k 1);
+7. triton_moe.py:641 moe_sum over top-k.
+The tensors are allocated once (vLLM takes them from its workspace manager).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import launch, moe_ops
+from .configs import TileConfig
+from .kernel import Kernel
+from .layer_inputs import Batch, QuantWeights
+from .shapes import MoeShape
+
+
+class TritonPath:
+    """One (shape, M) of TritonExperts with one tile config; ``run`` is the timed call."""
+
+    def __init__(self, kernel: Kernel, helpers, shape: MoeShape, w: QuantWeights, b: Batch, *, config: TileConfig,
+                 activation: str, e8m0: bool, sm90: bool):
+        self.kernel, self.h, self.shape, self.w, self.b = kernel, helpers, shape, w, b
+        self.config, self.activation, self.e8m0, self.sm90 = config, activation, e8m0, sm90
+        m, k, n, top_k, dev = b.m, shape.k, w.n, shape.top_k, b.hidden.device
+        self.group = w.block[1]
+        act_dtype = b.hidden.dtype
+        # the other ranks' rows arrive quantised by the all-gather: quantise them once here
+        self.a1q, self.a1s = moe_ops.group_quant(helpers, b.hidden, self.group, use_ue8m0=e8m0)
+        self.c1 = torch.empty(m, top_k, 2 * n, device=dev, dtype=act_dtype)
+        self.c2 = torch.empty(m * top_k, n, device=dev, dtype=act_dtype)
+        self.c3 = torch.zeros(m, top_k, k, device=dev, dtype=act_dtype)  # remote slots are never written
+        self.out = torch.empty(m, k, device=dev, dtype=act_dtype)
+        self.stand_ins = ("per_token_group_fp8_quant", "moe_align_block_size", "moe_sum",
+                          "silu_and_mul_per_block_quant" if self.fused_silu_quant else
+                          ("silu_and_mul" if activation == "silu" else None))
+        self.stand_ins = tuple(s for s in self.stand_ins if s)
+
+    @property
+    def fused_silu_quant(self) -> bool:
+        """triton_moe.py:526-532: the fused _C op (clamp_limit is None for Step-3.5, no LoRA)."""
+        return self.activation == "silu" and self.w.block == (128, 128) and not self.e8m0
+
+    def _assignment(self) -> launch.Alignment:
+        s, b = self.shape, self.b
+        if launch.use_naive(b.m, s.top_k, s.global_experts, s.expert_parallel):
+            return launch.naive(b.topk_ids, self.config.BLOCK_SIZE_M)
+        return launch.align(b.topk_ids, self.config.BLOCK_SIZE_M, s.global_experts, b.expert_map, self.kernel)
+
+    def stand_in_ops(self) -> None:
+        """Only the steps this harness runs in place of vLLM's CUDA ops (alignment, silu_and_mul, moe_sum), on the
+        same tensors: their time is inside ``run``'s, where vLLM spends one CUDA kernel on each."""
+        self._assignment()
+        if self.activation == "silu":
+            moe_ops.silu_and_mul(self.c2, self.c1.view(-1, 2 * self.w.n))
+        torch.sum(self.c3, dim=1, out=self.out)
+
+    def run(self) -> torch.Tensor:
+        b, w, cfg, rows = self.b, self.w, self.config, self.b.local_rows
+        moe_ops.group_quant(self.h, b.hidden[:rows], self.group, use_ue8m0=self.e8m0, out_q=self.a1q[:rows],
+                            out_s=self.a1s[:rows])
+        al = self._assignment()
+        first = launch.Gemm(a=self.a1q, a_scale=self.a1s, b=w.w13, b_scale=w.w13_scale, c=self.c1,
+                            topk_weights=None, top_k=self.shape.top_k)
+        launch.invoke(self.kernel, first, al, cfg, block_shape=w.block, sm90=self.sm90)
+        flat = self.c1.view(-1, 2 * w.n)
+        if self.activation == "silu":
+            moe_ops.silu_and_mul(self.c2, flat)
+        else:
+            moe_ops.swiglustep_and_mul(self.h, self.c2, flat)
+        a2q, a2s = moe_ops.group_quant(self.h, self.c2, self.group, use_ue8m0=self.e8m0)
+        second = launch.Gemm(a=a2q, a_scale=a2s, b=w.w2, b_scale=w.w2_scale, c=self.c3,
+                             topk_weights=b.topk_weights, top_k=1)
+        launch.invoke(self.kernel, second, al, cfg, block_shape=w.block, sm90=self.sm90)
+        torch.sum(self.c3, dim=1, out=self.out)
+        return self.out
