@@ -117,6 +117,23 @@ def test_sweep_survives_a_killed_worker_and_writes_what_vllm_loads(tmp_path):
     assert snapshot(out) == before
 
 
+def test_four_workers_one_per_fake_gpu_share_the_jobs(tmp_path):
+    # DP4+EP of the tiny model over four declared GPUs: 4 local experts of 16 per GPU, one Ray worker per GPU.
+    out, sizes = tmp_path / "cfg4", "1,2,4,8,12,16,24,32"
+    argv = [*command(out), "--shape", "E=4,N=128"]
+    argv[argv.index("DP2+EP")], argv[argv.index("--num-gpus") + 1] = "DP4+EP", "4"
+    argv[argv.index("--batch-sizes") + 1] = sizes
+    run = subprocess.run(argv, capture_output=True, text=True, env=env(), timeout=1200)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "4 workers:" in run.stdout
+    rows = results(out)
+    assert sorted(r["m"] for r in rows) == [int(m) for m in sizes.split(",")]  # every job once
+    assert len({r["worker"] for r in rows}) == 4  # each worker took at least one (all start before the first job)
+    name = "E=4,N=128,device_name=NVIDIA_H200.json"
+    assert provenance.read(out / name).run.count == 4
+    assert sorted(vllm_loads(out, 4, 128)) == [int(m) for m in sizes.split(",")]
+
+
 def written_triton(path: Path) -> str:
     return json.loads(path.read_text())["triton_version"]
 
