@@ -10,6 +10,7 @@
 #                      and bring its results.jsonl, run.json and written files back under $OUT/NAME*;
 #                      runs named alike up to the first '-' share a Triton cache (w1 and main-* do not)
 #   kill-after SECS    in the background: SIGKILL one tune-moe Ray worker after SECS seconds
+#   cli NAME SECS ARGS...  any `tune-moe ARGS` (verify, report, ...) in this environment, log to $OUT/NAME.log
 #
 # The backend bake-off (tune-moe compare-backends; benchmarks/README.md has the calls in order):
 #   pack-sources       run HERE, not on the GPU machine: vLLM 0.33's source files the bake-off loads (.gpu/vllm-src/)
@@ -24,6 +25,12 @@
 #   bakeoff NAME SECS ARGS...  `tune-moe compare-backends ARGS` for at most SECS seconds (SIGINT then), vLLM's
 #                      sources from .gpu/vllm-src, DeepGEMM from /tmp/dg; log, JSON and advice under $OUT/NAME.*; the
 #                      advice accumulates over the calls in /tmp/runs/backend_advice.json
+#
+# The reduced validation serve on vLLM 0.26.0 (../shared/tools/pack-vllm-site.sh parts, stashed first):
+#   vllm-setup         join /tmp/stash/vllm026-site.tar.xz.part0..2, check the sha256, unpack to /tmp/v026site
+#   serve-bg NAME ARGS...  start `tune-moe validate-serve ARGS --out /tmp/runs/NAME` detached, with vLLM 0.26 on
+#                      PYTHONPATH and PATH and VLLM_USE_FLASHINFER_SAMPLER=0 (an A/B outlives one 10-minute call)
+#   serve-wait NAME SECS   wait at most SECS for it; bring its log and a tar of its folder back under $OUT
 #
 # The environment every stage exports: Triton 3.8.0 (the Triton vLLM 0.33.0 runs) ahead of the machine's
 # own when it was unpacked, Ray, FlashInfer, and this checkout. The kernel is vLLM 0.33.0's,
@@ -115,10 +122,35 @@ g("90"); print("built fused_moe_90")' > /tmp/fi-build.log 2>&1 < /dev/null &
     set -e
     cp "$runs/backend_advice.json" "$OUT/$name.advice.json" 2>/dev/null || true
     echo "$name: exit $rc" | tee -a "$OUT/$name.log" ;;
+  vllm-setup)
+    cd /tmp/stash && cat vllm026-site.tar.xz.part0 vllm026-site.tar.xz.part1 vllm026-site.tar.xz.part2 > vllm026-site.tar.xz
+    sha256sum -c vllm026-site.tar.xz.sha256 && mkdir -p /tmp/v026site && xz -dc vllm026-site.tar.xz | tar x -C /tmp/v026site
+    rm -f vllm026-site.tar.xz* && cd - >/dev/null
+    PYTHONPATH=/tmp/v026site:$PYTHONPATH python3 -c 'import vllm, torch, triton; print("vllm", vllm.__version__, "torch",
+      torch.__version__, "triton", triton.__version__)' 2>&1 | tail -1 ;;
+  serve-bg)
+    name=$1; shift
+    mkdir -p "$runs"
+    PYTHONPATH=/tmp/v026site:$PYTHONPATH PATH=/tmp/v026site/bin:$PATH VLLM_USE_FLASHINFER_SAMPLER=0 \
+      setsid nohup python3 -m tuning.cli validate-serve "$@" --out "$runs/$name" > "$runs/$name.log" 2>&1 < /dev/null &
+    echo "validate-serve $name started (log $runs/$name.log; it outlives the call while the machine stays warm)" ;;
+  serve-wait)
+    name=$1 secs=$2
+    end=$(( $(date +%s) + secs ))
+    while pgrep -f "validate-serve .*$runs/$name" >/dev/null && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
+    if pgrep -f "validate-serve .*$runs/$name" >/dev/null; then echo "$name: still running"; else echo "$name: ended"; fi
+    tail -15 "$runs/$name.log"
+    cp "$runs/$name.log" "$OUT/" && (cd "$runs" && tar cf "$OUT/$name.tar" "$name" 2>/dev/null) || true ;;
+  cli)
+    name=$1 secs=$2; shift 2
+    set +e
+    timeout -s INT -k 30 "$secs" python3 -m tuning.cli "$@" > "$OUT/$name.log" 2>&1
+    echo "$name: exit $?" | tee -a "$OUT/$name.log"
+    set -e ;;
   kill-after)
     secs=$1
     (sleep "$secs"; pid=$(pgrep -f 'ray::TuneWorker' | head -1)
      if [ -n "$pid" ]; then kill -9 "$pid" && echo "SIGKILL sent to worker pid $pid at $(date +%T)" >> "$OUT/kill.log"; fi) &
     ;;
-  *) sed -n '2,31p' "$0"; exit 2 ;;
+  *) sed -n '2,38p' "$0"; exit 2 ;;
 esac
