@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layouts", default=DEFAULT_LAYOUTS, help=f"FP8 layouts (default: {DEFAULT_LAYOUTS})")
     p.add_argument("--batch-sizes", help="comma list of M (default: vLLM's 18 tuning sizes)")
     p.add_argument("--configs", help="tuned Triton configs (default: kernels_configs/<device_name>)")
-    p.add_argument("--vllm-src", help="folder holding vllm/ (benchmarks/gpu_stage.sh stash-vllm) or a vLLM wheel; "
+    p.add_argument("--vllm-src", help="folder holding vllm/ (benchmarks/gpu_stage.sh pack-sources) or a vLLM wheel; "
                                       "default: the installed vLLM's files")
     p.add_argument("--vllm-version", help="vLLM version of --vllm-src when it cannot tell")
     p.add_argument("--deep-gemm-path", help="folder holding deep_gemm/ to import first (e.g. a copy of vllm/third_party)")

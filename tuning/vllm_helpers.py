@@ -59,7 +59,7 @@ class VllmSource:
         file = root / rel
         if not file.is_file():
             raise UsageError(f"--vllm-src {root}: no {rel} there; pass a folder holding vllm/ "
-                             "(benchmarks/gpu_stage.sh stash-vllm makes one) or a vLLM wheel")
+                             "(benchmarks/gpu_stage.sh pack-sources makes one) or a vLLM wheel")
         return file.read_text()
 
     @property
