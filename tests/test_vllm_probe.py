@@ -259,3 +259,35 @@ def test_the_accepted_moe_backends_are_vllms():
     from tuning.vllm_rules import MOE_BACKENDS
 
     assert MOE_BACKENDS == typing.get_args(MoEBackend)
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install -e '.[vllm]')")
+def test_deepgemm_dispatch_is_vllms():
+    # vllm_rules.deepgemm_runs mirrors TritonOrDeepGemmExperts._select_experts_impl (E8M0 on: always DeepGEMM;
+    # off: vLLM's _valid_deep_gemm). Both of vLLM's functions run here on meta tensors, E8M0 patched both ways.
+    from vllm.model_executor.layers.fused_moe.experts import triton_deep_gemm_moe as tdg
+    from vllm.model_executor.layers.fused_moe.experts.deep_gemm_moe import _valid_deep_gemm
+
+    from tuning.vllm_rules import deepgemm_runs
+
+    import torch
+
+    fp8, experts, seen = torch.float8_e4m3fn, 8, set()
+    select = tdg.TritonOrDeepGemmExperts._select_experts_impl
+    chooser = type("Chooser", (), {"experts": "deep_gemm", "fallback_experts": "triton"})()
+    for m, n, k in itertools.product((1, 16, 127, 128, 129, 256, 4096), (160, 256, 320, 384, 512, 640, 1280),
+                                     (4096, 4000)):
+        hidden = torch.empty(m, k, device="meta", dtype=torch.bfloat16)
+        w1 = torch.empty(experts, 2 * n, k, device="meta", dtype=fp8)
+        w2 = torch.empty(experts, k, n, device="meta", dtype=fp8)
+        assert _valid_deep_gemm(hidden, w1, w2) == deepgemm_runs(m, n, k, e8m0=False), (m, n, k)
+        for e8m0 in (True, False):
+            original = tdg.is_deep_gemm_e8m0_used
+            tdg.is_deep_gemm_e8m0_used = lambda e8m0=e8m0: e8m0
+            try:
+                vllm_says = select(chooser, hidden, w1, w2) == "deep_gemm"
+            finally:
+                tdg.is_deep_gemm_e8m0_used = original
+            assert vllm_says == deepgemm_runs(m, n, k, e8m0=e8m0), (m, n, k, e8m0)
+            seen.add(vllm_says)
+    assert seen == {True, False}  # the grid reaches both answers
