@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tuning.cli import main
 from tuning.kernel import installed_fused_moe
 
 if not torch.cuda.is_available():
@@ -59,3 +60,23 @@ def provenance_for(config_path: Path, configs: dict, *, triton: str = "3.8.0", v
     return Provenance(file=Path(config_path).name, shape=shape, layouts=layouts, gpu_key="H200", run=run,
                       search={"strategy": "guided", "routing": "uniform", "seed": 0, "scope": "gemms"},
                       started="2026-11-30T00:00:00Z", finished="2026-11-30T00:01:00Z", tuning_seconds=60.0, rows=rows)
+
+
+@pytest.fixture
+def tune(tmp_path, monkeypatch, capsys):
+    """Run ``tune-moe`` in-process in an empty folder with no nvidia-smi on PATH; returns (rc, stdout, stderr)."""
+    empty_bin = tmp_path / "empty-bin"
+    empty_bin.mkdir()
+    monkeypatch.setenv("PATH", str(empty_bin))
+    monkeypatch.chdir(tmp_path)
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        try:
+            rc = main(list(argv))
+        except SystemExit as exc:  # argparse's own errors
+            rc = exc.code
+        out, err = capsys.readouterr()
+        assert not (tmp_path / "kernels_configs").exists()
+        return rc, out, err
+
+    return run

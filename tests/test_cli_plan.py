@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from tuning.cli import main
 from tuning.shapes import BATCH_SIZES
 
 FIXTURES = Path(__file__).parent / "fixtures" / "foundation"
@@ -43,26 +42,6 @@ def missing_line(name: str) -> str:
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
-
-
-@pytest.fixture
-def tune(tmp_path, monkeypatch, capsys):
-    """Run ``tune-moe`` in-process in an empty folder with no nvidia-smi on PATH; returns (rc, stdout, stderr)."""
-    empty_bin = tmp_path / "empty-bin"
-    empty_bin.mkdir()
-    monkeypatch.setenv("PATH", str(empty_bin))
-    monkeypatch.chdir(tmp_path)
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        try:
-            rc = main(list(argv))
-        except SystemExit as exc:  # argparse's own errors
-            rc = exc.code
-        out, err = capsys.readouterr()
-        assert not (tmp_path / "kernels_configs").exists()
-        return rc, out, err
-
-    return run
 
 
 def one_error_line(err: str) -> str:

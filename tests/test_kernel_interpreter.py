@@ -93,6 +93,11 @@ def test_missing_source_is_a_usage_error(tmp_path):
     (FP8_EP, 16, False),
 ])
 def test_default_config_matches_float_reference(kernel, shape, m, naive):
+    assert_default_config_matches(kernel, shape, m, naive)
+
+
+def assert_default_config_matches(kernel, shape: MoeShape, m: int, naive: bool) -> None:
+    """vLLM's default config for (shape, M) takes the expected path and equals the float reference."""
     runner = Runner(kernel, shape, m, H200, Routing(), seed=1)
     assert (runner.alignment(16).sorted_token_ids is None) is naive
     err = runner.check(runner.default_config())

@@ -20,17 +20,16 @@ import pytest
 import torch
 
 from tuning import launch
-from tuning.cli import main
 from tuning.configs import TileConfig
 from tuning.errors import UsageError
-from tuning.gpus import get_gpu
-from tuning.inputs import TOLERANCE, build_problem
+from tuning.inputs import build_problem
 from tuning.kernel import KernelSource
 from tuning.routing import Routing
 from tuning.runner import Runner
 from tuning.shapes import BATCH_SIZES, MoeShape
 from tuning.triton_pins import mismatch, target_triton
 from tuning.vllm_source import KNOWN_SOURCES, read_signature
+from test_kernel_interpreter import EP, FP8_EP, FP8_TP, H200, TP, assert_default_config_matches
 from wheel_member import OFFLINE, fetch_member
 
 WHEEL = "vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl"
@@ -40,11 +39,6 @@ METADATA = "vllm-0.26.0.dist-info/METADATA"
 SHA256 = {FUSED_MOE: next(sha for sha, v in KNOWN_SOURCES.items() if v == "0.26.0"),
           METADATA: "3d4bb60795893f064bf3d3b9dce702ff853131e9cc489047762dff6959215cf1"}
 
-H200 = get_gpu("H200")
-TP = MoeShape(16, 16, 64, 128, 2, "bf16")
-EP = MoeShape(8, 16, 64, 128, 2, "bf16")
-FP8_TP = MoeShape(16, 16, 128, 256, 2, "fp8", (64, 64))
-FP8_EP = MoeShape(8, 16, 128, 256, 2, "fp8", (64, 64))
 FP8_ONE_N_BLOCK = MoeShape(8, 16, 128, 64, 2, "fp8", (64, 64))  # w2's scales have one N block: stride_bsn differs
 
 
@@ -163,10 +157,7 @@ def test_default_config_is_the_same_as_0_33s_for_bf16_and_block_fp8(kernel, fuse
     (FP8_EP, 16, False),
 ])
 def test_default_config_matches_float_reference(kernel, shape, m, naive):
-    runner = Runner(kernel, shape, m, H200, Routing(), seed=1)
-    assert (runner.alignment(16).sorted_token_ids is None) is naive
-    err = runner.check(runner.default_config())
-    assert err <= TOLERANCE[shape.dtype if shape.dtype == "fp8" else "bf16"] and err < 5e-3
+    assert_default_config_matches(kernel, shape, m, naive)
 
 
 def test_ep_aligns_the_remote_slots_under_0_26_and_drops_them_under_0_33():
@@ -238,19 +229,10 @@ def test_launch_equals_0_26s_own_invoke(kernel, src, shape, sm90):
 
 
 @pytest.fixture
-def tune(tmp_path, monkeypatch, capsys):
-    empty_bin = tmp_path / "empty-bin"
-    empty_bin.mkdir()
-    monkeypatch.setenv("PATH", str(empty_bin))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("tuning.tune.compiling_triton", lambda: "3.6.0")  # the H200 machine's own Triton
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        rc = main(list(argv))
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return run
+def tune(tune, monkeypatch):
+    """conftest's in-process tune-moe, compiling with Triton 3.6.0: the H200 machine's own, the one 0.26 runs."""
+    monkeypatch.setattr("tuning.tune.compiling_triton", lambda: "3.6.0")
+    return tune
 
 
 def test_dry_run_plans_0_26s_bf16_files_and_names_its_triton(tune, src):
