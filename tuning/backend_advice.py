@@ -15,9 +15,9 @@ not in the model geometry; 1:1 is recorded with the measurement).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import geometric_mean
 
 from .errors import UsageError
 from .shapes import Layout, parse_layout
@@ -124,7 +124,7 @@ def overall(table: dict[int, dict[str, float | None]]) -> str | None:
     full = [per_m for per_m in table.values() if all(v is not None for v in per_m.values())]
     if not full:
         return None
-    score = {c: math.exp(sum(math.log(p[c] / min(p.values())) for p in full) / len(full)) for c in full[0]}
+    score = {c: geometric_mean([p[c] / min(p.values()) for p in full]) for c in full[0]}
     return min(score, key=score.get)
 
 

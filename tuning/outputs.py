@@ -8,10 +8,10 @@ rewrites nothing, so provenance always comes from the run that tuned the file.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from statistics import geometric_mean
 
 from . import configs, provenance
 from .configs import TileConfig
@@ -100,7 +100,7 @@ def summary(plan: Plan, results: dict[tuple[str, int], JobResult]) -> str:
             lines.append(f"{shape.label:<34} {r.m:>5} {r.default_us:>11.1f} {r.tuned_us:>9.1f} {r.speedup:>7.3f}x "
                          f"{pct:>11}  {r.tuned.short}")
         if rows:
-            geo = math.exp(sum(math.log(r.speedup) for r in rows) / len(rows))
+            geo = geometric_mean([r.speedup for r in rows])
             worst = min(rows, key=lambda r: r.speedup)
             lines.append(f"{shape.label:<34} geomean {geo:.3f}x, worst {worst.speedup:.3f}x at M={worst.m}")
     return "\n".join(lines)

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from statistics import geometric_mean
 
 from . import provenance
 from .configs import CONFIGS_ROOT, read_config_file
@@ -29,10 +29,6 @@ from .triton_pins import mismatch, target_triton
 BEGIN = "<!-- tune-moe:report:begin -->"
 END = "<!-- tune-moe:report:end -->"
 DEFAULT_ROOT = CONFIGS_ROOT
-
-
-def _geomean(values: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 @dataclass(frozen=True)
@@ -51,7 +47,7 @@ class ShapeReport:
 
     @property
     def geomean(self) -> float:
-        return _geomean([r.speedup for r in self.rows])
+        return geometric_mean([r.speedup for r in self.rows])
 
     @property
     def worst(self) -> BatchRow:
@@ -89,7 +85,7 @@ class Alternative:
 
     @property
     def geomean(self) -> float:
-        return _geomean(self.ratios)
+        return geometric_mean(self.ratios)
 
 
 def alternatives(reports: list[ShapeReport]) -> list[Alternative]:
