@@ -138,9 +138,14 @@ def _import_kernels(source: str, version: str, path: Path) -> tuple[ModuleType, 
     removed again."""
     chunks = ["\n".join(source.splitlines()[first_line(node) - 1:node.end_lineno])
               for node in kept_defs(source, path)]
-    text = _PRELUDE + "\n\n\n".join(chunks) + "\n"
-    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-    name = f"tune_moe_vllm_kernels_{digest}"
+    return import_text(_PRELUDE + "\n\n\n".join(chunks) + "\n", "tune_moe_vllm_kernels", path)
+
+
+def import_text(text: str, prefix: str, path) -> tuple[ModuleType, Callable[[], None]]:
+    """Import ``text`` as a module file in the cache, named by its hash; the module, and a function that forgets it
+    and removes what this call wrote (the cache is left as it was). A module whose code fails at import is bad
+    input from ``--vllm-src path``: one line."""
+    name = f"{prefix}_{hashlib.sha256(text.encode()).hexdigest()[:16]}"
     if name in sys.modules:
         return sys.modules[name], lambda: None
     file = CACHE_DIR / f"{name}.py"

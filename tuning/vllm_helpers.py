@@ -14,16 +14,14 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
-import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 from .errors import UsageError
-from .files import atomic_write_text
-from .kernel import CACHE_DIR
-from .vllm_source import version_near
+from .kernel import import_text
+from .vllm_source import first_line, is_triton_jit, version_near
 
 FUSED_MOE_DIR = "vllm/model_executor/layers/fused_moe"
 # vLLM source file -> the @triton.jit functions taken from it (in an order that defines callees first).
@@ -88,21 +86,14 @@ def _installed(rel: str) -> Path:
 
 def jit_functions(source: str, names: tuple[str, ...], origin: str) -> list[str]:
     """The text of each named top-level ``@triton.jit`` function of ``source``, decorators included."""
-    tree = ast.parse(source)
-    found = {}
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and node.name in names and _is_jit(node):
-            start = node.decorator_list[0].lineno
-            found[node.name] = "\n".join(source.splitlines()[start - 1:node.end_lineno])
+    found = {node.name: "\n".join(source.splitlines()[first_line(node) - 1:node.end_lineno])
+             for node in ast.parse(source).body
+             if isinstance(node, ast.FunctionDef) and node.name in names and is_triton_jit(node)}
     missing = [n for n in names if n not in found]
     if missing:
         raise UsageError(f"{origin}: lacks the @triton.jit function(s) {', '.join(missing)}; "
                          "this is not vLLM 0.33's source")
     return [found[n] for n in names]
-
-
-def _is_jit(node: ast.FunctionDef) -> bool:
-    return any(ast.unparse(d).split("(")[0] in ("triton.jit", "jit") for d in node.decorator_list)
 
 
 def load_helpers(src: VllmSource) -> ModuleType:
@@ -111,16 +102,6 @@ def load_helpers(src: VllmSource) -> ModuleType:
     for rel, names in HELPERS.items():
         chunks += jit_functions(src.read(rel), names, f"{src.path or 'installed vLLM'}: {rel}")
     text = _PRELUDE + "\n\n\n".join(chunks) + "\n"
-    name = f"tune_moe_vllm_helpers_{hashlib.sha256(text.encode()).hexdigest()[:16]}"
-    if name in sys.modules:
-        return sys.modules[name]
-    file = CACHE_DIR / f"{name}.py"
-    if not file.exists():
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(file, text)
-    spec = importlib.util.spec_from_file_location(name, file)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
+    module, _ = import_text(text, "tune_moe_vllm_helpers", src.path or "(installed vLLM)")
     module.SOURCE_SHA256 = hashlib.sha256(text.encode()).hexdigest()
     return module
