@@ -107,15 +107,15 @@ def build_problem(shape: MoeShape, m: int, routing: Routing, seed: int, device, 
     gen = torch.Generator().manual_seed(seed * 1_000_003 + m)
     dgen = None if device.type == "meta" else torch.Generator(device=device).manual_seed(seed)
     E, N, K, k = shape.num_experts, shape.n, shape.k, shape.top_k
-    w13 = _weights((E, 2 * N, K), dgen, device, act_dtype)
-    w2 = _weights((E, K, N), dgen, device, act_dtype)
+    w13 = random_weights((E, 2 * N, K), dgen, device, act_dtype)
+    w2 = random_weights((E, K, N), dgen, device, act_dtype)
     hidden = _randn((m, K), dgen, device).to(act_dtype)
     inter = _randn((m * k, N), dgen, device).to(act_dtype)
     ids, weights = route(m, shape, routing, gen, device)
     a1, s13, s2, a1s, a2s = hidden, None, None, None, None
     if shape.dtype == "fp8":
-        w13, s13 = _quant_chunked(w13, shape.block_shape)
-        w2, s2 = _quant_chunked(w2, shape.block_shape)
+        w13, s13 = quant_chunked(w13, shape.block_shape)
+        w2, s2 = quant_chunked(w2, shape.block_shape)
         a1, a1s = quant_groups(hidden, shape.block_shape[1])
         inter, a2s = quant_groups(inter, shape.block_shape[1])
     return Problem(shape=shape, m=m, hidden=hidden, a1=a1, a1_scale=a1s, w13=w13, w13_scale=s13, a2=inter,
@@ -125,7 +125,7 @@ def build_problem(shape: MoeShape, m: int, routing: Routing, seed: int, device, 
                    c3=torch.empty(m, k, K, device=device, dtype=act_dtype))
 
 
-def _weights(size, gen, device, dtype) -> torch.Tensor:
+def random_weights(size, gen, device, dtype) -> torch.Tensor:
     """N(0, 1/fan_in) weights, generated one expert at a time to bound peak memory."""
     out = torch.empty(size, device=device, dtype=dtype)
     if device.type != "meta":
@@ -140,7 +140,7 @@ def _randn(size, gen, device) -> torch.Tensor:
     return torch.randn(size, generator=gen, device=device, dtype=torch.float32)
 
 
-def _quant_chunked(w: torch.Tensor, block) -> tuple[torch.Tensor, torch.Tensor]:
+def quant_chunked(w: torch.Tensor, block) -> tuple[torch.Tensor, torch.Tensor]:
     parts = [quant_blocks(w[e: e + 8], block) for e in range(0, w.shape[0], 8)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 

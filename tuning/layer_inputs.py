@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .inputs import _quant_chunked, _weights, expert_map, route
+from .inputs import expert_map, quant_chunked, random_weights, route
 from .routing import Routing
 from .shapes import MoeShape
 
@@ -68,8 +68,8 @@ class Batch:
 def float_weights(shape: MoeShape, seed: int, device, dtype=torch.bfloat16) -> FloatWeights:
     gen = None if torch.device(device).type == "meta" else torch.Generator(device=device).manual_seed(seed)
     e, n, k = shape.num_experts, shape.n, shape.k
-    return FloatWeights(_weights((e, 2 * n, k), gen, torch.device(device), dtype),
-                        _weights((e, k, n), gen, torch.device(device), dtype))
+    return FloatWeights(random_weights((e, 2 * n, k), gen, torch.device(device), dtype),
+                        random_weights((e, k, n), gen, torch.device(device), dtype))
 
 
 def padded(w: FloatWeights, n: int) -> FloatWeights:
@@ -84,8 +84,8 @@ def padded(w: FloatWeights, n: int) -> FloatWeights:
 
 def quantised(w: FloatWeights, block: tuple[int, int], n: int | None = None) -> QuantWeights:
     w = padded(w, n or w.n)
-    w13, s13 = _quant_chunked(w.w13, block)
-    w2, s2 = _quant_chunked(w.w2, block)
+    w13, s13 = quant_chunked(w.w13, block)
+    w2, s2 = quant_chunked(w.w2, block)
     return QuantWeights(w13, s13, w2, s2, tuple(block))
 
 
