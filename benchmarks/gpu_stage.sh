@@ -55,6 +55,7 @@ case "$stage" in
       mkdir -p /tmp/t38
       cat /tmp/stash/part-00 "$@" | python3 /tmp/stash/unzstd.py | tar xf - -C /tmp/t38
       chmod +x /tmp/t38/triton/backends/nvidia/bin/*  # the pack is made from the wheel's zip, which keeps no modes
+      export TRITON_BACKENDS_IN_TREE=1
     fi
     python3 /tmp/stash/unzstd.py < /tmp/stash/ray-site.tar.zst | tar xf - -C /tmp/ray
     python3 -c 'import triton, ray, torch; print("triton", triton.__version__, "ray", ray.__version__, "torch",
@@ -92,6 +93,7 @@ print("vLLM sources:", len(FILES), "files in .gpu/vllm-src")'
     mkdir -p /tmp/t38
     cat /tmp/stash/part-00 "$@" | python3 /tmp/stash/unzstd.py | tar xf - -C /tmp/t38
     chmod +x /tmp/t38/triton/backends/nvidia/bin/*
+    export TRITON_BACKENDS_IN_TREE=1  # set at the top only when /tmp/t38 already existed
     python3 -c 'import triton, torch; print("triton", triton.__version__, "torch", torch.__version__)' ;;
   setup-dg)
     mkdir -p /tmp/dg && python3 /tmp/stash/unzstd.py < /tmp/stash/dg.tar.zst | tar xf - -C /tmp/dg

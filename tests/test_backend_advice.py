@@ -2,6 +2,7 @@
 configuration, what vLLM 0.33 runs on each layer kind, summed), and its round trip."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -13,17 +14,47 @@ from tuning.shapes import parse_layout
 LAYOUTS = ("TP2", "TP4", "TP8", "DP2+EP", "DP4+EP", "DP8+EP")
 
 
-def test_committed_file_is_unmeasured_and_keeps_the_earlier_advice():
+RESULTS = Path(__file__).parents[1] / "benchmarks" / "results" / "bakeoff-h200"
+
+
+def test_committed_file_is_what_the_recorded_bake_off_gives(tmp_path, capsys):
+    """data/backend_advice.json is the H200 bake-off's measurements (benchmarks/results/bakeoff-h200) under the
+    current rule: re-deriving it from the recorded rows changes nothing."""
+    from tuning.cli import main
+
+    out = tmp_path / "advice.json"
+    assert main(["compare-backends", "--gpu", "H200", "--from-json", str(RESULTS / "tp.json"),
+                 str(RESULTS / "ep4.json"), "--write-advice", str(out)]) == 0
+    assert json.loads(out.read_text()) == json.loads(adv.DATA.read_text())
+    assert "TP4 (measured 2026-11-30" in capsys.readouterr().out
     table = adv.load()
     assert sorted(layout for _, layout in table) == sorted(LAYOUTS)
-    for (gpu, layout), a in table.items():
-        assert gpu == "H200" and not a.measured and a.provenance is None and a.ranges == ()
-        assert a.serve_config == ("triton" if "EP" in layout else "auto")
-        assert "unmeasured" in a.line()
-    assert json.loads(adv.DATA.read_text())["status"] == "not measured"
+    assert {layout: (a.measured, a.serve_config) for (_, layout), a in table.items()} == {
+        "TP2": (True, "auto"), "TP4": (True, "deep_gemm_e8m0_off"), "TP8": (True, "deep_gemm_e8m0_off"),
+        "DP2+EP": (False, "triton"), "DP4+EP": (False, "triton"), "DP8+EP": (False, "triton")}
+    assert json.loads(adv.DATA.read_text())["status"] == "3 of 6 layouts measured"
+    assert "N=384 instead of 320: 20% more expert weight memory" in table[("H200", "TP4")].line()
+    assert "unmeasured: auto not timed (flashinfer:" in table[("H200", "DP4+EP")].line()
     assert adv.advice_for("H200", parse_layout("DP4+EP"), "fp8").flags() == "--moe-backend triton"
+    assert adv.advice_for("H200", parse_layout("TP4"), "fp8").flags() == \
+        "VLLM_USE_DEEP_GEMM_E8M0=0 --moe-backend deep_gemm"
     assert adv.advice_for("H200", parse_layout("TP4"), "bf16") == adv.BF16
     assert adv.advice_for("B200", parse_layout("TP4"), "fp8") is None
+
+
+def test_a_tie_names_vllms_default_and_stand_ins_can_hold_the_pick_back():
+    assert adv.fastest({"auto": 102.0, "triton": 102.0, "deep_gemm": 150.0, "deep_gemm_e8m0_off": 100.0}) == "auto"
+    assert adv.fastest({"auto": 104.0, "triton": 104.0, "deep_gemm": 150.0, "deep_gemm_e8m0_off": 100.0}) == \
+        "deep_gemm_e8m0_off"
+    # Triton 120 µs of which 40 are the harness's stand-ins; DeepGEMM 100 µs with none
+    us = {(a, m, b): v for a in adv.ACTIVATIONS for m in (1, 64)
+          for b, v in (("triton_tuned", 120.0), ("deepgemm_e8m0", 100.0), ("hybrid", 130.0))}
+    got = [Measured("TP2", a, m, b, "fp8 E=288 N=640 [128,128]", us=v, standin_us=40.0 if b != "deepgemm_e8m0" else None)
+           for (a, m, b), v in us.items()]
+    (entry,) = adv.entries_from(got, "H200", {"date": "2026-12-01"})
+    assert entry["serve_config"] == "deep_gemm" and entry["measured"]
+    assert "without the time of this harness's stand-ins for vLLM's CUDA ops auto would be" in entry["why"]
+    assert entry["us_without_standins"]["1"]["auto"] == 160.0 and entry["note"] == ""
 
 
 @pytest.mark.parametrize("text,match", [
@@ -86,7 +117,10 @@ def test_a_bake_off_becomes_measured_entries_the_readers_load(tmp_path):
     assert len(table) == len(LAYOUTS)
     a = table[("H200", "DP4+EP")]
     assert a.measured and a.provenance == prov and "measured 2026-12-01: M 1-64: triton; M 1024-1024: deep_gemm" in a.line()
-    assert not table[("H200", "TP4")].measured
+    assert not table[("H200", "DP2+EP")].measured  # untouched, and a partial entry keeps its configuration:
+    partial = adv.entries_from(rows("DP2+EP", {k: v for k, v in EP_US.items() if k[2] != "flashinfer"}), "H200", prov)
+    kept = adv.merged(partial)
+    assert [(e["serve_config"], e["measured"]) for e in kept["entries"] if e["layout"] == "DP2+EP"] == [("triton", False)]
 
 
 def test_compare_backends_writes_its_rows_and_merges_advice_from_finished_layouts(tmp_path):
@@ -112,3 +146,14 @@ def test_compare_backends_writes_its_rows_and_merges_advice_from_finished_layout
     assert line == (f"VLLM_USE_DEEP_GEMM_E8M0=0 VLLM_TUNED_CONFIG_FOLDER={tmp_path.resolve()} vllm serve "
                     "stepfun-ai/Step-3.5-Flash-FP8 --data-parallel-size 4 --enable-expert-parallel --moe-backend deep_gemm")
     assert serve_command("TP4", "auto", tmp_path).endswith("--tensor-parallel-size 4")
+
+
+def test_from_json_refuses_a_file_that_is_not_a_bake_off(tmp_path, capsys):
+    from tuning.cli import main
+
+    bad = tmp_path / "other.json"
+    bad.write_text('{"rows": []}')
+    out = tmp_path / "advice.json"
+    assert main(["compare-backends", "--gpu", "H200", "--from-json", str(bad), "--write-advice", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a compare-backends --json-out file" in err[0] and not out.exists()

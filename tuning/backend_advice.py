@@ -15,6 +15,7 @@ not in the model geometry; 1:1 is recorded with the measurement).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import geometric_mean
@@ -32,6 +33,7 @@ SERVE_CONFIGS = {  # name -> (--moe-backend, VLLM_* variables)
     "deep_gemm_e8m0_off": ("deep_gemm", {"VLLM_USE_DEEP_GEMM_E8M0": "0"}),
 }
 KIND_WEIGHTS = {"silu": 1.0, "swiglustep": 1.0}
+TIE = 0.03  # configurations within 3% of the fastest are equal: the run-to-run spread of one layer's time
 BF16 = "bf16 needs no bake-off: vLLM 0.33 runs Triton (TritonExperts) for bf16 on Hopper on both layer kinds"
 TUNED_VAR = "VLLM_TUNED_CONFIG_FOLDER"
 
@@ -45,6 +47,7 @@ class Advice:
     why: str
     ranges: tuple[dict, ...] = ()
     provenance: dict | None = None
+    note: str = ""  # what else the pick costs (the padded shard's weight memory)
 
     @property
     def moe_backend(self) -> str:
@@ -64,7 +67,8 @@ class Advice:
             return f"backend advice for {self.layout} on {self.gpu}: {self.flags()} (unmeasured: {self.why})"
         spans = "; ".join(f"M {r['m_min']}-{r['m_max']}: {r['fastest']}" for r in self.ranges)
         when = (self.provenance or {}).get("date", "?")
-        return f"backend advice for {self.layout} on {self.gpu}: {self.flags()} (measured {when}: {spans})"
+        note = f"; {self.note}" if self.note else ""
+        return f"backend advice for {self.layout} on {self.gpu}: {self.flags()} (measured {when}: {spans}{note})"
 
 
 def facts(layout: Layout, config: str, arch: str = "sm90") -> ServeFacts:
@@ -86,10 +90,13 @@ def reads_tuned_file(layout: Layout, config: str) -> bool:
     return any(layer_runtime(facts(layout, config), act).reads_tuned_file for act in ACTIVATIONS)
 
 
-def costs(rows, layout_name: str) -> dict[int, dict[str, float | None]]:
-    """Per M, per serve configuration: the weighted µs of one layer of each kind (None: a kind not measured)."""
+def costs(rows, layout_name: str, *, standins: bool = True) -> dict[int, dict[str, float | None]]:
+    """Per M, per serve configuration: the weighted µs of one layer of each kind (None: a kind not measured).
+    ``standins=False`` takes out the measured time of this harness's torch stand-ins for vLLM's CUDA ops
+    (``Measured.standin_us``): a lower bound where vLLM's own ops replace them."""
     layout = parse_layout(layout_name)
-    us = {(r.activation, r.m, r.backend): r.us for r in rows if r.layout == layout_name}
+    us = {(r.activation, r.m, r.backend): (r.us if standins or r.us is None else r.us - (r.standin_us or 0.0))
+          for r in rows if r.layout == layout_name}
     cols = {c: {act: column(layer_runtime(facts(layout, c), act)) for act in ACTIVATIONS} for c in SERVE_CONFIGS}
     out: dict[int, dict[str, float | None]] = {}
     for m in sorted({r.m for r in rows if r.layout == layout_name}):
@@ -102,8 +109,13 @@ def costs(rows, layout_name: str) -> dict[int, dict[str, float | None]]:
 
 
 def fastest(per_m: dict[str, float | None]) -> str | None:
+    """The fastest configuration; those within ``TIE`` of it count as equal, and the first of them in
+    ``SERVE_CONFIGS`` order (vLLM's default first) is named, so noise never moves a user off the default."""
     timed = {c: v for c, v in per_m.items() if v is not None}
-    return min(timed, key=timed.get) if timed else None
+    if not timed:
+        return None
+    best = min(timed.values())
+    return next(c for c in timed if timed[c] <= best * (1 + TIE))
 
 
 def ranges(table: dict[int, dict[str, float | None]]) -> list[dict]:
@@ -120,25 +132,52 @@ def ranges(table: dict[int, dict[str, float | None]]) -> list[dict]:
 
 def overall(table: dict[int, dict[str, float | None]]) -> str | None:
     """The configuration one serve should use: smallest geometric mean of its time over the best, over the batch
-    sizes where every candidate was timed."""
+    sizes where every candidate was timed (within ``TIE``, the earlier configuration)."""
     full = [per_m for per_m in table.values() if all(v is not None for v in per_m.values())]
     if not full:
         return None
-    score = {c: geometric_mean([p[c] / min(p.values()) for p in full]) for c in full[0]}
-    return min(score, key=score.get)
+    return fastest({c: geometric_mean([p[c] / min(p.values()) for p in full]) for c in full[0]})
+
+
+def padding_note(rows, layout_name: str, config: str) -> str:
+    """What a configuration that runs the padded 128-block shard costs in weight memory (TP4, TP8)."""
+    shapes = {r.backend: r.shape for r in rows if r.layout == layout_name}
+    n = {b: re.search(r"N=(\d+)", shapes.get(b, "")) for b in ("triton_tuned", "hybrid")}
+    if config not in ("deep_gemm", "deep_gemm_e8m0_off") or not all(n.values()):
+        return ""
+    base, padded = (int(n[b].group(1)) for b in ("triton_tuned", "hybrid"))
+    if padded == base:
+        return ""
+    return (f"it holds the MoE weights padded to 128 blocks (N={padded} instead of {base}: "
+            f"{padded / base - 1:.0%} more expert weight memory per GPU)")
 
 
 def entries_from(rows, gpu: str, provenance: dict) -> list[dict]:
+    """One entry per layout. Measured: every configuration timed at some M. Otherwise an unmeasured entry that
+    records what was timed and why the rest was not (``serve_config`` None: ``merged`` keeps the old one)."""
     out = []
     for name in sorted({r.layout for r in rows}):
-        table = costs(rows, name)
-        pick = overall(table)
+        table, bare = costs(rows, name), costs(rows, name, standins=False)
+        pick, pick_bare = overall(table), overall(bare)
+        entry = {"gpu": gpu, "layout": name, "ranges": ranges(table), "us": {str(m): v for m, v in table.items()},
+                 "us_without_standins": {str(m): v for m, v in bare.items()}, "kind_weights": KIND_WEIGHTS,
+                 "provenance": provenance}
         if pick is None:
+            untimed = sorted({c for per_m in table.values() for c, v in per_m.items() if v is None})
+            layout = parse_layout(name)
+            cols = {column(layer_runtime(facts(layout, c), a)) for c in untimed for a in ACTIVATIONS}
+            why = sorted({f"{r.backend}: {r.failure}" for r in rows
+                          if r.layout == name and r.us is None and r.failure and r.backend in cols})
+            out.append({**entry, "serve_config": None, "measured": False,
+                        "why": f"{', '.join(untimed)} not timed ({'; '.join(why) or 'no rows'}), so the earlier advice "
+                               "stays; the other configurations were (ranges, us)"})
             continue
-        out.append({"gpu": gpu, "layout": name, "serve_config": pick, "measured": True,
-                    "why": "fastest over vLLM's batch sizes (geometric mean of time over the best per M)",
-                    "ranges": ranges(table), "us": {str(m): v for m, v in table.items()},
-                    "kind_weights": KIND_WEIGHTS, "provenance": provenance})
+        why = "fastest over the batch sizes timed (geometric mean of time over the best per M; within " \
+              f"{TIE:.0%}, vLLM's default first)"
+        if pick_bare != pick:
+            why += (f"; without the time of this harness's stand-ins for vLLM's CUDA ops {pick_bare} would be, so "
+                    "the pick waits on a run with vLLM's own ops")
+        out.append({**entry, "serve_config": pick, "measured": True, "why": why, "note": padding_note(rows, name, pick)})
     return out
 
 
@@ -167,14 +206,24 @@ def _entry(e: dict, where: str) -> Advice:
         raise UsageError(f"{where}: a measured entry needs its provenance")
     parse_layout(e["layout"])
     return Advice(e["gpu"], e["layout"], e["serve_config"], e["measured"], e["why"], tuple(e.get("ranges") or ()),
-                  e.get("provenance"))
+                  e.get("provenance"), str(e.get("note") or ""))
 
 
 def merged(entries: list[dict], path: Path | None = None) -> dict:
-    """The data file with ``entries`` replacing those of the same (GPU, layout)."""
+    """The data file with ``entries`` replacing those of the same (GPU, layout); an unmeasured entry keeps the
+    serve configuration it replaces (vLLM's default where there was none)."""
     data = json.loads(Path(path or DATA).read_text())
-    new = {(e["gpu"], e["layout"]) for e in entries}
-    data["entries"] = [e for e in data["entries"] if (e["gpu"], e["layout"]) not in new] + entries
+    old = {(e["gpu"], e["layout"]): e for e in data["entries"]}
+    new = []
+    for e in entries:
+        if e["serve_config"] is None:
+            e = {**e, "serve_config": old.get((e["gpu"], e["layout"]), {}).get("serve_config", "auto")}
+        new.append(e)
+    keys = {(e["gpu"], e["layout"]) for e in new}
+    data["entries"] = [e for e in data["entries"] if (e["gpu"], e["layout"]) not in keys] + new
+    measured = sum(e["measured"] for e in data["entries"])
+    data["status"] = "measured" if measured == len(data["entries"]) else \
+        "not measured" if not measured else f"{measured} of {len(data['entries'])} layouts measured"
     return data
 
 

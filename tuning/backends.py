@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -43,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json-out", help="write every measurement and the per-configuration table here")
     p.add_argument("--write-advice", metavar="FILE", help="write the backend-advice data file here: FILE (when it "
                    "exists, else the committed one) with the measured layouts replaced")
+    p.add_argument("--from-json", metavar="JSON", nargs="+", help="no GPU: re-read the rows of earlier --json-out files "
+                   "and print their tables (and --write-advice) with the current rule")
 
 
 def check_args(args: argparse.Namespace) -> tuple[list[str], list[int], tuple[str, ...]]:
@@ -117,6 +120,8 @@ def provenance(args, ctx, kernel, names, ms) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.from_json:
+        return replay(args)
     names, ms, kinds = check_args(args)
     gpu = gpus.get_gpu(args.gpu)
     if not gpus.detect_gpus():
@@ -155,6 +160,37 @@ def run(args: argparse.Namespace) -> int:
         print(f"\ninterrupted: finished {', '.join(done) or 'no layout'}; the rows measured so far are kept")
     prov = {**provenance(args, ctx, kernel, names, ms), "finished_layouts": done}
     return finish(args, rows, done, prov, gpu.key)
+
+
+def replay(args: argparse.Namespace) -> int:
+    """--from-json: the tables and advice of recorded bake-offs, each file with its own provenance."""
+    from .bakeoff import Measured
+
+    gpu = gpus.get_gpu(args.gpu)
+    for option, value in (("--json-out", args.json_out), ("--write-advice", args.write_advice)):
+        if value:
+            output_file(value, option)
+    if args.json_out:
+        raise UsageError("--from-json re-reads --json-out files; give --write-advice alone")
+    loaded = []
+    for name in args.from_json:
+        try:
+            data = json.loads(Path(name).read_text())
+            rows = [Measured(**r) for r in data["rows"]]
+            prov = data["provenance"]
+            done = list(prov["finished_layouts"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"--from-json {name}: not a compare-backends --json-out file ({type(exc).__name__}: "
+                             f"{str(exc)[:80]}); give the JSON a bake-off wrote") from None
+        loaded.append((rows, done, prov))
+    folder = Path(args.configs or Path("kernels_configs") / gpu.device_name)
+    status = 0
+    for rows, done, prov in loaded:
+        for name in done:
+            print(f"\n{name} (measured {prov.get('date', '?')}, {prov.get('command', '')}):")
+            _summary(name, rows, folder)
+        status = max(status, finish(args, rows, done, prov, gpu.key))
+    return status
 
 
 def finish(args, rows, done: list[str], prov: dict, gpu_key: str) -> int:
@@ -206,7 +242,8 @@ def _summary(name: str, rows, folder: Path) -> None:
         print(f"  {m:>6}{cells}   {adv.fastest(per_m)}")
     for r in adv.ranges(table):
         print(f"  M {r['m_min']}-{r['m_max']}: fastest {r['fastest']}")
-    pick = adv.overall(table)
-    print(f"  overall (geometric mean over M): {pick}")
+    pick, bare = adv.overall(table), adv.overall(adv.costs(rows, name, standins=False))
+    print(f"  overall (geometric mean over M; within {adv.TIE:.0%}, vLLM's default first): {pick}"
+          + (f"; without the stand-ins' time: {bare}" if bare != pick else ""))
     for config in adv.SERVE_CONFIGS:
         print(f"    {config:<20} {serve_command(name, config, folder)}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import multiprocessing as mp
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -31,6 +32,7 @@ _kernel: Kernel | None = None
 
 def _init(source: KernelSource) -> None:
     global _kernel
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C or a time limit is the parent's to handle: no tracebacks here
     _kernel = source.load()
     torch.cuda.init()
 
