@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from fakes_moe import FakeDeepGemm, FakeFlashInfer
+from fakes_moe import FakeDeepGemm, FakeFlashInfer, fake_cuda_ops
 from tuning import backend_advice as adv
 from tuning.bakeoff import Bench, run_layout
 from tuning.models import ModelGeometry
@@ -92,3 +92,22 @@ def test_tp_layout_triton_on_the_refined_block_deepgemm_on_the_padded_shard(benc
     table = adv.costs(rows, "TP2")
     assert set(table[3]) == set(adv.SERVE_CONFIGS) and table[3]["deep_gemm"] > 0
     assert table[3]["auto"] is None  # auto runs the tuned Triton configs here, and there is no tuned file
+
+
+def test_with_vllms_ops_loaded_no_stand_in_is_timed(bench):
+    """Where vLLM's CUDA ops loaded (here: CPU stand-ins for them, called as vLLM's wrappers call the ops), every
+    path runs them and no row carries stand-in time."""
+    from tuning.vllm_ops import VllmOps
+
+    calls = []
+    bench.ops = VllmOps("fake", fake_cuda_ops(bench.helpers, calls))
+    try:
+        rows = run_layout(bench, "DP2+EP", [12], kinds=("silu",), say=lambda _: None)
+    finally:
+        bench.ops = None
+    assert {"moe_align_block_size", "moe_sum", "per_token_group_fp8_quant", "silu_and_mul"} <= set(calls)
+    assert "silu_and_mul_per_block_quant" in calls  # the hybrid's Triton fallback: E8M0 off, [128,128]
+    assert by(rows, "silu", "hybrid").runs.startswith("Triton")
+    for r in rows:
+        if r.backend != "triton_tuned":
+            assert r.failure is None and r.us > 0 and r.standin_us is None, r

@@ -377,6 +377,11 @@ ROWS = [
         err="--kinds 'gelu': write silu or swiglustep, separated by commas"),
     row("compare-backends-vllm-src-missing", "compare-backends", "--gpu", "H200", "--vllm-src", "nope",
         err="--vllm-src nope: no such file or folder"),
+    row("compare-backends-vllm-ops-missing", "compare-backends", "--gpu", "H200", "--vllm-ops", "nope",
+        err="--vllm-ops nope: no such folder; give the folder holding vLLM 0.33's _C_stable_libtorch.abi3.so"),
+    row("compare-backends-vllm-ops-without-libraries", "compare-backends", "--gpu", "H200", "--vllm-ops", "ops",
+        files={"ops/_C_stable_libtorch.abi3.so": BINARY},
+        err="--vllm-ops ops: no _moe_C_stable_libtorch.abi3.so there"),
 
     # ---- validate-serve --print-command -------------------------------------------------------------------------
     row("serve-print-ok", "validate-serve", "--print-command", "--layout", "TP4", "--dtype", "fp8", "--gpu", "H200",

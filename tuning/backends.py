@@ -6,6 +6,8 @@ DeepGEMM with UE8M0 and with float32 scales, the E8M0-off hybrid, and FlashInfer
 on both layer kinds; then, per serve configuration (``backend_advice.SERVE_CONFIGS``), the time of a layer
 of each kind, the fastest per range of M, and the exact serve command. ``--write-advice`` turns the result
 into the data file preflight and serve read. bf16 needs no bake-off (vLLM runs Triton on Hopper).
+vLLM's own CUDA ops (moe_align_block_size, silu_and_mul, moe_sum, the quantisations) run where its compiled
+libraries load (``--vllm-ops``, ``vllm_ops``) and agree with the stand-ins; the header says which ran.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .errors import UsageError
 from .files import atomic_write_json, output_file
 from .models import DEFAULT_MODEL, load_model
 from .shapes import Refusal, parse_batch_sizes, parse_layout, shape_for
+from .vllm_ops import check_folder
 from .vllm_rules import ACTIVATIONS
 
 DEFAULT_LAYOUTS = "TP2,TP4,TP8,DP2+EP,DP4+EP,DP8+EP"
@@ -38,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                       "default: the installed vLLM's files")
     p.add_argument("--vllm-version", help="vLLM version of --vllm-src when it cannot tell")
     p.add_argument("--deep-gemm-path", help="folder holding deep_gemm/ to import first (e.g. a copy of vllm/third_party)")
+    p.add_argument("--vllm-ops", metavar="DIR", help="folder holding vLLM 0.33's _C_stable_libtorch.abi3.so and "
+                   "_moe_C_stable_libtorch.abi3.so (benchmarks/gpu_stage.sh pack-ops, setup-ops); default: the "
+                   "installed vLLM's; without them the stand-ins run")
     p.add_argument("--kinds", default="silu,swiglustep", help="MoE layer kinds to time (default: both)")
     p.add_argument("--no-flashinfer", action="store_true", help="skip FlashInfer-CUTLASS (its first call JIT-builds)")
     p.add_argument("--budget-ms", type=float, default=50.0, help="timing budget per measurement (default 50)")
@@ -70,6 +76,8 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[int], tuple[st
         adv.load(Path(args.write_advice))  # merged into, so it must be an advice file
     if args.vllm_src and not Path(args.vllm_src).exists():
         raise UsageError(f"--vllm-src {args.vllm_src}: no such file or folder")
+    if args.vllm_ops:
+        check_folder(args.vllm_ops)
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     if not kinds or any(k not in ACTIVATIONS for k in kinds):
         raise UsageError(f"--kinds {args.kinds!r}: write {' or '.join(ACTIVATIONS)}, separated by commas")
@@ -108,6 +116,8 @@ def provenance(args, ctx, kernel, names, ms) -> dict:
     import torch
     import triton
 
+    from . import vllm_ops
+
     def version(mod):
         return getattr(sys.modules.get(mod), "__version__", None)
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
@@ -116,6 +126,7 @@ def provenance(args, ctx, kernel, names, ms) -> dict:
             "helpers_sha256": ctx.helpers.SOURCE_SHA256, "deep_gemm": getattr(ctx.dg, "__version__", None),
             "flashinfer": version("flashinfer"), "layouts": names, "batch_sizes": ms, "budget_ms": args.budget_ms,
             "seed": ctx.seed, "kind_weights": adv.KIND_WEIGHTS, "missing": ctx.missing,
+            "vllm_ops": vllm_ops.record(ctx.ops, ctx.ops_why),
             "command": " ".join(["tune-moe", *sys.argv[1:]])}
 
 
@@ -130,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not torch.cuda.is_available():
         raise UsageError("compare-backends needs torch with CUDA; torch sees no GPU here")
+    from . import vllm_ops
     from .bakeoff import BACKENDS, Bench, run_layout
     from .kernel import KernelSource
     from .moe_ops import STAND_INS
@@ -142,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
                 folder=Path(args.configs or Path("kernels_configs") / gpu.device_name), device_name=gpu.device_name,
                 flush_bytes=gpu.l2_mb * 2**20 * 4, budget_ms=args.budget_ms,
                 sm90=torch.cuda.get_device_capability() == (9, 0))
+    ctx.ops, ctx.ops_why = vllm_ops.load(args.vllm_ops, helpers=ctx.helpers, experts=ctx.model.num_experts,
+                                         top_k=ctx.model.top_k)
     ctx.dg, ctx.fi = load_backends(args, ctx.missing)
     import os
 
@@ -218,10 +232,20 @@ def _header(ctx, kernel, backends: dict, stand_ins: dict) -> None:
     print(adv.BF16 + ".")
     for name, what in backends.items():
         print(f"  {name:<15} {what}{' -- ' + ctx.missing[name.split('_')[0]] if name.split('_')[0] in ctx.missing else ''}")
-    print("What differs from vLLM 0.33 (its vllm._C CUDA ops cannot load here):")
-    for op, what in stand_ins.items():
-        print(f"  {op}: {what}")
+    _ops_table(ctx, stand_ins)
     print("Communication (DP all-gather, reduce-scatter) is not timed; with EP each rank quantises its M/DP rows.")
+
+
+def _ops_table(ctx, stand_ins: dict) -> None:
+    """Which of vLLM 0.33's CUDA ops ran as vLLM's own, and for each other one its stand-in and why."""
+    from .vllm_ops import status
+
+    table = status(ctx.ops, ctx.ops_why)
+    where = f"from {ctx.ops.folder}" if ctx.ops else f"not loaded: {ctx.ops_why}"
+    print(f"vLLM 0.33's CUDA ops ({where}):")
+    for op, why in table.items():
+        print(f"  {op}: vLLM's own" if why is None else f"  {op}: stand-in, {stand_ins[op]}"
+              + (f" -- {why}" if ctx.ops else ""))
 
 
 def _summary(name: str, rows, folder: Path) -> None:

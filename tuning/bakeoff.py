@@ -3,7 +3,8 @@
 Per layout and M, one routed batch and one set of float weights; per layer kind (SiLU, SwiGLU-step) and
 backend, the output is checked against the float reference, and only then timed (``bench.measure``: CUDA
 graph, L2 flushed before each sample). A backend that fails to build, launch or pass the check is a result
-with its reason, never a crash. Each backend runs on the shape its serve holds: Triton on the refined block
+with its reason, never a crash. vLLM's own CUDA ops run where they loaded and passed their check (``vllm_ops``),
+the stand-ins of ``moe_ops.STAND_INS`` elsewhere. Each backend runs on the shape its serve holds: Triton on the refined block
 (TP4 [64,64], TP8 [32,32]), DeepGEMM and its hybrid on the padded 128 blocks (TP4 N=384, TP8 N=256).
 """
 
@@ -44,7 +45,7 @@ class Measured:
     us: float | None = None
     p20_us: float | None = None
     p80_us: float | None = None
-    standin_us: float | None = None  # time of this harness's stand-ins for vLLM's CUDA ops, inside ``us``
+    standin_us: float | None = None  # time of the torch stand-ins for vLLM's CUDA ops still run, inside ``us``
     rel_error: float | None = None
     calc_diff: float | None = None
     runs: str = ""  # what ran (the hybrid: DeepGEMM or Triton; Triton: the config)
@@ -53,7 +54,7 @@ class Measured:
 
 @dataclass
 class Bench:
-    """Everything the GPU run loaded once: vLLM's kernels, DeepGEMM, FlashInfer (each may be missing)."""
+    """Everything the GPU run loaded once: vLLM's kernels and CUDA ops, DeepGEMM, FlashInfer (each may be missing)."""
 
     kernel: object
     helpers: object
@@ -71,6 +72,8 @@ class Bench:
     dtype: torch.dtype = torch.bfloat16
     device: str = "cuda"
     precompile: object | None = None  # compile.Precompiler: Triton configs compiled in parallel processes
+    ops: object | None = None  # vllm_ops.VllmOps: vLLM's CUDA ops that loaded and passed their check
+    ops_why: str = ""  # why none loaded (ops None)
 
 
 def default_tile(kernel, shape: MoeShape, m: int) -> TileConfig:
@@ -195,7 +198,7 @@ def _plans(ctx: Bench, ls: LayoutSetup, b, act: str):
 
     def triton(config: TileConfig):
         return lambda: TritonPath(ctx.kernel, ctx.helpers, ls.triton, ls.q_triton, b, config=config, activation=act,
-                                  e8m0=True, sm90=ctx.sm90)
+                                  e8m0=True, sm90=ctx.sm90, ops=ctx.ops)
     yield (row("triton_tuned", ls.triton, runs=(tuned or default).short), triton(tuned)) if tuned else \
         (row("triton_tuned", ls.triton, failure=f"no tuned file {ls.triton.file_name(ctx.device_name)}"), None)
     yield row("triton_default", ls.triton, runs=default.short), triton(default)
@@ -205,7 +208,8 @@ def _plans(ctx: Bench, ls: LayoutSetup, b, act: str):
             yield row(backend, ls.deepgemm, failure=w), None
         else:
             yield row(backend, ls.deepgemm, runs="DeepGEMM"), (
-                lambda w=w, e8m0=e8m0: DeepGemmPath(ctx.dg, ctx.helpers, ls.deepgemm, w, b, activation=act, e8m0=e8m0))
+                lambda w=w, e8m0=e8m0: DeepGemmPath(ctx.dg, ctx.helpers, ls.deepgemm, w, b, activation=act, e8m0=e8m0,
+                                                    ops=ctx.ops))
     if act == "silu" and ls.layout.ep:
         if ls.q_fi is None:
             yield row("flashinfer", ls.triton, failure=ctx.missing.get("flashinfer", "FlashInfer not loaded")), None
@@ -231,7 +235,7 @@ def _hybrid(ctx: Bench, ls: LayoutSetup, b, act: str, got: list[Measured], ref) 
     if isinstance(w, str):  # the fallback reads DeepGEMM's weights: without DeepGEMM there are none
         return replace(base, failure=w)
     return evaluate(ctx, base, lambda: TritonPath(ctx.kernel, ctx.helpers, s, w, b, config=config, activation=act,
-                                                  e8m0=False, sm90=ctx.sm90), ref)
+                                                  e8m0=False, sm90=ctx.sm90, ops=ctx.ops), ref)
 
 
 def _line(m: int, act: str, rows: list[Measured]) -> str:

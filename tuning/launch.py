@@ -50,12 +50,15 @@ def rules(kernel: Kernel | None) -> LaunchRules:
 
 
 def align(topk_ids: torch.Tensor, block_m: int, global_experts: int, expert_map: torch.Tensor | None,
-          kernel: Kernel | None = None) -> Alignment:
-    """Group (token, expert) slots by expert, each expert padded to ``block_m`` rows."""
+          kernel: Kernel | None = None, ops=None) -> Alignment:
+    """Group (token, expert) slots by expert, each expert padded to ``block_m`` rows: vLLM's moe_align_block_size
+    (the installed vLLM's, or its CUDA op from ``ops``, a ``vllm_ops.VllmOps``), else the torch stand-in."""
     drop = expert_map is not None and rules(kernel).drop_remote_slots
-    if kernel is not None and kernel.align_op is not None and topk_ids.is_cuda:
-        sorted_ids, expert_ids, ntpp = kernel.align_op(topk_ids, block_m, global_experts, expert_map,
-                                                       ignore_invalid_experts=drop)
+    op = kernel.align_op if kernel is not None and kernel.align_op is not None and topk_ids.is_cuda else None
+    if op is None and ops is not None and ops.has("moe_align_block_size"):
+        op = ops.moe_align_block_size
+    if op is not None:
+        sorted_ids, expert_ids, ntpp = op(topk_ids, block_m, global_experts, expert_map, ignore_invalid_experts=drop)
         return Alignment(sorted_ids, expert_ids, ntpp, block_m)
     return _align_torch(topk_ids, block_m, global_experts, expert_map, drop)
 

@@ -2,8 +2,9 @@
 
 Each function names the vLLM 0.33 host function it mirrors (file:line). The kernels are vLLM's own
 ``@triton.jit`` functions (``vllm_helpers.load_helpers``, passed in as ``h``); the launch arguments, grids
-and warps are vLLM's. Where vLLM calls a CUDA op of ``vllm._C`` (not loadable without vLLM), the stand-in
-is named in ``STAND_INS`` with what differs; the bake-off prints that table.
+and warps are vLLM's. Where vLLM calls a CUDA op of ``vllm._C`` or ``vllm._moe_C``, the function takes
+``ops`` (``vllm_ops.VllmOps``): vLLM's own op where it loaded and passed its check, else the stand-in named
+in ``STAND_INS`` with what differs; the bake-off prints which ran.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import math
 import torch
 import triton
 
+from .vllm_ops import has
+
 FP8 = torch.float8_e4m3fn
 FP8_MIN, FP8_MAX = -448.0, 448.0  # quantization/utils/quant_utils.py:99 get_fp8_min_max (e4m3fn on CUDA)
 STAND_INS = {
@@ -21,16 +24,18 @@ STAND_INS = {
     "silu_and_mul": "vllm._C op (activation.py:356; one CUDA kernel) -> torch silu(gate) * up (2 kernels)",
     "silu_and_mul_per_block_quant": "vllm._C fused op (experts/triton_moe.py:533, only with E8M0 off and a "
                                     "[128,128] block) -> silu_and_mul stand-in + per-token-group quant (3 kernels)",
-    "moe_align_block_size": "vllm._C op (moe_align_block_size.py:153; one CUDA kernel) -> torch ops with the same "
-                            "buffers and layout (tuning/launch.py _align_torch; ~15 small kernels)",
-    "moe_sum": "vllm._C op (experts/triton_moe.py:651) -> torch sum over top-k (remote slots stay zero)",
+    "moe_align_block_size": "vllm._moe_C op (moe_align_block_size.py:153; one CUDA kernel) -> torch ops with the "
+                            "same buffers and layout (tuning/launch.py _align_torch; ~15 small kernels)",
+    "moe_sum": "vllm._moe_C op (experts/triton_moe.py:651, skipping remote slots with an expert map) -> torch sum "
+               "over top-k (remote slots stay zero)",
 }
 
 
 def group_quant(h, x: torch.Tensor, group: int, *, use_ue8m0: bool, column_major: bool = False,
                 out_q: torch.Tensor | None = None, out_s: torch.Tensor | None = None,
-                eps: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp8_utils.py:632 per_token_group_quant_fp8 (its Triton path, lines 665-760): (T, K) -> e4m3, fp32 scales.
+                eps: float = 1e-10, ops=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8_utils.py:632 per_token_group_quant_fp8: (T, K) -> e4m3, fp32 scales; vLLM's CUDA op for a contiguous
+    ``x`` (lines 704-719) where ``ops`` has it, else the Triton path (lines 721-760).
     ``out_s`` (row-major) is this harness's: the prepare step writes a slice of the gathered batch's scales."""
     x_q = torch.empty(x.shape, device=x.device, dtype=FP8) if out_q is None else out_q
     if out_s is not None:
@@ -40,6 +45,10 @@ def group_quant(h, x: torch.Tensor, group: int, *, use_ue8m0: bool, column_major
                           dtype=torch.float32).permute(-1, -2)
     else:
         x_s = torch.empty(x.shape[:-1] + (x.shape[-1] // group,), device=x.device, dtype=torch.float32)
+    if has(ops, "per_token_group_fp8_quant") and x.is_contiguous():
+        ops.per_token_group_fp8_quant(x, x_q, x_s, group_size=group, eps=eps, fp8_min=FP8_MIN, fp8_max=FP8_MAX,
+                                      use_ue8m0=use_ue8m0, column_major_scales=column_major, tma_aligned_scales=False)
+        return x_q, x_s
     rows = x.numel() // group
     block = triton.next_power_of_2(group)
     warps = min(max(block // 256, 1), 8)
@@ -81,10 +90,38 @@ def swiglustep_and_mul(h, out: torch.Tensor, inp: torch.Tensor, limit: float = 7
                                                            d=d, BLOCK_SIZE=1024)
 
 
-def silu_and_mul(out: torch.Tensor, inp: torch.Tensor) -> None:
-    """Stand-in for torch.ops._C.silu_and_mul (fused_moe/activation.py:356): silu(gate) * up."""
+def silu_and_mul(out: torch.Tensor, inp: torch.Tensor, ops=None) -> None:
+    """torch.ops._C.silu_and_mul (fused_moe/activation.py:356) where ``ops`` has it; else its stand-in,
+    silu(gate) * up."""
+    if has(ops, "silu_and_mul"):
+        ops.silu_and_mul(out, inp)
+        return
     d = inp.shape[-1] // 2
     torch.mul(torch.nn.functional.silu(inp[:, :d]), inp[:, d:], out=out)
+
+
+def silu_and_mul_per_block_quant(h, inp: torch.Tensor, scratch: torch.Tensor,
+                                 ops=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """experts/triton_moe.py:533 ops.silu_and_mul_per_block_quant(inp, group_size=128, quant_dtype=fp8) where
+    ``ops`` has it; else its stand-in: silu_and_mul into ``scratch``, then per-token-group quant (E8M0 off)."""
+    if has(ops, "silu_and_mul_per_block_quant"):
+        return ops.silu_and_mul_per_block_quant(inp, 128, FP8)
+    silu_and_mul(scratch, inp, ops)
+    return group_quant(h, scratch, 128, use_ue8m0=False, ops=ops)
+
+
+def moe_sum(inp: torch.Tensor, out: torch.Tensor, topk_ids: torch.Tensor, expert_map: torch.Tensor | None,
+            ops=None) -> None:
+    """experts/triton_moe.py:641-653 TritonExperts.moe_sum, (M, top_k, K) -> (M, K): vLLM's op where ``ops`` has it
+    (skipping the slots of other ranks' experts with an expert map); else its stand-in, a torch sum over top-k
+    (those slots must hold zeros)."""
+    if has(ops, "moe_sum"):
+        if expert_map is not None:
+            ops.moe_sum(inp, out, topk_ids, expert_map)
+        else:
+            ops.moe_sum(inp, out)
+        return
+    torch.sum(inp, dim=1, out=out)
 
 
 def count_expert_num_tokens(h, topk_ids: torch.Tensor, local_experts: int, expert_map) -> torch.Tensor:

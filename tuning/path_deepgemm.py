@@ -16,6 +16,7 @@ One call mirrors experts/deep_gemm_moe.py DeepGemmExperts.apply (line 317), in o
    (utils/deep_gemm.py:75-91); SiLU: silu_mul_per_token_group_quant_fp8_colmajor with the psum expert ends;
    SwiGLU-step: swiglustep_and_mul_triton then per_token_group_quant_fp8 with column-major scales (line 313);
 7. line 426 the second grouped GEMM; line 437 deepgemm_unpermute_and_reduce (ep_gather with the routed weights).
+The quantisations call vLLM's CUDA op (fp8_utils.py:708) when ``ops`` has it (``vllm_ops``), else vLLM's Triton path.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from . import moe_ops
 from .layer_inputs import Batch, QuantWeights
 from .shapes import MoeShape
+from .vllm_ops import has
 
 DG_BLOCK = (128, 128)
 
@@ -72,21 +74,23 @@ def theoretical_alignment(dg):
 class DeepGemmPath:
     """One (shape, M) of DeepGemmExperts; ``w`` from ``deepgemm_weights``; ``run`` is the timed call."""
 
-    def __init__(self, dg, helpers, shape: MoeShape, w: QuantWeights, b: Batch, *, activation: str, e8m0: bool):
+    def __init__(self, dg, helpers, shape: MoeShape, w: QuantWeights, b: Batch, *, activation: str, e8m0: bool,
+                 ops=None):
         self.dg, self.h, self.shape, self.w, self.b, self.activation, self.e8m0 = dg, helpers, shape, w, b, \
             activation, e8m0
+        self.ops = ops
         m, k, n, dev = b.m, shape.k, w.n, b.hidden.device
         align = int(dg.get_mk_alignment_for_contiguous_layout())
         self.m_sum, self.align = moe_ops.aligned_m(m, shape.top_k, shape.num_experts, align, theoretical_alignment(dg))
         self.psum = activation == "silu"  # deep_gemm_moe.py:362-372 on sm90 (not MXFP8)
-        self.a1q, self.a1s = moe_ops.group_quant(helpers, b.hidden, DG_BLOCK[1], use_ue8m0=e8m0)
+        self.a1q, self.a1s = moe_ops.group_quant(helpers, b.hidden, DG_BLOCK[1], use_ue8m0=e8m0, ops=ops)
         self.a1_perm = torch.empty(self.m_sum, k, device=dev, dtype=moe_ops.FP8)
         self.mm1 = torch.empty(self.m_sum, 2 * n, device=dev, dtype=b.hidden.dtype)
         self.quant_out = torch.empty(self.m_sum, n, device=dev, dtype=moe_ops.FP8)
         self.act_out = torch.empty(self.m_sum, n, device=dev, dtype=b.hidden.dtype)
         self.mm2 = torch.empty(self.m_sum, k, device=dev, dtype=b.hidden.dtype)
         self.out = torch.empty(m, k, device=dev, dtype=b.hidden.dtype)
-        self.stand_ins = ("per_token_group_fp8_quant",)
+        self.stand_ins = () if has(ops, "per_token_group_fp8_quant") else ("per_token_group_fp8_quant",)
 
     def _gemm(self, a, a_s, w, w_s, out, layout) -> None:
         extra = {"use_psum_layout": True} if self.psum else {}
@@ -100,12 +104,12 @@ class DeepGemmPath:
                                                    expert_alignment=self.align if self.psum else 0)
         moe_ops.swiglustep_and_mul(self.h, self.act_out, self.mm1)  # deep_gemm_moe.py:307-315
         return moe_ops.group_quant(self.h, self.act_out, DG_BLOCK[1], use_ue8m0=self.e8m0, column_major=True,
-                                   out_q=self.quant_out)
+                                   out_q=self.quant_out, ops=self.ops)
 
     def run(self) -> torch.Tensor:
         b, w, rows = self.b, self.w, self.b.local_rows
         moe_ops.group_quant(self.h, b.hidden[:rows], DG_BLOCK[1], use_ue8m0=self.e8m0, out_q=self.a1q[:rows],
-                            out_s=self.a1s[:rows])
+                            out_s=self.a1s[:rows], ops=self.ops)
         a1, a1s, layout, inv_perm = moe_ops.deepgemm_permute(
             self.h, aq=self.a1q, aq_scale=self.a1s, topk_ids=b.topk_ids, local_experts=self.shape.num_experts,
             expert_map=b.expert_map, aq_out=self.a1_perm, m_sum=self.m_sum, align=self.align,

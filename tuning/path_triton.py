@@ -13,7 +13,9 @@ Mirrors, in order (vllm/model_executor/layers/fused_moe/...):
    activation.py:50 swiglustep_and_mul_triton) then moe_kernel_quantize_input;
 6. triton_moe.py:557 w2 launch with the routed weights (top_k 1);
 7. triton_moe.py:641 moe_sum over top-k.
-The tensors are allocated once (vLLM takes them from its workspace manager).
+The tensors are allocated once (vLLM takes them from its workspace manager). Where vLLM calls a CUDA op
+(the quantisations, moe_align_block_size, silu_and_mul or the fused op, moe_sum), vLLM's own runs when
+``ops`` has it (``vllm_ops``), else the stand-in of ``moe_ops.STAND_INS``.
 """
 
 from __future__ import annotations
@@ -25,64 +27,83 @@ from .configs import TileConfig
 from .kernel import Kernel
 from .layer_inputs import Batch, QuantWeights
 from .shapes import MoeShape
+from .vllm_ops import has
 
 
 class TritonPath:
     """One (shape, M) of TritonExperts with one tile config; ``run`` is the timed call."""
 
     def __init__(self, kernel: Kernel, helpers, shape: MoeShape, w: QuantWeights, b: Batch, *, config: TileConfig,
-                 activation: str, e8m0: bool, sm90: bool):
-        self.kernel, self.h, self.shape, self.w, self.b = kernel, helpers, shape, w, b
+                 activation: str, e8m0: bool, sm90: bool, ops=None):
+        self.kernel, self.h, self.shape, self.w, self.b, self.ops = kernel, helpers, shape, w, b, ops
         self.config, self.activation, self.e8m0, self.sm90 = config, activation, e8m0, sm90
+        self.naive = launch.use_naive(b.m, shape.top_k, shape.global_experts, shape.expert_parallel)
         m, k, n, top_k, dev = b.m, shape.k, w.n, shape.top_k, b.hidden.device
         self.group = w.block[1]
         act_dtype = b.hidden.dtype
         # the other ranks' rows arrive quantised by the all-gather: quantise them once here
-        self.a1q, self.a1s = moe_ops.group_quant(helpers, b.hidden, self.group, use_ue8m0=e8m0)
+        self.a1q, self.a1s = moe_ops.group_quant(helpers, b.hidden, self.group, use_ue8m0=e8m0, ops=ops)
         self.c1 = torch.empty(m, top_k, 2 * n, device=dev, dtype=act_dtype)
         self.c2 = torch.empty(m * top_k, n, device=dev, dtype=act_dtype)
-        self.c3 = torch.zeros(m, top_k, k, device=dev, dtype=act_dtype)  # remote slots are never written
+        self.c3 = torch.zeros(m, top_k, k, device=dev, dtype=act_dtype)  # the stand-in sums remote slots: zeros
         self.out = torch.empty(m, k, device=dev, dtype=act_dtype)
-        self.stand_ins = ("per_token_group_fp8_quant", "moe_align_block_size", "moe_sum",
-                          "silu_and_mul_per_block_quant" if self.fused_silu_quant else
-                          ("silu_and_mul" if activation == "silu" else None))
-        self.stand_ins = tuple(s for s in self.stand_ins if s)
+        self.stand_ins = tuple(op for op in self.cuda_ops if not has(ops, op))
+        # the torch stand-ins timed on their own: alignment, silu_and_mul (alone or inside the fused op's), moe_sum
+        self._timed = [op for op in ("moe_align_block_size", "silu_and_mul", "moe_sum") if op in self.stand_ins]
+        if self.fused_silu_quant and "silu_and_mul_per_block_quant" in self.stand_ins and not has(ops, "silu_and_mul"):
+            self._timed.append("silu_and_mul")
+        self.stand_in_ops = self._stand_in_ops if self._timed else None
 
     @property
     def fused_silu_quant(self) -> bool:
         """triton_moe.py:526-532: the fused _C op (clamp_limit is None for Step-3.5, no LoRA)."""
         return self.activation == "silu" and self.w.block == (128, 128) and not self.e8m0
 
+    @property
+    def cuda_ops(self) -> tuple[str, ...]:
+        """The CUDA ops vLLM calls in this call (the naive assignment calls no moe_align_block_size)."""
+        act = "silu_and_mul_per_block_quant" if self.fused_silu_quant else (
+            "silu_and_mul" if self.activation == "silu" else None)
+        return tuple(op for op in ("per_token_group_fp8_quant", None if self.naive else "moe_align_block_size", act,
+                                   "moe_sum") if op)
+
     def _assignment(self) -> launch.Alignment:
         s, b = self.shape, self.b
-        if launch.use_naive(b.m, s.top_k, s.global_experts, s.expert_parallel):
+        if self.naive:
             return launch.naive(b.topk_ids, self.config.BLOCK_SIZE_M)
-        return launch.align(b.topk_ids, self.config.BLOCK_SIZE_M, s.global_experts, b.expert_map, self.kernel)
+        return launch.align(b.topk_ids, self.config.BLOCK_SIZE_M, s.global_experts, b.expert_map, self.kernel,
+                            self.ops)
 
-    def stand_in_ops(self) -> None:
-        """Only the steps this harness runs in place of vLLM's CUDA ops (alignment, silu_and_mul, moe_sum), on the
-        same tensors: their time is inside ``run``'s, where vLLM spends one CUDA kernel on each."""
-        self._assignment()
-        if self.activation == "silu":
+    def _stand_in_ops(self) -> None:
+        """Only the torch stand-ins this call runs in place of vLLM's CUDA ops, on the same tensors: their time is
+        inside ``run``'s, where vLLM spends one CUDA kernel on each. The quantisations' stand-in is vLLM's own
+        Triton path, not timed here."""
+        if "moe_align_block_size" in self._timed:
+            self._assignment()
+        if "silu_and_mul" in self._timed:
             moe_ops.silu_and_mul(self.c2, self.c1.view(-1, 2 * self.w.n))
-        torch.sum(self.c3, dim=1, out=self.out)
+        if "moe_sum" in self._timed:
+            moe_ops.moe_sum(self.c3, self.out, self.b.topk_ids, self.b.expert_map)
 
     def run(self) -> torch.Tensor:
         b, w, cfg, rows = self.b, self.w, self.config, self.b.local_rows
         moe_ops.group_quant(self.h, b.hidden[:rows], self.group, use_ue8m0=self.e8m0, out_q=self.a1q[:rows],
-                            out_s=self.a1s[:rows])
+                            out_s=self.a1s[:rows], ops=self.ops)
         al = self._assignment()
         first = launch.Gemm(a=self.a1q, a_scale=self.a1s, b=w.w13, b_scale=w.w13_scale, c=self.c1,
                             topk_weights=None, top_k=self.shape.top_k)
         launch.invoke(self.kernel, first, al, cfg, block_shape=w.block, sm90=self.sm90)
         flat = self.c1.view(-1, 2 * w.n)
-        if self.activation == "silu":
-            moe_ops.silu_and_mul(self.c2, flat)
+        if self.fused_silu_quant:
+            a2q, a2s = moe_ops.silu_and_mul_per_block_quant(self.h, flat, self.c2, self.ops)
         else:
-            moe_ops.swiglustep_and_mul(self.h, self.c2, flat)
-        a2q, a2s = moe_ops.group_quant(self.h, self.c2, self.group, use_ue8m0=self.e8m0)
+            if self.activation == "silu":
+                moe_ops.silu_and_mul(self.c2, flat, self.ops)
+            else:
+                moe_ops.swiglustep_and_mul(self.h, self.c2, flat)
+            a2q, a2s = moe_ops.group_quant(self.h, self.c2, self.group, use_ue8m0=self.e8m0, ops=self.ops)
         second = launch.Gemm(a=a2q, a_scale=a2s, b=w.w2, b_scale=w.w2_scale, c=self.c3,
                              topk_weights=b.topk_weights, top_k=1)
         launch.invoke(self.kernel, second, al, cfg, block_shape=w.block, sm90=self.sm90)
-        torch.sum(self.c3, dim=1, out=self.out)
+        moe_ops.moe_sum(self.c3, self.out, b.topk_ids, b.expert_map, self.ops)
         return self.out
