@@ -15,6 +15,11 @@
 # The backend bake-off (tune-moe compare-backends; benchmarks/README.md has the calls in order):
 #   pack-sources       run HERE, not on the GPU machine: vLLM 0.33's source files the bake-off loads (.gpu/vllm-src/)
 #                      and vLLM's bundled DeepGEMM (.gpu/dg.tar.zst), from the python of this checkout ($PYTHON)
+#   pack-ops           run HERE: vLLM 0.33's compiled CUDA ops of $PYTHON's vLLM (_C_stable_libtorch.abi3.so,
+#                      _moe_C_stable_libtorch.abi3.so, and their SHA256SUMS), tar | zstd -19 --long=27, split into
+#                      parts of at most 56 MiB: .gpu/vllm-ops/ops-part-00, -01, ... (stash each, one call per part)
+#   setup-ops          join /tmp/stash/ops-part-*, unpack to /tmp/vllm-ops, check the sums, and that torch loads both
+#                      libraries and registers vLLM's ops (torch.ops._moe_C.moe_sum, torch.ops._C.silu_and_mul, ...)
 #   setup-t38 PART...  unpack Triton 3.8.0 alone (no Ray) from /tmp/stash/part-00 and PART to /tmp/t38
 #   setup-dg           unpack /tmp/stash/dg.tar.zst to /tmp/dg (the bake-off's --deep-gemm-path)
 #   flashinfer-setup   unpack FlashInfer 0.7.2.post1 and apache-tvm-ffi (/tmp/stash/fi-part-*, made by
@@ -23,7 +28,8 @@
 #                      the call while the machine stays warm), cache under /tmp/fi-cache, log /tmp/fi-build.log
 #   flashinfer-wait SECS   wait at most SECS for that build, print the end of its log; fail if it is not done
 #   bakeoff NAME SECS ARGS...  `tune-moe compare-backends ARGS` for at most SECS seconds (SIGINT then), vLLM's
-#                      sources from .gpu/vllm-src, DeepGEMM from /tmp/dg; log, JSON and advice under $OUT/NAME.*; the
+#                      sources from .gpu/vllm-src, DeepGEMM from /tmp/dg, vLLM's CUDA ops from /tmp/vllm-ops when
+#                      setup-ops made it (else the stand-ins); log, JSON and advice under $OUT/NAME.*; the
 #                      advice accumulates over the calls in /tmp/runs/backend_advice.json
 #
 # The reduced validation serve on vLLM 0.26.0 (../shared/tools/pack-vllm-site.sh parts, stashed first):
@@ -89,6 +95,27 @@ print("vLLM sources:", len(FILES), "files in .gpu/vllm-src")'
     third=$("$py" -c 'import importlib.util as u; print(u.find_spec("vllm").submodule_search_locations[0])')/third_party
     tar cf - -C "$third" --exclude=__pycache__ deep_gemm | zstd -12 --long=27 -q -c > .gpu/dg.tar.zst
     ls -l .gpu/dg.tar.zst ;;
+  pack-ops)
+    py=${PYTHON:-python3}
+    vllm=$("$py" -c 'import importlib.util as u; print(u.find_spec("vllm").submodule_search_locations[0])')
+    libs="_C_stable_libtorch.abi3.so _moe_C_stable_libtorch.abi3.so"
+    stage_dir=$(mktemp -d)
+    (cd "$vllm" && cp $libs "$stage_dir"/ && sha256sum $libs > "$stage_dir"/SHA256SUMS)
+    rm -rf .gpu/vllm-ops && mkdir -p .gpu/vllm-ops
+    tar cf - -C "$stage_dir" $libs SHA256SUMS | zstd -19 --long=27 -T2 -q -c | split -b 56M -d -a 2 - .gpu/vllm-ops/ops-part-
+    rm -rf "$stage_dir"
+    ls -l .gpu/vllm-ops ;;
+  setup-ops)
+    rm -rf /tmp/vllm-ops && mkdir -p /tmp/vllm-ops
+    cat /tmp/stash/ops-part-* | python3 /tmp/stash/unzstd.py | tar xf - -C /tmp/vllm-ops
+    (cd /tmp/vllm-ops && sha256sum -c --quiet SHA256SUMS) && echo "vLLM's ops in /tmp/vllm-ops, sums checked"
+    python3 -c 'import torch
+for lib in ("_C_stable_libtorch.abi3.so", "_moe_C_stable_libtorch.abi3.so"):
+    torch.ops.load_library("/tmp/vllm-ops/" + lib)
+for ns, op in (("_moe_C", "moe_sum"), ("_moe_C", "moe_align_block_size"), ("_C", "silu_and_mul"),
+               ("_C", "silu_and_mul_per_block_quant"), ("_C", "per_token_group_fp8_quant")):
+    print(getattr(getattr(torch.ops, ns), op).default._schema)
+print("torch", torch.__version__, "loads the CUDA ops of vLLM 0.33")' ;;
   setup-t38)
     mkdir -p /tmp/t38
     cat /tmp/stash/part-00 "$@" | python3 /tmp/stash/unzstd.py | tar xf - -C /tmp/t38
@@ -116,10 +143,14 @@ g("90"); print("built fused_moe_90")' > /tmp/fi-build.log 2>&1 < /dev/null &
     name=$1 secs=$2; shift 2
     mkdir -p "$runs"
     export TRITON_CACHE_DIR=/tmp/triton-cache-bakeoff
+    ops=()
+    if [ -d /tmp/vllm-ops ]; then
+      ops=(--vllm-ops /tmp/vllm-ops)
+    fi
     set +e
     timeout -s INT -k 60 "$secs" python3 -m tuning.cli compare-backends "$@" --vllm-src .gpu/vllm-src \
-      --deep-gemm-path /tmp/dg --json-out "$OUT/$name.json" --write-advice "$runs/backend_advice.json" \
-      > "$OUT/$name.log" 2>&1
+      --deep-gemm-path /tmp/dg ${ops[@]+"${ops[@]}"} --json-out "$OUT/$name.json" \
+      --write-advice "$runs/backend_advice.json" > "$OUT/$name.log" 2>&1
     rc=$?
     set -e
     cp "$runs/backend_advice.json" "$OUT/$name.advice.json" 2>/dev/null || true
@@ -154,5 +185,5 @@ g("90"); print("built fused_moe_90")' > /tmp/fi-build.log 2>&1 < /dev/null &
     (sleep "$secs"; pid=$(pgrep -f 'ray::TuneWorker' | head -1)
      if [ -n "$pid" ]; then kill -9 "$pid" && echo "SIGKILL sent to worker pid $pid at $(date +%T)" >> "$OUT/kill.log"; fi) &
     ;;
-  *) sed -n '2,38p' "$0"; exit 2 ;;
+  *) sed -n '2,44p' "$0"; exit 2 ;;
 esac
