@@ -27,8 +27,9 @@
 #   flashinfer-build   start the JIT build of FlashInfer's SM90 CUTLASS fused MoE in a session of its own (it outlives
 #                      the call while the machine stays warm), cache under /tmp/fi-cache, log /tmp/fi-build.log
 #   flashinfer-wait SECS   wait at most SECS for that build, print the end of its log; fail if it is not done
-#   flashinfer-pack    the built fused_moe_90.so back under $OUT as xz parts of 15 MiB (fi-aot-part-*, fi-aot.sha256):
-#                      keep them in .gpu/flashinfer/, so later sessions install it instead of building
+#   flashinfer-pack [FIRST]  the built fused_moe_90.so back under $OUT as xz parts of 15 MiB (fi-aot-part-*,
+#                      fi-aot.sha256), four parts a call from FIRST (default 0): keep them in .gpu/flashinfer/, so
+#                      later sessions install it instead of building
 #   flashinfer-aot     install stashed fi-aot-part-* as FlashInfer's AOT module (loaded before any JIT build)
 #   bakeoff NAME SECS ARGS...  `tune-moe compare-backends ARGS` for at most SECS seconds (SIGINT then), vLLM's
 #                      sources from .gpu/vllm-src, DeepGEMM from /tmp/dg, vLLM's CUDA ops from /tmp/vllm-ops when
@@ -143,10 +144,19 @@ g("90"); print("built fused_moe_90")' > /tmp/fi-build.log 2>&1 < /dev/null &
     tail -5 /tmp/fi-build.log
     grep -q "built fused_moe_90" /tmp/fi-build.log ;;
   flashinfer-pack)
-    so=$(find /tmp/fi-cache -name fused_moe_90.so | head -1)
-    [ -n "$so" ] || { echo "flashinfer-pack: fused_moe_90.so is not built (flashinfer-wait)"; exit 1; }
-    tar cf - -C "$(dirname "$so")" fused_moe_90.so | xz -T0 -6 | split -b 15m -d - "$OUT/fi-aot-part-"
-    (cd "$OUT" && sha256sum fi-aot-part-* > fi-aot.sha256) && ls -l "$OUT"/fi-aot-* ;;
+    first=${1:-0}
+    if [ ! -f /tmp/fi-aot/fi-aot.sha256 ]; then
+      so=$(find /tmp/fi-cache -name fused_moe_90.so | head -1)
+      [ -n "$so" ] || { echo "flashinfer-pack: fused_moe_90.so is not built (flashinfer-wait)"; exit 1; }
+      mkdir -p /tmp/fi-aot
+      tar cf - -C "$(dirname "$so")" fused_moe_90.so | xz -T0 -6 | split -b 15m -d - /tmp/fi-aot/fi-aot-part-
+      (cd /tmp/fi-aot && sha256sum fi-aot-part-* > fi-aot.sha256)
+    fi
+    parts=(/tmp/fi-aot/fi-aot-part-*)
+    cp /tmp/fi-aot/fi-aot.sha256 "${parts[@]:$first:4}" "$OUT/"  # $OUT takes 64 MiB a call: four parts
+    last=$(( first + 4 < ${#parts[@]} ? first + 3 : ${#parts[@]} - 1 ))
+    echo "fi-aot: ${#parts[@]} parts of 15 MiB; brought back parts $first..$last$( [ "$last" -lt $(( ${#parts[@]} - 1 )) ] \
+      && echo "; the rest: flashinfer-pack $(( last + 1 ))")" ;;
   flashinfer-aot)
     dest=/tmp/fi/flashinfer/data/aot/fused_moe_90  # flashinfer/jit/env.py get_aot_artifacts: loaded, never built
     (cd /tmp/stash && sha256sum -c fi-aot.sha256) && mkdir -p "$dest"
@@ -198,5 +208,5 @@ g("90"); print("built fused_moe_90")' > /tmp/fi-build.log 2>&1 < /dev/null &
     (sleep "$secs"; pid=$(pgrep -f 'ray::TuneWorker' | head -1)
      if [ -n "$pid" ]; then kill -9 "$pid" && echo "SIGKILL sent to worker pid $pid at $(date +%T)" >> "$OUT/kill.log"; fi) &
     ;;
-  *) sed -n '2,47p' "$0"; exit 2 ;;
+  *) sed -n '2,48p' "$0"; exit 2 ;;
 esac
