@@ -157,3 +157,35 @@ def test_from_json_refuses_a_file_that_is_not_a_bake_off(tmp_path, capsys):
     assert main(["compare-backends", "--gpu", "H200", "--from-json", str(bad), "--write-advice", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a compare-backends --json-out file" in err[0] and not out.exists()
+
+
+def test_the_serve_lines_a_tune_prints_follow_the_advice(tmp_path):
+    """After a tune, each recipe layout's serve line carries the advised --moe-backend and variables, says what
+    each layer kind then runs (vLLM's own selection code where importable), and names a tuned file the advised
+    serve reads that the run did not write, with the tune that writes it."""
+    from tuning import gpus
+    from tuning.advice import serve_lines
+    from tuning.models import load_model
+    from tuning.plan import make_plan
+
+    h200 = gpus.get_gpu("H200")
+    fp8 = make_plan(load_model("stepfun-ai/Step-3.5-Flash-FP8"), h200, "fp8",
+                    [parse_layout("TP4"), parse_layout("DP4+EP")], 4, (1, 64), vllm_version="0.33.0")
+    tp4, ep = serve_lines(fp8, tmp_path)
+    assert tp4.startswith(f"VLLM_USE_DEEP_GEMM_E8M0=0 VLLM_TUNED_CONFIG_FOLDER={tmp_path.resolve()} vllm serve "
+                          "stepfun-ai/Step-3.5-Flash-FP8 --tensor-parallel-size 4")
+    assert "--moe-backend deep_gemm" in tp4.splitlines()[0]
+    assert "# SiLU layers: DEEPGEMM (TritonOrDeepGemmExperts), reads the tuned file" in tp4
+    assert ("it reads a tuned file this run did not write (N=384 block [128, 128]): tune-moe --gpu H200 --dtype fp8 "
+            "--layouts TP4 --moe-backend deep_gemm") in tp4
+    assert "# backend advice for TP4 on H200: VLLM_USE_DEEP_GEMM_E8M0=0 --moe-backend deep_gemm (measured" in tp4
+    assert "--moe-backend triton" in ep.splitlines()[0] and "did not write" not in ep
+    assert "(unmeasured: auto not timed" in ep
+    padded = make_plan(load_model("stepfun-ai/Step-3.5-Flash-FP8"), h200, "fp8", [parse_layout("TP4")], 4, (1,),
+                       vllm_version="0.33.0", moe_backend="deep_gemm")
+    (line,) = serve_lines(padded, tmp_path)
+    assert "did not write" not in line
+    bf16 = make_plan(load_model("stepfun-ai/Step-3.5-Flash"), h200, "bf16", [parse_layout("TP4")], 4, (1,),
+                     vllm_version="0.33.0")
+    (line,) = serve_lines(bf16, tmp_path)
+    assert "--moe-backend" not in line and f"# {adv.BF16}" in line

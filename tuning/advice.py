@@ -42,17 +42,39 @@ def describe(act: str, r: LayerRuntime) -> str:
 
 
 def serve_lines(plan: Plan, out: Path) -> list[str]:
-    """The serve command for each recipe layout the plan tuned, and what each MoE layer kind runs."""
+    """The serve command for each recipe layout the plan tuned, as the backend advice
+    (``backend_advice``, measured by ``compare-backends``) says to serve it, and what each MoE layer kind then
+    runs. When the advised serve reads a tuned file of another shape than this plan's, the line says which and
+    the tune that writes it."""
+    from .backend_advice import Advice, advice_for
+
     lines = []
-    for shape, layouts in plan.shapes.items():
-        for lay in (lay for lay in layouts if lay in RECIPE_LAYOUTS):
-            model = plan.model.name
-            spec = ServeSpec(model=model, layout=lay, dtype=plan.dtype, tuned_folder=Path(out).resolve())
-            facts = ServeFacts(arch=plan.gpu.arch, dtype=plan.dtype, tp=lay.tp, dp=lay.dp, ep=lay.ep,
-                               num_experts=plan.model.num_experts, intermediate=plan.model.moe_intermediate_size,
-                               hidden=plan.model.hidden_size, top_k=plan.model.top_k)
-            answers, who = runtimes(facts)
-            notes = [describe(act, r) for act, r in answers.items()]
-            lines.append(serve_line(spec) + "".join(f"\n    # {n}" for n in notes) + f"\n    # (answered by {who})")
+    layouts = dict.fromkeys(lay for ls in plan.shapes.values() for lay in ls if lay in RECIPE_LAYOUTS)
+    for lay in layouts:
+        found = advice_for(plan.gpu.key, lay, plan.dtype)
+        backend, env = (found.moe_backend, found.env) if isinstance(found, Advice) else ("auto", {})
+        spec = ServeSpec(model=plan.model.name, layout=lay, dtype=plan.dtype, tuned_folder=Path(out).resolve(),
+                         moe_backend=backend, env=tuple(env.items()))
+        facts = ServeFacts(arch=plan.gpu.arch, dtype=plan.dtype, tp=lay.tp, dp=lay.dp, ep=lay.ep,
+                           moe_backend=backend, env=tuple(sorted(env.items())),
+                           num_experts=plan.model.num_experts, intermediate=plan.model.moe_intermediate_size,
+                           hidden=plan.model.hidden_size, top_k=plan.model.top_k)
+        answers, who = runtimes(facts)
+        notes = [describe(act, r) for act, r in answers.items()]
+        notes += _other_shape(plan, lay, answers, backend)
+        notes += [found.line() if isinstance(found, Advice) else found] if found else []
+        lines.append(serve_line(spec) + "".join(f"\n    # {n}" for n in notes) + f"\n    # (answered by {who})")
     return lines
 
+
+def _other_shape(plan: Plan, lay: Layout, answers: dict[str, LayerRuntime], backend: str) -> list[str]:
+    """The tuned files the advised serve reads that this plan did not write (e.g. the padded FP8 TP4 shard)."""
+    tuned = {(s.n, s.block_shape) for s, ls in plan.shapes.items() if lay in ls}
+    need = {(r.n, r.block) for r in answers.values() if r.reads_tuned_file and r.n}
+    missing = sorted(need - tuned, key=str)
+    if not missing:
+        return []
+    what = ", ".join(f"N={n}" + (f" block {list(b)}" if b else "") for n, b in missing)
+    flag = f" --moe-backend {backend}" if backend != "auto" else ""
+    return [f"it reads a tuned file this run did not write ({what}): tune-moe --gpu {plan.gpu.key} --dtype "
+            f"{plan.dtype} --layouts {lay.name}{flag}"]
