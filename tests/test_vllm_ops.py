@@ -58,6 +58,22 @@ def test_on_a_box_without_a_gpu_nothing_loads_and_the_reason_is_one_line(tmp_pat
     assert "\n" not in why and why.count("OSError") == 1  # the same cause for both libraries, said once
 
 
+def test_the_schemas_are_the_ones_vllms_libraries_register():
+    """vllm_ops.SCHEMAS (what an op must be registered as before it is used) equals the schema text compiled
+    into the installed vLLM 0.33's two libraries, up to whitespace."""
+    import re
+
+    folder = vllm_ops.installed_folder()
+    assert folder is not None, "the tests need vLLM 0.33 installed (.ci/run installs it)"
+    registered = {}
+    for lib, (_, names) in vllm_ops.LIBRARIES.items():
+        text = (folder / lib).read_bytes()
+        for name in names:
+            found = re.findall(rb"\x00(" + re.escape(name.encode()) + rb"\([^\x00]*\) -> \(\))\x00", text)
+            registered[name] = {" ".join(t.decode().split()).replace(" )", ")") for t in found}
+    assert registered == {name: {schema} for name, schema in vllm_ops.SCHEMAS.items()}
+
+
 def test_vllm_ops_folder_is_checked_before_torch(tmp_path):
     with pytest.raises(UsageError, match=r"--vllm-ops .*nope: no such folder; give the folder holding"):
         vllm_ops.check_folder(str(tmp_path / "nope"))
