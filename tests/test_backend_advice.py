@@ -189,3 +189,15 @@ def test_the_serve_lines_a_tune_prints_follow_the_advice(tmp_path):
                      vllm_version="0.33.0")
     (line,) = serve_lines(bf16, tmp_path)
     assert "--moe-backend" not in line and f"# {adv.BF16}" in line
+
+
+def test_from_json_refuses_an_advice_target_that_is_not_an_advice_file(tmp_path, capsys):
+    from tuning.cli import main
+
+    target = tmp_path / "notes.json"
+    target.write_text('{"not": "advice"}')
+    assert main(["compare-backends", "--gpu", "H200", "--from-json", str(RESULTS / "tp.json"),
+                 "--write-advice", str(target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a schema-1 backend-advice file" in err[0]
+    assert target.read_text() == '{"not": "advice"}'

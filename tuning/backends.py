@@ -69,11 +69,9 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[int], tuple[st
                 raise UsageError(f"layout {name}: {shape.reason}")
     if not args.budget_ms > 0 or args.budget_ms > 10_000:
         raise UsageError(f"--budget-ms {args.budget_ms}: give milliseconds between 0 and 10000")
-    for option, value in (("--json-out", args.json_out), ("--write-advice", args.write_advice)):
-        if value:
-            output_file(value, option)
-    if args.write_advice and Path(args.write_advice).exists():
-        adv.load(Path(args.write_advice))  # merged into, so it must be an advice file
+    if args.json_out:
+        output_file(args.json_out, "--json-out")
+    _check_advice_target(args)
     if args.vllm_src and not Path(args.vllm_src).exists():
         raise UsageError(f"--vllm-src {args.vllm_src}: no such file or folder")
     if args.vllm_ops:
@@ -82,6 +80,14 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[int], tuple[st
     if not kinds or any(k not in ACTIVATIONS for k in kinds):
         raise UsageError(f"--kinds {args.kinds!r}: write {' or '.join(ACTIVATIONS)}, separated by commas")
     return names, list(parse_batch_sizes(args.batch_sizes)), kinds
+
+
+def _check_advice_target(args: argparse.Namespace) -> None:
+    """--write-advice: a writable file, and an advice file when it exists (the new entries are merged into it)."""
+    if args.write_advice:
+        output_file(args.write_advice, "--write-advice")
+        if Path(args.write_advice).exists():
+            adv.load(Path(args.write_advice))
 
 
 def serve_command(layout_name: str, config: str, folder: Path) -> str:
@@ -181,11 +187,9 @@ def replay(args: argparse.Namespace) -> int:
     from .bakeoff import Measured
 
     gpu = gpus.get_gpu(args.gpu)
-    for option, value in (("--json-out", args.json_out), ("--write-advice", args.write_advice)):
-        if value:
-            output_file(value, option)
     if args.json_out:
         raise UsageError("--from-json re-reads --json-out files; give --write-advice alone")
+    _check_advice_target(args)
     loaded = []
     for name in args.from_json:
         try:
