@@ -24,12 +24,15 @@
 #   setup-dg           unpack /tmp/stash/dg.tar.zst to /tmp/dg (the bake-off's --deep-gemm-path)
 #   flashinfer-setup   unpack FlashInfer 0.7.2.post1 and apache-tvm-ffi (/tmp/stash/fi-part-*, made by
 #                      benchmarks/pack_flashinfer.sh) to /tmp/fi; check that cutlass_fused_moe imports
-#   flashinfer-build   start the JIT build of FlashInfer's SM90 CUTLASS fused MoE in a session of its own (it outlives
-#                      the call while the machine stays warm), cache under /tmp/fi-cache, log /tmp/fi-build.log
+#   flashinfer-build [full]  start, in a session of its own (it outlives the call while the machine stays warm),
+#                      the build of FlashInfer's SM90 CUTLASS fused MoE for the block-FP8 path vLLM runs
+#                      (benchmarks/flashinfer_blockscale.py: 28 of its 248 files, installed as the AOT module), or
+#                      with `full` FlashInfer's own JIT build of all 248; cache /tmp/fi-cache, log /tmp/fi-build.log
 #   flashinfer-wait SECS   wait at most SECS for that build, print the end of its log; fail if it is not done
-#   flashinfer-pack [FIRST]  the built fused_moe_90.so back under $OUT as xz parts of 15 MiB (fi-aot-part-*,
-#                      fi-aot.sha256), four parts a call from FIRST (default 0): keep them in .gpu/flashinfer/, so
-#                      later sessions install it instead of building
+#   flashinfer-check   one FlashInfer block-scale call per M at the DP8+EP shape against the float reference
+#   flashinfer-pack [FIRST]  the built fused_moe_90.so (and its BUILD.json) back under $OUT as xz parts of 15 MiB
+#                      (fi-aot-part-*, fi-aot.sha256), four parts a call from FIRST (default 0): keep them in
+#                      .gpu/flashinfer/, so later sessions install it instead of building
 #   flashinfer-aot     install stashed fi-aot-part-* as FlashInfer's AOT module (loaded before any JIT build)
 #   bakeoff NAME SECS ARGS...  `tune-moe compare-backends ARGS` for at most SECS seconds (SIGINT then), vLLM's
 #                      sources from .gpu/vllm-src, DeepGEMM from /tmp/dg, vLLM's CUDA ops from /tmp/vllm-ops when
@@ -49,10 +52,13 @@
 set -euo pipefail
 stage=${1:?stage}; shift
 export PYTHONUNBUFFERED=1 RAY_DISABLE_USAGE_STATS=1 RAY_AUTH_MODE=disabled
-if [ -d /tmp/t38/triton ]; then
+t38=/tmp/t38  # Triton 3.8.0, vLLM 0.33's; vLLM 0.26 (its tune and its serve) runs the machine's own 3.6.0
+if [ "${TUNE_MOE_STAGE_VLLM:-0.33.0}" = 0.26.0 ] || [ "$stage" = serve-bg ]; then
+  t38=/nonexistent
+elif [ -d /tmp/t38/triton ]; then
   export TRITON_BACKENDS_IN_TREE=1  # the unpacked Triton has no entry points; the machine's own needs nothing
 fi
-export PYTHONPATH=/tmp/t38:/tmp/ray:/tmp/fi:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$t38:/tmp/ray:/tmp/fi:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export FLASHINFER_WORKSPACE_BASE=/tmp/fi-cache DG_JIT_CACHE_DIR=/tmp/dg-cache
 export PATH=/tmp/ray/bin:$PATH
 runs=/tmp/runs
@@ -134,22 +140,30 @@ print("torch", torch.__version__, "loads the CUDA ops of vLLM 0.33")' ;;
     python3 -c 'import flashinfer, tvm_ffi; from flashinfer.fused_moe import cutlass_fused_moe
 print("flashinfer", flashinfer.__version__, "tvm_ffi", tvm_ffi.__version__)' ;;
   flashinfer-build)
-    MAX_JOBS=$(nproc) setsid nohup python3 -c 'from flashinfer.fused_moe.core import get_cutlass_fused_moe_module as g
-g("90"); print("built fused_moe_90")' > /tmp/fi-build.log 2>&1 < /dev/null &
-    echo "FlashInfer fused_moe_90 JIT build started (log /tmp/fi-build.log)" ;;
+    if [ "${1:-}" = full ]; then
+      build=(python3 -c 'from flashinfer.fused_moe.core import get_cutlass_fused_moe_module as g
+g("90"); print("built fused_moe_90")')
+    else
+      build=(python3 benchmarks/flashinfer_blockscale.py build)
+    fi
+    MAX_JOBS=$(nproc) setsid nohup "${build[@]}" > /tmp/fi-build.log 2>&1 < /dev/null &
+    echo $! > /tmp/fi-build.pid
+    echo "FlashInfer fused_moe_90 build (${1:-block-scale path}) started (log /tmp/fi-build.log)" ;;
   flashinfer-wait)
     end=$(( $(date +%s) + ${1:?seconds} ))
-    while ! grep -q "built fused_moe_90" /tmp/fi-build.log 2>/dev/null && pgrep -f get_cutlass_fused_moe_module >/dev/null \
-          && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
-    tail -5 /tmp/fi-build.log
-    grep -q "built fused_moe_90" /tmp/fi-build.log ;;
+    while kill -0 "$(cat /tmp/fi-build.pid)" 2>/dev/null && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
+    grep -v '^\[' /tmp/fi-build.log | tail -4; grep '^\[' /tmp/fi-build.log | tail -1
+    grep -q "^built fused_moe_90" /tmp/fi-build.log ;;
+  flashinfer-check)
+    python3 benchmarks/flashinfer_blockscale.py check ;;
   flashinfer-pack)
     first=${1:-0}
     if [ ! -f /tmp/fi-aot/fi-aot.sha256 ]; then
-      so=$(find /tmp/fi-cache -name fused_moe_90.so | head -1)
+      so=$(find /tmp/fi/flashinfer/data/aot /tmp/fi-cache -name fused_moe_90.so 2>/dev/null | head -1)
       [ -n "$so" ] || { echo "flashinfer-pack: fused_moe_90.so is not built (flashinfer-wait)"; exit 1; }
       mkdir -p /tmp/fi-aot
-      tar cf - -C "$(dirname "$so")" fused_moe_90.so | xz -T0 -6 | split -b 15m -d - /tmp/fi-aot/fi-aot-part-
+      (cd "$(dirname "$so")" && tar cf - fused_moe_90.so $(ls BUILD.json 2>/dev/null)) | xz -T0 -6 \
+        | split -b 15m -d - /tmp/fi-aot/fi-aot-part-
       (cd /tmp/fi-aot && sha256sum fi-aot-part-* > fi-aot.sha256)
     fi
     parts=(/tmp/fi-aot/fi-aot-part-*)

@@ -122,7 +122,7 @@ def provenance(args, ctx, kernel, names, ms) -> dict:
     import torch
     import triton
 
-    from . import vllm_ops
+    from . import path_flashinfer, vllm_ops
 
     def version(mod):
         return getattr(sys.modules.get(mod), "__version__", None)
@@ -130,7 +130,8 @@ def provenance(args, ctx, kernel, names, ms) -> dict:
             "gpu_name": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "triton": triton.__version__, "kernel": kernel.describe, "kernel_sha256": kernel.source_sha256,
             "helpers_sha256": ctx.helpers.SOURCE_SHA256, "deep_gemm": getattr(ctx.dg, "__version__", None),
-            "flashinfer": version("flashinfer"), "layouts": names, "batch_sizes": ms, "budget_ms": args.budget_ms,
+            "flashinfer": version("flashinfer"), "flashinfer_build": path_flashinfer.build_record() if ctx.fi else None,
+            "layouts": names, "batch_sizes": ms, "budget_ms": args.budget_ms,
             "seed": ctx.seed, "kind_weights": adv.KIND_WEIGHTS, "missing": ctx.missing,
             "vllm_ops": vllm_ops.record(ctx.ops, ctx.ops_why),
             "command": " ".join(["tune-moe", *sys.argv[1:]])}

@@ -19,6 +19,9 @@ CtaShape128x16x128B), so vLLM's warm-up autotune (model_executor/warmup/kernel_w
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from .layer_inputs import Batch, QuantWeights
@@ -35,6 +38,18 @@ def swap_w13_to_w31(x: torch.Tensor) -> torch.Tensor:
 def flashinfer_weights(w: QuantWeights) -> QuantWeights:
     return QuantWeights(swap_w13_to_w31(w.w13), swap_w13_to_w31(w.w13_scale).clamp(min=FI_MIN_BLOCK_SCALE),
                         w.w2, w.w2_scale.clamp(min=FI_MIN_BLOCK_SCALE), w.block)
+
+
+def build_record() -> dict | None:
+    """BUILD.json beside the fused_moe_90 module FlashInfer loads ahead of any JIT build (written by
+    benchmarks/flashinfer_blockscale.py for its block-scale-path build), or None: a stock build."""
+    try:
+        from flashinfer.jit import env
+
+        path = Path(env.get_aot_path("fused_moe_90")).parent / "BUILD.json"
+        return json.loads(path.read_text()) if path.exists() else None
+    except Exception:  # FlashInfer missing or of another layout: nothing to record
+        return None
 
 
 def parallel(layout: Layout) -> dict[str, int]:
