@@ -60,7 +60,7 @@ def build() -> int:
           f"({len(full.sources) - len(kept)} generated grouped-GEMM instantiations left out)", flush=True)
     spec.write_ninja()
     ninja(spec)
-    objects = [p for p in spec.get_object_paths() if p.exists()]
+    objects = sorted(spec.build_dir.glob("*.o"))  # ninja names them <folder>_<file>.o / .cuda.o
     missing = _symbols(objects, "--undefined-only") - _symbols(objects, "--defined-only")
     weak = sorted(s for s in missing if LAUNCHER_MARK in s)
     weak_list = spec.build_dir / "weakened.txt"
@@ -96,12 +96,13 @@ def check() -> int:
     from flashinfer.fused_moe import cutlass_fused_moe
 
     from tuning.layer_inputs import batch, errors, float_weights, quantised, reference
+    from tuning.backends import MODEL
     from tuning.models import load_model
     from tuning.path_flashinfer import FlashInferPath, flashinfer_weights
     from tuning.shapes import parse_layout, shape_for
 
     layout = parse_layout("DP8+EP")
-    shape = shape_for(load_model(), layout, "fp8", moe_backend="triton")
+    shape = shape_for(load_model(MODEL), layout, "fp8", moe_backend="triton")
     w = float_weights(shape, 0, "cuda")
     q = flashinfer_weights(quantised(w, (128, 128)))
     worst = 0.0
