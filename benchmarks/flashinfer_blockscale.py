@@ -1,8 +1,9 @@
 """Build FlashInfer 0.7.2's SM90 CUTLASS fused-MoE module for the one path vLLM runs on a block-FP8 serve, then check it.
 
-Usage (on the GPU machine, FlashInfer unpacked by gpu_stage.sh flashinfer-setup):
+Usage (on the GPU machine, through benchmarks/gpu_stage.sh, whose environment puts FlashInfer, its cache and this
+checkout in place: flashinfer-build, flashinfer-check):
     python3 benchmarks/flashinfer_blockscale.py build     compile, link, install as FlashInfer's AOT module
-    python3 benchmarks/flashinfer_blockscale.py check     one DP8+EP call against the float reference
+    python3 benchmarks/flashinfer_blockscale.py check     DP8+EP calls against the float reference (never builds)
 
 Why a trimmed build. FlashInfer's own ``gen_cutlass_fused_moe_sm90_module`` compiles 248 files; 220 of them are
 generated CUTLASS grouped-GEMM instantiations (``*.generated.cu``, one per dtype x tile x schedule) and did not
@@ -92,6 +93,7 @@ def build() -> int:
 
 
 def check() -> int:
+    os.environ["FLASHINFER_DISABLE_JIT"] = "1"  # a missing module is an error here, never a 248-file build
     import torch
     from flashinfer.fused_moe import cutlass_fused_moe
 

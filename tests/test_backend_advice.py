@@ -19,12 +19,13 @@ RESULTS = Path(__file__).parents[1] / "benchmarks" / "results" / "bakeoff-h200"
 
 def test_committed_file_is_what_the_recorded_bake_off_gives(tmp_path, capsys):
     """data/backend_advice.json is the H200 bake-off's measurements (benchmarks/results/bakeoff-h200) under the
-    current rule: re-deriving it from the recorded rows changes nothing."""
+    current rule: re-deriving it from the recorded rows changes nothing. TP and DP4/DP8+EP come from the runs with
+    vLLM's own CUDA ops (tp-ops, ep-ops, read last so they replace ep4's), DP2+EP from the stand-in run."""
     from tuning.cli import main
 
     out = tmp_path / "advice.json"
-    assert main(["compare-backends", "--gpu", "H200", "--from-json", str(RESULTS / "tp.json"),
-                 str(RESULTS / "ep4.json"), "--write-advice", str(out)]) == 0
+    assert main(["compare-backends", "--gpu", "H200", "--from-json", str(RESULTS / "tp-ops.json"),
+                 str(RESULTS / "ep4.json"), str(RESULTS / "ep-ops.json"), "--write-advice", str(out)]) == 0
     assert json.loads(out.read_text()) == json.loads(adv.DATA.read_text())
     assert "TP4 (measured 2026-11-30" in capsys.readouterr().out
     table = adv.load()
@@ -35,11 +36,24 @@ def test_committed_file_is_what_the_recorded_bake_off_gives(tmp_path, capsys):
     assert json.loads(adv.DATA.read_text())["status"] == "3 of 6 layouts measured"
     assert "N=384 instead of 320: 20% more expert weight memory" in table[("H200", "TP4")].line()
     assert "unmeasured: auto not timed (flashinfer:" in table[("H200", "DP4+EP")].line()
+    for (_, layout), a in table.items():
+        assert a.provenance["vllm_ops"]["stand_ins"] == {} if layout != "DP2+EP" else "vllm_ops" not in a.provenance
     assert adv.advice_for("H200", parse_layout("DP4+EP"), "fp8").flags() == "--moe-backend triton"
     assert adv.advice_for("H200", parse_layout("TP4"), "fp8").flags() == \
         "VLLM_USE_DEEP_GEMM_E8M0=0 --moe-backend deep_gemm"
     assert adv.advice_for("H200", parse_layout("TP4"), "bf16") == adv.BF16
     assert adv.advice_for("B200", parse_layout("TP4"), "fp8") is None
+
+
+def test_a_failure_reads_as_its_first_clause_in_the_advice():
+    long = ("MissingJITCacheError: JIT compilation is disabled via FLASHINFER_DISABLE_JIT environment variable, but "
+            "the required module is not found in the JIT cache. Please add the missing module")
+    assert adv.brief(long) == "MissingJITCacheError: JIT compilation is disabled via FLASHINFER_DISABLE_JIT " \
+                              "environment variable"
+    for whole in ("skipped (--no-flashinfer)", "numerics: relative error 0.300 > 0.1",
+                  "DeepGEMM not importable (ImportError: libcuda.so.1)"):
+        assert adv.brief(whole) == whole
+    assert adv.brief("x" * 150) == "x" * 99 + "…"
 
 
 def test_a_tie_names_vllms_default_and_stand_ins_can_hold_the_pick_back():

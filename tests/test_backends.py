@@ -181,3 +181,39 @@ def test_a_source_without_the_kernels_is_refused():
     with pytest.raises(UsageError, match="lacks the @triton.jit function"):
         jit_functions("import triton\n\n\ndef _count_expert_num_tokens():\n    pass\n", ("_count_expert_num_tokens",),
                       "x.py")
+
+
+def test_flashinfer_is_timed_only_when_its_module_needs_no_build(tmp_path, monkeypatch):
+    """FlashInfer 0.7.2's own lookup (jit/env.py get_aot_artifacts, the JIT cache folder) decides; without a built
+    module the bake-off records why instead of compiling 248 files inside a timed run."""
+    import argparse
+    import json
+
+    from flashinfer.jit import env
+
+    from tuning import path_flashinfer as pf
+    from tuning.backends import load_backends
+
+    monkeypatch.setattr(env, "FLASHINFER_JIT_DIR", tmp_path / "jit")
+    monkeypatch.setattr(env, "FLASHINFER_AOT_DIR", tmp_path / "aot")
+    args = argparse.Namespace(deep_gemm_path=None, no_flashinfer=False, flashinfer_jit=False)
+    missing: dict = {}
+    assert load_backends(args, missing)[1] is None
+    assert "fused_moe_90 is not built" in missing["flashinfer"] and "flashinfer_blockscale.py build" in \
+        missing["flashinfer"] and pf.build_record() is None
+    missing = {}
+    assert load_backends(argparse.Namespace(**{**vars(args), "flashinfer_jit": True}), missing)[1] is not None
+    assert "flashinfer" not in missing
+
+    jit = tmp_path / "jit" / "fused_moe_90"
+    jit.mkdir(parents=True)
+    (jit / "fused_moe_90.so").write_bytes(b"")
+    assert pf.missing_module() is None
+    (jit / "fused_moe_90.so").unlink()
+    aot = tmp_path / "aot" / "fused_moe_90"
+    aot.mkdir(parents=True)
+    (aot / "fused_moe_90.so").write_bytes(b"")
+    (aot / "BUILD.json").write_text(json.dumps({"build": "block-scale path only", "sources_built": 28}))
+    missing = {}
+    assert load_backends(args, missing)[1] is not None and "flashinfer" not in missing
+    assert pf.build_record() == {"build": "block-scale path only", "sources_built": 28}

@@ -152,6 +152,12 @@ def padding_note(rows, layout_name: str, config: str) -> str:
             f"{padded / base - 1:.0%} more expert weight memory per GPU)")
 
 
+def brief(reason: str) -> str:
+    """A failure's first clause, for a one-line advice: the recorded row keeps the whole text."""
+    head = re.split(r"(?<=[\w)])[.,;] (?=[a-z])", reason, maxsplit=1)[0]
+    return head if len(head) <= 100 else head[:99].rsplit(" ", 1)[0] + "…"
+
+
 def entries_from(rows, gpu: str, provenance: dict) -> list[dict]:
     """One entry per layout. Measured: every configuration timed at some M. Otherwise an unmeasured entry that
     records what was timed and why the rest was not (``serve_config`` None: ``merged`` keeps the old one)."""
@@ -166,7 +172,7 @@ def entries_from(rows, gpu: str, provenance: dict) -> list[dict]:
             untimed = sorted({c for per_m in table.values() for c, v in per_m.items() if v is None})
             layout = parse_layout(name)
             cols = {column(layer_runtime(facts(layout, c), a)) for c in untimed for a in ACTIVATIONS}
-            why = sorted({f"{r.backend}: {r.failure}" for r in rows
+            why = sorted({f"{r.backend}: {brief(r.failure)}" for r in rows
                           if r.layout == name and r.us is None and r.failure and r.backend in cols})
             out.append({**entry, "serve_config": None, "measured": False,
                         "why": f"{', '.join(untimed)} not timed ({'; '.join(why) or 'no rows'}), so the earlier advice "

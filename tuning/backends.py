@@ -45,7 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "_moe_C_stable_libtorch.abi3.so (benchmarks/gpu_stage.sh pack-ops, setup-ops); default: the "
                    "installed vLLM's; without them the stand-ins run")
     p.add_argument("--kinds", default="silu,swiglustep", help="MoE layer kinds to time (default: both)")
-    p.add_argument("--no-flashinfer", action="store_true", help="skip FlashInfer-CUTLASS (its first call JIT-builds)")
+    p.add_argument("--no-flashinfer", action="store_true", help="skip FlashInfer-CUTLASS")
+    p.add_argument("--flashinfer-jit", action="store_true", help="let FlashInfer's first call JIT-build its fused "
+                   "MoE module when it is not built (all 248 files; default: FlashInfer is not timed then)")
     p.add_argument("--budget-ms", type=float, default=50.0, help="timing budget per measurement (default 50)")
     p.add_argument("--json-out", help="write every measurement and the per-configuration table here")
     p.add_argument("--write-advice", metavar="FILE", help="write the backend-advice data file here: FILE (when it "
@@ -113,8 +115,13 @@ def load_backends(args, ctx_missing: dict):
     else:
         try:
             from flashinfer.fused_moe import cutlass_fused_moe as fi
+
+            from .path_flashinfer import missing_module
+            why = None if args.flashinfer_jit else missing_module()
         except Exception as exc:  # not installed, or an import-time failure of its dependencies
-            ctx_missing["flashinfer"] = f"FlashInfer not importable ({type(exc).__name__}: {str(exc)[:120]})"
+            fi, why = None, f"FlashInfer not importable ({type(exc).__name__}: {str(exc)[:120]})"
+        if why:
+            fi, ctx_missing["flashinfer"] = None, why
     return dg, fi
 
 

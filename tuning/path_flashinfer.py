@@ -40,13 +40,37 @@ def flashinfer_weights(w: QuantWeights) -> QuantWeights:
                         w.w2, w.w2_scale.clamp(min=FI_MIN_BLOCK_SCALE), w.block)
 
 
+def module_name() -> str:
+    """The SM90 CUTLASS fused-MoE module FlashInfer 0.7.2 loads on this GPU (jit/fused_moe.py:163-181: H20's 78
+    SMs get a variant of their own)."""
+    try:
+        from flashinfer.jit.fused_moe import _should_enable_sm90_moe_prebuilt_d_descriptor as h20
+    except ImportError:
+        return "fused_moe_90"
+    return "fused_moe_90_h20_prebuilt_d" if h20() else "fused_moe_90"
+
+
+def missing_module() -> str | None:
+    """None when FlashInfer can load the module without compiling it (an AOT module, or a JIT build already in
+    its cache), else why it cannot: its first call would build 248 files, half an hour on 16 cores, inside the
+    bake-off."""
+    from flashinfer.jit import env
+
+    name = module_name()
+    if env.get_aot_artifacts(name) or (Path(env.FLASHINFER_JIT_DIR) / name / f"{name}.so").exists():
+        return None
+    return (f"FlashInfer's {name} is not built (no AOT module, no JIT cache entry): build the block-scale path "
+            "with benchmarks/flashinfer_blockscale.py build, or pass --flashinfer-jit to let the first call build "
+            "all of it")
+
+
 def build_record() -> dict | None:
-    """BUILD.json beside the fused_moe_90 module FlashInfer loads ahead of any JIT build (written by
+    """BUILD.json beside the module FlashInfer loads ahead of any JIT build (written by
     benchmarks/flashinfer_blockscale.py for its block-scale-path build), or None: a stock build."""
     try:
         from flashinfer.jit import env
 
-        path = Path(env.get_aot_path("fused_moe_90")).parent / "BUILD.json"
+        path = Path(env.get_aot_path(module_name())).parent / "BUILD.json"
         return json.loads(path.read_text()) if path.exists() else None
     except Exception:  # FlashInfer missing or of another layout: nothing to record
         return None
