@@ -203,6 +203,12 @@ def test_the_serve_lines_a_tune_prints_follow_the_advice(tmp_path):
                      vllm_version="0.33.0")
     (line,) = serve_lines(bf16, tmp_path)
     assert "--moe-backend" not in line and f"# {adv.BF16}" in line
+    # the advice was measured under vLLM 0.33: a tune for 0.26 prints none, and says whose rules answered
+    old = make_plan(load_model("stepfun-ai/Step-3.5-Flash-FP8"), h200, "fp8", [parse_layout("DP4+EP")], 4, (1,),
+                    vllm_version="0.26.0")
+    (line,) = serve_lines(old, tmp_path)
+    assert "--moe-backend" not in line and "backend advice" not in line
+    assert line.endswith("; this tune targets vLLM 0.26.0, whose per-kind choice it does not model)")
 
 
 def test_from_json_refuses_an_advice_target_that_is_not_an_advice_file(tmp_path, capsys):

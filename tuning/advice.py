@@ -50,8 +50,10 @@ def serve_lines(plan: Plan, out: Path) -> list[str]:
 
     lines = []
     layouts = dict.fromkeys(lay for ls in plan.shapes.values() for lay in ls if lay in RECIPE_LAYOUTS)
+    other = "" if plan.vllm_version.startswith("0.33") else (
+        f"; this tune targets vLLM {plan.vllm_version}, whose per-kind choice it does not model")
     for lay in layouts:
-        found = advice_for(plan.gpu.key, lay, plan.dtype)
+        found = advice_for(plan.gpu.key, lay, plan.dtype) if not other else None  # measured under vLLM 0.33
         backend, env = (found.moe_backend, found.env) if isinstance(found, Advice) else ("auto", {})
         spec = ServeSpec(model=plan.model.name, layout=lay, dtype=plan.dtype, tuned_folder=Path(out).resolve(),
                          moe_backend=backend, env=tuple(env.items()))
@@ -63,7 +65,7 @@ def serve_lines(plan: Plan, out: Path) -> list[str]:
         notes = [describe(act, r) for act, r in answers.items()]
         notes += _other_shape(plan, lay, answers, backend)
         notes += [found.line() if isinstance(found, Advice) else found] if found else []
-        lines.append(serve_line(spec) + "".join(f"\n    # {n}" for n in notes) + f"\n    # (answered by {who})")
+        lines.append(serve_line(spec) + "".join(f"\n    # {n}" for n in notes) + f"\n    # (answered by {who}{other})")
     return lines
 
 
