@@ -297,8 +297,10 @@ def bench_log(fake) -> list[dict]:
 def test_ab_interleaves_warmed_pairs_and_reports_the_interval(fake, monkeypatch):
     monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(fake["configs"]))  # inherited: the baseline must drop it
     monkeypatch.setenv("FAKE_VLLM_NOISE", "0,0.02,-0.01,0.03,0.01,-0.02")  # one per measured pass, in turn
-    assert cli.main(argv(fake, "--ab", "--pairs", "3", "--num-prompts", "2")) == 0
+    assert cli.main(argv(fake, "--ab", "--ab-servers", "fresh", "--pairs", "3", "--num-prompts", "2")) == 0
     rep = report(fake)
+    assert len(fake["pids"].read_text().split()) == 2 * 6  # a fresh server (and its engine core) per run
+    assert sorted(p.name for p in fake["out"].glob("vllm-serve-*.log")) == sorted(f"vllm-serve-{n}.log" for n in PAIRS3)
     assert [r["name"] for r in rep["runs"]] == PAIRS3
     assert [(r["arm"], r["pair"]) for r in rep["runs"]] == [(n.split("-")[0], int(n[-1])) for n in PAIRS3]
     # every server: a warm-up pass first (cold, other prompts: --seed 1), then the measured pass (warm, seed 0)
@@ -331,11 +333,14 @@ def test_ab_interleaves_warmed_pairs_and_reports_the_interval(fake, monkeypatch)
     assert "exact bootstrap over the 3 pairs (all 3^3 resamples)" in md
     assert f"| 1 | 800.00 | {measured['tuned-1']:.2f} |" in md
     assert "| output tok/s | 808.00 (800.00-824.00) |" in md
+    assert rep["ab_servers"] == "fresh" and a["servers"]["mode"] == "fresh"
+    assert "`--ab-servers fresh`: each pair is two fresh servers, one at a time" in md
+    assert "This samples server-to-server variation (a server start per run) as well as pass-to-pass." in md
 
 
 def test_ab_says_when_the_gain_is_inside_the_noise(fake, monkeypatch, capsys):
     monkeypatch.setenv("FAKE_VLLM_NOISE", "0.15,-0.1,0.05,-0.15,0.1,0.0")
-    assert cli.main(argv(fake, "--ab", "--pairs", "3", "--num-prompts", "2")) == 0
+    assert cli.main(reduced_args(fake, "--ab", "--pairs", "3", "--num-prompts", "2")) == 0
     a = report(fake)["ab"]
     assert a["outcome"] == "noise"
     assert a["verdict"].startswith("no measurable difference in output tok/s: ")
@@ -344,10 +349,173 @@ def test_ab_says_when_the_gain_is_inside_the_noise(fake, monkeypatch, capsys):
 
 def test_ab_stops_at_the_first_failed_server_and_reports_no_verdict(fake, monkeypatch, capsys):
     (fake["configs"] / TP4_BF16).unlink()  # the tuned server of pair 1 fails its proof
-    assert cli.main(argv(fake, "--ab", "--pairs", "3", "--num-prompts", "2")) == 1
+    assert cli.main(argv(fake, "--ab", "--ab-servers", "fresh", "--pairs", "3", "--num-prompts", "2")) == 1
     rep = report(fake)
     assert [r["name"] for r in rep["runs"]] == ["default-1", "tuned-1"] and rep["runs"][1]["outcome"] == "proof"
     assert "ab" not in rep and "tuned-1: vLLM used its default MoE config" in capsys.readouterr().err
+
+
+def served_args(log: str) -> list[str]:
+    """The fake server's command line, from the first line of its log."""
+    return log.split("args: ", 1)[1].splitlines()[0].split()
+
+
+def test_resident_ab_keeps_two_servers_up_and_alternates_their_measured_passes(fake, monkeypatch, capsys):
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(fake["configs"]))  # inherited: the default server must drop it
+    monkeypatch.setenv("FAKE_VLLM_NOISE", "0,0.02,-0.01,0.03,0.01,-0.02")  # one per measured pass, in turn
+    args = reduced_args(fake, "--ab", "--pairs", "3", "--num-prompts", "2")  # resident is the default
+    port = int(args[args.index("--port") + 1])
+    assert cli.main(args) == 0
+    rep, out = report(fake), fake["out"]
+    # two servers, each started once (a server and its engine core each), one log per arm
+    assert len(fake["pids"].read_text().split()) == 4
+    assert sorted(p.name for p in out.glob("vllm-serve-*.log")) == ["vllm-serve-default.log", "vllm-serve-tuned.log"]
+    logs = {arm: (out / f"vllm-serve-{arm}.log").read_text() for arm in ("default", "tuned")}
+    for arm, served_port in (("default", port), ("tuned", port + 1)):
+        words = served_args(logs[arm])
+        assert words[words.index("--port") + 1] == str(served_port)
+        assert words[words.index("--gpu-memory-utilization") + 1] == "0.45"
+        assert f"Starting vLLM API server on http://127.0.0.1:{served_port}" in logs[arm]
+        assert logs[arm].count("POST /v1/completions") == (1 + 3) * 2  # its warm-up and its 3 measured passes
+    # the default server ran without the tuned folder (it looked in vLLM's own folder only), the tuned one read it
+    assert "Using default MoE config" in logs["default"] and str(fake["configs"]) not in logs["default"]
+    assert f"Using configuration from {fake['configs'] / TP4_BF16} for MoE layer." in logs["tuned"]
+    # the runs keep the fresh A/B's shape: one per measured pass, with its server's proof and warm-up
+    assert [r["name"] for r in rep["runs"]] == PAIRS3
+    assert [(r["arm"], r["pair"]) for r in rep["runs"]] == [(n.split("-")[0], int(n[-1])) for n in PAIRS3]
+    for r in rep["runs"]:
+        assert r["log"] == str(out / f"vllm-serve-{r['arm']}.log") and r["outcome"] == "ok"
+        assert r["proof"]["loaded"] == ([str(fake["configs"] / TP4_BF16)] if r["arm"] == "tuned" else [])
+        assert r["proof"]["missing"] == ([] if r["arm"] == "tuned" else [TP4_BF16])
+        warm = json.loads((out / f"bench-{r['arm']}-warmup.json").read_text())
+        assert r["warmup"]["output_throughput"] == warm["output_throughput"] < r["metrics"]["output_throughput"]
+        assert Path(r["result_file"]).name == f"bench-{r['name']}.json"
+    assert sorted(p.name for p in out.glob("bench-*.json")) == sorted(
+        ["bench-default-warmup.json", "bench-tuned-warmup.json", *(f"bench-{n}.json" for n in PAIRS3)])
+    # one warm-up per server (cold, other prompts), then the measured passes, warm, on the arm's server in turn
+    log = bench_log(fake)
+    assert [(b["tuned"], b["cold"], b["seed"]) for b in log] == [(False, True, 1), (True, True, 1)] + [
+        (n.startswith("tuned"), False, 0) for n in PAIRS3]
+    assert len({b["pid"] for b in log}) == 8  # one vllm bench serve process per pass
+    measured = {r["name"]: r["metrics"]["output_throughput"] for r in rep["runs"]}
+    noise = dict(zip(PAIRS3, (0, 0.02, -0.01, 0.03, 0.01, -0.02)))
+    assert measured == pytest.approx({n: (850.0 if n.startswith("tuned") else 800.0) * (1 + noise[n]) for n in PAIRS3})
+    a = rep["ab"]
+    expected = ab.paired_ratio("output tok/s", [measured[f"tuned-{i}"] for i in (1, 2, 3)],
+                               [measured[f"default-{i}"] for i in (1, 2, 3)])
+    ratio = a["ratios"]["output_throughput"]
+    assert (ratio["estimate"], ratio["low"], ratio["high"]) == pytest.approx((expected.estimate, expected.low,
+                                                                              expected.high))
+    assert a["verdict"] == ab.verdict(expected, "output tok/s").text and a["outcome"] == "better"
+    assert a["order"] == ["1: default then tuned", "2: tuned then default", "3: default then tuned"]
+    assert rep["ab_servers"] == "resident"
+    assert a["servers"] == {"mode": "resident", "ports": {"default": port, "tuned": port + 1},
+                            "gpu_memory_utilization": 0.45}
+    assert shlex.split(rep["command"])[-4:] == ["--port", str(port + 1), "--gpu-memory-utilization", "0.45"]
+    md = (out / "report.md").read_text()
+    assert (f"`--ab-servers resident`: two servers up at once, the default one on port {port} and the tuned one on "
+            f"port {port + 1}, each with `--gpu-memory-utilization 0.45`, started once") in md
+    assert ("This samples pass-to-pass variation on two resident servers, not server-to-server variation; "
+            "`--ab-servers fresh` samples that too, at a server start per run.") in md
+    said = capsys.readouterr().out
+    assert said.index("tuned server stopped") < said.index("default server stopped")  # both, after the passes
+    assert said.index(f"pair 3 of 3: tuned (port {port + 1})") < said.index("tuned server stopped")
+
+
+def test_resident_ab_stops_the_default_server_when_the_tuned_one_fails_to_start(fake, capsys):
+    args = reduced_args(fake, "--ab", "--pairs", "3", "--num-prompts", "2")
+    port = int(args[args.index("--port") + 1])
+    with socket.socket() as taken:  # bound, not listening: the port check passes, the tuned server cannot listen
+        taken.bind(("127.0.0.1", port + 1))
+        assert cli.main(args) == 1
+    captured = capsys.readouterr()
+    problems = [line for line in captured.err.splitlines() if line.startswith("tune-moe validate-serve:")]
+    assert problems == [f"tune-moe validate-serve: tuned: the tuned server exited with status 1 before it was healthy; "
+                        f"read the log: {fake['out'] / 'vllm-serve-tuned.log'}"]
+    assert "Address already in use" in captured.err  # the log's tail
+    rep = report(fake)
+    assert [(r["name"], r["outcome"]) for r in rep["runs"]] == [("default", "ok"), ("tuned", "exited")]
+    assert rep["runs"][0]["proof"]["missing"] == [TP4_BF16] and not rep["ok"] and "ab" not in rep
+    assert [(b["tuned"], b["cold"]) for b in bench_log(fake)] == [(False, True)]  # the default's warm-up, no more
+    assert "default server stopped" in captured.out  # and the fixture finds no fake process left
+    assert len(fake["pids"].read_text().split()) == 4
+
+
+def test_resident_ab_stops_at_a_failed_proof(fake, capsys):
+    (fake["configs"] / TP4_BF16).unlink()  # the tuned server fails its proof
+    assert cli.main(reduced_args(fake, "--ab", "--pairs", "3", "--num-prompts", "2")) == 1
+    rep = report(fake)
+    assert [(r["name"], r["outcome"]) for r in rep["runs"]] == [("default", "ok"), ("tuned", "proof")]
+    assert "ab" not in rep and "tuned: vLLM used its default MoE config" in capsys.readouterr().err
+    assert [(b["tuned"], b["cold"]) for b in bench_log(fake)] == [(False, True)]
+
+
+def test_ab_servers_refusals_are_one_line_and_start_nothing(fake, capsys):
+    conflict = ("tune-moe: error: --serve-args sets --gpu-memory-utilization, which --ab-servers resident sets (0.45 "
+                "for each of its two servers); drop it from --serve-args, or pass --ab-servers fresh to keep it")
+    runs = [(reduced_args(fake, "--ab-servers", "fresh"), "tune-moe: error: --ab-servers needs --ab"),
+            (reduced_args(fake, "--ab", "--serve-args", "--max-model-len 4096 --gpu-memory-utilization 0.8"), conflict),
+            (reduced_args(fake, "--ab", "--serve-args=--gpu_memory_utilization=0.8"), conflict),
+            (argv(fake, "--ab"),
+             "tune-moe: error: --ab-servers resident: two servers at --gpu-memory-utilization 0.45 each do not fit: "
+             "TP4 on 4xH200: 98 GB weights per GPU of a 63 GB budget, -41 GB left for KV cache (needs >= 10 GB); "
+             "nothing was started; pass --ab-servers fresh (one server at a time, at the memory vLLM chooses)")]
+    top = reduced_args(fake, "--ab")
+    top[top.index("--port") + 1] = "65535"
+    runs.append((top, "tune-moe: error: --port 65535: --ab-servers resident also serves on --port + 1; pass a lower "
+                      "--port"))
+    for args, message in runs:
+        assert cli.main(args) == 2
+        assert capsys.readouterr().err == message + "\n"
+        assert not fake["pids"].exists() and not fake["out"].exists()
+    assert cli.main([*runs[1][0], "--print-command"]) == 2  # refused before anything is printed
+    assert capsys.readouterr() == ("", conflict + "\n")
+    assert cli.main([*runs[3][0], "--print-command"]) == 0  # printed, with the refusal to come
+    assert ("note: validate-serve will refuse this A/B: --ab-servers resident: two servers at --gpu-memory-utilization "
+            "0.45 each do not fit: TP4 on 4xH200") in capsys.readouterr().err
+
+
+def test_print_command_says_which_ab_servers_run(fake, capsys):
+    args = reduced_args(fake, "--ab", "--pairs", "3", "--print-command")
+    port = int(args[args.index("--port") + 1])
+    order = "default, tuned; tuned, default; default, tuned"
+    for extra, served, files, line in (
+            ((), [str(port + 1), "--gpu-memory-utilization", "0.45"], ["bench-tuned-warmup.json", "bench-tuned-1.json"],
+             f"# --ab --ab-servers resident: first a default server (VLLM_TUNED_CONFIG_FOLDER unset; vLLM must log its "
+             f"default config) on port {port}, then the tuned one above on port {port + 1}, both with "
+             f"--gpu-memory-utilization 0.45, each warmed up once; then 3 pairs of measured passes alternate between "
+             f"them in the order {order}; this samples pass-to-pass variation, not server-to-server (--ab-servers "
+             "fresh: a server start per run)"),
+            (("--ab-servers", "fresh", "--serve-args", "--gpu-memory-utilization 0.8"),
+             [str(port), "--gpu-memory-utilization", "0.8"], ["bench-tuned-1-warmup.json", "bench-tuned-1.json"],
+             f"# --ab --ab-servers fresh: 3 pairs of fresh servers, one at a time, in the order {order}; the default "
+             "server has VLLM_TUNED_CONFIG_FOLDER unset (vLLM must log its default config); this samples "
+             "server-to-server variation too (a server start per run)")):
+        assert cli.main([*args, *extra]) == 0
+        out = capsys.readouterr().out.splitlines()
+        serve = shlex.split(next(line for line in out if line.startswith("vllm serve")))
+        assert serve[serve.index("--port") + 1:] == served
+        benches = [shlex.split(line) for line in out if line.startswith("vllm bench serve")]
+        assert [b[b.index("--result-filename") + 1] for b in benches] == files
+        assert {b[b.index("--port") + 1] for b in benches} == {served[0]}  # the tuned server's port
+        assert out[-1] == line
+    assert not fake["out"].exists()
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_during_a_resident_ab_stops_both_servers(fake, sig, code):
+    env = {**os.environ, "FAKE_VLLM_HEALTH_DELAY": "2", "PYTHONPATH": str(REPO)}
+    args = reduced_args(fake, "--ab", "--pairs", "3", "--num-prompts", "2")
+    args[args.index("--timeout") + 1] = "60"
+    proc = subprocess.Popen([sys.executable, "-c", MIRROR_CLI, *args], env=env, cwd=fake["dir"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_pids(fake, 4)  # the default server is healthy and warmed; the tuned one is starting
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == code, err
+    assert f"interrupted by {sig.name}; every server was stopped" in err
+    assert "tuned server stopped" in out and "default server stopped" in out  # the fixture finds none left
+    assert report(fake)["problems"] == [f"interrupted by {sig.name}; every server was stopped"]
 
 
 def test_missing_config_fails_and_names_the_file(fake, capsys):
@@ -547,12 +715,12 @@ def test_reduced_print_command_shows_every_command_and_writes_nothing(fake, caps
     assert (overrides["moe_num_experts"], overrides["moe_intermediate_size"]) == (72, 1280)
     assert "--data-parallel-size" not in serve and "--enable-expert-parallel" not in serve
     benches = [shlex.split(line) for line in out if line.startswith("vllm bench serve")]
-    assert [b[b.index("--result-filename") + 1] for b in benches] == ["bench-tuned-1-warmup.json", "bench-tuned-1.json"]
+    assert [b[b.index("--result-filename") + 1] for b in benches] == ["bench-tuned-warmup.json", "bench-tuned-1.json"]
     assert all(b[b.index("--random-input-len") + 1] == "8192" and b[b.index("--random-output-len") + 1] == "1"
                and "--ignore-eos" in b for b in benches)
     assert out[-3] == "# vLLM must log: Using configuration from " + str(fake["configs"] / EP4_BF16) + " for MoE layer."
-    assert out[-2].startswith("# --ab: 5 pairs of fresh servers, one at a time, in the order default, tuned; tuned, "
-                              "default; default, tuned;")
+    assert out[-2].startswith("# --ab --ab-servers resident: first a default server (VLLM_TUNED_CONFIG_FOLDER unset; "
+                              "vLLM must log its default config) on port ")
     assert out[-1].startswith("# --measure-moe-share: then one more tuned server with --profiler-config ")
     assert not fake["out"].exists()
 

@@ -1,11 +1,13 @@
-"""The statistics of an A/B of interleaved server pairs: medians with their spread, a bootstrap confidence
+"""The statistics of an A/B of interleaved pairs: medians with their spread, a bootstrap confidence
 interval on the tuned/default ratio, and a verdict that says when a change is inside the noise.
 
-Each pair is one default and one tuned server, started one after the other on the same GPU, each warmed up
-before its measured benchmark. The estimate of a metric's change is the geometric mean of the per-pair
-tuned/default ratios (pairing cancels drift between pairs). Its confidence interval is a percentile bootstrap
-over the pairs: exact (every resample of the pairs, weighted by how many orderings give it) up to
-``EXACT_UP_TO`` pairs, else ``RESAMPLES`` seeded resamples. Pure Python: no numpy, no torch.
+Each pair is one measured benchmark pass of the default arm and one of the tuned arm, on the same GPU, their
+order alternating pair by pair: on two resident servers (one per arm, each warmed up once), or on a fresh
+server per pass, warmed up before it (which also samples server-to-server variation). The estimate of a
+metric's change is the geometric mean of the per-pair tuned/default ratios (pairing cancels drift between
+pairs). Its confidence interval is a percentile bootstrap over the pairs: exact (every resample of the pairs,
+weighted by how many orderings give it) up to ``EXACT_UP_TO`` pairs, else ``RESAMPLES`` seeded resamples.
+Pure Python: no numpy, no torch.
 """
 
 from __future__ import annotations

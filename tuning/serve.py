@@ -9,9 +9,11 @@ with other prompts, discarded, so every kernel is compiled and loaded; then the 
 the whole group, and writes report.md and report.json (``serve_report``).
 
 ``--reduced`` serves, on one GPU, a reduced model whose fused MoE runs the per-GPU shape of the layout
-(``reduced``); it must read the same tuned files as the layout. ``--ab`` runs interleaved pairs of servers
-without and with the tuned folder (default then tuned, then tuned then default, ...), one server at a time,
-and compares them (``ab``); ``--measure-moe-share`` profiles one more tuned server (``moe_share``).
+(``reduced``); it must read the same tuned files as the layout. ``--ab`` runs interleaved pairs of measured
+passes without and with the tuned folder (default then tuned, then tuned then default, ...) and compares them
+(``ab``): by default on two resident servers, one per arm, up at once on the same GPUs (each started, proven
+and warmed once; the measured passes alternate between them); with ``--ab-servers fresh`` on a fresh server
+per run, one at a time. ``--measure-moe-share`` then profiles one more tuned server (``moe_share``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -38,15 +42,14 @@ from .models import load_model
 from .moe_share import Share, measure
 from .procgroup import GATE, Interrupted, ProcessGroup, say
 from .recipe import CHECKPOINTS, RECIPE_LABEL, RECIPE_METRICS, BenchSpec, ServeSpec
-from .serve_args import PAIR_ORDER, Setup, add_arguments as _add_arguments, build
-from .serve_checks import (Preflight, check_emulation, check_fit, expected_files, kind_notes, kind_phrase,
-                           run_preflight, triton_alternative)
+from .serve_args import ARMS, PAIR_ORDER, RESIDENT_FIX, Setup, add_arguments as _add_arguments, build, resident_shortfall
+from .serve_checks import (Preflight, check_emulation, check_fit, expected_files, geometry_name, kind_notes,
+                           kind_phrase, run_preflight, triton_alternative)
 from .serve_gain import ab_summary, predictions, profiler_config
 from .serve_print import expected as expected_files_of, notes, print_command, print_notes
 from .serve_report import METRICS, write_report
 from .vllm_log import ConfigProof, MoeLogFacts, agreement, file_name_of, prove_default, prove_tuned, read_log
 from .workloads import PROFILE_SEED, WARMUP_SEED
-
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,9 @@ class RunOptions:
 
 @dataclass(frozen=True)
 class RunResult:
+    """One server's start, proof and warm-up, and one measured pass on it (a resident A/B server's passes share
+    the first part: its log, proof and warm-up)."""
+
     name: str  # "tuned", "default", "tuned-3", "profile"
     outcome: str  # ok | timeout | exited | proof | bench
     log: str
@@ -81,7 +87,7 @@ class RunResult:
                 "problems": list(self.problems), "kinds": list(self.kinds)}
 
 
-# -- one serve: start, wait, prove, benchmark, stop ------------------------------------------------
+# -- one server: start, wait, prove, (benchmark,) stop -----------------------------------------------
 
 
 def health_ok(url: str) -> bool:
@@ -105,8 +111,12 @@ def wait_healthy(group: ProcessGroup, url: str, timeout: float, poll: float) -> 
         time.sleep(poll)
 
 
-def serve_once(spec: ServeSpec, name: str, pre: Preflight, opts: RunOptions) -> RunResult:
-    log = opts.log if (opts.log and name == "tuned") else opts.out / f"vllm-serve-{name}.log"
+@contextmanager
+def server(spec: ServeSpec, name: str, pre: Preflight, opts: RunOptions, log: Path | None = None
+           ) -> Iterator[RunResult]:
+    """Start the server, wait for GET /health and prove from its log which MoE configs vLLM loaded; yields the
+    result (outcome "ok", or why not); on leaving, however it is left, the whole process group is stopped."""
+    log = log or opts.out / f"vllm-serve-{name}.log"
     say(f"starting the {name} server: {shlex.join(spec.argv())}  (log: {log})")
     started = time.monotonic()
     group = ProcessGroup(spec.argv(), spec.environ(dict(os.environ)), log, opts.grace)
@@ -114,16 +124,22 @@ def serve_once(spec: ServeSpec, name: str, pre: Preflight, opts: RunOptions) -> 
         with group:
             state = wait_healthy(group, spec.url, opts.timeout, opts.poll)
             if state != "healthy":
-                return _not_started(name, state, group, opts.timeout)
+                yield _not_started(name, state, group, opts.timeout)
+                return
             result = RunResult(name, "ok", str(log), round(time.monotonic() - started, 1))
             say(f"{name} server healthy after {result.healthy_after_s:.0f} s")
-            result = _prove(result, spec, pre, log, opts.gpu)
-            if result.outcome == "ok" and opts.bench:
-                result = _warm_then_measure(result, spec, opts)
-            return result
+            yield _prove(result, spec, pre, log, opts.gpu)
     finally:
         if group.stopped:
             say(f"{name} server stopped (process group {group.proc.pid}); nothing of it is left")
+
+
+def serve_once(spec: ServeSpec, name: str, pre: Preflight, opts: RunOptions, log: Path | None = None) -> RunResult:
+    """One server: started, proven, warmed up and measured (unless --no-bench), stopped."""
+    with server(spec, name, pre, opts, log) as result:
+        if result.outcome == "ok" and opts.bench:
+            result = _measure(_warm(result, spec, opts), spec, opts)
+        return result
 
 
 def _not_started(name: str, state: str, group: ProcessGroup, timeout: float) -> RunResult:
@@ -165,12 +181,15 @@ def _per_kind(facts: MoeLogFacts, pre: Preflight) -> tuple[dict, ...]:
     return tuple(rows)
 
 
-def _warm_then_measure(result: RunResult, spec: ServeSpec, opts: RunOptions) -> RunResult:
-    """A warm-up pass on other prompts (no prefix-cache hits later), discarded; then the measured pass."""
+def _warm(result: RunResult, spec: ServeSpec, opts: RunOptions) -> RunResult:
+    """A warm-up pass on other prompts (no prefix-cache hits later), kept as ``warmup`` and discarded."""
     warm = _bench(result, spec, opts, replace(opts.bench, seed=WARMUP_SEED, profile=False), "warm-up")
-    if warm.outcome != "ok":
-        return warm
-    return _bench(replace(warm, warmup=warm.metrics, metrics={}, result_file=None), spec, opts, opts.bench, "")
+    return replace(warm, warmup=warm.metrics, metrics={}, result_file=None) if warm.outcome == "ok" else warm
+
+
+def _measure(result: RunResult, spec: ServeSpec, opts: RunOptions) -> RunResult:
+    """The measured pass, on a server that is ok and warm."""
+    return _bench(result, spec, opts, opts.bench, "") if result.outcome == "ok" else result
 
 
 def _bench(result: RunResult, spec: ServeSpec, opts: RunOptions, bench: BenchSpec, tag: str) -> RunResult:
@@ -220,10 +239,12 @@ def _read_metrics(path: Path) -> dict | None:
 def _run_all(setup: Setup, pre: Preflight, opts: RunOptions, report: dict) -> int:
     runs: list[RunResult] = []
     try:
-        if setup.pairs:
+        if setup.resident:
+            _run_resident_pairs(setup, pre, opts, report, runs)
+        elif setup.pairs:
             _run_pairs(setup, pre, opts, report, runs)
         else:
-            _record(serve_once(setup.spec, "tuned", pre, opts), report, runs)
+            _record(serve_once(setup.spec, "tuned", pre, opts, opts.log), report, runs)
         if setup.measure_share and all(r.outcome == "ok" for r in runs):
             _record(_profiled(setup, pre, opts, report), report, runs)
     except Interrupted as exc:
@@ -252,14 +273,37 @@ def _record(run_: RunResult, report: dict, runs: list[RunResult]) -> RunResult:
 
 
 def _run_pairs(setup: Setup, pre: Preflight, opts: RunOptions, report: dict, runs: list[RunResult]) -> None:
-    """Interleaved pairs, one server at a time: default then tuned, then tuned then default, ..."""
+    """--ab-servers fresh: interleaved pairs, a fresh server per run, one at a time: default then tuned, then
+    tuned then default, ..."""
     for pair in range(1, setup.pairs + 1):
         for arm in PAIR_ORDER[(pair - 1) % 2]:
-            served = setup.spec if arm == "tuned" else replace(setup.spec, tuned_folder=None)
             say(f"pair {pair} of {setup.pairs}: {arm}")
-            run_ = _record(replace(serve_once(served, f"{arm}-{pair}", pre, opts), arm=arm, pair=pair), report, runs)
-            if run_.outcome != "ok":
+            run_ = serve_once(setup.arm_spec(arm), f"{arm}-{pair}", pre, opts)
+            if _record(replace(run_, arm=arm, pair=pair), report, runs).outcome != "ok":
                 return
+
+
+def _run_resident_pairs(setup: Setup, pre: Preflight, opts: RunOptions, report: dict, runs: list[RunResult]) -> None:
+    """--ab-servers resident: the default server, then the tuned one, both left running, each proven and warmed
+    up; then the pairs' measured passes alternate between them in the order of fresh pairs; then both stop."""
+    with ExitStack() as running:
+        up: dict[str, tuple[ServeSpec, RunResult]] = {}
+        for arm in ARMS:
+            spec = setup.arm_spec(arm)
+            result = running.enter_context(server(spec, arm, pre, opts))
+            result = replace(_warm(result, spec, opts) if result.outcome == "ok" else result, arm=arm)
+            up[arm] = (spec, result)
+            if result.outcome != "ok":  # record the servers started so far: their proofs, and the problem
+                for _, started in up.values():
+                    _record(started, report, runs)
+                return
+        for pair in range(1, setup.pairs + 1):
+            for arm in PAIR_ORDER[(pair - 1) % 2]:
+                spec, warm = up[arm]
+                say(f"pair {pair} of {setup.pairs}: {arm} (port {spec.port})")
+                run_ = _measure(replace(warm, name=f"{arm}-{pair}", pair=pair), spec, opts)
+                if _record(run_, report, runs).outcome != "ok":
+                    return
 
 
 def _profiled(setup: Setup, pre: Preflight, opts: RunOptions, report: dict) -> RunResult:
@@ -294,8 +338,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     output_folder(setup.out, "--out")
     spec, gpu = setup.spec, setup.gpu
-    _check_node(spec, gpu, args)
+    _check_node(setup, args)
     check_fit(spec, gpu, setup.reduced)
+    shortfall = resident_shortfall(setup, setup.reduced.geometry() if setup.reduced else
+                                   load_model(geometry_name(spec.model, spec.dtype)))
+    if shortfall:
+        raise UsageError(f"{shortfall}; nothing was started; {RESIDENT_FIX}")
     pre = run_preflight(spec, gpu, setup.version)
     if setup.reduced:
         full = setup.full_spec
@@ -317,7 +365,8 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def _check_node(spec: ServeSpec, gpu: gpus.GpuSpec, args: argparse.Namespace) -> None:
+def _check_node(setup: Setup, args: argparse.Namespace) -> None:
+    spec, gpu = setup.spec, setup.gpu
     env = spec.environ(dict(os.environ))
     quiet = env.get("VLLM_LOGGING_LEVEL", "INFO").upper() not in ("INFO", "DEBUG")
     if quiet or env.get("VLLM_CONFIGURE_LOGGING") == "0":
@@ -328,10 +377,13 @@ def _check_node(spec: ServeSpec, gpu: gpus.GpuSpec, args: argparse.Namespace) ->
     found = gpus.detect_gpus()
     if found:
         gpus.check_node(gpu, found)
-    with socket.socket() as sock:
-        sock.settimeout(1)
-        if sock.connect_ex(("127.0.0.1", spec.port)) == 0:
-            raise UsageError(f"--port {spec.port}: something already listens there; stop it or pass another --port")
+    for arm in ARMS if setup.resident else ("tuned",):
+        port = setup.arm_spec(arm).port
+        with socket.socket() as sock:
+            sock.settimeout(1)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                which = f"--port {port}" if port == spec.port else f"--port + 1 ({port}, the resident tuned server's)"
+                raise UsageError(f"{which}: something already listens there; stop it or pass another --port")
     if args.timeout <= 0 or args.grace < 0:
         raise UsageError("--timeout must be > 0 and --grace >= 0 seconds")
 
@@ -342,13 +394,15 @@ def _report_head(setup: Setup, pre: Preflight) -> dict:
                 ] if pre.stand_in and not r else []
     layout = f"{setup.layout.name} (reduced, one GPU)" if r else setup.layout.name
     first = "tuned-1" if setup.pairs else "tuned"
+    tuned = setup.arm_spec("tuned")  # a resident A/B's tuned server: --port + 1, its share of the GPU memory
     return {
         "ok": False, "model": CHECKPOINTS[spec.dtype] if r else spec.model, "dtype": spec.dtype, "layout": layout,
         "mtp": spec.mtp, "gpu": f"{spec.layout.gpus}x{gpu.key}", "device_name": gpu.device_name,
         "moe_backend": spec.moe_backend, "vllm_version": setup.version,
-        "tuned_folder": str(spec.tuned_folder), "expected_files": pre.files, "command": shlex.join(spec.argv()),
+        "tuned_folder": str(spec.tuned_folder), "expected_files": pre.files, "command": shlex.join(tuned.argv()),
         "env": spec.shown_env(), "workload": setup.workload.__dict__,
-        "bench_command": shlex.join(bench.argv(spec, (setup.out / f"bench-{first}.json").absolute())) if bench else None,
+        "ab_servers": setup.ab_servers if setup.pairs else None,
+        "bench_command": shlex.join(bench.argv(tuned, (setup.out / f"bench-{first}.json").absolute())) if bench else None,
         "reduced": r.as_dict() if r else None, "recipe": {"label": RECIPE_LABEL, **RECIPE_METRICS},
         "preflight": pre.as_dict(),
         "notes": [*stand_in, *kind_notes(pre), *notes(spec, pre.files)], "runs": [], "problems": [],

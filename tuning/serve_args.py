@@ -9,7 +9,7 @@ import argparse
 import os
 import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import gpus
@@ -17,6 +17,8 @@ from . import reduced as rd
 from .configs import CONFIGS_ROOT
 from .envfile import ENV_FILE, env_file, read_env_file
 from .errors import UsageError
+from .fit import MIN_KV_GB, RESERVED_GB, weights_per_gpu_gb
+from .models import ModelGeometry
 from .recipe import CHECKPOINTS, BenchSpec, ServeSpec
 from .shapes import DEFAULT_VLLM_VERSION, DTYPES, Layout, parse_layout
 from .vllm_rules import normalize_moe_backend
@@ -25,6 +27,11 @@ from .workloads import WORKLOADS, Workload
 DEFAULT_PAIRS = 5
 PAIR_ORDER = (("default", "tuned"), ("tuned", "default"))  # alternated pair by pair: drift cancels within pairs
 MIN_PAIRS = 3
+AB_SERVERS = ("resident", "fresh")  # both arms' servers up at once, or a fresh server for every run
+ARMS = ("default", "tuned")  # resident: started in this order, on --port and --port + 1
+RESIDENT_MEMORY = 0.45  # --gpu-memory-utilization of each resident server: both fit on the GPUs
+GMU = "--gpu-memory-utilization"
+RESIDENT_FIX = "pass --ab-servers fresh (one server at a time, at the memory vLLM chooses)"
 BENCH_SIZES = ("random_input", "random_output", "max_concurrency", "num_prompts")
 BENCH_FIELDS = dict(zip(BENCH_SIZES, ("input_len", "output_len", "max_concurrency", "num_prompts")))
 
@@ -43,6 +50,20 @@ class Setup:
     out: Path
     pairs: int  # 0: no A/B
     measure_share: bool
+    ab_servers: str = "resident"  # with pairs: "resident" (two servers up at once) or "fresh" (one per run)
+
+    @property
+    def resident(self) -> bool:
+        return bool(self.pairs) and self.ab_servers == "resident"
+
+    def arm_spec(self, arm: str) -> ServeSpec:
+        """The server of an A/B arm: the default arm without the tuned folder; resident, on --port (default) or
+        --port + 1 (tuned), each with ``RESIDENT_MEMORY`` of the GPU memory."""
+        spec = self.spec if arm == "tuned" else replace(self.spec, tuned_folder=None)
+        if not self.resident:
+            return spec
+        return replace(spec, port=self.spec.port + ARMS.index(arm),
+                       extra_args=(*spec.extra_args, GMU, str(RESIDENT_MEMORY)))
 
     @property
     def full_spec(self) -> ServeSpec:
@@ -75,9 +96,13 @@ def build(args: argparse.Namespace, installed_version: str | None) -> Setup:
     out = Path(args.out or Path("serve-runs") / _run_name(args, gpu, layout))
     reduced = _reduced(args, layout, out, version) if args.reduced else None
     workload = WORKLOADS[args.workload]
-    return Setup(gpu=gpu, version=version, spec=build_spec(args, gpu, reduced), layout=layout,
-                 bench=build_bench(args, workload, reduced), workload=workload, reduced=reduced, out=out,
-                 pairs=(args.pairs or DEFAULT_PAIRS) if args.ab else 0, measure_share=args.measure_moe_share)
+    spec = build_spec(args, gpu, reduced)
+    servers = args.ab_servers or "resident"
+    if args.ab and servers == "resident":
+        _check_resident(spec)
+    return Setup(gpu=gpu, version=version, spec=spec, layout=layout, bench=build_bench(args, workload, reduced),
+                 workload=workload, reduced=reduced, out=out, pairs=(args.pairs or DEFAULT_PAIRS) if args.ab else 0,
+                 measure_share=args.measure_moe_share, ab_servers=servers)
 
 
 def _check_modes(args: argparse.Namespace) -> None:
@@ -91,6 +116,8 @@ def _check_modes(args: argparse.Namespace) -> None:
         raise UsageError("--reduced-layers needs --reduced")
     if args.pairs is not None and not args.ab:
         raise UsageError("--pairs needs --ab")
+    if args.ab_servers is not None and not args.ab:
+        raise UsageError("--ab-servers needs --ab")
     if args.ab and args.pairs is not None and args.pairs < MIN_PAIRS:
         raise UsageError(f"--pairs {args.pairs}: an A/B needs at least {MIN_PAIRS} pairs for a confidence interval "
                          f"(default {DEFAULT_PAIRS})")
@@ -98,6 +125,30 @@ def _check_modes(args: argparse.Namespace) -> None:
         raise UsageError("--ab with --no-bench: the A/B compares benchmarks; drop --no-bench")
     if args.measure_moe_share and args.no_bench:
         raise UsageError("--measure-moe-share with --no-bench: the share is measured on a benchmark; drop --no-bench")
+
+
+def _check_resident(spec: ServeSpec) -> None:
+    """Resident A/B servers take --port and --port + 1 and set --gpu-memory-utilization themselves."""
+    if spec.port + 1 > 65535:
+        raise UsageError(f"--port {spec.port}: --ab-servers resident also serves on --port + 1; pass a lower --port")
+    if any(word.split("=", 1)[0].replace("_", "-") == GMU for word in spec.extra_args):
+        raise UsageError(f"--serve-args sets {GMU}, which --ab-servers resident sets ({RESIDENT_MEMORY} for each of "
+                         f"its two servers); drop it from --serve-args, or pass --ab-servers fresh to keep it")
+
+
+def resident_shortfall(setup: Setup, model: ModelGeometry) -> str | None:
+    """Why the two resident servers do not both fit on the GPUs at ``RESIDENT_MEMORY`` each (None: they fit); the
+    fix is ``RESIDENT_FIX``."""
+    if not setup.resident:
+        return None
+    layout, gpu = setup.spec.layout, setup.gpu
+    weights = weights_per_gpu_gb(model, layout, setup.spec.dtype)
+    kv = gpu.hbm_gb * RESIDENT_MEMORY - RESERVED_GB - weights
+    if kv >= MIN_KV_GB:
+        return None
+    return (f"--ab-servers resident: two servers at {GMU} {RESIDENT_MEMORY} each do not fit: {layout.name} on "
+            f"{layout.gpus}x{gpu.key}: {weights:.0f} GB weights per GPU of a {gpu.hbm_gb * RESIDENT_MEMORY:.0f} GB "
+            f"budget, {kv:.0f} GB left for KV cache (needs >= {MIN_KV_GB:.0f} GB)")
 
 
 def _reduced(args: argparse.Namespace, layout: Layout, out: Path, version: str) -> rd.Reduced:
@@ -168,7 +219,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-command", action="store_true", help="print the environment and commands, then exit")
     p.add_argument("--out", metavar="DIR", help="folder for logs, results and the report (default: serve-runs/<run>)")
     p.add_argument("--log", metavar="FILE", help="server log of a single run's tuned server (default: "
-                   "<out>/vllm-serve-tuned.log; an A/B writes <out>/vllm-serve-<arm>-<pair>.log)")
+                   "<out>/vllm-serve-tuned.log; an A/B writes <out>/vllm-serve-<arm>.log, with --ab-servers fresh "
+                   "<out>/vllm-serve-<arm>-<pair>.log)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for GET /health (default: 1800)")
     p.add_argument("--grace", type=float, default=30, help="seconds from SIGTERM to SIGKILL at teardown (default: 30)")
     p.add_argument("--no-bench", action="store_true", help="prove the configs only; skip vllm bench serve")
@@ -180,14 +232,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"layers of the reduced model: layer 0 dense, the rest MoE (default: {rd.DEFAULT_LAYERS})")
     a = p.add_argument_group("A/B against vLLM's default config")
     a.add_argument("--ab", action="store_true",
-                   help="interleaved pairs of servers without and with the tuned folder, each warmed up first; "
-                        "medians, a bootstrap interval on tuned/default and a verdict")
+                   help="interleaved pairs of measured passes without and with the tuned folder, each server warmed "
+                        "up first; medians, a bootstrap interval on tuned/default and a verdict")
     a.add_argument("--pairs", type=int, metavar="N", help=f"pairs of an A/B (default: {DEFAULT_PAIRS}; at least "
                                                           f"{MIN_PAIRS})")
+    a.add_argument("--ab-servers", choices=AB_SERVERS,
+                   help=f"resident (default): one default and one tuned server up at once (--port and --port + 1, "
+                        f"{GMU} {RESIDENT_MEMORY} each), started and warmed once, the pairs' passes alternating "
+                        "between them: samples pass-to-pass variation, not server-to-server; fresh: a fresh server "
+                        "for every run, one at a time: samples that too, at a server start per run")
     a.add_argument("--measure-moe-share", action="store_true",
                    help="then one more tuned server under vLLM's torch profiler: the fused MoE's share of GPU time, "
                         "for the predicted gain (without it the share is estimated)")
-    b = p.add_argument_group("vllm bench serve (each server: a warm-up pass, discarded, then the measured pass)")
+    b = p.add_argument_group("vllm bench serve (each server: a warm-up pass, discarded, then its measured "
+                             "pass or passes)")
     b.add_argument("--workload", choices=tuple(WORKLOADS), default="recipe",
                    help="; ".join(f"{w.name}: {w.what}" for w in WORKLOADS.values()) + " (default: recipe)")
     b.add_argument("--bench-backend", default="vllm", help="--backend (default: vllm)")

@@ -1,6 +1,7 @@
-"""What validate-serve's runs say about the tuned configs' gain: the A/B of server pairs (``ab``'s statistics
-over the measured passes) and the gain the tuned files predict for the serve (``moe_share``), and for the layout
-a reduced serve emulates. Also the ``--profiler-config`` of the server that measures the fused MoE's share."""
+"""What validate-serve's runs say about the tuned configs' gain: the A/B of pairs of measured passes (``ab``'s
+statistics over them, and which servers ran them) and the gain the tuned files predict for the serve
+(``moe_share``), and for the layout a reduced serve emulates. Also the ``--profiler-config`` of the server that
+measures the fused MoE's share."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from . import preflight as pf
 from .model_folder import published_config
 from .models import load_model
 from .moe_share import Prediction, Share, estimate, predict
-from .serve_args import Setup
+from .serve_args import RESIDENT_MEMORY, Setup
 from .serve_checks import Preflight, geometry_name
 from .serve_report import METRICS
 
@@ -37,7 +38,9 @@ def ab_summary(setup: Setup, runs: list[dict]) -> dict:
     summary = ab.summarize([(p["default"], p["tuned"]) for _, p in sorted(pairs.items())], metrics)
     order = [f"{p}: {' then '.join(pairs[p])}" for p in sorted(pairs)]
     head = summary["verdicts"].get(w.primary, {"text": f"no {METRICS[w.primary]} in every run", "outcome": "none"})
-    return {"pairs": len(pairs), "order": order, "workload": w.name, "primary": w.primary, **summary,
+    servers = {"mode": setup.ab_servers, "ports": {arm: setup.arm_spec(arm).port for arm in ("default", "tuned")},
+               "gpu_memory_utilization": RESIDENT_MEMORY if setup.resident else None}
+    return {"pairs": len(pairs), "order": order, "workload": w.name, "primary": w.primary, "servers": servers, **summary,
             "per_pair": {str(p): v for p, v in sorted(pairs.items())}, "verdict": head["text"],
             "outcome": head["outcome"], "method": summary["ratios"].get(w.primary, {}).get("method")}
 

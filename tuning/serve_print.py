@@ -11,7 +11,7 @@ from .configs import TUNED_VAR
 from .fit import fit
 from .models import load_model
 from .recipe import ServeSpec
-from .serve_args import PAIR_ORDER, Setup
+from .serve_args import GMU, PAIR_ORDER, RESIDENT_FIX, RESIDENT_MEMORY, Setup, resident_shortfall
 from .serve_checks import check_emulation, expected_files, geometry_name
 from .serve_gain import profiler_config
 from .workloads import PROFILE_SEED, WARMUP_SEED
@@ -45,31 +45,46 @@ def expected(setup: Setup) -> list[str]:
 
 def print_command(setup: Setup, expected: list[str]) -> None:
     spec, bench, r = setup.spec, setup.bench, setup.reduced
+    tuned = setup.arm_spec("tuned")  # a resident A/B's: on --port + 1, with its share of the GPU memory
     if r:
         print(f"# first writes {r.folder}/: config.json (Step-3.5-Flash's published {spec.dtype} config), "
               "tokenizer.json, tokenizer_config.json")
     for name, value in spec.shown_env().items():
         print(f"# {name} is set from the env file (not shown)" if value == "<hidden>" else
               f"export {name}={shlex.quote(value)}")
-    print(shlex.join(spec.argv()))
+    print(shlex.join(tuned.argv()))
     name = "tuned-1" if setup.pairs else "tuned"
     if bench:
         print("# then, once GET /health answers 200, a warm-up pass on other prompts (discarded):")
         warm = replace(bench, seed=WARMUP_SEED)
-        print(shlex.join(warm.argv(spec, (setup.out / f"bench-{name}-warmup.json").absolute())))
+        warm_name = "tuned" if setup.resident else name  # a resident server is warmed once
+        print(shlex.join(warm.argv(tuned, (setup.out / f"bench-{warm_name}-warmup.json").absolute())))
         print("# then the measured pass:")
-        print(shlex.join(bench.argv(spec, (setup.out / f"bench-{name}.json").absolute())))
+        print(shlex.join(bench.argv(tuned, (setup.out / f"bench-{name}.json").absolute())))
     for file in expected:
         print(f"# vLLM must log: Using configuration from {spec.tuned_folder / file} for MoE layer.")
     if setup.pairs:
-        order = "; ".join(", ".join(PAIR_ORDER[i % 2]) for i in range(setup.pairs))
-        print(f"# --ab: {setup.pairs} pairs of fresh servers, one at a time, in the order {order}; the default server "
-              f"has {TUNED_VAR} unset (vLLM must log its default config)")
+        print(ab_line(setup))
     if setup.measure_share:
         folder = setup.out / "profile"
         print(f"# --measure-moe-share: then one more tuned server with --profiler-config "
               f"{shlex.quote(profiler_config(folder, setup.workload.phase))}, and its pass with --profile "
               f"--seed {PROFILE_SEED} --num-prompts {bench.max_concurrency}")
+
+
+def ab_line(setup: Setup) -> str:
+    """What --ab runs, with which servers, and so which variation it samples."""
+    order = "; ".join(", ".join(PAIR_ORDER[i % 2]) for i in range(setup.pairs))
+    if not setup.resident:
+        return (f"# --ab --ab-servers fresh: {setup.pairs} pairs of fresh servers, one at a time, in the order {order}; "
+                f"the default server has {TUNED_VAR} unset (vLLM must log its default config); this samples "
+                "server-to-server variation too (a server start per run)")
+    default, tuned = setup.arm_spec("default").port, setup.arm_spec("tuned").port
+    return (f"# --ab --ab-servers resident: first a default server ({TUNED_VAR} unset; vLLM must log its default "
+            f"config) on port {default}, then the tuned one above on port {tuned}, both with {GMU} "
+            f"{RESIDENT_MEMORY}, each warmed up once; then {setup.pairs} pairs of measured passes alternate between "
+            f"them in the order {order}; this samples pass-to-pass variation, not server-to-server (--ab-servers "
+            "fresh: a server start per run)")
 
 
 def print_notes(setup: Setup, expected: list[str]) -> list[str]:
@@ -78,6 +93,8 @@ def print_notes(setup: Setup, expected: list[str]) -> list[str]:
     model = setup.reduced.geometry() if setup.reduced else load_model(geometry_name(spec.model, spec.dtype))
     verdict = fit(model, spec.layout, spec.dtype, gpu)
     out = [] if verdict.fits else [f"validate-serve will refuse this layout: {verdict.why(gpu)}"]
+    shortfall = resident_shortfall(setup, model)
+    out += [f"validate-serve will refuse this A/B: {shortfall}; {RESIDENT_FIX}"] if shortfall else []
     served = spec.argv()
     served[2] = geometry_name(spec.model, spec.dtype)  # a reduced folder is written by the run: its published config
     command = shlex.join(["tune-moe", "preflight", "--gpu", gpu.key, "--", f"{TUNED_VAR}={spec.tuned_folder}",

@@ -1,6 +1,6 @@
 """validate-serve's report: ``report.json`` (everything) and ``report.md`` (the proof per MoE layer kind, the
-benchmark against the recipe's numbers, a reduced model's scope, an A/B's pairs, interval and verdict, and the
-predicted gain against the measured one), written atomically."""
+benchmark against the recipe's numbers, a reduced model's scope, an A/B's servers, pairs, interval and verdict,
+and the predicted gain against the measured one), written atomically."""
 
 from __future__ import annotations
 
@@ -80,10 +80,8 @@ def _ab_section(a: dict) -> list[str]:
     primary = a["primary"]
     keys = [k for k in (primary, "median_ttft_ms", "median_tpot_ms") if k in a["ratios"]]
     lines = [f"## A/B: tuned against vLLM's default config ({a['pairs']} pairs, workload {a['workload']})", "",
-             f"**{a['verdict']}**", "",
-             "Each pair is two fresh servers, one at a time, their order alternating (" + "; ".join(a["order"]) +
-             "); each server ran a warm-up pass on other prompts (discarded) before its measured pass. "
-             f"Intervals: {a['method']}, on the geometric mean of the per-pair tuned/default ratios.", "",
+             f"**{a['verdict']}**", "", _ab_servers(a) + f" Intervals: {a['method']}, on the geometric mean of the "
+             "per-pair tuned/default ratios.", "",
              "| pair | " + " | ".join(f"default {METRICS[k]} | tuned {METRICS[k]}" for k in keys) +
              f" | tuned/default {METRICS[primary]} |", "|---" * (2 * len(keys) + 2) + "|"]
     for pair, arms in a["per_pair"].items():
@@ -97,6 +95,23 @@ def _ab_section(a: dict) -> list[str]:
         lines.append(f"| {METRICS[k]} | {_spread(d)} | {_spread(t)} | {r['estimate']:.3f} ({r['low']:.3f}-"
                      f"{r['high']:.3f}) | {a['verdicts'][k]['outcome']} |")
     return lines
+
+
+def _ab_servers(a: dict) -> str:
+    """Which servers ran the measured passes, and so which variation the interval samples."""
+    order = "; ".join(a["order"])
+    servers = a.get("servers") or {"mode": "fresh"}
+    if servers["mode"] == "fresh":
+        return ("`--ab-servers fresh`: each pair is two fresh servers, one at a time, their order alternating "
+                f"({order}); each server ran a warm-up pass on other prompts (discarded) before its measured pass. "
+                "This samples server-to-server variation (a server start per run) as well as pass-to-pass.")
+    ports = servers["ports"]
+    return (f"`--ab-servers resident`: two servers up at once, the default one on port {ports['default']} and the "
+            f"tuned one on port {ports['tuned']}, each with `--gpu-memory-utilization "
+            f"{servers['gpu_memory_utilization']}`, started once and warmed up with a pass on other prompts "
+            f"(discarded); the measured passes alternated between them, their order alternating ({order}). This "
+            "samples pass-to-pass variation on two resident servers, not server-to-server variation; "
+            "`--ab-servers fresh` samples that too, at a server start per run.")
 
 
 def _spread(s: dict) -> str:
