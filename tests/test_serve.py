@@ -451,19 +451,23 @@ def test_resident_ab_stops_at_a_failed_proof(fake, capsys):
 
 
 def test_ab_servers_refusals_are_one_line_and_start_nothing(fake, capsys):
+    """Asked for, resident servers that cannot run as asked are refused in one line; left to choose, the A/B
+    runs fresh servers and says why."""
+    fix = "pass --ab-servers fresh (one server at a time, at the memory vLLM chooses)"
     conflict = ("tune-moe: error: --serve-args sets --gpu-memory-utilization, which --ab-servers resident sets (0.45 "
-                "for each of its two servers); drop it from --serve-args, or pass --ab-servers fresh to keep it")
+                f"for each of its two servers); drop it from --serve-args, or {fix}")
+    shortfall = ("--ab-servers resident: two servers at --gpu-memory-utilization 0.45 each do not fit: TP4 on 4xH200: "
+                 "98 GB weights per GPU of a 63 GB budget, -41 GB left for KV cache (needs >= 10 GB)")
+    resident = ("--ab", "--ab-servers", "resident")
     runs = [(reduced_args(fake, "--ab-servers", "fresh"), "tune-moe: error: --ab-servers needs --ab"),
-            (reduced_args(fake, "--ab", "--serve-args", "--max-model-len 4096 --gpu-memory-utilization 0.8"), conflict),
-            (reduced_args(fake, "--ab", "--serve-args=--gpu_memory_utilization=0.8"), conflict),
-            (argv(fake, "--ab"),
-             "tune-moe: error: --ab-servers resident: two servers at --gpu-memory-utilization 0.45 each do not fit: "
-             "TP4 on 4xH200: 98 GB weights per GPU of a 63 GB budget, -41 GB left for KV cache (needs >= 10 GB); "
-             "nothing was started; pass --ab-servers fresh (one server at a time, at the memory vLLM chooses)")]
-    top = reduced_args(fake, "--ab")
+            (reduced_args(fake, *resident, "--serve-args", "--max-model-len 4096 --gpu-memory-utilization 0.8"),
+             conflict),
+            (reduced_args(fake, *resident, "--serve-args=--gpu_memory_utilization=0.8"), conflict),
+            (argv(fake, *resident), f"tune-moe: error: {shortfall}; nothing was started; {fix}")]
+    top = reduced_args(fake, *resident)
     top[top.index("--port") + 1] = "65535"
-    runs.append((top, "tune-moe: error: --port 65535: --ab-servers resident also serves on --port + 1; pass a lower "
-                      "--port"))
+    runs.append((top, f"tune-moe: error: --port 65535: --ab-servers resident also serves on --port + 1; pass a lower "
+                      f"--port, or {fix}"))
     for args, message in runs:
         assert cli.main(args) == 2
         assert capsys.readouterr().err == message + "\n"
@@ -471,8 +475,16 @@ def test_ab_servers_refusals_are_one_line_and_start_nothing(fake, capsys):
     assert cli.main([*runs[1][0], "--print-command"]) == 2  # refused before anything is printed
     assert capsys.readouterr() == ("", conflict + "\n")
     assert cli.main([*runs[3][0], "--print-command"]) == 0  # printed, with the refusal to come
-    assert ("note: validate-serve will refuse this A/B: --ab-servers resident: two servers at --gpu-memory-utilization "
-            "0.45 each do not fit: TP4 on 4xH200") in capsys.readouterr().err
+    assert f"note: validate-serve will refuse this A/B: {shortfall}" in capsys.readouterr().err
+    # the same serves without --ab-servers: fresh servers, and the note says why
+    for args, why in ((argv(fake, "--ab"), shortfall),
+                      (reduced_args(fake, "--ab", "--serve-args", "--gpu-memory-utilization 0.8"),
+                       conflict.removeprefix("tune-moe: error: ").removesuffix(f", or {fix}"))):
+        assert cli.main([*args, "--print-command"]) == 0
+        out, err = capsys.readouterr()
+        assert "# --ab --ab-servers fresh: 5 pairs of fresh servers" in out
+        assert f"note: fresh A/B servers, one at a time: {why}\n" in err
+        assert not fake["pids"].exists() and not fake["out"].exists()
 
 
 def test_print_command_says_which_ab_servers_run(fake, capsys):

@@ -405,7 +405,8 @@ def _report_head(setup: Setup, pre: Preflight) -> dict:
         "bench_command": shlex.join(bench.argv(tuned, (setup.out / f"bench-{first}.json").absolute())) if bench else None,
         "reduced": r.as_dict() if r else None, "recipe": {"label": RECIPE_LABEL, **RECIPE_METRICS},
         "preflight": pre.as_dict(),
-        "notes": [*stand_in, *kind_notes(pre), *notes(spec, pre.files)], "runs": [], "problems": [],
+        "notes": [*stand_in, *kind_notes(pre), *notes(spec, pre.files), *filter(None, [setup.servers_note])],
+        "runs": [], "problems": [],
     }
 
 

@@ -51,6 +51,7 @@ class Setup:
     pairs: int  # 0: no A/B
     measure_share: bool
     ab_servers: str = "resident"  # with pairs: "resident" (two servers up at once) or "fresh" (one per run)
+    servers_note: str = ""  # why an A/B without --ab-servers runs fresh servers
 
     @property
     def resident(self) -> bool:
@@ -97,12 +98,26 @@ def build(args: argparse.Namespace, installed_version: str | None) -> Setup:
     reduced = _reduced(args, layout, out, version) if args.reduced else None
     workload = WORKLOADS[args.workload]
     spec = build_spec(args, gpu, reduced)
-    servers = args.ab_servers or "resident"
-    if args.ab and servers == "resident":
-        _check_resident(spec)
-    return Setup(gpu=gpu, version=version, spec=spec, layout=layout, bench=build_bench(args, workload, reduced),
-                 workload=workload, reduced=reduced, out=out, pairs=(args.pairs or DEFAULT_PAIRS) if args.ab else 0,
-                 measure_share=args.measure_moe_share, ab_servers=servers)
+    setup = Setup(gpu=gpu, version=version, spec=spec, layout=layout, bench=build_bench(args, workload, reduced),
+                  workload=workload, reduced=reduced, out=out, pairs=(args.pairs or DEFAULT_PAIRS) if args.ab else 0,
+                  measure_share=args.measure_moe_share, ab_servers=args.ab_servers or "resident")
+    if not setup.resident:
+        return setup
+    conflict = _resident_conflict(spec)
+    if args.ab_servers is None:  # resident where both servers fit as asked, else fresh, and the run says why
+        why = conflict or resident_shortfall(setup, _geometry(setup))
+        return replace(setup, ab_servers="fresh", servers_note=f"fresh A/B servers, one at a time: {why}") if why \
+            else setup
+    if conflict:
+        raise UsageError(f"{conflict}, or {RESIDENT_FIX}")
+    return setup
+
+
+def _geometry(setup: Setup) -> ModelGeometry:
+    from .models import load_model
+    from .serve_checks import geometry_name
+
+    return setup.reduced.geometry() if setup.reduced else load_model(geometry_name(setup.spec.model, setup.spec.dtype))
 
 
 def _check_modes(args: argparse.Namespace) -> None:
@@ -127,13 +142,14 @@ def _check_modes(args: argparse.Namespace) -> None:
         raise UsageError("--measure-moe-share with --no-bench: the share is measured on a benchmark; drop --no-bench")
 
 
-def _check_resident(spec: ServeSpec) -> None:
+def _resident_conflict(spec: ServeSpec) -> str | None:
     """Resident A/B servers take --port and --port + 1 and set --gpu-memory-utilization themselves."""
     if spec.port + 1 > 65535:
-        raise UsageError(f"--port {spec.port}: --ab-servers resident also serves on --port + 1; pass a lower --port")
+        return f"--port {spec.port}: --ab-servers resident also serves on --port + 1; pass a lower --port"
     if any(word.split("=", 1)[0].replace("_", "-") == GMU for word in spec.extra_args):
-        raise UsageError(f"--serve-args sets {GMU}, which --ab-servers resident sets ({RESIDENT_MEMORY} for each of "
-                         f"its two servers); drop it from --serve-args, or pass --ab-servers fresh to keep it")
+        return (f"--serve-args sets {GMU}, which --ab-servers resident sets ({RESIDENT_MEMORY} for each of its two "
+                f"servers); drop it from --serve-args")
+    return None
 
 
 def resident_shortfall(setup: Setup, model: ModelGeometry) -> str | None:
@@ -237,10 +253,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--pairs", type=int, metavar="N", help=f"pairs of an A/B (default: {DEFAULT_PAIRS}; at least "
                                                           f"{MIN_PAIRS})")
     a.add_argument("--ab-servers", choices=AB_SERVERS,
-                   help=f"resident (default): one default and one tuned server up at once (--port and --port + 1, "
+                   help=f"resident: one default and one tuned server up at once (--port and --port + 1, "
                         f"{GMU} {RESIDENT_MEMORY} each), started and warmed once, the pairs' passes alternating "
                         "between them: samples pass-to-pass variation, not server-to-server; fresh: a fresh server "
-                        "for every run, one at a time: samples that too, at a server start per run")
+                        "for every run, one at a time: samples that too, at a server start per run (default: "
+                        "resident where both servers fit as asked, else fresh, and the run says why)")
     a.add_argument("--measure-moe-share", action="store_true",
                    help="then one more tuned server under vLLM's torch profiler: the fused MoE's share of GPU time, "
                         "for the predicted gain (without it the share is estimated)")

@@ -95,6 +95,7 @@ def print_notes(setup: Setup, expected: list[str]) -> list[str]:
     out = [] if verdict.fits else [f"validate-serve will refuse this layout: {verdict.why(gpu)}"]
     shortfall = resident_shortfall(setup, model)
     out += [f"validate-serve will refuse this A/B: {shortfall}; {RESIDENT_FIX}"] if shortfall else []
+    out += [setup.servers_note] if setup.servers_note else []
     served = spec.argv()
     served[2] = geometry_name(spec.model, spec.dtype)  # a reduced folder is written by the run: its published config
     command = shlex.join(["tune-moe", "preflight", "--gpu", gpu.key, "--", f"{TUNED_VAR}={spec.tuned_folder}",
