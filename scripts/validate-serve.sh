@@ -8,7 +8,8 @@
 # waits for GET /health, checks the server log for "Using configuration from <tuned folder>/...",
 # runs the recipe's `vllm bench serve` (a warm-up pass, discarded, then the measured one), always stops the
 # whole server process group, and writes report.md and report.json into --out. --ab compares interleaved
-# pairs of servers without and with the tuned folder (--pairs, default 5): interval and verdict. --reduced
+# pairs of passes without and with the tuned folder (--pairs, default 5; one resident server per arm where
+# both fit, else a fresh server per run: --ab-servers): interval and verdict. --reduced
 # runs the layout's per-GPU MoE shape on one GPU (a reduced model with dummy weights).
 #
 # Examples (4xH200):
