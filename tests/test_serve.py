@@ -294,6 +294,24 @@ def bench_log(fake) -> list[dict]:
     return [json.loads(line) for line in (fake["dir"] / "bench.jsonl").read_text().splitlines()]
 
 
+def assert_ab_of_three_pairs(rep: dict) -> tuple[dict, dict]:
+    """The fake's measured throughputs (tuned 850, default 800, with its per-run noise) and the A/B's statistics
+    on them: the paired ratio, its interval, the verdict and the pair order; returns the report's A/B and
+    the measured throughputs by run."""
+    measured = {r["name"]: r["metrics"]["output_throughput"] for r in rep["runs"]}
+    noise = dict(zip(PAIRS3, (0, 0.02, -0.01, 0.03, 0.01, -0.02)))
+    assert measured == pytest.approx({n: (850.0 if n.startswith("tuned") else 800.0) * (1 + noise[n]) for n in PAIRS3})
+    a = rep["ab"]
+    expected = ab.paired_ratio("output tok/s", [measured[f"tuned-{i}"] for i in (1, 2, 3)],
+                               [measured[f"default-{i}"] for i in (1, 2, 3)])
+    ratio = a["ratios"]["output_throughput"]
+    assert (ratio["estimate"], ratio["low"], ratio["high"]) == pytest.approx((expected.estimate, expected.low,
+                                                                              expected.high))
+    assert a["verdict"] == ab.verdict(expected, "output tok/s").text and a["outcome"] == "better"
+    assert a["order"] == ["1: default then tuned", "2: tuned then default", "3: default then tuned"]
+    return a, measured
+
+
 def test_ab_interleaves_warmed_pairs_and_reports_the_interval(fake, monkeypatch):
     monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(fake["configs"]))  # inherited: the baseline must drop it
     monkeypatch.setenv("FAKE_VLLM_NOISE", "0,0.02,-0.01,0.03,0.01,-0.02")  # one per measured pass, in turn
@@ -315,17 +333,7 @@ def test_ab_interleaves_warmed_pairs_and_reports_the_interval(fake, monkeypatch)
     default = rep["runs"][0]
     assert default["proof"]["missing"] == [TP4_BF16] and default["proof"]["loaded"] == []
     assert "Using default MoE config" in (fake["out"] / "vllm-serve-default-1.log").read_text()
-    measured = {r["name"]: r["metrics"]["output_throughput"] for r in rep["runs"]}
-    noise = dict(zip(PAIRS3, (0, 0.02, -0.01, 0.03, 0.01, -0.02)))
-    assert measured == pytest.approx({n: (850.0 if n.startswith("tuned") else 800.0) * (1 + noise[n]) for n in PAIRS3})
-    a = rep["ab"]
-    expected = ab.paired_ratio("output tok/s", [measured[f"tuned-{i}"] for i in (1, 2, 3)],
-                               [measured[f"default-{i}"] for i in (1, 2, 3)])
-    assert a["ratios"]["output_throughput"]["estimate"] == pytest.approx(expected.estimate)
-    assert (a["ratios"]["output_throughput"]["low"], a["ratios"]["output_throughput"]["high"]) == \
-        pytest.approx((expected.low, expected.high))
-    assert a["verdict"] == ab.verdict(expected, "output tok/s").text and a["outcome"] == "better"
-    assert a["order"] == ["1: default then tuned", "2: tuned then default", "3: default then tuned"]
+    a, measured = assert_ab_of_three_pairs(rep)
     assert a["ratios"]["median_tpot_ms"]["estimate"] < 1  # TPOT falls as throughput rises
     md = (fake["out"] / "report.md").read_text()
     assert "## A/B: tuned against vLLM's default config (3 pairs, workload recipe)" in md
@@ -397,17 +405,7 @@ def test_resident_ab_keeps_two_servers_up_and_alternates_their_measured_passes(f
     assert [(b["tuned"], b["cold"], b["seed"]) for b in log] == [(False, True, 1), (True, True, 1)] + [
         (n.startswith("tuned"), False, 0) for n in PAIRS3]
     assert len({b["pid"] for b in log}) == 8  # one vllm bench serve process per pass
-    measured = {r["name"]: r["metrics"]["output_throughput"] for r in rep["runs"]}
-    noise = dict(zip(PAIRS3, (0, 0.02, -0.01, 0.03, 0.01, -0.02)))
-    assert measured == pytest.approx({n: (850.0 if n.startswith("tuned") else 800.0) * (1 + noise[n]) for n in PAIRS3})
-    a = rep["ab"]
-    expected = ab.paired_ratio("output tok/s", [measured[f"tuned-{i}"] for i in (1, 2, 3)],
-                               [measured[f"default-{i}"] for i in (1, 2, 3)])
-    ratio = a["ratios"]["output_throughput"]
-    assert (ratio["estimate"], ratio["low"], ratio["high"]) == pytest.approx((expected.estimate, expected.low,
-                                                                              expected.high))
-    assert a["verdict"] == ab.verdict(expected, "output tok/s").text and a["outcome"] == "better"
-    assert a["order"] == ["1: default then tuned", "2: tuned then default", "3: default then tuned"]
+    a, _ = assert_ab_of_three_pairs(rep)
     assert rep["ab_servers"] == "resident"
     assert a["servers"] == {"mode": "resident", "ports": {"default": port, "tuned": port + 1},
                             "gpu_memory_utilization": 0.45}
