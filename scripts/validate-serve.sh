@@ -6,9 +6,9 @@
 # Builds the recipe's `vllm serve` command for the layout (with --mtp, the MTP flags), sets
 # VLLM_TUNED_CONFIG_FOLDER to kernels_configs/<device_name>/ and the variables of ./tune-moe-node.env,
 # waits for GET /health, checks the server log for "Using configuration from <tuned folder>/...",
-# runs the recipe's `vllm bench serve` (a warm-up pass, discarded, then the measured one), always stops the
-# whole server process group, and writes report.md and report.json into --out. --ab compares interleaved
-# pairs of passes without and with the tuned folder (--pairs, default 5; one resident server per arm where
+# runs the recipe's `vllm bench serve` (warm-up passes until two agree, discarded, then the measured one),
+# always stops the whole server process group, and writes report.md and report.json into --out. --ab
+# compares interleaved pairs of passes without and with the tuned folder (--pairs, default 5; one resident server per arm where
 # both fit, else a fresh server per run: --ab-servers): interval and verdict. --reduced
 # runs the layout's per-GPU MoE shape on one GPU (a reduced model with dummy weights).
 #

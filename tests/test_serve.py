@@ -77,8 +77,9 @@ def test_print_command_tp4_mtp_with_env_file(tmp_path, monkeypatch, capsys):
     assert shlex.split(lines[3]) == ["vllm", "serve", "stepfun-ai/Step-3.5-Flash", "--tensor-parallel-size", "4",
                                      *RECIPE, *MTP, "--port", "8123"]
     served = ServeSpec(model="stepfun-ai/Step-3.5-Flash", layout=parse_layout("TP4"), dtype="bf16", port=8123)
-    assert lines[4] == "# then, once GET /health answers 200, a warm-up pass on other prompts (discarded):"
-    assert shlex.split(lines[5]) == BenchSpec(seed=1).argv(served, tmp_path / "runs" / "bench-tuned-warmup.json")
+    assert lines[4] == ("# then, once GET /health answers 200, warm-up passes on other prompts (discarded), --seed "
+                        "1001, 1002, ...: until two in a row agree within 3% on output tok/s, at most 4:")
+    assert shlex.split(lines[5]) == BenchSpec(seed=1001).argv(served, tmp_path / "runs" / "bench-tuned-warmup1.json")
     assert lines[6] == "# then the measured pass:"
     assert shlex.split(lines[7]) == BenchSpec().argv(served, tmp_path / "runs" / "bench-tuned.json")
     assert lines[-1].endswith(f"kernels_configs/NVIDIA_H200/{TP4_BF16} for MoE layer.")
@@ -288,6 +289,15 @@ def test_serve_proves_the_tuned_file_and_benchmarks(fake, capsys):
 
 
 PAIRS3 = ["default-1", "tuned-1", "tuned-2", "default-2", "default-3", "tuned-3"]  # the order alternates per pair
+MEASURED_NOISE = (0, 0.02, -0.01, 0.03, 0.01, -0.02)  # the fake's noise on each measured pass of PAIRS3
+
+
+def assert_warmed_until_steady(run: dict, stem: Path) -> None:
+    """Three warm-up passes, discarded: the fake's cold first one, then two that agree (so the server is warm)."""
+    warm = [json.loads(stem.with_name(f"{stem.name}-warmup{i}.json").read_text()) for i in (1, 2, 3)]
+    assert [w["output_throughput"] for w in run["warmup"]] == [w["output_throughput"] for w in warm]
+    assert warm[0]["output_throughput"] < warm[1]["output_throughput"] == warm[2]["output_throughput"]
+    assert run["steady"] is True
 
 
 def bench_log(fake) -> list[dict]:
@@ -299,7 +309,7 @@ def assert_ab_of_three_pairs(rep: dict) -> tuple[dict, dict]:
     on them: the paired ratio, its interval, the verdict and the pair order; returns the report's A/B and
     the measured throughputs by run."""
     measured = {r["name"]: r["metrics"]["output_throughput"] for r in rep["runs"]}
-    noise = dict(zip(PAIRS3, (0, 0.02, -0.01, 0.03, 0.01, -0.02)))
+    noise = dict(zip(PAIRS3, MEASURED_NOISE))
     assert measured == pytest.approx({n: (850.0 if n.startswith("tuned") else 800.0) * (1 + noise[n]) for n in PAIRS3})
     a = rep["ab"]
     expected = ab.paired_ratio("output tok/s", [measured[f"tuned-{i}"] for i in (1, 2, 3)],
@@ -314,22 +324,24 @@ def assert_ab_of_three_pairs(rep: dict) -> tuple[dict, dict]:
 
 def test_ab_interleaves_warmed_pairs_and_reports_the_interval(fake, monkeypatch):
     monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(fake["configs"]))  # inherited: the baseline must drop it
-    monkeypatch.setenv("FAKE_VLLM_NOISE", "0,0.02,-0.01,0.03,0.01,-0.02")  # one per measured pass, in turn
+    # one per warm pass, in turn: each server's second and third warm-up passes (steady), then its measured pass
+    monkeypatch.setenv("FAKE_VLLM_NOISE", ",".join(f"0,0,{x}" for x in MEASURED_NOISE))
     assert cli.main(argv(fake, "--ab", "--ab-servers", "fresh", "--pairs", "3", "--num-prompts", "2")) == 0
     rep = report(fake)
     assert len(fake["pids"].read_text().split()) == 2 * 6  # a fresh server (and its engine core) per run
     assert sorted(p.name for p in fake["out"].glob("vllm-serve-*.log")) == sorted(f"vllm-serve-{n}.log" for n in PAIRS3)
     assert [r["name"] for r in rep["runs"]] == PAIRS3
     assert [(r["arm"], r["pair"]) for r in rep["runs"]] == [(n.split("-")[0], int(n[-1])) for n in PAIRS3]
-    # every server: a warm-up pass first (cold, other prompts: --seed 1), then the measured pass (warm, seed 0)
+    # every server: warm-up passes on other prompts (--seed 1001, 1002, ...) until two in a row agree: the cold
+    # first one, then two warm ones; then the measured pass, pair k's prompts on both arms (--seed k)
     log = bench_log(fake)
-    assert [(b["cold"], b["seed"]) for b in log] == [(True, 1), (False, 0)] * 6
-    assert [b["tuned"] for b in log[::2]] == [n.startswith("tuned") for n in PAIRS3]
-    assert len({b["pid"] for b in log}) == 12  # one vllm bench serve process per pass
+    assert [(b["cold"], b["seed"]) for b in log] == [
+        pass_ for n in PAIRS3 for pass_ in [(True, 1001), (False, 1002), (False, 1003), (False, int(n[-1]))]]
+    assert [b["tuned"] for b in log[::4]] == [n.startswith("tuned") for n in PAIRS3]
+    assert len({b["pid"] for b in log}) == 24  # one vllm bench serve process per pass
     for r in rep["runs"]:
-        assert r["warmup"]["output_throughput"] < r["metrics"]["output_throughput"]  # the cold pass is discarded
+        assert_warmed_until_steady(r, fake["out"] / f"bench-{r['name']}")
         assert Path(r["result_file"]).name == f"bench-{r['name']}.json"
-        assert (fake["out"] / f"bench-{r['name']}-warmup.json").is_file()
     default = rep["runs"][0]
     assert default["proof"]["missing"] == [TP4_BF16] and default["proof"]["loaded"] == []
     assert "Using default MoE config" in (fake["out"] / "vllm-serve-default-1.log").read_text()
@@ -370,7 +382,8 @@ def served_args(log: str) -> list[str]:
 
 def test_resident_ab_keeps_two_servers_up_and_alternates_their_measured_passes(fake, monkeypatch, capsys):
     monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(fake["configs"]))  # inherited: the default server must drop it
-    monkeypatch.setenv("FAKE_VLLM_NOISE", "0,0.02,-0.01,0.03,0.01,-0.02")  # one per measured pass, in turn
+    # one per warm pass, in turn: both servers' second and third warm-up passes, then the measured passes
+    monkeypatch.setenv("FAKE_VLLM_NOISE", ",".join(map(str, (0, 0, 0, 0, *MEASURED_NOISE))))
     args = reduced_args(fake, "--ab", "--pairs", "3", "--num-prompts", "2")  # resident is the default
     port = int(args[args.index("--port") + 1])
     assert cli.main(args) == 0
@@ -384,7 +397,7 @@ def test_resident_ab_keeps_two_servers_up_and_alternates_their_measured_passes(f
         assert words[words.index("--port") + 1] == str(served_port)
         assert words[words.index("--gpu-memory-utilization") + 1] == "0.45"
         assert f"Starting vLLM API server on http://127.0.0.1:{served_port}" in logs[arm]
-        assert logs[arm].count("POST /v1/completions") == (1 + 3) * 2  # its warm-up and its 3 measured passes
+        assert logs[arm].count("POST /v1/completions") == (3 + 3) * 2  # its 3 warm-up and 3 measured passes
     # the default server ran without the tuned folder (it looked in vLLM's own folder only), the tuned one read it
     assert "Using default MoE config" in logs["default"] and str(fake["configs"]) not in logs["default"]
     assert f"Using configuration from {fake['configs'] / TP4_BF16} for MoE layer." in logs["tuned"]
@@ -395,16 +408,18 @@ def test_resident_ab_keeps_two_servers_up_and_alternates_their_measured_passes(f
         assert r["log"] == str(out / f"vllm-serve-{r['arm']}.log") and r["outcome"] == "ok"
         assert r["proof"]["loaded"] == ([str(fake["configs"] / TP4_BF16)] if r["arm"] == "tuned" else [])
         assert r["proof"]["missing"] == ([] if r["arm"] == "tuned" else [TP4_BF16])
-        warm = json.loads((out / f"bench-{r['arm']}-warmup.json").read_text())
-        assert r["warmup"]["output_throughput"] == warm["output_throughput"] < r["metrics"]["output_throughput"]
+        assert_warmed_until_steady(r, out / f"bench-{r['arm']}")  # its server's, once
         assert Path(r["result_file"]).name == f"bench-{r['name']}.json"
     assert sorted(p.name for p in out.glob("bench-*.json")) == sorted(
-        ["bench-default-warmup.json", "bench-tuned-warmup.json", *(f"bench-{n}.json" for n in PAIRS3)])
-    # one warm-up per server (cold, other prompts), then the measured passes, warm, on the arm's server in turn
+        [*(f"bench-{arm}-warmup{i}.json" for arm in ("default", "tuned") for i in (1, 2, 3)),
+         *(f"bench-{n}.json" for n in PAIRS3)])
+    # each server warmed until steady (its cold pass, then two that agree; other prompts), then the measured
+    # passes on the arm's server in turn, pair k's prompts on both (--seed k)
     log = bench_log(fake)
-    assert [(b["tuned"], b["cold"], b["seed"]) for b in log] == [(False, True, 1), (True, True, 1)] + [
-        (n.startswith("tuned"), False, 0) for n in PAIRS3]
-    assert len({b["pid"] for b in log}) == 8  # one vllm bench serve process per pass
+    warm_ups = [(arm, i == 1, 1000 + i) for arm in (False, True) for i in (1, 2, 3)]
+    assert [(b["tuned"], b["cold"], b["seed"]) for b in log] == warm_ups + [
+        (n.startswith("tuned"), False, int(n[-1])) for n in PAIRS3]
+    assert len({b["pid"] for b in log}) == 12  # one vllm bench serve process per pass
     a, _ = assert_ab_of_three_pairs(rep)
     assert rep["ab_servers"] == "resident"
     assert a["servers"] == {"mode": "resident", "ports": {"default": port, "tuned": port + 1},
@@ -415,6 +430,9 @@ def test_resident_ab_keeps_two_servers_up_and_alternates_their_measured_passes(f
             f"port {port + 1}, each with `--gpu-memory-utilization 0.45`, started once") in md
     assert ("This samples pass-to-pass variation on two resident servers, not server-to-server variation; "
             "`--ab-servers fresh` samples that too, at a server start per run.") in md
+    warm = md.split("## Warm-up passes (discarded)")[1]
+    for arm, rate in (("default", 800.0), ("tuned", 850.0)):  # each server once, after its cold pass (0.6x)
+        assert f"| {arm} | 3 | {0.6 * rate:.2f}, {rate:.2f}, {rate:.2f} | warm: the last two agree within 3% |" in warm
     said = capsys.readouterr().out
     assert said.index("tuned server stopped") < said.index("default server stopped")  # both, after the passes
     assert said.index(f"pair 3 of 3: tuned (port {port + 1})") < said.index("tuned server stopped")
@@ -434,7 +452,8 @@ def test_resident_ab_stops_the_default_server_when_the_tuned_one_fails_to_start(
     rep = report(fake)
     assert [(r["name"], r["outcome"]) for r in rep["runs"]] == [("default", "ok"), ("tuned", "exited")]
     assert rep["runs"][0]["proof"]["missing"] == [TP4_BF16] and not rep["ok"] and "ab" not in rep
-    assert [(b["tuned"], b["cold"]) for b in bench_log(fake)] == [(False, True)]  # the default's warm-up, no more
+    assert [(b["tuned"], b["cold"]) for b in bench_log(fake)] == [(False, True), (False, False), (False, False)]
+    # ^ the default's warm-up passes, no more
     assert "default server stopped" in captured.out  # and the fixture finds no fake process left
     assert len(fake["pids"].read_text().split()) == 4
 
@@ -445,7 +464,38 @@ def test_resident_ab_stops_at_a_failed_proof(fake, capsys):
     rep = report(fake)
     assert [(r["name"], r["outcome"]) for r in rep["runs"]] == [("default", "ok"), ("tuned", "proof")]
     assert "ab" not in rep and "tuned: vLLM used its default MoE config" in capsys.readouterr().err
-    assert [(b["tuned"], b["cold"]) for b in bench_log(fake)] == [(False, True)]
+    assert [(b["tuned"], b["cold"]) for b in bench_log(fake)] == [(False, True), (False, False), (False, False)]
+
+
+@pytest.mark.parametrize("limit, noise, passes, steady, row", [
+    # each pass 9-11% above the last (the fake's cold first pass 40% below): never two within 3%, so at most 4
+    (None, "0,0.1,0.2,0.3", [510.0, 850.0, 935.0, 1020.0],
+     False, "NOT warm: no two in a row within 3%; its first measured pass may pay first-use costs"),
+    ("1", "0", [510.0], None, "one pass, not checked")])
+def test_warm_up_passes_stop_at_their_limit_and_the_report_says_whether_the_server_was_warm(
+        fake, monkeypatch, capsys, limit, noise, passes, steady, row):
+    monkeypatch.setenv("FAKE_VLLM_NOISE", noise)
+    assert cli.main(reduced_args(fake, "--num-prompts", "2", *(["--warmup-passes", limit] if limit else []))) == 0
+    (run,) = report(fake)["runs"]
+    assert [w["output_throughput"] for w in run["warmup"]] == pytest.approx(passes) and run["steady"] is steady
+    assert [b["seed"] for b in bench_log(fake)] == [*range(1001, 1001 + len(passes)), 0]  # then the measured pass
+    md = (fake["out"] / "report.md").read_text()
+    values = ", ".join(f"{v:.2f}" for v in passes)
+    assert f"| tuned | {len(passes)} | {values} | {row} |" in md.split("## Warm-up passes (discarded)")[1]
+    said = capsys.readouterr().out
+    assert ("note: the tuned server's 4 warm-up passes never agreed within 3% on output tok/s "
+            f"({values}); its first measured passes may still pay first-use costs") in said if steady is False else \
+        "warm-up passes never agreed" not in said
+
+
+def test_warmup_passes_refusals_are_one_line(fake, capsys):
+    for extra, message in ((("--warmup-passes", "0"), "--warmup-passes 0: use 1 to 10 (default 4; 1 runs one warm-up "
+                                                      "pass and does not check that the server is warm)"),
+                           (("--warmup-passes", "2", "--no-bench"),
+                            "--warmup-passes with --no-bench: there is no benchmark to warm up for; drop one")):
+        assert cli.main(reduced_args(fake, *extra)) == 2
+        assert capsys.readouterr().err == f"tune-moe: error: {message}\n"
+        assert not fake["pids"].exists() and not fake["out"].exists()
 
 
 def test_ab_servers_refusals_are_one_line_and_start_nothing(fake, capsys):
@@ -490,14 +540,15 @@ def test_print_command_says_which_ab_servers_run(fake, capsys):
     port = int(args[args.index("--port") + 1])
     order = "default, tuned; tuned, default; default, tuned"
     for extra, served, files, line in (
-            ((), [str(port + 1), "--gpu-memory-utilization", "0.45"], ["bench-tuned-warmup.json", "bench-tuned-1.json"],
+            ((), [str(port + 1), "--gpu-memory-utilization", "0.45"], ["bench-tuned-warmup1.json", "bench-tuned-1.json"],
              f"# --ab --ab-servers resident: first a default server (VLLM_TUNED_CONFIG_FOLDER unset; vLLM must log its "
              f"default config) on port {port}, then the tuned one above on port {port + 1}, both with "
-             f"--gpu-memory-utilization 0.45, each warmed up once; then 3 pairs of measured passes alternate between "
-             f"them in the order {order}; this samples pass-to-pass variation, not server-to-server (--ab-servers "
+             f"--gpu-memory-utilization 0.45, each warmed up once (until steady); then 3 pairs of measured passes "
+             f"alternate between them in the order {order}; this samples pass-to-pass variation, not "
+             f"server-to-server (--ab-servers "
              "fresh: a server start per run)"),
             (("--ab-servers", "fresh", "--serve-args", "--gpu-memory-utilization 0.8"),
-             [str(port), "--gpu-memory-utilization", "0.8"], ["bench-tuned-1-warmup.json", "bench-tuned-1.json"],
+             [str(port), "--gpu-memory-utilization", "0.8"], ["bench-tuned-1-warmup1.json", "bench-tuned-1.json"],
              f"# --ab --ab-servers fresh: 3 pairs of fresh servers, one at a time, in the order {order}; the default "
              "server has VLLM_TUNED_CONFIG_FOLDER unset (vLLM must log its default config); this samples "
              "server-to-server variation too (a server start per run)")):
@@ -725,7 +776,7 @@ def test_reduced_print_command_shows_every_command_and_writes_nothing(fake, caps
     assert (overrides["moe_num_experts"], overrides["moe_intermediate_size"]) == (72, 1280)
     assert "--data-parallel-size" not in serve and "--enable-expert-parallel" not in serve
     benches = [shlex.split(line) for line in out if line.startswith("vllm bench serve")]
-    assert [b[b.index("--result-filename") + 1] for b in benches] == ["bench-tuned-warmup.json", "bench-tuned-1.json"]
+    assert [b[b.index("--result-filename") + 1] for b in benches] == ["bench-tuned-warmup1.json", "bench-tuned-1.json"]
     assert all(b[b.index("--random-input-len") + 1] == "8192" and b[b.index("--random-output-len") + 1] == "1"
                and "--ignore-eos" in b for b in benches)
     assert out[-3] == "# vLLM must log: Using configuration from " + str(fake["configs"] / EP4_BF16) + " for MoE layer."
@@ -755,7 +806,8 @@ def test_a_single_reduced_run_is_not_compared_with_the_recipe(fake):
     assert cli.main(reduced_args(fake, "--num-prompts", "2")) == 0
     rep, md = report(fake), (fake["out"] / "report.md").read_text()
     (run,) = rep["runs"]
-    assert run["metrics"]["output_throughput"] == 850.0 and run["warmup"]["output_throughput"] == pytest.approx(510.0)
+    assert run["metrics"]["output_throughput"] == 850.0
+    assert [w["output_throughput"] for w in run["warmup"]] == pytest.approx([510.0, 850.0, 850.0])
     assert "| output tok/s | 850.00 |" in md and "recipe 4xH200" not in md.split("## Benchmark")[1]
     assert "a reduced model's numbers do not compare with the recipe's 4xH200 serve" in md
     assert rep["prediction"]["why"].endswith("has no tune-moe provenance (no per-batch speedup to predict from)")

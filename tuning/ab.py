@@ -2,7 +2,7 @@
 interval on the tuned/default ratio, and a verdict that says when a change is inside the noise.
 
 Each pair is one measured benchmark pass of the default arm and one of the tuned arm, on the same GPU, their
-order alternating pair by pair: on two resident servers (one per arm, each warmed up once), or on a fresh
+order alternating pair by pair: on two resident servers (one per arm, each warmed up once, until steady), or on a fresh
 server per pass, warmed up before it (which also samples server-to-server variation). The estimate of a
 metric's change is the geometric mean of the per-pair tuned/default ratios (pairing cancels drift between
 pairs). Its confidence interval is a percentile bootstrap over the pairs: exact (every resample of the pairs,

@@ -4,9 +4,9 @@ One run builds the recipe's ``vllm serve`` command for a layout (``serve_args``)
 not fit in memory, runs ``tune-moe preflight`` on the exact command and environment and refuses a serve vLLM
 will not start (``serve_checks``), then starts it in its own process group with ``VLLM_TUNED_CONFIG_FOLDER``
 set, waits for ``GET /health``, reads the log for vLLM's config and backend lines (``vllm_log``), checks that
-they prove the tuned files were used and agree with preflight, runs ``vllm bench serve`` twice (a warm-up pass
-with other prompts, discarded, so every kernel is compiled and loaded; then the measured pass), always stops
-the whole group, and writes report.md and report.json (``serve_report``).
+they prove the tuned files were used and agree with preflight, runs ``vllm bench serve`` (warm-up passes on
+other prompts, discarded, until two in a row agree within 3%, so every kernel the workload reaches is compiled
+and loaded; then the measured pass), always stops the whole group, and writes report.md and report.json (``serve_report``).
 
 ``--reduced`` serves, on one GPU, a reduced model whose fused MoE runs the per-GPU shape of the layout
 (``reduced``); it must read the same tuned files as the layout. ``--ab`` runs interleaved pairs of measured
@@ -49,7 +49,7 @@ from .serve_gain import ab_summary, predictions, profiler_config
 from .serve_print import expected as expected_files_of, notes, print_command, print_notes
 from .serve_report import METRICS, write_report
 from .vllm_log import ConfigProof, MoeLogFacts, agreement, file_name_of, prove_default, prove_tuned, read_log
-from .workloads import PROFILE_SEED, WARMUP_SEED
+from .workloads import PROFILE_SEED, STEADY, WARMUP_SEED, steady
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,8 @@ class RunOptions:
     bench_timeout: float
     gpu: str = "<GPU>"  # for the tune-moe command a failure suggests
     poll: float = 0.5
+    primary: str = "output_throughput"  # the workload's metric: warm-up passes must agree on it
+    warmup_passes: int = 1  # at most; 1: one warm-up pass, unchecked
 
 
 @dataclass(frozen=True)
@@ -78,13 +80,14 @@ class RunResult:
     result_file: str | None = None
     problems: tuple[str, ...] = ()
     kinds: tuple[dict, ...] = ()  # per MoE layer kind: preflight's prediction against what the log shows
-    warmup: dict = field(default_factory=dict)  # the warm-up pass, discarded
+    warmup: tuple[dict, ...] = ()  # the warm-up passes, discarded
+    steady: bool | None = None  # whether the last two warm-up passes agreed (None: one pass, unchecked)
     arm: str = "tuned"
     pair: int | None = None
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "proof": self.proof.as_dict() if self.proof else None,
-                "problems": list(self.problems), "kinds": list(self.kinds)}
+                "problems": list(self.problems), "kinds": list(self.kinds), "warmup": list(self.warmup)}
 
 
 # -- one server: start, wait, prove, (benchmark,) stop -----------------------------------------------
@@ -134,9 +137,11 @@ def server(spec: ServeSpec, name: str, pre: Preflight, opts: RunOptions, log: Pa
             say(f"{name} server stopped (process group {group.proc.pid}); nothing of it is left")
 
 
-def serve_once(spec: ServeSpec, name: str, pre: Preflight, opts: RunOptions, log: Path | None = None) -> RunResult:
+def serve_once(spec: ServeSpec, name: str, pre: Preflight, opts: RunOptions, log: Path | None = None,
+               pair: int | None = None) -> RunResult:
     """One server: started, proven, warmed up and measured (unless --no-bench), stopped."""
     with server(spec, name, pre, opts, log) as result:
+        result = replace(result, pair=pair)
         if result.outcome == "ok" and opts.bench:
             result = _measure(_warm(result, spec, opts), spec, opts)
         return result
@@ -182,22 +187,39 @@ def _per_kind(facts: MoeLogFacts, pre: Preflight) -> tuple[dict, ...]:
 
 
 def _warm(result: RunResult, spec: ServeSpec, opts: RunOptions) -> RunResult:
-    """A warm-up pass on other prompts (no prefix-cache hits later), kept as ``warmup`` and discarded."""
-    warm = _bench(result, spec, opts, replace(opts.bench, seed=WARMUP_SEED, profile=False), "warm-up")
-    return replace(warm, warmup=warm.metrics, metrics={}, result_file=None) if warm.outcome == "ok" else warm
+    """Warm-up passes on prompts no measured pass sends (no prefix-cache hits later) until two in a row agree
+    within ``STEADY`` on the workload's metric, at most ``opts.warmup_passes``; kept as ``warmup``, discarded."""
+    passes: list[dict] = []
+    for i in range(1, opts.warmup_passes + 1):
+        tag = "warm-up pass" if opts.warmup_passes == 1 else f"warm-up pass {i} of at most {opts.warmup_passes}"
+        warm = _bench(result, spec, opts, replace(opts.bench, seed=WARMUP_SEED + i, profile=False), tag,
+                      f"warmup{i}")
+        if warm.outcome != "ok":
+            return replace(warm, warmup=tuple(passes))
+        passes.append(warm.metrics)
+        if len(passes) > 1 and steady(passes[-2], passes[-1], opts.primary):
+            break
+    agreed = steady(passes[-2], passes[-1], opts.primary) if len(passes) > 1 else None
+    if agreed is False:
+        values = ", ".join(f"{p.get(opts.primary, 0):.2f}" for p in passes)
+        say(f"note: the {result.name} server's {len(passes)} warm-up passes never agreed within {STEADY:.0%} on "
+            f"{METRICS[opts.primary]} ({values}); its first measured passes may still pay first-use costs")
+    return replace(warm, warmup=tuple(passes), steady=agreed, metrics={}, result_file=None)
 
 
 def _measure(result: RunResult, spec: ServeSpec, opts: RunOptions) -> RunResult:
-    """The measured pass, on a server that is ok and warm."""
-    return _bench(result, spec, opts, opts.bench, "") if result.outcome == "ok" else result
+    """The measured pass, on a server that is ok and warm; an A/B's pair k sends its prompts, --seed k."""
+    if result.outcome != "ok":
+        return result
+    return _bench(result, spec, opts, opts.bench if result.pair is None else replace(opts.bench, seed=result.pair), "")
 
 
-def _bench(result: RunResult, spec: ServeSpec, opts: RunOptions, bench: BenchSpec, tag: str) -> RunResult:
-    suffix = f"-{tag.replace('-', '')}" if tag else ""
-    out_json = (opts.out / f"bench-{result.name}{suffix}.json").absolute()
+def _bench(result: RunResult, spec: ServeSpec, opts: RunOptions, bench: BenchSpec, tag: str,
+           suffix: str = "") -> RunResult:
+    out_json = (opts.out / f"bench-{result.name}{f'-{suffix}' if suffix else ''}.json").absolute()
     argv = bench.argv(spec, out_json)
-    log = opts.out / f"bench-{result.name}{suffix}.log"
-    say(f"benchmarking{f' ({tag} pass, discarded)' if tag else ''}: {shlex.join(argv)}")
+    log = out_json.with_suffix(".log")
+    say(f"benchmarking{f' ({tag}, discarded)' if tag else ''}: {shlex.join(argv)}")
     out_json.unlink(missing_ok=True)
     with ProcessGroup(argv, spec.environ(dict(os.environ)), log, opts.grace) as group:
         code = _wait_exit(group, opts.bench_timeout)
@@ -278,7 +300,7 @@ def _run_pairs(setup: Setup, pre: Preflight, opts: RunOptions, report: dict, run
     for pair in range(1, setup.pairs + 1):
         for arm in PAIR_ORDER[(pair - 1) % 2]:
             say(f"pair {pair} of {setup.pairs}: {arm}")
-            run_ = serve_once(setup.arm_spec(arm), f"{arm}-{pair}", pre, opts)
+            run_ = serve_once(setup.arm_spec(arm), f"{arm}-{pair}", pre, opts, pair=pair)
             if _record(replace(run_, arm=arm, pair=pair), report, runs).outcome != "ok":
                 return
 
@@ -352,7 +374,7 @@ def run(args: argparse.Namespace) -> int:
     say("preflight, on the exact serve command and environment (what vLLM runs per MoE layer kind):")
     print("\n".join(f"  {line}" if line else "" for line in pre.report_text().splitlines()), flush=True)
     opts = RunOptions(setup.out, Path(args.log) if args.log else None, args.timeout, args.grace, setup.bench,
-                      args.bench_timeout, gpu.key)
+                      args.bench_timeout, gpu.key, primary=setup.workload.primary, warmup_passes=setup.warmup_passes)
     report = _report_head(setup, pre)
     for note in report["notes"]:
         say(f"note: {note}")

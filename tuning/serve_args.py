@@ -22,7 +22,7 @@ from .models import ModelGeometry
 from .recipe import CHECKPOINTS, BenchSpec, ServeSpec
 from .shapes import DEFAULT_VLLM_VERSION, DTYPES, Layout, parse_layout
 from .vllm_rules import normalize_moe_backend
-from .workloads import WORKLOADS, Workload
+from .workloads import MAX_WARMUP_PASSES, STEADY, WORKLOADS, Workload
 
 DEFAULT_PAIRS = 5
 PAIR_ORDER = (("default", "tuned"), ("tuned", "default"))  # alternated pair by pair: drift cancels within pairs
@@ -52,6 +52,7 @@ class Setup:
     measure_share: bool
     ab_servers: str = "resident"  # with pairs: "resident" (two servers up at once) or "fresh" (one per run)
     servers_note: str = ""  # why an A/B without --ab-servers runs fresh servers
+    warmup_passes: int = MAX_WARMUP_PASSES  # at most, per server: until two in a row agree (1: one, unchecked)
 
     @property
     def resident(self) -> bool:
@@ -100,7 +101,8 @@ def build(args: argparse.Namespace, installed_version: str | None) -> Setup:
     spec = build_spec(args, gpu, reduced)
     setup = Setup(gpu=gpu, version=version, spec=spec, layout=layout, bench=build_bench(args, workload, reduced),
                   workload=workload, reduced=reduced, out=out, pairs=(args.pairs or DEFAULT_PAIRS) if args.ab else 0,
-                  measure_share=args.measure_moe_share, ab_servers=args.ab_servers or "resident")
+                  measure_share=args.measure_moe_share, ab_servers=args.ab_servers or "resident",
+                  warmup_passes=MAX_WARMUP_PASSES if args.warmup_passes is None else args.warmup_passes)
     if not setup.resident:
         return setup
     conflict = _resident_conflict(spec)
@@ -140,6 +142,11 @@ def _check_modes(args: argparse.Namespace) -> None:
         raise UsageError("--ab with --no-bench: the A/B compares benchmarks; drop --no-bench")
     if args.measure_moe_share and args.no_bench:
         raise UsageError("--measure-moe-share with --no-bench: the share is measured on a benchmark; drop --no-bench")
+    if args.warmup_passes is not None and not 1 <= args.warmup_passes <= 10:
+        raise UsageError(f"--warmup-passes {args.warmup_passes}: use 1 to 10 (default {MAX_WARMUP_PASSES}; 1 runs one "
+                         "warm-up pass and does not check that the server is warm)")
+    if args.warmup_passes is not None and args.no_bench:
+        raise UsageError("--warmup-passes with --no-bench: there is no benchmark to warm up for; drop one")
 
 
 def _resident_conflict(spec: ServeSpec) -> str | None:
@@ -261,8 +268,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--measure-moe-share", action="store_true",
                    help="then one more tuned server under vLLM's torch profiler: the fused MoE's share of GPU time, "
                         "for the predicted gain (without it the share is estimated)")
-    b = p.add_argument_group("vllm bench serve (each server: a warm-up pass, discarded, then its measured "
+    b = p.add_argument_group("vllm bench serve (each server: warm-up passes, discarded, then its measured "
                              "pass or passes)")
+    b.add_argument("--warmup-passes", type=int, metavar="N",
+                   help=f"warm-up passes per server, at most: they run, on prompts no measured pass sends, until two "
+                        f"in a row agree within {STEADY:.0%} on the workload's metric, so every kernel the workload "
+                        f"reaches is compiled and loaded (default: {MAX_WARMUP_PASSES}; 1: one pass, unchecked)")
     b.add_argument("--workload", choices=tuple(WORKLOADS), default="recipe",
                    help="; ".join(f"{w.name}: {w.what}" for w in WORKLOADS.values()) + " (default: recipe)")
     b.add_argument("--bench-backend", default="vllm", help="--backend (default: vllm)")

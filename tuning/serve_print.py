@@ -14,7 +14,8 @@ from .recipe import ServeSpec
 from .serve_args import GMU, PAIR_ORDER, RESIDENT_FIX, RESIDENT_MEMORY, Setup, resident_shortfall
 from .serve_checks import check_emulation, expected_files, geometry_name
 from .serve_gain import profiler_config
-from .workloads import PROFILE_SEED, WARMUP_SEED
+from .serve_report import METRICS
+from .workloads import PROFILE_SEED, STEADY, WARMUP_SEED
 
 
 def notes(spec: ServeSpec, expected: list[str]) -> list[str]:
@@ -55,12 +56,17 @@ def print_command(setup: Setup, expected: list[str]) -> None:
     print(shlex.join(tuned.argv()))
     name = "tuned-1" if setup.pairs else "tuned"
     if bench:
-        print("# then, once GET /health answers 200, a warm-up pass on other prompts (discarded):")
-        warm = replace(bench, seed=WARMUP_SEED)
+        n = setup.warmup_passes
+        print("# then, once GET /health answers 200, warm-up passes on other prompts (discarded), --seed "
+              f"{WARMUP_SEED + 1}, {WARMUP_SEED + 2}, ...: " + (
+                  f"until two in a row agree within {STEADY:.0%} on {METRICS[setup.workload.primary]}, at most {n}"
+                  if n > 1 else "one (--warmup-passes 1)") + ":")
+        warm = replace(bench, seed=WARMUP_SEED + 1)
         warm_name = "tuned" if setup.resident else name  # a resident server is warmed once
-        print(shlex.join(warm.argv(tuned, (setup.out / f"bench-{warm_name}-warmup.json").absolute())))
-        print("# then the measured pass:")
-        print(shlex.join(bench.argv(tuned, (setup.out / f"bench-{name}.json").absolute())))
+        print(shlex.join(warm.argv(tuned, (setup.out / f"bench-{warm_name}-warmup1.json").absolute())))
+        print("# then the measured pass" + (" (pair k: --seed k on both arms):" if setup.pairs else ":"))
+        measured = replace(bench, seed=1) if setup.pairs else bench
+        print(shlex.join(measured.argv(tuned, (setup.out / f"bench-{name}.json").absolute())))
     for file in expected:
         print(f"# vLLM must log: Using configuration from {spec.tuned_folder / file} for MoE layer.")
     if setup.pairs:
@@ -82,8 +88,9 @@ def ab_line(setup: Setup) -> str:
     default, tuned = setup.arm_spec("default").port, setup.arm_spec("tuned").port
     return (f"# --ab --ab-servers resident: first a default server ({TUNED_VAR} unset; vLLM must log its default "
             f"config) on port {default}, then the tuned one above on port {tuned}, both with {GMU} "
-            f"{RESIDENT_MEMORY}, each warmed up once; then {setup.pairs} pairs of measured passes alternate between "
-            f"them in the order {order}; this samples pass-to-pass variation, not server-to-server (--ab-servers "
+            f"{RESIDENT_MEMORY}, each warmed up once (until steady); then {setup.pairs} pairs of measured passes "
+            f"alternate between them in the order {order}; this samples pass-to-pass variation, not "
+            f"server-to-server (--ab-servers "
             "fresh: a server start per run)")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .files import atomic_write_text
 from .recipe import RECIPE_LABEL, RECIPE_METRICS
+from .workloads import STEADY, WARMUP_SEED
 
 # Keys of vLLM's result JSON kept in the report, with their labels.
 METRICS = {"output_throughput": "output tok/s", "mean_tpot_ms": "mean TPOT (ms)", "mean_ttft_ms": "mean TTFT (ms)",
@@ -58,9 +59,36 @@ def render_markdown(report: dict) -> str:
         lines += ["", *_ab_section(report["ab"])]
     elif any(r["metrics"] for r in report["runs"]):
         lines += ["", *_bench_table(report)]
+    lines += _warmup_section(report)
     lines += ["", *_prediction_section(report)] if report.get("prediction") else []
     lines += ["", "Notes:", *[f"- {n}" for n in report["notes"]]] if report["notes"] else []
     return "\n".join(lines) + "\n"
+
+
+def _warmup_section(report: dict) -> list[str]:
+    """Each server's warm-up passes (a resident A/B's two servers once each) on the workload's metric."""
+    key = report["workload"]["primary"]
+    resident = report.get("ab_servers") == "resident"
+    seen: set[str] = set()
+    rows = []
+    for run in report["runs"]:
+        passes = run.get("warmup") or []
+        passes = [passes] if isinstance(passes, dict) else passes  # a report written before the steady check
+        server = run["arm"] if resident and run["arm"] != "profile" else run["name"]
+        if not passes or server in seen:
+            continue
+        seen.add(server)
+        state = {True: f"warm: the last two agree within {STEADY:.0%}", None: "one pass, not checked",
+                 False: f"NOT warm: no two in a row within {STEADY:.0%}; its first measured pass may pay "
+                        "first-use costs"}[run.get("steady")]
+        rows.append(f"| {server} | {len(passes)} | {', '.join(_num(p.get(key)) for p in passes)} | {state} |")
+    if not rows:
+        return []
+    return ["", "## Warm-up passes (discarded)", "",
+            f"Each server ran warm-up passes on prompts no measured pass sends (`--seed {WARMUP_SEED + 1}`, "
+            f"`{WARMUP_SEED + 2}`, ...) until two in a row agreed within {STEADY:.0%} on {METRICS[key]}: then the "
+            "fused-MoE configs of every batch size the workload reaches are compiled and loaded.", "",
+            f"| server | passes | {METRICS[key]} per pass | |", "|---|---|---|---|", *rows]
 
 
 def _reduced_section(r: dict) -> list[str]:
@@ -103,13 +131,15 @@ def _ab_servers(a: dict) -> str:
     servers = a.get("servers") or {"mode": "fresh"}
     if servers["mode"] == "fresh":
         return ("`--ab-servers fresh`: each pair is two fresh servers, one at a time, their order alternating "
-                f"({order}); each server ran a warm-up pass on other prompts (discarded) before its measured pass. "
-                "This samples server-to-server variation (a server start per run) as well as pass-to-pass.")
+                f"({order}); each server was warmed up (below) before its measured pass, and pair k's two passes "
+                "sent the same prompts (`--seed k`). This samples server-to-server variation (a server start per "
+                "run) as well as pass-to-pass.")
     ports = servers["ports"]
     return (f"`--ab-servers resident`: two servers up at once, the default one on port {ports['default']} and the "
             f"tuned one on port {ports['tuned']}, each with `--gpu-memory-utilization "
-            f"{servers['gpu_memory_utilization']}`, started once and warmed up with a pass on other prompts "
-            f"(discarded); the measured passes alternated between them, their order alternating ({order}). This "
+            f"{servers['gpu_memory_utilization']}`, started once and warmed up (below); the measured passes "
+            f"alternated between them, their order alternating ({order}), pair k's two passes sending the same "
+            "prompts (`--seed k`), which no other pass on either server sent. This "
             "samples pass-to-pass variation on two resident servers, not server-to-server variation; "
             "`--ab-servers fresh` samples that too, at a server start per run.")
 

@@ -16,8 +16,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-WARMUP_SEED = 1  # the warm-up pass samples other prompts than the measured one (seed 0): no prefix-cache hits
-PROFILE_SEED = 2
+# Every pass sends prompts no other pass on its server sent (the random dataset's --seed), so none hits the
+# prefix cache: warm-up pass i --seed WARMUP_SEED + i, an A/B's pair k --seed k on both arms (the same prompts),
+# a single measured pass vLLM's default (0), the profiled pass PROFILE_SEED.
+WARMUP_SEED = 1000
+PROFILE_SEED = 2000
+# A server is warm when two warm-up passes in a row agree within STEADY on the workload's metric: the fused-MoE
+# configs of every batch size the workload reaches are compiled and loaded (one pass is not always enough: the
+# prefill chunks' sizes, and so the configs they need, vary from pass to pass).
+STEADY = 0.03
+MAX_WARMUP_PASSES = 4
+
+
+def steady(before: dict, after: dict, key: str) -> bool:
+    """Whether two passes in a row agree within ``STEADY`` on ``key`` (a result JSON's metric)."""
+    a, b = before.get(key), after.get(key)
+    return bool(a) and bool(b) and abs(b / a - 1.0) <= STEADY
 
 
 @dataclass(frozen=True)
