@@ -1,7 +1,8 @@
 """Build FlashInfer 0.7.2's SM90 CUTLASS fused-MoE module for the one path vLLM runs on a block-FP8 serve, then check it.
 
 Usage (on the GPU machine, through benchmarks/gpu_stage.sh, whose environment puts FlashInfer, its cache and this
-checkout in place: flashinfer-build, flashinfer-check):
+checkout in place: flashinfer-build, flashinfer-check; or ``build`` on a machine without a GPU through
+benchmarks/build_flashinfer_aot.sh, which packs the result for ``gpu_stage.sh flashinfer-aot``):
     python3 benchmarks/flashinfer_blockscale.py build     compile, link, install as FlashInfer's AOT module
     python3 benchmarks/flashinfer_blockscale.py check     DP8+EP calls against the float reference (never builds)
 
@@ -51,6 +52,7 @@ def ninja(spec) -> None:
 def build() -> int:
     from flashinfer import __version__ as fi_version
     from flashinfer.jit import env as jit_env
+    from flashinfer.jit.cpp_ext import get_cuda_version
     from flashinfer.jit.fused_moe import gen_cutlass_fused_moe_sm90_module
 
     start = time.time()
@@ -84,7 +86,8 @@ def build() -> int:
               "weakened_launcher_references": len(weak),
               "why": "use_deepseek_fp8_block_scale returns through BlockScaleFC1/FC2 before any grouped-GEMM "
                      "launcher (cutlass_fused_moe_kernels.cuh); benchmarks/flashinfer_blockscale.py",
-              "build_seconds": round(time.time() - start), "max_jobs": os.environ.get("MAX_JOBS")}
+              "build_seconds": round(time.time() - start), "max_jobs": os.environ.get("MAX_JOBS"),
+              "nvcc": str(get_cuda_version()), "arch": os.environ.get("FLASHINFER_CUDA_ARCH_LIST") or "this GPU's"}
     (dest / "BUILD.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"{spec.name}: built in {record['build_seconds']} s, {len(weak)} launcher references weak; "
           f"installed as FlashInfer's AOT module {dest / (spec.name + '.so')}", flush=True)
