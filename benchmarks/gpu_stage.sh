@@ -33,7 +33,8 @@
 #   flashinfer-pack [FIRST]  the built fused_moe_90.so (and its BUILD.json) back under $OUT as xz parts of 15 MiB
 #                      (fi-aot-part-*, fi-aot.sha256), four parts a call from FIRST (default 0): keep them in
 #                      .gpu/flashinfer/, so later sessions install it instead of building
-#   flashinfer-aot     install stashed fi-aot-part-* as FlashInfer's AOT module (loaded before any JIT build)
+#   flashinfer-aot     install stashed fi-aot-part-* (flashinfer-pack's, or benchmarks/build_flashinfer_aot.sh's,
+#                      built without a GPU) as FlashInfer's AOT module and load it, JIT disabled; print BUILD.json
 #   bakeoff NAME SECS ARGS...  `tune-moe compare-backends ARGS` for at most SECS seconds (SIGINT then), vLLM's
 #                      sources from .gpu/vllm-src, DeepGEMM from /tmp/dg, vLLM's CUDA ops from /tmp/vllm-ops when
 #                      setup-ops made it (else the stand-ins); log, JSON and advice under $OUT/NAME.*; the
@@ -175,7 +176,9 @@ g("90"); print("built fused_moe_90")')
     dest=/tmp/fi/flashinfer/data/aot/fused_moe_90  # flashinfer/jit/env.py get_aot_artifacts: loaded, never built
     (cd /tmp/stash && sha256sum -c fi-aot.sha256) && mkdir -p "$dest"
     cat /tmp/stash/fi-aot-part-* | xz -dc | tar xf - -C "$dest"
-    python3 -c 'from flashinfer.fused_moe.core import get_cutlass_fused_moe_module as g; g("90"); print("fused_moe_90 loaded (AOT)")' ;;
+    FLASHINFER_DISABLE_JIT=1 python3 -c 'from flashinfer.fused_moe.core import get_cutlass_fused_moe_module as g
+g("90"); print("fused_moe_90 loaded (AOT)")'  # never a JIT build here: a missing module is an error
+    cat "$dest/BUILD.json" ;;
   bakeoff)
     name=$1 secs=$2; shift 2
     mkdir -p "$runs"
