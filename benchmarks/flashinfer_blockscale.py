@@ -43,10 +43,10 @@ def _symbols(objects: list[Path], *flags: str) -> set[str]:
     return names
 
 
-def ninja(spec) -> None:
-    """FlashInfer's own build file, with ninja's progress lines in the log (run_ninja hides them)."""
-    jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count())
-    subprocess.run(["ninja", "-C", str(spec.build_dir), "-f", str(spec.ninja_path), "-j", jobs], check=True)
+def ninja(spec, *args: str, capture: bool = False) -> str:
+    """FlashInfer's own build file (with ninja's progress lines in the log: run_ninja hides them)."""
+    return subprocess.run(["ninja", "-C", str(spec.build_dir), "-f", str(spec.ninja_path), *args], check=True,
+                          capture_output=capture, text=True).stdout
 
 
 def build() -> int:
@@ -62,16 +62,22 @@ def build() -> int:
     print(f"{spec.name}: {len(kept)} of {len(full.sources)} sources "
           f"({len(full.sources) - len(kept)} generated grouped-GEMM instantiations left out)", flush=True)
     spec.write_ninja()
-    ninja(spec)
-    objects = sorted(spec.build_dir.glob("*.o"))  # ninja names them <folder>_<file>.o / .cuda.o
+    rules = [line.rsplit(": ", 1) for line in ninja(spec, "-t", "targets", "all", capture=True).splitlines()]
+    objects = [Path(target) for target, rule in rules if rule in ("compile", "cuda_compile")]
+    objects = [o if o.is_absolute() else spec.build_dir / o for o in objects]
+    todo = [str(o) for o in objects if not o.exists()]
+    if todo:  # only the objects not there yet: ninja rebuilds the ones weakened below (objcopy rewrote them)
+        ninja(spec, "-j", os.environ.get("MAX_JOBS") or str(os.cpu_count()), *todo)
+    print(f"{spec.name}: {len(objects) - len(todo)} objects were already built, {len(todo)} compiled", flush=True)
     missing = _symbols(objects, "--undefined-only") - _symbols(objects, "--defined-only")
     weak = sorted(s for s in missing if LAUNCHER_MARK in s)
     weak_list = spec.build_dir / "weakened.txt"
     weak_list.write_text("".join(s + "\n" for s in weak))
-    for obj in objects:
+    for obj in objects:  # idempotent: a reference already weak stays weak
         subprocess.run(["objcopy", f"--weaken-symbols={weak_list}", str(obj)], check=True)
-    spec.jit_library_path.unlink()
-    ninja(spec)  # relinks only: the objects changed, their sources did not
+    link = ninja(spec, "-t", "commands", str(spec.jit_library_path), capture=True).splitlines()[-1]
+    spec.jit_library_path.unlink(missing_ok=True)
+    subprocess.run(link, shell=True, check=True, cwd=spec.build_dir)  # the link step alone, never through ninja
     strong = [line for line in subprocess.run(["nm", "-D", "--undefined-only", str(spec.jit_library_path)],
                                               check=True, capture_output=True, text=True).stdout.splitlines()
               if LAUNCHER_MARK in line and " U " in f" {line}"]
@@ -86,7 +92,8 @@ def build() -> int:
               "weakened_launcher_references": len(weak),
               "why": "use_deepseek_fp8_block_scale returns through BlockScaleFC1/FC2 before any grouped-GEMM "
                      "launcher (cutlass_fused_moe_kernels.cuh); benchmarks/flashinfer_blockscale.py",
-              "build_seconds": round(time.time() - start), "max_jobs": os.environ.get("MAX_JOBS"),
+              "build_seconds": round(time.time() - start), "objects_already_built": len(objects) - len(todo),
+              "max_jobs": os.environ.get("MAX_JOBS"),
               "nvcc": str(get_cuda_version()), "arch": os.environ.get("FLASHINFER_CUDA_ARCH_LIST") or "this GPU's"}
     (dest / "BUILD.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"{spec.name}: built in {record['build_seconds']} s, {len(weak)} launcher references weak; "
