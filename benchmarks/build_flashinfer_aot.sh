@@ -9,8 +9,8 @@
 # The compiler is the H200 machine's: CUDA 13.0's nvcc, runtime, CCCL, CRT and NVVM from their PyPI wheels, in
 # .gpu/cuda130. FlashInfer and apache-tvm-ffi are the versions pack_flashinfer.sh packs for that machine, so the
 # module links the same libtvm_ffi. The cuBLAS headers and libnvrtc come from PYTHON's environment (vLLM's pins
-# nvidia-cublas and nvidia-cuda-nvrtc 13.0); libcuda is a stub with the driver's soname (the driver resolves it
-# at load time). sm_90a only (FLASHINFER_CUDA_ARCH_LIST=9.0a), as FlashInfer builds it on an H200.
+# nvidia-cublas and nvidia-cuda-nvrtc 13.0); libcuda is a stub with the driver's soname that defines the driver
+# functions the module calls (flashinfer_blockscale.py writes it; the driver resolves them at load time). sm_90a only (FLASHINFER_CUDA_ARCH_LIST=9.0a), as FlashInfer builds it on an H200.
 # Needs gcc, ninja, binutils (nm, objcopy), xz and PyPI. On 2 cores the 28 files take about an hour; a build
 # already done (the library in .gpu/fi-build) is packed again, not rebuilt.
 set -euo pipefail
@@ -27,7 +27,7 @@ while [ $# -gt 0 ]; do
 done
 case "$jobs" in ''|*[!0-9]*|0) echo "build_flashinfer_aot.sh: --jobs $jobs is not a positive number" >&2; exit 2 ;; esac
 py=${PYTHON:-python3}
-for tool in gcc ninja nm objcopy xz; do
+for tool in gcc ninja nm objcopy readelf xz; do
   command -v "$tool" >/dev/null || { echo "build_flashinfer_aot.sh: needs $tool (apt-get install gcc ninja-build binutils xz-utils)" >&2; exit 1; }
 done
 nvidia=$("$py" -c 'import importlib.util as u; print(u.find_spec("nvidia").submodule_search_locations[0])' 2>/dev/null) \
@@ -47,8 +47,6 @@ if [ ! -x "$cuda/bin/nvcc" ]; then
   for h in "$nvidia"/cu13/include/cublas*.h; do cp "$h" "$cuda/include/"; done
   cp "$nvidia/cu13/lib/libnvrtc.so.13" "$cuda/lib/"
   ln -sfn libnvrtc.so.13 "$cuda/lib/libnvrtc.so" && ln -sfn libcudart.so.13 "$cuda/lib/libcudart.so" && ln -sfn lib "$cuda/lib64"
-  mkdir -p "$cuda/lib/stubs" && echo > "$work/empty.c"
-  gcc -shared -o "$cuda/lib/stubs/libcuda.so" -Wl,-soname,libcuda.so.1 "$work/empty.c"
 fi
 "$cuda/bin/nvcc" --version | grep -q "release 13.0" || { echo "build_flashinfer_aot.sh: $cuda/bin/nvcc is not CUDA 13.0" >&2; exit 1; }
 
@@ -62,6 +60,7 @@ aot=$site/flashinfer/data/aot/fused_moe_90
 if [ ! -f "$aot/fused_moe_90.so" ]; then
   CUDA_HOME=$PWD/$cuda PATH=$PWD/$cuda/bin:$PATH FLASHINFER_CUDA_ARCH_LIST=9.0a \
     FLASHINFER_WORKSPACE_BASE=$PWD/.gpu/fi-build/work PYTHONPATH=$PWD/$site:$PWD MAX_JOBS=$jobs \
+    FLASHINFER_BLOCKSCALE_CUDA_STUB=$PWD/$cuda/lib/stubs/libcuda.so \
     "$py" benchmarks/flashinfer_blockscale.py build
 fi
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,18 @@ import time
 from pathlib import Path
 
 LAUNCHER_MARK = "kernelLauncher"  # tma_warp_specialized_generic_moe_gemm_kernelLauncher, sm90_generic_mixed_...
+DRIVER = re.compile(r"cu[A-Z]\w*")  # the CUDA driver API (cudart's are cuda*): libcuda.so.1 must be NEEDED
+STUB_VAR = "FLASHINFER_BLOCKSCALE_CUDA_STUB"  # where to write libcuda.so for the link, on a machine without a driver
+
+
+def cuda_stub(path: Path, functions: list[str]) -> None:
+    """A link-time libcuda.so (soname libcuda.so.1) defining ``functions``: the linker records libcuda.so.1 as
+    needed only when it resolves something from it (an empty stub is dropped, and the module then fails to
+    load: undefined symbol cuLibraryLoadData). The driver supplies the real functions at load time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    source = path.with_suffix(".c")
+    source.write_text("".join(f"int {name}(void) {{ return 999; }}\n" for name in functions))
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(path), "-Wl,-soname,libcuda.so.1", str(source)], check=True)
 
 
 def _symbols(objects: list[Path], *flags: str) -> set[str]:
@@ -75,6 +88,9 @@ def build() -> int:
     weak_list.write_text("".join(s + "\n" for s in weak))
     for obj in objects:  # idempotent: a reference already weak stays weak
         subprocess.run(["objcopy", f"--weaken-symbols={weak_list}", str(obj)], check=True)
+    driver = sorted(s for s in missing if DRIVER.fullmatch(s))
+    if os.environ.get(STUB_VAR):
+        cuda_stub(Path(os.environ[STUB_VAR]), driver)
     link = ninja(spec, "-t", "commands", str(spec.jit_library_path), capture=True).splitlines()[-1]
     spec.jit_library_path.unlink(missing_ok=True)
     subprocess.run(link, shell=True, check=True, cwd=spec.build_dir)  # the link step alone, never through ninja
@@ -83,6 +99,13 @@ def build() -> int:
               if LAUNCHER_MARK in line and " U " in f" {line}"]
     if strong:
         print(f"flashinfer_blockscale: {len(strong)} launcher references are still strong; not installed")
+        return 1
+    needed = subprocess.run(["readelf", "-d", str(spec.jit_library_path)], check=True, capture_output=True,
+                            text=True).stdout
+    if driver and "[libcuda.so.1]" not in needed:
+        print(f"flashinfer_blockscale: the library calls the CUDA driver ({driver[0]}, ...) but does not need "
+              f"libcuda.so.1, so it would not load; link against a libcuda that defines them (set {STUB_VAR}); "
+              "not installed")
         return 1
     dest = Path(jit_env.FLASHINFER_AOT_DIR) / spec.name
     dest.mkdir(parents=True, exist_ok=True)

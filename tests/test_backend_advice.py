@@ -19,25 +19,26 @@ RESULTS = Path(__file__).parents[1] / "benchmarks" / "results" / "bakeoff-h200"
 
 def test_committed_file_is_what_the_recorded_bake_off_gives(tmp_path, capsys):
     """data/backend_advice.json is the H200 bake-off's measurements (benchmarks/results/bakeoff-h200) under the
-    current rule: re-deriving it from the recorded rows changes nothing. TP and DP4/DP8+EP come from the runs with
-    vLLM's own CUDA ops (tp-ops, ep-ops, read last so they replace ep4's), DP2+EP from the stand-in run."""
+    current rule: re-deriving it from the recorded rows changes nothing. Every layout comes from a run with vLLM's
+    own CUDA ops: TP2/TP4/TP8 from tp-ops, DP2/DP4/DP8+EP from ep-fi, the run that timed FlashInfer-CUTLASS."""
     from tuning.cli import main
 
     out = tmp_path / "advice.json"
     assert main(["compare-backends", "--gpu", "H200", "--from-json", str(RESULTS / "tp-ops.json"),
-                 str(RESULTS / "ep4.json"), str(RESULTS / "ep-ops.json"), "--write-advice", str(out)]) == 0
+                 str(RESULTS / "ep-fi.json"), "--write-advice", str(out)]) == 0
     assert json.loads(out.read_text()) == json.loads(adv.DATA.read_text())
     assert "TP4 (measured 2026-11-30" in capsys.readouterr().out
     table = adv.load()
     assert sorted(layout for _, layout in table) == sorted(LAYOUTS)
     assert {layout: (a.measured, a.serve_config) for (_, layout), a in table.items()} == {
         "TP2": (True, "auto"), "TP4": (True, "deep_gemm_e8m0_off"), "TP8": (True, "deep_gemm_e8m0_off"),
-        "DP2+EP": (False, "triton"), "DP4+EP": (False, "triton"), "DP8+EP": (False, "triton")}
-    assert json.loads(adv.DATA.read_text())["status"] == "3 of 6 layouts measured"
+        "DP2+EP": (True, "triton"), "DP4+EP": (True, "triton"), "DP8+EP": (True, "triton")}
+    assert json.loads(adv.DATA.read_text())["status"] == "measured"
     assert "N=384 instead of 320: 20% more expert weight memory" in table[("H200", "TP4")].line()
-    assert "unmeasured: auto not timed (flashinfer:" in table[("H200", "DP4+EP")].line()
+    assert "(measured 2026-11-30: M 1-4096: triton)" in table[("H200", "DP4+EP")].line()
     for (_, layout), a in table.items():
-        assert a.provenance["vllm_ops"]["stand_ins"] == {} if layout != "DP2+EP" else "vllm_ops" not in a.provenance
+        assert a.provenance["vllm_ops"]["stand_ins"] == {}
+        assert ((a.provenance["flashinfer_build"] or {}).get("build") == "block-scale path only") == ("EP" in layout)
     assert adv.advice_for("H200", parse_layout("DP4+EP"), "fp8").flags() == "--moe-backend triton"
     assert adv.advice_for("H200", parse_layout("TP4"), "fp8").flags() == \
         "VLLM_USE_DEEP_GEMM_E8M0=0 --moe-backend deep_gemm"
@@ -121,19 +122,29 @@ def test_fastest_per_m_ranges_and_the_one_pick():
     assert adv.costs(rows("DP4+EP", missing), "DP4+EP")[64]["auto"] is None
 
 
+def unmeasured(tmp_path) -> Path:
+    """The committed advice file with every entry as before any bake-off: its configuration, unmeasured."""
+    data = json.loads(adv.DATA.read_text())
+    data["entries"] = [{"gpu": e["gpu"], "layout": e["layout"], "serve_config": e["serve_config"], "measured": False,
+                        "why": "not measured yet"} for e in data["entries"]]
+    path = tmp_path / "unmeasured.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
 def test_a_bake_off_becomes_measured_entries_the_readers_load(tmp_path):
     prov = {"date": "2026-12-01", "gpu_name": "NVIDIA H200"}
     entries = adv.entries_from(rows("DP4+EP", EP_US), "H200", prov)
     assert [e["layout"] for e in entries] == ["DP4+EP"] and entries[0]["serve_config"] == "triton"
-    path = tmp_path / "advice.json"
-    path.write_text(json.dumps(adv.merged(entries)))
+    path, base = tmp_path / "advice.json", unmeasured(tmp_path)
+    path.write_text(json.dumps(adv.merged(entries, base)))
     table = adv.load(path)
     assert len(table) == len(LAYOUTS)
     a = table[("H200", "DP4+EP")]
     assert a.measured and a.provenance == prov and "measured 2026-12-01: M 1-64: triton; M 1024-1024: deep_gemm" in a.line()
     assert not table[("H200", "DP2+EP")].measured  # untouched, and a partial entry keeps its configuration:
     partial = adv.entries_from(rows("DP2+EP", {k: v for k, v in EP_US.items() if k[2] != "flashinfer"}), "H200", prov)
-    kept = adv.merged(partial)
+    kept = adv.merged(partial, base)
     assert [(e["serve_config"], e["measured"]) for e in kept["entries"] if e["layout"] == "DP2+EP"] == [("triton", False)]
 
 
@@ -143,6 +154,7 @@ def test_compare_backends_writes_its_rows_and_merges_advice_from_finished_layout
     from tuning.backends import finish, serve_command
 
     args = argparse.Namespace(json_out=str(tmp_path / "b.json"), write_advice=str(tmp_path / "advice.json"))
+    unmeasured(tmp_path).rename(args.write_advice)  # an existing file: the advice merges into it
     partial = rows("DP2+EP", {("silu", 1, "triton_tuned"): 5.0})  # cut by the time limit: no advice from it
     prov = {"date": "2026-12-01"}
     assert finish(args, rows("DP4+EP", EP_US) + partial, ["DP4+EP"], prov, "H200") == 0
@@ -194,7 +206,7 @@ def test_the_serve_lines_a_tune_prints_follow_the_advice(tmp_path):
             "--layouts TP4 --moe-backend deep_gemm") in tp4
     assert "# backend advice for TP4 on H200: VLLM_USE_DEEP_GEMM_E8M0=0 --moe-backend deep_gemm (measured" in tp4
     assert "--moe-backend triton" in ep.splitlines()[0] and "did not write" not in ep
-    assert "(unmeasured: auto not timed" in ep
+    assert "(measured 2026-11-30: M 1-4096: triton)" in ep
     padded = make_plan(load_model("stepfun-ai/Step-3.5-Flash-FP8"), h200, "fp8", [parse_layout("TP4")], 4, (1,),
                        vllm_version="0.33.0", moe_backend="deep_gemm")
     (line,) = serve_lines(padded, tmp_path)

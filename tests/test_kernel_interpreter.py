@@ -198,6 +198,26 @@ def test_uniform_routing_statistics():
     assert torch.allclose(w.sum(1), torch.ones(4096))
 
 
+@pytest.mark.parametrize("routing", ["uniform", "zipf:1.2"])
+def test_an_expert_parallel_draw_is_a_typical_ranks(routing):
+    """DP8+EP (36 of 288 experts here): the local slots are M x 8 x 36/288 = M, exactly at small M (a free
+    draw at M = 1 routes nothing here one time in three), within 2% at large M; a shard that is not
+    expert-parallel draws once, as before."""
+    dp8 = MoeShape(36, 288, 1280, 4096, 8, "fp8", (128, 128))
+    for m in (1, 2, 3, 4, 8, 16, 4096):
+        for seed in range(4):
+            ids, _ = route(m, dp8, Routing.parse(routing), torch.Generator().manual_seed(seed), "cpu")
+            local = int((ids < 36).sum())
+            assert local == m if m < 25 else abs(local - m) <= 0.02 * m
+    empty = sum(int((torch.rand(1, 288).topk(8).indices < 36).sum()) == 0 for _ in range(3000)) / 3000
+    assert 0.30 < empty < 0.38  # (1 - 36/288)^8 = 0.34: why a free draw will not do
+    full = MoeShape(288, 288, 320, 4096, 8, "bf16")
+    gen, again = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    ids, _ = route(64, full, Routing(), gen, "cpu")
+    gumbel = -torch.log(-torch.log(torch.rand(64, 288, generator=again).clamp_(1e-20, 1 - 1e-7)))
+    assert torch.equal(ids.long(), gumbel.topk(8, dim=1).indices)
+
+
 def test_zipf_routing_is_skewed():
     shape = MoeShape(288, 288, 320, 4096, 8, "bf16")
     ids, _ = route(4096, shape, Routing.parse("zipf:1.2"), torch.Generator().manual_seed(0), "cpu")

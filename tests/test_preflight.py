@@ -188,15 +188,16 @@ def test_tokens_per_step_multiply_by_the_dp_ranks_only_under_ep():
 
 
 def test_preflight_reads_the_backend_advice_file(capsys, tmp_path, monkeypatch):
-    """The advice line comes from data/backend_advice.json: unmeasured as committed, measured once a GPU run
-    wrote it; bf16 gets the one line that needs no bake-off."""
+    """The advice line comes from data/backend_advice.json, as committed (the H200 bake-off) and as another run
+    rewrites it; bf16 gets the one line that needs no bake-off."""
     import json
 
     from tuning import backend_advice
 
     serve = ["stepfun-ai/Step-3.5-Flash-FP8", "--data-parallel-size", "4", "--enable-expert-parallel", *RECIPE]
     _, out, _ = run(capsys, "H200", serve)
-    assert "advice: backend advice for DP4+EP on H200: --moe-backend triton (unmeasured:" in out
+    assert "advice: backend advice for DP4+EP on H200: --moe-backend triton (measured 2026-11-30: M 1-4096: " \
+           "triton)" in out
     data = json.loads(backend_advice.DATA.read_text())
     entry = next(e for e in data["entries"] if e["layout"] == "DP4+EP")
     entry.update(measured=True, serve_config="deep_gemm_e8m0_off", provenance={"date": "2026-12-01"},
