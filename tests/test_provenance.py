@@ -94,3 +94,34 @@ def test_check_writable_refuses_a_corrupt_sidecar(tmp_path):
     provenance.sidecar_path(path).write_text("{not json")
     with pytest.raises(UsageError, match="corrupt JSON"):
         check_writable(path, SOFTWARE)
+
+
+def test_an_expert_parallel_config_picked_on_an_empty_launch_is_named_with_its_re_tune(tmp_path):
+    """roofline_us 0 on an expert-parallel shard: the timed draw routed nothing to this GPU, so the config was
+    picked on noise (the committed DP8+EP M=1 entries were, until re-tuned). preflight, verify and report say so,
+    with the tune that replaces them; a shard without expert parallelism never launches empty."""
+    from dataclasses import replace
+
+    from tuning.gpus import get_gpu
+    from tuning.preflight import Node, _drift
+    from tuning.report import _provenance_lines
+    from tuning.verify import _drift as verify_drift
+
+    for name, layouts, expect in ((EP4, ("TP4+EP", "DP4+EP"), (1,)), (BF16_TP4, ("TP4",), ())):
+        path = tmp_path / name
+        write_config_file(path, CONFIGS, "3.8.0")
+        record = provenance_for(path, CONFIGS, layouts=layouts)
+        rows = tuple(replace(r, roofline_us=0.0) if r.m == 1 else r for r in record.rows)
+        provenance.write(path, replace(record, rows=rows))
+        read = provenance.read(path)
+        assert read.empty_launches == expect
+        note = read.empty_launch_note()
+        node = Node(gpu=get_gpu("H200"), env={}, config_dir=tmp_path, vllm_version="0.33.0")
+        if not expect:
+            assert note is None and not any("no slot" in d for d in _drift(path, node))
+            continue
+        assert note == ("M=1 tuned on a launch with no slot on this GPU (an old routing draw; its config was picked on "
+                        "noise): re-tune with tune-moe --gpu H200 --dtype fp8 --layouts DP4+EP --batch-sizes 1")
+        assert note in _drift(path, node)  # a preflight problem for the serves that read the file
+        assert f"- Not tuned: {note}" in _provenance_lines(read)
+        assert verify_drift(path).endswith(f"\n  {note}")

@@ -116,6 +116,26 @@ class Provenance:
     def from_json(cls, data: object, where: Path | str) -> Provenance:
         return _Reader(where).provenance(data)
 
+    @property
+    def empty_launches(self) -> tuple[int, ...]:
+        """Batch sizes of an expert-parallel file whose config was picked on a launch with no slot on this GPU
+        (``roofline_us`` 0: a routing draw that sent every token elsewhere, as a free draw at M = 1 on a
+        36-of-288 shard does one time in three). Such a config was picked on noise; the tuner has drawn a
+        typical rank since (``inputs.route``)."""
+        if not self.shape.expert_parallel:
+            return ()
+        return tuple(sorted(row.m for row in self.rows if row.roofline_us == 0))
+
+    def empty_launch_note(self) -> str | None:
+        """One line naming those batch sizes and the tune that replaces them, or None."""
+        ms = self.empty_launches
+        if not ms:
+            return None
+        sizes = ",".join(map(str, ms))
+        return (f"M={sizes} tuned on a launch with no slot on this GPU (an old routing draw; its config was picked "
+                f"on noise): re-tune with tune-moe --gpu {self.gpu_key} --dtype {self.shape.dtype} --layouts "
+                f"{self.layouts[-1]} --batch-sizes {sizes}")
+
 
 class _Reader:
     """Validation of a sidecar: every problem is one line naming the file and the key."""

@@ -120,6 +120,7 @@ def _provenance_lines(p: Provenance) -> tuple[str, ...]:
         f"- Search: {search['strategy']}, routing {search['routing']}{extra}",
         f"- Tuning time: {p.tuning_seconds / 60:.1f} min{span}",
         *([f"- Triton drift: {drift}"] if (drift := triton_drift(p)) else []),
+        *([f"- Not tuned: {empty}"] if (empty := p.empty_launch_note()) else []),
     )
 
 

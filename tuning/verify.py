@@ -160,7 +160,8 @@ def _drift(path: Path) -> str:
     here = compiling_triton()
     drift = triton_drift(prov)
     line = f"Triton: tuned with {prov.run.triton} for vLLM {prov.run.vllm}; this process compiles with {here}"
-    return line + (f"; drift: {drift}" if drift else "")
+    empty = prov.empty_launch_note()
+    return line + (f"; drift: {drift}" if drift else "") + (f"\n  {empty}" if empty else "")
 
 
 def _check_loader(folder: Path, f: TunedFile, gpu: GpuSpec) -> bool:
