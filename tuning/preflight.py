@@ -158,8 +158,8 @@ def _drift(path: Path, node: Node) -> list[str]:
     drift = mismatch(pin, prov.run.triton) if pin else None
     if drift:
         out.append(drift.replace("this node compiles", "the file was tuned"))
-    if prov.empty_launch_note():
-        out.append(prov.empty_launch_note())
+    if empty := prov.empty_launch_note():
+        out.append(empty)
     if ".".join(prov.run.vllm.split(".")[:2]) != ".".join(node.vllm_version.split(".")[:2]):
         out.append(f"tuned for vLLM {prov.run.vllm}, the serve runs vLLM {node.vllm_version}")
     installed = installed_fused_moe()

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .configs import TUNED_VAR
 from .models import DEFAULT_MODEL
 from .shapes import Layout
+from .workloads import WARMUP_SEED
 
 SECRET = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|KEY", re.IGNORECASE)
 CHECKPOINTS = {"bf16": DEFAULT_MODEL, "fp8": DEFAULT_MODEL + "-FP8"}
@@ -90,6 +91,14 @@ class BenchSpec:
                 "--host", "127.0.0.1", "--port", str(serve.port),
                 "--save-result", "--result-dir", str(result.parent), "--result-filename", result.name,
                 *self._options(), *self.extra_args]
+
+    def warmup(self, i: int) -> BenchSpec:
+        """Warm-up pass i (from 1): prompts no measured pass sends, --seed WARMUP_SEED + i; never profiled."""
+        return replace(self, seed=WARMUP_SEED + i, profile=False)
+
+    def for_pair(self, pair: int | None) -> BenchSpec:
+        """An A/B's pair k: both arms send the same prompts, --seed k; a single pass keeps its seed."""
+        return self if pair is None else replace(self, seed=pair)
 
     def _options(self) -> list[str]:
         seed = ["--seed", str(self.seed)] if self.seed is not None else []

@@ -49,7 +49,7 @@ from .serve_gain import ab_summary, predictions, profiler_config
 from .serve_print import expected as expected_files_of, notes, print_command, print_notes
 from .serve_report import METRICS, write_report
 from .vllm_log import ConfigProof, MoeLogFacts, agreement, file_name_of, prove_default, prove_tuned, read_log
-from .workloads import PROFILE_SEED, STEADY, WARMUP_SEED, steady
+from .workloads import PROFILE_SEED, STEADY, steady
 
 
 @dataclass(frozen=True)
@@ -190,16 +190,17 @@ def _warm(result: RunResult, spec: ServeSpec, opts: RunOptions) -> RunResult:
     """Warm-up passes on prompts no measured pass sends (no prefix-cache hits later) until two in a row agree
     within ``STEADY`` on the workload's metric, at most ``opts.warmup_passes``; kept as ``warmup``, discarded."""
     passes: list[dict] = []
+    agreed = None  # one pass: not checked
     for i in range(1, opts.warmup_passes + 1):
         tag = "warm-up pass" if opts.warmup_passes == 1 else f"warm-up pass {i} of at most {opts.warmup_passes}"
-        warm = _bench(result, spec, opts, replace(opts.bench, seed=WARMUP_SEED + i, profile=False), tag,
-                      f"warmup{i}")
+        warm = _bench(result, spec, opts, opts.bench.warmup(i), tag, f"warmup{i}")
         if warm.outcome != "ok":
             return replace(warm, warmup=tuple(passes))
         passes.append(warm.metrics)
-        if len(passes) > 1 and steady(passes[-2], passes[-1], opts.primary):
-            break
-    agreed = steady(passes[-2], passes[-1], opts.primary) if len(passes) > 1 else None
+        if len(passes) > 1:
+            agreed = steady(passes[-2], passes[-1], opts.primary)
+            if agreed:
+                break
     if agreed is False:
         values = ", ".join(f"{p.get(opts.primary, 0):.2f}" for p in passes)
         say(f"note: the {result.name} server's {len(passes)} warm-up passes never agreed within {STEADY:.0%} on "
@@ -211,7 +212,7 @@ def _measure(result: RunResult, spec: ServeSpec, opts: RunOptions) -> RunResult:
     """The measured pass, on a server that is ok and warm; an A/B's pair k sends its prompts, --seed k."""
     if result.outcome != "ok":
         return result
-    return _bench(result, spec, opts, opts.bench if result.pair is None else replace(opts.bench, seed=result.pair), "")
+    return _bench(result, spec, opts, opts.bench.for_pair(result.pair), "")
 
 
 def _bench(result: RunResult, spec: ServeSpec, opts: RunOptions, bench: BenchSpec, tag: str,

@@ -4,7 +4,6 @@ the files vLLM must log; and the notes a user should read before a long serve. I
 from __future__ import annotations
 
 import shlex
-from dataclasses import replace
 from pathlib import Path
 
 from .configs import TUNED_VAR
@@ -61,11 +60,11 @@ def print_command(setup: Setup, expected: list[str]) -> None:
               f"{WARMUP_SEED + 1}, {WARMUP_SEED + 2}, ...: " + (
                   f"until two in a row agree within {STEADY:.0%} on {METRICS[setup.workload.primary]}, at most {n}"
                   if n > 1 else "one (--warmup-passes 1)") + ":")
-        warm = replace(bench, seed=WARMUP_SEED + 1)
+        warm = bench.warmup(1)
         warm_name = "tuned" if setup.resident else name  # a resident server is warmed once
         print(shlex.join(warm.argv(tuned, (setup.out / f"bench-{warm_name}-warmup1.json").absolute())))
         print("# then the measured pass" + (" (pair k: --seed k on both arms):" if setup.pairs else ":"))
-        measured = replace(bench, seed=1) if setup.pairs else bench
+        measured = bench.for_pair(1 if setup.pairs else None)
         print(shlex.join(measured.argv(tuned, (setup.out / f"bench-{name}.json").absolute())))
     for file in expected:
         print(f"# vLLM must log: Using configuration from {spec.tuned_folder / file} for MoE layer.")

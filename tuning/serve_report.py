@@ -73,7 +73,6 @@ def _warmup_section(report: dict) -> list[str]:
     rows = []
     for run in report["runs"]:
         passes = run.get("warmup") or []
-        passes = [passes] if isinstance(passes, dict) else passes  # a report written before the steady check
         server = run["arm"] if resident and run["arm"] != "profile" else run["name"]
         if not passes or server in seen:
             continue
