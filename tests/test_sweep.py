@@ -302,3 +302,19 @@ def test_a_shape_is_written_the_moment_its_last_batch_size_finishes(tmp_path):
     assert provenance.read(first).file == first.name
     done = {(r["file"], r["m"]) for r in results(out)}
     assert {m for f, m in done if f == first.name} == {1, 2, 4}
+
+
+def test_every_worker_compiles_with_the_node_not_a_share_of_it():
+    """Workers alternate compile rounds and timing: each may use the cores the others leave idle while they time."""
+    from tuning.compile import MAX_PROCESSES, processes
+
+    assert [processes(c) for c in (1, 2, 16, 32)] == [1, 1, 15, 31]
+    assert processes(224) == MAX_PROCESSES  # a round never compiles more configs than that at once
+
+
+def test_compile_processes_yield_the_cpu_to_timing_threads():
+    code = ("from tuning.compile import NICE, lower_priority; import os\n"
+            "lower_priority(); lower_priority(); print(os.nice(0), NICE)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    assert int(out[0]) >= int(out[1]) > 0  # at least NICE, however often called

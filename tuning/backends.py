@@ -171,11 +171,10 @@ def run(args: argparse.Namespace) -> int:
     ctx.ops, ctx.ops_why = vllm_ops.load(args.vllm_ops, helpers=ctx.helpers, experts=ctx.model.num_experts,
                                          top_k=ctx.model.top_k)
     ctx.dg, ctx.fi = load_backends(args, ctx.missing)
-    import os
 
     from .compile import Precompiler
 
-    ctx.precompile = Precompiler(KernelSource(src.fused_moe, version), workers=max(1, (os.cpu_count() or 2) - 1))
+    ctx.precompile = Precompiler(KernelSource(src.fused_moe, version))
     _header(ctx, kernel, BACKENDS, STAND_INS)
     rows, done = [], []
     try:

@@ -6,12 +6,19 @@ worker process asks this pool to compile a batch of configs on ``meta`` tensors 
 the exact launch arguments of the real run; the real launch then finds the kernels
 in the cache. A config that fails to compile or exceeds the GPU's resources fails
 here, and the search never times it.
+
+Every worker on a node gets a pool as large as the node allows (``processes``), not a
+share of its cores: the workers' searches alternate compiling and timing, so one
+worker's compile round can use the cores another leaves idle while it times. The
+pool's processes run at a lower priority (``NICE``), so a worker's timing thread is
+never starved by compiles, its own or another worker's.
 """
 
 from __future__ import annotations
 
 import functools
 import multiprocessing as mp
+import os
 import signal
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -27,12 +34,30 @@ from .kernel import Kernel, KernelSource
 from .runner import classify
 from .shapes import MoeShape
 
+MAX_PROCESSES = 40  # a search round compiles at most 3 configs' 12 neighbours (space.neighbours) plus a few
+NICE = 10  # compiles yield the CPU to the timing threads of the node's workers
+
 _kernel: Kernel | None = None
+
+
+def processes(cpus: int | None = None) -> int:
+    """Compile processes of one worker: the node's cores but one (its timing thread), at most MAX_PROCESSES."""
+    cpus = (os.cpu_count() or 2) if cpus is None else cpus
+    return max(1, min(MAX_PROCESSES, cpus - 1))
+
+
+def lower_priority() -> None:
+    """Run this process at NICE (never raises: a node that forbids it compiles at normal priority)."""
+    try:
+        os.nice(max(0, NICE - os.nice(0)))
+    except OSError:
+        pass
 
 
 def _init(source: KernelSource) -> None:
     global _kernel
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C or a time limit is the parent's to handle: no tracebacks here
+    lower_priority()
     _kernel = source.load()
     torch.cuda.init()
 
@@ -57,7 +82,8 @@ def _warm(shape: MoeShape, m: int, config: TileConfig) -> Failure | None:
 class Precompiler:
     """``precompiler(shape, m, configs)`` -> {config: failure} for the configs that can never run."""
 
-    def __init__(self, source: KernelSource, workers: int):
+    def __init__(self, source: KernelSource, workers: int | None = None):
+        workers = processes() if workers is None else workers
         ctx = mp.get_context("spawn")
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init, initargs=(source,))
         self.broken = False

@@ -9,7 +9,6 @@ Triton the run was planned for.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -183,7 +182,7 @@ class Driver:
 
         env = {"TRITON_INTERPRET": "1"} if self.options.interpret else {}
         cls = ray.remote(num_gpus=1, max_restarts=0, runtime_env={"env_vars": env})(TuneWorker)
-        return cls.remote(self.settings, self.plan.gpu.device_name, self._compile_workers())
+        return cls.remote(self.settings, self.plan.gpu.device_name, precompile=not self.options.interpret)
 
     def _check_workers(self, workers) -> RunInfo:
         import ray
@@ -252,11 +251,6 @@ class Driver:
             done = len(store.for_file(self.plan.file_name(shape)))
             bars[shape] = tqdm(total=total[shape], initial=done, desc=shape.label, position=i, dynamic_ncols=True)
         return bars
-
-    def _compile_workers(self) -> int:
-        if self.options.interpret:
-            return 0
-        return max(1, (os.cpu_count() or 2) // max(1, self.num_workers) - 1)
 
 
 def _interrupt(signum, frame) -> None:

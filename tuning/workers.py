@@ -19,7 +19,7 @@ KERNEL_CACHE_LIMIT = 512  # compiled kernels kept in memory per worker; Triton's
 class TuneWorker:
     """One per GPU (``num_gpus=1``). Ray restarts nothing itself; the driver replaces dead workers."""
 
-    def __init__(self, settings: Settings, device_name: str, compile_workers: int):
+    def __init__(self, settings: Settings, device_name: str, precompile: bool = True):
         import torch
 
         self.settings, self.device_name = settings, device_name
@@ -27,10 +27,10 @@ class TuneWorker:
         self.kernel = settings.source.load()
         self.failures: dict[str, dict[TileConfig, Failure]] = {}
         self.precompile = None
-        if torch.cuda.is_available() and compile_workers > 0:
+        if torch.cuda.is_available() and precompile:
             from .compile import Precompiler
 
-            self.precompile = Precompiler(settings.source, compile_workers)
+            self.precompile = Precompiler(settings.source)  # sized on this worker's node (compile.processes)
 
     def info(self) -> dict:
         """Who this worker is and what it runs on (checked by the driver, kept in provenance)."""
