@@ -313,8 +313,11 @@ def test_every_worker_compiles_with_the_node_not_a_share_of_it():
 
 
 def test_compile_processes_yield_the_cpu_to_timing_threads():
+    """Relative to the worker: Ray runs its workers at niceness 15, and compiles at 15 would tie with them."""
     code = ("from tuning.compile import NICE, lower_priority; import os\n"
-            "lower_priority(); lower_priority(); print(os.nice(0), NICE)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
-    assert int(out[0]) >= int(out[1]) > 0  # at least NICE, however often called
+            "before = os.nice(0); lower_priority(); print(before, os.nice(0), NICE)")
+    for parent in (0, 15):
+        out = subprocess.run(["nice", "-n", str(parent), sys.executable, "-c", code], capture_output=True,
+                             text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout.split()
+        before, after, step = map(int, out)
+        assert after == min(19, before + step) and (after > before or before == 19)

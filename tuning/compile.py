@@ -10,8 +10,9 @@ here, and the search never times it.
 Every worker on a node gets a pool as large as the node allows (``processes``), not a
 share of its cores: the workers' searches alternate compiling and timing, so one
 worker's compile round can use the cores another leaves idle while it times. The
-pool's processes run at a lower priority (``NICE``), so a worker's timing thread is
-never starved by compiles, its own or another worker's.
+pool's processes run ``NICE`` steps below the worker that starts them (Ray starts its
+workers at niceness 15, so there they run at 19): a worker's timing thread is never
+starved by compiles, its own or another worker's.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .runner import classify
 from .shapes import MoeShape
 
 MAX_PROCESSES = 40  # a search round compiles at most 3 configs' 12 neighbours (space.neighbours) plus a few
-NICE = 10  # compiles yield the CPU to the timing threads of the node's workers
+NICE = 4  # compiles yield the CPU to the timing threads of the node's workers (steps below the worker's)
 
 _kernel: Kernel | None = None
 
@@ -47,11 +48,11 @@ def processes(cpus: int | None = None) -> int:
 
 
 def lower_priority() -> None:
-    """Run this process at NICE (never raises: a node that forbids it compiles at normal priority)."""
+    """Run this process NICE steps below the one that started it (the kernel caps niceness at 19)."""
     try:
-        os.nice(max(0, NICE - os.nice(0)))
+        os.nice(NICE)
     except OSError:
-        pass
+        pass  # a node that forbids it compiles at the worker's priority
 
 
 def _init(source: KernelSource) -> None:
