@@ -62,6 +62,25 @@ def test_check_writable_merges_into_a_file_of_the_same_software(tmp_path):
     assert existing.configs == CONFIGS and [r.m for r in existing.rows] == [1, 64]
 
 
+def test_a_partial_re_tune_keeps_the_layouts_the_file_was_tuned_for(tmp_path):
+    """Re-tuning a few batch sizes for one layout must not drop the file's other layouts from its record."""
+    from tuning.gpus import get_gpu
+    from tuning.models import load_model
+    from tuning.plan import make_plan
+    from tuning.shapes import BATCH_SIZES, parse_layout
+
+    path = tmp_path / EP4
+    write_config_file(path, CONFIGS, "3.8.0")
+    provenance.write(path, provenance_for(path, CONFIGS, layouts=("TP4+EP", "DP4+EP")))
+    plan = make_plan(load_model("stepfun-ai/Step-3.5-Flash-FP8"), get_gpu("H200"), "fp8",
+                     [parse_layout("DP4+EP"), parse_layout("DP8+EP")], 8, BATCH_SIZES, vllm_version="0.33.0")
+    shape = next(s for s in plan.shapes if plan.file_name(s) == EP4)
+    existing = check_writable(path, SOFTWARE)
+    assert existing.layouts == ("TP4+EP", "DP4+EP")
+    assert existing.with_layouts(plan, shape) == ("TP4+EP", "DP4+EP")
+    assert check_writable(tmp_path / "new.json", SOFTWARE).with_layouts(plan, shape) == ("DP4+EP",)
+
+
 def test_check_writable_refuses_another_triton_unless_overwrite(tmp_path):
     path = ours(tmp_path, triton="3.6.0")
     with pytest.raises(UsageError) as err:

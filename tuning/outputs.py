@@ -30,6 +30,11 @@ class Existing:
 
     configs: dict[int, TileConfig]
     rows: tuple[BatchRow, ...] = ()
+    layouts: tuple[str, ...] = ()  # the layouts its earlier runs tuned it for: a partial re-tune keeps them
+
+    def with_layouts(self, plan: Plan, shape: MoeShape) -> tuple[str, ...]:
+        """The file's layouts after this run: the earlier ones, then this plan's for ``shape``."""
+        return tuple(dict.fromkeys((*self.layouts, *(lay.name for lay in plan.shapes.get(shape, [])))))
 
 
 def check_writable(path: Path, software: dict[str, str], overwrite: bool = False) -> Existing:
@@ -50,7 +55,7 @@ def check_writable(path: Path, software: dict[str, str], overwrite: bool = False
         now = ", ".join(f"{software[k]}" for k in differ)
         raise UsageError(f"{path.name} in {path.parent} was tuned under other software ({was}; this run: {now}); "
                          "pass --overwrite to replace it with this run's batch sizes, or choose another --out")
-    return Existing(configs={}) if differ else Existing(configs=existing, rows=prov.rows)
+    return Existing(configs={}) if differ else Existing(configs=existing, rows=prov.rows, layouts=prov.layouts)
 
 
 def write_shape(out: Path, plan: Plan, shape: MoeShape, results: dict[int, JobResult], *, settings: Settings,
@@ -61,7 +66,7 @@ def write_shape(out: Path, plan: Plan, shape: MoeShape, results: dict[int, JobRe
     merged = configs.merge(existing.configs, {m: r.tuned for m, r in results.items()})
     configs.write_config_file(path, merged, run.triton)
     provenance.write(path, Provenance(
-        file=path.name, shape=shape, layouts=tuple(lay.name for lay in plan.shapes.get(shape, [])),
+        file=path.name, shape=shape, layouts=existing.with_layouts(plan, shape),
         gpu_key=plan.gpu.key, run=run, target=target, tool_version=_tool_version(),
         search={"strategy": settings.strategy, "routing": settings.routing, "seed": settings.seed,
                 "scope": settings.scope, "max_evals": settings.max_evals},
