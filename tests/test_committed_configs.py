@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tuning import provenance
 from tuning.configs import TileConfig, read_config_file, write_config_file
 from tuning.provenance import SUFFIX as PROVENANCE_SUFFIX, sidecar_path as provenance_path
 from tuning.gpus import CATALOGUE
@@ -164,3 +165,5 @@ def test_committed_config_has_its_sidecar(path: Path):
     assert report.file == path.name and report.device == path.parent.name
     ours = read_config_file(path)
     assert all(ours.get(row.m) == row.tuned for row in report.rows), "sidecar and config disagree"
+    assert not provenance.read(path).empty_launches, (
+        f"{path.name}: batch sizes tuned on a launch with no slot on the GPU; re-tune them (provenance.empty_launches)")
