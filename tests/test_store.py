@@ -111,3 +111,14 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
     first.close()
     again = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert again.returncode == 0
+
+
+def test_results_recorded_before_compile_seconds_was_kept_still_load():
+    """The committed 2b results predate the field: they load with the compile wait unknown (0)."""
+    from pathlib import Path
+
+    old = Path(__file__).resolve().parents[1] / "benchmarks/results/triton38/results.jsonl"
+    rows = [JobResult.from_json(json.loads(line)) for line in old.read_text().splitlines()]
+    assert len(rows) == 216 and all(r.compile_seconds == 0.0 for r in rows)
+    new = JobResult.from_json({**rows[0].to_json(), "compile_seconds": 3.5})
+    assert new.compile_seconds == 3.5 and JobResult.from_json(new.to_json()) == new

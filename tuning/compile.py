@@ -88,6 +88,8 @@ class Precompiler:
         ctx = mp.get_context("spawn")
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init, initargs=(source,))
         self.broken = False
+        for _ in range(workers):  # start every process now: each imports torch and the kernel while the worker
+            self.pool.submit(os.getpid)  # loads its own and the driver plans, not during the first job's compile
 
     def __call__(self, shape: MoeShape, m: int, configs: list[TileConfig]) -> dict[TileConfig, Failure]:
         if self.broken:

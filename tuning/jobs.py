@@ -97,6 +97,7 @@ class JobResult:
     failed: int
     seconds: float
     worker: str
+    compile_seconds: float = 0.0  # of ``seconds``, waiting on the compile pool (0 in results from before it was kept)
     failures: dict[str, Failure] = field(default_factory=dict)  # config (short form) -> why (first few)
 
     @property

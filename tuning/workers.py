@@ -82,9 +82,17 @@ def run_job(kernel: Kernel, gpu: GpuSpec, job: Job, settings: Settings, *, devic
     runner = Runner(kernel, job.shape, job.m, gpu, Routing.parse(settings.routing), seed=settings.seed,
                     scope=settings.scope)
     default = runner.default_config()
-    pre = (lambda cfgs: precompile(job.shape, job.m, cfgs)) if precompile else None
+    waited = [0.0]
+
+    def pre(cfgs: list[TileConfig]) -> dict[TileConfig, Failure]:
+        t = time.monotonic()
+        try:
+            return precompile(job.shape, job.m, cfgs)
+        finally:
+            waited[0] += time.monotonic() - t
+
     result = STRATEGIES[settings.strategy](runner, Context(job.shape, gpu, job.m), default, seeds=seeds,
-                                           failures=failures, precompile=pre, seed=settings.seed,
+                                           failures=failures, precompile=pre if precompile else None, seed=settings.seed,
                                            max_evals=settings.max_evals)
     if not result.default.ok:
         raise RuntimeError(f"vLLM's default config {default.short} fails at M={job.m}: {result.default.failure}")
@@ -93,7 +101,7 @@ def run_job(kernel: Kernel, gpu: GpuSpec, job: Job, settings: Settings, *, devic
                      tuned=best.config, tuned_us=best.us, tuned_p20_us=best.timing.p20_us,
                      tuned_p80_us=best.timing.p80_us, roofline_us=rl.bound_us, bound=rl.bound,
                      error=best.error or 0.0, evaluated=result.evaluated, failed=len(result.failed),
-                     seconds=time.monotonic() - t0, worker=worker,
+                     seconds=time.monotonic() - t0, compile_seconds=round(waited[0], 3), worker=worker,
                      failures={o.config.short: o.failure for o in result.failed[:8]})
 
 
