@@ -27,7 +27,7 @@ class Plan:
 
     @property
     def jobs(self) -> list[Job]:
-        """Small M first within each shape, so neighbours' winners can seed larger M."""
+        """Every (shape, M) of the plan; ``schedule`` decides the order workers take them in."""
         return [Job(s, m) for s in self.shapes for m in self.batch_sizes]
 
     def file_name(self, shape: MoeShape) -> str:

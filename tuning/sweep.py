@@ -1,6 +1,6 @@
 """The driver: a dynamic queue of (shape, M) jobs fed to one Ray actor per GPU.
 
-Jobs go to whichever worker is free, so long and short jobs balance. Each finished job is
+Jobs go to whichever worker is free, so long and short jobs balance; ``schedule`` picks which. Each finished job is
 persisted at once, and a shape's vLLM file is written the moment its last batch size is done. A
 worker that dies is replaced and its job re-queued. Neighbouring batch sizes' winners seed a job's
 search; compile failures seen anywhere are shared. Every worker must run the GPU model and the
@@ -12,7 +12,6 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from .errors import UsageError
 from .jobs import Failure, Job, JobResult, Settings, fingerprint
 from .plan import Plan
 from .provenance import RunInfo, Target
+from .schedule import JobQueue
 from .store import Store
 from .triton_pins import compiling_triton
 
@@ -62,7 +62,7 @@ def run_sweep(plan: Plan, settings: Settings, ray_options: RayOptions, outs: Out
     try:
         for s in plan.shapes:
             store.claim(files[s], fingerprint(settings, s, device_name=plan.gpu.device_name, **software))
-        pending = [j for j in _order(plan.jobs) if not store.done(files[j.shape], j.m)]
+        pending = [j for j in plan.jobs if not store.done(files[j.shape], j.m)]
         print(f"\n{len(plan.jobs) - len(pending)} of {len(plan.jobs)} jobs already done in {store.dir}; "
               f"{len(pending)} to run.")
         if not pending:
@@ -102,18 +102,6 @@ class _ShapeWriter:
         tqdm.write(f"wrote {path}")
 
 
-def _order(jobs: list[Job]) -> list[Job]:
-    """Round-robin over shapes, small M first: parallel workers spread over shapes."""
-    by_shape: dict = {}
-    for j in jobs:
-        by_shape.setdefault(j.shape, []).append(j)
-    queues = [deque(sorted(js, key=lambda j: j.m)) for js in by_shape.values()]
-    out = []
-    while any(queues):
-        out += [q.popleft() for q in queues if q]
-    return out
-
-
 class Driver:
     def __init__(self, plan: Plan, settings: Settings, ray_options: RayOptions, triton: str):
         self.plan, self.settings, self.options, self.triton = plan, settings, ray_options, triton
@@ -133,7 +121,8 @@ class Driver:
     def run(self, pending: list[Job], store: Store, on_done) -> RunInfo:
         import ray
 
-        queue, workers = deque(pending), [self._new_worker() for _ in range(self.num_workers)]
+        queue, workers = JobQueue(pending), [self._new_worker() for _ in range(self.num_workers)]
+        last: dict = {}  # worker -> the job it finished last (schedule: its siblings go to it next)
         run = self._check_workers(workers)
         bars = self._bars(pending, store)
         in_flight: dict = {}
@@ -141,10 +130,11 @@ class Driver:
             while queue or in_flight:
                 busy = {w for w, _ in in_flight.values()}
                 for w in [w for w in workers if w not in busy and queue]:
-                    job = queue.popleft()
+                    job = queue.take(last.get(w), [j for _, j in in_flight.values()])
                     in_flight[w.run.remote(job, self._seeds(job, store), self._known(job))] = (w, job)
                 done, _ = ray.wait(list(in_flight), num_returns=1)
                 worker, job = in_flight.pop(done[0])
+                last[worker] = job
                 try:
                     result: JobResult = ray.get(done[0])
                 except ray.exceptions.RayActorError:
@@ -216,7 +206,7 @@ class Driver:
             raise UsageError(f"GPU {info['gpu_ids']} on {info['host']} is busy ({info['free_gb']:.0f} GB free); "
                              "stop what runs there and re-run")
 
-    def _replace(self, dead, job: Job, queue: deque):
+    def _replace(self, dead, job: Job, queue: JobQueue):
         import ray
 
         self.restarts += 1
@@ -224,7 +214,7 @@ class Driver:
             raise RuntimeError(f"{self.restarts} workers died; giving up (finished jobs are saved)")
         tqdm.write(f"worker died during {job.key}; starting a new one and re-queueing the job")
         ray.kill(dead, no_restart=True)
-        queue.appendleft(job)
+        queue.put_back(job)
         worker = self._new_worker()
         self._check_worker(ray.get(worker.info.remote(), timeout=START_TIMEOUT_S))
         return worker

@@ -1,0 +1,90 @@
+"""Which job a free worker takes: siblings (one kernel family, one M) never side by side, back to back instead."""
+
+import ast
+import random
+
+from tuning.gpus import get_gpu
+from tuning.models import load_model
+from tuning.plan import make_plan
+from tuning.schedule import JobQueue, ends_inward, family, sibling_key
+from tuning.shapes import parse_layout
+
+BF16 = load_model("stepfun-ai/Step-3.5-Flash")
+FP8 = load_model("stepfun-ai/Step-3.5-Flash-FP8")
+H200 = get_gpu("H200")
+
+
+def plan(model, dtype, layouts, ms=(1, 2, 4096)):
+    return make_plan(model, H200, dtype, [parse_layout(x) for x in layouts], 8, ms, vllm_version="0.33.0")
+
+
+def test_batch_sizes_go_from_both_ends_inward():
+    assert ends_inward([16, 1, 8, 2, 4]) == [1, 16, 2, 8, 4]
+    assert ends_inward([4, 4]) == [4] and ends_inward([]) == []
+
+
+def test_shapes_that_differ_in_n_or_experts_are_one_family_and_block_shapes_are_not():
+    tp = list(plan(BF16, "bf16", ["TP8", "TP4", "DP8+EP"]).shapes)
+    assert len({family(s) for s in tp}) == 1  # N=160, N=320 and E=36 N=1280 compile the same kernels
+    fp8 = list(plan(FP8, "fp8", ["TP8", "TP4", "DP8+EP"]).shapes)
+    assert len({family(s) for s in fp8}) == 3  # [32,32], [64,64] and [128,128] blocks are compiled in
+
+
+def test_what_the_families_rely_on_vllms_kernel_takes_n_k_and_m_at_run_time(fused_moe_py):
+    """N, K and the token counts are plain arguments of vLLM's fused_moe_kernel, the quantisation block a
+    compile-time one; the expert count is no argument at all (it only bounds expert_ids)."""
+    tree = ast.parse(fused_moe_py.read_text())
+    kernel = next(f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "fused_moe_kernel")
+    constexpr = {a.arg for a in kernel.args.args if a.annotation is not None and "constexpr" in ast.unparse(a.annotation)}
+    runtime = {a.arg for a in kernel.args.args} - constexpr
+    assert {"N", "K", "EM", "num_valid_tokens"} <= runtime
+    assert {"group_n", "group_k", "use_fp8_w8a8", "compute_type"} <= constexpr
+    assert not any("expert" in a and "ptr" not in a and "stride" not in a for a in runtime | constexpr)
+
+
+def test_a_sibling_never_runs_beside_its_sibling_but_right_after_it():
+    p = plan(BF16, "bf16", ["TP8", "TP4"])
+    n160, n320 = list(p.shapes)
+    q = JobQueue(p.jobs)
+    first = q.take(None, [])
+    assert (first.shape, first.m) == (n160, 1)
+    second = q.take(None, [first])  # the other worker: not N=320 at M=1 (same kernels), the far end instead
+    assert (second.shape, second.m) == (n160, 4096)
+    after = q.take(first, [second])  # the first worker, done: N=320 at M=1 finds its kernels in the cache
+    assert (after.shape, after.m) == (n320, 1)
+    sibling = q.take(second, [after])  # and the second worker: N=320 at M=4096
+    assert (sibling.shape, sibling.m) == (n320, 4096)
+    assert len(q) == 2  # M=2 of both shapes, inward from both ends
+
+
+def test_other_families_may_run_side_by_side():
+    p = plan(FP8, "fp8", ["TP8", "TP4"])
+    a, b = list(p.shapes)
+    q = JobQueue(p.jobs)
+    first = q.take(None, [])
+    second = q.take(None, [first])
+    assert {first.shape, second.shape} == {a, b} and first.m == second.m == 1
+
+
+def test_a_free_worker_never_waits_and_a_dead_workers_job_goes_first():
+    p = plan(BF16, "bf16", ["TP8"], ms=(1,))
+    (job,) = p.jobs
+    q = JobQueue(p.jobs)
+    assert q.take(None, []) == job
+    q.put_back(job)
+    assert q.take(None, [job]) == job  # only a sibling of a running job is left: take it rather than idle
+
+
+def test_every_job_is_taken_once_whatever_the_workers_do():
+    p = plan(FP8, "fp8", ["TP8", "TP4", "DP8+EP", "DP4+EP"], ms=(1, 2, 4, 8, 16, 64, 256, 4096))
+    rng = random.Random(0)
+    q, running, last, taken = JobQueue(p.jobs), {}, {}, []
+    while len(q) or running:
+        for w in range(4):
+            if w not in running and len(q):
+                running[w] = q.take(last.get(w), list(running.values()))
+                taken.append(running[w])
+        w = rng.choice(sorted(running))
+        last[w] = running.pop(w)
+        assert len({sibling_key(j) for j in running.values()}) == len(running)  # families x M >> 4 workers
+    assert sorted(taken, key=str) == sorted(p.jobs, key=str)
