@@ -233,3 +233,34 @@ def test_from_json_refuses_an_advice_target_that_is_not_an_advice_file(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a schema-1 backend-advice file" in err[0]
     assert target.read_text() == '{"not": "advice"}'
+
+
+def test_advice_timed_with_configs_since_re_tuned_names_the_batch_sizes_to_re_time(tmp_path):
+    """Each entry keeps the tuned Triton config it timed per M. The committed EP entries were timed before the
+    expert-parallel files were re-tuned (benchmarks/README §2d): DP8+EP's M = 1 ran the config picked on an
+    empty launch. Against the committed files, the advice says which batch sizes to re-time, and how."""
+    from tuning.configs import TileConfig, write_config_file
+
+    committed = Path(__file__).parents[1] / "kernels_configs" / "NVIDIA_H200"
+    table = adv.load()
+    dp8 = table[("H200", "DP8+EP")]
+    label = "fp8 E=36 N=1280 [128,128]"
+    assert dp8.timed_configs[label]["1"] == "M16-N256-K128-G1-w4-s5"
+    stale = dp8.stale(committed)
+    assert 1 in stale
+    assert dp8.line(committed).endswith(
+        f"; timed at M={','.join(map(str, stale))} with tuned configs the files no longer hold: re-time with tune-moe "
+        f"compare-backends --gpu H200 --layouts DP8+EP --batch-sizes {','.join(map(str, stale))})")
+    assert "re-time" not in dp8.line()  # no folder named: the advice as measured
+    assert all(table[("H200", t)].stale(committed) == [] for t in ("TP2", "TP4", "TP8"))
+
+    folder = tmp_path / "NVIDIA_H200"
+    folder.mkdir()
+    name = "E=36,N=1280,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"
+    timed = {int(m): TileConfig.from_short(s) for m, s in dp8.timed_configs[label].items()}
+    write_config_file(folder / name, timed, "3.8.0")
+    assert dp8.stale(folder) == [] and "re-time" not in dp8.line(folder)
+    timed[64] = next(c for c in timed.values() if c != timed[64])
+    write_config_file(folder / name, timed, "3.8.0")
+    assert dp8.stale(folder) == [64]
+    assert dp8.stale(tmp_path / "empty") == []  # no file for the shape: nothing to compare

@@ -64,7 +64,7 @@ def serve_lines(plan: Plan, out: Path) -> list[str]:
         answers, who = runtimes(facts)
         notes = [describe(act, r) for act, r in answers.items()]
         notes += _other_shape(plan, lay, answers, backend)
-        notes += [found.line() if isinstance(found, Advice) else found] if found else []
+        notes += [found.line(Path(out)) if isinstance(found, Advice) else found] if found else []
         lines.append(serve_line(spec) + "".join(f"\n    # {n}" for n in notes) + f"\n    # (answered by {who}{other})")
     return lines
 

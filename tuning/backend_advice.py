@@ -3,7 +3,9 @@
 ``data/backend_advice.json`` holds one entry per (GPU, layout): the serve configuration to use, whether a
 bake-off measured it (with the measurement's provenance), and the fastest configuration per range of M.
 ``preflight`` and ``serve`` read it (``advice_for``); ``compare-backends --write-advice`` writes it from a
-bake-off (``entries_from``). Until a GPU run fills an entry it says ``"measured": false`` and keeps the
+bake-off (``entries_from``), with the tuned Triton config each batch size was timed with (``timed_configs``):
+where the tuned files a serve reads hold another config there now, the advice line says which batch sizes
+to re-time (``Advice.stale``). Until a GPU run fills an entry it says ``"measured": false`` and keeps the
 tool's earlier advice. bf16 needs no bake-off: vLLM 0.33 runs Triton for bf16 on Hopper (``BF16``).
 
 A serve configuration is a ``--moe-backend`` value and VLLM_* variables; what it runs on each layer kind
@@ -20,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import geometric_mean
 
+from .configs import read_config_file
 from .errors import UsageError
-from .shapes import Layout, parse_layout
+from .shapes import FILE_NAME, Layout, parse_layout
 from .vllm_rules import ACTIVATIONS, LayerRuntime, ServeFacts, layer_runtime
 
 DATA = Path(__file__).parent / "data" / "backend_advice.json"
@@ -48,6 +51,7 @@ class Advice:
     ranges: tuple[dict, ...] = ()
     provenance: dict | None = None
     note: str = ""  # what else the pick costs (the padded shard's weight memory)
+    timed_configs: dict | None = None  # shape label -> {M: the tuned Triton config the bake-off timed}
 
     @property
     def moe_backend(self) -> str:
@@ -62,13 +66,38 @@ class Advice:
         backend = "(no --moe-backend: vLLM's default)" if self.moe_backend == "auto" else f"--moe-backend {self.moe_backend}"
         return f"{env + ' ' if env else ''}{backend}"
 
-    def line(self) -> str:
+    def line(self, folder: Path | None = None) -> str:
+        """One line; with the tuned-config ``folder`` a serve reads, it also names the batch sizes timed with
+        another config than the folder holds now, and the bake-off that re-times them."""
         if not self.measured:
             return f"backend advice for {self.layout} on {self.gpu}: {self.flags()} (unmeasured: {self.why})"
         spans = "; ".join(f"M {r['m_min']}-{r['m_max']}: {r['fastest']}" for r in self.ranges)
         when = (self.provenance or {}).get("date", "?")
         note = f"; {self.note}" if self.note else ""
+        stale = self.stale(folder) if folder is not None else []
+        if stale:
+            ms = ",".join(map(str, stale))
+            note += (f"; timed at M={ms} with tuned configs the files no longer hold: re-time with tune-moe "
+                     f"compare-backends --gpu {self.gpu} --layouts {self.layout} --batch-sizes {ms}")
         return f"backend advice for {self.layout} on {self.gpu}: {self.flags()} (measured {when}: {spans}{note})"
+
+    def stale(self, folder: Path) -> list[int]:
+        """Batch sizes whose timed tuned config differs from the one ``folder``'s file for that shape holds."""
+        files = {_label(p.name): p for p in Path(folder).glob("E=*.json") if FILE_NAME.match(p.name)}
+        out = set()
+        for label, per_m in (self.timed_configs or {}).items():
+            path = files.get(label)
+            if path is None:
+                continue
+            table = read_config_file(path)
+            out |= {int(m) for m, short in per_m.items() if int(m) in table and table[int(m)].short != short}
+        return sorted(out)
+
+
+def _label(file_name: str) -> str:
+    """The shape label (MoeShape.label) of a vLLM config file name."""
+    e, n, _, dtype, b0, b1 = FILE_NAME.match(file_name).groups()
+    return f"{'fp8' if dtype else 'bf16'} E={e} N={n}" + (f" [{b0},{b1}]" if b0 else "")
 
 
 def facts(layout: Layout, config: str, arch: str = "sm90") -> ServeFacts:
@@ -158,6 +187,15 @@ def brief(reason: str) -> str:
     return head if len(head) <= 100 else head[:99].rsplit(" ", 1)[0] + "…"
 
 
+def timed_configs(rows, layout_name: str) -> dict[str, dict[str, str]]:
+    """Shape label -> {M: the tuned Triton config timed} of one layout's rows (both layer kinds read one file)."""
+    out: dict[str, dict[str, str]] = {}
+    for r in rows:
+        if r.layout == layout_name and r.backend == "triton_tuned" and r.runs:
+            out.setdefault(r.shape, {}).setdefault(str(r.m), r.runs)
+    return out
+
+
 def entries_from(rows, gpu: str, provenance: dict) -> list[dict]:
     """One entry per layout. Measured: every configuration timed at some M. Otherwise an unmeasured entry that
     records what was timed and why the rest was not (``serve_config`` None: ``merged`` keeps the old one)."""
@@ -167,7 +205,7 @@ def entries_from(rows, gpu: str, provenance: dict) -> list[dict]:
         pick, pick_bare = overall(table), overall(bare)
         entry = {"gpu": gpu, "layout": name, "ranges": ranges(table), "us": {str(m): v for m, v in table.items()},
                  "us_without_standins": {str(m): v for m, v in bare.items()}, "kind_weights": KIND_WEIGHTS,
-                 "provenance": provenance}
+                 "timed_configs": timed_configs(rows, name), "provenance": provenance}
         if pick is None:
             untimed = sorted({c for per_m in table.values() for c, v in per_m.items() if v is None})
             layout = parse_layout(name)
@@ -212,7 +250,7 @@ def _entry(e: dict, where: str) -> Advice:
         raise UsageError(f"{where}: a measured entry needs its provenance")
     parse_layout(e["layout"])
     return Advice(e["gpu"], e["layout"], e["serve_config"], e["measured"], e["why"], tuple(e.get("ranges") or ()),
-                  e.get("provenance"), str(e.get("note") or ""))
+                  e.get("provenance"), str(e.get("note") or ""), e.get("timed_configs"))
 
 
 def merged(entries: list[dict], path: Path | None = None) -> dict:

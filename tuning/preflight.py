@@ -185,7 +185,7 @@ def check(argv: list[str], node: Node) -> dict:
 def advice_line(cmd: ServeCommand, dtype: str, node: Node) -> str | None:
     """What ``data/backend_advice.json`` says for this GPU and layout (measured or not), as one line."""
     found = backend_advice.advice_for(node.gpu.key, Layout(tp=cmd.tp, dp=cmd.dp, ep=cmd.ep), dtype)
-    return found if isinstance(found, str) or found is None else found.line()
+    return found if isinstance(found, str) or found is None else found.line(folder(node))
 
 
 def _layer(act: str, r: LayerRuntime, model, cmd, dtype, node: Node) -> Layer:
