@@ -336,3 +336,18 @@ def test_blackwell_plan_says_the_same_of_the_padded_shape(tune):
                       "--moe-backend", "deep_gemm", "--dry-run")
     assert rc == 0 and "E=288,N=384,device_name=NVIDIA_B200,dtype=fp8_w8a8,block_shape=[128,128].json" in out
     assert "pads the 320-wide shard" in out and "runs DeepGEMM at every M" in out
+
+
+@pytest.mark.parametrize("command", [None, *__import__("tuning.cli", fromlist=["COMMANDS"]).COMMANDS])
+def test_every_command_prints_its_help(command, capsys):
+    """`tune-moe [COMMAND] --help` renders every option's help (argparse %-formats each one) and exits 0."""
+    from tuning import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main([command, "--help"] if command else ["--help"])
+    assert done.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help to the terminal
+    assert out.startswith("usage: tune-moe") and "internal error" not in out
+    if command == "validate-serve":
+        assert "agree within 3% on the workload's metric" in out
+        assert "decode: 128-token prompts" in out and "decode: decode:" not in out

@@ -272,7 +272,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                              "pass or passes)")
     b.add_argument("--warmup-passes", type=int, metavar="N",
                    help=f"warm-up passes per server, at most: they run, on prompts no measured pass sends, until two "
-                        f"in a row agree within {STEADY:.0%} on the workload's metric, so every kernel the workload "
+                        f"in a row agree within {STEADY * 100:.0f}%% on the workload's metric, so every kernel the workload "
                         f"reaches is compiled and loaded (default: {MAX_WARMUP_PASSES}; 1: one pass, unchecked)")
     b.add_argument("--workload", choices=tuple(WORKLOADS), default="recipe",
                    help="; ".join(f"{w.name}: {w.what}" for w in WORKLOADS.values()) + " (default: recipe)")

@@ -64,8 +64,8 @@ class Workload:
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("recipe", "the recipe's benchmark: 2048-token prompts, 1024-token outputs, 10 at a time",
              2048, 1024, 10, 100, False, "mixed", "output_throughput"),
-    Workload("decode", "decode: 128-token prompts, 1024-token outputs with EOS ignored, 32 at a time",
+    Workload("decode", "128-token prompts, 1024-token outputs with EOS ignored, 32 at a time",
              128, 1024, 32, 64, True, "decode", "output_throughput"),
-    Workload("prefill", "prefill: 8192-token prompts, one output token, 8 at a time",
+    Workload("prefill", "8192-token prompts, one output token, 8 at a time",
              8192, 1, 8, 64, True, "prefill", "total_token_throughput"),
 )}
