@@ -221,6 +221,18 @@ def test_the_serve_lines_a_tune_prints_follow_the_advice(tmp_path):
     (line,) = serve_lines(old, tmp_path)
     assert "--moe-backend" not in line and "backend advice" not in line
     assert line.endswith("; this tune targets vLLM 0.26.0, whose per-kind choice it does not model)")
+    # a tune given --moe-backend is served with it, whatever the advice says
+    named = make_plan(load_model("stepfun-ai/Step-3.5-Flash-FP8"), h200, "fp8", [parse_layout("DP4+EP")], 4, (1,),
+                      vllm_version="0.26.0", moe_backend="triton")
+    (line,) = serve_lines(named, tmp_path)
+    assert "--moe-backend triton" in line.splitlines()[0]
+    assert "# SwiGLU-step layers: TRITON (TritonExperts), reads the tuned file" in line
+    assert "FLASHINFER" not in line and "DEEPGEMM" not in line
+    named = make_plan(load_model("stepfun-ai/Step-3.5-Flash-FP8"), h200, "fp8", [parse_layout("TP4")], 4, (1,),
+                      vllm_version="0.33.0", moe_backend="triton")
+    (line,) = serve_lines(named, tmp_path)
+    assert "--moe-backend triton" in line.splitlines()[0] and not line.startswith("VLLM_USE_DEEP_GEMM_E8M0")
+    assert "# backend advice for TP4 on H200: VLLM_USE_DEEP_GEMM_E8M0=0 --moe-backend deep_gemm" in line
 
 
 def test_from_json_refuses_an_advice_target_that_is_not_an_advice_file(tmp_path, capsys):

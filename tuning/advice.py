@@ -42,9 +42,9 @@ def describe(act: str, r: LayerRuntime) -> str:
 
 
 def serve_lines(plan: Plan, out: Path) -> list[str]:
-    """The serve command for each recipe layout the plan tuned, as the backend advice
-    (``backend_advice``, measured by ``compare-backends``) says to serve it, and what each MoE layer kind then
-    runs. When the advised serve reads a tuned file of another shape than this plan's, the line says which and
+    """The serve command for each recipe layout the plan tuned, with the --moe-backend the tune was given, else
+    as the backend advice (``backend_advice``, measured by ``compare-backends``) says to serve it, and what each
+    MoE layer kind then runs. When the advised serve reads a tuned file of another shape than this plan's, the line says which and
     the tune that writes it."""
     from .backend_advice import Advice, advice_for
 
@@ -55,6 +55,8 @@ def serve_lines(plan: Plan, out: Path) -> list[str]:
     for lay in layouts:
         found = advice_for(plan.gpu.key, lay, plan.dtype) if not other else None  # measured under vLLM 0.33
         backend, env = (found.moe_backend, found.env) if isinstance(found, Advice) else ("auto", {})
+        if plan.moe_backend != "auto" and plan.moe_backend != backend:  # tuned for the backend the user named
+            backend, env = plan.moe_backend, {}
         spec = ServeSpec(model=plan.model.name, layout=lay, dtype=plan.dtype, tuned_folder=Path(out).resolve(),
                          moe_backend=backend, env=tuple(env.items()))
         facts = ServeFacts(arch=plan.gpu.arch, dtype=plan.dtype, tp=lay.tp, dp=lay.dp, ep=lay.ep,

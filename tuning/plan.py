@@ -20,6 +20,7 @@ class Plan:
     vllm_version: str
     num_gpus: int
     batch_sizes: tuple[int, ...]
+    moe_backend: str = "auto"  # the --moe-backend the serve will pass (it decides FP8 TP shapes and the serve line)
     fits: list[fitting.Fit] = field(default_factory=list)
     shapes: dict[MoeShape, list[Layout]] = field(default_factory=dict)
     refusals: list[Refusal] = field(default_factory=list)
@@ -37,7 +38,7 @@ class Plan:
 def make_plan(model: ModelGeometry, gpu: GpuSpec, dtype: str, layouts: list[Layout], num_gpus: int,
               batch_sizes: tuple[int, ...], *, vllm_version: str, moe_backend: str = "auto",
               check_fit: bool = True) -> Plan:
-    plan = Plan(gpu, dtype, model, vllm_version, num_gpus, tuple(sorted(set(batch_sizes))))
+    plan = Plan(gpu, dtype, model, vllm_version, num_gpus, tuple(sorted(set(batch_sizes))), moe_backend)
     for layout in layouts:
         shape = shape_for(model, layout, dtype, vllm_version, moe_backend)
         if isinstance(shape, Refusal):
