@@ -12,6 +12,9 @@
 #   kill-after SECS    in the background: SIGKILL one tune-moe Ray worker after SECS seconds
 #   cli NAME SECS ARGS...  any `tune-moe ARGS` (verify, report, ...) in this environment, log to $OUT/NAME.log
 #
+#   pack-ray           run HERE: Ray 2.60.0 for cp312 and what it imports that the GPU machine lacks, without
+#                      ray/jars/ (Java workers), tar | zstd -19: .gpu/ray/ray-site.tar.zst (about 31 MiB)
+#
 # The backend bake-off (tune-moe compare-backends; benchmarks/README.md has the calls in order):
 #   pack-sources       run HERE, not on the GPU machine: vLLM 0.33's source files the bake-off loads (.gpu/vllm-src/)
 #                      and vLLM's bundled DeepGEMM (.gpu/dg.tar.zst), from the python of this checkout ($PYTHON)
@@ -41,7 +44,10 @@
 #                      advice accumulates over the calls in /tmp/runs/backend_advice.json
 #
 # The reduced validation serve on vLLM 0.26.0 (../shared/tools/pack-vllm-site.sh parts, stashed first):
-#   vllm-setup         join /tmp/stash/vllm026-site.tar.xz.part0..2, check the sha256, unpack to /tmp/v026site
+#   pack-vllm-extras   run HERE: what that pack lacks for an FP8 serve (vLLM 0.26 imports compressed-tensors
+#                      0.17.0, and it loguru, when it checks any quantisation): .gpu/vllm026/vllm026-extras.tar.zst
+#   vllm-setup         join /tmp/stash/vllm026-site.tar.xz.part0..2, check the sha256, unpack to /tmp/v026site,
+#                      and the extras when /tmp/stash holds them
 #   serve-bg NAME ARGS...  start `tune-moe validate-serve ARGS --out /tmp/runs/NAME` detached, with vLLM 0.26 on
 #                      PYTHONPATH and PATH and VLLM_USE_FLASHINFER_SAMPLER=0 (an A/B outlives one 10-minute call)
 #   serve-wait NAME SECS   wait at most SECS for it; bring its log and a tar of its folder back under $OUT
@@ -195,10 +201,32 @@ g("90"); print("fused_moe_90 loaded (AOT)")'  # never a JIT build here: a missin
     set -e
     cp "$runs/backend_advice.json" "$OUT/$name.advice.json" 2>/dev/null || true
     echo "$name: exit $rc" | tee -a "$OUT/$name.log" ;;
+  pack-vllm-extras)
+    work=$(mktemp -d)
+    PIP_CONSTRAINT='' python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d "$work/whl" \
+      compressed-tensors==0.17.0 loguru==0.7.3
+    for w in "$work"/whl/*.whl; do python3 -m zipfile -e "$w" "$work/site"; done
+    mkdir -p .gpu/vllm026 && tar --owner=0 --group=0 -cf - -C "$work/site" . | zstd -19 -q -c > .gpu/vllm026/vllm026-extras.tar.zst
+    rm -rf "$work" && ls -l .gpu/vllm026/vllm026-extras.tar.zst ;;
+  pack-ray)
+    work=$(mktemp -d)
+    plat=(--python-version 3.12 --implementation cp --only-binary=:all: --platform manylinux2014_x86_64
+          --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux1_x86_64)
+    PIP_CONSTRAINT='' python3 -m pip download -q --no-deps "${plat[@]}" -d "$work/whl" ray==2.60.0 click jsonschema \
+      jsonschema-specifications referencing rpds-py attrs msgpack protobuf pyyaml requests charset-normalizer idna \
+      urllib3 certifi tqdm filelock packaging
+    PIP_CONSTRAINT='' python3 -m pip install -q --no-deps --no-index --no-compile --target "$work/site" "${plat[@]}" \
+      "$work"/whl/*.whl
+    rm -rf "$work/site/ray/jars" "$work/site/bin"
+    mkdir -p .gpu/ray && tar --owner=0 --group=0 -cf - -C "$work/site" . | zstd -19 --long=27 -T2 -q -c > .gpu/ray/ray-site.tar.zst
+    rm -rf "$work" && ls -l .gpu/ray/ray-site.tar.zst ;;
   vllm-setup)
     cd /tmp/stash && cat vllm026-site.tar.xz.part0 vllm026-site.tar.xz.part1 vllm026-site.tar.xz.part2 > vllm026-site.tar.xz
     sha256sum -c vllm026-site.tar.xz.sha256 && mkdir -p /tmp/v026site && xz -dc vllm026-site.tar.xz | tar x -C /tmp/v026site
     rm -f vllm026-site.tar.xz* && cd - >/dev/null
+    if [ -f /tmp/stash/vllm026-extras.tar.zst ]; then
+      python3 /tmp/stash/unzstd.py < /tmp/stash/vllm026-extras.tar.zst | tar xf - -C /tmp/v026site
+    fi
     PYTHONPATH=/tmp/v026site:$PYTHONPATH python3 -c 'import vllm, torch, triton; print("vllm", vllm.__version__, "torch",
       torch.__version__, "triton", triton.__version__)' 2>&1 | tail -1 ;;
   serve-bg)
@@ -225,5 +253,5 @@ g("90"); print("fused_moe_90 loaded (AOT)")'  # never a JIT build here: a missin
     (sleep "$secs"; pid=$(pgrep -f 'ray::TuneWorker' | head -1)
      if [ -n "$pid" ]; then kill -9 "$pid" && echo "SIGKILL sent to worker pid $pid at $(date +%T)" >> "$OUT/kill.log"; fi) &
     ;;
-  *) sed -n '2,48p' "$0"; exit 2 ;;
+  *) sed -n '2,57p' "$0"; exit 2 ;;
 esac

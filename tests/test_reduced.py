@@ -61,6 +61,42 @@ def test_reduced_layers_are_bounded_and_refusals_are_one_line(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_fp8_servers_keep_deepgemm_off_unless_the_environment_says(tmp_path):
+    """FP8 dense linears leave DeepGEMM (its kernels compile for minutes per server start) unless VLLM_USE_DEEP_GEMM
+    is set; bf16 servers get only the sampler variable; the report's text says which."""
+    def make(dtype, given=None):
+        return reduced.plan(parse_layout("DP4+EP"), dtype, layers=4, folder=tmp_path, version="0.26",
+                            moe_backend="triton", given=given)
+
+    assert dict(make("fp8").env) == {"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_USE_DEEP_GEMM": "0"}
+    assert any(d.startswith("the dense FP8 linear layers run CUTLASS") for d in make("fp8").differs())
+    kept = make("fp8", {"VLLM_USE_DEEP_GEMM": "1"})
+    assert dict(kept.env) == {"VLLM_USE_FLASHINFER_SAMPLER": "0"} and not any("CUTLASS" in d for d in kept.differs())
+    assert dict(make("bf16").env) == {"VLLM_USE_FLASHINFER_SAMPLER": "0"}
+    assert make("fp8").as_dict()["env"] == {"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_USE_DEEP_GEMM": "0"}
+
+
+def test_the_served_config_tunes_the_routing_the_serve_runs(tmp_path):
+    """served-config.json is what vLLM sees after the overrides; a TP1 plan of it is the reduced DP4+EP serve's
+    fused MoE (72 experts, top-8 over those 72, no expert map) under the DP4+EP file's name."""
+    from tuning import gpus
+    from tuning.plan import make_plan
+
+    r = reduced.plan(parse_layout("DP4+EP"), "fp8", layers=4, folder=tmp_path / "m", version="0.26",
+                     moe_backend="triton")
+    r.write()
+    served = load_model(str(tmp_path / "m" / reduced.SERVED_CONFIG))
+    assert (served.num_experts, served.moe_intermediate_size, served.top_k) == (72, 1280, 8)
+    h200 = gpus.get_gpu("H200")
+    (shape,) = make_plan(served, h200, "fp8", [parse_layout("TP1")], 1, (1,), vllm_version="0.26.0",
+                         moe_backend="triton").shapes
+    assert not shape.expert_parallel and shape.global_experts == 72
+    assert shape.file_name(h200.device_name) == r.shape.file_name(h200.device_name)
+    assert r.shape.expert_parallel and r.shape.global_experts == 288
+    (ep,) = [d for d in r.differs() if d.startswith("expert parallel")]
+    assert f"tune-moe --model {tmp_path / 'm' / reduced.SERVED_CONFIG} --layouts TP1 --num-gpus 1" in ep
+
+
 def test_what_the_report_says_it_does_and_does_not_reproduce(tmp_path):
     tp4 = plan(("TP4", "bf16", "auto"), tmp_path)
     assert tp4.reproduces()[1].startswith("top-8 routing over all 288 experts")
@@ -76,7 +112,7 @@ def test_the_written_folder_is_the_published_geometry(dtype, tmp_path):
 
     written = reduced.plan(Layout(tp=4), dtype, layers=8, folder=tmp_path / "m", version="0.33",
                            moe_backend="auto").write()
-    assert [p.name for p in written] == ["config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert [p.name for p in written] == ["config.json", "tokenizer.json", "tokenizer_config.json", reduced.SERVED_CONFIG]
     ours, builtin = load_model(str(tmp_path / "m")), load_model(f"stepfun-ai/Step-3.5-Flash{'-FP8' * (dtype == 'fp8')}")
     assert (ours.num_experts, ours.moe_intermediate_size, ours.moe_layers, ours.hidden_size, ours.vocab_size,
             ours.weight_block_size) == (builtin.num_experts, builtin.moe_intermediate_size, builtin.moe_layers,

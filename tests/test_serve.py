@@ -730,7 +730,9 @@ def test_reduced_serve_runs_the_layouts_shape_on_one_gpu(fake, monkeypatch, caps
     assert cli.main(reduced_args(fake, "--workload", "decode", "--num-prompts", "2", "--ab", "--pairs", "3",
                                  "--measure-moe-share")) == 0
     rep, folder = report(fake), fake["out"] / "reduced-model"
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "served-config.json", "tokenizer.json",
+                                                         "tokenizer_config.json"]
+    assert load_model(str(folder / "served-config.json")).num_experts == 288  # TP4: every expert on every GPU
     assert load_model(str(folder)).num_experts == 288  # the published config; the overrides reduce it
     r = rep["reduced"]
     assert (r["layout"], r["experts"], r["width"], r["layers"]) == ("TP4", 288, 320, 12)
@@ -769,7 +771,8 @@ def test_reduced_print_command_shows_every_command_and_writes_nothing(fake, caps
     assert (f"tune-moe preflight --gpu H200 -- VLLM_TUNED_CONFIG_FOLDER={fake['configs']} vllm serve "
             "stepfun-ai/Step-3.5-Flash --load-format dummy --hf-overrides ") in err  # the folder is not written yet
     assert out[0] == (f"# first writes {folder}/: config.json (Step-3.5-Flash's published bf16 config), tokenizer.json, "
-                      "tokenizer_config.json")
+                      "tokenizer_config.json, served-config.json (config.json as vLLM sees it after the overrides: "
+                      "tune-moe --model takes it)")
     assert "export VLLM_USE_FLASHINFER_SAMPLER=0" in out
     serve = shlex.split(next(line for line in out if line.startswith("vllm serve")))
     overrides = json.loads(serve[serve.index("--hf-overrides") + 1])
@@ -799,7 +802,19 @@ def test_reduced_refuses_a_serve_that_reads_other_files_than_the_layout(fake, ca
     assert not fake["pids"].exists() and not fake["out"].exists()
     (fake["configs"] / EP4_FP8).write_text(CONFIG)
     assert cli.main(fp8_ep(reduced_args(fake, "--moe-backend", "triton", "--no-bench"))) == 0
-    assert report(fake)["runs"][0]["proof"]["loaded"] == [str(fake["configs"] / EP4_FP8)]
+    rep = report(fake)
+    assert rep["runs"][0]["proof"]["loaded"] == [str(fake["configs"] / EP4_FP8)]
+    assert rep["env"]["VLLM_USE_DEEP_GEMM"] == "0" and rep["reduced"]["env"]["VLLM_USE_DEEP_GEMM"] == "0"
+    assert "the dense FP8 linear layers run CUTLASS, not DeepGEMM" in (fake["out"] / "report.md").read_text()
+
+
+def test_a_reduced_fp8_serve_keeps_the_users_deepgemm_choice(fake, monkeypatch):
+    (fake["configs"] / EP4_FP8).write_text(CONFIG)
+    monkeypatch.setenv("VLLM_USE_DEEP_GEMM", "1")
+    assert cli.main(fp8_ep(reduced_args(fake, "--moe-backend", "triton", "--no-bench"))) == 0
+    rep = report(fake)
+    assert "VLLM_USE_DEEP_GEMM" not in rep["env"] and "VLLM_USE_DEEP_GEMM" not in rep["reduced"]["env"]
+    assert "CUTLASS" not in (fake["out"] / "report.md").read_text()
 
 
 def test_a_single_reduced_run_is_not_compared_with_the_recipe(fake):

@@ -16,21 +16,35 @@ downloaded) and ``--hf-overrides`` that reduce it, each key checked against the 
   [128,128] block quantisation, so vLLM refines or pads the block as it would for the layout.
 
 ``VLLM_USE_FLASHINFER_SAMPLER=0`` (defined in vLLM 0.26's and 0.33's ``envs.py``) keeps sampling off
-FlashInfer, which the one-GPU node need not have.
+FlashInfer, which the one-GPU node need not have. An FP8 serve also gets ``VLLM_USE_DEEP_GEMM=0`` (both
+``envs.py`` define it) unless the environment sets that variable: vLLM puts the block-FP8 dense linear layers on
+DeepGEMM (``should_use_deepgemm_for_fp8_linear``), whose kernels compile at every server start
+(``VLLM_DEEP_GEMM_WARMUP``, over 2300 of them: more than seven minutes on an H200 with vLLM 0.26) or, with
+that warm-up skipped, while serving (steps stalled 10-20 s at each new batch size, pass after pass). Off,
+those layers run CUTLASS's block-FP8 GEMM, built into vLLM; the fused MoE, which the A/B compares, is
+the same kernel either way.
+
+``served-config.json`` in the folder is config.json as vLLM sees it after the overrides: with
+``tune-moe --model <it> --layouts TP1`` a tune times the routing this serve runs (for an expert-parallel
+layout, top-8 over the local experts, which the layout's own tune does not).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
+from .files import atomic_write_text
 from .model_folder import layer_type, published_config, write_folder
 from .models import DEFAULT_MODEL, ModelGeometry, geometry_from_config, load_model
 from .shapes import Layout, MoeShape, Refusal, shape_for
 
 ENV = (("VLLM_USE_FLASHINFER_SAMPLER", "0"),)
+FP8_ENV = (("VLLM_USE_DEEP_GEMM", "0"),)  # unless the environment sets it (module docstring)
+SERVED_CONFIG = "served-config.json"
 DEFAULT_LAYERS = 12
 CLAMPED_LAYERS = 2  # the last MoE layers run the clamped SwiGLU, as the published model's last two
 MIN_LAYERS = 2 + CLAMPED_LAYERS  # a dense layer, a SiLU MoE layer and the clamped ones
@@ -48,6 +62,7 @@ class Reduced:
     width: int  # one GPU's expert width, as vLLM shards it (before it pads or refines an FP8 block)
     shape: MoeShape  # what the layout's fused MoE runs on one GPU (the plan's rule)
     folder: Path
+    env: tuple[tuple[str, str], ...] = ENV  # what the servers get on top of the environment (``server_env``)
 
     @property
     def moe_layers(self) -> list[int]:
@@ -77,7 +92,9 @@ class Reduced:
         return ("--load-format", "dummy", "--hf-overrides", json.dumps(self.overrides(), separators=(",", ":")))
 
     def write(self) -> list[Path]:
-        return write_folder(self.folder, published_config(self.dtype))
+        served = self.folder / SERVED_CONFIG
+        atomic_write_text(served, json.dumps(self.effective_config(), indent=1) + "\n")
+        return [*write_folder(self.folder, published_config(self.dtype)), served]
 
     def reproduces(self) -> list[str]:
         s = self.shape
@@ -95,6 +112,10 @@ class Reduced:
                "serve's (the report estimates both)",
                "dummy (random) weights: the router is not the trained one, so experts are loaded more evenly than "
                "under real traffic; no communication between GPUs"]
+        if dict(self.env).get("VLLM_USE_DEEP_GEMM") == "0":
+            out.append("the dense FP8 linear layers run CUTLASS, not DeepGEMM (VLLM_USE_DEEP_GEMM=0: DeepGEMM's kernels "
+                       "compile for minutes at each server start, or in serving; export VLLM_USE_DEEP_GEMM=1 to keep "
+                       "them); the fused MoE is the same kernel either way")
         if self.shape.expert_parallel:
             ranks = self.layout.gpus
             out.append(f"expert parallel: the router picks top-{self.shape.top_k} over the {self.experts} local experts, "
@@ -102,18 +123,27 @@ class Reduced:
                        f"local expert gets about {ranks}x the tokens per step it gets in {self.layout.name}; and one "
                        f"rank's tokens reach the fused MoE, not all {ranks} DP ranks' (M per step is {ranks}x smaller "
                        "at the same per-rank load); tune-moe tunes the faithful routing, so the tuned configs run "
-                       "off their tuned distribution here")
+                       f"off their tuned distribution here (configs tuned for this serve's routing: tune-moe --model "
+                       f"{self.folder / SERVED_CONFIG} --layouts TP1 --num-gpus 1, with this run's --gpu, --dtype and "
+                       "--moe-backend)")
         return out
 
     def as_dict(self) -> dict:
         return {"layout": self.layout.name, "dtype": self.dtype, "layers": self.layers,
                 "moe_layers": self.moe_layers, "experts": self.experts, "width": self.width,
                 "shape": self.shape.label, "folder": str(self.folder), "overrides": self.overrides(),
-                "env": dict(ENV), "reproduces": self.reproduces(), "differs": self.differs()}
+                "env": dict(self.env), "reproduces": self.reproduces(), "differs": self.differs()}
 
 
-def plan(layout: Layout, dtype: str, *, layers: int, folder: Path, version: str, moe_backend: str) -> Reduced:
-    """The reduced serve of ``layout``, or a one-line refusal (nothing is written)."""
+def server_env(dtype: str, given: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The variables a reduced server gets on top of ``given`` (the environment and the env file)."""
+    return ENV + tuple((k, v) for k, v in FP8_ENV if dtype == "fp8" and k not in given)
+
+
+def plan(layout: Layout, dtype: str, *, layers: int, folder: Path, version: str, moe_backend: str,
+         given: Mapping[str, str] | None = None) -> Reduced:
+    """The reduced serve of ``layout``, or a one-line refusal (nothing is written); ``given``: the environment
+    the servers start from (default: none set)."""
     if not MIN_LAYERS <= layers <= 45:
         raise UsageError(f"--reduced-layers {layers}: must be {MIN_LAYERS} to 45 (a dense layer, SiLU MoE layers "
                          f"and {CLAMPED_LAYERS} clamped ones)")
@@ -124,4 +154,5 @@ def plan(layout: Layout, dtype: str, *, layers: int, folder: Path, version: str,
     ep = layout.gpus if layout.ep else 1
     width_split = 1 if layout.ep else layout.gpus
     return Reduced(layout=layout, dtype=dtype, layers=layers, experts=full.num_experts // ep,
-                   width=full.moe_intermediate_size // width_split, shape=shape, folder=folder.absolute())
+                   width=full.moe_intermediate_size // width_split, shape=shape, folder=folder.absolute(),
+                   env=server_env(dtype, given or {}))

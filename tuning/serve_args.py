@@ -69,12 +69,13 @@ class Setup:
 
     @property
     def full_spec(self) -> ServeSpec:
-        """The multi-GPU serve the run validates (a reduced run emulates it)."""
+        """The multi-GPU serve the run validates (a reduced run emulates it), without the variables only the
+        reduced servers get (``reduced.env``)."""
         if not self.reduced:
             return self.spec
         return ServeSpec(model=CHECKPOINTS[self.spec.dtype], layout=self.layout, dtype=self.spec.dtype,
                          moe_backend=self.spec.moe_backend, tuned_folder=self.spec.tuned_folder, port=self.spec.port,
-                         env=self.spec.env)
+                         env=tuple(pair for pair in self.spec.env if pair not in self.reduced.env))
 
 
 def pick_gpu(key: str | None) -> gpus.GpuSpec:
@@ -176,18 +177,23 @@ def resident_shortfall(setup: Setup, model: ModelGeometry) -> str | None:
 
 def _reduced(args: argparse.Namespace, layout: Layout, out: Path, version: str) -> rd.Reduced:
     return rd.plan(layout, args.dtype, layers=args.reduced_layers or rd.DEFAULT_LAYERS, folder=out / "reduced-model",
-                   version=version, moe_backend=normalize_moe_backend(args.moe_backend))
+                   version=version, moe_backend=normalize_moe_backend(args.moe_backend),
+                   given={**os.environ, **dict(_env_file_pairs(args))})
+
+
+def _env_file_pairs(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    found = env_file(args.env_file)
+    return read_env_file(found, dict(os.environ)) if found else ()
 
 
 def build_spec(args: argparse.Namespace, gpu: gpus.GpuSpec, reduced: rd.Reduced | None = None) -> ServeSpec:
     if not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port}: not a TCP port; pass 1-65535")
-    found = env_file(args.env_file)
-    env = read_env_file(found, dict(os.environ)) if found else ()
+    env = _env_file_pairs(args)
     served = {"model": args.model or CHECKPOINTS[args.dtype], "layout": parse_layout(args.layout)}
     if reduced:
         served = {"model": str(reduced.folder), "layout": Layout(), "model_args": reduced.model_args()}
-        env = tuple((k, v) for k, v in env if k not in dict(rd.ENV)) + rd.ENV
+        env = tuple((k, v) for k, v in env if k not in dict(reduced.env)) + reduced.env
     return ServeSpec(**served, dtype=args.dtype, port=args.port, mtp=args.mtp,
                      moe_backend=normalize_moe_backend(args.moe_backend),
                      tuned_folder=Path(args.configs or CONFIGS_ROOT / gpu.device_name).absolute(), env=env,

@@ -9,6 +9,7 @@ from pathlib import Path
 from .configs import TUNED_VAR
 from .fit import fit
 from .models import load_model
+from .reduced import SERVED_CONFIG
 from .recipe import ServeSpec
 from .serve_args import GMU, PAIR_ORDER, RESIDENT_FIX, RESIDENT_MEMORY, Setup, resident_shortfall
 from .serve_checks import check_emulation, expected_files, geometry_name
@@ -48,7 +49,8 @@ def print_command(setup: Setup, expected: list[str]) -> None:
     tuned = setup.arm_spec("tuned")  # a resident A/B's: on --port + 1, with its share of the GPU memory
     if r:
         print(f"# first writes {r.folder}/: config.json (Step-3.5-Flash's published {spec.dtype} config), "
-              "tokenizer.json, tokenizer_config.json")
+              f"tokenizer.json, tokenizer_config.json, {SERVED_CONFIG} (config.json as vLLM sees it after the "
+              "overrides: tune-moe --model takes it)")
     for name, value in spec.shown_env().items():
         print(f"# {name} is set from the env file (not shown)" if value == "<hidden>" else
               f"export {name}={shlex.quote(value)}")
