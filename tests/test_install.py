@@ -618,3 +618,18 @@ def test_node_check_bad_arguments(node, args, message):
     done = node.run("node-check.sh", *args)
     assert done.returncode == 2
     assert message in done.stderr
+
+
+def test_the_docs_and_the_tool_name_no_variable_unknown_to_vllm(vllm_facts):
+    """Every VLLM_* name the docs, the scripts or the tool's code use is one vLLM defines, except the tool's own
+    Python constants and the one variable preflight names because vLLM ignores it."""
+    known = set(vllm_facts["names"])
+    constants = {"VLLM_VERSION", "VLLM_SERIES", "VLLM_TORCH"}  # module constants of tuning/, not variables
+    ignored_by_vllm = {"VLLM_USE_FLASHINFER_MOE_FP8"}  # preflight warns that vLLM 0.33 ignores it
+    paths = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "scripts").iterdir(),
+             *(ROOT / "tuning").rglob("*.py")]
+    named = {name: path.relative_to(ROOT) for path in paths if path.is_file()
+             for name in re.findall(r"\bVLLM_[A-Z0-9_]+", path.read_text(errors="replace"))}
+    assert {"VLLM_USE_DEEP_GEMM", "VLLM_DEEP_GEMM_WARMUP", "VLLM_TUNED_CONFIG_FOLDER"} <= set(named)
+    unknown = {name: str(where) for name, where in named.items() if name not in known | constants | ignored_by_vllm}
+    assert unknown == {}, f"not defined by vLLM {vllm_facts['version']}"
