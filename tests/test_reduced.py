@@ -76,6 +76,39 @@ def test_fp8_servers_keep_deepgemm_off_unless_the_environment_says(tmp_path):
     assert make("fp8").as_dict()["env"] == {"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_USE_DEEP_GEMM": "0"}
 
 
+@needs_vllm
+def test_vllms_own_rule_puts_the_dense_fp8_layers_on_deepgemm_and_the_reduced_env_takes_them_off(monkeypatch, tmp_path):
+    """vLLM 0.33's ``should_use_deepgemm_for_fp8_linear`` on an sm90 platform: the model's block-FP8 dense layers
+    (attention output, shared-expert down projection) go to DeepGEMM by default, and not under the variables a
+    reduced FP8 server gets."""
+    import torch
+    from vllm.utils import deep_gemm
+
+    class Hopper:
+        @staticmethod
+        def support_deep_gemm() -> bool:
+            return True
+
+    monkeypatch.setattr(deep_gemm, "current_platform", Hopper())
+    monkeypatch.setattr(deep_gemm, "has_deep_gemm", lambda: True)
+    monkeypatch.delenv("VLLM_USE_DEEP_GEMM", raising=False)
+    geometry = load_model("stepfun-ai/Step-3.5-Flash-FP8")
+    shapes = [(geometry.hidden_size, geometry.hidden_size), (geometry.hidden_size, geometry.moe_intermediate_size)]
+
+    def on_deepgemm() -> list[bool]:
+        deep_gemm.is_deep_gemm_supported.cache_clear()  # vLLM caches its answer for the process
+        try:
+            return [deep_gemm.should_use_deepgemm_for_fp8_linear(torch.bfloat16, s) for s in shapes]
+        finally:
+            deep_gemm.is_deep_gemm_supported.cache_clear()
+
+    assert on_deepgemm() == [True, True]
+    r = reduced.plan(parse_layout("DP4+EP"), "fp8", layers=4, folder=tmp_path, version="0.33", moe_backend="triton")
+    for name, value in r.env:
+        monkeypatch.setenv(name, value)
+    assert on_deepgemm() == [False, False]
+
+
 def test_the_served_config_tunes_the_routing_the_serve_runs(tmp_path):
     """served-config.json is what vLLM sees after the overrides; a TP1 plan of it is the reduced DP4+EP serve's
     fused MoE (72 experts, top-8 over those 72, no expert map) under the DP4+EP file's name."""
