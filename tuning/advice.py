@@ -44,8 +44,8 @@ def describe(act: str, r: LayerRuntime) -> str:
 def serve_lines(plan: Plan, out: Path) -> list[str]:
     """The serve command for each recipe layout the plan tuned, with the --moe-backend the tune was given, else
     as the backend advice (``backend_advice``, measured by ``compare-backends``) says to serve it, and what each
-    MoE layer kind then runs. When the advised serve reads a tuned file of another shape than this plan's, the line says which and
-    the tune that writes it."""
+    MoE layer kind then runs. When the advised serve reads a tuned file of another shape than this plan's, the
+    line says which and the tune that writes it."""
     from .backend_advice import Advice, advice_for
 
     lines = []

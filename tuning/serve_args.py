@@ -97,9 +97,11 @@ def build(args: argparse.Namespace, installed_version: str | None) -> Setup:
     layout = parse_layout(args.layout)
     _check_modes(args)
     out = Path(args.out or Path("serve-runs") / _run_name(args, gpu, layout))
-    reduced = _reduced(args, layout, out, version) if args.reduced else None
+    found = env_file(args.env_file)
+    file_env = read_env_file(found, dict(os.environ)) if found else ()
+    reduced = _reduced(args, layout, out, version, file_env) if args.reduced else None
     workload = WORKLOADS[args.workload]
-    spec = build_spec(args, gpu, reduced)
+    spec = build_spec(args, gpu, file_env, reduced)
     setup = Setup(gpu=gpu, version=version, spec=spec, layout=layout, bench=build_bench(args, workload, reduced),
                   workload=workload, reduced=reduced, out=out, pairs=(args.pairs or DEFAULT_PAIRS) if args.ab else 0,
                   measure_share=args.measure_moe_share, ab_servers=args.ab_servers or "resident",
@@ -175,21 +177,19 @@ def resident_shortfall(setup: Setup, model: ModelGeometry) -> str | None:
             f"budget, {kv:.0f} GB left for KV cache (needs >= {MIN_KV_GB:.0f} GB)")
 
 
-def _reduced(args: argparse.Namespace, layout: Layout, out: Path, version: str) -> rd.Reduced:
+def _reduced(args: argparse.Namespace, layout: Layout, out: Path, version: str,
+             file_env: tuple[tuple[str, str], ...]) -> rd.Reduced:
     return rd.plan(layout, args.dtype, layers=args.reduced_layers or rd.DEFAULT_LAYERS, folder=out / "reduced-model",
                    version=version, moe_backend=normalize_moe_backend(args.moe_backend),
-                   given={**os.environ, **dict(_env_file_pairs(args))})
+                   given={**os.environ, **dict(file_env)})
 
 
-def _env_file_pairs(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
-    found = env_file(args.env_file)
-    return read_env_file(found, dict(os.environ)) if found else ()
-
-
-def build_spec(args: argparse.Namespace, gpu: gpus.GpuSpec, reduced: rd.Reduced | None = None) -> ServeSpec:
+def build_spec(args: argparse.Namespace, gpu: gpus.GpuSpec, file_env: tuple[tuple[str, str], ...],
+               reduced: rd.Reduced | None = None) -> ServeSpec:
+    """The served command; ``file_env``: the node env file's variables."""
     if not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port}: not a TCP port; pass 1-65535")
-    env = _env_file_pairs(args)
+    env = file_env
     served = {"model": args.model or CHECKPOINTS[args.dtype], "layout": parse_layout(args.layout)}
     if reduced:
         served = {"model": str(reduced.folder), "layout": Layout(), "model_args": reduced.model_args()}
