@@ -81,3 +81,44 @@ def test_the_prediction_takes_the_speedup_at_the_nearest_tuned_batch_size(tmp_pa
     assert p.gain == pytest.approx(1 / (0.5 + 0.5 / 1.25))
     Path(str(path).replace(".json", ".provenance.json")).write_text("{broken")
     assert moe_share.predict(path, 40, moe_share.Share(0.5, True, "")) is None
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "serve-v026"
+
+
+def step(t: float, grid: int, moe_us: float, rest_us: float, layers: int = 2) -> list[dict]:
+    """One step's kernels from time t: a gate-up and a down fused-MoE call per layer, then the rest."""
+    out = []
+    for _ in range(2 * layers):
+        out.append({**kernel("fused_moe_kernel", moe_us / (2 * layers)), "ts": t, "args": {"grid": [grid, 1, 1]}})
+        t += moe_us / (2 * layers)
+    return out + [{**kernel("flash_fwd", rest_us), "ts": t}]
+
+
+def test_the_share_is_over_the_windows_steps_of_one_kind(tmp_path):
+    """Two prefill steps and four decode steps caught in the window: the decode steps (the most common kind) are
+    measured, each from its first fused-MoE call to the next step's; the GPU idle time is the span's rest."""
+    events = step(0, 900, 4000, 6000) + step(20000, 900, 4000, 6000)
+    for i in range(5):  # four whole decode steps: the fifth only closes the fourth
+        events += step(40000 + 2000 * i, 64, 300, 700)
+    with gzip.open(tmp_path / "rank0.pt.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events[::-1]}, f)  # in any order: read by time
+    share = moe_share.measure(tmp_path, moe_calls_per_step=4)
+    assert (share.steps, share.value) == (4, pytest.approx(0.3))
+    assert (share.moe_us, share.busy_us, share.span_us) == pytest.approx((300, 1000, 2000))
+    assert "in 4 steps" in share.how and "the GPU idle 50% of it" in share.how
+    whole = moe_share.measure(tmp_path)  # without the calls per step: every kernel of the window
+    assert whole.steps == 0 and whole.value == pytest.approx((8000 + 5 * 300) / (20000 + 5 * 1000))
+    assert moe_share.measure(tmp_path, moe_calls_per_step=3).steps == 0  # 28 calls are no whole number of steps
+
+
+def test_the_fp8_serves_decode_steps_ran_the_kernel_as_fast_as_the_tune_timed_it():
+    """The profiled tuned server of the FP8 decode A/B (12 layers, 11 MoE; benchmarks/README section 6d): its
+    decode steps at M = 128 spent per MoE layer what the tuner timed for the same config at M = 128."""
+    steps = [s for s in moe_share._steps_of(RESULTS / "ab-fp8-decode128" / "profile", 22) if s.grid == (2040, 1, 1)]
+    rows = [json.loads(line) for line in (RESULTS / "tune-fp8served" / "v026-fp8served.results.jsonl").open()]
+    tuned_us = next(r["tuned_us"] for r in rows if r["m"] == 128)
+    assert len(steps) == 4
+    for s in steps:
+        assert s.moe_us / 11 == pytest.approx(tuned_us, rel=0.02)
+        assert s.busy_us < 0.7 * s.span_us  # the GPU waited on the host for over 30% of every decode step

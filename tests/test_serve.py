@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import shlex
+import statistics
 import signal
 import socket
 import subprocess
@@ -742,15 +743,26 @@ def test_reduced_serve_runs_the_layouts_shape_on_one_gpu(fake, monkeypatch, caps
     assert rep["env"]["VLLM_USE_FLASHINFER_SAMPLER"] == "0" and rep["layout"] == "TP4 (reduced, one GPU)"
     assert rep["expected_files"] == [TP4_BF16]  # preflight read the serve's --hf-overrides
     assert [layer["n"] for layer in rep["preflight"]["layers"]] == [320, 320]
-    assert rep["runs"][-1]["name"] == "profile"
+    assert [(r["name"], r["arm"]) for r in rep["runs"][-2:]] == [("profile-default", "profile"), ("profile-tuned", "profile")]
     for run in rep["runs"]:  # the fake's engine computed the file from the folder and the overrides
-        assert run["proof"]["loaded" if run["arm"] != "default" else "missing"] == (
-            [str(fake["configs"] / TP4_BF16)] if run["arm"] != "default" else [TP4_BF16])
+        default = "default" in (run["arm"], run["name"].removeprefix("profile-"))
+        assert run["proof"]["loaded" if not default else "missing"] == (
+            [str(fake["configs"] / TP4_BF16)] if not default else [TP4_BF16])
     words = shlex.split(rep["bench_command"])
     assert words[words.index("--random-input-len") + 1] == "128" and "--ignore-eos" in words
     assert words[words.index("--max-concurrency") + 1] == "32"
-    assert list((fake["out"] / "profile").glob("*.pt.trace.json.gz"))
-    assert rep["moe_share"]["value"] == pytest.approx(0.5) and rep["moe_share"]["measured"]
+    for arm in ("default", "tuned"):  # a profiled pass on each resident server, deep in decode
+        assert list((fake["out"] / f"profile-{arm}").glob("*.pt.trace.json.gz"))
+    serve = shlex.split(rep["command"])
+    assert json.loads(serve[serve.index("--profiler-config") + 1])["delay_iterations"] == 64
+    share = rep["moe_share"]  # the tuned server's, per step: 22 fused-MoE calls (11 MoE layers), 15 whole steps
+    assert share["value"] == pytest.approx(0.5) and share["measured"] and share["steps"] == 15
+    assert (share["moe_us"], share["busy_us"], share["span_us"]) == pytest.approx((500, 1000, 2000))
+    assert rep["moe_profile"]["default"]["moe_us"] == pytest.approx(600)  # FAKE_VLLM_KERNEL_SPEEDUP 1.2
+    live = rep["prediction"]["serving"]
+    tpot = statistics.median(r["metrics"]["median_tpot_ms"] for r in rep["runs"] if r["arm"] == "default")
+    assert (live["kernel_speedup"], live["saved_us"], live["tpot_ms"]) == pytest.approx((1.2, 100, tpot))
+    assert live["gain"] == pytest.approx(tpot / (tpot - 0.1))
     served = rep["prediction"]["served"]
     assert (served["m"], served["key"], served["kernel_speedup"]) == (32, 32, 1.25)
     assert served["gain"] == pytest.approx(1 / (0.5 + 0.5 / 1.25))  # Amdahl on the measured share
@@ -759,7 +771,10 @@ def test_reduced_serve_runs_the_layouts_shape_on_one_gpu(fake, monkeypatch, caps
     md = (fake["out"] / "report.md").read_text()
     assert "## Reduced model: one GPU for TP4" in md and "What it does not:" in md
     assert "- workload decode: M = 32 tokens per step (one decode token for each of 32 requests)" in md
-    assert "predicted +11.1%" in md and "the prediction is above the interval" in md
+    assert "predicted +11.1%" in md and "this serve's prediction is above the interval" in md
+    assert ("- in serving (vLLM's profiler, 15 steps on each server): the fused MoE took 600 us a step on the default "
+            "server and 500 us on the tuned one, 1.200x, 100 us saved a step; against the default passes' median TPOT "
+            f"of {tpot:.2f} ms: predicted {(tpot / (tpot - 0.1) - 1) * 100:+.1f}%") in md
     assert "the TP4 serve: `E=288,N=320,device_name=NVIDIA_H200.json` is 1.250x vLLM's default" in md
 
 
@@ -785,8 +800,39 @@ def test_reduced_print_command_shows_every_command_and_writes_nothing(fake, caps
     assert out[-3] == "# vLLM must log: Using configuration from " + str(fake["configs"] / EP4_BF16) + " for MoE layer."
     assert out[-2].startswith("# --ab --ab-servers resident: first a default server (VLLM_TUNED_CONFIG_FOLDER unset; "
                               "vLLM must log its default config) on port ")
-    assert out[-1].startswith("# --measure-moe-share: then one more tuned server with --profiler-config ")
+    assert out[-1] == ("# --measure-moe-share: both servers above carry --profiler-config (idle until asked); after the "
+                       "pairs, one profiled pass on each (--profile --seed 2000 --num-prompts 8), vLLM's torch profiler "
+                       f"over the first 16 steps; traces in {fake['out']}/profile-default and {fake['out']}/profile-tuned")
+    profiler = json.loads(serve[serve.index("--profiler-config") + 1])  # a prefill workload's steps from the first
+    assert (profiler["torch_profiler_dir"], profiler["delay_iterations"]) == (str(fake["out"] / "profile-tuned"), 0)
     assert not fake["out"].exists()
+
+
+def test_explicit_bench_sizes_make_the_workload_the_run_predicts_and_profiles(fake, capsys):
+    """--max-concurrency 128 on the decode workload: the bench sends 128 at a time, and the M per step, the
+    profiled pass and the workload the report names are that workload's, not decode's default 32."""
+    assert cli.main(reduced_args(fake, "--print-command", "--ab", "--measure-moe-share", "--workload", "decode",
+                                 "--max-concurrency", "128", "--num-prompts", "256")) == 0
+    out = capsys.readouterr().out.splitlines()
+    benches = [shlex.split(line) for line in out if line.startswith("vllm bench serve")]
+    assert all(b[b.index("--max-concurrency") + 1] == "128" and b[b.index("--num-prompts") + 1] == "256" for b in benches)
+    assert out[-1].startswith("# --measure-moe-share: both servers above carry --profiler-config (idle until asked); "
+                              "after the pairs, one profiled pass on each (--profile --seed 2000 --num-prompts 128), "
+                              "vLLM's torch profiler over 16 steps after 64; traces in ")
+    sized = WORKLOADS["decode"].sized(max_concurrency=128, num_prompts=256, input_len=None)
+    assert (sized.tokens_per_step(8192), sized.what) == (128, "128-token prompts, 1024-token outputs with EOS ignored, "
+                                                              "128 at a time, 256 prompts")
+    assert "for each of 128 requests" in sized.m_phrase(8192) and WORKLOADS["decode"].max_concurrency == 32
+
+
+@pytest.mark.parametrize("name, output_len, window", [("decode", None, (64, 16)), ("decode", 40, (23, 16)),
+                                                      ("decode", 8, (0, 16)), ("recipe", None, (64, 16)),
+                                                      ("prefill", None, (0, 16))])
+def test_the_profile_window_skips_a_waves_prefill_and_ends_before_its_outputs(name, output_len, window):
+    w = WORKLOADS[name].sized(output_len=output_len)
+    assert w.profile_window() == window
+    delay, steps = window
+    assert w.phase == "prefill" or delay + steps < w.output_len or delay == 0
 
 
 def test_reduced_refuses_a_serve_that_reads_other_files_than_the_layout(fake, capsys):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,22 +35,80 @@ class Share:
     value: float
     measured: bool
     how: str
+    moe_us: float | None = None  # measured per step of the workload's kind: the fused MoE's kernel time,
+    busy_us: float | None = None  # all GPU kernel time,
+    span_us: float | None = None  # and the step's wall time on the GPU's clock (profiled: the profiler adds to it)
+    steps: int = 0  # the steps those are the mean of
 
 
-def measure(folder: Path) -> Share | None:
-    """``fused_moe_kernel``'s share of the GPU kernel time in the traces under ``folder``; None without kernels."""
-    moe = total = 0.0
-    files = 0
-    for path in sorted(p for p in Path(folder).rglob("*") if p.name.endswith((".json", ".json.gz"))):
-        kernels = [e for e in _events(path) if isinstance(e, dict) and e.get("cat") == "kernel"
-                   and isinstance(e.get("dur"), (int, float))]
-        files += bool(kernels)
-        total += sum(e["dur"] for e in kernels)
-        moe += sum(e["dur"] for e in kernels if str(e.get("name", "")).startswith(TUNED_KERNEL))
+@dataclass(frozen=True)
+class _Step:
+    grid: tuple  # the launch grid of the step's first fused-MoE call: the same for steps of the same M
+    moe_us: float
+    busy_us: float
+    span_us: float
+
+
+def measure(folder: Path, moe_calls_per_step: int | None = None) -> Share | None:
+    """``fused_moe_kernel``'s share of the GPU kernel time in the traces under ``folder``; None without kernels.
+
+    Given the fused-MoE calls one step makes (two per MoE layer: the gate-up and the down GEMM), the trace is cut
+    into steps, each from one step's first fused-MoE call to the next step's, and the share is over the steps of
+    the window's most common kind (their first call's launch grid, which follows M): a window that catches the
+    last prefill chunks of a decode workload still measures decode. The step's span against its kernel time
+    shows how long the GPU waited on the host."""
+    traces = [kernels for kernels in map(_kernels, _trace_files(folder)) if kernels]
+    total = sum(e["dur"] for kernels in traces for e in kernels)
+    moe = sum(e["dur"] for kernels in traces for e in kernels if _is_moe(e))
     if total <= 0:
         return None
+    steps = [s for kernels in traces for s in _steps(kernels, moe_calls_per_step)] if moe_calls_per_step else []
+    if steps:
+        kind = Counter(s.grid for s in steps).most_common(1)[0][0]
+        same = [s for s in steps if s.grid == kind]
+        n = len(same)
+        moe_us, busy_us, span_us = (sum(getattr(s, f) for s in same) / n for f in ("moe_us", "busy_us", "span_us"))
+        return Share(moe_us / busy_us, True, f"measured: {TUNED_KERNEL}'s share of GPU kernel time in {n} steps of "
+                                             f"vLLM's torch-profiler trace ({moe_us / 1e3:.2f} of {busy_us / 1e3:.2f} "
+                                             f"ms a step; the step spans {span_us / 1e3:.2f} ms, the GPU idle "
+                                             f"{1 - busy_us / span_us:.0%} of it)", moe_us, busy_us, span_us, n)
     return Share(moe / total, True, f"measured: {TUNED_KERNEL}'s share of GPU kernel time in vLLM's torch-profiler "
-                                    f"trace ({moe / 1e3:.1f} of {total / 1e3:.1f} ms, {files} trace file(s))")
+                                    f"trace ({moe / 1e3:.1f} of {total / 1e3:.1f} ms, {len(traces)} trace file(s))")
+
+
+def _is_moe(event: dict) -> bool:
+    return str(event.get("name", "")).startswith(TUNED_KERNEL)
+
+
+def _trace_files(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).rglob("*") if p.name.endswith((".json", ".json.gz")))
+
+
+def _kernels(path: Path) -> list[dict]:
+    """A trace's GPU kernels, by start time."""
+    return sorted((e for e in _events(path) if isinstance(e, dict) and e.get("cat") == "kernel"
+                   and isinstance(e.get("dur"), (int, float)) and isinstance(e.get("ts"), (int, float))),
+                  key=lambda e: e["ts"])
+
+
+def _steps_of(folder: Path, calls: int) -> list[_Step]:
+    """Every whole step in the traces under ``folder``."""
+    return [s for path in _trace_files(folder) for s in _steps(_kernels(path), calls)]
+
+
+def _steps(kernels: list[dict], calls: int) -> list[_Step]:
+    """The whole steps in one trace (a rank's): from each step's first fused-MoE call to the next step's; none
+    when the trace's fused-MoE calls are no whole number of steps (another model, or a cut window)."""
+    calls_at = [i for i, e in enumerate(kernels) if _is_moe(e)]
+    if len(calls_at) % calls:
+        return []
+    firsts = calls_at[::calls]
+    out = []
+    for a, b in zip(firsts, firsts[1:]):
+        seg = kernels[a:b]
+        out.append(_Step(tuple(seg[0].get("args", {}).get("grid") or ()), sum(e["dur"] for e in seg if _is_moe(e)),
+                         sum(e["dur"] for e in seg), kernels[b]["ts"] - kernels[a]["ts"]))
+    return out
 
 
 def _events(path: Path) -> list:

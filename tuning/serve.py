@@ -13,7 +13,8 @@ and loaded; then the measured pass), always stops the whole group, and writes re
 passes without and with the tuned folder (default then tuned, then tuned then default, ...) and compares them
 (``ab``): by default on two resident servers, one per arm, up at once on the same GPUs (each started, proven
 and warmed once; the measured passes alternate between them); with ``--ab-servers fresh`` on a fresh server
-per run, one at a time. ``--measure-moe-share`` then profiles one more tuned server (``moe_share``).
+per run, one at a time. ``--measure-moe-share`` then profiles a pass on each resident server (``moe_share``: the
+fused MoE's time per step on each arm, its share of the tuned server's step), or on one more tuned server.
 """
 
 from __future__ import annotations
@@ -45,11 +46,11 @@ from .recipe import CHECKPOINTS, RECIPE_LABEL, RECIPE_METRICS, BenchSpec, ServeS
 from .serve_args import ARMS, PAIR_ORDER, RESIDENT_FIX, Setup, add_arguments as _add_arguments, build, resident_shortfall
 from .serve_checks import (Preflight, check_emulation, check_fit, expected_files, geometry_name, kind_notes,
                            kind_phrase, run_preflight, triton_alternative)
-from .serve_gain import ab_summary, predictions, profiler_config
+from .serve_gain import ab_summary, in_serving, predictions
 from .serve_print import expected as expected_files_of, notes, print_command, print_notes
 from .serve_report import METRICS, write_report
 from .vllm_log import ConfigProof, MoeLogFacts, agreement, file_name_of, prove_default, prove_tuned, read_log
-from .workloads import PROFILE_SEED, STEADY, steady
+from .workloads import PROFILE_SEED, STEADY, profiler_config, steady
 
 
 @dataclass(frozen=True)
@@ -268,7 +269,7 @@ def _run_all(setup: Setup, pre: Preflight, opts: RunOptions, report: dict) -> in
             _run_pairs(setup, pre, opts, report, runs)
         else:
             _record(serve_once(setup.spec, "tuned", pre, opts, opts.log), report, runs)
-        if setup.measure_share and all(r.outcome == "ok" for r in runs):
+        if setup.measure_share and not setup.resident and all(r.outcome == "ok" for r in runs):
             _record(_profiled(setup, pre, opts, report), report, runs)
     except Interrupted as exc:
         report["problems"].append(f"interrupted by {exc}; every server was stopped")
@@ -282,7 +283,8 @@ def _run_all(setup: Setup, pre: Preflight, opts: RunOptions, report: dict) -> in
     report["ok"] = all(r.outcome == "ok" for r in runs)
     if report["ok"] and setup.bench:
         measured = report.get("moe_share")
-        report["prediction"] = predictions(setup, pre, Share(**measured) if measured else None)
+        report["prediction"] = {**predictions(setup, pre, Share(**measured) if measured else None),
+                                "serving": in_serving(report.get("moe_profile", {}), report["runs"], setup.workload.phase)}
     if setup.pairs and report["ok"]:
         report["ab"] = ab_summary(setup, report["runs"])
         say(report["ab"]["verdict"])
@@ -327,20 +329,42 @@ def _run_resident_pairs(setup: Setup, pre: Preflight, opts: RunOptions, report: 
                 run_ = _measure(replace(warm, name=f"{arm}-{pair}", pair=pair), spec, opts)
                 if _record(run_, report, runs).outcome != "ok":
                     return
+        if setup.measure_share:
+            for arm in ARMS:
+                spec, warm = up[arm]
+                say(f"profiled pass: {arm} (port {spec.port})")
+                run_ = _bench(replace(warm, name=f"profile-{arm}", arm="profile"), spec, opts, _profile_bench(opts), "")
+                if _record(_with_share(run_, setup, arm, report), report, runs).outcome != "ok":
+                    return
 
 
 def _profiled(setup: Setup, pre: Preflight, opts: RunOptions, report: dict) -> RunResult:
     """One more tuned server under vLLM's torch profiler; a profiled pass of one wave of requests."""
-    folder = setup.out / "profile"
     spec = replace(setup.spec, model_args=(*setup.spec.model_args, "--profiler-config",
-                                           profiler_config(folder, setup.workload.phase)))
-    bench = replace(opts.bench, profile=True, seed=PROFILE_SEED, num_prompts=opts.bench.max_concurrency)
-    result = replace(serve_once(spec, "profile", pre, replace(opts, bench=bench)), arm="profile")
-    share = measure(folder) if result.outcome == "ok" else None
-    report["moe_share"] = share.__dict__ if share else None
-    if result.outcome == "ok" and share is None:
-        result = replace(result, outcome="bench", problems=(f"vLLM's profiler wrote no GPU kernel trace under "
-                                                           f"{folder}; read {result.log}",))
+                                           profiler_config(setup.profile_folder("tuned"), setup.workload)))
+    result = serve_once(spec, "profile", pre, replace(opts, bench=_profile_bench(opts)))
+    return _with_share(replace(result, arm="profile"), setup, "tuned", report)
+
+
+def _profile_bench(opts: RunOptions) -> BenchSpec:
+    """The profiled pass: one wave of requests on prompts no other pass sent, /start_profile and /stop_profile
+    around it."""
+    return replace(opts.bench, profile=True, seed=PROFILE_SEED, num_prompts=opts.bench.max_concurrency)
+
+
+def _with_share(result: RunResult, setup: Setup, arm: str, report: dict) -> RunResult:
+    """The profiled pass's trace, read per step: the fused MoE's time and share (report's moe_share is the tuned
+    server's; moe_profile has every profiled arm's)."""
+    if result.outcome != "ok":
+        return result
+    folder = setup.profile_folder(arm)
+    share = measure(folder, setup.moe_calls_per_step)
+    if share is None:
+        return replace(result, outcome="bench", problems=(f"vLLM's profiler wrote no GPU kernel trace under "
+                                                          f"{folder}; read {result.log}",))
+    report.setdefault("moe_profile", {})[arm] = share.__dict__
+    if arm == "tuned":
+        report["moe_share"] = share.__dict__
     return result
 
 
@@ -423,7 +447,7 @@ def _report_head(setup: Setup, pre: Preflight) -> dict:
         "mtp": spec.mtp, "gpu": f"{spec.layout.gpus}x{gpu.key}", "device_name": gpu.device_name,
         "moe_backend": spec.moe_backend, "vllm_version": setup.version,
         "tuned_folder": str(spec.tuned_folder), "expected_files": pre.files, "command": shlex.join(tuned.argv()),
-        "env": spec.shown_env(), "workload": setup.workload.__dict__,
+        "env": spec.shown_env(), "workload": setup.workload.as_dict(),
         "ab_servers": setup.ab_servers if setup.pairs else None,
         "bench_command": shlex.join(bench.argv(tuned, (setup.out / f"bench-{first}.json").absolute())) if bench else None,
         "reduced": r.as_dict() if r else None, "recipe": {"label": RECIPE_LABEL, **RECIPE_METRICS},

@@ -22,7 +22,7 @@ from .models import ModelGeometry
 from .recipe import CHECKPOINTS, BenchSpec, ServeSpec
 from .shapes import DEFAULT_VLLM_VERSION, DTYPES, Layout, parse_layout
 from .vllm_rules import normalize_moe_backend
-from .workloads import MAX_WARMUP_PASSES, STEADY, WORKLOADS, Workload
+from .workloads import MAX_WARMUP_PASSES, STEADY, WORKLOADS, Workload, profiler_config
 
 DEFAULT_PAIRS = 5
 PAIR_ORDER = (("default", "tuned"), ("tuned", "default"))  # alternated pair by pair: drift cancels within pairs
@@ -60,12 +60,24 @@ class Setup:
 
     def arm_spec(self, arm: str) -> ServeSpec:
         """The server of an A/B arm: the default arm without the tuned folder; resident, on --port (default) or
-        --port + 1 (tuned), each with ``RESIDENT_MEMORY`` of the GPU memory."""
+        --port + 1 (tuned), each with ``RESIDENT_MEMORY`` of the GPU memory, and with --measure-moe-share vLLM's
+        profiler configured (idle until the profiled pass that ends the run)."""
         spec = self.spec if arm == "tuned" else replace(self.spec, tuned_folder=None)
         if not self.resident:
             return spec
-        return replace(spec, port=self.spec.port + ARMS.index(arm),
+        profiler = ("--profiler-config", profiler_config(self.profile_folder(arm), self.workload)) \
+            if self.measure_share else ()
+        return replace(spec, port=self.spec.port + ARMS.index(arm), model_args=(*spec.model_args, *profiler),
                        extra_args=(*spec.extra_args, GMU, str(RESIDENT_MEMORY)))
+
+    def profile_folder(self, arm: str) -> Path:
+        """Where the profiled pass of an arm's server writes its trace (--measure-moe-share)."""
+        return self.out / (f"profile-{arm}" if self.resident else "profile")
+
+    @property
+    def moe_calls_per_step(self) -> int:
+        """Fused-MoE kernel calls in one step of the served model: the gate-up and the down GEMM per MoE layer."""
+        return 2 * len(_geometry(self).moe_layers)
 
     @property
     def full_spec(self) -> ServeSpec:
@@ -100,7 +112,7 @@ def build(args: argparse.Namespace, installed_version: str | None) -> Setup:
     found = env_file(args.env_file)
     file_env = read_env_file(found, dict(os.environ)) if found else ()
     reduced = _reduced(args, layout, out, version, file_env) if args.reduced else None
-    workload = WORKLOADS[args.workload]
+    workload = WORKLOADS[args.workload].sized(**{BENCH_FIELDS[name]: _size(args, name) for name in BENCH_SIZES})
     spec = build_spec(args, gpu, file_env, reduced)
     setup = Setup(gpu=gpu, version=version, spec=spec, layout=layout, bench=build_bench(args, workload, reduced),
                   workload=workload, reduced=reduced, out=out, pairs=(args.pairs or DEFAULT_PAIRS) if args.ab else 0,
@@ -202,18 +214,21 @@ def build_spec(args: argparse.Namespace, gpu: gpus.GpuSpec, file_env: tuple[tupl
 
 def build_bench(args: argparse.Namespace, workload: Workload = WORKLOADS["recipe"],
                 reduced: rd.Reduced | None = None) -> BenchSpec | None:
-    """The workload's benchmark; an explicit size option wins. A reduced serve ignores EOS (random weights)."""
+    """The benchmark of the workload (sized by the explicit size options). A reduced serve ignores EOS (random
+    weights)."""
     if args.no_bench:
         return None
-    sizes = {name: getattr(args, name) if getattr(args, name) is not None else getattr(workload, BENCH_FIELDS[name])
-             for name in BENCH_SIZES}
-    for name, value in sizes.items():
-        if value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least 1")
     return BenchSpec(backend=args.bench_backend, endpoint=args.endpoint, dataset=args.dataset_name,
-                     **{BENCH_FIELDS[name]: value for name, value in sizes.items()},
+                     **{field: getattr(workload, field) for field in BENCH_FIELDS.values()},
                      ignore_eos=workload.ignore_eos or reduced is not None,
                      extra_args=tuple(_split(args.bench_args, "--bench-args")))
+
+
+def _size(args: argparse.Namespace, name: str) -> int | None:
+    value = getattr(args, name)
+    if value is not None and value < 1:
+        raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    return value
 
 
 def _split(text: str | None, option: str) -> list[str]:

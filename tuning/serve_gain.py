@@ -1,12 +1,10 @@
 """What validate-serve's runs say about the tuned configs' gain: the A/B of pairs of measured passes (``ab``'s
 statistics over them, and which servers ran them) and the gain the tuned files predict for the serve
-(``moe_share``), and for the layout a reduced serve emulates. Also the ``--profiler-config`` of the server that
-measures the fused MoE's share."""
+(``moe_share``), and for the layout a reduced serve emulates."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import statistics
 
 from . import ab
 from . import preflight as pf
@@ -16,13 +14,6 @@ from .moe_share import Prediction, Share, estimate, predict
 from .serve_args import RESIDENT_MEMORY, Setup
 from .serve_checks import Preflight, geometry_name
 from .serve_report import METRICS
-
-
-def profiler_config(folder: Path, phase: str) -> str:
-    """--profiler-config (its keys in vLLM 0.26 and 0.33): torch, GPU kernels, a window of steady steps."""
-    return json.dumps({"profiler": "torch", "torch_profiler_dir": str(folder.absolute()),
-                       "torch_profiler_with_stack": False, "ignore_frontend": True,
-                       "delay_iterations": 0 if phase == "prefill" else 4, "max_iterations": 16})
 
 
 def ab_summary(setup: Setup, runs: list[dict]) -> dict:
@@ -67,6 +58,24 @@ def predictions(setup: Setup, pre: Preflight, measured: Share | None) -> dict:
         full = predict(files[0], m, share)
     return {"served": _as(served), "full": _as(full), "m": m, "m_phrase": phrase, "why": None if served else
             f"{files[0].name} has no tune-moe provenance (no per-batch speedup to predict from)"}
+
+
+def in_serving(profiles: dict, runs: list[dict], phase: str) -> dict | None:
+    """The fused MoE's time per step on the profiled default and tuned servers (a resident A/B's), so the
+    kernel speedup the serve itself ran; for a decode or mixed workload also the gain that saving makes against
+    the default arm's median TPOT of the measured passes (the profiled step's own span is slowed by the profiler)."""
+    d, t = (profiles.get(arm) or {} for arm in ("default", "tuned"))
+    if not (d.get("moe_us") and t.get("moe_us")):
+        return None
+    saved = d["moe_us"] - t["moe_us"]
+    out = {"default_moe_us": d["moe_us"], "tuned_moe_us": t["moe_us"], "kernel_speedup": d["moe_us"] / t["moe_us"],
+           "saved_us": saved, "steps": min(d["steps"], t["steps"]), "tpot_ms": None, "gain": None}
+    tpots = [r["metrics"]["median_tpot_ms"] for r in runs if r.get("arm") == "default" and r.get("pair")
+             and r["metrics"].get("median_tpot_ms")]
+    if phase != "prefill" and tpots:
+        tpot_us = 1e3 * statistics.median(tpots)
+        out.update(tpot_ms=tpot_us / 1e3, gain=tpot_us / (tpot_us - saved))
+    return out
 
 
 def _as(p: Prediction | None) -> dict | None:

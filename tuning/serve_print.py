@@ -13,9 +13,8 @@ from .reduced import SERVED_CONFIG
 from .recipe import ServeSpec
 from .serve_args import GMU, PAIR_ORDER, RESIDENT_FIX, RESIDENT_MEMORY, Setup, resident_shortfall
 from .serve_checks import check_emulation, expected_files, geometry_name
-from .serve_gain import profiler_config
 from .serve_report import METRICS
-from .workloads import PROFILE_SEED, STEADY, WARMUP_SEED
+from .workloads import PROFILE_SEED, STEADY, WARMUP_SEED, profiler_config
 
 
 def notes(spec: ServeSpec, expected: list[str]) -> list[str]:
@@ -73,10 +72,18 @@ def print_command(setup: Setup, expected: list[str]) -> None:
     if setup.pairs:
         print(ab_line(setup))
     if setup.measure_share:
-        folder = setup.out / "profile"
-        print(f"# --measure-moe-share: then one more tuned server with --profiler-config "
-              f"{shlex.quote(profiler_config(folder, setup.workload.phase))}, and its pass with --profile "
-              f"--seed {PROFILE_SEED} --num-prompts {bench.max_concurrency}")
+        delay, steps = setup.workload.profile_window()
+        window = f"vLLM's torch profiler over {steps} steps after {delay}" if delay else \
+            f"vLLM's torch profiler over the first {steps} steps"
+        if setup.resident:
+            print(f"# --measure-moe-share: both servers above carry --profiler-config (idle until asked); after the "
+                  f"pairs, one profiled pass on each (--profile --seed {PROFILE_SEED} --num-prompts "
+                  f"{bench.max_concurrency}), {window}; traces in {setup.profile_folder('default')} and "
+                  f"{setup.profile_folder('tuned')}")
+        else:
+            print(f"# --measure-moe-share: then one more tuned server with --profiler-config "
+                  f"{shlex.quote(profiler_config(setup.profile_folder('tuned'), setup.workload))}, and its pass with "
+                  f"--profile --seed {PROFILE_SEED} --num-prompts {bench.max_concurrency}, {window}")
 
 
 def ab_line(setup: Setup) -> str:

@@ -14,7 +14,9 @@ step, which is what decides the tuned batch size that runs:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 # Every pass sends prompts no other pass on its server sent (the random dataset's --seed), so none hits the
 # prefix cache: warm-up pass i --seed WARMUP_SEED + i, an A/B's pair k --seed k on both arms (the same prompts),
@@ -26,6 +28,13 @@ PROFILE_SEED = 2000
 # prefill chunks' sizes, and so the configs they need, vary from pass to pass).
 STEADY = 0.03
 MAX_WARMUP_PASSES = 4
+# The profiled pass (vLLM's torch profiler, --profiler-config): PROFILE_STEPS engine steps, after PROFILE_DELAY steps
+# in a decode or mixed workload. A wave's prefill takes ceil(concurrency x prompt / chunk) steps (2 at 128 x 128
+# tokens and chunks of 8192), more while requests still arrive; 64 steps in, every request of the wave decodes, so
+# the window holds the steps the workload is about, not its first prefill chunks. A prefill workload's steps are
+# all prefill chunks: its window starts at once.
+PROFILE_STEPS = 16
+PROFILE_DELAY = 64
 
 
 def steady(before: dict, after: dict, key: str) -> bool:
@@ -37,7 +46,7 @@ def steady(before: dict, after: dict, key: str) -> bool:
 @dataclass(frozen=True)
 class Workload:
     name: str
-    what: str
+    label: str  # "" or what the workload is, ahead of its sizes
     input_len: int
     output_len: int
     max_concurrency: int
@@ -45,6 +54,28 @@ class Workload:
     ignore_eos: bool
     phase: str  # "decode", "prefill" or "mixed"
     primary: str  # the result key an A/B's verdict compares (higher is better)
+
+    @property
+    def what(self) -> str:
+        out = "one output token" if self.output_len == 1 else f"{self.output_len}-token outputs" + (
+            " with EOS ignored" if self.ignore_eos else "")
+        sizes = f"{self.input_len}-token prompts, {out}, {self.max_concurrency} at a time, {self.num_prompts} prompts"
+        return f"{self.label}: {sizes}" if self.label else sizes
+
+    def sized(self, **sizes: int | None) -> Workload:
+        """This workload with the sizes given (input_len, output_len, max_concurrency, num_prompts; None: its own):
+        what the benchmark sends, so the M per step, the profile window and the prediction follow it."""
+        return replace(self, **{k: v for k, v in sizes.items() if v is not None})
+
+    def profile_window(self) -> tuple[int, int]:
+        """(delay, steps) of the profiled pass: the steps that dominate this workload (``PROFILE_DELAY``), and
+        never past the end of the outputs."""
+        if self.phase == "prefill":
+            return 0, PROFILE_STEPS
+        return max(0, min(PROFILE_DELAY, self.output_len - PROFILE_STEPS - 1)), PROFILE_STEPS
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "what": self.what}
 
     def tokens_per_step(self, max_num_batched_tokens: int) -> int:
         """M of the fused MoE in the steps that dominate this workload."""
@@ -62,10 +93,15 @@ class Workload:
 
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
-    Workload("recipe", "the recipe's benchmark: 2048-token prompts, 1024-token outputs, 10 at a time",
-             2048, 1024, 10, 100, False, "mixed", "output_throughput"),
-    Workload("decode", "128-token prompts, 1024-token outputs with EOS ignored, 32 at a time",
-             128, 1024, 32, 64, True, "decode", "output_throughput"),
-    Workload("prefill", "8192-token prompts, one output token, 8 at a time",
-             8192, 1, 8, 64, True, "prefill", "total_token_throughput"),
+    Workload("recipe", "the recipe's benchmark", 2048, 1024, 10, 100, False, "mixed", "output_throughput"),
+    Workload("decode", "", 128, 1024, 32, 64, True, "decode", "output_throughput"),
+    Workload("prefill", "", 8192, 1, 8, 64, True, "prefill", "total_token_throughput"),
 )}
+
+
+def profiler_config(folder: Path, workload: Workload) -> str:
+    """--profiler-config (its keys in vLLM 0.26 and 0.33): torch, GPU kernels, the workload's window of steps."""
+    delay, steps = workload.profile_window()
+    return json.dumps({"profiler": "torch", "torch_profiler_dir": str(folder.absolute()),
+                       "torch_profiler_with_stack": False, "ignore_frontend": True,
+                       "delay_iterations": delay, "max_iterations": steps})
