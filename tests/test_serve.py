@@ -76,10 +76,11 @@ def test_print_command_tp4_mtp_with_env_file(tmp_path, monkeypatch, capsys):
     assert lines[1] == "# HF_TOKEN is set from the env file (not shown)"
     assert lines[2] == f"export VLLM_TUNED_CONFIG_FOLDER={tmp_path / 'kernels_configs' / 'NVIDIA_H200'}"
     assert shlex.split(lines[3]) == ["vllm", "serve", "stepfun-ai/Step-3.5-Flash", "--tensor-parallel-size", "4",
-                                     *RECIPE, *MTP, "--port", "8123"]
+                                     *RECIPE, *MTP, "--port", "8123", "--jit-monitor-verbose"]
     served = ServeSpec(model="stepfun-ai/Step-3.5-Flash", layout=parse_layout("TP4"), dtype="bf16", port=8123)
     assert lines[4] == ("# then, once GET /health answers 200, warm-up passes on other prompts (discarded), --seed "
-                        "1001, 1002, ...: until two in a row agree within 3% on output tok/s, at most 4:")
+                        "1001, 1002, ...: until two in a row agree within 3% on output tok/s and vLLM compiled no "
+                        "kernel during the second (--jit-monitor-verbose logs each), at most 4:")
     assert shlex.split(lines[5]) == BenchSpec(seed=1001).argv(served, tmp_path / "runs" / "bench-tuned-warmup1.json")
     assert lines[6] == "# then the measured pass:"
     assert shlex.split(lines[7]) == BenchSpec().argv(served, tmp_path / "runs" / "bench-tuned.json")
@@ -425,7 +426,8 @@ def test_resident_ab_keeps_two_servers_up_and_alternates_their_measured_passes(f
     assert rep["ab_servers"] == "resident"
     assert a["servers"] == {"mode": "resident", "ports": {"default": port, "tuned": port + 1},
                             "gpu_memory_utilization": 0.45}
-    assert shlex.split(rep["command"])[-4:] == ["--port", str(port + 1), "--gpu-memory-utilization", "0.45"]
+    assert shlex.split(rep["command"])[-5:] == ["--port", str(port + 1), "--jit-monitor-verbose",
+                                                "--gpu-memory-utilization", "0.45"]
     md = (out / "report.md").read_text()
     assert (f"`--ab-servers resident`: two servers up at once, the default one on port {port} and the tuned one on "
             f"port {port + 1}, each with `--gpu-memory-utilization 0.45`, started once") in md
@@ -433,7 +435,9 @@ def test_resident_ab_keeps_two_servers_up_and_alternates_their_measured_passes(f
             "`--ab-servers fresh` samples that too, at a server start per run.") in md
     warm = md.split("## Warm-up passes (discarded)")[1]
     for arm, rate in (("default", 800.0), ("tuned", 850.0)):  # each server once, after its cold pass (0.6x)
-        assert f"| {arm} | 3 | {0.6 * rate:.2f}, {rate:.2f}, {rate:.2f} | warm: the last two agree within 3% |" in warm
+        assert (f"| {arm} | 3 | {0.6 * rate:.2f} (1 compiled), {rate:.2f}, {rate:.2f} | warm: the last two agree "
+                "within 3%, the last compiled nothing |") in warm
+    assert "Kernels vLLM compiled while serving a measured pass: none" in md
     said = capsys.readouterr().out
     assert said.index("tuned server stopped") < said.index("default server stopped")  # both, after the passes
     assert said.index(f"pair 3 of 3: tuned (port {port + 1})") < said.index("tuned server stopped")
@@ -470,8 +474,9 @@ def test_resident_ab_stops_at_a_failed_proof(fake, capsys):
 
 @pytest.mark.parametrize("limit, noise, passes, steady, row", [
     # each pass 9-11% above the last (the fake's cold first pass 40% below): never two within 3%, so at most 4
-    (None, "0,0.1,0.2,0.3", [510.0, 850.0, 935.0, 1020.0],
-     False, "NOT warm: no two in a row within 3%; its first measured pass may pay first-use costs"),
+    (None, "0,0.1,0.2,0.3", [510.0, 850.0, 935.0, 1020.0], False,
+     "NOT warm: no two in a row within 3% with the second compiling nothing; its first measured pass may pay "
+     "first-use costs"),
     ("1", "0", [510.0], None, "one pass, not checked")])
 def test_warm_up_passes_stop_at_their_limit_and_the_report_says_whether_the_server_was_warm(
         fake, monkeypatch, capsys, limit, noise, passes, steady, row):
@@ -482,11 +487,30 @@ def test_warm_up_passes_stop_at_their_limit_and_the_report_says_whether_the_serv
     assert [b["seed"] for b in bench_log(fake)] == [*range(1001, 1001 + len(passes)), 0]  # then the measured pass
     md = (fake["out"] / "report.md").read_text()
     values = ", ".join(f"{v:.2f}" for v in passes)
-    assert f"| tuned | {len(passes)} | {values} | {row} |" in md.split("## Warm-up passes (discarded)")[1]
+    shown = values.replace("510.00", "510.00 (1 compiled)", 1)  # the fake's cold first pass compiles a kernel
+    assert f"| tuned | {len(passes)} | {shown} | {row} |" in md.split("## Warm-up passes (discarded)")[1]
     said = capsys.readouterr().out
     assert ("note: the tuned server's 4 warm-up passes never agreed within 3% on output tok/s "
-            f"({values}); its first measured passes may still pay first-use costs") in said if steady is False else \
-        "warm-up passes never agreed" not in said
+            f"({values}) in a pass that compiled nothing; its first measured passes may still pay first-use costs"
+            ) in said if steady is False else "warm-up passes never agreed" not in said
+
+
+def test_a_pass_that_compiled_is_not_warm_and_a_measured_pass_that_compiled_is_named(fake, monkeypatch, capsys):
+    """vLLM's JIT monitor (--jit-monitor-verbose) logs a fused_moe_kernel compile in the server's passes 1, 2
+    and 4: passes 2 and 3 agree, but 2 compiled, so the server is warm after 3; the measured pass (4) compiled,
+    and the run and the report say so."""
+    monkeypatch.setenv("FAKE_VLLM_NOISE", "0")
+    monkeypatch.setenv("FAKE_VLLM_JIT_PASSES", "1,2,4")
+    assert cli.main(reduced_args(fake, "--num-prompts", "2")) == 0
+    (run,) = report(fake)["runs"]
+    assert [len(w["jit_compiles"]) for w in run["warmup"]] == [1, 1, 0] and run["steady"] is True
+    assert run["compiles"] == ["fused_moe_kernel"]
+    md = (fake["out"] / "report.md").read_text()
+    assert "| tuned | 3 | 510.00 (1 compiled), 850.00 (1 compiled), 850.00 | warm: the last two agree within 3%, " \
+           "the last compiled nothing |" in md
+    assert ("Kernels vLLM compiled while serving a measured pass: tuned: 1 (fused_moe_kernel) (those passes paid for "
+            "compiles)") in md
+    assert "vLLM compiled 1 kernel(s) while serving this pass (fused_moe_kernel x1): " in capsys.readouterr().out
 
 
 def test_warmup_passes_refusals_are_one_line(fake, capsys):
@@ -541,7 +565,8 @@ def test_print_command_says_which_ab_servers_run(fake, capsys):
     port = int(args[args.index("--port") + 1])
     order = "default, tuned; tuned, default; default, tuned"
     for extra, served, files, line in (
-            ((), [str(port + 1), "--gpu-memory-utilization", "0.45"], ["bench-tuned-warmup1.json", "bench-tuned-1.json"],
+            ((), [str(port + 1), "--jit-monitor-verbose", "--gpu-memory-utilization", "0.45"],
+             ["bench-tuned-warmup1.json", "bench-tuned-1.json"],
              f"# --ab --ab-servers resident: first a default server (VLLM_TUNED_CONFIG_FOLDER unset; vLLM must log its "
              f"default config) on port {port}, then the tuned one above on port {port + 1}, both with "
              f"--gpu-memory-utilization 0.45, each warmed up once (until steady); then 3 pairs of measured passes "
@@ -549,7 +574,8 @@ def test_print_command_says_which_ab_servers_run(fake, capsys):
              f"server-to-server (--ab-servers "
              "fresh: a server start per run)"),
             (("--ab-servers", "fresh", "--serve-args", "--gpu-memory-utilization 0.8"),
-             [str(port), "--gpu-memory-utilization", "0.8"], ["bench-tuned-1-warmup1.json", "bench-tuned-1.json"],
+             [str(port), "--jit-monitor-verbose", "--gpu-memory-utilization", "0.8"],
+             ["bench-tuned-1-warmup1.json", "bench-tuned-1.json"],
              f"# --ab --ab-servers fresh: 3 pairs of fresh servers, one at a time, in the order {order}; the default "
              "server has VLLM_TUNED_CONFIG_FOLDER unset (vLLM must log its default config); this samples "
              "server-to-server variation too (a server start per run)")):
@@ -705,6 +731,21 @@ def test_log_agrees_with_vllms_own_preflight_answer(fake, monkeypatch):
     rep = report(fake)
     assert rep["preflight"]["answered_by"] == "vLLM's own code"
     assert rep["ok"] and rep["runs"][0]["problems"] == [] and rep["expected_files"] == [TP4_BF16]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM installed")
+def test_vllms_own_serve_parser_takes_the_resident_servers_command(fake, capsys):
+    """What validate-serve adds to a server's command for its own evidence (--jit-monitor-verbose, the profiler):
+    vLLM 0.33's own parser reads the whole command (sm90 patched in), and its flag table says what each stores."""
+    assert cli.main(reduced_args(fake, "--ab", "--measure-moe-share", "--workload", "decode", "--print-command")) == 0
+    serve = shlex.split(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("vllm serve")))
+    assert "--jit-monitor-verbose" in serve and "--profiler-config" in serve
+    (answer,) = vllm_probe.serve_plans([(serve[2:], "sm90", 141)])
+    assert "error" not in answer and answer["command"]["hf_overrides"]["moe_num_experts"] == 288
+    flags = vllm_probe.serve_flags()
+    assert flags["--jit-monitor-verbose"] == ["jit_monitor_verbose", False, True]
+    assert flags["--profiler-config"][:2] == ["profiler_config", True]
 
 
 # -- --reduced: one GPU for a multi-GPU layout ----------------------------------------------------------

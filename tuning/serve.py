@@ -29,6 +29,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
@@ -49,7 +50,8 @@ from .serve_checks import (Preflight, check_emulation, check_fit, expected_files
 from .serve_gain import ab_summary, in_serving, predictions
 from .serve_print import expected as expected_files_of, notes, print_command, print_notes
 from .serve_report import METRICS, write_report
-from .vllm_log import ConfigProof, MoeLogFacts, agreement, file_name_of, prove_default, prove_tuned, read_log
+from .vllm_log import (ConfigProof, MoeLogFacts, agreement, file_name_of, jit_compiles, prove_default, prove_tuned,
+                       read_log)
 from .workloads import PROFILE_SEED, STEADY, profiler_config, steady
 
 
@@ -85,10 +87,12 @@ class RunResult:
     steady: bool | None = None  # whether the last two warm-up passes agreed (None: one pass, unchecked)
     arm: str = "tuned"
     pair: int | None = None
+    compiles: tuple[str, ...] = ()  # kernels vLLM's JIT monitor saw compiled during the measured pass
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "proof": self.proof.as_dict() if self.proof else None,
-                "problems": list(self.problems), "kinds": list(self.kinds), "warmup": list(self.warmup)}
+                "problems": list(self.problems), "kinds": list(self.kinds), "warmup": list(self.warmup),
+                "compiles": list(self.compiles)}
 
 
 # -- one server: start, wait, prove, (benchmark,) stop -----------------------------------------------
@@ -197,16 +201,17 @@ def _warm(result: RunResult, spec: ServeSpec, opts: RunOptions) -> RunResult:
         warm = _bench(result, spec, opts, opts.bench.warmup(i), tag, f"warmup{i}")
         if warm.outcome != "ok":
             return replace(warm, warmup=tuple(passes))
-        passes.append(warm.metrics)
+        passes.append({**warm.metrics, "jit_compiles": list(warm.compiles)})
         if len(passes) > 1:
-            agreed = steady(passes[-2], passes[-1], opts.primary)
+            agreed = steady(passes[-2], passes[-1], opts.primary) and not warm.compiles
             if agreed:
                 break
     if agreed is False:
         values = ", ".join(f"{p.get(opts.primary, 0):.2f}" for p in passes)
         say(f"note: the {result.name} server's {len(passes)} warm-up passes never agreed within {STEADY:.0%} on "
-            f"{METRICS[opts.primary]} ({values}); its first measured passes may still pay first-use costs")
-    return replace(warm, warmup=tuple(passes), steady=agreed, metrics={}, result_file=None)
+            f"{METRICS[opts.primary]} ({values}) in a pass that compiled nothing; its first measured passes may "
+            "still pay first-use costs")
+    return replace(warm, warmup=tuple(passes), steady=agreed, metrics={}, result_file=None, compiles=())
 
 
 def _measure(result: RunResult, spec: ServeSpec, opts: RunOptions) -> RunResult:
@@ -223,9 +228,14 @@ def _bench(result: RunResult, spec: ServeSpec, opts: RunOptions, bench: BenchSpe
     log = out_json.with_suffix(".log")
     say(f"benchmarking{f' ({tag}, discarded)' if tag else ''}: {shlex.join(argv)}")
     out_json.unlink(missing_ok=True)
+    server_log = Path(result.log)
+    start = server_log.stat().st_size if server_log.exists() else 0
     with ProcessGroup(argv, spec.environ(dict(os.environ)), log, opts.grace) as group:
         code = _wait_exit(group, opts.bench_timeout)
     metrics = _read_metrics(out_json)
+    compiles = tuple(jit_compiles(_read_from(server_log, start)))
+    if compiles:
+        say(f"vLLM compiled {len(compiles)} kernel(s) while serving this pass ({_counted(compiles)}): {server_log}")
     if code != 0 or metrics is None:
         why = "timed out (raise --bench-timeout)" if code is None else \
             f"exited with status {code}" if code else f"saved no result at {out_json}"
@@ -233,11 +243,24 @@ def _bench(result: RunResult, spec: ServeSpec, opts: RunOptions, bench: BenchSpe
                                                           f"read {log}",))
     say(", ".join(f"{METRICS[k]} {v:.2f}" for k, v in metrics.items() if k in ("output_throughput", "median_ttft_ms",
                                                                              "median_tpot_ms")))
-    result = replace(result, metrics=metrics, result_file=str(out_json))
+    result = replace(result, metrics=metrics, result_file=str(out_json), compiles=compiles)
     if metrics.get("failed"):
         problem = f"{metrics['failed']} benchmark requests failed; read the server log {result.log}"
         return replace(result, outcome="bench", problems=(problem,))
     return result
+
+
+def _read_from(log: Path, offset: int) -> str:
+    try:
+        with log.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _counted(names: tuple[str, ...]) -> str:
+    return ", ".join(f"{name} x{n}" for name, n in Counter(names).items())
 
 
 def _wait_exit(group: ProcessGroup, timeout: float) -> int | None:

@@ -21,6 +21,7 @@ from .fit import MIN_KV_GB, RESERVED_GB, weights_per_gpu_gb
 from .models import ModelGeometry
 from .recipe import CHECKPOINTS, BenchSpec, ServeSpec
 from .shapes import DEFAULT_VLLM_VERSION, DTYPES, Layout, parse_layout
+from .vllm_log import JIT_VERBOSE
 from .vllm_rules import normalize_moe_backend
 from .workloads import MAX_WARMUP_PASSES, STEADY, WORKLOADS, Workload, profiler_config
 
@@ -198,7 +199,8 @@ def _reduced(args: argparse.Namespace, layout: Layout, out: Path, version: str,
 
 def build_spec(args: argparse.Namespace, gpu: gpus.GpuSpec, file_env: tuple[tuple[str, str], ...],
                reduced: rd.Reduced | None = None) -> ServeSpec:
-    """The served command; ``file_env``: the node env file's variables."""
+    """The served command; ``file_env``: the node env file's variables. A run that benchmarks has vLLM log every
+    kernel compiled while serving (``--jit-monitor-verbose``): each pass reports the compiles it caused."""
     if not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port}: not a TCP port; pass 1-65535")
     env = file_env
@@ -209,7 +211,7 @@ def build_spec(args: argparse.Namespace, gpu: gpus.GpuSpec, file_env: tuple[tupl
     return ServeSpec(**served, dtype=args.dtype, port=args.port, mtp=args.mtp,
                      moe_backend=normalize_moe_backend(args.moe_backend),
                      tuned_folder=Path(args.configs or CONFIGS_ROOT / gpu.device_name).absolute(), env=env,
-                     extra_args=tuple(_split(args.serve_args, "--serve-args")))
+                     extra_args=(*(() if args.no_bench else (JIT_VERBOSE,)), *_split(args.serve_args, "--serve-args")))
 
 
 def build_bench(args: argparse.Namespace, workload: Workload = WORKLOADS["recipe"],

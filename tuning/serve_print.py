@@ -59,7 +59,8 @@ def print_command(setup: Setup, expected: list[str]) -> None:
         n = setup.warmup_passes
         print("# then, once GET /health answers 200, warm-up passes on other prompts (discarded), --seed "
               f"{WARMUP_SEED + 1}, {WARMUP_SEED + 2}, ...: " + (
-                  f"until two in a row agree within {STEADY:.0%} on {METRICS[setup.workload.primary]}, at most {n}"
+                  f"until two in a row agree within {STEADY:.0%} on {METRICS[setup.workload.primary]} and vLLM "
+                  f"compiled no kernel during the second (--jit-monitor-verbose logs each), at most {n}"
                   if n > 1 else "one (--warmup-passes 1)") + ":")
         warm = bench.warmup(1)
         warm_name = "tuned" if setup.resident else name  # a resident server is warmed once

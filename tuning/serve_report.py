@@ -77,17 +77,31 @@ def _warmup_section(report: dict) -> list[str]:
         if not passes or server in seen:
             continue
         seen.add(server)
-        state = {True: f"warm: the last two agree within {STEADY:.0%}", None: "one pass, not checked",
-                 False: f"NOT warm: no two in a row within {STEADY:.0%}; its first measured pass may pay "
-                        "first-use costs"}[run.get("steady")]
-        rows.append(f"| {server} | {len(passes)} | {', '.join(_num(p.get(key)) for p in passes)} | {state} |")
+        state = {True: f"warm: the last two agree within {STEADY:.0%}, the last compiled nothing",
+                 None: "one pass, not checked",
+                 False: f"NOT warm: no two in a row within {STEADY:.0%} with the second compiling nothing; its "
+                        "first measured pass may pay first-use costs"}[run.get("steady")]
+        values = ", ".join(_num(p.get(key)) + (f" ({len(p['jit_compiles'])} compiled)" if p.get("jit_compiles") else "")
+                           for p in passes)
+        rows.append(f"| {server} | {len(passes)} | {values} | {state} |")
     if not rows:
         return []
     return ["", "## Warm-up passes (discarded)", "",
             f"Each server ran warm-up passes on prompts no measured pass sends (`--seed {WARMUP_SEED + 1}`, "
-            f"`{WARMUP_SEED + 2}`, ...) until two in a row agreed within {STEADY:.0%} on {METRICS[key]}: then the "
-            "fused-MoE configs of every batch size the workload reaches are compiled and loaded.", "",
-            f"| server | passes | {METRICS[key]} per pass | |", "|---|---|---|---|", *rows]
+            f"`{WARMUP_SEED + 2}`, ...) until two in a row agreed within {STEADY:.0%} on {METRICS[key]} and vLLM's "
+            "JIT monitor (`--jit-monitor-verbose`) logged no kernel compiled during the second: then the fused-MoE "
+            "configs of every batch size the workload reaches are compiled and loaded.", "",
+            f"| server | passes | {METRICS[key]} per pass (kernels compiled while serving) | |", "|---|---|---|---|",
+            *rows, "", _compiles_line(report["runs"])]
+
+
+def _compiles_line(runs: list[dict]) -> str:
+    """The kernels vLLM compiled during measured passes: none, when every server was warm."""
+    measured = [r for r in runs if r["metrics"] and r.get("arm") != "profile"]
+    hit = [f"{r['name']}: {len(r['compiles'])} ({', '.join(sorted(set(r['compiles'])))})" for r in measured
+           if r.get("compiles")]
+    return ("Kernels vLLM compiled while serving a measured pass: " + ("; ".join(hit) + " (those passes paid "
+            "for compiles)" if hit else "none"))
 
 
 def _reduced_section(r: dict) -> list[str]:

@@ -11,6 +11,11 @@ prefix such as ``(EngineCore_DP0 pid=123) (Worker_TP0 pid=456) WARNING 11-29 05:
   ``FlashInfer CUTLASS`` hold spaces), logged once per distinct backend (``logger.info_once``): a serve
   whose two MoE layer kinds (SiLU and clamped SwiGLU) pick two backends logs both.
 
+- ``Triton kernel JIT compilation during inference: fused_moe_kernel (constexprs={...}; ...). This causes a
+  latency spike; ...`` (vLLM 0.26 and 0.33, ``utils/jit_monitor.py``, active once the server has warmed up):
+  a kernel compiled while serving. Logged once per server, or for every compile (with the kernel's
+  constexprs) under ``--jit-monitor-verbose``, which validate-serve passes: ``jit_compiles`` reads them.
+
 ``prove_tuned`` says whether a log proves the tuned folder was used; ``agreement`` whether the log
 agrees with what preflight predicted per layer kind (the backends, and the files vLLM looked up).
 """
@@ -28,6 +33,9 @@ USING = re.compile(r"Using configuration from (.+?\.json) for MoE layer\.")
 MISSING = re.compile(r"Using default MoE config\. Performance might be sub-optimal! "
                      r"Config file not found at (.+?\.json)\s*$")
 BACKEND = re.compile(r"Using (.+?) (Fp8|Unquantized) MoE backend\b")
+JIT = re.compile(r"\b(Triton kernel JIT compilation|CuTeDSL JIT compilation|TileLang JIT compilation) during "
+                 r"inference: (\S+?)(?: \(|\. This causes)")
+JIT_VERBOSE = "--jit-monitor-verbose"  # vLLM 0.26's and 0.33's: log every JIT compile while serving, not the first
 # Backends whose reading of a tuned file proves the tuned configs ran as tuned: TritonExperts, where M is
 # the tokens of the call, as the file's keys mean. BATCHED_TRITON reads the same file but runs the batched
 # kernel, where M is the tokens per expert; DEEPGEMM reads it only for its Triton fallback.
@@ -61,6 +69,11 @@ def read_log(text: str) -> MoeLogFacts:
         elif m := BACKEND.search(line):
             _add(facts.backends, f"{m.group(1)} ({m.group(2)})")
     return facts
+
+
+def jit_compiles(text: str) -> list[str]:
+    """The kernels vLLM's JIT monitor saw compiled while serving, one entry per compile (e.g. fused_moe_kernel)."""
+    return [m.group(2) for m in JIT.finditer(ANSI.sub("", text))]
 
 
 def file_name_of(path: str) -> str:
