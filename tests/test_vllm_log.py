@@ -14,6 +14,7 @@ from tuning.vllm_log import (
     TRITON_BACKENDS,
     Predicted,
     agreement,
+    jit_compiles,
     missing_config_files,
     prove_default,
     prove_tuned,
@@ -227,3 +228,33 @@ def test_lines_written_by_vllms_own_code(tmp_path):
     assert facts.missing == [EP4]
     assert facts.searched[0] == f"{tuned}/{EP4}"
     assert facts.loaded == [f"{tuned}/E=288,N=320,device_name=NVIDIA_H200.json"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM installed")
+def test_jit_compiles_reads_the_lines_vllms_own_jit_monitor_logs():
+    """vLLM 0.33's ``_handle_jit_event`` writes the line (verbose: every compile, with its details; otherwise the
+    first only); ``jit_compiles`` reads one compile per line, with and without the details, and nothing else."""
+    import logging
+
+    import vllm.utils.jit_monitor as jm
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(f"{PREFIX} WARNING 12-01 05:38:46 [jit_monitor.py:135] "
+                                               f"{record.getMessage()}")
+    jm.logger.addHandler(handler)
+    saved = jm._mode, jm._verbose
+    try:
+        jm._mode, jm._verbose = "warn", True
+        for _ in range(2):
+            jm._handle_jit_event(backend="Triton", event="kernel JIT compilation", fn_name="fused_moe_kernel",
+                                 detail="constexprs={BLOCK_SIZE_M=16, BLOCK_SIZE_N=64}; key='x'")
+        jm._handle_jit_event(backend="CuTeDSL", event="JIT compilation", fn_name="grouped_gemm")
+        jm._verbose = False
+        jm._handle_jit_event(backend="Triton", event="kernel JIT compilation", fn_name="moe_align_block_size")
+    finally:
+        jm._mode, jm._verbose = saved
+        jm.logger.removeHandler(handler)
+    text = "\n".join([loaded_line("/x/E=1.json"), *lines])
+    assert len(lines) == 4 and jit_compiles(text) == ["fused_moe_kernel", "fused_moe_kernel", "grouped_gemm",
+                                                      "moe_align_block_size"]
