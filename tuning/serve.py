@@ -304,12 +304,13 @@ def _run_all(setup: Setup, pre: Preflight, opts: RunOptions, report: dict) -> in
         if run_.outcome in ("timeout", "exited"):
             sys.stderr.write(_tail(Path(run_.log)))
     report["ok"] = all(r.outcome == "ok" for r in runs)
+    if setup.pairs and report["ok"]:
+        report["ab"] = ab_summary(setup, report["runs"])
     if report["ok"] and setup.bench:
         measured = report.get("moe_share")
         report["prediction"] = {**predictions(setup, pre, Share(**measured) if measured else None),
-                                "serving": in_serving(report.get("moe_profile", {}), report["runs"], setup.workload.phase)}
-    if setup.pairs and report["ok"]:
-        report["ab"] = ab_summary(setup, report["runs"])
+                                "serving": in_serving(report.get("moe_profile", {}), report.get("ab"), setup.workload.phase)}
+    if report.get("ab"):
         say(report["ab"]["verdict"])
     return 0 if report["ok"] else 1
 

@@ -4,8 +4,6 @@ statistics over them, and which servers ran them) and the gain the tuned files p
 
 from __future__ import annotations
 
-import statistics
-
 from . import ab
 from . import preflight as pf
 from .model_folder import published_config
@@ -60,7 +58,7 @@ def predictions(setup: Setup, pre: Preflight, measured: Share | None) -> dict:
             f"{files[0].name} has no tune-moe provenance (no per-batch speedup to predict from)"}
 
 
-def in_serving(profiles: dict, runs: list[dict], phase: str) -> dict | None:
+def in_serving(profiles: dict, ab_summary_: dict | None, phase: str) -> dict | None:
     """The fused MoE's time per step on the profiled default and tuned servers (a resident A/B's), so the
     kernel speedup the serve itself ran; for a decode or mixed workload also the gain that saving makes against
     the default arm's median TPOT of the measured passes (the profiled step's own span is slowed by the profiler)."""
@@ -70,11 +68,9 @@ def in_serving(profiles: dict, runs: list[dict], phase: str) -> dict | None:
     saved = d["moe_us"] - t["moe_us"]
     out = {"default_moe_us": d["moe_us"], "tuned_moe_us": t["moe_us"], "kernel_speedup": d["moe_us"] / t["moe_us"],
            "saved_us": saved, "steps": min(d["steps"], t["steps"]), "tpot_ms": None, "gain": None}
-    tpots = [r["metrics"]["median_tpot_ms"] for r in runs if r.get("arm") == "default" and r.get("pair")
-             and r["metrics"].get("median_tpot_ms")]
-    if phase != "prefill" and tpots:
-        tpot_us = 1e3 * statistics.median(tpots)
-        out.update(tpot_ms=tpot_us / 1e3, gain=tpot_us / (tpot_us - saved))
+    tpot = ((ab_summary_ or {}).get("arms", {}).get("default", {}).get("median_tpot_ms") or {}).get("median")
+    if phase != "prefill" and tpot:
+        out.update(tpot_ms=tpot, gain=tpot * 1e3 / (tpot * 1e3 - saved))
     return out
 
 
