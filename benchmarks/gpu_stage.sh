@@ -60,7 +60,7 @@ set -euo pipefail
 stage=${1:?stage}; shift
 export PYTHONUNBUFFERED=1 RAY_DISABLE_USAGE_STATS=1 RAY_AUTH_MODE=disabled
 t38=/tmp/t38  # Triton 3.8.0, vLLM 0.33's; vLLM 0.26 (its tune and its serve) runs the machine's own 3.6.0
-if [ "${TUNE_MOE_STAGE_VLLM:-0.33.0}" = 0.26.0 ] || [ "$stage" = serve-bg ]; then
+if [ "${TUNE_MOE_STAGE_VLLM:-0.33.0}" = 0.26.0 ] || [ "$stage" = serve-bg ] || [ "$stage" = vllm-setup ]; then
   t38=/nonexistent
 elif [ -d /tmp/t38/triton ]; then
   export TRITON_BACKENDS_IN_TREE=1  # the unpacked Triton has no entry points; the machine's own needs nothing

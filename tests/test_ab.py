@@ -23,6 +23,16 @@ def test_identical_ratios_give_a_point_interval_and_a_clear_verdict():
     assert v.text == "tuned is better in output tok/s: +10.0% (95% CI +10.0% to +10.0%); it resolves a 5% change"
 
 
+def test_a_significant_change_inside_one_percent_is_named_small():
+    # the bf16 prefill A/B of benchmarks/README 6e: per-pair total tok/s of both resident servers
+    default = [98487.68, 98877.29, 98761.80, 98668.60, 100050.81]
+    tuned = [98591.30, 98521.48, 98377.65, 98455.15, 99904.67]
+    v = ab.verdict(ab.paired_ratio("total tok/s", tuned, default), "total tok/s")
+    assert v.outcome == "worse"
+    assert v.text == ("tuned is worse in total tok/s: -0.2% (95% CI -0.3% to -0.0%, all of it within ±1%); "
+                      "it resolves a 5% change")
+
+
 def test_two_pairs_exact_bootstrap_by_hand():
     # log-ratios 0 and log 1.21; resample means 0 (1 of 4 orderings), log 1.1 (2 of 4), log 1.21 (1 of 4):
     # the 2.5th percentile is the first, the 97.5th the last.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import provenance_for
-from tuning import moe_share, provenance
+from tuning import moe_share, provenance, serve_gain
 from tuning.configs import read_config_file
 from tuning.gpus import get_gpu
 from tuning.model_folder import published_config
@@ -122,3 +122,23 @@ def test_the_fp8_serves_decode_steps_ran_the_kernel_as_fast_as_the_tune_timed_it
     for s in steps:
         assert s.moe_us / 11 == pytest.approx(tuned_us, rel=0.02)
         assert s.busy_us < 0.7 * s.span_us  # the GPU waited on the host for over 30% of every decode step
+
+
+def test_the_bf16_prefill_serve_ran_one_kernel_grid_and_saved_nothing_measurable():
+    """Both resident servers of the bf16 prefill A/B (benchmarks/README section 6e), profiled: every step of the
+    window is one 8192-token chunk (one grid of the fused MoE's first GEMM, in 7 whole steps); the fused MoE's
+    time per step is the same on both to 0.1%, and against the measured passes' step time that saving predicts
+    nothing the A/B could see."""
+    folder = RESULTS / "ab-bf16-prefill"
+    report = json.loads((folder / "report.json").read_text())
+    profiles = {arm: dataclasses.asdict(moe_share.measure(folder / f"profile-{arm}", 22)) for arm in ("default", "tuned")}
+    for arm, p in profiles.items():
+        assert {s.grid for s in moe_share._steps_of(folder / f"profile-{arm}", 22)} == {(3990, 1, 1)}
+        assert p["steps"] == 7 and p["moe_us"] == pytest.approx(report["moe_profile"][arm]["moe_us"])
+    live = serve_gain.in_serving(profiles, report["ab"], "prefill", 8192)
+    assert live["kernel_speedup"] == pytest.approx(1.0, abs=0.001)
+    tps = report["ab"]["arms"]["default"]["total_token_throughput"]["median"]
+    assert live["step_ms"] == pytest.approx(8192e3 / tps) and 80 < live["step_ms"] < 86
+    assert live["step_from"] == "8192 tokens at their median total tok/s"
+    assert live["gain"] == pytest.approx(1.0, abs=0.001)
+    assert serve_gain.in_serving(profiles, None, "prefill", 8192)["gain"] is None  # no A/B: no step time

@@ -88,3 +88,33 @@ def test_every_job_is_taken_once_whatever_the_workers_do():
         last[w] = running.pop(w)
         assert len({sibling_key(j) for j in running.values()}) == len(running)  # families x M >> 4 workers
     assert sorted(taken, key=str) == sorted(p.jobs, key=str)
+
+
+def walk(workers: int, ms) -> dict[int, list[int]]:
+    """Workers of equal speed, each finishing in turn: the batch sizes each ran (N=160's; N=320's are its
+    siblings)."""
+    p = plan(BF16, "bf16", ["TP8", "TP4"], ms=ms)
+    q, running, last, ran = JobQueue(p.jobs), {}, {}, {w: [] for w in range(workers)}
+    while len(q) or running:
+        for w in range(workers):
+            if w not in running and len(q):
+                running[w] = q.take(last.get(w), list(running.values()))
+                if running[w].shape.n == 160:
+                    ran[w].append(running[w].m)
+        w = min(running)  # the lowest-numbered running worker finishes next
+        last[w] = running.pop(w)
+    return ran
+
+
+def test_two_workers_start_at_both_ends_and_walk_towards_each_other():
+    ms = (1, 2, 4, 8, 16, 64, 256, 1024, 3072, 4096)
+    ran = walk(2, ms)
+    assert ran[0] == sorted(ran[0]) and ran[0][0] == 1  # up from the smallest
+    assert ran[1] == sorted(ran[1], reverse=True) and ran[1][0] == 4096  # down from the largest
+    assert sorted(ran[0] + ran[1]) == list(ms)
+    assert walk(1, ms)[0] == list(ms)  # alone: every batch size in order, each seeding the next
+
+
+def test_a_third_worker_starts_in_the_middle():
+    ran = walk(3, (1, 2, 4, 8, 16, 24, 32, 64, 128, 256, 1024, 4096))
+    assert [r[0] for r in ran.values()] == [1, 4096, 24]  # as far as it gets from 1 and 4096 (a tie with 32)

@@ -802,7 +802,8 @@ def test_reduced_serve_runs_the_layouts_shape_on_one_gpu(fake, monkeypatch, caps
     assert rep["moe_profile"]["default"]["moe_us"] == pytest.approx(600)  # FAKE_VLLM_KERNEL_SPEEDUP 1.2
     live = rep["prediction"]["serving"]
     tpot = statistics.median(r["metrics"]["median_tpot_ms"] for r in rep["runs"] if r["arm"] == "default")
-    assert (live["kernel_speedup"], live["saved_us"], live["tpot_ms"]) == pytest.approx((1.2, 100, tpot))
+    assert (live["kernel_speedup"], live["saved_us"], live["step_ms"]) == pytest.approx((1.2, 100, tpot))
+    assert live["step_from"] == "their median TPOT"
     assert live["gain"] == pytest.approx(tpot / (tpot - 0.1))
     served = rep["prediction"]["served"]
     assert (served["m"], served["key"], served["kernel_speedup"]) == (32, 32, 1.25)
@@ -814,8 +815,9 @@ def test_reduced_serve_runs_the_layouts_shape_on_one_gpu(fake, monkeypatch, caps
     assert "- workload decode: M = 32 tokens per step (one decode token for each of 32 requests)" in md
     assert "predicted +11.1%" in md and "this serve's prediction is above the interval" in md
     assert ("- in serving (vLLM's profiler, 15 steps on each server): the fused MoE took 600 us a step on the default "
-            "server and 500 us on the tuned one, 1.200x, 100 us saved a step; against the default passes' median TPOT "
-            f"of {tpot:.2f} ms: predicted {(tpot / (tpot - 0.1) - 1) * 100:+.1f}%") in md
+            "server and 500 us on the tuned one, 1.200x, 100 us saved a step; against the default passes' step of "
+            f"{tpot:.2f} ms (their median TPOT): predicted {(tpot / (tpot - 0.1) - 1) * 100:+.1f}%") in md
+    assert "| profile-default |" not in md.split("## Warm-up passes")[1]  # profiled on the warm resident servers
     assert "the TP4 serve: `E=288,N=320,device_name=NVIDIA_H200.json` is 1.250x vLLM's default" in md
 
 

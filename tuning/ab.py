@@ -23,6 +23,7 @@ EXACT_UP_TO = 8  # C(2n-1, n) multisets: 6435 at n = 8
 RESAMPLES = 20000
 SEED = 0
 RESOLVE = 0.05  # the change an A/B should be able to detect
+SMALL = 0.01  # a significant change whose whole interval lies within this is named as small
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,8 @@ def verdict(ratio: Ratio, label: str, *, higher_is_better: bool = True) -> Verdi
                        "noise")
     better = (ratio.estimate > 1) == higher_is_better
     word = "better" if better else "worse"
-    return Verdict(f"tuned is {word} in {label}: {change:+.1f}% ({ci}); {resolves}", word)
+    small = ", all of it within ±1%" if max(abs(ratio.low - 1), abs(ratio.high - 1)) < SMALL else ""
+    return Verdict(f"tuned is {word} in {label}: {change:+.1f}% ({ci}{small}); {resolves}", word)
 
 
 @dataclass(frozen=True)

@@ -308,8 +308,9 @@ def _run_all(setup: Setup, pre: Preflight, opts: RunOptions, report: dict) -> in
         report["ab"] = ab_summary(setup, report["runs"])
     if report["ok"] and setup.bench:
         measured = report.get("moe_share")
-        report["prediction"] = {**predictions(setup, pre, Share(**measured) if measured else None),
-                                "serving": in_serving(report.get("moe_profile", {}), report.get("ab"), setup.workload.phase)}
+        predicted = predictions(setup, pre, Share(**measured) if measured else None)
+        report["prediction"] = {**predicted, "serving": in_serving(report.get("moe_profile", {}), report.get("ab"),
+                                                                   setup.workload.phase, predicted["m"])}
     if report.get("ab"):
         say(report["ab"]["verdict"])
     return 0 if report["ok"] else 1

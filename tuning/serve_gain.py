@@ -58,19 +58,25 @@ def predictions(setup: Setup, pre: Preflight, measured: Share | None) -> dict:
             f"{files[0].name} has no tune-moe provenance (no per-batch speedup to predict from)"}
 
 
-def in_serving(profiles: dict, ab_summary_: dict | None, phase: str) -> dict | None:
+def in_serving(profiles: dict, ab_summary_: dict | None, phase: str, m: int) -> dict | None:
     """The fused MoE's time per step on the profiled default and tuned servers (a resident A/B's), so the
-    kernel speedup the serve itself ran; for a decode or mixed workload also the gain that saving makes against
-    the default arm's median TPOT of the measured passes (the profiled step's own span is slowed by the profiler)."""
+    kernel speedup the serve itself ran, and the gain that saving makes against the default arm's step time in
+    the measured passes: its median TPOT (decode, mixed), or the M tokens of a prefill step at its median total
+    tok/s (prefill). The profiled steps' own span is not used: the profiler slows it."""
     d, t = (profiles.get(arm) or {} for arm in ("default", "tuned"))
     if not (d.get("moe_us") and t.get("moe_us")):
         return None
     saved = d["moe_us"] - t["moe_us"]
     out = {"default_moe_us": d["moe_us"], "tuned_moe_us": t["moe_us"], "kernel_speedup": d["moe_us"] / t["moe_us"],
-           "saved_us": saved, "steps": min(d["steps"], t["steps"]), "tpot_ms": None, "gain": None}
-    tpot = ((ab_summary_ or {}).get("arms", {}).get("default", {}).get("median_tpot_ms") or {}).get("median")
-    if phase != "prefill" and tpot:
-        out.update(tpot_ms=tpot, gain=tpot * 1e3 / (tpot * 1e3 - saved))
+           "saved_us": saved, "steps": min(d["steps"], t["steps"]), "step_ms": None, "step_from": None, "gain": None}
+    arm = (ab_summary_ or {}).get("arms", {}).get("default", {})
+    if phase == "prefill":
+        tps = (arm.get("total_token_throughput") or {}).get("median")
+        step, source = (m * 1e3 / tps, f"{m} tokens at their median total tok/s") if tps else (None, None)
+    else:
+        step, source = (arm.get("median_tpot_ms") or {}).get("median"), "their median TPOT"
+    if step:
+        out.update(step_ms=step, step_from=source, gain=step * 1e3 / (step * 1e3 - saved))
     return out
 
 

@@ -73,7 +73,9 @@ def _warmup_section(report: dict) -> list[str]:
     rows = []
     for run in report["runs"]:
         passes = run.get("warmup") or []
-        server = run["arm"] if resident and run["arm"] != "profile" else run["name"]
+        if resident and run["arm"] == "profile":
+            continue  # the profiled pass ran on a resident server, warmed up above
+        server = run["arm"] if resident else run["name"]
         if not passes or server in seen:
             continue
         seen.add(server)
@@ -176,8 +178,8 @@ def _prediction_section(report: dict) -> list[str]:
         lines.append(f"- in serving (vLLM's profiler, {x['steps']} steps on each server): the fused MoE took "
                      f"{x['default_moe_us']:.0f} us a step on the default server and {x['tuned_moe_us']:.0f} us on the "
                      f"tuned one, {x['kernel_speedup']:.3f}x, {x['saved_us']:.0f} us saved a step" + (
-                         f"; against the default passes' median TPOT of {x['tpot_ms']:.2f} ms: predicted "
-                         f"{(x['gain'] - 1) * 100:+.1f}%" if x["gain"] else ""))
+                         f"; against the default passes' step of {x['step_ms']:.2f} ms ({x['step_from']}): "
+                         f"predicted {(x['gain'] - 1) * 100:+.1f}%" if x["gain"] else ""))
     if a and a["primary"] in a["ratios"]:
         r = a["ratios"][a["primary"]]
         which = [(label, g) for label, g in (("the in-serving prediction", (x or {}).get("gain")),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,9 @@ class _ShapeWriter:
 class Driver:
     def __init__(self, plan: Plan, settings: Settings, ray_options: RayOptions, triton: str):
         self.plan, self.settings, self.options, self.triton = plan, settings, ray_options, triton
+        self.started = time.monotonic()
         self.num_workers = min(_start_ray(ray_options), ray_options.max_workers or 1 << 30)
+        self.ray_seconds = time.monotonic() - self.started
         self.failures: dict[str, dict[TileConfig, Failure]] = {}
         self.restarts = 0
         self.succeeded = 0
@@ -184,8 +187,10 @@ class Driver:
                              "free them or pass --ray-address of a cluster with idle GPUs") from None
         for i in infos:
             self._check_worker(i)
+        ready = time.monotonic() - self.started - self.ray_seconds
         print(f"{len(infos)} workers: " + ", ".join(f"{i['host']}:{i['gpu_ids'] or '-'}" for i in infos)
-              + f"; kernel: {infos[0]['kernel']}; Triton {infos[0]['triton']}")
+              + f"; kernel: {infos[0]['kernel']}; Triton {infos[0]['triton']}; Ray up in {self.ray_seconds:.1f} s, "
+              f"the workers {ready:.1f} s later")
         first = infos[0]  # every worker was checked to match it (device, Triton); the file is for the plan's device
         return RunInfo(gpu_name=first["name"], device_name=self.plan.gpu.device_name, driver=first["driver"],
                        count=len(infos), cuda=first["cuda"], torch=first["torch"], triton=first["triton"],
