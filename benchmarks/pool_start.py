@@ -1,0 +1,78 @@
+"""What a worker's compile pool costs: its start, a cold round, and two pools on one node at once.
+
+Usage (on a GPU node, vLLM's fused_moe.py at hand):
+    python benchmarks/pool_start.py FUSED_MOE_PY [VLLM_VERSION] > pool_start.json
+
+Rounds of 36 tile configs (about a search round: 3 configs' 12 neighbours) of bf16 E=288 N=160 at M=4096,
+each Triton cache a fresh folder. One pool of compile.processes() processes: up (each imported torch and the
+kernel), a cold round, the same round again (cache hits), N=320's (the same kernels: hits). Then two pools
+started at once, as two workers on one node start theirs, in a fresh cache: one cold round in each at once of
+the same 36 configs (M=4096 and M=3072: one family, the same kernels), then of 36 different configs each.
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from tuning.compile import Precompiler, processes
+from tuning.kernel import KernelSource
+from tuning.shapes import MoeShape
+from tuning.space import Context, space
+from tuning.gpus import get_gpu
+
+ROUND = 36  # about a search round: 3 configs' 12 neighbours
+
+
+def up(pool: Precompiler) -> None:
+    """Wait until every process of the pool has run a task (imported torch and loaded the kernel)."""
+    n = pool.pool._max_workers
+    for f in [pool.pool.submit(os.getpid) for _ in range(4 * n)]:
+        f.result()
+
+
+def timed(fn) -> float:
+    t = time.monotonic()
+    fn()
+    return round(time.monotonic() - t, 2)
+
+
+def main(path: str, version: str | None) -> dict:
+    gpu, source = get_gpu("H200"), KernelSource(path, version)
+    n160, n320 = MoeShape(288, 288, 160, 4096, 8, "bf16"), MoeShape(288, 288, 320, 4096, 8, "bf16")
+    configs = space(Context(n160, gpu, 4096))
+    same, other = configs[:ROUND], [configs[ROUND:2 * ROUND], configs[2 * ROUND:3 * ROUND]]
+    out = {"cpus": os.cpu_count(), "processes": processes(), "configs_at_4096": len(configs)}
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-one-")  # the pool's processes inherit it
+    t = time.monotonic()
+    pool = Precompiler(source)
+    up(pool)
+    out["pool_up_s"] = round(time.monotonic() - t, 2)
+    out["cold_round_s"] = timed(lambda: pool(n160, 4096, same))
+    out["same_round_again_s"] = timed(lambda: pool(n160, 4096, same))
+    out["sibling_round_s"] = timed(lambda: pool(n320, 4096, same))
+    pool.pool.shutdown()
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-two-")
+    t = time.monotonic()
+    pools = [Precompiler(source), Precompiler(source)]
+    with ThreadPoolExecutor(2) as ex:
+        list(ex.map(up, pools))
+        out["two_pools_up_s"] = round(time.monotonic() - t, 2)
+        out["two_pools_same_configs_s"] = list(ex.map(
+            lambda a: timed(lambda: a[0](n160, a[1], same)), [(pools[0], 4096), (pools[1], 3072)]))
+        out["two_pools_other_configs_s"] = list(ex.map(
+            lambda a: timed(lambda: a[0](n160, 4096, a[1])), zip(pools, other)))
+    for p in pools:
+        p.pool.shutdown()
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__.strip().splitlines()[2].strip())
+    print(json.dumps(main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None), indent=1))
