@@ -74,5 +74,5 @@ def main(path: str, version: str | None) -> dict:
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
-        sys.exit(__doc__.strip().splitlines()[2].strip())
+        sys.exit("\n".join(__doc__.strip().splitlines()[2:4]))
     print(json.dumps(main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None), indent=1))
