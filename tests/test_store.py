@@ -126,22 +126,32 @@ def test_results_recorded_before_compile_seconds_was_kept_still_load():
 
 
 def test_the_scaling_table_in_the_benchmarks_readme_comes_from_the_committed_results():
-    """benchmarks/scaling.py reads results.jsonl files (and each run's log for its wall time) and gives section
-    2d's table: the runs' wall times, job time, jobs per worker and configs timed as the README states them."""
+    """benchmarks/scaling.py reads results.jsonl files (and each run's log for its wall time) and gives sections
+    2d's and 2e's tables: the runs' wall times, job time, jobs per worker and configs timed as the README states
+    them, and for 2e's runs the time outside jobs and the compile wait."""
     root = Path(__file__).resolve().parents[1]
     runs = [str(root / f"benchmarks/results/scaling-x2/c{i}.results.jsonl") for i in (1, 2, 3, 4)]
     done = subprocess.run([sys.executable, str(root / "benchmarks/scaling.py"), *runs], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith("| c")]
-    assert rows[:4] == ["| c1 | 297 s | 1.00x | 275 s | 36 | 275 s | 0 s | 1661 |",
-                        "| c2 | 184 s | 1.61x | 322 s | 20 + 16 | 163 s + 159 s | 0 s | 1734 |",
-                        "| c3 | 187 s | 1.59x | 330 s | 18 + 18 | 168 s + 162 s | 0 s | 1728 |",
-                        "| c4 | 192 s | 1.55x | 336 s | 20 + 16 | 172 s + 163 s | 0 s | 1774 |"]
+    assert rows[:4] == ["| c1 | 297 s | 1.00x | 275 s | 36 | 275 s | 22 s | 0 s | 1661 |",
+                        "| c2 | 184 s | 1.61x | 322 s | 20 + 16 | 163 s + 159 s | 21 s | 0 s | 1734 |",
+                        "| c3 | 187 s | 1.59x | 330 s | 18 + 18 | 168 s + 162 s | 19 s | 0 s | 1728 |",
+                        "| c4 | 192 s | 1.55x | 336 s | 20 + 16 | 172 s + 163 s | 20 s | 0 s | 1774 |"]
     readme = (root / "benchmarks/README.md").read_text()
     for wall, total, split, configs in (("297 s", "275 s", "36", "1661"), ("184 s", "322 s", "20 + 16", "1734")):
         assert f"| {wall} | {total} | {split} | {configs} |" in readme
     assert "| E=288,N=320,device_name=NVIDIA_H200.json | 1 | vm:1 | 17.8 | 4.2 |" in done.stdout  # M = 1 of N=320
+    walk = [str(root / f"benchmarks/results/scaling-x2/c{i}.results.jsonl") for i in (5, 6)]
+    done = subprocess.run([sys.executable, str(root / "benchmarks/scaling.py"), *walk], capture_output=True,
+                          text=True, timeout=60)
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| c")]
+    assert rows == ["| c5 | 304 s | 1.00x | 276 s | 36 | 276 s | 28 s | 185 s | 1666 |",
+                    "| c6 | 180 s | 1.69x | 310 s | 19 + 17 | 155 s + 154 s | 25 s | 214 s | 1673 |"]
+    for row, workers in zip(rows, ("1", "2")):  # the README's table adds the worker count
+        run, rest = row.split("|", 2)[1:]
+        assert f"|{run}| {workers} |{rest}".replace("x |", "× |") in readme, row
     bad = subprocess.run([sys.executable, str(root / "benchmarks/scaling.py"), runs[0], "nowhere.jsonl"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nowhere.jsonl: no such file" in bad.stderr
