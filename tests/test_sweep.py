@@ -6,6 +6,7 @@ GPUs that are busy or absent.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -126,6 +127,8 @@ def test_four_workers_one_per_fake_gpu_share_the_jobs(tmp_path):
     run = subprocess.run(argv, capture_output=True, text=True, env=env(), timeout=1200)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "4 workers:" in run.stdout
+    start = re.search(r"; Ray up in ([0-9.]+) s, the workers ([0-9.]+) s later", run.stdout)  # the fixed cost
+    assert start and 0 < float(start.group(1)) < 120 and 0 < float(start.group(2)) < 600
     rows = results(out)
     assert sorted(r["m"] for r in rows) == [int(m) for m in sizes.split(",")]  # every job once
     assert len({r["worker"] for r in rows}) == 4  # each worker took at least one (all start before the first job)
