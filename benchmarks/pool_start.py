@@ -21,18 +21,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from tuning.compile import Precompiler, processes
+from tuning.gpus import get_gpu
 from tuning.kernel import KernelSource
 from tuning.shapes import MoeShape
 from tuning.space import Context, space
-from tuning.gpus import get_gpu
 
 ROUND = 36  # about a search round: 3 configs' 12 neighbours
 
 
 def up(pool: Precompiler) -> None:
     """Wait until every process of the pool has run a task (imported torch and loaded the kernel)."""
-    n = pool.pool._max_workers
-    for f in [pool.pool.submit(os.getpid) for _ in range(4 * n)]:
+    for f in [pool.pool.submit(os.getpid) for _ in range(4 * processes())]:  # Precompiler's default size
         f.result()
 
 
