@@ -7,8 +7,9 @@ Rounds of 36 tile configs (about a search round: 3 configs' 12 neighbours) of bf
 each Triton cache a fresh folder. One pool of compile.processes() processes: up (each imported torch and the
 kernel), a cold round, the same round again (cache hits), N=320's (the same kernels: hits). Then two pools
 started at once, as two workers on one node start theirs, in a fresh cache: one cold round in each at once of
-the same 36 configs (M=4096 and M=3072: one family, the same kernels), then of 36 different configs each.
-Prints one JSON object.
+the same 36 configs (M=4096 and M=3072: one family, the same kernels), then of 36 different configs each;
+once with each process compiling alone (``two_pools_*``), once with the pools sharing their compiles through
+the cache's locks (``two_pools_shared_*``, as the sweep's pools do). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -41,6 +42,24 @@ def timed(fn) -> float:
     return round(time.monotonic() - t, 2)
 
 
+def two_pools(source: KernelSource, share: bool, shape: MoeShape, same: list, other: list) -> dict:
+    """Two pools started at once in a fresh cache, as two workers on one node start theirs; their compiles
+    shared through the cache's locks or not."""
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"triton-two-{'shared' if share else 'unshared'}-")
+    t = time.monotonic()
+    pools = [Precompiler(source, share=share), Precompiler(source, share=share)]
+    out = {}
+    with ThreadPoolExecutor(2) as ex:
+        list(ex.map(up, pools))
+        out["up_s"] = round(time.monotonic() - t, 2)
+        out["same_configs_s"] = list(ex.map(
+            lambda a: timed(lambda: a[0](shape, a[1], same)), [(pools[0], 4096), (pools[1], 3072)]))
+        out["other_configs_s"] = list(ex.map(lambda a: timed(lambda: a[0](shape, 4096, a[1])), zip(pools, other)))
+    for p in pools:
+        p.pool.shutdown()
+    return out
+
+
 def main(path: str, version: str | None) -> dict:
     gpu, source = get_gpu("H200"), KernelSource(path, version)
     n160, n320 = MoeShape(288, 288, 160, 4096, 8, "bf16"), MoeShape(288, 288, 320, 4096, 8, "bf16")
@@ -56,18 +75,8 @@ def main(path: str, version: str | None) -> dict:
     out["same_round_again_s"] = timed(lambda: pool(n160, 4096, same))
     out["sibling_round_s"] = timed(lambda: pool(n320, 4096, same))
     pool.pool.shutdown()
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-two-")
-    t = time.monotonic()
-    pools = [Precompiler(source), Precompiler(source)]
-    with ThreadPoolExecutor(2) as ex:
-        list(ex.map(up, pools))
-        out["two_pools_up_s"] = round(time.monotonic() - t, 2)
-        out["two_pools_same_configs_s"] = list(ex.map(
-            lambda a: timed(lambda: a[0](n160, a[1], same)), [(pools[0], 4096), (pools[1], 3072)]))
-        out["two_pools_other_configs_s"] = list(ex.map(
-            lambda a: timed(lambda: a[0](n160, 4096, a[1])), zip(pools, other)))
-    for p in pools:
-        p.pool.shutdown()
+    for share, key in ((False, "two_pools"), (True, "two_pools_shared")):
+        out.update({f"{key}_{k}": v for k, v in two_pools(source, share, n160, same, other).items()})
     return out
 
 

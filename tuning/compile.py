@@ -13,11 +13,19 @@ worker's compile round can use the cores another leaves idle while it times. The
 pool's processes run ``NICE`` steps below the worker that starts them (Ray starts its
 workers at niceness 15, so there they run at 19): a worker's timing thread is never
 starved by compiles, its own or another worker's.
+
+The pools of one node share their compiles: two workers whose searches reach the same
+kernel at once (neighbouring batch sizes of one kernel family compile the same
+kernels) would each compile it. Triton's JIT hooks take a lock per kernel in its
+cache folder before compiling and release it after: the first process compiles, the
+others wait and load it from the cache. A process that dies loses its locks with it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import hashlib
 import multiprocessing as mp
 import os
 import signal
@@ -37,8 +45,10 @@ from .shapes import MoeShape
 
 MAX_PROCESSES = 40  # a search round compiles at most 3 configs' 12 neighbours (space.neighbours) plus a few
 NICE = 4  # compiles yield the CPU to the timing threads of the node's workers (steps below the worker's)
+LOCKS = "tune-moe-locks"  # beside the kernels in Triton's cache folder: processes that share a cache share locks
 
 _kernel: Kernel | None = None
+_held: list[int] = []  # this process's lock files, open while it compiles
 
 
 def processes(cpus: int | None = None) -> int:
@@ -55,10 +65,48 @@ def lower_priority() -> None:
         pass  # a node that forbids it compiles at the worker's priority
 
 
-def _init(source: KernelSource) -> None:
+def share_compiles() -> None:
+    """From now on this process compiles a kernel only while no other process of its cache compiles it."""
+    from triton import knobs
+
+    knobs.runtime.jit_cache_hook = _before_compile
+    knobs.runtime.jit_post_compile_hook = _after_compile
+
+
+def _before_compile(*, compile: dict, **_) -> bool:
+    """Triton calls this before it compiles a kernel that is not in the process: wait for the kernel's lock
+    (held while another process compiles it), then let Triton compile, which finds it in the cache if so."""
+    import triton
+    from triton import knobs
+
+    folder = os.path.join(knobs.cache.dir, LOCKS)
+    name = hashlib.sha256(f"{triton.__version__}\n{compile['specialization_data']}".encode()).hexdigest()[:32]
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(os.path.join(folder, name), os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError:
+        return False  # a cache folder we cannot write: compile unshared, as Triton does
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    _held.append(fd)
+    return False  # False: compile (True would tell Triton to skip the kernel)
+
+
+def _after_compile(**_) -> None:
+    release_locks()
+
+
+def release_locks() -> None:
+    """Release this process's kernel locks (after a compile, or when it raised)."""
+    while _held:
+        os.close(_held.pop())
+
+
+def _init(source: KernelSource, share: bool) -> None:
     global _kernel
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C or a time limit is the parent's to handle: no tracebacks here
     lower_priority()
+    if share:
+        share_compiles()
     _kernel = source.load()
     torch.cuda.init()
 
@@ -77,16 +125,19 @@ def _warm(shape: MoeShape, m: int, config: TileConfig) -> Failure | None:
                           warmup=True)
     except Exception as exc:  # reported to the search as a result
         return classify(exc)
+    finally:
+        release_locks()  # a compile that raised never reached the hook after it
     return None
 
 
 class Precompiler:
     """``precompiler(shape, m, configs)`` -> {config: failure} for the configs that can never run."""
 
-    def __init__(self, source: KernelSource, workers: int | None = None):
+    def __init__(self, source: KernelSource, workers: int | None = None, share: bool = True):
         workers = processes() if workers is None else workers
         ctx = mp.get_context("spawn")
-        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init, initargs=(source,))
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init,
+                                        initargs=(source, share))
         self.broken = False
         for _ in range(workers):  # start every process now: each imports torch and the kernel while the worker
             self.pool.submit(os.getpid)  # loads its own and the driver plans, not during the first job's compile

@@ -1,0 +1,132 @@
+"""Compile pools of one node share their compiles through Triton's own JIT hooks.
+
+Two real processes compile one real Triton kernel for sm90 (Triton compiles without a GPU; only its driver
+lookup is skipped) through Triton's ``JITFunction._do_compile``, the method that calls the hooks around the
+compile, on one cache folder. The first holds the kernel's lock for a while before it compiles; Triton's
+compilation listener says which process compiled and which loaded the kernel from the cache.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+HOLD_S = 3  # the first process waits this long after its lock is taken, before it compiles
+
+CHILD = r'''
+import json, os, sys, time
+import triton, triton.language as tl
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from tuning import compile as pool
+
+@triton.jit
+def double(x_ptr, n, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
+    tl.store(x_ptr + o, tl.load(x_ptr + o, mask=o < n) * 2, mask=o < n)
+
+role, share, sync, hold = sys.argv[1], sys.argv[2] == "1", sys.argv[3], float(sys.argv[4])
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+double.device_caches[0] = ({}, {}, target, backend, None)  # what create_binder builds from the active driver
+double.compile, double.ASTSource = triton.compile, ASTSource
+hits = []
+knobs.compilation.listener = lambda *, cache_hit, **_: hits.append(cache_hit)
+if share:
+    pool.share_compiles()
+if role == "first":
+    while not os.path.exists(f"{sync}/second-ready"):
+        time.sleep(0.01)
+    before = knobs.runtime.jit_cache_hook
+    def hold_then_compile(**kw):
+        answer = before(**kw) if before else False
+        open(f"{sync}/first-started", "w").close()
+        time.sleep(hold)
+        return answer
+    knobs.runtime.jit_cache_hook = hold_then_compile
+else:
+    open(f"{sync}/second-ready", "w").close()
+    while not os.path.exists(f"{sync}/first-started"):
+        time.sleep(0.01)
+signature = {"x_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}
+key = ("double", (("*fp32", "D"), ("i32", ""), ("constexpr", 128)))
+double._do_compile(key, signature, 0, {(2,): 128}, backend.parse_options({}), {}, True)
+print(json.dumps({"hits": hits, "locks_left": len(pool._held)}))
+'''
+
+
+def _race(tmp_path: Path, share: bool) -> dict[str, dict]:
+    cache, sync = tmp_path / f"cache-{share}", tmp_path / f"sync-{share}"
+    sync.mkdir()
+    child = tmp_path / "child.py"  # Triton reads a kernel's source from its file
+    child.write_text(CHILD)
+    env = {**os.environ, "TRITON_CACHE_DIR": str(cache), "PYTHONPATH": str(Path(__file__).parents[1])}
+    env.pop("TRITON_INTERPRET", None)
+    procs = {role: subprocess.Popen([sys.executable, str(child), role, "1" if share else "0", str(sync),
+                                     str(HOLD_S)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for role in ("first", "second")}
+    out = {}
+    for role, p in procs.items():
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr[-2000:]
+        out[role] = json.loads(stdout.strip().splitlines()[-1])
+    return out
+
+
+def test_a_kernel_compiled_by_another_process_is_waited_for_and_loaded(tmp_path):
+    """Shared: the second process waits for the first's lock, then loads the kernel it compiled. Unshared
+    (Triton alone), the second compiles it while the first waits, and the first loads the second's."""
+    shared = _race(tmp_path, share=True)
+    assert shared["first"]["hits"] == [False] and shared["second"]["hits"] == [True]
+    assert shared["first"]["locks_left"] == 0 and shared["second"]["locks_left"] == 0  # released after compiling
+    alone = _race(tmp_path, share=False)
+    assert alone["second"]["hits"] == [False] and alone["first"]["hits"] == [True]
+
+
+def _spec(text: str) -> dict:
+    return {"compile": {"specialization_data": text}, "key": None, "repr": ""}
+
+
+def test_a_lock_is_held_from_before_the_compile_until_released(tmp_path, monkeypatch):
+    """Held between the hooks (flock conflicts between two opens even in one process), released by the hook
+    after the compile or, when the compile raised, by the pool's task."""
+    from tuning import compile as pool
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    assert pool._before_compile(**_spec("kernel A")) is False  # False: Triton compiles (from the cache or not)
+    (lock,) = list((tmp_path / pool.LOCKS).iterdir())
+    probe = os.open(lock, os.O_RDWR)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        pool._after_compile(**_spec("kernel A"))
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free now
+        fcntl.flock(probe, fcntl.LOCK_UN)
+        pool._before_compile(**_spec("kernel A"))
+        pool.release_locks()  # what _warm's finally does when the compile raised
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(probe)
+        pool.release_locks()
+    pool._before_compile(**_spec("kernel B"))
+    pool.release_locks()
+    assert len(list((tmp_path / pool.LOCKS).iterdir())) == 2  # one lock per kernel
+
+
+def test_a_cache_folder_that_cannot_be_written_compiles_unshared(tmp_path, monkeypatch):
+    from tuning import compile as pool
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(blocker))
+    assert pool._before_compile(**_spec("kernel A")) is False
+    assert pool._held == []
