@@ -30,10 +30,16 @@ from tuning.space import Context, space
 ROUND = 36  # about a search round: 3 configs' 12 neighbours
 
 
+def pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def up(pool: Precompiler) -> None:
-    """Wait until every process of the pool has run a task (imported torch and loaded the kernel)."""
-    for f in [pool.pool.submit(os.getpid) for _ in range(4 * processes())]:  # Precompiler's default size
-        f.result()
+    """Wait until every process of the pool has run a task (imported torch and the kernel, compiled its first)."""
+    pids: set[int] = set()
+    while len(pids) < processes():  # Precompiler's default size
+        pids |= {f.result() for f in [pool.pool.submit(pid_after, 0.05) for _ in range(processes())]}
 
 
 def timed(fn) -> float:

@@ -40,7 +40,7 @@ backend = make_backend(target)
 double.device_caches[0] = ({}, {}, target, backend, None)  # what create_binder builds from the active driver
 double.compile, double.ASTSource = triton.compile, ASTSource
 hits = []
-knobs.compilation.listener = lambda *, cache_hit, **_: hits.append(cache_hit)
+knobs.compilation.listener = lambda *, cache_hit, **_: hits.append((cache_hit, len(pool._held)))
 if share:
     pool.share_compiles()
 if role == "first":
@@ -83,13 +83,15 @@ def _race(tmp_path: Path, share: bool) -> dict[str, dict]:
 
 
 def test_a_kernel_compiled_by_another_process_is_waited_for_and_loaded(tmp_path):
-    """Shared: the second process waits for the first's lock, then loads the kernel it compiled. Unshared
-    (Triton alone), the second compiles it while the first waits, and the first loads the second's."""
+    """Shared: the second process waits for the first's lock, then loads the kernel it compiled, without a lock
+    of its own (an exclusive one would make a node's waiters load one after another). Unshared (Triton
+    alone), the second compiles it while the first waits, and the first loads the second's."""
     shared = _race(tmp_path, share=True)
-    assert shared["first"]["hits"] == [False] and shared["second"]["hits"] == [True]
+    assert shared["first"]["hits"] == [[False, 1]]  # compiled, holding the kernel's lock
+    assert shared["second"]["hits"] == [[True, 0]]  # loaded, holding no lock: waiters load side by side
     assert shared["first"]["locks_left"] == 0 and shared["second"]["locks_left"] == 0  # released after compiling
     alone = _race(tmp_path, share=False)
-    assert alone["second"]["hits"] == [False] and alone["first"]["hits"] == [True]
+    assert alone["second"]["hits"] == [[False, 0]] and alone["first"]["hits"] == [[True, 0]]
 
 
 def _spec(text: str) -> dict:
@@ -98,7 +100,8 @@ def _spec(text: str) -> dict:
 
 def test_a_lock_is_held_from_before_the_compile_until_released(tmp_path, monkeypatch):
     """Held between the hooks (flock conflicts between two opens even in one process), released by the hook
-    after the compile or, when the compile raised, by the pool's task."""
+    after the compile or, when the compile raised, by the pool's task. A process that finds it held waits
+    for it, then holds nothing."""
     from tuning import compile as pool
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
@@ -109,6 +112,9 @@ def test_a_lock_is_held_from_before_the_compile_until_released(tmp_path, monkeyp
         with pytest.raises(BlockingIOError):
             fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
         pool._after_compile(**_spec("kernel A"))
+        fcntl.flock(probe, fcntl.LOCK_SH)  # another process loading the kernel; the lock is not free...
+        assert pool._before_compile(**_spec("kernel A")) is False and pool._held == []  # ...so it waits, holds none
+        fcntl.flock(probe, fcntl.LOCK_UN)
         fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free now
         fcntl.flock(probe, fcntl.LOCK_UN)
         pool._before_compile(**_spec("kernel A"))
@@ -130,3 +136,14 @@ def test_a_cache_folder_that_cannot_be_written_compiles_unshared(tmp_path, monke
     monkeypatch.setenv("TRITON_CACHE_DIR", str(blocker))
     assert pool._before_compile(**_spec("kernel A")) is False
     assert pool._held == []
+
+
+def test_each_process_first_compile_takes_the_aligned_path_most_jobs_take():
+    """The kernel a pool process compiles as it starts pays what the first aligned job would otherwise pay in
+    its first round (torch's meta-tensor machinery behind moe_align): so it must not take the naive path."""
+    from tuning import compile as pool
+    from tuning.launch import alignment, use_naive
+
+    shape, m, config = pool.FIRST
+    assert not use_naive(m, shape.top_k, shape.global_experts, shape.expert_parallel)
+    assert alignment(pool._meta_problem(shape, m), config.BLOCK_SIZE_M, None) is not None  # runs on meta tensors

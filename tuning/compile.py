@@ -14,11 +14,16 @@ pool's processes run ``NICE`` steps below the worker that starts them (Ray start
 workers at niceness 15, so there they run at 19): a worker's timing thread is never
 starved by compiles, its own or another worker's.
 
+Each process compiles one small kernel (``FIRST``) as it starts: a process's first compile costs seconds
+of imports and set-up (torch's meta-tensor machinery on the aligned path, Triton's driver and key), and on
+an H200 those seconds fell in the first aligned job's first round (pool_start.py: 11.6 s for a round of 36
+configs, 2.7 s once paid at start; benchmarks/README 2f).
+
 The pools of one node share their compiles: two workers whose searches reach the same
 kernel at once (neighbouring batch sizes of one kernel family compile the same
 kernels) would each compile it. Triton's JIT hooks take a lock per kernel in its
 cache folder before compiling and release it after: the first process compiles, the
-others wait and load it from the cache. A process that dies loses its locks with it.
+others wait and load it from the cache, all at once. A process that dies loses its locks with it.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ MAX_PROCESSES = 40  # a search round compiles at most 3 configs' 12 neighbours (
 NICE = 4  # compiles yield the CPU to the timing threads of the node's workers (steps below the worker's)
 LOCKS = "tune-moe-locks"  # beside the kernels in Triton's cache folder: processes that share a cache share locks
 
+# the kernel each process compiles as it starts (see above): pays its first compile's imports and set-up
+FIRST = (MoeShape(8, 8, 64, 128, 2, "bf16"), 16, TileConfig(16, 32, 64, 1, 4, 3))  # M=16: aligned, as most jobs
+
 _kernel: Kernel | None = None
 _held: list[int] = []  # this process's lock files, open while it compiles
 
@@ -74,8 +82,9 @@ def share_compiles() -> None:
 
 
 def _before_compile(*, compile: dict, **_) -> bool:
-    """Triton calls this before it compiles a kernel that is not in the process: wait for the kernel's lock
-    (held while another process compiles it), then let Triton compile, which finds it in the cache if so."""
+    """Triton calls this before it compiles a kernel that is not in the process. The first process to ask
+    for a kernel holds its lock while Triton compiles it; one that finds the lock held waits for it and
+    then lets Triton load the kernel from the cache."""
     import triton
     from triton import knobs
 
@@ -86,7 +95,12 @@ def _before_compile(*, compile: dict, **_) -> bool:
         fd = os.open(os.path.join(folder, name), os.O_CREAT | os.O_RDWR, 0o644)
     except OSError:
         return False  # a cache folder we cannot write: compile unshared, as Triton does
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # another process compiles it: wait until it is done, then load it, unlocked,
+        fcntl.flock(fd, fcntl.LOCK_SH)  # beside the other waiters (an exclusive wait would load one at a time)
+        os.close(fd)
+        return False
     _held.append(fd)
     return False  # False: compile (True would tell Triton to skip the kernel)
 
@@ -109,6 +123,7 @@ def _init(source: KernelSource, share: bool) -> None:
         share_compiles()
     _kernel = source.load()
     torch.cuda.init()
+    _warm(*FIRST)  # shared: one process of the node compiles it, the others load it
 
 
 @functools.lru_cache(maxsize=4)
