@@ -138,6 +138,17 @@ def test_a_cache_folder_that_cannot_be_written_compiles_unshared(tmp_path, monke
     assert pool._held == []
 
 
+def test_a_triton_whose_hook_arguments_differ_compiles_unshared(tmp_path, monkeypatch):
+    """The hook never raises into Triton's compile (that would fail every config): without the kernel's
+    description it takes no lock."""
+    from tuning import compile as pool
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    assert pool._before_compile(key=None, repr="") is False
+    assert pool._before_compile(compile={}, key=None) is False
+    assert pool._held == [] and not (tmp_path / pool.LOCKS).exists()
+
+
 def test_each_process_first_compile_takes_the_aligned_path_most_jobs_take():
     """The kernel a pool process compiles as it starts pays what the first aligned job would otherwise pay in
     its first round (torch's meta-tensor machinery behind moe_align): so it must not take the naive path."""

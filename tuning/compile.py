@@ -81,15 +81,18 @@ def share_compiles() -> None:
     knobs.runtime.jit_post_compile_hook = _after_compile
 
 
-def _before_compile(*, compile: dict, **_) -> bool:
+def _before_compile(*, compile: dict | None = None, **_) -> bool:
     """Triton calls this before it compiles a kernel that is not in the process. The first process to ask
     for a kernel holds its lock while Triton compiles it; one that finds the lock held waits for it and
     then lets Triton load the kernel from the cache."""
     import triton
     from triton import knobs
 
+    spec = (compile or {}).get("specialization_data")
+    if not spec:
+        return False  # a Triton that describes its kernels otherwise: compile unshared, as Triton does
     folder = os.path.join(knobs.cache.dir, LOCKS)
-    name = hashlib.sha256(f"{triton.__version__}\n{compile['specialization_data']}".encode()).hexdigest()[:32]
+    name = hashlib.sha256(f"{triton.__version__}\n{spec}".encode()).hexdigest()[:32]
     try:
         os.makedirs(folder, exist_ok=True)
         fd = os.open(os.path.join(folder, name), os.O_CREAT | os.O_RDWR, 0o644)
