@@ -158,3 +158,56 @@ def test_each_process_first_compile_takes_the_aligned_path_most_jobs_take():
     shape, m, config = pool.FIRST
     assert not use_naive(m, shape.top_k, shape.global_experts, shape.expert_parallel)
     assert alignment(pool._meta_problem(shape, m), config.BLOCK_SIZE_M, None) is not None  # runs on meta tensors
+
+
+WARM_CHILD = r'''
+import json, os, sys, time
+import torch
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+from tuning import compile as pool
+from tuning.kernel import KernelSource
+
+class Sm90:  # Triton's driver lookup, answered as on an H200: the compile is Triton's own, nothing launches
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+    def get_active_torch_device(self): return torch.device("meta")
+    def is_active(self): return True
+
+driver.set_active(Sm90())
+torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
+src, sync, idx = sys.argv[1], sys.argv[2], sys.argv[3]
+pool._kernel = KernelSource(src).load()
+hits = []
+knobs.compilation.listener = lambda *, cache_hit, **_: hits.append(cache_hit)
+pool.share_compiles()
+open(f"{sync}/ready{idx}", "w").close()
+while len([f for f in os.listdir(sync) if f.startswith("ready")]) < 2:
+    time.sleep(0.01)
+failure = pool._warm(*pool.FIRST)
+print(json.dumps({"hits": hits, "failure": None if failure is None else str(failure), "locks_left": len(pool._held)}))
+'''
+
+
+def test_two_pool_processes_warming_vllms_kernel_at_once_compile_each_gemm_once(tmp_path, fused_moe_py):
+    """The pool's own task (``_warm``: both GEMMs of vLLM's kernel on meta tensors, launch arguments as timed)
+    in two processes at once on one cache: vLLM's kernel compiled for sm90, each GEMM's kernel once."""
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    child = tmp_path / "warm_child.py"
+    child.write_text(WARM_CHILD)
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(Path(__file__).parents[1])}
+    env.pop("TRITON_INTERPRET", None)
+    procs = [subprocess.Popen([sys.executable, str(child), str(fused_moe_py), str(sync), str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stderr[-2000:]
+        outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert all(o["failure"] is None and o["locks_left"] == 0 and len(o["hits"]) == 2 for o in outs)  # w13, w2
+    hits = [h for o in outs for h in o["hits"]]
+    assert hits.count(False) == 2 and hits.count(True) == 2  # each GEMM's kernel compiled by one process
+    assert len(list((tmp_path / "cache" / "tune-moe-locks").iterdir())) == 2
