@@ -17,7 +17,6 @@ compiled (misses) and the lock waits. Variants alternate within each repeat. One
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -55,15 +54,9 @@ def _driver_says_sm90() -> None:
 
 
 def _exclusive_before_compile(*, compile: dict, **_) -> bool:
-    import triton
-    from triton import knobs
-
     from tuning import compile as pool
 
-    folder = os.path.join(knobs.cache.dir, pool.LOCKS)
-    os.makedirs(folder, exist_ok=True)
-    name = hashlib.sha256(f"{triton.__version__}\n{compile['specialization_data']}".encode()).hexdigest()[:32]
-    fd = os.open(os.path.join(folder, name), os.O_CREAT | os.O_RDWR, 0o644)
+    fd = pool._lock_file(compile)
     fcntl.flock(fd, fcntl.LOCK_EX)
     pool._held.append(fd)
     return False

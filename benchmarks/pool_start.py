@@ -35,11 +35,16 @@ def pid_after(seconds: float) -> int:
     return os.getpid()
 
 
-def up(pool: Precompiler) -> None:
-    """Wait until every process of the pool has run a task (imported torch and the kernel, compiled its first)."""
+def every_process_up(executor, n: int) -> None:
+    """Wait until each of the executor's n processes has run a task (so has run its initializer)."""
     pids: set[int] = set()
-    while len(pids) < processes():  # Precompiler's default size
-        pids |= {f.result() for f in [pool.pool.submit(pid_after, 0.05) for _ in range(processes())]}
+    while len(pids) < n:
+        pids |= {f.result() for f in [executor.submit(pid_after, 0.05) for _ in range(n)]}
+
+
+def up(pool: Precompiler) -> None:
+    """Wait until every process of the pool is up (imported torch and the kernel, compiled FIRST)."""
+    every_process_up(pool.pool, processes())  # Precompiler's default size
 
 
 def timed(fn) -> float:

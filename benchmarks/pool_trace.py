@@ -22,6 +22,8 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
+from pool_start import every_process_up  # this script's folder is on the path when it runs
+
 from tuning import compile as pool
 from tuning.gpus import get_gpu
 from tuning.kernel import KernelSource
@@ -53,21 +55,10 @@ def _init(source: KernelSource, share: bool, log: str) -> None:
     knobs.compilation.listener = listen
 
 
-def _pid_after(seconds: float) -> int:
-    time.sleep(seconds)
-    return os.getpid()
-
-
 def _timed_warm(m: int, config) -> float:
     t = time.monotonic()
     pool._warm(SHAPE, m, config)
     return round(time.monotonic() - t, 2)
-
-
-def _up(executor: ProcessPoolExecutor, n: int) -> None:
-    pids: set[int] = set()
-    while len(pids) < n:
-        pids |= {f.result() for f in [executor.submit(_pid_after, 0.05) for _ in range(n)]}
 
 
 def main(path: str, out: str) -> dict:
@@ -80,7 +71,7 @@ def main(path: str, out: str) -> dict:
         pools = [ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_init,
                                      initargs=(source, share, log)) for _ in range(2)]
         for p in pools:
-            _up(p, n)
+            every_process_up(p, n)
         with open(log, "a") as f:
             f.write(json.dumps({"round_start": time.monotonic()}) + "\n")
 

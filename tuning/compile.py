@@ -81,23 +81,31 @@ def share_compiles() -> None:
     knobs.runtime.jit_post_compile_hook = _after_compile
 
 
-def _before_compile(*, compile: dict | None = None, **_) -> bool:
-    """Triton calls this before it compiles a kernel that is not in the process. The first process to ask
-    for a kernel holds its lock while Triton compiles it; one that finds the lock held waits for it and
-    then lets Triton load the kernel from the cache."""
+def _lock_file(compile: dict | None) -> int | None:
+    """The kernel's lock file, open; None when Triton does not describe the kernel as 3.6-3.8 do, or the
+    cache folder cannot be written (the kernel then compiles unshared, as Triton does)."""
     import triton
     from triton import knobs
 
     spec = (compile or {}).get("specialization_data")
     if not spec:
-        return False  # a Triton that describes its kernels otherwise: compile unshared, as Triton does
+        return None
     folder = os.path.join(knobs.cache.dir, LOCKS)
     name = hashlib.sha256(f"{triton.__version__}\n{spec}".encode()).hexdigest()[:32]
     try:
         os.makedirs(folder, exist_ok=True)
-        fd = os.open(os.path.join(folder, name), os.O_CREAT | os.O_RDWR, 0o644)
+        return os.open(os.path.join(folder, name), os.O_CREAT | os.O_RDWR, 0o644)
     except OSError:
-        return False  # a cache folder we cannot write: compile unshared, as Triton does
+        return None
+
+
+def _before_compile(*, compile: dict | None = None, **_) -> bool:
+    """Triton calls this before it compiles a kernel that is not in the process. The first process to ask
+    for a kernel holds its lock while Triton compiles it; one that finds the lock held waits for it and
+    then lets Triton load the kernel from the cache."""
+    fd = _lock_file(compile)
+    if fd is None:
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:  # another process compiles it: wait until it is done, then load it, unlocked,
@@ -157,8 +165,8 @@ class Precompiler:
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init,
                                         initargs=(source, share))
         self.broken = False
-        for _ in range(workers):  # start every process now: each imports torch and the kernel while the worker
-            self.pool.submit(os.getpid)  # loads its own and the driver plans, not during the first job's compile
+        for _ in range(workers):  # start every process now: each imports torch and the kernel and compiles FIRST
+            self.pool.submit(os.getpid)  # while the worker loads its own and the driver plans, not in the first job
 
     def __call__(self, shape: MoeShape, m: int, configs: list[TileConfig]) -> dict[TileConfig, Failure]:
         if self.broken:
