@@ -3,9 +3,10 @@
 Usage (no GPU needed; vLLM's fused_moe.py at hand):
     python benchmarks/lock_convoy_cpu.py FUSED_MOE_PY OUT_DIR [N] [REPEATS] > OUT_DIR/summary.json
 
-Triton compiles vLLM's fused_moe_kernel for sm90 without a GPU once its driver lookup answers "sm90, device 0"
-(a stand-in for the driver only: the kernel, Triton's compile and its cache are real). N fresh processes, each
-with torch and the kernel loaded, start ``compile._warm(*compile.FIRST)`` at the same moment in one fresh cache:
+Triton compiles vLLM's fused_moe_kernel for sm90 without a GPU through the pool's own driver
+(``compile.CompileOnly``, as a worker on an H200 hands it over: the kernel, Triton's compile and its cache are
+real). N fresh processes, each with torch and the kernel loaded, start ``compile._warm(*compile.FIRST)`` at the
+same moment in one fresh cache:
 - ``none``: no hooks, every process compiles on its own (Triton alone);
 - ``exclusive``: one lock per kernel, every process waits for it exclusively (a waiter loads the kernel from
   the cache holding it, so waiters load one after another): the first form of ``compile.share_compiles``;
@@ -28,29 +29,12 @@ VLLM = "0.33.0"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _driver_says_sm90() -> None:
-    import torch
+def _compile_for_sm90() -> None:
     from triton.backends.compiler import GPUTarget
-    from triton.runtime.driver import driver
 
-    class Sm90:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
+    from tuning import compile as pool
 
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_active_torch_device(self):
-            return torch.device("meta")
-
-        def is_active(self):
-            return True
-
-    driver.set_active(Sm90())
-    torch.cuda.get_device_capability = lambda *a, **k: (9, 0)  # _warm asks, as on an H200
+    pool.compile_for(GPUTarget("cuda", 90, 32))  # the pool's own driver, as a worker on an H200 hands it over
 
 
 def _exclusive_before_compile(*, compile: dict, **_) -> bool:
@@ -63,7 +47,7 @@ def _exclusive_before_compile(*, compile: dict, **_) -> bool:
 
 
 def child(src: str, run: str, variant: str, idx: int) -> None:
-    _driver_says_sm90()
+    _compile_for_sm90()
     from triton import knobs
 
     from tuning import compile as pool

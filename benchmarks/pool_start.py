@@ -3,19 +3,21 @@
 Usage (on a GPU node, vLLM's fused_moe.py at hand):
     python benchmarks/pool_start.py FUSED_MOE_PY [VLLM_VERSION] > pool_start.json
 
-Rounds of 36 tile configs (about a search round: 3 configs' 12 neighbours) of bf16 E=288 N=160 at M=4096,
-each Triton cache a fresh folder. One pool of compile.processes() processes: up (each imported torch and the
-kernel), a cold round, the same round again (cache hits), N=320's (the same kernels: hits). Then two pools
+Rounds of 36 tile configs (about a search round: 3 configs' 12 neighbours) of bf16 E=288 N=160 at M=4096, each
+Triton cache a fresh folder. One pool of compile.processes() processes: up (each imported torch and the kernel,
+compiled FIRST; what the GPU holds then), a cold round (and whether a worker's launch of its first config finds
+both kernels in the cache), the same round again (cache hits), N=320's (the same kernels: hits). Then two pools
 started at once, as two workers on one node start theirs, in a fresh cache: one cold round in each at once of
-the same 36 configs (M=4096 and M=3072: one family, the same kernels), then of 36 different configs each;
-once with each process compiling alone (``two_pools_*``), once with the pools sharing their compiles through
-the cache's locks (``two_pools_shared_*``, as the sweep's pools do). Prints one JSON object.
+the same 36 configs (M=4096 and M=3072: one family, the same kernels), then of 36 different configs each; once
+with each process compiling alone (``two_pools_*``), once with the pools sharing their compiles through the
+cache's locks (``two_pools_shared_*``, as the sweep's pools do). Prints one JSON object.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +47,40 @@ def every_process_up(executor, n: int) -> None:
 def up(pool: Precompiler) -> None:
     """Wait until every process of the pool is up (imported torch and the kernel, compiled FIRST)."""
     every_process_up(pool.pool, processes())  # Precompiler's default size
+
+
+def gpu_now() -> dict:
+    """What the GPU holds now, as nvidia-smi sees it: memory in use and processes with a CUDA context."""
+    def query(*args: str) -> list[str]:
+        run = subprocess.run(["nvidia-smi", *args, "--format=csv,noheader,nounits"], capture_output=True, text=True)
+        return [line for line in run.stdout.splitlines() if line.strip()]
+    try:
+        return {"memory_used_mib": int(query("--query-gpu=memory.used")[0]),
+                "processes": len(query("--query-compute-apps=pid"))}
+    except (OSError, IndexError, ValueError):
+        return {}
+
+
+def launch_hits(source: KernelSource, shape: MoeShape, m: int, config) -> list[bool]:
+    """Launch both GEMMs of ``config`` on the GPU as a worker times them: for each kernel Triton needed, whether
+    it found it in the cache (the pool, which never opened the GPU, compiled it)."""
+    import torch
+    from triton import knobs
+
+    from tuning import launch
+    from tuning.inputs import build_problem
+    from tuning.routing import Routing
+
+    kernel, hits = source.load(), []
+    p = build_problem(shape, m, Routing(), 0, torch.device("cuda"))
+    knobs.compilation.listener = lambda *, cache_hit, **_: hits.append(bool(cache_hit))
+    try:
+        launch.both_gemms(kernel, p, launch.alignment(p, config.BLOCK_SIZE_M, kernel), config,
+                          torch.cuda.get_device_capability() == (9, 0))
+        torch.cuda.synchronize()
+    finally:
+        knobs.compilation.listener = None
+    return hits
 
 
 def timed(fn) -> float:
@@ -82,7 +118,9 @@ def main(path: str, version: str | None) -> dict:
     pool = Precompiler(source)
     up(pool)
     out["pool_up_s"] = round(time.monotonic() - t, 2)
+    out["gpu_pool_up"] = gpu_now()  # the pool's processes compile for the GPU's target without opening it
     out["cold_round_s"] = timed(lambda: pool(n160, 4096, same))
+    out["worker_launch_cache_hits"] = launch_hits(source, n160, 4096, same[0])
     out["same_round_again_s"] = timed(lambda: pool(n160, 4096, same))
     out["sibling_round_s"] = timed(lambda: pool(n320, 4096, same))
     pool.pool.shutdown()

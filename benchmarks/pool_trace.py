@@ -9,7 +9,9 @@ N=160 (M=4096 and M=3072: the same kernels), in a fresh Triton cache; once with 
 alone, once with the pools sharing their compiles (the sweep's way). Prints, per pool, the round's seconds
 and each config's; writes one line per kernel to OUT_DIR/kernels-{False,True}.jsonl: when Triton finished
 it (seconds into the round), how long its process waited for the kernel's lock, how long Triton's compile
-took, and whether it was a cache hit.
+took, and whether it was a cache hit; and one line per process: when its initializer started (it had
+imported torch, Triton and the pool) and ended (kernel loaded, FIRST compiled), after the pools' start.
+Clocks are ``time.monotonic()``, one clock for every process of the node.
 """
 
 from __future__ import annotations
@@ -33,8 +35,11 @@ from tuning.space import Context, space
 SHAPE = MoeShape(288, 288, 160, 4096, 8, "bf16")
 
 
-def _init(source: KernelSource, share: bool, log: str) -> None:
-    pool._init(source, share)
+def _init(source: KernelSource, target, share: bool, log: str) -> None:
+    start = time.monotonic()  # this process has imported torch, Triton and the pool's module
+    pool._init(source, target, share)
+    with open(log, "a") as f:
+        f.write(json.dumps({"pid": os.getpid(), "init_start": start, "init_end": time.monotonic()}) + "\n")
     from triton import knobs
 
     state: dict = {}
@@ -62,14 +67,16 @@ def _timed_warm(m: int, config) -> float:
 
 
 def main(path: str, out: str) -> dict:
-    source, n = KernelSource(path, "0.33.0"), pool.processes()
+    source, n, target = KernelSource(path, "0.33.0"), pool.processes(), pool.current_target()
     configs = space(Context(SHAPE, get_gpu("H200"), 4096))[:36]
     result = {}
     for share in (False, True):
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
         log = os.path.join(out, f"kernels-{share}.jsonl")
+        with open(log, "a") as f:
+            f.write(json.dumps({"pools_start": time.monotonic()}) + "\n")
         pools = [ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_init,
-                                     initargs=(source, share, log)) for _ in range(2)]
+                                     initargs=(source, target, share, log)) for _ in range(2)]
         for p in pools:
             every_process_up(p, n)
         with open(log, "a") as f:

@@ -1,7 +1,7 @@
 """Compile pools of one node share their compiles through Triton's own JIT hooks.
 
-Two real processes compile one real Triton kernel for sm90 (Triton compiles without a GPU; only its driver
-lookup is skipped) through Triton's ``JITFunction._do_compile``, the method that calls the hooks around the
+Two real processes compile one real Triton kernel for sm90 (Triton compiles without a GPU through the pool's
+own driver, ``compile.CompileOnly``) through Triton's ``JITFunction._do_compile``, the method that calls the hooks around the
 compile, on one cache folder. The first holds the kernel's lock for a while before it compiles; Triton's
 compilation listener says which process compiled and which loaded the kernel from the cache.
 """
@@ -151,7 +151,8 @@ def test_a_triton_whose_hook_arguments_differ_compiles_unshared(tmp_path, monkey
 
 def test_each_process_first_compile_takes_the_aligned_path_most_jobs_take():
     """The kernel a pool process compiles as it starts pays what the first aligned job would otherwise pay in
-    its first round (torch's meta-tensor machinery behind moe_align): so it must not take the naive path."""
+    its first round (Triton's key and IR set-up, the aligned path's arguments): so it must not take the naive
+    path."""
     from tuning import compile as pool
     from tuning.launch import alignment, use_naive
 
@@ -162,22 +163,12 @@ def test_each_process_first_compile_takes_the_aligned_path_most_jobs_take():
 
 WARM_CHILD = r'''
 import json, os, sys, time
-import torch
 from triton import knobs
 from triton.backends.compiler import GPUTarget
-from triton.runtime.driver import driver
 from tuning import compile as pool
 from tuning.kernel import KernelSource
 
-class Sm90:  # Triton's driver lookup, answered as on an H200: the compile is Triton's own, nothing launches
-    def get_current_target(self): return GPUTarget("cuda", 90, 32)
-    def get_current_device(self): return 0
-    def get_current_stream(self, device=None): return 0
-    def get_active_torch_device(self): return torch.device("meta")
-    def is_active(self): return True
-
-driver.set_active(Sm90())
-torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
+pool.compile_for(GPUTarget("cuda", 90, 32))  # the pool's own driver: an H200's target, no GPU
 src, sync, idx = sys.argv[1], sys.argv[2], sys.argv[3]
 pool._kernel = KernelSource(src).load()
 hits = []
@@ -211,3 +202,35 @@ def test_two_pool_processes_warming_vllms_kernel_at_once_compile_each_gemm_once(
     hits = [h for o in outs for h in o["hits"]]
     assert hits.count(False) == 2 and hits.count(True) == 2  # each GEMM's kernel compiled by one process
     assert len(list((tmp_path / "cache" / "tune-moe-locks").iterdir())) == 2
+
+
+def test_the_pool_compiles_vllms_kernel_for_an_h200_in_processes_that_touch_no_gpu(tmp_path, monkeypatch,
+                                                                                    fused_moe_py):
+    """``Precompiler`` as a worker on an H200 starts it, handed the H200's target: real processes, vLLM's kernel,
+    Triton's compile to sm90 cubins in the cache. A second round of the same configs finds them all there,
+    and a config Triton cannot compile comes back as a failure the search never times."""
+    import time
+
+    from triton.backends.compiler import GPUTarget
+
+    from tuning.compile import FIRST, Precompiler
+    from tuning.configs import TileConfig
+    from tuning.kernel import KernelSource
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    shape = FIRST[0]
+    configs = [TileConfig(16, 64, 64, 1, 4, 3), TileConfig(32, 64, 64, 8, 4, 4)]
+    pool = Precompiler(KernelSource(fused_moe_py), target=GPUTarget("cuda", 90, 32), workers=2)
+    try:
+        assert pool(shape, 64, configs) == {}
+        cubins = sorted(tmp_path.rglob("*.cubin"))
+        assert len(cubins) == 2 * 2 + 2  # w13 and w2 of each config, and of FIRST (both processes: one compile)
+        t = time.monotonic()
+        assert pool(shape, 64, configs) == {}
+        assert time.monotonic() - t < 5 and sorted(tmp_path.rglob("*.cubin")) == cubins
+        bad = TileConfig(16, 64, 48, 1, 4, 3)  # BLOCK_SIZE_K not a power of two: tl.arange refuses it
+        (failure,) = pool(shape, 64, [bad]).values()
+        assert failure.kind.sticky
+    finally:
+        pool.pool.shutdown()

@@ -172,6 +172,20 @@ def test_alignment_layout(shape, block_m):
     assert total == int(((counts + block_m - 1) // block_m * block_m).sum())
 
 
+@pytest.mark.parametrize("shape,block_m,m", [(TP, 16, 40), (TP, 64, 3), (EP, 32, 40), (FP8_EP, 64, 1000)])
+def test_the_pools_meta_alignment_has_the_real_ones_sizes(shape, block_m, m):
+    """The compile pool aligns on meta tensors: only sizes and dtypes, which set EM, the grid and Triton's
+    specialisation, and they must be the timed run's."""
+    gen = torch.Generator().manual_seed(5)
+    ids, _ = route(m, shape, Routing(), gen, "cpu")
+    emap = expert_map(shape, "cpu")
+    real = launch.align(ids, block_m, shape.global_experts, emap)
+    meta = launch.align(ids.to("meta"), block_m, shape.global_experts, None if emap is None else emap.to("meta"))
+    for r, t in [(real.sorted_token_ids, meta.sorted_token_ids), (real.expert_ids, meta.expert_ids),
+                 (real.num_tokens_post_padded, meta.num_tokens_post_padded)]:
+        assert t.is_meta and (t.shape, t.dtype, t.stride()) == (r.shape, r.dtype, r.stride())
+
+
 def test_naive_assignment_threshold():
     assert launch.use_naive(9, 8, 288, False) and not launch.use_naive(10, 8, 288, False)
     assert not launch.use_naive(1, 8, 288, True)

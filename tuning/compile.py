@@ -4,8 +4,12 @@ Compiling dominates a sweep (each config is two kernels, w13 and w2, and Triton
 specialises on some integer arguments), while timing needs the GPU to itself. The
 worker process asks this pool to compile a batch of configs on ``meta`` tensors with
 the exact launch arguments of the real run; the real launch then finds the kernels
-in the cache. A config that fails to compile or exceeds the GPU's resources fails
-here, and the search never times it.
+in the cache. A config that fails to compile fails here, and the search never times it.
+
+A compile needs the GPU's target (architecture, warp size), not the GPU: the worker
+reads its target from Triton's driver and hands it to the pool, whose processes answer
+Triton's driver lookup with it (``CompileOnly``). No pool process opens a CUDA context:
+none takes GPU memory beside the timed run, or start-up time from the driver.
 
 Every worker on a node gets a pool as large as the node allows (``processes``), not a
 share of its cores: the workers' searches alternate compiling and timing, so one
@@ -39,6 +43,8 @@ from concurrent.futures.process import BrokenProcessPool
 
 import torch
 
+from triton.backends.compiler import GPUTarget
+
 from . import launch
 from .configs import TileConfig
 from .inputs import build_problem
@@ -56,6 +62,7 @@ LOCKS = "tune-moe-locks"  # beside the kernels in Triton's cache folder: process
 FIRST = (MoeShape(8, 8, 64, 128, 2, "bf16"), 16, TileConfig(16, 32, 64, 1, 4, 3))  # M=16: aligned, as most jobs
 
 _kernel: Kernel | None = None
+_target: GPUTarget | None = None  # the worker's GPU, whose kernels this process compiles
 _held: list[int] = []  # this process's lock files, open while it compiles
 
 
@@ -71,6 +78,43 @@ def lower_priority() -> None:
         os.nice(NICE)
     except OSError:
         pass  # a node that forbids it compiles at the worker's priority
+
+
+class CompileOnly:
+    """Triton's driver in a pool process: the worker's target, device 0, no stream. Triton asks a driver
+    only these while it compiles (``JITFunction.run`` with ``warmup``, 3.6-3.8); loading and launching, which
+    need the GPU, happen in the worker."""
+
+    def __init__(self, target: GPUTarget):
+        self.target = target
+
+    def is_active(self) -> bool:
+        return True
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+
+def compile_for(target: GPUTarget) -> None:
+    """From now on Triton in this process compiles for ``target`` without touching a GPU."""
+    global _target
+    from triton.runtime.driver import driver
+
+    driver.set_active(CompileOnly(target))
+    _target = target
+
+
+def current_target() -> GPUTarget:
+    """The target of this process's GPU (the worker's), as Triton's driver reads it."""
+    from triton.runtime.driver import driver
+
+    return driver.active.get_current_target()
 
 
 def share_compiles() -> None:
@@ -126,14 +170,14 @@ def release_locks() -> None:
         os.close(_held.pop())
 
 
-def _init(source: KernelSource, share: bool) -> None:
+def _init(source: KernelSource, target: GPUTarget, share: bool) -> None:
     global _kernel
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C or a time limit is the parent's to handle: no tracebacks here
     lower_priority()
+    compile_for(target)
     if share:
         share_compiles()
     _kernel = source.load()
-    torch.cuda.init()
     _warm(*FIRST)  # shared: one process of the node compiles it, the others load it
 
 
@@ -145,7 +189,7 @@ def _meta_problem(shape: MoeShape, m: int):
 def _warm(shape: MoeShape, m: int, config: TileConfig) -> Failure | None:
     """Compile both GEMMs of ``config`` for (shape, m), launch arguments exactly as the timed run's."""
     p = _meta_problem(shape, m)
-    sm90 = torch.cuda.get_device_capability() == (9, 0)
+    sm90 = _target.backend == "cuda" and _target.arch == 90
     try:
         launch.both_gemms(_kernel, p, launch.alignment(p, config.BLOCK_SIZE_M, _kernel), config, sm90,
                           warmup=True)
@@ -159,11 +203,14 @@ def _warm(shape: MoeShape, m: int, config: TileConfig) -> Failure | None:
 class Precompiler:
     """``precompiler(shape, m, configs)`` -> {config: failure} for the configs that can never run."""
 
-    def __init__(self, source: KernelSource, workers: int | None = None, share: bool = True):
+    def __init__(self, source: KernelSource, target: GPUTarget | None = None, workers: int | None = None,
+                 share: bool = True):
+        """``target``: the GPU the kernels are for, by default this process's (Triton's driver reads it)."""
         workers = processes() if workers is None else workers
         ctx = mp.get_context("spawn")
+        self.target = current_target() if target is None else target
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init,
-                                        initargs=(source, share))
+                                        initargs=(source, self.target, share))
         self.broken = False
         for _ in range(workers):  # start every process now: each imports torch and the kernel and compiles FIRST
             self.pool.submit(os.getpid)  # while the worker loads its own and the driver plans, not in the first job

@@ -67,10 +67,11 @@ def _align_torch(topk_ids, block_m, global_experts, expert_map, drop_remote: boo
     """The same layout from torch ops that need no host sync, so CUDA graphs can capture it. ``drop_remote``:
     remote slots are left out (0.33); otherwise they are aligned too and their blocks map to expert -1 (0.26)."""
     device, numel, E = topk_ids.device, topk_ids.numel(), global_experts
-    # Buffer sizes exactly as vLLM allocates them (they set EM and the launch grid).
-    max_padded = numel + E * (block_m - 1)
-    if numel < E:
-        max_padded = min(numel * block_m, max_padded)
+    max_padded = padded_rows(numel, E, block_m)
+    if device.type == "meta":  # a compile needs the sizes, not the values (and meta's cumsum imports torch._dynamo)
+        return Alignment(torch.empty(max_padded, dtype=torch.int32, device=device),
+                         torch.empty(triton.cdiv(max_padded, block_m), dtype=torch.int32, device=device),
+                         torch.empty(1, dtype=torch.int32, device=device), block_m)
     flat = topk_ids.reshape(-1).long()
     drop = expert_map is not None and drop_remote
     key = torch.where(expert_map[flat] >= 0, flat, E) if drop else flat  # dropped slots -> bucket E
@@ -91,6 +92,12 @@ def _align_torch(topk_ids, block_m, global_experts, expert_map, drop_remote: boo
         block_expert = expert_map[block_expert]
     total = padded.sum().to(torch.int32).reshape(1)
     return Alignment(buf[:max_padded], block_expert.to(torch.int32), total, block_m)
+
+
+def padded_rows(numel: int, global_experts: int, block_m: int) -> int:
+    """Rows of sorted_token_ids exactly as vLLM allocates them (they set EM and the launch grid)."""
+    rows = numel + global_experts * (block_m - 1)
+    return min(numel * block_m, rows) if numel < global_experts else rows
 
 
 def naive(topk_ids: torch.Tensor, block_m: int) -> Alignment:
