@@ -16,12 +16,12 @@ cache's locks (``two_pools_shared_*``, as the sweep's pools do). Prints one JSON
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from tuning.compile import Precompiler, processes
 from tuning.gpus import get_gpu
@@ -89,22 +89,39 @@ def timed(fn) -> float:
     return round(time.monotonic() - t, 2)
 
 
-def two_pools(source: KernelSource, share: bool, shape: MoeShape, same: list, other: list) -> dict:
-    """Two pools started at once in a fresh cache, as two workers on one node start theirs; their compiles
-    shared through the cache's locks or not."""
+def _worker_side(task: dict, barrier, results) -> None:
+    """One worker's pool, in a process of its own as on a node (its own fork server): up, then the two rounds
+    in step with the other worker's."""
+    source, share, shape, m, same, other, start = (task[k] for k in ("source", "share", "shape", "m", "same",
+                                                                     "other", "start"))
+    pool = Precompiler(source, target=task["target"], share=share)
+    up(pool)
+    out = {"up_s": round(time.monotonic() - start, 2)}
+    barrier.wait()
+    out["same_configs_s"] = timed(lambda: pool(shape, m, same))
+    barrier.wait()
+    out["other_configs_s"] = timed(lambda: pool(shape, 4096, other))
+    pool.pool.shutdown()
+    results.put((m, out))
+
+
+def two_pools(source: KernelSource, target, share: bool, shape: MoeShape, same: list, other: list) -> dict:
+    """Two pools started at once in a fresh cache, each by a process of its own, as two workers on one node
+    start theirs; their compiles shared through the cache's locks or not."""
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"triton-two-{'shared' if share else 'unshared'}-")
-    t = time.monotonic()
-    pools = [Precompiler(source, share=share), Precompiler(source, share=share)]
-    out = {}
-    with ThreadPoolExecutor(2) as ex:
-        list(ex.map(up, pools))
-        out["up_s"] = round(time.monotonic() - t, 2)
-        out["same_configs_s"] = list(ex.map(
-            lambda a: timed(lambda: a[0](shape, a[1], same)), [(pools[0], 4096), (pools[1], 3072)]))
-        out["other_configs_s"] = list(ex.map(lambda a: timed(lambda: a[0](shape, 4096, a[1])), zip(pools, other)))
-    for p in pools:
-        p.pool.shutdown()
-    return out
+    ctx = mp.get_context("spawn")
+    barrier, results, start = ctx.Barrier(2), ctx.Queue(), time.monotonic()
+    tasks = [{"source": source, "target": target, "share": share, "shape": shape, "m": m, "same": same,
+              "other": more, "start": start} for m, more in ((4096, other[0]), (3072, other[1]))]
+    procs = [ctx.Process(target=_worker_side, args=(task, barrier, results)) for task in tasks]
+    for p in procs:
+        p.start()
+    each = dict(results.get(timeout=600) for _ in procs)
+    for p in procs:
+        p.join()
+    return {"up_s": max(each[m]["up_s"] for m in each),
+            "same_configs_s": [each[4096]["same_configs_s"], each[3072]["same_configs_s"]],
+            "other_configs_s": [each[4096]["other_configs_s"], each[3072]["other_configs_s"]]}
 
 
 def main(path: str, version: str | None) -> dict:
@@ -125,7 +142,7 @@ def main(path: str, version: str | None) -> dict:
     out["sibling_round_s"] = timed(lambda: pool(n320, 4096, same))
     pool.pool.shutdown()
     for share, key in ((False, "two_pools"), (True, "two_pools_shared")):
-        out.update({f"{key}_{k}": v for k, v in two_pools(source, share, n160, same, other).items()})
+        out.update({f"{key}_{k}": v for k, v in two_pools(source, pool.target, share, n160, same, other).items()})
     return out
 
 

@@ -234,3 +234,26 @@ def test_the_pool_compiles_vllms_kernel_for_an_h200_in_processes_that_touch_no_g
         assert failure.kind.sticky
     finally:
         pool.pool.shutdown()
+
+
+def test_a_pools_processes_see_the_environment_it_started_in_not_the_fork_servers(tmp_path, monkeypatch,
+                                                                                  fused_moe_py):
+    """The pool's processes fork from a server started once per process, with that moment's environment.
+    A pool started later, after the environment changed (another Triton cache folder), must see the new one."""
+    from triton.backends.compiler import GPUTarget
+
+    from tuning.compile import Precompiler
+    from tuning.kernel import KernelSource
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    pools = []
+    try:
+        for name in ("first", "second"):
+            monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / name))
+            pools.append(Precompiler(KernelSource(fused_moe_py), target=GPUTarget("cuda", 90, 32), workers=1))
+        for pool, name in zip(pools, ("first", "second")):
+            assert pool.pool.submit(os.getenv, "TRITON_CACHE_DIR").result() == str(tmp_path / name)
+            assert list((tmp_path / name).rglob("*.cubin"))  # FIRST, compiled into its own pool's cache
+    finally:
+        for pool in pools:
+            pool.pool.shutdown()

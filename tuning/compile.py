@@ -174,9 +174,11 @@ def release_locks() -> None:
         os.close(_held.pop())
 
 
-def _init(source: KernelSource, target: GPUTarget, share: bool) -> None:
+def _init(source: KernelSource, target: GPUTarget, share: bool, env: dict[str, str]) -> None:
     global _kernel
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C or a time limit is the parent's to handle: no tracebacks here
+    os.environ.clear()  # the worker's environment now (Triton's cache folder...), not the fork server's at its start
+    os.environ.update(env)
     lower_priority()
     compile_for(target)
     if share:
@@ -215,7 +217,7 @@ class Precompiler:
         ctx.set_forkserver_preload([__name__])  # is forked from it (safe: none of them touches CUDA)
         self.target = current_target() if target is None else target
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init,
-                                        initargs=(source, self.target, share))
+                                        initargs=(source, self.target, share, dict(os.environ)))
         self.broken = False
         for _ in range(workers):  # start every process now: each imports torch and the kernel and compiles FIRST
             self.pool.submit(os.getpid)  # while the worker loads its own and the driver plans, not in the first job
