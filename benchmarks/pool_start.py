@@ -90,7 +90,7 @@ def timed(fn) -> float:
 
 
 def _worker_side(task: dict, barrier, results) -> None:
-    """One worker's pool, in a process of its own as on a node (its own fork server): up, then the two rounds
+    """One worker's pool, in a process of its own as on a node: up, then the two rounds
     in step with the other worker's."""
     source, share, shape, m, same, other, start = (task[k] for k in ("source", "share", "shape", "m", "same",
                                                                      "other", "start"))

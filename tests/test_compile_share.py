@@ -236,10 +236,10 @@ def test_the_pool_compiles_vllms_kernel_for_an_h200_in_processes_that_touch_no_g
         pool.pool.shutdown()
 
 
-def test_a_pools_processes_see_the_environment_it_started_in_not_the_fork_servers(tmp_path, monkeypatch,
+def test_a_pools_processes_see_the_environment_it_started_in(tmp_path, monkeypatch,
                                                                                   fused_moe_py):
-    """The pool's processes fork from a server started once per process, with that moment's environment.
-    A pool started later, after the environment changed (another Triton cache folder), must see the new one."""
+    """A pool's processes see the environment of the pool's start (its Triton cache folder): a pool started
+    later, after the environment changed, sees the new one, and the first keeps its own."""
     from triton.backends.compiler import GPUTarget
 
     from tuning.compile import Precompiler

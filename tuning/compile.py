@@ -11,10 +11,6 @@ reads its target from Triton's driver and hands it to the pool, whose processes 
 Triton's driver lookup with it (``CompileOnly``). No pool process opens a CUDA context:
 none takes GPU memory beside the timed run, or start-up time from the driver.
 
-The processes are forked from a server that imported torch, Triton and this module once (multiprocessing's
-``forkserver``): a pool's processes no longer each import them at once, which took 7 s of a 16-core H200
-node for 15 processes (benchmarks/README 2f). Forking is safe because no process of the pool touches CUDA.
-
 Every worker on a node gets a pool as large as the node allows (``processes``), not a
 share of its cores: the workers' searches alternate compiling and timing, so one
 worker's compile round can use the cores another leaves idle while it times. The
@@ -174,11 +170,9 @@ def release_locks() -> None:
         os.close(_held.pop())
 
 
-def _init(source: KernelSource, target: GPUTarget, share: bool, env: dict[str, str]) -> None:
+def _init(source: KernelSource, target: GPUTarget, share: bool) -> None:
     global _kernel
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C or a time limit is the parent's to handle: no tracebacks here
-    os.environ.clear()  # the worker's environment now (Triton's cache folder...), not the fork server's at its start
-    os.environ.update(env)
     lower_priority()
     compile_for(target)
     if share:
@@ -213,11 +207,10 @@ class Precompiler:
                  share: bool = True):
         """``target``: the GPU the kernels are for, by default this process's (Triton's driver reads it)."""
         workers = processes() if workers is None else workers
-        ctx = mp.get_context("forkserver")  # the server imports torch, Triton and this module once; each process
-        ctx.set_forkserver_preload([__name__])  # is forked from it (safe: none of them touches CUDA)
+        ctx = mp.get_context("spawn")
         self.target = current_target() if target is None else target
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init,
-                                        initargs=(source, self.target, share, dict(os.environ)))
+                                        initargs=(source, self.target, share))
         self.broken = False
         for _ in range(workers):  # start every process now: each imports torch and the kernel and compiles FIRST
             self.pool.submit(os.getpid)  # while the worker loads its own and the driver plans, not in the first job
