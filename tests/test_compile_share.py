@@ -236,8 +236,7 @@ def test_the_pool_compiles_vllms_kernel_for_an_h200_in_processes_that_touch_no_g
         pool.pool.shutdown()
 
 
-def test_a_pools_processes_see_the_environment_it_started_in(tmp_path, monkeypatch,
-                                                                                  fused_moe_py):
+def test_a_pools_processes_see_the_environment_it_started_in(tmp_path, monkeypatch, fused_moe_py):
     """A pool's processes see the environment of the pool's start (its Triton cache folder): a pool started
     later, after the environment changed, sees the new one, and the first keeps its own."""
     from triton.backends.compiler import GPUTarget
@@ -257,3 +256,54 @@ def test_a_pools_processes_see_the_environment_it_started_in(tmp_path, monkeypat
     finally:
         for pool in pools:
             pool.pool.shutdown()
+
+
+VARIANT_CHILD = r'''
+import json, sys
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from tuning import compile as pool
+from tuning import launch
+from tuning.configs import TileConfig
+from tuning.kernel import KernelSource
+from tuning.shapes import MoeShape
+
+pool.compile_for(GPUTarget("cuda", 90, 32))  # Triton's lookups answered as on an H200; the launch is a worker's
+shape, m, config = MoeShape(8, 8, 128, 256, 2, "fp8", (128, 128)), 16, TileConfig.from_short(sys.argv[2])
+kernel, hits = KernelSource(sys.argv[1]).load(), []
+knobs.compilation.listener = lambda *, cache_hit, **_: hits.append(bool(cache_hit))
+p = pool._meta_problem(shape, m)
+for sm90 in (True, False):
+    launch.both_gemms(kernel, p, launch.alignment(p, config.BLOCK_SIZE_M, kernel), config, sm90, warmup=True)
+print(json.dumps(hits))
+'''
+
+
+def test_the_pool_compiles_the_variant_an_h200_worker_launches(tmp_path, monkeypatch, fused_moe_py):
+    """On an H200 vLLM swaps A and B for FP8 tiles of BLOCK_SIZE_M < 64 (``SWAP_AB``, another kernel): the
+    pool, told only the target, must compile the kernels the worker's sm90 launch asks for. That launch
+    (arguments as the timed run's, on meta tensors) then finds both in the cache; the other variant does not."""
+    from triton.backends.compiler import GPUTarget
+
+    from tuning import compile as pool
+    from tuning import launch
+    from tuning.configs import TileConfig
+    from tuning.kernel import KernelSource
+    from tuning.shapes import MoeShape
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    shape, m, config = MoeShape(8, 8, 128, 256, 2, "fp8", (128, 128)), 16, TileConfig(16, 64, 128, 1, 4, 3)
+    assert launch.swap_ab(True, config, sm90=True) and not launch.swap_ab(True, config, sm90=False)
+    workers = pool.Precompiler(KernelSource(fused_moe_py), target=GPUTarget("cuda", 90, 32), workers=1)
+    try:
+        assert workers(shape, m, [config]) == {}
+    finally:
+        workers.pool.shutdown()
+    child = tmp_path / "variant_child.py"
+    child.write_text(VARIANT_CHILD)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    run = subprocess.run([sys.executable, str(child), str(fused_moe_py), config.short], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == [True, True, False, False]  # the other: compiled there
