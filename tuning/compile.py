@@ -19,9 +19,9 @@ workers at niceness 15, so there they run at 19): a worker's timing thread is ne
 starved by compiles, its own or another worker's.
 
 Each process compiles one small kernel (``FIRST``) as it starts: a process's first compile costs seconds
-of imports and set-up (torch's meta-tensor machinery on the aligned path, Triton's driver and key), and on
-an H200 those seconds fell in the first aligned job's first round (pool_start.py: 11.6 s for a round of 36
-configs, 2.7 s once paid at start; benchmarks/README 2f).
+of set-up (Triton's key and IR set-up; before the alignment on meta became sizes only, torch's meta-tensor
+machinery too), and on an H200 those seconds fell in the first aligned job's first round (pool_start.py:
+11.6 s for a round of 36 configs, 2.7 s once paid at start; benchmarks/README 2f).
 
 The pools of one node share their compiles: two workers whose searches reach the same
 kernel at once (neighbouring batch sizes of one kernel family compile the same
