@@ -92,10 +92,10 @@ class VllmOps:
         (sorted_token_ids, expert_ids, num_tokens_post_padded)."""
         import torch
 
-        from .launch import padded_rows
-
         numel, device = topk_ids.numel(), topk_ids.device
-        max_padded = padded_rows(numel, num_experts, block_size)  # lines 137-143
+        max_padded = numel + num_experts * (block_size - 1)  # line 137
+        if numel < num_experts:  # lines 140-143
+            max_padded = min(numel * block_size, max_padded)
         sorted_ids = torch.empty((max_padded,), dtype=torch.int32, device=device)
         expert_ids = torch.empty((-(-max_padded // block_size),), dtype=torch.int32, device=device)
         num_tokens_post_pad = torch.empty((1), dtype=torch.int32, device=device)
