@@ -232,6 +232,10 @@ def test_the_pool_compiles_vllms_kernel_for_an_h200_in_processes_that_touch_no_g
         bad = TileConfig(16, 64, 48, 1, 4, 3)  # BLOCK_SIZE_K not a power of two: tl.arange refuses it
         (failure,) = pool(shape, 64, [bad]).values()
         assert failure.kind.sticky
+        more = [TileConfig(16, 128, 64, 1, 4, 3), TileConfig(64, 64, 64, 1, 4, 3)]
+        streamed = list(pool.stream(shape, 64, [*more, bad]))  # as each compile ends
+        assert sorted(c.short for c, _ in streamed) == sorted(c.short for c in [*more, bad])
+        assert {c: why is None for c, why in streamed} == {more[0]: True, more[1]: True, bad: False}
     finally:
         pool.pool.shutdown()
 
@@ -307,3 +311,54 @@ def test_the_pool_compiles_the_variant_an_h200_worker_launches(tmp_path, monkeyp
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout.strip().splitlines()[-1]) == [True, True, False, False]  # the other: compiled there
+
+
+def test_a_pool_whose_process_died_hands_every_config_over_unfailed(tmp_path, monkeypatch, fused_moe_py):
+    """A pool process killed (out of memory, say) breaks the pool: the search still gets every config, none
+    ruled out, and the worker compiles each on its first launch, as Triton always can."""
+    import signal as sig
+
+    from triton.backends.compiler import GPUTarget
+
+    from tuning.compile import FIRST, Precompiler
+    from tuning.configs import TileConfig
+    from tuning.kernel import KernelSource
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    pool = Precompiler(KernelSource(fused_moe_py), target=GPUTarget("cuda", 90, 32), workers=1)
+    try:
+        (pid,) = {pool.pool.submit(os.getpid).result()}
+        os.kill(pid, sig.SIGKILL)
+        configs = [TileConfig(16, 64, 64, 1, 4, 3), TileConfig(32, 64, 64, 1, 4, 3)]
+        assert list(pool.stream(FIRST[0], 64, configs)) == [(c, None) for c in configs]
+        assert pool.broken and pool(FIRST[0], 64, configs) == {}
+    finally:
+        pool.pool.shutdown()
+
+
+def test_a_job_times_what_a_real_pool_hands_over(tmp_path, monkeypatch, fused_moe_py):
+    """``run_job`` as a worker runs it, with a real pool compiling vLLM's kernel for an H200's target (its
+    processes without the interpreter) and the search timing on Triton's interpreter here: every config of
+    the job went through the pool, and the job's wait on it is part of its time."""
+    from triton.backends.compiler import GPUTarget
+
+    from tuning.compile import FIRST, Precompiler
+    from tuning.gpus import get_gpu
+    from tuning.jobs import Job, Settings
+    from tuning.kernel import KernelSource
+    from tuning.workers import run_job
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    pool = Precompiler(KernelSource(fused_moe_py), target=GPUTarget("cuda", 90, 32), workers=2)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    settings = Settings(gpu="H200", source=KernelSource(fused_moe_py), max_evals=4)
+    try:
+        result = run_job(settings.source.load(), get_gpu("H200"), Job(FIRST[0], 2), settings,
+                         device_name="NVIDIA_H200", worker="here", seeds=[], failures={}, precompile=pool)
+    finally:
+        pool.pool.shutdown()
+    cubins = len(list(tmp_path.rglob("*.cubin"))) - 2  # FIRST's two
+    assert result.evaluated == 4 and cubins == 2 * (result.evaluated - result.failed)
+    assert 0 < result.compile_seconds < result.seconds

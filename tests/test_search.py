@@ -150,11 +150,40 @@ def test_precompile_failures_skip_timing():
 
     def precompile(configs):
         asked.extend(configs)
-        return {doomed: Failure(kind=FailureKind.COMPILE, detail="CompilationError: boom")} if doomed in configs else {}
+        for c in configs:
+            yield c, Failure(kind=FailureKind.COMPILE, detail="CompilationError: boom") if c == doomed else None
 
     memory: dict = {}
     guided(land, Context(FP8_EP, H200, 64), best, failures=memory, precompile=precompile)
     assert doomed in asked and doomed not in land.calls and memory[doomed].kind is FailureKind.COMPILE
+
+
+def test_each_config_is_timed_as_its_compile_ends_and_the_search_is_the_same():
+    """The pool hands over configs in the order their compiles end (here: each round reversed); each is timed
+    at once, before the next compile is taken, and the search decides as it would with every config compiled
+    first: the same configs timed, the same winner."""
+    best = TileConfig(32, 128, 128, 8, 4, 3)
+    log: list[tuple[str, TileConfig]] = []
+
+    class Logged(Landscape):
+        def evaluate(self, c, budget_ms):
+            log.append(("timed", c))
+            return super().evaluate(c, budget_ms)
+
+    def precompile(configs):
+        for c in reversed(configs):
+            log.append(("compiled", c))
+            yield c, None
+
+    ctx, start = Context(BF16_TP4, H200, 256), TileConfig(16, 64, 64, 1, 4, 3)
+    streamed, plain = Logged(best), Landscape(best)
+    a = guided(streamed, ctx, start, precompile=precompile)
+    b = guided(plain, ctx, start)
+    first_looks = [e for e in log if e[0] == "timed"][: len(a.outcomes)]
+    assert log[: 2 * len(a.outcomes)] == [e for c in (e[1] for e in first_looks) for e in (("compiled", c),
+                                                                                          ("timed", c))]
+    assert sorted(o.config.short for o in a.outcomes) == sorted(o.config.short for o in b.outcomes)
+    assert a.best.config == b.best.config and a.best.us == b.best.us
 
 
 def test_head_to_head_pools_alternating_samples():

@@ -38,7 +38,8 @@ import hashlib
 import multiprocessing as mp
 import os
 import signal
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 
 import torch
@@ -201,7 +202,8 @@ def _warm(shape: MoeShape, m: int, config: TileConfig) -> Failure | None:
 
 
 class Precompiler:
-    """``precompiler(shape, m, configs)`` -> {config: failure} for the configs that can never run."""
+    """``precompiler.stream(shape, m, configs)``: each config as its compile ends, with the failure that rules
+    it out; ``precompiler(shape, m, configs)`` -> {config: failure} once all are compiled."""
 
     def __init__(self, source: KernelSource, target: GPUTarget | None = None, workers: int | None = None,
                  share: bool = True):
@@ -215,16 +217,24 @@ class Precompiler:
         for _ in range(workers):  # start every process now: each imports torch and the kernel and compiles FIRST
             self.pool.submit(os.getpid)  # while the worker loads its own and the driver plans, not in the first job
 
-    def __call__(self, shape: MoeShape, m: int, configs: list[TileConfig]) -> dict[TileConfig, Failure]:
-        if self.broken:
-            return {}  # the worker then compiles on first launch, as Triton always can
+    def stream(self, shape: MoeShape, m: int, configs: list[TileConfig]) -> Iterator[tuple[TileConfig, Failure | None]]:
+        """Every config once, first compiled first: with its failure when it can never run, else None. The
+        worker times each as it comes while the pool compiles the rest. A broken pool yields the rest with
+        None: the worker then compiles on first launch, as Triton always can."""
+        done: set[TileConfig] = set()
         try:
-            futures = {c: self.pool.submit(_warm, shape, m, c) for c in configs}
-            results = {c: f.result() for c, f in futures.items()}
+            if not self.broken:
+                futures = {self.pool.submit(_warm, shape, m, c): c for c in configs}
+                for f in as_completed(futures):
+                    why = f.result()
+                    done.add(futures[f])
+                    yield futures[f], why if why is not None and why.kind.sticky else None
         except BrokenProcessPool:
             self.broken = True
-            return {}
-        return {c: why for c, why in results.items() if why is not None and why.kind.sticky}
+        yield from ((c, None) for c in configs if c not in done)
+
+    def __call__(self, shape: MoeShape, m: int, configs: list[TileConfig]) -> dict[TileConfig, Failure]:
+        return {c: why for c, why in self.stream(shape, m, configs) if why is not None}
 
     def all(self, jobs: list[tuple[MoeShape, int, TileConfig]]) -> None:
         """Compile every (shape, m, config) at once (failures show again, as results, when the run launches)."""

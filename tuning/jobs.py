@@ -97,7 +97,9 @@ class JobResult:
     failed: int
     seconds: float
     worker: str
-    compile_seconds: float = 0.0  # of ``seconds``, waiting on the compile pool (0 in results from before it was kept)
+    compile_seconds: float = 0.0  # of ``seconds``, waiting on the compile pool with no compiled config to time
+    # (0 in results from before it was kept; before the search timed configs as their compiles ended, the whole
+    # wait for each round's compiles)
     failures: dict[str, Failure] = field(default_factory=dict)  # config (short form) -> why (first few)
 
     @property

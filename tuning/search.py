@@ -6,7 +6,8 @@ the best few; then successive halving with longer timings for the finalists. vLL
 default is always a finalist and is re-timed head to head against the winner, so the
 tuner never picks a config slower than the default. ``exhaustive`` times the whole
 space cheaply, then finishes the same way. Configs that failed to compile or ran out
-of resources are remembered (``failures``) and never retried.
+of resources are remembered (``failures``) and never retried. With a compile pool, each
+config of a round is timed as its compile ends, while the pool compiles the rest.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class SearchResult:
 
 
 class _Book:
-    """First-look outcomes, failure memory and an optional batch precompiler."""
+    """First-look outcomes, failure memory and an optional precompiler (``compile.Precompiler.stream``: each
+    config as its compile ends, with the failure that rules it out, or None)."""
 
     def __init__(self, ev: Evaluator, failures: dict[TileConfig, Failure], precompile: Callable | None):
         self.ev, self.failures, self.precompile = ev, failures, precompile
@@ -64,16 +66,13 @@ class _Book:
         for c in [c for c in todo if c in self.failures]:
             self.seen[c] = Outcome(c, failure=self.failures[c])
         todo = [c for c in todo if c not in self.seen]
-        if self.precompile and todo:
-            for c, why in self.precompile(todo).items():
-                self.failures[c] = why
-                self.seen[c] = Outcome(c, failure=why)
-            todo = [c for c in todo if c not in self.seen]
-        for c in todo:
-            out = self.ev.evaluate(c, CHEAP_MS)
-            self.seen[c] = out
-            if out.failure is not None and out.failure.kind.sticky:
-                self.failures[c] = out.failure
+        compiled = self.precompile(todo) if self.precompile and todo else ((c, None) for c in todo)
+        looked: dict[TileConfig, Outcome] = {}
+        for c, why in compiled:  # timed as its compile ends, while the pool compiles the rest
+            looked[c] = Outcome(c, failure=why) if why is not None else self.ev.evaluate(c, CHEAP_MS)
+            if looked[c].failure is not None and looked[c].failure.kind.sticky:
+                self.failures[c] = looked[c].failure
+        self.seen.update((c, looked[c]) for c in todo)  # in the round's order: ties rank alike whatever came first
 
     def ranked(self) -> list[Outcome]:
         return sorted((o for o in self.seen.values() if o.ok), key=lambda o: o.us)

@@ -84,12 +84,18 @@ def run_job(kernel: Kernel, gpu: GpuSpec, job: Job, settings: Settings, *, devic
     default = runner.default_config()
     waited = [0.0]
 
-    def pre(cfgs: list[TileConfig]) -> dict[TileConfig, Failure]:
-        t = time.monotonic()
-        try:
-            return precompile(job.shape, job.m, cfgs)
-        finally:
-            waited[0] += time.monotonic() - t
+    def pre(cfgs: list[TileConfig]):
+        """The pool's configs as their compiles end; ``waited`` counts the time the search had none to time."""
+        compiled = precompile.stream(job.shape, job.m, cfgs)
+        while True:
+            t = time.monotonic()
+            try:
+                item = next(compiled)
+            except StopIteration:
+                return
+            finally:
+                waited[0] += time.monotonic() - t
+            yield item
 
     result = STRATEGIES[settings.strategy](runner, Context(job.shape, gpu, job.m), default, seeds=seeds,
                                            failures=failures, precompile=pre if precompile else None, seed=settings.seed,
