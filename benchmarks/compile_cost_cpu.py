@@ -7,8 +7,8 @@ Triton compiles vLLM's fused_moe_kernel for sm90 through the compile pool's own 
 (``compile.CompileOnly``), exactly as a pool process does (``compile._warm``: both GEMMs of a config, launch
 arguments as the timed run's), in a fresh cache, one config at a time in this one process. The shape is
 Step-3.5-Flash's E=288 N=320 (TP4; FP8 with its [64,64] blocks). PER_GROUP configs (default 6) are drawn, with a
-fixed seed, from each of two groups of the search space before its register rule
-(``space.accumulator_fits_registers``): the configs it drops and those it keeps. Per config one JSON line: the
+fixed seed, from each of two groups of the search space: ``over`` (a float32 BLOCK_M x BLOCK_N accumulator of 256
+or more registers a thread, more than the 255 a thread has) and ``under``. Per config one JSON line: the
 seconds of its compile, and for each of its kernels the registers and spill bytes ptxas reports (Triton's own
 ptxas, run again with ``-v`` on the PTX the compile left in the cache). Then one summary line per group. Given
 configs (short form, ``M256-N128-K64-G1-w4-s3``) instead of PER_GROUP, it compiles those, each in its group.
@@ -28,6 +28,12 @@ import time
 from pathlib import Path
 
 VLLM = "0.33.0"
+THREAD_REGISTERS = 255  # a CUDA thread's registers
+
+
+def accumulator_registers(c) -> int:
+    """Registers a thread needs for vLLM's kernel's float32 BLOCK_M x BLOCK_N accumulator (32 x num_warps threads)."""
+    return c.BLOCK_SIZE_M * c.BLOCK_SIZE_N // (32 * c.num_warps)
 
 
 def ptxas_report(ptx: Path) -> dict:
@@ -56,22 +62,22 @@ def main(argv: list[str]) -> int:
     from tuning.gpus import get_gpu
     from tuning.kernel import KernelSource
     from tuning.shapes import MoeShape
-    from tuning.space import PREDICATES, Context, accumulator_fits_registers, candidates
+    from tuning.space import Context, space
 
     pool.compile_for(GPUTarget("cuda", 90, 32))  # an H200's target, as its worker hands it to the pool
     pool._kernel = KernelSource(src, VLLM).load()
     shape = MoeShape(288, 288, 320, 4096, 8, dtype, (64, 64) if dtype == "fp8" else None)
     ctx = Context(shape, get_gpu("H200"), m)
-    others = [p for p in PREDICATES if p is not accumulator_fits_registers]
-    before_rule = [c for c in candidates(ctx) if all(p(c, ctx) for p in others)]
-    in_space = {"dropped": [c for c in before_rule if not accumulator_fits_registers(c, ctx)],
-                "kept": [c for c in before_rule if accumulator_fits_registers(c, ctx)]}
+    searched = space(ctx)
+    in_space = {"over": [c for c in searched if accumulator_registers(c) > THREAD_REGISTERS],
+                "under": [c for c in searched if accumulator_registers(c) <= THREAD_REGISTERS]}
     rng = random.Random(f"compile-cost-{dtype}-{m}")
     if chosen.isdigit():
         groups = {g: rng.sample(configs, min(int(chosen), len(configs))) for g, configs in in_space.items()}
     else:
         given = [TileConfig.from_short(c) for c in chosen.split(",")]
-        groups = {g: [c for c in given if (g == "kept") == accumulator_fits_registers(c, ctx)] for g in in_space}
+        groups = {g: [c for c in given if (g == "over") == (accumulator_registers(c) > THREAD_REGISTERS)]
+                  for g in in_space}
     pool._warm(*pool.FIRST)  # the process's first compile pays Triton's set-up: not part of any config's cost
     seconds: dict[str, list[float]] = {}
     for group, configs in groups.items():
@@ -82,12 +88,12 @@ def main(argv: list[str]) -> int:
             took = time.monotonic() - t
             kernels = [ptxas_report(ptx) for d in sorted(set(cache.iterdir()) - seen) for ptx in d.glob("*.ptx")]
             seconds.setdefault(group, []).append(took)
-            print(json.dumps({"group": group, "config": c.short, "accumulator_registers":
-                              c.BLOCK_SIZE_M * c.BLOCK_SIZE_N // (32 * c.num_warps), "compile_s": round(took, 2),
+            print(json.dumps({"group": group, "config": c.short, "accumulator_registers": accumulator_registers(c),
+                              "compile_s": round(took, 2),
                               "failure": None if why is None else why.kind.name, "kernels": kernels}), flush=True)
     for group, configs in in_space.items():
         s = seconds.get(group, [])
-        print(json.dumps({"summary": group, "dtype": dtype, "m": m, "space_before_rule": len(before_rule),
+        print(json.dumps({"summary": group, "dtype": dtype, "m": m, "space": len(searched),
                           "in_group": len(configs), "compiled": len(s),
                           "compile_s_median": round(statistics.median(s), 2) if s else None,
                           "compile_s_max": round(max(s), 2) if s else None}), flush=True)
