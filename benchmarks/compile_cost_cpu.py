@@ -36,6 +36,10 @@ def accumulator_registers(c) -> int:
     return c.BLOCK_SIZE_M * c.BLOCK_SIZE_N // (32 * c.num_warps)
 
 
+def group_of(c) -> str:
+    return "over" if accumulator_registers(c) > THREAD_REGISTERS else "under"
+
+
 def ptxas_report(ptx: Path) -> dict:
     import triton
 
@@ -69,15 +73,13 @@ def main(argv: list[str]) -> int:
     shape = MoeShape(288, 288, 320, 4096, 8, dtype, (64, 64) if dtype == "fp8" else None)
     ctx = Context(shape, get_gpu("H200"), m)
     searched = space(ctx)
-    in_space = {"over": [c for c in searched if accumulator_registers(c) > THREAD_REGISTERS],
-                "under": [c for c in searched if accumulator_registers(c) <= THREAD_REGISTERS]}
+    in_space = {g: [c for c in searched if group_of(c) == g] for g in ("over", "under")}
     rng = random.Random(f"compile-cost-{dtype}-{m}")
     if chosen.isdigit():
         groups = {g: rng.sample(configs, min(int(chosen), len(configs))) for g, configs in in_space.items()}
     else:
         given = [TileConfig.from_short(c) for c in chosen.split(",")]
-        groups = {g: [c for c in given if (g == "over") == (accumulator_registers(c) > THREAD_REGISTERS)]
-                  for g in in_space}
+        groups = {g: [c for c in given if group_of(c) == g] for g in in_space}
     pool._warm(*pool.FIRST)  # the process's first compile pays Triton's set-up: not part of any config's cost
     seconds: dict[str, list[float]] = {}
     for group, configs in groups.items():
