@@ -1,6 +1,7 @@
 """Search space predicates and strategies, on evaluators whose costs are known exactly."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +12,8 @@ from tuning.gpus import get_gpu
 from tuning.runner import Outcome
 from tuning.search import exhaustive, guided, head_to_head
 from tuning.shapes import MoeShape
-from tuning.space import AXES, Context, axes, candidates, explain, neighbours, space
+from tuning.configs import read_config_file
+from tuning.space import AXES, Context, accumulator_fits_registers, axes, candidates, explain, neighbours, space
 
 H200 = get_gpu("H200")
 FP8_EP = MoeShape(72, 288, 1280, 4096, 8, "fp8", (128, 128))
@@ -64,6 +66,32 @@ def test_block_fp8_searches_the_k_tile_vllm_will_run(block, ks):
     rg, re_ = guided(Landscape(best), ctx, default), exhaustive(Landscape(best), ctx, default)
     assert rg.best.config == re_.best.config == best
     assert all(n.BLOCK_SIZE_K in ks for n in neighbours(best, ctx))
+
+
+def test_an_accumulator_no_threads_registers_can_hold_is_not_searched_on_hopper():
+    """vLLM's kernel accumulates BLOCK_M x BLOCK_N float32 values over 32 x num_warps threads: 256 or more a
+    thread cannot fit the 255 registers a thread has. The edge both ways; only the largest batch sizes have
+    such tiles in the space at all; Blackwell accumulates in tensor memory and keeps them."""
+    ctx = Context(BF16_TP4, H200, 4096)
+    for cfg in (TileConfig(256, 128, 64, 1, 4, 3), TileConfig(128, 256, 64, 1, 4, 3)):
+        assert explain(cfg, ctx) == ["accumulator_fits_registers"]  # 256 a thread
+    for cfg in (TileConfig(256, 128, 64, 1, 8, 3), TileConfig(128, 128, 64, 1, 4, 3)):
+        assert explain(cfg, ctx) == []  # 128 a thread
+    assert "accumulator_fits_registers" in explain(TileConfig(256, 256, 64, 1, 8, 2), ctx)
+    assert accumulator_fits_registers(TileConfig(256, 128, 64, 1, 4, 3), Context(BF16_TP4, get_gpu("B200"), 4096))
+    dropped = {m: sum(explain(c, Context(BF16_TP4, H200, m)) == ["accumulator_fits_registers"]
+                      for c in candidates(Context(BF16_TP4, H200, m))) for m in (1024, 1536, 4096)}
+    assert dropped[1024] == 0 < dropped[1536] < dropped[4096]
+
+
+def test_no_committed_hopper_config_is_one_the_register_rule_drops():
+    """Every tile config tuned on an H200 (every batch size of every file, searched in the space before this rule)
+    keeps its accumulator in a thread's registers: the rule drops no config that ever won there."""
+    files = [p for p in (Path(__file__).parents[1] / "kernels_configs" / "NVIDIA_H200").glob("E=*.json")
+             if not p.name.endswith(".provenance.json")]
+    assert len(files) >= 11
+    winners = {c for p in files for c in read_config_file(p).values()}
+    assert winners and all(accumulator_fits_registers(c, Context(BF16_TP4, H200, 4096)) for c in winners)
 
 
 def test_naive_batches_use_one_row_tiles():

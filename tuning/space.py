@@ -25,6 +25,9 @@ AXES: dict[str, tuple[int, ...]] = {
     "num_stages": (2, 3, 4, 5),
 }
 
+MAX_THREAD_REGISTERS = 255  # a CUDA thread's registers (every compute capability since 3.5)
+
+
 @dataclass(frozen=True)
 class Context:
     shape: MoeShape
@@ -80,8 +83,20 @@ def warps_have_work(cfg: TileConfig, ctx: Context) -> bool:
     return cfg.num_warps == 4 or cfg.BLOCK_SIZE_M * cfg.BLOCK_SIZE_N >= 64 * 64
 
 
+def accumulator_fits_registers(cfg: TileConfig, ctx: Context) -> bool:
+    """On Hopper (sm90: H200, H20) vLLM's kernel keeps its BLOCK_M x BLOCK_N float32 accumulator in the
+    registers of the block's 32 x num_warps threads; at 256 or more a thread it cannot fit, so it spills in
+    every K step (ptxas: 255 registers and kilobytes of spill stores), and such a config compiles for about
+    14x longer than the rest (13.2 s median against 0.93 s; benchmarks/README.md section 2g). On the H200 the
+    rule took an FP8 sweep from 160 to 129 s with the same 18 winners. Blackwell's tensor cores (sm100) accumulate
+    in tensor memory: no limit there."""
+    if ctx.gpu.capability[0] >= 10:
+        return True
+    return cfg.BLOCK_SIZE_M * cfg.BLOCK_SIZE_N < 32 * cfg.num_warps * (MAX_THREAD_REGISTERS + 1)
+
+
 PREDICATES: tuple[Callable[[TileConfig, Context], bool], ...] = (
-    fits_shared_memory, m_tile_not_oversized, group_has_blocks, warps_have_work,
+    fits_shared_memory, m_tile_not_oversized, group_has_blocks, warps_have_work, accumulator_fits_registers,
 )
 
 
