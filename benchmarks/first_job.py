@@ -1,7 +1,7 @@
 """Where a worker's first job goes: its compile pool's start, each config's compile, each timing.
 
 Usage (on a GPU node, vLLM's fused_moe.py at hand):
-    python benchmarks/first_job.py FUSED_MOE_PY > first_job.json
+    python benchmarks/first_job.py FUSED_MOE_PY [NAME,...] > first_job.json   (NAME of SHAPES; default all)
 
 A sweep's first job waits longer for FP8 than for bf16 (benchmarks/README 2g: 21.7 s of 25 s for FP8 E=288
 N=320 [64,64] at M=1, 11.6 s for N=160 [32,32], 7.6 s for bf16 N=160). This runs that first job as a worker
@@ -101,10 +101,11 @@ def one_process(source: KernelSource, target, shape: MoeShape, configs: list[Til
         pre.pool.shutdown()
 
 
-def main(path: str) -> dict:
+def main(path: str, names: list[str]) -> dict:
     source = KernelSource(path, "0.33.0")
     out = {"cpus": os.cpu_count(), "processes": pool.processes()}
-    for name, shape in SHAPES.items():
+    for name in names:
+        shape = SHAPES[name]
         for up_first in (False, True):
             out[f"{name}{'-up' if up_first else ''}"] = first_job(source, shape, up_first)
             print(name, up_first, out[f"{name}{'-up' if up_first else ''}"]["compile_seconds"], file=sys.stderr)
@@ -114,4 +115,4 @@ def main(path: str) -> dict:
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit("\n".join(__doc__.strip().splitlines()[2:4]))
-    print(json.dumps(main(sys.argv[1]), indent=1))
+    print(json.dumps(main(sys.argv[1], sys.argv[2].split(",") if len(sys.argv) > 2 else list(SHAPES)), indent=1))

@@ -186,6 +186,22 @@ def test_the_pools_meta_alignment_has_the_real_ones_sizes(shape, block_m, m):
         assert t.is_meta and (t.shape, t.dtype, t.stride()) == (r.shape, r.dtype, r.stride())
 
 
+FP8_PADDED = MoeShape(8, 16, 64, 320, 2, "fp8", (128, 64))  # w2's K rows pad to 384
+
+
+@pytest.mark.parametrize("shape", [TP, EP, FP8_TP, FP8_EP, FP8_PADDED])
+def test_the_pools_meta_problem_has_the_real_ones_sizes(shape):
+    """The compile pool builds its problem on meta tensors (FP8 without torch's meta kernels, whose imports
+    cost 3.5 s a process on an H200 host): every tensor must have the timed run's size, dtype and strides,
+    or the worker's launch would miss the pool's kernels."""
+    real = build_problem(shape, 5, Routing(), 0, "cpu")
+    meta = build_problem(shape, 5, Routing(), 0, "meta")
+    for name, r in vars(real).items():
+        if isinstance(r, torch.Tensor):
+            t = getattr(meta, name)
+            assert t.is_meta and (t.shape, t.dtype, t.stride()) == (r.shape, r.dtype, r.stride()), name
+
+
 def test_naive_assignment_threshold():
     assert launch.use_naive(9, 8, 288, False) and not launch.use_naive(10, 8, 288, False)
     assert not launch.use_naive(1, 8, 288, True)

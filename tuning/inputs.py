@@ -68,6 +68,8 @@ def expert_map(shape: MoeShape, device) -> torch.Tensor | None:
 def quant_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token-group FP8 quantisation, (T, K) -> e4m3 (T, K) and fp32 scales (T, K/group)."""
     t, k = x.shape
+    if x.is_meta:  # the compile pool's inputs: sizes and dtypes only, without torch's meta kernels' imports
+        return torch.empty(t, k, dtype=FP8, device=x.device), torch.empty(t, k // group, device=x.device)
     g = x.float().reshape(t, k // group, group)
     scale = g.abs().amax(-1).clamp_(min=1e-10) / FP8_MAX
     q = (g / scale.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
@@ -79,6 +81,8 @@ def quant_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor,
     e, r, c = w.shape
     bn, bk = block
     pr, pc = -(-r // bn) * bn, -(-c // bk) * bk
+    if w.is_meta:  # as quant_groups
+        return torch.empty(e, r, c, dtype=FP8, device=w.device), torch.empty(e, pr // bn, pc // bk, device=w.device)
     padded = torch.nn.functional.pad(w.float(), (0, pc - c, 0, pr - r))
     g = padded.reshape(e, pr // bn, bn, pc // bk, bk)
     scale = g.abs().amax(dim=(2, 4)).clamp_(min=1e-10) / FP8_MAX
@@ -164,6 +168,8 @@ def _randn(size, gen, device) -> torch.Tensor:
 
 
 def quant_chunked(w: torch.Tensor, block) -> tuple[torch.Tensor, torch.Tensor]:
+    if w.is_meta:
+        return quant_blocks(w, block)
     parts = [quant_blocks(w[e: e + 8], block) for e in range(0, w.shape[0], 8)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
