@@ -7,8 +7,9 @@ Triton compiles vLLM's fused_moe_kernel for sm90 through the compile pool's own 
 (``compile.CompileOnly``), exactly as a pool process does (``compile._warm``: both GEMMs of a config, launch
 arguments as the timed run's), in a fresh cache, one config at a time in this one process. The shape is
 Step-3.5-Flash's E=288 N=320 (TP4; FP8 with its [64,64] blocks). PER_GROUP configs (default 6) are drawn, with a
-fixed seed, from each of two groups of the search space: ``over`` (a float32 BLOCK_M x BLOCK_N accumulator of 256
-or more registers a thread, more than the 255 a thread has) and ``under``. Per config one JSON line: the
+fixed seed, from each of two groups: ``over``, the configs that only ``space.accumulator_fits_registers`` keeps out
+of the search (a float32 BLOCK_M x BLOCK_N accumulator of 256 or more registers a thread, more than the 255 a
+thread has), and ``under``, the search space. Per config one JSON line: the
 seconds of its compile, and for each of its kernels the registers and spill bytes ptxas reports (Triton's own
 ptxas, run again with ``-v`` on the PTX the compile left in the cache). Then one summary line per group. Given
 configs (short form, ``M256-N128-K64-G1-w4-s3``) instead of PER_GROUP, it compiles those, each in its group.
@@ -28,16 +29,11 @@ import time
 from pathlib import Path
 
 VLLM = "0.33.0"
-THREAD_REGISTERS = 255  # a CUDA thread's registers
 
 
 def accumulator_registers(c) -> int:
     """Registers a thread needs for vLLM's kernel's float32 BLOCK_M x BLOCK_N accumulator (32 x num_warps threads)."""
     return c.BLOCK_SIZE_M * c.BLOCK_SIZE_N // (32 * c.num_warps)
-
-
-def group_of(c) -> str:
-    return "over" if accumulator_registers(c) > THREAD_REGISTERS else "under"
 
 
 def ptxas_report(ptx: Path) -> dict:
@@ -66,14 +62,19 @@ def main(argv: list[str]) -> int:
     from tuning.gpus import get_gpu
     from tuning.kernel import KernelSource
     from tuning.shapes import MoeShape
-    from tuning.space import Context, space
+    from tuning.space import Context, accumulator_fits_registers, candidates, explain, space
 
     pool.compile_for(GPUTarget("cuda", 90, 32))  # an H200's target, as its worker hands it to the pool
     pool._kernel = KernelSource(src, VLLM).load()
     shape = MoeShape(288, 288, 320, 4096, 8, dtype, (64, 64) if dtype == "fp8" else None)
     ctx = Context(shape, get_gpu("H200"), m)
     searched = space(ctx)
-    in_space = {g: [c for c in searched if group_of(c) == g] for g in ("over", "under")}
+
+    def group_of(c) -> str:
+        return "under" if accumulator_fits_registers(c, ctx) else "over"
+
+    in_space = {"over": [c for c in candidates(ctx) if explain(c, ctx) == ["accumulator_fits_registers"]],
+                "under": searched}
     rng = random.Random(f"compile-cost-{dtype}-{m}")
     if chosen.isdigit():
         groups = {g: rng.sample(configs, min(int(chosen), len(configs))) for g, configs in in_space.items()}
