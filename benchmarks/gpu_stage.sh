@@ -7,6 +7,7 @@
 #   setup [PARTS...]   unpack Ray to /tmp/ray and, given the zstd parts of Triton 3.8.0, Triton to /tmp/t38
 #                      (for vLLM 0.26, which runs the machine's own Triton 3.6.0, give none); check what imports
 #   tune NAME SECS ARGS...  run `tune-moe ARGS` for at most SECS seconds (SIGINT then), log to $OUT/NAME.log,
+#                      its phases to $OUT/NAME.phases.json (run_phases.py: where the seconds outside its jobs go),
 #                      and bring its results.jsonl, run.json and written files back under $OUT/NAME*;
 #                      runs named alike up to the first '-' share a Triton cache (w1 and main-* do not)
 #   kill-after SECS    in the background: SIGKILL one tune-moe Ray worker after SECS seconds
@@ -90,8 +91,9 @@ case "$stage" in
     export TRITON_CACHE_DIR=/tmp/triton-cache-${name%%-*}  # w1 and main compile from cold caches of their own
     start=$(date +%s)
     set +e
-    timeout -s INT -k 60 "$secs" python3 -m tuning.cli "$@" --vllm-src "${TUNE_MOE_STAGE_SRC:-/tmp/stash/fused_moe_v033.py}" \
-      --vllm-version "${TUNE_MOE_STAGE_VLLM:-0.33.0}" > "$OUT/$name.log" 2>&1
+    timeout -s INT -k 60 "$secs" python3 "$(dirname "$0")/run_phases.py" "$OUT/$name.log" "$OUT/$name.phases.json" -- \
+      python3 -m tuning.cli "$@" --vllm-src "${TUNE_MOE_STAGE_SRC:-/tmp/stash/fused_moe_v033.py}" \
+      --vllm-version "${TUNE_MOE_STAGE_VLLM:-0.33.0}"
     rc=$?
     set -e
     echo "$name: exit $rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/$name.log"

@@ -79,6 +79,25 @@ def test_installed_vllm_on_a_host_without_a_driver_loads_its_file_on_its_own(fus
     assert "a_ptr" in kernel.params and kernel.align_op is None
 
 
+def test_the_drivers_read_of_the_kernel_is_what_its_workers_load_without_torch(fused_moe_py):
+    """The sweep's driver reads the kernel (installed, or a --vllm-src file) without importing torch, Triton or vLLM:
+    the same release, hash and parameters its workers load."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from tuning.kernel import KernelSource\n"
+            "for k in (KernelSource(None).read(), KernelSource(sys.argv[1]).read()):\n"
+            "    print(k.vllm_version, k.source_sha256, ','.join(k.params))\n"
+            "print(sorted(m for m in ('torch', 'triton', 'vllm') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code, str(fused_moe_py)], capture_output=True, text=True, check=True)
+    *read, imported = run.stdout.splitlines()
+    loaded = KernelSource(str(fused_moe_py)).load()
+    assert read == [f"{loaded.vllm_version} {loaded.source_sha256} {','.join(loaded.params)}"] * 2
+    assert imported == "[]"
+    with pytest.raises(UsageError, match=f"the installed vLLM is {loaded.vllm_version}, not 0.26;"):
+        KernelSource(None, "0.26").read()
+
+
 def test_missing_source_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="no such file"):
         KernelSource(str(tmp_path / "nope.py")).load()

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from conftest import TINY_MODEL, vllm_fused_moe_path
-from tuning import configs, provenance
+from tuning import configs, provenance, sweep
 from tuning.errors import UsageError
 from tuning.sweep import cluster_gpus
 
@@ -284,6 +284,40 @@ def test_a_broken_toolchain_stops_the_sweep_in_one_line(tmp_path):
     errors = [line for line in run.stderr.splitlines() if line.startswith("tune-moe: error")]
     assert len(errors) == 1 and run.stderr.strip().endswith(errors[0]) and "Traceback" not in run.stderr
     assert not (out / FILE).exists()
+
+
+def test_a_kernel_whose_code_fails_to_run_is_refused_by_its_worker_in_one_line(tmp_path):
+    """The driver reads the kernel without torch (release, hash, parameters); code that fails only when run, here a
+    jit decorator naming an undefined variable, is found by the workers as they start, and refused in one line."""
+    src = vllm_fused_moe_path() or pytest.skip("vLLM is not installed")
+    text = src.read_text()
+    broken = tmp_path / "fused_moe.py"
+    broken.write_text(text.replace("@triton.jit\ndef fused_moe_kernel(",
+                                   "@triton.jit(do_not_specialize=undefined_name)\ndef fused_moe_kernel(", 1))
+    assert broken.read_text() != text
+    out = tmp_path / "cfg"
+    cmd = command(out)
+    cmd[cmd.index("--vllm-src") + 1] = str(broken)
+    cmd += ["--vllm-version", "0.33.0"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600)
+    assert run.returncode == 2, run.stdout + run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("tune-moe: error")]
+    assert errors == [f"tune-moe: error: --vllm-src {broken}: its kernels do not load (NameError: name "
+                      "'undefined_name' is not defined); pass vLLM's fused_moe.py, wheel or tree"], run.stderr
+    assert run.stderr.strip().endswith(errors[0]) and "Traceback" not in run.stderr
+    assert "workers:" not in run.stdout and not (out / FILE).exists() and not results(out)
+
+
+def test_a_worker_that_dies_starting_is_named_in_one_line():
+    """What a worker raised as it started, as Ray reports it: its own refusal as it is, anything else with where
+    to look."""
+    died = ("The actor died because of an error raised in its creation task, ray::TuneWorker.__init__() "
+            "(pid=7, ip=10.0.0.2)\n  File \"/srv/tuning/workers.py\", line 27, in __init__\n")
+    assert sweep.start_failure(died + "tuning.errors.UsageError: --vllm-src x.py: no such file; pass it\n") == \
+        "--vllm-src x.py: no such file; pass it"
+    line = sweep.start_failure(died + "RuntimeError: CUDA error: no kernel image is available\n")
+    assert line.startswith("a Ray worker died as it started (RuntimeError: CUDA error: no kernel image is available)")
+    assert "TUNE_MOE_TRACEBACK=1" in line and "\n" not in line
 
 
 def test_a_shape_is_written_the_moment_its_last_batch_size_finishes(tmp_path):

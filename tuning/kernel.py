@@ -23,7 +23,8 @@ from typing import Any, Callable
 from .errors import UsageError
 from .files import atomic_write_text
 from .shapes import parse_version
-from .vllm_source import FUSED_MOE, check_params, first_line, kept_defs, read_source, release_of, sha256_text
+from .vllm_source import (FUSED_MOE, SourceKernel, check_params, first_line, kept_defs, read_signature, read_source,
+                          release_of, sha256_text)
 
 CACHE_DIR = Path(os.environ.get("TUNE_MOE_CACHE", Path.home() / ".cache" / "tune-moe"))
 
@@ -54,6 +55,21 @@ class KernelSource:
 
     def load(self) -> "Kernel":
         return load_installed(self.vllm_version) if self.path is None else load_from_path(Path(self.path), self.vllm_version)
+
+    def read(self) -> SourceKernel:
+        """The checks ``load`` makes that need no torch, Triton or vLLM import: the release, the hash and the
+        launcher's parameters, read from the source text. What ``load`` alone can refuse (a source whose code
+        fails when run) is refused by the worker that loads it."""
+        if self.path is not None:
+            return read_signature(Path(self.path), self.vllm_version)
+        path, installed = installed_fused_moe(), installed_vllm_version()
+        if path is None or installed is None:
+            raise UsageError(f"vLLM is not importable here (no installed {FUSED_MOE}); install it "
+                             "(install/install-vllm.sh) or pass --vllm-src with a vLLM fused_moe.py or wheel")
+        if self.vllm_version and parse_version(self.vllm_version) != parse_version(installed):
+            raise UsageError(f"the installed vLLM is {installed}, not {self.vllm_version}; pass --vllm-src with vLLM "
+                             f"{self.vllm_version}'s fused_moe.py or wheel to tune its kernel")
+        return read_signature(path, self.vllm_version or installed)
 
 
 @dataclass

@@ -9,6 +9,8 @@ Triton the run was planned for.
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import sys
 import threading
@@ -54,7 +56,8 @@ class Outputs:
 
 
 def run_sweep(plan: Plan, settings: Settings, ray_options: RayOptions, outs: Outputs) -> int:
-    kernel = settings.source.load()  # fail here, before Ray starts, on a missing or unknown kernel
+    kernel = settings.source.read()  # fail here, before Ray starts, on a missing or unknown kernel (torch-free:
+    # importing torch took 3.4-4.4 s of an H200 host's start; the workers import it, and run the kernel's code)
     triton = compiling_triton() or "unknown"
     software = {"triton": triton, "vllm": kernel.vllm_version, "kernel_sha256": kernel.source_sha256}
     files = {s: plan.file_name(s) for s in plan.shapes}
@@ -178,13 +181,7 @@ class Driver:
         return cls.remote(self.settings, self.plan.gpu.device_name, precompile=not self.options.interpret)
 
     def _check_workers(self, workers) -> RunInfo:
-        import ray
-
-        try:
-            infos = ray.get([w.info.remote() for w in workers], timeout=START_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError:
-            raise UsageError(f"no worker got a GPU within {START_TIMEOUT_S}s: all GPUs of the Ray cluster are busy; "
-                             "free them or pass --ray-address of a cluster with idle GPUs") from None
+        infos = _started(workers)
         for i in infos:
             self._check_worker(i)
         ready = time.monotonic() - self.started - self.ray_seconds
@@ -221,7 +218,7 @@ class Driver:
         ray.kill(dead, no_restart=True)
         queue.put_back(job)
         worker = self._new_worker()
-        self._check_worker(ray.get(worker.info.remote(), timeout=START_TIMEOUT_S))
+        self._check_worker(_started([worker])[0])
         return worker
 
     def _seeds(self, job: Job, store: Store) -> list[TileConfig]:
@@ -246,6 +243,33 @@ class Driver:
             done = len(store.for_file(self.plan.file_name(shape)))
             bars[shape] = tqdm(total=total[shape], initial=done, desc=shape.label, position=i, dynamic_ncols=True)
         return bars
+
+
+def _started(workers) -> list[dict]:
+    """Each worker's ``info`` once it has started; a worker that cannot start, or no free GPU, is one line."""
+    import ray
+
+    try:
+        return ray.get([w.info.remote() for w in workers], timeout=START_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise UsageError(f"no worker got a GPU within {START_TIMEOUT_S}s: all GPUs of the Ray cluster are busy; "
+                         "free them or pass --ray-address of a cluster with idle GPUs") from None
+    except ray.exceptions.RayActorError as exc:
+        if os.environ.get("TUNE_MOE_TRACEBACK") == "1":
+            print(exc, file=sys.stderr)
+        raise UsageError(start_failure(str(exc))) from None
+
+
+def start_failure(error: str) -> str:
+    """The line a worker that died starting is reported in: its own one-line refusal (the kernel's code fails to
+    run, say), or what it raised and where to look."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    last = lines[-1] if lines else "no reason given"
+    refused = re.match(r"^(?:[\w.]+\.)?UsageError: (.+)$", last)
+    if refused:
+        return refused.group(1)
+    return (f"a Ray worker died as it started ({last[:300]}); fix that node's GPU software, or re-run with "
+            "TUNE_MOE_TRACEBACK=1 for the worker's traceback")
 
 
 def _interrupt(signum, frame) -> None:

@@ -142,7 +142,8 @@ def check_params(params: tuple[str, ...], defaults: set[str], what: str) -> None
 
 @dataclass(frozen=True)
 class SourceKernel:
-    """fused_moe_kernel as a vLLM source declares it, read without torch or Triton (for ``--dry-run``)."""
+    """fused_moe_kernel as a vLLM source declares it, read without torch or Triton (for ``--dry-run``, and for the
+    sweep's driver, which never imports torch: its workers load the kernel)."""
 
     vllm_version: str
     origin: str
