@@ -43,7 +43,8 @@ class TuneWorker:
         return {
             "pid": os.getpid(), "host": socket.gethostname(), "gpu_ids": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             "name": name, "device_name": vllm_device_name(name) if cuda else None,
-            "free_gb": free / 1e9, "total_gb": total / 1e9, "cuda": torch.version.cuda or "", "torch": torch.__version__,
+            # str(): torch's version is its own str subclass, and unpickling it would import torch in the driver
+            "free_gb": free / 1e9, "total_gb": total / 1e9, "cuda": torch.version.cuda or "", "torch": str(torch.__version__),
             "triton": triton.__version__, "python": platform.python_version(), "kernel": self.kernel.describe,
             "kernel_sha256": self.kernel.source_sha256, "vllm": self.kernel.vllm_version, "driver": _driver_version(),
         }
