@@ -66,9 +66,7 @@ class KernelSource:
         if path is None or installed is None:
             raise UsageError(f"vLLM is not importable here (no installed {FUSED_MOE}); install it "
                              "(install/install-vllm.sh) or pass --vllm-src with a vLLM fused_moe.py or wheel")
-        if self.vllm_version and parse_version(self.vllm_version) != parse_version(installed):
-            raise UsageError(f"the installed vLLM is {installed}, not {self.vllm_version}; pass --vllm-src with vLLM "
-                             f"{self.vllm_version}'s fused_moe.py or wheel to tune its kernel")
+        check_installed_version(installed, self.vllm_version)
         return read_signature(path, self.vllm_version or installed)
 
 
@@ -109,6 +107,12 @@ def quiet_imports():
                 lg.setLevel(level)
 
 
+def check_installed_version(installed: str, wanted: str | None) -> None:
+    if wanted and parse_version(wanted) != parse_version(installed):
+        raise UsageError(f"the installed vLLM is {installed}, not {wanted}; pass --vllm-src with vLLM "
+                         f"{wanted}'s fused_moe.py or wheel to tune its kernel")
+
+
 def load_installed(version: str | None = None) -> Kernel:
     try:
         with quiet_imports():
@@ -119,9 +123,7 @@ def load_installed(version: str | None = None) -> Kernel:
         raise UsageError(f"vLLM is not importable here ({exc}); install it (install/install-vllm.sh) "
                          "or pass --vllm-src with a vLLM fused_moe.py or wheel") from None
     path = Path(inspect.getfile(fm))
-    if version and parse_version(version) != parse_version(vllm.__version__):
-        raise UsageError(f"the installed vLLM is {vllm.__version__}, not {version}; pass --vllm-src with vLLM "
-                         f"{version}'s fused_moe.py or wheel to tune its kernel")
+    check_installed_version(vllm.__version__, version)
     if not hasattr(fm.fused_moe_kernel, "arg_names"):
         # No usable GPU driver: vLLM swapped Triton for its placeholder, so its fused_moe_kernel is a plain
         # function. The same source file, loaded on its own, gets the real Triton (its interpreter here).

@@ -57,7 +57,7 @@ class Outputs:
 
 def run_sweep(plan: Plan, settings: Settings, ray_options: RayOptions, outs: Outputs) -> int:
     kernel = settings.source.read()  # fail here, before Ray starts, on a missing or unknown kernel (torch-free:
-    # importing torch took 3.4-4.4 s of an H200 host's start; the workers import it, and run the kernel's code)
+    # importing torch took 3.4-4.5 s of an H200 host's start; the workers import it, and run the kernel's code)
     triton = compiling_triton() or "unknown"
     software = {"triton": triton, "vllm": kernel.vllm_version, "kernel_sha256": kernel.source_sha256}
     files = {s: plan.file_name(s) for s in plan.shapes}
