@@ -5,7 +5,9 @@ Usage: python benchmarks/scaling.py BASE.results.jsonl RUN.results.jsonl [RUN.re
 Each RUN.results.jsonl is what ``benchmarks/gpu_stage.sh tune RUN ...`` brought back; its wall time is read from
 the ``RUN: exit RC after N s`` line of RUN.log beside it. BASE is the run to scale against (one worker). Prints, in
 Markdown: per run the wall time, the scaling against BASE, the job time summed, the jobs and job time per worker,
-the wall time outside the busiest worker's jobs (start-up, plan, files: paid once a run), the compile-pool wait
+the wall time outside the busiest worker's jobs (start-up, plan, files: paid once a run) and, where RUN.phases.json
+(run_phases.py) is beside it, the part of it before the first job (the driver's checks, Ray, the workers' start),
+the compile-pool wait
 (``compile_seconds``; 0 in results from before it was kept) and the configs timed; then the jobs that took
 longest against the same (file, M) in BASE, where the extra time of a run sits.
 """
@@ -21,12 +23,14 @@ from pathlib import Path
 WORST = 8  # jobs listed per run
 
 
-def load(path: Path) -> tuple[float | None, dict[tuple[str, int], dict]]:
+def load(path: Path) -> tuple[float | None, dict[tuple[str, int], dict], float | None]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     jobs = {(r["file"], r["m"]): r for r in rows}
     log = path.with_name(path.name.replace(".results.jsonl", ".log"))
     found = re.search(r": exit \d+ after (\d+) s", log.read_text()) if log.exists() else None
-    return (float(found.group(1)) if found else None), jobs
+    phases = path.with_name(path.name.replace(".results.jsonl", ".phases.json"))
+    started = json.loads(phases.read_text())["phases_s"].get("workers") if phases.exists() else None
+    return (float(found.group(1)) if found else None), jobs, started
 
 
 def main(argv: list[str]) -> int:
@@ -41,11 +45,11 @@ def main(argv: list[str]) -> int:
                   file=sys.stderr)
             return 2
         runs[path.name.replace(".results.jsonl", "")] = load(path)
-    (base_name, (base_wall, base)), *_ = runs.items()
+    (base_name, (base_wall, base, _)), *_ = runs.items()
     print("| run | wall | scaling | job time (sum) | jobs per worker | job time per worker | not in jobs "
-          "| compile wait | configs timed |")
-    print("|---|---:|---:|---:|---|---|---:|---:|---:|")
-    for name, (wall, jobs) in runs.items():
+          "| of it, before the first job | compile wait | configs timed |")
+    print("|---|---:|---:|---:|---|---|---:|---:|---:|---:|")
+    for name, (wall, jobs, started) in runs.items():
         per = defaultdict(list)
         for r in jobs.values():
             per[r["worker"]].append(r)
@@ -56,9 +60,11 @@ def main(argv: list[str]) -> int:
         waited = sum(r.get("compile_seconds", 0.0) for r in jobs.values())
         busiest = max(sum(r["seconds"] for r in v) for v in per.values())
         fixed = f"{wall - busiest:.0f} s" if wall else "?"  # Ray, the workers' start, plan and files: paid once
-        print(f"| {name} | {wall or 0:.0f} s | {scale} | {total:.0f} s | {counts} | {times} | {fixed} | {waited:.0f} s "
+        before = f"{started:.1f} s" if started is not None else "?"
+        print(f"| {name} | {wall or 0:.0f} s | {scale} | {total:.0f} s | {counts} | {times} | {fixed} | {before} "
+              f"| {waited:.0f} s "
               f"| {sum(r['evaluated'] for r in jobs.values())} |")
-    for name, (_, jobs) in list(runs.items())[1:]:
+    for name, (_, jobs, _) in list(runs.items())[1:]:
         shared = [k for k in jobs if k in base]
         extra = sorted(shared, key=lambda k: jobs[k]["seconds"] - base[k]["seconds"], reverse=True)[:WORST]
         print(f"\n{name} against {base_name}, the jobs that grew most:\n")
