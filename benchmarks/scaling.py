@@ -46,9 +46,10 @@ def main(argv: list[str]) -> int:
             return 2
         runs[path.name.replace(".results.jsonl", "")] = load(path)
     (base_name, (base_wall, base, _)), *_ = runs.items()
+    timed = any(started is not None for _, _, started in runs.values())  # runs from before run_phases.py: no column
     print("| run | wall | scaling | job time (sum) | jobs per worker | job time per worker | not in jobs "
-          "| of it, before the first job | compile wait | configs timed |")
-    print("|---|---:|---:|---:|---|---|---:|---:|---:|---:|")
+          + ("| of it, before the first job " if timed else "") + "| compile wait | configs timed |")
+    print("|---|---:|---:|---:|---|---|---:|" + ("---:|" if timed else "") + "---:|---:|")
     for name, (wall, jobs, started) in runs.items():
         per = defaultdict(list)
         for r in jobs.values():
@@ -60,9 +61,9 @@ def main(argv: list[str]) -> int:
         waited = sum(r.get("compile_seconds", 0.0) for r in jobs.values())
         busiest = max(sum(r["seconds"] for r in v) for v in per.values())
         fixed = f"{wall - busiest:.0f} s" if wall else "?"  # Ray, the workers' start, plan and files: paid once
-        before = f"{started:.1f} s" if started is not None else "?"
-        print(f"| {name} | {wall or 0:.0f} s | {scale} | {total:.0f} s | {counts} | {times} | {fixed} | {before} "
-              f"| {waited:.0f} s "
+        before = (f"{started:.1f} s | " if started is not None else "? | ") if timed else ""
+        print(f"| {name} | {wall or 0:.0f} s | {scale} | {total:.0f} s | {counts} | {times} | {fixed} | {before}"
+              f"{waited:.0f} s "
               f"| {sum(r['evaluated'] for r in jobs.values())} |")
     for name, (_, jobs, _) in list(runs.items())[1:]:
         shared = [k for k in jobs if k in base]

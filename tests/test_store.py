@@ -155,3 +155,15 @@ def test_the_scaling_table_in_the_benchmarks_readme_comes_from_the_committed_res
     bad = subprocess.run([sys.executable, str(root / "benchmarks/scaling.py"), runs[0], "nowhere.jsonl"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nowhere.jsonl: no such file" in bad.stderr
+
+
+def test_the_scaling_table_says_what_came_before_the_first_job_where_the_phases_were_timed():
+    """c15 was timed by run_phases.py (its phases.json: the workers reported 19.27 s into the run); c13 was not."""
+    root = Path(__file__).resolve().parents[1] / "benchmarks/results/streamed"
+    done = subprocess.run([sys.executable, str(root.parents[1] / "scaling.py"), str(root / "c13.results.jsonl"),
+                           str(root / "c15.results.jsonl")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "| of it, before the first job |" in done.stdout
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| c1")]
+    assert rows[0].startswith("| c13 | 220 s | 1.00x | 197 s | 36 | 197 s | 23 s | ? | ")
+    assert rows[1].startswith("| c15 | 226 s | 0.97x | 200 s | 36 | 200 s | 26 s | 19.3 s | ")
