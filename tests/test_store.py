@@ -167,3 +167,17 @@ def test_the_scaling_table_says_what_came_before_the_first_job_where_the_phases_
     rows = [line for line in done.stdout.splitlines() if line.startswith("| c1")]
     assert rows[0].startswith("| c13 | 220 s | 1.00x | 197 s | 36 | 197 s | 23 s | ? | ")
     assert rows[1].startswith("| c15 | 226 s | 0.97x | 200 s | 36 | 200 s | 26 s | 19.3 s | ")
+
+
+def test_a_run_that_finished_no_job_leaves_no_folder_it_made(tmp_path):
+    """``close(drop_unused=True)``, as the sweep closes: the state folder (and the --out folder) a run made go with
+    it when it finished no job; a folder that held results before, or got one now, stays."""
+    out = tmp_path / "new" / "cfg"
+    opened(out).close(drop_unused=True)
+    assert not (tmp_path / "new").exists()
+    kept = opened(out)
+    kept.add(result(16))
+    kept.close(drop_unused=True)
+    again = opened(out)
+    again.close(drop_unused=True)  # made by the run before: stays, with its result
+    assert opened(out).done(FILE, 16)

@@ -9,6 +9,7 @@ discards them).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -29,6 +30,8 @@ class Store:
         self.dir = Path(out) / STATE_DIR
         self.results_path = self.dir / "results.jsonl"
         self.run_path = self.dir / "run.json"
+        self.made = [d for d in (self.dir, *self.dir.parents) if not d.exists()]  # deepest first
+        self.added = False  # whether this run finished a job
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = _take_lock(self.dir / "lock", Path(out))
         if fresh:
@@ -37,10 +40,18 @@ class Store:
         self.fingerprints: dict[str, dict] = self._read_run()
         self.results: dict[tuple[str, int], JobResult] = self._load()
 
-    def close(self) -> None:
+    def close(self, drop_unused: bool = False) -> None:
+        """Release the lock; with ``drop_unused``, a state folder this run made and finished no job in is removed
+        with the folders made for it (a run refused as its workers start leaves nothing behind)."""
         if self._lock is not None:
             self._lock.close()  # releases the lock
             self._lock = None
+        if drop_unused and self.made and not self.added:
+            for path in (self.run_path, self.results_path, self.dir / "lock"):
+                path.unlink(missing_ok=True)
+            for folder in self.made:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only if empty
 
     def _read_run(self) -> dict[str, dict]:
         if not self.run_path.exists():
@@ -92,6 +103,7 @@ class Store:
             f.flush()
             os.fsync(f.fileno())
         self.results[(result.file, result.m)] = result
+        self.added = True
 
     def done(self, file: str, m: int) -> bool:
         return (file, m) in self.results

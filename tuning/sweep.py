@@ -82,7 +82,7 @@ def run_sweep(plan: Plan, settings: Settings, ray_options: RayOptions, outs: Out
         print("\nWrote:\n" + "\n".join(f"  {p}" for p in writer.written) if writer.written else "\nWrote no file.")
         missing = sum(not store.done(files[j.shape], j.m) for j in plan.jobs)
     finally:
-        store.close()
+        store.close(drop_unused=True)
     if missing:
         print(f"\n{missing} jobs did not finish; re-run the same command to finish them.", file=sys.stderr)
     return 1 if missing else 0
