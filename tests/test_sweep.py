@@ -271,18 +271,22 @@ def test_sigterm_stops_the_run_in_one_line_and_keeps_what_finished(tmp_path):
     kill_tree(proc.pid)
 
 
+def run_with_kernel(out: Path, edit) -> subprocess.CompletedProcess:
+    """The tiny sweep into ``out`` with vLLM's fused_moe.py as ``edit`` rewrites it, beside ``out``."""
+    src = vllm_fused_moe_path() or pytest.skip("vLLM is not installed")
+    kernel = out.parent / "fused_moe.py"
+    kernel.write_text(edit(src.read_text()))
+    cmd = command(out)
+    cmd[cmd.index("--vllm-src") + 1] = str(kernel)
+    return subprocess.run([*cmd, "--vllm-version", "0.33.0"], capture_output=True, text=True, env=env(), timeout=600)
+
+
 def test_a_broken_toolchain_stops_the_sweep_in_one_line(tmp_path):
     """Jobs failing before any succeeded (here: as a missing ptxas makes every launch fail) end the run."""
-    src = vllm_fused_moe_path() or pytest.skip("vLLM is not installed")
-    broken = tmp_path / "fused_moe.py"
-    broken.write_text(src.read_text() + (  # the later definition wins: every job fails as on a broken node
+    out = tmp_path / "cfg"
+    run = run_with_kernel(out, lambda text: text + (  # the later definition wins: every job fails as on a broken node
         "\n\ndef get_default_config(*args, **kwargs):\n"
         "    raise PermissionError(13, \"Permission denied: '/tmp/t38/triton/backends/nvidia/bin/ptxas'\")\n"))
-    out = tmp_path / "cfg"
-    cmd = command(out)
-    cmd[cmd.index("--vllm-src") + 1] = str(broken)
-    cmd += ["--vllm-version", "0.33.0"]
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600)
     assert run.returncode == 2, run.stdout + run.stderr
     assert "jobs fail on this node before any succeeded" in run.stderr and "ptxas" in run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("tune-moe: error")]
@@ -293,23 +297,20 @@ def test_a_broken_toolchain_stops_the_sweep_in_one_line(tmp_path):
 def test_a_kernel_whose_code_fails_to_run_is_refused_by_its_worker_in_one_line(tmp_path):
     """The driver reads the kernel without torch (release, hash, parameters); code that fails only when run, here a
     jit decorator naming an undefined variable, is found by the workers as they start, and refused in one line."""
-    src = vllm_fused_moe_path() or pytest.skip("vLLM is not installed")
-    text = src.read_text()
-    broken = tmp_path / "fused_moe.py"
-    broken.write_text(text.replace("@triton.jit\ndef fused_moe_kernel(",
-                                   "@triton.jit(do_not_specialize=undefined_name)\ndef fused_moe_kernel(", 1))
-    assert broken.read_text() != text
-    out = tmp_path / "cfg"
-    cmd = command(out)
-    cmd[cmd.index("--vllm-src") + 1] = str(broken)
-    cmd += ["--vllm-version", "0.33.0"]
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600)
+    jit = "@triton.jit\ndef fused_moe_kernel("
+
+    def undefined_name_in_its_decorator(text: str) -> str:
+        assert jit in text
+        return text.replace(jit, "@triton.jit(do_not_specialize=undefined_name)\ndef fused_moe_kernel(", 1)
+
+    out, broken = tmp_path / "cfg", tmp_path / "fused_moe.py"
+    run = run_with_kernel(out, undefined_name_in_its_decorator)
     assert run.returncode == 2, run.stdout + run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("tune-moe: error")]
     assert errors == [f"tune-moe: error: --vllm-src {broken}: its kernels do not load (NameError: name "
                       "'undefined_name' is not defined); pass vLLM's fused_moe.py, wheel or tree"], run.stderr
     assert run.stderr.strip().endswith(errors[0]) and "Traceback" not in run.stderr
-    assert "workers:" not in run.stdout and not (out / FILE).exists() and not results(out)
+    assert "workers:" not in run.stdout and not out.exists()  # the folder this run made is gone with it
 
 
 def test_a_worker_that_dies_starting_is_named_in_one_line():
