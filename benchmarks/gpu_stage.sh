@@ -11,6 +11,11 @@
 #                      and bring its results.jsonl, run.json and written files back under $OUT/NAME*;
 #                      runs named alike up to the first '-' share a Triton cache (w1 and main-* do not)
 #   kill-after SECS    in the background: SIGKILL one tune-moe Ray worker after SECS seconds
+#   bg "STAGE ARGS; STAGE ARGS; ..."  run those stages one after another, detached (they outlive the call while
+#                      the machine stays warm, so one run can be longer than a call), each with OUT=/tmp/bg
+#   bg-wait SECS       wait at most SECS for them; print the end of each log and bring /tmp/bg (without the
+#                      written files' tars until the last stage is done) and every run's state folder
+#                      (.tune-moe: results.jsonl, run.json) back as $OUT/bg.tar, so a lost machine loses nothing
 #   cli NAME SECS ARGS...  any `tune-moe ARGS` (verify, report, ...) in this environment, log to $OUT/NAME.log
 #
 #   pack-ray           run HERE: Ray 2.60.0 for cp312 and what it imports that the GPU machine lacks, without
@@ -255,5 +260,19 @@ g("90"); print("fused_moe_90 loaded (AOT)")'  # never a JIT build here: a missin
     (sleep "$secs"; pid=$(pgrep -f 'ray::TuneWorker' | head -1)
      if [ -n "$pid" ]; then kill -9 "$pid" && echo "SIGKILL sent to worker pid $pid at $(date +%T)" >> "$OUT/kill.log"; fi) &
     ;;
-  *) sed -n '2,57p' "$0"; exit 2 ;;
+  bg)
+    mkdir -p /tmp/bg && rm -f /tmp/bg/done
+    setsid nohup "$0" bg-run "$1" > /tmp/bg/bg.log 2>&1 < /dev/null &
+    echo "started at $(date +%T): $1 (logs in /tmp/bg; bg-wait SECS brings them back)" ;;
+  bg-run)  # bg's detached part, in a session of its own
+    IFS=';' read -ra calls <<< "$1"
+    for call in "${calls[@]}"; do read -ra words <<< "$call"; OUT=/tmp/bg "$0" "${words[@]}" || true; done
+    date +%s > /tmp/bg/done ;;
+  bg-wait)
+    end=$(( $(date +%s) + $1 ))
+    while [ ! -e /tmp/bg/done ] && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
+    if [ -e /tmp/bg/done ]; then echo "bg: done"; skip=(); else echo "bg: still running"; skip=(--exclude='*.files.tar'); fi
+    for log in /tmp/bg/*.log; do echo "== $log"; tail -c 600 "$log" | tr '\r' '\n' | tail -4; done
+    tar cf "$OUT/bg.tar" "${skip[@]}" /tmp/bg $(ls -d "$runs"/*/.tune-moe 2>/dev/null) 2>/dev/null || true ;;
+  *) sed -n '2,62p' "$0"; exit 2 ;;
 esac
