@@ -53,13 +53,15 @@ def test_no_sidecar_is_none_and_a_bad_one_is_one_line(tmp_path):
 
 
 def test_check_writable_new_file(tmp_path):
-    assert check_writable(tmp_path / EP4, SOFTWARE).configs == {}
+    new = check_writable(tmp_path / EP4, SOFTWARE)
+    assert new.configs == {} and new.held == {}
 
 
 def test_check_writable_merges_into_a_file_of_the_same_software(tmp_path):
     path = ours(tmp_path)
     existing = check_writable(path, SOFTWARE)
     assert existing.configs == CONFIGS and [r.m for r in existing.rows] == [1, 64]
+    assert existing.held == CONFIGS  # each entry seeds the search of its batch size
 
 
 def test_a_partial_re_tune_keeps_the_layouts_the_file_was_tuned_for(tmp_path):
@@ -88,6 +90,7 @@ def test_check_writable_refuses_another_triton_unless_overwrite(tmp_path):
     assert "other software (triton 3.6.0; this run: 3.8.0)" in str(err.value) and "--overwrite" in str(err.value)
     replaced = check_writable(path, SOFTWARE, overwrite=True)
     assert replaced.configs == {} and replaced.rows == ()
+    assert replaced.held == CONFIGS  # not merged, but the replacement is timed against them
 
 
 def test_check_writable_refuses_a_foreign_file_unless_overwrite(tmp_path):
@@ -97,7 +100,8 @@ def test_check_writable_refuses_a_foreign_file_unless_overwrite(tmp_path):
         check_writable(path, SOFTWARE)
     msg = str(err.value)
     assert "was not written by tune-moe" in msg and provenance.sidecar_path(path).name in msg and "--overwrite" in msg
-    assert check_writable(path, SOFTWARE, overwrite=True).configs == {}
+    replaced = check_writable(path, SOFTWARE, overwrite=True)
+    assert replaced.configs == {} and replaced.held == CONFIGS
 
 
 def test_check_writable_refuses_a_corrupt_file_even_with_overwrite(tmp_path):

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -19,6 +20,7 @@ import pytest
 from conftest import TINY_MODEL, vllm_fused_moe_path
 from tuning import configs, provenance, sweep
 from tuning.errors import UsageError
+from tuning.jobs import JobResult
 from tuning.sweep import cluster_gpus
 
 pytestmark = pytest.mark.slow
@@ -344,6 +346,38 @@ def test_a_shape_is_written_the_moment_its_last_batch_size_finishes(tmp_path):
     assert provenance.read(first).file == first.name
     done = {(r["file"], r["m"]) for r in results(out)}
     assert {m for f, m in done if f == first.name} == {1, 2, 4}
+
+
+def test_a_job_is_seeded_with_the_entry_it_would_replace_then_its_nearest_neighbours():
+    held, a, b, c = (configs.TileConfig(m, 64, 64, 1, 4, 3) for m in (16, 32, 64, 128))
+    r = JobResult(file=FILE, m=0, default=held, default_us=10.0, tuned=held, tuned_us=9.0, tuned_p20_us=8.9,
+                  tuned_p80_us=9.1, roofline_us=5.0, bound="memory", error=0.0, evaluated=3, failed=0, seconds=1.0,
+                  worker="w")
+    done = {1: replace(r, m=1, tuned=a), 8: replace(r, m=8, tuned=b), 16: replace(r, m=16, tuned=c)}
+    assert sweep.seeds(12, {12: held, 4: a}, done) == [held, b, c]
+    assert sweep.seeds(2, {12: held}, done) == [a, b]
+    assert sweep.seeds(16, {16: c}, done) == [c, b]  # no config twice
+    assert sweep.seeds(4, {}, {}) == []
+
+
+def test_a_re_tune_times_the_entry_it_replaces(tmp_path):
+    """With --overwrite over a file tune-moe did not write, its entry is looked at beside vLLM's default (one
+    look each with --max-evals 1: one batch size has no neighbours to seed it), so the new entry is only ever a
+    config timed against it. One job on two GPUs: one worker starts, and the other GPU is said to be idle."""
+    out = tmp_path / "cfg"
+    out.mkdir()
+    held = configs.TileConfig(32, 32, 32, 1, 2, 1)
+    configs.write_config_file(out / FILE, {1: held, 4: held}, "3.8.0")
+    cmd = command(out) + ["--overwrite"]
+    cmd[cmd.index("--batch-sizes") + 1] = "1"
+    cmd[cmd.index("--max-evals") + 1] = "1"
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert re.search(r"^1 workers: .*; 1 of the 2 GPUs left idle \(fewer jobs than GPUs\)$", run.stdout, re.M)
+    (job,) = results(out)
+    assert job["m"] == 1 and job["evaluated"] == 2 and job["default"] != held.to_dict()
+    assert configs.read_config_file(out / FILE) == {1: configs.TileConfig.from_dict(job["tuned"])}
+    assert job["tuned"] in (job["default"], held.to_dict())
 
 
 def test_every_worker_compiles_with_the_node_not_a_share_of_it():

@@ -8,7 +8,7 @@ rewrites nothing, so provenance always comes from the run that tuned the file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from statistics import geometric_mean
@@ -31,6 +31,8 @@ class Existing:
     configs: dict[int, TileConfig]
     rows: tuple[BatchRow, ...] = ()
     layouts: tuple[str, ...] = ()  # the layouts its earlier runs tuned it for: a partial re-tune keeps them
+    held: dict[int, TileConfig] = field(default_factory=dict)  # what the file holds now, whatever wrote it: each
+    # entry seeds its batch size's search, so a re-tune is timed against the config it would replace
 
     def with_layouts(self, plan: Plan, shape: MoeShape) -> tuple[str, ...]:
         """The file's layouts after this run: the earlier ones, then this plan's for ``shape``."""
@@ -45,7 +47,7 @@ def check_writable(path: Path, software: dict[str, str], overwrite: bool = False
     prov = provenance.read(path)
     if prov is None:
         if overwrite:
-            return Existing(configs={})
+            return Existing(configs={}, held=existing)
         raise UsageError(f"{path} exists and was not written by tune-moe (no {provenance.sidecar_path(path).name}); "
                          "move it away, choose another --out, or pass --overwrite")
     old = {"triton": prov.run.triton, "vllm": prov.run.vllm, "kernel_sha256": prov.run.kernel_sha256}
@@ -55,7 +57,9 @@ def check_writable(path: Path, software: dict[str, str], overwrite: bool = False
         now = ", ".join(f"{software[k]}" for k in differ)
         raise UsageError(f"{path.name} in {path.parent} was tuned under other software ({was}; this run: {now}); "
                          "pass --overwrite to replace it with this run's batch sizes, or choose another --out")
-    return Existing(configs={}) if differ else Existing(configs=existing, rows=prov.rows, layouts=prov.layouts)
+    if differ:
+        return Existing(configs={}, held=existing)
+    return Existing(configs=existing, rows=prov.rows, layouts=prov.layouts, held=existing)
 
 
 def write_shape(out: Path, plan: Plan, shape: MoeShape, results: dict[int, JobResult], *, settings: Settings,

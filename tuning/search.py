@@ -1,13 +1,14 @@
 """Search strategies over the space for one (shape, M).
 
-``guided`` (default): start from vLLM's default config, the winners of neighbouring
-batch sizes and a seeded sample of the space; climb along one axis at a time around
-the best few; then successive halving with longer timings for the finalists. vLLM's
-default is always a finalist and is re-timed head to head against the winner, so the
-tuner never picks a config slower than the default. ``exhaustive`` times the whole
-space cheaply, then finishes the same way. Configs that failed to compile or ran out
-of resources are remembered (``failures``) and never retried. With a compile pool, each
-config of a round is timed as its compile ends, while the pool compiles the rest.
+``guided`` (default): start from vLLM's default config, the seeds (the entry the output
+file holds, the winners of neighbouring batch sizes) and a seeded sample of the space;
+climb along one axis at a time around the best few; then successive halving with longer
+timings for the finalists. vLLM's default is always a finalist and is re-timed head to
+head against the winner, so the tuner never picks a config slower than the default.
+``exhaustive`` times the whole space cheaply, then finishes the same way. Configs that
+failed to compile or ran out of resources are remembered (``failures``) and never
+retried. With a compile pool, each config of a round is timed as its compile ends, while
+the pool compiles the rest.
 """
 
 from __future__ import annotations

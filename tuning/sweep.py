@@ -2,9 +2,9 @@
 
 Jobs go to whichever worker is free, so long and short jobs balance; ``schedule`` picks which. Each finished job is
 persisted at once, and a shape's vLLM file is written the moment its last batch size is done. A
-worker that dies is replaced and its job re-queued. Neighbouring batch sizes' winners seed a job's
-search; compile failures seen anywhere are shared. Every worker must run the GPU model and the
-Triton the run was planned for.
+worker that dies is replaced and its job re-queued. The entry the file in ``--out`` already holds for a batch
+size and the winners of its finished neighbours seed a job's search (``seeds``); compile failures seen anywhere
+are shared. Every worker must run the GPU model and the Triton the run was planned for.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def run_sweep(plan: Plan, settings: Settings, ray_options: RayOptions, outs: Out
         writer = _ShapeWriter(plan, settings, outs, existing, store)
         driver = Driver(plan, settings, ray_options, triton)
         try:
-            driver.run(pending, store, writer)
+            driver.run(pending, store, writer, {s: e.held for s, e in existing.items()})
         finally:
             driver.close()
         print("\n" + outputs.summary(plan, store.results))
@@ -86,6 +86,14 @@ def run_sweep(plan: Plan, settings: Settings, ray_options: RayOptions, outs: Out
     if missing:
         print(f"\n{missing} jobs did not finish; re-run the same command to finish them.", file=sys.stderr)
     return 1 if missing else 0
+
+
+def seeds(m: int, held: dict[int, TileConfig], done: dict[int, JobResult]) -> list[TileConfig]:
+    """What a job's search looks at first, beside vLLM's default: the entry the file in --out holds for ``m`` (a
+    re-tune is timed against the config it would replace), then the winners of the two nearest finished batch
+    sizes of the same file."""
+    near = sorted(done, key=lambda n: abs(n - m))[:2]
+    return list(dict.fromkeys([*([held[m]] if m in held else []), *(done[n].tuned for n in near)]))
 
 
 class _ShapeWriter:
@@ -124,10 +132,14 @@ class Driver:
 
         if ray.is_initialized() and not self.options.address:
             ray.shutdown()
-    def run(self, pending: list[Job], store: Store, on_done) -> RunInfo:
+
+    def run(self, pending: list[Job], store: Store, on_done, held: dict | None = None) -> RunInfo:
+        """Run ``pending``; ``held``: per shape, the entries its file in --out holds now (they seed the search)."""
         import ray
 
-        queue, workers = JobQueue(pending), [self._new_worker() for _ in range(self.num_workers)]
+        held = held or {}
+        queue = JobQueue(pending)
+        workers = [self._new_worker() for _ in range(min(self.num_workers, len(pending)))]  # none left idle
         last: dict = {}  # worker -> the job it finished last (schedule: its siblings go to it next)
         run = self._check_workers(workers)
         bars = self._bars(pending, store)
@@ -135,9 +147,11 @@ class Driver:
         try:
             while queue or in_flight:
                 busy = {w for w, _ in in_flight.values()}
-                for w in [w for w in workers if w not in busy and queue]:
+                for w in [w for w in workers if w not in busy][: len(queue)]:
                     job = queue.take(last.get(w), [j for _, j in in_flight.values()])
-                    in_flight[w.run.remote(job, self._seeds(job, store), self._known(job))] = (w, job)
+                    finished = store.for_file(self.plan.file_name(job.shape))
+                    task = w.run.remote(job, seeds(job.m, held.get(job.shape, {}), finished), self._known(job))
+                    in_flight[task] = (w, job)
                 done, _ = ray.wait(list(in_flight), num_returns=1)
                 worker, job = in_flight.pop(done[0])
                 last[worker] = job
@@ -187,7 +201,9 @@ class Driver:
         ready = time.monotonic() - self.started - self.ray_seconds
         print(f"{len(infos)} workers: " + ", ".join(f"{i['host']}:{i['gpu_ids'] or '-'}" for i in infos)
               + f"; kernel: {infos[0]['kernel']}; Triton {infos[0]['triton']}; Ray up in {self.ray_seconds:.1f} s, "
-              f"the workers {ready:.1f} s later")
+              f"the workers {ready:.1f} s later"
+              + (f"; {self.num_workers - len(infos)} of the {self.num_workers} GPUs left idle (fewer jobs than GPUs)"
+                 if len(infos) < self.num_workers else ""))
         first = infos[0]  # every worker was checked to match it (device, Triton); the file is for the plan's device
         return RunInfo(gpu_name=first["name"], device_name=self.plan.gpu.device_name, driver=first["driver"],
                        count=len(infos), cuda=first["cuda"], torch=first["torch"], triton=first["triton"],
@@ -220,12 +236,6 @@ class Driver:
         worker = self._new_worker()
         self._check_worker(_started([worker])[0])
         return worker
-
-    def _seeds(self, job: Job, store: Store) -> list[TileConfig]:
-        """Winners of the nearest finished batch sizes of the same shape."""
-        done = store.for_file(self.plan.file_name(job.shape))
-        near = sorted(done, key=lambda m: abs(m - job.m))[:2]
-        return list(dict.fromkeys(done[m].tuned for m in near))
 
     def _known(self, job: Job) -> dict[TileConfig, Failure]:
         return dict(self.failures.get(self.plan.file_name(job.shape), {}))
