@@ -274,5 +274,5 @@ g("90"); print("fused_moe_90 loaded (AOT)")'  # never a JIT build here: a missin
     if [ -e /tmp/bg/done ]; then echo "bg: done"; skip=(); else echo "bg: still running"; skip=(--exclude='*.files.tar'); fi
     for log in /tmp/bg/*.log; do echo "== $log"; tail -c 600 "$log" | tr '\r' '\n' | tail -4; done
     tar cf "$OUT/bg.tar" "${skip[@]}" /tmp/bg $(ls -d "$runs"/*/.tune-moe 2>/dev/null) 2>/dev/null || true ;;
-  *) sed -n '2,62p' "$0"; exit 2 ;;
+  *) sed -n '2,64p' "$0"; exit 2 ;;
 esac
