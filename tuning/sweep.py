@@ -92,8 +92,9 @@ def seeds(m: int, held: dict[int, TileConfig], done: dict[int, JobResult]) -> li
     """What a job's search looks at first, beside vLLM's default: the entry the file in --out holds for ``m`` (a
     re-tune is timed against the config it would replace), then the winners of the two nearest finished batch
     sizes of the same file."""
+    replaced = [held[m]] if m in held else []
     near = sorted(done, key=lambda n: abs(n - m))[:2]
-    return list(dict.fromkeys([*([held[m]] if m in held else []), *(done[n].tuned for n in near)]))
+    return list(dict.fromkeys(replaced + [done[n].tuned for n in near]))
 
 
 class _ShapeWriter:
