@@ -397,3 +397,31 @@ def test_compile_processes_yield_the_cpu_to_timing_threads():
                              text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout.split()
         before, after, step = map(int, out)
         assert after == min(19, before + step) and (after > before or before == 19)
+
+
+def test_the_worker_collects_after_each_job_without_walking_what_it_loaded_at_start(fused_moe_py):
+    """The start-up heap (torch, Triton, the kernel) is frozen, so the collection after every job walks only
+    what jobs made, and still frees what a job left in a reference cycle."""
+    import gc
+    import weakref
+
+    import torch
+
+    from tuning.jobs import Settings
+    from tuning.kernel import KernelSource
+    from tuning.workers import TuneWorker
+
+    class Node:
+        pass
+
+    worker = TuneWorker(Settings(gpu="H200", source=KernelSource(str(fused_moe_py))), "NVIDIA_H200")
+    try:
+        assert gc.get_freeze_count() > 10_000
+        left = Node()
+        left.me = left
+        freed = weakref.ref(left)
+        del left
+        worker._bound_memory(torch)
+        assert freed() is None
+    finally:
+        gc.unfreeze()
