@@ -5,7 +5,8 @@
 The command's output goes to LOG as it is (tqdm's carriage returns kept); PHASES_JSON gets the second, counted
 from the command's start, at which each phase's line appeared, the jobs' own seconds (``results.jsonl`` of
 ``--out``, a fresh one: resumed jobs would count too) and the rest: what the run spent outside its jobs (with
-W workers, the wall less the jobs' seconds over W). gpu_stage.sh's ``tune`` runs every sweep this way.
+W workers, the wall less the jobs' seconds over W), and of that what fell between jobs (``between_jobs_s``: from
+the workers' report to the summary, less the jobs' seconds over W). gpu_stage.sh's ``tune`` runs every sweep this way.
 
 Phases: ``plan`` (the plan is printed), ``checked`` (the kernel, Triton and output folder checked: the driver is
 about to start Ray), ``ray`` (Ray's "Started a local Ray instance"), ``workers`` (every worker has started and
@@ -63,6 +64,8 @@ def main(argv: list[str]) -> int:
     report = {"command": command, "exit_code": code, "phases_s": seen, **said, "jobs": len(jobs),
               "job_seconds": job_seconds, "workers": workers,
               "outside_jobs_s": round(seen["exit"] - job_seconds / workers, 2)}
+    if "workers" in seen and "summary" in seen:  # from the first job's start to the last one's end, not in a job
+        report["between_jobs_s"] = round(seen["summary"] - seen["workers"] - job_seconds / workers, 2)
     phases_path.write_text(json.dumps(report, indent=1) + "\n")
     return code
 
