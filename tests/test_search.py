@@ -10,7 +10,7 @@ from tuning.configs import TileConfig
 from tuning.jobs import Failure, FailureKind
 from tuning.gpus import get_gpu
 from tuning.runner import Outcome
-from tuning.search import exhaustive, guided, head_to_head
+from tuning.search import KEEP_WITHIN, exhaustive, guided, head_to_head
 from tuning.shapes import MoeShape
 from tuning.configs import read_config_file
 from tuning.space import AXES, Context, accumulator_fits_registers, axes, candidates, explain, neighbours, space
@@ -23,11 +23,13 @@ BF16_TP4 = MoeShape(288, 288, 320, 4096, 8, "bf16")
 class Landscape:
     """A smooth cost over the axes (log2 distance to an optimum) plus configs that fail."""
 
-    def __init__(self, best: TileConfig, failing=(), kind="resources"):
-        self.best, self.failing, self.kind = best, set(failing), kind
+    def __init__(self, best: TileConfig, failing=(), kind="resources", costs: dict[TileConfig, float] | None = None):
+        self.best, self.failing, self.kind, self.costs = best, set(failing), kind, costs or {}
         self.calls: list[TileConfig] = []
 
     def cost(self, c: TileConfig) -> float:
+        if c in self.costs:
+            return self.costs[c]
         d = sum((math.log2(getattr(c, a)) - math.log2(getattr(self.best, a))) ** 2 for a in AXES)
         return 100.0 * (1 + 0.05 * d)
 
@@ -220,3 +222,41 @@ def test_head_to_head_pools_alternating_samples():
     oa, ob = head_to_head(land, a, b)
     assert land.calls == [a, b, a, b, a, b]
     assert len(oa.timing.samples_us) == 15 and oa.us < ob.us
+
+
+def test_head_to_head_of_three_alternates_them_and_times_a_repeated_config_once():
+    a, b, c = (TileConfig(m, 64, 128, 1, 4, 3) for m in (16, 32, 64))
+    land = Landscape(a)
+    oa, ob, oc, oa2 = head_to_head(land, a, b, c, a)
+    assert land.calls == [a, b, c] * 3
+    assert oa2 is not oa and oa2.us == oa.us < ob.us < oc.us
+
+
+OPTIMUM, DEFAULT, HELD = TileConfig(16, 128, 128, 16, 4, 4), TileConfig(16, 32, 64, 1, 4, 3), TileConfig(16, 64, 64, 1, 4, 3)
+
+
+@pytest.mark.parametrize("strategy", [guided, exhaustive])
+@pytest.mark.parametrize("held_us,default_us,kept", [
+    (100.0 / (1 - KEEP_WITHIN) - 0.01, 110.0, True),  # the optimum beats it by just under KEEP_WITHIN: it stays
+    (100.0 / (1 - KEEP_WITHIN) + 0.01, 110.0, False),  # by just over: replaced by the optimum
+    (100.5, 100.3, False),  # within KEEP_WITHIN of the optimum, but vLLM's default beats it: never kept
+    (100.5, 100.5, True),  # as fast as the default
+])
+def test_a_re_tune_keeps_the_files_entry_unless_the_winner_beats_it_by_more_than_the_noise(strategy, held_us,
+                                                                                           default_us, kept):
+    """The incumbent (the entry the file in --out holds) is looked at first, then timed head to head with the
+    search's winner and vLLM's default; a re-tuned file changes only where it gets measurably faster."""
+    land = Landscape(OPTIMUM, costs={HELD: held_us, DEFAULT: default_us})
+    result = strategy(land, Context(BF16_TP4, H200, 256), DEFAULT, incumbent=HELD)
+    assert land.calls[:2] == [DEFAULT, HELD]
+    assert result.incumbent.config == HELD and result.incumbent.us == pytest.approx(held_us)
+    assert result.best.config == (HELD if kept else OPTIMUM)
+    assert result.default.us == pytest.approx(default_us)
+
+
+def test_an_incumbent_that_fails_is_replaced_and_its_failure_kept():
+    land = Landscape(OPTIMUM, failing=[HELD], costs={DEFAULT: 110.0})
+    result = guided(land, Context(BF16_TP4, H200, 256), DEFAULT, incumbent=HELD)
+    assert result.best.config == OPTIMUM
+    assert not result.incumbent.ok and result.incumbent.failure.kind == FailureKind.RESOURCES
+    assert land.calls.count(HELD) == 1  # looked at once, never in the head to head

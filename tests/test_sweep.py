@@ -348,22 +348,23 @@ def test_a_shape_is_written_the_moment_its_last_batch_size_finishes(tmp_path):
     assert {m for f, m in done if f == first.name} == {1, 2, 4}
 
 
-def test_a_job_is_seeded_with_the_entry_it_would_replace_then_its_nearest_neighbours():
-    held, a, b, c = (configs.TileConfig(m, 64, 64, 1, 4, 3) for m in (16, 32, 64, 128))
-    r = JobResult(file=FILE, m=0, default=held, default_us=10.0, tuned=held, tuned_us=9.0, tuned_p20_us=8.9,
+def test_a_job_is_seeded_with_the_winners_of_its_nearest_finished_neighbours():
+    a, b, c = (configs.TileConfig(m, 64, 64, 1, 4, 3) for m in (32, 64, 128))
+    r = JobResult(file=FILE, m=0, default=a, default_us=10.0, tuned=a, tuned_us=9.0, tuned_p20_us=8.9,
                   tuned_p80_us=9.1, roofline_us=5.0, bound="memory", error=0.0, evaluated=3, failed=0, seconds=1.0,
                   worker="w")
     done = {1: replace(r, m=1, tuned=a), 8: replace(r, m=8, tuned=b), 16: replace(r, m=16, tuned=c)}
-    assert sweep.seeds(12, {12: held, 4: a}, done) == [held, b, c]
-    assert sweep.seeds(2, {12: held}, done) == [a, b]
-    assert sweep.seeds(16, {16: c}, done) == [c, b]  # no config twice
-    assert sweep.seeds(4, {}, {}) == []
+    assert sweep.seeds(12, done) == [b, c]
+    assert sweep.seeds(2, done) == [a, b]
+    assert sweep.seeds(4, {1: done[1], 2: replace(r, m=2, tuned=a)}) == [a]  # no config twice
+    assert sweep.seeds(4, {}) == []
 
 
 def test_a_re_tune_times_the_entry_it_replaces(tmp_path):
-    """With --overwrite over a file tune-moe did not write, its entry is looked at beside vLLM's default (one
-    look each with --max-evals 1: one batch size has no neighbours to seed it), so the new entry is only ever a
-    config timed against it. One job on two GPUs: one worker starts, and the other GPU is said to be idle."""
+    """With --overwrite over a file tune-moe did not write, its entry is the job's incumbent: looked at beside
+    vLLM's default (one look each with --max-evals 1: one batch size has no neighbours to seed it), then timed
+    head to head with it, and kept unless the default beats it. One job on two GPUs: one worker starts, and the
+    other GPU is said to be idle."""
     out = tmp_path / "cfg"
     out.mkdir()
     held = configs.TileConfig(32, 32, 32, 1, 2, 1)
@@ -377,7 +378,12 @@ def test_a_re_tune_times_the_entry_it_replaces(tmp_path):
     (job,) = results(out)
     assert job["m"] == 1 and job["evaluated"] == 2 and job["default"] != held.to_dict()
     assert configs.read_config_file(out / FILE) == {1: configs.TileConfig.from_dict(job["tuned"])}
-    assert job["tuned"] in (job["default"], held.to_dict())
+    assert job["incumbent"] == held.to_dict() and job["incumbent_us"] > 0
+    kept = job["tuned"] == held.to_dict()
+    assert kept == (job["incumbent_us"] <= job["default_us"]) and (kept or job["tuned"] == job["default"])
+    assert re.search(r" M32-N32-K32-G1-w2-s1  \(kept\)$" if kept else r"  \(replaces M32-N32-K32-G1-w2-s1: \d+\.\d{3}x\)$",
+                     run.stdout, re.M)
+    assert re.search(r"; kept %d of the 1 entries the file held$" % kept, run.stdout, re.M)
 
 
 def test_every_worker_compiles_with_the_node_not_a_share_of_it():

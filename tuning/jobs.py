@@ -101,6 +101,8 @@ class JobResult:
     # (0 in results from before it was kept; before the search timed configs as their compiles ended, the whole
     # wait for each round's compiles)
     failures: dict[str, Failure] = field(default_factory=dict)  # config (short form) -> why (first few)
+    incumbent: TileConfig | None = None  # the entry the file in --out held for this M (kept unless beaten by 1%)
+    incumbent_us: float = 0.0  # its head-to-head µs beside ``tuned`` (0: it failed, or was not timed to the end)
 
     @property
     def speedup(self) -> float:
@@ -109,10 +111,13 @@ class JobResult:
     def to_json(self) -> dict:
         d = asdict(self)
         d["default"], d["tuned"] = self.default.to_dict(), self.tuned.to_dict()
+        d["incumbent"] = self.incumbent.to_dict() if self.incumbent else None
         d["failures"] = {c: f.to_json() for c, f in self.failures.items()}
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> JobResult:
+        held = d.get("incumbent")
         return cls(**{**d, "default": TileConfig.from_dict(d["default"]), "tuned": TileConfig.from_dict(d["tuned"]),
+                      "incumbent": TileConfig.from_dict(held) if held else None,
                       "failures": {c: Failure.from_json(f) for c, f in d.get("failures", {}).items()}})

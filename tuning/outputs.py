@@ -79,6 +79,15 @@ def write_shape(out: Path, plan: Plan, shape: MoeShape, results: dict[int, JobRe
     return path
 
 
+def _against_incumbent(r: JobResult) -> str:
+    """What became of the entry the file held for this M: kept, or replaced by a config that beat it."""
+    if r.incumbent is None or r.incumbent == r.tuned:
+        return "  (kept)" if r.incumbent else ""
+    if not r.incumbent_us:
+        return f"  (replaces {r.incumbent.short}, which fails)"
+    return f"  (replaces {r.incumbent.short}: {r.incumbent_us / r.tuned_us:.3f}x)"
+
+
 def row(r: JobResult) -> BatchRow:
     return BatchRow(m=r.m, default=r.default, default_us=round(r.default_us, 2), tuned=r.tuned,
                     tuned_us=round(r.tuned_us, 2), tuned_p20_us=round(r.tuned_p20_us, 2),
@@ -107,9 +116,11 @@ def summary(plan: Plan, results: dict[tuple[str, int], JobResult]) -> str:
         for r in rows:
             pct = f"{100 * r.roofline_us / r.default_us:.0f}->{100 * r.roofline_us / r.tuned_us:.0f}"
             lines.append(f"{shape.label:<34} {r.m:>5} {r.default_us:>11.1f} {r.tuned_us:>9.1f} {r.speedup:>7.3f}x "
-                         f"{pct:>11}  {r.tuned.short}")
+                         f"{pct:>11}  {r.tuned.short}{_against_incumbent(r)}")
         if rows:
             geo = geometric_mean([r.speedup for r in rows])
             worst = min(rows, key=lambda r: r.speedup)
-            lines.append(f"{shape.label:<34} geomean {geo:.3f}x, worst {worst.speedup:.3f}x at M={worst.m}")
+            held = [r for r in rows if r.incumbent]
+            kept = f"; kept {sum(r.tuned == r.incumbent for r in held)} of the {len(held)} entries the file held" if held else ""
+            lines.append(f"{shape.label:<34} geomean {geo:.3f}x, worst {worst.speedup:.3f}x at M={worst.m}{kept}")
     return "\n".join(lines)

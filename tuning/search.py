@@ -1,10 +1,12 @@
 """Search strategies over the space for one (shape, M).
 
-``guided`` (default): start from vLLM's default config, the seeds (the entry the output
-file holds, the winners of neighbouring batch sizes) and a seeded sample of the space;
-climb along one axis at a time around the best few; then successive halving with longer
-timings for the finalists. vLLM's default is always a finalist and is re-timed head to
-head against the winner, so the tuner never picks a config slower than the default.
+``guided`` (default): start from vLLM's default config, the entry the output file holds
+(the incumbent), the seeds (the winners of neighbouring batch sizes) and a seeded sample
+of the space; climb along one axis at a time around the best few; then successive halving
+with longer timings for the finalists. The winner is re-timed head to head against vLLM's
+default and the incumbent: the tuner never picks a config slower than the default, and a
+re-tune replaces the incumbent only when the winner beats it by more than KEEP_WITHIN (the
+timing noise), so a re-tuned file changes only where it gets measurably faster.
 ``exhaustive`` times the whole space cheaply, then finishes the same way. Configs that
 failed to compile or ran out of resources are remembered (``failures``) and never
 retried. With a compile pool, each config of a round is timed as its compile ends, while
@@ -29,6 +31,7 @@ HEAD_TO_HEAD_MS = 60.0  # per side, per round, three rounds
 SAMPLE = 10  # seeded random configs added to the first round
 TOP = 3  # configs whose neighbourhoods are climbed
 MAX_EVALS = 120
+KEEP_WITHIN = 0.01  # the incumbent stays unless the winner is more than 1% faster (§2k: re-timed alike, ±1%)
 
 
 class Evaluator(Protocol):
@@ -40,6 +43,7 @@ class SearchResult:
     best: Outcome
     default: Outcome
     outcomes: list[Outcome] = field(default_factory=list)  # every first-look evaluation
+    incumbent: Outcome | None = None  # the entry the output file held, timed head to head with the winner
 
     @property
     def evaluated(self) -> int:
@@ -80,51 +84,61 @@ class _Book:
 
 
 def guided(ev: Evaluator, ctx: Context, default: TileConfig, *, seeds: Iterable[TileConfig] = (),
-           failures: dict[TileConfig, Failure] | None = None, precompile: Callable | None = None,
-           seed: int = 0, max_evals: int = MAX_EVALS) -> SearchResult:
+           incumbent: TileConfig | None = None, failures: dict[TileConfig, Failure] | None = None,
+           precompile: Callable | None = None, seed: int = 0, max_evals: int = MAX_EVALS) -> SearchResult:
     book = _Book(ev, {} if failures is None else failures, precompile)
     pool = space(ctx)
     rng = random.Random(f"{seed}-{ctx.shape}-{ctx.m}")
-    book.look([default, *seeds, *rng.sample(pool, min(SAMPLE, len(pool), max(0, max_evals - 1)))])
+    first = [default, *([incumbent] if incumbent else []), *seeds]
+    book.look([*first, *rng.sample(pool, min(SAMPLE, len(pool), max(0, max_evals - 1)))])
     while len(book.seen) < max_evals:
         frontier = [n for o in book.ranked()[:TOP] for n in neighbours(o.config, ctx) if n not in book.seen]
         if not frontier:
             break
         book.look(frontier[: max_evals - len(book.seen)])
-    return _finish(ev, book, default)
+    return _finish(ev, book, default, incumbent)
 
 
 def exhaustive(ev: Evaluator, ctx: Context, default: TileConfig, *, failures: dict[TileConfig, Failure] | None = None,
-               precompile: Callable | None = None, seeds: Iterable[TileConfig] = (), **_) -> SearchResult:
+               precompile: Callable | None = None, seeds: Iterable[TileConfig] = (),
+               incumbent: TileConfig | None = None, **_) -> SearchResult:
     book = _Book(ev, {} if failures is None else failures, precompile)
-    book.look([default, *seeds, *space(ctx)])
-    return _finish(ev, book, default)
+    book.look([default, *([incumbent] if incumbent else []), *seeds, *space(ctx)])
+    return _finish(ev, book, default, incumbent)
 
 
 STRATEGIES = {"guided": guided, "exhaustive": exhaustive}
 
 
-def _finish(ev: Evaluator, book: _Book, default: TileConfig) -> SearchResult:
-    """Successive halving of the best first looks, then the winner against the default."""
+def _finish(ev: Evaluator, book: _Book, default: TileConfig, incumbent: TileConfig | None = None) -> SearchResult:
+    """Successive halving of the best first looks, then the winner head to head against the default and the
+    incumbent (when it ran in its first look): the default stays unless beaten, the incumbent unless beaten by
+    more than KEEP_WITHIN, and never when the default beats it."""
     base = book.seen[default]
+    held = book.seen.get(incumbent) if incumbent else None
     finalists = [o.config for o in book.ranked()[:4]]
     for budget in FINAL_MS:
         timed = sorted((ev.evaluate(c, budget) for c in finalists), key=lambda o: o.us)
         finalists = [o.config for o in timed if o.ok][: max(1, len(finalists) // 2)]
     outcomes = list(book.seen.values())
     if not finalists:
-        return SearchResult(base, base, outcomes)
-    best, dflt = head_to_head(ev, finalists[0], default)
+        return SearchResult(base, base, outcomes, held)
+    best, dflt, *rest = head_to_head(ev, finalists[0], default, *([incumbent] if held and held.ok else []))
     if not dflt.ok or best.us >= dflt.us:
         best = dflt if dflt.ok else best
-    return SearchResult(best, dflt, outcomes)
+    if rest:
+        held = rest[0]
+        if held.ok and dflt.ok and held.us <= dflt.us and best.us > held.us * (1 - KEEP_WITHIN):
+            best = held
+    return SearchResult(best, dflt, outcomes, held)
 
 
-def head_to_head(ev: Evaluator, a: TileConfig, b: TileConfig, rounds: int = 3) -> tuple[Outcome, Outcome]:
-    """Alternate timings of a and b so drift hits both; pool each side's samples."""
-    runs: dict[TileConfig, list[Outcome]] = {a: [], b: []}
+def head_to_head(ev: Evaluator, *configs: TileConfig, rounds: int = 3) -> list[Outcome]:
+    """Alternate timings of the configs so drift hits all alike; pool each one's samples (an outcome per
+    argument, a config given twice timed once)."""
+    runs: dict[TileConfig, list[Outcome]] = {c: [] for c in configs}
     for _ in range(rounds):
-        for c in (a, b) if a != b else (a,):
+        for c in runs:
             runs[c].append(ev.evaluate(c, HEAD_TO_HEAD_MS))
 
     def pooled(c: TileConfig) -> Outcome:
@@ -134,4 +148,4 @@ def head_to_head(ev: Evaluator, a: TileConfig, b: TileConfig, rounds: int = 3) -
         samples = tuple(s for o in runs[c] for s in o.timing.samples_us)
         return Outcome(c, Timing(samples), max(o.error for o in runs[c]))
 
-    return pooled(a), pooled(b) if a != b else pooled(a)
+    return [pooled(c) for c in configs]

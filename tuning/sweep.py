@@ -1,10 +1,11 @@
 """The driver: a dynamic queue of (shape, M) jobs fed to one Ray actor per GPU.
 
 Jobs go to whichever worker is free, so long and short jobs balance; ``schedule`` picks which. Each finished job is
-persisted at once, and a shape's vLLM file is written the moment its last batch size is done. A
-worker that dies is replaced and its job re-queued. The entry the file in ``--out`` already holds for a batch
-size and the winners of its finished neighbours seed a job's search (``seeds``); compile failures seen anywhere
-are shared. Every worker must run the GPU model and the Triton the run was planned for.
+persisted at once, and a shape's vLLM file is written the moment its last batch size is done. A worker that
+dies is replaced and its job re-queued. The entry the file in ``--out`` already holds for a batch size is the
+job's incumbent (kept unless beaten, ``search``), the winners of its finished neighbours seed its search
+(``seeds``), and compile failures seen anywhere are shared. Every worker must run the GPU model and the Triton
+the run was planned for.
 """
 
 from __future__ import annotations
@@ -88,13 +89,11 @@ def run_sweep(plan: Plan, settings: Settings, ray_options: RayOptions, outs: Out
     return 1 if missing else 0
 
 
-def seeds(m: int, held: dict[int, TileConfig], done: dict[int, JobResult]) -> list[TileConfig]:
-    """What a job's search looks at first, beside vLLM's default: the entry the file in --out holds for ``m`` (a
-    re-tune is timed against the config it would replace), then the winners of the two nearest finished batch
-    sizes of the same file."""
-    replaced = [held[m]] if m in held else []
+def seeds(m: int, done: dict[int, JobResult]) -> list[TileConfig]:
+    """What a job's search looks at first, beside vLLM's default and the entry the file in --out holds (the
+    incumbent): the winners of the two nearest finished batch sizes of the same file."""
     near = sorted(done, key=lambda n: abs(n - m))[:2]
-    return list(dict.fromkeys(replaced + [done[n].tuned for n in near]))
+    return list(dict.fromkeys(done[n].tuned for n in near))
 
 
 class _ShapeWriter:
@@ -135,7 +134,7 @@ class Driver:
             ray.shutdown()
 
     def run(self, pending: list[Job], store: Store, on_done, held: dict | None = None) -> RunInfo:
-        """Run ``pending``; ``held``: per shape, the entries its file in --out holds now (they seed the search)."""
+        """Run ``pending``; ``held``: per shape, the entries its file in --out holds now (each job's incumbent)."""
         import ray
 
         held = held or {}
@@ -151,7 +150,7 @@ class Driver:
                 for w in [w for w in workers if w not in busy][: len(queue)]:
                     job = queue.take(last.get(w), [j for _, j in in_flight.values()])
                     finished = store.for_file(self.plan.file_name(job.shape))
-                    task = w.run.remote(job, seeds(job.m, held.get(job.shape, {}), finished), self._known(job))
+                    task = w.run.remote(job, seeds(job.m, finished), self._known(job), held.get(job.shape, {}).get(job.m))
                     in_flight[task] = (w, job)
                 done, _ = ray.wait(list(in_flight), num_returns=1)
                 worker, job = in_flight.pop(done[0])

@@ -53,7 +53,8 @@ class TuneWorker:
             "kernel_sha256": self.kernel.source_sha256, "vllm": self.kernel.vllm_version, "driver": _driver_version(),
         }
 
-    def run(self, job: Job, seeds: list[TileConfig], known_failures: dict[TileConfig, Failure]) -> JobResult:
+    def run(self, job: Job, seeds: list[TileConfig], known_failures: dict[TileConfig, Failure],
+            incumbent: TileConfig | None = None) -> JobResult:
         import torch
 
         failures = self.failures.setdefault(job.shape.file_name(self.device_name), {})
@@ -61,7 +62,7 @@ class TuneWorker:
         worker = f"{socket.gethostname()}:{os.environ.get('CUDA_VISIBLE_DEVICES', 'cpu')}"
         try:
             return run_job(self.kernel, self.gpu, job, self.settings, device_name=self.device_name, worker=worker,
-                           seeds=seeds, failures=failures, precompile=self.precompile)
+                           seeds=seeds, failures=failures, incumbent=incumbent, precompile=self.precompile)
         finally:
             self._bound_memory(torch)
 
@@ -77,8 +78,10 @@ class TuneWorker:
 
 
 def run_job(kernel: Kernel, gpu: GpuSpec, job: Job, settings: Settings, *, device_name: str, worker: str,
-            seeds: list[TileConfig], failures: dict[TileConfig, Failure], precompile=None) -> JobResult:
-    """Search ``job``'s tile configs on this GPU; vLLM's default is always timed head to head."""
+            seeds: list[TileConfig], failures: dict[TileConfig, Failure], incumbent: TileConfig | None = None,
+            precompile=None) -> JobResult:
+    """Search ``job``'s tile configs on this GPU; vLLM's default, and the ``incumbent`` (the entry the file in --out
+    holds), are always timed head to head with the winner."""
     from .routing import Routing
     from .runner import Runner
     from .search import STRATEGIES
@@ -104,7 +107,8 @@ def run_job(kernel: Kernel, gpu: GpuSpec, job: Job, settings: Settings, *, devic
             yield item
 
     result = STRATEGIES[settings.strategy](runner, Context(job.shape, gpu, job.m), default, seeds=seeds,
-                                           failures=failures, precompile=pre if precompile else None, seed=settings.seed,
+                                           incumbent=incumbent, failures=failures,
+                                           precompile=pre if precompile else None, seed=settings.seed,
                                            max_evals=settings.max_evals)
     if not result.default.ok:
         raise RuntimeError(f"vLLM's default config {default.short} fails at M={job.m}: {result.default.failure}")
@@ -114,7 +118,8 @@ def run_job(kernel: Kernel, gpu: GpuSpec, job: Job, settings: Settings, *, devic
                      tuned_p80_us=best.timing.p80_us, roofline_us=rl.bound_us, bound=rl.bound,
                      error=best.error or 0.0, evaluated=result.evaluated, failed=len(result.failed),
                      seconds=time.monotonic() - t0, compile_seconds=round(waited[0], 3), worker=worker,
-                     failures={o.config.short: o.failure for o in result.failed[:8]})
+                     failures={o.config.short: o.failure for o in result.failed[:8]}, incumbent=incumbent,
+                     incumbent_us=result.incumbent.us if result.incumbent and result.incumbent.ok else 0.0)
 
 
 def _driver_version() -> str:
