@@ -32,7 +32,7 @@ class Existing:
     rows: tuple[BatchRow, ...] = ()
     layouts: tuple[str, ...] = ()  # the layouts its earlier runs tuned it for: a partial re-tune keeps them
     held: dict[int, TileConfig] = field(default_factory=dict)  # what the file holds now, whatever wrote it: each
-    # entry seeds its batch size's search, so a re-tune is timed against the config it would replace
+    # entry is its batch size's incumbent, timed against the search's winner and kept unless beaten (search)
 
     def with_layouts(self, plan: Plan, shape: MoeShape) -> tuple[str, ...]:
         """The file's layouts after this run: the earlier ones, then this plan's for ``shape``."""
