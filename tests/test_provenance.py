@@ -61,7 +61,7 @@ def test_check_writable_merges_into_a_file_of_the_same_software(tmp_path):
     path = ours(tmp_path)
     existing = check_writable(path, SOFTWARE)
     assert existing.configs == CONFIGS and [r.m for r in existing.rows] == [1, 64]
-    assert existing.held == CONFIGS  # each entry seeds the search of its batch size
+    assert existing.held == CONFIGS  # each entry is the incumbent of its batch size
 
 
 def test_a_partial_re_tune_keeps_the_layouts_the_file_was_tuned_for(tmp_path):
