@@ -51,8 +51,8 @@ def main(old_logs: str, new_logs: str) -> None:
         (same if oc == nc else differ).append(o / n)
         if oc != nc:
             print(f"| {k[0].removesuffix('.json')} | {k[1]} | {d:.1f} | {o:.1f} | {n:.1f} | {o / n:.3f} | {oc} → {nc} |")
-    print(f"\n{len(points)} points. Entries differ at {len(differ)}: old/new geomean "
-          f"{geometric_mean(differ):.4f} (min {min(differ):.3f}, max {max(differ):.3f}).")
+    print(f"\n{len(points)} points. Entries differ at {len(differ)}" + (
+        f": old/new geomean {geometric_mean(differ):.4f} (min {min(differ):.3f}, max {max(differ):.3f})." if differ else "."))
     if same:
         print(f"The same config at {len(same)}: old/new geomean {geometric_mean(same):.4f} "
               f"(min {min(same):.3f}, max {max(same):.3f}): the timing noise.")

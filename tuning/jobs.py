@@ -117,7 +117,7 @@ class JobResult:
 
     @classmethod
     def from_json(cls, d: dict) -> JobResult:
-        held = d.get("incumbent")
+        incumbent = d.get("incumbent")
         return cls(**{**d, "default": TileConfig.from_dict(d["default"]), "tuned": TileConfig.from_dict(d["tuned"]),
-                      "incumbent": TileConfig.from_dict(held) if held else None,
+                      "incumbent": TileConfig.from_dict(incumbent) if incumbent else None,
                       "failures": {c: Failure.from_json(f) for c, f in d.get("failures", {}).items()}})

@@ -81,8 +81,10 @@ def write_shape(out: Path, plan: Plan, shape: MoeShape, results: dict[int, JobRe
 
 def _against_incumbent(r: JobResult) -> str:
     """What became of the entry the file held for this M: kept, or replaced by a config that beat it."""
-    if r.incumbent is None or r.incumbent == r.tuned:
-        return "  (kept)" if r.incumbent else ""
+    if r.incumbent is None:
+        return ""
+    if r.incumbent == r.tuned:
+        return "  (kept)"
     if not r.incumbent_us:
         return f"  (replaces {r.incumbent.short}, which fails)"
     return f"  (replaces {r.incumbent.short}: {r.incumbent_us / r.tuned_us:.3f}x)"
