@@ -348,36 +348,16 @@ def test_a_shape_is_written_the_moment_its_last_batch_size_finishes(tmp_path):
     assert {m for f, m in done if f == first.name} == {1, 2, 4}
 
 
-def test_a_job_is_seeded_with_the_winners_of_its_nearest_neighbours_and_of_its_siblings_at_its_batch_size():
-    """The two nearest finished batch sizes of its own file, then its kernel family's other shapes (same dtype,
-    block and K) at its own batch size; a shape of another family (the TP8 shard's [32,32] block) seeds nothing."""
-    from tuning import gpus
-    from tuning.jobs import Job
-    from tuning.models import load_model
-    from tuning.plan import make_plan
-    from tuning.shapes import parse_layout
-
-    plan = make_plan(load_model("stepfun-ai/Step-3.5-Flash-FP8"), gpus.get_gpu("H200"), "fp8",
-                     [parse_layout(x) for x in ("TP8", "DP4+EP", "DP8+EP", "TP2")], 8, (1, 4, 8, 16),
-                     vllm_version="0.33.0")
-    tp8, e72, e36, tp2 = plan.shapes  # [32,32]; then three shapes of the [128,128] family
-    a, b, c, d, e, f = (configs.TileConfig(m, n, 128, 1, 4, 3) for m, n in
-                        ((16, 32), (16, 64), (32, 64), (64, 64), (16, 128), (64, 128)))
-    r = JobResult(file="", m=0, default=a, default_us=10.0, tuned=a, tuned_us=9.0, tuned_p20_us=8.9,
+def test_a_job_is_seeded_with_the_winners_of_its_nearest_finished_neighbours():
+    a, b, c = (configs.TileConfig(m, 64, 64, 1, 4, 3) for m in (32, 64, 128))
+    r = JobResult(file=FILE, m=0, default=a, default_us=10.0, tuned=a, tuned_us=9.0, tuned_p20_us=8.9,
                   tuned_p80_us=9.1, roofline_us=5.0, bound="memory", error=0.0, evaluated=3, failed=0, seconds=1.0,
                   worker="w")
-
-    def result(shape, m, tuned):
-        return (plan.file_name(shape), m), replace(r, file=plan.file_name(shape), m=m, tuned=tuned)
-
-    done = dict([result(e72, 1, a), result(e72, 8, b), result(e72, 16, c),
-                 result(e36, 8, d), result(tp2, 8, b), result(tp2, 4, e), result(tp8, 8, f)])
-    assert sweep.seeds(plan, done, Job(e72, 4)) == [a, b, e]  # its own nearest two, then TP2's M=4
-    assert sweep.seeds(plan, done, Job(e36, 4)) == [d, e]  # the one it has, then TP2's M=4 (E=72 has no M=4)
-    assert sweep.seeds(plan, done, Job(e36, 16)) == [d, c]  # E=72's M=16; TP2 has no M=16, TP8 is not kin
-    assert sweep.seeds(plan, done, Job(tp2, 16)) == [b, e, c]  # its own 8 and 4, then E=72's 16; no config twice
-    assert sweep.seeds(plan, done, Job(tp8, 4)) == [f]  # its own M=8; TP2's M=4 is of another family
-    assert sweep.seeds(plan, {}, Job(e72, 4)) == []
+    done = {1: replace(r, m=1, tuned=a), 8: replace(r, m=8, tuned=b), 16: replace(r, m=16, tuned=c)}
+    assert sweep.seeds(12, done) == [b, c]
+    assert sweep.seeds(2, done) == [a, b]
+    assert sweep.seeds(4, {1: done[1], 2: replace(r, m=2, tuned=a)}) == [a]  # no config twice
+    assert sweep.seeds(4, {}) == []
 
 
 def test_a_re_tune_times_the_entry_it_replaces(tmp_path):

@@ -1,13 +1,12 @@
 """Search strategies over the space for one (shape, M).
 
 ``guided`` (default): start from vLLM's default config, the entry the output file holds
-(the incumbent), the seeds (the winners of neighbouring batch sizes and of sibling
-shapes, ``sweep.seeds``) and a seeded sample of the space; climb along one axis at a
-time around the best few; then successive halving with longer timings for the finalists.
-The winner is re-timed head to head against vLLM's default and the incumbent: the tuner
-never picks a config slower than the default, and a re-tune replaces the incumbent only
-when the winner beats it by more than KEEP_WITHIN (the timing noise), so a re-tuned file
-changes only where it gets measurably faster.
+(the incumbent), the seeds (the winners of neighbouring batch sizes) and a seeded sample
+of the space; climb along one axis at a time around the best few; then successive halving
+with longer timings for the finalists. The winner is re-timed head to head against vLLM's
+default and the incumbent: the tuner never picks a config slower than the default, and a
+re-tune replaces the incumbent only when the winner beats it by more than KEEP_WITHIN (the
+timing noise), so a re-tuned file changes only where it gets measurably faster.
 ``exhaustive`` times the whole space cheaply, then finishes the same way. Configs that
 failed to compile or ran out of resources are remembered (``failures``) and never
 retried. With a compile pool, each config of a round is timed as its compile ends, while

@@ -3,9 +3,9 @@
 Jobs go to whichever worker is free, so long and short jobs balance; ``schedule`` picks which. Each finished job is
 persisted at once, and a shape's vLLM file is written the moment its last batch size is done. A worker that
 dies is replaced and its job re-queued. The entry the file in ``--out`` already holds for a batch size is the
-job's incumbent (kept unless beaten, ``search``), the winners of its finished neighbours and siblings seed
-its search (``seeds``), and compile failures seen anywhere are shared. Every worker must run the GPU model and
-the Triton the run was planned for.
+job's incumbent (kept unless beaten, ``search``), the winners of its finished neighbours seed its search
+(``seeds``), and compile failures seen anywhere are shared. Every worker must run the GPU model and the Triton
+the run was planned for.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .errors import UsageError
 from .jobs import Failure, Job, JobResult, Settings, fingerprint
 from .plan import Plan
 from .provenance import RunInfo, Target
-from .schedule import JobQueue, family
+from .schedule import JobQueue
 from .store import Store
 from .triton_pins import compiling_triton
 
@@ -89,17 +89,11 @@ def run_sweep(plan: Plan, settings: Settings, ray_options: RayOptions, outs: Out
     return 1 if missing else 0
 
 
-def seeds(plan: Plan, results: dict[tuple[str, int], JobResult], job: Job) -> list[TileConfig]:
+def seeds(m: int, done: dict[int, JobResult]) -> list[TileConfig]:
     """What a job's search looks at first, beside vLLM's default and the entry the file in --out holds (the
-    incumbent): the winners of the two nearest finished batch sizes of the same file, then the winners at the
-    same batch size of its finished siblings (the shapes of its kernel family, ``schedule.family``: the schedule
-    runs them one after another, so their tiles are compiled, and a tile that wins for one expert count often
-    wins for the next: bf16 E=72 and E=36 N=1280 at M = 4096, benchmarks/README.md section 2k)."""
-    own = {m: r for (file, m), r in results.items() if file == plan.file_name(job.shape)}
-    near = sorted(own, key=lambda n: abs(n - job.m))[:2]
-    kin = [results.get((plan.file_name(s), job.m)) for s in plan.shapes
-           if s != job.shape and family(s) == family(job.shape)]
-    return list(dict.fromkeys([*(own[n].tuned for n in near), *(r.tuned for r in kin if r)]))
+    incumbent): the winners of the two nearest finished batch sizes of the same file."""
+    near = sorted(done, key=lambda n: abs(n - m))[:2]
+    return list(dict.fromkeys(done[n].tuned for n in near))
 
 
 class _ShapeWriter:
@@ -155,8 +149,8 @@ class Driver:
                 busy = {w for w, _ in in_flight.values()}
                 for w in [w for w in workers if w not in busy][: len(queue)]:
                     job = queue.take(last.get(w), [j for _, j in in_flight.values()])
-                    task = w.run.remote(job, seeds(self.plan, store.results, job), self._known(job),
-                                        held.get(job.shape, {}).get(job.m))
+                    finished = store.for_file(self.plan.file_name(job.shape))
+                    task = w.run.remote(job, seeds(job.m, finished), self._known(job), held.get(job.shape, {}).get(job.m))
                     in_flight[task] = (w, job)
                 done, _ = ray.wait(list(in_flight), num_returns=1)
                 worker, job = in_flight.pop(done[0])
