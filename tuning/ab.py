@@ -35,11 +35,6 @@ class Spread:
     high: float
     n: int
 
-    @property
-    def rel_range(self) -> float:
-        """(max - min) / median: the run-to-run spread as a fraction."""
-        return (self.high - self.low) / self.median if self.median else math.inf
-
 
 def spread(values: list[float]) -> Spread:
     return Spread(statistics.median(values), min(values), max(values), len(values))

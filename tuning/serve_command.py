@@ -12,7 +12,6 @@ compared with it in CI); an unknown one is refused in one line. ``batch_plan`` m
 from __future__ import annotations
 
 import json
-import shlex
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -130,13 +129,6 @@ def parse(argv: list[str]) -> ServeCommand:
         max_capture_size=compilation.get("max_cudagraph_capture_size"),
         performance_mode=str(values.get("performance_mode", "balanced")),
         hf_overrides=_json(values, "hf_overrides"), argv=tuple(argv))
-
-
-def parse_text(text: str) -> ServeCommand:
-    try:
-        return parse(shlex.split(text))
-    except ValueError as exc:
-        raise UsageError(f"preflight: cannot split the serve command ({exc}); quote it as sh would") from None
 
 
 # ---- batch sizes ---------------------------------------------------------------------------------
