@@ -17,6 +17,9 @@
 #                      written files' tars until the last stage is done) and every run's state folder
 #                      (.tune-moe: results.jsonl, run.json) back as $OUT/bg.tar, so a lost machine loses nothing
 #   cli NAME SECS ARGS...  any `tune-moe ARGS` (verify, report, ...) in this environment, log to $OUT/NAME.log
+#   cli-smi NAME SECS ARGS...  the same, each log line stamped with its time, and the GPU's clocks, temperatures,
+#                      power and clock-event reasons sampled every 200 ms to $OUT/NAME.smi.csv (benchmarks/gpu_state.py
+#                      puts them beside each batch size a verify timed)
 #
 #   pack-ray           run HERE: Ray 2.60.0 for cp312 and what it imports that the GPU machine lacks, without
 #                      ray/jars/ (Java workers), tar | zstd -19: .gpu/ray/ray-site.tar.zst (about 31 MiB)
@@ -255,6 +258,18 @@ g("90"); print("fused_moe_90 loaded (AOT)")'  # never a JIT build here: a missin
     timeout -s INT -k 30 "$secs" python3 -m tuning.cli "$@" > "$OUT/$name.log" 2>&1
     echo "$name: exit $?" | tee -a "$OUT/$name.log"
     set -e ;;
+  cli-smi)  # cli, its output lines stamped with the time, nvidia-smi sampling the GPU beside it every 200 ms
+    name=$1 secs=$2; shift 2
+    fields=timestamp,clocks.sm,clocks.mem,temperature.gpu,temperature.memory,power.draw,clocks_event_reasons.active
+    nvidia-smi --query-gpu=$fields --format=csv -c 1 > /dev/null 2>&1 || fields=${fields/event/throttle}  # older names
+    nvidia-smi -i 0 --query-gpu=$fields --format=csv,noheader,nounits -lms 200 > "$OUT/$name.smi.csv" &
+    smi=$!
+    set +e
+    timeout -s INT -k 30 "$secs" python3 -m tuning.cli "$@" 2>&1 | python3 -uc 'import sys, time
+for line in sys.stdin: print(f"{time.time():.3f} {line}", end="")' > "$OUT/$name.log"
+    echo "$name: exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
+    set -e
+    kill "$smi" 2>/dev/null || true ;;
   kill-after)
     secs=$1
     (sleep "$secs"; pid=$(pgrep -f 'ray::TuneWorker' | head -1)
@@ -274,5 +289,5 @@ g("90"); print("fused_moe_90 loaded (AOT)")'  # never a JIT build here: a missin
     if [ -e /tmp/bg/done ]; then echo "bg: done"; skip=(); else echo "bg: still running"; skip=(--exclude='*.files.tar'); fi
     for log in /tmp/bg/*.log; do echo "== $log"; tail -c 600 "$log" | tr '\r' '\n' | tail -4; done
     tar cf "$OUT/bg.tar" "${skip[@]}" /tmp/bg $(ls -d "$runs"/*/.tune-moe 2>/dev/null) 2>/dev/null || true ;;
-  *) sed -n '2,64p' "$0"; exit 2 ;;
+  *) sed -n '2,67p' "$0"; exit 2 ;;
 esac
