@@ -148,3 +148,24 @@ def test_an_expert_parallel_config_picked_on_an_empty_launch_is_named_with_its_r
         assert note in _drift(path, node)  # a preflight problem for the serves that read the file
         assert f"- Not tuned: {note}" in _provenance_lines(read)
         assert verify_drift(path).endswith(f"\n  {note}")
+
+
+def test_the_summary_says_what_became_of_each_entry_the_file_held():
+    """Kept; replaced by a winner (the times and the ratio); replaced by vLLM's default, however small the margin
+    (the rule never keeps an entry the default beats); replaced because it fails; nothing for a fresh entry."""
+    from dataclasses import replace
+
+    from tuning.jobs import JobResult
+    from tuning.outputs import incumbent_mark
+
+    default, held = TileConfig(64, 128, 128, 32, 4, 3), TileConfig(64, 128, 128, 16, 4, 4)
+    winner = TileConfig(16, 64, 128, 1, 4, 4)
+    r = JobResult(file="f.json", m=16, default=default, default_us=144.3, tuned=winner, tuned_us=133.6,
+                  tuned_p20_us=133.0, tuned_p80_us=134.0, roofline_us=50.0, bound="memory", error=0.0, evaluated=40,
+                  failed=0, seconds=3.0, worker="w", incumbent=held, incumbent_us=135.8)
+    assert incumbent_mark(r) == "  (replaces M64-N128-K128-G16-w4-s4: 135.8 -> 133.6 us, 1.016x)"
+    assert incumbent_mark(replace(r, tuned=held, tuned_us=135.8)) == "  (kept)"
+    by_default = replace(r, tuned=default, tuned_us=823.8, default_us=823.8, incumbent_us=824.0)
+    assert incumbent_mark(by_default) == "  (replaces M64-N128-K128-G16-w4-s4, which vLLM's default beat: 824.0 -> 823.8 us)"
+    assert incumbent_mark(replace(r, incumbent_us=0.0)) == "  (replaces M64-N128-K128-G16-w4-s4, which fails)"
+    assert incumbent_mark(replace(r, incumbent=None, incumbent_us=0.0)) == ""

@@ -79,7 +79,7 @@ def write_shape(out: Path, plan: Plan, shape: MoeShape, results: dict[int, JobRe
     return path
 
 
-def _against_incumbent(r: JobResult) -> str:
+def incumbent_mark(r: JobResult) -> str:
     """What became of the entry the file held for this M: kept, or replaced by a config that beat it."""
     if r.incumbent is None:
         return ""
@@ -87,7 +87,10 @@ def _against_incumbent(r: JobResult) -> str:
         return "  (kept)"
     if not r.incumbent_us:
         return f"  (replaces {r.incumbent.short}, which fails)"
-    return f"  (replaces {r.incumbent.short}: {r.incumbent_us / r.tuned_us:.3f}x)"
+    times = f"{r.incumbent_us:.1f} -> {r.tuned_us:.1f} us"
+    if r.tuned == r.default:  # the rule never keeps an entry the default beats, by however little
+        return f"  (replaces {r.incumbent.short}, which vLLM's default beat: {times})"
+    return f"  (replaces {r.incumbent.short}: {times}, {r.incumbent_us / r.tuned_us:.3f}x)"
 
 
 def row(r: JobResult) -> BatchRow:
@@ -118,7 +121,7 @@ def summary(plan: Plan, results: dict[tuple[str, int], JobResult]) -> str:
         for r in rows:
             pct = f"{100 * r.roofline_us / r.default_us:.0f}->{100 * r.roofline_us / r.tuned_us:.0f}"
             lines.append(f"{shape.label:<34} {r.m:>5} {r.default_us:>11.1f} {r.tuned_us:>9.1f} {r.speedup:>7.3f}x "
-                         f"{pct:>11}  {r.tuned.short}{_against_incumbent(r)}")
+                         f"{pct:>11}  {r.tuned.short}{incumbent_mark(r)}")
         if rows:
             geo = geometric_mean([r.speedup for r in rows])
             worst = min(rows, key=lambda r: r.speedup)
