@@ -260,3 +260,39 @@ def test_an_incumbent_that_fails_is_replaced_and_its_failure_kept():
     assert result.best.config == OPTIMUM
     assert not result.incumbent.ok and result.incumbent.failure.kind == FailureKind.RESOURCES
     assert land.calls.count(HELD) == 1  # looked at once, never in the head to head
+
+
+def test_replay_search_finds_the_best_of_a_recorded_landscape_and_skips_partial_ones(tmp_path):
+    """benchmarks/replay_search.py on a run whose looks cover the whole space at M=256 (as an exhaustive run's do)
+    and a few configs at M=64 (a guided run's): the noiseless replays of M=256 all pick its optimum; M=64 is not
+    replayed. A --set of a constant search lacks is refused."""
+    import json
+    import subprocess
+    import sys
+
+    file = "E=288,N=320,device_name=NVIDIA_H200.json"
+    land, default = Landscape(OPTIMUM), DEFAULT
+    pool = space(Context(BF16_TP4, H200, 256))
+    assert OPTIMUM in pool
+
+    def row(m, looks):
+        return {"file": file, "m": m, "default": default.to_dict(), "tuned": land.best.to_dict(),
+                "looks": {c.short: land.cost(c) for c in looks}}
+
+    (tmp_path / "x.results.jsonl").write_text(json.dumps(row(256, pool)) + "\n" + json.dumps(row(64, pool[:5])) + "\n")
+    shape = {"num_experts": 288, "global_experts": 288, "n": 320, "k": 4096, "top_k": 8, "dtype": "bf16",
+             "block_shape": None}
+    (tmp_path / "x.run.json").write_text(json.dumps({"format": 2, "files": {file: {"shape": shape,
+                                                                                     "device_name": "NVIDIA_H200"}}}))
+    script = str(Path(__file__).resolve().parents[1] / "benchmarks/replay_search.py")
+    run = subprocess.run([sys.executable, script, str(tmp_path / "x.results.jsonl"), "--noise", "0", "--repeats", "4"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    (line,) = [l for l in run.stdout.splitlines() if l.startswith("| E=288,N=320 |")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1] == "256" and cells[2] == f"{len(pool)} ({len(pool)})" and cells[3] == "100.0"
+    assert cells[4:7] == ["1.0000", "1.0000", "4/4"] and 0 < float(cells[7]) < len(pool)
+    assert "1 (file, M) skipped" in run.stdout
+    bad = subprocess.run([sys.executable, script, str(tmp_path / "x.results.jsonl"), "--set", "NOPE=1"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.strip() == "--set NOPE=1: search has no constant NOPE"

@@ -103,6 +103,8 @@ class JobResult:
     failures: dict[str, Failure] = field(default_factory=dict)  # config (short form) -> why (first few)
     incumbent: TileConfig | None = None  # the entry the file in --out held for this M (kept unless beaten by 1%)
     incumbent_us: float = 0.0  # its head-to-head µs beside ``tuned`` (0: it failed, or was not timed to the end)
+    looks: dict[str, float] = field(default_factory=dict)  # config (short form) -> first-look µs, every config
+    # the search timed that ran (the landscape it saw: benchmarks/replay_search.py replays searches on it)
 
     @property
     def speedup(self) -> float:
