@@ -261,7 +261,7 @@ g("90"); print("fused_moe_90 loaded (AOT)")'  # never a JIT build here: a missin
   cli-smi)  # cli, its output lines stamped with the time, nvidia-smi sampling the GPU beside it every 200 ms
     name=$1 secs=$2; shift 2
     fields=timestamp,clocks.sm,clocks.mem,temperature.gpu,temperature.memory,power.draw,clocks_event_reasons.active
-    nvidia-smi --query-gpu=$fields --format=csv -c 1 > /dev/null 2>&1 || fields=${fields/event/throttle}  # older names
+    nvidia-smi -i 0 --query-gpu=$fields --format=csv > /dev/null 2>&1 || fields=${fields/event/throttle}  # older names
     nvidia-smi -i 0 --query-gpu=$fields --format=csv,noheader,nounits -lms 200 > "$OUT/$name.smi.csv" &
     smi=$!
     set +e
