@@ -25,6 +25,7 @@ import math
 import random
 import sys
 from pathlib import Path
+from statistics import geometric_mean
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -111,7 +112,7 @@ def main(argv: list[str]) -> None:
             result = search.guided(ev, ctx, defaults[key], seeds=seeds_for(key, winners), seed=rep)
             ratios.append(land[result.best.config] / best)
             timed.append(result.evaluated)
-        geo = math.exp(sum(map(math.log, ratios)) / len(ratios))
+        geo = geometric_mean(ratios)
         print(f"| {key[0].split(',device_name')[0]} | {key[1]} | {len(land)} ({len(pool)}) | {best:.1f} | {geo:.4f} "
               f"| {max(ratios):.4f} | {sum(r <= 1.01 for r in ratios)}/{len(ratios)} | {sum(timed) / len(timed):.0f} |")
     print(f"\n{skipped} (file, M) skipped: their looks cover less than {args.coverage:.0%} of the space "

@@ -16,17 +16,17 @@ Section 2l of benchmarks/README.md.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
+from statistics import geometric_mean as geomean
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tuning.configs import TileConfig  # noqa: E402
 
 
 def load(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def geomean(values: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def speedup(r: dict) -> float:
@@ -34,7 +34,7 @@ def speedup(r: dict) -> float:
 
 
 def short(c: dict) -> str:
-    return "M{BLOCK_SIZE_M}-N{BLOCK_SIZE_N}-K{BLOCK_SIZE_K}-G{GROUP_SIZE_M}-w{num_warps}-s{num_stages}".format(**c)
+    return TileConfig.from_dict(c).short
 
 
 def main(old_path: str, new_path: str) -> None:

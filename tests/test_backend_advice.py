@@ -264,7 +264,9 @@ def test_advice_timed_with_configs_since_re_tuned_names_the_batch_sizes_to_re_ti
         f"; timed at M={','.join(map(str, stale))} with tuned configs the files no longer hold: re-time with tune-moe "
         f"compare-backends --gpu H200 --layouts DP8+EP --batch-sizes {','.join(map(str, stale))})")
     assert "re-time" not in dp8.line()  # no folder named: the advice as measured
-    assert all(table[("H200", t)].stale(committed) == [] for t in ("TP2", "TP4", "TP8"))
+    for layout in ("TP2", "TP4", "TP8"):  # re-tunes since (benchmarks §2l) replaced some entries the TP rows timed
+        entry = table[("H200", layout)]
+        assert ("re-time with tune-moe compare-backends" in entry.line(committed)) == bool(entry.stale(committed))
 
     folder = tmp_path / "NVIDIA_H200"
     folder.mkdir()
