@@ -181,3 +181,21 @@ def test_a_run_that_finished_no_job_leaves_no_folder_it_made(tmp_path):
     again = opened(out)
     again.close(drop_unused=True)  # made by the run before: stays, with its result
     assert opened(out).done(FILE, 16)
+
+
+def test_the_sibling_seed_pair_in_the_benchmarks_readme_comes_from_the_committed_results():
+    """benchmarks/search_pair.py on section 2l's committed pair gives the figures the README states: no gain from
+    sibling seeds (geomean 1.0008), 19 winners differing, 6 by more than 1%, 16 borrowed of which sib-old found 12."""
+    root = Path(__file__).resolve().parents[1]
+    pair = [str(root / f"benchmarks/results/retune-b13/sib-{n}.results.jsonl") for n in ("old", "new")]
+    done = subprocess.run([sys.executable, str(root / "benchmarks/search_pair.py"), *pair], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "72 jobs in both runs; speedup over vLLM's default, new/old: geomean 1.0008, range 0.941-1.062" in out
+    assert "Winners differ in 19 jobs, 6 of them by more than 1%" in out
+    assert "| E=36,N=1280 | 3072 | M128-N256-K64-G1-w8-s4 | 1.078x | M128-N128-K64-G1-w4-s3 | 1.014x |" in out
+    assert "16 of NEW's winners (not vLLM's default) had been picked earlier in NEW by another file at the same M; " \
+           "OLD picked the same config in 12 of them." in out
+    readme = (root / "benchmarks/README.md").read_text()
+    assert "geomean **1.0008**, range 0.941–1.062" in readme and "19 of the 72 differ, 6 of them by more than 1%" in readme
