@@ -26,10 +26,11 @@ import random
 import sys
 from pathlib import Path
 from statistics import geometric_mean
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tuning import search  # noqa: E402
+from tuning import search, sweep  # noqa: E402
 from tuning.bench import Timing  # noqa: E402
 from tuning.configs import TileConfig  # noqa: E402
 from tuning.gpus import CATALOGUE  # noqa: E402
@@ -77,8 +78,9 @@ def load(paths: list[str]):
 
 
 def seeds_for(key: tuple[str, int], winners: dict) -> list[TileConfig]:
-    own = sorted((m for f, m in winners if f == key[0] and m != key[1]), key=lambda m: abs(m - key[1]))[:2]
-    return list(dict.fromkeys(winners[(key[0], m)] for m in own))
+    """The driver's own rule (``sweep.seeds``) over the first run's winners of the same file's other batch sizes."""
+    done = {m: SimpleNamespace(tuned=c) for (f, m), c in winners.items() if f == key[0] and m != key[1]}
+    return sweep.seeds(key[1], done)
 
 
 def main(argv: list[str]) -> None:
