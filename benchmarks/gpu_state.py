@@ -83,4 +83,8 @@ def main(runs: list[str]) -> None:
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit(__doc__.split("\n\n")[1])
+    for run in sys.argv[1:]:
+        for path in (f"{run}.log", f"{run}.smi.csv"):
+            if not Path(path).is_file():
+                sys.exit(f"gpu_state.py: {path}: no such file; pass the names gpu_stage.sh cli-smi brought back")
     main(sys.argv[1:])

@@ -95,7 +95,15 @@ def main(argv: list[str]) -> None:
         name, value = item.split("=", 1)
         if not hasattr(search, name):
             sys.exit(f"--set {item}: search has no constant {name}")
-        setattr(search, name, type(getattr(search, name))(value))
+        try:
+            setattr(search, name, type(getattr(search, name))(value))
+        except ValueError:
+            sys.exit(f"--set {item}: {value!r} is not a valid {type(getattr(search, name)).__name__} for {name}")
+    missing = [r for r in args.results if not Path(r).is_file()
+               or not Path(r.replace(".results.jsonl", ".run.json")).is_file()]
+    if missing:
+        sys.exit(f"replay_search.py: {missing[0]}: no such file, or no .run.json beside it; pass results.jsonl files "
+                 "that gpu_stage.sh tune brought back")
     looks, shapes, gpus, defaults, winners = load(args.results)
     print(f"noise {args.noise:.3%}, {args.repeats} replays per batch size" + "".join(f", {s}" for s in args.set))
     print("\n| file | M | configs (of the space) | best µs | replays' pick / best: geomean | worst | within 1% "

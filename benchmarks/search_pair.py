@@ -77,4 +77,7 @@ def main(old_path: str, new_path: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) != 3:
         sys.exit(__doc__.split("\n\n")[1])
+    for arg in sys.argv[1:]:
+        if not Path(arg).is_file():
+            sys.exit(f"search_pair.py: {arg}: no such file; pass results.jsonl files that gpu_stage.sh tune brought back")
     main(sys.argv[1], sys.argv[2])
