@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 from statistics import fmean
 
-# nvidia-smi's clocks_event_reasons bits (nvml.h, nvmlClocksEventReason*)
-REASONS = {0x1: "idle", 0x2: "app-clocks", 0x4: "sw-power-cap", 0x8: "hw-slowdown", 0x10: "sync-boost",
-           0x20: "sw-thermal", 0x40: "hw-thermal", 0x80: "hw-power-brake", 0x100: "display-clocks"}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tuning.clocks import reason_names  # noqa: E402
+
 ROW = re.compile(r"^(\d+\.\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x\s+(\S+)")
 FILE = re.compile(r"^(\d+\.\d+) (E=\S+\.json)$")
 
@@ -50,7 +51,7 @@ def _num(cell: str) -> float | None:
 
 
 def reasons(mask: int) -> str:
-    return "+".join(name for bit, name in REASONS.items() if mask & bit) or "none"
+    return "+".join(reason_names(mask)) or "none"
 
 
 def main(runs: list[str]) -> None:
@@ -61,7 +62,8 @@ def main(runs: list[str]) -> None:
         start, file = None, ""
         for line in Path(f"{run}.log").read_text().splitlines():
             if m := FILE.match(line):
-                start, file = float(m.group(1)), m.group(2).split(",device_name")[0]
+                name = m.group(2)
+                start, file = float(m.group(1)), f"{'fp8' if 'dtype=fp8' in name else 'bf16'} {name.split(',device_name')[0]}"
             elif (m := ROW.match(line)) and start is not None:
                 end = float(m.group(1))
                 window = [s for t, s in smi if start < t <= end]

@@ -250,7 +250,8 @@ def test_from_json_refuses_an_advice_target_that_is_not_an_advice_file(tmp_path,
 def test_advice_timed_with_configs_since_re_tuned_names_the_batch_sizes_to_re_time(tmp_path):
     """Each entry keeps the tuned Triton config it timed per M. The committed EP entries were timed before the
     expert-parallel files were re-tuned (benchmarks/README §2d): DP8+EP's M = 1 ran the config picked on an
-    empty launch. Against the committed files, the advice says which batch sizes to re-time, and how."""
+    empty launch. Against the committed files, the advice says which batch sizes moved, and how to re-time the
+    layout: at every batch size it was timed at, since a new entry replaces the whole layout."""
     from tuning.configs import TileConfig, write_config_file
 
     committed = Path(__file__).parents[1] / "kernels_configs" / "NVIDIA_H200"
@@ -261,12 +262,13 @@ def test_advice_timed_with_configs_since_re_tuned_names_the_batch_sizes_to_re_ti
     stale = dp8.stale(committed)
     assert 1 in stale
     assert dp8.line(committed).endswith(
-        f"; timed at M={','.join(map(str, stale))} with tuned configs the files no longer hold: re-time with tune-moe "
-        f"compare-backends --gpu H200 --layouts DP8+EP --batch-sizes {','.join(map(str, stale))})")
+        f"; timed at M={','.join(map(str, stale))} with tuned configs the files no longer hold: re-time the layout "
+        "with tune-moe compare-backends --gpu H200 --layouts DP8+EP --batch-sizes 1,16,64,256,1024,4096)")
+    assert dp8.batch_sizes == (1, 16, 64, 256, 1024, 4096)
     assert "re-time" not in dp8.line()  # no folder named: the advice as measured
     for layout in ("TP2", "TP4", "TP8"):  # re-tunes since (benchmarks §2l) replaced some entries the TP rows timed
         entry = table[("H200", layout)]
-        assert ("re-time with tune-moe compare-backends" in entry.line(committed)) == bool(entry.stale(committed))
+        assert ("re-time the layout with tune-moe compare-backends" in entry.line(committed)) == bool(entry.stale(committed))
 
     folder = tmp_path / "NVIDIA_H200"
     folder.mkdir()
@@ -278,3 +280,34 @@ def test_advice_timed_with_configs_since_re_tuned_names_the_batch_sizes_to_re_ti
     write_config_file(folder / name, timed, "3.8.0")
     assert dp8.stale(folder) == [64]
     assert dp8.stale(tmp_path / "empty") == []  # no file for the shape: nothing to compare
+
+
+def test_write_advice_refuses_a_bake_off_that_leaves_out_batch_sizes_of_the_entry_it_replaces(tmp_path, capsys):
+    """A new entry replaces the whole layout and its pick weighs every M, so a bake-off that writes it must time
+    every batch size the old entry was timed at: refused in one line before anything is timed, whether the rows
+    come from the GPU or from --from-json, and the advice file is left as it was. The stale-advice line names
+    exactly the command that passes."""
+    from tuning.cli import main
+
+    target = tmp_path / "advice.json"
+    target.write_text(adv.DATA.read_text())
+    before = target.read_text()
+    assert main(["compare-backends", "--gpu", "H200", "--layouts", "TP4,DP4+EP", "--batch-sizes", "16,2048",
+                 "--write-advice", str(target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(
+        f"--write-advice: TP4's entry in {target} was also timed at M=1,4,32,64,128,256,512,1024,4096, and a new "
+        "entry replaces the whole layout (its pick weighs every M); time them all (--batch-sizes "
+        "1,4,16,32,64,128,256,512,1024,2048,4096) or leave out --write-advice")
+    ep = json.loads((RESULTS / "ep-fi.json").read_text())
+    ep["rows"] = [r for r in ep["rows"] if r["m"] != 4096]
+    cut = tmp_path / "ep-cut.json"
+    cut.write_text(json.dumps(ep))
+    assert main(["compare-backends", "--gpu", "H200", "--from-json", str(cut), "--write-advice", str(target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "DP4+EP's entry" in err[0] and "also timed at M=4096," in err[0]
+    assert target.read_text() == before
+    line = adv.load(target)[("H200", "DP4+EP")].line(Path(__file__).parents[1] / "kernels_configs" / "NVIDIA_H200")
+    assert line.endswith("--layouts DP4+EP --batch-sizes 1,16,64,256,1024,4096)")
+    assert adv.uncovered("H200", "DP4+EP", (1, 16, 64, 256, 1024, 4096), target) == []
+    assert adv.uncovered("H200", "DP4+EP", (16,), target) == [1, 64, 256, 1024, 4096]

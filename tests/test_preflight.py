@@ -197,8 +197,8 @@ def test_preflight_reads_the_backend_advice_file(capsys, tmp_path, monkeypatch):
     serve = ["stepfun-ai/Step-3.5-Flash-FP8", "--data-parallel-size", "4", "--enable-expert-parallel", *RECIPE]
     _, out, _ = run(capsys, "H200", serve)
     assert "advice: backend advice for DP4+EP on H200: --moe-backend triton (measured 2026-11-30: M 1-4096: " \
-           "triton; timed at M=16 with tuned configs the files no longer hold: re-time with tune-moe " \
-           "compare-backends --gpu H200 --layouts DP4+EP --batch-sizes 16)" in out  # the EP re-tune moved M=16
+           "triton; timed at M=16 with tuned configs the files no longer hold: re-time the layout with tune-moe " \
+           "compare-backends --gpu H200 --layouts DP4+EP --batch-sizes 1,16,64,256,1024,4096)" in out  # the EP re-tune moved M=16
     data = json.loads(backend_advice.DATA.read_text())
     entry = next(e for e in data["entries"] if e["layout"] == "DP4+EP")
     entry.update(measured=True, serve_config="deep_gemm_e8m0_off", provenance={"date": "2026-12-01"},

@@ -115,14 +115,17 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
 
 
 def test_results_recorded_before_compile_seconds_was_kept_still_load():
-    """The committed 2b results predate the fields: they load with the compile wait unknown (0) and no looks."""
+    """The committed 2b results predate the fields: they load with the compile wait unknown (0), no looks and no
+    GPU state; the fields round-trip."""
     from pathlib import Path
 
     old = Path(__file__).resolve().parents[1] / "benchmarks/results/triton38/results.jsonl"
     rows = [JobResult.from_json(json.loads(line)) for line in old.read_text().splitlines()]
-    assert len(rows) == 216 and all(r.compile_seconds == 0.0 and r.looks == {} for r in rows)
-    new = JobResult.from_json({**rows[0].to_json(), "compile_seconds": 3.5, "looks": {"M16-N64-K128-G1-w4-s3": 41.25}})
-    assert new.compile_seconds == 3.5 and JobResult.from_json(new.to_json()) == new
+    assert len(rows) == 216 and all(r.compile_seconds == 0.0 and r.looks == r.gpu_state == {} for r in rows)
+    state = {"sm_mhz": 1470, "power_w": 682.4, "limit_w": 700.0, "reasons": ["sw-power-cap"]}
+    new = JobResult.from_json({**rows[0].to_json(), "compile_seconds": 3.5, "looks": {"M16-N64-K128-G1-w4-s3": 41.25},
+                               "gpu_state": state})
+    assert new.compile_seconds == 3.5 and JobResult.from_json(json.loads(json.dumps(new.to_json()))) == new
 
 
 def test_the_scaling_table_in_the_benchmarks_readme_comes_from_the_committed_results():

@@ -5,8 +5,10 @@ bake-off measured it (with the measurement's provenance), and the fastest config
 ``preflight`` and ``serve`` read it (``advice_for``); ``compare-backends --write-advice`` writes it from a
 bake-off (``entries_from``), with the tuned Triton config each batch size was timed with (``timed_configs``):
 where the tuned files a serve reads hold another config there now, the advice line says which batch sizes
-to re-time (``Advice.stale``). Until a GPU run fills an entry it says ``"measured": false`` and keeps the
-tool's earlier advice. bf16 needs no bake-off: vLLM 0.33 runs Triton for bf16 on Hopper (``BF16``).
+to re-time (``Advice.stale``), and a bake-off that rewrites an entry times all of its batch sizes
+(``uncovered``): an entry replaces the whole layout, whose pick weighs every M. Until a GPU run fills an entry it
+says ``"measured": false`` and keeps the tool's earlier advice. bf16 needs no bake-off: vLLM 0.33 runs Triton for
+bf16 on Hopper (``BF16``).
 
 A serve configuration is a ``--moe-backend`` value and VLLM_* variables; what it runs on each layer kind
 comes from vLLM's rules (``vllm_rules.layer_runtime``), and its time per M is the sum over the layer kinds
@@ -52,6 +54,7 @@ class Advice:
     provenance: dict | None = None
     note: str = ""  # what else the pick costs (the padded shard's weight memory)
     timed_configs: dict | None = None  # shape label -> {M: the tuned Triton config the bake-off timed}
+    batch_sizes: tuple[int, ...] = ()  # every M the bake-off timed
 
     @property
     def moe_backend(self) -> str:
@@ -76,9 +79,10 @@ class Advice:
         note = f"; {self.note}" if self.note else ""
         stale = self.stale(folder) if folder is not None else []
         if stale:
-            ms = ",".join(map(str, stale))
-            note += (f"; timed at M={ms} with tuned configs the files no longer hold: re-time with tune-moe "
-                     f"compare-backends --gpu {self.gpu} --layouts {self.layout} --batch-sizes {ms}")
+            every = ",".join(map(str, self.batch_sizes or stale))
+            note += (f"; timed at M={','.join(map(str, stale))} with tuned configs the files no longer hold: re-time "
+                     f"the layout with tune-moe compare-backends --gpu {self.gpu} --layouts {self.layout} "
+                     f"--batch-sizes {every}")
         return f"backend advice for {self.layout} on {self.gpu}: {self.flags()} (measured {when}: {spans}{note})"
 
     def stale(self, folder: Path) -> list[int]:
@@ -250,7 +254,15 @@ def _entry(e: dict, where: str) -> Advice:
         raise UsageError(f"{where}: a measured entry needs its provenance")
     parse_layout(e["layout"])
     return Advice(e["gpu"], e["layout"], e["serve_config"], e["measured"], e["why"], tuple(e.get("ranges") or ()),
-                  e.get("provenance"), str(e.get("note") or ""), e.get("timed_configs"))
+                  e.get("provenance"), str(e.get("note") or ""), e.get("timed_configs"),
+                  tuple(sorted(int(m) for m in e.get("us") or {})))
+
+
+def uncovered(gpu: str, layout: str, ms, path: Path | None = None) -> list[int]:
+    """The batch sizes the entry for (gpu, layout) in ``path`` was timed at that ``ms`` leaves out. A bake-off that
+    writes the entry must time them all: it replaces the whole entry, and the pick weighs every M."""
+    old = load(path).get((gpu, layout))
+    return sorted(set(old.batch_sizes) - set(ms)) if old and old.measured else []
 
 
 def merged(entries: list[dict], path: Path | None = None) -> dict:

@@ -73,7 +73,7 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[int], tuple[st
         raise UsageError(f"--budget-ms {args.budget_ms}: give milliseconds between 0 and 10000")
     if args.json_out:
         output_file(args.json_out, "--json-out")
-    _check_advice_target(args)
+    _check_advice_target(args, {name: parse_batch_sizes(args.batch_sizes) for name in names})
     if args.vllm_src and not Path(args.vllm_src).exists():
         raise UsageError(f"--vllm-src {args.vllm_src}: no such file or folder")
     if args.vllm_ops:
@@ -84,12 +84,22 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[int], tuple[st
     return names, list(parse_batch_sizes(args.batch_sizes)), kinds
 
 
-def _check_advice_target(args: argparse.Namespace) -> None:
-    """--write-advice: a writable file, and an advice file when it exists (the new entries are merged into it)."""
-    if args.write_advice:
-        output_file(args.write_advice, "--write-advice")
-        if Path(args.write_advice).exists():
-            adv.load(Path(args.write_advice))
+def _check_advice_target(args: argparse.Namespace, timed: dict[str, tuple[int, ...]]) -> None:
+    """--write-advice: a writable file, an advice file when it exists (the new entries are merged into it), and
+    ``timed`` (layout -> the batch sizes this run times) covering every M of each entry it replaces."""
+    if not args.write_advice:
+        return
+    output_file(args.write_advice, "--write-advice")
+    base = Path(args.write_advice) if Path(args.write_advice).exists() else None
+    adv.load(base)
+    gpu = gpus.get_gpu(args.gpu).key
+    for name, ms in timed.items():
+        left = adv.uncovered(gpu, name, ms, base)
+        if left:
+            every = ",".join(map(str, sorted({*ms, *left})))
+            raise UsageError(f"--write-advice: {name}'s entry in {base or adv.DATA} was also timed at "
+                             f"M={','.join(map(str, left))}, and a new entry replaces the whole layout (its pick "
+                             f"weighs every M); time them all (--batch-sizes {every}) or leave out --write-advice")
 
 
 def serve_command(layout_name: str, config: str, folder: Path) -> str:
@@ -196,7 +206,8 @@ def replay(args: argparse.Namespace) -> int:
     gpu = gpus.get_gpu(args.gpu)
     if args.json_out:
         raise UsageError("--from-json re-reads --json-out files; give --write-advice alone")
-    _check_advice_target(args)
+    if args.write_advice:
+        output_file(args.write_advice, "--write-advice")
     loaded = []
     for name in args.from_json:
         try:
@@ -208,6 +219,7 @@ def replay(args: argparse.Namespace) -> int:
             raise UsageError(f"--from-json {name}: not a compare-backends --json-out file ({type(exc).__name__}: "
                              f"{str(exc)[:80]}); give the JSON a bake-off wrote") from None
         loaded.append((rows, done, prov))
+    _check_advice_target(args, {name: {r.m for r in rows if r.layout == name} for rows, done, _ in loaded for name in done})
     folder = Path(args.configs or Path("kernels_configs") / gpu.device_name)
     status = 0
     for rows, done, prov in loaded:

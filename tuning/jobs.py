@@ -105,6 +105,7 @@ class JobResult:
     incumbent_us: float = 0.0  # its head-to-head µs beside ``tuned`` (0: it failed, or was not timed to the end)
     looks: dict[str, float] = field(default_factory=dict)  # config (short form) -> first-look µs, every config
     # the search timed that ran (the landscape it saw: benchmarks/replay_search.py replays searches on it)
+    gpu_state: dict = field(default_factory=dict)  # clocks.GpuState after the job's last timing ({}: no NVML)
 
     @property
     def speedup(self) -> float:

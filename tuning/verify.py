@@ -5,9 +5,10 @@ a file vLLM's loader would choke on is one line, and nothing runs. Each file is 
 vLLM's own ``get_moe_configs`` when vLLM is importable (with the device name it would look up),
 else by this project's mirror of it (tuning.configs); that part needs no GPU. Each batch size is
 then re-timed head to head on the same kernel and inputs; a tuned config more than 2% slower than
-vLLM's default fails the check. Re-timing needs the GPU the files are for: without one it stops
-with one line after the loader check (``--interpret`` runs the kernel under Triton's CPU
-interpreter, for tiny test models).
+vLLM's default fails the check. On a GPU each line ends with the GPU's state after that timing (SM clock,
+power against its limit, NVML's clock-event reasons: ``clocks``). Re-timing needs the GPU the files are
+for: without one it stops with one line after the loader check (``--interpret`` runs the kernel under
+Triton's CPU interpreter, for tiny test models).
 """
 
 from __future__ import annotations
@@ -142,9 +143,15 @@ def run(args: argparse.Namespace) -> int:
         check_gpu(gpu, len(files), len(files) - len(loaded))
     if kernel is None:
         kernel = source.load()
-    failures = len(files) - len(loaded) + sum(_retime(f, gpu, kernel, sizes, judge=not args.interpret) for f in loaded)
+    retimed = [_retime(f, gpu, kernel, sizes, judge=not args.interpret) for f in loaded]
+    failures = len(files) - len(loaded) + sum(bad for bad, _ in retimed)
+    limited = sum(n for _, n in retimed)
     print(f"\n{len(files)} files, {failures} failed"
           + (" (under --interpret: numerics checked, CPU timings shown but not judged)" if args.interpret else ""))
+    if limited:
+        print(f"{limited} batch size{'s were' if limited > 1 else ' was'} timed with the GPU's clock held down by its "
+              "power or heat (the reasons beside each): there a speedup moves by 1-3% from run to run "
+              "(benchmarks/README §2m)")
     return 1 if failures else 0
 
 
@@ -175,13 +182,16 @@ def _check_loader(folder: Path, f: TunedFile, gpu: GpuSpec) -> bool:
     return True
 
 
-def _retime(f: TunedFile, gpu: GpuSpec, kernel, sizes: tuple[int, ...] | None, judge: bool = True) -> int:
+def _retime(f: TunedFile, gpu: GpuSpec, kernel, sizes: tuple[int, ...] | None, judge: bool = True) -> tuple[int, int]:
+    """Re-time each batch size head to head, with the GPU's state after it (on a GPU); (1 if any failed, the
+    number of batch sizes timed with the clock held down)."""
+    from . import clocks
     from .routing import Routing
     from .runner import Runner
     from .search import head_to_head
 
     loaded = f.configs
-    bad = 0
+    bad = limited = 0
     print(f"\n{f.name}\n  {'M':>5} {'default us':>11} {'tuned us':>9} {'speedup':>8}  tuned")
     for m in sizes or sorted(loaded):
         tuned = loaded[min(loaded, key=lambda k: abs(k - m))]  # vLLM's nearest-key rule
@@ -198,5 +208,8 @@ def _retime(f: TunedFile, gpu: GpuSpec, kernel, sizes: tuple[int, ...] | None, j
         speedup = d.us / t.us
         flag = "  REGRESSION" if judge and speedup < REGRESSION else ""
         bad += bool(flag)
-        print(f"  {m:>5} {d.us:>11.1f} {t.us:>9.1f} {speedup:>7.3f}x  {tuned.short}{flag}")
-    return int(bad > 0)
+        state = clocks.sample() if judge else None
+        limited += bool(state and state.limited)
+        print(f"  {m:>5} {d.us:>11.1f} {t.us:>9.1f} {speedup:>7.3f}x  {tuned.short}{flag}"
+              + (f"  ({state.short()})" if state else ""))
+    return int(bad > 0), limited

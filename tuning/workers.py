@@ -8,6 +8,7 @@ import platform
 import socket
 import time
 
+from . import clocks
 from .configs import TileConfig
 from .gpus import GpuSpec, get_gpu, vllm_device_name
 from .jobs import Failure, Job, JobResult, Settings
@@ -113,6 +114,7 @@ def run_job(kernel: Kernel, gpu: GpuSpec, job: Job, settings: Settings, *, devic
     if not result.default.ok:
         raise RuntimeError(f"vLLM's default config {default.short} fails at M={job.m}: {result.default.failure}")
     best, rl = result.best, runner.roofline
+    state = clocks.sample()
     return JobResult(file=job.shape.file_name(device_name), m=job.m, default=default, default_us=result.default.us,
                      tuned=best.config, tuned_us=best.us, tuned_p20_us=best.timing.p20_us,
                      tuned_p80_us=best.timing.p80_us, roofline_us=rl.bound_us, bound=rl.bound,
@@ -120,7 +122,8 @@ def run_job(kernel: Kernel, gpu: GpuSpec, job: Job, settings: Settings, *, devic
                      seconds=time.monotonic() - t0, compile_seconds=round(waited[0], 3), worker=worker,
                      failures={o.config.short: o.failure for o in result.failed[:8]}, incumbent=incumbent,
                      incumbent_us=result.incumbent.us if result.incumbent and result.incumbent.ok else 0.0,
-                     looks={o.config.short: round(o.us, 2) for o in result.outcomes if o.ok})
+                     looks={o.config.short: round(o.us, 2) for o in result.outcomes if o.ok},
+                     gpu_state=state.to_json() if state else {})
 
 
 def _driver_version() -> str:

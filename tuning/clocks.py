@@ -1,0 +1,65 @@
+"""The GPU's clock and power while it times, read through NVML (pynvml).
+
+Large batches run vLLM's fused MoE kernel into the H200's power limit: within about two seconds of sustained
+timing the board reaches its 700 W cap, NVML reports the sw-power-cap clock-event reason, and the SM clock falls
+from 1980 MHz to 1260-1500 MHz. There a speedup moves by 1-3% from one run to the next, warm GPU or cold
+(benchmarks/README §2m), so a timing carries the state it ran under: ``verify`` prints it beside each batch size,
+and each job's result records it after the job's last timing (``JobResult.gpu_state``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+# nvml.h's nvmlClocksEventReason* bits (nvidia-smi's clocks_event_reasons)
+REASONS = {0x1: "idle", 0x2: "app-clocks", 0x4: "sw-power-cap", 0x8: "hw-slowdown", 0x10: "sync-boost",
+           0x20: "sw-thermal", 0x40: "hw-thermal", 0x80: "hw-power-brake", 0x100: "display-clocks"}
+LIMITING = frozenset({"sw-power-cap", "hw-slowdown", "sw-thermal", "hw-thermal", "hw-power-brake"})
+
+
+def reason_names(mask: int) -> tuple[str, ...]:
+    return tuple(name for bit, name in REASONS.items() if mask & bit)
+
+
+@dataclass(frozen=True)
+class GpuState:
+    sm_mhz: int
+    power_w: float
+    limit_w: float
+    reasons: tuple[str, ...]
+
+    @property
+    def limited(self) -> bool:
+        """Whether power or heat held the clock down."""
+        return bool(LIMITING & set(self.reasons))
+
+    def short(self) -> str:
+        return f"SM {self.sm_mhz} MHz, {self.power_w:.0f}/{self.limit_w:.0f} W, {'+'.join(self.reasons) or 'no limit'}"
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "reasons": list(self.reasons)}
+
+
+_handle = None
+
+
+def sample() -> GpuState | None:
+    """The state of the GPU this process times on (the first of CUDA_VISIBLE_DEVICES), or None without NVML."""
+    global _handle
+    try:
+        import pynvml
+
+        if _handle is None:
+            pynvml.nvmlInit()
+            first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+            _handle = (pynvml.nvmlDeviceGetHandleByIndex(int(first)) if first.isdigit()
+                       else pynvml.nvmlDeviceGetHandleByUUID(first))
+        events = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
+            pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
+        return GpuState(sm_mhz=int(pynvml.nvmlDeviceGetClockInfo(_handle, pynvml.NVML_CLOCK_SM)),
+                        power_w=pynvml.nvmlDeviceGetPowerUsage(_handle) / 1000,
+                        limit_w=pynvml.nvmlDeviceGetEnforcedPowerLimit(_handle) / 1000,
+                        reasons=reason_names(int(events(_handle))))
+    except Exception:  # no pynvml, no driver, or a GPU that does not report: the timing stands without it
+        return None
