@@ -29,7 +29,7 @@
 #                      and vLLM's bundled DeepGEMM (.gpu/dg.tar.zst), from the python of this checkout ($PYTHON)
 #   pack-ops           run HERE: vLLM 0.33's compiled CUDA ops of $PYTHON's vLLM (_C_stable_libtorch.abi3.so,
 #                      _moe_C_stable_libtorch.abi3.so, and their SHA256SUMS), tar | zstd -19 --long=27, split into
-#                      parts of at most 56 MiB: .gpu/vllm-ops/ops-part-00, -01, ... (stash each, one call per part)
+#                      parts of at most 50 MiB (a call carries the checkout too): .gpu/vllm-ops/ops-part-00, -01, ... (stash each, one call per part)
 #   setup-ops          join /tmp/stash/ops-part-*, unpack to /tmp/vllm-ops, check the sums, and that torch loads both
 #                      libraries and registers vLLM's ops (torch.ops._moe_C.moe_sum, torch.ops._C.silu_and_mul, ...)
 #   setup-t38 PART...  unpack Triton 3.8.0 alone (no Ray) from /tmp/stash/part-00 and PART to /tmp/t38
@@ -48,7 +48,8 @@
 #   flashinfer-aot     install stashed fi-aot-part-* (flashinfer-pack's, or benchmarks/build_flashinfer_aot.sh's,
 #                      built without a GPU) as FlashInfer's AOT module and load it, JIT disabled; print BUILD.json
 #   bakeoff NAME SECS ARGS...  `tune-moe compare-backends ARGS` for at most SECS seconds (SIGINT then), vLLM's
-#                      sources from .gpu/vllm-src, DeepGEMM from /tmp/dg, vLLM's CUDA ops from /tmp/vllm-ops when
+#                      sources from .gpu/vllm-src (or $TUNE_MOE_STAGE_SOURCES: a copy in /tmp outlives the call that
+#                      carried it, for a bake-off in a bg chain), DeepGEMM from /tmp/dg, vLLM's CUDA ops from /tmp/vllm-ops when
 #                      setup-ops made it (else the stand-ins); log, JSON and advice under $OUT/NAME.*; the
 #                      advice accumulates over the calls in /tmp/runs/backend_advice.json
 #
@@ -129,7 +130,7 @@ print("vLLM sources:", len(FILES), "files in .gpu/vllm-src")'
     stage_dir=$(mktemp -d)
     (cd "$vllm" && cp $libs "$stage_dir"/ && sha256sum $libs > "$stage_dir"/SHA256SUMS)
     rm -rf .gpu/vllm-ops && mkdir -p .gpu/vllm-ops
-    tar cf - -C "$stage_dir" $libs SHA256SUMS | zstd -19 --long=27 -T2 -q -c | split -b 56M -d -a 2 - .gpu/vllm-ops/ops-part-
+    tar cf - -C "$stage_dir" $libs SHA256SUMS | zstd -19 --long=27 -T2 -q -c | split -b 50M -d -a 2 - .gpu/vllm-ops/ops-part-
     rm -rf "$stage_dir"
     ls -l .gpu/vllm-ops ;;
   setup-ops)
@@ -204,7 +205,7 @@ g("90"); print("fused_moe_90 loaded (AOT)")'  # never a JIT build here: a missin
       ops=(--vllm-ops /tmp/vllm-ops)
     fi
     set +e
-    timeout -s INT -k 60 "$secs" python3 -m tuning.cli compare-backends "$@" --vllm-src .gpu/vllm-src \
+    timeout -s INT -k 60 "$secs" python3 -m tuning.cli compare-backends "$@" --vllm-src "${TUNE_MOE_STAGE_SOURCES:-.gpu/vllm-src}" \
       --deep-gemm-path /tmp/dg ${ops[@]+"${ops[@]}"} --json-out "$OUT/$name.json" \
       --write-advice "$runs/backend_advice.json" > "$OUT/$name.log" 2>&1
     rc=$?
