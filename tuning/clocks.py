@@ -1,8 +1,8 @@
 """The GPU's clock and power while it times, read through NVML (pynvml).
 
-Large batches run vLLM's fused MoE kernel into the H200's power limit: within about two seconds of sustained
+Large batches run vLLM's fused MoE kernel into the H200's power limit: within a few seconds of sustained
 timing the board reaches its 700 W cap, NVML reports the sw-power-cap clock-event reason, and the SM clock falls
-from 1980 MHz to 1260-1500 MHz. There a speedup moves by 1-3% from one run to the next, warm GPU or cold
+from 1980 MHz to 1260-1620 MHz. There a speedup moves by 1-3% from one run to the next, warm GPU or cold
 (benchmarks/README §2m), so a timing carries the state it ran under: ``verify`` prints it beside each batch size,
 and each job's result records it after the job's last timing (``JobResult.gpu_state``).
 """
