@@ -50,3 +50,37 @@ def test_sustained_timing_moves_the_state():
         torch.cuda.synchronize()
     busy = clocks.sample()
     assert "idle" not in busy.reasons and busy.power_w > rest.power_w
+
+
+def test_a_tune_says_how_many_jobs_ended_with_the_clock_held_down():
+    """The tune's summary ends with the count of jobs whose last timing ran with the clock held down (from each
+    result's gpu_state); no such line where none did, or where no state was recorded (a CPU host, old results)."""
+    from dataclasses import replace
+
+    from tuning.configs import TileConfig
+    from tuning.gpus import get_gpu
+    from tuning.jobs import JobResult
+    from tuning.models import DEFAULT_MODEL, load_model
+    from tuning.outputs import summary
+    from tuning.plan import make_plan
+    from tuning.shapes import parse_layout
+
+    capped = clocks.GpuState(1470, 682.4, 700.0, ("sw-power-cap",)).to_json()
+    assert clocks.GpuState.from_json(capped).limited and clocks.GpuState.from_json({}) is None
+    plan = make_plan(load_model(DEFAULT_MODEL), get_gpu("H200"), "bf16", [parse_layout("DP8+EP")], 8,
+                     (1, 2048, 4096), vllm_version="0.33.0")
+    (shape,) = plan.shapes
+    c = TileConfig(64, 128, 64, 1, 4, 3)
+    r = JobResult(file=plan.file_name(shape), m=4096, default=c, default_us=700.0, tuned=c, tuned_us=700.0,
+                  tuned_p20_us=699.0, tuned_p80_us=701.0, roofline_us=500.0, bound="memory", error=0.0, evaluated=40,
+                  failed=0, seconds=3.0, worker="w")
+    free = {"sm_mhz": 1980, "power_w": 150.0, "limit_w": 700.0, "reasons": []}
+    results = {(r.file, 1): replace(r, m=1, gpu_state=free), (r.file, 4096): replace(r, gpu_state=capped),
+               (r.file, 2048): replace(r, m=2048)}
+    lines = summary(plan, results).splitlines()
+    assert len(lines) == 6 and lines[-1] == (  # the header, three rows, the geomean, the note
+        "1 of 3 jobs ended with the GPU's clock held down by its power or heat: there a speedup moves by 1-3% "
+        "from run to run (benchmarks/README §2m)")
+    assert clocks.held_down_note(0, 3, "jobs ended") is None
+    del results[(r.file, 4096)]
+    assert "held down" not in summary(plan, results)

@@ -22,6 +22,14 @@ def reason_names(mask: int) -> tuple[str, ...]:
     return tuple(name for bit, name in REASONS.items() if mask & bit)
 
 
+def held_down_note(limited: int, timed: int, what: str) -> str | None:
+    """The line under a verify or a tune whose timings ran with the clock held down (None when none did)."""
+    if not limited:
+        return None
+    return (f"{limited} of {timed} {what} with the GPU's clock held down by its power or heat: there a speedup "
+            "moves by 1-3% from run to run (benchmarks/README §2m)")
+
+
 @dataclass(frozen=True)
 class GpuState:
     sm_mhz: int
@@ -33,6 +41,10 @@ class GpuState:
     def limited(self) -> bool:
         """Whether power or heat held the clock down."""
         return bool(LIMITING & set(self.reasons))
+
+    @classmethod
+    def from_json(cls, d: dict) -> GpuState | None:
+        return cls(d["sm_mhz"], d["power_w"], d["limit_w"], tuple(d["reasons"])) if d else None
 
     def short(self) -> str:
         return f"SM {self.sm_mhz} MHz, {self.power_w:.0f}/{self.limit_w:.0f} W, {'+'.join(self.reasons) or 'no limit'}"

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from statistics import geometric_mean
 
-from . import configs, provenance
+from . import clocks, configs, provenance
 from .configs import TileConfig
 from .errors import UsageError
 from .jobs import JobResult, Settings
@@ -128,4 +128,6 @@ def summary(plan: Plan, results: dict[tuple[str, int], JobResult]) -> str:
             held = [r for r in rows if r.incumbent]
             kept = f"; kept {sum(r.tuned == r.incumbent for r in held)} of the {len(held)} entries the file held" if held else ""
             lines.append(f"{shape.label:<34} geomean {geo:.3f}x, worst {worst.speedup:.3f}x at M={worst.m}{kept}")
-    return "\n".join(lines)
+    states = [clocks.GpuState.from_json(r.gpu_state) for r in results.values()]
+    note = clocks.held_down_note(sum(bool(s and s.limited) for s in states), len(states), "jobs ended")
+    return "\n".join(lines + ([note] if note else []))

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import configs, gpus
+from . import clocks, configs, gpus
 from .configs import CONFIGS_ROOT, TileConfig
 from .errors import UsageError
 from .gpus import GpuSpec, get_gpu
@@ -144,14 +144,12 @@ def run(args: argparse.Namespace) -> int:
     if kernel is None:
         kernel = source.load()
     retimed = [_retime(f, gpu, kernel, sizes, judge=not args.interpret) for f in loaded]
-    failures = len(files) - len(loaded) + sum(bad for bad, _ in retimed)
-    limited = sum(n for _, n in retimed)
+    failures = len(files) - len(loaded) + sum(bad for bad, _, _ in retimed)
     print(f"\n{len(files)} files, {failures} failed"
           + (" (under --interpret: numerics checked, CPU timings shown but not judged)" if args.interpret else ""))
-    if limited:
-        print(f"{limited} batch size{'s were' if limited > 1 else ' was'} timed with the GPU's clock held down by its "
-              "power or heat (the reasons beside each): there a speedup moves by 1-3% from run to run "
-              "(benchmarks/README §2m)")
+    note = clocks.held_down_note(sum(n for _, n, _ in retimed), sum(t for _, _, t in retimed), "batch sizes timed")
+    if note:
+        print(note)
     return 1 if failures else 0
 
 
@@ -182,16 +180,16 @@ def _check_loader(folder: Path, f: TunedFile, gpu: GpuSpec) -> bool:
     return True
 
 
-def _retime(f: TunedFile, gpu: GpuSpec, kernel, sizes: tuple[int, ...] | None, judge: bool = True) -> tuple[int, int]:
+def _retime(f: TunedFile, gpu: GpuSpec, kernel, sizes: tuple[int, ...] | None,
+            judge: bool = True) -> tuple[int, int, int]:
     """Re-time each batch size head to head, with the GPU's state after it (on a GPU); (1 if any failed, the
-    number of batch sizes timed with the clock held down)."""
-    from . import clocks
+    batch sizes timed with the clock held down, those timed)."""
     from .routing import Routing
     from .runner import Runner
     from .search import head_to_head
 
     loaded = f.configs
-    bad = limited = 0
+    bad = limited = timed = 0
     print(f"\n{f.name}\n  {'M':>5} {'default us':>11} {'tuned us':>9} {'speedup':>8}  tuned")
     for m in sizes or sorted(loaded):
         tuned = loaded[min(loaded, key=lambda k: abs(k - m))]  # vLLM's nearest-key rule
@@ -209,7 +207,7 @@ def _retime(f: TunedFile, gpu: GpuSpec, kernel, sizes: tuple[int, ...] | None, j
         flag = "  REGRESSION" if judge and speedup < REGRESSION else ""
         bad += bool(flag)
         state = clocks.sample() if judge else None
-        limited += bool(state and state.limited)
+        limited, timed = limited + bool(state and state.limited), timed + 1
         print(f"  {m:>5} {d.us:>11.1f} {t.us:>9.1f} {speedup:>7.3f}x  {tuned.short}{flag}"
               + (f"  ({state.short()})" if state else ""))
-    return int(bad > 0), limited
+    return int(bad > 0), limited, timed
