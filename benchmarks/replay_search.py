@@ -2,7 +2,7 @@
 often, under timing noise? Runs on the CPU; the landscapes come from the runs.
 
 Usage: python benchmarks/replay_search.py RUN.results.jsonl [RUN.results.jsonl ...] [--noise 0.005] [--repeats 20]
-           [--coverage 0.9] [--set NAME=VALUE ...]
+           [--coverage 0.9] [--set NAME=VALUE ...] [--smaller-seeds]
 
 Each RUN.results.jsonl (with RUN.run.json beside it, which holds each file's shape and GPU) gives, per (file, M),
 every config its search timed that ran ("looks": first-look µs). Runs of one plan pool their looks: an exhaustive
@@ -11,8 +11,10 @@ run over a few batch sizes, guided runs over all. A (file, M) is replayed only w
 
 Each replay runs ``search.guided`` with an evaluator that answers a config's recorded µs times (1 + noise), noise
 drawn from a normal of --noise standard deviation, and a config never timed as one that failed; seeded, as the
-driver does, with the winners of the two nearest batch sizes of the same file (from the first run given); --repeats
-times, each with other noise and another search seed. Prints, in Markdown, per (file, M): the configs in the
+driver does, with the winners of the two nearest batch sizes of the same file (from the first run given; with
+--smaller-seeds only those below, as a run from empty results has them when it finishes a file's batch sizes in
+increasing order, so the tile a larger batch size would hand down is not among them); --repeats times, each with
+other noise and another search seed. Prints, in Markdown, per (file, M): the configs in the
 landscape and its best µs, the replays' picks against that best (geomean, worst, the share within 1%) and the
 configs they timed. --set changes one of ``search``'s constants for a variant (TOP=5, SAMPLE=20, MAX_EVALS=60).
 """
@@ -77,9 +79,11 @@ def load(paths: list[str]):
     return looks, shapes, gpus, defaults, winners
 
 
-def seeds_for(key: tuple[str, int], winners: dict) -> list[TileConfig]:
-    """The driver's own rule (``sweep.seeds``) over the first run's winners of the same file's other batch sizes."""
-    done = {m: SimpleNamespace(tuned=c) for (f, m), c in winners.items() if f == key[0] and m != key[1]}
+def seeds_for(key: tuple[str, int], winners: dict, smaller: bool = False) -> list[TileConfig]:
+    """The driver's own rule (``sweep.seeds``) over the first run's winners of the same file's other batch sizes
+    (with ``smaller``, only those below: a run that finished the file's batch sizes in increasing order)."""
+    done = {m: SimpleNamespace(tuned=c) for (f, m), c in winners.items()
+            if f == key[0] and (m < key[1] if smaller else m != key[1])}
     return sweep.seeds(key[1], done)
 
 
@@ -90,6 +94,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--coverage", type=float, default=0.9)
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--smaller-seeds", action="store_true",
+                   help="seed only with the first run's winners at smaller batch sizes")
     args = p.parse_args(argv)
     for item in args.set:
         name, value = item.split("=", 1)
@@ -119,7 +125,7 @@ def main(argv: list[str]) -> None:
         ratios, timed = [], []
         for rep in range(args.repeats):
             ev = Replay(land, args.noise, random.Random(f"{key}-{rep}"))
-            result = search.guided(ev, ctx, defaults[key], seeds=seeds_for(key, winners), seed=rep)
+            result = search.guided(ev, ctx, defaults[key], seeds=seeds_for(key, winners, args.smaller_seeds), seed=rep)
             ratios.append(land[result.best.config] / best)
             timed.append(result.evaluated)
         geo = geometric_mean(ratios)

@@ -2,8 +2,10 @@
 
 ``guided`` (default): start from vLLM's default config, the entry the output file holds
 (the incumbent), the seeds (the winners of neighbouring batch sizes) and a seeded sample
-of the space; climb along one axis at a time around the best few; then successive halving
-with longer timings for the finalists. The winner is re-timed head to head against vLLM's
+of the space; climb along one axis at a time around the best config of each of the few fastest
+tiles (BLOCK_SIZE_M x BLOCK_SIZE_N: the best configs are often one tile's warps and stages, and
+a climb around them alone never reaches another tile several axes away; benchmarks §2m); then
+successive halving with longer timings for the finalists. The winner is re-timed head to head against vLLM's
 default and the incumbent: the tuner never picks a config slower than the default, and a
 re-tune replaces the incumbent only when the winner beats it by more than KEEP_WITHIN (the
 timing noise), so a re-tuned file changes only where it gets measurably faster.
@@ -29,7 +31,7 @@ CHEAP_MS = 10.0  # timing budget of a first look
 FINAL_MS = (40.0, 100.0)  # successive-halving rounds
 HEAD_TO_HEAD_MS = 60.0  # per side, per round, three rounds
 SAMPLE = 10  # seeded random configs added to the first round
-TOP = 3  # configs whose neighbourhoods are climbed
+TOP = 3  # tiles whose best config's neighbourhood is climbed
 MAX_EVALS = 120
 KEEP_WITHIN = 0.01  # the incumbent stays unless the winner is more than 1% faster (§2k: re-timed alike, ±1%)
 
@@ -92,11 +94,24 @@ def guided(ev: Evaluator, ctx: Context, default: TileConfig, *, seeds: Iterable[
     first = [default, *([incumbent] if incumbent else []), *seeds]
     book.look([*first, *rng.sample(pool, min(SAMPLE, len(pool), max(0, max_evals - 1)))])
     while len(book.seen) < max_evals:
-        frontier = [n for o in book.ranked()[:TOP] for n in neighbours(o.config, ctx) if n not in book.seen]
+        frontier = [n for o in _leaders(book.ranked(), TOP) for n in neighbours(o.config, ctx) if n not in book.seen]
         if not frontier:
             break
         book.look(frontier[: max_evals - len(book.seen)])
     return _finish(ev, book, default, incumbent)
+
+
+def _leaders(ranked: list[Outcome], n: int) -> list[Outcome]:
+    """The best config of each of the ``n`` fastest tiles (BLOCK_SIZE_M x BLOCK_SIZE_N)."""
+    out, tiles = [], set()
+    for o in ranked:
+        tile = (o.config.BLOCK_SIZE_M, o.config.BLOCK_SIZE_N)
+        if tile not in tiles:
+            tiles.add(tile)
+            out.append(o)
+            if len(out) == n:
+                break
+    return out
 
 
 def exhaustive(ev: Evaluator, ctx: Context, default: TileConfig, *, failures: dict[TileConfig, Failure] | None = None,
