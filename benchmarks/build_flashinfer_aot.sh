@@ -44,7 +44,7 @@ if [ ! -x "$cuda/bin/nvcc" ]; then
   for whl in "$work"/*.whl; do "$py" -m zipfile -e "$whl" "$work/x"; done
   rm -rf "$cuda" && mkdir -p "$(dirname "$cuda")" && mv "$work/x/nvidia/cu13" "$cuda"
   chmod +x "$cuda"/bin/* "$cuda"/nvvm/bin/cicc
-  for h in "$nvidia"/cu13/include/cublas*.h; do cp "$h" "$cuda/include/"; done
+  for h in "$nvidia"/cu13/include/cublas*.h "$nvidia"/cu13/include/nvrtc.h; do cp "$h" "$cuda/include/"; done
   cp "$nvidia/cu13/lib/libnvrtc.so.13" "$cuda/lib/"
   ln -sfn libnvrtc.so.13 "$cuda/lib/libnvrtc.so" && ln -sfn libcudart.so.13 "$cuda/lib/libcudart.so" && ln -sfn lib "$cuda/lib64"
 fi
