@@ -8,8 +8,8 @@
 #
 # The compiler is the H200 machine's: CUDA 13.0's nvcc, runtime, CCCL, CRT and NVVM from their PyPI wheels, in
 # .gpu/cuda130. FlashInfer and apache-tvm-ffi are the versions pack_flashinfer.sh packs for that machine, so the
-# module links the same libtvm_ffi. The cuBLAS headers and libnvrtc come from PYTHON's environment (vLLM's pins
-# nvidia-cublas and nvidia-cuda-nvrtc 13.0); libcuda is a stub with the driver's soname that defines the driver
+# module links the same libtvm_ffi. The cuBLAS, NVRTC and cuRAND headers and libnvrtc come from PYTHON's environment
+# (vLLM's pins nvidia-cublas, nvidia-cuda-nvrtc and nvidia-curand 13); libcuda is a stub with the driver's soname that defines the driver
 # functions the module calls (flashinfer_blockscale.py writes it; the driver resolves them at load time). sm_90a only (FLASHINFER_CUDA_ARCH_LIST=9.0a), as FlashInfer builds it on an H200.
 # Needs gcc, ninja, binutils (nm, objcopy), xz and PyPI. On 2 cores the 28 files take about an hour; a build
 # already done (the library in .gpu/fi-build) is packed again, not rebuilt.
@@ -44,7 +44,7 @@ if [ ! -x "$cuda/bin/nvcc" ]; then
   for whl in "$work"/*.whl; do "$py" -m zipfile -e "$whl" "$work/x"; done
   rm -rf "$cuda" && mkdir -p "$(dirname "$cuda")" && mv "$work/x/nvidia/cu13" "$cuda"
   chmod +x "$cuda"/bin/* "$cuda"/nvvm/bin/cicc
-  for h in "$nvidia"/cu13/include/cublas*.h "$nvidia"/cu13/include/nvrtc.h; do cp "$h" "$cuda/include/"; done
+  cp -rn "$nvidia"/cu13/include/. "$cuda/include/"  # cuBLAS, NVRTC, cuRAND headers the module includes (no clobber)
   cp "$nvidia/cu13/lib/libnvrtc.so.13" "$cuda/lib/"
   ln -sfn libnvrtc.so.13 "$cuda/lib/libnvrtc.so" && ln -sfn libcudart.so.13 "$cuda/lib/libcudart.so" && ln -sfn lib "$cuda/lib64"
 fi
