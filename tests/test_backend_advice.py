@@ -20,14 +20,15 @@ RESULTS = Path(__file__).parents[1] / "benchmarks" / "results" / "bakeoff-h200"
 def test_committed_file_is_what_the_recorded_bake_off_gives(tmp_path, capsys):
     """data/backend_advice.json is the H200 bake-off's measurements (benchmarks/results/bakeoff-h200) under the
     current rule: re-deriving it from the recorded rows changes nothing. Every layout comes from a run with vLLM's
-    own CUDA ops: TP2/TP4/TP8 from tp-ops, DP2/DP4/DP8+EP from ep-fi, the run that timed FlashInfer-CUTLASS."""
+    own CUDA ops and FlashInfer-CUTLASS, timed with the tuned files as committed now (benchmarks/README §4d):
+    TP2/TP4/TP8 from tp-b14, DP2/DP4/DP8+EP from ep-b14."""
     from tuning.cli import main
 
     out = tmp_path / "advice.json"
-    assert main(["compare-backends", "--gpu", "H200", "--from-json", str(RESULTS / "tp-ops.json"),
-                 str(RESULTS / "ep-fi.json"), "--write-advice", str(out)]) == 0
+    assert main(["compare-backends", "--gpu", "H200", "--from-json", str(RESULTS / "tp-b14.json"),
+                 str(RESULTS / "ep-b14.json"), "--write-advice", str(out)]) == 0
     assert json.loads(out.read_text()) == json.loads(adv.DATA.read_text())
-    assert "TP4 (measured 2026-11-30" in capsys.readouterr().out
+    assert "TP4 (measured 2026-12-02" in capsys.readouterr().out
     table = adv.load()
     assert sorted(layout for _, layout in table) == sorted(LAYOUTS)
     assert {layout: (a.measured, a.serve_config) for (_, layout), a in table.items()} == {
@@ -35,7 +36,7 @@ def test_committed_file_is_what_the_recorded_bake_off_gives(tmp_path, capsys):
         "DP2+EP": (True, "triton"), "DP4+EP": (True, "triton"), "DP8+EP": (True, "triton")}
     assert json.loads(adv.DATA.read_text())["status"] == "measured"
     assert "N=384 instead of 320: 20% more expert weight memory" in table[("H200", "TP4")].line()
-    assert "(measured 2026-11-30: M 1-4096: triton)" in table[("H200", "DP4+EP")].line()
+    assert "(measured 2026-12-02: M 1-4096: triton)" in table[("H200", "DP4+EP")].line()
     for (_, layout), a in table.items():
         assert a.provenance["vllm_ops"]["stand_ins"] == {}
         assert ((a.provenance["flashinfer_build"] or {}).get("build") == "block-scale path only") == ("EP" in layout)
@@ -206,7 +207,7 @@ def test_the_serve_lines_a_tune_prints_follow_the_advice(tmp_path):
             "--layouts TP4 --moe-backend deep_gemm") in tp4
     assert "# backend advice for TP4 on H200: VLLM_USE_DEEP_GEMM_E8M0=0 --moe-backend deep_gemm (measured" in tp4
     assert "--moe-backend triton" in ep.splitlines()[0] and "did not write" not in ep
-    assert "(measured 2026-11-30: M 1-4096: triton)" in ep
+    assert "(measured 2026-12-02: M 1-4096: triton)" in ep
     padded = make_plan(load_model("stepfun-ai/Step-3.5-Flash-FP8"), h200, "fp8", [parse_layout("TP4")], 4, (1,),
                        vllm_version="0.33.0", moe_backend="deep_gemm")
     (line,) = serve_lines(padded, tmp_path)
@@ -248,45 +249,40 @@ def test_from_json_refuses_an_advice_target_that_is_not_an_advice_file(tmp_path,
 
 
 def test_advice_timed_with_configs_since_re_tuned_names_the_batch_sizes_to_re_time(tmp_path):
-    """Each entry keeps the tuned Triton config it timed per M. The committed EP entries were timed before the
-    expert-parallel files were re-tuned (benchmarks/README §2d): DP8+EP's M = 1 ran the config picked on an
-    empty launch. Against the committed files, the advice says which batch sizes moved, and how to re-time the
-    layout: at every batch size it was timed at, since a new entry replaces the whole layout."""
-    from tuning.configs import TileConfig, write_config_file
+    """Each entry keeps the tuned Triton config it timed per M. Against the committed files every entry is fresh
+    (the bake-offs of benchmarks/README §4d timed them); where a file holds another config at some M, the advice
+    says which batch sizes moved, and how to re-time the layout: at every batch size it was timed at, since a
+    new entry replaces the whole layout."""
+    from tuning.configs import TileConfig, read_config_file, write_config_file
 
     committed = Path(__file__).parents[1] / "kernels_configs" / "NVIDIA_H200"
     table = adv.load()
+    for entry in table.values():
+        assert entry.stale(committed) == [] and "re-time" not in entry.line(committed)
     dp8 = table[("H200", "DP8+EP")]
     label = "fp8 E=36 N=1280 [128,128]"
-    assert dp8.timed_configs[label]["1"] == "M16-N256-K128-G1-w4-s5"
-    stale = dp8.stale(committed)
-    assert 1 in stale
-    assert dp8.line(committed).endswith(
-        f"; timed at M={','.join(map(str, stale))} with tuned configs the files no longer hold: re-time the layout "
-        "with tune-moe compare-backends --gpu H200 --layouts DP8+EP --batch-sizes 1,16,64,256,1024,4096)")
+    name = "E=36,N=1280,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"
     assert dp8.batch_sizes == (1, 16, 64, 256, 1024, 4096)
-    assert "re-time" not in dp8.line()  # no folder named: the advice as measured
-    for layout in ("TP2", "TP4", "TP8"):  # re-tunes since (benchmarks §2l) replaced some entries the TP rows timed
-        entry = table[("H200", layout)]
-        assert ("re-time the layout with tune-moe compare-backends" in entry.line(committed)) == bool(entry.stale(committed))
-
+    timed = {int(m): TileConfig.from_short(c) for m, c in dp8.timed_configs[label].items()}
+    assert all(timed[m] == c for m, c in read_config_file(committed / name).items() if m in timed)
     folder = tmp_path / "NVIDIA_H200"
     folder.mkdir()
-    name = "E=36,N=1280,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"
-    timed = {int(m): TileConfig.from_short(s) for m, s in dp8.timed_configs[label].items()}
     write_config_file(folder / name, timed, "3.8.0")
     assert dp8.stale(folder) == [] and "re-time" not in dp8.line(folder)
     timed[64] = next(c for c in timed.values() if c != timed[64])
     write_config_file(folder / name, timed, "3.8.0")
     assert dp8.stale(folder) == [64]
+    assert dp8.line(folder).endswith(
+        "; timed at M=64 with tuned configs the files no longer hold: re-time the layout with tune-moe "
+        "compare-backends --gpu H200 --layouts DP8+EP --batch-sizes 1,16,64,256,1024,4096)")
+    assert "re-time" not in dp8.line()  # no folder named: the advice as measured
     assert dp8.stale(tmp_path / "empty") == []  # no file for the shape: nothing to compare
 
 
 def test_write_advice_refuses_a_bake_off_that_leaves_out_batch_sizes_of_the_entry_it_replaces(tmp_path, capsys):
     """A new entry replaces the whole layout and its pick weighs every M, so a bake-off that writes it must time
     every batch size the old entry was timed at: refused in one line before anything is timed, whether the rows
-    come from the GPU or from --from-json, and the advice file is left as it was. The stale-advice line names
-    exactly the command that passes."""
+    come from the GPU or from --from-json, and the advice file is left as it was."""
     from tuning.cli import main
 
     target = tmp_path / "advice.json"
@@ -307,7 +303,5 @@ def test_write_advice_refuses_a_bake_off_that_leaves_out_batch_sizes_of_the_entr
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "DP4+EP's entry" in err[0] and "also timed at M=4096," in err[0]
     assert target.read_text() == before
-    line = adv.load(target)[("H200", "DP4+EP")].line(Path(__file__).parents[1] / "kernels_configs" / "NVIDIA_H200")
-    assert line.endswith("--layouts DP4+EP --batch-sizes 1,16,64,256,1024,4096)")
     assert adv.uncovered("H200", "DP4+EP", (1, 16, 64, 256, 1024, 4096), target) == []
     assert adv.uncovered("H200", "DP4+EP", (16,), target) == [1, 64, 256, 1024, 4096]
