@@ -305,3 +305,15 @@ def test_write_advice_refuses_a_bake_off_that_leaves_out_batch_sizes_of_the_entr
     assert target.read_text() == before
     assert adv.uncovered("H200", "DP4+EP", (1, 16, 64, 256, 1024, 4096), target) == []
     assert adv.uncovered("H200", "DP4+EP", (16,), target) == [1, 64, 256, 1024, 4096]
+
+
+def test_the_readmes_advice_table_states_the_committed_measurements():
+    """README's backend table gives, per layout, the range over M of vLLM's default against the advised
+    configuration: each range is the committed advice file's, to two decimals."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for (_, layout), a in adv.load().items():
+        data = next(e for e in json.loads(adv.DATA.read_text())["entries"] if e["layout"] == layout)
+        if a.serve_config == "auto":
+            continue  # the default itself: nothing to compare
+        ratios = [v["auto"] / v[a.serve_config] for v in data["us"].values() if v.get("auto") and v.get(a.serve_config)]
+        assert f"{min(ratios):.2f}–{max(ratios):.2f}× ({layout})" in readme, layout
