@@ -1,12 +1,16 @@
 """Two sets of tuned files re-timed on one machine: `tune-moe verify` of each, read from its logs.
 
     python benchmarks/verify_pair.py OLD.log[,OLD2.log...] NEW.log[,NEW2.log...]
+    python benchmarks/verify_pair.py --against RUN.log[,RUN2.log...]
 
 Each log is one `tune-moe verify` run; run both sets' alike (files, --batch-sizes), one after the other on
 one machine. A set's logs are read together, and a point timed in several of them (a repeat) gets the mean of
 its µs. Prints, per (file, M) whose two entries differ, vLLM's default and both entries' µs and old/new (above
 1: the new entry is faster), then the geometric means of old/new over the points whose entries differ and over
 those whose entries are the same config (what the timing noise alone gives).
+
+With --against, each log is one `tune-moe verify --against OLD` run (both entries in one head to head); prints,
+per changed (file, M), old → new, old/new in each run and their mean.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from statistics import fmean, geometric_mean
 
 FILE = re.compile(r"^(E=\S+\.json)$")
 ROW = re.compile(r"^\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+[\d.]+x\s+(\S+)")
+WAS = re.compile(r"  was (\S+) [\d.]+ us, old/new ([\d.]+)x")
 
 
 def read(path: str) -> dict[tuple[str, int], tuple[float, float, str]]:
@@ -58,7 +63,30 @@ def main(old_logs: str, new_logs: str) -> None:
               f"(min {min(same):.3f}, max {max(same):.3f}): the timing noise.")
 
 
+def against(logs: str) -> None:
+    """Per changed (file, M): old/new in each `verify --against` run, and their mean."""
+    runs: dict[tuple[str, int], tuple[str, str, list[float]]] = {}
+    for path in logs.split(","):
+        file = None
+        for line in open(path):
+            if m := FILE.match(line.rstrip("\n")):
+                file = m.group(1)
+            elif file and (row := ROW.match(line)) and (was := WAS.search(line)):
+                key = (file.removesuffix(".json"), int(row.group(1)))
+                runs.setdefault(key, (was.group(1), row.group(4), []))[2].append(float(was.group(2)))
+    print("| file | M | old → new | old / new, each run | mean |")
+    print("|---|---:|---|---|---:|")
+    for (file, m), (old, new, gains) in sorted(runs.items()):
+        print(f"| {file} | {m} | {old} → {new} | {', '.join(f'{g:.3f}' for g in gains)} | {fmean(gains):.3f} |")
+    means = [fmean(g) for _, _, g in runs.values()]
+    if means:
+        print(f"\n{len(means)} changed entries: old/new geomean {geometric_mean(means):.4f} "
+              f"(means {min(means):.3f}-{max(means):.3f}).")
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--against":
+        sys.exit(against(sys.argv[2]))
     if len(sys.argv) != 3:
         sys.exit(__doc__.strip().splitlines()[2].strip())
     main(sys.argv[1], sys.argv[2])

@@ -99,3 +99,47 @@ def test_verify_shows_the_triton_drift_of_each_file(folder, mirror, monkeypatch,
     out = capsys.readouterr().out
     assert "Triton: tuned with 3.6.0 for vLLM 0.33.0" in out
     assert "drift: vLLM 0.33.0 runs Triton 3.8.0 (torch 2.14.0 pins it) but this file was tuned with Triton 3.6.0" in out
+
+
+def test_against_re_times_only_the_changed_entries_beside_the_old_ones(tmp_path):
+    """--against OLD: the one batch size whose entry (by vLLM's nearest-key rule) differs is re-timed, vLLM's
+    default, OLD's entry and the new one in one head to head under the interpreter; the others are not timed.
+    Against an identical folder nothing is timed, and the run says so."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from conftest import TINY_MODEL, vllm_fused_moe_path
+    from tuning.configs import write_config_file
+
+    src = vllm_fused_moe_path()
+    if src is None:
+        pytest.skip("vLLM is not installed: its fused_moe.py is the kernel under test")
+    name = "E=8,N=128,device_name=NVIDIA_H200.json"  # bf16 DP2+EP of the tiny model
+    a, b = TileConfig(16, 32, 32, 1, 2, 1), TileConfig(16, 64, 32, 1, 2, 1)
+    for folder, entries in (("old", {1: a, 16: a}), ("new", {1: a, 16: b}), ("same", {1: a, 16: a})):
+        (tmp_path / folder).mkdir()
+        write_config_file(tmp_path / folder / name, entries, "3.8.0")
+
+    def verify_against(configs: str) -> str:
+        run = subprocess.run([sys.executable, "-m", "tuning.cli", "verify", "--gpu", "H200", "--model",
+                              str(TINY_MODEL), "--configs", str(tmp_path / configs), "--against", str(tmp_path / "old"),
+                              "--batch-sizes", "1,4,16", "--interpret", "--vllm-src", str(src)],
+                             capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600)
+        assert run.returncode == 0, run.stdout + run.stderr
+        return run.stdout
+
+    out = verify_against("new")
+    rows = re.findall(r"^\s+(\d+)\s+[\d.]+\s+[\d.]+\s+[\d.]+x\s+(\S+)(.*)$", out, re.M)
+    assert [(m, c) for m, c, _ in rows] == [("16", b.short)]  # M = 4 takes the entry of 1 in both files
+    assert re.fullmatch(rf"  was {a.short} [\d.]+ us, old/new [\d.]+x", rows[0][2])
+    assert re.search(rf"^against {tmp_path / 'old'}: 1 changed entries, old/new geomean [\d.]+x", out, re.M)
+    out = verify_against("same")
+    assert "no batch size to re-time: every entry equals the old file's" in out
+    assert f"no entry differs from {tmp_path / 'old'}: nothing to compare" in out
+
+
+def test_against_a_missing_folder_is_one_line(folder, mirror):
+    with pytest.raises(UsageError, match="--against .*nowhere: not a folder; pass the folder of the files these"):
+        verify.run(args(folder, against=str(folder / "nowhere")))

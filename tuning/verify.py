@@ -9,13 +9,18 @@ vLLM's default fails the check. On a GPU each line ends with the GPU's state aft
 power against its limit, NVML's clock-event reasons: ``clocks``). Re-timing needs the GPU the files are
 for: without one it stops with one line after the loader check (``--interpret`` runs the kernel under
 Triton's CPU interpreter, for tiny test models).
+
+``--against OLD`` checks a re-tune before it is committed: only the batch sizes where a file's entry differs from
+the same file in OLD are re-timed, vLLM's default, OLD's entry and the new one alternating in one head to head
+(the GPU's drift hits all three alike, where two verify runs, one per set, differ by the state the GPU was in),
+and the line gives old/new; a file OLD lacks is re-timed whole.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import clocks, configs, gpus
@@ -39,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=f"config.json or built-in name (default: {DEFAULT_MODEL}[-FP8] by file dtype)")
     p.add_argument("--vllm-src", help="kernel from this vLLM fused_moe.py or wheel (default: installed vLLM)")
     p.add_argument("--vllm-version", help="vLLM version of --vllm-src when it cannot tell")
+    p.add_argument("--against", metavar="OLD", help="folder of the files these replace (the committed set): re-time "
+                   "only the batch sizes whose entries differ, OLD's entry beside the new one")
     p.add_argument("--interpret", action="store_true", help="Triton interpreter on the CPU (tiny models; testing)")
 
 
@@ -136,6 +143,11 @@ def run(args: argparse.Namespace) -> int:
     folder = Path(args.configs or CONFIGS_ROOT / gpu.device_name)
     sizes = batch_sizes(args.batch_sizes) if args.batch_sizes is not None else None
     files = tuned_files(folder, args.files, gpu, args.model)
+    against = Path(args.against) if args.against else None
+    if against is not None and not against.is_dir():
+        raise UsageError(f"--against {against}: not a folder; pass the folder of the files these replace")
+    olds = {f.name: configs.read_config_file(against / f.name) if (against / f.name).exists() else None
+            for f in files} if against else {}
     source = kernel_source(args)
     kernel = source.load() if source.path else None  # a bad --vllm-src is refused before anything runs
     loaded = [f for f in files if _check_loader(folder, f, gpu)]
@@ -143,14 +155,44 @@ def run(args: argparse.Namespace) -> int:
         check_gpu(gpu, len(files), len(files) - len(loaded))
     if kernel is None:
         kernel = source.load()
-    retimed = [_retime(f, gpu, kernel, sizes, judge=not args.interpret) for f in loaded]
-    failures = len(files) - len(loaded) + sum(bad for bad, _, _ in retimed)
+    retimed = [_retime(f, gpu, kernel, _points(f, sizes, olds.get(f.name), against), olds.get(f.name),
+                       judge=not args.interpret) for f in loaded]
+    failures = len(files) - len(loaded) + sum(r.bad for r in retimed)
     print(f"\n{len(files)} files, {failures} failed"
           + (" (under --interpret: numerics checked, CPU timings shown but not judged)" if args.interpret else ""))
-    note = clocks.held_down_note(sum(n for _, n, _ in retimed), sum(t for _, _, t in retimed), "batch sizes timed")
+    note = clocks.held_down_note(sum(r.limited for r in retimed), sum(r.timed for r in retimed), "batch sizes timed")
     if note:
         print(note)
+    if against:
+        print(_against_summary([g for r in retimed for g in r.gains], against))
     return 1 if failures else 0
+
+
+def _points(f: TunedFile, sizes: tuple[int, ...] | None, old: dict[int, TileConfig] | None,
+            against: Path | None) -> tuple[int, ...]:
+    """The batch sizes to re-time: --batch-sizes or every one the file holds; with --against, only those
+    whose entry (by vLLM's nearest-key rule) differs from the old file's."""
+    ms = sizes or tuple(sorted(f.configs))
+    if against is None or old is None:
+        return ms
+    return tuple(m for m in ms if _entry(f.configs, m) != _entry(old, m))
+
+
+def _entry(loaded: dict[int, TileConfig], m: int) -> TileConfig:
+    return loaded[min(loaded, key=lambda k: abs(k - m))]  # vLLM's nearest-key rule
+
+
+def _against_summary(gains: list[float], against: Path) -> str:
+    if not gains:
+        return f"no entry differs from {against}: nothing to compare"
+    from statistics import geometric_mean
+
+    from .search import KEEP_WITHIN
+
+    better, worse = sum(g > 1 + KEEP_WITHIN for g in gains), sum(g < 1 - KEEP_WITHIN for g in gains)
+    return (f"against {against}: {len(gains)} changed entries, old/new geomean {geometric_mean(gains):.3f}x "
+            f"(range {min(gains):.3f}-{max(gains):.3f}x); {better} faster and {worse} slower by more than "
+            f"{KEEP_WITHIN:.0%}")
 
 
 def _drift(path: Path) -> str:
@@ -180,34 +222,50 @@ def _check_loader(folder: Path, f: TunedFile, gpu: GpuSpec) -> bool:
     return True
 
 
-def _retime(f: TunedFile, gpu: GpuSpec, kernel, sizes: tuple[int, ...] | None,
-            judge: bool = True) -> tuple[int, int, int]:
-    """Re-time each batch size head to head, with the GPU's state after it (on a GPU); (1 if any failed, the
-    batch sizes timed with the clock held down, those timed)."""
+@dataclass
+class Retimed:
+    bad: int = 0  # 1 if any batch size failed
+    limited: int = 0  # batch sizes timed with the clock held down
+    timed: int = 0
+    gains: list[float] = field(default_factory=list)  # old/new per batch size, with --against
+
+
+def _retime(f: TunedFile, gpu: GpuSpec, kernel, sizes: tuple[int, ...], old: dict[int, TileConfig] | None = None,
+            judge: bool = True) -> Retimed:
+    """Re-time each batch size head to head (with ``old``, that file's entry too), with the GPU's state after
+    it (on a GPU)."""
     from .routing import Routing
     from .runner import Runner
     from .search import head_to_head
 
-    loaded = f.configs
-    bad = limited = timed = 0
+    out = Retimed()
     print(f"\n{f.name}\n  {'M':>5} {'default us':>11} {'tuned us':>9} {'speedup':>8}  tuned")
-    for m in sizes or sorted(loaded):
-        tuned = loaded[min(loaded, key=lambda k: abs(k - m))]  # vLLM's nearest-key rule
+    if not sizes:
+        print("  no batch size to re-time: every entry equals the old file's")
+    for m in sizes:
+        tuned = _entry(f.configs, m)
+        was = _entry(old, m) if old else None
         runner = Runner(kernel, f.shape, m, gpu, Routing(), seed=0)
-        t, d = head_to_head(runner, tuned, runner.default_config(), rounds=3 if judge else 1)
+        t, d, *o = head_to_head(runner, tuned, runner.default_config(), *([was] if was else []),
+                                rounds=3 if judge else 1)
         del runner
         if not t.ok:
             print(f"  {m:>5} tuned config fails: {t.failure}")
-            bad += 1
+            out.bad = 1
             continue
         if not d.ok:
             print(f"  {m:>5} vLLM's default config fails: {d.failure}; tuned {t.us:.1f} us")
             continue
         speedup = d.us / t.us
         flag = "  REGRESSION" if judge and speedup < REGRESSION else ""
-        bad += bool(flag)
+        out.bad |= bool(flag)
         state = clocks.sample() if judge else None
-        limited, timed = limited + bool(state and state.limited), timed + 1
-        print(f"  {m:>5} {d.us:>11.1f} {t.us:>9.1f} {speedup:>7.3f}x  {tuned.short}{flag}"
+        out.limited, out.timed = out.limited + bool(state and state.limited), out.timed + 1
+        versus = ""
+        if o:
+            versus = f"  was {was.short} {o[0].us:.1f} us, old/new {o[0].us / t.us:.3f}x" if o[0].ok else \
+                f"  was {was.short}, which fails: {o[0].failure}"
+            out.gains += [o[0].us / t.us] if o[0].ok else []
+        print(f"  {m:>5} {d.us:>11.1f} {t.us:>9.1f} {speedup:>7.3f}x  {tuned.short}{flag}{versus}"
               + (f"  ({state.short()})" if state else ""))
-    return int(bad > 0), limited, timed
+    return out
