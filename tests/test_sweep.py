@@ -21,7 +21,6 @@ from conftest import TINY_MODEL, vllm_fused_moe_path
 from tuning import configs, provenance, sweep
 from tuning.errors import UsageError
 from tuning.jobs import JobResult
-from tuning.search import KEEP_WITHIN
 from tuning.sweep import cluster_gpus
 
 pytestmark = pytest.mark.slow
@@ -364,8 +363,9 @@ def test_a_job_is_seeded_with_the_winners_of_its_nearest_finished_neighbours():
 def test_a_re_tune_times_the_entry_it_replaces(tmp_path):
     """With --overwrite over a file tune-moe did not write, its entry is the job's incumbent: looked at beside
     vLLM's default (one look each with --max-evals 1: one batch size has no neighbours to seed it), then timed
-    head to head with it, and kept unless the default beats it by more than KEEP_WITHIN. One job on two GPUs: one
-    worker starts, and the other GPU is said to be idle."""
+    head to head with it, and kept unless the default beats it by more than KEEP_WITHIN twice (the rule itself is
+    driven on known costs in test_search). One job on two GPUs: one worker starts, and the other GPU is said to
+    be idle."""
     out = tmp_path / "cfg"
     out.mkdir()
     held = configs.TileConfig(32, 32, 32, 1, 2, 1)
@@ -384,7 +384,6 @@ def test_a_re_tune_times_the_entry_it_replaces(tmp_path):
     assert configs.read_config_file(out / FILE) == {1: configs.TileConfig.from_dict(job["tuned"])}
     assert job["incumbent"] == held.to_dict() and job["incumbent_us"] > 0
     kept = job["tuned"] == held.to_dict()
-    assert kept == (job["default_us"] > job["incumbent_us"] * (1 - KEEP_WITHIN))
     assert kept or job["tuned"] == job["default"]
     replaced = r"  \(replaces M32-N32-K32-G1-w2-s1, which vLLM's default beat: [\d.]+ -> [\d.]+ us, [\d.]+x\)$"
     assert re.search(r" M32-N32-K32-G1-w2-s1  \(kept\)$" if kept else replaced, run.stdout, re.M)
