@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         check_gpu(gpu, len(files), len(files) - len(loaded))
     if kernel is None:
         kernel = source.load()
-    retimed = [_retime(f, gpu, kernel, _points(f, sizes, olds.get(f.name), against), olds.get(f.name),
+    retimed = [_retime(f, gpu, kernel, _points(f, sizes, olds.get(f.name)), olds.get(f.name),
                        judge=not args.interpret) for f in loaded]
     failures = len(files) - len(loaded) + sum(r.bad for r in retimed)
     print(f"\n{len(files)} files, {failures} failed"
@@ -168,14 +168,11 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _points(f: TunedFile, sizes: tuple[int, ...] | None, old: dict[int, TileConfig] | None,
-            against: Path | None) -> tuple[int, ...]:
-    """The batch sizes to re-time: --batch-sizes or every one the file holds; with --against, only those
-    whose entry (by vLLM's nearest-key rule) differs from the old file's."""
+def _points(f: TunedFile, sizes: tuple[int, ...] | None, old: dict[int, TileConfig] | None) -> tuple[int, ...]:
+    """The batch sizes to re-time: --batch-sizes or every one the file holds; given the old file (--against),
+    only those whose entry (by vLLM's nearest-key rule) differs from its."""
     ms = sizes or tuple(sorted(f.configs))
-    if against is None or old is None:
-        return ms
-    return tuple(m for m in ms if _entry(f.configs, m) != _entry(old, m))
+    return ms if old is None else tuple(m for m in ms if _entry(f.configs, m) != _entry(old, m))
 
 
 def _entry(loaded: dict[int, TileConfig], m: int) -> TileConfig:
