@@ -250,15 +250,19 @@ def test_from_json_refuses_an_advice_target_that_is_not_an_advice_file(tmp_path,
 
 def test_advice_timed_with_configs_since_re_tuned_names_the_batch_sizes_to_re_time(tmp_path):
     """Each entry keeps the tuned Triton config it timed per M. Against the committed files every entry is fresh
-    (the bake-offs of benchmarks/README §4d timed them); where a file holds another config at some M, the advice
-    says which batch sizes moved, and how to re-time the layout: at every batch size it was timed at, since a
-    new entry replaces the whole layout."""
+    (the bake-offs of benchmarks/README §4d timed them) but TP2's at M = 2048, whose FP8 entry §2n's re-tune
+    replaced after the bake-off (1.6% faster; Triton led DeepGEMM there by 14%, so the pick stands until the
+    layout is re-timed, benchmarks/README §5). Where a file holds another config at some M, the advice says which
+    batch sizes moved, and how to re-time the layout: at every batch size it was timed at, since a new entry
+    replaces the whole layout."""
     from tuning.configs import TileConfig, read_config_file, write_config_file
 
     committed = Path(__file__).parents[1] / "kernels_configs" / "NVIDIA_H200"
     table = adv.load()
-    for entry in table.values():
-        assert entry.stale(committed) == [] and "re-time" not in entry.line(committed)
+    stale = {key: entry.stale(committed) for key, entry in table.items()}
+    assert {key: ms for key, ms in stale.items() if ms} == {("H200", "TP2"): [2048]}
+    for key, entry in table.items():
+        assert ("re-time the layout" in entry.line(committed)) == bool(stale[key])
     dp8 = table[("H200", "DP8+EP")]
     label = "fp8 E=36 N=1280 [128,128]"
     name = "E=36,N=1280,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"
