@@ -186,6 +186,38 @@ def test_a_run_that_finished_no_job_leaves_no_folder_it_made(tmp_path):
     assert opened(out).done(FILE, 16)
 
 
+def test_the_files_as_they_were_before_the_results_began_are_kept(tmp_path):
+    """``keep_before``: each existing config file and its sidecar, copied once; a resumed run keeps the first
+    copies (what the folder held before any of these results), --fresh starts them again, and a run that made
+    the state folder and finished no job takes them with it."""
+    out = tmp_path / "cfg"
+    out.mkdir()
+    (out / FILE).write_text('{"1": "first"}')
+    (out / "E=72.provenance.json").write_text('{"run": "first"}')
+    s = opened(out)
+    s.keep_before([out / FILE, out / "E=144.json"])  # a file the folder does not hold yet: nothing to keep
+    assert sorted(p.name for p in s.before_dir.iterdir()) == ["E=72.json", "E=72.provenance.json"]
+    s.add(result(16))
+    s.close()
+    (out / FILE).write_text('{"1": "rewritten"}')
+    resumed = opened(out)
+    resumed.keep_before([out / FILE])
+    assert (resumed.before_dir / FILE).read_text() == '{"1": "first"}'
+    resumed.close()
+    fresh = opened(out, fresh=True)
+    assert not fresh.before_dir.exists()
+    fresh.keep_before([out / FILE])
+    assert (fresh.before_dir / FILE).read_text() == '{"1": "rewritten"}'
+    fresh.close()
+    made = tmp_path / "made"
+    made.mkdir()
+    (made / FILE).write_text("{}")
+    unused = opened(made)
+    unused.keep_before([made / FILE])
+    unused.close(drop_unused=True)
+    assert sorted(p.name for p in made.iterdir()) == [FILE]
+
+
 def test_the_sibling_seed_pair_in_the_benchmarks_readme_comes_from_the_committed_results():
     """benchmarks/search_pair.py on section 2l's committed pair gives the figures the README states: no gain from
     sibling seeds (geomean 1.0008), 19 winners differing, 6 by more than 1%, 16 borrowed of which sib-old found 12."""

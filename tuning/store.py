@@ -1,10 +1,12 @@
 """Finished jobs, persisted the moment they finish, so a killed run resumes where it stopped.
 
 ``<out>/.tune-moe/`` holds ``results.jsonl`` (one JobResult per line, appended, flushed and fsynced),
-``run.json`` (per config file, the fingerprint of everything that decided its timings) and ``lock``
-(held by the one run writing here). A result is reused only under its file's fingerprint; another
-fingerprint, results with none, or an unreadable ``run.json`` are refused in one line (``--fresh``
-discards them).
+``run.json`` (per config file, the fingerprint of everything that decided its timings), ``lock``
+(held by the one run writing here) and ``before/``: each file of the plan as --out held it when these
+results began (with its sidecar), so a re-tune over a committed set loses nothing it replaced and
+``tune-moe verify --against`` can re-time each change beside the entry it replaced. A result is reused
+only under its file's fingerprint; another fingerprint, results with none, or an unreadable ``run.json``
+are refused in one line (``--fresh`` discards them, and ``before/``).
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
 
 from .errors import UsageError
-from .files import atomic_write_json
+from .files import atomic_write, atomic_write_json
 from .jobs import JobResult
+from .provenance import sidecar_path
 
 STATE_DIR = ".tune-moe"
 FORMAT = 2
@@ -30,6 +34,7 @@ class Store:
         self.dir = Path(out) / STATE_DIR
         self.results_path = self.dir / "results.jsonl"
         self.run_path = self.dir / "run.json"
+        self.before_dir = self.dir / "before"
         self.made = [d for d in (self.dir, *self.dir.parents) if not d.exists()]  # deepest first
         self.added = False  # whether this run finished a job
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -37,6 +42,7 @@ class Store:
         if fresh:
             for path in (self.results_path, self.run_path):
                 path.unlink(missing_ok=True)
+            shutil.rmtree(self.before_dir, ignore_errors=True)
         self.fingerprints: dict[str, dict] = self._read_run()
         self.results: dict[tuple[str, int], JobResult] = self._load()
 
@@ -47,6 +53,7 @@ class Store:
             self._lock.close()  # releases the lock
             self._lock = None
         if drop_unused and self.made and not self.added:
+            shutil.rmtree(self.before_dir, ignore_errors=True)
             for path in (self.run_path, self.results_path, self.dir / "lock"):
                 path.unlink(missing_ok=True)
             for folder in self.made:
@@ -79,6 +86,15 @@ class Store:
         if old is None:
             self.fingerprints[file] = fingerprint
             atomic_write_json(self.run_path, {"format": FORMAT, "files": self.fingerprints})
+
+    def keep_before(self, paths: list[Path]) -> None:
+        """Copy each existing config file (and its sidecar) into ``before/``, unless an earlier run of these
+        results already did: what the folder held before the first of them, whatever they rewrote since."""
+        for path in paths:
+            for src in (path, sidecar_path(path)):
+                dest = self.before_dir / src.name
+                if src.exists() and not dest.exists():
+                    atomic_write(dest, src.read_bytes())
 
     def _load(self) -> dict[tuple[str, int], JobResult]:
         out = {}

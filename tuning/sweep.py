@@ -67,6 +67,7 @@ def run_sweep(plan: Plan, settings: Settings, ray_options: RayOptions, outs: Out
     try:
         for s in plan.shapes:
             store.claim(files[s], fingerprint(settings, s, device_name=plan.gpu.device_name, **software))
+        store.keep_before([outs.out / files[s] for s in plan.shapes])
         pending = [j for j in plan.jobs if not store.done(files[j.shape], j.m)]
         print(f"\n{len(plan.jobs) - len(pending)} of {len(plan.jobs)} jobs already done in {store.dir}; "
               f"{len(pending)} to run.")
@@ -80,6 +81,11 @@ def run_sweep(plan: Plan, settings: Settings, ray_options: RayOptions, outs: Out
         finally:
             driver.close()
         print("\n" + outputs.summary(plan, store.results))
+        replaced = sum(r.incumbent is not None and r.tuned != r.incumbent for r in store.results.values())
+        if replaced:
+            print(f"\n{replaced} entr{'y' if replaced == 1 else 'ies'} replaced; the files as they were are in "
+                  f"{store.before_dir}. Re-time each change beside the entry it replaced before you commit: "
+                  f"tune-moe verify --gpu {plan.gpu.key} --configs {outs.out} --against {store.before_dir}")
         print("\nWrote:\n" + "\n".join(f"  {p}" for p in writer.written) if writer.written else "\nWrote no file.")
         missing = sum(not store.done(files[j.shape], j.m) for j in plan.jobs)
     finally:
