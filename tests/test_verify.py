@@ -143,3 +143,24 @@ def test_against_re_times_only_the_changed_entries_beside_the_old_ones(tmp_path)
 def test_against_a_missing_folder_is_one_line(folder, mirror):
     with pytest.raises(UsageError, match="--against .*nowhere: not a folder; pass the folder of the files these"):
         verify.run(args(folder, against=str(folder / "nowhere")))
+
+
+def test_the_against_table_in_the_benchmarks_readme_comes_from_the_committed_logs():
+    """benchmarks/README §2n's table of changed entries (old/new in each `verify --against` run, and the mean) is
+    what benchmarks/verify_pair.py --against reads from the logs in benchmarks/results/b15/."""
+    import re
+    import subprocess
+    import sys
+
+    results = REPO / "benchmarks" / "results" / "b15"
+    readme = (REPO / "benchmarks" / "README.md").read_text()
+    section = readme.split("## 2n.", 1)[1].split("\n## ", 1)[0]
+    stated = re.findall(r"^\| [^|]+ \| (\d+) \| (\S+) → \**(\S+?)\** \| ([\d., ]+) \| ([\d.]+) \|", section, re.M)
+    assert len(stated) == 11
+    printed = ""
+    for runs in ("vrb", "vrf", "vrd"):
+        logs = ",".join(str(p) for p in sorted(results.glob(f"{runs}-*.log")))
+        printed += subprocess.run([sys.executable, str(REPO / "benchmarks" / "verify_pair.py"), "--against", logs],
+                                  capture_output=True, text=True, check=True).stdout
+    for m, old, new, each, mean in stated:
+        assert f"| {m} | {old} → {new} | {each} | {mean} |" in printed
