@@ -13,6 +13,8 @@ from .configs import TileConfig
 from .kernel import KernelSource
 from .shapes import MoeShape
 
+KEEP_WITHIN = 0.01  # a file's entry stays unless beaten by more than 1% (benchmarks §2k: one config re-timed, ±1%)
+
 
 @dataclass(frozen=True)
 class Job:
@@ -101,7 +103,8 @@ class JobResult:
     # (0 in results from before it was kept; before the search timed configs as their compiles ended, the whole
     # wait for each round's compiles)
     failures: dict[str, Failure] = field(default_factory=dict)  # config (short form) -> why (first few)
-    incumbent: TileConfig | None = None  # the entry the file in --out held for this M (kept unless beaten by 1%)
+    incumbent: TileConfig | None = None  # the entry the file in --out held for this M (kept unless beaten by
+    # more than KEEP_WITHIN: search)
     incumbent_us: float = 0.0  # its head-to-head µs beside ``tuned`` (0: it failed, or was not timed to the end)
     looks: dict[str, float] = field(default_factory=dict)  # config (short form) -> first-look µs, every config
     # the search timed that ran (the landscape it saw: benchmarks/replay_search.py replays searches on it)

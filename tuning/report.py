@@ -22,6 +22,7 @@ from . import provenance
 from .configs import CONFIGS_ROOT, read_config_file
 from .errors import UsageError
 from .files import atomic_write, output_file, output_folder
+from .jobs import KEEP_WITHIN
 from .provenance import SUFFIX as PROVENANCE_SUFFIX, TOOL, BatchRow, Provenance
 from .shapes import MoeShape
 from .triton_pins import mismatch, target_triton
@@ -221,8 +222,6 @@ def shape_section(r: ShapeReport) -> list[str]:
 
 def _kept_note(reports: list[ShapeReport]) -> str:
     """What a speedup below 1.000x means: an entry a re-tune kept inside the noise, or one to re-tune."""
-    from .search import KEEP_WITHIN
-
     speedups = [row.speedup for r in reports for row in r.rows]
     kept, slower = sum(1 - KEEP_WITHIN <= s < 1 for s in speedups), sum(s < 1 - KEEP_WITHIN for s in speedups)
     note = ""

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Protocol
 
 from .bench import Timing
 from .configs import TileConfig
-from .jobs import Failure
+from .jobs import KEEP_WITHIN, Failure
 from .runner import Outcome
 from .space import Context, neighbours, space
 
@@ -34,7 +34,6 @@ HEAD_TO_HEAD_MS = 60.0  # per side, per round, three rounds
 SAMPLE = 10  # seeded random configs added to the first round
 TOP = 3  # tiles whose best config's neighbourhood is climbed
 MAX_EVALS = 120
-KEEP_WITHIN = 0.01  # the incumbent stays unless beaten by more than 1% (§2k: one config re-timed, ±1%)
 
 
 class Evaluator(Protocol):

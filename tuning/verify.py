@@ -22,11 +22,13 @@ import argparse
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import geometric_mean
 
 from . import clocks, configs, gpus
 from .configs import CONFIGS_ROOT, TileConfig
 from .errors import UsageError
 from .gpus import GpuSpec, get_gpu
+from .jobs import KEEP_WITHIN
 from .kernel import KernelSource, installed_fused_moe, quiet_imports
 from .models import DEFAULT_MODEL, ModelGeometry, load_model
 from .provenance import SUFFIX as PROVENANCE_SUFFIX
@@ -182,10 +184,6 @@ def _entry(loaded: dict[int, TileConfig], m: int) -> TileConfig:
 def _against_summary(gains: list[float], against: Path) -> str:
     if not gains:
         return f"no entry differs from {against}: nothing to compare"
-    from statistics import geometric_mean
-
-    from .search import KEEP_WITHIN
-
     better, worse = sum(g > 1 + KEEP_WITHIN for g in gains), sum(g < 1 - KEEP_WITHIN for g in gains)
     return (f"against {against}: {len(gains)} changed entries, old/new geomean {geometric_mean(gains):.3f}x "
             f"(range {min(gains):.3f}-{max(gains):.3f}x); {better} faster and {worse} slower by more than "
