@@ -20,13 +20,14 @@ RESULTS = Path(__file__).parents[1] / "benchmarks" / "results" / "bakeoff-h200"
 def test_committed_file_is_what_the_recorded_bake_off_gives(tmp_path, capsys):
     """data/backend_advice.json is the H200 bake-off's measurements (benchmarks/results/bakeoff-h200) under the
     current rule: re-deriving it from the recorded rows changes nothing. Every layout comes from a run with vLLM's
-    own CUDA ops and FlashInfer-CUTLASS, timed with the tuned files as committed now (benchmarks/README §4d):
-    TP2/TP4/TP8 from tp-b14, DP2/DP4/DP8+EP from ep-b14."""
+    own CUDA ops and FlashInfer-CUTLASS, timed with the tuned files as committed now: TP4/TP8 from tp-b14 and
+    DP2/DP4/DP8+EP from ep-b14 (benchmarks/README §4d), TP2 from tp2-b16 (§2o: re-timed after §2n's re-tune
+    replaced its M = 2048 entry); a later file's layout replaces an earlier one's."""
     from tuning.cli import main
 
     out = tmp_path / "advice.json"
     assert main(["compare-backends", "--gpu", "H200", "--from-json", str(RESULTS / "tp-b14.json"),
-                 str(RESULTS / "ep-b14.json"), "--write-advice", str(out)]) == 0
+                 str(RESULTS / "ep-b14.json"), str(RESULTS / "tp2-b16.json"), "--write-advice", str(out)]) == 0
     assert json.loads(out.read_text()) == json.loads(adv.DATA.read_text())
     assert "TP4 (measured 2026-12-02" in capsys.readouterr().out
     table = adv.load()
@@ -250,17 +251,15 @@ def test_from_json_refuses_an_advice_target_that_is_not_an_advice_file(tmp_path,
 
 def test_advice_timed_with_configs_since_re_tuned_names_the_batch_sizes_to_re_time(tmp_path):
     """Each entry keeps the tuned Triton config it timed per M. Against the committed files every entry is fresh
-    (the bake-offs of benchmarks/README §4d timed them) but TP2's at M = 2048, whose FP8 entry §2n's re-tune
-    replaced after the bake-off (1.6% faster; Triton led DeepGEMM there by 14%, so the pick stands until the
-    layout is re-timed, benchmarks/README §5). Where a file holds another config at some M, the advice says which
-    batch sizes moved, and how to re-time the layout: at every batch size it was timed at, since a new entry
-    replaces the whole layout."""
+    (the bake-offs of benchmarks/README §4d and §2o timed them). Where a file holds another config at some M, the
+    advice says which batch sizes moved, and how to re-time the layout: at every batch size it was timed at,
+    since a new entry replaces the whole layout."""
     from tuning.configs import TileConfig, read_config_file, write_config_file
 
     committed = Path(__file__).parents[1] / "kernels_configs" / "NVIDIA_H200"
     table = adv.load()
     stale = {key: entry.stale(committed) for key, entry in table.items()}
-    assert {key: ms for key, ms in stale.items() if ms} == {("H200", "TP2"): [2048]}
+    assert {key: ms for key, ms in stale.items() if ms} == {}
     for key, entry in table.items():
         assert ("re-time the layout" in entry.line(committed)) == bool(stale[key])
     dp8 = table[("H200", "DP8+EP")]
