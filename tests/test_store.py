@@ -187,35 +187,57 @@ def test_a_run_that_finished_no_job_leaves_no_folder_it_made(tmp_path):
 
 
 def test_the_files_as_they_were_before_the_results_began_are_kept(tmp_path):
-    """``keep_before``: each existing config file and its sidecar, copied once; a resumed run keeps the first
-    copies (what the folder held before any of these results), --fresh starts them again, and a run that made
-    the state folder and finished no job takes them with it."""
+    """``keep_before``: a snapshot of every config file and sidecar the folder holds (whatever the plan), taken
+    once: a resumed run keeps it (what the folder held before any of these results), so a file the results made
+    stays out of it; --fresh takes it again; a run that made the state folder and finished no job takes it with
+    it; other files in the folder are not config files and stay out."""
     out = tmp_path / "cfg"
     out.mkdir()
     (out / FILE).write_text('{"1": "first"}')
     (out / "E=72.provenance.json").write_text('{"run": "first"}')
+    (out / "E=288,N=320,dtype=fp8_w8a8.json").write_text('{"1": "another dtype"}')
+    (out / "notes.json").write_text("{}")
     s = opened(out)
-    s.keep_before([out / FILE, out / "E=144.json"])  # a file the folder does not hold yet: nothing to keep
-    assert sorted(p.name for p in s.before_dir.iterdir()) == ["E=72.json", "E=72.provenance.json"]
+    s.keep_before()
+    assert sorted(p.name for p in s.before_dir.iterdir()) == \
+        ["E=288,N=320,dtype=fp8_w8a8.json", "E=72.json", "E=72.provenance.json"]
     s.add(result(16))
     s.close()
     (out / FILE).write_text('{"1": "rewritten"}')
+    (out / "E=144.json").write_text('{"1": "made by the run"}')
     resumed = opened(out)
-    resumed.keep_before([out / FILE])
+    resumed.keep_before()
     assert (resumed.before_dir / FILE).read_text() == '{"1": "first"}'
+    assert not (resumed.before_dir / "E=144.json").exists()
     resumed.close()
     fresh = opened(out, fresh=True)
     assert not fresh.before_dir.exists()
-    fresh.keep_before([out / FILE])
+    fresh.keep_before()
     assert (fresh.before_dir / FILE).read_text() == '{"1": "rewritten"}'
+    assert (fresh.before_dir / "E=144.json").exists()
     fresh.close()
     made = tmp_path / "made"
     made.mkdir()
     (made / FILE).write_text("{}")
     unused = opened(made)
-    unused.keep_before([made / FILE])
+    unused.keep_before()
     unused.close(drop_unused=True)
     assert sorted(p.name for p in made.iterdir()) == [FILE]
+
+
+def test_a_snapshot_cut_short_is_taken_again_whole(tmp_path):
+    """A kill while ``keep_before`` copies leaves ``before.partial``, never a ``before/`` that a resumed run
+    would take for complete; the next run takes the snapshot whole."""
+    out = tmp_path / "cfg"
+    out.mkdir()
+    (out / FILE).write_text('{"1": "first"}')
+    s = opened(out)
+    (s.dir / "before.partial").mkdir()
+    (s.dir / "before.partial" / "E=36.json").write_text("cut short")
+    s.keep_before()
+    assert sorted(p.name for p in s.before_dir.iterdir()) == [FILE]
+    assert not (s.dir / "before.partial").exists()
+    s.close()
 
 
 def test_the_sibling_seed_pair_in_the_benchmarks_readme_comes_from_the_committed_results():

@@ -104,7 +104,8 @@ def test_verify_shows_the_triton_drift_of_each_file(folder, mirror, monkeypatch,
 def test_against_re_times_only_the_changed_entries_beside_the_old_ones(tmp_path):
     """--against OLD: the one batch size whose entry (by vLLM's nearest-key rule) differs is re-timed, vLLM's
     default, OLD's entry and the new one in one head to head under the interpreter; the others are not timed.
-    Against an identical folder nothing is timed, and the run says so."""
+    Against an identical folder nothing is timed, and the run says so; a file OLD lacks (one a re-tune made, as
+    its before/ snapshot tells) is re-timed whole, and the run says why."""
     import os
     import re
     import subprocess
@@ -121,11 +122,12 @@ def test_against_re_times_only_the_changed_entries_beside_the_old_ones(tmp_path)
     for folder, entries in (("old", {1: a, 16: a}), ("new", {1: a, 16: b}), ("same", {1: a, 16: a})):
         (tmp_path / folder).mkdir()
         write_config_file(tmp_path / folder / name, entries, "3.8.0")
+    (tmp_path / "empty").mkdir()
 
-    def verify_against(configs: str) -> str:
+    def verify_against(configs: str, old: str = "old", sizes: str = "1,4,16") -> str:
         run = subprocess.run([sys.executable, "-m", "tuning.cli", "verify", "--gpu", "H200", "--model",
-                              str(TINY_MODEL), "--configs", str(tmp_path / configs), "--against", str(tmp_path / "old"),
-                              "--batch-sizes", "1,4,16", "--interpret", "--vllm-src", str(src)],
+                              str(TINY_MODEL), "--configs", str(tmp_path / configs), "--against", str(tmp_path / old),
+                              "--batch-sizes", sizes, "--interpret", "--vllm-src", str(src)],
                              capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600)
         assert run.returncode == 0, run.stdout + run.stderr
         return run.stdout
@@ -138,6 +140,9 @@ def test_against_re_times_only_the_changed_entries_beside_the_old_ones(tmp_path)
     out = verify_against("same")
     assert "no batch size to re-time: every entry equals the old file's" in out
     assert f"no entry differs from {tmp_path / 'old'}: nothing to compare" in out
+    out = verify_against("new", old="empty", sizes="1")
+    assert f"not in {tmp_path / 'empty'}: a file made since, every entry re-timed against vLLM's default" in out
+    assert re.search(rf"^\s+1\s+[\d.]+\s+[\d.]+\s+[\d.]+x\s+{a.short}$", out, re.M)
 
 
 def test_against_a_missing_folder_is_one_line(folder, mirror):

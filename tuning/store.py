@@ -2,9 +2,9 @@
 
 ``<out>/.tune-moe/`` holds ``results.jsonl`` (one JobResult per line, appended, flushed and fsynced),
 ``run.json`` (per config file, the fingerprint of everything that decided its timings), ``lock``
-(held by the one run writing here) and ``before/``: each file of the plan as --out held it when these
-results began (with its sidecar), so a re-tune over a committed set loses nothing it replaced and
-``tune-moe verify --against`` can re-time each change beside the entry it replaced. A result is reused
+(held by the one run writing here) and ``before/``: every config file (with its sidecar) as --out held it when
+these results began, so a re-tune over a committed set loses nothing it replaced and ``tune-moe verify
+--against`` re-times each change beside the entry it replaced, and nothing the run left alone. A result is reused
 only under its file's fingerprint; another fingerprint, results with none, or an unreadable ``run.json``
 are refused in one line (``--fresh`` discards them, and ``before/``).
 """
@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 from .errors import UsageError
-from .files import atomic_write, atomic_write_json
+from .files import atomic_write_json
 from .jobs import JobResult
-from .provenance import sidecar_path
 
 STATE_DIR = ".tune-moe"
 FORMAT = 2
@@ -87,14 +86,18 @@ class Store:
             self.fingerprints[file] = fingerprint
             atomic_write_json(self.run_path, {"format": FORMAT, "files": self.fingerprints})
 
-    def keep_before(self, paths: list[Path]) -> None:
-        """Copy each existing config file (and its sidecar) into ``before/``, unless an earlier run of these
-        results already did: what the folder held before the first of them, whatever they rewrote since."""
-        for path in paths:
-            for src in (path, sidecar_path(path)):
-                dest = self.before_dir / src.name
-                if src.exists() and not dest.exists():
-                    atomic_write(dest, src.read_bytes())
+    def keep_before(self) -> None:
+        """Snapshot the config files (and sidecars) the --out folder holds into ``before/``, once, when these
+        results begin: a file it lacks is one they made, and one no run of them touched reads as it was. Copied
+        into a temporary folder and renamed, so a kill mid-copy leaves no half snapshot."""
+        if self.before_dir.exists():
+            return
+        partial = self.dir / "before.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        for src in sorted(self.dir.parent.glob("E=*.json")):
+            (partial / src.name).write_bytes(src.read_bytes())
+        os.replace(partial, self.before_dir)
 
     def _load(self) -> dict[tuple[str, int], JobResult]:
         out = {}

@@ -67,7 +67,7 @@ def run_sweep(plan: Plan, settings: Settings, ray_options: RayOptions, outs: Out
     try:
         for s in plan.shapes:
             store.claim(files[s], fingerprint(settings, s, device_name=plan.gpu.device_name, **software))
-        store.keep_before([outs.out / files[s] for s in plan.shapes])
+        store.keep_before()
         pending = [j for j in plan.jobs if not store.done(files[j.shape], j.m)]
         print(f"\n{len(plan.jobs) - len(pending)} of {len(plan.jobs)} jobs already done in {store.dir}; "
               f"{len(pending)} to run.")

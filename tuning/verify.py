@@ -13,7 +13,8 @@ Triton's CPU interpreter, for tiny test models).
 ``--against OLD`` checks a re-tune before it is committed: only the batch sizes where a file's entry differs from
 the same file in OLD are re-timed, vLLM's default, OLD's entry and the new one alternating in one head to head
 (the GPU's drift hits all three alike, where two verify runs, one per set, differ by the state the GPU was in),
-and the line gives old/new; a file OLD lacks is re-timed whole.
+and the line gives old/new. A file OLD lacks is re-timed whole: a re-tune's ``before/`` snapshot (tuning.store)
+lacks only the files the re-tune made.
 """
 
 from __future__ import annotations
@@ -157,8 +158,12 @@ def run(args: argparse.Namespace) -> int:
         check_gpu(gpu, len(files), len(files) - len(loaded))
     if kernel is None:
         kernel = source.load()
-    retimed = [_retime(f, gpu, kernel, _points(f, sizes, olds.get(f.name)), olds.get(f.name),
-                       judge=not args.interpret) for f in loaded]
+    retimed = []
+    for f in loaded:
+        if against and olds[f.name] is None:
+            print(f"\n{f.name}: not in {against}: a file made since, every entry re-timed against vLLM's default")
+        retimed.append(_retime(f, gpu, kernel, _points(f, sizes, olds.get(f.name)), olds.get(f.name),
+                               judge=not args.interpret))
     failures = len(files) - len(loaded) + sum(r.bad for r in retimed)
     print(f"\n{len(files)} files, {failures} failed"
           + (" (under --interpret: numerics checked, CPU timings shown but not judged)" if args.interpret else ""))
