@@ -151,12 +151,13 @@ def test_an_expert_parallel_config_picked_on_an_empty_launch_is_named_with_its_r
 
 
 def test_the_summary_says_what_became_of_each_entry_the_file_held():
-    """Kept; replaced by a winner or by vLLM's default (the times and the ratio, more than KEEP_WITHIN either
-    way); replaced because it fails; nothing for a fresh entry."""
+    """Kept (and why, when a second head to head undid the replacement the first decided); replaced by a winner
+    or by vLLM's default (the times and the ratio, more than KEEP_WITHIN either way); replaced because it fails;
+    nothing for a fresh entry. Under the table, how the second head to heads went."""
     from dataclasses import replace
 
     from tuning.jobs import JobResult
-    from tuning.outputs import incumbent_mark
+    from tuning.outputs import incumbent_mark, rechecked_note
 
     default, held = TileConfig(64, 128, 128, 32, 4, 3), TileConfig(64, 128, 128, 16, 4, 4)
     winner = TileConfig(16, 64, 128, 1, 4, 4)
@@ -170,3 +171,13 @@ def test_the_summary_says_what_became_of_each_entry_the_file_held():
                                           "824.0 -> 803.8 us, 1.025x)")
     assert incumbent_mark(replace(r, incumbent_us=0.0)) == "  (replaces M64-N128-K128-G16-w4-s4, which fails)"
     assert incumbent_mark(replace(r, incumbent=None, incumbent_us=0.0)) == ""
+    undone = replace(r, tuned=held, tuned_us=135.8, rechecked="undid")
+    assert incumbent_mark(undone) == "  (kept: a second head to head undid its replacement)"
+    confirmed = replace(r, rechecked="confirmed")
+    assert incumbent_mark(confirmed) == incumbent_mark(r)
+    assert rechecked_note([r, undone, confirmed, confirmed]) == \
+        "3 replacements timed in a second head to head: 2 confirmed, 1 undone (the entry kept)"
+    assert JobResult.from_json(undone.to_json()) == undone
+    old = undone.to_json()
+    del old["rechecked"]  # a result from before the field: nothing was rechecked
+    assert JobResult.from_json(old).rechecked == ""

@@ -276,19 +276,19 @@ class Drifting(Landscape):
         return super().evaluate(c, budget_ms)
 
 
-@pytest.mark.parametrize("first_us,later_us,winner,head_to_heads", [
-    (97.0, 97.0, OPTIMUM, 18),  # wins both head to heads by 3%: replaced
-    (97.0, 99.5, HELD, 18),  # wins the first by 3%, the second by 0.5%: the noise, kept
-    (99.5, 97.0, HELD, 9),  # within the noise in the first: kept, no second
+@pytest.mark.parametrize("first_us,later_us,winner,head_to_heads,rechecked", [
+    (97.0, 97.0, OPTIMUM, 18, "confirmed"),  # wins both head to heads by 3%: replaced
+    (97.0, 99.5, HELD, 18, "undid"),  # wins the first by 3%, the second by 0.5%: the noise, kept
+    (99.5, 97.0, HELD, 9, ""),  # within the noise in the first: kept, no second
 ])
-def test_a_replacement_must_win_a_second_head_to_head(first_us, later_us, winner, head_to_heads):
+def test_a_replacement_must_win_a_second_head_to_head(first_us, later_us, winner, head_to_heads, rechecked):
     """A winner that beats the file's entry by more than KEEP_WITHIN is timed against it once more, and replaces
     it only if it wins again (benchmarks §2n: three of eleven replacements were the noise); the times returned
     pool both head to heads."""
     land = Drifting(first_us, later_us, costs={HELD: 100.0, DEFAULT: 110.0})
     result = guided(land, Context(BF16_TP4, H200, 256), DEFAULT, incumbent=HELD)
     assert land.head_to_heads == head_to_heads
-    assert result.best.config == winner
+    assert result.best.config == winner and result.rechecked == rechecked
     assert len(result.incumbent.timing.samples_us) == 5 * head_to_heads // 3  # 5 samples a timing, 3 a round
     if winner == OPTIMUM:
         assert result.best.us == pytest.approx(97.0)
@@ -298,6 +298,7 @@ def test_without_an_entry_in_the_file_one_head_to_head_decides():
     land = Drifting(97.0, 99.5, costs={DEFAULT: 110.0})
     result = guided(land, Context(BF16_TP4, H200, 256), DEFAULT)
     assert land.head_to_heads == 6 and result.best.config == OPTIMUM and result.incumbent is None
+    assert result.rechecked == ""
 
 
 def test_an_incumbent_that_fails_is_replaced_and_its_failure_kept():

@@ -109,6 +109,7 @@ class JobResult:
     looks: dict[str, float] = field(default_factory=dict)  # config (short form) -> first-look µs, every config
     # the search timed that ran (the landscape it saw: benchmarks/replay_search.py replays searches on it)
     gpu_state: dict = field(default_factory=dict)  # clocks.GpuState after the job's last timing ({}: no NVML)
+    rechecked: str = ""  # search.SearchResult.rechecked: what a second head to head made of a replacement
 
     @property
     def speedup(self) -> float:

@@ -84,7 +84,7 @@ def incumbent_mark(r: JobResult) -> str:
     if r.incumbent is None:
         return ""
     if r.incumbent == r.tuned:
-        return "  (kept)"
+        return "  (kept: a second head to head undid its replacement)" if r.rechecked == "undid" else "  (kept)"
     if not r.incumbent_us:
         return f"  (replaces {r.incumbent.short}, which fails)"
     times = f"{r.incumbent_us:.1f} -> {r.tuned_us:.1f} us, {r.incumbent_us / r.tuned_us:.3f}x"
@@ -129,4 +129,12 @@ def summary(plan: Plan, results: dict[tuple[str, int], JobResult]) -> str:
             lines.append(f"{shape.label:<34} geomean {geo:.3f}x, worst {worst.speedup:.3f}x at M={worst.m}{kept}")
     states = [clocks.GpuState.from_json(r.gpu_state) for r in results.values()]
     note = clocks.held_down_note(sum(bool(s and s.limited) for s in states), len(states), "jobs ended")
-    return "\n".join(lines + ([note] if note else []))
+    return "\n".join(lines + ([note] if note else []) + ([rechecked_note(results.values())] if any(
+        r.rechecked for r in results.values()) else []))
+
+
+def rechecked_note(results) -> str:
+    """How the second head to heads went: each replacement the first decided is timed once more (search)."""
+    n = {k: sum(r.rechecked == k for r in results) for k in ("confirmed", "undid")}
+    return (f"{n['confirmed'] + n['undid']} replacements timed in a second head to head: {n['confirmed']} "
+            f"confirmed, {n['undid']} undone (the entry kept)")

@@ -46,6 +46,7 @@ class SearchResult:
     default: Outcome
     outcomes: list[Outcome] = field(default_factory=list)  # every first-look evaluation
     incumbent: Outcome | None = None  # the entry the output file held, timed head to head with the winner
+    rechecked: str = ""  # a second head to head: "confirmed" the replacement the first decided, or "undid" it
 
     @property
     def evaluated(self) -> int:
@@ -144,12 +145,14 @@ def _finish(ev: Evaluator, book: _Book, default: TileConfig, incumbent: TileConf
     contenders = [finalists[0], default, *([incumbent] if held and held.ok else [])]
     timed = head_to_head(ev, *contenders)
     pick = _verdict(*timed)
+    rechecked = ""
     if len(timed) == 3 and pick.config != incumbent:
         again = head_to_head(ev, *contenders)
         stays = _verdict(*again).config == incumbent
         timed = [_pool([a, b]) for a, b in zip(timed, again)]
         pick = timed[2] if stays else _verdict(*timed[:2])
-    return SearchResult(pick, timed[1], outcomes, timed[2] if len(timed) == 3 else held)
+        rechecked = "undid" if stays else "confirmed"
+    return SearchResult(pick, timed[1], outcomes, timed[2] if len(timed) == 3 else held, rechecked)
 
 
 def _verdict(winner: Outcome, default: Outcome, held: Outcome | None = None) -> Outcome:

@@ -123,7 +123,7 @@ def run_job(kernel: Kernel, gpu: GpuSpec, job: Job, settings: Settings, *, devic
                      failures={o.config.short: o.failure for o in result.failed[:8]}, incumbent=incumbent,
                      incumbent_us=result.incumbent.us if result.incumbent and result.incumbent.ok else 0.0,
                      looks={o.config.short: round(o.us, 2) for o in result.outcomes if o.ok},
-                     gpu_state=state.to_json() if state else {})
+                     gpu_state=state.to_json() if state else {}, rechecked=result.rechecked)
 
 
 def _driver_version() -> str:
