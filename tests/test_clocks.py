@@ -17,12 +17,18 @@ def test_clock_event_bits_are_named_and_the_limiting_ones_known():
     idle = clocks.GpuState(345, 76.4, 700.0, clocks.reason_names(0x1))
     assert not idle.limited and idle.short() == "SM 345 MHz, 76/700 W, idle"
     assert clocks.GpuState(1980, 150.5, 700.0, ()).short() == "SM 1980 MHz, 150/700 W, no limit"
-    assert capped.to_json() == {"sm_mhz": 1470, "power_w": 682.4, "limit_w": 700.0, "reasons": ["sw-power-cap"]}
+    assert capped.to_json() == {"sm_mhz": 1470, "power_w": 682.4, "limit_w": 700.0, "reasons": ["sw-power-cap"],
+                                "mem_mhz": 0, "unit": ""}
+    board = clocks.GpuState(1980, 150.5, 700.0, (), 3201, "GPU-0f3e")
+    assert clocks.GpuState.from_json(board.to_json()) == board
+    old = {"sm_mhz": 1980, "power_w": 150.5, "limit_w": 700.0, "reasons": []}  # a result from before mem and unit
+    assert clocks.GpuState.from_json(old) == clocks.GpuState(1980, 150.5, 700.0, ())
 
 
 def test_a_sample_is_the_gpus_state_or_none_without_a_driver():
-    """Where NVML answers (a GPU host), the SM clock and the power limit are real numbers; on a host without a
-    driver (CI) there is no state, and no exception reaches the timing."""
+    """Where NVML answers (a GPU host), the SM and memory clocks and the power limit are real numbers and the
+    board is named by its UUID; on a host without a driver (CI) there is no state, and no exception reaches the
+    timing."""
     import torch
 
     state = clocks.sample()
@@ -31,6 +37,7 @@ def test_a_sample_is_the_gpus_state_or_none_without_a_driver():
         return
     assert state is not None and 100 <= state.sm_mhz <= 4000 and 0 < state.power_w and 100 <= state.limit_w <= 2000
     assert set(state.reasons) <= set(clocks.REASONS.values())
+    assert 100 <= state.mem_mhz <= 20000 and state.unit.startswith("GPU-")
 
 
 @pytest.mark.gpu

@@ -4,7 +4,9 @@ Large batches run vLLM's fused MoE kernel into the H200's power limit: within a 
 timing the board reaches its 700 W cap, NVML reports the sw-power-cap clock-event reason, and the SM clock falls
 from 1980 MHz to 1260-1620 MHz. There a speedup moves by 1-3% from one run to the next, warm GPU or cold
 (benchmarks/README §2m), so a timing carries the state it ran under: ``verify`` prints it beside each batch size,
-and each job's result records it after the job's last timing (``JobResult.gpu_state``).
+and each job's result records it after the job's last timing (``JobResult.gpu_state``), with the memory clock
+and the GPU's NVML UUID: two H200s can differ by 2-7% on the same config at small batches while agreeing on
+others (benchmarks/README §2o), so results from different sessions are compared unit by unit.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class GpuState:
     power_w: float
     limit_w: float
     reasons: tuple[str, ...]
+    mem_mhz: int = 0  # 0: not recorded (results from before it was)
+    unit: str = ""  # NVML's UUID of the GPU: which board timed it
 
     @property
     def limited(self) -> bool:
@@ -44,7 +48,8 @@ class GpuState:
 
     @classmethod
     def from_json(cls, d: dict) -> GpuState | None:
-        return cls(d["sm_mhz"], d["power_w"], d["limit_w"], tuple(d["reasons"])) if d else None
+        return cls(d["sm_mhz"], d["power_w"], d["limit_w"], tuple(d["reasons"]), d.get("mem_mhz", 0),
+                   d.get("unit", "")) if d else None
 
     def short(self) -> str:
         return f"SM {self.sm_mhz} MHz, {self.power_w:.0f}/{self.limit_w:.0f} W, {'+'.join(self.reasons) or 'no limit'}"
@@ -54,11 +59,12 @@ class GpuState:
 
 
 _handle = None
+_unit: str | None = None  # the board's UUID, read once
 
 
 def sample() -> GpuState | None:
     """The state of the GPU this process times on (the first of CUDA_VISIBLE_DEVICES), or None without NVML."""
-    global _handle
+    global _handle, _unit
     try:
         import pynvml
 
@@ -67,11 +73,26 @@ def sample() -> GpuState | None:
             first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
             _handle = (pynvml.nvmlDeviceGetHandleByIndex(int(first)) if first.isdigit()
                        else pynvml.nvmlDeviceGetHandleByUUID(first))
+            _unit = _optional(lambda: _text(pynvml.nvmlDeviceGetUUID(_handle)), "")
         events = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
             pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
         return GpuState(sm_mhz=int(pynvml.nvmlDeviceGetClockInfo(_handle, pynvml.NVML_CLOCK_SM)),
                         power_w=pynvml.nvmlDeviceGetPowerUsage(_handle) / 1000,
                         limit_w=pynvml.nvmlDeviceGetEnforcedPowerLimit(_handle) / 1000,
-                        reasons=reason_names(int(events(_handle))))
+                        reasons=reason_names(int(events(_handle))),
+                        mem_mhz=_optional(lambda: int(pynvml.nvmlDeviceGetClockInfo(_handle, pynvml.NVML_CLOCK_MEM)), 0),
+                        unit=_unit or "")
     except Exception:  # no pynvml, no driver, or a GPU that does not report: the timing stands without it
         return None
+
+
+def _optional(read, missing):
+    """A reading the state can do without: a board that does not answer it loses that field, not the state."""
+    try:
+        return read()
+    except Exception:
+        return missing
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value  # older pynvml answers bytes
