@@ -169,3 +169,22 @@ def test_the_against_table_in_the_benchmarks_readme_comes_from_the_committed_log
                                   capture_output=True, text=True, check=True).stdout
     for m, old, new, each, mean in stated:
         assert f"| {m} | {old} → {new} | {each} | {mean} |" in printed
+
+
+def test_the_cross_board_table_in_the_benchmarks_readme_comes_from_the_committed_results():
+    """benchmarks/README §2o's table (each entry B16's re-tune replaced, timed on B15's board and on B16's) and its
+    summary lines are what benchmarks/cross_unit.py prints from the two runs' committed results."""
+    import subprocess
+    import sys
+
+    readme = (REPO / "benchmarks" / "README.md").read_text()
+    section = readme.split("## 2o.", 1)[1].split("\n## ", 1)[0]
+    results = REPO / "benchmarks" / "results"
+    printed = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cross_unit.py"),
+                              str(results / "b15" / "rb.results.jsonl"), str(results / "b16" / "rb.results.jsonl")],
+                             capture_output=True, text=True, check=True).stdout.strip().splitlines()
+    rows = [line for line in printed if line.startswith("| E=")]
+    assert len(rows) == 16
+    for line in printed:
+        assert line in section
+    assert "geomean 1.026 (0.991-1.047)" in printed[-1]
