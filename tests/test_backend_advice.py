@@ -139,9 +139,14 @@ def test_a_bake_off_becomes_measured_entries_the_readers_load(tmp_path):
     entries = adv.entries_from(rows("DP4+EP", EP_US), "H200", prov)
     assert [e["layout"] for e in entries] == ["DP4+EP"] and entries[0]["serve_config"] == "triton"
     path, base = tmp_path / "advice.json", unmeasured(tmp_path)
-    path.write_text(json.dumps(adv.merged(entries, base)))
+    merged = adv.merged(entries, base)
+    path.write_text(json.dumps(merged))
     table = adv.load(path)
     assert len(table) == len(LAYOUTS)
+    order = [e["layout"] for e in json.loads(base.read_text())["entries"]]
+    assert [e["layout"] for e in merged["entries"]] == order  # replaced in place: a re-timed layout's diff is its own
+    added = adv.merged([{**entries[0], "layout": "DP16+EP"}], base)
+    assert [e["layout"] for e in added["entries"]] == [*order, "DP16+EP"]
     a = table[("H200", "DP4+EP")]
     assert a.measured and a.provenance == prov and "measured 2026-12-01: M 1-64: triton; M 1024-1024: deep_gemm" in a.line()
     assert not table[("H200", "DP2+EP")].measured  # untouched, and a partial entry keeps its configuration:

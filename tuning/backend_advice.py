@@ -266,8 +266,9 @@ def uncovered(gpu: str, layout: str, ms, path: Path | None = None) -> list[int]:
 
 
 def merged(entries: list[dict], path: Path | None = None) -> dict:
-    """The data file with ``entries`` replacing those of the same (GPU, layout); an unmeasured entry keeps the
-    serve configuration it replaces (vLLM's default where there was none)."""
+    """The data file with ``entries`` replacing those of the same (GPU, layout) in place (a re-timed layout's diff
+    is its own); an unmeasured entry keeps the serve configuration it replaces (vLLM's default where there was
+    none)."""
     data = json.loads(Path(path or DATA).read_text())
     old = {(e["gpu"], e["layout"]): e for e in data["entries"]}
     new = []
@@ -275,8 +276,8 @@ def merged(entries: list[dict], path: Path | None = None) -> dict:
         if e["serve_config"] is None:
             e = {**e, "serve_config": old.get((e["gpu"], e["layout"]), {}).get("serve_config", "auto")}
         new.append(e)
-    keys = {(e["gpu"], e["layout"]) for e in new}
-    data["entries"] = [e for e in data["entries"] if (e["gpu"], e["layout"]) not in keys] + new
+    fresh = {(e["gpu"], e["layout"]): e for e in new}  # each in the place of the one it replaces, the rest after
+    data["entries"] = [fresh.pop((e["gpu"], e["layout"]), e) for e in data["entries"]] + list(fresh.values())
     measured = sum(e["measured"] for e in data["entries"])
     data["status"] = "measured" if measured == len(data["entries"]) else \
         "not measured" if not measured else f"{measured} of {len(data['entries'])} layouts measured"
