@@ -158,6 +158,9 @@ def run(args: argparse.Namespace) -> int:
         check_gpu(gpu, len(files), len(files) - len(loaded))
     if kernel is None:
         kernel = source.load()
+    board = None if args.interpret else clocks.sample()
+    if board and board.unit:  # boards differ by up to 7% on one config (benchmarks/README §2o): say which timed
+        print(f"\nre-timing on {board.unit} (memory clock {board.mem_mhz} MHz)")
     retimed = []
     for f in loaded:
         if against and olds[f.name] is None:
