@@ -18,9 +18,7 @@ import sys
 from pathlib import Path
 from statistics import geometric_mean as geomean
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from search_pair import load, short  # noqa: E402
+from search_pair import load, short  # beside this script: the same results reader and config names
 
 
 def main(first_path: str, second_path: str) -> None:
