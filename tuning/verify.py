@@ -14,7 +14,9 @@ Triton's CPU interpreter, for tiny test models).
 the same file in OLD are re-timed, vLLM's default, OLD's entry and the new one alternating in one head to head
 (the GPU's drift hits all three alike, where two verify runs, one per set, differ by the state the GPU was in),
 and the line gives old/new. A file OLD lacks is re-timed whole: a re-tune's ``before/`` snapshot (tuning.store)
-lacks only the files the re-tune made.
+lacks only the files the re-tune made. With ``--keep-confirmed OUT`` it also writes OLD's set with each changed
+entry taken from these files only where this head to head confirms it (tuning.confirm): the check, on a second
+board, of a re-tune meant for an image that many nodes run.
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import geometric_mean
 
-from . import clocks, configs, gpus
+from datetime import datetime, timezone
+
+from . import clocks, configs, confirm, gpus
 from .configs import CONFIGS_ROOT, TileConfig
 from .errors import UsageError
+from .files import output_folder
 from .gpus import GpuSpec, get_gpu
 from .jobs import KEEP_WITHIN
 from .kernel import KernelSource, installed_fused_moe, quiet_imports
@@ -49,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vllm-version", help="vLLM version of --vllm-src when it cannot tell")
     p.add_argument("--against", metavar="OLD", help="folder of the files these replace (the committed set): re-time "
                    "only the batch sizes whose entries differ, OLD's entry beside the new one")
+    p.add_argument("--keep-confirmed", metavar="OUT", help="with --against: write OUT, OLD's files with each changed "
+                   "entry taken from these files only where this board confirms it (faster than OLD's by more than "
+                   f"{KEEP_WITHIN:.0%}): a re-tune from one board checked on another before it goes into an image")
     p.add_argument("--interpret", action="store_true", help="Triton interpreter on the CPU (tiny models; testing)")
 
 
@@ -149,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
     against = Path(args.against) if args.against else None
     if against is not None and not against.is_dir():
         raise UsageError(f"--against {against}: not a folder; pass the folder of the files these replace")
+    out = _keep_confirmed_folder(args, folder, against, files)
     olds = {f.name: configs.read_config_file(against / f.name) if (against / f.name).exists() else None
             for f in files} if against else {}
     source = kernel_source(args)
@@ -175,7 +184,35 @@ def run(args: argparse.Namespace) -> int:
         print(note)
     if against:
         print(_against_summary([g for r in retimed for g in r.gains], against))
+    if out is not None and failures:
+        print(f"{out} not written: {failures} failed above; fix them and run again")
+    elif out is not None:
+        unnamed = clocks.GpuState(0, 0.0, 0.0, ())  # a GPU NVML could not read: confirmed on an unnamed board
+        _write_confirmed(folder, against, out, {f.name: r.changes for f, r in zip(loaded, retimed)},
+                         None if args.interpret else board or unnamed)
     return 1 if failures else 0
+
+
+def _keep_confirmed_folder(args: argparse.Namespace, folder: Path, against: Path | None,
+                           files: list[TunedFile]) -> Path | None:
+    """--keep-confirmed's folder, with everything the merge needs checked before anything is timed."""
+    if not args.keep_confirmed:
+        return None
+    if against is None:
+        raise UsageError("--keep-confirmed needs --against OLD: the set whose entries stay unless this board "
+                         "confirms the change")
+    out = output_folder(args.keep_confirmed, "--keep-confirmed")
+    confirm.check(folder, against, out, [f.name for f in files])
+    return out
+
+
+def _write_confirmed(folder: Path, against: Path, out: Path, changes: dict[str, list[confirm.Change]],
+                     board: clocks.GpuState | None) -> None:
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    taken, lines = confirm.write(folder, against, out, changes, board, when)
+    print(f"wrote {out}: {against}'s files with the {taken} of {sum(map(len, changes.values()))} changed entries this "
+          f"board confirmed" + (" (under --interpret: CPU timings, for testing)" if board is None else "")
+          + "".join(f"\n{line}" for line in lines))
 
 
 def _points(f: TunedFile, sizes: tuple[int, ...] | None, old: dict[int, TileConfig] | None) -> tuple[int, ...]:
@@ -230,7 +267,12 @@ class Retimed:
     bad: int = 0  # 1 if any batch size failed
     limited: int = 0  # batch sizes timed with the clock held down
     timed: int = 0
-    gains: list[float] = field(default_factory=list)  # old/new per batch size, with --against
+    changes: list[confirm.Change] = field(default_factory=list)  # with --against, each changed entry timed
+
+    @property
+    def gains(self) -> list[float]:
+        """old/new per changed batch size."""
+        return [c.old_us / c.new_us for c in self.changes]
 
 
 def _retime(f: TunedFile, gpu: GpuSpec, kernel, sizes: tuple[int, ...], old: dict[int, TileConfig] | None = None,
@@ -268,7 +310,7 @@ def _retime(f: TunedFile, gpu: GpuSpec, kernel, sizes: tuple[int, ...], old: dic
         if o:
             versus = f"  was {was.short} {o[0].us:.1f} us, old/new {o[0].us / t.us:.3f}x" if o[0].ok else \
                 f"  was {was.short}, which fails: {o[0].failure}"
-            out.gains += [o[0].us / t.us] if o[0].ok else []
+            out.changes += [confirm.Change(m, was, tuned, d.us, o[0].us, t.us)] if o[0].ok else []
         print(f"  {m:>5} {d.us:>11.1f} {t.us:>9.1f} {speedup:>7.3f}x  {tuned.short}{flag}{versus}"
               + (f"  ({state.short()})" if state else ""))
     return out

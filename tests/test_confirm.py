@@ -1,0 +1,130 @@
+"""``verify --against OLD --keep-confirmed OUT``: OLD's set with only the changes this board confirmed."""
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import TINY_MODEL, provenance_for, vllm_fused_moe_path
+from tuning import confirm, provenance, verify
+from tuning.clocks import GpuState
+from tuning.configs import TileConfig, read_config_file, write_config_file
+from tuning.errors import UsageError
+from tuning.shapes import MoeShape
+
+BF16 = "E=36,N=1280,device_name=NVIDIA_H200.json"
+FP8 = "E=72,N=1280,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"
+A, B, C = TileConfig(16, 64, 128, 1, 4, 3), TileConfig(16, 128, 128, 32, 4, 3), TileConfig(64, 128, 64, 1, 4, 3)
+BOARD = GpuState(1980, 400.0, 700.0, (), 3201, "GPU-2e2a7309-362b-b544-b123-a009c322962a")
+
+
+def tuned(folder, name, entries, tuned_us=10.0, **kw):
+    """A config file and its sidecar, each row's tuned time ``tuned_us``."""
+    folder.mkdir(exist_ok=True)
+    write_config_file(folder / name, entries, "3.8.0")
+    prov = provenance_for(folder / name, entries, **kw)
+    rows = tuple(dataclasses.replace(r, tuned_us=tuned_us) for r in prov.rows)
+    provenance.write(folder / name, dataclasses.replace(prov, rows=rows))
+
+
+@pytest.fixture
+def sets(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    tuned(old, BF16, {1: A, 16: A, 64: A}, tuned_us=10.0)
+    tuned(new, BF16, {1: A, 16: B, 64: C}, tuned_us=9.0)
+    tuned(old, FP8, {1: A, 16: A})  # a file the re-tune did not touch
+    tuned(new, "E=144,N=1280,device_name=NVIDIA_H200.json", {1: C})  # one the re-tune made
+    return old, new, tmp_path / "out"
+
+
+def test_only_the_confirmed_entry_is_taken_and_the_sidecar_says_where_it_came_from(sets):
+    old, new, out = sets
+    changes = {BF16: [confirm.Change(16, A, B, 12.0, 10.0, 9.5),  # 5% faster: confirmed
+                      confirm.Change(64, A, C, 12.0, 10.0, 9.95)],  # 0.5%: inside the noise, OLD's stays
+               "E=144,N=1280,device_name=NVIDIA_H200.json": []}
+    taken, lines = confirm.write(new, old, out, changes, BOARD, "2026-12-02T17:00:00Z")
+    assert taken == 1
+    assert lines == [f"  {BF16}: M=16 from NEW", "  E=144,N=1280,device_name=NVIDIA_H200.json: a file the re-tune "
+                     "made, taken whole"]
+    assert read_config_file(out / BF16) == {1: A, 16: B, 64: A}
+    assert read_config_file(out / FP8) == {1: A, 16: A}
+    assert read_config_file(out / "E=144,N=1280,device_name=NVIDIA_H200.json") == {1: C}
+    merged = provenance.read(out / BF16)
+    assert {r.m: r.tuned_us for r in merged.rows} == {1: 10.0, 16: 9.0, 64: 10.0}  # row 16 is NEW's
+    assert {r.m: r.tuned for r in merged.rows} == {1: A, 16: B, 64: A}
+    assert merged.extra["confirmed"] == [{
+        "m": 16, "config": B.short, "replaces": A.short, "tuned": "2026-11-30T00:00:00Z to 2026-11-30T00:01:00Z",
+        "on": BOARD.unit, "mem_mhz": 3201, "when": "2026-12-02T17:00:00Z", "default_us": 12.0, "old_us": 10.0,
+        "new_us": 9.5}]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["new", "old", "out"]  # no .partial left
+    # vLLM's own loader reads the merged file as written
+    shape = MoeShape(36, 288, 1280, 4096, 8, "bf16", None)
+    loaded, how = verify.load_with_vllm(out, shape, "NVIDIA_H200")
+    assert loaded == {1: A, 16: B, 64: A}, how
+
+
+def test_a_second_merge_keeps_the_first_confirmations(sets, tmp_path):
+    old, new, out = sets
+    confirm.write(new, old, out, {BF16: [confirm.Change(16, A, B, 12.0, 10.0, 9.5)]}, BOARD, "t1")
+    again = tmp_path / "again"
+    confirm.write(new, out, again, {BF16: [confirm.Change(64, A, C, 12.0, 10.0, 9.0)]}, None, "t2")
+    entries = provenance.read(again / BF16).extra["confirmed"]
+    assert [(c["m"], c["when"]) for c in entries] == [(16, "t1"), (64, "t2")]
+    assert entries[1]["on"].startswith("the CPU (--interpret")
+
+
+@pytest.mark.parametrize("spoil, match", [
+    (lambda old, new, out: (out.mkdir(), (out / "x").write_text("")), "exists and is not an empty folder"),
+    (lambda old, new, out: provenance.sidecar_path(old / BF16).unlink(), f"{re.escape(BF16)} in OLD has no tune-moe"),
+    (lambda old, new, out: tuned(new, BF16, {1: A, 16: B, 64: C}, triton="3.6.0"),
+     "tuned under Triton 3.8.0 in OLD and 3.6.0 in NEW"),
+    (lambda old, new, out: tuned(new, BF16, {1: A, 16: B}), "holds other batch sizes in NEW than in OLD"),
+])
+def test_a_merge_that_would_mix_runs_is_refused_before_anything_is_timed(sets, spoil, match):
+    old, new, out = sets
+    spoil(old, new, out)
+    with pytest.raises(UsageError, match=match):
+        confirm.check(new, old, out, [BF16, "E=144,N=1280,device_name=NVIDIA_H200.json"])
+    assert not out.with_name("out.partial").exists()
+
+
+def test_keep_confirmed_needs_against(sets):
+    old, new, out = sets
+    parser = verify.argparse.ArgumentParser()
+    verify.add_arguments(parser)
+    args = parser.parse_args(["--gpu", "H200", "--configs", str(new), "--keep-confirmed", str(out)])
+    with pytest.raises(UsageError, match="--keep-confirmed needs --against OLD"):
+        verify.run(args)
+    assert not out.exists()
+
+
+def test_verify_writes_the_merged_set_from_its_own_head_to_heads(tmp_path):
+    """End to end under Triton's interpreter: vLLM's kernel re-times the changed entry beside OLD's, and OUT takes
+    NEW's entry exactly when the printed old/new clears KEEP_WITHIN."""
+    src = vllm_fused_moe_path()
+    if src is None:
+        pytest.skip("vLLM is not installed: its fused_moe.py is the kernel under test")
+    name = "E=8,N=128,device_name=NVIDIA_H200.json"  # bf16 DP2+EP of the tiny model
+    a, b = TileConfig(16, 32, 32, 1, 2, 1), TileConfig(16, 64, 32, 1, 2, 1)
+    for folder, entries in (("old", {1: a, 16: a}), ("new", {1: a, 16: b})):
+        (tmp_path / folder).mkdir()
+        write_config_file(tmp_path / folder / name, entries, "3.8.0")
+        prov = provenance_for(tmp_path / folder / name, entries)
+        provenance.write(tmp_path / folder / name, dataclasses.replace(
+            prov, shape=MoeShape(8, 16, 128, 64, 2, "bf16", None)))
+    run = subprocess.run([sys.executable, "-m", "tuning.cli", "verify", "--gpu", "H200", "--model", str(TINY_MODEL),
+                          "--configs", str(tmp_path / "new"), "--against", str(tmp_path / "old"), "--keep-confirmed",
+                          str(tmp_path / "out"), "--interpret", "--vllm-src", str(src)],
+                         capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    ratio = float(re.search(r"old/new ([\d.]+)x", run.stdout).group(1))
+    assert re.search(rf"^wrote {tmp_path / 'out'}: {tmp_path / 'old'}'s files with the [01] of 1 changed entries this "
+                     r"board confirmed \(under --interpret: CPU timings, for testing\)$", run.stdout, re.M)
+    merged = read_config_file(tmp_path / "out" / name)
+    if abs(ratio - 1 / 0.99) > 0.002:  # clear of the rounding at the threshold
+        assert merged == ({1: a, 16: b} if ratio > 1 / 0.99 else {1: a, 16: a}), run.stdout
+    assert json.loads((tmp_path / "out" / name).read_text())["triton_version"] == "3.8.0"
