@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import TINY_MODEL, provenance_for, vllm_fused_moe_path
-from tuning import confirm, provenance, verify
+from tuning import confirm, provenance, report, verify
 from tuning.clocks import GpuState
 from tuning.configs import TileConfig, read_config_file, write_config_file
 from tuning.errors import UsageError
@@ -65,6 +65,11 @@ def test_only_the_confirmed_entry_is_taken_and_the_sidecar_says_where_it_came_fr
     shape = MoeShape(36, 288, 1280, 4096, 8, "bf16", None)
     loaded, how = verify.load_with_vllm(out, shape, "NVIDIA_H200")
     assert loaded == {1: A, 16: B, 64: A}, how
+    # the report reads the merged sidecar (its rows agree with the file) and names the entry and the board
+    merged_report = next(r for r in report.load_folder(out) if r.file == BF16)
+    assert merged_report.provenance[-1] == (
+        "- Taken from a later re-tune where another board confirmed them (`verify --keep-confirmed`): "
+        f"M=16 {A.short} → {B.short}, 10.0 → 9.5 µs on {BOARD.unit}")
 
 
 def test_a_second_merge_keeps_the_first_confirmations(sets, tmp_path):

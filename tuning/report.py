@@ -122,7 +122,15 @@ def _provenance_lines(p: Provenance) -> tuple[str, ...]:
         f"- Tuning time: {p.tuning_seconds / 60:.1f} min{span}",
         *([f"- Triton drift: {drift}"] if (drift := triton_drift(p)) else []),
         *([f"- Not tuned: {empty}"] if (empty := p.empty_launch_note()) else []),
+        *([_confirmed_line(p.extra["confirmed"])] if p.extra.get("confirmed") else []),
     )
+
+
+def _confirmed_line(confirmed: list[dict]) -> str:
+    """The entries ``verify --keep-confirmed`` took from a re-tune, each with the second board's head to head."""
+    each = "; ".join(f"M={c['m']} {c['replaces']} → {c['config']}, {c['old_us']} → {c['new_us']} µs on {c['on']}"
+                     for c in confirmed)
+    return f"- Taken from a later re-tune where another board confirmed them (`verify --keep-confirmed`): {each}"
 
 
 def triton_drift(p: Provenance) -> str | None:
