@@ -97,6 +97,19 @@ def test_a_merge_that_would_mix_runs_is_refused_before_anything_is_timed(sets, s
     assert not out.with_name("out.partial").exists()
 
 
+def test_a_change_is_not_confirmed_on_the_board_that_tuned_it(sets):
+    """NEW's sidecar rows name the board that timed them: a confirmation there would repeat its luck."""
+    old, new, out = sets
+    prov = provenance.read(new / BF16)
+    rows = tuple(dataclasses.replace(r, unit=BOARD.unit if r.m == 64 else "GPU-another") for r in prov.rows)
+    provenance.write(new / BF16, dataclasses.replace(prov, rows=rows))
+    confirm.check_board(new, {BF16: (16,)}, BOARD)  # M=16 was tuned on another board
+    with pytest.raises(UsageError, match=rf"{re.escape(BF16)} M=64 was tuned on this board \(GPU-2e2a7309-.*\); "
+                                         "a confirmation needs another board"):
+        confirm.check_board(new, {BF16: (16, 64)}, BOARD)
+    confirm.check_board(new, {BF16: (16, 64)}, dataclasses.replace(BOARD, unit=""))  # a board NVML did not name
+
+
 def test_keep_confirmed_needs_against(sets):
     old, new, out = sets
     parser = verify.argparse.ArgumentParser()

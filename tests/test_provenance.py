@@ -181,3 +181,28 @@ def test_the_summary_says_what_became_of_each_entry_the_file_held():
     old = undone.to_json()
     del old["rechecked"]  # a result from before the field: nothing was rechecked
     assert JobResult.from_json(old).rechecked == ""
+
+
+def test_each_sidecar_row_names_the_board_that_timed_it(tmp_path):
+    """A row written from a job names the board (NVML's UUID in its GPU state) and reads back the same; a job
+    without NVML, and a sidecar from before the field, leave it out."""
+    from dataclasses import replace
+
+    from tuning.jobs import JobResult
+    from tuning.outputs import row
+
+    c = TileConfig(16, 64, 128, 1, 4, 3)
+    r = JobResult(file="f.json", m=16, default=c, default_us=144.3, tuned=c, tuned_us=144.3, tuned_p20_us=144.0,
+                  tuned_p80_us=145.0, roofline_us=50.0, bound="memory", error=0.0, evaluated=40, failed=0, seconds=3.0,
+                  worker="w", gpu_state={"sm_mhz": 1980, "power_w": 400.0, "limit_w": 700.0, "reasons": [],
+                                         "mem_mhz": 3201, "unit": "GPU-2e2a7309"})
+    assert row(r).unit == "GPU-2e2a7309" and row(replace(r, gpu_state={})).unit is None
+    path = tmp_path / "E=288,N=320,device_name=NVIDIA_H200.json"
+    write_config_file(path, {16: c}, "3.8.0")
+    prov = provenance_for(path, {16: c})
+    provenance.write(path, replace(prov, rows=(replace(row(r), m=16),)))
+    assert json.loads(provenance.sidecar_path(path).read_text())["results"]["16"]["unit"] == "GPU-2e2a7309"
+    assert provenance.read(path).rows[0].unit == "GPU-2e2a7309"
+    provenance.write(path, prov)
+    assert "unit" not in json.loads(provenance.sidecar_path(path).read_text())["results"]["16"]
+    assert provenance.read(path).rows[0].unit is None

@@ -68,6 +68,19 @@ def check(new_dir: Path, old_dir: Path, out: Path, names: list[str]) -> None:
                              "re-tune over a copy of OLD")
 
 
+def check_board(new_dir: Path, changed: dict[str, tuple[int, ...]], board: GpuState) -> None:
+    """Refuse to confirm a change on the board that tuned it (its sidecar row names the board): that would repeat
+    the board's own luck, not test it."""
+    for name, ms in changed.items():
+        prov = provenance.read(new_dir / name)
+        units = {row.m: row.unit for row in prov.rows} if prov else {}
+        here = [m for m in ms if board.unit and units.get(m) == board.unit]
+        if here:
+            raise UsageError(f"{OPTION}: {name} M={','.join(map(str, here))} was tuned on this board ({board.unit}); "
+                             "a confirmation needs another board: run this on another node (verify --against alone "
+                             "checks this node's own gain)")
+
+
 def write(new_dir: Path, old_dir: Path, out: Path, changes: dict[str, list[Change]], board: GpuState | None,
           when: str) -> tuple[int, list[str]]:
     """Write OUT (through OUT.partial, renamed whole) from NEW's files (``changes``: each one's changed entries,

@@ -99,7 +99,7 @@ def row(r: JobResult) -> BatchRow:
                     roofline_us=round(r.roofline_us, 2), bound=r.bound,
                     default_pct_roofline=round(100 * r.roofline_us / r.default_us, 1),
                     tuned_pct_roofline=round(100 * r.roofline_us / r.tuned_us, 1),
-                    evaluated=r.evaluated, failed=r.failed)
+                    evaluated=r.evaluated, failed=r.failed, unit=r.gpu_state.get("unit") or None)
 
 
 def now() -> str:

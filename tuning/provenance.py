@@ -71,6 +71,7 @@ class BatchRow:
     tuned_p80_us: float | None = None
     evaluated: int | None = None
     failed: int | None = None
+    unit: str | None = None  # NVML's UUID of the board that timed this row (rows from before it lack it)
 
     def to_json(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "m" and v is not None}
@@ -182,7 +183,7 @@ class _Reader:
             "default_us", "tuned_us", "speedup", "roofline_us", "default_pct_roofline", "tuned_pct_roofline")}
         if min(numbers["speedup"], numbers["default_us"], numbers["tuned_us"]) <= 0:
             raise self.fail(f"results.{m} has a non-positive time or speedup")
-        optional = {k: raw.get(k) for k in ("tuned_p20_us", "tuned_p80_us", "evaluated", "failed")}
+        optional = {k: raw.get(k) for k in ("tuned_p20_us", "tuned_p80_us", "evaluated", "failed", "unit")}
         return BatchRow(m=int(m), **numbers, **optional, bound=str(raw.get("bound", "")),
                         default=self.tile(data, f"results.{m}.default"), tuned=self.tile(data, f"results.{m}.tuned"))
 

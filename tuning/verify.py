@@ -170,11 +170,14 @@ def run(args: argparse.Namespace) -> int:
     board = None if args.interpret else clocks.sample()
     if board and board.unit:  # boards differ by up to 7% on one config (benchmarks/README §2o): say which timed
         print(f"\nre-timing on {board.unit} (memory clock {board.mem_mhz} MHz)")
+    points = {f.name: _points(f, sizes, olds.get(f.name)) for f in loaded}
+    if out is not None and board is not None:
+        confirm.check_board(folder, {f.name: points[f.name] for f in loaded if olds[f.name] is not None}, board)
     retimed = []
     for f in loaded:
         if against and olds[f.name] is None:
             print(f"\n{f.name}: not in {against}: a file made since, every entry re-timed against vLLM's default")
-        retimed.append(_retime(f, gpu, kernel, _points(f, sizes, olds.get(f.name)), olds.get(f.name),
+        retimed.append(_retime(f, gpu, kernel, points[f.name], olds.get(f.name),
                                judge=not args.interpret))
     failures = len(files) - len(loaded) + sum(r.bad for r in retimed)
     print(f"\n{len(files)} files, {failures} failed"
