@@ -24,10 +24,9 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from statistics import geometric_mean
-
-from datetime import datetime, timezone
 
 from . import clocks, configs, confirm, gpus
 from .configs import CONFIGS_ROOT, TileConfig
