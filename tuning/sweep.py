@@ -85,7 +85,9 @@ def run_sweep(plan: Plan, settings: Settings, ray_options: RayOptions, outs: Out
         if replaced:
             print(f"\n{replaced} entr{'y' if replaced == 1 else 'ies'} replaced; the files as they were are in "
                   f"{store.before_dir}. Re-time each change beside the entry it replaced before you commit: "
-                  f"tune-moe verify --gpu {plan.gpu.key} --configs {outs.out} --against {store.before_dir}")
+                  f"tune-moe verify --gpu {plan.gpu.key} --configs {outs.out} --against {store.before_dir}. "
+                  "That check holds for this board; for an image that other nodes run, keep only what another board "
+                  "confirms: run it there with --keep-confirmed OUT (benchmarks/README §2p)")
         print("\nWrote:\n" + "\n".join(f"  {p}" for p in writer.written) if writer.written else "\nWrote no file.")
         missing = sum(not store.done(files[j.shape], j.m) for j in plan.jobs)
     finally:
