@@ -146,3 +146,41 @@ def test_verify_writes_the_merged_set_from_its_own_head_to_heads(tmp_path):
     if abs(ratio - 1 / 0.99) > 0.002:  # clear of the rounding at the threshold
         assert merged == ({1: a, 16: b} if ratio > 1 / 0.99 else {1: a, 16: a}), run.stdout
     assert json.loads((tmp_path / "out" / name).read_text())["triton_version"] == "3.8.0"
+
+
+def test_a_re_tune_keeps_the_confirmations_of_the_entries_it_keeps(sets):
+    """A later re-tune rewrites a merged file's sidecar from its own results: the confirmation of an entry it kept
+    stays, of one it replaced goes."""
+    from tuning.jobs import JobResult, Settings
+    from tuning.kernel import KernelSource
+    from tuning.models import DEFAULT_MODEL, load_model
+    from tuning.outputs import check_writable, write_shape
+    from tuning.gpus import get_gpu
+    from tuning.plan import make_plan
+    from tuning.shapes import parse_layout
+
+    old, new, out = sets
+    confirm.write(new, old, out, {BF16: [confirm.Change(16, A, B, 12.0, 10.0, 9.5),
+                                         confirm.Change(64, A, C, 12.0, 10.0, 9.0)]}, BOARD, "t1")
+    prov = provenance.read(out / BF16)
+    existing = check_writable(out / BF16, {"triton": prov.run.triton, "vllm": prov.run.vllm,
+                                            "kernel_sha256": prov.run.kernel_sha256})
+    assert [c["m"] for c in existing.confirmed] == [16, 64]
+    plan = make_plan(load_model(DEFAULT_MODEL), get_gpu("H200"), "bf16", [parse_layout("DP8+EP")], 8, (1, 16, 64),
+                     vllm_version="0.33.0")
+    (shape,) = plan.shapes
+
+    def result(m, tuned):
+        return JobResult(file=BF16, m=m, default=A, default_us=12.0, tuned=tuned, tuned_us=9.0, tuned_p20_us=8.9,
+                         tuned_p80_us=9.1, roofline_us=5.0, bound="memory", error=0.0, evaluated=9, failed=0,
+                         seconds=1.0, worker="w")
+
+    write_shape(out, plan, shape, {16: result(16, B), 64: result(64, A)}, settings=Settings(gpu="H200", source=KernelSource()),
+                run=prov.run, target=None, existing=existing, started="t2")
+    assert read_config_file(out / BF16) == {1: A, 16: B, 64: A}
+    assert [c["m"] for c in provenance.read(out / BF16).extra["confirmed"]] == [16]
+    write_shape(out, plan, shape, {16: result(16, A)}, settings=Settings(gpu="H200", source=KernelSource()), run=prov.run,
+                target=None, existing=check_writable(out / BF16, {"triton": prov.run.triton, "vllm": prov.run.vllm,
+                                                                   "kernel_sha256": prov.run.kernel_sha256}),
+                started="t3")
+    assert "confirmed" not in provenance.read(out / BF16).extra

@@ -33,6 +33,12 @@ class Existing:
     layouts: tuple[str, ...] = ()  # the layouts its earlier runs tuned it for: a partial re-tune keeps them
     held: dict[int, TileConfig] = field(default_factory=dict)  # what the file holds now, whatever wrote it: each
     # entry is its batch size's incumbent, timed against the search's winner and kept unless beaten (search)
+    confirmed: tuple[dict, ...] = ()  # entries verify --keep-confirmed took, with the board that confirmed each
+
+    def still_confirmed(self, entries: dict[int, TileConfig]) -> dict:
+        """The sidecar key for the confirmations whose entry the file still holds (a re-tune that kept it)."""
+        kept = [c for c in self.confirmed if c["m"] in entries and entries[c["m"]].short == c["config"]]
+        return {"confirmed": kept} if kept else {}
 
     def with_layouts(self, plan: Plan, shape: MoeShape) -> tuple[str, ...]:
         """The file's layouts after this run: the earlier ones, then this plan's for ``shape``."""
@@ -59,7 +65,8 @@ def check_writable(path: Path, software: dict[str, str], overwrite: bool = False
                          "pass --overwrite to replace it with this run's batch sizes, or choose another --out")
     if differ:
         return Existing(configs={}, held=existing)
-    return Existing(configs=existing, rows=prov.rows, layouts=prov.layouts, held=existing)
+    return Existing(configs=existing, rows=prov.rows, layouts=prov.layouts, held=existing,
+                    confirmed=tuple(prov.extra.get("confirmed", ())))
 
 
 def write_shape(out: Path, plan: Plan, shape: MoeShape, results: dict[int, JobResult], *, settings: Settings,
@@ -75,7 +82,7 @@ def write_shape(out: Path, plan: Plan, shape: MoeShape, results: dict[int, JobRe
         search={"strategy": settings.strategy, "routing": settings.routing, "seed": settings.seed,
                 "scope": settings.scope, "max_evals": settings.max_evals},
         started=started, finished=now(), tuning_seconds=round(sum(r.seconds for r in results.values()), 1),
-        rows=tuple(rows[m] for m in sorted(rows))))
+        rows=tuple(rows[m] for m in sorted(rows)), extra=existing.still_confirmed(merged)))
     return path
 
 
