@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "only the batch sizes whose entries differ, OLD's entry beside the new one")
     p.add_argument("--keep-confirmed", metavar="OUT", help="with --against: write OUT, OLD's files with each changed "
                    "entry taken from these files only where this board confirms it (faster than OLD's by more than "
-                   f"{KEEP_WITHIN:.0%}): a re-tune from one board checked on another before it goes into an image")
+                   f"{KEEP_WITHIN:.0%}%): a re-tune from one board checked on another before it goes into an image")
     p.add_argument("--interpret", action="store_true", help="Triton interpreter on the CPU (tiny models; testing)")
 
 
