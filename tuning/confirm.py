@@ -17,7 +17,6 @@ OUT is written whole or not at all.
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 from . import configs, provenance
 from .clocks import GpuState
 from .errors import UsageError
+from .files import copy_config_files, write_folder
 from .jobs import KEEP_WITHIN
 
 OPTION = "--keep-confirmed"
@@ -86,29 +86,23 @@ def write(new_dir: Path, old_dir: Path, out: Path, changes: dict[str, list[Chang
     """Write OUT (through OUT.partial, renamed whole) from NEW's files (``changes``: each one's changed entries,
     re-timed); return how many entries it took from NEW, and a line per file that took any. A batch size re-timed
     that is not one of the file's own (``--batch-sizes`` between them) decides nothing: the entries are the keys."""
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    for src in sorted(old_dir.glob("E=*.json")):
-        shutil.copyfile(src, partial / src.name)
-    lines, count = [], 0
-    for name in changes:
-        if not (old_dir / name).exists():
+    made = [name for name in changes if not (old_dir / name).exists()]
+    taken = {name: [r for r in changes[name] if r.confirmed and r.m in configs.read_config_file(old_dir / name)]
+             for name in changes if name not in made}
+
+    def fill(partial: Path) -> None:
+        copy_config_files(old_dir, partial)
+        for name in made:
             for src in (new_dir / name, provenance.sidecar_path(new_dir / name)):
                 if src.exists():
                     shutil.copyfile(src, partial / src.name)
-            lines.append(f"  {name}: a file the re-tune made, taken whole")
-            continue
-        keys = configs.read_config_file(old_dir / name)
-        taken = [r for r in changes[name] if r.confirmed and r.m in keys]
-        count += len(taken)
-        if taken:
-            _merge(new_dir / name, partial / name, taken, board, when)
-            lines.append(f"  {name}: M={','.join(str(r.m) for r in taken)} from NEW")
-    if out.exists():
-        out.rmdir()  # checked empty before anything ran
-    os.replace(partial, out)
-    return count, lines
+        for name, entries in taken.items():
+            if entries:
+                _merge(new_dir / name, partial / name, entries, board, when)
+
+    write_folder(out, fill)  # checked new or empty before anything ran
+    lines = [f"  {name}: M={','.join(str(r.m) for r in entries)} from NEW" for name, entries in taken.items() if entries]
+    return sum(map(len, taken.values())), lines + [f"  {name}: a file the re-tune made, taken whole" for name in made]
 
 
 def _merge(new_path: Path, target: Path, taken: list[Change], board: GpuState | None, when: str) -> None:

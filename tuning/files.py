@@ -3,6 +3,7 @@
 ``atomic_write`` is the one way this package writes a file: the bytes go to a temp file beside
 the target (same filesystem), are fsynced, get the permissions an ordinary file would get, and
 are renamed over the target. A failure leaves the old file (or none) and no temp file behind.
+``write_folder`` does the same for a whole folder: built beside it in ``NAME.partial``, renamed into place.
 ``output_folder`` refuses, in one line, an output path that is a file or cannot be written.
 """
 
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from .errors import UsageError
 
@@ -45,6 +48,28 @@ def atomic_write_text(path: Path | str, text: str) -> None:
 
 def atomic_write_json(path: Path | str, data: object, indent: int = 4) -> None:
     atomic_write(path, (json.dumps(data, indent=indent, default=str) + "\n").encode())
+
+
+def write_folder(dest: Path, fill: Callable[[Path], None]) -> None:
+    """Create ``dest`` whole: ``fill`` writes into ``dest.partial`` (one a killed run left is discarded first),
+    which is then renamed to ``dest`` (absent, or an empty folder). A failure leaves no partial folder behind."""
+    partial = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        fill(partial)
+        if dest.is_dir():
+            dest.rmdir()  # only an empty one: a folder with files in it is never replaced
+        os.replace(partial, dest)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def copy_config_files(src: Path, dest: Path) -> None:
+    """Every vLLM config file of ``src`` and its sidecar (``E=*.json``), byte for byte, into ``dest``."""
+    for path in sorted(src.glob("E=*.json")):
+        shutil.copyfile(path, dest / path.name)
 
 
 def output_folder(path: Path | str, option: str) -> Path:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from .errors import UsageError
-from .files import atomic_write_json
+from .files import atomic_write_json, copy_config_files, write_folder
 from .jobs import JobResult
 
 STATE_DIR = ".tune-moe"
@@ -90,14 +90,8 @@ class Store:
         """Snapshot the config files (and sidecars) the --out folder holds into ``before/``, once, when these
         results begin: a file it lacks is one they made, and one no run of them touched reads as it was. Copied
         into a temporary folder and renamed, so a kill mid-copy leaves no half snapshot."""
-        if self.before_dir.exists():
-            return
-        partial = self.dir / "before.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-        for src in sorted(self.dir.parent.glob("E=*.json")):
-            (partial / src.name).write_bytes(src.read_bytes())
-        os.replace(partial, self.before_dir)
+        if not self.before_dir.exists():
+            write_folder(self.before_dir, lambda partial: copy_config_files(self.dir.parent, partial))
 
     def _load(self) -> dict[tuple[str, int], JobResult]:
         out = {}
