@@ -11,6 +11,7 @@ import pytest
 from tuning.configs import TileConfig
 from tuning.errors import UsageError
 from tuning.jobs import Failure, FailureKind, JobResult
+from tuning.provenance import RunInfo
 from tuning.store import Store
 
 FILE = "E=72.json"
@@ -41,6 +42,26 @@ def test_results_survive_a_restart(tmp_path):
     assert again.for_file(FILE)[32] == result(32)
     assert again.for_file(FILE)[32].failures["M256-N256-K128-G1-w8-s5"].kind.sticky
     assert again.for_file(FILE)[32].speedup == pytest.approx(10 / 9)
+
+
+def test_what_the_workers_run_on_is_kept_with_the_fingerprints(tmp_path):
+    """The workers' GPUs and software, so a resume can write a finished shape's files without starting them."""
+    run = RunInfo(gpu_name="NVIDIA H200", device_name="NVIDIA_H200", driver="580.95", count=2, cuda="13.0",
+                  torch="2.11.0", triton="3.8.0", python="3.12.3", vllm="0.33.0", kernel="fused_moe.py",
+                  kernel_sha256="ab" * 32)
+    s = opened(tmp_path)
+    assert s.run is None
+    s.note_run(run)
+    s.close()
+    again = opened(tmp_path)
+    assert again.run == run and again.fingerprints == {FILE: FP}
+    again.claim("E=36.json", FP)  # a later claim keeps it
+    again.close()
+    assert opened(tmp_path).run == run
+    state = json.loads((tmp_path / ".tune-moe" / "run.json").read_text())
+    del state["run"]["cuda"]  # a record it cannot read is no record: the resume re-times instead
+    (tmp_path / ".tune-moe" / "run.json").write_text(json.dumps(state))
+    assert opened(tmp_path).run is None
 
 
 def test_a_line_cut_short_loses_only_that_job(tmp_path):

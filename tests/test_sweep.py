@@ -119,6 +119,27 @@ def test_sweep_survives_a_killed_worker_and_writes_what_vllm_loads(tmp_path):
     assert "Nothing to tune" in again.stdout
     assert snapshot(out) == before
 
+    # a kill between the shape's last result and its config file (the sidecar is written first): the resume
+    # writes the file from the store and runs nothing
+    (out / FILE).unlink()
+    mended = subprocess.run(command(out), capture_output=True, text=True, env=env(), timeout=900)
+    assert mended.returncode == 0, mended.stdout + mended.stderr
+    assert "6 of 6 jobs already done" in mended.stdout and "workers:" not in mended.stdout
+    assert f"wrote {out / FILE} (its results were in" in mended.stdout
+    assert configs.read_config_file(out / FILE) == written and provenance.read(out / FILE).rows == prov.rows
+    assert provenance.read(out / FILE).run == prov.run
+
+    # the same kill under a store that predates its record of the workers: their largest batch size runs again
+    state = json.loads((out / ".tune-moe" / "run.json").read_text())
+    assert state.pop("run")["triton"] == prov.run.triton
+    (out / ".tune-moe" / "run.json").write_text(json.dumps(state))
+    (out / FILE).unlink()
+    legacy = subprocess.run(command(out), capture_output=True, text=True, env=env(), timeout=900)
+    assert legacy.returncode == 0, legacy.stdout + legacy.stderr
+    assert "5 of 6 jobs already done" in legacy.stdout and f"wrote {out / FILE}\n" in legacy.stdout
+    assert sorted(configs.read_config_file(out / FILE)) == [int(m) for m in BATCHES.split(",")]
+    assert [r["m"] for r in results(out)][-1] == 16
+
 
 def test_four_workers_one_per_fake_gpu_share_the_jobs(tmp_path):
     # DP4+EP of the tiny model over four declared GPUs: 4 local experts of 16 per GPU, one Ray worker per GPU.

@@ -3,7 +3,9 @@
 ``check_writable`` runs before the GPUs start: a config file in the way must be one of ours, tuned
 under the same software, or ``--overwrite`` replaces it. ``write_shape`` runs the moment a shape's last
 batch size is done, and only for shapes that got a result in this run: a re-run that tunes nothing
-rewrites nothing, so provenance always comes from the run that tuned the file.
+rewrites nothing, so provenance always comes from the run that tuned the file. It writes the sidecar first and
+the config file last, so a config file a run wrote always has its sidecar; ``is_written`` tells a resume which
+finished shapes a kill kept from their files.
 """
 
 from __future__ import annotations
@@ -71,11 +73,12 @@ def check_writable(path: Path, software: dict[str, str], overwrite: bool = False
 
 def write_shape(out: Path, plan: Plan, shape: MoeShape, results: dict[int, JobResult], *, settings: Settings,
                 run: RunInfo, target: Target | None, existing: Existing, started: str) -> Path:
-    """Write (merge into) the vLLM JSON for ``shape`` and its sidecar; return the JSON path."""
+    """Write (merge into) the vLLM JSON for ``shape`` and its sidecar; return the JSON path. Each is replaced
+    atomically, the sidecar first: a kill between them leaves the config file as it was, with a sidecar that does
+    not match it, which ``is_written`` finds and a resume mends."""
     path = Path(out) / plan.file_name(shape)
     rows = {r.m: r for r in existing.rows} | {m: row(r) for m, r in results.items()}
     merged = configs.merge(existing.configs, {m: r.tuned for m, r in results.items()})
-    configs.write_config_file(path, merged, run.triton)
     provenance.write(path, Provenance(
         file=path.name, shape=shape, layouts=existing.with_layouts(plan, shape),
         gpu_key=plan.gpu.key, run=run, target=target, tool_version=_tool_version(),
@@ -83,7 +86,19 @@ def write_shape(out: Path, plan: Plan, shape: MoeShape, results: dict[int, JobRe
                 "scope": settings.scope, "max_evals": settings.max_evals},
         started=started, finished=now(), tuning_seconds=round(sum(r.seconds for r in results.values()), 1),
         rows=tuple(rows[m] for m in sorted(rows)), extra=existing.still_confirmed(merged)))
+    configs.write_config_file(path, merged, run.triton)
     return path
+
+
+def is_written(out: Path, plan: Plan, shape: MoeShape, results: dict[int, JobResult]) -> bool:
+    """Whether ``shape``'s config file and sidecar hold ``results`` (a finished shape's, from the store): not
+    when a kill came between its last result and its files."""
+    path = Path(out) / plan.file_name(shape)
+    prov = provenance.read(path) if path.exists() else None
+    if prov is None:
+        return False
+    held, rows = configs.read_config_file(path), {r.m: (r.tuned, r.tuned_us) for r in prov.rows}
+    return all(held.get(m) == r.tuned and rows.get(m) == (r.tuned, row(r).tuned_us) for m, r in results.items())
 
 
 def incumbent_mark(r: JobResult) -> str:

@@ -1,7 +1,8 @@
 """Finished jobs, persisted the moment they finish, so a killed run resumes where it stopped.
 
 ``<out>/.tune-moe/`` holds ``results.jsonl`` (one JobResult per line, appended, flushed and fsynced),
-``run.json`` (per config file, the fingerprint of everything that decided its timings), ``lock``
+``run.json`` (per config file, the fingerprint of everything that decided its timings; and the workers' GPUs and
+software, which a resume writes into the files of a shape a kill kept from them), ``lock``
 (held by the one run writing here) and ``before/``: every config file (with its sidecar) as --out held it when
 these results began, so a re-tune over a committed set loses nothing it replaced and ``tune-moe verify
 --against`` re-times each change beside the entry it replaced, and nothing the run left alone. A result is reused
@@ -18,11 +19,13 @@ import os
 import shutil
 import socket
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from .errors import UsageError
 from .files import atomic_write_json, copy_config_files, write_folder
 from .jobs import JobResult
+from .provenance import RunInfo
 
 STATE_DIR = ".tune-moe"
 FORMAT = 2
@@ -42,7 +45,9 @@ class Store:
             for path in (self.results_path, self.run_path):
                 path.unlink(missing_ok=True)
             shutil.rmtree(self.before_dir, ignore_errors=True)
-        self.fingerprints: dict[str, dict] = self._read_run()
+        self.fingerprints: dict[str, dict] = {}
+        self.run: RunInfo | None = None  # what the workers that made these results ran on
+        self._read_run()
         self.results: dict[tuple[str, int], JobResult] = self._load()
 
     def close(self, drop_unused: bool = False) -> None:
@@ -59,9 +64,9 @@ class Store:
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only if empty
 
-    def _read_run(self) -> dict[str, dict]:
+    def _read_run(self) -> None:
         if not self.run_path.exists():
-            return {}
+            return
         try:
             data = json.loads(self.run_path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -69,7 +74,21 @@ class Store:
                              "move the folder away, or pass --fresh to discard them") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("files"), dict):
             raise UsageError(f"{self.dir} holds results of another tune-moe version; pass --fresh to discard them")
-        return data["files"]
+        self.fingerprints = data["files"]
+        try:
+            self.run = RunInfo(**data["run"])
+        except (KeyError, TypeError):
+            self.run = None  # results from before it was recorded: a resume re-times what it would need it for
+
+    def _save_run(self) -> None:
+        run = {"run": asdict(self.run)} if self.run else {}
+        atomic_write_json(self.run_path, {"format": FORMAT, "files": self.fingerprints, **run})
+
+    def note_run(self, run: RunInfo) -> None:
+        """Record what this run's workers run on, before their first result is added."""
+        if run != self.run:
+            self.run = run
+            self._save_run()
 
     def claim(self, file: str, fingerprint: dict) -> None:
         """Record that ``file`` is tuned under ``fingerprint``; refuse results made under another."""
@@ -84,7 +103,7 @@ class Store:
                              "re-run with those settings to resume, or pass --fresh to discard them")
         if old is None:
             self.fingerprints[file] = fingerprint
-            atomic_write_json(self.run_path, {"format": FORMAT, "files": self.fingerprints})
+            self._save_run()
 
     def keep_before(self) -> None:
         """Snapshot the config files (and sidecars) the --out folder holds into ``before/``, once, when these

@@ -1,7 +1,8 @@
 """The driver: a dynamic queue of (shape, M) jobs fed to one Ray actor per GPU.
 
 Jobs go to whichever worker is free, so long and short jobs balance; ``schedule`` picks which. Each finished job is
-persisted at once, and a shape's vLLM file is written the moment its last batch size is done. A worker that
+persisted at once, and a shape's vLLM file is written the moment its last batch size is done (on resume, any
+a kill kept from being written, ``_ShapeWriter.mend``). A worker that
 dies is replaced and its job re-queued. The entry the file in ``--out`` already holds for a batch size is the
 job's incumbent (kept unless beaten, ``search``), the winners of its finished neighbours seed its search
 (``seeds``), and compile failures seen anywhere are shared. Every worker must run the GPU model and the Triton
@@ -28,6 +29,7 @@ from .jobs import Failure, Job, JobResult, Settings, fingerprint
 from .plan import Plan
 from .provenance import RunInfo, Target
 from .schedule import JobQueue
+from .shapes import MoeShape
 from .store import Store
 from .triton_pins import compiling_triton
 
@@ -68,13 +70,14 @@ def run_sweep(plan: Plan, settings: Settings, ray_options: RayOptions, outs: Out
         for s in plan.shapes:
             store.claim(files[s], fingerprint(settings, s, device_name=plan.gpu.device_name, **software))
         store.keep_before()
-        pending = [j for j in plan.jobs if not store.done(files[j.shape], j.m)]
+        writer = _ShapeWriter(plan, settings, outs, existing, store)
+        pending = [j for j in plan.jobs if not store.done(files[j.shape], j.m)] + writer.mend()
         print(f"\n{len(plan.jobs) - len(pending)} of {len(plan.jobs)} jobs already done in {store.dir}; "
               f"{len(pending)} to run.")
         if not pending:
-            print("Nothing to tune: every file of the plan is complete and left as it is.")
+            print("Nothing to tune: every file of the plan is complete and left as it is."
+                  if not writer.written else "Nothing left to tune.")
             return 0
-        writer = _ShapeWriter(plan, settings, outs, existing, store)
         driver = Driver(plan, settings, ray_options, triton)
         try:
             driver.run(pending, store, writer, {s: e.held for s, e in existing.items()})
@@ -113,13 +116,35 @@ class _ShapeWriter:
         self.written: list[Path] = []
 
     def __call__(self, job: Job, run: RunInfo) -> None:
-        results = self.store.for_file(self.plan.file_name(job.shape))
-        if len(results) < len(self.plan.batch_sizes):
-            return
-        path = outputs.write_shape(self.outs.out, self.plan, job.shape, results, settings=self.settings, run=run,
-                                   target=self.outs.target, existing=self.existing[job.shape], started=self.started)
+        if self._finished(job.shape):
+            self._write(job.shape, run)
+
+    def _finished(self, shape: MoeShape) -> dict[int, JobResult] | None:
+        results = self.store.for_file(self.plan.file_name(shape))
+        return results if len(results) >= len(self.plan.batch_sizes) else None
+
+    def _write(self, shape: MoeShape, run: RunInfo, why: str = "") -> None:
+        path = outputs.write_shape(self.outs.out, self.plan, shape, self._finished(shape), settings=self.settings,
+                                   run=run, target=self.outs.target, existing=self.existing[shape],
+                                   started=self.started)
         self.written.append(path)
-        tqdm.write(f"wrote {path}")
+        tqdm.write(f"wrote {path}{why}")
+
+    def mend(self) -> list[Job]:
+        """On a resume, write the files of each finished shape that a kill kept from them (between its last result
+        and its files). Results from before the store recorded its workers cannot say what they ran on: the
+        jobs returned (one per such shape, its largest batch size) run again, and their shape is written then."""
+        rerun = []
+        for shape in self.plan.shapes:
+            results = self._finished(shape)
+            if results is None or outputs.is_written(self.outs.out, self.plan, shape, results):
+                continue
+            if self.store.run is None:
+                rerun.append(max((j for j in self.plan.jobs if j.shape == shape), key=lambda j: j.m))
+            else:
+                self._write(shape, self.store.run, f" (its results were in {self.store.dir}, but the run that "
+                                                   "finished them stopped before writing it)")
+        return rerun
 
 
 class Driver:
@@ -150,6 +175,7 @@ class Driver:
         workers = [self._new_worker() for _ in range(min(self.num_workers, len(pending)))]  # none left idle
         last: dict = {}  # worker -> the job it finished last (schedule: its siblings go to it next)
         run = self._check_workers(workers)
+        store.note_run(run)
         bars = self._bars(pending, store)
         in_flight: dict = {}
         try:
