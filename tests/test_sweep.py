@@ -7,6 +7,7 @@ GPUs that are busy or absent.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -415,6 +416,15 @@ def test_a_re_tune_times_the_entry_it_replaces(tmp_path):
     replaced = r"  \(replaces M32-N32-K32-G1-w2-s1, which vLLM's default beat: [\d.]+ -> [\d.]+ us, [\d.]+x\)$"
     assert re.search(r" M32-N32-K32-G1-w2-s1  \(kept\)$" if kept else replaced, run.stdout, re.M)
     assert re.search(r"; kept %d of the 1 entries the file held$" % kept, run.stdout, re.M)
+
+    # a kill after the sidecar and before the config file: --out holds the new sidecar beside the old file. The
+    # resume writes the file from the one the results began over (before/), not from that half-written pair
+    written = configs.read_config_file(out / FILE)
+    shutil.copyfile(before, out / FILE)
+    mended = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600)
+    assert mended.returncode == 0, mended.stdout + mended.stderr
+    assert "1 of 1 jobs already done" in mended.stdout and "stopped before writing it" in mended.stdout
+    assert configs.read_config_file(out / FILE) == written  # not M = 4 of the file it replaced
 
 
 def test_every_worker_compiles_with_the_node_not_a_share_of_it():

@@ -71,7 +71,7 @@ def run_sweep(plan: Plan, settings: Settings, ray_options: RayOptions, outs: Out
             store.claim(files[s], fingerprint(settings, s, device_name=plan.gpu.device_name, **software))
         store.keep_before()
         writer = _ShapeWriter(plan, settings, outs, existing, store)
-        pending = [j for j in plan.jobs if not store.done(files[j.shape], j.m)] + writer.mend()
+        pending = [j for j in plan.jobs if not store.done(files[j.shape], j.m)] + writer.mend(software)
         print(f"\n{len(plan.jobs) - len(pending)} of {len(plan.jobs)} jobs already done in {store.dir}; "
               f"{len(pending)} to run.")
         if not pending:
@@ -130,15 +130,19 @@ class _ShapeWriter:
         self.written.append(path)
         tqdm.write(f"wrote {path}{why}")
 
-    def mend(self) -> list[Job]:
+    def mend(self, software: dict[str, str]) -> list[Job]:
         """On a resume, write the files of each finished shape that a kill kept from them (between its last result
-        and its files). Results from before the store recorded its workers cannot say what they ran on: the
-        jobs returned (one per such shape, its largest batch size) run again, and their shape is written then."""
+        and its files), merged into the file as ``before/`` holds it: the one these results began over, where
+        --out may hold its new sidecar beside its old config. Results from before the store recorded its workers
+        cannot say what they ran on: the jobs returned (one per such shape, its largest batch size) run again,
+        and their shape is written then."""
         rerun = []
         for shape in self.plan.shapes:
             results = self._finished(shape)
             if results is None or outputs.is_written(self.outs.out, self.plan, shape, results):
                 continue
+            before = self.store.before_dir / self.plan.file_name(shape)
+            self.existing[shape] = outputs.check_writable(before, software, self.outs.overwrite)
             if self.store.run is None:
                 rerun.append(max((j for j in self.plan.jobs if j.shape == shape), key=lambda j: j.m))
             else:
