@@ -26,6 +26,11 @@ def result(m: int, file: str = FILE) -> JobResult:
                      failures={"M256-N256-K128-G1-w8-s5": Failure(kind=FailureKind.RESOURCES, detail="out of smem")})
 
 
+RUN = RunInfo(gpu_name="NVIDIA H200", device_name="NVIDIA_H200", driver="580.95", count=2, cuda="13.0",
+              torch="2.11.0", triton="3.8.0", python="3.12.3", vllm="0.33.0", kernel="fused_moe.py",
+              kernel_sha256="ab" * 32)
+
+
 def opened(tmp_path, fp=FP, file=FILE, fresh=False) -> Store:
     s = Store(tmp_path, fresh=fresh)
     s.claim(file, fp)
@@ -46,22 +51,36 @@ def test_results_survive_a_restart(tmp_path):
 
 def test_what_the_workers_run_on_is_kept_with_the_fingerprints(tmp_path):
     """The workers' GPUs and software, so a resume can write a finished shape's files without starting them."""
-    run = RunInfo(gpu_name="NVIDIA H200", device_name="NVIDIA_H200", driver="580.95", count=2, cuda="13.0",
-                  torch="2.11.0", triton="3.8.0", python="3.12.3", vllm="0.33.0", kernel="fused_moe.py",
-                  kernel_sha256="ab" * 32)
     s = opened(tmp_path)
     assert s.run is None
-    s.note_run(run)
+    s.note_run(RUN)
     s.close()
     again = opened(tmp_path)
-    assert again.run == run and again.fingerprints == {FILE: FP}
+    assert again.run == RUN and again.fingerprints == {FILE: FP}
     again.claim("E=36.json", FP)  # a later claim keeps it
     again.close()
-    assert opened(tmp_path).run == run
+    assert opened(tmp_path).run == RUN
     state = json.loads((tmp_path / ".tune-moe" / "run.json").read_text())
-    del state["run"]["cuda"]  # a record it cannot read is no record: the resume re-times instead
+    del state["run"]["cuda"]  # a record it cannot read is none
     (tmp_path / ".tune-moe" / "run.json").write_text(json.dumps(state))
     assert opened(tmp_path).run is None
+
+
+def test_the_files_written_from_the_results_are_recorded(tmp_path):
+    """A resume tells a shape a kill kept from its files (not recorded) from one written and changed since."""
+    s = opened(tmp_path)
+    assert s.written == set()
+    s.note_written(FILE)
+    s.close()
+    assert opened(tmp_path).written == {FILE}
+    state = json.loads((tmp_path / ".tune-moe" / "run.json").read_text())
+    del state["written"]  # results from before the record was kept: unknown, not "none written"
+    (tmp_path / ".tune-moe" / "run.json").write_text(json.dumps(state))
+    old = opened(tmp_path)
+    assert old.written is None
+    old.note_run(RUN)  # kept from the next run on
+    old.close()
+    assert opened(tmp_path).written == set()
 
 
 def test_a_line_cut_short_loses_only_that_job(tmp_path):

@@ -120,9 +120,10 @@ def test_sweep_survives_a_killed_worker_and_writes_what_vllm_loads(tmp_path):
     assert "Nothing to tune" in again.stdout
     assert snapshot(out) == before
 
-    # a kill between the shape's last result and its config file (the sidecar is written first): the resume
-    # writes the file from the store and runs nothing
+    # a kill between the shape's last result and its config file (the sidecar is written first, the record that
+    # the file was written last): the resume writes the file from the store and runs nothing
     (out / FILE).unlink()
+    unrecord(out, FILE)
     mended = subprocess.run(command(out), capture_output=True, text=True, env=env(), timeout=900)
     assert mended.returncode == 0, mended.stdout + mended.stderr
     assert "6 of 6 jobs already done" in mended.stdout and "workers:" not in mended.stdout
@@ -130,16 +131,18 @@ def test_sweep_survives_a_killed_worker_and_writes_what_vllm_loads(tmp_path):
     assert configs.read_config_file(out / FILE) == written and provenance.read(out / FILE).rows == prov.rows
     assert provenance.read(out / FILE).run == prov.run
 
-    # the same kill under a store that predates its record of the workers: their largest batch size runs again
+    # a file written and changed since (an entry reverted by hand) is left as it is
+    configs.write_config_file(out / FILE, {**written, 16: configs.TileConfig(16, 32, 64, 1, 4, 2)}, "3.8.0")
+    before = snapshot(out)
+    again = subprocess.run(command(out), capture_output=True, text=True, env=env(), timeout=900)
+    assert again.returncode == 0 and "Nothing to tune" in again.stdout and snapshot(out) == before
+
+
+def unrecord(out: Path, file: str) -> None:
+    """Take ``file`` out of the store's record of the files it wrote: as a kill just before that record left it."""
     state = json.loads((out / ".tune-moe" / "run.json").read_text())
-    assert state.pop("run")["triton"] == prov.run.triton
+    state["written"].remove(file)
     (out / ".tune-moe" / "run.json").write_text(json.dumps(state))
-    (out / FILE).unlink()
-    legacy = subprocess.run(command(out), capture_output=True, text=True, env=env(), timeout=900)
-    assert legacy.returncode == 0, legacy.stdout + legacy.stderr
-    assert "5 of 6 jobs already done" in legacy.stdout and f"wrote {out / FILE}\n" in legacy.stdout
-    assert sorted(configs.read_config_file(out / FILE)) == [int(m) for m in BATCHES.split(",")]
-    assert [r["m"] for r in results(out)][-1] == 16
 
 
 def test_four_workers_one_per_fake_gpu_share_the_jobs(tmp_path):
@@ -421,6 +424,7 @@ def test_a_re_tune_times_the_entry_it_replaces(tmp_path):
     # resume writes the file from the one the results began over (before/), not from that half-written pair
     written = configs.read_config_file(out / FILE)
     shutil.copyfile(before, out / FILE)
+    unrecord(out, FILE)
     mended = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600)
     assert mended.returncode == 0, mended.stdout + mended.stderr
     assert "1 of 1 jobs already done" in mended.stdout and "stopped before writing it" in mended.stdout

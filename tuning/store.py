@@ -1,8 +1,9 @@
 """Finished jobs, persisted the moment they finish, so a killed run resumes where it stopped.
 
 ``<out>/.tune-moe/`` holds ``results.jsonl`` (one JobResult per line, appended, flushed and fsynced),
-``run.json`` (per config file, the fingerprint of everything that decided its timings; and the workers' GPUs and
-software, which a resume writes into the files of a shape a kill kept from them), ``lock``
+``run.json`` (per config file, the fingerprint of everything that decided its timings; the workers' GPUs and
+software; and the config files written from these results, so a resume can tell a shape a kill kept from its files
+from one written and changed since, and write only the first), ``lock``
 (held by the one run writing here) and ``before/``: every config file (with its sidecar) as --out held it when
 these results began, so a re-tune over a committed set loses nothing it replaced and ``tune-moe verify
 --against`` re-times each change beside the entry it replaced, and nothing the run left alone. A result is reused
@@ -47,6 +48,7 @@ class Store:
             shutil.rmtree(self.before_dir, ignore_errors=True)
         self.fingerprints: dict[str, dict] = {}
         self.run: RunInfo | None = None  # what the workers that made these results ran on
+        self.written: set[str] | None = set()  # files written from them; None: results from before it was kept
         self._read_run()
         self.results: dict[tuple[str, int], JobResult] = self._load()
 
@@ -78,16 +80,26 @@ class Store:
         try:
             self.run = RunInfo(**data["run"])
         except (KeyError, TypeError):
-            self.run = None  # results from before it was recorded: a resume re-times what it would need it for
+            self.run = None  # a record it cannot read is none: no file is written from a guess
+        written = data.get("written")
+        self.written = set(written) if isinstance(written, list) else None
 
     def _save_run(self) -> None:
         run = {"run": asdict(self.run)} if self.run else {}
-        atomic_write_json(self.run_path, {"format": FORMAT, "files": self.fingerprints, **run})
+        written = {"written": sorted(self.written)} if self.written is not None else {}
+        atomic_write_json(self.run_path, {"format": FORMAT, "files": self.fingerprints, **run, **written})
 
     def note_run(self, run: RunInfo) -> None:
         """Record what this run's workers run on, before their first result is added."""
-        if run != self.run:
-            self.run = run
+        self.run = run
+        if self.written is None:
+            self.written = set()  # kept from this run on: files an older run wrote are told by their content
+        self._save_run()
+
+    def note_written(self, file: str) -> None:
+        """Record that ``file`` (config and sidecar) holds these results; called once both are in place."""
+        if file not in (self.written or set()):
+            self.written = (self.written or set()) | {file}
             self._save_run()
 
     def claim(self, file: str, fingerprint: dict) -> None:

@@ -71,7 +71,8 @@ def run_sweep(plan: Plan, settings: Settings, ray_options: RayOptions, outs: Out
             store.claim(files[s], fingerprint(settings, s, device_name=plan.gpu.device_name, **software))
         store.keep_before()
         writer = _ShapeWriter(plan, settings, outs, existing, store)
-        pending = [j for j in plan.jobs if not store.done(files[j.shape], j.m)] + writer.mend(software)
+        writer.mend(software)
+        pending = [j for j in plan.jobs if not store.done(files[j.shape], j.m)]
         print(f"\n{len(plan.jobs) - len(pending)} of {len(plan.jobs)} jobs already done in {store.dir}; "
               f"{len(pending)} to run.")
         if not pending:
@@ -127,28 +128,28 @@ class _ShapeWriter:
         path = outputs.write_shape(self.outs.out, self.plan, shape, self._finished(shape), settings=self.settings,
                                    run=run, target=self.outs.target, existing=self.existing[shape],
                                    started=self.started)
+        self.store.note_written(path.name)
         self.written.append(path)
         tqdm.write(f"wrote {path}{why}")
 
-    def mend(self, software: dict[str, str]) -> list[Job]:
+    def mend(self, software: dict[str, str]) -> None:
         """On a resume, write the files of each finished shape that a kill kept from them (between its last result
-        and its files), merged into the file as ``before/`` holds it: the one these results began over, where
-        --out may hold its new sidecar beside its old config. Results from before the store recorded its workers
-        cannot say what they ran on: the jobs returned (one per such shape, its largest batch size) run again,
-        and their shape is written then."""
-        rerun = []
+        and its files: not recorded as written, and not holding its results), merged into the file as ``before/``
+        holds it: the one these results began over, where --out may hold its new sidecar beside its old config. A
+        file written and changed since (an entry reverted by hand) is left as it is. A store from before these
+        records mends nothing."""
+        if self.store.written is None or self.store.run is None:
+            return
         for shape in self.plan.shapes:
-            results = self._finished(shape)
-            if results is None or outputs.is_written(self.outs.out, self.plan, shape, results):
+            results, file = self._finished(shape), self.plan.file_name(shape)
+            if results is None or file in self.store.written:
                 continue
-            before = self.store.before_dir / self.plan.file_name(shape)
-            self.existing[shape] = outputs.check_writable(before, software, self.outs.overwrite)
-            if self.store.run is None:
-                rerun.append(max((j for j in self.plan.jobs if j.shape == shape), key=lambda j: j.m))
-            else:
-                self._write(shape, self.store.run, f" (its results were in {self.store.dir}, but the run that "
-                                                   "finished them stopped before writing it)")
-        return rerun
+            if outputs.is_written(self.outs.out, self.plan, shape, results):  # a kill before it was recorded
+                self.store.note_written(file)
+                continue
+            self.existing[shape] = outputs.check_writable(self.store.before_dir / file, software, self.outs.overwrite)
+            self._write(shape, self.store.run, f" (its results were in {self.store.dir}, but the run that finished "
+                                               "them stopped before writing it)")
 
 
 class Driver:
