@@ -83,6 +83,29 @@ def test_the_files_written_from_the_results_are_recorded(tmp_path):
     assert opened(tmp_path).written == set()
 
 
+def killed_mid_write(path: Path) -> None:
+    """``atomic_write`` of ``path`` in a process SIGKILLed after its temp file is written, before the rename."""
+    code = ("import os, sys, time; from tuning import files\n"
+            "def stop(fd): print('written', flush=True); time.sleep(60)\n"
+            "files.os.fsync = stop\n"
+            "files.atomic_write(sys.argv[1], b'{}')\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "written\n"
+    proc.kill()
+    proc.wait(timeout=30)
+
+
+def test_what_a_kill_mid_write_left_is_removed_when_the_folder_is_next_opened(tmp_path):
+    (tmp_path / ".tune-moe").mkdir()
+    for name in (f"{FILE}", "E=72.provenance.json", ".tune-moe/run.json"):
+        killed_mid_write(tmp_path / name)
+    (tmp_path / ".keep.tmp").write_text("not ours")
+    left = sorted(p.name for p in tmp_path.rglob(".*.tmp"))
+    assert len(left) == 4 and not (tmp_path / FILE).exists()
+    opened(tmp_path).close()
+    assert [p.name for p in tmp_path.rglob(".*.tmp")] == [".keep.tmp"]
+
+
 def test_a_line_cut_short_loses_only_that_job(tmp_path):
     s = opened(tmp_path)
     s.add(result(16))

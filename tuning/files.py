@@ -42,6 +42,15 @@ def atomic_write(path: Path | str, data: bytes) -> None:
         raise
 
 
+def remove_temp_files(folder: Path, names: str) -> list[Path]:
+    """Delete the temp files ``atomic_write`` left in ``folder`` for targets matching the glob ``names`` when a
+    kill came mid-write; only for a folder the caller alone writes (it holds its lock). Returns what it deleted."""
+    stale = sorted(folder.glob(f".{names}.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write(path, text.encode())
 

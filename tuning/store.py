@@ -8,7 +8,8 @@ from one written and changed since, and write only the first), ``lock``
 these results began, so a re-tune over a committed set loses nothing it replaced and ``tune-moe verify
 --against`` re-times each change beside the entry it replaced, and nothing the run left alone. A result is reused
 only under its file's fingerprint; another fingerprint, results with none, or an unreadable ``run.json``
-are refused in one line (``--fresh`` discards them, and ``before/``).
+are refused in one line (``--fresh`` discards them, and ``before/``). The run that takes the lock removes the temp
+files a kill mid-write left in --out and here.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .errors import UsageError
-from .files import atomic_write_json, copy_config_files, write_folder
+from .files import atomic_write_json, copy_config_files, remove_temp_files, write_folder
 from .jobs import JobResult
 from .provenance import RunInfo
 
@@ -42,6 +43,8 @@ class Store:
         self.added = False  # whether this run finished a job
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = _take_lock(self.dir / "lock", Path(out))
+        remove_temp_files(Path(out), "E=*.json")  # what a kill mid-write left (config files, sidecars)
+        remove_temp_files(self.dir, "run.json")
         if fresh:
             for path in (self.results_path, self.run_path):
                 path.unlink(missing_ok=True)
