@@ -42,13 +42,11 @@ def atomic_write(path: Path | str, data: bytes) -> None:
         raise
 
 
-def remove_temp_files(folder: Path, names: str) -> list[Path]:
+def remove_temp_files(folder: Path, names: str) -> None:
     """Delete the temp files ``atomic_write`` left in ``folder`` for targets matching the glob ``names`` when a
-    kill came mid-write; only for a folder the caller alone writes (it holds its lock). Returns what it deleted."""
-    stale = sorted(folder.glob(f".{names}.*.tmp"))
-    for path in stale:
+    kill came mid-write; only for a folder the caller alone writes (it holds its lock)."""
+    for path in folder.glob(f".{names}.*.tmp"):
         path.unlink(missing_ok=True)
-    return stale
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:

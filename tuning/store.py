@@ -100,9 +100,10 @@ class Store:
         self._save_run()
 
     def note_written(self, file: str) -> None:
-        """Record that ``file`` (config and sidecar) holds these results; called once both are in place."""
-        if file not in (self.written or set()):
-            self.written = (self.written or set()) | {file}
+        """Record that ``file`` (config and sidecar) holds these results; called once both are in place (after
+        ``note_run``, or by a resume that found the record kept)."""
+        if file not in self.written:
+            self.written.add(file)
             self._save_run()
 
     def claim(self, file: str, fingerprint: dict) -> None:
