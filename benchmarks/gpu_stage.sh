@@ -10,6 +10,8 @@
 #                      its phases to $OUT/NAME.phases.json (run_phases.py: where the seconds outside its jobs go),
 #                      and bring its results.jsonl, run.json and written files back under $OUT/NAME*;
 #                      runs named alike up to the first '-' share a Triton cache (w1 and main-* do not)
+#   tune-kill NAME SECS ARGS...  the same, but SIGKILL (the driver, its Ray and its workers) after SECS seconds:
+#                      a crash mid-run; `tune` with the same --out after it resumes
 #   kill-after SECS    in the background: SIGKILL one tune-moe Ray worker after SECS seconds
 #   bg "STAGE ARGS; STAGE ARGS; ..."  run those stages one after another, detached (they outlive the call while
 #                      the machine stays warm, so one run can be longer than a call), each with OUT=/tmp/bg
@@ -94,13 +96,14 @@ case "$stage" in
     python3 -c 'import triton, ray, torch; print("triton", triton.__version__, "ray", ray.__version__, "torch",
                 torch.__version__, "gpus", torch.cuda.device_count())'
     nvidia-smi --query-gpu=index,name,memory.used,memory.total,driver_version --format=csv ;;
-  tune)
+  tune|tune-kill)
     name=$1 secs=$2; shift 2
     mkdir -p "$runs"
     export TRITON_CACHE_DIR=/tmp/triton-cache-${name%%-*}  # w1 and main compile from cold caches of their own
+    signal=INT; [ "$stage" = tune-kill ] && signal=KILL  # timeout signals its whole process group
     start=$(date +%s)
     set +e
-    timeout -s INT -k 60 "$secs" python3 "$(dirname "$0")/run_phases.py" "$OUT/$name.log" "$OUT/$name.phases.json" -- \
+    timeout -s "$signal" -k 60 "$secs" python3 "$(dirname "$0")/run_phases.py" "$OUT/$name.log" "$OUT/$name.phases.json" -- \
       python3 -m tuning.cli "$@" --vllm-src "${TUNE_MOE_STAGE_SRC:-/tmp/stash/fused_moe_v033.py}" \
       --vllm-version "${TUNE_MOE_STAGE_VLLM:-0.33.0}"
     rc=$?
@@ -290,5 +293,5 @@ for line in sys.stdin: print(f"{time.time():.3f} {line}", end="")' > "$OUT/$name
     if [ -e /tmp/bg/done ]; then echo "bg: done"; skip=(); else echo "bg: still running"; skip=(--exclude='*.files.tar'); fi
     for log in /tmp/bg/*.log; do echo "== $log"; tail -c 600 "$log" | tr '\r' '\n' | tail -4; done
     tar cf "$OUT/bg.tar" "${skip[@]}" /tmp/bg $(ls -d "$runs"/*/.tune-moe 2>/dev/null) 2>/dev/null || true ;;
-  *) sed -n '2,67p' "$0"; exit 2 ;;
+  *) sed -n '2,70p' "$0"; exit 2 ;;
 esac

@@ -131,6 +131,14 @@ def test_sweep_survives_a_killed_worker_and_writes_what_vllm_loads(tmp_path):
     assert configs.read_config_file(out / FILE) == written and provenance.read(out / FILE).rows == prov.rows
     assert provenance.read(out / FILE).run == prov.run
 
+    # the folder lost, the state kept (carried to a fresh machine): the file is written again, nothing is re-run
+    (out / FILE).unlink()
+    provenance.sidecar_path(out / FILE).unlink()
+    lost = subprocess.run(command(out), capture_output=True, text=True, env=env(), timeout=900)
+    assert lost.returncode == 0, lost.stdout + lost.stderr
+    assert "6 of 6 jobs already done" in lost.stdout and "gone or as that run found it" in lost.stdout
+    assert configs.read_config_file(out / FILE) == written and provenance.read(out / FILE).rows == prov.rows
+
     # a file written and changed since (an entry reverted by hand) is left as it is
     configs.write_config_file(out / FILE, {**written, 16: configs.TileConfig(16, 32, 64, 1, 4, 2)}, "3.8.0")
     before = snapshot(out)
@@ -429,6 +437,15 @@ def test_a_re_tune_times_the_entry_it_replaces(tmp_path):
     assert mended.returncode == 0, mended.stdout + mended.stderr
     assert "1 of 1 jobs already done" in mended.stdout and "stopped before writing it" in mended.stdout
     assert configs.read_config_file(out / FILE) == written  # not M = 4 of the file it replaced
+
+    # the state carried to a fresh machine whose folder was rebuilt from the set the run began over (the file as
+    # before/ holds it, no sidecar): the resume writes the results into it again
+    shutil.copyfile(before, out / FILE)
+    provenance.sidecar_path(out / FILE).unlink()
+    rebuilt = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600)
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    assert "gone or as that run found it" in rebuilt.stdout and "workers:" not in rebuilt.stdout
+    assert configs.read_config_file(out / FILE) == written
 
 
 def test_every_worker_compiles_with_the_node_not_a_share_of_it():

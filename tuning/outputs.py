@@ -101,6 +101,17 @@ def is_written(out: Path, plan: Plan, shape: MoeShape, results: dict[int, JobRes
     return all(held.get(m) == r.tuned and rows.get(m) == (r.tuned, row(r).tuned_us) for m, r in results.items())
 
 
+def never_reached(out: Path, before: Path, name: str) -> bool:
+    """Whether the file ``name`` a run recorded as written is gone from ``out``, or holds, config and sidecar
+    byte for byte, what ``before`` (the set the run began over) holds: the folder lost or rebuilt since, as when
+    the state is carried to a fresh machine. A file changed any other way was edited by hand, and is left."""
+    path, old = Path(out) / name, Path(before) / name
+    if not path.exists():
+        return True
+    pairs = ((path, old), (provenance.sidecar_path(path), provenance.sidecar_path(old)))
+    return all(a.exists() == b.exists() and (not a.exists() or a.read_bytes() == b.read_bytes()) for a, b in pairs)
+
+
 def incumbent_mark(r: JobResult) -> str:
     """What became of the entry the file held for this M: kept, or replaced by a config that beat it."""
     if r.incumbent is None:

@@ -135,21 +135,27 @@ class _ShapeWriter:
     def mend(self, software: dict[str, str]) -> None:
         """On a resume, write the files of each finished shape that a kill kept from them (between its last result
         and its files: not recorded as written, and not holding its results), merged into the file as ``before/``
-        holds it: the one these results began over, where --out may hold its new sidecar beside its old config. A
-        file written and changed since (an entry reverted by hand) is left as it is. A store from before these
-        records mends nothing."""
+        holds it: the one these results began over, where --out may hold its new sidecar beside its old config. So
+        is a file written but gone since, or holding ``before/``'s copy again (the state carried to a fresh machine,
+        its folder rebuilt from the set it began over). A file written and changed otherwise (an entry reverted by
+        hand) is left as it is. A store from before these records mends nothing."""
         if self.store.written is None or self.store.run is None:
             return
         for shape in self.plan.shapes:
             results, file = self._finished(shape), self.plan.file_name(shape)
-            if results is None or file in self.store.written:
+            if results is None:
                 continue
-            if outputs.is_written(self.outs.out, self.plan, shape, results):  # a kill before it was recorded
+            if file in self.store.written:
+                if not outputs.never_reached(self.outs.out, self.store.before_dir, file):
+                    continue
+                why = "the file in --out is gone or as that run found it"
+            elif outputs.is_written(self.outs.out, self.plan, shape, results):  # a kill before it was recorded
                 self.store.note_written(file)
                 continue
+            else:
+                why = "the run that finished them stopped before writing it"
             self.existing[shape] = outputs.check_writable(self.store.before_dir / file, software, self.outs.overwrite)
-            self._write(shape, self.store.run, f" (its results were in {self.store.dir}, but the run that finished "
-                                               "them stopped before writing it)")
+            self._write(shape, self.store.run, f" (its results were in {self.store.dir}, but {why})")
 
 
 class Driver:
