@@ -120,13 +120,9 @@ def test_keep_confirmed_needs_against(sets):
     assert not out.exists()
 
 
-def test_verify_writes_the_merged_set_from_its_own_head_to_heads(tmp_path):
-    """End to end under Triton's interpreter: vLLM's kernel re-times the changed entry beside OLD's, and OUT takes
-    NEW's entry exactly when the printed old/new clears KEEP_WITHIN."""
-    src = vllm_fused_moe_path()
-    if src is None:
-        pytest.skip("vLLM is not installed: its fused_moe.py is the kernel under test")
-    name = "E=8,N=128,device_name=NVIDIA_H200.json"  # bf16 DP2+EP of the tiny model
+def tiny_sets(tmp_path):
+    """OLD and NEW of the tiny model's bf16 DP2+EP file in ``tmp_path``, NEW's M=16 entry changed."""
+    name = "E=8,N=128,device_name=NVIDIA_H200.json"
     a, b = TileConfig(16, 32, 32, 1, 2, 1), TileConfig(16, 64, 32, 1, 2, 1)
     for folder, entries in (("old", {1: a, 16: a}), ("new", {1: a, 16: b})):
         (tmp_path / folder).mkdir()
@@ -134,6 +130,16 @@ def test_verify_writes_the_merged_set_from_its_own_head_to_heads(tmp_path):
         prov = provenance_for(tmp_path / folder / name, entries)
         provenance.write(tmp_path / folder / name, dataclasses.replace(
             prov, shape=MoeShape(8, 16, 128, 64, 2, "bf16", None)))
+    return name, a, b
+
+
+def test_verify_writes_the_merged_set_from_its_own_head_to_heads(tmp_path):
+    """End to end under Triton's interpreter: vLLM's kernel re-times the changed entry beside OLD's, and OUT takes
+    NEW's entry exactly when the printed old/new clears KEEP_WITHIN."""
+    src = vllm_fused_moe_path()
+    if src is None:
+        pytest.skip("vLLM is not installed: its fused_moe.py is the kernel under test")
+    name, a, b = tiny_sets(tmp_path)
     run = subprocess.run([sys.executable, "-m", "tuning.cli", "verify", "--gpu", "H200", "--model", str(TINY_MODEL),
                           "--configs", str(tmp_path / "new"), "--against", str(tmp_path / "old"), "--keep-confirmed",
                           str(tmp_path / "out"), "--interpret", "--vllm-src", str(src)],
@@ -146,6 +152,46 @@ def test_verify_writes_the_merged_set_from_its_own_head_to_heads(tmp_path):
     if abs(ratio - 1 / 0.99) > 0.002:  # clear of the rounding at the threshold
         assert merged == ({1: a, 16: b} if ratio > 1 / 0.99 else {1: a, 16: a}), run.stdout
     assert json.loads((tmp_path / "out" / name).read_text())["triton_version"] == "3.8.0"
+
+
+def test_kept_regressions_are_those_out_would_hold():
+    changes = [confirm.Change(16, A, B, 12.0, 10.0, 9.5), confirm.Change(64, A, C, 12.0, 10.0, 9.95)]
+    assert confirm.kept_regressions([16, 64], changes, made=False) == [16]  # 64's change is not confirmed
+    assert confirm.kept_regressions([64], changes, made=False) == []
+    assert confirm.kept_regressions([1, 64], [], made=True) == [1, 64]  # a file the re-tune made is taken whole
+
+
+@pytest.mark.parametrize("keep_within, taken", [(1.0, False), (-1e9, True)])
+def test_a_regression_withholds_out_only_where_out_would_take_it(tmp_path, monkeypatch, capsys, keep_within, taken):
+    """Session B20's case on the CPU: NEW's changed entry is slower than vLLM's default (every judged entry is,
+    with REGRESSION raised), and OUT is written with OLD's entry there when the change is not confirmed, withheld
+    when it is. vLLM's kernel runs under Triton's interpreter, judged as on a GPU."""
+    src = vllm_fused_moe_path()
+    if src is None:
+        pytest.skip("vLLM is not installed: its fused_moe.py is the kernel under test")
+    name, a, b = tiny_sets(tmp_path)
+    monkeypatch.setattr(verify, "REGRESSION", float("inf"))
+    monkeypatch.setattr(confirm, "KEEP_WITHIN", keep_within)  # 1.0: nothing confirmed; -1e9: everything
+    judged = verify._retime
+    monkeypatch.setattr(verify, "_retime", lambda *a, **k: judged(*a, **{**k, "judge": True}))
+    parser = verify.argparse.ArgumentParser()
+    verify.add_arguments(parser)
+    out = tmp_path / "out"
+    args = parser.parse_args(["--gpu", "H200", "--model", str(TINY_MODEL), "--configs", str(tmp_path / "new"),
+                              "--against", str(tmp_path / "old"), "--keep-confirmed", str(out), "--interpret",
+                              "--vllm-src", str(src)])
+    code = verify.run(args)
+    printed = capsys.readouterr().out
+    assert re.search(r"^\s+16 .*REGRESSION", printed, re.M), printed
+    assert "1 files, 1 failed" in printed
+    if taken:
+        assert code == 1 and not out.exists() and not out.with_name("out.partial").exists()
+        assert f"{out} not written: 1 failed above" in printed
+    else:
+        assert code == 0, printed
+        assert f"{name} M=16: slower than vLLM's default, not confirmed: {out} keeps {tmp_path / 'old'}'s entry" \
+            in printed
+        assert read_config_file(out / name) == {1: a, 16: a}
 
 
 def test_a_re_tune_keeps_the_confirmations_of_the_entries_it_keeps(sets):

@@ -12,7 +12,8 @@ OUT holds every config file of OLD and NEW (a file only NEW holds, one the re-tu
 merged sidecar keeps OLD's rows, takes NEW's for the entries it takes, and lists under ``confirmed`` each of them
 with the board and the head to head that confirmed it. Everything is checked before any re-timing (OUT new or
 empty, a tune-moe sidecar beside each file, the same Triton and kernel on both sides, the same batch sizes), and
-OUT is written whole or not at all.
+OUT is written whole or not at all. An entry of NEW slower than vLLM's default withholds OUT only where OUT would
+hold it (``kept_regressions``); elsewhere OUT keeps OLD's entry, and the run says so and writes OUT.
 """
 
 from __future__ import annotations
@@ -44,6 +45,16 @@ class Change:
     @property
     def confirmed(self) -> bool:
         return self.new_us < self.old_us * (1 - KEEP_WITHIN)
+
+
+def kept_regressions(regressed: list[int], changes: list[Change], made: bool) -> list[int]:
+    """Of the batch sizes where NEW's entry is slower than vLLM's default, those OUT would hold: every one of a file
+    the re-tune made (taken whole), else those whose change this board confirmed (NEW's entry taken). The others
+    stay OLD's, so NEW's regression there is no reason to withhold OUT."""
+    if made:
+        return list(regressed)
+    confirmed = {c.m for c in changes if c.confirmed}
+    return [m for m in regressed if m in confirmed]
 
 
 def check(new_dir: Path, old_dir: Path, out: Path, names: list[str]) -> None:

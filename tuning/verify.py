@@ -16,7 +16,8 @@ the same file in OLD are re-timed, vLLM's default, OLD's entry and the new one a
 and the line gives old/new. A file OLD lacks is re-timed whole: a re-tune's ``before/`` snapshot (tuning.store)
 lacks only the files the re-tune made. With ``--keep-confirmed OUT`` it also writes OLD's set with each changed
 entry taken from these files only where this head to head confirms it (tuning.confirm): the check, on a second
-board, of a re-tune meant for an image that many nodes run.
+board, of a re-tune meant for an image that many nodes run. There an entry slower than vLLM's default that is not
+taken is reported and leaves OUT as OLD has it there: the run writes OUT and exits 0.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"\n{f.name}: not in {against}: a file made since, every entry re-timed against vLLM's default")
         retimed.append(_retime(f, gpu, kernel, points[f.name], olds.get(f.name),
                                judge=not args.interpret))
-    failures = len(files) - len(loaded) + sum(r.bad for r in retimed)
+    failures = len(files) - len(loaded) + sum(r.failed for r in retimed)
     print(f"\n{len(files)} files, {failures} failed"
           + (" (under --interpret: numerics checked, CPU timings shown but not judged)" if args.interpret else ""))
     note = clocks.held_down_note(sum(r.limited for r in retimed), sum(r.timed for r in retimed), "batch sizes timed")
@@ -186,13 +187,23 @@ def run(args: argparse.Namespace) -> int:
         print(note)
     if against:
         print(_against_summary([g for r in retimed for g in r.gains], against))
-    if out is not None and failures:
-        print(f"{out} not written: {failures} failed above; fix them and run again")
-    elif out is not None:
-        unnamed = clocks.GpuState(0, 0.0, 0.0, ())  # a GPU NVML could not read: confirmed on an unnamed board
-        _write_confirmed(folder, against, out, {f.name: r.changes for f, r in zip(loaded, retimed)},
-                         None if args.interpret else board or unnamed)
-    return 1 if failures else 0
+    if out is None:
+        return 1 if failures else 0
+    # OUT holds NEW's entries only where confirmed: a regression elsewhere is NEW's, not OUT's
+    kept = {f.name: confirm.kept_regressions(r.regressions, r.changes, made=olds[f.name] is None)
+            for f, r in zip(loaded, retimed)}
+    blocking = len(files) - len(loaded) + sum(r.hard for r in retimed) + sum(bool(ms) for ms in kept.values())
+    if blocking:
+        print(f"{out} not written: {blocking} failed above; fix them and run again")
+        return 1
+    for f, r in zip(loaded, retimed):
+        if r.regressions:
+            print(f"{f.name} M={','.join(map(str, r.regressions))}: slower than vLLM's default, not confirmed: "
+                  f"{out} keeps {against}'s entry")
+    unnamed = clocks.GpuState(0, 0.0, 0.0, ())  # a GPU NVML could not read: confirmed on an unnamed board
+    _write_confirmed(folder, against, out, {f.name: r.changes for f, r in zip(loaded, retimed)},
+                     None if args.interpret else board or unnamed)
+    return 0
 
 
 def _keep_confirmed_folder(args: argparse.Namespace, folder: Path, against: Path | None,
@@ -266,10 +277,16 @@ def _check_loader(folder: Path, f: TunedFile, gpu: GpuSpec) -> bool:
 
 @dataclass
 class Retimed:
-    bad: int = 0  # 1 if any batch size failed
+    hard: int = 0  # 1 if a tuned config failed to run
+    regressions: list[int] = field(default_factory=list)  # batch sizes whose tuned config is slower than the default
     limited: int = 0  # batch sizes timed with the clock held down
     timed: int = 0
     changes: list[confirm.Change] = field(default_factory=list)  # with --against, each changed entry timed
+
+    @property
+    def failed(self) -> int:
+        """1 if any batch size failed: a config that does not run, or a regression."""
+        return int(bool(self.hard or self.regressions))
 
     @property
     def gains(self) -> list[float]:
@@ -298,14 +315,14 @@ def _retime(f: TunedFile, gpu: GpuSpec, kernel, sizes: tuple[int, ...], old: dic
         del runner
         if not t.ok:
             print(f"  {m:>5} tuned config fails: {t.failure}")
-            out.bad = 1
+            out.hard = 1
             continue
         if not d.ok:
             print(f"  {m:>5} vLLM's default config fails: {d.failure}; tuned {t.us:.1f} us")
             continue
         speedup = d.us / t.us
         flag = "  REGRESSION" if judge and speedup < REGRESSION else ""
-        out.bad |= bool(flag)
+        out.regressions += [m] if flag else []
         state = clocks.sample() if judge else None
         out.limited, out.timed = out.limited + bool(state and state.limited), out.timed + 1
         versus = ""
