@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -230,3 +231,21 @@ def test_a_re_tune_keeps_the_confirmations_of_the_entries_it_keeps(sets):
                                                                    "kernel_sha256": prov.run.kernel_sha256}),
                 started="t3")
     assert "confirmed" not in provenance.read(out / BF16).extra
+
+
+def test_the_proposals_kept_for_the_next_board_merge_with_the_committed_set_and_not_on_their_own_board(tmp_path):
+    """benchmarks/results/b20/proposed (benchmarks/README §2r) is what the next board's --keep-confirmed reads:
+    its files pass every check a merge with the committed set makes, and the board that tuned them is refused."""
+    repo = Path(__file__).resolve().parents[1]
+    proposed, committed = repo / "benchmarks" / "results" / "b20" / "proposed", repo / "kernels_configs" / "NVIDIA_H200"
+    names = sorted(p.name for p in proposed.glob("E=*.json") if not p.name.endswith(provenance.SUFFIX))
+    assert len(names) == 8
+    confirm.check(proposed, committed, tmp_path / "out", names)
+    changed = {name: tuple(m for m, c in read_config_file(proposed / name).items()
+                           if read_config_file(committed / name)[m] != c) for name in names}
+    assert sum(map(len, changed.values())) == 26
+    board = dataclasses.replace(BOARD, unit="GPU-b58fe6b3-5469-1037-1694-307d63fcd386")
+    with pytest.raises(UsageError, match="was tuned on this board"):
+        confirm.check_board(proposed, changed, board)
+    confirm.check_board(proposed, changed, BOARD)
+
