@@ -234,7 +234,7 @@ def test_a_re_tune_keeps_the_confirmations_of_the_entries_it_keeps(sets):
 
 
 def test_the_proposals_kept_for_the_next_board_merge_with_the_committed_set_and_not_on_their_own_board(tmp_path):
-    """benchmarks/results/b20/proposed (benchmarks/README §2r) is what the next board's --keep-confirmed reads:
+    """benchmarks/results/b20/proposed (benchmarks/README §2r) is what the seventh board's --keep-confirmed read:
     its files pass every check a merge with the committed set makes, and the board that tuned them is refused."""
     repo = Path(__file__).resolve().parents[1]
     proposed, committed = repo / "benchmarks" / "results" / "b20" / "proposed", repo / "kernels_configs" / "NVIDIA_H200"
