@@ -155,10 +155,12 @@ def test_against_a_missing_folder_is_one_line(folder, mirror):
     ("2p", "b17", ("vrb",), 10),
     ("2q", "b19", ("kc",), 15),
     ("2r", "b20", ("kd", "vrb3", "vrfdg3", "vrf3", "ke"), 54),
+    ("2s", "b21", ("b20/ke+ke8+ke9", "vrb4", "kf"), 64),
 ])
 def test_the_against_table_in_the_benchmarks_readme_comes_from_the_committed_logs(section, folder, runs, count):
     """benchmarks/README's tables of changed entries (old/new in each `verify --against` run, and the mean) are
-    what benchmarks/verify_pair.py --against reads from the logs in benchmarks/results/<session>/."""
+    what benchmarks/verify_pair.py --against reads from the logs in benchmarks/results/<session>/ (a run joined by
+    "+" is one table of several runs' logs, each in that order; "b20/ke" names another session's)."""
     import re
     import subprocess
     import sys
@@ -170,7 +172,8 @@ def test_the_against_table_in_the_benchmarks_readme_comes_from_the_committed_log
     assert len(stated) == count
     printed = ""
     for name in runs:
-        logs = ",".join(str(p) for p in sorted(results.glob(f"{name}-*.log")))
+        logs = ",".join(str(p) for part in name.split("+") for p in sorted(
+            (results.parent / part if "/" in part else results / part).parent.glob(f"{Path(part).name}-*.log")))
         printed += subprocess.run([sys.executable, str(REPO / "benchmarks" / "verify_pair.py"), "--against", logs],
                                   capture_output=True, text=True, check=True).stdout
     for m, old, new, each, mean in stated:

@@ -1,5 +1,5 @@
-"""``verify --against OLD --keep-confirmed OUT``: the set to bake for many nodes keeps only the changes a second
-board confirms.
+"""``verify --against OLD --keep-confirmed OUT``: the set to bake for many nodes keeps only the changes the other
+boards confirm.
 
 A re-tune on one H200 replaces entries by 1-2% that another board need not repeat: boards differ by up to 7% on
 one config, and a search's pick carries its board's luck. Of 16 bf16 entries one board's re-tune replaced (each
@@ -8,19 +8,28 @@ confirmed twice on that board), a third board found the entry replaced faster at
 replace (OLD), and OUT is OLD with an entry taken from NEW only where this head to head confirms it: NEW's config
 faster than OLD's by more than KEEP_WITHIN, the rule the tuner's own keep decision uses.
 
+One board is not enough either: the eighth board took 10 of 26 changes that the seventh and the ninth both found
+slower (§2s). So each board's head to heads are recorded in NEW (``NEW/.tune-moe/judged.jsonl``, which travels with
+NEW to the next node), and an entry is taken only where every board that judged it confirms it, each board's rounds
+pooled (the geometric mean of new/old).
+
 OUT holds every config file of OLD and NEW (a file only NEW holds, one the re-tune made, is taken whole). Each
 merged sidecar keeps OLD's rows, takes NEW's for the entries it takes, and lists under ``confirmed`` each of them
-with the board and the head to head that confirmed it. Everything is checked before any re-timing (OUT new or
-empty, a tune-moe sidecar beside each file, the same Triton and kernel on both sides, the same batch sizes), and
-OUT is written whole or not at all. An entry of NEW slower than vLLM's default withholds OUT only where OUT would
-hold it (``kept_regressions``); elsewhere OUT keeps OLD's entry, and the run says so and writes OUT.
+with the boards and the head to heads that confirmed it. Everything is checked before any re-timing (OUT new or
+empty, NEW writable, a tune-moe sidecar beside each file, the same Triton and kernel on both sides, the same batch
+sizes), and OUT is written whole or not at all. A change this board confirms is faster than OLD's entry, so where
+NEW's entry is slower than vLLM's default OLD's is slower still: OUT loses nothing by taking it, and only a file
+the re-tune made is withheld for a regression.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from statistics import geometric_mean
 
 from . import configs, provenance
 from .clocks import GpuState
@@ -29,6 +38,7 @@ from .files import copy_config_files, write_folder
 from .jobs import KEEP_WITHIN
 
 OPTION = "--keep-confirmed"
+LEDGER = Path(".tune-moe") / "judged.jsonl"  # in NEW: every board's head to heads of NEW's changes
 
 
 @dataclass(frozen=True)
@@ -47,14 +57,62 @@ class Change:
         return self.new_us < self.old_us * (1 - KEEP_WITHIN)
 
 
-def kept_regressions(regressed: list[int], changes: list[Change], made: bool) -> list[int]:
-    """Of the batch sizes where NEW's entry is slower than vLLM's default, those OUT would hold: every one of a file
-    the re-tune made (taken whole), else those whose change this board confirmed (NEW's entry taken). The others
-    stay OLD's, so NEW's regression there is no reason to withhold OUT."""
-    if made:
-        return list(regressed)
-    confirmed = {c.m for c in changes if c.confirmed}
-    return [m for m in regressed if m in confirmed]
+@dataclass(frozen=True)
+class Verdict:
+    """One board's head to head of one changed entry, as the ledger in NEW keeps it."""
+
+    file: str
+    m: int
+    new: str
+    old: str
+    on: str
+    mem_mhz: int
+    when: str
+    default_us: float
+    old_us: float
+    new_us: float
+
+    def matches(self, file: str, change: Change) -> bool:
+        return (self.file, self.m, self.new, self.old) == (file, change.m, change.new.short, change.old.short)
+
+
+def read_ledger(new_dir: Path) -> list[Verdict]:
+    """The head to heads earlier boards recorded in NEW (none for a NEW no board has judged)."""
+    path = new_dir / LEDGER
+    if not path.exists():
+        return []
+    try:
+        return [Verdict(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{OPTION}: {path} is not a ledger tune-moe wrote ({exc}); restore it from where NEW came "
+                         "from, or move it away to judge NEW on this board alone") from None
+
+
+def verdicts(name: str, changes: list[Change], board: GpuState, when: str) -> list[Verdict]:
+    return [Verdict(name, c.m, c.new.short, c.old.short, _name(board), board.mem_mhz, when,
+                    round(c.default_us, 2), round(c.old_us, 2), round(c.new_us, 2)) for c in changes]
+
+
+def boards(name: str, change: Change, earlier: list[Verdict], here: str) -> dict[str, float]:
+    """new/old on each board that judged ``change`` (this run's head to head under ``here``), a board's rounds
+    pooled by their geometric mean; a board confirms where it is below 1 - KEEP_WITHIN."""
+    ratios: dict[str, list[float]] = {}
+    for v in earlier:
+        if v.matches(name, change):
+            ratios.setdefault(v.on, []).append(v.new_us / v.old_us)
+    ratios.setdefault(here, []).append(change.new_us / change.old_us)
+    return {on: geometric_mean(r) for on, r in ratios.items()}
+
+
+def taken_by_all(name: str, change: Change, earlier: list[Verdict], here: str) -> bool:
+    return all(ratio < 1 - KEEP_WITHIN for ratio in boards(name, change, earlier, here).values())
+
+
+def blocking_regressions(regressed: list[int], made: bool) -> list[int]:
+    """Of the batch sizes where NEW's entry is slower than vLLM's default, those that withhold OUT: every one of a
+    file the re-tune made (taken whole, no OLD entry to set it against). Elsewhere OUT holds NEW's entry only where
+    it is confirmed faster than OLD's, which is then slower than the default still, so OUT loses nothing."""
+    return list(regressed) if made else []
 
 
 def check(new_dir: Path, old_dir: Path, out: Path, names: list[str]) -> None:
@@ -77,6 +135,11 @@ def check(new_dir: Path, old_dir: Path, out: Path, names: list[str]) -> None:
         if set(configs.read_config_file(new_dir / name)) != set(configs.read_config_file(old_path)):
             raise UsageError(f"{OPTION}: {name} holds other batch sizes in NEW than in OLD; a merge needs one plan: "
                              "re-tune over a copy of OLD")
+    ledger = new_dir / LEDGER
+    if not os.access(ledger if ledger.exists() else next(p for p in (ledger.parent, new_dir) if p.exists()), os.W_OK):
+        raise UsageError(f"{OPTION}: {ledger} cannot be written, and it records this board's head to heads for the "
+                         "next board: judge a writable copy of NEW")
+    read_ledger(new_dir)
 
 
 def check_board(new_dir: Path, changed: dict[str, tuple[int, ...]], board: GpuState) -> None:
@@ -92,14 +155,35 @@ def check_board(new_dir: Path, changed: dict[str, tuple[int, ...]], board: GpuSt
                              "checks this node's own gain)")
 
 
+def _name(board: GpuState) -> str:
+    return board.unit or "unknown board"  # a GPU NVML could not name
+
+
+@dataclass(frozen=True)
+class Written:
+    taken_at: dict[str, list[int]]  # per file of OLD, the batch sizes whose entry OUT took from NEW
+    lines: list[str]  # a line per file that took any, and per change an earlier board did not confirm
+    earlier: list[str]  # the boards whose head to heads NEW's ledger held
+
+    @property
+    def taken(self) -> int:
+        return sum(map(len, self.taken_at.values()))
+
+
 def write(new_dir: Path, old_dir: Path, out: Path, changes: dict[str, list[Change]], board: GpuState | None,
-          when: str) -> tuple[int, list[str]]:
+          when: str) -> Written:
     """Write OUT (through OUT.partial, renamed whole) from NEW's files (``changes``: each one's changed entries,
-    re-timed); return how many entries it took from NEW, and a line per file that took any. A batch size re-timed
-    that is not one of the file's own (``--batch-sizes`` between them) decides nothing: the entries are the keys."""
+    re-timed on ``board``), taking an entry where every board that judged it confirms it, then add this board's head
+    to heads to NEW's ledger. A batch size re-timed that is not one of the file's own (``--batch-sizes`` between
+    them) decides nothing: the entries are the keys. ``board`` None (``--interpret``: CPU timings) reads and adds
+    nothing: a CPU's timings confirm nothing for a GPU."""
     made = [name for name in changes if not (old_dir / name).exists()]
-    taken = {name: [r for r in changes[name] if r.confirmed and r.m in configs.read_config_file(old_dir / name)]
-             for name in changes if name not in made}
+    judged = {name: [c for c in changes[name] if c.m in configs.read_config_file(old_dir / name)]
+              for name in changes if name not in made}
+    earlier = read_ledger(new_dir) if board else []
+    here = _name(board) if board else ""
+    taken = {name: [c for c in cs if (taken_by_all(name, c, earlier, here) if board else c.confirmed)]
+             for name, cs in judged.items()}
 
     def fill(partial: Path) -> None:
         copy_config_files(old_dir, partial)
@@ -109,25 +193,47 @@ def write(new_dir: Path, old_dir: Path, out: Path, changes: dict[str, list[Chang
                     shutil.copyfile(src, partial / src.name)
         for name, entries in taken.items():
             if entries:
-                _merge(new_dir / name, partial / name, entries, board, when)
+                _merge(new_dir / name, partial / name, entries, board, when,
+                       {c.m: boards(name, c, earlier, here) for c in entries})
 
     write_folder(out, fill)  # checked new or empty before anything ran
+    if board:
+        _record(new_dir, [v for name, cs in judged.items() for v in verdicts(name, cs, board, when)])
     lines = [f"  {name}: M={','.join(str(r.m) for r in entries)} from NEW" for name, entries in taken.items() if entries]
-    return sum(map(len, taken.values())), lines + [f"  {name}: a file the re-tune made, taken whole" for name in made]
+    lines += [f"  {name}: a file the re-tune made, taken whole" for name in made]
+    for name, cs in judged.items():
+        for c in cs:
+            against = {on: r for on, r in boards(name, c, earlier, here).items() if on != here and r >= 1 - KEEP_WITHIN}
+            if c.confirmed and against:
+                lines.append(f"  {name}: M={c.m} confirmed here (old/new {c.old_us / c.new_us:.3f}x) but not on "
+                             + ", ".join(f"{on} ({1 / r:.3f}x)" for on, r in against.items()) + f": {old_dir}'s entry stays")
+    return Written({name: [c.m for c in cs] for name, cs in taken.items()}, lines, sorted({v.on for v in earlier} - {here}))
 
 
-def _merge(new_path: Path, target: Path, taken: list[Change], board: GpuState | None, when: str) -> None:
-    """``target`` (OLD's copy) with ``taken`` entries from ``new_path``, its sidecar rows likewise."""
+def _record(new_dir: Path, rows: list[Verdict]) -> None:
+    """Add this board's head to heads to NEW's ledger, for the boards that judge NEW next."""
+    path = new_dir / LEDGER
+    path.parent.mkdir(exist_ok=True)
+    with path.open("a") as f:
+        f.writelines(json.dumps(asdict(v)) + "\n" for v in rows)
+
+
+def _merge(new_path: Path, target: Path, taken: list[Change], board: GpuState | None, when: str,
+           on_boards: dict[int, dict[str, float]]) -> None:
+    """``target`` (OLD's copy) with ``taken`` entries from ``new_path``, its sidecar rows likewise; each confirmed
+    entry names the boards before this one that confirmed it, with their old/new (``on_boards``: new/old)."""
     old_prov, new_prov = provenance.read(target), provenance.read(new_path)
     ms = {r.m for r in taken}
     entries = {**configs.read_config_file(target), **{r.m: r.new for r in taken}}
     new_rows = {row.m: row for row in new_prov.rows}
     rows = tuple(new_rows.get(row.m, row) if row.m in ms else row for row in old_prov.rows)
-    on = (board.unit or "unknown board") if board else "the CPU (--interpret: for testing, not a confirmation)"
+    on = _name(board) if board else "the CPU (--interpret: for testing, not a confirmation)"
     confirmed = [c for c in old_prov.extra.get("confirmed", []) if c.get("m") not in ms] + [{
         "m": r.m, "config": r.new.short, "replaces": r.old.short, "tuned": f"{new_prov.started} to {new_prov.finished}",
         "on": on, "mem_mhz": board.mem_mhz if board else None, "when": when,
         "default_us": round(r.default_us, 2), "old_us": round(r.old_us, 2), "new_us": round(r.new_us, 2),
+        **({"also_confirmed_on": {b: round(1 / x, 4) for b, x in on_boards[r.m].items() if b != on}}
+           if len(on_boards.get(r.m, {})) > 1 else {}),
     } for r in taken]
     extra = {**old_prov.extra, "confirmed": sorted(confirmed, key=lambda c: c["m"])}
     configs.write_config_file(target, entries, old_prov.run.triton)

@@ -127,8 +127,10 @@ def _provenance_lines(p: Provenance) -> tuple[str, ...]:
 
 
 def _confirmed_line(confirmed: list[dict]) -> str:
-    """The entries ``verify --keep-confirmed`` took from a re-tune, each with the second board's head to head."""
+    """The entries ``verify --keep-confirmed`` took from a re-tune, each with the last board's head to head and
+    the boards before it that confirmed it too, with their old/new."""
     each = "; ".join(f"M={c['m']} {c['replaces']} → {c['config']}, {c['old_us']} → {c['new_us']} µs on {c['on']}"
+                     + "".join(f", {r:.3f}x on {b}" for b, r in c.get("also_confirmed_on", {}).items())
                      for c in confirmed)
     return f"- Taken from a later re-tune where another board confirmed them (`verify --keep-confirmed`): {each}"
 

@@ -15,9 +15,10 @@ the same file in OLD are re-timed, vLLM's default, OLD's entry and the new one a
 (the GPU's drift hits all three alike, where two verify runs, one per set, differ by the state the GPU was in),
 and the line gives old/new. A file OLD lacks is re-timed whole: a re-tune's ``before/`` snapshot (tuning.store)
 lacks only the files the re-tune made. With ``--keep-confirmed OUT`` it also writes OLD's set with each changed
-entry taken from these files only where this head to head confirms it (tuning.confirm): the check, on a second
-board, of a re-tune meant for an image that many nodes run. There an entry slower than vLLM's default that is not
-taken is reported and leaves OUT as OLD has it there: the run writes OUT and exits 0.
+entry taken from these files only where this head to head, and every earlier board's recorded in these files'
+ledger, confirms it (tuning.confirm): the check, on other boards, of a re-tune meant for an image that many nodes
+run. There an entry slower than vLLM's default is reported beside OUT: a confirmed change is faster than OLD's
+entry, so only a file the re-tune made withholds OUT.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--against", metavar="OLD", help="folder of the files these replace (the committed set): re-time "
                    "only the batch sizes whose entries differ, OLD's entry beside the new one")
     p.add_argument("--keep-confirmed", metavar="OUT", help="with --against: write OUT, OLD's files with each changed "
-                   "entry taken from these files only where this board confirms it (faster than OLD's by more than "
-                   f"{KEEP_WITHIN:.0%}%): a re-tune from one board checked on another before it goes into an image")
+                   "entry taken from these files only where this board, and every board before it (their head to "
+                   f"heads are kept in {confirm.LEDGER} of these files), confirms it (faster than OLD's by more than "
+                   f"{KEEP_WITHIN:.0%}%): a re-tune from one board checked on others before it goes into an image")
     p.add_argument("--interpret", action="store_true", help="Triton interpreter on the CPU (tiny models; testing)")
 
 
@@ -189,21 +191,44 @@ def run(args: argparse.Namespace) -> int:
         print(_against_summary([g for r in retimed for g in r.gains], against))
     if out is None:
         return 1 if failures else 0
-    # OUT holds NEW's entries only where confirmed: a regression elsewhere is NEW's, not OUT's
-    kept = {f.name: confirm.kept_regressions(r.regressions, r.changes, made=olds[f.name] is None)
-            for f, r in zip(loaded, retimed)}
-    blocking = len(files) - len(loaded) + sum(r.hard for r in retimed) + sum(bool(ms) for ms in kept.values())
+    # a confirmed change is faster than OLD's entry: only a file the re-tune made is withheld for a regression
+    made = {f.name: olds[f.name] is None for f in loaded}
+    blocking = len(files) - len(loaded) + sum(r.hard for r in retimed) + sum(
+        bool(confirm.blocking_regressions(r.regressions, made[f.name])) for f, r in zip(loaded, retimed))
     if blocking:
-        print(f"{out} not written: {blocking} failed above; fix them and run again")
+        print(f"{out} not written: {blocking} failed above (a file vLLM's loader reads otherwise, a config that does "
+              "not run, or a file the re-tune made slower than vLLM's default): re-tune those shapes, then run again")
         return 1
-    for f, r in zip(loaded, retimed):
-        if r.regressions:
-            print(f"{f.name} M={','.join(map(str, r.regressions))}: slower than vLLM's default, not confirmed: "
-                  f"{out} keeps {against}'s entry")
     unnamed = clocks.GpuState(0, 0.0, 0.0, ())  # a GPU NVML could not read: confirmed on an unnamed board
-    _write_confirmed(folder, against, out, {f.name: r.changes for f, r in zip(loaded, retimed)},
-                     None if args.interpret else board or unnamed)
+    written = _write_confirmed(folder, against, out, {f.name: r.changes for f, r in zip(loaded, retimed)},
+                               None if args.interpret else board or unnamed)
+    for f, r in zip(loaded, retimed):
+        if not made[f.name]:
+            for line in _slower_than_default(f.name, r, written.taken_at.get(f.name, []), out, against):
+                print(line)
     return 0
+
+
+def _slower_than_default(name: str, r: Retimed, taken: list[int], out: Path, against: Path) -> list[str]:
+    """A line per changed entry whose config in OUT (NEW's where ``taken``, else OLD's), or NEW's there, is slower
+    than vLLM's default on this board."""
+    lines, timed = [], {c.m: c for c in r.changes}
+    for m in r.regressions:
+        c = timed.get(m)
+        if c is None:  # OLD's config did not run: no head to head, OLD's entry stays
+            lines.append(f"{name} M={m}: NEW's entry is slower than vLLM's default; {out} keeps {against}'s entry")
+        elif m in taken:
+            lines.append(f"{name} M={m}: {out} takes NEW's entry, faster than {against}'s ({c.old_us:.1f} -> "
+                         f"{c.new_us:.1f} us), but vLLM's default is faster than both on this board "
+                         f"({c.default_us:.1f} us)")
+        else:
+            lines.append(f"{name} M={m}: NEW's entry is slower than vLLM's default, not taken: {out} keeps "
+                         f"{against}'s entry ({c.old_us:.1f} us against the default's {c.default_us:.1f})")
+    lines += [f"{name} M={c.m}: {out} keeps {against}'s entry, slower than vLLM's default on this board "
+              f"({c.old_us:.1f} against {c.default_us:.1f} us)"
+              for c in r.changes if r.judged and c.m not in r.regressions and c.default_us / c.old_us < REGRESSION
+              and c.m not in taken]
+    return lines
 
 
 def _keep_confirmed_folder(args: argparse.Namespace, folder: Path, against: Path | None,
@@ -220,12 +245,15 @@ def _keep_confirmed_folder(args: argparse.Namespace, folder: Path, against: Path
 
 
 def _write_confirmed(folder: Path, against: Path, out: Path, changes: dict[str, list[confirm.Change]],
-                     board: clocks.GpuState | None) -> None:
+                     board: clocks.GpuState | None) -> confirm.Written:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    taken, lines = confirm.write(folder, against, out, changes, board, when)
-    print(f"wrote {out}: {against}'s files with the {taken} of {sum(map(len, changes.values()))} changed entries this "
-          f"board confirmed" + (" (under --interpret: CPU timings, for testing)" if board is None else "")
-          + "".join(f"\n{line}" for line in lines))
+    written = confirm.write(folder, against, out, changes, board, when)
+    judges = (f"every board that judged them confirmed (this one and {len(written.earlier)} before it, recorded in "
+              f"{folder / confirm.LEDGER})" if written.earlier else "this board confirmed")
+    print(f"wrote {out}: {against}'s files with the {written.taken} of {sum(map(len, changes.values()))} changed "
+          f"entries {judges}" + (" (under --interpret: CPU timings, for testing)" if board is None else "")
+          + "".join(f"\n{line}" for line in written.lines))
+    return written
 
 
 def _points(f: TunedFile, sizes: tuple[int, ...] | None, old: dict[int, TileConfig] | None) -> tuple[int, ...]:
@@ -282,6 +310,7 @@ class Retimed:
     limited: int = 0  # batch sizes timed with the clock held down
     timed: int = 0
     changes: list[confirm.Change] = field(default_factory=list)  # with --against, each changed entry timed
+    judged: bool = True  # False under --interpret: CPU timings are shown, not judged
 
     @property
     def failed(self) -> int:
@@ -302,7 +331,7 @@ def _retime(f: TunedFile, gpu: GpuSpec, kernel, sizes: tuple[int, ...], old: dic
     from .runner import Runner
     from .search import head_to_head
 
-    out = Retimed()
+    out = Retimed(judged=judge)
     print(f"\n{f.name}\n  {'M':>5} {'default us':>11} {'tuned us':>9} {'speedup':>8}  tuned")
     if not sizes:
         print("  no batch size to re-time: every entry equals the old file's")
