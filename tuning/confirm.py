@@ -8,10 +8,10 @@ confirmed twice on that board), a third board found the entry replaced faster at
 replace (OLD), and OUT is OLD with an entry taken from NEW only where this head to head confirms it: NEW's config
 faster than OLD's by more than KEEP_WITHIN, the rule the tuner's own keep decision uses.
 
-One board is not enough either: the eighth board took 10 of 26 changes that the seventh and the ninth both found
-slower (§2s). So each board's head to heads are recorded in NEW (``NEW/.tune-moe/judged.jsonl``, which travels with
-NEW to the next node), and an entry is taken only where every board that judged it confirms it, each board's rounds
-pooled (the geometric mean of new/old).
+One board is not enough either: the eighth board took 10 of 26 changes that the seventh and the ninth both refused,
+7 of them slower there by more than 1% (§2s). So each board's head to heads are recorded in NEW
+(``NEW/.tune-moe/judged.jsonl``, which travels with NEW to the next node), and an entry is taken only where every
+board that judged it confirms it, each board's rounds pooled (the geometric mean of new/old).
 
 OUT holds every config file of OLD and NEW (a file only NEW holds, one the re-tune made, is taken whole). Each
 merged sidecar keeps OLD's rows, takes NEW's for the entries it takes, and lists under ``confirmed`` each of them
