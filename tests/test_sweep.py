@@ -398,7 +398,8 @@ def test_a_re_tune_times_the_entry_it_replaces(tmp_path):
     vLLM's default (one look each with --max-evals 1: one batch size has no neighbours to seed it), then timed
     head to head with it, and kept unless the default beats it by more than KEEP_WITHIN twice (the rule itself is
     driven on known costs in test_search). One job on two GPUs: one worker starts, and the other GPU is said to
-    be idle."""
+    be idle. Then kills and lost folders, resumed from the store: on the fake GPUs, and on this machine without
+    one, where the store writes the files and only a job left to run is refused."""
     out = tmp_path / "cfg"
     out.mkdir()
     held = configs.TileConfig(32, 32, 32, 1, 2, 1)
@@ -445,6 +446,32 @@ def test_a_re_tune_times_the_entry_it_replaces(tmp_path):
     rebuilt = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600)
     assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
     assert "gone or as that run found it" in rebuilt.stdout and "workers:" not in rebuilt.stdout
+    assert configs.read_config_file(out / FILE) == written
+
+    # the same on a machine without a GPU (no --interpret: a real run's command): the results write the files, and
+    # only a job left to run needs the GPUs, refused in one line with the state as it was
+    from tuning.gpus import detect_gpus
+
+    if detect_gpus():
+        return  # a GPU node: the check below is of a node without one
+    shutil.copyfile(before, out / FILE)
+    provenance.sidecar_path(out / FILE).unlink()
+    on_cpu = [a for a in cmd if a != "--interpret"]
+    written_on_cpu = subprocess.run(on_cpu, capture_output=True, text=True, env=env(), timeout=600)
+    assert written_on_cpu.returncode == 0, written_on_cpu.stdout + written_on_cpu.stderr
+    assert "1 of 1 jobs already done" in written_on_cpu.stdout
+    assert "gone or as that run found it" in written_on_cpu.stdout and "workers:" not in written_on_cpu.stdout
+    assert configs.read_config_file(out / FILE) == written
+    state = {k: v for k, v in snapshot(out / ".tune-moe").items() if k != "lock"}  # the lock names its last holder
+    more = list(on_cpu)
+    more[more.index("--batch-sizes") + 1] = "1,4"
+    left = subprocess.run(more, capture_output=True, text=True, env=env(), timeout=600)
+    assert left.returncode == 2 and "1 of 2 jobs already done" in left.stdout, left.stdout + left.stderr
+    assert left.stderr.strip().splitlines()[-1] == ("tune-moe: error: --gpu H200: this node has no NVIDIA GPU "
+                                                     "(nvidia-smi found none); run on a GPU node, or add --dry-run to "
+                                                     "print the plan only")
+    assert "Traceback" not in left.stderr
+    assert {k: v for k, v in snapshot(out / ".tune-moe").items() if k != "lock"} == state
     assert configs.read_config_file(out / FILE) == written
 
 

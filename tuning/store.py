@@ -33,6 +33,11 @@ STATE_DIR = ".tune-moe"
 FORMAT = 2
 
 
+def has_results(out: Path) -> bool:
+    """Whether ``out`` holds an earlier run's results (a resume can write its finished files on any machine)."""
+    return (Path(out) / STATE_DIR / "results.jsonl").exists()
+
+
 class Store:
     def __init__(self, out: Path, fresh: bool = False):
         self.dir = Path(out) / STATE_DIR

@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
@@ -58,7 +59,10 @@ class Outputs:
     target: Target | None = None  # the Triton the target vLLM runs, for provenance
 
 
-def run_sweep(plan: Plan, settings: Settings, ray_options: RayOptions, outs: Outputs) -> int:
+def run_sweep(plan: Plan, settings: Settings, ray_options: RayOptions, outs: Outputs,
+              check_node: Callable[[], None] | None = None) -> int:
+    """Resume or start the plan's jobs in ``outs.out`` and write each shape's files as it finishes. The finished
+    shapes' files are written from the store first; ``check_node`` (the GPUs the jobs left need) runs before Ray."""
     kernel = settings.source.read()  # fail here, before Ray starts, on a missing or unknown kernel (torch-free:
     # importing torch took 3.4-4.5 s of an H200 host's start; the workers import it, and run the kernel's code)
     triton = compiling_triton() or "unknown"
@@ -79,6 +83,8 @@ def run_sweep(plan: Plan, settings: Settings, ray_options: RayOptions, outs: Out
             print("Nothing to tune: every file of the plan is complete and left as it is."
                   if not writer.written else "Nothing left to tune.")
             return 0
+        if check_node is not None:
+            check_node()
         driver = Driver(plan, settings, ray_options, triton)
         try:
             driver.run(pending, store, writer, {s: e.held for s, e in existing.items()})

@@ -186,8 +186,11 @@ def run(args: argparse.Namespace) -> int:
     src = args.vllm_src or (str(installed_fused_moe() or "") if args.interpret else None) or None
     source = KernelSource(src, args.vllm_version)
     target = None if args.interpret else triton_target(plan, source, args.allow_triton_mismatch)
-    if not args.interpret:
-        gpus.check_node(plan.gpu, found)
+    check_node = None if args.interpret else (lambda: gpus.check_node(plan.gpu, found))
+    from .store import has_results
+
+    if check_node and (found or args.fresh or not has_results(out)):
+        check_node()  # else no GPU here, and the results in --out may be all the run needs: checked before Ray
     from .jobs import Settings
     from .sweep import Outputs, RayOptions, run_sweep
 
@@ -197,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
                              local_gpus=(args.num_gpus or 1) if args.interpret else len(found),
                              max_workers=args.workers)
     outs = Outputs(out=out, fresh=args.fresh, overwrite=args.overwrite, target=target)
-    code = run_sweep(plan, settings, ray_options, outs)
+    code = run_sweep(plan, settings, ray_options, outs, check_node)
     from .advice import serve_lines
 
     for line in serve_lines(plan, out):
