@@ -18,7 +18,8 @@
 #   bg-wait SECS       wait at most SECS for them; print the end of each log and bring /tmp/bg (without the
 #                      written files' tars until the last stage is done) and every run's state folder
 #                      (.tune-moe: results.jsonl, run.json) back as $OUT/bg.tar, so a lost machine loses nothing
-#   cli NAME SECS ARGS...  any `tune-moe ARGS` (verify, report, ...) in this environment, log to $OUT/NAME.log
+#   cli NAME SECS ARGS...  any `tune-moe ARGS` (verify, report, ...) in this environment, log to $OUT/NAME.log;
+#                      after `verify --keep-confirmed`, the ledger of --configs as $OUT/NAME.judged.jsonl
 #   cli-smi NAME SECS ARGS...  the same, each log line stamped with its time, and the GPU's clocks, temperatures,
 #                      power and clock-event reasons sampled every 200 ms to $OUT/NAME.smi.csv (benchmarks/gpu_state.py
 #                      puts them beside each batch size a verify timed)
@@ -261,7 +262,12 @@ g("90"); print("fused_moe_90 loaded (AOT)")'  # never a JIT build here: a missin
     set +e
     timeout -s INT -k 30 "$secs" python3 -m tuning.cli "$@" > "$OUT/$name.log" 2>&1
     echo "$name: exit $?" | tee -a "$OUT/$name.log"
-    set -e ;;
+    set -e
+    # a --keep-confirmed round added its board's head to heads to the ledger in --configs: bring it back
+    configs=$(printf '%s\n' "$@" | sed -n '/^--configs$/{n;p;q}')
+    if printf '%s\n' "$@" | grep -qx -- --keep-confirmed && [ -f "$configs/.tune-moe/judged.jsonl" ]; then
+      cp "$configs/.tune-moe/judged.jsonl" "$OUT/$name.judged.jsonl"
+    fi ;;
   cli-smi)  # cli, its output lines stamped with the time, nvidia-smi sampling the GPU beside it every 200 ms
     name=$1 secs=$2; shift 2
     fields=timestamp,clocks.sm,clocks.mem,temperature.gpu,temperature.memory,power.draw,clocks_event_reasons.active
