@@ -130,6 +130,10 @@ def test_sweep_survives_a_killed_worker_and_writes_what_vllm_loads(tmp_path):
     assert f"wrote {out / FILE} (its results were in" in mended.stdout
     assert configs.read_config_file(out / FILE) == written and provenance.read(out / FILE).rows == prov.rows
     assert provenance.read(out / FILE).run == prov.run
+    # it says when the results were tuned, not when it wrote them: the span of the jobs, as the first write said
+    mended_prov = provenance.read(out / FILE)
+    assert (mended_prov.started, mended_prov.finished) == (prov.started, prov.finished)
+    assert all(r["finished"] for r in results(out)) and prov.started < prov.finished
 
     # the folder lost, the state kept (carried to a fresh machine): the file is written again, nothing is re-run
     (out / FILE).unlink()

@@ -110,6 +110,7 @@ class JobResult:
     # the search timed that ran (the landscape it saw: benchmarks/replay_search.py replays searches on it)
     gpu_state: dict = field(default_factory=dict)  # clocks.GpuState after the job's last timing ({}: no NVML)
     rechecked: str = ""  # search.SearchResult.rechecked: what a second head to head made of a replacement
+    finished: str = ""  # UTC, to the second, when the job finished ("": results from before it was kept)
 
     @property
     def speedup(self) -> float:

@@ -11,7 +11,7 @@ finished shapes a kill kept from their files.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from statistics import geometric_mean
 
@@ -84,7 +84,7 @@ def write_shape(out: Path, plan: Plan, shape: MoeShape, results: dict[int, JobRe
         gpu_key=plan.gpu.key, run=run, target=target, tool_version=_tool_version(),
         search={"strategy": settings.strategy, "routing": settings.routing, "seed": settings.seed,
                 "scope": settings.scope, "max_evals": settings.max_evals},
-        started=started, finished=now(), tuning_seconds=round(sum(r.seconds for r in results.values()), 1),
+        **_span(results, started), tuning_seconds=round(sum(r.seconds for r in results.values()), 1),
         rows=tuple(rows[m] for m in sorted(rows)), extra=existing.still_confirmed(merged)))
     configs.write_config_file(path, merged, run.triton)
     return path
@@ -135,8 +135,22 @@ def row(r: JobResult) -> BatchRow:
                     evaluated=r.evaluated, failed=r.failed, unit=r.gpu_state.get("unit") or None)
 
 
+STAMP = "%Y-%m-%dT%H:%M:%SZ"
+
+
 def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(timezone.utc).strftime(STAMP)
+
+
+def _span(results: dict[int, JobResult], started: str) -> dict[str, str]:
+    """When ``results`` were tuned: from the start of the first job to the end of the last, whichever run and machine
+    writes the file (a resume writing a finished shape from the store says when it was tuned, not when written).
+    Results from before each kept its time: from ``started`` (the writing run's start) to now."""
+    if not results or not all(r.finished for r in results.values()):
+        return {"started": started, "finished": now()}
+    ends = [(datetime.strptime(r.finished, STAMP).replace(tzinfo=timezone.utc), r.seconds) for r in results.values()]
+    first = min(end - timedelta(seconds=seconds) for end, seconds in ends)
+    return {"started": first.strftime(STAMP), "finished": max(end for end, _ in ends).strftime(STAMP)}
 
 
 def _tool_version() -> str:

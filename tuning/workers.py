@@ -120,6 +120,7 @@ def run_job(kernel: Kernel, gpu: GpuSpec, job: Job, settings: Settings, *, devic
                      tuned_p80_us=best.timing.p80_us, roofline_us=rl.bound_us, bound=rl.bound,
                      error=best.error or 0.0, evaluated=result.evaluated, failed=len(result.failed),
                      seconds=time.monotonic() - t0, compile_seconds=round(waited[0], 3), worker=worker,
+                     finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                      failures={o.config.short: o.failure for o in result.failed[:8]}, incumbent=incumbent,
                      incumbent_us=result.incumbent.us if result.incumbent and result.incumbent.ok else 0.0,
                      looks={o.config.short: round(o.us, 2) for o in result.outcomes if o.ok},
