@@ -9,18 +9,17 @@ not say). The board is the one the log names ("re-timing on GPU-..."). Section 2
 
 from __future__ import annotations
 
-import json
 import re
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
+from verify_pair import FILE, ROW  # beside this script: the same verify log reader
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tuning.confirm import LEDGER, Verdict, read_ledger  # noqa: E402
+from tuning.confirm import LEDGER, Verdict, read_ledger, record  # noqa: E402
 
 BOARD = re.compile(r"^re-timing on (\S+) \(memory clock (\d+) MHz\)")
-FILE = re.compile(r"^(E=\S+\.json)$")
-ROW = re.compile(r"^\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+[\d.]+x\s+(\S+)(?:\s+REGRESSION)?\s+was (\S+) ([\d.]+) us, old/new")
+WAS = re.compile(r"  was (\S+) ([\d.]+) us, old/new")  # OLD's entry and its µs in the same head to head
 
 
 def verdicts(log: str, when: str) -> list[Verdict]:
@@ -31,9 +30,9 @@ def verdicts(log: str, when: str) -> list[Verdict]:
             board, mem = m.group(1), int(m.group(2))
         elif m := FILE.match(line):
             file = m.group(1)
-        elif board and file and (m := ROW.match(line)):
-            out.append(Verdict(file, int(m.group(1)), m.group(4), m.group(5), board, mem, when,
-                               float(m.group(2)), float(m.group(6)), float(m.group(3))))
+        elif board and file and (m := ROW.match(line)) and (was := WAS.search(line)):
+            out.append(Verdict(file, int(m.group(1)), m.group(4), was.group(1), board, mem, when,
+                               float(m.group(2)), float(was.group(2)), float(m.group(3))))
     if board is None:
         sys.exit(f"{log}: no 're-timing on GPU-...' line: not a verify log from a GPU")
     return out
@@ -42,11 +41,8 @@ def verdicts(log: str, when: str) -> list[Verdict]:
 def main(new: str, when: str, *logs: str) -> None:
     known = read_ledger(Path(new))
     rows = [v for log in logs for v in verdicts(log, when) if v not in known]
-    path = Path(new) / LEDGER
-    path.parent.mkdir(exist_ok=True)
-    with path.open("a") as f:
-        f.writelines(json.dumps(asdict(v)) + "\n" for v in rows)
-    print(f"{path}: {len(rows)} head to heads added from {len(logs)} logs, {len(known) + len(rows)} in all")
+    record(Path(new), rows)
+    print(f"{Path(new) / LEDGER}: {len(rows)} head to heads added from {len(logs)} logs, {len(known) + len(rows)} in all")
 
 
 if __name__ == "__main__":

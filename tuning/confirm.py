@@ -104,10 +104,6 @@ def boards(name: str, change: Change, earlier: list[Verdict], here: str) -> dict
     return {on: geometric_mean(r) for on, r in ratios.items()}
 
 
-def taken_by_all(name: str, change: Change, earlier: list[Verdict], here: str) -> bool:
-    return all(ratio < 1 - KEEP_WITHIN for ratio in boards(name, change, earlier, here).values())
-
-
 def blocking_regressions(regressed: list[int], made: bool) -> list[int]:
     """Of the batch sizes where NEW's entry is slower than vLLM's default, those that withhold OUT: every one of a
     file the re-tune made (taken whole, no OLD entry to set it against). Elsewhere OUT holds NEW's entry only where
@@ -136,7 +132,8 @@ def check(new_dir: Path, old_dir: Path, out: Path, names: list[str]) -> None:
             raise UsageError(f"{OPTION}: {name} holds other batch sizes in NEW than in OLD; a merge needs one plan: "
                              "re-tune over a copy of OLD")
     ledger = new_dir / LEDGER
-    if not os.access(ledger if ledger.exists() else next(p for p in (ledger.parent, new_dir) if p.exists()), os.W_OK):
+    nearest = ledger if ledger.exists() else ledger.parent if ledger.parent.exists() else new_dir  # what will be written
+    if not os.access(nearest, os.W_OK):
         raise UsageError(f"{OPTION}: {ledger} cannot be written, and it records this board's head to heads for the "
                          "next board: judge a writable copy of NEW")
     read_ledger(new_dir)
@@ -182,7 +179,9 @@ def write(new_dir: Path, old_dir: Path, out: Path, changes: dict[str, list[Chang
               for name in changes if name not in made}
     earlier = read_ledger(new_dir) if board else []
     here = _name(board) if board else ""
-    taken = {name: [c for c in cs if (taken_by_all(name, c, earlier, here) if board else c.confirmed)]
+    # new/old per board that judged each change; with no ledger (or --interpret) this board's alone
+    pooled = {(name, c.m): boards(name, c, earlier, here) for name, cs in judged.items() for c in cs}
+    taken = {name: [c for c in cs if all(r < 1 - KEEP_WITHIN for r in pooled[name, c.m].values())]
              for name, cs in judged.items()}
 
     def fill(partial: Path) -> None:
@@ -193,24 +192,23 @@ def write(new_dir: Path, old_dir: Path, out: Path, changes: dict[str, list[Chang
                     shutil.copyfile(src, partial / src.name)
         for name, entries in taken.items():
             if entries:
-                _merge(new_dir / name, partial / name, entries, board, when,
-                       {c.m: boards(name, c, earlier, here) for c in entries})
+                _merge(new_dir / name, partial / name, entries, board, when, {c.m: pooled[name, c.m] for c in entries})
 
     write_folder(out, fill)  # checked new or empty before anything ran
     if board:
-        _record(new_dir, [v for name, cs in judged.items() for v in verdicts(name, cs, board, when)])
+        record(new_dir, [v for name, cs in judged.items() for v in verdicts(name, cs, board, when)])
     lines = [f"  {name}: M={','.join(str(r.m) for r in entries)} from NEW" for name, entries in taken.items() if entries]
     lines += [f"  {name}: a file the re-tune made, taken whole" for name in made]
     for name, cs in judged.items():
         for c in cs:
-            against = {on: r for on, r in boards(name, c, earlier, here).items() if on != here and r >= 1 - KEEP_WITHIN}
+            against = {on: r for on, r in pooled[name, c.m].items() if on != here and r >= 1 - KEEP_WITHIN}
             if c.confirmed and against:
                 lines.append(f"  {name}: M={c.m} confirmed here (old/new {c.old_us / c.new_us:.3f}x) but not on "
                              + ", ".join(f"{on} ({1 / r:.3f}x)" for on, r in against.items()) + f": {old_dir}'s entry stays")
     return Written({name: [c.m for c in cs] for name, cs in taken.items()}, lines, sorted({v.on for v in earlier} - {here}))
 
 
-def _record(new_dir: Path, rows: list[Verdict]) -> None:
+def record(new_dir: Path, rows: list[Verdict]) -> None:
     """Add this board's head to heads to NEW's ledger, for the boards that judge NEW next."""
     path = new_dir / LEDGER
     path.parent.mkdir(exist_ok=True)

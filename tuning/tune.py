@@ -9,6 +9,7 @@ import argparse
 import os
 import re
 import sys
+from functools import partial
 from pathlib import Path
 
 from . import gpus, shapes
@@ -186,11 +187,14 @@ def run(args: argparse.Namespace) -> int:
     src = args.vllm_src or (str(installed_fused_moe() or "") if args.interpret else None) or None
     source = KernelSource(src, args.vllm_version)
     target = None if args.interpret else triton_target(plan, source, args.allow_triton_mismatch)
-    check_node = None if args.interpret else (lambda: gpus.check_node(plan.gpu, found))
     from .store import has_results
 
-    if check_node and (found or args.fresh or not has_results(out)):
-        check_node()  # else no GPU here, and the results in --out may be all the run needs: checked before Ray
+    deferred = None  # no GPU here, and the results in --out may be all the run needs: checked once jobs are left
+    if not args.interpret:
+        if found or args.fresh or not has_results(out):
+            gpus.check_node(plan.gpu, found)
+        else:
+            deferred = partial(gpus.check_node, plan.gpu, found)
     from .jobs import Settings
     from .sweep import Outputs, RayOptions, run_sweep
 
@@ -200,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
                              local_gpus=(args.num_gpus or 1) if args.interpret else len(found),
                              max_workers=args.workers)
     outs = Outputs(out=out, fresh=args.fresh, overwrite=args.overwrite, target=target)
-    code = run_sweep(plan, settings, ray_options, outs, check_node)
+    code = run_sweep(plan, settings, ray_options, outs, deferred)
     from .advice import serve_lines
 
     for line in serve_lines(plan, out):

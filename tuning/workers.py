@@ -13,6 +13,7 @@ from .configs import TileConfig
 from .gpus import GpuSpec, get_gpu, vllm_device_name
 from .jobs import Failure, Job, JobResult, Settings
 from .kernel import Kernel
+from .outputs import now
 
 KERNEL_CACHE_LIMIT = 512  # compiled kernels kept in memory per worker; Triton's disk cache keeps the rest
 
@@ -120,7 +121,7 @@ def run_job(kernel: Kernel, gpu: GpuSpec, job: Job, settings: Settings, *, devic
                      tuned_p80_us=best.timing.p80_us, roofline_us=rl.bound_us, bound=rl.bound,
                      error=best.error or 0.0, evaluated=result.evaluated, failed=len(result.failed),
                      seconds=time.monotonic() - t0, compile_seconds=round(waited[0], 3), worker=worker,
-                     finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     finished=now(),
                      failures={o.config.short: o.failure for o in result.failed[:8]}, incumbent=incumbent,
                      incumbent_us=result.incumbent.us if result.incumbent and result.incumbent.ok else 0.0,
                      looks={o.config.short: round(o.us, 2) for o in result.outcomes if o.ok},
