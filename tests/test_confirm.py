@@ -286,13 +286,12 @@ def test_a_re_tune_keeps_the_confirmations_of_the_entries_it_keeps(sets):
                          seconds=1.0, worker="w")
 
     write_shape(out, plan, shape, {16: result(16, B), 64: result(64, A)}, settings=Settings(gpu="H200", source=KernelSource()),
-                run=prov.run, target=None, existing=existing, started="t2")
+                run=prov.run, target=None, existing=existing)
     assert read_config_file(out / BF16) == {1: A, 16: B, 64: A}
     assert [c["m"] for c in provenance.read(out / BF16).extra["confirmed"]] == [16]
     write_shape(out, plan, shape, {16: result(16, A)}, settings=Settings(gpu="H200", source=KernelSource()), run=prov.run,
                 target=None, existing=check_writable(out / BF16, {"triton": prov.run.triton, "vllm": prov.run.vllm,
-                                                                   "kernel_sha256": prov.run.kernel_sha256}),
-                started="t3")
+                                                                   "kernel_sha256": prov.run.kernel_sha256}))
     assert "confirmed" not in provenance.read(out / BF16).extra
 
 
@@ -316,28 +315,38 @@ def test_the_proposals_kept_for_the_next_board_merge_with_the_committed_set_and_
 
 def test_the_proposals_ledger_comes_from_the_logs_and_holds_them_back_on_any_later_board(tmp_path):
     """benchmarks/results/b20/proposed carries the head to heads of the seventh, eighth and ninth boards (§2r, §2s),
-    read from their committed logs by benchmarks/judged_from_logs.py. A tenth board that confirmed every one of the
-    26 changes would still take none: the seventh and the ninth found every one slower or within the noise."""
+    read from their committed logs by benchmarks/judged_from_logs.py, then the tenth board's two rounds (§2t), which
+    tune-moe verify wrote there itself: each as its log prints it. An eleventh board that confirmed every one of the
+    26 changes would still take none: the seventh, ninth and tenth found every one slower or within the noise."""
     import shutil
     import subprocess
 
     repo = Path(__file__).resolve().parents[1]
-    proposed, committed = repo / "benchmarks" / "results" / "b20" / "proposed", repo / "kernels_configs" / "NVIDIA_H200"
-    logs = [repo / "benchmarks" / "results" / p for p in ("b20/ke-a.log", "b20/ke-b.log", "b21/ke8-a.log",
-                                                           "b21/ke9-a.log")]
-    fresh = tmp_path / "fresh"
+    results = repo / "benchmarks" / "results"
+    proposed, committed = results / "b20" / "proposed", repo / "kernels_configs" / "NVIDIA_H200"
+    logs = [results / p for p in ("b20/ke-a.log", "b20/ke-b.log", "b21/ke8-a.log", "b21/ke9-a.log")]
+    tenth_logs = [results / p for p in ("b22/ke10-a.log", "b22/ke10-b.log")]
+    fresh, read = tmp_path / "fresh", tmp_path / "read"
     shutil.copytree(proposed, fresh, ignore=shutil.ignore_patterns(".tune-moe"))
-    subprocess.run([sys.executable, str(repo / "benchmarks" / "judged_from_logs.py"), str(fresh), "2026-12-03",
-                    *map(str, logs)], check=True, capture_output=True)
-    assert (fresh / confirm.LEDGER).read_text() == (proposed / confirm.LEDGER).read_text()
+    shutil.copytree(proposed, read, ignore=shutil.ignore_patterns(".tune-moe"))
+    for folder, its_logs in ((fresh, logs), (read, logs + tenth_logs)):
+        subprocess.run([sys.executable, str(repo / "benchmarks" / "judged_from_logs.py"), str(folder), "2026-12-03",
+                        *map(str, its_logs)], check=True, capture_output=True)
     ledger = confirm.read_ledger(proposed)
-    assert len(ledger) == 104 and len({v.on for v in ledger}) == 3
+    assert len(ledger) == 156 and len({v.on for v in ledger}) == 4
+    assert (fresh / confirm.LEDGER).read_text().splitlines() == (proposed / confirm.LEDGER).read_text().splitlines()[:104]
+    for kept, logged in zip(ledger[104:], confirm.read_ledger(read)[104:], strict=True):  # the log prints 0.1 µs
+        assert (kept.file, kept.m, kept.new, kept.old, kept.on, kept.mem_mhz) == (
+            logged.file, logged.m, logged.new, logged.old, logged.on, logged.mem_mhz)
+        assert kept.when.startswith(logged.when) and all(abs(getattr(kept, k) - getattr(logged, k)) <= 0.05 + 1e-9
+                                                         for k in ("default_us", "old_us", "new_us"))
+    shutil.copy(proposed / confirm.LEDGER, fresh / confirm.LEDGER)
     names = sorted(p.name for p in proposed.glob("E=*.json") if not p.name.endswith(provenance.SUFFIX))
     changes = {name: [confirm.Change(m, read_config_file(committed / name)[m], c, 100.0, 100.0, 90.0)
                       for m, c in read_config_file(proposed / name).items()
                       if read_config_file(committed / name)[m] != c] for name in names}
-    tenth = dataclasses.replace(BOARD, unit="GPU-tenth")
-    written = confirm.write(fresh, committed, tmp_path / "out", changes, tenth, "2026-12-04")
-    assert written.taken == 0 and len(written.earlier) == 3
+    eleventh = dataclasses.replace(BOARD, unit="GPU-eleventh")
+    written = confirm.write(fresh, committed, tmp_path / "out", changes, eleventh, "2026-12-04")
+    assert written.taken == 0 and len(written.earlier) == 4
     assert sum("confirmed here (old/new 1.111x) but not on" in line for line in written.lines) == 26
-    assert len(confirm.read_ledger(fresh)) == 104 + 26
+    assert len(confirm.read_ledger(fresh)) == 156 + 26

@@ -479,6 +479,52 @@ def test_a_re_tune_times_the_entry_it_replaces(tmp_path):
     assert configs.read_config_file(out / FILE) == written
 
 
+def test_a_state_resumed_across_boards_writes_the_same_files_anywhere_and_says_what_it_knows_of_when(tmp_path):
+    """rf4 (benchmarks/README §2s, §2t): 57 FP8 jobs on one board by a tune-moe whose results kept no time, the other
+    51 on another board a day later. Its state and the committed set it began over write the same six files on this
+    node without a GPU, twice byte for byte, with the GPU machine's entries. A file whose results all kept their
+    time gives its jobs' span; one with an older result cannot know when that one began, and says so ("")."""
+    from datetime import datetime, timedelta
+
+    from tuning.gpus import detect_gpus
+    from tuning.outputs import STAMP
+
+    if detect_gpus() or vllm_fused_moe_path() is None:
+        pytest.skip("a node without a GPU, with vLLM 0.33's kernel installed (it matches the state's fingerprint)")
+    repo = Path(__file__).resolve().parents[1]
+    state = repo / "benchmarks" / "results" / "b22"
+    by_file: dict[str, list[dict]] = {}
+    for line in (state / "rf4.results.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        by_file.setdefault(r["file"], []).append(r)
+    written = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        (out / ".tune-moe").mkdir(parents=True)
+        for path in (repo / "kernels_configs" / "NVIDIA_H200").glob("E=*.json"):
+            shutil.copy(path, out)
+        shutil.copy(state / "rf4.results.jsonl", out / ".tune-moe" / "results.jsonl")
+        shutil.copy(state / "rf4.run.json", out / ".tune-moe" / "run.json")
+        run = subprocess.run([sys.executable, "-m", "tuning.cli", "--gpu", "H200", "--num-gpus", "8", "--dtype", "fp8",
+                              "--out", str(out)], capture_output=True, text=True, env=env(), timeout=600)
+        assert run.returncode == 0 and "108 of 108 jobs already done" in run.stdout, run.stdout + run.stderr
+        assert "workers:" not in run.stdout
+        written.append(snapshot(out))
+        time.sleep(1.1)  # a stamp of the writing run's time would differ
+    assert written[0] == written[1]
+    assert len(by_file) == 6 and sum(1 for rows in by_file.values() if all(r.get("finished") for r in rows)) == 2
+    for file, rows in by_file.items():
+        assert configs.read_config_file(tmp_path / "a" / file) == {r["m"]: configs.TileConfig.from_dict(r["tuned"]) for r in rows}
+        prov = provenance.read(tmp_path / "a" / file)
+        ends = [datetime.strptime(r["finished"], STAMP) for r in rows if r.get("finished")]
+        assert prov.finished == max(ends).strftime(STAMP) and prov.span.endswith(prov.finished)
+        if len(ends) == len(rows):
+            first = min(datetime.strptime(r["finished"], STAMP) - timedelta(seconds=r["seconds"]) for r in rows)
+            assert prov.started == first.strftime(STAMP)
+        else:
+            assert prov.started == "" and prov.span == f"up to {prov.finished}"
+
+
 def test_every_worker_compiles_with_the_node_not_a_share_of_it():
     """Workers alternate compile rounds and timing: each may use the cores the others leave idle while they time."""
     from tuning.compile import MAX_PROCESSES, processes

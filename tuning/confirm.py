@@ -227,7 +227,7 @@ def _merge(new_path: Path, target: Path, taken: list[Change], board: GpuState | 
     rows = tuple(new_rows.get(row.m, row) if row.m in ms else row for row in old_prov.rows)
     on = _name(board) if board else "the CPU (--interpret: for testing, not a confirmation)"
     confirmed = [c for c in old_prov.extra.get("confirmed", []) if c.get("m") not in ms] + [{
-        "m": r.m, "config": r.new.short, "replaces": r.old.short, "tuned": f"{new_prov.started} to {new_prov.finished}",
+        "m": r.m, "config": r.new.short, "replaces": r.old.short, "tuned": new_prov.span,
         "on": on, "mem_mhz": board.mem_mhz if board else None, "when": when,
         "default_us": round(r.default_us, 2), "old_us": round(r.old_us, 2), "new_us": round(r.new_us, 2),
         **({"also_confirmed_on": {b: round(1 / x, 4) for b, x in on_boards[r.m].items() if b != on}}

@@ -72,7 +72,7 @@ def check_writable(path: Path, software: dict[str, str], overwrite: bool = False
 
 
 def write_shape(out: Path, plan: Plan, shape: MoeShape, results: dict[int, JobResult], *, settings: Settings,
-                run: RunInfo, target: Target | None, existing: Existing, started: str) -> Path:
+                run: RunInfo, target: Target | None, existing: Existing) -> Path:
     """Write (merge into) the vLLM JSON for ``shape`` and its sidecar; return the JSON path. Each is replaced
     atomically, the sidecar first: a kill between them leaves the config file as it was, with a sidecar that does
     not match it, which ``is_written`` finds and a resume mends."""
@@ -84,7 +84,7 @@ def write_shape(out: Path, plan: Plan, shape: MoeShape, results: dict[int, JobRe
         gpu_key=plan.gpu.key, run=run, target=target, tool_version=_tool_version(),
         search={"strategy": settings.strategy, "routing": settings.routing, "seed": settings.seed,
                 "scope": settings.scope, "max_evals": settings.max_evals},
-        **_span(results, started), tuning_seconds=round(sum(r.seconds for r in results.values()), 1),
+        **_span(results), tuning_seconds=round(sum(r.seconds for r in results.values()), 1),
         rows=tuple(rows[m] for m in sorted(rows)), extra=existing.still_confirmed(merged)))
     configs.write_config_file(path, merged, run.triton)
     return path
@@ -142,15 +142,18 @@ def now() -> str:
     return datetime.now(timezone.utc).strftime(STAMP)
 
 
-def _span(results: dict[int, JobResult], started: str) -> dict[str, str]:
+def _span(results: dict[int, JobResult]) -> dict[str, str]:
     """When ``results`` were tuned: from the start of the first job to the end of the last, whichever run and machine
     writes the file (a resume writing a finished shape from the store says when it was tuned, not when written).
-    Results from before each kept its time: from ``started`` (the writing run's start) to now."""
-    if not results or not all(r.finished for r in results.values()):
-        return {"started": started, "finished": now()}
-    ends = [(datetime.strptime(r.finished, STAMP).replace(tzinfo=timezone.utc), r.seconds) for r in results.values()]
+    A result from a store of before each result kept its time was tuned at a time nobody recorded, before the run
+    that resumed it: then the start is unknown (""), and the end is the last recorded one ("" when none was)."""
+    ends = [(datetime.strptime(r.finished, STAMP).replace(tzinfo=timezone.utc), r.seconds)
+            for r in results.values() if r.finished]
+    last = max((end for end, _ in ends), default=None)
+    if len(ends) < len(results) or last is None:
+        return {"started": "", "finished": last.strftime(STAMP) if last else ""}
     first = min(end - timedelta(seconds=seconds) for end, seconds in ends)
-    return {"started": first.strftime(STAMP), "finished": max(end for end, _ in ends).strftime(STAMP)}
+    return {"started": first.strftime(STAMP), "finished": last.strftime(STAMP)}
 
 
 def _tool_version() -> str:

@@ -118,6 +118,14 @@ class Provenance:
         return _Reader(where).provenance(data)
 
     @property
+    def span(self) -> str:
+        """When its results were tuned, as far as it was recorded: a resume of results from before each kept its
+        time knows only when the last recorded one ended."""
+        if self.started and self.finished:
+            return f"{self.started} to {self.finished}"
+        return f"up to {self.finished}" if self.finished else ""
+
+    @property
     def empty_launches(self) -> tuple[int, ...]:
         """Batch sizes of an expert-parallel file whose config was picked on a launch with no slot on this GPU
         (``roofline_us`` 0: a routing draw that sent every token elsewhere, as a free draw at M = 1 on a

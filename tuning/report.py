@@ -111,7 +111,7 @@ def alternatives(reports: list[ShapeReport]) -> list[Alternative]:
 
 def _provenance_lines(p: Provenance) -> tuple[str, ...]:
     r, search = p.run, p.search
-    span = f" ({p.started} to {p.finished})" if p.started and p.finished else ""
+    span = f" ({p.span})" if p.span else ""
     kernel = f"; kernel: {r.kernel}" if r.kernel else ""
     python = f", Python {r.python}" if r.python else ""
     extra = "".join(f", {k} {search[k]}" for k in ("seed", "scope") if k in search)

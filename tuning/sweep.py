@@ -119,7 +119,6 @@ class _ShapeWriter:
 
     def __init__(self, plan: Plan, settings: Settings, outs: Outputs, existing: dict, store: Store):
         self.plan, self.settings, self.outs, self.existing, self.store = plan, settings, outs, existing, store
-        self.started = outputs.now()
         self.written: list[Path] = []
 
     def __call__(self, job: Job, run: RunInfo) -> None:
@@ -132,8 +131,7 @@ class _ShapeWriter:
 
     def _write(self, shape: MoeShape, run: RunInfo, why: str = "") -> None:
         path = outputs.write_shape(self.outs.out, self.plan, shape, self._finished(shape), settings=self.settings,
-                                   run=run, target=self.outs.target, existing=self.existing[shape],
-                                   started=self.started)
+                                   run=run, target=self.outs.target, existing=self.existing[shape])
         self.store.note_written(path.name)
         self.written.append(path)
         tqdm.write(f"wrote {path}{why}")
