@@ -242,6 +242,33 @@ def test_an_entry_is_taken_only_where_every_board_that_judged_it_confirms_it(set
     assert len((new / confirm.LEDGER).read_text().splitlines()) == 6
 
 
+def test_a_ledger_write_that_fails_leaves_the_ledger_as_it_was(tmp_path):
+    """A board's head to heads are added whole or not at all. Here the write runs out of room (a file size limit,
+    as a full disk would): the ledger keeps its rows and stays readable, where an append would leave a cut line
+    that the next board refuses."""
+    new = tmp_path / "new"
+    row = confirm.Verdict(BF16, 16, B.short, A.short, "GPU-seventh", 3201, "t1", 12.0, 10.0, 9.5)
+    confirm.record(new, [row])
+    held = (new / confirm.LEDGER).read_bytes()
+    script = f"""
+import dataclasses, resource, signal, sys
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from tuning import confirm
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({len(held) + 100}, {len(held) + 100}))
+row = confirm.read_ledger(Path({str(new)!r}))[0]
+try:
+    confirm.record(Path({str(new)!r}), [dataclasses.replace(row, on="GPU-eighth", when=str(i)) for i in range(20)])
+except OSError as exc:
+    print("refused:", exc.strerror)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("refused: File too large"), done.stdout + done.stderr
+    assert (new / confirm.LEDGER).read_bytes() == held and confirm.read_ledger(new) == [row]
+    assert [p.name for p in (new / confirm.LEDGER).parent.iterdir()] == ["judged.jsonl"]  # no temp file left
+
+
 def test_a_ledger_that_is_not_tune_moe_s_or_cannot_be_written_is_refused_before_anything_is_timed(sets):
     old, new, out = sets
     (new / confirm.LEDGER).parent.mkdir()

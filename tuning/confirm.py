@@ -34,7 +34,7 @@ from statistics import geometric_mean
 from . import configs, provenance
 from .clocks import GpuState
 from .errors import UsageError
-from .files import copy_config_files, write_folder
+from .files import atomic_write_text, copy_config_files, write_folder
 from .jobs import KEEP_WITHIN
 
 OPTION = "--keep-confirmed"
@@ -209,11 +209,11 @@ def write(new_dir: Path, old_dir: Path, out: Path, changes: dict[str, list[Chang
 
 
 def record(new_dir: Path, rows: list[Verdict]) -> None:
-    """Add this board's head to heads to NEW's ledger, for the boards that judge NEW next."""
+    """Add this board's head to heads to NEW's ledger, for the boards that judge NEW next: the ledger is replaced
+    whole (a kill or a full disk mid-write leaves it as it was, never a line cut short that the next board refuses)."""
     path = new_dir / LEDGER
-    path.parent.mkdir(exist_ok=True)
-    with path.open("a") as f:
-        f.writelines(json.dumps(asdict(v)) + "\n" for v in rows)
+    held = path.read_text() if path.exists() else ""
+    atomic_write_text(path, held + "".join(json.dumps(asdict(v)) + "\n" for v in rows))
 
 
 def _merge(new_path: Path, target: Path, taken: list[Change], board: GpuState | None, when: str,
