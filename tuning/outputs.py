@@ -145,8 +145,8 @@ def now() -> str:
 def _span(results: dict[int, JobResult]) -> dict[str, str]:
     """When ``results`` were tuned: from the start of the first job to the end of the last, whichever run and machine
     writes the file (a resume writing a finished shape from the store says when it was tuned, not when written).
-    A result from a store of before each result kept its time was tuned at a time nobody recorded, before the run
-    that resumed it: then the start is unknown (""), and the end is the last recorded one ("" when none was)."""
+    A result from an older store, which kept no time per result, was tuned at an unrecorded time before the run that
+    resumed it: then the start is unknown (""), and the end is the last recorded one ("" when none was)."""
     ends = [(datetime.strptime(r.finished, STAMP).replace(tzinfo=timezone.utc), r.seconds)
             for r in results.values() if r.finished]
     last = max((end for end, _ in ends), default=None)
