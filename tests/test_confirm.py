@@ -245,7 +245,7 @@ def test_an_entry_is_taken_only_where_every_board_that_judged_it_confirms_it(set
 def test_a_ledger_write_that_fails_leaves_the_ledger_as_it_was(tmp_path):
     """A board's head to heads are added whole or not at all. Here the write runs out of room (a file size limit,
     as a full disk would): the ledger keeps its rows and stays readable, where an append would leave a cut line
-    that the next board refuses."""
+    that the next board refuses. Through --keep-confirmed, OUT is written whole and the failure is one line."""
     new = tmp_path / "new"
     row = confirm.Verdict(BF16, 16, B.short, A.short, "GPU-seventh", 3201, "t1", 12.0, 10.0, 9.5)
     confirm.record(new, [row])
@@ -267,6 +267,39 @@ except OSError as exc:
     assert done.returncode == 0 and done.stdout.startswith("refused: File too large"), done.stdout + done.stderr
     assert (new / confirm.LEDGER).read_bytes() == held and confirm.read_ledger(new) == [row]
     assert [p.name for p in (new / confirm.LEDGER).parent.iterdir()] == ["judged.jsonl"]  # no temp file left
+
+    # the same through --keep-confirmed's write: OUT is written whole, and the failure is one line naming the fix
+    old, out = tmp_path / "old", tmp_path / "out"
+    tuned(old, BF16, {1: A, 16: A})
+    tuned(new, BF16, {1: A, 16: B})
+    filler = [dataclasses.replace(row, file=f"E={i},N=64,device_name=NVIDIA_H200.json") for i in range(400)]
+    confirm.record(new, filler)
+    held = (new / confirm.LEDGER).read_bytes()
+    limit = len(held) + 100  # above every config file and sidecar OUT holds, below the ledger with this round's rows
+    script = f"""
+import resource, signal, sys
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from tuning import confirm
+from tuning.clocks import GpuState
+from tuning.configs import TileConfig
+from tuning.errors import UsageError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+a, b = TileConfig.from_short({A.short!r}), TileConfig.from_short({B.short!r})
+changes = {{{BF16!r}: [confirm.Change(16, a, b, 12.0, 10.0, 9.5)]}}
+board = GpuState(1980, 400.0, 700.0, (), 3201, "GPU-ninth")
+try:
+    confirm.write(Path({str(new)!r}), Path({str(old)!r}), Path({str(out)!r}), changes, board, "t2")
+except UsageError as exc:
+    print(exc)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith(f"--keep-confirmed: wrote {out}, but {new / confirm.LEDGER} "
+                                                          "could not take this board's head to heads (File too large)"), \
+        done.stdout + done.stderr
+    assert len(done.stdout.strip().splitlines()) == 1
+    assert read_config_file(out / BF16) == {1: A, 16: B} and (new / confirm.LEDGER).read_bytes() == held
 
 
 def test_a_ledger_that_is_not_tune_moe_s_or_cannot_be_written_is_refused_before_anything_is_timed(sets):

@@ -196,7 +196,12 @@ def write(new_dir: Path, old_dir: Path, out: Path, changes: dict[str, list[Chang
 
     write_folder(out, fill)  # checked new or empty before anything ran
     if board:
-        record(new_dir, [v for name, cs in judged.items() for v in verdicts(name, cs, board, when)])
+        try:
+            record(new_dir, [v for name, cs in judged.items() for v in verdicts(name, cs, board, when)])
+        except OSError as exc:  # the ledger is as it was (record replaces it whole); OUT is written and whole
+            raise UsageError(f"{OPTION}: wrote {out}, but {new_dir / LEDGER} could not take this board's head to heads "
+                             f"({exc.strerror or exc}); make room there and judge NEW again into a new OUT, so that "
+                             "the next board pools this one") from None
     lines = [f"  {name}: M={','.join(str(r.m) for r in entries)} from NEW" for name, entries in taken.items() if entries]
     lines += [f"  {name}: a file the re-tune made, taken whole" for name in made]
     for name, cs in judged.items():
