@@ -119,8 +119,8 @@ class Provenance:
 
     @property
     def span(self) -> str:
-        """When its results were tuned, as far as it was recorded: a resume of results from before each kept its
-        time knows only when the last recorded one ended."""
+        """When its results were tuned, as far as it was recorded: with a result from an older store, which kept no
+        time per result, only when the last recorded one ended."""
         if self.started and self.finished:
             return f"{self.started} to {self.finished}"
         return f"up to {self.finished}" if self.finished else ""
