@@ -3,10 +3,11 @@
     python benchmarks/run_phases.py LOG PHASES_JSON -- python3 -m tuning.cli --gpu H200 ... --out DIR
 
 The command's output goes to LOG as it is (tqdm's carriage returns kept); PHASES_JSON gets the second, counted
-from the command's start, at which each phase's line appeared, the jobs' own seconds (``results.jsonl`` of
-``--out``, a fresh one: resumed jobs would count too) and the rest: what the run spent outside its jobs (with
-W workers, the wall less the jobs' seconds over W), and of that what fell between jobs (``between_jobs_s``: from
-the workers' report to the summary, less the jobs' seconds over W). gpu_stage.sh's ``tune`` runs every sweep this way.
+from the command's start, at which each phase's line appeared, the jobs' own seconds (those in ``--out``'s
+``results.jsonl`` that finished after the command started: a resume counts only what it ran; ``jobs_before`` the
+rest) and the rest of the wall: what the run spent outside its jobs (with W workers, the wall less the jobs' seconds
+over W), and of that what fell between jobs (``between_jobs_s``: from the workers' report to the summary, less the
+jobs' seconds over W). gpu_stage.sh's ``tune`` runs every sweep this way.
 
 Phases: ``plan`` (the plan is printed), ``checked`` (the kernel, Triton and output folder checked: the driver is
 about to start Ray), ``ray`` (Ray's "Started a local Ray instance"), ``workers`` (every worker has started and
@@ -21,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 MARKS = {
@@ -40,6 +42,7 @@ def main(argv: list[str]) -> int:
     seen: dict[str, float] = {}
     said: dict[str, float] = {}
     start = time.monotonic()
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")  # the format of a result's `finished`
     with open(log, "w") as out:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         for sig in (signal.SIGINT, signal.SIGTERM):  # a time limit's signal is the command's (it stops cleanly)
@@ -58,10 +61,13 @@ def main(argv: list[str]) -> int:
     seen["exit"] = round(time.monotonic() - start, 2)
     folder = command[command.index("--out") + 1] if "--out" in command else None
     results = Path(folder) / ".tune-moe" / "results.jsonl" if folder else None
-    jobs = [json.loads(x) for x in results.read_text().splitlines() if x.strip()] if results and results.exists() else []
+    stored = [json.loads(x) for x in results.read_text().splitlines() if x.strip()] if results and results.exists() else []
+    # a result without a stamp (a tune-moe from before them, e.g. an old commit's run beside this one) counts
+    jobs = [j for j in stored if not j.get("finished") or j["finished"] >= started]
     job_seconds = round(sum(j["seconds"] for j in jobs), 2)
     workers = len({j.get("worker") for j in jobs}) or 1
     report = {"command": command, "exit_code": code, "phases_s": seen, **said, "jobs": len(jobs),
+              "jobs_before": len(stored) - len(jobs),
               "job_seconds": job_seconds, "workers": workers,
               "outside_jobs_s": round(seen["exit"] - job_seconds / workers, 2)}
     if "workers" in seen and "summary" in seen:  # from the first job's start to the last one's end, not in a job

@@ -351,3 +351,16 @@ def test_every_command_prints_its_help(command, capsys):
     if command == "validate-serve":
         assert "agree within 3% on the workload's metric" in out
         assert "decode: 128-token prompts" in out and "decode: decode:" not in out
+
+
+def test_the_dependencies_a_missing_import_is_told_to_install_are_pyproject_s():
+    """A Python that lacks a dependency is told to install exactly what pyproject.toml requires for it."""
+    tomllib = pytest.importorskip("tomllib")
+    from tuning.errors import DEPENDENCIES, missing_dependency
+
+    required = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert sorted(DEPENDENCIES.values()) == sorted(required["project"]["dependencies"])
+    error = ModuleNotFoundError("No module named 'pynvml'", name="pynvml")
+    assert "-m pip install 'nvidia-ml-py>=12.535'" in str(missing_dependency(error))
+    assert missing_dependency(ModuleNotFoundError("No module named 'tuning.nope'", name="tuning.nope")) is None
+    assert missing_dependency(ValueError("ray")) is None

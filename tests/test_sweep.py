@@ -264,6 +264,20 @@ def test_cluster_checks():
         cluster_gpus({"CPU": 2.0})
 
 
+def test_a_python_without_ray_is_told_how_to_install_it_in_one_line_and_leaves_nothing(tmp_path):
+    """Ray is a dependency, so a Python that cannot import it is not the one tune-moe was installed into: the run
+    stops as it would start Ray, in one line naming that Python's install command, and leaves no folder behind."""
+    out = tmp_path / "cfg"
+    blocked = "import sys; sys.modules['ray'] = None; from tuning.cli import main; sys.exit(main(sys.argv[1:]))"
+    run = subprocess.run([sys.executable, "-c", blocked, *command(out)[3:]], capture_output=True, text=True,
+                         env={**env(), "TUNE_MOE_TRACEBACK": "1"}, timeout=300)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+    assert run.stderr.startswith("tune-moe: error: this Python cannot import ray (")
+    assert f"{sys.executable} -m pip install 'ray>=2.40'" in run.stderr
+    assert not out.exists()  # the state folder it opened is dropped: no job ran
+
+
 def test_all_gpus_busy_is_a_clear_error(tmp_path, monkeypatch):
     import ray
 

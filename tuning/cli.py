@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import UsageError, missing_dependency
 
 # command -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("tune-moe: interrupted; finished jobs are saved, re-run the same command to resume\n")
         return 130
     except Exception as exc:  # a bug, not bad input: one line, and the traceback only when asked for
+        if missing := missing_dependency(exc):
+            sys.stderr.write(f"tune-moe: error: {missing}\n")
+            return missing.exit_code
         if os.environ.get("TUNE_MOE_TRACEBACK") == "1":
             raise
         where = exc.__traceback__
