@@ -375,9 +375,10 @@ def test_the_proposals_kept_for_the_next_board_merge_with_the_committed_set_and_
 
 def test_the_proposals_ledger_comes_from_the_logs_and_holds_them_back_on_any_later_board(tmp_path):
     """benchmarks/results/b20/proposed carries the head to heads of the seventh, eighth and ninth boards (§2r, §2s),
-    read from their committed logs by benchmarks/judged_from_logs.py, then the tenth board's two rounds (§2t), which
-    tune-moe verify wrote there itself: each as its log prints it. An eleventh board that confirmed every one of the
-    26 changes would still take none: the seventh, ninth and tenth found every one slower or within the noise."""
+    read from their committed logs by benchmarks/judged_from_logs.py, then the tenth board's two rounds (§2t) and the
+    eleventh's one (§2u), which tune-moe verify wrote there itself: each as its log prints it. A twelfth board that
+    confirmed every one of the 26 changes would still take none: the seventh, ninth, tenth and eleventh found every one
+    slower or within the noise."""
     import shutil
     import subprocess
 
@@ -385,15 +386,15 @@ def test_the_proposals_ledger_comes_from_the_logs_and_holds_them_back_on_any_lat
     results = repo / "benchmarks" / "results"
     proposed, committed = results / "b20" / "proposed", repo / "kernels_configs" / "NVIDIA_H200"
     logs = [results / p for p in ("b20/ke-a.log", "b20/ke-b.log", "b21/ke8-a.log", "b21/ke9-a.log")]
-    tenth_logs = [results / p for p in ("b22/ke10-a.log", "b22/ke10-b.log")]
+    own_logs = [results / p for p in ("b22/ke10-a.log", "b22/ke10-b.log", "b23/ke11-a.log")]  # written by verify
     fresh, read = tmp_path / "fresh", tmp_path / "read"
     shutil.copytree(proposed, fresh, ignore=shutil.ignore_patterns(".tune-moe"))
     shutil.copytree(proposed, read, ignore=shutil.ignore_patterns(".tune-moe"))
-    for folder, its_logs in ((fresh, logs), (read, logs + tenth_logs)):
+    for folder, its_logs in ((fresh, logs), (read, logs + own_logs)):
         subprocess.run([sys.executable, str(repo / "benchmarks" / "judged_from_logs.py"), str(folder), "2026-12-03",
                         *map(str, its_logs)], check=True, capture_output=True)
     ledger = confirm.read_ledger(proposed)
-    assert len(ledger) == 156 and len({v.on for v in ledger}) == 4
+    assert len(ledger) == 182 and len({v.on for v in ledger}) == 5
     assert (fresh / confirm.LEDGER).read_text().splitlines() == (proposed / confirm.LEDGER).read_text().splitlines()[:104]
     for kept, logged in zip(ledger[104:], confirm.read_ledger(read)[104:], strict=True):  # the log prints 0.1 µs
         assert (kept.file, kept.m, kept.new, kept.old, kept.on, kept.mem_mhz) == (
@@ -405,8 +406,8 @@ def test_the_proposals_ledger_comes_from_the_logs_and_holds_them_back_on_any_lat
     changes = {name: [confirm.Change(m, read_config_file(committed / name)[m], c, 100.0, 100.0, 90.0)
                       for m, c in read_config_file(proposed / name).items()
                       if read_config_file(committed / name)[m] != c] for name in names}
-    eleventh = dataclasses.replace(BOARD, unit="GPU-eleventh")
-    written = confirm.write(fresh, committed, tmp_path / "out", changes, eleventh, "2026-12-04")
-    assert written.taken == 0 and len(written.earlier) == 4
+    twelfth = dataclasses.replace(BOARD, unit="GPU-twelfth")
+    written = confirm.write(fresh, committed, tmp_path / "out", changes, twelfth, "2026-12-04")
+    assert written.taken == 0 and len(written.earlier) == 5
     assert sum("confirmed here (old/new 1.111x) but not on" in line for line in written.lines) == 26
-    assert len(confirm.read_ledger(fresh)) == 156 + 26
+    assert len(confirm.read_ledger(fresh)) == 182 + 26
