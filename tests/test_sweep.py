@@ -304,11 +304,50 @@ def test_all_gpus_busy_is_a_clear_error(tmp_path, monkeypatch):
         plan = make_plan(load_model(str(TINY_MODEL)), get_gpu("H200"), "bf16", [Layout(dp=2, ep=True)], 2, (1,),
                          vllm_version="0.33")
         settings = Settings(gpu="H200", source=KernelSource(str(src)))
-        driver = sweep.Driver(plan, settings, sweep.RayOptions(interpret=True, local_gpus=1), "3.8.0")
+        software = {"triton": "3.8.0", "vllm": "0.33.0", "kernel_sha256": "0" * 64}
+        driver = sweep.Driver(plan, settings, sweep.RayOptions(interpret=True, local_gpus=1), software)
         with pytest.raises(UsageError, match="busy"):
             driver.run(plan.jobs, Store(tmp_path), on_done=lambda job, run: None)
     finally:
         ray.shutdown()
+
+
+def test_a_worker_that_loads_another_kernel_than_the_run_read_is_refused_before_any_job(tmp_path):
+    """On a cluster of several nodes each worker loads the kernel from its own node (its vLLM, or the --vllm-src
+    path there). A node with another fused_moe.py than the driver read would tune another kernel under this run's
+    name; a real worker loading vLLM's file is checked against a driver that read another (its hash)."""
+    from tuning import sweep
+    from tuning.gpus import get_gpu
+    from tuning.jobs import Settings
+    from tuning.kernel import KernelSource
+    from tuning.models import load_model
+    from tuning.plan import make_plan
+    from tuning.shapes import Layout
+    from tuning.store import Store
+    from tuning.triton_pins import compiling_triton
+
+    src = vllm_fused_moe_path() or pytest.skip("vLLM is not installed")
+    read = KernelSource(str(src)).read()
+    plan = make_plan(load_model(str(TINY_MODEL)), get_gpu("H200"), "bf16", [Layout(dp=2, ep=True)], 2, (1,),
+                     vllm_version="0.33")
+    settings = Settings(gpu="H200", source=KernelSource(str(src)))
+    store = Store(tmp_path)
+    for sha, refused in ((read.source_sha256, False), ("ab" * 32, True)):
+        software = {"triton": compiling_triton(), "vllm": read.vllm_version, "kernel_sha256": sha}
+        driver = sweep.Driver(plan, settings, sweep.RayOptions(interpret=True, local_gpus=1, max_workers=1), software)
+        try:
+            if refused:  # the worker reports the hash of what it loaded: vLLM's file
+                with pytest.raises(UsageError) as refusal:
+                    driver.run(plan.jobs, store, on_done=lambda job, run: None)
+                assert "loaded another kernel than this run read" in str(refusal.value)
+                assert f"sha256 {read.source_sha256[:12]}, not abababababab" in str(refusal.value)
+            else:
+                info = sweep._started([driver._new_worker()])[0]
+                assert info["kernel_sha256"] == read.source_sha256
+                driver._check_worker(info)
+        finally:
+            driver.close()
+    assert not store.results
 
 
 def test_sigterm_stops_the_run_in_one_line_and_keeps_what_finished(tmp_path):
@@ -376,6 +415,10 @@ def test_a_worker_that_dies_starting_is_named_in_one_line():
     line = sweep.start_failure(died + "RuntimeError: CUDA error: no kernel image is available\n")
     assert line.startswith("a Ray worker died as it started (RuntimeError: CUDA error: no kernel image is available)")
     assert "TUNE_MOE_TRACEBACK=1" in line and "\n" not in line
+    for module, fix in (("torch", "('torch>=2.4')"), ("tuning", "(this checkout, pip install -e .)")):
+        assert sweep.start_failure(died + f"ModuleNotFoundError: No module named '{module}'\n") == (
+            f"a Ray worker on 10.0.0.2 cannot import {module}; install tune-moe with its dependencies into the Python "
+            f"Ray runs on every node {fix}")
 
 
 def test_a_shape_is_written_the_moment_its_last_batch_size_finishes(tmp_path):

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from . import outputs
 from .configs import TileConfig
-from .errors import UsageError
+from .errors import DEPENDENCIES, UsageError
 from .jobs import Failure, Job, JobResult, Settings, fingerprint
 from .plan import Plan
 from .provenance import RunInfo, Target
@@ -85,7 +85,7 @@ def run_sweep(plan: Plan, settings: Settings, ray_options: RayOptions, outs: Out
             return 0
         if check_node is not None:
             check_node()
-        driver = Driver(plan, settings, ray_options, triton)
+        driver = Driver(plan, settings, ray_options, software)
         try:
             driver.run(pending, store, writer, {s: e.held for s, e in existing.items()})
         finally:
@@ -163,8 +163,10 @@ class _ShapeWriter:
 
 
 class Driver:
-    def __init__(self, plan: Plan, settings: Settings, ray_options: RayOptions, triton: str):
-        self.plan, self.settings, self.options, self.triton = plan, settings, ray_options, triton
+    def __init__(self, plan: Plan, settings: Settings, ray_options: RayOptions, software: dict[str, str]):
+        """``software``: the Triton this run compiles with and the kernel it read (vLLM, sha256), which every
+        worker must load too: its results are kept under them."""
+        self.plan, self.settings, self.options, self.software = plan, settings, ray_options, software
         self.started = time.monotonic()
         self.num_workers = min(_start_ray(ray_options), ray_options.max_workers or 1 << 30)
         self.ray_seconds = time.monotonic() - self.started
@@ -261,9 +263,13 @@ class Driver:
 
     def _check_worker(self, info: dict) -> None:
         where = f"worker on {info['host']}"
-        if info["triton"] != self.triton:
+        if info["triton"] != self.software["triton"]:
             raise UsageError(f"{where} compiles with Triton {info['triton']}, but this run was planned for Triton "
-                             f"{self.triton}; install the same Triton on every node")
+                             f"{self.software['triton']}; install the same Triton on every node")
+        if info["kernel_sha256"] != self.software["kernel_sha256"]:
+            raise UsageError(f"{where} loaded another kernel than this run read ({info['kernel']}: fused_moe.py "
+                             f"sha256 {info['kernel_sha256'][:12]}, not {self.software['kernel_sha256'][:12]}); give "
+                             "every node the same vLLM, or the same --vllm-src file at the same path")
         if self.options.interpret:
             return
         if info["device_name"] != self.plan.gpu.device_name:
@@ -327,6 +333,12 @@ def start_failure(error: str) -> str:
     refused = re.match(r"^(?:[\w.]+\.)?UsageError: (.+)$", last)
     if refused:
         return refused.group(1)
+    missing = re.search(r"No module named '(\w+)", last)
+    if missing and (missing.group(1) in DEPENDENCIES or missing.group(1) == "tuning"):
+        node = re.search(r"\bip=([\w.:-]+)", error)
+        need = "this checkout, pip install -e ." if missing.group(1) == "tuning" else repr(DEPENDENCIES[missing.group(1)])
+        return (f"a Ray worker{f' on {node.group(1)}' if node else ''} cannot import {missing.group(1)}; install "
+                f"tune-moe with its dependencies into the Python Ray runs on every node ({need})")
     return (f"a Ray worker died as it started ({last[:300]}); fix that node's GPU software, or re-run with "
             "TUNE_MOE_TRACEBACK=1 for the worker's traceback")
 
