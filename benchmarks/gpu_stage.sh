@@ -86,6 +86,9 @@ case "$stage" in
   stash)
     mkdir -p /tmp/stash && cp -v "$@" /tmp/stash/ ;;
   setup)
+    for f in /tmp/stash/ray-site.tar.zst /tmp/stash/unzstd.py "$@"; do  # before minutes of unpacking, not after
+      [ -f "$f" ] || { echo "setup: $f is missing; stash it first (benchmarks/README.md section 5)" >&2; exit 2; }
+    done
     mkdir -p /tmp/ray
     if [ "$#" -gt 0 ]; then
       mkdir -p /tmp/t38
