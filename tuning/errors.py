@@ -1,5 +1,7 @@
 """The one exception user-facing commands raise for bad input, and the missing dependency that is one."""
 
+import sys
+
 
 class UsageError(Exception):
     """Bad input or an unusable node. The message is one line: the problem, then the fix.
@@ -21,8 +23,6 @@ def missing_dependency(exc: BaseException) -> UsageError | None:
     module = (getattr(exc, "name", None) or "").partition(".")[0] if isinstance(exc, ImportError) else ""
     if module not in DEPENDENCIES:
         return None
-    import sys
-
     return UsageError(f"this Python cannot import {module} ({exc}), which tune-moe needs; install it: "
                       f"{sys.executable} -m pip install '{DEPENDENCIES[module]}' (pip install -e . in tune-moe's "
                       "checkout installs all it needs)")
