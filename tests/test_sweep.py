@@ -180,6 +180,31 @@ def test_four_workers_one_per_fake_gpu_share_the_jobs(tmp_path):
     assert sorted(vllm_loads(out, 4, 128)) == [int(m) for m in sizes.split(",")]
 
 
+def test_an_existing_cluster_of_two_nodes_is_joined_with_ray_address_and_left_running(tmp_path):
+    """--ray-address: a Ray cluster the run did not start, here two nodes (two raylets, each its own object store,
+    as on two hosts) of one fake GPU each. One worker per GPU, so one on each node; the files vLLM loads are
+    written, and the cluster is still up when the run ends (the driver shuts down only a Ray it started)."""
+    from ray.cluster_utils import Cluster
+
+    out = tmp_path / "cfg"
+    argv = command(out)
+    node = {"num_cpus": 1, "num_gpus": 1, "resources": {"accelerator_type:H200": 1}}
+    cluster = Cluster(initialize_head=True, head_node_args=node)
+    try:
+        cluster.add_node(**node)
+        cluster.wait_for_nodes()
+        run = subprocess.run([*argv, "--ray-address", cluster.address], capture_output=True, text=True, env=env(),
+                             timeout=900)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "2 workers:" in run.stdout and "Connecting to existing Ray cluster" in run.stderr
+        assert sorted(r["m"] for r in results(out)) == [int(m) for m in BATCHES.split(",")]
+        assert provenance.read(out / FILE).run.count == 2
+        assert sorted(vllm_loads(out, 8, 128)) == [int(m) for m in BATCHES.split(",")]
+        assert cluster.remaining_processes_alive()
+    finally:
+        cluster.shutdown()
+
+
 def written_triton(path: Path) -> str:
     return json.loads(path.read_text())["triton_version"]
 
