@@ -333,11 +333,12 @@ def start_failure(error: str) -> str:
     refused = re.match(r"^(?:[\w.]+\.)?UsageError: (.+)$", last)
     if refused:
         return refused.group(1)
-    missing = re.search(r"No module named '(\w+)", last)
-    if missing and (missing.group(1) in DEPENDENCIES or missing.group(1) == "tuning"):
+    found = re.search(r"No module named '(\w+)", last)
+    module = found.group(1) if found else ""
+    if module in DEPENDENCIES or module == "tuning":
         node = re.search(r"\bip=([\w.:-]+)", error)
-        need = "this checkout, pip install -e ." if missing.group(1) == "tuning" else repr(DEPENDENCIES[missing.group(1)])
-        return (f"a Ray worker{f' on {node.group(1)}' if node else ''} cannot import {missing.group(1)}; install "
+        need = "this checkout, pip install -e ." if module == "tuning" else repr(DEPENDENCIES[module])
+        return (f"a Ray worker{f' on {node.group(1)}' if node else ''} cannot import {module}; install "
                 f"tune-moe with its dependencies into the Python Ray runs on every node ({need})")
     return (f"a Ray worker died as it started ({last[:300]}); fix that node's GPU software, or re-run with "
             "TUNE_MOE_TRACEBACK=1 for the worker's traceback")
