@@ -2,6 +2,7 @@
 
     python benchmarks/verify_pair.py OLD.log[,OLD2.log...] NEW.log[,NEW2.log...]
     python benchmarks/verify_pair.py --against RUN.log[,RUN2.log...]
+    python benchmarks/verify_pair.py --recorded CONFIGS_DIR RUN.log
 
 Each log is one `tune-moe verify` run; run both sets' alike (files, --batch-sizes), one after the other on
 one machine. A set's logs are read together, and a point timed in several of them (a repeat) gets the mean of
@@ -11,12 +12,17 @@ those whose entries are the same config (what the timing noise alone gives).
 
 With --against, each log is one `tune-moe verify --against OLD` run (both entries in one head to head); prints,
 per changed (file, M), old → new, old/new in each run and their mean.
+
+With --recorded, the log is one `tune-moe verify --configs` run of the files in CONFIGS_DIR (no --against); prints,
+per file, the geomean speedup over vLLM's default it timed beside the one its provenance sidecar records.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
+from pathlib import Path
 from statistics import fmean, geometric_mean
 
 FILE = re.compile(r"^(E=\S+\.json)$")
@@ -84,7 +90,27 @@ def against(logs: str) -> None:
               f"(means {min(means):.3f}-{max(means):.3f}).")
 
 
+def recorded(configs: str, log: str) -> None:
+    """Per file: the geomean speedup this verify run timed, and the one the file's sidecar records."""
+    timed = read(log)
+    print("| file | timed here | recorded |")
+    print("|---|---:|---:|")
+    here_all, rec_all = [], []
+    for file in sorted({f for f, _ in timed}):
+        sidecar = json.loads((Path(configs) / file.replace(".json", ".provenance.json")).read_text())["results"]
+        ms = [m for m in map(int, sidecar) if (file, m) in timed]
+        here = [timed[(file, m)][0] / timed[(file, m)][1] for m in ms]
+        rec = [sidecar[str(m)]["speedup"] for m in ms]
+        here_all += here
+        rec_all += rec
+        print(f"| {file.removesuffix('.json')} | {geometric_mean(here):.3f} | {geometric_mean(rec):.3f} |")
+    print(f"\n{len(here_all)} batch sizes: geomean {geometric_mean(here_all):.3f} here, {geometric_mean(rec_all):.3f} "
+          f"recorded; here {min(here_all):.3f}-{max(here_all):.3f}, {sum(x < 0.99 for x in here_all)} below 0.99.")
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--recorded":
+        sys.exit(recorded(sys.argv[2], sys.argv[3]))
     if len(sys.argv) == 3 and sys.argv[1] == "--against":
         sys.exit(against(sys.argv[2]))
     if len(sys.argv) != 3:
