@@ -205,6 +205,32 @@ def test_an_existing_cluster_of_two_nodes_is_joined_with_ray_address_and_left_ru
         cluster.shutdown()
 
 
+def test_a_driver_on_a_node_without_gpus_joins_a_cluster_and_its_workers_gpus_are_checked_where_they_run(tmp_path):
+    """A cluster's head is often a CPU node. With --ray-address the driver does not ask for GPUs of its own (this box
+    has none: without --ray-address the run stops on that) but checks each worker's GPU on the node it runs on. Here
+    the worker's node declares a GPU whose torch sees no CUDA device: refused in one line naming that worker."""
+    from ray.cluster_utils import Cluster
+
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this node has an NVIDIA GPU: the driver's own check would pass")
+    out = tmp_path / "cfg"
+    argv = [a for a in command(out) if a != "--interpret"]
+    alone = subprocess.run(argv, capture_output=True, text=True, env=env(), timeout=300)
+    assert alone.returncode == 2 and "this node has no NVIDIA GPU" in alone.stderr, alone.stdout + alone.stderr
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1,
+                                                             "resources": {"accelerator_type:H200": 1}})
+    try:
+        run = subprocess.run([*argv, "--ray-address", cluster.address], capture_output=True, text=True, env=env(),
+                             timeout=600)
+        errors = [line for line in run.stderr.splitlines() if line.startswith("tune-moe:")]
+        assert run.returncode == 2 and len(errors) == 1, run.stdout + run.stderr
+        assert "was given GPU 0 by Ray, but its torch" in errors[0] and "sees no CUDA device" in errors[0]
+        assert "Traceback" not in run.stderr and not out.exists()
+        assert cluster.remaining_processes_alive()
+    finally:
+        cluster.shutdown()
+
+
 def written_triton(path: Path) -> str:
     return json.loads(path.read_text())["triton_version"]
 

@@ -272,6 +272,10 @@ class Driver:
                              "every node the same vLLM, or the same --vllm-src file at the same path")
         if self.options.interpret:
             return
+        if info["device_name"] is None:
+            raise UsageError(f"{where} was given GPU {info['gpu_ids'] or '(none)'} by Ray, but its torch "
+                             f"{info['torch']} sees no CUDA device; install the NVIDIA driver and a CUDA build of torch "
+                             "on that node")
         if info["device_name"] != self.plan.gpu.device_name:
             raise UsageError(f"{where} runs on {info['name']}, not {self.plan.gpu.torch_name}; "
                              "use a cluster of one GPU model and the matching --gpu")

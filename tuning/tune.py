@@ -190,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
     from .store import has_results
 
     deferred = None  # no GPU here, and the results in --out may be all the run needs: checked once jobs are left
-    if not args.interpret:
+    if not args.interpret and not args.ray_address:  # joining a cluster: the driver may sit on a node without GPUs
+        # (a CPU head node); each worker's GPU is checked where it runs (sweep.Driver._check_worker)
         if found or args.fresh or not has_results(out):
             gpus.check_node(plan.gpu, found)
         else:
