@@ -18,6 +18,8 @@
 #   bg-wait SECS       wait at most SECS for them; print the end of each log and bring /tmp/bg (without the
 #                      written files' tars until the last stage is done) and every run's state folder
 #                      (.tune-moe: results.jsonl, run.json) back as $OUT/bg.tar, so a lost machine loses nothing
+#   ray ARGS...        Ray's own CLI in this environment (`ray start --head`, `ray status`, `ray stop`): a cluster the
+#                      run did not start, whose workers inherit this environment, for `tune ... --ray-address auto`
 #   cli NAME SECS ARGS...  any `tune-moe ARGS` (verify, report, ...) in this environment, log to $OUT/NAME.log;
 #                      after `verify --keep-confirmed`, the ledger of --configs as $OUT/NAME.judged.jsonl
 #   cli-smi NAME SECS ARGS...  the same, each log line stamped with its time, and the GPU's clocks, temperatures,
@@ -260,6 +262,8 @@ g("90"); print("fused_moe_90 loaded (AOT)")'  # never a JIT build here: a missin
     if pgrep -f "validate-serve .*$runs/$name" >/dev/null; then echo "$name: still running"; else echo "$name: ended"; fi
     tail -15 "$runs/$name.log"
     cp "$runs/$name.log" "$OUT/" && (cd "$runs" && tar cf "$OUT/$name.tar" "$name" 2>/dev/null) || true ;;
+  ray)
+    ray "$@" ;;
   cli)
     name=$1 secs=$2; shift 2
     set +e
