@@ -263,7 +263,7 @@ g("90"); print("fused_moe_90 loaded (AOT)")'  # never a JIT build here: a missin
     tail -15 "$runs/$name.log"
     cp "$runs/$name.log" "$OUT/" && (cd "$runs" && tar cf "$OUT/$name.tar" "$name" 2>/dev/null) || true ;;
   ray)
-    ray "$@" ;;
+    python3 -c "import sys; from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()" "$@" ;;
   cli)
     name=$1 secs=$2; shift 2
     set +e

@@ -231,6 +231,30 @@ def test_a_driver_on_a_node_without_gpus_joins_a_cluster_and_its_workers_gpus_ar
         cluster.shutdown()
 
 
+def test_a_ray_address_where_no_cluster_answers_is_one_line_at_once(tmp_path):
+    """Ray retries an address nobody answers at for minutes, and says 'auto' found nothing in its own words (its
+    --address flag): both are one line naming --ray-address and how to start the cluster, and leave no folder."""
+    out = tmp_path / "cfg"
+    started = time.monotonic()
+    run = subprocess.run([*command(out), "--ray-address", "127.0.0.1:1"], capture_output=True, text=True, env=env(),
+                         timeout=120)
+    assert run.returncode == 2 and time.monotonic() - started < 60, run.stdout + run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("tune-moe: error: --ray-address 127.0.0.1:1: nothing "
+                                                          "answers at 127.0.0.1:1 (Connection refused); start Ray")
+    assert not out.exists()
+    gcs = [p for p in psutil.process_iter(["name"]) if "gcs_server" in (p.info["name"] or "")]
+    if gcs or Path("/tmp/ray/ray_current_cluster").exists() or os.environ.get("RAY_ADDRESS"):
+        pytest.skip("a Ray cluster runs on this node, or its address is recorded: 'auto' would find it")
+    run = subprocess.run([*command(out), "--ray-address", "auto"], capture_output=True, text=True, env=env(),
+                         timeout=120)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        "tune-moe: error: --ray-address auto: Could not find any running Ray instance; start Ray on the nodes first "
+        "(`ray start --head` on one, `ray start --address HEAD:6379` on the others), or drop --ray-address to start "
+        "Ray on this node")
+    assert not out.exists()
+
+
 def written_triton(path: Path) -> str:
     return json.loads(path.read_text())["triton_version"]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -358,13 +359,32 @@ def _start_ray(options: RayOptions) -> int:
     if ray.is_initialized():
         pass  # the caller connected already
     elif options.address:
-        ray.init(address=options.address, log_to_driver=False)
+        _answers(options.address)
+        try:
+            ray.init(address=options.address, log_to_driver=False)
+        except ConnectionError as e:  # Ray's words name its own flag and variable, not tune-moe's
+            found = str(e).split(". ")[0].strip() or type(e).__name__
+            raise UsageError(f"--ray-address {options.address}: {found}; start Ray on the nodes first (`ray start "
+                             "--head` on one, `ray start --address HEAD:6379` on the others), or drop --ray-address "
+                             "to start Ray on this node") from None
     elif options.interpret:
         n = max(1, options.local_gpus)
         ray.init(num_gpus=n, num_cpus=max(2, n), log_to_driver=False)
     else:
         ray.init(num_gpus=options.local_gpus, log_to_driver=False)
     return cluster_gpus(ray.cluster_resources())
+
+
+def _answers(address: str) -> None:
+    """An address that names a host and port must answer there: Ray retries one that does not for minutes."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # 'auto' and the forms Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as e:
+        raise UsageError(f"--ray-address {address}: nothing answers at {host}:{port} ({e.strerror or e}); start Ray "
+                         "there first (`ray start --head`), or give the head node's address") from None
 
 
 def cluster_gpus(resources: dict) -> int:
