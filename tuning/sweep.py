@@ -363,7 +363,7 @@ def _start_ray(options: RayOptions) -> int:
         try:
             ray.init(address=options.address, log_to_driver=False)
         except ConnectionError as e:  # Ray's words name its own flag and variable, not tune-moe's
-            found = str(e).split(". ")[0].strip() or type(e).__name__
+            found = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0].rstrip(":")
             raise UsageError(f"--ray-address {options.address}: {found}; start Ray on the nodes first (`ray start "
                              "--head` on one, `ray start --address HEAD:6379` on the others), or drop --ray-address "
                              "to start Ray on this node") from None

@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="routing and weight seed")
     p.add_argument("--scope", default="gemms", choices=("gemms", "layer"),
                    help="time the two GEMM kernels (what the tile config controls) or the whole expert path")
-    p.add_argument("--ray-address", help="join this Ray cluster (e.g. auto or ray://head:10001) instead of starting one")
+    p.add_argument("--ray-address", help="join this Ray cluster (auto, or the head's HOST:6379) instead of starting one")
     p.add_argument("--workers", type=int, help="start at most this many Ray workers (default: one per GPU)")
     p.add_argument("--fresh", action="store_true", help="discard saved results of an earlier run in --out")
     p.add_argument("--overwrite", action="store_true",
