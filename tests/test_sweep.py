@@ -205,6 +205,28 @@ def test_an_existing_cluster_of_two_nodes_is_joined_with_ray_address_and_left_ru
         cluster.shutdown()
 
 
+def test_a_run_under_ray_job_submit_joins_the_cluster_ray_address_names(tmp_path):
+    """`ray job submit -- tune-moe ...` runs the driver with RAY_ADDRESS set to the cluster: the run joins it (asking
+    Ray for GPUs then is refused by Ray, which said 'internal error' here) and leaves it running."""
+    from ray.cluster_utils import Cluster
+
+    out = tmp_path / "cfg"
+    argv = command(out)
+    argv[argv.index("--batch-sizes") + 1] = "1,2"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2,
+                                                             "resources": {"accelerator_type:H200": 1}})
+    try:
+        run = subprocess.run(argv, capture_output=True, text=True, env={**env(), "RAY_ADDRESS": cluster.address},
+                             timeout=600)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert f"Connecting to existing Ray cluster at address: {cluster.address}" in run.stderr
+        assert "2 workers:" in run.stdout
+        assert sorted(vllm_loads(out, 8, 128)) == [1, 2]
+        assert cluster.remaining_processes_alive()
+    finally:
+        cluster.shutdown()
+
+
 def test_a_driver_on_a_node_without_gpus_joins_a_cluster_and_its_workers_gpus_are_checked_where_they_run(tmp_path):
     """A cluster's head is often a CPU node. With --ray-address the driver does not ask for GPUs of its own (this box
     has none: without --ray-address the run stops on that) but checks each worker's GPU on the node it runs on. Here
@@ -242,6 +264,10 @@ def test_a_ray_address_where_no_cluster_answers_is_one_line_at_once(tmp_path):
     assert run.stderr.strip().splitlines()[-1].startswith("tune-moe: error: --ray-address 127.0.0.1:1: nothing "
                                                           "answers at 127.0.0.1:1 (Connection refused); start Ray")
     assert not out.exists()
+    run = subprocess.run(command(out), capture_output=True, text=True, env={**env(), "RAY_ADDRESS": "127.0.0.1:1"},
+                         timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith(
+        "tune-moe: error: RAY_ADDRESS 127.0.0.1:1: nothing answers at 127.0.0.1:1"), run.stdout + run.stderr
     gcs = [p for p in psutil.process_iter(["name"]) if "gcs_server" in (p.info["name"] or "")]
     if gcs or Path("/tmp/ray/ray_current_cluster").exists() or os.environ.get("RAY_ADDRESS"):
         pytest.skip("a Ray cluster runs on this node, or its address is recorded: 'auto' would find it")

@@ -45,6 +45,7 @@ class RayOptions:
     """How to get workers: a Ray address to join (or a local cluster), and the CPU test mode."""
 
     address: str | None = None
+    address_from: str = "--ray-address"  # or RAY_ADDRESS: where the address came from, for the user's fix
     interpret: bool = False  # Triton's interpreter on CPU workers with declared fake GPUs
     local_gpus: int = 0  # GPUs of this node, for a local cluster
     max_workers: int | None = None  # at most this many workers (default: one per GPU of the cluster)
@@ -359,14 +360,15 @@ def _start_ray(options: RayOptions) -> int:
     if ray.is_initialized():
         pass  # the caller connected already
     elif options.address:
-        _answers(options.address)
+        where = f"{options.address_from} {options.address}"
+        _answers(options.address, where)
         try:
             ray.init(address=options.address, log_to_driver=False)
         except ConnectionError as e:  # Ray's words name its own flag and variable, not tune-moe's
             found = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0].rstrip(":")
-            raise UsageError(f"--ray-address {options.address}: {found}; start Ray on the nodes first (`ray start "
-                             "--head` on one, `ray start --address HEAD:6379` on the others), or drop --ray-address "
-                             "to start Ray on this node") from None
+            raise UsageError(f"{where}: {found}; start Ray on the nodes first (`ray start --head` on one, `ray start "
+                             f"--address HEAD:6379` on the others), or drop {options.address_from} to start Ray on "
+                             "this node") from None
     elif options.interpret:
         n = max(1, options.local_gpus)
         ray.init(num_gpus=n, num_cpus=max(2, n), log_to_driver=False)
@@ -375,7 +377,7 @@ def _start_ray(options: RayOptions) -> int:
     return cluster_gpus(ray.cluster_resources())
 
 
-def _answers(address: str) -> None:
+def _answers(address: str, where: str) -> None:
     """An address that names a host and port must answer there: Ray retries one that does not for minutes."""
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not port.isdigit():
@@ -383,8 +385,8 @@ def _answers(address: str) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
     except OSError as e:
-        raise UsageError(f"--ray-address {address}: nothing answers at {host}:{port} ({e.strerror or e}); start Ray "
-                         "there first (`ray start --head`), or give the head node's address") from None
+        raise UsageError(f"{where}: nothing answers at {host}:{port} ({e.strerror or e}); start Ray there first "
+                         "(`ray start --head`), or give the head node's address") from None
 
 
 def cluster_gpus(resources: dict) -> int:

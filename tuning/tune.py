@@ -50,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="routing and weight seed")
     p.add_argument("--scope", default="gemms", choices=("gemms", "layer"),
                    help="time the two GEMM kernels (what the tile config controls) or the whole expert path")
-    p.add_argument("--ray-address", help="join this Ray cluster (auto, or the head's HOST:6379) instead of starting one")
+    p.add_argument("--ray-address", help="join this Ray cluster (auto, or the head's HOST:6379) instead of starting one "
+                   "(default: $RAY_ADDRESS when set, as under `ray job submit`)")
     p.add_argument("--workers", type=int, help="start at most this many Ray workers (default: one per GPU)")
     p.add_argument("--fresh", action="store_true", help="discard saved results of an earlier run in --out")
     p.add_argument("--overwrite", action="store_true",
@@ -189,8 +190,10 @@ def run(args: argparse.Namespace) -> int:
     target = None if args.interpret else triton_target(plan, source, args.allow_triton_mismatch)
     from .store import has_results
 
+    # a cluster to join: --ray-address, or the one `ray job submit` (or the user) names in RAY_ADDRESS
+    address = args.ray_address or os.environ.get("RAY_ADDRESS") or None
     deferred = None  # no GPU here, and the results in --out may be all the run needs: checked once jobs are left
-    if not args.interpret and not args.ray_address:  # joining a cluster: the driver may sit on a node without GPUs
+    if not args.interpret and not address:  # joining a cluster: the driver may sit on a node without GPUs
         # (a CPU head node); each worker's GPU is checked where it runs (sweep.Driver._check_worker)
         if found or args.fresh or not has_results(out):
             gpus.check_node(plan.gpu, found)
@@ -201,7 +204,8 @@ def run(args: argparse.Namespace) -> int:
 
     settings = Settings(gpu=plan.gpu.key, source=source, strategy=args.strategy, routing=args.routing,
                         seed=args.seed, scope=args.scope, max_evals=args.max_evals)
-    ray_options = RayOptions(address=args.ray_address, interpret=args.interpret,
+    ray_options = RayOptions(address=address, address_from="--ray-address" if args.ray_address else "RAY_ADDRESS",
+                             interpret=args.interpret,
                              local_gpus=(args.num_gpus or 1) if args.interpret else len(found),
                              max_workers=args.workers)
     outs = Outputs(out=out, fresh=args.fresh, overwrite=args.overwrite, target=target)
