@@ -268,6 +268,11 @@ def test_a_ray_address_where_no_cluster_answers_is_one_line_at_once(tmp_path):
                          timeout=120)
     assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith(
         "tune-moe: error: RAY_ADDRESS 127.0.0.1:1: nothing answers at 127.0.0.1:1"), run.stdout + run.stderr
+    dashboard = {**env(), "RAY_ADDRESS": "http://127.0.0.1:8265"}  # as set for the `ray job` commands
+    run = subprocess.run(command(out), capture_output=True, text=True, env=dashboard, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1] == (
+        "tune-moe: error: RAY_ADDRESS http://127.0.0.1:8265: an HTTP address (Ray's dashboard, which `ray job submit` "
+        "talks to), not a cluster to join; unset it on a cluster node, or give the head's HOST:6379")
     gcs = [p for p in psutil.process_iter(["name"]) if "gcs_server" in (p.info["name"] or "")]
     if gcs or Path("/tmp/ray/ray_current_cluster").exists() or os.environ.get("RAY_ADDRESS"):
         pytest.skip("a Ray cluster runs on this node, or its address is recorded: 'auto' would find it")

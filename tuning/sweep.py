@@ -379,6 +379,9 @@ def _start_ray(options: RayOptions) -> int:
 
 def _answers(address: str, where: str) -> None:
     """An address that names a host and port must answer there: Ray retries one that does not for minutes."""
+    if address.startswith(("http://", "https://")):  # RAY_ADDRESS set for the `ray job` commands
+        raise UsageError(f"{where}: an HTTP address (Ray's dashboard, which `ray job submit` talks to), not a cluster "
+                         "to join; unset it on a cluster node, or give the head's HOST:6379")
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not port.isdigit():
         return  # 'auto' and the forms Ray resolves itself
