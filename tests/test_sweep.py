@@ -255,7 +255,8 @@ def test_a_driver_on_a_node_without_gpus_joins_a_cluster_and_its_workers_gpus_ar
 
 def test_a_ray_address_where_no_cluster_answers_is_one_line_at_once(tmp_path):
     """Ray retries an address nobody answers at for minutes, and says 'auto' found nothing in its own words (its
-    --address flag): both are one line naming --ray-address and how to start the cluster, and leave no folder."""
+    --address flag): both are one line naming --ray-address (or RAY_ADDRESS, where the address came from there) and
+    how to start the cluster, and leave no folder. A RAY_ADDRESS set for `ray job` (the dashboard's URL) is named."""
     out = tmp_path / "cfg"
     started = time.monotonic()
     run = subprocess.run([*command(out), "--ray-address", "127.0.0.1:1"], capture_output=True, text=True, env=env(),
