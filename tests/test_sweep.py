@@ -7,8 +7,10 @@ GPUs that are busy or absent.
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -205,22 +207,33 @@ def test_an_existing_cluster_of_two_nodes_is_joined_with_ray_address_and_left_ru
         cluster.shutdown()
 
 
-def test_a_run_under_ray_job_submit_joins_the_cluster_ray_address_names(tmp_path):
-    """`ray job submit -- tune-moe ...` runs the driver with RAY_ADDRESS set to the cluster: the run joins it (asking
-    Ray for GPUs then is refused by Ray, which said 'internal error' here) and leaves it running."""
+def test_a_run_submitted_as_a_ray_job_joins_the_cluster_it_runs_on(tmp_path):
+    """`ray job submit -- tune-moe ...`: Ray's job supervisor runs the command on the head with RAY_ADDRESS set to
+    its cluster. The run joins that cluster (it asked Ray for GPUs there, which Ray refuses: 'internal error'), writes
+    the files vLLM loads, and leaves the cluster running. A real job on a head with its dashboard (the Jobs API)."""
+    pytest.importorskip("ray.dashboard.optional_deps", reason="Ray's Jobs API needs ray[default] (the test extra)")
     from ray.cluster_utils import Cluster
+    from ray.job_submission import JobStatus, JobSubmissionClient
 
     out = tmp_path / "cfg"
     argv = command(out)
     argv[argv.index("--batch-sizes") + 1] = "1,2"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2,
-                                                             "resources": {"accelerator_type:H200": 1}})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "num_gpus": 2, "resources": {"accelerator_type:H200": 1}, "include_dashboard": True,
+        "dashboard_port": port})
     try:
-        run = subprocess.run(argv, capture_output=True, text=True, env={**env(), "RAY_ADDRESS": cluster.address},
-                             timeout=600)
-        assert run.returncode == 0, run.stdout + run.stderr
-        assert f"Connecting to existing Ray cluster at address: {cluster.address}" in run.stderr
-        assert "2 workers:" in run.stdout
+        jobs = JobSubmissionClient(f"http://127.0.0.1:{port}")
+        job = jobs.submit_job(entrypoint="env TRITON_INTERPRET=1 PYTHONUNBUFFERED=1 " + shlex.join(argv))
+        deadline = time.time() + 600
+        while jobs.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            assert time.time() < deadline, jobs.get_job_logs(job)
+            time.sleep(1)
+        logs = jobs.get_job_logs(job)
+        assert jobs.get_job_status(job) == JobStatus.SUCCEEDED, logs
+        assert f"Connecting to existing Ray cluster at address: {cluster.address}" in logs and "2 workers:" in logs
         assert sorted(vllm_loads(out, 8, 128)) == [1, 2]
         assert cluster.remaining_processes_alive()
     finally:
