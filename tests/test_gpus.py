@@ -8,7 +8,7 @@ import pytest
 
 from tuning.errors import UsageError
 from tuning.gpus import (CATALOGUE, DetectedGpu, check_node, describe, detect_gpus, get_gpu, spec_for_name,
-                         vllm_device_name)
+                         visible, vllm_device_name)
 
 FAKE_SMI = Path(__file__).parent / "fixtures" / "foundation" / "bin" / "nvidia-smi"
 
@@ -144,6 +144,23 @@ def test_detect_gpus_is_empty_when_nvidia_smi_fails(fake_smi):
 def test_detect_gpus_is_empty_without_nvidia_smi(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     assert detect_gpus() == []
+
+
+# --- CUDA_VISIBLE_DEVICES ----------------------------------------------------------------------
+
+
+def test_visible_gpus_follow_cuda_visible_devices():
+    node = [gpu("NVIDIA H200", i) for i in range(8)]
+    assert visible(node, None) == node
+    assert visible(node, "3,1") == [node[3], node[1]]
+    assert visible(node, "0, 9") == [node[0]]  # an index the node lacks gives no GPU
+    assert visible(node, "GPU-5bc8fd87-b951-ace4-6773-6c16aa4545d6,GPU-ff4ae3ba") == node[:2]  # UUIDs: their count
+    assert visible([], "0,1") == []  # no GPU here: the node check says so
+    for hidden in ("", " ", "9"):
+        with pytest.raises(UsageError) as refusal:
+            visible(node, hidden)
+        assert str(refusal.value) == (f"CUDA_VISIBLE_DEVICES={hidden!r} leaves none of this node's 8 GPUs to tune on; "
+                                      "unset it, or list the GPUs to use (e.g. CUDA_VISIBLE_DEVICES=0,1)")
 
 
 # --- the node check --------------------------------------------------------------------------

@@ -266,6 +266,33 @@ def test_a_driver_on_a_node_without_gpus_joins_a_cluster_and_its_workers_gpus_ar
         cluster.shutdown()
 
 
+def test_cuda_visible_devices_picks_the_gpus_the_run_s_own_ray_hands_out(tmp_path):
+    """On a node of eight H200s (nvidia-smi lists them all), CUDA_VISIBLE_DEVICES=0,1 tunes on two: the run's Ray
+    starts with those (asked for eight, Ray refused: 'internal error'), and its workers are checked on them. Here
+    the node is this box with a stand-in nvidia-smi, so each worker's torch sees no CUDA device and says so in one
+    line. Hiding every GPU is one line before Ray starts."""
+    out = tmp_path / "cfg"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shutil.copy(Path(__file__).parent / "fixtures" / "foundation" / "bin" / "nvidia-smi", bin_dir / "nvidia-smi")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    rows = "\n".join(f"{i}, NVIDIA H200, 143771, 570.86.15" for i in range(8))
+    node = {**env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_NVIDIA_SMI_ROWS": rows}
+    argv = [a for a in command(out) if a != "--interpret"]
+    two = subprocess.run(argv, capture_output=True, text=True, env={**node, "CUDA_VISIBLE_DEVICES": "0,1"},
+                         timeout=600)
+    errors = [line for line in two.stderr.splitlines() if line.startswith("tune-moe:")]
+    assert two.returncode == 2 and len(errors) == 1, two.stdout + two.stderr
+    assert re.match(r"tune-moe: error: worker on \S+ was given GPU [01] by Ray, but its torch \S+ sees no CUDA "
+                    r"device; install", errors[0]), errors[0]
+    assert not out.exists()
+    none = subprocess.run(argv, capture_output=True, text=True, env={**node, "CUDA_VISIBLE_DEVICES": ""}, timeout=600)
+    assert none.returncode == 2 and none.stderr.strip().splitlines()[-1] == (
+        "tune-moe: error: CUDA_VISIBLE_DEVICES='' leaves none of this node's 8 GPUs to tune on; unset it, or list the "
+        "GPUs to use (e.g. CUDA_VISIBLE_DEVICES=0,1)"), none.stdout + none.stderr
+    assert not out.exists()
+
+
 def test_a_ray_address_where_no_cluster_answers_is_one_line_at_once(tmp_path):
     """Ray retries an address nobody answers at for minutes, and says 'auto' found nothing in its own words (its
     --address flag): both are one line naming --ray-address (or RAY_ADDRESS, where the address came from there) and

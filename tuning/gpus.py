@@ -100,6 +100,24 @@ def detect_gpus() -> list[DetectedGpu]:
     return gpus
 
 
+def visible(found: list[DetectedGpu], cuda_visible: str | None) -> list[DetectedGpu]:
+    """The GPUs of ``found`` a process may use under CUDA_VISIBLE_DEVICES (``cuda_visible``; all when unset): by
+    index, or, for UUID or MIG entries, as many as it lists (nvidia-smi's query here has no UUIDs). Ray hands out
+    these, and refuses to start with more GPUs than it lists."""
+    if cuda_visible is None or not found:
+        return found
+    entries = [e.strip() for e in cuda_visible.split(",") if e.strip()]
+    if all(e.isdigit() for e in entries):
+        by_index = {g.index: g for g in found}
+        usable = [by_index[int(e)] for e in entries if int(e) in by_index]
+    else:
+        usable = found[:len(entries)]
+    if not usable:
+        raise UsageError(f"CUDA_VISIBLE_DEVICES={cuda_visible!r} leaves none of this node's {len(found)} GPUs to tune "
+                         "on; unset it, or list the GPUs to use (e.g. CUDA_VISIBLE_DEVICES=0,1)")
+    return usable
+
+
 def describe(found: list[DetectedGpu]) -> str:
     if not found:
         return "no NVIDIA GPU"

@@ -168,7 +168,7 @@ def target_lines(plan: Plan, args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    found = [] if args.interpret else gpus.detect_gpus()
+    found = [] if args.interpret else gpus.detect_gpus()  # the node's GPUs: the plan's default --num-gpus
     plan = build_plan(args, found)
     told = target_lines(plan, args) if args.dry_run else []  # a refused --vllm-src: one line, before the plan
     print(format_plan(plan))
@@ -192,13 +192,15 @@ def run(args: argparse.Namespace) -> int:
 
     # a cluster to join: --ray-address, or the one `ray job submit` (or the user) names in RAY_ADDRESS
     address = args.ray_address or os.environ.get("RAY_ADDRESS") or None
+    # the GPUs a Ray this run starts may hand its workers (joining a cluster, its nodes decide)
+    usable = [] if address else gpus.visible(found, os.environ.get("CUDA_VISIBLE_DEVICES"))
     deferred = None  # no GPU here, and the results in --out may be all the run needs: checked once jobs are left
     if not args.interpret and not address:  # joining a cluster: the driver may sit on a node without GPUs
         # (a CPU head node); each worker's GPU is checked where it runs (sweep.Driver._check_worker)
         if found or args.fresh or not has_results(out):
-            gpus.check_node(plan.gpu, found)
+            gpus.check_node(plan.gpu, usable)
         else:
-            deferred = partial(gpus.check_node, plan.gpu, found)
+            deferred = partial(gpus.check_node, plan.gpu, usable)
     from .jobs import Settings
     from .sweep import Outputs, RayOptions, run_sweep
 
@@ -206,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
                         seed=args.seed, scope=args.scope, max_evals=args.max_evals)
     ray_options = RayOptions(address=address, address_from="--ray-address" if args.ray_address else "RAY_ADDRESS",
                              interpret=args.interpret,
-                             local_gpus=(args.num_gpus or 1) if args.interpret else len(found),
+                             local_gpus=(args.num_gpus or 1) if args.interpret else len(usable),
                              max_workers=args.workers)
     outs = Outputs(out=out, fresh=args.fresh, overwrite=args.overwrite, target=target)
     code = run_sweep(plan, settings, ray_options, outs, deferred)
