@@ -113,8 +113,8 @@ def visible(found: list[DetectedGpu], cuda_visible: str | None) -> list[Detected
     else:
         usable = found[:len(entries)]
     if not usable:
-        raise UsageError(f"CUDA_VISIBLE_DEVICES={cuda_visible!r} leaves none of this node's {len(found)} GPUs to tune "
-                         "on; unset it, or list the GPUs to use (e.g. CUDA_VISIBLE_DEVICES=0,1)")
+        raise UsageError(f"CUDA_VISIBLE_DEVICES={cuda_visible!r} hides every GPU of this node ({describe(found)}); "
+                         "unset it, or list the GPUs to tune on (e.g. CUDA_VISIBLE_DEVICES=0,1)")
     return usable
 
 
