@@ -364,8 +364,9 @@ def _start_ray(options: RayOptions) -> int:
         _answers(options.address, where)
         try:
             ray.init(address=options.address, log_to_driver=False)
-        except ConnectionError as e:  # Ray's words name its own flag and variable, not tune-moe's
-            found = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0].rstrip(":")
+        except ConnectionError as e:  # Ray's words (their first sentence) name its own flag and variable, not ours
+            lines = str(e).strip().splitlines()
+            found = lines[0].split(". ")[0].rstrip(":") if lines else type(e).__name__
             raise UsageError(f"{where}: {found}; start Ray on the nodes first (`ray start --head` on one, `ray start "
                              f"--address HEAD:6379` on the others), or drop {options.address_from} to start Ray on "
                              "this node") from None
