@@ -22,6 +22,7 @@
 #                      run did not start, whose workers inherit this environment, for `tune ... --ray-address auto`
 #   cli NAME SECS ARGS...  any `tune-moe ARGS` (verify, report, ...) in this environment, log to $OUT/NAME.log;
 #                      after `verify --keep-confirmed`, the ledger of --configs as $OUT/NAME.judged.jsonl
+#   py NAME SECS SCRIPT ARGS...  `python3 SCRIPT ARGS` (a benchmarks/ script) in this environment, log to $OUT/NAME.log
 #   cli-smi NAME SECS ARGS...  the same, each log line stamped with its time, and the GPU's clocks, temperatures,
 #                      power and clock-event reasons sampled every 200 ms to $OUT/NAME.smi.csv (benchmarks/gpu_state.py
 #                      puts them beside each batch size a verify timed)
@@ -275,6 +276,12 @@ g("90"); print("fused_moe_90 loaded (AOT)")'  # never a JIT build here: a missin
     if printf '%s\n' "$@" | grep -qx -- --keep-confirmed && [ -f "$configs/.tune-moe/judged.jsonl" ]; then
       cp "$configs/.tune-moe/judged.jsonl" "$OUT/$name.judged.jsonl"
     fi ;;
+  py)
+    name=$1 secs=$2; shift 2
+    set +e
+    timeout -s INT -k 30 "$secs" python3 "$@" > "$OUT/$name.log" 2>&1
+    echo "$name: exit $?" | tee -a "$OUT/$name.log"
+    set -e ;;
   cli-smi)  # cli, its output lines stamped with the time, nvidia-smi sampling the GPU beside it every 200 ms
     name=$1 secs=$2; shift 2
     fields=timestamp,clocks.sm,clocks.mem,temperature.gpu,temperature.memory,power.draw,clocks_event_reasons.active

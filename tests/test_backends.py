@@ -76,7 +76,7 @@ def test_triton_path_end_to_end(kernel, helpers, shape, m, dp, activation, e8m0)
 
     fw, b = setup_layer(shape, m, dp)
     path = TritonPath(kernel, helpers, shape, li.quantised(fw, shape.block_shape), b,
-                      config=TileConfig(16, 64, 64, 1, 4, 2), activation=activation, e8m0=e8m0, sm90=False)
+                      config=TileConfig(16, 64, 64, 1, 4, 2), activation=activation, e8m0=e8m0, capability=0)
     rel, _ = li.errors(path.run(), li.reference(fw, b, activation))
     assert rel < CPU_TOLERANCE
     assert path.fused_silu_quant == (activation == "silu" and not e8m0 and shape.block_shape == (128, 128))
@@ -91,7 +91,7 @@ def test_swiglustep_clamps_where_silu_does_not(kernel, helpers):
     ref_step, ref_silu = li.reference(fw, b, "swiglustep"), li.reference(fw, b, "silu")
     assert li.errors(ref_step, ref_silu)[0] > 0.5
     path = TritonPath(kernel, helpers, TP, li.quantised(fw, (128, 128)), b, config=TileConfig(16, 64, 64, 1, 4, 2),
-                      activation="swiglustep", e8m0=False, sm90=False)
+                      activation="swiglustep", e8m0=False, capability=0)
     out = path.run()
     assert li.errors(out, ref_step)[0] < CPU_TOLERANCE < li.errors(out, ref_silu)[0]
 

@@ -44,7 +44,7 @@ def bench(fused_moe_py, tmp_path_factory):
     yield Bench(kernel=KernelSource(str(fused_moe_py)).load(), helpers=load_helpers(VllmSource()), model=TINY,
                 folder=tmp_path_factory.mktemp("configs"), device_name="NVIDIA_H200", flush_bytes=0,
                 dg=FakeDeepGemm(), fi=FakeFlashInfer(), budget_ms=1.0, tolerance=0.25, dtype=torch.float16,
-                device="cpu", sm90=False)
+                device="cpu", capability=0)
     for name, mod in saved.items():
         if mod is None:
             sys.modules.pop(name, None)

@@ -277,8 +277,8 @@ shape, m, config = MoeShape(8, 8, 128, 256, 2, "fp8", (128, 128)), 16, TileConfi
 kernel, hits = KernelSource(sys.argv[1]).load(), []
 knobs.compilation.listener = lambda *, cache_hit, **_: hits.append(bool(cache_hit))
 p = pool._meta_problem(shape, m)
-for sm90 in (True, False):
-    launch.both_gemms(kernel, p, launch.alignment(p, config.BLOCK_SIZE_M, kernel), config, sm90, warmup=True)
+for capability in (90, 0):
+    launch.both_gemms(kernel, p, launch.alignment(p, config.BLOCK_SIZE_M, kernel), config, capability, warmup=True)
 print(json.dumps(hits))
 '''
 
@@ -298,7 +298,7 @@ def test_the_pool_compiles_the_variant_an_h200_worker_launches(tmp_path, monkeyp
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     shape, m, config = MoeShape(8, 8, 128, 256, 2, "fp8", (128, 128)), 16, TileConfig(16, 64, 128, 1, 4, 3)
-    assert launch.swap_ab(True, config, sm90=True) and not launch.swap_ab(True, config, sm90=False)
+    assert launch.swap_ab(True, config, 90) and not launch.swap_ab(True, config, 0)
     workers = pool.Precompiler(KernelSource(fused_moe_py), target=GPUTarget("cuda", 90, 32), workers=1)
     try:
         assert workers(shape, m, [config]) == {}

@@ -158,7 +158,7 @@ def test_launcher_matches_vllms_own_invoke(kernel, monkeypatch):
     cfg = TileConfig(16, 64, 128, 1, 4, 3)
     al = launch.align(p.topk_ids, cfg.BLOCK_SIZE_M, FP8_EP.global_experts, p.expert_map)
     ours, theirs = p.c1.clone().fill_(0), p.c1.clone().fill_(0)
-    launch.invoke(kernel, replace(launch.w13(p), c=ours), al, cfg, block_shape=(64, 64), sm90=False)
+    launch.invoke(kernel, replace(launch.w13(p), c=ours), al, cfg, block_shape=(64, 64), capability=0)
     import triton.language as tl
 
     fm.invoke_fused_moe_triton_kernel(
@@ -227,11 +227,11 @@ def test_naive_assignment_threshold():
 
 
 def test_swap_ab_rule():
-    assert launch.swap_ab(True, TileConfig(16, 64, 128, 1, 4, 3), sm90=True)
-    assert not launch.swap_ab(True, TileConfig(64, 64, 128, 1, 4, 3), sm90=True)
-    assert not launch.swap_ab(True, TileConfig(16, 32, 128, 1, 4, 3), sm90=True)
-    assert not launch.swap_ab(False, TileConfig(16, 64, 128, 1, 4, 3), sm90=True)
-    assert not launch.swap_ab(True, TileConfig(16, 64, 128, 1, 4, 3), sm90=False)
+    assert launch.swap_ab(True, TileConfig(16, 64, 128, 1, 4, 3), 90)
+    assert not launch.swap_ab(True, TileConfig(64, 64, 128, 1, 4, 3), 90)
+    assert not launch.swap_ab(True, TileConfig(16, 32, 128, 1, 4, 3), 90)
+    assert not launch.swap_ab(False, TileConfig(16, 64, 128, 1, 4, 3), 90)
+    assert not launch.swap_ab(True, TileConfig(16, 64, 128, 1, 4, 3), capability=0)
 
 
 def test_uniform_routing_statistics():

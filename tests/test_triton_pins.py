@@ -76,8 +76,8 @@ def test_known_table_older_releases(vllm, torch, triton):
     assert (pin.torch, pin.triton) == (torch, triton)
 
 
-def test_known_table_covers_every_minor_from_0_16_to_0_33_and_every_torch_it_names():
-    assert list(tp.KNOWN) == [f"0.{minor}.0" for minor in range(16, 34)]
+def test_known_table_covers_every_minor_from_0_16_to_0_34_and_every_torch_it_names():
+    assert list(tp.KNOWN) == [f"0.{minor}.0" for minor in range(16, 35)]
     assert set(tp.VLLM_TORCH.values()) == set(tp.TORCH_TRITON)
 
 

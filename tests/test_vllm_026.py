@@ -207,7 +207,7 @@ def test_launch_equals_0_26s_own_invoke(kernel, src, shape, sm90):
     al = launch.align(p.topk_ids, cfg.BLOCK_SIZE_M, shape.global_experts, p.expert_map, kernel)
     for gemm in (launch.w13(p), launch.w2(p)):
         gemm.c.fill_(float("nan"))  # every row must be written: the remote experts' rows with zeros
-        launch.invoke(replace(kernel, fn=ours), gemm, al, cfg, block_shape=shape.block_shape, sm90=sm90)
+        launch.invoke(replace(kernel, fn=ours), gemm, al, cfg, block_shape=shape.block_shape, capability=90 if sm90 else 0)
         out = gemm.c.clone()
         gemm.c.fill_(float("nan"))
         invoke(gemm.a, gemm.b, gemm.c, gemm.a_scale, gemm.b_scale, gemm.topk_weights, al.sorted_token_ids,
@@ -246,7 +246,7 @@ def test_dry_run_plans_0_26s_bf16_files_and_names_its_triton(tune, src):
     assert ("Triton: vLLM 0.26.0 runs Triton 3.6.0 (torch 2.11.0 pins it; known table); "
             "this node compiles with the same\n") in out
     assert f"Kernel: vLLM 0.26 fused_moe_kernel (source {src}, sha256 {SHA256[FUSED_MOE][:12]}): 45 parameters" in out
-    assert "not passed: USE_TD, even_Ks, filter_expert" in out
+    assert "not passed: C_IS_SORTED, USE_TD, USE_TMA_A, USE_TMA_B, a_desc, b_desc, even_Ks, filter_expert" in out
     assert "Jobs: 4 shapes x 18 batch sizes = 72 (shape, M) jobs" in out
 
 

@@ -208,7 +208,7 @@ def test_triton_path_runs_vllms_ops_and_times_no_stand_in(kernel, helpers, shape
     fw, b = li.float_weights(shape, 0, "cpu", torch.float16), li.batch(shape, 12, dp, 0, "cpu", torch.float16)
     calls = []
     path = TritonPath(kernel, helpers, shape, li.quantised(fw, shape.block_shape), b,
-                      config=TileConfig(16, 64, 64, 1, 4, 2), activation=activation, e8m0=e8m0, sm90=False,
+                      config=TileConfig(16, 64, 64, 1, 4, 2), activation=activation, e8m0=e8m0, capability=0,
                       ops=fake_ops(helpers, calls))
     assert path.stand_ins == () and path.stand_in_ops is None
     calls.clear()
@@ -228,7 +228,7 @@ def test_triton_path_times_only_the_stand_ins_left(kernel, helpers):
     ops.refuse("silu_and_mul_per_block_quant", "disagrees")
     ops.refuse("silu_and_mul", "disagrees")
     path = TritonPath(kernel, helpers, EP, li.quantised(fw, EP.block_shape), b, config=TileConfig(16, 64, 64, 1, 4, 2),
-                      activation="silu", e8m0=False, sm90=False, ops=ops)
+                      activation="silu", e8m0=False, capability=0, ops=ops)
     # the fused op's stand-in is silu_and_mul's stand-in then vLLM's quantisation: only the former is timed
     assert path.stand_ins == ("silu_and_mul_per_block_quant",) and path._timed == ["silu_and_mul"]
     path.stand_in_ops()
@@ -236,7 +236,7 @@ def test_triton_path_times_only_the_stand_ins_left(kernel, helpers):
     assert rel < 0.2
     naive = TritonPath(kernel, helpers, TP, li.quantised(li.float_weights(TP, 0, "cpu", torch.float16), (128, 128)),
                        li.batch(TP, 1, 1, 0, "cpu", torch.float16), config=TileConfig(16, 64, 64, 1, 4, 2),
-                       activation="swiglustep", e8m0=True, sm90=False)
+                       activation="swiglustep", e8m0=True, capability=0)
     # M=1 over 8 experts: vLLM's naive assignment calls no moe_align_block_size, so there is none to stand in for
     assert naive.stand_ins == ("per_token_group_fp8_quant", "moe_sum") and naive._timed == ["moe_sum"]
 

@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not torch.cuda.is_available():
         raise UsageError("compare-backends needs torch with CUDA; torch sees no GPU here")
-    from . import vllm_ops
+    from . import launch, vllm_ops
     from .bakeoff import BACKENDS, Bench, run_layout
     from .kernel import KernelSource
     from .moe_ops import STAND_INS
@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     ctx = Bench(kernel=kernel, helpers=load_helpers(src), model=load_model(MODEL),
                 folder=Path(args.configs or Path("kernels_configs") / gpu.device_name), device_name=gpu.device_name,
                 flush_bytes=gpu.l2_mb * 2**20 * 4, budget_ms=args.budget_ms,
-                sm90=torch.cuda.get_device_capability() == (9, 0))
+                capability=launch.capability())
     ctx.ops, ctx.ops_why = vllm_ops.load(args.vllm_ops, helpers=ctx.helpers, experts=ctx.model.num_experts,
                                          top_k=ctx.model.top_k)
     ctx.dg, ctx.fi = load_backends(args, ctx.missing)

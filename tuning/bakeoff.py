@@ -68,7 +68,7 @@ class Bench:
     budget_ms: float = 50.0
     tolerance: float = TOLERANCE
     seed: int = 0
-    sm90: bool = True
+    capability: int = 90  # the GPU's compute capability (launch.capability)
     dtype: torch.dtype = torch.bfloat16
     device: str = "cuda"
     precompile: object | None = None  # compile.Precompiler: Triton configs compiled in parallel processes
@@ -198,7 +198,7 @@ def _plans(ctx: Bench, ls: LayoutSetup, b, act: str):
 
     def triton(config: TileConfig):
         return lambda: TritonPath(ctx.kernel, ctx.helpers, ls.triton, ls.q_triton, b, config=config, activation=act,
-                                  e8m0=True, sm90=ctx.sm90, ops=ctx.ops)
+                                  e8m0=True, capability=ctx.capability, ops=ctx.ops)
     yield (row("triton_tuned", ls.triton, runs=(tuned or default).short), triton(tuned)) if tuned else \
         (row("triton_tuned", ls.triton, failure=f"no tuned file {ls.triton.file_name(ctx.device_name)}"), None)
     yield row("triton_default", ls.triton, runs=default.short), triton(default)
@@ -235,7 +235,7 @@ def _hybrid(ctx: Bench, ls: LayoutSetup, b, act: str, got: list[Measured], ref) 
     if isinstance(w, str):  # the fallback reads DeepGEMM's weights: without DeepGEMM there are none
         return replace(base, failure=w)
     return evaluate(ctx, base, lambda: TritonPath(ctx.kernel, ctx.helpers, s, w, b, config=config, activation=act,
-                                                  e8m0=False, sm90=ctx.sm90, ops=ctx.ops), ref)
+                                                  e8m0=False, capability=ctx.capability, ops=ctx.ops), ref)
 
 
 def _line(m: int, act: str, rows: list[Measured]) -> str:

@@ -190,9 +190,9 @@ def _meta_problem(shape: MoeShape, m: int):
 def _warm(shape: MoeShape, m: int, config: TileConfig) -> Failure | None:
     """Compile both GEMMs of ``config`` for (shape, m), launch arguments exactly as the timed run's."""
     p = _meta_problem(shape, m)
-    sm90 = _target.backend == "cuda" and _target.arch == 90
+    capability = _target.arch if _target.backend == "cuda" else 0
     try:
-        launch.both_gemms(_kernel, p, launch.alignment(p, config.BLOCK_SIZE_M, _kernel), config, sm90,
+        launch.both_gemms(_kernel, p, launch.alignment(p, config.BLOCK_SIZE_M, _kernel), config, capability,
                           warmup=True)
     except Exception as exc:  # reported to the search as a result
         return classify(exc)

@@ -10,6 +10,8 @@ Rules mirrored (vllm/model_executor/layers/fused_moe/fused_moe.py, experts/trito
 - EM = the aligned buffer length, capped at ``M * top_k * BLOCK_SIZE_M`` when M < BLOCK_SIZE_M;
 - fp8 on sm90 with BLOCK_SIZE_M < 64 and BLOCK_SIZE_N >= 64 swaps A and B (SWAP_AB);
 - BLOCK_SIZE_K is clamped to min(block_shape); SPLIT_K = 1; USE_TD follows VLLM_TRITON_USE_TD;
+- from 0.34, block-FP8 weights are read through a TMA descriptor on compute capability 9.x and 10.x
+  where the tiles divide them (USE_TMA_B, ``tma_weights``);
 - w13 without routed weights (top_k = 8), then w2 with routed weights (top_k = 1).
 Parameters the loaded kernel does not have are not passed (0.26 has no USE_TD), so the launch
 is exactly that version's. ``both_gemms`` is the one place the two launches are
@@ -105,8 +107,25 @@ def naive(topk_ids: torch.Tensor, block_m: int) -> Alignment:
     return Alignment(None, topk_ids.reshape(-1), ntpp, block_m)
 
 
-def swap_ab(fp8: bool, config: TileConfig, sm90: bool) -> bool:
-    return fp8 and sm90 and config.BLOCK_SIZE_M < 64 and config.BLOCK_SIZE_N >= 64
+def capability() -> int:
+    """This process's GPU as a compute capability (90 for an H200, 100 for a B200); 0 without CUDA."""
+    if not torch.cuda.is_available():
+        return 0
+    major, minor = torch.cuda.get_device_capability()
+    return 10 * major + minor
+
+
+def swap_ab(fp8: bool, config: TileConfig, capability: int) -> bool:
+    return fp8 and capability == 90 and config.BLOCK_SIZE_M < 64 and config.BLOCK_SIZE_N >= 64
+
+
+def tma_weights(rule: LaunchRules, fp8: bool, b: torch.Tensor, *, block_shape, config: TileConfig, block_k: int,
+                capability: int) -> bool:
+    """Whether the release loads the block-FP8 weights ``b`` through a TMA descriptor (``LaunchRules.tma_weights``;
+    a tuned file never says "USE_TMA": false, so vLLM's default holds)."""
+    return (rule.tma_weights and fp8 and block_shape is not None and all(block_shape)
+            and capability // 10 in (9, 10) and b.is_contiguous()
+            and b.size(1) % config.BLOCK_SIZE_N == 0 and b.size(2) % block_k == 0)
 
 
 def use_td(quantized: bool) -> bool:
@@ -144,19 +163,21 @@ def alignment(p: Problem, block_m: int, kernel: Kernel | None = None) -> Alignme
     return align(p.topk_ids, block_m, s.global_experts, p.expert_map, kernel)
 
 
-def both_gemms(kernel: Kernel, p: Problem, al: Alignment, config: TileConfig, sm90: bool, *,
+def both_gemms(kernel: Kernel, p: Problem, al: Alignment, config: TileConfig, capability: int, *,
                first: Gemm | None = None, between=None, warmup: bool = False) -> None:
-    """w13, then w2 with the routed weights, as TritonExperts.apply issues them.
+    """w13, then w2 with the routed weights, as TritonExperts.apply issues them on a GPU of compute
+    ``capability`` (90 for sm90, 100 for sm100; 0 where the kernel runs off CUDA, under Triton's interpreter).
 
     ``first`` replaces w13's inputs (the layer scope quantises them per call); ``between`` maps w13's
     output to w2's input and scale (the activation); without it w2 reads the inputs prepared once.
     """
-    invoke(kernel, first or w13(p), al, config, block_shape=p.shape.block_shape, sm90=sm90, warmup=warmup)
+    invoke(kernel, first or w13(p), al, config, block_shape=p.shape.block_shape, capability=capability,
+           warmup=warmup)
     second = w2(p, *between(p.c1)) if between else w2(p)
-    invoke(kernel, second, al, config, block_shape=p.shape.block_shape, sm90=sm90, warmup=warmup)
+    invoke(kernel, second, al, config, block_shape=p.shape.block_shape, capability=capability, warmup=warmup)
 
 
-def invoke(kernel: Kernel, g: Gemm, al: Alignment, config: TileConfig, *, block_shape, sm90: bool,
+def invoke(kernel: Kernel, g: Gemm, al: Alignment, config: TileConfig, *, block_shape, capability: int,
            warmup: bool = False) -> None:
     """One fused_moe_kernel launch, argument for argument as invoke_fused_moe_triton_kernel.
 
@@ -175,6 +196,9 @@ def invoke(kernel: Kernel, g: Gemm, al: Alignment, config: TileConfig, *, block_
         em = num_tokens * config.BLOCK_SIZE_M
     block_k = config.BLOCK_SIZE_K if block_shape is None else min(config.BLOCK_SIZE_K, *block_shape)
     grid = (triton.cdiv(em, config.BLOCK_SIZE_M) * triton.cdiv(B.size(1), config.BLOCK_SIZE_N),)
+    tma = tma_weights(rules(kernel), fp8, B, block_shape=block_shape, config=config, block_k=block_k,
+                      capability=capability)
+    b_desc = _weights_descriptor(B, config.BLOCK_SIZE_N, block_k) if tma else None
     values = {
         "a_ptr": A, "b_ptr": B, "c_ptr": C, "b_bias_ptr": None, "a_scale_ptr": A_scale, "b_scale_ptr": B_scale,
         "topk_weights_ptr": topk_weights, "sorted_token_ids_ptr": al.sorted_token_ids,
@@ -195,14 +219,23 @@ def invoke(kernel: Kernel, g: Gemm, al: Alignment, config: TileConfig, *, block_
         "GROUP_SIZE_M": config.GROUP_SIZE_M, "SPLIT_K": 1, "MUL_ROUTED_WEIGHT": mul_routed_weight, "top_k": top_k,
         "compute_type": _compute_type(C.dtype), "use_fp8_w8a8": fp8, "use_int8_w8a8": False,
         "use_int8_w8a16": False, "per_channel_quant": False, "HAS_BIAS": False,
-        "SWAP_AB": swap_ab(fp8, config, sm90),
+        "SWAP_AB": swap_ab(fp8, config, capability),
         "USE_TD": use_td(fp8) and A.size(1) % block_k == 0, "even_Ks": B.size(2) % block_k == 0, "filter_expert": False,
+        "b_desc": b_desc, "a_desc": None, "USE_TMA_B": tma, "USE_TMA_A": False, "C_IS_SORTED": False,
     }
     args = {name: values[name] for name in kernel.params}
     if warmup:
         kernel.fn.warmup(grid=grid, **args, num_warps=config.num_warps, num_stages=config.num_stages)
     else:
         kernel.fn[grid](**args, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _weights_descriptor(b: torch.Tensor, block_n: int, block_k: int):
+    """The TMA descriptor of the weights, as invoke_fused_moe_triton_kernel builds it after set_triton_allocator."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device=b.device, dtype=torch.int8))
+    return TensorDescriptor.from_tensor(b, [1, block_n, block_k])
 
 
 def _stride_bsn(scale: torch.Tensor | None, rule: LaunchRules) -> int:

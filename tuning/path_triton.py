@@ -34,9 +34,9 @@ class TritonPath:
     """One (shape, M) of TritonExperts with one tile config; ``run`` is the timed call."""
 
     def __init__(self, kernel: Kernel, helpers, shape: MoeShape, w: QuantWeights, b: Batch, *, config: TileConfig,
-                 activation: str, e8m0: bool, sm90: bool, ops=None):
+                 activation: str, e8m0: bool, capability: int, ops=None):
         self.kernel, self.h, self.shape, self.w, self.b, self.ops = kernel, helpers, shape, w, b, ops
-        self.config, self.activation, self.e8m0, self.sm90 = config, activation, e8m0, sm90
+        self.config, self.activation, self.e8m0, self.capability = config, activation, e8m0, capability
         self.naive = launch.use_naive(b.m, shape.top_k, shape.global_experts, shape.expert_parallel)
         m, k, n, top_k, dev = b.m, shape.k, w.n, shape.top_k, b.hidden.device
         self.group = w.block[1]
@@ -92,7 +92,7 @@ class TritonPath:
         al = self._assignment()
         first = launch.Gemm(a=self.a1q, a_scale=self.a1s, b=w.w13, b_scale=w.w13_scale, c=self.c1,
                             topk_weights=None, top_k=self.shape.top_k)
-        launch.invoke(self.kernel, first, al, cfg, block_shape=w.block, sm90=self.sm90)
+        launch.invoke(self.kernel, first, al, cfg, block_shape=w.block, capability=self.capability)
         flat = self.c1.view(-1, 2 * w.n)
         if self.fused_silu_quant:
             a2q, a2s = moe_ops.silu_and_mul_per_block_quant(self.h, flat, self.c2, self.ops)
@@ -104,6 +104,6 @@ class TritonPath:
             a2q, a2s = moe_ops.group_quant(self.h, self.c2, self.group, use_ue8m0=self.e8m0, ops=self.ops)
         second = launch.Gemm(a=a2q, a_scale=a2s, b=w.w2, b_scale=w.w2_scale, c=self.c3,
                              topk_weights=b.topk_weights, top_k=1)
-        launch.invoke(self.kernel, second, al, cfg, block_shape=w.block, sm90=self.sm90)
+        launch.invoke(self.kernel, second, al, cfg, block_shape=w.block, capability=self.capability)
         moe_ops.moe_sum(self.c3, self.out, b.topk_ids, b.expert_map, self.ops)
         return self.out

@@ -78,6 +78,10 @@ def format_plan(plan: Plan) -> str:
                        "file only with VLLM_USE_DEEP_GEMM_E8M0=0)")
         lines.append(f"  {plan.file_name(shape)}")
         lines.append(f"      {shape.label}, K={shape.k}, top-{shape.top_k}{ep}; layouts {', '.join(l.name for l in layouts)}")
+    if launch_rules(plan.vllm_version).tma_weights and plan.gpu.arch in ("sm90", "sm100") and \
+            any(s.block_shape for s in plan.shapes):
+        lines += ["", f"Weights: vLLM {plan.vllm_version} reads block-FP8 weights through a TMA descriptor on "
+                      f"{plan.gpu.arch} wherever the N and K tiles divide them, and the search times that launch"]
     lines += ["", "Batch sizes (M): " + " ".join(map(str, plan.batch_sizes)),
               f"Jobs: {len(plan.shapes)} shapes x {len(plan.batch_sizes)} batch sizes = {len(plan.jobs)} (shape, M) jobs"]
     return "\n".join(lines)

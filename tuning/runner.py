@@ -55,7 +55,7 @@ class Runner:
         self.device = torch.device("cuda") if cuda else torch.device("cpu")
         # Triton's interpreter mishandles bf16 dots on the CPU; fp16 stands in there.
         self.act_dtype = torch.bfloat16 if cuda else torch.float16
-        self.sm90 = cuda and torch.cuda.get_device_capability() == (9, 0)
+        self.capability = launch.capability()
         self.problem: Problem = build_problem(shape, m, routing, seed, self.device, self.act_dtype)
         self._alignments: dict[int, launch.Alignment] = {}
         self._reference: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -78,7 +78,7 @@ class Runner:
 
     def gemms(self, config: TileConfig) -> None:
         """Both GEMMs exactly as TritonExperts.apply issues them, on inputs quantised once."""
-        launch.both_gemms(self.kernel, self.problem, self.alignment(config.BLOCK_SIZE_M), config, self.sm90)
+        launch.both_gemms(self.kernel, self.problem, self.alignment(config.BLOCK_SIZE_M), config, self.capability)
 
     def layer(self, config: TileConfig) -> torch.Tensor:
         """The whole expert path for a bf16 batch (M, K) -> (M, K): quantise, align, w13, SiLU-and-mul,
@@ -86,7 +86,7 @@ class Runner:
         p, s = self.problem, self.shape
         a1, a1s = quant_groups(p.hidden, s.block_shape[1]) if s.block_shape else (p.hidden, None)
         al = launch.alignment(p, config.BLOCK_SIZE_M, self.kernel)
-        launch.both_gemms(self.kernel, p, al, config, self.sm90, first=launch.w13(p, a1, a1s), between=self._act)
+        launch.both_gemms(self.kernel, p, al, config, self.capability, first=launch.w13(p, a1, a1s), between=self._act)
         return (p.c3 * p.valid.unsqueeze(-1)).sum(1)
 
     def _act(self, c1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -37,7 +37,7 @@ class Pin:
 
 # Built 2026-11-30 from PyPI: the Requires-Dist lines (what the JSON API at
 # /pypi/<name>/<version>/json lists as requires_dist) of each release's manylinux x86_64
-# wheel METADATA. vLLM: the x.y.0 release of every minor 0.16 to 0.33 (all exist), its
+# wheel METADATA. vLLM: the x.y.0 release of every minor 0.16 to 0.34 (all exist), its
 # "torch==X" line. torch: the cp311 manylinux_2_28_x86_64 wheel, its triton line whose
 # marker holds on Linux x86_64. torch 2.14.0 writes "triton~=3.8.0", and 3.8.0 is the only
 # 3.8.x on PyPI; every other torch here writes "triton==X". Checked again for the validation serve's vLLM:
@@ -61,6 +61,7 @@ VLLM_TORCH = {
     "0.31.0": "2.13.0",
     "0.32.0": "2.13.0",
     "0.33.0": "2.14.0",
+    "0.34.0": "2.14.0",
 }
 TORCH_TRITON = {
     "2.9.1": "3.5.1",

@@ -286,10 +286,20 @@ class LaunchRules:
     drop_remote_slots: bool
     # stride_bsn is 0 when the weight scales have a single N block (B_scale.size(1) == 1).
     zero_bsn_for_one_block: bool
+    # Block-FP8 weights are loaded through a TMA descriptor (USE_TMA_B) on compute capability 9.x and 10.x, unless
+    # the config says "USE_TMA": false, where the weights are contiguous and the N and K tiles divide them.
+    tma_weights: bool = False
 
 
 # Newest first; a release takes the first row at or below it. Rows are read from each release's source
-# (vllm/model_executor/layers/fused_moe/); releases between two rows take the older row (unchecked).
+# (vllm/model_executor/layers/fused_moe/); releases between two rows take the older row, and releases after
+# the newest row take that row (both unchecked: ``CHECKED_RELEASES`` says which were read).
+# 0.34: fused_moe.py:883-905 (invoke_fused_moe_triton_kernel) sets use_tma_b from config.pop("USE_TMA", True),
+#       use_fp8_w8a8, all(block_shape), is_device_capability_family(90) or (100), B contiguous,
+#       B.size(1) % BLOCK_SIZE_N == 0 and B.size(2) % BLOCK_SIZE_K == 0 (BLOCK_SIZE_K clamped to the block), and
+#       passes TensorDescriptor.from_tensor(B, [1, BLOCK_SIZE_N, BLOCK_SIZE_K]) as b_desc; a_desc and
+#       C_IS_SORTED serve only the sorted-activation path of a `_down.json` file (experts/triton_moe.py:436-485).
+#       experts/triton_moe.py:412-431 and fused_moe.py:966-970 keep 0.33's remote-slot drop and stride_bsn.
 # 0.33: experts/triton_moe.py:371-392 passes ignore_invalid_experts=skip_invalid (true under EP, no LoRA,
 #       block FP8 or bf16); fused_moe.py:890-892 zeroes stride_bsn for one N block.
 # 0.26: experts/triton_moe.py:293-305 calls _prepare_expert_assignment without ignore_invalid_experts (default
@@ -298,6 +308,7 @@ class LaunchRules:
 #       B_scale.stride(1) whatever B_scale.size(1) is. (Its stride_bse, fused_moe.py:831, differs from 0.33 only
 #       for a 1-D per-tensor scale, which tune-moe does not launch.)
 LAUNCH_RULES = (
+    LaunchRules(since=(0, 34), drop_remote_slots=True, zero_bsn_for_one_block=True, tma_weights=True),
     LaunchRules(since=(0, 33), drop_remote_slots=True, zero_bsn_for_one_block=True),
     LaunchRules(since=(0, 0), drop_remote_slots=False, zero_bsn_for_one_block=False),
 )

@@ -25,6 +25,7 @@ FUSED_MOE = "vllm/model_executor/layers/fused_moe/fused_moe.py"
 KNOWN_SOURCES = {
     "a8015d90908883d3dc459e7a508d2de56bfbdff678c5f36e23d0410ef5a04683": "0.26.0",
     "f37773a8ca2c93171cbf6e2dc6a08855d8e57db7e4aa8d8fcfc78057c26a0010": "0.33.0",
+    "31b3d0b8eec45f1efc6555dfde354279187aefd45afbd509853a85f3ae2a5c8c": "0.34.0",
 }
 
 
@@ -117,7 +118,7 @@ num_tokens_post_padded_ptr N K EM num_valid_tokens stride_am stride_ak stride_be
 stride_cn stride_asm stride_ask stride_bse stride_bsk stride_bsn stride_bbe stride_bbn group_n group_k
 naive_block_assignment BLOCK_SIZE_M BLOCK_SIZE_N BLOCK_SIZE_K GROUP_SIZE_M SPLIT_K MUL_ROUTED_WEIGHT top_k
 compute_type use_fp8_w8a8 use_int8_w8a8 use_int8_w8a16 per_channel_quant HAS_BIAS SWAP_AB USE_TD even_Ks
-filter_expert
+filter_expert b_desc a_desc USE_TMA_B USE_TMA_A C_IS_SORTED
 """.split())
 REQUIRED_PARAMS = frozenset("""
 a_ptr b_ptr c_ptr a_scale_ptr b_scale_ptr topk_weights_ptr sorted_token_ids_ptr expert_ids_ptr
@@ -137,7 +138,7 @@ def check_params(params: tuple[str, ...], defaults: set[str], what: str) -> None
                  ("; " if unknown and missing else "") + \
                  (f"missing parameters {', '.join(missing)}" if missing else "")
         raise UsageError(f"fused_moe_kernel of {what} has a signature this launcher does not know ({detail}); "
-                         "use a supported vLLM (0.26 or 0.33) or update tuning/launch.py")
+                         "use a supported vLLM (0.26, 0.33 or 0.34) or update tuning/launch.py")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,246 @@
+"""vLLM 0.34.0: its own fused_moe.py, fetched from the PyPI wheel with range requests (tests/wheel_member.py),
+loaded on its own and run under Triton's interpreter.
+
+What differs from 0.33 for the tuned kernel (line numbers in 0.34's vllm/model_executor/layers/fused_moe/):
+invoke_fused_moe_triton_kernel reads block-FP8 weights through a TMA descriptor on compute capability 9.x and
+10.x where the tiles divide them (fused_moe.py:883-905, the kernel's USE_TMA_B), unless the config says
+"USE_TMA": false; a_desc and C_IS_SORTED serve only the sorted-activation path of an optional `_down.json`
+file (experts/triton_moe.py:436-485), which no Step-3.5-Flash file sets. The remote-slot drop under EP and
+stride_bsn are 0.33's. fp16 stands in for bf16 under the interpreter.
+"""
+
+import ast
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from tuning import launch
+from tuning.configs import TileConfig
+from tuning.errors import UsageError
+from tuning.inputs import TOLERANCE, build_problem
+from tuning.kernel import KernelSource
+from tuning.routing import Routing
+from tuning.runner import Runner
+from tuning.shapes import MoeShape
+from tuning.triton_pins import KNOWN, mismatch, target_triton
+from tuning.vllm_rules import launch_rules
+from tuning.vllm_source import KNOWN_SOURCES, read_signature
+from test_kernel_interpreter import EP, FP8_EP, H200
+from wheel_member import OFFLINE, fetch_member
+
+WHEEL = "vllm-0.34.0-cp38-abi3-manylinux_2_28_x86_64.whl"
+URL = f"https://files.pythonhosted.org/packages/0b/2c/55f3b76ceadbfc6d515f16b1c17e2e69136c8e54d47be2a94b9f7326f9bb/{WHEEL}"
+FUSED_MOE = "vllm/model_executor/layers/fused_moe/fused_moe.py"
+METADATA = "vllm-0.34.0.dist-info/METADATA"
+SHA256 = {FUSED_MOE: next(sha for sha, v in KNOWN_SOURCES.items() if v == "0.34.0"),
+          METADATA: "e49898cce18b89b041bb28b90154c9737d9ae0856a0edca8ef96c27c2963d581"}
+NEW_PARAMS = ["b_desc", "a_desc", "USE_TMA_B", "USE_TMA_A", "C_IS_SORTED"]
+
+FP8_BLOCK = MoeShape(8, 8, 128, 256, 2, "fp8", (128, 128))  # whole 128 blocks, as the EP and TP2 shards
+FP8_REFINED = MoeShape(8, 8, 64, 256, 2, "fp8", (32, 32))  # a refined block, as TP8's [32, 32]
+TMA_TILE = TileConfig(16, 64, 128, 1, 4, 3)  # N tile 64 divides 2N = 256 (w13) and K = 256 (w2)
+
+
+@pytest.fixture(scope="module")
+def cache(request, tmp_path_factory) -> Path:
+    plugin = getattr(request.config, "cache", None)
+    return plugin.mkdir("vllm-0.34.0") if plugin is not None else tmp_path_factory.mktemp("vllm-0.34.0")
+
+
+def _member(cache: Path, name: str) -> Path:
+    try:
+        return fetch_member(URL, name, SHA256[name], cache / Path(name).name)
+    except OFFLINE as exc:
+        pytest.skip(f"offline: cannot fetch vLLM 0.34.0's {name} from PyPI ({exc})")
+
+
+@pytest.fixture(scope="module")
+def src(cache) -> Path:
+    return _member(cache, FUSED_MOE)
+
+
+@pytest.fixture(scope="module")
+def wheel(cache, src, tmp_path_factory) -> Path:
+    """A wheel of the two real members this needs, under the release's own wheel name."""
+    path = tmp_path_factory.mktemp("wheel") / WHEEL
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.write(src, FUSED_MOE)
+        zf.write(_member(cache, METADATA), METADATA)
+    return path
+
+
+@pytest.fixture(scope="module")
+def kernel(src):
+    return KernelSource(str(src)).load()
+
+
+def _function(src: Path, name: str, namespace: dict, *, cuda_weights: bool = False):
+    """One top-level function of vLLM 0.34's file, run in ``namespace``. ``cuda_weights`` replaces the one term
+    of the TMA decision a CPU cannot meet, ``B.device.type == "cuda"``, by True; the rest is vLLM's code."""
+    tree = ast.parse(src.read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    if cuda_weights:
+        class Cuda(ast.NodeTransformer):
+            def visit_Compare(self, cmp):
+                if ast.unparse(cmp) == "B.device.type == 'cuda'":
+                    self.hits = getattr(self, "hits", 0) + 1
+                    return ast.copy_location(ast.Constant(True), cmp)
+                return self.generic_visit(cmp)
+        cuda = Cuda()
+        node = ast.fix_missing_locations(cuda.visit(node))
+        assert cuda.hits == 1
+    exec(compile(ast.Module([node], []), str(src), "exec"), namespace)
+    return namespace[name]
+
+
+# --- the signature, the source and the Triton it runs ---------------------------------------------------
+
+
+def test_signature_is_0_33s_and_the_tma_parameters(kernel, src, fused_moe_py):
+    assert kernel.vllm_version == "0.34.0"
+    v033 = read_signature(fused_moe_py)
+    assert [p for p in kernel.params if p not in v033.params] == NEW_PARAMS
+    assert [p for p in v033.params if p not in kernel.params] == []
+    assert read_signature(src).params == kernel.params  # the torch-free check reads what Triton reads
+
+
+def test_the_file_tells_its_release_and_is_refused_as_another(src):
+    with pytest.raises(UsageError, match=r"is vLLM 0\.34\.0's fused_moe\.py \(by its sha256\), not vLLM 0\.33's"):
+        read_signature(src, "0.33")
+
+
+def test_wheel_pins_triton_3_8_as_the_known_table_does(wheel, src, kernel):
+    loaded = KernelSource(str(wheel)).load()
+    assert loaded.vllm_version == "0.34.0" and loaded.source_sha256 == kernel.source_sha256 == SHA256[FUSED_MOE]
+    pin = target_triton("0.34", str(wheel))
+    assert (pin.vllm, pin.torch, pin.triton) == ("0.34.0", "2.14.0", "3.8.0") and "vLLM wheel METADATA" in pin.how
+    known = KNOWN["0.34.0"]
+    assert (known.torch, known.triton) == (pin.torch, pin.triton)
+    assert mismatch(pin, "3.8.0") is None
+
+
+# --- the launch -------------------------------------------------------------------------------------------
+
+
+class _Recorder:
+    """Stands in for the jit function: records each launch's arguments by name, then launches it."""
+
+    def __init__(self, fn):
+        self.fn, self.arg_names, self.calls = fn, fn.arg_names, []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            named = {**dict(zip(self.arg_names, args)), **kwargs}
+            self.calls.append(((grid(named) if callable(grid) else grid), named))
+            self.fn[grid](*args, **kwargs)
+        return run
+
+
+def _platform(capability: int) -> SimpleNamespace:
+    """vLLM's current_platform as a GPU of that compute capability answers (0: not CUDA)."""
+    return SimpleNamespace(is_cuda=lambda: capability > 0, is_rocm=lambda: False,
+                           is_device_capability=lambda c: c == capability,
+                           is_device_capability_family=lambda c: capability > 0 and c // 10 == capability // 10)
+
+
+def _same(mine, theirs) -> bool:
+    if isinstance(mine, torch.Tensor):
+        return mine is theirs
+    if type(mine).__name__ == "TensorDescriptor":
+        return type(theirs) is type(mine) and mine.base is theirs.base and \
+            (list(mine.shape), list(mine.strides), list(mine.block_shape)) == \
+            (list(theirs.shape), list(theirs.strides), list(theirs.block_shape))
+    return mine == theirs
+
+
+@pytest.mark.parametrize("shape,capability,tma", [
+    (FP8_BLOCK, 90, True), (FP8_REFINED, 90, True), (FP8_EP, 90, True), (FP8_BLOCK, 100, True),
+    (FP8_BLOCK, 0, False), (EP, 90, False),
+])
+def test_launch_equals_0_34s_own_invoke(kernel, src, shape, capability, tma):
+    """Argument for argument (the weights' TMA descriptor field by field) and bit for bit, both GEMMs, as 0.34's
+    invoke_fused_moe_triton_kernel launches them on a GPU of that compute capability."""
+    import triton
+    import triton.language as tl
+
+    from tuning.vllm_rules import launch_rules
+
+    platform = _platform(capability)
+    ours, theirs = _Recorder(kernel.fn), _Recorder(kernel.fn)
+    invoke = _function(src, "invoke_fused_moe_triton_kernel", {
+        "torch": torch, "triton": triton, "tl": tl, "Any": Any, "fused_moe_kernel": theirs,
+        "current_platform": platform, "set_triton_allocator": lambda device: None,
+        "enable_swap_ab": lambda bm, bn: platform.is_device_capability(90) and bm < 64 and bn >= 64,
+        "resolve_moe_use_td": lambda: False, "warn_if_moe_use_td_ineffective": lambda *a, **k: None,
+    }, cuda_weights=True)
+    p = build_problem(shape, 16, Routing(), 4, torch.device("cpu"), torch.float16)
+    al = launch.align(p.topk_ids, TMA_TILE.BLOCK_SIZE_M, shape.global_experts, p.expert_map, kernel)
+    for gemm in (launch.w13(p), launch.w2(p)):
+        gemm.c.fill_(float("nan"))
+        launch.invoke(replace(kernel, fn=ours), gemm, al, TMA_TILE, block_shape=shape.block_shape,
+                      capability=capability)
+        out = gemm.c.clone()
+        gemm.c.fill_(float("nan"))
+        invoke(gemm.a, gemm.b, gemm.c, gemm.a_scale, gemm.b_scale, gemm.topk_weights, al.sorted_token_ids,
+               al.expert_ids, al.num_tokens_post_padded, gemm.topk_weights is not None, gemm.top_k,
+               TMA_TILE.to_dict(), compute_type=tl.float16, use_fp8_w8a8=shape.dtype == "fp8",
+               use_int8_w8a8=False, use_int8_w8a16=False, use_int4_w4a16=False, per_channel_quant=False,
+               block_shape=list(shape.block_shape) if shape.block_shape else None)
+        assert torch.equal(out.nan_to_num(), gemm.c.nan_to_num()) and out.abs().nan_to_num().sum() > 0
+    for (grid, mine), (their_grid, vllm) in zip(ours.calls, theirs.calls, strict=True):
+        assert grid == their_grid and mine.keys() == vllm.keys()
+        for name, value in mine.items():
+            assert _same(value, vllm[name]), (name, value, vllm[name])
+    assert [named["USE_TMA_B"] for _, named in ours.calls] == [tma, tma]
+    assert launch_rules("0.34").tma_weights and not launch_rules("0.33").tma_weights
+
+
+def test_a_tile_that_does_not_divide_the_weights_reads_them_by_pointer(kernel):
+    """BLOCK_SIZE_N 256 does not divide w13's 2N = 128 rows of FP8_REFINED: vLLM's condition sends that GEMM to the
+    pointer path and keeps the descriptor for w2, whose K = 256 rows it divides."""
+    p = build_problem(FP8_REFINED, 4, Routing(), 0, torch.device("meta"))
+    rule, cfg = launch_rules(kernel.vllm_version), TileConfig(16, 256, 128, 1, 4, 3)
+    block_k = min(cfg.BLOCK_SIZE_K, *FP8_REFINED.block_shape)
+    tiles = {"block_shape": FP8_REFINED.block_shape, "config": cfg, "block_k": block_k}
+    assert not launch.tma_weights(rule, True, p.w13, **tiles, capability=90)
+    assert launch.tma_weights(rule, True, p.w2, **tiles, capability=90)
+    assert launch.tma_weights(rule, True, p.w2, **tiles, capability=100)
+    assert not launch.tma_weights(launch_rules("0.33"), True, p.w2, **tiles, capability=90)
+    assert not launch.tma_weights(rule, True, p.w2, **tiles, capability=80)  # an A100
+    assert not launch.tma_weights(rule, False, p.w2, **tiles, capability=90)  # bf16
+
+
+@pytest.mark.parametrize("shape", [FP8_BLOCK, FP8_REFINED, FP8_EP])
+def test_the_tma_launch_equals_the_float_reference(kernel, shape, monkeypatch):
+    """The kernel as an H200 runs it under 0.34 (weights through the descriptor) against the float reference; the
+    pointer path on the same inputs gives the same bits."""
+    runner = Runner(kernel, shape, 24, H200, Routing(), seed=2)
+    runner.capability = 90
+    err = runner.check(TMA_TILE)
+    assert err <= TOLERANCE["fp8"] and err < 5e-3
+    tma_out = runner.problem.c3.clone()
+    monkeypatch.setattr(launch, "tma_weights", lambda *a, **k: False)
+    assert runner.check(TMA_TILE) == err
+    torch.testing.assert_close(runner.problem.c3, tma_out, rtol=0, atol=0, equal_nan=True)  # EP: remote rows unwritten
+
+
+# --- the command line ---------------------------------------------------------------------------------
+
+
+def test_dry_run_plans_0_34s_fp8_files(tune, src):
+    rc, out, err = tune("--gpu", "H200", "--dtype", "fp8", "--vllm-src", str(src), "--dry-run")
+    assert rc == 0 and err == ""
+    assert out.startswith("Plan: stepfun-ai/Step-3.5-Flash-FP8 fp8 on 8xH200 (NVIDIA_H200, sm90), vLLM 0.34.0 "
+                          "launch rules")
+    assert "E=288,N=320,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[64,64].json" in out
+    assert ("\nWeights: vLLM 0.34.0 reads block-FP8 weights through a TMA descriptor on sm90 wherever the N and K "
+            "tiles divide them, and the search times that launch\n") in out
+    assert "Triton: vLLM 0.34.0 runs Triton 3.8.0 (torch 2.14.0 pins it; known table)" in out
+    assert f"Kernel: vLLM 0.34.0 fused_moe_kernel (source {src}, sha256 {SHA256[FUSED_MOE][:12]}): 51 parameters" in out
+    rc, bf16, _ = tune("--gpu", "H200", "--dtype", "bf16", "--vllm-src", str(src), "--dry-run")
+    assert rc == 0 and "Weights:" not in bf16  # bf16 weights are read by pointer in every release
