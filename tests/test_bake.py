@@ -343,3 +343,36 @@ def test_force_refuses_a_folder_named_like_a_config(configs: Path, tmp_path: Pat
     err = capsys.readouterr().err
     assert f"holds a folder {BF16} where the bake writes a file" in err and err.count("\n") == 1
     assert listing(target) == before and (target / BF16 / "mine.txt").read_text() == "mine"
+
+
+def test_files_tuned_under_another_launch_are_refused_for_the_image_vllm(configs: Path, tmp_path: Path, capsys):
+    """The FP8 file's sidecar says vLLM 0.33.0; vLLM 0.34 reads its weights through TMA (benchmarks §2w), so an image
+    that serves 0.34 gets nothing. The bf16 file, whose launch 0.34 keeps, passes the same check."""
+    target = tmp_path / "bake"
+    assert bake_cli("--device", DEVICE, "--configs", str(configs), "--target", str(target),
+                    "--vllm-version", "0.34.0") == 2
+    err = capsys.readouterr().err
+    assert err == (f"tune-moe: error: {configs / DEVICE}: 1 file(s) were tuned under vLLM 0.33.0, and vLLM 0.34.0 "
+                   f"reads block-FP8 weights through a TMA descriptor (e.g. {FP8}); tune them for it (tune-moe --gpu "
+                   "H200 --dtype fp8 --vllm-version 0.34.0) or pass --vllm-version 0.33.0 for an image that serves "
+                   "vLLM 0.33.0\n")
+    assert not target.exists()
+    assert bake_cli("--device", DEVICE, "--configs", str(configs), "--dockerfile", "--vllm-version", "0.34") == 2
+    assert bake_cli("--device", DEVICE, "--configs", str(configs), "--target", str(target),
+                    "--vllm-version", "0.33.0") == 0
+    assert "checked against vLLM 0.33.0\n" in capsys.readouterr().out
+    (configs / DEVICE / FP8).unlink()
+    provenance_path(configs / DEVICE / FP8).unlink()
+    provenance.write(configs / DEVICE / BF16, provenance_for(configs / DEVICE / BF16, read_config_file(configs / DEVICE / BF16)))
+    assert bake_cli("--device", DEVICE, "--configs", str(configs), "--target", str(target),
+                    "--vllm-version", "0.34.0") == 0
+    assert sorted(p.name for p in target.glob("E=*")) == [BF16, provenance_path(configs / DEVICE / BF16).name]
+
+
+def test_the_committed_h200_set_bakes_for_0_33_and_not_for_0_34(capsys):
+    root = Path(__file__).resolve().parent.parent
+    assert bake_cli("--device", DEVICE, "--configs", str(root / "kernels_configs"), "--dockerfile",
+                    "--vllm-version", "0.33.0") == 0
+    assert bake_cli("--device", DEVICE, "--configs", str(root / "kernels_configs"), "--dockerfile",
+                    "--vllm-version", "0.34.0") == 2
+    assert "8 file(s) were tuned under vLLM 0.33.0, and vLLM 0.34.0 reads block-FP8 weights" in capsys.readouterr().err

@@ -364,3 +364,16 @@ def test_the_dependencies_a_missing_import_is_told_to_install_are_pyproject_s():
     assert "-m pip install 'nvidia-ml-py>=12.535'" in str(missing_dependency(error))
     assert missing_dependency(ModuleNotFoundError("No module named 'tuning.nope'", name="tuning.nope")) is None
     assert missing_dependency(ValueError("ray")) is None
+
+
+def test_a_reader_that_goes_away_is_no_error():
+    """`tune-moe ... | head -1`: the output's reader closes the pipe early; the command ends quietly (141, as a shell
+    reports SIGPIPE), with nothing on stderr."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "tuning.cli", "--gpu", "H200", "--dtype", "fp8", "--dry-run"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the command has written anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""

@@ -10,6 +10,10 @@ stride_bsn are 0.33's. fp16 stands in for bf16 under the interpreter.
 """
 
 import ast
+import importlib.util
+import shutil
+import subprocess
+import sys
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -28,9 +32,11 @@ from tuning.routing import Routing
 from tuning.runner import Runner
 from tuning.shapes import MoeShape
 from tuning.triton_pins import KNOWN, mismatch, target_triton
-from tuning.vllm_rules import launch_rules
+from tuning.vllm_probe import probe
+from tuning.vllm_rules import launch_rules, layer_runtime
 from tuning.vllm_source import KNOWN_SOURCES, read_signature
 from test_kernel_interpreter import EP, FP8_EP, H200
+from test_vllm_probe import grid_keys, serve_for
 from wheel_member import OFFLINE, fetch_member
 
 WHEEL = "vllm-0.34.0-cp38-abi3-manylinux_2_28_x86_64.whl"
@@ -244,3 +250,73 @@ def test_dry_run_plans_0_34s_fp8_files(tune, src):
     assert f"Kernel: vLLM 0.34.0 fused_moe_kernel (source {src}, sha256 {SHA256[FUSED_MOE][:12]}): 51 parameters" in out
     rc, bf16, _ = tune("--gpu", "H200", "--dtype", "bf16", "--vllm-src", str(src), "--dry-run")
     assert rc == 0 and "Weights:" not in bf16  # bf16 weights are read by pointer in every release
+
+
+# --- what vLLM 0.34 runs per MoE layer kind ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def site_034(cache) -> Path:
+    """vLLM 0.34.0's package, installed without its dependencies beside this environment's vLLM 0.33 (both pin
+    torch 2.14.0): the probe's subprocess, with it first on PYTHONPATH, imports 0.34. Kept in pytest's cache."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("needs vLLM 0.33 installed (0.34's package is imported with 0.33's dependencies)")
+    site = cache / "site"
+    if not (site / "vllm" / "__init__.py").is_file():
+        partial = cache / "site.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile",
+                               "--target", str(partial), "vllm==0.34.0"], capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0 and any(s in proc.stderr for s in ("NewConnectionError", "Temporary failure",
+                                                                    "Network is unreachable")):
+            pytest.skip(f"offline: cannot install vLLM 0.34.0 from PyPI ({proc.stderr.strip().splitlines()[-1]})")
+        assert proc.returncode == 0, proc.stderr
+        partial.rename(site)
+    return site
+
+
+def test_the_mirror_answers_as_vllm_0_34_on_every_row(site_034, monkeypatch):
+    """vLLM 0.34's own selection code over the probe's 7392 serve rows: the mirror, told the serve runs 0.34, gives
+    its answer on every row; 0.34 differs from 0.33 only where FlashInfer TRT-LLM now takes the B200 bf16
+    SwiGLU-step layers (experts/trtllm_bf16_moe.py:140-143)."""
+    monkeypatch.setenv("PYTHONPATH", str(site_034))
+
+    def verdict(r) -> tuple:
+        return r.backend, r.experts, r.n, r.block, r.e8m0, (r.error or "").split(":")[0]
+
+    keys = grid_keys()
+    serves = [(replace(serve_for(a, d, lay, b, e), vllm="0.34.0"), act) for a, d, lay, act, b, e in keys]
+    theirs = probe(serves)
+    wrong = [f"{k}: mirror {verdict(layer_runtime(s, act))}; vLLM {verdict(r)}"
+             for k, (s, act), r in zip(keys, serves, theirs) if verdict(layer_runtime(s, act)) != verdict(r)]
+    assert not wrong, f"{len(wrong)} of {len(keys)} rows differ:\n" + "\n".join(wrong[:40])
+    moved = [k for k, (s, act), r in zip(keys, serves, theirs)
+             if verdict(layer_runtime(replace(s, vllm="0.33"), act)) != verdict(r)]
+    assert moved and {(k[0], k[1], k[3]) for k in moved} == {("sm100", "bf16", "swiglustep")}
+    assert {theirs[keys.index(k)].backend for k in moved} == {"FlashInfer TRTLLM"}
+
+
+def test_what_a_file_tuned_under_0_33_meets_under_0_34(tmp_path):
+    """``launch_changes`` per file kind, and preflight's drift line for a file tuned under 0.33 that a 0.34 serve
+    reads: block FP8 changes its launch, bf16 does not (0.26 against 0.33 differs for EP files)."""
+    from conftest import provenance_for
+    from tuning import gpus, preflight, provenance
+    from tuning.configs import read_config_file, write_config_file
+    from tuning.vllm_rules import launch_changes
+
+    assert launch_changes("0.33.0", "0.34.0", fp8=True, ep=True) == ["reads block-FP8 weights through a TMA descriptor"]
+    assert launch_changes("0.33.0", "0.34.0", fp8=False, ep=True) == []
+    assert launch_changes("0.34", "0.33", fp8=True, ep=False) == [
+        "reads block-FP8 weights by pointer, not through a TMA descriptor"]
+    assert launch_changes("0.26.0", "0.33.0", fp8=False, ep=True) == ["drops the remote experts' slots"]
+    node = preflight.Node(gpu=gpus.get_gpu("H200"), env={}, config_dir=tmp_path, vllm_version="0.34.0")
+    lines = {}
+    for name in ("E=72,N=1280,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json",
+                 "E=72,N=1280,device_name=NVIDIA_H200.json"):
+        write_config_file(tmp_path / name, {1: TMA_TILE}, "3.8.0")
+        provenance.write(tmp_path / name, provenance_for(tmp_path / name, read_config_file(tmp_path / name)))
+        lines[name] = [d for d in preflight._drift(tmp_path / name, node) if d.startswith("tuned for vLLM")]
+    assert list(lines.values()) == [
+        ["tuned for vLLM 0.33.0, the serve runs vLLM 0.34.0, which reads block-FP8 weights through a TMA descriptor: "
+         "tune it for 0.34.0"],
+        ["tuned for vLLM 0.33.0, the serve runs vLLM 0.34.0"]]

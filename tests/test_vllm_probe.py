@@ -95,7 +95,8 @@ def test_import_is_light():
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("version, says", [("0.34.0", "vLLM 0.34.0 is installed"),
+@pytest.mark.parametrize("version, says", [("0.35.0", "vLLM 0.35.0 is installed; the probe reads vLLM 0.33 and 0.34"),
+                                           ("0.34.0", "vLLM 0.34.0: internals differ"),
                                            ("0.33.0", "vLLM 0.33.0: internals differ")])
 def test_other_vllm_fails_in_one_line(tmp_path, monkeypatch, version, says):
     (tmp_path / "vllm").mkdir()

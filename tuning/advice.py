@@ -1,20 +1,20 @@
 """What a serve will run, per MoE layer kind, and the serve lines a tune prints: from vLLM's rules.
 
-``runtimes`` asks vLLM itself (``vllm_probe``, in a subprocess) when vLLM is importable here, and
-the mirror in ``vllm_rules`` otherwise, and says which answered. Step-3.5-Flash has two kinds of MoE
+``runtimes`` asks vLLM itself (``vllm_probe``, in a subprocess) when the installed vLLM is the release the
+serve runs, and the mirror in ``vllm_rules`` otherwise, and says which answered. Step-3.5-Flash has two kinds of MoE
 layer: SiLU, and the clamped SwiGLU ("swiglustep") of the layers with a ``swiglu_limits`` entry;
 vLLM picks the backend for each kind on its own.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
+from .kernel import installed_vllm_version
 from .plan import Plan
 from .recipe import ServeSpec, serve_line
-from .shapes import Layout
-from .vllm_rules import ACTIVATIONS, LayerRuntime, ServeFacts, layer_runtime
+from .shapes import Layout, parse_version
+from .vllm_rules import ACTIVATIONS, MIRRORED, LayerRuntime, ServeFacts, layer_runtime
 
 RECIPE_LAYOUTS = (Layout(tp=4), Layout(dp=4, ep=True))
 KIND = {"silu": "SiLU layers", "swiglustep": "SwiGLU-step layers"}
@@ -22,16 +22,19 @@ KIND = {"silu": "SiLU layers", "swiglustep": "SwiGLU-step layers"}
 
 def runtimes(serve: ServeFacts) -> tuple[dict[str, LayerRuntime], str]:
     """Per activation, what vLLM runs; and who answered (vLLM's own code, or the mirror)."""
-    if importlib.util.find_spec("vllm") is not None:
-        try:
-            from .vllm_probe import probe
+    mirror = {act: layer_runtime(serve, act) for act in ACTIVATIONS}
+    installed = installed_vllm_version()
+    if installed is None:
+        return mirror, "tune-moe's mirror of vLLM's rules (vLLM not importable)"
+    if parse_version(installed) != parse_version(serve.vllm):
+        return mirror, f"tune-moe's mirror of vLLM's rules (the installed vLLM is {installed}, not {serve.vllm})"
+    try:
+        from .vllm_probe import probe
 
-            answers = probe([(serve, act) for act in ACTIVATIONS])
-            return dict(zip(ACTIVATIONS, answers)), "vLLM's own selection code (vllm_probe)"
-        except Exception as exc:  # another vLLM whose internals moved: the mirror still answers
-            note = f"vLLM could not be asked ({type(exc).__name__}); tune-moe's mirror of vLLM 0.33"
-            return {act: layer_runtime(serve, act) for act in ACTIVATIONS}, note
-    return {act: layer_runtime(serve, act) for act in ACTIVATIONS}, "tune-moe's mirror of vLLM 0.33 (vLLM not importable)"
+        answers = probe([(serve, act) for act in ACTIVATIONS])
+        return dict(zip(ACTIVATIONS, answers)), "vLLM's own selection code (vllm_probe)"
+    except Exception as exc:  # another vLLM whose internals moved: the mirror still answers
+        return mirror, f"vLLM could not be asked ({type(exc).__name__}); tune-moe's mirror of vLLM's rules"
 
 
 def describe(act: str, r: LayerRuntime) -> str:
@@ -50,10 +53,9 @@ def serve_lines(plan: Plan, out: Path) -> list[str]:
 
     lines = []
     layouts = dict.fromkeys(lay for ls in plan.shapes.values() for lay in ls if lay in RECIPE_LAYOUTS)
-    other = "" if plan.vllm_version.startswith("0.33") else (
-        f"; this tune targets vLLM {plan.vllm_version}, whose per-kind choice it does not model")
+    series = ".".join(plan.vllm_version.split(".")[:2])
     for lay in layouts:
-        found = advice_for(plan.gpu.key, lay, plan.dtype) if not other else None  # measured under vLLM 0.33
+        found = advice_for(plan.gpu.key, lay, plan.dtype) if series == "0.33" else None  # measured under vLLM 0.33
         backend, env = (found.moe_backend, found.env) if isinstance(found, Advice) else ("auto", {})
         if plan.moe_backend != "auto" and plan.moe_backend != backend:  # tuned for the backend the user named
             backend, env = plan.moe_backend, {}
@@ -62,8 +64,10 @@ def serve_lines(plan: Plan, out: Path) -> list[str]:
         facts = ServeFacts(arch=plan.gpu.arch, dtype=plan.dtype, tp=lay.tp, dp=lay.dp, ep=lay.ep,
                            moe_backend=backend, env=tuple(sorted(env.items())),
                            num_experts=plan.model.num_experts, intermediate=plan.model.moe_intermediate_size,
-                           hidden=plan.model.hidden_size, top_k=plan.model.top_k)
+                           hidden=plan.model.hidden_size, top_k=plan.model.top_k, vllm=plan.vllm_version)
         answers, who = runtimes(facts)
+        modeled = series in MIRRORED or who.startswith("vLLM's own")
+        other = "" if modeled else f"; this tune targets vLLM {plan.vllm_version}, whose per-kind choice it does not model"
         notes = [describe(act, r) for act, r in answers.items()]
         notes += _other_shape(plan, lay, answers, backend)
         notes += [found.line(Path(out)) if isinstance(found, Advice) else found] if found else []

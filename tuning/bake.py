@@ -12,6 +12,10 @@ new files are staged in a hidden folder inside it and renamed over the earlier b
 files one by one, the earlier bake's files the new one lacks are removed, and the
 manifest goes last. Every other entry is left exactly as it is. A failure puts back
 every entry touched and leaves no staging folder.
+
+Files whose sidecar says they were tuned under a vLLM that launches their kernel otherwise than the image's
+vLLM (``--vllm-version``, default the installed one) are refused: vLLM 0.34 reads block-FP8 weights through
+TMA, where 0.33's FP8 files lose to its default (benchmarks/README §2w).
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import provenance
 from .configs import read_config_file
 from .provenance import SUFFIX as PROVENANCE_SUFFIX, TOOL, sidecar_path as provenance_path
 from .errors import UsageError
 from .files import output_folder
-from .shapes import FILE_NAME
+from .kernel import installed_vllm_version
+from .shapes import FILE_NAME, parse_version
+from .vllm_rules import launch_changes
 
 DEFAULT_CONFIGS = Path("kernels_configs")
 IMAGE_FOLDER = "/opt/tune-moe/configs"
@@ -95,6 +102,27 @@ def _validate_config(path: Path, device: str) -> list[BakedFile]:
     if not isinstance(prov, dict) or prov.get("tool") != TOOL or prov.get("file") != path.name:
         raise UsageError(f"{side}: not a {TOOL} sidecar for {path.name}; regenerate it with tune-moe or delete it")
     return [BakedFile(path.name, data), BakedFile(side.name, side_data)]
+
+
+def check_release(folder: Path, files: list[BakedFile], vllm_version: str | None) -> None:
+    """Refuse, in one line, the files tuned under a vLLM that launches their kernel otherwise than
+    ``vllm_version`` (None: nothing to check against)."""
+    if vllm_version is None:
+        return
+    parse_version(vllm_version)  # one line for a malformed version
+    stale = []
+    for f in files:
+        prov = None if f.name.endswith(PROVENANCE_SUFFIX) else provenance.read(folder / f.name)
+        if prov is not None:
+            changes = launch_changes(prov.run.vllm, vllm_version, fp8=prov.shape.dtype == "fp8",
+                                     ep=prov.shape.expert_parallel)
+            stale += [(f.name, prov, changes)] if changes else []
+    if stale:
+        name, prov, changes = stale[0]
+        raise UsageError(f"{folder}: {len(stale)} file(s) were tuned under vLLM {prov.run.vllm}, and vLLM {vllm_version} "
+                         f"{' and '.join(changes)} (e.g. {name}); tune them for it (tune-moe --gpu {prov.gpu_key} "
+                         f"--dtype {prov.shape.dtype} --vllm-version {vllm_version}) or pass --vllm-version "
+                         f"{prov.run.vllm} for an image that serves vLLM {prov.run.vllm}")
 
 
 def collect(folder: Path, device: str) -> list[BakedFile]:
@@ -267,14 +295,16 @@ def replace_in_place(target: Path, files: list[BakedFile], device: str) -> None:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def bake(configs: Path, device: str, target: Path, force: bool = False) -> Baked:
-    """Validate everything, then replace ``target`` with the device's configs in one rename.
+def bake(configs: Path, device: str, target: Path, force: bool = False, vllm_version: str | None = None) -> Baked:
+    """Validate everything (against the image's ``vllm_version`` too), then replace ``target`` with the device's
+    configs in one rename.
 
     A target holding other files (``force``), or one that cannot be renamed, keeps its folder and
     gets the bake's files replaced inside it (``replace_in_place``).
     """
     source = device_folder(configs, device)
     files = collect(source, device)
+    check_release(source, files, vllm_version)
     foreign = check_target(source, target, force)
     if foreign:
         replace_in_place(target, files, device)
@@ -313,6 +343,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="folder to install into (replaced as a whole, or its bake files one by one "
                    f"where it cannot be renamed); with --dockerfile the folder inside the image (default there: "
                    f"{IMAGE_FOLDER})")
+    p.add_argument("--vllm-version", help="vLLM the image serves: files tuned under a release that launches their "
+                   "kernel otherwise are refused (default: the installed vLLM; none installed, none checked)")
     p.add_argument("--force", action="store_true",
                    help="bake into a --target that holds other files (they are left exactly as they are)")
     mode = p.add_mutually_exclusive_group()
@@ -330,8 +362,10 @@ def _print_env(target: Path, device: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     configs = Path(args.configs)
+    version = args.vllm_version or installed_vllm_version()
     if args.dockerfile:
         files = collect(device_folder(configs, args.device), args.device)
+        check_release(device_folder(configs, args.device), files, version)
         count = sum(not f.name.endswith(PROVENANCE_SUFFIX) for f in files)
         print(dockerfile_snippet(configs, args.device, args.target or IMAGE_FOLDER, count))
         return 0
@@ -340,10 +374,11 @@ def run(args: argparse.Namespace) -> int:
     target = Path(args.target)
     if args.print_env:
         return _print_env(target, args.device)
-    baked = bake(configs, args.device, target, args.force)
+    baked = bake(configs, args.device, target, args.force, version)
     count = sum(not f.name.endswith(PROVENANCE_SUFFIX) for f in baked.files)
     print(f"baked {count} config(s) and {len(baked.files) - count} sidecar(s) for {args.device} "
-          f"into {target.resolve()}")
+          f"into {target.resolve()}, " + (f"checked against vLLM {version}" if version else
+                                          "not checked against a vLLM release (none installed; pass --vllm-version)"))
     if baked.in_place:
         print(f"replaced the bake's files inside the folder one by one, each in one rename, because {baked.in_place}")
     if baked.kept:

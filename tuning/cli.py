@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("tune-moe: interrupted; finished jobs are saved, re-run the same command to resume\n")
         return 130
+    except BrokenPipeError:  # whoever read the output went away (`| head`): nothing is left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        return 141
     except Exception as exc:  # a bug, not bad input: one line, and the traceback only when asked for
         if missing := missing_dependency(exc):
             sys.stderr.write(f"tune-moe: error: {missing}\n")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import os
 import re
 import shlex
@@ -28,13 +27,13 @@ from .errors import UsageError
 from .kernel import installed_fused_moe, installed_vllm_version
 from .models import BUILTIN, ModelGeometry, load_model
 from .serve_command import MEMORY_GB, BatchPlan, ServeCommand, batch_plan, parse
-from .shapes import BATCH_SIZES, DEFAULT_VLLM_VERSION, Layout, MoeShape
+from .shapes import BATCH_SIZES, DEFAULT_VLLM_VERSION, Layout, MoeShape, parse_version
 from .triton_pins import mismatch, target_triton
-from .vllm_rules import ACTIVATIONS, LayerRuntime, ServeFacts, layer_runtime, nearest_key
+from .vllm_rules import ACTIVATIONS, LayerRuntime, ServeFacts, launch_changes, layer_runtime, nearest_key
 
 KIND = {"silu": "SiLU layers", "swiglustep": "SwiGLU-step layers"}
 ASSIGN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
-MIRROR = "tune-moe's mirror of vLLM 0.33's parser and rules (vLLM is not importable here)"
+MIRROR = "tune-moe's mirror of vLLM 0.33's parser and rules"
 FAR = 2.0  # a batch size this many times beyond the nearest tuned key is reported as untuned
 RESHAPING = {"moe_num_experts", "moe_intermediate_size", "moe_top_k", "hidden_size"}  # --hf-overrides keys
 
@@ -85,16 +84,19 @@ def checkpoint(name: str, quantization: str | None, overrides: dict | None = Non
     return model, "bf16"
 
 
-def _understand(argv: list[str], arch: str, memory_gb: float, env: dict[str, str]):
+def _understand(argv: list[str], arch: str, memory_gb: float, env: dict[str, str], vllm_version: str):
     """The serve command, its batch plan, the checkpoint and vLLM's backend per activation: from one vLLM
-    subprocess where vLLM is importable, else from the mirrors."""
-    if importlib.util.find_spec("vllm") is not None:
+    subprocess where the installed vLLM is the release the serve runs, else from the mirrors."""
+    installed = installed_vllm_version()
+    why = " (vLLM is not importable here)" if installed is None else \
+        f" (the installed vLLM is {installed}, the serve runs {vllm_version})"
+    if installed is not None and parse_version(installed) == parse_version(vllm_version):
         try:
             from .vllm_probe import preflight
 
             answer = preflight(list(_after_serve(argv)), arch, memory_gb, env)
-        except RuntimeError:
-            answer = None  # a vLLM whose internals moved: the mirrors answer below
+        except RuntimeError as exc:
+            answer, why = None, f" (vLLM could not be asked: {exc})"  # a vLLM whose internals moved
         if answer is not None:
             if "error" in answer:
                 raise UsageError(answer["error"] if answer["error"].startswith("preflight:") else
@@ -111,9 +113,10 @@ def _understand(argv: list[str], arch: str, memory_gb: float, env: dict[str, str
     model, dtype = checkpoint(cmd.model, cmd.quantization, cmd.hf_overrides)
     facts = ServeFacts(arch=arch, dtype=dtype, tp=cmd.tp, dp=cmd.dp, ep=cmd.ep, moe_backend=cmd.moe_backend,
                        env=tuple(sorted(env.items())), num_experts=model.num_experts,
-                       intermediate=model.moe_intermediate_size, hidden=model.hidden_size, top_k=model.top_k)
+                       intermediate=model.moe_intermediate_size, hidden=model.hidden_size, top_k=model.top_k,
+                       vllm=vllm_version)
     layers = {act: layer_runtime(facts, act) for act in ACTIVATIONS}
-    return cmd, batch_plan(cmd, arch, memory_gb), model, dtype, layers, MIRROR
+    return cmd, batch_plan(cmd, arch, memory_gb), model, dtype, layers, MIRROR + why
 
 
 def _after_serve(argv: list[str]) -> list[str]:
@@ -161,7 +164,11 @@ def _drift(path: Path, node: Node) -> list[str]:
     if empty := prov.empty_launch_note():
         out.append(empty)
     if ".".join(prov.run.vllm.split(".")[:2]) != ".".join(node.vllm_version.split(".")[:2]):
-        out.append(f"tuned for vLLM {prov.run.vllm}, the serve runs vLLM {node.vllm_version}")
+        shape = prov.shape
+        changes = launch_changes(prov.run.vllm, node.vllm_version, fp8=shape.dtype == "fp8",
+                                 ep=shape.expert_parallel)
+        out.append(f"tuned for vLLM {prov.run.vllm}, the serve runs vLLM {node.vllm_version}"
+                   + (f", which {' and '.join(changes)}: tune it for {node.vllm_version}" if changes else ""))
     installed = installed_fused_moe()
     if installed and prov.run.kernel_sha256 and installed_vllm_version() == node.vllm_version:
         if hashlib.sha256(installed.read_text().encode()).hexdigest() != prov.run.kernel_sha256:
@@ -173,7 +180,7 @@ def check(argv: list[str], node: Node) -> dict:
     """Everything preflight reports, as data."""
     env = {k: v for k, v in node.env.items() if k.startswith("VLLM_")}
     memory = MEMORY_GB[node.gpu.arch].get(node.gpu.key, node.gpu.hbm_gb)
-    cmd, plan, model, dtype, answers, answered_by = _understand(argv, node.gpu.arch, memory, env)
+    cmd, plan, model, dtype, answers, answered_by = _understand(argv, node.gpu.arch, memory, env, node.vllm_version)
     tokens = engine_tokens(cmd, plan)
     layers = [_layer(act, answers[act], model, cmd, dtype, node) for act in ACTIVATIONS]
     problems = _problems(layers, tokens, node)

@@ -39,6 +39,10 @@ DTYPES = ("bf16", "fp8")
 CLEARED_ENV = ("VLLM_USE_DEEP_GEMM", "VLLM_MOE_USE_DEEP_GEMM", "VLLM_USE_DEEP_GEMM_E8M0",
                "VLLM_BATCH_INVARIANT", "VLLM_TRITON_USE_TD")
 CHECKPOINT_BLOCK = (128, 128)
+# The releases whose selection code this probe drives: 0.33, and 0.34 over the same 7392 serve rows (benchmarks
+# README §2w: they answer alike but for B200 bf16 SwiGLU-step layers, which 0.34 runs on FlashInfer TRT-LLM).
+# Its serve op (capture sizes) reads 0.33's VllmConfig; 0.34's is refused there and preflight says so.
+PROBED = (VLLM_SERIES, "0.34")
 
 
 def _ask(request: dict) -> object:
@@ -103,8 +107,8 @@ class _Oracle:
         import vllm
 
         version = vllm.__version__
-        if not version.startswith(VLLM_SERIES + "."):
-            raise _Mismatch(f"vLLM {version} is installed; the probe reads vLLM {VLLM_SERIES}")
+        if not version.startswith(tuple(series + "." for series in PROBED)):
+            raise _Mismatch(f"vLLM {version} is installed; the probe reads vLLM {' and '.join(PROBED)}")
         try:
             self._import()
             self.gpu = _swap_platform()
@@ -176,6 +180,11 @@ class _Oracle:
         from vllm.engine.arg_utils import EngineArgs
         from vllm.usage.usage_lib import UsageContext
 
+        import vllm
+
+        if not vllm.__version__.startswith(VLLM_SERIES + "."):
+            raise RuntimeError(f"its CUDA-graph sizes are read from vLLM {VLLM_SERIES}'s VllmConfig only, "
+                               f"not {vllm.__version__}'s")
         self._enter(ServeFacts(arch=request["arch"], dtype="bf16"))
         err = io.StringIO()
         try:

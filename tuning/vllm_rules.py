@@ -25,6 +25,9 @@ from .errors import UsageError
 from .shapes import parse_version
 
 VLLM_VERSION = "0.33"
+# The releases whose per-layer backend choice the mirror gives: 0.33, and 0.34 where it differs (a CI test drives
+# each release's own selection code over the probe's grid and compares).
+MIRRORED = (VLLM_VERSION, "0.34")
 
 # vllm/config/kernel.py MoEBackend, in vLLM's order.
 MOE_BACKENDS = (
@@ -63,6 +66,7 @@ class ServeFacts:
     intermediate: int = 1280
     hidden: int = 4096
     top_k: int = 8
+    vllm: str = VLLM_VERSION  # the release that serves, MAJOR.MINOR[.PATCH]: where releases choose differently
 
     def var(self, name: str) -> str | None:
         return dict(self.env).get(name)
@@ -117,12 +121,14 @@ class Supports:
     bf16: bool = True
     batch_invariant: bool = False
     needs_deep_gemm: bool = False
+    activations_since: tuple[tuple[str, tuple[int, int]], ...] = ()  # (activation, first release that takes it)
 
     def refuses(self, s: ServeFacts, act: str, refined: bool) -> str | None:
         """The reason vLLM's is_supported_config gives, or None when the class is supported."""
         if s.arch not in self.archs or (self.needs_deep_gemm and not s.flag("VLLM_USE_DEEP_GEMM", True)):
             return "current device cuda"
-        if act not in self.activations:
+        if act not in self.activations and not any(a == act and parse_version(s.vllm) >= since
+                                                   for a, since in self.activations_since):
             return f"MoEActivation.{act.upper()} activation"
         if (s.dtype == "fp8" and (s.arch not in self.fp8 or (refined and not self.refined))) or \
                 (s.dtype == "bf16" and not self.bf16):
@@ -139,7 +145,9 @@ CLASSES = {
     "MarlinExperts": Supports(bf16=False),
     "FlashInferExperts": Supports(activations=("silu",), fp8=("sm90",)),
     "TrtLlmFp8ExpertsMonolithic": Supports(archs=("sm100",), activations=("silu",), bf16=False),
-    "TrtLlmBf16ExpertsMonolithic": Supports(archs=("sm100",), activations=("silu",), fp8=()),
+    # 0.34: experts/trtllm_bf16_moe.py:140-143 takes SWIGLUSTEP where FlashInfer has the activation (its 0.7.3 pin)
+    "TrtLlmBf16ExpertsMonolithic": Supports(archs=("sm100",), activations=("silu",), fp8=(),
+                                            activations_since=(("swiglustep", (0, 34)),)),
 }
 EXPERTS = {  # backend -> its experts classes in vLLM's order (oracle/*.py backend_to_kernel_cls)
     "TRITON": ("TritonExperts",),
@@ -319,3 +327,19 @@ def launch_rules(vllm_version: str) -> LaunchRules:
     """The row of ``LAUNCH_RULES`` for a version written MAJOR.MINOR[.PATCH]."""
     release = parse_version(vllm_version)
     return next(rule for rule in LAUNCH_RULES if release >= rule.since)
+
+
+def launch_changes(tuned: str, serving: str, *, fp8: bool, ep: bool) -> list[str]:
+    """What ``serving`` does differently from ``tuned`` when it launches the kernel of a file of that dtype and
+    parallelism: the reasons a file tuned under one release is not the tune of the other. Empty when alike."""
+    old, new = launch_rules(tuned), launch_rules(serving)
+    changes = []
+    if fp8 and old.tma_weights != new.tma_weights:
+        changes.append("reads block-FP8 weights through a TMA descriptor" if new.tma_weights else
+                       "reads block-FP8 weights by pointer, not through a TMA descriptor")
+    if ep and old.drop_remote_slots != new.drop_remote_slots:
+        changes.append("drops the remote experts' slots" if new.drop_remote_slots else
+                       "aligns the remote experts' slots too")
+    if fp8 and old.zero_bsn_for_one_block != new.zero_bsn_for_one_block:
+        changes.append("passes another weight-scale stride for a single N block")
+    return changes
