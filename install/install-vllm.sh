@@ -116,7 +116,15 @@ install_vllm() {
         extra=(--extra-index-url "$extra_index")
         if command -v uv >/dev/null 2>&1; then extra+=(--index-strategy unsafe-best-match); fi
       fi
-      venv_install "${extra[@]}" "vllm==$version" ;;
+      local log
+      log=$(mktemp)
+      if ! venv_install "${extra[@]}" "vllm==$version" 2> >(tee "$log" >&2); then
+        local why
+        why=$(grep -E '^(ERROR|error): ' "$log" | tail -1 | sed -E 's/^(ERROR|error): //')
+        rm -f "$log"
+        tm_die "could not install vllm==$version: ${why:-the installer failed, see its output above}; install a release whose pins the index holds (--pinned VERSION, or TUNE_MOE_VLLM_VERSION in install/versions.env), or add the index that holds them (--extra-index URL)"
+      fi
+      rm -f "$log" ;;
     offline)
       tm_info "installing vllm==$version from the wheelhouse $wheelhouse"
       venv_install --no-index --find-links "$wheelhouse" "vllm==$version" ;;

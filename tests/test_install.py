@@ -633,3 +633,19 @@ def test_the_docs_and_the_tool_name_no_variable_unknown_to_vllm(vllm_facts):
     assert {"VLLM_USE_DEEP_GEMM", "VLLM_DEEP_GEMM_WARMUP", "VLLM_TUNED_CONFIG_FOLDER"} <= set(named)
     unknown = {name: str(where) for name, where in named.items() if name not in known | constants | ignored_by_vllm}
     assert unknown == {}, f"not defined by vLLM {vllm_facts['version']}"
+
+
+def test_vllm_a_pin_the_index_cannot_resolve_ends_in_one_line(node):
+    """vLLM 0.34.0 pins flashinfer-python==0.7.3, which PyPI does not hold (a real `pip install vllm==0.34.0` ends
+    with the ERROR line below, benchmarks/README §2w): the installer's own output stays, and the last line says what
+    failed and what to do."""
+    said = ("ERROR: Could not find a version that satisfies the requirement flashinfer-python==0.7.3 (from vllm)\n"
+            "ERROR: No matching distribution found for flashinfer-python==0.7.3")
+    done = node.run("install-vllm.sh", "--pinned", "0.34.0", FAKE_UV_RC="1", FAKE_UV_STDERR=said)
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[:2] == said.splitlines()
+    assert done.stderr.splitlines()[-1] == (
+        "install-vllm.sh: error: could not install vllm==0.34.0: No matching distribution found for "
+        "flashinfer-python==0.7.3; install a release whose pins the index holds (--pinned VERSION, or "
+        "TUNE_MOE_VLLM_VERSION in install/versions.env), or add the index that holds them (--extra-index URL)")
+    assert "uv pip install --python ./.venv/bin/python vllm==0.34.0" in node.calls()
