@@ -9,8 +9,6 @@ file's name and loading (fused_moe.py:1035-1112) are 0.33's for bf16 and block F
 under the interpreter.
 """
 
-import ast
-import zipfile
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,11 +28,10 @@ from tuning.shapes import BATCH_SIZES, MoeShape
 from tuning.triton_pins import mismatch, target_triton
 from tuning.vllm_source import KNOWN_SOURCES, read_signature
 from test_kernel_interpreter import EP, FP8_EP, FP8_TP, H200, TP, assert_default_config_matches
-from wheel_member import OFFLINE, fetch_member
+from wheel_member import FUSED_MOE, Recorder, release_fixtures, top_level_function
 
 WHEEL = "vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl"
 URL = f"https://files.pythonhosted.org/packages/20/96/86edd288415aafc2952bbb969b5ef4e8c58e5525185b60320730276921e6/{WHEEL}"
-FUSED_MOE = "vllm/model_executor/layers/fused_moe/fused_moe.py"
 METADATA = "vllm-0.26.0.dist-info/METADATA"
 SHA256 = {FUSED_MOE: next(sha for sha, v in KNOWN_SOURCES.items() if v == "0.26.0"),
           METADATA: "3d4bb60795893f064bf3d3b9dce702ff853131e9cc489047762dff6959215cf1"}
@@ -42,46 +39,12 @@ SHA256 = {FUSED_MOE: next(sha for sha, v in KNOWN_SOURCES.items() if v == "0.26.
 FP8_ONE_N_BLOCK = MoeShape(8, 16, 128, 64, 2, "fp8", (64, 64))  # w2's scales have one N block: stride_bsn differs
 
 
-@pytest.fixture(scope="module")
-def cache(request, tmp_path_factory) -> Path:
-    """pytest's cache folder (kept between runs), or a temporary one where the cache plugin is off."""
-    plugin = getattr(request.config, "cache", None)
-    return plugin.mkdir("vllm-0.26.0") if plugin is not None else tmp_path_factory.mktemp("vllm-0.26.0")
-
-
-def _member(cache: Path, name: str) -> Path:
-    try:
-        return fetch_member(URL, name, SHA256[name], cache / Path(name).name)
-    except OFFLINE as exc:
-        pytest.skip(f"offline: cannot fetch vLLM 0.26.0's {name} from PyPI ({exc})")
-
-
-@pytest.fixture(scope="module")
-def src(cache) -> Path:
-    return _member(cache, FUSED_MOE)
-
-
-@pytest.fixture(scope="module")
-def wheel(cache, src, tmp_path_factory) -> Path:
-    """A wheel of the two real members this needs, under the release's own wheel name."""
-    path = tmp_path_factory.mktemp("wheel") / WHEEL
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.write(src, FUSED_MOE)
-        zf.write(_member(cache, METADATA), METADATA)
-    return path
+cache, src, wheel = release_fixtures(URL, SHA256)
 
 
 @pytest.fixture(scope="module")
 def kernel(src):
     return KernelSource(str(src), "0.26").load()
-
-
-def _function(src: Path, name: str, namespace: dict):
-    """One top-level function of vLLM 0.26's file, run in ``namespace`` (vLLM itself is not importable here)."""
-    source = src.read_text()
-    node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == name)
-    exec(compile(ast.Module([node], []), str(src), "exec"), namespace)
-    return namespace[name]
 
 
 # --- the signature and the source ---------------------------------------------------------------------
@@ -118,7 +81,7 @@ def test_wheel_loads_and_pins_triton_3_6(wheel, src, kernel):
 
 def _vllm_default(src: Path):
     platform = SimpleNamespace(is_rocm=lambda: False)
-    return _function(src, "get_default_config", {"current_platform": platform, "Any": Any,
+    return top_level_function(src, "get_default_config", {"current_platform": platform, "Any": Any,
                                                  "envs": SimpleNamespace(VLLM_BATCH_INVARIANT=False),
                                                  "should_moe_wna16_use_cuda": None})
 
@@ -177,20 +140,6 @@ def test_ep_aligns_the_remote_slots_under_0_26_and_drops_them_under_0_33():
                                                           == -1).any()
 
 
-class _Recorder:
-    """Stands in for the jit function: records each launch's arguments by name, then launches it."""
-
-    def __init__(self, fn):
-        self.fn, self.arg_names, self.calls = fn, fn.arg_names, []
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            named = {**dict(zip(self.arg_names, args)), **kwargs}
-            self.calls.append(((grid(named) if callable(grid) else grid), named))
-            self.fn[grid](*args, **kwargs)
-        return run
-
-
 @pytest.mark.parametrize("shape,sm90", [(FP8_EP, False), (FP8_EP, True), (FP8_ONE_N_BLOCK, False), (EP, False)])
 def test_launch_equals_0_26s_own_invoke(kernel, src, shape, sm90):
     """Argument for argument and bit for bit, both GEMMs, as 0.26's invoke_fused_moe_triton_kernel launches them
@@ -198,8 +147,8 @@ def test_launch_equals_0_26s_own_invoke(kernel, src, shape, sm90):
     import triton
     import triton.language as tl
 
-    ours, theirs = _Recorder(kernel.fn), _Recorder(kernel.fn)
-    invoke = _function(src, "invoke_fused_moe_triton_kernel", {
+    ours, theirs = Recorder(kernel.fn), Recorder(kernel.fn)
+    invoke = top_level_function(src, "invoke_fused_moe_triton_kernel", {
         "torch": torch, "triton": triton, "tl": tl, "Any": Any, "fused_moe_kernel": theirs,
         "enable_swap_ab": lambda bm, bn: sm90 and bm < 64 and bn >= 64})
     p = build_problem(shape, 16, Routing(), 4, torch.device("cpu"), torch.float16)

@@ -14,7 +14,6 @@ import importlib.util
 import shutil
 import subprocess
 import sys
-import zipfile
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,11 +36,10 @@ from tuning.vllm_rules import launch_rules, layer_runtime
 from tuning.vllm_source import KNOWN_SOURCES, read_signature
 from test_kernel_interpreter import EP, FP8_EP, H200
 from test_vllm_probe import grid_keys, serve_for
-from wheel_member import OFFLINE, fetch_member
+from wheel_member import FUSED_MOE, Recorder, release_fixtures, top_level_function
 
 WHEEL = "vllm-0.34.0-cp38-abi3-manylinux_2_28_x86_64.whl"
 URL = f"https://files.pythonhosted.org/packages/0b/2c/55f3b76ceadbfc6d515f16b1c17e2e69136c8e54d47be2a94b9f7326f9bb/{WHEEL}"
-FUSED_MOE = "vllm/model_executor/layers/fused_moe/fused_moe.py"
 METADATA = "vllm-0.34.0.dist-info/METADATA"
 SHA256 = {FUSED_MOE: next(sha for sha, v in KNOWN_SOURCES.items() if v == "0.34.0"),
           METADATA: "e49898cce18b89b041bb28b90154c9737d9ae0856a0edca8ef96c27c2963d581"}
@@ -52,32 +50,7 @@ FP8_REFINED = MoeShape(8, 8, 64, 256, 2, "fp8", (32, 32))  # a refined block, as
 TMA_TILE = TileConfig(16, 64, 128, 1, 4, 3)  # N tile 64 divides 2N = 256 (w13) and K = 256 (w2)
 
 
-@pytest.fixture(scope="module")
-def cache(request, tmp_path_factory) -> Path:
-    plugin = getattr(request.config, "cache", None)
-    return plugin.mkdir("vllm-0.34.0") if plugin is not None else tmp_path_factory.mktemp("vllm-0.34.0")
-
-
-def _member(cache: Path, name: str) -> Path:
-    try:
-        return fetch_member(URL, name, SHA256[name], cache / Path(name).name)
-    except OFFLINE as exc:
-        pytest.skip(f"offline: cannot fetch vLLM 0.34.0's {name} from PyPI ({exc})")
-
-
-@pytest.fixture(scope="module")
-def src(cache) -> Path:
-    return _member(cache, FUSED_MOE)
-
-
-@pytest.fixture(scope="module")
-def wheel(cache, src, tmp_path_factory) -> Path:
-    """A wheel of the two real members this needs, under the release's own wheel name."""
-    path = tmp_path_factory.mktemp("wheel") / WHEEL
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.write(src, FUSED_MOE)
-        zf.write(_member(cache, METADATA), METADATA)
-    return path
+cache, src, wheel = release_fixtures(URL, SHA256)
 
 
 @pytest.fixture(scope="module")
@@ -85,23 +58,17 @@ def kernel(src):
     return KernelSource(str(src)).load()
 
 
-def _function(src: Path, name: str, namespace: dict, *, cuda_weights: bool = False):
-    """One top-level function of vLLM 0.34's file, run in ``namespace``. ``cuda_weights`` replaces the one term
-    of the TMA decision a CPU cannot meet, ``B.device.type == "cuda"``, by True; the rest is vLLM's code."""
-    tree = ast.parse(src.read_text())
-    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
-    if cuda_weights:
-        class Cuda(ast.NodeTransformer):
-            def visit_Compare(self, cmp):
-                if ast.unparse(cmp) == "B.device.type == 'cuda'":
-                    self.hits = getattr(self, "hits", 0) + 1
-                    return ast.copy_location(ast.Constant(True), cmp)
-                return self.generic_visit(cmp)
-        cuda = Cuda()
-        node = ast.fix_missing_locations(cuda.visit(node))
-        assert cuda.hits == 1
-    exec(compile(ast.Module([node], []), str(src), "exec"), namespace)
-    return namespace[name]
+class _CudaWeights(ast.NodeTransformer):
+    """Replaces the one term of 0.34's TMA decision a CPU cannot meet, ``B.device.type == "cuda"``, by True; the
+    rest of invoke_fused_moe_triton_kernel is vLLM's code."""
+
+    hits = 0
+
+    def visit_Compare(self, cmp):
+        if ast.unparse(cmp) == "B.device.type == 'cuda'":
+            self.hits += 1
+            return ast.copy_location(ast.Constant(True), cmp)
+        return self.generic_visit(cmp)
 
 
 # --- the signature, the source and the Triton it runs ---------------------------------------------------
@@ -131,20 +98,6 @@ def test_wheel_pins_triton_3_8_as_the_known_table_does(wheel, src, kernel):
 
 
 # --- the launch -------------------------------------------------------------------------------------------
-
-
-class _Recorder:
-    """Stands in for the jit function: records each launch's arguments by name, then launches it."""
-
-    def __init__(self, fn):
-        self.fn, self.arg_names, self.calls = fn, fn.arg_names, []
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            named = {**dict(zip(self.arg_names, args)), **kwargs}
-            self.calls.append(((grid(named) if callable(grid) else grid), named))
-            self.fn[grid](*args, **kwargs)
-        return run
 
 
 def _platform(capability: int) -> SimpleNamespace:
@@ -177,13 +130,15 @@ def test_launch_equals_0_34s_own_invoke(kernel, src, shape, capability, tma):
     from tuning.vllm_rules import launch_rules
 
     platform = _platform(capability)
-    ours, theirs = _Recorder(kernel.fn), _Recorder(kernel.fn)
-    invoke = _function(src, "invoke_fused_moe_triton_kernel", {
+    ours, theirs = Recorder(kernel.fn), Recorder(kernel.fn)
+    cuda = _CudaWeights()
+    invoke = top_level_function(src, "invoke_fused_moe_triton_kernel", {
         "torch": torch, "triton": triton, "tl": tl, "Any": Any, "fused_moe_kernel": theirs,
         "current_platform": platform, "set_triton_allocator": lambda device: None,
         "enable_swap_ab": lambda bm, bn: platform.is_device_capability(90) and bm < 64 and bn >= 64,
         "resolve_moe_use_td": lambda: False, "warn_if_moe_use_td_ineffective": lambda *a, **k: None,
-    }, cuda_weights=True)
+    }, cuda)
+    assert cuda.hits == 1
     p = build_problem(shape, 16, Routing(), 4, torch.device("cpu"), torch.float16)
     al = launch.align(p.topk_ids, TMA_TILE.BLOCK_SIZE_M, shape.global_experts, p.expert_map, kernel)
     for gemm in (launch.w13(p), launch.w2(p)):

@@ -79,3 +79,69 @@ def fetch_member(url: str, member: str, sha256: str, dest: Path) -> Path:
     tmp.write_bytes(data)
     os.replace(tmp, dest)
     return dest
+
+
+# --- a vLLM release's wheel, as the release test modules read it ----------------------------------------------
+
+FUSED_MOE = "vllm/model_executor/layers/fused_moe/fused_moe.py"
+
+
+def release_fixtures(url: str, sha256: dict[str, str]):
+    """The module fixtures of a test module for one vLLM release: ``cache`` (pytest's cache folder, kept between
+    runs, or a temporary one), ``src`` (the release's fused_moe.py) and ``wheel`` (a wheel of the pinned members
+    under the release's own wheel name). ``sha256`` pins each member read; a test skips when PyPI is out of reach."""
+    import pytest
+
+    wheel_name = url.rsplit("/", 1)[1]
+    release = wheel_name.split("-")[1]
+
+    def member(cache: Path, name: str) -> Path:
+        try:
+            return fetch_member(url, name, sha256[name], cache / Path(name).name)
+        except OFFLINE as exc:
+            pytest.skip(f"offline: cannot fetch vLLM {release}'s {name} from PyPI ({exc})")
+
+    @pytest.fixture(scope="module")
+    def cache(request, tmp_path_factory) -> Path:
+        plugin = getattr(request.config, "cache", None)
+        return plugin.mkdir(f"vllm-{release}") if plugin is not None else tmp_path_factory.mktemp(f"vllm-{release}")
+
+    @pytest.fixture(scope="module")
+    def src(cache) -> Path:
+        return member(cache, FUSED_MOE)
+
+    @pytest.fixture(scope="module")
+    def wheel(cache, src, tmp_path_factory) -> Path:
+        path = tmp_path_factory.mktemp("wheel") / wheel_name
+        with zipfile.ZipFile(path, "w") as zf:
+            for name in sha256:
+                zf.write(member(cache, name), name)
+        return path
+
+    return cache, src, wheel
+
+
+def top_level_function(src: Path, name: str, namespace: dict, transform=None):
+    """One top-level function of a vLLM source file, run in ``namespace`` (vLLM itself is not imported);
+    ``transform``, an ``ast.NodeTransformer``, may rewrite it first."""
+    import ast
+
+    node = next(n for n in ast.parse(src.read_text()).body if isinstance(n, ast.FunctionDef) and n.name == name)
+    if transform is not None:
+        node = ast.fix_missing_locations(transform.visit(node))
+    exec(compile(ast.Module([node], []), str(src), "exec"), namespace)
+    return namespace[name]
+
+
+class Recorder:
+    """Stands in for a jit function: records each launch's arguments by name, then launches it."""
+
+    def __init__(self, fn):
+        self.fn, self.arg_names, self.calls = fn, fn.arg_names, []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            named = {**dict(zip(self.arg_names, args)), **kwargs}
+            self.calls.append(((grid(named) if callable(grid) else grid), named))
+            self.fn[grid](*args, **kwargs)
+        return run

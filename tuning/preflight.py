@@ -33,7 +33,7 @@ from .vllm_rules import ACTIVATIONS, LayerRuntime, ServeFacts, launch_changes, l
 
 KIND = {"silu": "SiLU layers", "swiglustep": "SwiGLU-step layers"}
 ASSIGN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
-MIRROR = "tune-moe's mirror of vLLM 0.33's parser and rules"
+MIRROR = "tune-moe's mirror of vLLM's rules (0.33's parser and batch sizes; 0.33's and 0.34's backend per layer)"
 FAR = 2.0  # a batch size this many times beyond the nearest tuned key is reported as untuned
 RESHAPING = {"moe_num_experts", "moe_intermediate_size", "moe_top_k", "hidden_size"}  # --hf-overrides keys
 
