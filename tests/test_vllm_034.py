@@ -275,3 +275,11 @@ def test_what_a_file_tuned_under_0_33_meets_under_0_34(tmp_path):
         ["tuned for vLLM 0.33.0, the serve runs vLLM 0.34.0, which reads block-FP8 weights through a TMA descriptor: "
          "tune it for 0.34.0"],
         ["tuned for vLLM 0.33.0, the serve runs vLLM 0.34.0"]]
+
+
+@pytest.mark.parametrize("version, read_in", [("0.35", "0.34"), ("0.30", "0.26")])
+def test_a_release_whose_launch_was_not_read_says_which_was(tune, version, read_in):
+    rc, out, _ = tune("--gpu", "H200", "--dtype", "bf16", "--vllm-version", version, "--dry-run")
+    assert rc == 0
+    assert out.splitlines()[0].endswith(f"vLLM {version} launch rules (read in vLLM {read_in}'s source; {version}'s "
+                                        "own launch is not checked)")

@@ -9,7 +9,7 @@ from .gpus import GpuSpec
 from .jobs import Job
 from .models import ModelGeometry
 from .shapes import Layout, MoeShape, Refusal, shape_for
-from .vllm_rules import DEEPGEMM_MIN_N, launch_rules
+from .vllm_rules import DEEPGEMM_MIN_N, launch_read_in, launch_rules
 
 
 @dataclass
@@ -55,7 +55,8 @@ def make_plan(model: ModelGeometry, gpu: GpuSpec, dtype: str, layouts: list[Layo
 
 def format_plan(plan: Plan) -> str:
     lines = [f"Plan: {plan.model.name} {plan.dtype} on {plan.num_gpus}x{plan.gpu.key} "
-             f"({plan.gpu.device_name}, {plan.gpu.arch}), vLLM {plan.vllm_version} launch rules", "", "Layouts:"]
+             f"({plan.gpu.device_name}, {plan.gpu.arch}), vLLM {plan.vllm_version} launch rules"
+             f"{launch_read_in(plan.vllm_version)}", "", "Layouts:"]
     lines += [f"  {f.why(plan.gpu)}" for f in plan.fits]
     lines += [f"  {r.layout.name}: refused by vLLM {plan.vllm_version}: {r.reason}" for r in plan.refusals]
     if not plan.shapes:

@@ -288,7 +288,8 @@ class LaunchRules:
     the launcher reads from the kernel itself: a parameter the kernel lacks, such as 0.26's missing USE_TD, is
     not passed)."""
 
-    since: tuple[int, int]  # first release the row is checked against
+    since: tuple[int, int]  # first release the row applies to
+    read_in: tuple[int, int]  # the release whose source the row was read in
     # Expert parallelism: moe_align_block_size(ignore_invalid_experts=True) drops the slots routed to remote
     # experts. Without it they are aligned too, their blocks get expert id -1, and the kernel writes zeros there.
     drop_remote_slots: bool
@@ -301,7 +302,7 @@ class LaunchRules:
 
 # Newest first; a release takes the first row at or below it. Rows are read from each release's source
 # (vllm/model_executor/layers/fused_moe/); releases between two rows take the older row, and releases after
-# the newest row take that row (both unchecked: ``CHECKED_RELEASES`` says which were read).
+# the newest row take that row (both unchecked: ``read_in`` says which release each row was read in).
 # 0.34: fused_moe.py:883-905 (invoke_fused_moe_triton_kernel) sets use_tma_b from config.pop("USE_TMA", True),
 #       use_fp8_w8a8, all(block_shape), is_device_capability_family(90) or (100), B contiguous,
 #       B.size(1) % BLOCK_SIZE_N == 0 and B.size(2) % BLOCK_SIZE_K == 0 (BLOCK_SIZE_K clamped to the block), and
@@ -316,9 +317,9 @@ class LaunchRules:
 #       B_scale.stride(1) whatever B_scale.size(1) is. (Its stride_bse, fused_moe.py:831, differs from 0.33 only
 #       for a 1-D per-tensor scale, which tune-moe does not launch.)
 LAUNCH_RULES = (
-    LaunchRules(since=(0, 34), drop_remote_slots=True, zero_bsn_for_one_block=True, tma_weights=True),
-    LaunchRules(since=(0, 33), drop_remote_slots=True, zero_bsn_for_one_block=True),
-    LaunchRules(since=(0, 0), drop_remote_slots=False, zero_bsn_for_one_block=False),
+    LaunchRules(since=(0, 34), read_in=(0, 34), drop_remote_slots=True, zero_bsn_for_one_block=True, tma_weights=True),
+    LaunchRules(since=(0, 33), read_in=(0, 33), drop_remote_slots=True, zero_bsn_for_one_block=True),
+    LaunchRules(since=(0, 0), read_in=(0, 26), drop_remote_slots=False, zero_bsn_for_one_block=False),
 )
 
 
@@ -327,6 +328,15 @@ def launch_rules(vllm_version: str) -> LaunchRules:
     """The row of ``LAUNCH_RULES`` for a version written MAJOR.MINOR[.PATCH]."""
     release = parse_version(vllm_version)
     return next(rule for rule in LAUNCH_RULES if release >= rule.since)
+
+
+def launch_read_in(vllm_version: str) -> str:
+    """Where the rules tune-moe launches ``vllm_version``'s kernel with were read: "" for that release itself,
+    else a note naming the release read in its place."""
+    read = launch_rules(vllm_version).read_in
+    if parse_version(vllm_version) == read:
+        return ""
+    return f" (read in vLLM {read[0]}.{read[1]}'s source; {vllm_version}'s own launch is not checked)"
 
 
 def launch_changes(tuned: str, serving: str, *, fp8: bool, ep: bool) -> list[str]:
