@@ -287,6 +287,13 @@ def test_the_pool_compiles_the_variant_an_h200_worker_launches(tmp_path, monkeyp
     """On an H200 vLLM swaps A and B for FP8 tiles of BLOCK_SIZE_M < 64 (``SWAP_AB``, another kernel): the
     pool, told only the target, must compile the kernels the worker's sm90 launch asks for. That launch
     (arguments as the timed run's, on meta tensors) then finds both in the cache; the other variant does not."""
+    assert_the_pool_compiles_the_h200_variant(tmp_path, monkeypatch, fused_moe_py)
+
+
+def assert_the_pool_compiles_the_h200_variant(tmp_path, monkeypatch, fused_moe_py) -> None:
+    """The pool's compile for an H200 target, then a child's launch of both GEMMs as an H200 (compute capability
+    90) and as no GPU (0): the first finds both kernels in the cache, the second neither (test_vllm_034: 0.34's
+    sm90 launch also reads the weights through TMA descriptors)."""
     from triton.backends.compiler import GPUTarget
 
     from tuning import compile as pool

@@ -190,6 +190,17 @@ def test_the_tma_launch_equals_the_float_reference(kernel, shape, monkeypatch):
     torch.testing.assert_close(runner.problem.c3, tma_out, rtol=0, atol=0, equal_nan=True)  # EP: remote rows unwritten
 
 
+def test_the_pool_compiles_the_tma_kernels_an_h200_worker_launches(tmp_path, monkeypatch, src):
+    """The compile pool, told only the H200 target, compiles 0.34's kernels with the weights' TMA descriptors
+    (built on meta tensors, as the pool builds every launch), and the worker's sm90 launch finds them."""
+    from test_compile_share import assert_the_pool_compiles_the_h200_variant
+
+    p, cfg = build_problem(FP8_BLOCK, 16, Routing(), 0, torch.device("meta")), TileConfig(16, 64, 128, 1, 4, 3)
+    assert all(launch.tma_weights(launch_rules("0.34.0"), True, w, block_shape=(128, 128), config=cfg, block_k=128,
+                                  capability=90) for w in (p.w13, p.w2))  # the helper's shape and tile
+    assert_the_pool_compiles_the_h200_variant(tmp_path, monkeypatch, src)
+
+
 # --- the command line ---------------------------------------------------------------------------------
 
 
