@@ -264,9 +264,10 @@ def test_the_mirror_answers_as_vllm_0_34_on_every_row(site_034, monkeypatch):
 
 def test_what_a_file_tuned_under_0_33_meets_under_0_34(tmp_path):
     """``launch_changes`` per file kind, and preflight's drift line for a file tuned under 0.33 that a 0.34 serve
-    reads: block FP8 changes its launch, bf16 does not (0.26 against 0.33 differs for EP files)."""
+    reads (and verify's, re-timing it with 0.34's kernel): block FP8 changes its launch, bf16 does not (0.26
+    against 0.33 differs for EP files)."""
     from conftest import provenance_for
-    from tuning import gpus, preflight, provenance
+    from tuning import gpus, preflight, provenance, verify
     from tuning.configs import read_config_file, write_config_file
     from tuning.vllm_rules import launch_changes
 
@@ -282,9 +283,12 @@ def test_what_a_file_tuned_under_0_33_meets_under_0_34(tmp_path):
         write_config_file(tmp_path / name, {1: TMA_TILE}, "3.8.0")
         provenance.write(tmp_path / name, provenance_for(tmp_path / name, read_config_file(tmp_path / name)))
         lines[name] = [d for d in preflight._drift(tmp_path / name, node) if d.startswith("tuned for vLLM")]
+        lines[name] += [d for d in verify._drift(tmp_path / name, "0.34.0").splitlines()[1:] if "launch:" in d]
     assert list(lines.values()) == [
         ["tuned for vLLM 0.33.0, the serve runs vLLM 0.34.0, which reads block-FP8 weights through a TMA descriptor: "
-         "tune it for 0.34.0"],
+         "tune it for 0.34.0",
+         "  launch: tuned under vLLM 0.33.0; vLLM 0.34.0, whose kernel re-times it, reads block-FP8 weights through a "
+         "TMA descriptor: its entries may lose to that release's default; tune for it"],
         ["tuned for vLLM 0.33.0, the serve runs vLLM 0.34.0"]]
 
 

@@ -40,6 +40,7 @@ from .kernel import KernelSource, installed_fused_moe, quiet_imports
 from .models import DEFAULT_MODEL, ModelGeometry, load_model
 from .provenance import SUFFIX as PROVENANCE_SUFFIX
 from .shapes import MoeShape, shapes_from_file_names
+from .vllm_rules import launch_changes
 
 REGRESSION = 0.98
 
@@ -164,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
             for f in files} if against else {}
     source = kernel_source(args)
     kernel = source.load() if source.path else None  # a bad --vllm-src is refused before anything runs
-    loaded = [f for f in files if _check_loader(folder, f, gpu)]
+    release = kernel.vllm_version if kernel else source.read().vllm_version
+    loaded = [f for f in files if _check_loader(folder, f, gpu, release)]
     if not args.interpret:
         check_gpu(gpu, len(files), len(files) - len(loaded))
     if kernel is None:
@@ -276,8 +278,9 @@ def _against_summary(gains: list[float], against: Path) -> str:
             f"{KEEP_WITHIN:.0%}")
 
 
-def _drift(path: Path) -> str:
-    """The Triton the file was tuned with against the one its vLLM runs (and this process compiles with)."""
+def _drift(path: Path, release: str) -> str:
+    """The Triton the file was tuned with against the one its vLLM runs (and this process compiles with), and what
+    ``release``, whose kernel re-times it, launches otherwise than the release it was tuned under."""
     from . import provenance
     from .report import triton_drift
     from .triton_pins import compiling_triton
@@ -289,14 +292,17 @@ def _drift(path: Path) -> str:
     drift = triton_drift(prov)
     line = f"Triton: tuned with {prov.run.triton} for vLLM {prov.run.vllm}; this process compiles with {here}"
     empty = prov.empty_launch_note()
-    return line + (f"; drift: {drift}" if drift else "") + (f"\n  {empty}" if empty else "")
+    changes = launch_changes(prov.run.vllm, release, fp8=prov.shape.dtype == "fp8", ep=prov.shape.expert_parallel)
+    launch = (f"launch: tuned under vLLM {prov.run.vllm}; vLLM {release}, whose kernel re-times it, "
+              f"{' and '.join(changes)}: its entries may lose to that release's default; tune for it") if changes else ""
+    return line + (f"; drift: {drift}" if drift else "") + "".join(f"\n  {n}" for n in (empty, launch) if n)
 
 
-def _check_loader(folder: Path, f: TunedFile, gpu: GpuSpec) -> bool:
+def _check_loader(folder: Path, f: TunedFile, gpu: GpuSpec, release: str) -> bool:
     """Whether the loader returns exactly what the file holds (printed either way)."""
     loaded, loader = load_with_vllm(folder, f.shape, gpu.device_name)
     print(f"\n{f.name}\n  loaded by {loader}: {len(loaded)} batch sizes")
-    print(f"  {_drift(folder / f.name)}")
+    print(f"  {_drift(folder / f.name, release)}")
     if loaded != f.configs:
         print("  FAIL: the loader returns other configs than the file holds")
         return False
