@@ -36,7 +36,7 @@ from .errors import UsageError
 from .files import output_folder
 from .gpus import GpuSpec, get_gpu
 from .jobs import KEEP_WITHIN
-from .kernel import KernelSource, installed_fused_moe, quiet_imports
+from .kernel import KernelSource, installed_fused_moe, installed_vllm_version, quiet_imports
 from .models import DEFAULT_MODEL, ModelGeometry, load_model
 from .provenance import SUFFIX as PROVENANCE_SUFFIX
 from .shapes import MoeShape, shapes_from_file_names
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
             for f in files} if against else {}
     source = kernel_source(args)
     kernel = source.load() if source.path else None  # a bad --vllm-src is refused before anything runs
-    release = kernel.vllm_version if kernel else source.read().vllm_version
+    release = kernel.vllm_version if kernel else args.vllm_version or installed_vllm_version()  # None: unknown yet
     loaded = [f for f in files if _check_loader(folder, f, gpu, release)]
     if not args.interpret:
         check_gpu(gpu, len(files), len(files) - len(loaded))
@@ -278,7 +278,7 @@ def _against_summary(gains: list[float], against: Path) -> str:
             f"{KEEP_WITHIN:.0%}")
 
 
-def _drift(path: Path, release: str) -> str:
+def _drift(path: Path, release: str | None) -> str:
     """The Triton the file was tuned with against the one its vLLM runs (and this process compiles with), and what
     ``release``, whose kernel re-times it, launches otherwise than the release it was tuned under."""
     from . import provenance
@@ -292,13 +292,14 @@ def _drift(path: Path, release: str) -> str:
     drift = triton_drift(prov)
     line = f"Triton: tuned with {prov.run.triton} for vLLM {prov.run.vllm}; this process compiles with {here}"
     empty = prov.empty_launch_note()
-    changes = launch_changes(prov.run.vllm, release, fp8=prov.shape.dtype == "fp8", ep=prov.shape.expert_parallel)
+    changes = launch_changes(prov.run.vllm, release, fp8=prov.shape.dtype == "fp8",
+                             ep=prov.shape.expert_parallel) if release else []
     launch = (f"launch: tuned under vLLM {prov.run.vllm}; vLLM {release}, whose kernel re-times it, "
               f"{' and '.join(changes)}: its entries may lose to that release's default; tune for it") if changes else ""
     return line + (f"; drift: {drift}" if drift else "") + "".join(f"\n  {n}" for n in (empty, launch) if n)
 
 
-def _check_loader(folder: Path, f: TunedFile, gpu: GpuSpec, release: str) -> bool:
+def _check_loader(folder: Path, f: TunedFile, gpu: GpuSpec, release: str | None) -> bool:
     """Whether the loader returns exactly what the file holds (printed either way)."""
     loaded, loader = load_with_vllm(folder, f.shape, gpu.device_name)
     print(f"\n{f.name}\n  loaded by {loader}: {len(loaded)} batch sizes")
