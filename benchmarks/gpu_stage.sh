@@ -85,6 +85,13 @@ export PYTHONPATH=$t38:/tmp/ray:/tmp/fi:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export FLASHINFER_WORKSPACE_BASE=/tmp/fi-cache DG_JIT_CACHE_DIR=/tmp/dg-cache
 export PATH=/tmp/ray/bin:$PATH
 runs=/tmp/runs
+logged() {  # NAME SECS PYTHON-ARGS...: python3 PYTHON-ARGS for at most SECS (SIGINT then), output to $OUT/NAME.log
+  local name=$1 secs=$2; shift 2
+  set +e
+  timeout -s INT -k 30 "$secs" python3 "$@" > "$OUT/$name.log" 2>&1
+  echo "$name: exit $?" | tee -a "$OUT/$name.log"
+  set -e
+}
 case "$stage" in
   stash)
     mkdir -p /tmp/stash && cp -v "$@" /tmp/stash/ ;;
@@ -267,21 +274,14 @@ g("90"); print("fused_moe_90 loaded (AOT)")'  # never a JIT build here: a missin
     python3 -c "import sys; from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()" "$@" ;;
   cli)
     name=$1 secs=$2; shift 2
-    set +e
-    timeout -s INT -k 30 "$secs" python3 -m tuning.cli "$@" > "$OUT/$name.log" 2>&1
-    echo "$name: exit $?" | tee -a "$OUT/$name.log"
-    set -e
+    logged "$name" "$secs" -m tuning.cli "$@"
     # a --keep-confirmed round added its board's head to heads to the ledger in --configs: bring it back
     configs=$(printf '%s\n' "$@" | sed -n '/^--configs$/{n;p;q}')
     if printf '%s\n' "$@" | grep -qx -- --keep-confirmed && [ -f "$configs/.tune-moe/judged.jsonl" ]; then
       cp "$configs/.tune-moe/judged.jsonl" "$OUT/$name.judged.jsonl"
     fi ;;
   py)
-    name=$1 secs=$2; shift 2
-    set +e
-    timeout -s INT -k 30 "$secs" python3 "$@" > "$OUT/$name.log" 2>&1
-    echo "$name: exit $?" | tee -a "$OUT/$name.log"
-    set -e ;;
+    logged "$@" ;;
   cli-smi)  # cli, its output lines stamped with the time, nvidia-smi sampling the GPU beside it every 200 ms
     name=$1 secs=$2; shift 2
     fields=timestamp,clocks.sm,clocks.mem,temperature.gpu,temperature.memory,power.draw,clocks_event_reasons.active

@@ -271,11 +271,13 @@ def test_what_a_file_tuned_under_0_33_meets_under_0_34(tmp_path):
     from tuning.configs import read_config_file, write_config_file
     from tuning.vllm_rules import launch_changes
 
-    assert launch_changes("0.33.0", "0.34.0", fp8=True, ep=True) == ["reads block-FP8 weights through a TMA descriptor"]
-    assert launch_changes("0.33.0", "0.34.0", fp8=False, ep=True) == []
-    assert launch_changes("0.34", "0.33", fp8=True, ep=False) == [
+    fp8_ep, bf16_ep = MoeShape(72, 288, 1280, 4096, 8, "fp8", (128, 128)), MoeShape(72, 288, 1280, 4096, 8, "bf16")
+    fp8_tp = MoeShape(288, 288, 640, 4096, 8, "fp8", (128, 128))
+    assert launch_changes("0.33.0", "0.34.0", fp8_ep) == ["reads block-FP8 weights through a TMA descriptor"]
+    assert launch_changes("0.33.0", "0.34.0", bf16_ep) == []
+    assert launch_changes("0.34", "0.33", fp8_tp) == [
         "reads block-FP8 weights by pointer, not through a TMA descriptor"]
-    assert launch_changes("0.26.0", "0.33.0", fp8=False, ep=True) == ["drops the remote experts' slots"]
+    assert launch_changes("0.26.0", "0.33.0", bf16_ep) == ["drops the remote experts' slots"]
     node = preflight.Node(gpu=gpus.get_gpu("H200"), env={}, config_dir=tmp_path, vllm_version="0.34.0")
     lines = {}
     for name in ("E=72,N=1280,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json",

@@ -114,8 +114,7 @@ def check_release(folder: Path, files: list[BakedFile], vllm_version: str | None
     for f in files:
         prov = None if f.name.endswith(PROVENANCE_SUFFIX) else provenance.read(folder / f.name)
         if prov is not None:
-            changes = launch_changes(prov.run.vllm, vllm_version, fp8=prov.shape.dtype == "fp8",
-                                     ep=prov.shape.expert_parallel)
+            changes = launch_changes(prov.run.vllm, vllm_version, prov.shape)
             stale += [(f.name, prov, changes)] if changes else []
     if stale:
         name, prov, changes = stale[0]

@@ -164,9 +164,7 @@ def _drift(path: Path, node: Node) -> list[str]:
     if empty := prov.empty_launch_note():
         out.append(empty)
     if ".".join(prov.run.vllm.split(".")[:2]) != ".".join(node.vllm_version.split(".")[:2]):
-        shape = prov.shape
-        changes = launch_changes(prov.run.vllm, node.vllm_version, fp8=shape.dtype == "fp8",
-                                 ep=shape.expert_parallel)
+        changes = launch_changes(prov.run.vllm, node.vllm_version, prov.shape)
         out.append(f"tuned for vLLM {prov.run.vllm}, the serve runs vLLM {node.vllm_version}"
                    + (f", which {' and '.join(changes)}: tune it for {node.vllm_version}" if changes else ""))
     installed = installed_fused_moe()

@@ -292,8 +292,7 @@ def _drift(path: Path, release: str | None) -> str:
     drift = triton_drift(prov)
     line = f"Triton: tuned with {prov.run.triton} for vLLM {prov.run.vllm}; this process compiles with {here}"
     empty = prov.empty_launch_note()
-    changes = launch_changes(prov.run.vllm, release, fp8=prov.shape.dtype == "fp8",
-                             ep=prov.shape.expert_parallel) if release else []
+    changes = launch_changes(prov.run.vllm, release, prov.shape) if release else []
     launch = (f"launch: tuned under vLLM {prov.run.vllm}; vLLM {release}, whose kernel re-times it, "
               f"{' and '.join(changes)}: its entries may lose to that release's default; tune for it") if changes else ""
     return line + (f"; drift: {drift}" if drift else "") + "".join(f"\n  {n}" for n in (empty, launch) if n)

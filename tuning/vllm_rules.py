@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import UsageError
-from .shapes import parse_version
+from .shapes import MoeShape, parse_version
 
 VLLM_VERSION = "0.33"
 # The releases whose per-layer backend choice the mirror gives: 0.33, and 0.34 where it differs (a CI test drives
@@ -339,9 +339,11 @@ def launch_read_in(vllm_version: str) -> str:
     return f" (read in vLLM {read[0]}.{read[1]}'s source; {vllm_version}'s own launch is not checked)"
 
 
-def launch_changes(tuned: str, serving: str, *, fp8: bool, ep: bool) -> list[str]:
-    """What ``serving`` does differently from ``tuned`` when it launches the kernel of a file of that dtype and
-    parallelism: the reasons a file tuned under one release is not the tune of the other. Empty when alike."""
+def launch_changes(tuned: str, serving: str, shape: MoeShape) -> list[str]:
+    """What ``serving`` does differently from ``tuned`` when it launches the kernel of ``shape``'s file (its dtype
+    and expert parallelism): the reasons a file tuned under one release is not the tune of the other. Empty when
+    alike."""
+    fp8, ep = shape.dtype == "fp8", shape.expert_parallel
     old, new = launch_rules(tuned), launch_rules(serving)
     changes = []
     if fp8 and old.tma_weights != new.tma_weights:
