@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_MODEL, provenance_for, vllm_fused_moe_path
-from tuning import confirm, provenance, report, verify
+from tuning import confirm, provenance, report, verify, vllm_source
 from tuning.clocks import GpuState
 from tuning.configs import TileConfig, read_config_file, write_config_file
 from tuning.errors import UsageError
@@ -96,6 +96,49 @@ def test_a_merge_that_would_mix_runs_is_refused_before_anything_is_timed(sets, s
     with pytest.raises(UsageError, match=match):
         confirm.check(new, old, out, [BF16, "E=144,N=1280,device_name=NVIDIA_H200.json"])
     assert not out.with_name("out.partial").exists()
+
+
+SHA = {release: sha for sha, release in vllm_source.KNOWN_SOURCES.items()}  # vLLM's fused_moe.py by release
+
+
+def test_a_bf16_re_tune_under_0_34_is_judged_against_a_set_tuned_under_0_33(sets):
+    """0.34's fused_moe.py is not 0.33's, but it launches a bf16 file's kernel alike: the merge goes ahead, and each
+    entry taken from NEW names the release it was tuned under (the merged sidecar keeps OLD's run)."""
+    old, new, out = sets
+    tuned(old, BF16, {1: A, 16: A, 64: A}, vllm="0.33.0", kernel_sha256=SHA["0.33.0"])
+    tuned(new, BF16, {1: A, 16: B, 64: C}, vllm="0.34.0", kernel_sha256=SHA["0.34.0"])
+    confirm.check(new, old, out, [BF16, "E=144,N=1280,device_name=NVIDIA_H200.json"])
+    assert not out.exists() and not out.with_name("out.partial").exists()
+    confirm.write(new, old, out, {BF16: [confirm.Change(16, A, B, 12.0, 10.0, 9.5)]}, BOARD, "t1")
+    merged = provenance.read(out / BF16)
+    assert (merged.run.vllm, merged.run.kernel_sha256) == ("0.33.0", SHA["0.33.0"])
+    assert [(c["m"], c["vllm"]) for c in merged.extra["confirmed"]] == [(16, "0.34.0")]
+    assert read_config_file(out / BF16) == {1: A, 16: B, 64: A}
+
+
+@pytest.mark.parametrize("name, old_kw, new_kw, message", [
+    (FP8, {"vllm": "0.33.0", "kernel_sha256": SHA["0.33.0"]}, {"vllm": "0.34.0", "kernel_sha256": SHA["0.34.0"]},
+     f"{confirm.OPTION}: {FP8} was tuned under vLLM 0.33.0 in OLD and 0.34.0 in NEW, and 0.34.0 reads block-FP8 "
+     "weights through a TMA descriptor: a merged file would mix launches; re-tune OLD's set under NEW's"),
+    # a kernel tune-moe does not know is refused, whatever release its sidecar names
+    (BF16, {"vllm": "0.33.0", "kernel_sha256": SHA["0.33.0"]}, {"vllm": "0.34.0", "kernel_sha256": "f" * 64},
+     f"{confirm.OPTION}: {BF16} was tuned under Triton 3.8.0 in OLD and 3.8.0 in NEW, or another kernel; a merged "
+     "file would mix them: re-tune OLD's set under NEW's"),
+    # releases that launch alike, under another Triton
+    (BF16, {"vllm": "0.33.0", "kernel_sha256": SHA["0.33.0"]},
+     {"vllm": "0.34.0", "kernel_sha256": SHA["0.34.0"], "triton": "3.6.0"},
+     f"{confirm.OPTION}: {BF16} was tuned under Triton 3.8.0 in OLD and 3.6.0 in NEW, or another kernel; a merged "
+     "file would mix them: re-tune OLD's set under NEW's"),
+])
+def test_a_merge_across_kernels_is_refused_unless_known_releases_launch_the_file_alike(sets, name, old_kw, new_kw,
+                                                                                        message):
+    old, new, out = sets
+    tuned(old, name, {1: A, 16: A, 64: A}, **old_kw)
+    tuned(new, name, {1: A, 16: B, 64: C}, **new_kw)
+    with pytest.raises(UsageError) as refused:
+        confirm.check(new, old, out, [name])
+    assert str(refused.value) == message
+    assert not out.exists() and not out.with_name("out.partial").exists()
 
 
 def test_a_change_is_not_confirmed_on_the_board_that_tuned_it(sets):
@@ -359,7 +402,8 @@ def test_the_proposals_kept_for_the_next_board_merge_with_the_committed_set_and_
     """benchmarks/results/b20/proposed (benchmarks/README §2r) is what the seventh board's --keep-confirmed read:
     its files pass every check a merge with the committed set makes, and the board that tuned them is refused."""
     repo = Path(__file__).resolve().parents[1]
-    proposed, committed = repo / "benchmarks" / "results" / "b20" / "proposed", repo / "kernels_configs" / "NVIDIA_H200"
+    results, committed = repo / "benchmarks" / "results", repo / "kernels_configs" / "vllm-0.33" / "NVIDIA_H200"
+    proposed = results / "b20" / "proposed"
     names = sorted(p.name for p in proposed.glob("E=*.json") if not p.name.endswith(provenance.SUFFIX))
     assert len(names) == 8
     confirm.check(proposed, committed, tmp_path / "out", names)
@@ -384,7 +428,7 @@ def test_the_proposals_ledger_comes_from_the_logs_and_holds_them_back_on_any_lat
 
     repo = Path(__file__).resolve().parents[1]
     results = repo / "benchmarks" / "results"
-    proposed, committed = results / "b20" / "proposed", repo / "kernels_configs" / "NVIDIA_H200"
+    proposed, committed = results / "b20" / "proposed", repo / "kernels_configs" / "vllm-0.33" / "NVIDIA_H200"
     logs = [results / p for p in ("b20/ke-a.log", "b20/ke-b.log", "b21/ke8-a.log", "b21/ke9-a.log")]
     own_logs = [results / p for p in ("b22/ke10-a.log", "b22/ke10-b.log", "b23/ke11-a.log")]  # written by verify
     fresh, read = tmp_path / "fresh", tmp_path / "read"

@@ -15,11 +15,12 @@ board that judged it confirms it, each board's rounds pooled (the geometric mean
 
 OUT holds every config file of OLD and NEW (a file only NEW holds, one the re-tune made, is taken whole). Each
 merged sidecar keeps OLD's rows, takes NEW's for the entries it takes, and lists under ``confirmed`` each of them
-with the boards and the head to heads that confirmed it. Everything is checked before any re-timing (OUT new or
-empty, NEW writable, a tune-moe sidecar beside each file, the same Triton and kernel on both sides, the same batch
-sizes), and OUT is written whole or not at all. A change this board confirms is faster than OLD's entry, so where
-NEW's entry is slower than vLLM's default OLD's is slower still: OUT loses nothing by taking it, and only a file
-the re-tune made is withheld for a regression.
+with the boards and the head to heads that confirmed it (and NEW's vLLM release, where NEW's kernel is not OLD's).
+Everything is checked before any re-timing (OUT new or empty, NEW writable, a tune-moe sidecar beside each file, the
+same Triton on both sides, the same kernel or two known vLLM releases that launch the file's kernel alike, as 0.33
+and 0.34 do a bf16 file's, the same batch sizes), and OUT is written whole or not at all. A change this board
+confirms is faster than OLD's entry, so where NEW's entry is slower than vLLM's default OLD's is slower still: OUT
+loses nothing by taking it, and only a file the re-tune made is withheld for a regression.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from statistics import geometric_mean
 
-from . import configs, provenance
+from . import configs, provenance, vllm_source
 from .clocks import GpuState
 from .errors import UsageError
 from .files import atomic_write_text, copy_config_files, write_folder
 from .jobs import KEEP_WITHIN
+from .vllm_rules import launch_changes
 
 OPTION = "--keep-confirmed"
 LEDGER = Path(".tune-moe") / "judged.jsonl"  # in NEW: every board's head to heads of NEW's changes
@@ -125,9 +127,18 @@ def check(new_dir: Path, old_dir: Path, out: Path, names: list[str]) -> None:
                 raise UsageError(f"{OPTION}: {name} in {side} has no tune-moe sidecar, so the merged file could not "
                                  "say where each entry came from; pass folders tune-moe wrote")
         new, old = sides["NEW"], sides["OLD"]
-        if (new.run.triton, new.run.kernel_sha256) != (old.run.triton, old.run.kernel_sha256):
+        # another kernel is judged only between known releases (by the sha256, not the recorded text)
+        was, now = (vllm_source.KNOWN_SOURCES.get(p.run.kernel_sha256) for p in (old, new))
+        other_kernel = new.run.kernel_sha256 != old.run.kernel_sha256
+        if new.run.triton != old.run.triton or (other_kernel and not (was and now)):
             raise UsageError(f"{OPTION}: {name} was tuned under Triton {old.run.triton} in OLD and {new.run.triton} "
                              "in NEW, or another kernel; a merged file would mix them: re-tune OLD's set under NEW's")
+        if other_kernel:
+            changed = dict.fromkeys(c for shape in (old.shape, new.shape) for c in launch_changes(was, now, shape))
+            if changed:
+                raise UsageError(f"{OPTION}: {name} was tuned under vLLM {was} in OLD and {now} in NEW, and {now} "
+                                 f"{' and '.join(changed)}: a merged file would mix launches; re-tune OLD's set under "
+                                 "NEW's")
         if set(configs.read_config_file(new_dir / name)) != set(configs.read_config_file(old_path)):
             raise UsageError(f"{OPTION}: {name} holds other batch sizes in NEW than in OLD; a merge needs one plan: "
                              "re-tune over a copy of OLD")
@@ -231,8 +242,12 @@ def _merge(new_path: Path, target: Path, taken: list[Change], board: GpuState | 
     new_rows = {row.m: row for row in new_prov.rows}
     rows = tuple(new_rows.get(row.m, row) if row.m in ms else row for row in old_prov.rows)
     on = _name(board) if board else "the CPU (--interpret: for testing, not a confirmation)"
+    # the merged sidecar keeps OLD's run: an entry tuned under another kernel (a release check() found launched
+    # alike) names NEW's release
+    sha = new_prov.run.kernel_sha256
+    release = {} if sha == old_prov.run.kernel_sha256 else {"vllm": vllm_source.KNOWN_SOURCES.get(sha, new_prov.run.vllm)}
     confirmed = [c for c in old_prov.extra.get("confirmed", []) if c.get("m") not in ms] + [{
-        "m": r.m, "config": r.new.short, "replaces": r.old.short, "tuned": new_prov.span,
+        "m": r.m, "config": r.new.short, "replaces": r.old.short, "tuned": new_prov.span, **release,
         "on": on, "mem_mhz": board.mem_mhz if board else None, "when": when,
         "default_us": round(r.default_us, 2), "old_us": round(r.old_us, 2), "new_us": round(r.new_us, 2),
         **({"also_confirmed_on": {b: round(1 / x, 4) for b, x in on_boards[r.m].items() if b != on}}
