@@ -261,7 +261,7 @@ def test_advice_timed_with_configs_since_re_tuned_names_the_batch_sizes_to_re_ti
     since a new entry replaces the whole layout."""
     from tuning.configs import TileConfig, read_config_file, write_config_file
 
-    committed = Path(__file__).parents[1] / "kernels_configs" / "NVIDIA_H200"
+    committed = Path(__file__).parents[1] / "kernels_configs" / "vllm-0.33" / "NVIDIA_H200"
     table = adv.load()
     stale = {key: entry.stale(committed) for key, entry in table.items()}
     assert {key: ms for key, ms in stale.items() if ms} == {}
@@ -313,6 +313,65 @@ def test_write_advice_refuses_a_bake_off_that_leaves_out_batch_sizes_of_the_entr
     assert target.read_text() == before
     assert adv.uncovered("H200", "DP4+EP", (1, 16, 64, 256, 1024, 4096), target) == []
     assert adv.uncovered("H200", "DP4+EP", (16,), target) == [1, 64, 256, 1024, 4096]
+
+
+ONE_KIND = Path(__file__).parents[1] / "benchmarks" / "results" / "b26" / "cb.json"  # --kinds silu on TP4
+
+
+def test_a_bake_off_of_one_layer_kind_says_the_serves_are_not_compared(tmp_path, capsys):
+    """Every serve configuration runs both layer kinds, so rows of one kind (--kinds silu, as in b26/cb.json) give
+    no configuration a time: one line says so and how to time both, where a table of "--" and "fastest None" was."""
+    from tuning.backends import _summary
+    from tuning.cli import main
+
+    data = json.loads(ONE_KIND.read_text())
+    assert {r["activation"] for r in data["rows"]} == {"silu"} and data["provenance"]["finished_layouts"] == ["TP4"]
+    line = ("  per serve configuration: not compared, SwiGLU-step layers were not timed (--kinds silu); a serve runs "
+            "both kinds: time them with --kinds silu,swiglustep")
+    assert main(["compare-backends", "--gpu", "H200", "--from-json", str(ONE_KIND)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert line in out and "None" not in "\n".join(out)
+    assert not any("fastest" in o or "overall" in o or "vllm serve" in o for o in out)
+    us = {("silu", m, b): 10.0 * m for m in (1, 64) for b in ("triton_tuned", "deepgemm_e8m0", "hybrid")}
+    _summary("TP4", rows("TP4", us), tmp_path)
+    assert line in capsys.readouterr().out.splitlines()
+    _summary("TP4", rows("TP4", {("swiglustep", 1, "triton_tuned"): 5.0}), tmp_path)
+    assert ("not compared, SiLU layers were not timed (--kinds swiglustep); a serve runs both kinds: time them with "
+            "--kinds silu,swiglustep") in capsys.readouterr().out
+    # both kinds, but an M without SwiGLU-step rows: no configuration has a time there; its row and range say so
+    both = {**us, **{("swiglustep", 1, b): 10.0 for b in ("triton_tuned", "deepgemm_e8m0", "hybrid")}}
+    _summary("TP4", rows("TP4", both), tmp_path)
+    out = capsys.readouterr().out
+    assert "None" not in out and "not compared" not in out
+    assert "  M 64-64: fastest none, no configuration timed" in out.splitlines()
+    assert "vLLM's default first): auto" in out and out.count("vllm serve") == len(adv.SERVE_CONFIGS)
+    assert adv.fastest(adv.costs(rows("TP4", us), "TP4")[1]) is None  # the rule still answers None
+
+
+def test_write_advice_refuses_a_bake_off_of_one_layer_kind(tmp_path, capsys):
+    """Advice from one layer kind would replace a measured entry with one that has no configuration timed ("fastest
+    None" per range): refused in one line before anything is timed, from the GPU or from --from-json, and no file
+    is written."""
+    from tuning.cli import main
+
+    new = tmp_path / "advice.json"
+    assert main(["compare-backends", "--gpu", "H200", "--layouts", "TP4", "--batch-sizes",
+                 "1,4,16,32,64,128,256,512,1024,2048,4096", "--kinds", "silu", "--no-flashinfer",
+                 "--write-advice", str(new)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(
+        "--write-advice: the advice weighs one layer of each kind per serve configuration, and SwiGLU-step layers "
+        "were not timed (--kinds silu); time them all (--kinds silu,swiglustep) or leave out --write-advice")
+    assert not new.exists()
+    assert main(["compare-backends", "--gpu", "H200", "--from-json", str(ONE_KIND), "--write-advice", str(new)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and f"SwiGLU-step layers were not timed (TP4 in {ONE_KIND}: --kinds silu)" in err[0]
+    assert not new.exists() and "None" not in captured.out
+    target = tmp_path / "committed.json"
+    target.write_text(adv.DATA.read_text())
+    assert main(["compare-backends", "--gpu", "H200", "--from-json", str(ONE_KIND), "--write-advice", str(target)]) == 2
+    assert target.read_text() == adv.DATA.read_text()
 
 
 def test_the_readmes_advice_table_states_the_committed_measurements():

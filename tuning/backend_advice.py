@@ -38,6 +38,7 @@ SERVE_CONFIGS = {  # name -> (--moe-backend, VLLM_* variables)
     "deep_gemm_e8m0_off": ("deep_gemm", {"VLLM_USE_DEEP_GEMM_E8M0": "0"}),
 }
 KIND_WEIGHTS = {"silu": 1.0, "swiglustep": 1.0}
+KIND_NAMES = {"silu": "SiLU", "swiglustep": "SwiGLU-step"}
 TIE = 0.03  # configurations within 3% of the fastest are equal: the run-to-run spread of one layer's time
 BF16 = "bf16 needs no bake-off: vLLM 0.33 runs Triton (TritonExperts) for bf16 on Hopper on both layer kinds"
 TUNED_VAR = "VLLM_TUNED_CONFIG_FOLDER"
@@ -74,7 +75,7 @@ class Advice:
         another config than the folder holds now, and the bake-off that re-times them."""
         if not self.measured:
             return f"backend advice for {self.layout} on {self.gpu}: {self.flags()} (unmeasured: {self.why})"
-        spans = "; ".join(f"M {r['m_min']}-{r['m_max']}: {r['fastest']}" for r in self.ranges)
+        spans = "; ".join(f"M {r['m_min']}-{r['m_max']}: {r['fastest'] or 'none timed'}" for r in self.ranges)
         when = (self.provenance or {}).get("date", "?")
         note = f"; {self.note}" if self.note else ""
         stale = self.stale(folder) if folder is not None else []
@@ -139,6 +140,27 @@ def costs(rows, layout_name: str, *, standins: bool = True) -> dict[int, dict[st
             ok = all(p is not None for p in parts)
             out[m][c] = sum(KIND_WEIGHTS[a] * p for a, p in zip(kinds, parts)) if ok else None
     return out
+
+
+def kinds_left_out(kinds) -> list[str]:
+    """The layer kinds a serve configuration's time weighs (``KIND_WEIGHTS``) that ``kinds``, those timed, leaves
+    out: every configuration runs each of them, so without one no configuration has a time and none is compared."""
+    kinds = set(kinds)
+    return [k for k, w in KIND_WEIGHTS.items() if w and k not in kinds]
+
+
+def kinds_flag(kinds) -> str:
+    """The --kinds that timed ``kinds`` ("no rows" where none was)."""
+    kinds = set(kinds)
+    named = ",".join(k for k in ACTIVATIONS if k in kinds)
+    return f"--kinds {named}" if named else "no rows"
+
+
+def not_compared(kinds) -> str:
+    """The one line that replaces the per-serve table of a layout whose rows leave out a layer kind (--kinds)."""
+    left = " and ".join(KIND_NAMES[k] for k in kinds_left_out(kinds))
+    return (f"per serve configuration: not compared, {left} layers were not timed ({kinds_flag(kinds)}); a serve runs "
+            f"{'both kinds' if len(KIND_WEIGHTS) == 2 else 'every kind'}: time them with --kinds {','.join(KIND_WEIGHTS)}")
 
 
 def fastest(per_m: dict[str, float | None]) -> str | None:

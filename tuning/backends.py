@@ -21,12 +21,14 @@ from pathlib import Path
 
 from . import backend_advice as adv
 from . import gpus
+from .configs import default_folder
 from .errors import UsageError
 from .files import atomic_write_json, output_file
 from .models import DEFAULT_MODEL, load_model
-from .shapes import Refusal, parse_batch_sizes, parse_layout, shape_for
+from .shapes import DEFAULT_VLLM_VERSION, Refusal, parse_batch_sizes, parse_layout, shape_for
 from .vllm_ops import check_folder
 from .vllm_rules import ACTIVATIONS
+from .vllm_source import KNOWN_SOURCES
 
 DEFAULT_LAYOUTS = "TP2,TP4,TP8,DP2+EP,DP4+EP,DP8+EP"
 MODEL = DEFAULT_MODEL + "-FP8"
@@ -36,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", required=True, help="H200 (Hopper: the backends vLLM picks there)")
     p.add_argument("--layouts", default=DEFAULT_LAYOUTS, help=f"FP8 layouts (default: {DEFAULT_LAYOUTS})")
     p.add_argument("--batch-sizes", help="comma list of M (default: vLLM's 18 tuning sizes)")
-    p.add_argument("--configs", help="tuned Triton configs (default: kernels_configs/<device_name>)")
+    p.add_argument("--configs", help="tuned Triton configs (default: kernels_configs/vllm-<major.minor of the "
+                   "sources' vLLM>/<device_name>)")
     p.add_argument("--vllm-src", help="folder holding vllm/ (benchmarks/gpu_stage.sh pack-sources) or a vLLM wheel; "
                                       "default: the installed vLLM's files")
     p.add_argument("--vllm-version", help="vLLM version of --vllm-src when it cannot tell")
@@ -73,25 +76,35 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[int], tuple[st
         raise UsageError(f"--budget-ms {args.budget_ms}: give milliseconds between 0 and 10000")
     if args.json_out:
         output_file(args.json_out, "--json-out")
-    _check_advice_target(args, {name: parse_batch_sizes(args.batch_sizes) for name in names})
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    if not kinds or any(k not in ACTIVATIONS for k in kinds):
+        raise UsageError(f"--kinds {args.kinds!r}: write {' or '.join(ACTIVATIONS)}, separated by commas")
+    _check_advice_target(args, {name: parse_batch_sizes(args.batch_sizes) for name in names}, {"": kinds})
     if args.vllm_src and not Path(args.vllm_src).exists():
         raise UsageError(f"--vllm-src {args.vllm_src}: no such file or folder")
     if args.vllm_ops:
         check_folder(args.vllm_ops)
-    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    if not kinds or any(k not in ACTIVATIONS for k in kinds):
-        raise UsageError(f"--kinds {args.kinds!r}: write {' or '.join(ACTIVATIONS)}, separated by commas")
     return names, list(parse_batch_sizes(args.batch_sizes)), kinds
 
 
-def _check_advice_target(args: argparse.Namespace, timed: dict[str, tuple[int, ...]]) -> None:
-    """--write-advice: a writable file, an advice file when it exists (the new entries are merged into it), and
-    ``timed`` (layout -> the batch sizes this run times) covering every M of each entry it replaces."""
+def _check_advice_target(args: argparse.Namespace, timed: dict[str, tuple[int, ...]],
+                         kinds: dict[str, tuple[str, ...] | set[str]]) -> None:
+    """--write-advice: a writable file, an advice file when it exists (the new entries are merged into it),
+    ``kinds`` (where, as a prefix of its --kinds -> the layer kinds timed there) holding every kind a serve
+    configuration's time weighs (without one no configuration has a time, and the entry would lose its advice),
+    and ``timed`` (layout -> the batch sizes this run times) covering every M of each entry it replaces."""
     if not args.write_advice:
         return
     output_file(args.write_advice, "--write-advice")
     base = Path(args.write_advice) if Path(args.write_advice).exists() else None
     adv.load(base)
+    for where, got in kinds.items():
+        left = adv.kinds_left_out(got)
+        if left:
+            raise UsageError(f"--write-advice: the advice weighs one layer of each kind per serve configuration, and "
+                             f"{' and '.join(adv.KIND_NAMES[k] for k in left)} layers were not timed "
+                             f"({where}{adv.kinds_flag(got)}); time them all (--kinds {','.join(adv.KIND_WEIGHTS)}) "
+                             "or leave out --write-advice")
     gpu = gpus.get_gpu(args.gpu).key
     for name, ms in timed.items():
         left = adv.uncovered(gpu, name, ms, base)
@@ -175,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
     version = args.vllm_version or src.version()
     kernel = KernelSource(src.fused_moe, version).load()
     ctx = Bench(kernel=kernel, helpers=load_helpers(src), model=load_model(MODEL),
-                folder=Path(args.configs or Path("kernels_configs") / gpu.device_name), device_name=gpu.device_name,
+                folder=Path(args.configs or default_folder(gpu.device_name, kernel.vllm_version or DEFAULT_VLLM_VERSION)),
+                device_name=gpu.device_name,
                 flush_bytes=gpu.l2_mb * 2**20 * 4, budget_ms=args.budget_ms,
                 capability=launch.capability())
     ctx.ops, ctx.ops_why = vllm_ops.load(args.vllm_ops, helpers=ctx.helpers, experts=ctx.model.num_experts,
@@ -219,10 +233,13 @@ def replay(args: argparse.Namespace) -> int:
             raise UsageError(f"--from-json {name}: not a compare-backends --json-out file ({type(exc).__name__}: "
                              f"{str(exc)[:80]}); give the JSON a bake-off wrote") from None
         loaded.append((rows, done, prov))
-    _check_advice_target(args, {name: {r.m for r in rows if r.layout == name} for rows, done, _ in loaded for name in done})
-    folder = Path(args.configs or Path("kernels_configs") / gpu.device_name)
+    _check_advice_target(args, {name: {r.m for r in rows if r.layout == name} for rows, done, _ in loaded for name in done},
+                         {f"{name} in {file}: ": {r.activation for r in rows if r.layout == name}
+                          for file, (rows, done, _) in zip(args.from_json, loaded) for name in done})
     status = 0
-    for rows, done, prov in loaded:
+    for rows, done, prov in loaded:  # each bake-off's serve lines name the folder of the release it ran
+        release = args.vllm_version or KNOWN_SOURCES.get(prov.get("kernel_sha256", "")) or DEFAULT_VLLM_VERSION
+        folder = Path(args.configs or default_folder(gpu.device_name, release))
         for name in done:
             print(f"\n{name} (measured {prov.get('date', '?')}, {prov.get('command', '')}):")
             _summary(name, rows, folder)
@@ -281,16 +298,21 @@ def _summary(name: str, rows, folder: Path) -> None:
           + ", ".join(f"{b} {max(e):.3f}" for b, e in errors.items()))
     for r in (r for r in mine if r.failure and not r.failure.startswith("no tuned file")):
         print(f"  not timed: {r.backend} {r.activation} M={r.m}: {r.failure}")
+    kinds = {r.activation for r in mine}
+    if adv.kinds_left_out(kinds):  # no configuration has a time: one line, not a table of "--"
+        print(f"  {adv.not_compared(kinds)}")
+        return
     table = adv.costs(rows, name)
     print(f"  per serve configuration, µs of one SiLU + one SwiGLU-step layer (weights {adv.KIND_WEIGHTS}):")
     print("  " + f"{'M':>6}" + "".join(f"{c:>20}" for c in adv.SERVE_CONFIGS) + "   fastest")
     for m, per_m in table.items():
         cells = "".join(f"{v:>20.1f}" if v is not None else f"{'--':>20}" for v in per_m.values())
-        print(f"  {m:>6}{cells}   {adv.fastest(per_m)}")
+        print(f"  {m:>6}{cells}   {adv.fastest(per_m) or '--'}")
     for r in adv.ranges(table):
-        print(f"  M {r['m_min']}-{r['m_max']}: fastest {r['fastest']}")
+        print(f"  M {r['m_min']}-{r['m_max']}: fastest {r['fastest'] or 'none, no configuration timed'}")
     pick, bare = adv.overall(table), adv.overall(adv.costs(rows, name, standins=False))
-    print(f"  overall (geometric mean over M; within {adv.TIE:.0%}, vLLM's default first): {pick}"
-          + (f"; without the stand-ins' time: {bare}" if bare != pick else ""))
+    print(f"  overall (geometric mean over M; within {adv.TIE:.0%}, vLLM's default first): "
+          f"{pick or 'none, no batch size timed every configuration'}"
+          + (f"; without the stand-ins' time: {bare}" if bare and bare != pick else ""))
     for config in adv.SERVE_CONFIGS:
         print(f"    {config:<20} {serve_command(name, config, folder)}")
