@@ -41,7 +41,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gpu", default="H200")
     p.add_argument("--vllm-src", required=True)
-    p.add_argument("--configs", default="kernels_configs/NVIDIA_H200")
+    p.add_argument("--configs", default="kernels_configs/vllm-0.33/NVIDIA_H200")
     p.add_argument("--files", action="append", default=["E="])
     p.add_argument("--batch-sizes", default="1,16,128,1024,4096")
     p.add_argument("--json", required=True)

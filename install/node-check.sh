@@ -18,7 +18,8 @@
 #   --dtype bf16|fp8     checkpoint to serve: BF16 ~394 GB, FP8 ~200 GB (default: bf16)
 #   --env-out FILE       environment file to write (default: ./tune-moe-node.env)
 #   --model-cache DIR    Hugging Face cache (default: $HF_HOME, else ~/.cache/huggingface)
-#   --configs-dir DIR    tuned configs, one folder per device (default: <repo>/kernels_configs)
+#   --configs-dir DIR    tuned configs, one folder per device (default: <repo>/kernels_configs/vllm-X.Y,
+#                        X.Y of TUNE_MOE_VLLM_VERSION, the vLLM install-vllm.sh installs)
 #   --min-driver-cuda X.Y  oldest CUDA the driver must support (default: TUNE_MOE_MIN_DRIVER_CUDA)
 #   --min-free-gb N      free space needed where this runs (default: 50)
 #   -h, --help           this text
@@ -50,7 +51,8 @@ num_gpus=""
 dtype="bf16"
 env_out="./tune-moe-node.env"
 model_cache="${HF_HOME:-$HOME/.cache/huggingface}"
-configs_dir="$TM_REPO_ROOT/kernels_configs"
+[[ "$TUNE_MOE_VLLM_VERSION" =~ ^([0-9]+\.[0-9]+) ]] || tm_die "TUNE_MOE_VLLM_VERSION=$TUNE_MOE_VLLM_VERSION: not a vLLM version; set it like 0.33.0"
+configs_dir="$TM_REPO_ROOT/kernels_configs/vllm-${BASH_REMATCH[1]}"  # the files that vLLM release reads
 min_driver_cuda="$TUNE_MOE_MIN_DRIVER_CUDA"
 min_free_gb=50
 failures=0

@@ -4,7 +4,7 @@
 # Usage: scripts/validate-serve.sh --layout TP4|DP4+EP --dtype bf16|fp8 [options]
 #
 # Builds the recipe's `vllm serve` command for the layout (with --mtp, the MTP flags), sets
-# VLLM_TUNED_CONFIG_FOLDER to kernels_configs/<device_name>/ and the variables of ./tune-moe-node.env,
+# VLLM_TUNED_CONFIG_FOLDER to kernels_configs/vllm-X.Y/<device_name>/ (X.Y: the serve's vLLM release) and the variables of ./tune-moe-node.env,
 # waits for GET /health, checks the server log for "Using configuration from <tuned folder>/...",
 # runs the recipe's `vllm bench serve` (warm-up passes until two agree, discarded, then the measured one),
 # always stops the whole server process group, and writes report.md and report.json into --out. --ab

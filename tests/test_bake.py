@@ -27,7 +27,7 @@ TILE = TileConfig(16, 64, 128, 1, 4, 3)
 
 @pytest.fixture
 def configs(tmp_path: Path) -> Path:
-    root = tmp_path / "kernels_configs"
+    root = tmp_path / "kernels_configs" / "vllm-0.33"  # one release's folder, as the repository lays them out
     for name in (FP8, BF16):
         write_config_file(root / DEVICE / name, {1: TILE, 96: TILE}, "3.6.0")
     provenance.write(root / DEVICE / FP8, provenance_for(root / DEVICE / FP8, read_config_file(root / DEVICE / FP8)))
@@ -163,11 +163,14 @@ def test_target_inside_the_configs_is_refused(configs: Path):
 def test_dockerfile_snippet_copies_nothing(configs: Path, tmp_path: Path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    assert bake_cli("--device", DEVICE, "--dockerfile") == 0
+    assert bake_cli("--device", DEVICE, "--dockerfile", "--vllm-version", "0.33.0") == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[1:] == [f"COPY kernels_configs/{DEVICE}/ /opt/tune-moe/configs/",
+    assert out[1:] == [f"COPY kernels_configs/vllm-0.33/{DEVICE}/ /opt/tune-moe/configs/",
                        "ENV VLLM_TUNED_CONFIG_FOLDER=/opt/tune-moe/configs"]
     assert "2 fused-MoE config(s)" in out[0]
+    monkeypatch.setattr(bake, "installed_vllm_version", lambda: None)  # none installed: the default release's folder
+    assert bake_cli("--device", DEVICE, "--dockerfile") == 0
+    assert capsys.readouterr().out.splitlines()[1] == f"COPY kernels_configs/vllm-0.33/{DEVICE}/ /opt/tune-moe/configs/"
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
@@ -369,10 +372,25 @@ def test_files_tuned_under_another_launch_are_refused_for_the_image_vllm(configs
     assert sorted(p.name for p in target.glob("E=*")) == [BF16, provenance_path(configs / DEVICE / BF16).name]
 
 
-def test_the_committed_h200_set_bakes_for_0_33_and_not_for_0_34(capsys):
+def test_each_release_bakes_its_own_committed_h200_set(capsys, monkeypatch):
+    """kernels_configs/vllm-0.33 bakes for 0.33 and not for 0.34 (its FP8 files lose to 0.34's default, §2w);
+    --vllm-version picks the release's folder; a release with none, or the root of the releases, is one line."""
     root = Path(__file__).resolve().parent.parent
-    assert bake_cli("--device", DEVICE, "--configs", str(root / "kernels_configs"), "--dockerfile",
-                    "--vllm-version", "0.33.0") == 0
-    assert bake_cli("--device", DEVICE, "--configs", str(root / "kernels_configs"), "--dockerfile",
-                    "--vllm-version", "0.34.0") == 2
+    monkeypatch.chdir(root)
+    v33 = str(Path("kernels_configs") / "vllm-0.33")
+    assert bake_cli("--device", DEVICE, "--configs", v33, "--dockerfile", "--vllm-version", "0.33.0") == 0
+    assert bake_cli("--device", DEVICE, "--configs", v33, "--dockerfile", "--vllm-version", "0.34.0") == 2
     assert "8 file(s) were tuned under vLLM 0.33.0, and vLLM 0.34.0 reads block-FP8 weights" in capsys.readouterr().err
+    for release in ("0.33", "0.34"):
+        assert bake_cli("--device", DEVICE, "--dockerfile", "--vllm-version", f"{release}.0") == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[1] == f"COPY kernels_configs/vllm-{release}/{DEVICE}/ /opt/tune-moe/configs/"
+        assert "12 fused-MoE config(s)" in out[0]
+    assert bake_cli("--device", DEVICE, "--dockerfile", "--vllm-version", "0.35.0") == 2
+    assert capsys.readouterr().err == (
+        "tune-moe: error: no kernels_configs/vllm-0.35: kernels_configs holds files for vLLM 0.33, 0.34 only; tune "
+        "for this release (tune-moe --gpu ... --vllm-version), or pass --vllm-version of one of those, or --configs\n")
+    assert bake_cli("--device", DEVICE, "--configs", "kernels_configs", "--dockerfile") == 2
+    assert capsys.readouterr().err == (
+        "tune-moe: error: --configs kernels_configs holds one folder per vLLM release (vllm-0.33, vllm-0.34): pass "
+        "--configs kernels_configs/vllm-0.34, or leave --configs out and give --vllm-version\n")

@@ -27,7 +27,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
-H200 = REPO / "kernels_configs" / "NVIDIA_H200"
+H200 = REPO / "kernels_configs" / "vllm-0.33" / "NVIDIA_H200"
 EP4 = "E=72,N=1280,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128]"
 TINY = "E=16,N=128,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[64,64].json"
 BF16_EP4 = "E=72,N=1280,device_name=NVIDIA_H200.json"
@@ -248,7 +248,11 @@ ROWS = [
       )),
 
     # ---- verify ------------------------------------------------------------------------------------------------
-    row("verify-no-configs", "verify", "--gpu", "H200", err="kernels_configs/NVIDIA_H200: no tuned config files"),
+    row("verify-no-configs", "verify", "--gpu", "H200", err="kernels_configs/vllm-0.33/NVIDIA_H200: no tuned config files"),
+    row("verify-no-release-folder", "verify", "--gpu", "H200", "--vllm-version", "0.35.0",
+        files={f"kernels_configs/vllm-0.33/NVIDIA_H200/{EP4}.json": GOOD},
+        err="kernels_configs/vllm-0.35/NVIDIA_H200: no tuned config files; run tune-moe first (NVIDIA_H200 is tuned "
+            "for vLLM 0.33 here: pass --vllm-version or --configs)"),
     row("verify-gpu-unknown", "verify", "--gpu", "A100", err="--gpu A100: unknown GPU"),
     row("verify-configs-is-a-file", "verify", "--gpu", "H200", "--configs", "afile", files={"afile": "x"},
         err="--configs afile: is a file, not a folder"),
@@ -301,7 +305,7 @@ ROWS = [
         out="1 files, 0 failed", may_write=("home/.cache/tune-moe",)),
 
     # ---- report ------------------------------------------------------------------------------------------------
-    row("report-nothing-here", "report", err="no kernels_configs/<device>/ folder with *.provenance.json here"),
+    row("report-nothing-here", "report", err="no kernels_configs/vllm-<release>/<device>/ folder with *.provenance.json here"),
     row("report-configs-missing", "report", "--configs", "nope", err="--configs nope: no such folder"),
     row("report-configs-is-a-file", "report", "--configs", "afile", files={"afile": "x"},
         err="--configs afile: no such folder"),
@@ -593,12 +597,12 @@ def test_preflight_writes_nothing(results):
 
 
 def test_run_state_folder_is_git_ignored():
-    """A run's state (kernels_configs/<device>/.tune-moe/) is never committed with the configs."""
+    """A run's state (kernels_configs/vllm-<release>/<device>/.tune-moe/) is never committed with the configs."""
     if not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
-    path = "kernels_configs/NVIDIA_H200/.tune-moe/results.jsonl"
+    path = "kernels_configs/vllm-0.33/NVIDIA_H200/.tune-moe/results.jsonl"
     proc = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, f"git check-ignore says {path} is not ignored ({proc.returncode}: {proc.stderr})"
-    manifest = subprocess.run(["git", "check-ignore", "-q", "kernels_configs/NVIDIA_H200/.tune-moe-bake.json"],
+    manifest = subprocess.run(["git", "check-ignore", "-q", "kernels_configs/vllm-0.33/NVIDIA_H200/.tune-moe-bake.json"],
                               cwd=REPO, capture_output=True)
     assert manifest.returncode == 1  # only the state folder, not files whose names start alike

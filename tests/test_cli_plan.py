@@ -63,7 +63,7 @@ def test_fp8_dry_run_on_h200(tune):
     assert "layouts TP4+EP, DP4+EP" in out
     assert BATCH_LINE in out
     assert "Jobs: 6 shapes x 18 batch sizes = 108 (shape, M) jobs" in out
-    assert "Dry run: nothing tuned." in out and "kernels_configs/NVIDIA_H200/" in out
+    assert "Dry run: nothing tuned." in out and "kernels_configs/vllm-0.33/NVIDIA_H200/" in out
 
 
 def test_vllm_016_refuses_fp8_tp4(tune):

@@ -1,24 +1,33 @@
 """Tuned configs load through vLLM's own loader, for the device they are for.
 
-Every ``kernels_configs/<device>/E=*.json`` must be found by vLLM's ``get_moe_configs``
+Every ``kernels_configs/vllm-<release>/<device>/E=*.json`` must be found by vLLM's ``get_moe_configs``
 under that device's name (patched in: there is no GPU here) and give back exactly what
 ``tuning.configs.read_config_file`` reads, with a valid sidecar; ``try_get_optimal_moe_config``
-must pick vLLM's nearest batch key. The round-trip tests write files with
-``write_config_file`` and need no committed config.
+must pick vLLM's nearest batch key. Each file must be a tune for its folder's release: tuned under it, or under
+one whose launch of that shape the release keeps (``vllm_rules.launch_changes``, the rule ``bake`` applies). The
+image recipe (docker/Dockerfile.vllm-tuned) copies the image's release folder and checks it with vLLM's loader;
+its script runs here against the installed vLLM. The round-trip tests write files with ``write_config_file`` and
+need no committed config.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 
 from tuning import provenance
-from tuning.configs import TileConfig, read_config_file, write_config_file
+from tuning.configs import RELEASE, TileConfig, read_config_file, write_config_file
 from tuning.provenance import SUFFIX as PROVENANCE_SUFFIX, sidecar_path as provenance_path
 from tuning.gpus import CATALOGUE
 from tuning.report import load_sidecar
-from tuning.shapes import BATCH_SIZES, FILE_NAME, MoeShape
+from tuning.shapes import BATCH_SIZES, FILE_NAME, MoeShape, parse_version
+from tuning.vllm_rules import LAUNCH_RULES, launch_changes
 
 fused_moe = pytest.importorskip("vllm.model_executor.layers.fused_moe.fused_moe",
                                 reason="vLLM is not installed (pip install -e '.[vllm]')")
@@ -33,9 +42,10 @@ def is_config(name: str) -> bool:
     return bool(NAME.match(name)) and not name.endswith(PROVENANCE_SUFFIX)
 
 
-COMMITTED = sorted(p for p in ROOT.glob("*/*.json") if is_config(p.name)) if ROOT.is_dir() else []
-FILES = [pytest.param(p, id=f"{p.parent.name}/{p.name}") for p in COMMITTED] or [
-    pytest.param(None, marks=pytest.mark.skip(reason="no configs committed under kernels_configs/<device>/ yet"))]
+COMMITTED = sorted(p for p in ROOT.glob("vllm-*/*/*.json") if is_config(p.name)) if ROOT.is_dir() else []
+FILES = [pytest.param(p, id=f"{p.parent.parent.name}/{p.parent.name}/{p.name}") for p in COMMITTED] or [
+    pytest.param(None, marks=pytest.mark.skip(reason="no configs committed under kernels_configs/vllm-*/<device>/ yet"))]
+DOCKERFILE = Path(__file__).resolve().parents[1] / "docker" / "Dockerfile.vllm-tuned"
 # Probes between and beyond the keys, where the nearest key is not obvious.
 PROBES = (1, 3, 5, 20, 28, 40, 56, 80, 100, 112, 192, 384, 768, 1280, 1792, 2560, 3584, 5000, 10000)
 
@@ -109,16 +119,28 @@ def test_committed_tree_follows_the_scheme():
     if not ROOT.is_dir():
         pytest.skip("kernels_configs/ is not in this checkout")
     devices = {g.device_name for g in CATALOGUE.values()}
-    for folder in ROOT.iterdir():
-        assert folder.is_dir() and folder.name in devices, f"{folder}: only kernels_configs/<device_name>/ folders"
-        for entry in folder.iterdir():
-            if is_config(entry.name):
-                assert device_of(entry.name) == folder.name, f"{entry} is in another device's folder"
-            elif entry.name.endswith(PROVENANCE_SUFFIX):
-                config = entry.with_name(entry.name.removesuffix(PROVENANCE_SUFFIX) + ".json")
-                assert config.is_file(), f"{entry} has no config beside it"
-            else:
-                assert entry.name in REPORT_FILES, f"{entry}: not a config, sidecar or report file"
+    ruled = {rules.read_in for rules in LAUNCH_RULES}
+    releases = list(ROOT.iterdir())
+    assert releases, "kernels_configs/ is empty"
+    for release in releases:
+        assert release.is_dir() and RELEASE.fullmatch(release.name), f"{release}: only kernels_configs/vllm-X.Y/ folders"
+        assert parse_version(release.name[5:]) in ruled, f"{release}: tune-moe has no launch rules read for it"
+        folders = list(release.iterdir())
+        assert folders, f"{release} is empty"
+        for folder in folders:
+            assert folder.is_dir() and folder.name in devices, f"{folder}: only vllm-X.Y/<device_name>/ folders"
+            check_device_folder(folder)
+
+
+def check_device_folder(folder: Path) -> None:
+    for entry in folder.iterdir():
+        if is_config(entry.name):
+            assert device_of(entry.name) == folder.name, f"{entry} is in another device's folder"
+        elif entry.name.endswith(PROVENANCE_SUFFIX):
+            config = entry.with_name(entry.name.removesuffix(PROVENANCE_SUFFIX) + ".json")
+            assert config.is_file(), f"{entry} has no config beside it"
+        else:
+            assert entry.name in REPORT_FILES, f"{entry}: not a config, sidecar or report file"
 
 
 # ---- files written by tune-moe round-trip through vLLM's loader ----------------------------------
@@ -158,6 +180,16 @@ def test_committed_config_loads_in_vllm(path: Path, use_vllm):
 
 
 @pytest.mark.parametrize("path", FILES)
+def test_committed_config_is_a_tune_for_its_release(path: Path):
+    """A file in vllm-0.34/ was tuned under 0.34, or under a release that launches its shape as 0.34 does."""
+    release = path.parent.parent.name.removeprefix("vllm-")
+    prov = provenance.read(path)
+    tuned, changes = ".".join(prov.run.vllm.split(".")[:2]), launch_changes(prov.run.vllm, release, prov.shape)
+    assert tuned == release or not changes, f"{path}: tuned under vLLM {prov.run.vllm}, and {release} {' and '.join(changes)}"
+    assert parse_version(prov.run.vllm) <= parse_version(release), f"{path}: tuned under a later vLLM than its folder's"
+
+
+@pytest.mark.parametrize("path", FILES)
 def test_committed_config_has_its_sidecar(path: Path):
     sidecar = provenance_path(path)
     assert sidecar.is_file(), f"{path.name} is committed without {sidecar.name}"
@@ -167,3 +199,50 @@ def test_committed_config_has_its_sidecar(path: Path):
     assert all(ours.get(row.m) == row.tuned for row in report.rows), "sidecar and config disagree"
     assert not provenance.read(path).empty_launches, (
         f"{path.name}: batch sizes tuned on a launch with no slot on the GPU; re-tune them (provenance.empty_launches)")
+
+
+# ---- the image recipe ------------------------------------------------------------------------------
+
+def dockerfile_script() -> str:
+    """The python the image build runs (the heredoc of docker/Dockerfile.vllm-tuned)."""
+    m = re.search(r"python3 - <<'EOF'\n(.*?)\nEOF\n", DOCKERFILE.read_text(), re.S)
+    assert m, f"{DOCKERFILE}: no python heredoc"
+    return m.group(1)
+
+
+def run_image_script(configs: Path, target: Path, device: str = "NVIDIA_H200") -> subprocess.CompletedProcess:
+    env = {**os.environ, "DEVICE": device, "TUNE_MOE_CONFIGS": str(configs), "VLLM_TUNED_CONFIG_FOLDER": str(target)}
+    return subprocess.run([sys.executable, "-c", dockerfile_script()], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_image_recipe_copies_the_release_folder_of_its_vllm_and_vllm_loads_each_file(tmp_path: Path):
+    import vllm
+
+    release = "vllm-" + ".".join(vllm.__version__.split(".")[:2])
+    source = ROOT / release / "NVIDIA_H200"
+    if not source.is_dir():
+        pytest.skip(f"no {source} committed")
+    done = run_image_script(ROOT, tmp_path / "configs")
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = sorted(p.name for p in source.glob("E=*.json") if is_config(p.name))
+    assert done.stdout.splitlines() == [f"vLLM {vllm.__version__} loads {release}/NVIDIA_H200/{n}" for n in names]
+    copied = sorted(p.name for p in (tmp_path / "configs").iterdir())
+    assert copied == sorted(p.name for p in source.iterdir())
+    for n in names:
+        assert (tmp_path / "configs" / n).read_bytes() == (source / n).read_bytes()
+
+
+def test_image_recipe_refuses_a_vllm_with_no_release_folder(tmp_path: Path):
+    import vllm
+
+    other = tmp_path / "kernels_configs" / "vllm-0.1" / "NVIDIA_H200"
+    other.mkdir(parents=True)
+    done = run_image_script(tmp_path / "kernels_configs", tmp_path / "configs")
+    release = ".".join(vllm.__version__.split(".")[:2])
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"no kernels_configs/vllm-{release}/NVIDIA_H200: this image runs vLLM {vllm.__version__}, and configs for "
+        f"NVIDIA_H200 are tuned for vllm-0.1; tune for it (tune-moe --gpu ... --vllm-version {vllm.__version__}) or "
+        "build with that release's VLLM_VERSION")
+    assert not (tmp_path / "configs").exists()

@@ -418,7 +418,7 @@ def test_node_check_8x_h200_passes_and_writes_the_env_file(node):
     assert done.returncode == 0, done.stderr
     assert "8x NVIDIA H200" in done.stdout
     env = _env_file(node)
-    assert env["VLLM_TUNED_CONFIG_FOLDER"] == f"{ROOT}/kernels_configs/NVIDIA_H200"
+    assert env["VLLM_TUNED_CONFIG_FOLDER"] == f"{ROOT}/kernels_configs/vllm-0.33/NVIDIA_H200"
     assert env["TUNE_MOE_MODEL"] == "stepfun-ai/Step-3.5-Flash-FP8"
     assert env["TUNE_MOE_NUM_GPUS"] == "8"
     assert env["HF_HOME"] == f"{node.tmp}/home/.cache/huggingface"
@@ -426,6 +426,18 @@ def test_node_check_8x_h200_passes_and_writes_the_env_file(node):
     first = (node.tmp / "tune-moe-node.env").read_text()
     assert node.run("node-check.sh", "--gpu", "H200", "--num-gpus", "8", "--dtype", "fp8").returncode == 0
     assert (node.tmp / "tune-moe-node.env").read_text() == first
+
+
+def test_node_check_points_vllm_at_the_release_folder_of_the_vllm_it_installs(node):
+    """kernels_configs holds one folder per vLLM release: a node pinned to 0.34 reads 0.34's files."""
+    done = node.run("node-check.sh", "--gpu", "H200", "--num-gpus", "8", "--dtype", "fp8", TUNE_MOE_VLLM_VERSION="0.34.0")
+    assert done.returncode == 0, done.stderr
+    assert _env_file(node)["VLLM_TUNED_CONFIG_FOLDER"] == f"{ROOT}/kernels_configs/vllm-0.34/NVIDIA_H200"
+    assert (ROOT / "kernels_configs" / "vllm-0.34" / "NVIDIA_H200").is_dir()
+    before = (node.tmp / "tune-moe-node.env").read_text()
+    bad = node.run("node-check.sh", "--gpu", "H200", TUNE_MOE_VLLM_VERSION="latest")
+    assert bad.returncode != 0 and "TUNE_MOE_VLLM_VERSION=latest: not a vLLM version" in bad.stderr
+    assert (node.tmp / "tune-moe-node.env").read_text() == before  # nothing written
 
 
 def _lines(done: subprocess.CompletedProcess) -> dict[str, list[str]]:
@@ -501,7 +513,7 @@ def test_node_check_b200_fp8_notes_how_to_choose_the_moe_backend(node):
     assert "FAIL" not in fp8.stdout + fp8.stderr
     text = (node.tmp / "out" / "b200.env").read_text()
     assert "FLASHINFER" not in text
-    assert f"export VLLM_TUNED_CONFIG_FOLDER={ROOT}/kernels_configs/NVIDIA_B200\n" in text
+    assert f"export VLLM_TUNED_CONFIG_FOLDER={ROOT}/kernels_configs/vllm-0.33/NVIDIA_B200\n" in text
     assert [line.split("=")[0] for line in text.splitlines() if not line.startswith("#")] == [
         "export TUNE_MOE_GPU", "export TUNE_MOE_DTYPE", "export TUNE_MOE_NUM_GPUS", "export TUNE_MOE_MODEL",
         "export HF_HOME", "export VLLM_TUNED_CONFIG_FOLDER", "export CUDA_HOME"]
@@ -560,13 +572,13 @@ def test_node_check_memory_share_is_vllms_default(node, vllm_facts):
 def test_node_check_h200_family_names_share_one_config_folder(node):
     done = node.run("node-check.sh", "--gpu", "H200", FAKE_GPU_NAME="NVIDIA H200 NVL")
     assert done.returncode == 0, done.stderr
-    assert _env_file(node)["VLLM_TUNED_CONFIG_FOLDER"].endswith("/kernels_configs/NVIDIA_H200")
+    assert _env_file(node)["VLLM_TUNED_CONFIG_FOLDER"].endswith("/kernels_configs/vllm-0.33/NVIDIA_H200")
 
 
 def test_node_check_h20_3e_is_its_own_device(node):
     done = node.run("node-check.sh", "--gpu", "H20-3e", FAKE_GPU_NAME="NVIDIA H20-3e")
     assert done.returncode == 0, done.stderr
-    assert _env_file(node)["VLLM_TUNED_CONFIG_FOLDER"].endswith("/kernels_configs/NVIDIA_H20-3e")
+    assert _env_file(node)["VLLM_TUNED_CONFIG_FOLDER"].endswith("/kernels_configs/vllm-0.33/NVIDIA_H20-3e")
 
 
 def test_node_check_too_few_gpus_fails(node):

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 vllm = pytest.importorskip("vllm", reason="preflight's answers are vLLM 0.33's own")
 
 ROOT = Path(__file__).resolve().parents[1] / "kernels_configs"
-H200 = ROOT / "NVIDIA_H200"
+H200 = ROOT / "vllm-0.33" / "NVIDIA_H200"
 RECIPE = ["--reasoning-parser", "step3p5", "--tool-call-parser", "step3p5", "--enable-auto-tool-choice",
           "--trust-remote-code"]
 MTP = ["--hf-overrides", '{"num_nextn_predict_layers": 1}',

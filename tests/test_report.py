@@ -208,9 +208,34 @@ def test_folder_without_sidecars_and_default_root(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match="run tune-moe first"):
         report.run(args())
-    write_shape(tmp_path / "kernels_configs" / DEVICE, BF16, BF16_RESULTS)
+    write_shape(tmp_path / "kernels_configs" / DEVICE, BF16, BF16_RESULTS)  # not a release's folder: not found
+    with pytest.raises(UsageError, match="run tune-moe first"):
+        report.run(args())
+    write_shape(tmp_path / "kernels_configs" / "vllm-0.33" / DEVICE, BF16, BF16_RESULTS)
     assert report.run(args()) == 0
-    assert (tmp_path / "kernels_configs" / DEVICE / "REPORT.md").exists()
+    assert (tmp_path / "kernels_configs" / "vllm-0.33" / DEVICE / "REPORT.md").exists()
+
+
+def test_each_release_folder_gets_its_own_report_and_readme_table(tmp_path: Path, monkeypatch):
+    """kernels_configs/vllm-0.33/NVIDIA_H200 and vllm-0.34/NVIDIA_H200 share a device name: each is a set of its
+    own, named by release in its REPORT.md, the README and --out."""
+    monkeypatch.chdir(tmp_path)
+    write_shape(tmp_path / "kernels_configs" / "vllm-0.34" / DEVICE, FP8, FP8_RESULTS)
+    write_shape(tmp_path / "kernels_configs" / "vllm-0.33" / DEVICE, BF16, BF16_RESULTS)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.BEGIN}\n{report.END}\n")
+    assert report.run(args(readme=readme)) == 0
+    for release in ("0.33", "0.34"):
+        text = (tmp_path / "kernels_configs" / f"vllm-{release}" / DEVICE / "REPORT.md").read_text()
+        assert text.startswith(f"# Tuned fused-MoE configs: vllm-{release}/{DEVICE}\n")
+    text = readme.read_text()
+    assert text.index(f"**vllm-0.33/{DEVICE}**") < text.index(f"`{BF16.file_name(DEVICE)}`") \
+        < text.index(f"**vllm-0.34/{DEVICE}**") < text.index(f"`{FP8.file_name(DEVICE)}`")
+    assert f"[vllm-0.34/{DEVICE}](kernels_configs/vllm-0.34/{DEVICE}/REPORT.md)" in text
+    assert report.run(args(tmp_path / "kernels_configs" / "vllm-0.33" / DEVICE,
+                           tmp_path / "kernels_configs" / "vllm-0.34" / DEVICE, out=tmp_path / "reports")) == 0
+    assert sorted(str(p.relative_to(tmp_path / "reports")) for p in (tmp_path / "reports").rglob("REPORT.md")) == [
+        f"vllm-0.33/{DEVICE}/REPORT.md", f"vllm-0.34/{DEVICE}/REPORT.md"]
 
 
 def test_several_folders_with_out_and_readme(folder: Path, tmp_path: Path):

@@ -89,7 +89,7 @@ def test_an_accumulator_no_threads_registers_can_hold_is_not_searched_on_hopper(
 def test_no_committed_hopper_config_is_one_the_register_rule_drops():
     """Every tile config tuned on an H200 (every batch size of every file, searched in the space before this rule)
     keeps its accumulator in a thread's registers: the rule drops no config that ever won there."""
-    files = [p for p in (Path(__file__).parents[1] / "kernels_configs" / "NVIDIA_H200").glob("E=*.json")
+    files = [p for p in (Path(__file__).parents[1] / "kernels_configs" / "vllm-0.33" / "NVIDIA_H200").glob("E=*.json")
              if not p.name.endswith(".provenance.json")]
     assert len(files) >= 11
     winners = {c for p in files for c in read_config_file(p).values()}

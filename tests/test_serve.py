@@ -74,7 +74,7 @@ def test_print_command_tp4_mtp_with_env_file(tmp_path, monkeypatch, capsys):
     assert code == 0
     assert lines[0] == "export HF_HOME=/models/hf"
     assert lines[1] == "# HF_TOKEN is set from the env file (not shown)"
-    assert lines[2] == f"export VLLM_TUNED_CONFIG_FOLDER={tmp_path / 'kernels_configs' / 'NVIDIA_H200'}"
+    assert lines[2] == f"export VLLM_TUNED_CONFIG_FOLDER={tmp_path / 'kernels_configs' / 'vllm-0.33' / 'NVIDIA_H200'}"
     assert shlex.split(lines[3]) == ["vllm", "serve", "stepfun-ai/Step-3.5-Flash", "--tensor-parallel-size", "4",
                                      *RECIPE, *MTP, "--port", "8123", "--jit-monitor-verbose"]
     served = ServeSpec(model="stepfun-ai/Step-3.5-Flash", layout=parse_layout("TP4"), dtype="bf16", port=8123)
@@ -200,7 +200,7 @@ def test_moe_backend_is_normalised_as_vllm_does(tmp_path, monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert "--moe-backend deep_gemm --port 8000" in out
     assert "what vLLM runs per MoE layer kind, and which tuned file each reads: tune-moe preflight --gpu H200 -- " \
-           f"VLLM_TUNED_CONFIG_FOLDER={tmp_path / 'kernels_configs' / 'NVIDIA_H200'} vllm serve" in err
+           f"VLLM_TUNED_CONFIG_FOLDER={tmp_path / 'kernels_configs' / 'vllm-0.33' / 'NVIDIA_H200'} vllm serve" in err
 
 
 # -- the orchestration, against tests/fixtures/fake_vllm/vllm ---------------------------------------
@@ -1027,4 +1027,4 @@ def test_wrapper_script_help_and_print_command(tmp_path):
     done = subprocess.run([str(script), "--layout", "TP4", "--dtype", "bf16", "--gpu", "H200", "--print-command"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=30)
     assert done.returncode == 0, done.stderr
-    assert f"export VLLM_TUNED_CONFIG_FOLDER={REPO / 'kernels_configs' / 'NVIDIA_H200'}" in done.stdout
+    assert f"export VLLM_TUNED_CONFIG_FOLDER={REPO / 'kernels_configs' / 'vllm-0.33' / 'NVIDIA_H200'}" in done.stdout

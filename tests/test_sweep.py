@@ -700,7 +700,7 @@ def test_a_state_resumed_across_boards_writes_the_same_files_anywhere_and_says_w
     for name in ("a", "b"):
         out = tmp_path / name
         (out / ".tune-moe").mkdir(parents=True)
-        for path in (repo / "kernels_configs" / "NVIDIA_H200").glob("E=*.json"):
+        for path in (repo / "kernels_configs" / "vllm-0.33" / "NVIDIA_H200").glob("E=*.json"):
             shutil.copy(path, out)
         shutil.copy(state / "rf4.results.jsonl", out / ".tune-moe" / "results.jsonl")
         shutil.copy(state / "rf4.run.json", out / ".tune-moe" / "run.json")

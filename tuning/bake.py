@@ -1,6 +1,6 @@
 """``tune-moe bake``: install one device's tuned configs into a folder vLLM reads.
 
-Every vLLM JSON of ``kernels_configs/<device>/`` is validated (schema, device in its
+Every vLLM JSON of ``kernels_configs/vllm-<release>/<device>/`` is validated (schema, device in its
 name, sidecar) before anything is written. The folder is then built beside the target
 and renamed into place, so the target holds either the old bake or the new one, never
 half of one. A manifest marks the folder as a bake, so a re-bake replaces it while a
@@ -13,9 +13,10 @@ files one by one, the earlier bake's files the new one lacks are removed, and th
 manifest goes last. Every other entry is left exactly as it is. A failure puts back
 every entry touched and leaves no staging folder.
 
-Files whose sidecar says they were tuned under a vLLM that launches their kernel otherwise than the image's
-vLLM (``--vllm-version``, default the installed one) are refused: vLLM 0.34 reads block-FP8 weights through
-TMA, where 0.33's FP8 files lose to its default (benchmarks/README §2w).
+The configs come from the image's vLLM release folder (``--vllm-version``, default the installed one, else the
+default release), and files whose sidecar says they were tuned under a vLLM that launches their kernel otherwise
+are refused: vLLM 0.34 reads block-FP8 weights through TMA, where 0.33's FP8 files lose to its default
+(benchmarks/README §2w).
 """
 
 from __future__ import annotations
@@ -31,15 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import provenance
-from .configs import read_config_file
+from .configs import RELEASE_PREFIX, read_config_file, release_folder, releases_present
 from .provenance import SUFFIX as PROVENANCE_SUFFIX, TOOL, sidecar_path as provenance_path
 from .errors import UsageError
 from .files import output_folder
 from .kernel import installed_vllm_version
-from .shapes import FILE_NAME, parse_version
+from .shapes import DEFAULT_VLLM_VERSION, FILE_NAME, parse_version
 from .vllm_rules import launch_changes
 
-DEFAULT_CONFIGS = Path("kernels_configs")
+DEFAULT_CONFIGS = Path("kernels_configs")  # one folder per vLLM release (vllm-0.33), one per device in each
 IMAGE_FOLDER = "/opt/tune-moe/configs"
 MANIFEST = ".tune-moe-bake.json"
 STAGE = ".tune-moe-bake-"  # staging folder inside a target whose files are replaced in place
@@ -74,8 +75,18 @@ def device_folder(configs: Path, device: str) -> Path:
                          f"(default {DEFAULT_CONFIGS})")
     folder = configs / device
     if not folder.is_dir() or not device or device.startswith(".") or "/" in device or os.sep in device:
+        releases = releases_present(configs)
+        if releases:
+            raise UsageError(f"--configs {configs} holds one folder per vLLM release ({', '.join(releases)}): pass "
+                             f"--configs {configs / releases[-1]}, or leave --configs out and give --vllm-version")
         present = sorted(d.name for d in configs.glob("*") if d.is_dir()) if configs.is_dir() else []
         listing = ", ".join(present) if present else f"none; {configs} is empty or missing"
+        tuned = releases_present(configs.parent)
+        if not configs.is_dir() and tuned:
+            releases = ", ".join(r.removeprefix(RELEASE_PREFIX) for r in tuned)
+            raise UsageError(f"no {configs}: {configs.parent} holds files for vLLM {releases} only; tune for this "
+                             "release (tune-moe --gpu ... --vllm-version), or pass --vllm-version of one of those, "
+                             "or --configs")
         raise UsageError(f"--device {device}: no folder {folder}; device folders present: {listing}")
     return folder
 
@@ -338,12 +349,14 @@ def dockerfile_snippet(configs: Path, device: str, image_folder: str, count: int
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", required=True, help="vLLM device name, i.e. the folder under --configs (NVIDIA_H200)")
-    p.add_argument("--configs", default=str(DEFAULT_CONFIGS), help=f"tuned configs root (default: {DEFAULT_CONFIGS})")
+    p.add_argument("--configs", help=f"tuned configs root, holding <device>/ folders (default: {DEFAULT_CONFIGS}/"
+                   "vllm-<major.minor of --vllm-version>)")
     p.add_argument("--target", help="folder to install into (replaced as a whole, or its bake files one by one "
                    f"where it cannot be renamed); with --dockerfile the folder inside the image (default there: "
                    f"{IMAGE_FOLDER})")
-    p.add_argument("--vllm-version", help="vLLM the image serves: files tuned under a release that launches their "
-                   "kernel otherwise are refused (default: the installed vLLM; none installed, none checked)")
+    p.add_argument("--vllm-version", help="vLLM the image serves: its release folder is baked, and files tuned under "
+                   "a release that launches their kernel otherwise are refused (default: the installed vLLM, else "
+                   f"{DEFAULT_VLLM_VERSION}; with --configs and none installed, none checked)")
     p.add_argument("--force", action="store_true",
                    help="bake into a --target that holds other files (they are left exactly as they are)")
     mode = p.add_mutually_exclusive_group()
@@ -360,8 +373,8 @@ def _print_env(target: Path, device: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    configs = Path(args.configs)
-    version = args.vllm_version or installed_vllm_version()
+    version = args.vllm_version or installed_vllm_version() or (None if args.configs else DEFAULT_VLLM_VERSION)
+    configs = Path(args.configs) if args.configs else release_folder(version, DEFAULT_CONFIGS)
     if args.dockerfile:
         files = collect(device_folder(configs, args.device), args.device)
         check_release(device_folder(configs, args.device), files, version)

@@ -8,15 +8,46 @@ else lives in a sidecar (``provenance``).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import UsageError
 from .files import atomic_write_json
+from .shapes import parse_version
 
-CONFIGS_ROOT = Path("kernels_configs")  # the project's configs, one folder per vLLM device name
+CONFIGS_ROOT = Path("kernels_configs")  # the project's configs: kernels_configs/vllm-<major.minor>/<device name>/
+RELEASE_PREFIX = "vllm-"
+RELEASE = re.compile(r"vllm-\d+\.\d+")
 TUNED_VAR = "VLLM_TUNED_CONFIG_FOLDER"  # where vLLM looks for tuned files before its own
 FIELDS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
+
+
+def release_folder(vllm_version: str, root: Path = CONFIGS_ROOT) -> Path:
+    """The folder of the files one vLLM release reads (``root/vllm-0.34`` for 0.34.x): a release can launch
+    the kernel otherwise than the one before (0.34 reads block-FP8 weights through TMA), and vLLM's file names
+    do not say which release a file was tuned for."""
+    major, minor = parse_version(vllm_version)
+    return root / f"{RELEASE_PREFIX}{major}.{minor}"
+
+
+def default_folder(device_name: str, vllm_version: str, root: Path = CONFIGS_ROOT) -> Path:
+    """``kernels_configs/vllm-<major.minor>/<device_name>``: what vLLM ``vllm_version`` reads on that GPU."""
+    return release_folder(vllm_version, root) / device_name
+
+
+def releases_present(root: Path = CONFIGS_ROOT) -> list[str]:
+    """The release folders under ``root`` (``vllm-0.33``, ...), oldest first."""
+    found = [d.name for d in root.iterdir() if d.is_dir() and RELEASE.fullmatch(d.name)] if root.is_dir() else []
+    return sorted(found, key=lambda name: parse_version(name[len(RELEASE_PREFIX):]))
+
+
+def tuned_elsewhere(folder: Path) -> str:
+    """For a release folder with no files: where the same device's files for other releases are, as advice."""
+    root, device = folder.parent.parent, folder.name
+    others = [r.removeprefix(RELEASE_PREFIX) for r in releases_present(root)
+              if (root / r / device).is_dir() and root / r != folder.parent]
+    return f" ({device} is tuned for vLLM {', '.join(others)} here: pass --vllm-version or --configs)" if others else ""
 
 
 @dataclass(frozen=True, order=True)

@@ -37,6 +37,16 @@ def installed_vllm_version() -> str | None:
         return None
 
 
+def target_release(vllm_version: str | None, vllm_src: str | None) -> str:
+    """The vLLM a run is for: --vllm-version, else what --vllm-src tells of itself, else the installed vLLM, else
+    the default release. Nothing is loaded (a bad --vllm-src is refused when it is)."""
+    from .shapes import DEFAULT_VLLM_VERSION
+    from .vllm_source import source_version
+
+    return (vllm_version or (source_version(Path(vllm_src)) if vllm_src else None) or installed_vllm_version()
+            or DEFAULT_VLLM_VERSION)
+
+
 def installed_fused_moe() -> Path | None:
     """The installed vLLM's fused_moe.py, found without importing vLLM."""
     spec = importlib.util.find_spec("vllm")

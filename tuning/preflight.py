@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import backend_advice, gpus, provenance
-from .configs import CONFIGS_ROOT, TUNED_VAR, read_config_file
+from .configs import CONFIGS_ROOT, TUNED_VAR, default_folder, read_config_file
 from .errors import UsageError
 from .kernel import installed_fused_moe, installed_vllm_version
 from .models import BUILTIN, ModelGeometry, load_model
@@ -321,7 +321,7 @@ def render(report: dict, node: Node) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", help="GPU of the serving node: H200, H20, H20-3e or B200 (default: this node's)")
     p.add_argument("--config-dir", metavar="DIR", help=f"tuned folder the serve will be given (default: "
-                   f"${TUNED_VAR} when set, else {CONFIGS_ROOT}/<device_name>)")
+                   f"${TUNED_VAR} when set, else {CONFIGS_ROOT}/vllm-<major.minor>/<device_name>)")
     p.add_argument("--vllm-version", help=f"vLLM the serve runs (default: the installed one, else {DEFAULT_VLLM_VERSION})")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.add_argument("serve", nargs=argparse.REMAINDER, help="-- [VAR=value ...] vllm serve MODEL [options]")
@@ -337,11 +337,11 @@ def run(args: argparse.Namespace) -> int:
 
     gpu = pick_gpu(args.gpu)
     env = {**{k: v for k, v in os.environ.items() if k.startswith("VLLM_")}, **assigned}
-    config_dir = Path(args.config_dir or CONFIGS_ROOT / gpu.device_name)
+    vllm_version = args.vllm_version or installed_vllm_version() or DEFAULT_VLLM_VERSION
+    config_dir = Path(args.config_dir or default_folder(gpu.device_name, vllm_version))
     if args.config_dir and not config_dir.is_dir():
         raise UsageError(f"--config-dir {config_dir}: no such folder; pass the folder holding the tuned files")
-    node = Node(gpu=gpu, env=env, config_dir=config_dir,
-                vllm_version=args.vllm_version or installed_vllm_version() or DEFAULT_VLLM_VERSION)
+    node = Node(gpu=gpu, env=env, config_dir=config_dir, vllm_version=vllm_version)
     report = check(argv, node)
     print(render(report, node))
     if args.json:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import gpus
 from . import reduced as rd
-from .configs import CONFIGS_ROOT
+from .configs import CONFIGS_ROOT, default_folder
 from .envfile import ENV_FILE, env_file, read_env_file
 from .errors import UsageError
 from .fit import MIN_KV_GB, RESERVED_GB, weights_per_gpu_gb
@@ -114,7 +114,7 @@ def build(args: argparse.Namespace, installed_version: str | None) -> Setup:
     file_env = read_env_file(found, dict(os.environ)) if found else ()
     reduced = _reduced(args, layout, out, version, file_env) if args.reduced else None
     workload = WORKLOADS[args.workload].sized(**{BENCH_FIELDS[name]: _size(args, name) for name in BENCH_SIZES})
-    spec = build_spec(args, gpu, file_env, reduced)
+    spec = build_spec(args, gpu, file_env, reduced, version)
     setup = Setup(gpu=gpu, version=version, spec=spec, layout=layout, bench=build_bench(args, workload, reduced),
                   workload=workload, reduced=reduced, out=out, pairs=(args.pairs or DEFAULT_PAIRS) if args.ab else 0,
                   measure_share=args.measure_moe_share, ab_servers=args.ab_servers or "resident",
@@ -198,8 +198,9 @@ def _reduced(args: argparse.Namespace, layout: Layout, out: Path, version: str,
 
 
 def build_spec(args: argparse.Namespace, gpu: gpus.GpuSpec, file_env: tuple[tuple[str, str], ...],
-               reduced: rd.Reduced | None = None) -> ServeSpec:
-    """The served command; ``file_env``: the node env file's variables. A run that benchmarks has vLLM log every
+               reduced: rd.Reduced | None = None, version: str = DEFAULT_VLLM_VERSION) -> ServeSpec:
+    """The served command; ``file_env``: the node env file's variables; ``version``: the vLLM it runs, whose
+    release folder of tuned files it is given unless --configs names one. A run that benchmarks has vLLM log every
     kernel compiled while serving (``--jit-monitor-verbose``): each pass reports the compiles it caused."""
     if not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port}: not a TCP port; pass 1-65535")
@@ -210,7 +211,7 @@ def build_spec(args: argparse.Namespace, gpu: gpus.GpuSpec, file_env: tuple[tupl
         env = tuple((k, v) for k, v in env if k not in dict(reduced.env)) + reduced.env
     return ServeSpec(**served, dtype=args.dtype, port=args.port, mtp=args.mtp,
                      moe_backend=normalize_moe_backend(args.moe_backend),
-                     tuned_folder=Path(args.configs or CONFIGS_ROOT / gpu.device_name).absolute(), env=env,
+                     tuned_folder=Path(args.configs or default_folder(gpu.device_name, version)).absolute(), env=env,
                      extra_args=(*(() if args.no_bench else (JIT_VERBOSE,)), *_split(args.serve_args, "--serve-args")))
 
 
@@ -253,7 +254,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mtp", action="store_true", help="add the recipe's MTP speculative decoding flags")
     p.add_argument("--model", help="model to serve: local checkpoint folder or HF id (default: the dtype's checkpoint)")
     p.add_argument("--port", type=int, default=8000, help="server port (default: 8000)")
-    p.add_argument("--configs", metavar="DIR", help="tuned folder (default: kernels_configs/<device_name>)")
+    p.add_argument("--configs", metavar="DIR", help=f"tuned folder (default: {CONFIGS_ROOT}/vllm-<major.minor>/"
+                   "<device_name>)")
     p.add_argument("--env-file", metavar="FILE",
                    help=f"node env file of install/node-check.sh (default: ./{ENV_FILE} if present)")
     p.add_argument("--moe-backend", default="auto",

@@ -13,16 +13,16 @@ from functools import partial
 from pathlib import Path
 
 from . import gpus, shapes
-from .configs import CONFIGS_ROOT
+from .configs import CONFIGS_ROOT, default_folder
 from .errors import UsageError
-from .kernel import KernelSource, installed_fused_moe, installed_vllm_version
+from .kernel import KernelSource, installed_fused_moe, target_release
 from .models import DEFAULT_MODEL, load_model
 from .plan import Plan, format_plan, make_plan
 from .provenance import Target
 from .routing import Routing
 from .shapes import DEFAULT_VLLM_VERSION, DTYPES
 from .triton_pins import compiling_triton, mismatch, target_triton
-from .vllm_source import read_signature, source_version
+from .vllm_source import read_signature
 from .vllm_rules import normalize_moe_backend
 
 
@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vllm-version", help="vLLM whose launch rules to follow (default: the installed one, else "
                    f"{DEFAULT_VLLM_VERSION})")
     p.add_argument("--moe-backend", default="auto", help="vLLM --moe-backend the serve will use (changes FP8 TP shapes)")
-    p.add_argument("--out", help=f"output folder (default: {CONFIGS_ROOT}/<device_name>/)")
+    p.add_argument("--out", help=f"output folder (default: {CONFIGS_ROOT}/vllm-<major.minor of the target vLLM>/"
+                                         "<device_name>/)")
     p.add_argument("--strategy", default="guided", choices=("guided", "exhaustive"), help="search strategy")
     p.add_argument("--max-evals", type=int, default=120, help="guided search: most configs given a first look per job")
     p.add_argument("--vllm-src", metavar="PATH", help="take the kernel from this vLLM fused_moe.py, wheel or source "
@@ -74,8 +75,7 @@ def build_plan(args: argparse.Namespace, found: list[gpus.DetectedGpu]) -> Plan:
     if args.dtype == "fp8" and model.weight_block_size is None:
         raise UsageError(f"--model {model.name} has no block-FP8 weights (quantization_config.weight_block_size); "
                          "use the -FP8 checkpoint or --dtype bf16")
-    version = (args.vllm_version or (source_version(Path(args.vllm_src)) if args.vllm_src else None)
-               or installed_vllm_version() or DEFAULT_VLLM_VERSION)
+    version = target_release(args.vllm_version, args.vllm_src)
     shapes.parse_version(version)
     Routing.parse(args.routing)
     backend = normalize_moe_backend(args.moe_backend)
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         would = "; would fit: " + ", ".join(plan.alternatives) if plan.alternatives else ""
         which = f"none of --layouts {args.layouts} fits" if args.layouts else "no layout fits"
         raise UsageError(f"{which} {plan.model.name} {plan.dtype} on {plan.num_gpus}x{plan.gpu.key}{would}")
-    out = Path(args.out) if args.out else CONFIGS_ROOT / plan.gpu.device_name
+    out = Path(args.out) if args.out else default_folder(plan.gpu.device_name, plan.vllm_version)
     from .files import output_folder
 
     output_folder(out, "--out")

@@ -31,12 +31,12 @@ from pathlib import Path
 from statistics import geometric_mean
 
 from . import clocks, configs, confirm, gpus
-from .configs import CONFIGS_ROOT, TileConfig
+from .configs import CONFIGS_ROOT, TileConfig, default_folder
 from .errors import UsageError
 from .files import output_folder
 from .gpus import GpuSpec, get_gpu
 from .jobs import KEEP_WITHIN
-from .kernel import KernelSource, installed_fused_moe, installed_vllm_version, quiet_imports
+from .kernel import KernelSource, installed_fused_moe, installed_vllm_version, quiet_imports, target_release
 from .models import DEFAULT_MODEL, ModelGeometry, load_model
 from .provenance import SUFFIX as PROVENANCE_SUFFIX
 from .shapes import MoeShape, shapes_from_file_names
@@ -47,7 +47,8 @@ REGRESSION = 0.98
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", required=True, help="H200, H20, H20-3e or B200")
-    p.add_argument("--configs", help="folder of tuned files (default: kernels_configs/<device_name>)")
+    p.add_argument("--configs", help=f"folder of tuned files (default: {CONFIGS_ROOT}/vllm-<major.minor of the "
+                   "kernel's vLLM>/<device_name>)")
     p.add_argument("--files", action="append", default=[], metavar="PREFIX",
                    help="only files whose names start with PREFIX (repeatable; names hold commas)")
     p.add_argument("--batch-sizes", help="comma list of M to re-time (default: every batch size in each file)")
@@ -100,7 +101,8 @@ def tuned_files(folder: Path, prefixes: list[str], gpu: GpuSpec, model_arg: str 
     names = sorted(p.name for p in folder.glob("E=*.json") if not p.name.endswith(PROVENANCE_SUFFIX))
     names = [n for n in names if not prefixes or any(n.startswith(p) for p in prefixes)]
     if not names:
-        raise UsageError(f"{folder}: no tuned config files{' matching --files' if prefixes else ''}; run tune-moe first")
+        raise UsageError(f"{folder}: no tuned config files{' matching --files' if prefixes else ''}; run tune-moe first"
+                         + ("" if prefixes else configs.tuned_elsewhere(folder)))
     models: dict[str, ModelGeometry] = {}
     out = []
     for name in names:
@@ -154,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     from .shapes import parse_batch_sizes as batch_sizes
 
     gpu = get_gpu(args.gpu)
-    folder = Path(args.configs or CONFIGS_ROOT / gpu.device_name)
+    folder = Path(args.configs or default_folder(gpu.device_name, target_release(args.vllm_version, args.vllm_src)))
     sizes = batch_sizes(args.batch_sizes) if args.batch_sizes is not None else None
     files = tuned_files(folder, args.files, gpu, args.model)
     against = Path(args.against) if args.against else None
