@@ -84,7 +84,7 @@ def test_print_command_tp4_mtp_with_env_file(tmp_path, monkeypatch, capsys):
     assert shlex.split(lines[5]) == BenchSpec(seed=1001).argv(served, tmp_path / "runs" / "bench-tuned-warmup1.json")
     assert lines[6] == "# then the measured pass:"
     assert shlex.split(lines[7]) == BenchSpec().argv(served, tmp_path / "runs" / "bench-tuned.json")
-    assert lines[-1].endswith(f"kernels_configs/NVIDIA_H200/{TP4_BF16} for MoE layer.")
+    assert lines[-1].endswith(f"kernels_configs/vllm-0.33/NVIDIA_H200/{TP4_BF16} for MoE layer.")
 
 
 def test_print_command_fp8_dp4_ep_model_override_and_configs(tmp_path, monkeypatch, capsys):
