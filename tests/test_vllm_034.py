@@ -291,7 +291,27 @@ def test_what_a_file_tuned_under_0_33_meets_under_0_34(tmp_path):
          "tune it for 0.34.0",
          "  launch: tuned under vLLM 0.33.0; vLLM 0.34.0, whose kernel re-times it, reads block-FP8 weights through a "
          "TMA descriptor: its entries may lose to that release's default; tune for it"],
-        ["tuned for vLLM 0.33.0, the serve runs vLLM 0.34.0"]]
+        []]  # a bf16 file 0.34 launches as 0.33 does is a tune for 0.34 (kernels_configs/vllm-0.34 holds them)
+
+
+def test_the_committed_0_34_folder_is_a_tune_for_a_0_34_serve(src, monkeypatch):
+    """With vLLM 0.34 installed, preflight finds no drift in kernels_configs/vllm-0.34: its FP8 files were tuned under
+    0.34, and its bf16 files under 0.33, whose launch of them 0.34 keeps (another kernel file, one launch). The 0.33
+    folder's FP8 files are drift for that serve, on both counts."""
+    from tuning import gpus, preflight
+
+    monkeypatch.setattr(preflight, "installed_fused_moe", lambda: src)
+    monkeypatch.setattr(preflight, "installed_vllm_version", lambda: "0.34.0")
+    root = Path(__file__).resolve().parents[1] / "kernels_configs"
+    node = preflight.Node(gpu=gpus.get_gpu("H200"), env={}, config_dir=root / "vllm-0.34" / "NVIDIA_H200",
+                          vllm_version="0.34.0")
+    files = sorted(f for f in (root / "vllm-0.34" / "NVIDIA_H200").glob("E=*.json") if "provenance" not in f.name)
+    assert len(files) == 12
+    assert {f.name: preflight._drift(f, node) for f in files} == {f.name: [] for f in files}
+    old = root / "vllm-0.33" / "NVIDIA_H200" / "E=72,N=1280,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"
+    assert preflight._drift(old, node) == [
+        "tuned for vLLM 0.33.0, the serve runs vLLM 0.34.0, which reads block-FP8 weights through a TMA descriptor: "
+        "tune it for 0.34.0", "tuned on another fused_moe_kernel source than the installed vLLM's"]
 
 
 @pytest.mark.parametrize("version, read_in", [("0.35", "0.34"), ("0.30", "0.26")])

@@ -30,6 +30,7 @@ from .serve_command import MEMORY_GB, BatchPlan, ServeCommand, batch_plan, parse
 from .shapes import BATCH_SIZES, DEFAULT_VLLM_VERSION, Layout, MoeShape, parse_version
 from .triton_pins import mismatch, target_triton
 from .vllm_rules import ACTIVATIONS, LayerRuntime, ServeFacts, launch_changes, layer_runtime, nearest_key
+from .vllm_source import KNOWN_SOURCES
 
 KIND = {"silu": "SiLU layers", "swiglustep": "SwiGLU-step layers"}
 ASSIGN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
@@ -163,13 +164,18 @@ def _drift(path: Path, node: Node) -> list[str]:
         out.append(drift.replace("this node compiles", "the file was tuned"))
     if empty := prov.empty_launch_note():
         out.append(empty)
-    if ".".join(prov.run.vllm.split(".")[:2]) != ".".join(node.vllm_version.split(".")[:2]):
-        changes = launch_changes(prov.run.vllm, node.vllm_version, prov.shape)
-        out.append(f"tuned for vLLM {prov.run.vllm}, the serve runs vLLM {node.vllm_version}"
-                   + (f", which {' and '.join(changes)}: tune it for {node.vllm_version}" if changes else ""))
+    # a file tuned under a release that launches its shape alike is a tune for the serve's (kernels_configs/vllm-0.34
+    # holds 0.33's bf16 files): only a launch that differs is drift
+    changes = launch_changes(prov.run.vllm, node.vllm_version, prov.shape)
+    if changes:
+        out.append(f"tuned for vLLM {prov.run.vllm}, the serve runs vLLM {node.vllm_version}, which "
+                   f"{' and '.join(changes)}: tune it for {node.vllm_version}")
     installed = installed_fused_moe()
     if installed and prov.run.kernel_sha256 and installed_vllm_version() == node.vllm_version:
-        if hashlib.sha256(installed.read_text().encode()).hexdigest() != prov.run.kernel_sha256:
+        here = hashlib.sha256(installed.read_text().encode()).hexdigest()
+        known = KNOWN_SOURCES.get(here), KNOWN_SOURCES.get(prov.run.kernel_sha256)
+        alike = all(known) and not launch_changes(known[1], known[0], prov.shape)  # two releases, one launch
+        if here != prov.run.kernel_sha256 and not alike:
             out.append("tuned on another fused_moe_kernel source than the installed vLLM's")
     return out
 
