@@ -22,9 +22,9 @@ from typing import Any, Callable
 
 from .errors import UsageError
 from .files import atomic_write_text
-from .shapes import parse_version
+from .shapes import DEFAULT_VLLM_VERSION, parse_version
 from .vllm_source import (FUSED_MOE, SourceKernel, check_params, first_line, kept_defs, read_signature, read_source,
-                          release_of, sha256_text)
+                          release_of, sha256_text, source_version)
 
 CACHE_DIR = Path(os.environ.get("TUNE_MOE_CACHE", Path.home() / ".cache" / "tune-moe"))
 
@@ -40,9 +40,6 @@ def installed_vllm_version() -> str | None:
 def target_release(vllm_version: str | None, vllm_src: str | None) -> str:
     """The vLLM a run is for: --vllm-version, else what --vllm-src tells of itself, else the installed vLLM, else
     the default release. Nothing is loaded (a bad --vllm-src is refused when it is)."""
-    from .shapes import DEFAULT_VLLM_VERSION
-    from .vllm_source import source_version
-
     return (vllm_version or (source_version(Path(vllm_src)) if vllm_src else None) or installed_vllm_version()
             or DEFAULT_VLLM_VERSION)
 
