@@ -11,6 +11,7 @@ stride_bsn are 0.33's. fp16 stands in for bf16 under the interpreter.
 
 import ast
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -260,6 +261,22 @@ def test_the_mirror_answers_as_vllm_0_34_on_every_row(site_034, monkeypatch):
              if verdict(layer_runtime(replace(s, vllm="0.33"), act)) != verdict(r)]
     assert moved and {(k[0], k[1], k[3]) for k in moved} == {("sm100", "bf16", "swiglustep")}
     assert {theirs[keys.index(k)].backend for k in moved} == {"FlashInfer TRTLLM"}
+
+
+def test_the_image_recipe_on_vllm_0_34_copies_its_folder_and_0_34s_loader_reads_every_file(site_034, tmp_path):
+    """The build step of docker/Dockerfile.vllm-tuned with vLLM 0.34.0 as the image's vLLM: it picks
+    kernels_configs/vllm-0.34, and 0.34's own get_moe_configs returns every file as written."""
+    from test_committed_configs import dockerfile_script
+
+    root = Path(__file__).resolve().parents[1] / "kernels_configs"
+    env = {**os.environ, "PYTHONPATH": str(site_034), "DEVICE": "NVIDIA_H200", "TUNE_MOE_CONFIGS": str(root),
+           "VLLM_TUNED_CONFIG_FOLDER": str(tmp_path / "configs")}
+    done = subprocess.run([sys.executable, "-c", dockerfile_script()], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = sorted(p.name for p in (root / "vllm-0.34" / "NVIDIA_H200").glob("E=*.json") if "provenance" not in p.name)
+    assert len(names) == 12
+    assert done.stdout.splitlines() == [f"vLLM 0.34.0 loads vllm-0.34/NVIDIA_H200/{n}" for n in names]
 
 
 def test_what_a_file_tuned_under_0_33_meets_under_0_34(tmp_path):
