@@ -37,7 +37,7 @@ from .clocks import GpuState
 from .errors import UsageError
 from .files import atomic_write_text, copy_config_files, write_folder
 from .jobs import KEEP_WITHIN
-from .vllm_rules import launch_changes
+from .vllm_rules import kernel_launch_changes
 
 OPTION = "--keep-confirmed"
 LEDGER = Path(".tune-moe") / "judged.jsonl"  # in NEW: every board's head to heads of NEW's changes
@@ -128,17 +128,15 @@ def check(new_dir: Path, old_dir: Path, out: Path, names: list[str]) -> None:
                                  "say where each entry came from; pass folders tune-moe wrote")
         new, old = sides["NEW"], sides["OLD"]
         # another kernel is judged only between known releases (by the sha256, not the recorded text)
-        was, now = (vllm_source.KNOWN_SOURCES.get(p.run.kernel_sha256) for p in (old, new))
-        other_kernel = new.run.kernel_sha256 != old.run.kernel_sha256
-        if new.run.triton != old.run.triton or (other_kernel and not (was and now)):
+        changed = kernel_launch_changes(old.run.kernel_sha256, new.run.kernel_sha256, new.shape)
+        if new.run.triton != old.run.triton or changed is None:
             raise UsageError(f"{OPTION}: {name} was tuned under Triton {old.run.triton} in OLD and {new.run.triton} "
                              "in NEW, or another kernel; a merged file would mix them: re-tune OLD's set under NEW's")
-        if other_kernel:
-            changed = dict.fromkeys(c for shape in (old.shape, new.shape) for c in launch_changes(was, now, shape))
-            if changed:
-                raise UsageError(f"{OPTION}: {name} was tuned under vLLM {was} in OLD and {now} in NEW, and {now} "
-                                 f"{' and '.join(changed)}: a merged file would mix launches; re-tune OLD's set under "
-                                 "NEW's")
+        if changed:
+            was, now = (vllm_source.KNOWN_SOURCES[p.run.kernel_sha256] for p in (old, new))
+            raise UsageError(f"{OPTION}: {name} was tuned under vLLM {was} in OLD and {now} in NEW, and {now} "
+                             f"{' and '.join(changed)}: a merged file would mix launches; re-tune OLD's set under "
+                             "NEW's")
         if set(configs.read_config_file(new_dir / name)) != set(configs.read_config_file(old_path)):
             raise UsageError(f"{OPTION}: {name} holds other batch sizes in NEW than in OLD; a merge needs one plan: "
                              "re-tune over a copy of OLD")

@@ -29,8 +29,8 @@ from .models import BUILTIN, ModelGeometry, load_model
 from .serve_command import MEMORY_GB, BatchPlan, ServeCommand, batch_plan, parse
 from .shapes import BATCH_SIZES, DEFAULT_VLLM_VERSION, Layout, MoeShape, parse_version
 from .triton_pins import mismatch, target_triton
-from .vllm_rules import ACTIVATIONS, LayerRuntime, ServeFacts, launch_changes, layer_runtime, nearest_key
-from .vllm_source import KNOWN_SOURCES
+from .vllm_rules import (ACTIVATIONS, LayerRuntime, ServeFacts, kernel_launch_changes, launch_changes, layer_runtime,
+                         nearest_key)
 
 KIND = {"silu": "SiLU layers", "swiglustep": "SwiGLU-step layers"}
 ASSIGN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
@@ -173,9 +173,7 @@ def _drift(path: Path, node: Node) -> list[str]:
     installed = installed_fused_moe()
     if installed and prov.run.kernel_sha256 and installed_vllm_version() == node.vllm_version:
         here = hashlib.sha256(installed.read_text().encode()).hexdigest()
-        known = KNOWN_SOURCES.get(here), KNOWN_SOURCES.get(prov.run.kernel_sha256)
-        alike = all(known) and not launch_changes(known[1], known[0], prov.shape)  # two releases, one launch
-        if here != prov.run.kernel_sha256 and not alike:
+        if kernel_launch_changes(prov.run.kernel_sha256, here, prov.shape) != []:  # [] also for two releases alike
             out.append("tuned on another fused_moe_kernel source than the installed vLLM's")
     return out
 

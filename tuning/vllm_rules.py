@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from .errors import UsageError
 from .shapes import MoeShape, parse_version
+from .vllm_source import KNOWN_SOURCES
 
 VLLM_VERSION = "0.33"
 # The releases whose per-layer backend choice the mirror gives: 0.33, and 0.34 where it differs (a CI test drives
@@ -355,3 +356,13 @@ def launch_changes(tuned: str, serving: str, shape: MoeShape) -> list[str]:
     if fp8 and old.zero_bsn_for_one_block != new.zero_bsn_for_one_block:
         changes.append("passes another weight-scale stride for a single N block")
     return changes
+
+
+def kernel_launch_changes(tuned_sha: str, other_sha: str, shape: MoeShape) -> list[str] | None:
+    """``launch_changes`` between two kernel files, by their sha256: [] for one file, or for two known releases'
+    files that launch ``shape``'s kernel alike (0.33's and 0.34's for a bf16 file); None where either file is no
+    known release's, so nothing can be said of it."""
+    if tuned_sha == other_sha:
+        return []
+    was, now = KNOWN_SOURCES.get(tuned_sha), KNOWN_SOURCES.get(other_sha)
+    return launch_changes(was, now, shape) if was and now else None
