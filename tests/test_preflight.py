@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tuning import preflight, serve_command, vllm_probe
+from tuning import batch_plan, preflight, serve_command, vllm_probe
 from tuning.cli import main
 from tuning.gpus import get_gpu
+from tuning.errors import UsageError
 from tuning.shapes import BATCH_SIZES
 
 pytestmark = pytest.mark.slow
@@ -76,8 +77,8 @@ def test_mtp_adds_the_verify_steps_to_the_captured_sizes(capsys):
     code, out, _ = run(capsys, "H200", ["stepfun-ai/Step-3.5-Flash", "--tensor-parallel-size", "4", *RECIPE, *MTP])
     assert code == 0, out
     assert "1 speculative tokens per step" in out
-    plan = serve_command.batch_plan(serve_command.parse(["vllm", "serve", "m", "--speculative-config",
-                                                         '{"num_speculative_tokens": 2}']), "sm90", 141)
+    plan = batch_plan.batch_plan(serve_command.parse(["vllm", "serve", "m", "--speculative-config",
+                                                      '{"num_speculative_tokens": 2}']), "sm90", 141, "0.33")
     assert {3, 6, 12, 24}.issubset(plan.capture_sizes)  # 1, 2, 4 and 8 requests of three tokens each
 
 
@@ -120,9 +121,22 @@ def test_bad_serve_commands_are_one_line(capsys, serve, message):
 
 
 def test_bad_preflight_arguments_are_one_line(capsys, tmp_path):
+    serve = ["--", "vllm", "serve", "stepfun-ai/Step-3.5-Flash"]
     for argv, message in ((["preflight", "--gpu", "H200"], "pass the serve command after '--'"),
                           (["preflight", "--gpu", "H200", "--config-dir", str(tmp_path / "nope"), "--", "vllm", "serve",
-                            "stepfun-ai/Step-3.5-Flash"], "no such folder")):
+                            "stepfun-ai/Step-3.5-Flash"], "no such folder"),
+                          # vLLM 0.33 (installed) reads the command; 0.34's is read by the mirror
+                          (["preflight", "--gpu", "B200", *serve, "-cc.max_decode_cudagraph_capture_requests=8"],
+                           "vLLM's parser refuses the serve command: "),
+                          (["preflight", "--gpu", "B200", "--vllm-version", "0.34.0", *serve,
+                            "-cc.cudagraph_mode=sometimes"], "cudagraph_mode 'sometimes' is not one of NONE, PIECEWISE"),
+                          (["preflight", "--gpu", "B200", "--vllm-version", "0.34.0", *serve, "--spec-tokens", "2",
+                            "--speculative-config", '{"num_speculative_tokens": 3}'], "are mutually exclusive"),
+                          (["preflight", "--gpu", "B200", "--vllm-version", "0.34.0", *serve,
+                            "-cc.decode_cudagraph_capture_request_sizes+", "1,64",
+                            "-cc.max_decode_cudagraph_capture_requests=8"], "holds 64, above"),
+                          (["preflight", "--gpu", "B200", "--vllm-version", "0.34.0", *serve, "--speculative-config",
+                            '{"num_speculative_tokens_per_batch_size": [[1, 8, 3]]}'], "dynamic speculative decoding")):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
@@ -140,24 +154,66 @@ COMMANDS = [
     ["m", "--data-parallel-size", "4", "--enable-expert-parallel", "--moe-backend", "Deep-Gemm"],
     ["m", "-tp", "2", "--enable-expert-parallel", "--disable-expert-parallel", "--quantization", "fp8"],
     ["m", "--load-format", "dummy", "--hf-overrides", '{"moe_num_experts": 72, "moe_intermediate_size": 1280}'],
+    # how FlexibleArgumentParser rewrites words: -O levels, dotted keys (KEY+ appends a list), 16k; the shorthands
+    ["m", "-O0"], ["m", "-O", "1"], ["m", "-O3", "-cc.cudagraph_mode=FULL_DECODE_ONLY"], ["m", "-cc.mode=none"],
+    ["m", "--compilation-config.cudagraph_mode", "piecewise", "--max-num-batched-tokens", "16k"],
+    ["m", "--cudagraph-capture-sizes", "1", "2", "4", "24", "--max-num-seqs", "16"],
+    ["m", "--max-cudagraph-capture-size", "128"],
+    ["m", "-cc.cudagraph_capture_sizes+", "1,2,3", "-cc.cudagraph_capture_sizes+", "5"],
+    ["m", "--spec-method", "step3p5_mtp", "--spec-tokens", "2"],
+    ["m", "--speculative-config.method", "step3p5_mtp", "--speculative-config.num_speculative_tokens", "4",
+     "--max-num-seqs", "48"],
+    ["m", "--served-model-name", "a", "b", "--hf-token", "--max-num-seqs", "32"],  # nargs + and ?
+    # what vLLM refuses: a bad mode, a shorthand beside its JSON key, sizes beside an inconsistent maximum
+    ["m", "-cc.cudagraph_mode=sometimes"], ["m", "--spec-tokens", "2", "--speculative-config.num_speculative_tokens", "3"],
+    ["m", "--cudagraph-capture-sizes", "1", "-cc.cudagraph_capture_sizes+", "2"],
+    ["m", "-cc.cudagraph_capture_sizes+", "1,8", "-cc.max_cudagraph_capture_size=16"],
 ]
+# vLLM 0.34's split capture sizes, and adaptive verification; 0.33's parser refuses the keys
+COMMANDS_034 = [
+    ["m", "-cc.max_decode_cudagraph_capture_requests=64"],
+    ["m", "-cc.prefill_cudagraph_capture_token_sizes+", "1,64,512,2048", "--max-num-seqs", "128"],
+    ["m", "-cc.max_prefill_cudagraph_capture_tokens=4096", "-cc.max_decode_cudagraph_capture_tokens=2048"],
+    ["m", "-cc.decode_cudagraph_capture_request_sizes+", "1,2,3,100", "-cc.cudagraph_mode=FULL_DECODE_ONLY"],
+    ["m", "--speculative-config", '{"method": "step3p5_mtp", "num_speculative_tokens": 3, '
+                                  '"enable_adaptive_verification": true}'],
+    ["m", "--spec-method", "eagle", "--spec-model", "x", "--spec-tokens", "3", "--max-num-seqs", "256"],
+    ["m", "-cc.prefill_cudagraph_capture_token_sizes+", "1,512", "-cc.max_prefill_cudagraph_capture_tokens=64"],
+    ["m", "-cc.max_decode_cudagraph_capture_requests=8", "-cc.max_cudagraph_capture_size=64"],
+]
+GPUS = (("sm90", 141), ("sm90", 96), ("sm100", 180))
+
+
+def mirror_differences(release: str, commands: list[list[str]]) -> tuple[int, list[str]]:
+    """The serve mirror (``serve_command.parse``, ``batch_plan``) against the installed vLLM's parser and
+    ``_set_cudagraph_sizes`` for each command x GPU x MTP modules (1: the recipe's override; 3: the checkpoint's):
+    the rows compared, and those that differ (a refusal must be a refusal on both sides)."""
+    rows = [(argv, arch, mem, mtp) for argv in commands for arch, mem in GPUS for mtp in (1, 3)]
+    wrong = []
+    for (argv, arch, mem, mtp), theirs in zip(rows, vllm_probe.serve_plans(rows)):
+        try:
+            cmd = serve_command.parse(["vllm", "serve", *argv], release)
+            plan = batch_plan.batch_plan(cmd, arch, mem, release, mtp)
+            ours = {"command": {k: v for k, v in vars(cmd).items() if k != "argv"},
+                    "plan": {"max_num_seqs": plan.max_num_seqs, "max_num_batched_tokens": plan.max_num_batched_tokens,
+                             "capture_sizes": list(plan.capture_sizes)}}
+        except UsageError as e:
+            ours = {"error": str(e)}
+        if ("error" in ours, "error" in theirs) == (True, True):
+            continue
+        if ours != theirs:
+            wrong.append(f"{argv} {arch} {mem} GB, {mtp} MTP: mirror {ours}; vLLM {theirs}")
+    return len(rows), wrong
 
 
 def test_the_serve_mirror_reads_and_plans_as_vllm():
-    requests = [(argv, arch, mem) for argv in COMMANDS for arch, mem in (("sm90", 141), ("sm90", 96), ("sm100", 180))]
-    answers = vllm_probe.serve_plans(requests)
-    for (argv, arch, mem), theirs in zip(requests, answers):
-        cmd = serve_command.parse(["vllm", "serve", *argv])
-        plan = serve_command.batch_plan(cmd, arch, mem)
-        ours = {k: v for k, v in vars(cmd).items() if k != "argv"}
-        ours["capture_sizes"] = list(cmd.capture_sizes) if cmd.capture_sizes is not None else None
-        assert ours == theirs["command"], argv
-        assert [plan.max_num_seqs, plan.max_num_batched_tokens, list(plan.capture_sizes)] == \
-            [theirs["plan"][k] for k in ("max_num_seqs", "max_num_batched_tokens", "capture_sizes")], (argv, arch, mem)
+    rows, wrong = mirror_differences("0.33", COMMANDS)
+    assert rows == 2 * len(GPUS) * len(COMMANDS) and not wrong, "\n".join(wrong)
+    assert all("error" in a for a in vllm_probe.serve_plans([(c, "sm90", 141, 1) for c in COMMANDS_034[:4]]))
 
 
 def test_the_committed_flag_list_is_vllms_parser():
-    assert serve_command.serve_flags() == vllm_probe.serve_flags()
+    assert serve_command.serve_flags("0.33") == vllm_probe.serve_flags()
 
 
 def test_the_flags_tune_moe_emits_are_vllms():
@@ -179,7 +235,7 @@ def test_the_flags_tune_moe_emits_are_vllms():
 
 
 def test_tokens_per_step_multiply_by_the_dp_ranks_only_under_ep():
-    plan = serve_command.BatchPlan(max_num_seqs=8, max_num_batched_tokens=64, capture_sizes=(1, 2, 4, 8))
+    plan = batch_plan.BatchPlan(max_num_seqs=8, max_num_batched_tokens=64, capture_sizes=(1, 2, 4, 8))
     ep = serve_command.ServeCommand(model="m", dp=4, ep=True)
     assert preflight.engine_tokens(ep, plan) == [4, 8, 16, 32, 256]
     assert preflight.engine_tokens(serve_command.ServeCommand(model="m", dp=4), plan) == [1, 2, 4, 8, 64]

@@ -741,11 +741,11 @@ def test_vllms_own_serve_parser_takes_the_resident_servers_command(fake, capsys)
     assert cli.main(reduced_args(fake, "--ab", "--measure-moe-share", "--workload", "decode", "--print-command")) == 0
     serve = shlex.split(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("vllm serve")))
     assert "--jit-monitor-verbose" in serve and "--profiler-config" in serve
-    (answer,) = vllm_probe.serve_plans([(serve[2:], "sm90", 141)])
+    (answer,) = vllm_probe.serve_plans([(serve[2:], "sm90", 141, 1)])
     assert "error" not in answer and answer["command"]["hf_overrides"]["moe_num_experts"] == 288
     flags = vllm_probe.serve_flags()
-    assert flags["--jit-monitor-verbose"] == ["jit_monitor_verbose", False, True]
-    assert flags["--profiler-config"][:2] == ["profiler_config", True]
+    assert flags["--jit-monitor-verbose"] == ["jit_monitor_verbose", 0, True]
+    assert flags["--profiler-config"][:2] == ["profiler_config", 1]
 
 
 # -- --reduced: one GPU for a multi-GPU layout ----------------------------------------------------------

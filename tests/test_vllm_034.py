@@ -12,6 +12,7 @@ stride_bsn are 0.33's. fp16 stands in for bf16 under the interpreter.
 import ast
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -261,6 +262,39 @@ def test_the_mirror_answers_as_vllm_0_34_on_every_row(site_034, monkeypatch):
              if verdict(layer_runtime(replace(s, vllm="0.33"), act)) != verdict(r)]
     assert moved and {(k[0], k[1], k[3]) for k in moved} == {("sm100", "bf16", "swiglustep")}
     assert {theirs[keys.index(k)].backend for k in moved} == {"FlashInfer TRTLLM"}
+
+
+def test_the_serve_mirror_reads_and_plans_as_vllm_0_34(site_034, monkeypatch):
+    """vLLM 0.34's own parser (its flag table too) and ``_set_cudagraph_sizes``, which ends in
+    ``_split_cudagraph_capture_sizes`` (config/vllm.py): the mirror, told the serve runs 0.34, reads and plans every
+    command as it does, 0.33's commands and those with 0.34's split keys."""
+    from test_preflight import COMMANDS, COMMANDS_034, GPUS, mirror_differences
+
+    from tuning import serve_command, vllm_probe
+
+    monkeypatch.setenv("PYTHONPATH", str(site_034))
+    assert serve_command.serve_flags("0.34") == vllm_probe.serve_flags()
+    assert set(serve_command.serve_flags("0.34")) > set(serve_command.serve_flags("0.33"))
+    rows, wrong = mirror_differences("0.34", COMMANDS + COMMANDS_034)
+    assert rows == 2 * len(GPUS) * len(COMMANDS + COMMANDS_034) and not wrong, "\n".join(wrong)
+
+
+def test_preflight_of_a_0_34_b200_serve_counts_its_wider_cuda_graphs(capsys):
+    """On SM100 0.34 captures prefill graphs to 8192 tokens and decode graphs to 8192 (0.33: 1024 for both), so
+    the fused MoE's padded batch sizes run to 8192 under CUDA graphs; on H200 the list is 0.33's. 0.33 is answered
+    by the installed vLLM, 0.34 by the mirror."""
+    from tuning.cli import main
+
+    serve = ["--", "vllm", "serve", "stepfun-ai/Step-3.5-Flash", "--tensor-parallel-size", "8"]
+    sizes = {}
+    for gpu, release in (("B200", "0.33.0"), ("B200", "0.34.0"), ("H200", "0.33.0"), ("H200", "0.34.0")):
+        main(["preflight", "--gpu", gpu, "--vllm-version", release, *serve])
+        out = capsys.readouterr().out
+        assert ("answered by vLLM's own code" if release == "0.33.0" else  # the installed vLLM answers for 0.33
+                "answered by tune-moe's mirror of vLLM 0.34's rules") in out
+        sizes[gpu, release] = re.search(r"(\d+) CUDA-graph sizes up to (\d+)", out).groups()
+    assert sizes == {("B200", "0.33.0"): ("83", "1024"), ("B200", "0.34.0"): ("91", "8192"),
+                     ("H200", "0.33.0"): ("51", "512"), ("H200", "0.34.0"): ("51", "512")}
 
 
 def test_the_image_recipe_on_vllm_0_34_copies_its_folder_and_0_34s_loader_reads_every_file(site_034, tmp_path):

@@ -120,6 +120,7 @@ _STEP35 = {
     "share_expert_dim": 1280,
     "intermediate_size": 11264,
     "moe_layers_enum": ",".join(str(i) for i in range(3, 45)),
+    "num_nextn_predict_layers": 3,  # the MTP modules (step3p5_mtp), after the 45 decoder layers
     "total_params": 196.81e9,
 }
 _FP8 = {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
@@ -139,6 +140,15 @@ def load_model(spec: str = DEFAULT_MODEL, overrides: dict | None = None) -> Mode
     if flat:
         cfg = {**{k: v for k, v in cfg.items() if k != "total_params"}, **flat}
     return geometry_from_config(cfg, name + (" with --hf-overrides" if flat else ""))
+
+
+def mtp_layers(spec: str) -> int:
+    """The MTP modules vLLM's draft config gets for this checkpoint (``n_predict``): its ``num_nextn_predict_layers``,
+    1 if absent. ``--hf-overrides`` given as JSON patch only the target model, not the draft (vLLM 0.34's
+    ``SpeculativeConfig.compose_draft_hf_overrides``)."""
+    cfg, _ = load_config(spec)
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    return int(text.get("num_nextn_predict_layers") or 1)
 
 
 def load_config(spec: str) -> tuple[dict, str]:

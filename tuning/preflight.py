@@ -1,14 +1,15 @@
 """``tune-moe preflight -- vllm serve ...``: what a serve will run, per MoE layer kind, before it starts.
 
 For the serve command (and the ``VLLM_*`` variables of this shell or written before it) it says, for
-the SiLU and the clamped-SwiGLU layers of Step-3.5-Flash: the backend vLLM 0.33 runs; whether that reads
+the SiLU and the clamped-SwiGLU layers of Step-3.5-Flash: the backend the serve's vLLM runs; whether that reads
 a Triton tuned file, which one, and whether it is found (``VLLM_TUNED_CONFIG_FOLDER`` first, then the
 config folder); the batch sizes the server pushes through the fused MoE (CUDA-graph sizes, the prefill
 chunk, times the DP ranks under expert parallelism) and the tuned key vLLM picks for each; and drift
 between a file's provenance and this node (GPU, the Triton the target vLLM runs, vLLM, the kernel).
 Exit 0 when everything the serve will use is tuned and current; otherwise 1, with the ``tune-moe``
 command that fills the gap. Needs no GPU. vLLM's own parser and selection code answer where vLLM is
-importable (``vllm_probe``); elsewhere the mirrors in ``serve_command`` and ``vllm_rules`` do.
+importable and is the serve's release (``vllm_probe``); elsewhere the mirrors in ``serve_command``,
+``batch_plan`` and ``vllm_rules`` do, for the release the serve runs (0.33's or 0.34's rules).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from . import backend_advice, gpus, provenance
 from .configs import CONFIGS_ROOT, TUNED_VAR, default_folder, read_config_file
 from .errors import UsageError
 from .kernel import installed_fused_moe, installed_vllm_version
-from .models import BUILTIN, ModelGeometry, load_model
-from .serve_command import MEMORY_GB, BatchPlan, ServeCommand, batch_plan, parse
+from .batch_plan import BatchPlan, batch_plan
+from .models import BUILTIN, ModelGeometry, load_model, mtp_layers
+from .serve_command import MEMORY_GB, ServeCommand, parse, serve_release
 from .shapes import BATCH_SIZES, DEFAULT_VLLM_VERSION, Layout, MoeShape, parse_version
 from .triton_pins import mismatch, target_triton
 from .vllm_rules import (ACTIVATIONS, LayerRuntime, ServeFacts, kernel_launch_changes, launch_changes, layer_runtime,
@@ -34,7 +36,7 @@ from .vllm_rules import (ACTIVATIONS, LayerRuntime, ServeFacts, kernel_launch_ch
 
 KIND = {"silu": "SiLU layers", "swiglustep": "SwiGLU-step layers"}
 ASSIGN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
-MIRROR = "tune-moe's mirror of vLLM's rules (0.33's parser and batch sizes; 0.33's and 0.34's backend per layer)"
+MIRROR = "tune-moe's mirror of vLLM {release}'s rules (its parser, batch sizes and backend per layer)"
 FAR = 2.0  # a batch size this many times beyond the nearest tuned key is reported as untuned
 RESHAPING = {"moe_num_experts", "moe_intermediate_size", "moe_top_k", "hidden_size"}  # --hf-overrides keys
 
@@ -103,21 +105,22 @@ def _understand(argv: list[str], arch: str, memory_gb: float, env: dict[str, str
                 raise UsageError(answer["error"] if answer["error"].startswith("preflight:") else
                                  f"preflight: vLLM's parser refuses the serve command: {answer['error']}")
             c, p = answer["command"], answer["plan"]
-            c["capture_sizes"] = tuple(c["capture_sizes"]) if c["capture_sizes"] is not None else None
             layers = {act: LayerRuntime(**{**d, "block": d["block"] and tuple(d["block"])})
                       for act, d in zip(ACTIVATIONS, answer["layers"])}
             plan = BatchPlan(max_num_seqs=p["max_num_seqs"], max_num_batched_tokens=p["max_num_batched_tokens"],
                              capture_sizes=tuple(p["capture_sizes"]))
             model, _ = checkpoint(c["model"], c["quantization"], c["hf_overrides"])
             return ServeCommand(**c, argv=tuple(argv)), plan, model, answer["dtype"], layers, "vLLM's own code"
-    cmd = parse(argv)
+    release = serve_release(vllm_version)
+    cmd = parse(argv, release)
     model, dtype = checkpoint(cmd.model, cmd.quantization, cmd.hf_overrides)
     facts = ServeFacts(arch=arch, dtype=dtype, tp=cmd.tp, dp=cmd.dp, ep=cmd.ep, moe_backend=cmd.moe_backend,
                        env=tuple(sorted(env.items())), num_experts=model.num_experts,
                        intermediate=model.moe_intermediate_size, hidden=model.hidden_size, top_k=model.top_k,
                        vllm=vllm_version)
     layers = {act: layer_runtime(facts, act) for act in ACTIVATIONS}
-    return cmd, batch_plan(cmd, arch, memory_gb), model, dtype, layers, MIRROR + why
+    plan = batch_plan(cmd, arch, memory_gb, release, mtp_layers(cmd.model))
+    return cmd, plan, model, dtype, layers, MIRROR.format(release=release) + why
 
 
 def _after_serve(argv: list[str]) -> list[str]:

@@ -23,6 +23,7 @@ and runs what ``Fp8MoEMethod.__init__`` runs (resolve the block, derive the weig
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import os
 import subprocess
@@ -30,8 +31,9 @@ import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
+from types import MethodType, SimpleNamespace
 
+from .serve_command import GRAPH_KEYS
 from .vllm_rules import ACTIVATIONS, VLLM_VERSION as VLLM_SERIES, LayerRuntime, ServeFacts
 
 ARCHS = {"sm90": ((9, 0), "NVIDIA H200"), "sm100": ((10, 0), "NVIDIA B200")}
@@ -41,7 +43,7 @@ CLEARED_ENV = ("VLLM_USE_DEEP_GEMM", "VLLM_MOE_USE_DEEP_GEMM", "VLLM_USE_DEEP_GE
 CHECKPOINT_BLOCK = (128, 128)
 # The releases whose selection code this probe drives: 0.33, and 0.34 over the same 7392 serve rows (benchmarks
 # README §2w: they answer alike but for B200 bf16 SwiGLU-step layers, which 0.34 runs on FlashInfer TRT-LLM).
-# Its serve op (capture sizes) reads 0.33's VllmConfig; 0.34's is refused there and preflight says so.
+# Its serve op runs either release's parser and VllmConfig._set_cudagraph_sizes (0.34 splits prefill and decode).
 PROBED = (VLLM_SERIES, "0.34")
 
 
@@ -87,11 +89,12 @@ def preflight(argv: list[str], arch: str, memory_gb: float, env: dict[str, str])
     return _ask({"op": "preflight", "argv": argv, "arch": arch, "memory_gb": memory_gb, "env": env})
 
 
-def serve_plans(requests: list[tuple[list[str], str, float]]) -> list[dict]:
-    """For each (serve argv after ``vllm serve``, arch, GPU memory in GB): what vLLM's parser reads, its batch
-    defaults for ``vllm serve`` and the CUDA-graph capture sizes ``VllmConfig._set_cudagraph_sizes`` gives;
-    or {"error": parser message}."""
-    return _ask({"op": "serve", "requests": [{"argv": a, "arch": arch, "memory_gb": m} for a, arch, m in requests]})
+def serve_plans(requests: list[tuple[list[str], str, float, int]]) -> list[dict]:
+    """For each (serve argv after ``vllm serve``, arch, GPU memory in GB, the checkpoint's MTP modules): what
+    vLLM's parser reads, its batch defaults for ``vllm serve`` and the CUDA-graph capture sizes
+    ``VllmConfig._set_cudagraph_sizes`` gives; or {"error": the parser's or VllmConfig's message}."""
+    return _ask({"op": "serve", "requests": [{"argv": a, "arch": arch, "memory_gb": m, "mtp_layers": k}
+                                             for a, arch, m, k in requests]})
 
 
 # -- the subprocess side ---------------------------------------------------------------------------
@@ -157,7 +160,7 @@ class _Oracle:
         return make_arg_parser(FlexibleArgumentParser())
 
     def flags(self) -> dict:
-        """option -> [destination, takes a value, the value it stores when it takes none]."""
+        """option -> [destination, how many values it takes (0, 1, "+" or "?"), the value it stores with none]."""
         def stored(action, opt: str):
             if action.nargs != 0:
                 return None
@@ -169,57 +172,122 @@ class _Oracle:
             return action.const
 
         registered = self.parser()._option_string_actions  # hidden spellings too (e.g. --no-enable-x)
-        return {opt: [a.dest, a.nargs != 0, stored(a, opt)] for opt, a in registered.items()}
+        return {opt: [a.dest, 1 if a.nargs is None else a.nargs, stored(a, opt)] for opt, a in registered.items()}
 
     def serve(self, request: dict) -> dict:
-        """vLLM's parser, batch defaults and capture sizes for one serve command on one GPU."""
+        """vLLM's parser, batch defaults and capture sizes for one serve command on one GPU; ``mtp_layers``: the
+        checkpoint's MTP modules (the draft config's ``n_predict``)."""
+        parsed = self._parse_serve(request)
+        if "error" in parsed:
+            return parsed
+        try:
+            plan = self._plan(parsed["ns"], parsed["command"], request["memory_gb"], request.get("mtp_layers", 1))
+        except ValueError as e:  # what VllmConfig raises for the sizes
+            return {"error": (str(e).strip().splitlines() or [type(e).__name__])[0]}
+        return {"command": parsed["command"], "plan": plan}
+
+    def _parse_serve(self, request: dict) -> dict:
+        """The serve command as vLLM's parser reads it, with EngineArgs' shorthand flags applied: {"ns",
+        "command"} (ServeCommand's fields), or {"error": the parser's message}."""
         import contextlib
         import io
+        import typing
 
         from vllm.config import CompilationConfig
-        from vllm.engine.arg_utils import EngineArgs
-        from vllm.usage.usage_lib import UsageContext
+        from vllm.config.speculative import MTPModelTypes
 
-        import vllm
-
-        if not vllm.__version__.startswith(VLLM_SERIES + "."):
-            raise RuntimeError(f"its CUDA-graph sizes are read from vLLM {VLLM_SERIES}'s VllmConfig only, "
-                               f"not {vllm.__version__}'s")
         self._enter(ServeFacts(arch=request["arch"], dtype="bf16"))
         err = io.StringIO()
         try:
             with contextlib.redirect_stderr(err):
                 ns = self.parser().parse_args(request["argv"])
         except SystemExit:
-            return {"error": (err.getvalue().strip().splitlines() or ["unparseable"])[-1]}
-        spec = ns.speculative_config or {}
-        cc = ns.compilation_config  # a dict when not given, a CompilationConfig when given
-        comp = {k: cc.get(k) if isinstance(cc, dict) else getattr(cc, k, None)
-                for k in ("cudagraph_capture_sizes", "max_cudagraph_capture_size")}
-        explicit = comp.get("cudagraph_capture_sizes")
+            lines = err.getvalue().strip().splitlines()
+            first = next((i for i, line in enumerate(lines) if ": error: " in line), len(lines) - 1)
+            return {"error": " ".join(line.strip() for line in lines[first:first + 3]) or "unparseable"}
+        except (KeyError, ValueError) as e:  # a value the parser's type hook cannot take
+            return {"error": f"{type(e).__name__}: {e}"}
+        if not isinstance(ns.compilation_config, CompilationConfig):
+            ns.compilation_config = CompilationConfig(**(ns.compilation_config or {}))
+        cc, spec = ns.compilation_config, dict(ns.speculative_config or {})
+        for flag, key in (("cudagraph_capture_sizes", "cudagraph_capture_sizes"),
+                          ("max_cudagraph_capture_size", "max_cudagraph_capture_size")):  # create_engine_config
+            if getattr(ns, flag) is not None:
+                if getattr(cc, key) is not None:
+                    return {"error": f"{flag} and compilation_config.{key} are mutually exclusive"}
+                setattr(cc, key, getattr(ns, flag))
+        for flag, key in (("--spec-method", "method"), ("--spec-model", "model"),  # create_speculative_config
+                          ("--spec-tokens", "num_speculative_tokens")):
+            value = getattr(ns, flag[2:].replace("-", "_"))
+            if value is not None:
+                if key in spec:
+                    return {"error": f"{flag} and --speculative-config['{key}'] are mutually exclusive"}
+                spec[key] = value
+        spec = {k.replace("-", "_"): v for k, v in spec.items()}
+        method = spec.get("method")
+        if method in typing.get_args(MTPModelTypes):
+            method = "mtp"
+        elif spec and method is None and spec.get("model") in (None, "ngram", "[ngram]"):
+            method = "ngram" if spec.get("model") else "draft_model"
+        ns.speculative_config = {**spec, "method": method} if spec else None
+        graph = {k: _plain(getattr(cc, k, None)) for k in GRAPH_KEYS if getattr(cc, k, None) is not None}
         command = {"model": ns.model_tag or ns.model, "tp": ns.tensor_parallel_size, "dp": ns.data_parallel_size,
                    "ep": bool(ns.enable_expert_parallel), "moe_backend": ns.moe_backend,
                    "quantization": ns.quantization, "num_speculative_tokens": int(spec.get("num_speculative_tokens") or 0),
+                   "speculative_method": method,
+                   "adaptive_verification": bool(spec.get("enable_adaptive_verification", False))
+                   and hasattr(self.VllmConfig, "get_varlen_decode_cudagraph_token_sizes"),
                    "max_num_seqs": ns.max_num_seqs, "max_num_batched_tokens": ns.max_num_batched_tokens,
-                   "enforce_eager": bool(ns.enforce_eager), "capture_sizes": explicit,
-                   "max_capture_size": comp.get("max_cudagraph_capture_size"), "performance_mode": ns.performance_mode,
+                   "enforce_eager": bool(ns.enforce_eager), "optimization_level": int(ns.optimization_level),
+                   "compilation": graph, "performance_mode": ns.performance_mode,
                    "hf_overrides": dict(ns.hf_overrides or {})}
-        memory = int(request["memory_gb"] * 1e9)
+        return {"ns": ns, "command": command}
+
+    def _plan(self, ns, command: dict, memory_gb: float, mtp_layers: int) -> dict:
+        """``EngineArgs.get_batch_defaults``, the CUDA-graph mode (-O's default, ``_normalize_piecewise_cudagraph_mode``)
+        and ``VllmConfig._set_cudagraph_sizes`` on a stand-in VllmConfig that carries vLLM's own methods."""
+        from vllm.config.compilation import CompilationMode
+        from vllm.config.speculative import SpeculativeConfig
+        from vllm.config.vllm import OPTIMIZATION_LEVEL_TO_CONFIG, OptimizationLevel
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.usage.usage_lib import UsageContext
+
+        memory = int(memory_gb * 1e9)
         self.gpu.get_device_total_memory = classmethod(lambda cls, device_id=0: memory)
         tokens, seqs = (d[UsageContext.OPENAI_API_SERVER] for d in EngineArgs.get_batch_defaults(ns.tensor_parallel_size))
         if ns.performance_mode == "throughput":
             tokens, seqs = tokens * 2, seqs * 2
         tokens, seqs = ns.max_num_batched_tokens or tokens, ns.max_num_seqs or seqs
+        cc, level = ns.compilation_config, OptimizationLevel(int(ns.optimization_level))
+        if cc.cudagraph_mode is None:
+            cc.cudagraph_mode = OPTIMIZATION_LEVEL_TO_CONFIG[level]["compilation_config"]["cudagraph_mode"]
+        if cc.mode is None:
+            cc.mode = CompilationMode.VLLM_COMPILE if level > OptimizationLevel.O0 else CompilationMode.NONE
+        k = command["num_speculative_tokens"]
+        spec = None
+        if ns.speculative_config is not None:
+            spec = SimpleNamespace(**{"num_speculative_tokens_per_batch_size": None, "index_share_for_mtp_iteration": None,
+                                      "enable_adaptive_verification": False, **ns.speculative_config,
+                                      "num_speculative_tokens": k})
+            spec.draft_model_config = SimpleNamespace(hf_config=SimpleNamespace(model_type="step3p5_mtp",
+                                                                               n_predict=mtp_layers))
+            _bind(spec, SpeculativeConfig, ("use_multi_module_mtp", "use_gemma4_mtp", "num_mtp_modules",
+                                            "uses_dynamic_speculative_decoding"))
         stand_in = SimpleNamespace(
-            model_config=SimpleNamespace(enforce_eager=bool(ns.enforce_eager)),
-            compilation_config=CompilationConfig(**{k: v for k, v in comp.items() if v is not None}),
+            model_config=SimpleNamespace(enforce_eager=bool(ns.enforce_eager)), compilation_config=cc,
             scheduler_config=SimpleNamespace(max_num_seqs=seqs, max_num_batched_tokens=tokens),
-            uniform_decode_query_len=1 + command["num_speculative_tokens"], speculative_config=None,
-            performance_mode=ns.performance_mode, num_speculative_tokens=command["num_speculative_tokens"])
-        self.VllmConfig._set_cudagraph_sizes(stand_in)
-        sizes = stand_in.compilation_config.cudagraph_capture_sizes
-        return {"command": command, "plan": {"max_num_seqs": seqs, "max_num_batched_tokens": tokens,
-                                             "capture_sizes": list(sizes or [])}}
+            uniform_decode_query_len=1 + k, speculative_config=spec, performance_mode=ns.performance_mode,
+            num_speculative_tokens=k)
+        _bind(stand_in, self.VllmConfig, ("_normalize_piecewise_cudagraph_mode", "get_decode_cudagraph_query_lens",
+                                          "get_draft_decode_cudagraph_request_sizes",
+                                          "get_varlen_decode_cudagraph_token_sizes", "_split_cudagraph_capture_sizes",
+                                          "_set_cudagraph_sizes"))
+        stand_in._normalize_piecewise_cudagraph_mode(breakable_cudagraph_enabled=False)
+        if ns.enforce_eager:
+            cc.cudagraph_mode = type(cc.cudagraph_mode).NONE
+        stand_in._set_cudagraph_sizes()
+        return {"max_num_seqs": seqs, "max_num_batched_tokens": tokens,
+                "capture_sizes": list(cc.cudagraph_capture_sizes or [])}
 
     def model(self, request: dict) -> dict:
         """``EngineArgs.create_model_config`` for the serve command, and what step3p5.py reads of its hf_config:
@@ -249,14 +317,19 @@ class _Oracle:
         from .errors import UsageError
         from .preflight import checkpoint
 
-        answer = self.serve(request)
-        if "error" in answer:
-            return answer
-        c = answer["command"]
+        from .models import mtp_layers
+
+        parsed = self._parse_serve(request)
+        if "error" in parsed:
+            return parsed
+        c = parsed["command"]
         try:
             model, dtype = checkpoint(c["model"], c["quantization"], c["hf_overrides"])
+            answer = {"command": c, "plan": self._plan(parsed["ns"], c, request["memory_gb"], mtp_layers(c["model"]))}
         except UsageError as e:
             return {"error": str(e)}
+        except ValueError as e:  # what VllmConfig raises for the sizes
+            return {"error": (str(e).strip().splitlines() or [type(e).__name__])[0]}
         facts = ServeFacts(arch=request["arch"], dtype=dtype, tp=c["tp"], dp=c["dp"], ep=c["ep"],
                            moe_backend=c["moe_backend"], env=tuple(sorted(request["env"].items())),
                            num_experts=model.num_experts, intermediate=model.moe_intermediate_size,
@@ -333,6 +406,20 @@ class _Oracle:
         _, n = self.unq.unquantized_round_up_hidden_size_and_intermediate_size(
             backend, config.hidden_dim, config.intermediate_size_per_partition)
         return backend, experts, n, None
+
+
+def _bind(stand_in: SimpleNamespace, cls: type, names: tuple[str, ...]) -> None:
+    """Give ``stand_in`` the methods ``names`` of vLLM's ``cls`` that this release has, bound to it."""
+    for name in names:
+        if hasattr(cls, name):
+            setattr(stand_in, name, MethodType(getattr(cls, name), stand_in))
+
+
+def _plain(value):
+    """A CompilationConfig value as ServeCommand holds it: an enum by name (CUDAGraphMode) or number."""
+    if isinstance(value, enum.IntEnum):
+        return int(value)
+    return value.name if isinstance(value, enum.Enum) else value
 
 
 def _swap_platform() -> type:
