@@ -277,6 +277,9 @@ def test_the_serve_mirror_reads_and_plans_as_vllm_0_34(site_034, monkeypatch):
     assert set(serve_command.serve_flags("0.34")) > set(serve_command.serve_flags("0.33"))
     rows, wrong = mirror_differences("0.34", COMMANDS + COMMANDS_034)
     assert rows == 2 * len(GPUS) * len(COMMANDS + COMMANDS_034) and not wrong, "\n".join(wrong)
+    answer = vllm_probe.preflight(["stepfun-ai/Step-3.5-Flash", "-tp", "8"], "sm100", 180, {})  # a 0.34 node's
+    sizes = answer["plan"]["capture_sizes"]
+    assert (len(sizes), sizes[-1]) == (91, 8192) and [r["backend"] for r in answer["layers"]] == ["FlashInfer TRTLLM"] * 2
 
 
 def test_preflight_of_a_0_34_b200_serve_counts_its_wider_cuda_graphs(capsys):

@@ -207,6 +207,8 @@ class _Oracle:
             return {"error": " ".join(line.strip() for line in lines[first:first + 3]) or "unparseable"}
         except (KeyError, ValueError) as e:  # a value the parser's type hook cannot take
             return {"error": f"{type(e).__name__}: {e}"}
+        if str(ns.optimization_level) not in {"0", "1", "2", "3"}:
+            return {"error": f"-O {ns.optimization_level!r} is not an optimization level"}
         if not isinstance(ns.compilation_config, CompilationConfig):
             ns.compilation_config = CompilationConfig(**(ns.compilation_config or {}))
         cc, spec = ns.compilation_config, dict(ns.speculative_config or {})
