@@ -154,6 +154,19 @@ def test_expected_files_follow_vllms_rules_per_layer_kind(layout, dtype, backend
     assert [line.rsplit("/", 1)[1].removesuffix(" for MoE layer.") for line in must] == names
 
 
+@pytest.mark.parametrize("version, names", [
+    ("0.33", ["E=288,N=160,device_name=NVIDIA_B200.json"]),  # SiLU: FlashInfer TRT-LLM, SwiGLU-step: Triton
+    ("0.34", []),  # 0.34 runs the SwiGLU-step layers on FlashInfer TRT-LLM too (the mirror's 0.34 row)
+])
+def test_expected_files_follow_the_serves_release(version, names, tmp_path, monkeypatch, capsys):
+    """A B200 bf16 TP8 serve: the lines a run waits for come from the mirror of the release it serves."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["validate-serve", "--layout", "TP8", "--dtype", "bf16", "--gpu", "B200", "--vllm-version", version,
+                     "--print-command"]) == 0
+    must = [line for line in capsys.readouterr().out.splitlines() if line.startswith("# vLLM must log")]
+    assert [line.rsplit("/", 1)[1].removesuffix(" for MoE layer.") for line in must] == names
+
+
 def test_print_command_refuses_a_serve_vllm_will_not_start(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert cli.main(["validate-serve", "--layout", "TP4", "--dtype", "fp8", "--gpu", "H200", "--moe-backend",

@@ -17,7 +17,7 @@ from .recipe import CHECKPOINTS, ServeSpec
 from .reduced import Reduced
 from .shapes import Refusal, parse_version, shape_for
 from .vllm_log import BATCHED, Predicted
-from .vllm_rules import ACTIVATIONS, VLLM_VERSION, ServeFacts, layer_runtime
+from .vllm_rules import ACTIVATIONS, MIRRORED, ServeFacts, layer_runtime
 
 @dataclass(frozen=True)
 class Preflight:
@@ -70,8 +70,8 @@ def kind_phrase(layer: pf.Layer) -> str:
 
 
 def triton_alternative(pre: Preflight) -> str | None:
-    """What ``--moe-backend triton`` would change, by vLLM 0.33's rules (the mirror), when it runs every kind on
-    TritonExperts."""
+    """What ``--moe-backend triton`` would change, by the serve's vLLM release's rules (the mirror), when it runs
+    every kind on TritonExperts."""
     cmd = pre.report["command"]
     if cmd.moe_backend == "triton":
         return None
@@ -79,10 +79,11 @@ def triton_alternative(pre: Preflight) -> str | None:
     facts = ServeFacts(arch=pre.node.gpu.arch, dtype=dtype, tp=cmd.tp, dp=cmd.dp, ep=cmd.ep, moe_backend="triton",
                        env=tuple(sorted((k, v) for k, v in pre.node.env.items() if k.startswith("VLLM_"))),
                        num_experts=model.num_experts, intermediate=model.moe_intermediate_size,
-                       hidden=model.hidden_size, top_k=model.top_k)
+                       hidden=model.hidden_size, top_k=model.top_k, vllm=pre.node.vllm_version)
     if all(layer_runtime(facts, act).reads_tuned_file for act in ACTIVATIONS):
         advice = pre.report.get("advice")
-        return ("with --moe-backend triton vLLM 0.33 runs every MoE layer kind on TRITON, which reads the tuned file"
+        return (f"with --moe-backend triton vLLM {pre.node.vllm_version} runs every MoE layer kind on TRITON, which "
+                "reads the tuned file"
                 + (f" ({advice})" if advice else ""))
     return None
 
@@ -140,18 +141,20 @@ def check_fit(spec: ServeSpec, gpu: gpus.GpuSpec, reduced: Reduced | None = None
 
 
 def expected_files(spec: ServeSpec, gpu: gpus.GpuSpec, version: str, model: ModelGeometry) -> list[str]:
-    """The tuned files the serve's MoE layer kinds read (--print-command, which starts nothing): vLLM 0.33's rules
-    from the mirror (a run asks preflight, which asks vLLM itself); other versions by the plan's shape rule."""
+    """The tuned files the serve's MoE layer kinds read (--print-command, which starts nothing): the mirror's
+    rules for the releases it mirrors, 0.33 and 0.34 (a run asks preflight, which asks vLLM itself); other
+    versions by the plan's shape rule."""
     layout = spec.layout
     shape = shape_for(model, layout, spec.dtype, version, spec.moe_backend)
     if isinstance(shape, Refusal):
         raise UsageError(f"layout {layout.name}: {shape.reason}")
-    if parse_version(version) != parse_version(VLLM_VERSION):
+    if parse_version(version) not in {parse_version(v) for v in MIRRORED}:
         return [shape.file_name(gpu.device_name)]
     env = tuple(sorted((k, v) for k, v in spec.environ(dict(os.environ)).items() if k.startswith("VLLM_")))
     facts = ServeFacts(arch=gpu.arch, dtype=spec.dtype, tp=layout.tp, dp=layout.dp, ep=layout.ep,
                        moe_backend=spec.moe_backend, env=env, num_experts=model.num_experts,
-                       intermediate=model.moe_intermediate_size, hidden=model.hidden_size, top_k=model.top_k)
+                       intermediate=model.moe_intermediate_size, hidden=model.hidden_size, top_k=model.top_k,
+                       vllm=version)
     names = []
     for act in ACTIVATIONS:
         r = layer_runtime(facts, act)
