@@ -82,7 +82,8 @@ def triton_alternative(pre: Preflight) -> str | None:
                        hidden=model.hidden_size, top_k=model.top_k, vllm=pre.node.vllm_version)
     if all(layer_runtime(facts, act).reads_tuned_file for act in ACTIVATIONS):
         advice = pre.report.get("advice")
-        return (f"with --moe-backend triton vLLM {pre.node.vllm_version} runs every MoE layer kind on TRITON, which "
+        series = ".".join(map(str, parse_version(pre.node.vllm_version)))
+        return (f"with --moe-backend triton vLLM {series} runs every MoE layer kind on TRITON, which "
                 "reads the tuned file"
                 + (f" ({advice})" if advice else ""))
     return None
