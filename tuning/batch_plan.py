@@ -148,34 +148,34 @@ def _split_sizes(cmd: ServeCommand, arch: str, shared: list[int], *, seqs: int, 
 
 
 def _prefill_sizes(cmd: ServeCommand, tokens: int, shared: list[int], wide: bool) -> list[int]:
-    c = cmd.compilation
-    given, cap = c.get("prefill_cudagraph_capture_token_sizes"), c.get("max_prefill_cudagraph_capture_tokens")
-    if given is not None:
-        return _explicit(given, tokens, cap, "prefill_cudagraph_capture_token_sizes",
-                         "max_prefill_cudagraph_capture_tokens")
+    kept, cap = _explicit(cmd, "prefill_cudagraph_capture_token_sizes", "max_prefill_cudagraph_capture_tokens", tokens)
+    if kept is not None:
+        return kept
     if cap is not None or wide:
         return prefill_grid(min(WIDE if cap is None else cap, tokens), cmd.performance_mode == "interactivity")
     return list(shared)
 
 
 def _decode_requests(cmd: ServeCommand, seqs: int, shared: list[int], wide: bool, query: int) -> list[int]:
-    c = cmd.compilation
-    given, cap = c.get("decode_cudagraph_capture_request_sizes"), c.get("max_decode_cudagraph_capture_requests")
-    if given is not None:
-        return _explicit(given, seqs, cap, "decode_cudagraph_capture_request_sizes",
-                         "max_decode_cudagraph_capture_requests")
+    kept, cap = _explicit(cmd, "decode_cudagraph_capture_request_sizes", "max_decode_cudagraph_capture_requests", seqs)
+    if kept is not None:
+        return kept
     if cap is not None or wide:
         return decode_grid(seqs if cap is None else min(cap, seqs))
     top = max(shared, default=0)  # the shared sizes' recorded max
     return sorted({min(-(-s // query), seqs) for s in shared if -(-s // query) * query <= top})
 
 
-def _explicit(sizes: list[int], limit: int, cap: int | None, name: str, cap_name: str) -> list[int]:
+def _explicit(cmd: ServeCommand, name: str, cap_name: str, limit: int) -> tuple[list[int] | None, int | None]:
+    """The sizes ``name`` gives, within [1, ``limit``] (None if not given), and the cap ``cap_name`` sets."""
+    sizes, cap = cmd.compilation.get(name), cmd.compilation.get(cap_name)
+    if sizes is None:
+        return None, cap
     kept = sorted({s for s in sizes if 1 <= s <= limit})
     if cap is not None and kept and kept[-1] > cap:
         raise UsageError(f"preflight: --compilation-config {name} holds {kept[-1]}, above {cap_name}={cap}; "
                          f"raise {cap_name} or drop the larger sizes")
-    return kept
+    return kept, cap
 
 
 def _draft_requests(cmd: ServeCommand, seqs: int, decode: list[int], mtp_layers: int) -> list[int]:
