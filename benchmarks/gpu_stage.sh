@@ -20,8 +20,9 @@
 #                      (.tune-moe: results.jsonl, run.json) back as $OUT/bg.tar, so a lost machine loses nothing
 #   ray ARGS...        Ray's own CLI in this environment (`ray start --head`, `ray status`, `ray stop`): a cluster the
 #                      run did not start, whose workers inherit this environment, for `tune ... --ray-address auto`
-#   cli NAME SECS ARGS...  any `tune-moe ARGS` (verify, report, ...) in this environment, log to $OUT/NAME.log;
-#                      after `verify --keep-confirmed`, the ledger of --configs as $OUT/NAME.judged.jsonl
+#   cli NAME SECS ARGS...  any `tune-moe ARGS` (verify, report, ...) in this environment, log to $OUT/NAME.log,
+#                      exiting as it did; after `verify --keep-confirmed OUT`, the ledger of --configs as
+#                      $OUT/NAME.judged.jsonl and OUT as $OUT/NAME.out.tar
 #   py NAME SECS SCRIPT ARGS...  `python3 SCRIPT ARGS` (a benchmarks/ script) in this environment, log to $OUT/NAME.log
 #   cli-smi NAME SECS ARGS...  the same, each log line stamped with its time, and the GPU's clocks, temperatures,
 #                      power and clock-event reasons sampled every 200 ms to $OUT/NAME.smi.csv (benchmarks/gpu_state.py
@@ -89,7 +90,8 @@ logged() {  # NAME SECS PYTHON-ARGS...: python3 PYTHON-ARGS for at most SECS (SI
   local name=$1 secs=$2; shift 2
   set +e
   timeout -s INT -k 30 "$secs" python3 "$@" > "$OUT/$name.log" 2>&1
-  echo "$name: exit $?" | tee -a "$OUT/$name.log"
+  rc=$?
+  echo "$name: exit $rc" | tee -a "$OUT/$name.log"
   set -e
 }
 case "$stage" in
@@ -279,7 +281,13 @@ g("90"); print("fused_moe_90 loaded (AOT)")'  # never a JIT build here: a missin
     configs=$(printf '%s\n' "$@" | sed -n '/^--configs$/{n;p;q}')
     if printf '%s\n' "$@" | grep -qx -- --keep-confirmed && [ -f "$configs/.tune-moe/judged.jsonl" ]; then
       cp "$configs/.tune-moe/judged.jsonl" "$OUT/$name.judged.jsonl"
-    fi ;;
+    fi
+    # and the set it wrote, as a tar: config file names (commas, '=', brackets) do not come back through $OUT
+    kept=$(printf '%s\n' "$@" | sed -n '/^--keep-confirmed$/{n;p;q}')
+    if [ -n "$kept" ] && [ -d "$kept" ]; then
+      tar cf "$OUT/$name.out.tar" -C "$(dirname "$kept")" "$(basename "$kept")"
+    fi
+    exit "$rc" ;;  # the command's own exit (verify: 1 when an entry is below 0.98x of the default)
   py)
     logged "$@" ;;
   cli-smi)  # cli, its output lines stamped with the time, nvidia-smi sampling the GPU beside it every 200 ms
