@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import backend_advice, gpus, provenance
+from .batch_plan import BatchPlan, batch_plan
 from .configs import CONFIGS_ROOT, TUNED_VAR, default_folder, read_config_file
 from .errors import UsageError
 from .kernel import installed_fused_moe, installed_vllm_version
-from .batch_plan import BatchPlan, batch_plan
 from .models import BUILTIN, ModelGeometry, load_model, mtp_layers
 from .serve_command import MEMORY_GB, ServeCommand, parse, serve_release
 from .shapes import BATCH_SIZES, DEFAULT_VLLM_VERSION, Layout, MoeShape, parse_version

@@ -183,7 +183,7 @@ class _Oracle:
         try:
             plan = self._plan(parsed["ns"], parsed["command"], request["memory_gb"], request.get("mtp_layers", 1))
         except ValueError as e:  # what VllmConfig raises for the sizes
-            return {"error": (str(e).strip().splitlines() or [type(e).__name__])[0]}
+            return {"error": _first_line(e)}
         return {"command": parsed["command"], "plan": plan}
 
     def _parse_serve(self, request: dict) -> dict:
@@ -331,7 +331,7 @@ class _Oracle:
         except UsageError as e:
             return {"error": str(e)}
         except ValueError as e:  # what VllmConfig raises for the sizes
-            return {"error": (str(e).strip().splitlines() or [type(e).__name__])[0]}
+            return {"error": _first_line(e)}
         facts = ServeFacts(arch=request["arch"], dtype=dtype, tp=c["tp"], dp=c["dp"], ep=c["ep"],
                            moe_backend=c["moe_backend"], env=tuple(sorted(request["env"].items())),
                            num_experts=model.num_experts, intermediate=model.moe_intermediate_size,
@@ -408,6 +408,10 @@ class _Oracle:
         _, n = self.unq.unquantized_round_up_hidden_size_and_intermediate_size(
             backend, config.hidden_dim, config.intermediate_size_per_partition)
         return backend, experts, n, None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _bind(stand_in: SimpleNamespace, cls: type, names: tuple[str, ...]) -> None:
