@@ -32,11 +32,13 @@
 #                      ray/jars/ (Java workers), tar | zstd -19: .gpu/ray/ray-site.tar.zst (about 31 MiB)
 #
 # The backend bake-off (tune-moe compare-backends; benchmarks/README.md has the calls in order):
-#   pack-sources       run HERE, not on the GPU machine: vLLM 0.33's source files the bake-off loads (.gpu/vllm-src/)
-#                      and vLLM's bundled DeepGEMM (.gpu/dg.tar.zst), from the python of this checkout ($PYTHON)
-#   pack-ops           run HERE: vLLM 0.33's compiled CUDA ops of $PYTHON's vLLM (_C_stable_libtorch.abi3.so,
-#                      _moe_C_stable_libtorch.abi3.so, and their SHA256SUMS), tar | zstd -19 --long=27, split into
-#                      parts of at most 50 MiB (a call carries the checkout too): .gpu/vllm-ops/ops-part-00, -01, ... (stash each, one call per part)
+#   pack-sources       run HERE, not on the GPU machine: vLLM's source files the bake-off loads ($SRC_DIR, default
+#                      .gpu/vllm-src/) and vLLM's bundled DeepGEMM ($DG_OUT, default .gpu/dg.tar.zst), from the vLLM of
+#                      $PYTHON, or from the package folder $VLLM_PKG
+#   pack-ops           run HERE: the compiled CUDA ops of $PYTHON's vLLM, or of the package folder $VLLM_PKG
+#                      (_C_stable_libtorch.abi3.so, _moe_C_stable_libtorch.abi3.so, and their SHA256SUMS), tar | zstd -19
+#                      --long=27, split into parts of at most 36 MiB (a call carries the checkout too):
+#                      $OPS_DIR (default .gpu/vllm-ops)/ops-part-00, -01, ... (stash each, one call per part)
 #   setup-ops          join /tmp/stash/ops-part-*, unpack to /tmp/vllm-ops, check the sums, and that torch loads both
 #                      libraries and registers vLLM's ops (torch.ops._moe_C.moe_sum, torch.ops._C.silu_and_mul, ...)
 #   setup-t38 PART...  unpack Triton 3.8.0 alone (no Ray) from /tmp/stash/part-00 and PART to /tmp/t38
@@ -133,25 +135,27 @@ case "$stage" in
     fi ;;
   pack-sources)
     py=${PYTHON:-python3}
-    "$py" -c 'import shutil; from pathlib import Path; from tuning.vllm_helpers import FILES, _installed
+    pkg=${VLLM_PKG:-$("$py" -c 'import importlib.util as u; print(u.find_spec("vllm").submodule_search_locations[0])')}
+    dest=${SRC_DIR:-.gpu/vllm-src} dg=${DG_OUT:-.gpu/dg.tar.zst}
+    "$py" -c 'import shutil, sys; from pathlib import Path; from tuning.vllm_helpers import FILES
+root, dest = Path(sys.argv[1]).parent, Path(sys.argv[2])
 for rel in FILES:
-    dest = Path(".gpu/vllm-src") / rel
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(_installed(rel), dest)
-print("vLLM sources:", len(FILES), "files in .gpu/vllm-src")'
-    third=$("$py" -c 'import importlib.util as u; print(u.find_spec("vllm").submodule_search_locations[0])')/third_party
-    tar cf - -C "$third" --exclude=__pycache__ deep_gemm | zstd -12 --long=27 -q -c > .gpu/dg.tar.zst
-    ls -l .gpu/dg.tar.zst ;;
+    (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(root / rel, dest / rel)
+print("vLLM sources:", len(FILES), "files in", dest)' "$pkg" "$dest"
+    tar cf - -C "$pkg/third_party" --exclude=__pycache__ deep_gemm | zstd -12 --long=27 -q -c > "$dg"
+    ls -l "$dg" ;;
   pack-ops)
     py=${PYTHON:-python3}
-    vllm=$("$py" -c 'import importlib.util as u; print(u.find_spec("vllm").submodule_search_locations[0])')
+    vllm=${VLLM_PKG:-$("$py" -c 'import importlib.util as u; print(u.find_spec("vllm").submodule_search_locations[0])')}
+    dest=${OPS_DIR:-.gpu/vllm-ops}
     libs="_C_stable_libtorch.abi3.so _moe_C_stable_libtorch.abi3.so"
     stage_dir=$(mktemp -d)
     (cd "$vllm" && cp $libs "$stage_dir"/ && sha256sum $libs > "$stage_dir"/SHA256SUMS)
-    rm -rf .gpu/vllm-ops && mkdir -p .gpu/vllm-ops
-    tar cf - -C "$stage_dir" $libs SHA256SUMS | zstd -19 --long=27 -T2 -q -c | split -b 50M -d -a 2 - .gpu/vllm-ops/ops-part-
+    rm -rf "$dest" && mkdir -p "$dest"
+    tar cf - -C "$stage_dir" $libs SHA256SUMS | zstd -19 --long=27 -T2 -q -c | split -b 36M -d -a 2 - "$dest"/ops-part-
     rm -rf "$stage_dir"
-    ls -l .gpu/vllm-ops ;;
+    ls -l "$dest" ;;
   setup-ops)
     rm -rf /tmp/vllm-ops && mkdir -p /tmp/vllm-ops
     cat /tmp/stash/ops-part-* | python3 /tmp/stash/unzstd.py | tar xf - -C /tmp/vllm-ops
@@ -162,7 +166,7 @@ for lib in ("_C_stable_libtorch.abi3.so", "_moe_C_stable_libtorch.abi3.so"):
 for ns, op in (("_moe_C", "moe_sum"), ("_moe_C", "moe_align_block_size"), ("_C", "silu_and_mul"),
                ("_C", "silu_and_mul_per_block_quant"), ("_C", "per_token_group_fp8_quant")):
     print(getattr(getattr(torch.ops, ns), op).default._schema)
-print("torch", torch.__version__, "loads the CUDA ops of vLLM 0.33")' ;;
+print("torch", torch.__version__, "loads these CUDA ops of vLLM")' ;;
   setup-t38)
     mkdir -p /tmp/t38
     cat /tmp/stash/part-00 "$@" | python3 /tmp/stash/unzstd.py | tar xf - -C /tmp/t38

@@ -374,3 +374,66 @@ def test_a_release_whose_launch_was_not_read_says_which_was(tune, version, read_
     assert rc == 0
     assert out.splitlines()[0].endswith(f"vLLM {version} launch rules (read in vLLM {read_in}'s source; {version}'s "
                                         "own launch is not checked)")
+
+
+# --- the sorted-activation path of a `_down.json` file -------------------------------------------------------
+
+SORTED_SHAPE = MoeShape(8, 8, 128, 4096, 2, "fp8", (128, 128))  # hidden 4096, as Step-3.5-Flash: the path's floor
+DOWN = {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4,
+        "num_stages": 3, "USE_TMA": True}
+
+
+@pytest.fixture
+def interpretable_libdevice(monkeypatch):
+    """Triton's interpreter has no libdevice: 0.34's sorted quantisation kernel calls libdevice.exp, which runs here
+    as tl.exp (the interpreter's numpy exp); the rest of the kernel is vLLM's."""
+    import triton.language as tl
+    from triton.language.extra.cuda import libdevice
+
+    monkeypatch.setattr(libdevice, "exp", lambda x, **_: tl.exp(x))
+
+
+def test_the_sorted_down_path_equals_the_float_reference_and_the_plain_path(site_034, kernel, interpretable_libdevice):
+    """vLLM 0.34's sorted-activation path as an H200 runs it (w13 writing slot order, _silu_mul_quant_sorted_kernel,
+    w2 reading through an A descriptor with the `_down.json` entry's tiles and w13's BLOCK_SIZE_M), vLLM's kernels
+    loaded from its source: against the float reference, and the plain path's output on the same inputs."""
+    from tuning.layer_inputs import batch, errors, float_weights, quantised, reference
+    from tuning.path_triton import TritonPath
+    from tuning.vllm_helpers import VllmSource, load_helpers
+
+    helpers = load_helpers(VllmSource(str(site_034)))
+    w = float_weights(SORTED_SHAPE, 0, torch.device("cpu"), torch.float16)
+    q, b = quantised(w, (128, 128)), batch(SORTED_SHAPE, 12, 1, 3, torch.device("cpu"), torch.float16)
+    ref = reference(w, b, "silu")
+    up = TileConfig(16, 64, 128, 1, 4, 3)
+    common = dict(config=up, activation="silu", e8m0=True, capability=90)
+    plain = TritonPath(kernel, helpers, SORTED_SHAPE, q, b, **common)
+    sorted_ = TritonPath(kernel, helpers, SORTED_SHAPE, q, b, down=DOWN, **common)
+    assert plain.down is None and sorted_.down == TileConfig(16, 128, 128, 1, 4, 3)
+    assert "silu_and_mul" in plain.cuda_ops and "silu_and_mul" not in sorted_.cuda_ops
+    calls = Recorder(kernel.fn)
+    out_plain = plain.run().clone()
+    out_sorted = TritonPath(replace(kernel, fn=calls), helpers, SORTED_SHAPE, q, b, down=DOWN, **common).run()
+    (_, first), (_, second) = calls.calls
+    assert (first["C_IS_SORTED"], first["USE_TMA_A"], second["C_IS_SORTED"], second["USE_TMA_A"]) == \
+        (True, False, False, True)
+    assert second["a_desc"].block_shape == [16, 128] and second["BLOCK_SIZE_N"] == 128
+    (rel_plain, diff_plain), (rel_sorted, diff_sorted) = errors(out_plain, ref), errors(out_sorted, ref)
+    assert diff_sorted < 0.02 and abs(diff_sorted - diff_plain) < 1e-3 and abs(rel_sorted - rel_plain) < 0.01
+    torch.testing.assert_close(out_sorted, out_plain, rtol=0.02, atol=0.02)
+    assert out_sorted.abs().sum() > 0
+
+
+@pytest.mark.parametrize("change,runs", [
+    ({}, True), ({"down": {**DOWN, "USE_TMA": False}}, False), ({"down": None}, False),
+    ({"activation": "swiglustep"}, False), ({"e8m0": False}, False), ({"expert_parallel": True}, False),
+    ({"naive": True}, False), ({"capability": 100}, False), ({"block_shape": (64, 64)}, False),
+    ({"block_m": 8}, False), ({"hidden": 2048}, False), ({"down": {**DOWN, "BLOCK_SIZE_N": 96}}, False),
+    ({"n": 160}, False),
+])
+def test_when_vllm_0_34_takes_the_sorted_down_path(change, runs):
+    from tuning.vllm_rules import sorted_down_runs
+
+    facts = dict(down=DOWN, activation="silu", e8m0=True, expert_parallel=False, naive=False, capability=90,
+                 block_shape=(128, 128), block_m=16, hidden=4096, n=640)
+    assert sorted_down_runs(**{**facts, **change}) is runs

@@ -178,19 +178,21 @@ def both_gemms(kernel: Kernel, p: Problem, al: Alignment, config: TileConfig, ca
 
 
 def invoke(kernel: Kernel, g: Gemm, al: Alignment, config: TileConfig, *, block_shape, capability: int,
-           warmup: bool = False) -> None:
+           warmup: bool = False, a_sorted: bool = False, c_sorted: bool = False) -> None:
     """One fused_moe_kernel launch, argument for argument as invoke_fused_moe_triton_kernel.
 
-    ``warmup`` compiles into Triton's cache without launching (tensors may be on ``meta``).
+    ``warmup`` compiles into Triton's cache without launching (tensors may be on ``meta``). ``c_sorted`` and
+    ``a_sorted`` are 0.34's C_is_sorted and A_is_sorted (the sorted-activation path of a ``_down.json`` file,
+    ``sorted_down``): w13 writes its rows in slot order, and w2 reads them so through a TMA descriptor.
     """
     A, B, C, A_scale, B_scale, topk_weights, top_k = g.a, g.b, g.c, g.a_scale, g.b_scale, g.topk_weights, g.top_k
     mul_routed_weight = topk_weights is not None
     fp8 = B_scale is not None
     m = A.size(0)
-    num_tokens = m * top_k
+    num_tokens = C.size(0) * C.size(1) if a_sorted else m * top_k
     if al.sorted_token_ids is not None:
         em = al.sorted_token_ids.size(0)
-        if m < config.BLOCK_SIZE_M:
+        if not a_sorted and m < config.BLOCK_SIZE_M:
             em = min(em, m * top_k * config.BLOCK_SIZE_M)
     else:
         em = num_tokens * config.BLOCK_SIZE_M
@@ -199,6 +201,11 @@ def invoke(kernel: Kernel, g: Gemm, al: Alignment, config: TileConfig, *, block_
     tma = tma_weights(rules(kernel), fp8, B, block_shape=block_shape, config=config, block_k=block_k,
                       capability=capability)
     b_desc = _weights_descriptor(B, config.BLOCK_SIZE_N, block_k) if tma else None
+    tma_a = (a_sorted and tma and A.is_contiguous() and A.size(0) == em and A.size(1) % block_k == 0
+             and A_scale is not None and A_scale.ndim == 2 and A_scale.size(0) == em)
+    if a_sorted and not tma_a:
+        raise ValueError("Sorted MoE activation requires a valid A TMA descriptor")
+    a_desc = _descriptor(A, [config.BLOCK_SIZE_M, block_k]) if tma_a else None
     values = {
         "a_ptr": A, "b_ptr": B, "c_ptr": C, "b_bias_ptr": None, "a_scale_ptr": A_scale, "b_scale_ptr": B_scale,
         "topk_weights_ptr": topk_weights, "sorted_token_ids_ptr": al.sorted_token_ids,
@@ -221,7 +228,7 @@ def invoke(kernel: Kernel, g: Gemm, al: Alignment, config: TileConfig, *, block_
         "use_int8_w8a16": False, "per_channel_quant": False, "HAS_BIAS": False,
         "SWAP_AB": swap_ab(fp8, config, capability),
         "USE_TD": use_td(fp8) and A.size(1) % block_k == 0, "even_Ks": B.size(2) % block_k == 0, "filter_expert": False,
-        "b_desc": b_desc, "a_desc": None, "USE_TMA_B": tma, "USE_TMA_A": False, "C_IS_SORTED": False,
+        "b_desc": b_desc, "a_desc": a_desc, "USE_TMA_B": tma, "USE_TMA_A": tma_a, "C_IS_SORTED": c_sorted,
     }
     args = {name: values[name] for name in kernel.params}
     if warmup:
@@ -232,10 +239,14 @@ def invoke(kernel: Kernel, g: Gemm, al: Alignment, config: TileConfig, *, block_
 
 def _weights_descriptor(b: torch.Tensor, block_n: int, block_k: int):
     """The TMA descriptor of the weights, as invoke_fused_moe_triton_kernel builds it after set_triton_allocator."""
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device=b.device, dtype=torch.int8))
+    return _descriptor(b, [1, block_n, block_k])
+
+
+def _descriptor(t: torch.Tensor, block: list[int]):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device=b.device, dtype=torch.int8))
-    return TensorDescriptor.from_tensor(b, [1, block_n, block_k])
+    return TensorDescriptor.from_tensor(t, block)
 
 
 def _stride_bsn(scale: torch.Tensor | None, rule: LaunchRules) -> int:

@@ -100,6 +100,19 @@ def silu_and_mul(out: torch.Tensor, inp: torch.Tensor, ops=None) -> None:
     torch.mul(torch.nn.functional.silu(inp[:, :d]), inp[:, d:], out=out)
 
 
+def silu_mul_quant_sorted(h, inp: torch.Tensor, num_tokens_post_padded: torch.Tensor,
+                          n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM 0.34 experts/triton_moe.py:615-635: SiLU-and-mul and the UE8M0 group quantisation in one kernel
+    (``_silu_mul_quant_sorted_kernel``) over w13's output in slot order, ``inp`` (rows, 1, 2n); rows past
+    num_tokens_post_padded are left unwritten."""
+    rows = inp.size(0)
+    q = torch.empty((rows, n), device=inp.device, dtype=FP8)
+    scale = torch.empty((rows, n // 128), device=inp.device, dtype=torch.float32)
+    h._silu_mul_quant_sorted_kernel[(triton.cdiv(rows, 16), n // 128)](
+        inp, q, scale, num_tokens_post_padded, n, BLOCK_M=16, GROUP_K=128)
+    return q, scale
+
+
 def silu_and_mul_per_block_quant(h, inp: torch.Tensor, scratch: torch.Tensor,
                                  ops=None) -> tuple[torch.Tensor, torch.Tensor]:
     """experts/triton_moe.py:533 ops.silu_and_mul_per_block_quant(inp, group_size=128, quant_dtype=fp8) where

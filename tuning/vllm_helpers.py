@@ -34,7 +34,9 @@ HELPERS = {
         "_silu_mul_per_token_group_quant_fp8_colmajor"),
     "vllm/model_executor/layers/activation.py": ("_swiglustep_and_mul_kernel",),
 }
-FILES = (f"{FUSED_MOE_DIR}/fused_moe.py", *HELPERS, "vllm/_version.py")  # what a stash of the source holds
+# From vLLM 0.34, taken where the source has them: the sorted-activation path of a `_down.json` file.
+LATER = {f"{FUSED_MOE_DIR}/experts/triton_moe.py": ("_silu_mul_quant_sorted_kernel",)}
+FILES = (f"{FUSED_MOE_DIR}/fused_moe.py", *HELPERS, *LATER, "vllm/_version.py")  # what a stash of the source holds
 _PRELUDE = '"""vLLM 0.33 helper kernels, loaded on their own by tune-moe."""\nimport triton\nimport triton.language as tl\n\n\n'
 
 
@@ -101,6 +103,11 @@ def load_helpers(src: VllmSource) -> ModuleType:
     chunks = []
     for rel, names in HELPERS.items():
         chunks += jit_functions(src.read(rel), names, f"{src.path or 'installed vLLM'}: {rel}")
+    for rel, names in LATER.items():
+        try:
+            chunks += jit_functions(src.read(rel), names, rel)
+        except UsageError:  # an earlier release, or a stash without the file
+            pass
     text = _PRELUDE + "\n\n\n".join(chunks) + "\n"
     module, _ = import_text(text, "tune_moe_vllm_helpers", src.path or "(installed vLLM)")
     module.SOURCE_SHA256 = hashlib.sha256(text.encode()).hexdigest()

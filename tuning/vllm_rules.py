@@ -276,6 +276,19 @@ def naive_block_assignment(m: int, top_k: int, global_experts: int, has_expert_m
     return not has_expert_map and m * top_k * 4 <= global_experts
 
 
+def sorted_down_runs(*, down: dict | None, activation: str, e8m0: bool, expert_parallel: bool, naive: bool,
+                     capability: int, block_shape, block_m: int, hidden: int, n: int) -> bool:
+    """vLLM 0.34 experts/triton_moe.py:436-478: TritonExperts takes the sorted-activation path of the down
+    projection when the `_down.json` entry nearest to M (``down``, read only for FP8 [128,128] with no
+    --moe-backend config override) says "USE_TMA": true, for SiLU without a clamp, no LoRA, DeepGEMM's E8M0 in
+    use, a dynamic activation scale, aligned slots (not the naive assignment), no expert map, bf16 activations,
+    on compute capability 9.0 only, with w13's BLOCK_SIZE_M a multiple of 16, hidden >= 4096 and divided by the
+    entry's BLOCK_SIZE_N, and the per-GPU width ``n`` a multiple of 128."""
+    return bool(down and down.get("USE_TMA", False) and activation == "silu" and e8m0 and not expert_parallel
+                and not naive and capability == 90 and tuple(block_shape or ()) == (128, 128)
+                and block_m % 16 == 0 and hidden >= 4096 and hidden % down["BLOCK_SIZE_N"] == 0 and n % 128 == 0)
+
+
 def nearest_key(keys, m: int) -> int:
     """fused_moe.py try_get_optimal_moe_config: the config whose batch key is nearest to M."""
     return min(keys, key=lambda k: abs(k - m))
