@@ -3,7 +3,12 @@ TritonExperts on one block-FP8 [128,128] layout's SiLU layers, per M, w13 with t
 down tile of a small grid.
 
     python benchmarks/sorted_down.py --gpu H200 --vllm-src DIR [--vllm-ops DIR] [--layout TP2]
-        [--configs kernels_configs/vllm-0.34/NVIDIA_H200] [--batch-sizes 16,64,256,1024,2048,4096] --json out.json
+        [--configs kernels_configs/vllm-0.34/NVIDIA_H200] [--batch-sizes 16,64,256,1024,2048,4096] [--parts]
+        [--shape E,N,K,TOPK --up-file FILE.json --down-file FILE_down.json] --json out.json
+
+``--shape`` times another model's shape instead (a control: vLLM 0.34 ships `_down.json` files for DeepSeek-V3's
+E=256 N=256 and N=512 on the H200), w13 with ``--up-file``'s entries, and adds ``--down-file``'s entry nearest to M
+(where it says "USE_TMA": true) to the grid. ``--parts`` also times w13, the activation and w2 of each path alone.
 
 DIR holds vLLM 0.34's sources (``benchmarks/gpu_stage.sh pack-sources`` with VLLM_PKG=<0.34's vllm/>): its
 fused_moe_kernel and its ``_silu_mul_quant_sorted_kernel``. vLLM 0.34 reads a layer's `_down.json` entry nearest to
@@ -30,17 +35,19 @@ from pathlib import Path
 
 import torch
 
-from tuning import launch, vllm_ops
+from tuning import launch, moe_ops, vllm_ops
 from tuning.backends import MODEL
 from tuning.bakeoff import default_tile, tuned_tile
 from tuning.bench import measure
+from tuning.configs import read_config_file
 from tuning.gpus import get_gpu
 from tuning.kernel import KernelSource
 from tuning.layer_inputs import batch, errors, float_weights, quantised, reference
 from tuning.models import load_model
 from tuning.path_triton import TritonPath
-from tuning.shapes import parse_batch_sizes, parse_layout, shape_for
+from tuning.shapes import MoeShape, parse_batch_sizes, parse_layout, shape_for
 from tuning.vllm_helpers import VllmSource, load_helpers
+from tuning.vllm_rules import nearest_key
 
 TOLERANCE = 0.1  # bakeoff.TOLERANCE: a whole FP8 layer against float
 GRID = {"BLOCK_SIZE_N": (64, 128, 256), "GROUP_SIZE_M": (1, 64), "warps_stages": ((4, 3), (4, 4), (8, 4))}
@@ -57,6 +64,39 @@ def short(d: dict) -> str:
     return f"N{d['BLOCK_SIZE_N']}-K{d['BLOCK_SIZE_K']}-G{d['GROUP_SIZE_M']}-w{d['num_warps']}-s{d['num_stages']}"
 
 
+def parts(tp: TritonPath, flush: int, budget_ms: float) -> dict[str, float]:
+    """µs of w13, the activation (with the quantisation) and w2 of one path alone, as ``TritonPath.run`` issues them."""
+    al, w, b, n = tp._assignment(), tp.w, tp.b, tp.w.n
+    sorted_ = tp.down is not None
+    c1 = tp.c1.new_empty((al.sorted_token_ids.numel(), 1, 2 * n)) if sorted_ else tp.c1
+    first = launch.Gemm(a=tp.a1q, a_scale=tp.a1s, b=w.w13, b_scale=w.w13_scale, c=c1, topk_weights=None,
+                        top_k=tp.shape.top_k)
+
+    def w13():
+        launch.invoke(tp.kernel, first, al, tp.config, block_shape=w.block, capability=tp.capability, c_sorted=sorted_)
+
+    def act():
+        if sorted_:
+            return moe_ops.silu_mul_quant_sorted(tp.h, c1, al.num_tokens_post_padded, n)
+        moe_ops.silu_and_mul(tp.c2, c1.view(-1, 2 * n), tp.ops)
+        return moe_ops.group_quant(tp.h, tp.c2, 128, use_ue8m0=True, ops=tp.ops)
+
+    w13()
+    a2q, a2s = act()
+    second = launch.Gemm(a=a2q, a_scale=a2s, b=w.w2, b_scale=w.w2_scale, c=tp.c3, topk_weights=b.topk_weights, top_k=1)
+
+    def w2():
+        launch.invoke(tp.kernel, second, al, tp.down or tp.config, block_shape=w.block, capability=tp.capability,
+                      a_sorted=sorted_)
+
+    return {name: measure(fn, budget_ms=budget_ms, flush_l2_bytes=flush).median_us
+            for name, fn in (("w13", w13), ("activation", act), ("w2", w2))}
+
+
+def _us(p: dict) -> str:
+    return ", ".join(f"{v:.1f}" for v in p.values())
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gpu", default="H200")
@@ -67,6 +107,10 @@ def main() -> int:
     p.add_argument("--batch-sizes", default="16,64,256,1024,2048,4096")
     p.add_argument("--screen-ms", type=float, default=8.0)
     p.add_argument("--budget-ms", type=float, default=40.0)
+    p.add_argument("--shape", help="E,N,K,TOPK: a shape not of Step-3.5-Flash, block-FP8 [128,128], no EP")
+    p.add_argument("--up-file", help="with --shape: the w13 configs (a vLLM config file)")
+    p.add_argument("--down-file", help="a vLLM `_down.json` file whose entry nearest to M joins the grid")
+    p.add_argument("--parts", action="store_true", help="also time w13, the activation and w2 of each path alone")
     p.add_argument("--json", required=True)
     args = p.parse_args()
     gpu, sizes, layout = get_gpu(args.gpu), parse_batch_sizes(args.batch_sizes), parse_layout(args.layout)
@@ -78,6 +122,11 @@ def main() -> int:
                  "(vLLM 0.34's experts/triton_moe.py has it)")
     model = load_model(MODEL)
     shape = shape_for(model, layout, "fp8", kernel.vllm_version, moe_backend="triton")
+    if args.shape:
+        e, n, k, top_k = (int(x) for x in args.shape.split(","))
+        shape = MoeShape(e, e, n, k, top_k, "fp8", (128, 128))
+    up_table = read_config_file(Path(args.up_file)) if args.up_file else None
+    down_table = json.loads(Path(args.down_file).read_text()) if args.down_file else None
     ops, why = vllm_ops.load(args.vllm_ops, helpers=helpers, experts=model.num_experts, top_k=model.top_k)
     cap, dev, flush = launch.capability(), torch.device("cuda"), gpu.l2_mb * 2**20 * 4
     print(f"{kernel.describe}; capability {cap}; {shape.label} ({args.layout}); "
@@ -90,7 +139,9 @@ def main() -> int:
     for m in sizes:
         b = batch(shape, m, layout.dp, 0, dev, torch.bfloat16)
         ref = reference(w, b, "silu")
-        up = tuned_tile(Path(args.configs), shape, gpu.device_name, m) or default_tile(kernel, shape, m)
+        up = (up_table[nearest_key(up_table, m)] if up_table else tuned_tile(Path(args.configs), shape,
+                                                                               gpu.device_name, m)) \
+            or default_tile(kernel, shape, m)
 
         def path(down=None, b=b, up=up):
             return TritonPath(kernel, helpers, shape, q, b, config=up, activation="silu", e8m0=True, capability=cap,
@@ -104,8 +155,13 @@ def main() -> int:
             print(f"  {m:>5} {up.short:<24} {row['note']}")
             out["rows"].append(row)
             continue
-        screened = []
-        for d in downs(up.BLOCK_SIZE_M):
+        screened, grid = [], downs(up.BLOCK_SIZE_M)
+        if down_table:
+            entry = down_table[str(nearest_key([int(k) for k in down_table if k.isdigit()], m))]
+            row["down_file"] = entry
+            if entry.get("USE_TMA"):
+                grid.insert(0, {**entry, "BLOCK_SIZE_M": up.BLOCK_SIZE_M})
+        for d in grid:
             try:
                 s = path(d)
                 rel, _ = errors(s.run(), ref)
@@ -131,6 +187,11 @@ def main() -> int:
                    speedup=med["plain"] / med[best] if best else None)
         if best:
             row["sorted_rel_error"], _ = errors(runs[best].run(), ref)
+            if args.parts:
+                row["parts"] = {"plain": parts(plain, flush, args.budget_ms),
+                                "sorted": parts(runs[best], flush, args.budget_ms)}
+                print(f"        steps (w13, activation, w2) plain {_us(row['parts']['plain'])}, "
+                      f"sorted {_us(row['parts']['sorted'])}")
         print(f"  {m:>5} {up.short:<24} {med['plain']:>9.1f} {med.get(best, math.nan):>10.1f} "
               f"{row['speedup'] or math.nan:>12.3f}  {best}", flush=True)
         out["rows"].append(row)
