@@ -8,7 +8,9 @@ down tile of a small grid.
 
 ``--shape`` times another model's shape instead (a control: vLLM 0.34 ships `_down.json` files for DeepSeek-V3's
 E=256 N=256 and N=512 on the H200), w13 with ``--up-file``'s entries, and adds ``--down-file``'s entry nearest to M
-(where it says "USE_TMA": true) to the grid. ``--parts`` also times w13, the activation and w2 of each path alone.
+(where it says "USE_TMA": true) to the grid. ``--up-block-m 16,32,64`` runs the sorted path's w13 with each of
+those BLOCK_SIZE_M (a `_down.json` entry takes w13's; the plain path keeps the committed config). ``--parts``
+also times w13, the activation and w2 of each path alone.
 
 DIR holds vLLM 0.34's sources (``benchmarks/gpu_stage.sh pack-sources`` with VLLM_PKG=<0.34's vllm/>): its
 fused_moe_kernel and its ``_silu_mul_quant_sorted_kernel``. vLLM 0.34 reads a layer's `_down.json` entry nearest to
@@ -31,6 +33,7 @@ import json
 import math
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -61,7 +64,8 @@ def downs(block_m: int) -> list[dict]:
 
 
 def short(d: dict) -> str:
-    return f"N{d['BLOCK_SIZE_N']}-K{d['BLOCK_SIZE_K']}-G{d['GROUP_SIZE_M']}-w{d['num_warps']}-s{d['num_stages']}"
+    return (f"M{d['BLOCK_SIZE_M']}-N{d['BLOCK_SIZE_N']}-K{d['BLOCK_SIZE_K']}-G{d['GROUP_SIZE_M']}-w{d['num_warps']}"
+            f"-s{d['num_stages']}")
 
 
 def parts(tp: TritonPath, flush: int, budget_ms: float) -> dict[str, float]:
@@ -110,6 +114,9 @@ def main() -> int:
     p.add_argument("--shape", help="E,N,K,TOPK: a shape not of Step-3.5-Flash, block-FP8 [128,128], no EP")
     p.add_argument("--up-file", help="with --shape: the w13 configs (a vLLM config file)")
     p.add_argument("--down-file", help="a vLLM `_down.json` file whose entry nearest to M joins the grid")
+    p.add_argument("--up-block-m", type=parse_batch_sizes,
+                   help="w13 with these BLOCK_SIZE_M in the sorted path (the rest of its committed config kept): does "
+                        "any w13 tile make the sorted path pay? (the plain path keeps the committed config)")
     p.add_argument("--parts", action="store_true", help="also time w13, the activation and w2 of each path alone")
     p.add_argument("--json", required=True)
     args = p.parse_args()
@@ -144,6 +151,8 @@ def main() -> int:
             or default_tile(kernel, shape, m)
 
         def path(down=None, b=b, up=up):
+            if down is not None and down["BLOCK_SIZE_M"] != up.BLOCK_SIZE_M:  # a w13 variant (--up-block-m)
+                up = replace(up, BLOCK_SIZE_M=down["BLOCK_SIZE_M"])
             return TritonPath(kernel, helpers, shape, q, b, config=up, activation="silu", e8m0=True, capability=cap,
                               ops=ops, down=down)
 
@@ -155,7 +164,7 @@ def main() -> int:
             print(f"  {m:>5} {up.short:<24} {row['note']}")
             out["rows"].append(row)
             continue
-        screened, grid = [], downs(up.BLOCK_SIZE_M)
+        screened, grid = [], [d for bm in (args.up_block_m or [up.BLOCK_SIZE_M]) for d in downs(bm)]
         if down_table:
             entry = down_table[str(nearest_key([int(k) for k in down_table if k.isdigit()], m))]
             row["down_file"] = entry
