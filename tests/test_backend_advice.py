@@ -28,24 +28,80 @@ def test_committed_file_is_what_the_recorded_bake_off_gives(tmp_path, capsys):
     out = tmp_path / "advice.json"
     assert main(["compare-backends", "--gpu", "H200", "--from-json", str(RESULTS / "tp-b14.json"),
                  str(RESULTS / "ep-b14.json"), str(RESULTS / "tp2-b16.json"), "--write-advice", str(out)]) == 0
-    assert json.loads(out.read_text()) == json.loads(adv.DATA.read_text())
+    assert json.loads(out.read_text()) == json.loads(adv.data_file("0.33").read_text())
     assert "TP4 (measured 2026-12-02" in capsys.readouterr().out
-    table = adv.load()
+    table = adv.load(adv.data_file("0.33"))
     assert sorted(layout for _, layout in table) == sorted(LAYOUTS)
     assert {layout: (a.measured, a.serve_config) for (_, layout), a in table.items()} == {
         "TP2": (True, "auto"), "TP4": (True, "deep_gemm_e8m0_off"), "TP8": (True, "deep_gemm_e8m0_off"),
         "DP2+EP": (True, "triton"), "DP4+EP": (True, "triton"), "DP8+EP": (True, "triton")}
-    assert json.loads(adv.DATA.read_text())["status"] == "measured"
+    assert json.loads(adv.data_file("0.33").read_text())["status"] == "measured"
     assert "N=384 instead of 320: 20% more expert weight memory" in table[("H200", "TP4")].line()
     assert "(measured 2026-12-02: M 1-4096: triton)" in table[("H200", "DP4+EP")].line()
     for (_, layout), a in table.items():
         assert a.provenance["vllm_ops"]["stand_ins"] == {}
         assert ((a.provenance["flashinfer_build"] or {}).get("build") == "block-scale path only") == ("EP" in layout)
-    assert adv.advice_for("H200", parse_layout("DP4+EP"), "fp8").flags() == "--moe-backend triton"
-    assert adv.advice_for("H200", parse_layout("TP4"), "fp8").flags() == \
+    assert adv.advice_for("H200", parse_layout("DP4+EP"), "fp8", "0.33.0").flags() == "--moe-backend triton"
+    assert adv.advice_for("H200", parse_layout("TP4"), "fp8", "0.33.0").flags() == \
         "VLLM_USE_DEEP_GEMM_E8M0=0 --moe-backend deep_gemm"
-    assert adv.advice_for("H200", parse_layout("TP4"), "bf16") == adv.BF16
-    assert adv.advice_for("B200", parse_layout("TP4"), "fp8") is None
+    assert adv.advice_for("H200", parse_layout("TP4"), "bf16", "0.33.0") == adv.BF16
+    assert adv.advice_for("B200", parse_layout("TP4"), "fp8", "0.33.0") is None
+
+
+B28 = Path(__file__).parents[1] / "benchmarks" / "results" / "b28"
+
+
+def test_the_0_34_file_is_what_its_recorded_bake_off_gives(tmp_path, capsys):
+    """data/backend_advice/vllm-0.34.json is the bake-off of the TP layouts with vLLM 0.34's expert paths (its
+    kernel, which reads block-FP8 weights through TMA, its CUDA ops and bundled DeepGEMM; benchmarks/README §2z),
+    re-derived from the recorded rows: a new file, since the bake-off ran 0.34 (the kernel's sha256 says so). A serve
+    on 0.34 reads it; a layout it lacks (the EP ones: FlashInfer was not timed under 0.34) gets 0.33's measurement,
+    labelled as such."""
+    from tuning.cli import main
+
+    out = tmp_path / "advice.json"
+    assert main(["compare-backends", "--gpu", "H200", "--from-json", str(B28 / "bo34b.json"),
+                 "--write-advice", str(out)]) == 0
+    capsys.readouterr()
+    assert json.loads(out.read_text()) == json.loads(adv.data_file("0.34").read_text())
+    assert adv.releases() == ["0.34", "0.33"] and adv.release_of(adv.data_file("0.34")) == "0.34"
+    table = adv.load(adv.data_file("0.34"))
+    assert {layout: a.serve_config for (_, layout), a in table.items()} == {
+        "TP2": "auto", "TP4": "deep_gemm_e8m0_off", "TP8": "deep_gemm_e8m0_off"}
+    for (_, layout), a in table.items():
+        assert a.provenance["vllm_ops"]["stand_ins"] == {} and a.provenance["deep_gemm"] == "2.8.1"
+        assert a.provenance["kernel"].startswith("vLLM 0.34.0 fused_moe_kernel")
+    tp2 = adv.advice_for("H200", parse_layout("TP2"), "fp8", "0.34.0")
+    assert tp2.line() == "backend advice for TP2 on H200: (no --moe-backend: vLLM's default) (measured 2026-12-04: " \
+                         "M 1-4096: auto)"  # under 0.33 DeepGEMM was fastest at M = 4096
+    assert "M 4096-4096: deep_gemm" in adv.advice_for("H200", parse_layout("TP2"), "fp8", "0.33.0").line()
+    ep = adv.advice_for("H200", parse_layout("DP4+EP"), "fp8", "0.34.0")
+    assert ep == ("backend advice for DP4+EP on H200: not measured under vLLM 0.34 (tune-moe compare-backends with "
+                  "vLLM 0.34's sources measures it); under vLLM 0.33: --moe-backend triton (measured 2026-12-02: "
+                  "M 1-4096: triton)")
+    assert adv.advice_for("H200", parse_layout("DP4+EP"), "fp8", "0.35.1").startswith(
+        "backend advice for DP4+EP on H200: not measured under vLLM 0.35 (")
+
+
+def test_write_advice_refuses_a_file_of_another_release(tmp_path, capsys):
+    """A bake-off of 0.34's expert paths never lands in 0.33's advice, nor the other way round: one line, exit 2, the
+    file as it was."""
+    from tuning.cli import main
+
+    target = tmp_path / "advice.json"
+    target.write_text(adv.data_file("0.33").read_text())
+    assert main(["compare-backends", "--gpu", "H200", "--from-json", str(B28 / "bo34b.json"),
+                 "--write-advice", str(target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(
+        "holds vLLM 0.33's advice, and this bake-off ran vLLM 0.34's expert paths; write to "
+        f"{adv.data_file('0.34')} or a new file")
+    assert target.read_text() == adv.data_file("0.33").read_text()
+    assert main(["compare-backends", "--gpu", "H200", "--from-json", str(B28 / "bo34b.json"),
+                 str(RESULTS / "tp-b14.json"), "--write-advice", str(tmp_path / "new.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "these bake-offs ran different vLLM releases" in err[0]
+    assert not (tmp_path / "new.json").exists()
 
 
 def test_a_failure_reads_as_its_first_clause_in_the_advice():
@@ -126,7 +182,7 @@ def test_fastest_per_m_ranges_and_the_one_pick():
 
 def unmeasured(tmp_path) -> Path:
     """The committed advice file with every entry as before any bake-off: its configuration, unmeasured."""
-    data = json.loads(adv.DATA.read_text())
+    data = json.loads(adv.data_file("0.33").read_text())
     data["entries"] = [{"gpu": e["gpu"], "layout": e["layout"], "serve_config": e["serve_config"], "measured": False,
                         "why": "not measured yet"} for e in data["entries"]]
     path = tmp_path / "unmeasured.json"
@@ -139,19 +195,19 @@ def test_a_bake_off_becomes_measured_entries_the_readers_load(tmp_path):
     entries = adv.entries_from(rows("DP4+EP", EP_US), "H200", prov)
     assert [e["layout"] for e in entries] == ["DP4+EP"] and entries[0]["serve_config"] == "triton"
     path, base = tmp_path / "advice.json", unmeasured(tmp_path)
-    merged = adv.merged(entries, base)
+    merged = adv.merged(entries, base, "0.33")
     path.write_text(json.dumps(merged))
     table = adv.load(path)
     assert len(table) == len(LAYOUTS)
     order = [e["layout"] for e in json.loads(base.read_text())["entries"]]
     assert [e["layout"] for e in merged["entries"]] == order  # replaced in place: a re-timed layout's diff is its own
-    added = adv.merged([{**entries[0], "layout": "DP16+EP"}], base)
+    added = adv.merged([{**entries[0], "layout": "DP16+EP"}], base, "0.33")
     assert [e["layout"] for e in added["entries"]] == [*order, "DP16+EP"]
     a = table[("H200", "DP4+EP")]
     assert a.measured and a.provenance == prov and "measured 2026-12-01: M 1-64: triton; M 1024-1024: deep_gemm" in a.line()
     assert not table[("H200", "DP2+EP")].measured  # untouched, and a partial entry keeps its configuration:
     partial = adv.entries_from(rows("DP2+EP", {k: v for k, v in EP_US.items() if k[2] != "flashinfer"}), "H200", prov)
-    kept = adv.merged(partial, base)
+    kept = adv.merged(partial, base, "0.33")
     assert [(e["serve_config"], e["measured"]) for e in kept["entries"] if e["layout"] == "DP2+EP"] == [("triton", False)]
 
 
@@ -164,17 +220,17 @@ def test_compare_backends_writes_its_rows_and_merges_advice_from_finished_layout
     unmeasured(tmp_path).rename(args.write_advice)  # an existing file: the advice merges into it
     partial = rows("DP2+EP", {("silu", 1, "triton_tuned"): 5.0})  # cut by the time limit: no advice from it
     prov = {"date": "2026-12-01"}
-    assert finish(args, rows("DP4+EP", EP_US) + partial, ["DP4+EP"], prov, "H200") == 0
+    assert finish(args, rows("DP4+EP", EP_US) + partial, ["DP4+EP"], prov, "H200", "0.33") == 0
     first = adv.load(tmp_path / "advice.json")
     assert first[("H200", "DP4+EP")].measured and not first[("H200", "DP2+EP")].measured
     data = json.loads((tmp_path / "b.json").read_text())
     assert len(data["rows"]) == len(EP_US) + 1 and data["configs"]["DP4+EP"]["1"]["triton"] == 20
     # a later call merges into the file the first wrote
-    assert finish(args, rows("DP2+EP", {k: v for k, v in EP_US.items()}), ["DP2+EP"], prov, "H200") == 0
+    assert finish(args, rows("DP2+EP", {k: v for k, v in EP_US.items()}), ["DP2+EP"], prov, "H200", "0.33") == 0
     both = adv.load(tmp_path / "advice.json")
     assert both[("H200", "DP4+EP")].measured and both[("H200", "DP2+EP")].measured
     bad = [Measured("TP4", "silu", 1, "deepgemm_e8m0", "s", failure="numerics: relative error 0.300 > 0.1")]
-    assert finish(argparse.Namespace(json_out=None, write_advice=None), bad, [], prov, "H200") == 1
+    assert finish(argparse.Namespace(json_out=None, write_advice=None), bad, [], prov, "H200", "0.33") == 1
     line = serve_command("DP4+EP", "deep_gemm_e8m0_off", tmp_path)
     assert line == (f"VLLM_USE_DEEP_GEMM_E8M0=0 VLLM_TUNED_CONFIG_FOLDER={tmp_path.resolve()} vllm serve "
                     "stepfun-ai/Step-3.5-Flash-FP8 --data-parallel-size 4 --enable-expert-parallel --moe-backend deep_gemm")
@@ -222,12 +278,21 @@ def test_the_serve_lines_a_tune_prints_follow_the_advice(tmp_path):
                      vllm_version="0.33.0")
     (line,) = serve_lines(bf16, tmp_path)
     assert "--moe-backend" not in line and f"# {adv.BF16}" in line
-    # the advice was measured under vLLM 0.33: a tune for 0.26 prints none, and says whose rules answered
+    # no advice was measured under vLLM 0.26: a tune for it serves with vLLM's default, the note labels 0.33's
+    # measurement as such, and says whose rules answered
     old = make_plan(load_model("stepfun-ai/Step-3.5-Flash-FP8"), h200, "fp8", [parse_layout("DP4+EP")], 4, (1,),
                     vllm_version="0.26.0")
     (line,) = serve_lines(old, tmp_path)
-    assert "--moe-backend" not in line and "backend advice" not in line
+    assert "--moe-backend" not in line.splitlines()[0]
+    assert ("# backend advice for DP4+EP on H200: not measured under vLLM 0.26 (tune-moe compare-backends with vLLM "
+            "0.26's sources measures it); under vLLM 0.33: --moe-backend triton (measured 2026-12-02") in line
     assert line.endswith("; this tune targets vLLM 0.26.0, whose per-kind choice it does not model)")
+    # a tune for 0.34 is served as 0.34's own bake-off says (section 2z)
+    tp4 = make_plan(load_model("stepfun-ai/Step-3.5-Flash-FP8"), h200, "fp8", [parse_layout("TP4")], 4, (1,),
+                    vllm_version="0.34.0")
+    (line,) = serve_lines(tp4, tmp_path)
+    assert line.startswith("VLLM_USE_DEEP_GEMM_E8M0=0 ") and "--moe-backend deep_gemm" in line.splitlines()[0]
+    assert "(measured 2026-12-04: M 1-1: deep_gemm_e8m0_off; M 4-256: auto; M 1024-4096: deep_gemm_e8m0_off" in line
     # a tune given --moe-backend is served with it, whatever the advice says
     named = make_plan(load_model("stepfun-ai/Step-3.5-Flash-FP8"), h200, "fp8", [parse_layout("DP4+EP")], 4, (1,),
                       vllm_version="0.26.0", moe_backend="triton")
@@ -262,7 +327,7 @@ def test_advice_timed_with_configs_since_re_tuned_names_the_batch_sizes_to_re_ti
     from tuning.configs import TileConfig, read_config_file, write_config_file
 
     committed = Path(__file__).parents[1] / "kernels_configs" / "vllm-0.33" / "NVIDIA_H200"
-    table = adv.load()
+    table = adv.load(adv.data_file("0.33"))
     stale = {key: entry.stale(committed) for key, entry in table.items()}
     assert {key: ms for key, ms in stale.items() if ms} == {}
     for key, entry in table.items():
@@ -294,7 +359,7 @@ def test_write_advice_refuses_a_bake_off_that_leaves_out_batch_sizes_of_the_entr
     from tuning.cli import main
 
     target = tmp_path / "advice.json"
-    target.write_text(adv.DATA.read_text())
+    target.write_text(adv.data_file("0.33").read_text())
     before = target.read_text()
     assert main(["compare-backends", "--gpu", "H200", "--layouts", "TP4,DP4+EP", "--batch-sizes", "16,2048",
                  "--write-advice", str(target)]) == 2
@@ -369,17 +434,17 @@ def test_write_advice_refuses_a_bake_off_of_one_layer_kind(tmp_path, capsys):
     assert len(err) == 1 and f"SwiGLU-step layers were not timed (TP4 in {ONE_KIND}: --kinds silu)" in err[0]
     assert not new.exists() and "None" not in captured.out
     target = tmp_path / "committed.json"
-    target.write_text(adv.DATA.read_text())
+    target.write_text(adv.data_file("0.33").read_text())
     assert main(["compare-backends", "--gpu", "H200", "--from-json", str(ONE_KIND), "--write-advice", str(target)]) == 2
-    assert target.read_text() == adv.DATA.read_text()
+    assert target.read_text() == adv.data_file("0.33").read_text()
 
 
 def test_the_readmes_advice_table_states_the_committed_measurements():
     """README's backend table gives, per layout, the range over M of vLLM's default against the advised
     configuration: each range is the committed advice file's, to two decimals."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    for (_, layout), a in adv.load().items():
-        data = next(e for e in json.loads(adv.DATA.read_text())["entries"] if e["layout"] == layout)
+    for (_, layout), a in adv.load(adv.data_file("0.33")).items():
+        data = next(e for e in json.loads(adv.data_file("0.33").read_text())["entries"] if e["layout"] == layout)
         if a.serve_config == "auto":
             continue  # the default itself: nothing to compare
         ratios = [v["auto"] / v[a.serve_config] for v in data["us"].values() if v.get("auto") and v.get(a.serve_config)]

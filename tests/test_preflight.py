@@ -254,13 +254,13 @@ def test_preflight_reads_the_backend_advice_file(capsys, tmp_path, monkeypatch):
     _, out, _ = run(capsys, "H200", serve)
     assert "advice: backend advice for DP4+EP on H200: --moe-backend triton (measured 2026-12-02: M 1-4096: " \
            "triton)" in out  # timed with the files as committed: nothing to re-time
-    data = json.loads(backend_advice.DATA.read_text())
+    data = json.loads(backend_advice.data_file("0.33").read_text())
     entry = next(e for e in data["entries"] if e["layout"] == "DP4+EP")
     entry.update(measured=True, serve_config="deep_gemm_e8m0_off", provenance={"date": "2026-12-01"},
                  ranges=[{"m_min": 1, "m_max": 96, "fastest": "triton"},
                          {"m_min": 128, "m_max": 4096, "fastest": "deep_gemm_e8m0_off"}])
-    (tmp_path / "advice.json").write_text(json.dumps(data))
-    monkeypatch.setattr(backend_advice, "DATA", tmp_path / "advice.json")
+    (tmp_path / "vllm-0.33.json").write_text(json.dumps(data))
+    monkeypatch.setattr(backend_advice, "FOLDER", tmp_path)
     _, out, _ = run(capsys, "H200", serve)
     assert ("advice: backend advice for DP4+EP on H200: VLLM_USE_DEEP_GEMM_E8M0=0 --moe-backend deep_gemm "
             "(measured 2026-12-01: M 1-96: triton; M 128-4096: deep_gemm_e8m0_off") in out

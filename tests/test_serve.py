@@ -656,7 +656,7 @@ def test_fp8_ep_runs_no_kind_on_triton_and_fails_with_the_per_kind_fix(fake, cap
     (run,) = rep["runs"]
     assert rep["expected_files"] == []
     assert run["proof"]["backends"] == ["FLASHINFER_CUTLASS (Fp8)", "DEEPGEMM (Fp8)"]  # the log agrees per kind
-    advice = advice_for("H200", parse_layout("DP4+EP"), "fp8").line(fake["configs"])  # against the serve's files
+    advice = advice_for("H200", parse_layout("DP4+EP"), "fp8", "0.33.0").line(fake["configs"])  # against the serve's files
     assert run["problems"] == [f"no MoE layer kind of this serve runs the tuned Triton kernel ({per_kind}); {fix} "
                                f"({advice})"]
     assert "FlashInfer-CUTLASS MoE backend first" not in captured.out + captured.err  # the old blanket note

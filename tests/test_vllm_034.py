@@ -437,3 +437,79 @@ def test_when_vllm_0_34_takes_the_sorted_down_path(change, runs):
     facts = dict(down=DOWN, activation="silu", e8m0=True, expert_parallel=False, naive=False, capability=90,
                  block_shape=(128, 128), block_m=16, hidden=4096, n=640)
     assert sorted_down_runs(**{**facts, **change}) is runs
+
+
+def test_preflight_names_the_down_file_a_0_34_serve_reads(tmp_path, monkeypatch, capsys):
+    """A 0.34 TP2 FP8 serve on the H200 reads `<file>_down.json` for its SiLU layers (not the SwiGLU-step ones, not
+    under EP, not under 0.33, not on sm100): preflight names it, says none is there and why tune-moe writes none, and
+    says so again where one is; the serve's own files are all it needs."""
+    import shutil
+
+    from tuning.cli import main
+
+    folder = tmp_path / "configs"
+    shutil.copytree(Path(__file__).parents[1] / "kernels_configs" / "vllm-0.34" / "NVIDIA_H200", folder)
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(folder))
+    down = "E=288,N=640,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128]_down.json"
+
+    def pre(gpu, release, *flags) -> str:
+        main(["preflight", "--gpu", gpu, "--vllm-version", release, "--", "vllm", "serve",
+              "stepfun-ai/Step-3.5-Flash-FP8", *flags])
+        return capsys.readouterr().out
+
+    out = pre("H200", "0.34.0", "--tensor-parallel-size", "2")
+    (line,) = [li for li in out.splitlines() if "down file" in li]
+    assert line == (f"    down file {down}: none, so vLLM 0.34 runs the plain path (tune-moe writes none: the sorted "
+                    "path a down file unlocks measured 0.94-0.98x of it on the H200 for this model's E=288 N=640 shard "
+                    "(benchmarks/README §2z))")
+    assert out.index("SiLU layers") < out.index("down file") < out.index("SwiGLU-step layers")
+    assert "\nok: every MoE layer kind" in out
+    (folder / down).write_text('{"1024": {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, '
+                               '"GROUP_SIZE_M": 64, "num_warps": 4, "num_stages": 3, "USE_TMA": true}}')
+    out = pre("H200", "0.34.0", "--tensor-parallel-size", "2")
+    assert f"    down file {folder / down}: vLLM 0.34 takes the sorted-activation path" in out
+    for gpu, release, flags in (("H200", "0.33.0", ["--tensor-parallel-size", "2"]),
+                                ("H200", "0.34.0", ["--data-parallel-size", "4", "--enable-expert-parallel"]),
+                                ("H200", "0.34.0", ["--tensor-parallel-size", "4"]),  # a refined [64,64] block
+                                ("B200", "0.34.0", ["--tensor-parallel-size", "2"])):
+        assert "down file" not in pre(gpu, release, *flags), (gpu, release, flags)
+
+
+def test_the_sorted_down_rule_has_every_term_of_vllm_0_34s(site_034):
+    """vLLM 0.34's condition for the sorted path (experts/triton_moe.py, ``use_sorted_a``), term by term, against the
+    fact of ``sorted_down_runs`` / ``reads_down_file`` that stands for it, or why it holds in every serve tune-moe
+    plans; a term vLLM adds or drops fails here. And the file it reads: the tuned file's name with `_down.json`."""
+    fused = site_034 / "vllm" / "model_executor" / "layers" / "fused_moe"
+    tree = ast.parse((fused / "experts" / "triton_moe.py").read_text())
+    (cond,) = [n.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
+               and [ast.unparse(t) for t in n.targets] == ["use_sorted_a"]]
+    terms = [ast.unparse(t) for t in cond.args[0].values]
+    covered = {
+        "tma_down_config": "down: the `_down.json` entry nearest to M",
+        "tma_down_config.pop('USE_TMA', False)": "down['USE_TMA']",
+        "self._enable_sorted_a_tma": "True in TritonExperts.__init__",
+        "activation == MoEActivation.SILU": "activation == 'silu'",
+        "self.activation_config.clamp_limit is None": "Step-3.5-Flash's SiLU layers have no clamp",
+        "self._lora_context is None": "no LoRA",
+        "not hooked": "no post-GEMM2 hook (no shared-expert fusion into GEMM2)",
+        "not self.quantization_emulation": "real FP8, not emulated",
+        "is_deep_gemm_e8m0_used()": "e8m0",
+        "a2_scale is None": "block FP8 quantises the activation dynamically",
+        "sorted_token_ids is not None": "not naive",
+        "expert_map is None": "not expert_parallel",
+        "workspace2.dtype == torch.bfloat16": "bf16 activations (the checkpoint's)",
+        "current_platform.is_cuda()": "capability == 90",
+        "current_platform.is_device_capability(90)": "capability == 90",
+        "config['BLOCK_SIZE_M'] % 16 == 0": "block_m % 16 == 0",
+        "w2.is_contiguous()": "vLLM's weights are contiguous",
+        "w2.size(1) >= 4096": "hidden >= 4096",
+        "w2.size(1) % tma_down_config['BLOCK_SIZE_N'] == 0": "hidden % down['BLOCK_SIZE_N'] == 0",
+        "cache2_dim % 128 == 0": "n % 128 == 0",
+    }
+    assert sorted(terms) == sorted(covered)
+    reading = ast.unparse(next(n for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                               and [ast.unparse(t) for t in n.targets] == ["down_configs"]).value)
+    assert "self.quant_config.use_fp8_w8a8 and self.block_shape == [128, 128] and (not get_config())" in reading
+    assert "down_moe=True" in reading
+    loader = (fused / "fused_moe.py").read_text()
+    assert "json_file_name = json_file_name.removesuffix('.json') + '_down.json'" in loader.replace('"', "'")

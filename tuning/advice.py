@@ -55,7 +55,7 @@ def serve_lines(plan: Plan, out: Path) -> list[str]:
     layouts = dict.fromkeys(lay for ls in plan.shapes.values() for lay in ls if lay in RECIPE_LAYOUTS)
     series = ".".join(plan.vllm_version.split(".")[:2])
     for lay in layouts:
-        found = advice_for(plan.gpu.key, lay, plan.dtype) if series == "0.33" else None  # measured under vLLM 0.33
+        found = advice_for(plan.gpu.key, lay, plan.dtype, plan.vllm_version)  # a str: measured under another release
         backend, env = (found.moe_backend, found.env) if isinstance(found, Advice) else ("auto", {})
         if plan.moe_backend != "auto" and plan.moe_backend != backend:  # tuned for the backend the user named
             backend, env = plan.moe_backend, {}

@@ -1,7 +1,9 @@
 """Which MoE backend a block-FP8 serve should use, per GPU and layout: a data file, and the rule that fills it.
 
-``data/backend_advice.json`` holds one entry per (GPU, layout): the serve configuration to use, whether a
-bake-off measured it (with the measurement's provenance), and the fastest configuration per range of M.
+``data/backend_advice/vllm-X.Y.json`` holds, for the vLLM release X.Y whose expert paths a bake-off ran, one entry
+per (GPU, layout): the serve configuration to use, whether a bake-off measured it (with the measurement's
+provenance), and the fastest configuration per range of M. A serve on a release without an entry for its layout
+is told so, with the advice measured under another release labelled as such (``advice_for``).
 ``preflight`` and ``serve`` read it (``advice_for``); ``compare-backends --write-advice`` writes it from a
 bake-off (``entries_from``), with the tuned Triton config each batch size was timed with (``timed_configs``):
 where the tuned files a serve reads hold another config there now, the advice line says which batch sizes
@@ -29,7 +31,7 @@ from .errors import UsageError
 from .shapes import FILE_NAME, Layout, parse_layout
 from .vllm_rules import ACTIVATIONS, LayerRuntime, ServeFacts, layer_runtime
 
-DATA = Path(__file__).parent / "data" / "backend_advice.json"
+FOLDER = Path(__file__).parent / "data" / "backend_advice"
 SCHEMA = 1
 SERVE_CONFIGS = {  # name -> (--moe-backend, VLLM_* variables)
     "auto": ("auto", {}),
@@ -40,7 +42,7 @@ SERVE_CONFIGS = {  # name -> (--moe-backend, VLLM_* variables)
 KIND_WEIGHTS = {"silu": 1.0, "swiglustep": 1.0}
 KIND_NAMES = {"silu": "SiLU", "swiglustep": "SwiGLU-step"}
 TIE = 0.03  # configurations within 3% of the fastest are equal: the run-to-run spread of one layer's time
-BF16 = "bf16 needs no bake-off: vLLM 0.33 runs Triton (TritonExperts) for bf16 on Hopper on both layer kinds"
+BF16 = "bf16 needs no bake-off: vLLM 0.33 and 0.34 run Triton (TritonExperts) for bf16 on Hopper on both layer kinds"
 TUNED_VAR = "VLLM_TUNED_CONFIG_FOLDER"
 
 
@@ -251,10 +253,33 @@ def entries_from(rows, gpu: str, provenance: dict) -> list[dict]:
     return out
 
 
-# ---- the data file ---------------------------------------------------------------------------------
+# ---- the data files, one per vLLM release ----------------------------------------------------------
 
-def load(path: Path | None = None) -> dict[tuple[str, str], Advice]:
-    path = path or DATA
+def series(vllm_version: str) -> str:
+    """The release a version belongs to: 0.34.0 -> 0.34."""
+    return ".".join(vllm_version.split(".")[:2])
+
+
+def data_file(release: str) -> Path:
+    """The committed advice of the bake-offs run with vLLM ``release``'s expert paths."""
+    return FOLDER / f"vllm-{series(release)}.json"
+
+
+def releases() -> list[str]:
+    """The releases with committed advice, newest first."""
+    found = [f.stem.removeprefix("vllm-") for f in FOLDER.glob("vllm-*.json")]
+    return sorted(found, key=lambda r: tuple(int(x) for x in r.split(".")), reverse=True)
+
+
+def release_of(path: Path) -> str | None:
+    """The release an advice file was measured with (its "vllm" field), None for a file without one."""
+    try:
+        return json.loads(Path(path).read_text()).get("vllm")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def load(path: Path) -> dict[tuple[str, str], Advice]:
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
@@ -280,18 +305,23 @@ def _entry(e: dict, where: str) -> Advice:
                   tuple(sorted(int(m) for m in e.get("us") or {})))
 
 
-def uncovered(gpu: str, layout: str, ms, path: Path | None = None) -> list[int]:
+def uncovered(gpu: str, layout: str, ms, path: Path | None) -> list[int]:
     """The batch sizes the entry for (gpu, layout) in ``path`` was timed at that ``ms`` leaves out. A bake-off that
     writes the entry must time them all: it replaces the whole entry, and the pick weighs every M."""
-    old = load(path).get((gpu, layout))
+    old = load(path).get((gpu, layout)) if path else None
     return sorted(set(old.batch_sizes) - set(ms)) if old and old.measured else []
 
 
-def merged(entries: list[dict], path: Path | None = None) -> dict:
-    """The data file with ``entries`` replacing those of the same (GPU, layout) in place (a re-timed layout's diff
-    is its own); an unmeasured entry keeps the serve configuration it replaces (vLLM's default where there was
-    none)."""
-    data = json.loads(Path(path or DATA).read_text())
+def merged(entries: list[dict], path: Path | None, release: str) -> dict:
+    """The data file at ``path`` (a new one for vLLM ``release`` where there is none) with ``entries`` replacing
+    those of the same (GPU, layout) in place (a re-timed layout's diff is its own); an unmeasured entry keeps the
+    serve configuration it replaces (vLLM's default where there was none)."""
+    data = json.loads(Path(path).read_text()) if path else {
+        "schema": SCHEMA, "vllm": series(release), "dtype": "fp8",
+        "what": "the MoE serve configuration (--moe-backend and VLLM_* variables) per GPU and layout for block-FP8 "
+                f"Step-3.5-Flash under vLLM {series(release)}; written by tune-moe compare-backends --write-advice, "
+                "read by preflight and serve",
+        "bf16": BF16, "status": "not measured", "entries": []}
     old = {(e["gpu"], e["layout"]): e for e in data["entries"]}
     new = []
     for e in entries:
@@ -306,8 +336,22 @@ def merged(entries: list[dict], path: Path | None = None) -> dict:
     return data
 
 
-def advice_for(gpu: str, layout: Layout, dtype: str, path: Path | None = None) -> Advice | str | None:
-    """The advice for a serve: an Advice for block FP8, the one bf16 line, None where the file has no entry."""
+def advice_for(gpu: str, layout: Layout, dtype: str, vllm_version: str,
+               path: Path | None = None) -> Advice | str | None:
+    """The advice for a serve on ``vllm_version``: an Advice measured under its release (``path``, else the
+    committed file), the one bf16 line, a line labelling the advice measured under another release where only
+    that one has the layout, None where none has."""
     if dtype != "fp8":
         return BF16
-    return load(path).get((gpu, layout.name))
+    release = series(vllm_version)
+    own = Path(path) if path else data_file(release)
+    found = load(own).get((gpu, layout.name)) if own.is_file() else None
+    if found or path:
+        return found
+    for other in releases():
+        old = load(data_file(other)).get((gpu, layout.name))
+        if old:
+            said = old.line().split(": ", 1)[1]
+            return (f"backend advice for {layout.name} on {gpu}: not measured under vLLM {release} (tune-moe "
+                    f"compare-backends with vLLM {release}'s sources measures it); under vLLM {other}: {said}")
+    return None

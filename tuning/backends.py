@@ -1,11 +1,11 @@
-"""``tune-moe compare-backends``: the block-FP8 MoE backend bake-off as vLLM 0.33 runs it (see ``bakeoff``).
+"""``tune-moe compare-backends``: the block-FP8 MoE backend bake-off as vLLM runs it (see ``bakeoff``; 0.33 and 0.34).
 
 Per layout and batch size it times one MoE layer's whole expert computation (activation quantisation,
 permutation/alignment, both GEMMs, the activation, the weighted reduce) for tuned and default Triton,
 DeepGEMM with UE8M0 and with float32 scales, the E8M0-off hybrid, and FlashInfer-CUTLASS where vLLM runs it,
 on both layer kinds; then, per serve configuration (``backend_advice.SERVE_CONFIGS``), the time of a layer
 of each kind, the fastest per range of M, and the exact serve command. ``--write-advice`` turns the result
-into the data file preflight and serve read. bf16 needs no bake-off (vLLM runs Triton on Hopper).
+into the data file of the release it ran, which preflight and serve read. bf16 needs no bake-off (vLLM runs Triton on Hopper).
 vLLM's own CUDA ops (moe_align_block_size, silu_and_mul, moe_sum, the quantisations) run where its compiled
 libraries load (``--vllm-ops``, ``vllm_ops``) and agree with the stand-ins; the header says which ran.
 """
@@ -54,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-ms", type=float, default=50.0, help="timing budget per measurement (default 50)")
     p.add_argument("--json-out", help="write every measurement and the per-configuration table here")
     p.add_argument("--write-advice", metavar="FILE", help="write the backend-advice data file here: FILE (when it "
-                   "exists, else the committed one) with the measured layouts replaced")
+                   "exists, else the committed advice of the release the bake-off ran, tuning/data/backend_advice/"
+                   "vllm-X.Y.json, or a new file) with the measured layouts replaced")
     p.add_argument("--from-json", metavar="JSON", nargs="+", help="no GPU: re-read the rows of earlier --json-out files "
                    "and print their tables (and --write-advice) with the current rule")
 
@@ -79,16 +80,43 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[int], tuple[st
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     if not kinds or any(k not in ACTIVATIONS for k in kinds):
         raise UsageError(f"--kinds {args.kinds!r}: write {' or '.join(ACTIVATIONS)}, separated by commas")
-    _check_advice_target(args, {name: parse_batch_sizes(args.batch_sizes) for name in names}, {"": kinds})
     if args.vllm_src and not Path(args.vllm_src).exists():
         raise UsageError(f"--vllm-src {args.vllm_src}: no such file or folder")
+    _check_advice_target(args, {name: parse_batch_sizes(args.batch_sizes) for name in names}, {"": kinds},
+                         sources_release(args))
     if args.vllm_ops:
         check_folder(args.vllm_ops)
     return names, list(parse_batch_sizes(args.batch_sizes)), kinds
 
 
+def sources_release(args: argparse.Namespace) -> str:
+    """The release whose expert paths the bake-off runs: --vllm-version, else what the sources tell (the installed
+    vLLM's without --vllm-src), else the default."""
+    from .vllm_helpers import VllmSource
+
+    return adv.series(args.vllm_version or VllmSource(args.vllm_src).version() or DEFAULT_VLLM_VERSION)
+
+
+def recorded_release(args: argparse.Namespace, prov: dict) -> str:
+    """The release a recorded bake-off ran (its "vllm", else its kernel's sha256), or --vllm-version."""
+    version = args.vllm_version or prov.get("vllm") or KNOWN_SOURCES.get(prov.get("kernel_sha256", ""))
+    return adv.series(version or DEFAULT_VLLM_VERSION)
+
+
+def advice_base(args: argparse.Namespace, release: str) -> Path | None:
+    """What --write-advice merges into: FILE where it exists, else the committed advice of ``release`` (None where
+    there is none: a new file); refused where that file holds another release's advice."""
+    path = Path(args.write_advice)
+    base = path if path.exists() else adv.data_file(release) if adv.data_file(release).is_file() else None
+    if base is not None and adv.release_of(base) not in (None, release):
+        raise UsageError(f"--write-advice {args.write_advice}: {base} holds vLLM {adv.release_of(base)}'s advice, and "
+                         f"this bake-off ran vLLM {release}'s expert paths; write to {adv.data_file(release)} or a "
+                         "new file")
+    return base
+
+
 def _check_advice_target(args: argparse.Namespace, timed: dict[str, tuple[int, ...]],
-                         kinds: dict[str, tuple[str, ...] | set[str]]) -> None:
+                         kinds: dict[str, tuple[str, ...] | set[str]], release: str) -> None:
     """--write-advice: a writable file, an advice file when it exists (the new entries are merged into it),
     ``kinds`` (where, as a prefix of its --kinds -> the layer kinds timed there) holding every kind a serve
     configuration's time weighs (without one no configuration has a time, and the entry would lose its advice),
@@ -96,8 +124,9 @@ def _check_advice_target(args: argparse.Namespace, timed: dict[str, tuple[int, .
     if not args.write_advice:
         return
     output_file(args.write_advice, "--write-advice")
-    base = Path(args.write_advice) if Path(args.write_advice).exists() else None
-    adv.load(base)
+    base = advice_base(args, release)
+    if base is not None:
+        adv.load(base)
     for where, got in kinds.items():
         left = adv.kinds_left_out(got)
         if left:
@@ -110,7 +139,7 @@ def _check_advice_target(args: argparse.Namespace, timed: dict[str, tuple[int, .
         left = adv.uncovered(gpu, name, ms, base)
         if left:
             every = ",".join(map(str, sorted({*ms, *left})))
-            raise UsageError(f"--write-advice: {name}'s entry in {base or adv.DATA} was also timed at "
+            raise UsageError(f"--write-advice: {name}'s entry in {base} was also timed at "
                              f"M={','.join(map(str, left))}, and a new entry replaces the whole layout (its pick "
                              f"weighs every M); time them all (--batch-sizes {every}) or leave out --write-advice")
 
@@ -158,7 +187,8 @@ def provenance(args, ctx, kernel, names, ms) -> dict:
         return getattr(sys.modules.get(mod), "__version__", None)
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
             "gpu_name": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "triton": triton.__version__, "kernel": kernel.describe, "kernel_sha256": kernel.source_sha256,
+            "triton": triton.__version__, "vllm": kernel.vllm_version, "kernel": kernel.describe,
+            "kernel_sha256": kernel.source_sha256,
             "helpers_sha256": ctx.helpers.SOURCE_SHA256, "deep_gemm": getattr(ctx.dg, "__version__", None),
             "flashinfer": version("flashinfer"), "flashinfer_build": path_flashinfer.build_record() if ctx.fi else None,
             "layouts": names, "batch_sizes": ms, "budget_ms": args.budget_ms,
@@ -210,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # the call's time limit: keep what was measured
         print(f"\ninterrupted: finished {', '.join(done) or 'no layout'}; the rows measured so far are kept")
     prov = {**provenance(args, ctx, kernel, names, ms), "finished_layouts": done}
-    return finish(args, rows, done, prov, gpu.key)
+    return finish(args, rows, done, prov, gpu.key, adv.series(kernel.vllm_version or DEFAULT_VLLM_VERSION))
 
 
 def replay(args: argparse.Namespace) -> int:
@@ -233,21 +263,27 @@ def replay(args: argparse.Namespace) -> int:
             raise UsageError(f"--from-json {name}: not a compare-backends --json-out file ({type(exc).__name__}: "
                              f"{str(exc)[:80]}); give the JSON a bake-off wrote") from None
         loaded.append((rows, done, prov))
-    _check_advice_target(args, {name: {r.m for r in rows if r.layout == name} for rows, done, _ in loaded for name in done},
-                         {f"{name} in {file}: ": {r.activation for r in rows if r.layout == name}
-                          for file, (rows, done, _) in zip(args.from_json, loaded) for name in done})
+    ran = {file: recorded_release(args, prov) for file, (_, _, prov) in zip(args.from_json, loaded)}
+    if args.write_advice and len(set(ran.values())) > 1:
+        raise UsageError("--from-json: these bake-offs ran different vLLM releases ("
+                         + ", ".join(f"{f}: {r}" for f, r in ran.items()) + "); write each release's advice alone")
+    if args.write_advice:
+        _check_advice_target(args, {name: {r.m for r in rows if r.layout == name} for rows, done, _ in loaded
+                                    for name in done},
+                             {f"{name} in {file}: ": {r.activation for r in rows if r.layout == name}
+                              for file, (rows, done, _) in zip(args.from_json, loaded) for name in done},
+                             next(iter(ran.values())))
     status = 0
-    for rows, done, prov in loaded:  # each bake-off's serve lines name the folder of the release it ran
-        release = args.vllm_version or KNOWN_SOURCES.get(prov.get("kernel_sha256", "")) or DEFAULT_VLLM_VERSION
-        folder = Path(args.configs or default_folder(gpu.device_name, release))
+    for file, (rows, done, prov) in zip(args.from_json, loaded):  # each bake-off's serve lines name its release's folder
+        folder = Path(args.configs or default_folder(gpu.device_name, ran[file]))
         for name in done:
             print(f"\n{name} (measured {prov.get('date', '?')}, {prov.get('command', '')}):")
             _summary(name, rows, folder)
-        status = max(status, finish(args, rows, done, prov, gpu.key))
+        status = max(status, finish(args, rows, done, prov, gpu.key, ran[file]))
     return status
 
 
-def finish(args, rows, done: list[str], prov: dict, gpu_key: str) -> int:
+def finish(args, rows, done: list[str], prov: dict, gpu_key: str, release: str) -> int:
     """Write the measurements and the advice (only from layouts measured at every M); 1 when a backend failed
     its numerical check."""
     from .bakeoff import BACKENDS
@@ -259,9 +295,9 @@ def finish(args, rows, done: list[str], prov: dict, gpu_key: str) -> int:
                                                 "rows": [asdict(r) for r in rows],
                                                 "configs": {n: adv.costs(rows, n) for n in layouts}})
     if args.write_advice:
-        base = Path(args.write_advice) if Path(args.write_advice).exists() else None
         finished = [r for r in rows if r.layout in done]
-        atomic_write_json(Path(args.write_advice), adv.merged(adv.entries_from(finished, gpu_key, prov), base), indent=1)
+        atomic_write_json(Path(args.write_advice), adv.merged(adv.entries_from(finished, gpu_key, prov),
+                                                              advice_base(args, release), release), indent=1)
     bad = [r for r in rows if r.failure and r.failure.startswith("numerics")]
     return 1 if bad else 0
 
@@ -277,12 +313,12 @@ def _header(ctx, kernel, backends: dict, stand_ins: dict) -> None:
 
 
 def _ops_table(ctx, stand_ins: dict) -> None:
-    """Which of vLLM 0.33's CUDA ops ran as vLLM's own, and for each other one its stand-in and why."""
+    """Which of vLLM's CUDA ops ran as vLLM's own, and for each other one its stand-in and why."""
     from .vllm_ops import status
 
     table = status(ctx.ops, ctx.ops_why)
     where = f"from {ctx.ops.folder}" if ctx.ops else f"not loaded: {ctx.ops_why}"
-    print(f"vLLM 0.33's CUDA ops ({where}):")
+    print(f"vLLM's CUDA ops ({where}):")
     for op, why in table.items():
         print(f"  {op}: vLLM's own" if why is None else f"  {op}: stand-in, {stand_ins[op]}"
               + (f" -- {why}" if ctx.ops else ""))

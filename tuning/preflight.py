@@ -32,7 +32,7 @@ from .serve_command import MEMORY_GB, ServeCommand, parse, serve_release
 from .shapes import BATCH_SIZES, DEFAULT_VLLM_VERSION, Layout, MoeShape, parse_version
 from .triton_pins import mismatch, target_triton
 from .vllm_rules import (ACTIVATIONS, LayerRuntime, ServeFacts, kernel_launch_changes, launch_changes, layer_runtime,
-                         nearest_key)
+                         nearest_key, reads_down_file)
 
 KIND = {"silu": "SiLU layers", "swiglustep": "SwiGLU-step layers"}
 ASSIGN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
@@ -59,6 +59,8 @@ class Layer:
     found: Path | None = None
     keys: tuple[int, ...] = ()
     drift: list[str] = field(default_factory=list)
+    down_file: str | None = None  # the `_down.json` beside ``file`` that vLLM 0.34 also reads (``reads_down_file``)
+    down_found: Path | None = None
 
 
 def split_command(words: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -195,8 +197,9 @@ def check(argv: list[str], node: Node) -> dict:
 
 
 def advice_line(cmd: ServeCommand, dtype: str, node: Node) -> str | None:
-    """What ``data/backend_advice.json`` says for this GPU and layout (measured or not), as one line."""
-    found = backend_advice.advice_for(node.gpu.key, Layout(tp=cmd.tp, dp=cmd.dp, ep=cmd.ep), dtype)
+    """What the backend advice of the serve's release (``data/backend_advice/``) says for this GPU and layout
+    (measured or not, or measured under another release only), as one line."""
+    found = backend_advice.advice_for(node.gpu.key, Layout(tp=cmd.tp, dp=cmd.dp, ep=cmd.ep), dtype, node.vllm_version)
     return found if isinstance(found, str) or found is None else found.line(folder(node))
 
 
@@ -206,6 +209,10 @@ def _layer(act: str, r: LayerRuntime, model, cmd, dtype, node: Node) -> Layer:
         return layer
     layer.file = layer_shape(model, cmd, r, dtype).file_name(node.gpu.device_name)
     layer.found = _find(layer.file, node)
+    if reads_down_file(r, act, vllm_version=node.vllm_version, arch=node.gpu.arch, expert_parallel=cmd.ep,
+                       dtype=dtype):
+        layer.down_file = layer.file.removesuffix(".json") + "_down.json"
+        layer.down_found = _find(layer.down_file, node)
     if layer.found:
         layer.keys = tuple(sorted(read_config_file(layer.found)))
         layer.drift = _drift(layer.found, node)
@@ -284,6 +291,16 @@ def _ranges(tokens: list[int], keys) -> list[str]:
     return out
 
 
+def _down_line(layer: Layer) -> str:
+    """vLLM 0.34's `_down.json`: whether the serve has one, and what the sorted path it unlocks measured."""
+    measured = "on the H200 for this model's E=288 N=640 shard (benchmarks/README §2z)"
+    if layer.down_found:
+        return (f"    down file {layer.down_found}: vLLM 0.34 takes the sorted-activation path of the down projection "
+                f"where an entry says \"USE_TMA\": true, which measured 0.94-0.98x of the plain path {measured}")
+    return (f"    down file {layer.down_file}: none, so vLLM 0.34 runs the plain path (tune-moe writes none: the sorted "
+            f"path a down file unlocks measured 0.94-0.98x of it {measured})")
+
+
 def render(report: dict, node: Node) -> str:
     cmd, plan = report["command"], report["plan"]
     lines = [f"Serve: {report['dtype']} {cmd.model} on {cmd.tp * cmd.dp}x{node.gpu.key} (tp {cmd.tp}, dp {cmd.dp}"
@@ -309,6 +326,7 @@ def render(report: dict, node: Node) -> str:
         where = layer.found or f"missing (looked in {folder(node)})"
         lines += [f"    tuned file {layer.file}", f"    {'found ' if layer.found else ''}{where}"]
         lines += [f"    drift: {d}" for d in layer.drift]
+        lines += [_down_line(layer)] if layer.down_file else []
         if layer.file in shown:
             lines.append("    batch sizes: as above (the same file)")
             continue

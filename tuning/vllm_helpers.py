@@ -1,4 +1,5 @@
-"""vLLM 0.33's Triton helper kernels, loaded from vLLM's own source files without importing vLLM.
+"""vLLM's Triton helper kernels (0.33's, and 0.34's sorted SiLU-quant kernel where the source has it), loaded from
+vLLM's own source files without importing vLLM.
 
 The bake-off re-creates each expert path of vLLM 0.33 on a machine where vLLM cannot be imported
 (it pins torch 2.14). The helper kernels those paths launch are ``@triton.jit`` functions in vLLM's

@@ -276,6 +276,16 @@ def naive_block_assignment(m: int, top_k: int, global_experts: int, has_expert_m
     return not has_expert_map and m * top_k * 4 <= global_experts
 
 
+def reads_down_file(r: "LayerRuntime", activation: str, *, vllm_version: str, arch: str, expert_parallel: bool,
+                    dtype: str) -> bool:
+    """The serve-level terms of ``sorted_down_runs``: from vLLM 0.34, TritonExperts on block-FP8 [128,128] reads the
+    `_down.json` file beside the layer's tuned file (experts/triton_moe.py:436-447), and takes the sorted path
+    only for SiLU layers without EP, with DeepGEMM's E8M0 in use, on sm90 (the rest is decided per call)."""
+    return (parse_version(vllm_version) >= (0, 34) and r.reads_tuned_file and r.backend == "TRITON"
+            and dtype == "fp8" and tuple(r.block or ()) == (128, 128) and activation == "silu" and r.e8m0
+            and not expert_parallel and arch == "sm90")
+
+
 def sorted_down_runs(*, down: dict | None, activation: str, e8m0: bool, expert_parallel: bool, naive: bool,
                      capability: int, block_shape, block_m: int, hidden: int, n: int) -> bool:
     """vLLM 0.34 experts/triton_moe.py:436-478: TritonExperts takes the sorted-activation path of the down
