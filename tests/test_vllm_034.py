@@ -218,6 +218,15 @@ def test_dry_run_plans_0_34s_fp8_files(tune, src):
     assert f"Kernel: vLLM 0.34.0 fused_moe_kernel (source {src}, sha256 {SHA256[FUSED_MOE][:12]}): 51 parameters" in out
     rc, bf16, _ = tune("--gpu", "H200", "--dtype", "bf16", "--vllm-src", str(src), "--dry-run")
     assert rc == 0 and "Weights:" not in bf16  # bf16 weights are read by pointer in every release
+    # the `_down.json` 0.34 reads for TP2's SiLU layers (TP4/TP8 refine the block, EP has an expert map; sm90 only)
+    assert ("\nDown files: vLLM 0.34.0 also reads E=288,N=640,device_name=NVIDIA_H200,dtype=fp8_w8a8,"
+            "block_shape=[128,128]_down.json (TP2) for the SiLU layers (an optional sorted-activation path of the "
+            "down projection); tune-moe writes none: on the H200 that path measured 0.94-0.98x of the plain one for "
+            "E=288 N=640 (benchmarks/README §2z)\n") in out
+    for flags in (("--gpu", "B200", "--vllm-src", str(src)), ("--gpu", "H200", "--vllm-version", "0.33.0"),
+                  ("--gpu", "H200", "--vllm-src", str(src), "--layouts", "TP4,DP4+EP")):
+        rc, other, _ = tune(*flags, "--dtype", "fp8", "--dry-run")
+        assert rc == 0 and "Down files" not in other, flags
 
 
 # --- what vLLM 0.34 runs per MoE layer kind ------------------------------------------------------------------

@@ -9,7 +9,7 @@ from .gpus import GpuSpec
 from .jobs import Job
 from .models import ModelGeometry
 from .shapes import Layout, MoeShape, Refusal, shape_for
-from .vllm_rules import DEEPGEMM_MIN_N, launch_read_in, launch_rules
+from .vllm_rules import DEEPGEMM_MIN_N, ServeFacts, launch_read_in, launch_rules, layer_runtime, reads_down_file
 
 
 @dataclass
@@ -83,6 +83,30 @@ def format_plan(plan: Plan) -> str:
             any(s.block_shape for s in plan.shapes):
         lines += ["", f"Weights: vLLM {plan.vllm_version} reads block-FP8 weights through a TMA descriptor on "
                       f"{plan.gpu.arch} wherever the N and K tiles divide them, and the search times that launch"]
+    downs = down_files(plan)
+    if downs:
+        lines += ["", f"Down files: vLLM {plan.vllm_version} also reads {', '.join(downs)} for the SiLU layers (an "
+                      "optional sorted-activation path of the down projection); tune-moe writes none: on the H200 that "
+                      "path measured 0.94-0.98x of the plain one for E=288 N=640 (benchmarks/README §2z)"]
     lines += ["", "Batch sizes (M): " + " ".join(map(str, plan.batch_sizes)),
               f"Jobs: {len(plan.shapes)} shapes x {len(plan.batch_sizes)} batch sizes = {len(plan.jobs)} (shape, M) jobs"]
     return "\n".join(lines)
+
+
+def down_files(plan: Plan) -> list[str]:
+    """The `_down.json` files vLLM 0.34 reads beside the plan's files (``vllm_rules.reads_down_file``), each with the
+    layout whose SiLU layers read it."""
+    out = []
+    for shape, layouts in plan.shapes.items():
+        for lay in layouts:
+            m = plan.model
+            facts = ServeFacts(arch=plan.gpu.arch, dtype=plan.dtype, tp=lay.tp, dp=lay.dp, ep=lay.ep,
+                               moe_backend=plan.moe_backend, num_experts=m.num_experts,
+                               intermediate=m.moe_intermediate_size, hidden=m.hidden_size, top_k=m.top_k,
+                               vllm=plan.vllm_version)
+            r = layer_runtime(facts, "silu")
+            if (r.n, tuple(r.block or ())) == (shape.n, tuple(shape.block_shape or ())) and reads_down_file(
+                    r, "silu", vllm_version=plan.vllm_version, arch=plan.gpu.arch, expert_parallel=lay.ep,
+                    dtype=plan.dtype):
+                out.append(f"{plan.file_name(shape).removesuffix('.json')}_down.json ({lay.name})")
+    return out
