@@ -162,16 +162,22 @@ def test_flashinfer_call_as_flashinfer_experts_makes_it(monkeypatch, layout, sha
 
 
 def test_vllm_helpers_from_a_stash_folder(tmp_path, fused_moe_py):
-    from tuning.vllm_helpers import FILES, VllmSource, _installed, load_helpers
+    from tuning.vllm_helpers import FILES, LATER, VllmSource, _installed, load_helpers
+
+    (LATER_FILE,) = LATER
 
     for rel in FILES:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(_installed(rel).read_text())
     src = VllmSource(str(tmp_path))
     assert src.version().startswith("0.33") and src.fused_moe.endswith("fused_moe.py")
-    assert hasattr(load_helpers(src), "_fwd_kernel_ep_scatter_2")
+    helpers = load_helpers(src)
+    assert hasattr(helpers, "_fwd_kernel_ep_scatter_2")
+    assert not hasattr(helpers, "_silu_mul_quant_sorted_kernel")  # 0.34's, not in 0.33's experts/triton_moe.py
+    (tmp_path / LATER_FILE).unlink()  # optional: a stash made before 0.34 lacks it
+    assert hasattr(load_helpers(VllmSource(str(tmp_path))), "_fwd_kernel_ep_scatter_2")
     with pytest.raises(UsageError, match="no vllm/model_executor/layers/activation.py there"):
-        (tmp_path / FILES[-2]).unlink()
+        (tmp_path / "vllm/model_executor/layers/activation.py").unlink()
         load_helpers(VllmSource(str(tmp_path)))
 
 
