@@ -40,7 +40,7 @@ import torch
 
 from tuning import launch, moe_ops, vllm_ops
 from tuning.backends import MODEL
-from tuning.bakeoff import default_tile, tuned_tile
+from tuning.bakeoff import default_tile, down_entry, tuned_tile
 from tuning.bench import measure
 from tuning.configs import read_config_file
 from tuning.gpus import get_gpu
@@ -133,7 +133,6 @@ def main() -> int:
         e, n, k, top_k = (int(x) for x in args.shape.split(","))
         shape = MoeShape(e, e, n, k, top_k, "fp8", (128, 128))
     up_table = read_config_file(Path(args.up_file)) if args.up_file else None
-    down_table = json.loads(Path(args.down_file).read_text()) if args.down_file else None
     ops, why = vllm_ops.load(args.vllm_ops, helpers=helpers, experts=model.num_experts, top_k=model.top_k)
     cap, dev, flush = launch.capability(), torch.device("cuda"), gpu.l2_mb * 2**20 * 4
     print(f"{kernel.describe}; capability {cap}; {shape.label} ({args.layout}); "
@@ -165,10 +164,10 @@ def main() -> int:
             out["rows"].append(row)
             continue
         screened, grid = [], [d for bm in (args.up_block_m or [up.BLOCK_SIZE_M]) for d in downs(bm)]
-        if down_table:
-            entry = down_table[str(nearest_key([int(k) for k in down_table if k.isdigit()], m))]
+        if args.down_file:
+            entry = down_entry(Path(args.down_file), m)
             row["down_file"] = entry
-            if entry.get("USE_TMA"):
+            if entry and entry.get("USE_TMA"):
                 grid.insert(0, {**entry, "BLOCK_SIZE_M": up.BLOCK_SIZE_M})
         for d in grid:
             try:

@@ -522,3 +522,25 @@ def test_the_sorted_down_rule_has_every_term_of_vllm_0_34s(site_034):
     assert "down_moe=True" in reading
     loader = (fused / "fused_moe.py").read_text()
     assert "json_file_name = json_file_name.removesuffix('.json') + '_down.json'" in loader.replace('"', "'")
+
+
+def test_the_down_entry_is_the_one_vllm_0_34_picks(site_034, tmp_path):
+    """``bakeoff.down_entry`` on vLLM 0.34's own DeepSeek-V3 H200 `_down.json`: the entry nearest to M, ties to the
+    first key, as experts/triton_moe.py's ``min(down_configs, key=...)`` over the loaded dict; ``tuned_down`` finds
+    the file beside a shape's tuned file, and none where there is none."""
+    import json
+    import shutil
+
+    from tuning.bakeoff import down_entry, tuned_down
+
+    name = "E=256,N=256,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128]_down.json"
+    shipped = site_034 / "vllm" / "model_executor" / "layers" / "fused_moe" / "configs" / name
+    loaded = {int(k): v for k, v in json.loads(shipped.read_text()).items()}  # get_moe_configs's dict
+    for m in (1, 256, 700, 1023, 1024, 2048, 2500, 3072, 3584, 8192):
+        assert down_entry(shipped, m) == loaded[min(loaded, key=lambda k: abs(k - m))], m
+    assert [bool(down_entry(shipped, m).get("USE_TMA")) for m in (256, 1024, 2048, 3072, 4096)] == \
+        [False, True, True, True, False]
+    shape = MoeShape(256, 256, 256, 7168, 8, "fp8", (128, 128))
+    assert tuned_down(tmp_path, shape, "NVIDIA_H200", 1024) is None
+    shutil.copy(shipped, tmp_path / name)
+    assert tuned_down(tmp_path, shape, "NVIDIA_H200", 1024)["BLOCK_SIZE_N"] == 128

@@ -10,6 +10,7 @@ the stand-ins of ``moe_ops.STAND_INS`` elsewhere. Each backend runs on the shape
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,7 +21,7 @@ from . import configs
 from .bench import measure
 from .configs import FIELDS, TileConfig
 from .layer_inputs import FloatWeights, QuantWeights, batch, errors, float_weights, quantised, reference
-from .shapes import MoeShape, Refusal, parse_layout, shape_for
+from .shapes import DEFAULT_VLLM_VERSION, MoeShape, Refusal, parse_layout, parse_version, shape_for
 from .vllm_rules import ACTIVATIONS, deepgemm_runs, nearest_key
 
 TOLERANCE = 0.1  # relative error of a whole FP8 layer (both GEMMs, two activation quantisations) against float
@@ -89,6 +90,19 @@ def tuned_tile(folder: Path, shape: MoeShape, device_name: str, m: int) -> TileC
         return None
     table = configs.read_config_file(path)
     return table[nearest_key(table, m)]
+
+
+def tuned_down(folder: Path, shape: MoeShape, device_name: str, m: int) -> dict | None:
+    """The entry nearest to M of the `_down.json` beside the shape's tuned file, which vLLM 0.34 reads for block-FP8
+    [128,128] (``vllm_rules.sorted_down_runs`` decides whether it runs); None where there is no such file."""
+    path = folder / (shape.file_name(device_name).removesuffix(".json") + "_down.json")
+    return down_entry(path, m) if path.exists() else None
+
+
+def down_entry(path: Path, m: int) -> dict | None:
+    """A `_down.json` file's entry nearest to M, as experts/triton_moe.py picks it (vLLM 0.34)."""
+    table = {int(k): v for k, v in json.loads(Path(path).read_text()).items() if k.isdigit()}
+    return table[nearest_key(table, m)] if table else None
 
 
 def one_line(exc: BaseException) -> str:
@@ -196,10 +210,12 @@ def _plans(ctx: Bench, ls: LayoutSetup, b, act: str):
     def row(backend: str, shape: MoeShape, **kw) -> Measured:
         return Measured(ls.name, act, m, backend, shape.label, **kw)
 
-    def triton(config: TileConfig):
+    def triton(config: TileConfig, down: dict | None = None):
         return lambda: TritonPath(ctx.kernel, ctx.helpers, ls.triton, ls.q_triton, b, config=config, activation=act,
-                                  e8m0=True, capability=ctx.capability, ops=ctx.ops)
-    yield (row("triton_tuned", ls.triton, runs=(tuned or default).short), triton(tuned)) if tuned else \
+                                  e8m0=True, capability=ctx.capability, ops=ctx.ops, down=down)
+    reads_down = parse_version(ctx.kernel.vllm_version or DEFAULT_VLLM_VERSION) >= (0, 34)
+    down = tuned_down(ctx.folder, ls.triton, ctx.device_name, m) if reads_down else None
+    yield (row("triton_tuned", ls.triton, runs=(tuned or default).short), triton(tuned, down)) if tuned else \
         (row("triton_tuned", ls.triton, failure=f"no tuned file {ls.triton.file_name(ctx.device_name)}"), None)
     yield row("triton_default", ls.triton, runs=default.short), triton(default)
     for e8m0, backend in ((True, "deepgemm_e8m0"), (False, "deepgemm_fp32")):
