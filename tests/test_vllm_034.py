@@ -11,6 +11,7 @@ stride_bsn are 0.33's. fp16 stands in for bf16 under the interpreter.
 
 import ast
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -487,7 +488,7 @@ def test_preflight_names_the_down_file_a_0_34_serve_reads(tmp_path, monkeypatch,
 def test_the_sorted_down_rule_has_every_term_of_vllm_0_34s(site_034):
     """vLLM 0.34's condition for the sorted path (experts/triton_moe.py, ``use_sorted_a``), term by term, against the
     fact of ``sorted_down_runs`` / ``reads_down_file`` that stands for it, or why it holds in every serve tune-moe
-    plans; a term vLLM adds or drops fails here. And the file it reads: the tuned file's name with `_down.json`."""
+    plans; a term vLLM adds or drops fails here; and what vLLM reads the entry from."""
     fused = site_034 / "vllm" / "model_executor" / "layers" / "fused_moe"
     tree = ast.parse((fused / "experts" / "triton_moe.py").read_text())
     (cond,) = [n.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
@@ -520,8 +521,33 @@ def test_the_sorted_down_rule_has_every_term_of_vllm_0_34s(site_034):
                                and [ast.unparse(t) for t in n.targets] == ["down_configs"]).value)
     assert "self.quant_config.use_fp8_w8a8 and self.block_shape == [128, 128] and (not get_config())" in reading
     assert "down_moe=True" in reading
-    loader = (fused / "fused_moe.py").read_text()
-    assert "json_file_name = json_file_name.removesuffix('.json') + '_down.json'" in loader.replace('"', "'")
+
+
+
+def test_vllm_0_34_reads_the_down_file_preflight_names(site_034, tmp_path):
+    """vLLM 0.34's own get_moe_configs(..., down_moe=True), the device name patched to the H200's, reads the file
+    ``down_file_name`` gives for the TP2 shard from VLLM_TUNED_CONFIG_FOLDER, and finds none without it (silently:
+    vLLM warns only for the tuned file)."""
+    from tuning.vllm_rules import down_file_name
+
+    tuned = "E=288,N=640,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"
+    entry = {"1024": {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 64,
+                      "num_warps": 4, "num_stages": 3, "USE_TMA": True}}
+    script = """import json, os
+from vllm.model_executor.layers.fused_moe import fused_moe
+fused_moe.get_device_name_as_file_name = lambda device_id=0: "NVIDIA_H200"
+print(json.dumps(fused_moe.get_moe_configs(288, 640, "fp8_w8a8", 128, 128, down_moe=True)))"""
+    env = {**os.environ, "PYTHONPATH": str(site_034), "VLLM_TUNED_CONFIG_FOLDER": str(tmp_path)}
+
+    def vllm_reads():
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.splitlines()[-1])
+
+    assert vllm_reads() is None
+    (tmp_path / down_file_name(tuned)).write_text(json.dumps(entry))
+    assert down_file_name(tuned) == tuned.removesuffix(".json") + "_down.json"
+    assert vllm_reads() == entry
 
 
 def test_the_down_entry_is_the_one_vllm_0_34_picks(site_034, tmp_path):

@@ -61,11 +61,7 @@ def serve_lines(plan: Plan, out: Path) -> list[str]:
             backend, env = plan.moe_backend, {}
         spec = ServeSpec(model=plan.model.name, layout=lay, dtype=plan.dtype, tuned_folder=Path(out).resolve(),
                          moe_backend=backend, env=tuple(env.items()))
-        facts = ServeFacts(arch=plan.gpu.arch, dtype=plan.dtype, tp=lay.tp, dp=lay.dp, ep=lay.ep,
-                           moe_backend=backend, env=tuple(sorted(env.items())),
-                           num_experts=plan.model.num_experts, intermediate=plan.model.moe_intermediate_size,
-                           hidden=plan.model.hidden_size, top_k=plan.model.top_k, vllm=plan.vllm_version)
-        answers, who = runtimes(facts)
+        answers, who = runtimes(plan.serve_facts(lay, backend, env))
         modeled = series in MIRRORED or who.startswith("vLLM's own")
         other = "" if modeled else f"; this tune targets vLLM {plan.vllm_version}, whose per-kind choice it does not model"
         notes = [describe(act, r) for act, r in answers.items()]

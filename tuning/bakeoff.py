@@ -22,7 +22,7 @@ from .bench import measure
 from .configs import FIELDS, TileConfig
 from .layer_inputs import FloatWeights, QuantWeights, batch, errors, float_weights, quantised, reference
 from .shapes import DEFAULT_VLLM_VERSION, MoeShape, Refusal, parse_layout, parse_version, shape_for
-from .vllm_rules import ACTIVATIONS, deepgemm_runs, nearest_key
+from .vllm_rules import ACTIVATIONS, deepgemm_runs, down_file_name, nearest_key
 
 TOLERANCE = 0.1  # relative error of a whole FP8 layer (both GEMMs, two activation quantisations) against float
 BACKENDS = {
@@ -95,7 +95,7 @@ def tuned_tile(folder: Path, shape: MoeShape, device_name: str, m: int) -> TileC
 def tuned_down(folder: Path, shape: MoeShape, device_name: str, m: int) -> dict | None:
     """The entry nearest to M of the `_down.json` beside the shape's tuned file, which vLLM 0.34 reads for block-FP8
     [128,128] (``vllm_rules.sorted_down_runs`` decides whether it runs); None where there is no such file."""
-    path = folder / (shape.file_name(device_name).removesuffix(".json") + "_down.json")
+    path = folder / down_file_name(shape.file_name(device_name))
     return down_entry(path, m) if path.exists() else None
 
 

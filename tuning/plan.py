@@ -9,7 +9,8 @@ from .gpus import GpuSpec
 from .jobs import Job
 from .models import ModelGeometry
 from .shapes import Layout, MoeShape, Refusal, shape_for
-from .vllm_rules import DEEPGEMM_MIN_N, ServeFacts, launch_read_in, launch_rules, layer_runtime, reads_down_file
+from .vllm_rules import (DEEPGEMM_MIN_N, ServeFacts, down_file_name, launch_read_in, launch_rules, layer_runtime,
+                         reads_down_file)
 
 
 @dataclass
@@ -33,6 +34,14 @@ class Plan:
 
     def file_name(self, shape: MoeShape) -> str:
         return shape.file_name(self.gpu.device_name)
+
+    def serve_facts(self, lay: Layout, moe_backend: str, env: dict[str, str] | None = None) -> ServeFacts:
+        """What decides each MoE layer kind's backend in a serve of this plan's model on ``lay``."""
+        m = self.model
+        return ServeFacts(arch=self.gpu.arch, dtype=self.dtype, tp=lay.tp, dp=lay.dp, ep=lay.ep,
+                          moe_backend=moe_backend, env=tuple(sorted((env or {}).items())), num_experts=m.num_experts,
+                          intermediate=m.moe_intermediate_size, hidden=m.hidden_size, top_k=m.top_k,
+                          vllm=self.vllm_version)
 
 
 def make_plan(model: ModelGeometry, gpu: GpuSpec, dtype: str, layouts: list[Layout], num_gpus: int,
@@ -99,14 +108,9 @@ def down_files(plan: Plan) -> list[str]:
     out = []
     for shape, layouts in plan.shapes.items():
         for lay in layouts:
-            m = plan.model
-            facts = ServeFacts(arch=plan.gpu.arch, dtype=plan.dtype, tp=lay.tp, dp=lay.dp, ep=lay.ep,
-                               moe_backend=plan.moe_backend, num_experts=m.num_experts,
-                               intermediate=m.moe_intermediate_size, hidden=m.hidden_size, top_k=m.top_k,
-                               vllm=plan.vllm_version)
-            r = layer_runtime(facts, "silu")
+            r = layer_runtime(plan.serve_facts(lay, plan.moe_backend), "silu")
             if (r.n, tuple(r.block or ())) == (shape.n, tuple(shape.block_shape or ())) and reads_down_file(
                     r, "silu", vllm_version=plan.vllm_version, arch=plan.gpu.arch, expert_parallel=lay.ep,
                     dtype=plan.dtype):
-                out.append(f"{plan.file_name(shape).removesuffix('.json')}_down.json ({lay.name})")
+                out.append(f"{down_file_name(plan.file_name(shape))} ({lay.name})")
     return out

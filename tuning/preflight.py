@@ -32,7 +32,7 @@ from .serve_command import MEMORY_GB, ServeCommand, parse, serve_release
 from .shapes import BATCH_SIZES, DEFAULT_VLLM_VERSION, Layout, MoeShape, parse_version
 from .triton_pins import mismatch, target_triton
 from .vllm_rules import (ACTIVATIONS, LayerRuntime, ServeFacts, kernel_launch_changes, launch_changes, layer_runtime,
-                         nearest_key, reads_down_file)
+                         down_file_name, nearest_key, reads_down_file)
 
 KIND = {"silu": "SiLU layers", "swiglustep": "SwiGLU-step layers"}
 ASSIGN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
@@ -211,7 +211,7 @@ def _layer(act: str, r: LayerRuntime, model, cmd, dtype, node: Node) -> Layer:
     layer.found = _find(layer.file, node)
     if reads_down_file(r, act, vllm_version=node.vllm_version, arch=node.gpu.arch, expert_parallel=cmd.ep,
                        dtype=dtype):
-        layer.down_file = layer.file.removesuffix(".json") + "_down.json"
+        layer.down_file = down_file_name(layer.file)
         layer.down_found = _find(layer.down_file, node)
     if layer.found:
         layer.keys = tuple(sorted(read_config_file(layer.found)))

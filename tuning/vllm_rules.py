@@ -276,6 +276,11 @@ def naive_block_assignment(m: int, top_k: int, global_experts: int, has_expert_m
     return not has_expert_map and m * top_k * 4 <= global_experts
 
 
+def down_file_name(file_name: str) -> str:
+    """fused_moe.py get_moe_configs(..., down_moe=True): the tuned file's name with `_down.json` for `.json`."""
+    return file_name.removesuffix(".json") + "_down.json"
+
+
 def reads_down_file(r: "LayerRuntime", activation: str, *, vllm_version: str, arch: str, expert_parallel: bool,
                     dtype: str) -> bool:
     """The serve-level terms of ``sorted_down_runs``: from vLLM 0.34, TritonExperts on block-FP8 [128,128] reads the
