@@ -70,7 +70,7 @@ def test_dp4_ep_fp8_with_triton_reads_e72_and_flags_the_prefill_sizes(capsys):
     assert "tuned file E=72,N=1280,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json" in out
     assert "batch sizes 32768 are more than 2x away from the nearest tuned key" in out
     assert ("fix: tune-moe --gpu H200 --dtype fp8 --layouts DP4+EP --num-gpus 4 --moe-backend triton "
-            f"--batch-sizes vllm,32768 --out {H200}") in out
+            f"--batch-sizes vllm,32768 --out {H200} --vllm-version 0.33.0") in out
 
 
 def test_mtp_adds_the_verify_steps_to_the_captured_sizes(capsys):
@@ -106,7 +106,26 @@ def test_b200_fp8_tp4_is_triton_and_untuned_here(capsys, tmp_path):
     assert out.count("TRITON (TritonExperts), N=320, block [64, 64]") == 2
     assert "E=288,N=320,device_name=NVIDIA_B200,dtype=fp8_w8a8,block_shape=[64,64].json is not in" in out
     assert "max_num_batched_tokens 16384" in out and "up to 1024" in out
-    assert "fix: tune-moe --gpu B200 --dtype fp8 --layouts TP4 --num-gpus 4" in out
+    assert (f"fix: tune-moe --gpu B200 --dtype fp8 --layouts TP4 --num-gpus 4 --batch-sizes vllm,16384 --out {tmp_path} "
+            "--vllm-version 0.33.0") in out
+
+
+def test_the_fix_tunes_for_the_serves_release_not_the_installed_one(capsys, tmp_path):
+    """A 0.34 serve checked where 0.33 is installed: a bare tune-moe would tune for 0.33 (the installed vLLM)."""
+    code = main(["preflight", "--gpu", "B200", "--vllm-version", "0.34.0", "--", f"VLLM_TUNED_CONFIG_FOLDER={tmp_path}",
+                 "vllm", "serve", "stepfun-ai/Step-3.5-Flash-FP8", "--tensor-parallel-size", "4"])
+    out = capsys.readouterr().out
+    assert code == 1 and "is not in" in out
+    assert (f"fix: tune-moe --gpu B200 --dtype fp8 --layouts TP4 --num-gpus 4 --batch-sizes vllm,16384 --out {tmp_path} "
+            "--vllm-version 0.34.0") in out
+
+
+def test_an_unset_tuned_folder_is_no_tune_to_fix(capsys):
+    """The files are there; the serve is only not told where: the problem names the export, and no tune is offered."""
+    code, out, _ = run(capsys, "H200", ["stepfun-ai/Step-3.5-Flash", "--tensor-parallel-size", "4"], folder=None)
+    assert code == 1 and re.search(r"found \S*vllm-0.33/NVIDIA_H200/E=288,N=320,device_name=NVIDIA_H200.json", out)
+    assert "problem: VLLM_TUNED_CONFIG_FOLDER is not set for the serve" in out and f"={H200.resolve()}" in out
+    assert "fix: tune-moe" not in out
 
 
 @pytest.mark.parametrize("serve,message", [

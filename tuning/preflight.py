@@ -7,9 +7,9 @@ config folder); the batch sizes the server pushes through the fused MoE (CUDA-gr
 chunk, times the DP ranks under expert parallelism) and the tuned key vLLM picks for each; and drift
 between a file's provenance and this node (GPU, the Triton the target vLLM runs, vLLM, the kernel).
 Exit 0 when everything the serve will use is tuned and current; otherwise 1, with the ``tune-moe``
-command that fills the gap. Needs no GPU. vLLM's own parser and selection code answer where vLLM is
-importable and is the serve's release (``vllm_probe``); elsewhere the mirrors in ``serve_command``,
-``batch_plan`` and ``vllm_rules`` do, for the release the serve runs (0.33's or 0.34's rules).
+command (for the serve's release) that fills the gap where a tune does. Needs no GPU. vLLM's own parser and
+selection code answer where vLLM is importable and is the serve's release (``vllm_probe``); elsewhere the mirrors
+in ``serve_command``, ``batch_plan`` and ``vllm_rules`` do, for the release the serve runs (0.33's or 0.34's rules).
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def check(argv: list[str], node: Node) -> dict:
     problems = _problems(layers, tokens, node)
     return {"command": cmd, "plan": plan, "dtype": dtype, "tokens": tokens, "layers": layers, "problems": problems,
             "notes": _notes(node), "answered_by": answered_by, "advice": advice_line(cmd, dtype, node),
-            "fix": _fix(cmd, dtype, node, layers, tokens) if problems else None}
+            "fix": _fix(cmd, dtype, node, layers, tokens) if _needs_tune(layers, tokens) else None}
 
 
 def advice_line(cmd: ServeCommand, dtype: str, node: Node) -> str | None:
@@ -247,6 +247,13 @@ def _problems(layers: list[Layer], tokens: list[int], node: Node) -> list[str]:
     return out
 
 
+def _needs_tune(layers: list[Layer], tokens: list[int]) -> bool:
+    """Whether a tune fixes one of the problems: a tuned file missing or drifted, or batch sizes beyond its keys.
+    An unset VLLM_TUNED_CONFIG_FOLDER, VLLM_BATCH_INVARIANT or a serve vLLM refuses is no tune's to fix."""
+    return any(layer.file and (not layer.found or layer.drift or any(far(m, layer.keys) for m in tokens))
+               for layer in layers)
+
+
 def _notes(node: Node) -> list[str]:
     notes = []
     if node.env.get("VLLM_TRITON_USE_TD") not in (None, ""):
@@ -259,7 +266,8 @@ def _notes(node: Node) -> list[str]:
 
 
 def _fix(cmd: ServeCommand, dtype: str, node: Node, layers: list[Layer], tokens: list[int]) -> str | None:
-    """The tune-moe command that tunes what this serve would read."""
+    """The tune-moe command that tunes what this serve would read, for the serve's vLLM release (the node that runs
+    it may have another vLLM installed, or none)."""
     wanted = [layer for layer in layers if layer.file]
     if not wanted or set(cmd.hf_overrides) & RESHAPING:
         return None  # a serve whose --hf-overrides reshape the experts is no layout the tuner plans
@@ -272,7 +280,7 @@ def _fix(cmd: ServeCommand, dtype: str, node: Node, layers: list[Layer], tokens:
     extra = sorted({m for m in tokens if far(m, sorted(keys))})
     words += ["--batch-sizes", ",".join(["vllm", *map(str, extra)])] if extra else []
     words += ["--out", str(Path(node.env[TUNED_VAR]))] if node.env.get(TUNED_VAR) else []
-    return shlex.join(words)
+    return shlex.join(words + ["--vllm-version", node.vllm_version])
 
 
 # ---- text -----------------------------------------------------------------------------------------
