@@ -266,7 +266,7 @@ def test_the_serve_lines_a_tune_prints_follow_the_advice(tmp_path):
     assert "--moe-backend deep_gemm" in tp4.splitlines()[0]
     assert "# SiLU layers: DEEPGEMM (TritonOrDeepGemmExperts), reads the tuned file" in tp4
     assert ("it reads a tuned file this run did not write (N=384 block [128, 128]): tune-moe --gpu H200 --dtype fp8 "
-            "--layouts TP4 --moe-backend deep_gemm") in tp4
+            "--layouts TP4 --moe-backend deep_gemm --vllm-version 0.33.0") in tp4
     assert "# backend advice for TP4 on H200: VLLM_USE_DEEP_GEMM_E8M0=0 --moe-backend deep_gemm (measured" in tp4
     assert "--moe-backend triton" in ep.splitlines()[0] and "did not write" not in ep
     assert "(measured 2026-12-02: M 1-4096: triton)" in ep

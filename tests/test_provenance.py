@@ -144,7 +144,8 @@ def test_an_expert_parallel_config_picked_on_an_empty_launch_is_named_with_its_r
             assert note is None and not any("no slot" in d for d in _drift(path, node))
             continue
         assert note == ("M=1 tuned on a launch with no slot on this GPU (an old routing draw; its config was picked on "
-                        "noise): re-tune with tune-moe --gpu H200 --dtype fp8 --layouts DP4+EP --batch-sizes 1")
+                        "noise): re-tune with tune-moe --gpu H200 --dtype fp8 --layouts DP4+EP --batch-sizes 1 "
+                        "--vllm-version 0.33.0")
         assert note in _drift(path, node)  # a preflight problem for the serves that read the file
         assert f"- Not tuned: {note}" in _provenance_lines(read)
         assert verify_drift(path, "0.33.0").endswith(f"\n  {note}")

@@ -81,4 +81,4 @@ def _other_shape(plan: Plan, lay: Layout, answers: dict[str, LayerRuntime], back
     what = ", ".join(f"N={n}" + (f" block {list(b)}" if b else "") for n, b in missing)
     flag = f" --moe-backend {backend}" if backend != "auto" else ""
     return [f"it reads a tuned file this run did not write ({what}): tune-moe --gpu {plan.gpu.key} --dtype "
-            f"{plan.dtype} --layouts {lay.name}{flag}"]
+            f"{plan.dtype} --layouts {lay.name}{flag} --vllm-version {plan.vllm_version}"]

@@ -143,7 +143,7 @@ class Provenance:
         sizes = ",".join(map(str, ms))
         return (f"M={sizes} tuned on a launch with no slot on this GPU (an old routing draw; its config was picked "
                 f"on noise): re-tune with tune-moe --gpu {self.gpu_key} --dtype {self.shape.dtype} --layouts "
-                f"{self.layouts[-1]} --batch-sizes {sizes}")
+                f"{self.layouts[-1]} --batch-sizes {sizes} --vllm-version {self.run.vllm}")
 
 
 class _Reader:
