@@ -627,8 +627,8 @@ def test_missing_config_fails_and_names_the_file(fake, capsys):
     assert f"problem: SiLU layers: {TP4_BF16} is not in {fake['configs']}" in before  # preflight's table
     assert f"has no {TP4_BF16}" in before  # the note: the run goes ahead, its log drives the tuner
     assert f"vLLM used its default MoE config for {TP4_BF16}" in captured.err
-    assert f"tune them: tune-moe --gpu H200 --dtype bf16 --from-vllm-log {fake['out']}/vllm-serve-tuned.log" \
-        in captured.err
+    assert ("tune them: tune-moe --gpu H200 --dtype bf16 --vllm-version 0.33.0 --from-vllm-log "
+            f"{fake['out']}/vllm-serve-tuned.log") in captured.err
     assert report(fake)["runs"][0]["outcome"] == "proof"
     assert not (fake["out"] / "bench-tuned.json").exists()
 

@@ -164,7 +164,8 @@ def _prove(result: RunResult, spec: ServeSpec, pre: Preflight, log: Path, gpu: s
     facts = read_log(log.read_text(errors="replace"))
     expected = pre.files
     if spec.tuned_folder:
-        proof = prove_tuned(facts, expected, spec.tuned_folder, log, f"tune-moe --gpu {gpu} --dtype {spec.dtype}")
+        tune = f"tune-moe --gpu {gpu} --dtype {spec.dtype} --vllm-version {pre.node.vllm_version}"
+        proof = prove_tuned(facts, expected, spec.tuned_folder, log, tune)
     else:
         proof = prove_default(facts, expected, log)
     problems = [*proof.problems, *agreement(facts, pre.predicted())]
