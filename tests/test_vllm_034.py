@@ -550,6 +550,47 @@ print(json.dumps(fused_moe.get_moe_configs(288, 640, "fp8_w8a8", 128, 128, down_
     assert vllm_reads() == entry
 
 
+def test_a_found_down_file_in_vllm_0_34s_log_is_what_preflight_predicts(site_034, tmp_path):
+    """vLLM 0.34's own get_moe_configs and logger write the lines a TP2 FP8 serve logs with a `_down.json` beside
+    its tuned file: the log check (``agreement``) takes the down file as one the layer kinds look up, for both kinds
+    (vLLM looks it up for every FP8 [128,128] TritonExperts call, also where the sorted path never runs), and
+    without that prediction would report it as a file preflight did not predict."""
+    from tuning import preflight as pf
+    from tuning.gpus import get_gpu
+    from tuning.serve_checks import Preflight
+    from tuning.vllm_log import agreement, read_log
+    from tuning.vllm_rules import down_file_name
+
+    tuned = "E=288,N=640,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"
+    entry = {"1": {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4,
+                   "num_stages": 3}}
+    (tmp_path / tuned).write_text(json.dumps(entry))
+    (tmp_path / down_file_name(tuned)).write_text(json.dumps({"1": {**entry["1"], "USE_TMA": True}}))
+    script = """import vllm.logger
+vllm.logger._configure_vllm_root_logger()
+from vllm.model_executor.layers.fused_moe import fused_moe
+fused_moe.get_device_name_as_file_name = lambda device_id=0: "NVIDIA_H200"
+fused_moe.get_moe_configs(288, 640, "fp8_w8a8", 128, 128)
+fused_moe.get_moe_configs(288, 640, "fp8_w8a8", 128, 128, down_moe=True)"""
+    env = {**os.environ, "PYTHONPATH": str(site_034), "VLLM_TUNED_CONFIG_FOLDER": str(tmp_path),
+           "VLLM_LOGGING_LEVEL": "INFO"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    facts = read_log(done.stdout + done.stderr)
+    assert facts.loaded == [str(tmp_path / tuned), str(tmp_path / down_file_name(tuned))] and not facts.missing
+
+    node = pf.Node(gpu=get_gpu("H200"), env={"VLLM_TUNED_CONFIG_FOLDER": str(tmp_path)}, config_dir=tmp_path,
+                   vllm_version="0.34.0")
+    pre = Preflight(pf.check(["vllm", "serve", "stepfun-ai/Step-3.5-Flash-FP8", "--tensor-parallel-size", "2"], node),
+                    node)
+    predicted = pre.predicted()
+    assert [(p.file, p.down_file) for p in predicted] == [(tuned, down_file_name(tuned))] * 2
+    assert not [p for p in agreement(facts, predicted) if "tuned files" in p]
+    without = [replace(p, down_file=None) for p in predicted]
+    (problem,) = [p for p in agreement(facts, without) if "tuned files" in p]
+    assert f"vLLM looked up {down_file_name(tuned)}, which preflight did not predict" in problem
+
+
 def test_the_down_entry_is_the_one_vllm_0_34_picks(site_034, tmp_path):
     """``bakeoff.down_entry`` on vLLM 0.34's own DeepSeek-V3 H200 `_down.json`: the entry nearest to M, ties to the
     first key, as experts/triton_moe.py's ``min(down_configs, key=...)`` over the loaded dict; ``tuned_down`` finds

@@ -17,7 +17,7 @@ from .recipe import CHECKPOINTS, ServeSpec
 from .reduced import Reduced
 from .shapes import Refusal, parse_version, shape_for
 from .vllm_log import BATCHED, Predicted
-from .vllm_rules import ACTIVATIONS, MIRRORED, ServeFacts, layer_runtime
+from .vllm_rules import ACTIVATIONS, MIRRORED, ServeFacts, down_file_name, layer_runtime, looks_up_down_file
 
 @dataclass(frozen=True)
 class Preflight:
@@ -37,7 +37,10 @@ class Preflight:
         return list(dict.fromkeys(layer.file for layer in self.layers if layer.file))
 
     def predicted(self) -> list[Predicted]:
-        return [Predicted(pf.KIND[layer.activation], layer.runtime.backend, layer.file) for layer in self.layers]
+        down = {layer.activation: down_file_name(layer.file) for layer in self.layers if layer.file
+                and looks_up_down_file(layer.runtime, vllm_version=self.node.vllm_version, dtype=self.report["dtype"])}
+        return [Predicted(pf.KIND[layer.activation], layer.runtime.backend, layer.file, down.get(layer.activation))
+                for layer in self.layers]
 
     def as_dict(self) -> dict:
         r = self.report

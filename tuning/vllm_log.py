@@ -183,12 +183,14 @@ class Predicted:
     kind: str  # "SiLU layers" or "SwiGLU-step layers"
     backend: str
     file: str | None = None
+    down_file: str | None = None  # the `_down.json` vLLM 0.34 also looks up beside ``file`` (logged only when found)
 
 
 def agreement(facts: MoeLogFacts, predicted: list[Predicted]) -> tuple[str, ...]:
     """Problems where the log disagrees with ``predicted``: the set of backends vLLM logged (once per distinct
     backend) must be the set predicted, and every file vLLM looked up (loaded, or defaulted) must be one a layer
-    kind was predicted to read. (A predicted file vLLM never looked up is ``prove_tuned``'s problem.)"""
+    kind was predicted to read (its tuned file, or the `_down.json` beside it). (A predicted file vLLM never looked
+    up is ``prove_tuned``'s problem.)"""
     out = []
     said = "; ".join(f"{p.kind}: {p.backend}" for p in predicted)
     logged = list(dict.fromkeys(facts.backend_names))
@@ -196,7 +198,7 @@ def agreement(facts: MoeLogFacts, predicted: list[Predicted]) -> tuple[str, ...]
         out.append(f"vLLM's log disagrees with preflight on the MoE backend: vLLM logged "
                    f"{', '.join(logged) or 'no backend line'}; preflight predicted {said}")
     looked = list(dict.fromkeys([file_name_of(p) for p in facts.loaded] + facts.missing))
-    files = {p.file for p in predicted if p.file}
+    files = {f for p in predicted for f in (p.file, p.down_file) if f}
     batched = any(p.backend == BATCHED for p in predicted)  # reads a file preflight does not count as tuned
     extra = [] if batched else [n for n in looked if n not in files]
     if extra:

@@ -281,14 +281,22 @@ def down_file_name(file_name: str) -> str:
     return file_name.removesuffix(".json") + "_down.json"
 
 
+def looks_up_down_file(r: "LayerRuntime", *, vllm_version: str, dtype: str) -> bool:
+    """From vLLM 0.34, every TritonExperts call on block-FP8 [128,128] (DeepGEMM's Triton fallback too) looks the
+    `_down.json` beside the layer's tuned file up, whatever the activation, layout or GPU (experts/triton_moe.py
+    436-447): get_moe_configs(..., down_moe=True) logs "Using configuration from ..." when it finds one, else
+    nothing."""
+    return (parse_version(vllm_version) >= (0, 34) and r.reads_tuned_file and dtype == "fp8"
+            and tuple(r.block or ()) == (128, 128))
+
+
 def reads_down_file(r: "LayerRuntime", activation: str, *, vllm_version: str, arch: str, expert_parallel: bool,
                     dtype: str) -> bool:
-    """The serve-level terms of ``sorted_down_runs``: from vLLM 0.34, TritonExperts on block-FP8 [128,128] reads the
-    `_down.json` file beside the layer's tuned file (experts/triton_moe.py:436-447), and takes the sorted path
-    only for SiLU layers without EP, with DeepGEMM's E8M0 in use, on sm90 (the rest is decided per call)."""
-    return (parse_version(vllm_version) >= (0, 34) and r.reads_tuned_file and r.backend == "TRITON"
-            and dtype == "fp8" and tuple(r.block or ()) == (128, 128) and activation == "silu" and r.e8m0
-            and not expert_parallel and arch == "sm90")
+    """The serve-level terms of ``sorted_down_runs``: of the layers that look the `_down.json` up
+    (``looks_up_down_file``), only TritonExperts' SiLU layers without EP, with DeepGEMM's E8M0 in use, on sm90 can
+    take the sorted path (the rest is decided per call)."""
+    return (looks_up_down_file(r, vllm_version=vllm_version, dtype=dtype) and r.backend == "TRITON"
+            and activation == "silu" and r.e8m0 and not expert_parallel and arch == "sm90")
 
 
 def sorted_down_runs(*, down: dict | None, activation: str, e8m0: bool, expert_parallel: bool, naive: bool,
