@@ -73,6 +73,25 @@ def test_only_the_confirmed_entry_is_taken_and_the_sidecar_says_where_it_came_fr
         f"M=16 {A.short} → {B.short}, 10.0 → 9.5 µs on {BOARD.unit}")
 
 
+def test_a_key_new_adds_is_taken_with_its_row_where_confirmed_against_the_entry_vllm_ran_there(sets):
+    """NEW adds M=4096, which OLD lacks: judged against OLD's nearest entry (M=64's, which vLLM runs there), taken
+    with its sidecar row when confirmed; M=2048, re-timed between NEW's keys (--batch-sizes), decides nothing."""
+    old, new, out = sets
+    tuned(new, BF16, {1: A, 16: A, 64: A, 4096: B}, tuned_us=9.0)
+    changes = {BF16: [confirm.Change(4096, A, B, 120.0, 100.0, 90.0), confirm.Change(2048, A, B, 60.0, 50.0, 40.0)]}
+    written = confirm.write(new, old, out, changes, BOARD, "t1")
+    assert written.lines == [f"  {BF16}: M=4096 from NEW"]
+    assert read_config_file(out / BF16) == {1: A, 16: A, 64: A, 4096: B}
+    merged = provenance.read(out / BF16)
+    assert [(r.m, r.tuned, r.tuned_us) for r in merged.rows] == [(1, A, 10.0), (16, A, 10.0), (64, A, 10.0),
+                                                                (4096, B, 9.0)]
+    assert [(c["m"], c["replaces"]) for c in merged.extra["confirmed"]] == [(4096, A.short)]
+    assert [json.loads(line)["m"] for line in (new / confirm.LEDGER).read_text().splitlines()] == [4096]
+    shape = MoeShape(36, 288, 1280, 4096, 8, "bf16", None)
+    loaded, how = verify.load_with_vllm(out, shape, "NVIDIA_H200")
+    assert loaded == {1: A, 16: A, 64: A, 4096: B}, how
+
+
 def test_a_second_merge_keeps_the_first_confirmations(sets, tmp_path):
     old, new, out = sets
     confirm.write(new, old, out, {BF16: [confirm.Change(16, A, B, 12.0, 10.0, 9.5)]}, BOARD, "t1")

@@ -172,6 +172,10 @@ def test_the_summary_says_what_became_of_each_entry_the_file_held():
                                           "824.0 -> 803.8 us, 1.025x)")
     assert incumbent_mark(replace(r, incumbent_us=0.0)) == "  (replaces M64-N128-K128-G16-w4-s4, which fails)"
     assert incumbent_mark(replace(r, incumbent=None, incumbent_us=0.0)) == ""
+    assert incumbent_mark(replace(r, incumbent_key=r.m)) == incumbent_mark(r)  # the file's own entry for M
+    added = replace(r, incumbent_key=4096)  # a batch size the file lacked: vLLM ran its nearest key's entry
+    assert incumbent_mark(added) == "  (replaces key 4096's M64-N128-K128-G16-w4-s4: 135.8 -> 133.6 us, 1.016x)"
+    assert incumbent_mark(replace(added, tuned=held, tuned_us=135.8)) == "  (kept key 4096's entry, which vLLM ran here)"
     undone = replace(r, tuned=held, tuned_us=135.8, rechecked="undid")
     assert incumbent_mark(undone) == "  (kept: a second head to head undid its replacement)"
     confirmed = replace(r, rechecked="confirmed")

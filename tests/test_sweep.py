@@ -596,6 +596,29 @@ def test_a_job_is_seeded_with_the_winners_of_its_nearest_finished_neighbours():
     assert sweep.seeds(4, {}) == []
 
 
+def test_a_batch_size_the_file_lacks_is_judged_against_the_entry_vllm_runs_there(tmp_path):
+    """M=6 over a file keyed 1 and 8: vLLM runs key 8's entry at M=6 (the nearest key), so that entry, not only
+    vLLM's default, is the job's incumbent: looked at first, timed head to head, kept unless beaten; the result
+    names the key it came from, and the table says the batch size was added."""
+    out = tmp_path / "cfg"
+    out.mkdir()
+    one, eight = configs.TileConfig(32, 32, 32, 1, 2, 1), configs.TileConfig(16, 32, 32, 1, 2, 2)
+    configs.write_config_file(out / FILE, {1: one, 8: eight}, "3.8.0")
+    cmd = command(out) + ["--overwrite"]
+    cmd[cmd.index("--batch-sizes") + 1] = "6"
+    cmd[cmd.index("--max-evals") + 1] = "1"
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    (job,) = results(out)
+    assert job["m"] == 6 and job["incumbent"] == eight.to_dict() and job["incumbent_key"] == 8
+    assert job["incumbent_us"] > 0 and eight.short in job["looks"]
+    kept = job["tuned"] == eight.to_dict()
+    mark = r"\(kept key 8's entry, which vLLM ran here\)" if kept else r"\(replaces key 8's M16-N32-K32-G1-w2-s2"
+    assert re.search(mark, run.stdout), run.stdout
+    assert re.search(r"; 1 batch size\(s\) added, %d with an entry of their own that beat the nearest key's$"
+                     % (not kept), run.stdout, re.M), run.stdout
+
+
 def test_a_re_tune_times_the_entry_it_replaces(tmp_path):
     """With --overwrite over a file tune-moe did not write, its entry is the job's incumbent: looked at beside
     vLLM's default (one look each with --max-evals 1: one batch size has no neighbours to seed it), then timed

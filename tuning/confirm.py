@@ -180,11 +180,12 @@ def write(new_dir: Path, old_dir: Path, out: Path, changes: dict[str, list[Chang
           when: str) -> Written:
     """Write OUT (through OUT.partial, renamed whole) from NEW's files (``changes``: each one's changed entries,
     re-timed on ``board``), taking an entry where every board that judged it confirms it, then add this board's head
-    to heads to NEW's ledger. A batch size re-timed that is not one of the file's own (``--batch-sizes`` between
-    them) decides nothing: the entries are the keys. ``board`` None (``--interpret``: CPU timings) reads and adds
-    nothing: a CPU's timings confirm nothing for a GPU."""
+    to heads to NEW's ledger. Each judged change is one of NEW's keys, against the entry vLLM runs there from OLD
+    (its own, or its nearest key's: a key NEW adds is taken, with its sidecar row, where it is confirmed); a batch
+    size re-timed that is not one of NEW's keys (``--batch-sizes`` between them) decides nothing. ``board`` None
+    (``--interpret``: CPU timings) reads and adds nothing: a CPU's timings confirm nothing for a GPU."""
     made = [name for name in changes if not (old_dir / name).exists()]
-    judged = {name: [c for c in changes[name] if c.m in configs.read_config_file(old_dir / name)]
+    judged = {name: [c for c in changes[name] if c.m in configs.read_config_file(new_dir / name)]
               for name in changes if name not in made}
     earlier = read_ledger(new_dir) if board else []
     here = _name(board) if board else ""
@@ -238,7 +239,8 @@ def _merge(new_path: Path, target: Path, taken: list[Change], board: GpuState | 
     ms = {r.m for r in taken}
     entries = {**configs.read_config_file(target), **{r.m: r.new for r in taken}}
     new_rows = {row.m: row for row in new_prov.rows}
-    rows = tuple(new_rows.get(row.m, row) if row.m in ms else row for row in old_prov.rows)
+    by_m = {row.m: row for row in old_prov.rows} | {m: new_rows[m] for m in ms if m in new_rows}
+    rows = tuple(by_m[m] for m in sorted(by_m))
     on = _name(board) if board else "the CPU (--interpret: for testing, not a confirmation)"
     # the merged sidecar keeps OLD's run: an entry tuned under another kernel (a release check() found launched
     # alike) names NEW's release

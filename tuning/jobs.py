@@ -103,14 +103,21 @@ class JobResult:
     # (0 in results from before it was kept; before the search timed configs as their compiles ended, the whole
     # wait for each round's compiles)
     failures: dict[str, Failure] = field(default_factory=dict)  # config (short form) -> why (first few)
-    incumbent: TileConfig | None = None  # the entry the file in --out held for this M (kept unless beaten by
-    # more than KEEP_WITHIN: search)
+    incumbent: TileConfig | None = None  # the entry vLLM runs for this M from the file in --out (kept unless beaten
+    # by more than KEEP_WITHIN: search): the file's own for M, else that of its key nearest to M, as vLLM picks
+    incumbent_key: int | None = None  # the file's key ``incumbent`` is the entry of (None: ``m``, in results
+    # from before it was kept); a key other than ``m`` means this job adds M to the file
     incumbent_us: float = 0.0  # its head-to-head µs beside ``tuned`` (0: it failed, or was not timed to the end)
     looks: dict[str, float] = field(default_factory=dict)  # config (short form) -> first-look µs, every config
     # the search timed that ran (the landscape it saw: benchmarks/replay_search.py replays searches on it)
     gpu_state: dict = field(default_factory=dict)  # clocks.GpuState after the job's last timing ({}: no NVML)
     rechecked: str = ""  # search.SearchResult.rechecked: what a second head to head made of a replacement
     finished: str = ""  # UTC, to the second, when the job finished ("": results from before it was kept)
+
+    @property
+    def adds_key(self) -> bool:
+        """Whether the file held no entry of its own for ``m``: the incumbent is its nearest key's."""
+        return self.incumbent is not None and self.incumbent_key not in (None, self.m)
 
     @property
     def speedup(self) -> float:

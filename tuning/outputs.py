@@ -22,6 +22,7 @@ from .jobs import JobResult, Settings
 from .plan import Plan
 from .provenance import BatchRow, Provenance, RunInfo, Target
 from .shapes import MoeShape
+from .vllm_rules import nearest_key
 
 SOFTWARE = ("triton", "vllm", "kernel_sha256")  # what must match to merge a new run into an old file
 
@@ -112,17 +113,30 @@ def never_reached(out: Path, before: Path, name: str) -> bool:
     return all(a.exists() == b.exists() and (not a.exists() or a.read_bytes() == b.read_bytes()) for a, b in pairs)
 
 
+def incumbent(held: dict[int, TileConfig], m: int) -> tuple[TileConfig, int] | None:
+    """The entry vLLM runs for ``m`` from a file holding ``held``, and its key: M's own, else the key nearest to M
+    (try_get_optimal_moe_config). A batch size the file lacks is judged against that entry, not vLLM's default
+    alone: adding the key changes what vLLM runs there only where the new entry beats it."""
+    if not held:
+        return None
+    key = nearest_key(held, m)
+    return held[key], key
+
+
 def incumbent_mark(r: JobResult) -> str:
-    """What became of the entry the file held for this M: kept, or replaced by a config that beat it."""
+    """What became of the entry vLLM ran for this M: kept, or replaced by a config that beat it."""
     if r.incumbent is None:
         return ""
+    whose = f" key {r.incumbent_key}'s" if r.adds_key else ""
     if r.incumbent == r.tuned:
-        return "  (kept: a second head to head undid its replacement)" if r.rechecked == "undid" else "  (kept)"
+        if r.rechecked == "undid":
+            return f"  (kept{whose}: a second head to head undid its replacement)"
+        return f"  (kept{whose} entry, which vLLM ran here)" if r.adds_key else "  (kept)"
     if not r.incumbent_us:
-        return f"  (replaces {r.incumbent.short}, which fails)"
+        return f"  (replaces{whose} {r.incumbent.short}, which fails)"
     times = f"{r.incumbent_us:.1f} -> {r.tuned_us:.1f} us, {r.incumbent_us / r.tuned_us:.3f}x"
     by = ", which vLLM's default beat" if r.tuned == r.default else ""  # by more than KEEP_WITHIN, as a winner must
-    return f"  (replaces {r.incumbent.short}{by}: {times})"
+    return f"  (replaces{whose} {r.incumbent.short}{by}: {times})"
 
 
 def row(r: JobResult) -> BatchRow:
@@ -174,8 +188,11 @@ def summary(plan: Plan, results: dict[tuple[str, int], JobResult]) -> str:
         if rows:
             geo = geometric_mean([r.speedup for r in rows])
             worst = min(rows, key=lambda r: r.speedup)
-            held = [r for r in rows if r.incumbent]
+            held = [r for r in rows if r.incumbent and not r.adds_key]
             kept = f"; kept {sum(r.tuned == r.incumbent for r in held)} of the {len(held)} entries the file held" if held else ""
+            added = [r for r in rows if r.adds_key]
+            kept += (f"; {len(added)} batch size(s) added, {sum(r.tuned != r.incumbent for r in added)} with an entry "
+                     "of their own that beat the nearest key's") if added else ""
             lines.append(f"{shape.label:<34} geomean {geo:.3f}x, worst {worst.speedup:.3f}x at M={worst.m}{kept}")
     states = [clocks.GpuState.from_json(r.gpu_state) for r in results.values()]
     note = clocks.held_down_note(sum(bool(s and s.limited) for s in states), len(states), "jobs ended")

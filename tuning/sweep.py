@@ -18,7 +18,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -186,7 +186,8 @@ class Driver:
             ray.shutdown()
 
     def run(self, pending: list[Job], store: Store, on_done, held: dict | None = None) -> RunInfo:
-        """Run ``pending``; ``held``: per shape, the entries its file in --out holds now (each job's incumbent)."""
+        """Run ``pending``; ``held``: per shape, the entries its file in --out holds now (a job's incumbent is the
+        one vLLM runs for its M: ``outputs.incumbent``)."""
         import ray
 
         held = held or {}
@@ -199,17 +200,18 @@ class Driver:
         in_flight: dict = {}
         try:
             while queue or in_flight:
-                busy = {w for w, _ in in_flight.values()}
+                busy = {w for w, _, _ in in_flight.values()}
                 for w in [w for w in workers if w not in busy][: len(queue)]:
-                    job = queue.take(last.get(w), [j for _, j in in_flight.values()])
+                    job = queue.take(last.get(w), [j for _, j, _ in in_flight.values()])
                     finished = store.for_file(self.plan.file_name(job.shape))
-                    task = w.run.remote(job, seeds(job.m, finished), self._known(job), held.get(job.shape, {}).get(job.m))
-                    in_flight[task] = (w, job)
+                    held_entry = outputs.incumbent(held.get(job.shape, {}), job.m)
+                    task = w.run.remote(job, seeds(job.m, finished), self._known(job), held_entry and held_entry[0])
+                    in_flight[task] = (w, job, held_entry and held_entry[1])
                 done, _ = ray.wait(list(in_flight), num_returns=1)
-                worker, job = in_flight.pop(done[0])
+                worker, job, key = in_flight.pop(done[0])
                 last[worker] = job
                 try:
-                    result: JobResult = ray.get(done[0])
+                    result: JobResult = replace(ray.get(done[0]), incumbent_key=key)
                 except ray.exceptions.RayActorError:
                     workers[workers.index(worker)] = self._replace(worker, job, queue)
                     continue
