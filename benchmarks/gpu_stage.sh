@@ -14,7 +14,8 @@
 #                      a crash mid-run; `tune` with the same --out after it resumes
 #   kill-after SECS    in the background: SIGKILL one tune-moe Ray worker after SECS seconds
 #   bg "STAGE ARGS; STAGE ARGS; ..."  run those stages one after another, detached (they outlive the call while
-#                      the machine stays warm, so one run can be longer than a call), each with OUT=/tmp/bg
+#                      the machine stays warm, so one run can be longer than a call), each with OUT=/tmp/bg; a
+#                      stage may start with VAR=value words, its own environment (TUNE_MOE_STAGE_SRC=... tune ...)
 #   bg-wait SECS       wait at most SECS for them; print the end of each log and bring /tmp/bg (without the
 #                      written files' tars until the last stage is done) and every run's state folder
 #                      (.tune-moe: results.jsonl, run.json) back as $OUT/bg.tar, so a lost machine loses nothing
@@ -317,7 +318,12 @@ for line in sys.stdin: print(f"{time.time():.3f} {line}", end="")' > "$OUT/$name
     echo "started at $(date +%T): $1 (logs in /tmp/bg; bg-wait SECS brings them back)" ;;
   bg-run)  # bg's detached part, in a session of its own
     IFS=';' read -ra calls <<< "$1"
-    for call in "${calls[@]}"; do read -ra words <<< "$call"; OUT=/tmp/bg "$0" "${words[@]}" || true; done
+    for call in "${calls[@]}"; do
+      read -ra words <<< "$call"
+      vars=()  # leading VAR=value words: that stage's environment (e.g. TUNE_MOE_STAGE_SRC for another kernel)
+      while [[ ${#words[@]} -gt 0 && ${words[0]} == [A-Z_]*=* ]]; do vars+=("${words[0]}"); words=("${words[@]:1}"); done
+      OUT=/tmp/bg env "${vars[@]}" "$0" "${words[@]}" || true
+    done
     date +%s > /tmp/bg/done ;;
   bg-wait)
     end=$(( $(date +%s) + $1 ))
