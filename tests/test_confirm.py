@@ -78,6 +78,7 @@ def test_a_key_new_adds_is_taken_with_its_row_where_confirmed_against_the_entry_
     with its sidecar row when confirmed; M=2048, re-timed between NEW's keys (--batch-sizes), decides nothing."""
     old, new, out = sets
     tuned(new, BF16, {1: A, 16: A, 64: A, 4096: B}, tuned_us=9.0)
+    confirm.check(new, old, out, [BF16])  # NEW keeps OLD's keys and adds one: a merge, not another plan
     changes = {BF16: [confirm.Change(4096, A, B, 120.0, 100.0, 90.0), confirm.Change(2048, A, B, 60.0, 50.0, 40.0)]}
     written = confirm.write(new, old, out, changes, BOARD, "t1")
     assert written.lines == [f"  {BF16}: M=4096 from NEW"]
@@ -107,7 +108,7 @@ def test_a_second_merge_keeps_the_first_confirmations(sets, tmp_path):
     (lambda old, new, out: provenance.sidecar_path(old / BF16).unlink(), f"{re.escape(BF16)} in OLD has no tune-moe"),
     (lambda old, new, out: tuned(new, BF16, {1: A, 16: B, 64: C}, triton="3.6.0"),
      "tuned under Triton 3.8.0 in OLD and 3.6.0 in NEW"),
-    (lambda old, new, out: tuned(new, BF16, {1: A, 16: B}), "holds other batch sizes in NEW than in OLD"),
+    (lambda old, new, out: tuned(new, BF16, {1: A, 16: B}), f"{BF16} in NEW lacks OLD's batch sizes 64"),
 ])
 def test_a_merge_that_would_mix_runs_is_refused_before_anything_is_timed(sets, spoil, match):
     old, new, out = sets

@@ -137,9 +137,10 @@ def check(new_dir: Path, old_dir: Path, out: Path, names: list[str]) -> None:
             raise UsageError(f"{OPTION}: {name} was tuned under vLLM {was} in OLD and {now} in NEW, and {now} "
                              f"{' and '.join(changed)}: a merged file would mix launches; re-tune OLD's set under "
                              "NEW's")
-        if set(configs.read_config_file(new_dir / name)) != set(configs.read_config_file(old_path)):
-            raise UsageError(f"{OPTION}: {name} holds other batch sizes in NEW than in OLD; a merge needs one plan: "
-                             "re-tune over a copy of OLD")
+        lost = sorted(set(configs.read_config_file(old_path)) - set(configs.read_config_file(new_dir / name)))
+        if lost:  # a re-tune over a copy of OLD keeps every key of OLD, and may add some (--batch-sizes)
+            raise UsageError(f"{OPTION}: {name} in NEW lacks OLD's batch sizes {','.join(map(str, lost))}; a merge "
+                             "needs NEW re-tuned over a copy of OLD, which keeps them")
     ledger = new_dir / LEDGER
     nearest = ledger if ledger.exists() else ledger.parent if ledger.parent.exists() else new_dir  # what will be written
     if not os.access(nearest, os.W_OK):
