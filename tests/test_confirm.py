@@ -93,6 +93,28 @@ def test_a_key_new_adds_is_taken_with_its_row_where_confirmed_against_the_entry_
     assert loaded == {1: A, 16: A, 64: A, 4096: B}, how
 
 
+def test_a_key_new_adds_with_the_entry_vllm_ran_there_is_taken_without_a_confirmation(sets):
+    """NEW adds M=4096 holding OLD's M=64 entry (the one vLLM ran at 4096): nothing vLLM runs changes, so OUT takes
+    the key and NEW's row measured at it, with no head to head and no ledger line; the file's confirmed entries
+    and OLD's other rows stay."""
+    old, new, out = sets
+    tuned(new, BF16, {1: A, 16: A, 64: A, 4096: A}, tuned_us=9.0)
+    confirm.check(new, old, out, [BF16])
+    assert confirm.unchanged_additions(new / BF16, old / BF16) == [4096]
+    written = confirm.write(new, old, out, {BF16: []}, BOARD, "t1")
+    assert written.taken == 0 and written.lines == [
+        f"  {BF16}: M=4096 added, each the entry vLLM ran there from OLD (its nearest key's), with NEW's row measured at it"]
+    assert read_config_file(out / BF16) == {1: A, 16: A, 64: A, 4096: A}
+    merged = provenance.read(out / BF16)
+    assert [(r.m, r.tuned_us) for r in merged.rows] == [(1, 10.0), (16, 10.0), (64, 10.0), (4096, 9.0)]
+    assert merged.run == provenance.read(old / BF16).run and "confirmed" not in merged.extra
+    assert not (new / confirm.LEDGER).read_text().strip()  # no head to head to record
+    loaded, how = verify.load_with_vllm(out, MoeShape(36, 288, 1280, 4096, 8, "bf16", None), "NVIDIA_H200")
+    assert loaded == {1: A, 16: A, 64: A, 4096: A}, how
+    tuned(new, BF16, {1: A, 16: A, 64: A, 4096: B}, tuned_us=9.0)  # another entry: a change to confirm instead
+    assert confirm.unchanged_additions(new / BF16, old / BF16) == []
+
+
 def test_a_second_merge_keeps_the_first_confirmations(sets, tmp_path):
     old, new, out = sets
     confirm.write(new, old, out, {BF16: [confirm.Change(16, A, B, 12.0, 10.0, 9.5)]}, BOARD, "t1")

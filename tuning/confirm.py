@@ -18,9 +18,11 @@ merged sidecar keeps OLD's rows, takes NEW's for the entries it takes, and lists
 with the boards and the head to heads that confirmed it (and NEW's vLLM release, where NEW's kernel is not OLD's).
 Everything is checked before any re-timing (OUT new or empty, NEW writable, a tune-moe sidecar beside each file, the
 same Triton on both sides, the same kernel or two known vLLM releases that launch the file's kernel alike, as 0.33
-and 0.34 do a bf16 file's, the same batch sizes), and OUT is written whole or not at all. A change this board
-confirms is faster than OLD's entry, so where NEW's entry is slower than vLLM's default OLD's is slower still: OUT
-loses nothing by taking it, and only a file the re-tune made is withheld for a regression.
+and 0.34 do a bf16 file's, NEW keeping OLD's batch sizes), and OUT is written whole or not at all. A change this
+board confirms is faster than OLD's entry, so where NEW's entry is slower than vLLM's default OLD's is slower still:
+OUT loses nothing by taking it, and only a file the re-tune made is withheld for a regression. A batch size NEW adds
+whose entry is the one vLLM already ran there from OLD (its nearest key's) changes nothing vLLM runs: it is taken
+with NEW's row, which records what that entry measured at that batch size, and needs no board's confirmation.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from .clocks import GpuState
 from .errors import UsageError
 from .files import atomic_write_text, copy_config_files, write_folder
 from .jobs import KEEP_WITHIN
-from .vllm_rules import kernel_launch_changes
+from .vllm_rules import kernel_launch_changes, nearest_key
 
 OPTION = "--keep-confirmed"
 LEDGER = Path(".tune-moe") / "judged.jsonl"  # in NEW: every board's head to heads of NEW's changes
@@ -194,6 +196,7 @@ def write(new_dir: Path, old_dir: Path, out: Path, changes: dict[str, list[Chang
     pooled = {(name, c.m): boards(name, c, earlier, here) for name, cs in judged.items() for c in cs}
     taken = {name: [c for c in cs if all(r < 1 - KEEP_WITHIN for r in pooled[name, c.m].values())]
              for name, cs in judged.items()}
+    same = {name: unchanged_additions(new_dir / name, old_dir / name) for name in changes if name not in made}
 
     def fill(partial: Path) -> None:
         copy_config_files(old_dir, partial)
@@ -204,6 +207,9 @@ def write(new_dir: Path, old_dir: Path, out: Path, changes: dict[str, list[Chang
         for name, entries in taken.items():
             if entries:
                 _merge(new_dir / name, partial / name, entries, board, when, {c.m: pooled[name, c.m] for c in entries})
+        for name, ms in same.items():
+            if ms:
+                _add_rows(new_dir / name, partial / name, ms)
 
     write_folder(out, fill)  # checked new or empty before anything ran
     if board:
@@ -215,6 +221,8 @@ def write(new_dir: Path, old_dir: Path, out: Path, changes: dict[str, list[Chang
                              "the next board pools this one") from None
     lines = [f"  {name}: M={','.join(str(r.m) for r in entries)} from NEW" for name, entries in taken.items() if entries]
     lines += [f"  {name}: a file the re-tune made, taken whole" for name in made]
+    lines += [f"  {name}: M={','.join(map(str, ms))} added, each the entry vLLM ran there from OLD (its nearest key's), "
+              "with NEW's row measured at it" for name, ms in same.items() if ms]
     for name, cs in judged.items():
         for c in cs:
             against = {on: r for on, r in pooled[name, c.m].items() if on != here and r >= 1 - KEEP_WITHIN}
@@ -230,6 +238,21 @@ def record(new_dir: Path, rows: list[Verdict]) -> None:
     path = new_dir / LEDGER
     held = path.read_text() if path.exists() else ""
     atomic_write_text(path, held + "".join(json.dumps(asdict(v)) + "\n" for v in rows))
+
+
+def unchanged_additions(new_path: Path, old_path: Path) -> list[int]:
+    """The batch sizes NEW's file adds to OLD's whose entry is the one vLLM runs there from OLD (the nearest key's)."""
+    new, old = configs.read_config_file(new_path), configs.read_config_file(old_path)
+    return [m for m in sorted(set(new) - set(old)) if new[m] == old[nearest_key(old, m)]]
+
+
+def _add_rows(new_path: Path, target: Path, ms: list[int]) -> None:
+    """``target`` (OUT's copy of OLD) with NEW's entries and sidecar rows at ``ms``, keys vLLM ran alike before."""
+    prov, new_rows = provenance.read(target), {row.m: row for row in provenance.read(new_path).rows}
+    entries = {**configs.read_config_file(target), **{m: configs.read_config_file(new_path)[m] for m in ms}}
+    by_m = {row.m: row for row in prov.rows} | {m: new_rows[m] for m in ms if m in new_rows}
+    configs.write_config_file(target, entries, prov.run.triton)
+    provenance.write(target, replace(prov, rows=tuple(by_m[m] for m in sorted(by_m))))
 
 
 def _merge(new_path: Path, target: Path, taken: list[Change], board: GpuState | None, when: str,
