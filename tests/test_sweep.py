@@ -596,19 +596,26 @@ def test_a_job_is_seeded_with_the_winners_of_its_nearest_finished_neighbours():
     assert sweep.seeds(4, {}) == []
 
 
+def retune_over(tmp_path, entries: dict, m: int):
+    """One batch size ``m`` tuned with --overwrite (one look each, --max-evals 1) over a file of ``entries`` tune-moe
+    did not write: the folder, the command and its finished run."""
+    out = tmp_path / "cfg"
+    out.mkdir()
+    configs.write_config_file(out / FILE, entries, "3.8.0")
+    cmd = command(out) + ["--overwrite"]
+    cmd[cmd.index("--batch-sizes") + 1] = str(m)
+    cmd[cmd.index("--max-evals") + 1] = "1"
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return out, cmd, run
+
+
 def test_a_batch_size_the_file_lacks_is_judged_against_the_entry_vllm_runs_there(tmp_path):
     """M=6 over a file keyed 1 and 8: vLLM runs key 8's entry at M=6 (the nearest key), so that entry, not only
     vLLM's default, is the job's incumbent: looked at first, timed head to head, kept unless beaten; the result
     names the key it came from, and the table says the batch size was added."""
-    out = tmp_path / "cfg"
-    out.mkdir()
     one, eight = configs.TileConfig(32, 32, 32, 1, 2, 1), configs.TileConfig(16, 32, 32, 1, 2, 2)
-    configs.write_config_file(out / FILE, {1: one, 8: eight}, "3.8.0")
-    cmd = command(out) + ["--overwrite"]
-    cmd[cmd.index("--batch-sizes") + 1] = "6"
-    cmd[cmd.index("--max-evals") + 1] = "1"
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
+    out, _, run = retune_over(tmp_path, {1: one, 8: eight}, 6)
     (job,) = results(out)
     assert job["m"] == 6 and job["incumbent"] == eight.to_dict() and job["incumbent_key"] == 8
     assert job["incumbent_us"] > 0 and eight.short in job["looks"]
@@ -626,15 +633,8 @@ def test_a_re_tune_times_the_entry_it_replaces(tmp_path):
     driven on known costs in test_search). One job on two GPUs: one worker starts, and the other GPU is said to
     be idle. Then kills and lost folders, resumed from the store: on the fake GPUs, and on this machine without
     one, where the store writes the files and only a job left to run is refused."""
-    out = tmp_path / "cfg"
-    out.mkdir()
     held = configs.TileConfig(32, 32, 32, 1, 2, 1)
-    configs.write_config_file(out / FILE, {1: held, 4: held}, "3.8.0")
-    cmd = command(out) + ["--overwrite"]
-    cmd[cmd.index("--batch-sizes") + 1] = "1"
-    cmd[cmd.index("--max-evals") + 1] = "1"
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
+    out, cmd, run = retune_over(tmp_path, {1: held, 4: held}, 1)
     assert re.search(r"^1 workers: .*; 1 of the 2 GPUs left idle \(fewer jobs than GPUs\)$", run.stdout, re.M)
     (job,) = results(out)
     assert job["m"] == 1 and job["evaluated"] == 2 and job["default"] != held.to_dict()
