@@ -248,11 +248,16 @@ def unchanged_additions(new_path: Path, old_path: Path) -> list[int]:
 
 def _add_rows(new_path: Path, target: Path, ms: list[int]) -> None:
     """``target`` (OUT's copy of OLD) with NEW's entries and sidecar rows at ``ms``, keys vLLM ran alike before."""
-    prov, new_rows = provenance.read(target), {row.m: row for row in provenance.read(new_path).rows}
+    prov = provenance.read(target)
     entries = {**configs.read_config_file(target), **{m: configs.read_config_file(new_path)[m] for m in ms}}
-    by_m = {row.m: row for row in prov.rows} | {m: new_rows[m] for m in ms if m in new_rows}
     configs.write_config_file(target, entries, prov.run.triton)
-    provenance.write(target, replace(prov, rows=tuple(by_m[m] for m in sorted(by_m))))
+    provenance.write(target, replace(prov, rows=_rows_with(prov.rows, provenance.read(new_path).rows, ms)))
+
+
+def _rows_with(rows, new_rows, ms) -> tuple:
+    """Sidecar ``rows`` with NEW's rows at the batch sizes ``ms`` (replaced or added), in batch-size order."""
+    by_m = {row.m: row for row in rows} | {row.m: row for row in new_rows if row.m in ms}
+    return tuple(by_m[m] for m in sorted(by_m))
 
 
 def _merge(new_path: Path, target: Path, taken: list[Change], board: GpuState | None, when: str,
@@ -262,9 +267,7 @@ def _merge(new_path: Path, target: Path, taken: list[Change], board: GpuState | 
     old_prov, new_prov = provenance.read(target), provenance.read(new_path)
     ms = {r.m for r in taken}
     entries = {**configs.read_config_file(target), **{r.m: r.new for r in taken}}
-    new_rows = {row.m: row for row in new_prov.rows}
-    by_m = {row.m: row for row in old_prov.rows} | {m: new_rows[m] for m in ms if m in new_rows}
-    rows = tuple(by_m[m] for m in sorted(by_m))
+    rows = _rows_with(old_prov.rows, new_prov.rows, ms)
     on = _name(board) if board else "the CPU (--interpret: for testing, not a confirmation)"
     # the merged sidecar keeps OLD's run: an entry tuned under another kernel (a release check() found launched
     # alike) names NEW's release
