@@ -442,12 +442,25 @@ def test_a_re_tune_keeps_the_confirmations_of_the_entries_it_keeps(sets):
 
 def test_the_proposals_kept_for_the_next_board_merge_with_the_committed_set_and_not_on_their_own_board(tmp_path):
     """benchmarks/results/b20/proposed (benchmarks/README §2r) is what the seventh board's --keep-confirmed read:
-    its files pass every check a merge with the committed set makes, and the board that tuned them is refused."""
+    its files pass every check a merge with the committed set (as it was then: vLLM's 18 batch sizes) makes, and the
+    board that tuned them is refused. The committed set now also holds the EP files' prefill batch sizes (§7), which
+    those proposals lack: a merge with it is refused in one line."""
+    import shutil
+
     repo = Path(__file__).resolve().parents[1]
-    results, committed = repo / "benchmarks" / "results", repo / "kernels_configs" / "vllm-0.33" / "NVIDIA_H200"
+    results, now = repo / "benchmarks" / "results", repo / "kernels_configs" / "vllm-0.33" / "NVIDIA_H200"
     proposed = results / "b20" / "proposed"
     names = sorted(p.name for p in proposed.glob("E=*.json") if not p.name.endswith(provenance.SUFFIX))
     assert len(names) == 8
+    with pytest.raises(UsageError, match=r"in NEW lacks OLD's batch sizes (16384|32768|65536); a merge needs NEW "):
+        confirm.check(proposed, now, tmp_path / "out", names)
+    committed = tmp_path / "committed"
+    shutil.copytree(now, committed)
+    for name in names:  # the set without §7's keys
+        entries = {m: c for m, c in read_config_file(committed / name).items() if m <= 4096}
+        write_config_file(committed / name, entries, "3.8.0")
+        prov = provenance.read(committed / name)
+        provenance.write(committed / name, dataclasses.replace(prov, rows=tuple(r for r in prov.rows if r.m <= 4096)))
     confirm.check(proposed, committed, tmp_path / "out", names)
     changed = {name: tuple(m for m, c in read_config_file(proposed / name).items()
                            if read_config_file(committed / name)[m] != c) for name in names}
