@@ -44,7 +44,7 @@ def test_without_a_gpu_the_loader_check_runs_then_one_line(folder, mirror, monke
         verify.run(args(folder))
     assert err.value.exit_code == 2
     assert "1 file loaded as written; re-timing tuned vs default needs a H200 GPU" in str(err.value)
-    assert f"{EP4}\n  loaded by mirror: 18 batch sizes" in capsys.readouterr().out
+    assert f"{EP4}\n  loaded by mirror: 19 batch sizes" in capsys.readouterr().out  # vLLM's 18 and DP4+EP's prefill
 
 
 def test_a_loader_mismatch_without_a_gpu_exits_1(folder, monkeypatch, capsys):
