@@ -298,7 +298,7 @@ ROWS = [
         env={"PYTHONPATH": "{tmp}/hide" + os.pathsep + str(REPO)}, out="tune-moe's mirror of vLLM's loader",
         err="re-timing tuned vs default needs a H200 GPU and this node has none"),
     row("verify-no-gpu-vllm-loader", "verify", "--gpu", "H200", "--configs", "c", files={f"c/{EP4}.json": GOOD},
-        cost=VLLM, out="loaded by vLLM's get_moe_configs: 18 batch sizes",
+        cost=VLLM, out="loaded by vLLM's get_moe_configs: 19 batch sizes",
         err="re-timing tuned vs default needs a H200 GPU and this node has none", absent="active driver"),
     row("verify-interpret-tiny", "verify", "--gpu", "H200", "--configs", "c", "--model", "tiny.json", "--interpret",
         files={f"c/{TINY}": TINY_CONFIG, "tiny.json": TINY_MODEL}, cost=VLLM, code=0, err=None,

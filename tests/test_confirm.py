@@ -89,8 +89,10 @@ def test_a_key_new_adds_is_taken_with_its_row_where_confirmed_against_the_entry_
     assert [(c["m"], c["replaces"]) for c in merged.extra["confirmed"]] == [(4096, A.short)]
     assert [json.loads(line)["m"] for line in (new / confirm.LEDGER).read_text().splitlines()] == [4096]
     shape = MoeShape(36, 288, 1280, 4096, 8, "bf16", None)
+    before = os.environ.get("VLLM_TUNED_CONFIG_FOLDER")
     loaded, how = verify.load_with_vllm(out, shape, "NVIDIA_H200")
     assert loaded == {1: A, 16: A, 64: A, 4096: B}, how
+    assert os.environ.get("VLLM_TUNED_CONFIG_FOLDER") == before  # vLLM's loader was pointed at OUT, then put back
 
 
 def test_a_key_new_adds_with_the_entry_vllm_ran_there_is_taken_without_a_confirmation(sets):

@@ -126,8 +126,9 @@ def test_the_fix_tunes_for_the_serves_release_not_the_installed_one(capsys, tmp_
             "--vllm-version 0.34.0") in out
 
 
-def test_an_unset_tuned_folder_is_no_tune_to_fix(capsys):
+def test_an_unset_tuned_folder_is_no_tune_to_fix(capsys, monkeypatch):
     """The files are there; the serve is only not told where: the problem names the export, and no tune is offered."""
+    monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER", raising=False)  # preflight reads this shell's VLLM_* too
     code, out, _ = run(capsys, "H200", ["stepfun-ai/Step-3.5-Flash", "--tensor-parallel-size", "4"], folder=None)
     assert code == 1 and re.search(r"found \S*vllm-0.33/NVIDIA_H200/E=288,N=320,device_name=NVIDIA_H200.json", out)
     assert "problem: VLLM_TUNED_CONFIG_FOLDER is not set for the serve" in out and f"={H200.resolve()}" in out

@@ -736,7 +736,11 @@ def test_a_state_resumed_across_boards_writes_the_same_files_anywhere_and_says_w
     assert written[0] == written[1]
     assert len(by_file) == 6 and sum(1 for rows in by_file.values() if all(r.get("finished") for r in rows)) == 2
     for file, rows in by_file.items():
-        assert configs.read_config_file(tmp_path / "a" / file) == {r["m"]: configs.TileConfig.from_dict(r["tuned"]) for r in rows}
+        held, tuned = configs.read_config_file(tmp_path / "a" / file), {r["m"]: configs.TileConfig.from_dict(r["tuned"])
+                                                                       for r in rows}
+        assert {m: held[m] for m in tuned} == tuned  # and the set's keys beyond the plan (§7's EP prefill) stay
+        begun = configs.read_config_file(repo / "kernels_configs" / "vllm-0.33" / "NVIDIA_H200" / file)
+        assert {m: held[m] for m in set(held) - set(tuned)} == {m: begun[m] for m in set(begun) - set(tuned)}
         prov = provenance.read(tmp_path / "a" / file)
         ends = [datetime.strptime(r["finished"], STAMP) for r in rows if r.get("finished")]
         assert prov.finished == max(ends).strftime(STAMP) and prov.span.endswith(prov.finished)

@@ -31,7 +31,7 @@ from pathlib import Path
 from statistics import geometric_mean
 
 from . import clocks, configs, confirm, gpus
-from .configs import CONFIGS_ROOT, TileConfig, default_folder
+from .configs import CONFIGS_ROOT, TUNED_VAR, TileConfig, default_folder
 from .errors import UsageError
 from .files import output_folder
 from .gpus import GpuSpec, get_gpu
@@ -79,7 +79,8 @@ def load_with_vllm(folder: Path, shape: MoeShape, device_name: str) -> tuple[dic
             from vllm.model_executor.layers.fused_moe import fused_moe
     except ImportError:
         return configs.read_config_file(path), "tune-moe's mirror of vLLM's loader (vLLM not importable)"
-    os.environ["VLLM_TUNED_CONFIG_FOLDER"] = str(folder.resolve())
+    saved = os.environ.get(TUNED_VAR)  # vLLM reads the folder from the environment; this process's is restored
+    os.environ[TUNED_VAR] = str(folder.resolve())
     real = fused_moe.get_device_name_as_file_name
     fused_moe.get_device_name_as_file_name = lambda *a, **k: device_name
     try:
@@ -89,6 +90,10 @@ def load_with_vllm(folder: Path, shape: MoeShape, device_name: str) -> tuple[dic
     finally:
         fused_moe.get_device_name_as_file_name = real
         fused_moe.get_moe_configs.cache_clear()
+        if saved is None:
+            os.environ.pop(TUNED_VAR, None)
+        else:
+            os.environ[TUNED_VAR] = saved
     if not found:
         raise UsageError(f"vLLM's loader did not find {path.name} in {folder}; check the folder and --gpu")
     return {m: configs.TileConfig.from_dict(c) for m, c in found.items()}, "vLLM's get_moe_configs"
