@@ -22,7 +22,7 @@ from .bench import measure
 from .configs import FIELDS, TileConfig
 from .layer_inputs import FloatWeights, QuantWeights, batch, errors, float_weights, quantised, reference
 from .shapes import DEFAULT_VLLM_VERSION, MoeShape, Refusal, parse_layout, parse_version, shape_for
-from .vllm_rules import ACTIVATIONS, deepgemm_runs, down_file_name, nearest_key
+from .vllm_rules import ACTIVATIONS, deepgemm_runs, down_file_name, nearest_entry
 
 TOLERANCE = 0.1  # relative error of a whole FP8 layer (both GEMMs, two activation quantisations) against float
 BACKENDS = {
@@ -89,7 +89,7 @@ def tuned_tile(folder: Path, shape: MoeShape, device_name: str, m: int) -> TileC
     if not path.exists():
         return None
     table = configs.read_config_file(path)
-    return table[nearest_key(table, m)]
+    return nearest_entry(table, m)
 
 
 def tuned_down(folder: Path, shape: MoeShape, device_name: str, m: int) -> dict | None:
@@ -102,7 +102,7 @@ def tuned_down(folder: Path, shape: MoeShape, device_name: str, m: int) -> dict 
 def down_entry(path: Path, m: int) -> dict | None:
     """A `_down.json` file's entry nearest to M, as experts/triton_moe.py picks it (vLLM 0.34)."""
     table = {int(k): v for k, v in json.loads(Path(path).read_text()).items() if k.isdigit()}
-    return table[nearest_key(table, m)] if table else None
+    return nearest_entry(table, m) if table else None
 
 
 def one_line(exc: BaseException) -> str:

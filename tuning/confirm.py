@@ -39,7 +39,7 @@ from .clocks import GpuState
 from .errors import UsageError
 from .files import atomic_write_text, copy_config_files, write_folder
 from .jobs import KEEP_WITHIN
-from .vllm_rules import kernel_launch_changes, nearest_key
+from .vllm_rules import kernel_launch_changes, nearest_entry
 
 OPTION = "--keep-confirmed"
 LEDGER = Path(".tune-moe") / "judged.jsonl"  # in NEW: every board's head to heads of NEW's changes
@@ -243,13 +243,13 @@ def record(new_dir: Path, rows: list[Verdict]) -> None:
 def unchanged_additions(new_path: Path, old_path: Path) -> list[int]:
     """The batch sizes NEW's file adds to OLD's whose entry is the one vLLM runs there from OLD (the nearest key's)."""
     new, old = configs.read_config_file(new_path), configs.read_config_file(old_path)
-    return [m for m in sorted(set(new) - set(old)) if new[m] == old[nearest_key(old, m)]]
+    return [m for m in sorted(set(new) - set(old)) if new[m] == nearest_entry(old, m)]
 
 
 def _add_rows(new_path: Path, target: Path, ms: list[int]) -> None:
     """``target`` (OUT's copy of OLD) with NEW's entries and sidecar rows at ``ms``, keys vLLM ran alike before."""
-    prov = provenance.read(target)
-    entries = {**configs.read_config_file(target), **{m: configs.read_config_file(new_path)[m] for m in ms}}
+    prov, new = provenance.read(target), configs.read_config_file(new_path)
+    entries = {**configs.read_config_file(target), **{m: new[m] for m in ms}}
     configs.write_config_file(target, entries, prov.run.triton)
     provenance.write(target, replace(prov, rows=_rows_with(prov.rows, provenance.read(new_path).rows, ms)))
 

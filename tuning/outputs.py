@@ -113,12 +113,12 @@ def never_reached(out: Path, before: Path, name: str) -> bool:
     return all(a.exists() == b.exists() and (not a.exists() or a.read_bytes() == b.read_bytes()) for a, b in pairs)
 
 
-def incumbent(held: dict[int, TileConfig], m: int) -> tuple[TileConfig, int] | None:
+def incumbent(held: dict[int, TileConfig], m: int) -> tuple[TileConfig | None, int | None]:
     """The entry vLLM runs for ``m`` from a file holding ``held``, and its key: M's own, else the key nearest to M
-    (try_get_optimal_moe_config). A batch size the file lacks is judged against that entry, not vLLM's default
-    alone: adding the key changes what vLLM runs there only where the new entry beats it."""
+    (try_get_optimal_moe_config); (None, None) for no file. A batch size the file lacks is judged against that
+    entry, not vLLM's default alone: adding the key changes what vLLM runs there only where the new entry beats it."""
     if not held:
-        return None
+        return None, None
     key = nearest_key(held, m)
     return held[key], key
 

@@ -204,9 +204,9 @@ class Driver:
                 for w in [w for w in workers if w not in busy][: len(queue)]:
                     job = queue.take(last.get(w), [j for _, j, _ in in_flight.values()])
                     finished = store.for_file(self.plan.file_name(job.shape))
-                    held_entry = outputs.incumbent(held.get(job.shape, {}), job.m)
-                    task = w.run.remote(job, seeds(job.m, finished), self._known(job), held_entry and held_entry[0])
-                    in_flight[task] = (w, job, held_entry and held_entry[1])
+                    entry, key = outputs.incumbent(held.get(job.shape, {}), job.m)
+                    task = w.run.remote(job, seeds(job.m, finished), self._known(job), entry)
+                    in_flight[task] = (w, job, key)
                 done, _ = ray.wait(list(in_flight), num_returns=1)
                 worker, job, key = in_flight.pop(done[0])
                 last[worker] = job

@@ -40,7 +40,7 @@ from .kernel import KernelSource, installed_fused_moe, installed_vllm_version, q
 from .models import DEFAULT_MODEL, ModelGeometry, load_model
 from .provenance import SUFFIX as PROVENANCE_SUFFIX
 from .shapes import MoeShape, shapes_from_file_names
-from .vllm_rules import launch_changes
+from .vllm_rules import launch_changes, nearest_entry
 
 REGRESSION = 0.98
 
@@ -269,11 +269,7 @@ def _points(f: TunedFile, sizes: tuple[int, ...] | None, old: dict[int, TileConf
     """The batch sizes to re-time: --batch-sizes or every one the file holds; given the old file (--against),
     only those whose entry (by vLLM's nearest-key rule) differs from its."""
     ms = sizes or tuple(sorted(f.configs))
-    return ms if old is None else tuple(m for m in ms if _entry(f.configs, m) != _entry(old, m))
-
-
-def _entry(loaded: dict[int, TileConfig], m: int) -> TileConfig:
-    return loaded[min(loaded, key=lambda k: abs(k - m))]  # vLLM's nearest-key rule
+    return ms if old is None else tuple(m for m in ms if nearest_entry(f.configs, m) != nearest_entry(old, m))
 
 
 def _against_summary(gains: list[float], against: Path) -> str:
@@ -349,8 +345,8 @@ def _retime(f: TunedFile, gpu: GpuSpec, kernel, sizes: tuple[int, ...], old: dic
     if not sizes:
         print("  no batch size to re-time: every entry equals the old file's")
     for m in sizes:
-        tuned = _entry(f.configs, m)
-        was = _entry(old, m) if old else None
+        tuned = nearest_entry(f.configs, m)
+        was = nearest_entry(old, m) if old else None
         runner = Runner(kernel, f.shape, m, gpu, Routing(), seed=0)
         t, d, *o = head_to_head(runner, tuned, runner.default_config(), *([was] if was else []),
                                 rounds=3 if judge else 1)

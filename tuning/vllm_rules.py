@@ -317,6 +317,11 @@ def nearest_key(keys, m: int) -> int:
     return min(keys, key=lambda k: abs(k - m))
 
 
+def nearest_entry(table: dict, m: int):
+    """The entry vLLM runs for M from a loaded config table: the one at its ``nearest_key``."""
+    return table[nearest_key(table, m)]
+
+
 # ---- how a release launches the kernel, where releases differ ----------------------------------
 
 @dataclass(frozen=True)
