@@ -231,6 +231,22 @@ def test_lines_written_by_vllms_own_code(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM installed")
+def test_vllm_0_33_looks_up_no_down_file():
+    """vLLM 0.33's own get_moe_configs takes no ``down_moe`` (a `_down.json` is 0.34's, looked up by its
+    TritonExperts), and the rule the log check uses says 0.33 looks none up, on the layer 0.34 would."""
+    import inspect
+
+    from vllm.model_executor.layers.fused_moe import fused_moe
+
+    from tuning.vllm_rules import LayerRuntime, looks_up_down_file
+
+    assert "down_moe" not in inspect.signature(fused_moe.get_moe_configs).parameters
+    r = LayerRuntime(backend="TRITON", experts="TritonExperts", error=None, n=640, block=(128, 128), e8m0=True)
+    assert not looks_up_down_file(r, vllm_version="0.33.0", dtype="fp8")
+    assert looks_up_down_file(r, vllm_version="0.34.0", dtype="fp8")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM installed")
 def test_jit_compiles_reads_the_lines_vllms_own_jit_monitor_logs():
     """vLLM 0.33's ``_handle_jit_event`` writes the line (verbose: every compile, with its details; otherwise the
     first only); ``jit_compiles`` reads one compile per line, with and without the details, and nothing else."""
