@@ -211,6 +211,24 @@ def test_a_bake_off_becomes_measured_entries_the_readers_load(tmp_path):
     assert [(e["serve_config"], e["measured"]) for e in kept["entries"] if e["layout"] == "DP2+EP"] == [("triton", False)]
 
 
+def test_an_entry_says_when_flashinfer_was_not_the_one_its_release_pins():
+    """vLLM 0.34 pins FlashInfer 0.7.3; a bake-off that timed FlashInfer-CUTLASS with 0.7.2.post1 says so in the
+    advice line. The pinned one says nothing, and a layout where FlashInfer was not timed gets no advice."""
+    def note(layout, us, **prov):
+        (entry,) = adv.entries_from(rows(layout, us), "H200", {"date": "2026-12-04", **prov})
+        return entry.get("note")
+
+    other = note("DP4+EP", EP_US, vllm="0.34.0", flashinfer="0.7.2.post1")
+    assert other == "FlashInfer-CUTLASS timed with FlashInfer 0.7.2.post1; vLLM 0.34.0 pins 0.7.3"
+    assert note("DP4+EP", EP_US, vllm="0.33.0", flashinfer="0.7.2.post1") == ""
+    assert note("DP4+EP", EP_US, flashinfer="0.7.2.post1") == ""  # a bake-off that did not record its release
+    no_fi = {**EP_US, **{("silu", m, "flashinfer"): None for m in (1, 64, 1024)}}  # not timed: no pick, no note
+    assert note("DP4+EP", no_fi, vllm="0.34.0", flashinfer="0.7.2.post1") is None
+    a = adv._entry({**adv.entries_from(rows("DP4+EP", EP_US), "H200", {"date": "2026-12-04", "vllm": "0.34.0",
+                                                                         "flashinfer": "0.7.2.post1"})[0]}, "test")
+    assert a.line().endswith("; FlashInfer-CUTLASS timed with FlashInfer 0.7.2.post1; vLLM 0.34.0 pins 0.7.3)")
+
+
 def test_compare_backends_writes_its_rows_and_merges_advice_from_finished_layouts(tmp_path):
     import argparse
 

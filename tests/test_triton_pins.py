@@ -95,6 +95,15 @@ def test_target_triton_from_the_installed_vllm(asked):
     assert ("vllm" in sys.modules) == imported  # read from metadata, never imported
 
 
+def test_the_installed_vllm_pins_the_flashinfer_the_table_names():
+    vllm = _installed("vllm")
+    if not (vllm and vllm.startswith("0.33.0")):
+        pytest.skip(f"needs vLLM 0.33.0 installed (have {vllm})")
+    pinned = tp._pinned_version(importlib.metadata.requires("vllm"), "flashinfer-python")
+    assert pinned == tp.flashinfer_pin("0.33.0") == tp.flashinfer_pin("0.33") == "0.7.2.post1"
+    assert tp.flashinfer_pin("0.16.0") is None
+
+
 def test_target_triton_installed_vllm_with_another_torch_takes_triton_from_the_table(monkeypatch):
     _fake_installed(
         monkeypatch,

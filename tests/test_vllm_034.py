@@ -33,7 +33,7 @@ from tuning.kernel import KernelSource
 from tuning.routing import Routing
 from tuning.runner import Runner
 from tuning.shapes import MoeShape
-from tuning.triton_pins import KNOWN, mismatch, target_triton
+from tuning.triton_pins import KNOWN, _pinned_version, _wheel_metadata, flashinfer_pin, mismatch, target_triton
 from tuning.vllm_probe import probe
 from tuning.vllm_rules import launch_rules, layer_runtime
 from tuning.vllm_source import KNOWN_SOURCES, read_signature
@@ -98,6 +98,13 @@ def test_wheel_pins_triton_3_8_as_the_known_table_does(wheel, src, kernel):
     known = KNOWN["0.34.0"]
     assert (known.torch, known.triton) == (pin.torch, pin.triton)
     assert mismatch(pin, "3.8.0") is None
+
+
+def test_wheel_pins_the_flashinfer_the_table_names(wheel):
+    """A 0.34 bake-off that times FlashInfer-CUTLASS with another FlashInfer says so (backend_advice.flashinfer_note):
+    the table it reads is this METADATA's pin."""
+    version, requires = _wheel_metadata(wheel)
+    assert version == "0.34.0" and _pinned_version(requires, "flashinfer-python") == flashinfer_pin("0.34") == "0.7.3"
 
 
 # --- the launch -------------------------------------------------------------------------------------------

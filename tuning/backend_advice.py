@@ -29,6 +29,7 @@ from statistics import geometric_mean
 from .configs import read_config_file
 from .errors import UsageError
 from .shapes import FILE_NAME, Layout, parse_layout
+from .triton_pins import flashinfer_pin
 from .vllm_rules import ACTIVATIONS, LayerRuntime, ServeFacts, layer_runtime
 
 FOLDER = Path(__file__).parent / "data" / "backend_advice"
@@ -55,7 +56,7 @@ class Advice:
     why: str
     ranges: tuple[dict, ...] = ()
     provenance: dict | None = None
-    note: str = ""  # what else the pick costs (the padded shard's weight memory)
+    note: str = ""  # what else the pick costs (the padded shard's weight memory), and a FlashInfer other than the pin
     timed_configs: dict | None = None  # shape label -> {M: the tuned Triton config the bake-off timed}
     batch_sizes: tuple[int, ...] = ()  # every M the bake-off timed
 
@@ -209,6 +210,16 @@ def padding_note(rows, layout_name: str, config: str) -> str:
             f"{padded / base - 1:.0%} more expert weight memory per GPU)")
 
 
+def flashinfer_note(rows, layout_name: str, provenance: dict) -> str:
+    """Where a layout's FlashInfer-CUTLASS rows were timed with another FlashInfer than the release pins, say so."""
+    timed = any(r.layout == layout_name and r.backend == "flashinfer" and r.us is not None for r in rows)
+    have, vllm = provenance.get("flashinfer"), provenance.get("vllm")
+    pin = flashinfer_pin(vllm) if vllm else None
+    if not timed or not have or not pin or have == pin:
+        return ""
+    return f"FlashInfer-CUTLASS timed with FlashInfer {have}; vLLM {vllm} pins {pin}"
+
+
 def brief(reason: str) -> str:
     """A failure's first clause, for a one-line advice: the recorded row keeps the whole text."""
     head = re.split(r"(?<=[\w)])[.,;] (?=[a-z])", reason, maxsplit=1)[0]
@@ -249,7 +260,8 @@ def entries_from(rows, gpu: str, provenance: dict) -> list[dict]:
         if pick_bare != pick:
             why += (f"; without the time of this harness's stand-ins for vLLM's CUDA ops {pick_bare} would be, so "
                     "the pick waits on a run with vLLM's own ops")
-        out.append({**entry, "serve_config": pick, "measured": True, "why": why, "note": padding_note(rows, name, pick)})
+        note = "; ".join(n for n in (padding_note(rows, name, pick), flashinfer_note(rows, name, provenance)) if n)
+        out.append({**entry, "serve_config": pick, "measured": True, "why": why, "note": note})
     return out
 
 

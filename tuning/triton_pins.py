@@ -1,4 +1,4 @@
-"""Which Triton a vLLM release runs, and whether this node compiles with the same one.
+"""Which Triton (and FlashInfer) a vLLM release runs, and whether this node compiles with the same Triton.
 
 A config tuned for a vLLM release must be compiled with the Triton that release runs: vLLM pins
 torch exactly and torch pins Triton. ``target_triton`` finds that chain for a vLLM version,
@@ -74,6 +74,22 @@ KNOWN = {
     vllm: Pin(vllm=vllm, torch=torch, triton=TORCH_TRITON[torch], how="known table")
     for vllm, torch in VLLM_TORCH.items()
 }
+
+# vLLM release -> its "flashinfer-python==X" Requires-Dist line (the same wheels' METADATA): the FlashInfer whose
+# fused MoE a serve runs, which a bake-off names when it timed another (backend_advice.flashinfer_note).
+VLLM_FLASHINFER = {
+    "0.33.0": "0.7.2.post1",
+    "0.34.0": "0.7.3",
+}
+
+
+def flashinfer_pin(vllm_version: str) -> str | None:
+    """The FlashInfer vLLM ``vllm_version`` pins (by MAJOR.MINOR), None when the table does not know the release."""
+    for known, pin in VLLM_FLASHINFER.items():
+        if _release(known)[:2] == _release(vllm_version)[:2]:
+            return pin
+    return None
+
 
 # The platform the tuned kernels run on; the marker of the requirement we pick must hold there.
 PLATFORM = {"platform_system": "Linux", "platform_machine": "x86_64", "sys_platform": "linux"}
