@@ -25,7 +25,6 @@ from .vllm_rules import normalize_moe_backend
 
 FLAGS_FILE = Path(__file__).parent / "data" / "vllm_serve_flags.json"
 MEMORY_GB = {"sm90": {"H200": 141, "H20": 96, "H20-3e": 141}, "sm100": {"B200": 180}}
-SERVE_RELEASES = ("0.33", "0.34")  # the parsers and CUDA-graph rules mirrored; a later release reads as 0.34
 GRAPH_MODES = ("NONE", "PIECEWISE", "FULL", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE")  # CUDAGraphMode
 COMPILE_MODES = ("NONE", "STOCK_TORCH_COMPILE", "DYNAMO_TRACE_ONCE", "VLLM_COMPILE")  # CompilationMode, 0-3
 GRAPH_KEYS = {  # the --compilation-config keys that set the CUDA graphs: key -> the first release that has it
