@@ -49,38 +49,45 @@ def test_committed_file_is_what_the_recorded_bake_off_gives(tmp_path, capsys):
 
 
 B28 = Path(__file__).parents[1] / "benchmarks" / "results" / "b28"
+B30 = Path(__file__).parents[1] / "benchmarks" / "results" / "b30"
+B30_RUNS = ("tp8k", "ep2", "ep4", "ep8")
 
 
 def test_the_0_34_file_is_what_its_recorded_bake_off_gives(tmp_path, capsys):
-    """data/backend_advice/vllm-0.34.json is the bake-off of the TP layouts with vLLM 0.34's expert paths (its
-    kernel, which reads block-FP8 weights through TMA, its CUDA ops and bundled DeepGEMM; benchmarks/README §2z),
-    re-derived from the recorded rows: a new file, since the bake-off ran 0.34 (the kernel's sha256 says so). A serve
-    on 0.34 reads it; a layout it lacks (the EP ones: FlashInfer was not timed under 0.34) gets 0.33's measurement,
-    labelled as such."""
+    """data/backend_advice/vllm-0.34.json is the bake-off of every FP8 layout with vLLM 0.34's expert paths (its
+    kernel, which reads block-FP8 weights through TMA, its CUDA ops and bundled DeepGEMM, and FlashInfer-CUTLASS on
+    the EP layouts' SiLU layers; benchmarks/README §8), re-derived from the recorded rows, each layout timed up to
+    its prefill step (TP 8192, DP2/4/8+EP 16384/32768/65536). A serve on 0.34 reads it; a release with no advice of
+    its own gets the newest release's, labelled as such."""
     from tuning.cli import main
 
     out = tmp_path / "advice.json"
-    assert main(["compare-backends", "--gpu", "H200", "--from-json", str(B28 / "bo34b.json"),
+    assert main(["compare-backends", "--gpu", "H200", "--from-json", *(str(B30 / f"{r}.json") for r in B30_RUNS),
                  "--write-advice", str(out)]) == 0
     capsys.readouterr()
     assert json.loads(out.read_text()) == json.loads(adv.data_file("0.34").read_text())
     assert adv.releases() == ["0.34", "0.33"] and adv.release_of(adv.data_file("0.34")) == "0.34"
     table = adv.load(adv.data_file("0.34"))
     assert {layout: a.serve_config for (_, layout), a in table.items()} == {
-        "TP2": "auto", "TP4": "deep_gemm_e8m0_off", "TP8": "deep_gemm_e8m0_off"}
+        "TP2": "auto", "TP4": "deep_gemm_e8m0_off", "TP8": "deep_gemm_e8m0_off",
+        "DP2+EP": "triton", "DP4+EP": "triton", "DP8+EP": "triton"}
     for (_, layout), a in table.items():
         assert a.provenance["vllm_ops"]["stand_ins"] == {} and a.provenance["deep_gemm"] == "2.8.1"
         assert a.provenance["kernel"].startswith("vLLM 0.34.0 fused_moe_kernel")
+        assert ((a.provenance["flashinfer_build"] or {}).get("build") == "block-scale path only") == ("EP" in layout)
     tp2 = adv.advice_for("H200", parse_layout("TP2"), "fp8", "0.34.0")
     assert tp2.line() == "backend advice for TP2 on H200: (no --moe-backend: vLLM's default) (measured 2026-12-04: " \
-                         "M 1-4096: auto)"  # under 0.33 DeepGEMM was fastest at M = 4096
+                         "M 1-4096: auto; M 8192-8192: deep_gemm)"  # under 0.33 DeepGEMM was fastest at M = 4096
     assert "M 4096-4096: deep_gemm" in adv.advice_for("H200", parse_layout("TP2"), "fp8", "0.33.0").line()
-    ep = adv.advice_for("H200", parse_layout("DP4+EP"), "fp8", "0.34.0")
-    assert ep == ("backend advice for DP4+EP on H200: not measured under vLLM 0.34 (tune-moe compare-backends with "
-                  "vLLM 0.34's sources measures it); under vLLM 0.33: --moe-backend triton (measured 2026-12-02: "
-                  "M 1-4096: triton)")
-    assert adv.advice_for("H200", parse_layout("DP4+EP"), "fp8", "0.35.1").startswith(
-        "backend advice for DP4+EP on H200: not measured under vLLM 0.35 (")
+    ep = adv.advice_for("H200", parse_layout("DP2+EP"), "fp8", "0.34.0")
+    assert ep.line() == ("backend advice for DP2+EP on H200: --moe-backend triton (measured 2026-12-04: M 1-4096: "
+                         "triton; M 16384-16384: deep_gemm; FlashInfer-CUTLASS timed with FlashInfer 0.7.2.post1; "
+                         "vLLM 0.34.0 pins 0.7.3)")  # under 0.33 DeepGEMM was fastest at M = 4096 here too
+    assert "M 4096-4096: deep_gemm" in adv.advice_for("H200", parse_layout("DP2+EP"), "fp8", "0.33.0").line()
+    later = adv.advice_for("H200", parse_layout("DP4+EP"), "fp8", "0.35.1")
+    assert later == ("backend advice for DP4+EP on H200: not measured under vLLM 0.35 (tune-moe compare-backends with "
+                     "vLLM 0.35's sources measures it); under vLLM 0.34: --moe-backend triton (measured 2026-12-04: "
+                     "M 1-32768: triton; FlashInfer-CUTLASS timed with FlashInfer 0.7.2.post1; vLLM 0.34.0 pins 0.7.3)")
 
 
 def test_write_advice_refuses_a_file_of_another_release(tmp_path, capsys):

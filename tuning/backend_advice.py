@@ -351,8 +351,8 @@ def merged(entries: list[dict], path: Path | None, release: str) -> dict:
 def advice_for(gpu: str, layout: Layout, dtype: str, vllm_version: str,
                path: Path | None = None) -> Advice | str | None:
     """The advice for a serve on ``vllm_version``: an Advice measured under its release (``path``, else the
-    committed file), the one bf16 line, a line labelling the advice measured under another release where only
-    that one has the layout, None where none has."""
+    committed file), the one bf16 line, a line labelling the advice measured under the nearest other release that
+    has the layout (the newer of two as near), None where none has."""
     if dtype != "fp8":
         return BF16
     release = series(vllm_version)
@@ -360,7 +360,11 @@ def advice_for(gpu: str, layout: Layout, dtype: str, vllm_version: str,
     found = load(own).get((gpu, layout.name)) if own.is_file() else None
     if found or path:
         return found
-    for other in releases():
+    def distance(other: str) -> tuple[int, int]:  # the release nearest to the serve's, the newer of two as near
+        have, want = (tuple(int(x) for x in r.split(".")) for r in (other, release))
+        return abs((have[0] - want[0]) * 1000 + have[1] - want[1]), -(have[0] * 1000 + have[1])
+
+    for other in sorted(releases(), key=distance):
         old = load(data_file(other)).get((gpu, layout.name))
         if old:
             said = old.line().split(": ", 1)[1]
