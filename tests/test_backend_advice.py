@@ -15,29 +15,41 @@ LAYOUTS = ("TP2", "TP4", "TP8", "DP2+EP", "DP4+EP", "DP8+EP")
 
 
 RESULTS = Path(__file__).parents[1] / "benchmarks" / "results" / "bakeoff-h200"
+B28 = Path(__file__).parents[1] / "benchmarks" / "results" / "b28"
+B30 = Path(__file__).parents[1] / "benchmarks" / "results" / "b30"
+B30_RUNS = ("tp8k", "ep2", "ep4", "ep8")
 
 
 def test_committed_file_is_what_the_recorded_bake_off_gives(tmp_path, capsys):
-    """data/backend_advice.json is the H200 bake-off's measurements (benchmarks/results/bakeoff-h200) under the
-    current rule: re-deriving it from the recorded rows changes nothing. Every layout comes from a run with vLLM's
-    own CUDA ops and FlashInfer-CUTLASS, timed with the tuned files as committed now: TP4/TP8 from tp-b14 and
-    DP2/DP4/DP8+EP from ep-b14 (benchmarks/README §4d), TP2 from tp2-b16 (§2o: re-timed after §2n's re-tune
-    replaced its M = 2048 entry); a later file's layout replaces an earlier one's."""
+    """data/backend_advice/vllm-0.33.json is the H200 bake-off's measurements (benchmarks/results/b30, §8) under the
+    current rule: re-deriving it from the recorded rows changes nothing. Every layout comes from a run with vLLM
+    0.33's own CUDA ops and FlashInfer-CUTLASS, timed with the tuned files as committed now, up to its prefill step
+    (t33: TP2/TP4/TP8 to 8192; e33-2/4/8: DP2/DP4/DP8+EP to 16384/32768/65536). Its picks are those of the earlier
+    runs on other boards (§4d, tp-b14 and ep-b14, and §2o's tp2-b16), which timed M up to 4096."""
     from tuning.cli import main
 
     out = tmp_path / "advice.json"
-    assert main(["compare-backends", "--gpu", "H200", "--from-json", str(RESULTS / "tp-b14.json"),
-                 str(RESULTS / "ep-b14.json"), str(RESULTS / "tp2-b16.json"), "--write-advice", str(out)]) == 0
+    assert main(["compare-backends", "--gpu", "H200", "--from-json",
+                 *(str(B30 / f"{r}.json") for r in ("t33", "e33-2", "e33-4", "e33-8")),
+                 "--write-advice", str(out)]) == 0
     assert json.loads(out.read_text()) == json.loads(adv.data_file("0.33").read_text())
-    assert "TP4 (measured 2026-12-02" in capsys.readouterr().out
+    assert "TP4 (measured 2026-12-04" in capsys.readouterr().out
     table = adv.load(adv.data_file("0.33"))
     assert sorted(layout for _, layout in table) == sorted(LAYOUTS)
     assert {layout: (a.measured, a.serve_config) for (_, layout), a in table.items()} == {
         "TP2": (True, "auto"), "TP4": (True, "deep_gemm_e8m0_off"), "TP8": (True, "deep_gemm_e8m0_off"),
         "DP2+EP": (True, "triton"), "DP4+EP": (True, "triton"), "DP8+EP": (True, "triton")}
+    earlier = [RESULTS / "tp-b14.json", RESULTS / "ep-b14.json", RESULTS / "tp2-b16.json"]
+    empty = tmp_path / "earlier.json"  # a file of its own: the committed one's entries were timed at more sizes
+    empty.write_text(json.dumps({**json.loads(adv.data_file("0.33").read_text()), "entries": []}))
+    assert main(["compare-backends", "--gpu", "H200", "--from-json", *map(str, earlier),
+                 "--write-advice", str(empty)]) == 0
+    capsys.readouterr()
+    before = {e["layout"]: e["serve_config"] for e in json.loads((tmp_path / "earlier.json").read_text())["entries"]}
+    assert before == {layout: a.serve_config for (_, layout), a in table.items()}
     assert json.loads(adv.data_file("0.33").read_text())["status"] == "measured"
     assert "N=384 instead of 320: 20% more expert weight memory" in table[("H200", "TP4")].line()
-    assert "(measured 2026-12-02: M 1-4096: triton)" in table[("H200", "DP4+EP")].line()
+    assert "(measured 2026-12-04: M 1-4096: triton; M 32768-32768: deep_gemm)" in table[("H200", "DP4+EP")].line()
     for (_, layout), a in table.items():
         assert a.provenance["vllm_ops"]["stand_ins"] == {}
         assert ((a.provenance["flashinfer_build"] or {}).get("build") == "block-scale path only") == ("EP" in layout)
@@ -46,11 +58,6 @@ def test_committed_file_is_what_the_recorded_bake_off_gives(tmp_path, capsys):
         "VLLM_USE_DEEP_GEMM_E8M0=0 --moe-backend deep_gemm"
     assert adv.advice_for("H200", parse_layout("TP4"), "bf16", "0.33.0") == adv.BF16
     assert adv.advice_for("B200", parse_layout("TP4"), "fp8", "0.33.0") is None
-
-
-B28 = Path(__file__).parents[1] / "benchmarks" / "results" / "b28"
-B30 = Path(__file__).parents[1] / "benchmarks" / "results" / "b30"
-B30_RUNS = ("tp8k", "ep2", "ep4", "ep8")
 
 
 def test_the_0_34_file_is_what_its_recorded_bake_off_gives(tmp_path, capsys):
@@ -78,12 +85,12 @@ def test_the_0_34_file_is_what_its_recorded_bake_off_gives(tmp_path, capsys):
     tp2 = adv.advice_for("H200", parse_layout("TP2"), "fp8", "0.34.0")
     assert tp2.line() == "backend advice for TP2 on H200: (no --moe-backend: vLLM's default) (measured 2026-12-04: " \
                          "M 1-4096: auto; M 8192-8192: deep_gemm)"  # under 0.33 DeepGEMM was fastest at M = 4096
-    assert "M 4096-4096: deep_gemm" in adv.advice_for("H200", parse_layout("TP2"), "fp8", "0.33.0").line()
+    assert "M 4096-8192: deep_gemm" in adv.advice_for("H200", parse_layout("TP2"), "fp8", "0.33.0").line()
     ep = adv.advice_for("H200", parse_layout("DP2+EP"), "fp8", "0.34.0")
     assert ep.line() == ("backend advice for DP2+EP on H200: --moe-backend triton (measured 2026-12-04: M 1-4096: "
                          "triton; M 16384-16384: deep_gemm; FlashInfer-CUTLASS timed with FlashInfer 0.7.2.post1; "
                          "vLLM 0.34.0 pins 0.7.3)")  # under 0.33 DeepGEMM was fastest at M = 4096 here too
-    assert "M 4096-4096: deep_gemm" in adv.advice_for("H200", parse_layout("DP2+EP"), "fp8", "0.33.0").line()
+    assert "M 4096-16384: deep_gemm" in adv.advice_for("H200", parse_layout("DP2+EP"), "fp8", "0.33.0").line()
     later = adv.advice_for("H200", parse_layout("DP4+EP"), "fp8", "0.35.1")
     assert later == ("backend advice for DP4+EP on H200: not measured under vLLM 0.35 (tune-moe compare-backends with "
                      "vLLM 0.35's sources measures it); under vLLM 0.34: --moe-backend triton (measured 2026-12-04: "
@@ -294,7 +301,7 @@ def test_the_serve_lines_a_tune_prints_follow_the_advice(tmp_path):
             "--layouts TP4 --moe-backend deep_gemm --vllm-version 0.33.0") in tp4
     assert "# backend advice for TP4 on H200: VLLM_USE_DEEP_GEMM_E8M0=0 --moe-backend deep_gemm (measured" in tp4
     assert "--moe-backend triton" in ep.splitlines()[0] and "did not write" not in ep
-    assert "(measured 2026-12-02: M 1-4096: triton)" in ep
+    assert "(measured 2026-12-04: M 1-4096: triton; M 32768-32768: deep_gemm)" in ep
     padded = make_plan(load_model("stepfun-ai/Step-3.5-Flash-FP8"), h200, "fp8", [parse_layout("TP4")], 4, (1,),
                        vllm_version="0.33.0", moe_backend="deep_gemm")
     (line,) = serve_lines(padded, tmp_path)
@@ -310,14 +317,15 @@ def test_the_serve_lines_a_tune_prints_follow_the_advice(tmp_path):
     (line,) = serve_lines(old, tmp_path)
     assert "--moe-backend" not in line.splitlines()[0]
     assert ("# backend advice for DP4+EP on H200: not measured under vLLM 0.26 (tune-moe compare-backends with vLLM "
-            "0.26's sources measures it); under vLLM 0.33: --moe-backend triton (measured 2026-12-02") in line
+            "0.26's sources measures it); under vLLM 0.33: --moe-backend triton (measured 2026-12-04") in line
     assert line.endswith("; this tune targets vLLM 0.26.0, whose per-kind choice it does not model)")
     # a tune for 0.34 is served as 0.34's own bake-off says (section 2z)
     tp4 = make_plan(load_model("stepfun-ai/Step-3.5-Flash-FP8"), h200, "fp8", [parse_layout("TP4")], 4, (1,),
                     vllm_version="0.34.0")
     (line,) = serve_lines(tp4, tmp_path)
     assert line.startswith("VLLM_USE_DEEP_GEMM_E8M0=0 ") and "--moe-backend deep_gemm" in line.splitlines()[0]
-    assert "(measured 2026-12-04: M 1-1: deep_gemm_e8m0_off; M 4-256: auto; M 1024-4096: deep_gemm_e8m0_off" in line
+    assert "(measured 2026-12-04: M 1-1: deep_gemm_e8m0_off; M 4-256: auto; M 1024-4096: deep_gemm_e8m0_off; " \
+           "M 8192-8192: deep_gemm" in line
     # a tune given --moe-backend is served with it, whatever the advice says
     named = make_plan(load_model("stepfun-ai/Step-3.5-Flash-FP8"), h200, "fp8", [parse_layout("DP4+EP")], 4, (1,),
                       vllm_version="0.26.0", moe_backend="triton")
@@ -360,7 +368,7 @@ def test_advice_timed_with_configs_since_re_tuned_names_the_batch_sizes_to_re_ti
     dp8 = table[("H200", "DP8+EP")]
     label = "fp8 E=36 N=1280 [128,128]"
     name = "E=36,N=1280,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"
-    assert dp8.batch_sizes == (1, 16, 64, 256, 1024, 4096)
+    assert dp8.batch_sizes == (1, 16, 64, 256, 1024, 4096, 65536)
     timed = {int(m): TileConfig.from_short(c) for m, c in dp8.timed_configs[label].items()}
     assert all(timed[m] == c for m, c in read_config_file(committed / name).items() if m in timed)
     folder = tmp_path / "NVIDIA_H200"
@@ -372,7 +380,7 @@ def test_advice_timed_with_configs_since_re_tuned_names_the_batch_sizes_to_re_ti
     assert dp8.stale(folder) == [64]
     assert dp8.line(folder).endswith(
         "; timed at M=64 with tuned configs the files no longer hold: re-time the layout with tune-moe "
-        "compare-backends --gpu H200 --layouts DP8+EP --batch-sizes 1,16,64,256,1024,4096)")
+        "compare-backends --gpu H200 --layouts DP8+EP --batch-sizes 1,16,64,256,1024,4096,65536)")
     assert "re-time" not in dp8.line()  # no folder named: the advice as measured
     assert dp8.stale(tmp_path / "empty") == []  # no file for the shape: nothing to compare
 
@@ -390,9 +398,9 @@ def test_write_advice_refuses_a_bake_off_that_leaves_out_batch_sizes_of_the_entr
                  "--write-advice", str(target)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].endswith(
-        f"--write-advice: TP4's entry in {target} was also timed at M=1,4,32,64,128,256,512,1024,4096, and a new "
-        "entry replaces the whole layout (its pick weighs every M); time them all (--batch-sizes "
-        "1,4,16,32,64,128,256,512,1024,2048,4096) or leave out --write-advice")
+        f"--write-advice: TP4's entry in {target} was also timed at M=1,4,32,64,128,256,512,1024,4096,8192, and a "
+        "new entry replaces the whole layout (its pick weighs every M); time them all (--batch-sizes "
+        "1,4,16,32,64,128,256,512,1024,2048,4096,8192) or leave out --write-advice")
     ep = json.loads((RESULTS / "ep-fi.json").read_text())
     ep["rows"] = [r for r in ep["rows"] if r["m"] != 4096]
     cut = tmp_path / "ep-cut.json"
@@ -401,8 +409,8 @@ def test_write_advice_refuses_a_bake_off_that_leaves_out_batch_sizes_of_the_entr
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "DP4+EP's entry" in err[0] and "also timed at M=4096," in err[0]
     assert target.read_text() == before
-    assert adv.uncovered("H200", "DP4+EP", (1, 16, 64, 256, 1024, 4096), target) == []
-    assert adv.uncovered("H200", "DP4+EP", (16,), target) == [1, 64, 256, 1024, 4096]
+    assert adv.uncovered("H200", "DP4+EP", (1, 16, 64, 256, 1024, 4096, 32768), target) == []
+    assert adv.uncovered("H200", "DP4+EP", (16,), target) == [1, 64, 256, 1024, 4096, 32768]
 
 
 ONE_KIND = Path(__file__).parents[1] / "benchmarks" / "results" / "b26" / "cb.json"  # --kinds silu on TP4

@@ -278,8 +278,8 @@ def test_preflight_reads_the_backend_advice_file(capsys, tmp_path, monkeypatch):
 
     serve = ["stepfun-ai/Step-3.5-Flash-FP8", "--data-parallel-size", "4", "--enable-expert-parallel", *RECIPE]
     _, out, _ = run(capsys, "H200", serve)
-    assert "advice: backend advice for DP4+EP on H200: --moe-backend triton (measured 2026-12-02: M 1-4096: " \
-           "triton)" in out  # timed with the files as committed: nothing to re-time
+    assert "advice: backend advice for DP4+EP on H200: --moe-backend triton (measured 2026-12-04: M 1-4096: " \
+           "triton; M 32768-32768: deep_gemm)" in out  # timed with the files as committed: nothing to re-time
     data = json.loads(backend_advice.data_file("0.33").read_text())
     entry = next(e for e in data["entries"] if e["layout"] == "DP4+EP")
     entry.update(measured=True, serve_config="deep_gemm_e8m0_off", provenance={"date": "2026-12-01"},
