@@ -97,6 +97,15 @@ def test_the_0_34_file_is_what_its_recorded_bake_off_gives(tmp_path, capsys):
                      "M 1-32768: triton; FlashInfer-CUTLASS timed with FlashInfer 0.7.2.post1; vLLM 0.34.0 pins 0.7.3)")
 
 
+def test_a_release_without_advice_gets_the_nearest_releases():
+    assert adv.nearest_first(["0.34", "0.33"], "0.26") == ["0.33", "0.34"]
+    assert adv.nearest_first(["0.34", "0.33"], "0.35") == ["0.34", "0.33"]
+    assert adv.nearest_first(["0.36", "0.34", "0.33"], "0.35") == ["0.36", "0.34", "0.33"]  # as near: the newer
+    assert adv.nearest_first(["0.34", "0.33"], "v1.0") == ["0.34", "0.33"]
+    assert "under vLLM 0.33:" in adv.advice_for("H200", parse_layout("DP4+EP"), "fp8", "0.26.0")
+    assert "under vLLM 0.34:" in adv.advice_for("H200", parse_layout("DP4+EP"), "fp8", "0.35.1")
+
+
 def test_write_advice_refuses_a_file_of_another_release(tmp_path, capsys):
     """A bake-off of 0.34's expert paths never lands in 0.33's advice, nor the other way round: one line, exit 2, the
     file as it was."""

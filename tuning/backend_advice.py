@@ -28,7 +28,7 @@ from statistics import geometric_mean
 
 from .configs import read_config_file
 from .errors import UsageError
-from .shapes import FILE_NAME, Layout, parse_layout
+from .shapes import FILE_NAME, Layout, parse_layout, parse_version
 from .triton_pins import flashinfer_pin
 from .vllm_rules import ACTIVATIONS, LayerRuntime, ServeFacts, layer_runtime
 
@@ -348,6 +348,16 @@ def merged(entries: list[dict], path: Path | None, release: str) -> dict:
     return data
 
 
+def nearest_first(releases_: list[str], release: str) -> list[str]:
+    """``releases_`` ordered by distance from ``release`` (in minor versions), the newer of two as near first."""
+    def minor(r: str) -> int:
+        major, minor_ = parse_version(r)
+        return major * 1000 + minor_
+
+    want = minor(release)
+    return sorted(releases_, key=lambda r: (abs(minor(r) - want), -minor(r)))
+
+
 def advice_for(gpu: str, layout: Layout, dtype: str, vllm_version: str,
                path: Path | None = None) -> Advice | str | None:
     """The advice for a serve on ``vllm_version``: an Advice measured under its release (``path``, else the
@@ -360,11 +370,7 @@ def advice_for(gpu: str, layout: Layout, dtype: str, vllm_version: str,
     found = load(own).get((gpu, layout.name)) if own.is_file() else None
     if found or path:
         return found
-    def distance(other: str) -> tuple[int, int]:  # the release nearest to the serve's, the newer of two as near
-        have, want = (tuple(int(x) for x in r.split(".")) for r in (other, release))
-        return abs((have[0] - want[0]) * 1000 + have[1] - want[1]), -(have[0] * 1000 + have[1])
-
-    for other in sorted(releases(), key=distance):
+    for other in nearest_first(releases(), release):
         old = load(data_file(other)).get((gpu, layout.name))
         if old:
             said = old.line().split(": ", 1)[1]
