@@ -335,6 +335,11 @@ def test_the_serve_lines_a_tune_prints_follow_the_advice(tmp_path):
     assert line.startswith("VLLM_USE_DEEP_GEMM_E8M0=0 ") and "--moe-backend deep_gemm" in line.splitlines()[0]
     assert "(measured 2026-12-04: M 1-1: deep_gemm_e8m0_off; M 4-256: auto; M 1024-4096: deep_gemm_e8m0_off; " \
            "M 8192-8192: deep_gemm" in line
+    ep34 = make_plan(load_model("stepfun-ai/Step-3.5-Flash-FP8"), h200, "fp8", [parse_layout("DP4+EP")], 4, (1,),
+                     vllm_version="0.34.0")
+    (line,) = serve_lines(ep34, tmp_path)  # 0.34's own EP bake-off (section 8), no longer 0.33's labelled
+    assert "--moe-backend triton" in line.splitlines()[0] and "not measured under" not in line
+    assert "FlashInfer-CUTLASS timed with FlashInfer 0.7.2.post1; vLLM 0.34.0 pins 0.7.3" in line
     # a tune given --moe-backend is served with it, whatever the advice says
     named = make_plan(load_model("stepfun-ai/Step-3.5-Flash-FP8"), h200, "fp8", [parse_layout("DP4+EP")], 4, (1,),
                       vllm_version="0.26.0", moe_backend="triton")
