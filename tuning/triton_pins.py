@@ -77,7 +77,7 @@ KNOWN = {
 
 # vLLM release -> its "flashinfer-python==X" Requires-Dist line (the same wheels' METADATA): the FlashInfer whose
 # fused MoE a serve runs, which a bake-off names when it timed another (backend_advice.flashinfer_note).
-VLLM_FLASHINFER = {
+FLASHINFER_PINS = {
     "0.33.0": "0.7.2.post1",
     "0.34.0": "0.7.3",
 }
@@ -85,7 +85,7 @@ VLLM_FLASHINFER = {
 
 def flashinfer_pin(vllm_version: str) -> str | None:
     """The FlashInfer vLLM ``vllm_version`` pins (by MAJOR.MINOR), None when the table does not know the release."""
-    for known, pin in VLLM_FLASHINFER.items():
+    for known, pin in FLASHINFER_PINS.items():
         if _release(known)[:2] == _release(vllm_version)[:2]:
             return pin
     return None
