@@ -85,10 +85,12 @@ FLASHINFER_PINS = {
 
 def flashinfer_pin(vllm_version: str) -> str | None:
     """The FlashInfer vLLM ``vllm_version`` pins (by MAJOR.MINOR), None when the table does not know the release."""
-    for known, pin in FLASHINFER_PINS.items():
-        if _release(known)[:2] == _release(vllm_version)[:2]:
-            return pin
-    return None
+    return _by_release(FLASHINFER_PINS, vllm_version)
+
+
+def _by_release(table: dict, vllm_version: str):
+    """A table's value for the release ``vllm_version`` belongs to (its MAJOR.MINOR), None when it has none."""
+    return next((v for known, v in table.items() if _release(known)[:2] == _release(vllm_version)[:2]), None)
 
 
 # The platform the tuned kernels run on; the marker of the requirement we pick must hold there.
@@ -232,10 +234,7 @@ def target_triton(vllm_version: str, source: str | None = None) -> Pin | None:
         torch = _pinned_version(importlib.metadata.requires("vllm"), "torch")
         if torch:  # a Triton unknown for this torch is unknown: the table's torch may not be this one
             return _chain(installed, torch, "installed vLLM's requirements")
-    for known, pin in KNOWN.items():
-        if _release(known)[:2] == _release(vllm_version)[:2]:
-            return pin
-    return None
+    return _by_release(KNOWN, vllm_version)
 
 
 def compiling_triton() -> str | None:
