@@ -18,6 +18,7 @@ RESULTS = Path(__file__).parents[1] / "benchmarks" / "results" / "bakeoff-h200"
 B28 = Path(__file__).parents[1] / "benchmarks" / "results" / "b28"
 B30 = Path(__file__).parents[1] / "benchmarks" / "results" / "b30"
 B30_RUNS = ("tp8k", "ep2", "ep4", "ep8")
+B31 = Path(__file__).parents[1] / "benchmarks" / "results" / "b31"
 
 
 def test_committed_file_is_what_the_recorded_bake_off_gives(tmp_path, capsys):
@@ -65,7 +66,7 @@ def test_the_0_34_file_is_what_its_recorded_bake_off_gives(tmp_path, capsys):
     kernel, which reads block-FP8 weights through TMA, its CUDA ops and bundled DeepGEMM, and FlashInfer-CUTLASS on
     the EP layouts' SiLU layers; benchmarks/README §8), re-derived from the recorded rows, each layout timed up to
     its prefill step (TP 8192, DP2/4/8+EP 16384/32768/65536). A serve on 0.34 reads it; a release with no advice of
-    its own gets the newest release's, labelled as such."""
+    its own gets the nearest release's, labelled as such."""
     from tuning.cli import main
 
     out = tmp_path / "advice.json"
@@ -95,6 +96,25 @@ def test_the_0_34_file_is_what_its_recorded_bake_off_gives(tmp_path, capsys):
     assert later == ("backend advice for DP4+EP on H200: not measured under vLLM 0.35 (tune-moe compare-backends with "
                      "vLLM 0.35's sources measures it); under vLLM 0.34: --moe-backend triton (measured 2026-12-04: "
                      "M 1-32768: triton; FlashInfer-CUTLASS timed with FlashInfer 0.7.2.post1; vLLM 0.34.0 pins 0.7.3)")
+
+
+def test_a_second_board_gives_the_0_34_tp_picks_again(tmp_path, capsys):
+    """tp8k2 (benchmarks/results/b31, another H200) timed 0.34's TP layouts at tp8k's sizes: the same pick per layout
+    and the same range where DeepGEMM with E8M0 leads (M = 8192)."""
+    from tuning.cli import main
+
+    committed = json.loads(adv.data_file("0.34").read_text())
+    out = tmp_path / "advice.json"
+    out.write_text(json.dumps({**committed, "entries": []}))
+    assert main(["compare-backends", "--gpu", "H200", "--from-json", str(B31 / "tp8k2.json"),
+                 "--write-advice", str(out)]) == 0
+    capsys.readouterr()
+    again = adv.load(out)
+    table = adv.load(adv.data_file("0.34"))
+    assert sorted(layout for _, layout in again) == ["TP2", "TP4", "TP8"]
+    for key, a in again.items():
+        assert a.serve_config == table[key].serve_config
+        assert a.line() == table[key].line()
 
 
 def test_a_release_without_advice_gets_the_nearest_releases():
