@@ -44,9 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                       "default: the installed vLLM's files")
     p.add_argument("--vllm-version", help="vLLM version of --vllm-src when it cannot tell")
     p.add_argument("--deep-gemm-path", help="folder holding deep_gemm/ to import first (e.g. a copy of vllm/third_party)")
-    p.add_argument("--vllm-ops", metavar="DIR", help="folder holding vLLM 0.33's _C_stable_libtorch.abi3.so and "
-                   "_moe_C_stable_libtorch.abi3.so (benchmarks/gpu_stage.sh pack-ops, setup-ops); default: the "
-                   "installed vLLM's; without them the stand-ins run")
+    p.add_argument("--vllm-ops", metavar="DIR", help="folder holding the _C_stable_libtorch.abi3.so and "
+                   "_moe_C_stable_libtorch.abi3.so of the sources' vLLM release (benchmarks/gpu_stage.sh pack-ops, "
+                   "setup-ops); default: the installed vLLM's; without them the stand-ins run")
     p.add_argument("--kinds", default="silu,swiglustep", help="MoE layer kinds to time (default: both)")
     p.add_argument("--no-flashinfer", action="store_true", help="skip FlashInfer-CUTLASS")
     p.add_argument("--flashinfer-jit", action="store_true", help="let FlashInfer's first call JIT-build its fused "
