@@ -146,6 +146,42 @@ def test_bad_serve_commands_are_one_line(capsys, serve, message):
     assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_shards_vllm_cannot_build_are_reported_without_a_tune(capsys):
+    """FP8 over TP16 leaves 80 columns a GPU, which vLLM can neither refine (gcd 16 < 32) nor load as 128 blocks, and
+    TP3 does not split the 1280 columns: vLLM will not start, and no tune is offered (it would fix nothing)."""
+    code, out, _ = run(capsys, "H200", ["stepfun-ai/Step-3.5-Flash-FP8", "-tp", "16"])
+    assert code == 1
+    assert ("SiLU layers: vLLM refuses to start: ValueError: The output_size of gate's and up's weight = 80 is not "
+            "divisible by weight quantization block_n = 128.") in out
+    assert "fix: tune-moe" not in out
+    code, out, _ = run(capsys, "H200", ["stepfun-ai/Step-3.5-Flash", "--tensor-parallel-size", "3"])
+    assert code == 1 and "vLLM will not start: AssertionError: assert self.intermediate_size % tp_size == 0 " \
+                         "(fused_moe/config.py:" in out
+    code, out, _ = run(capsys, "H200", ["stepfun-ai/Step-3.5-Flash-FP8", "-tp", "16", "--moe-backend", "triton"])
+    assert "SiLU layers: TRITON (TritonExperts), N=128, block [128, 128]" in out  # padded to whole blocks
+
+
+def test_config_dir_against_the_serves_variable(capsys, tmp_path):
+    """--config-dir names the folder the serve is meant to read; a different VLLM_TUNED_CONFIG_FOLDER set for the
+    serve wins in vLLM, so preflight checks that one and says to export the other, offering no tune into it."""
+    code, out, _ = run(capsys, "H200", ["stepfun-ai/Step-3.5-Flash", "--tensor-parallel-size", "4"],
+                       folder=tmp_path)
+    assert code == 1 and "fix: tune-moe --gpu H200 --dtype bf16 --layouts TP4" in out  # no --config-dir: a tune
+    code = main(["preflight", "--gpu", "H200", "--config-dir", str(H200), "--", f"VLLM_TUNED_CONFIG_FOLDER={tmp_path}",
+                 "vllm", "serve", "stepfun-ai/Step-3.5-Flash", "--tensor-parallel-size", "4"])
+    out = capsys.readouterr().out
+    assert code == 1 and f"is not in {tmp_path}" in out
+    assert (f"problem: the serve's VLLM_TUNED_CONFIG_FOLDER={tmp_path} is not --config-dir {H200}, and vLLM reads the "
+            f"variable (checked above); export VLLM_TUNED_CONFIG_FOLDER={H200.resolve()}") in out
+    assert "fix: tune-moe" not in out
+    code = main(["preflight", "--gpu", "H200", "--config-dir", str(H200), "--", f"VLLM_TUNED_CONFIG_FOLDER={H200}",
+                 "vllm", "serve", "stepfun-ai/Step-3.5-Flash", "--tensor-parallel-size", "4"])
+    assert code == 0 and "is not --config-dir" not in capsys.readouterr().out
+    assert main(["preflight", "--gpu", "H200", "--config-dir", str(next(H200.glob("*.json"))), "--", "vllm", "serve",
+                 "stepfun-ai/Step-3.5-Flash"]) == 2
+    assert "a file, not a folder" in capsys.readouterr().err
+
+
 def test_bad_preflight_arguments_are_one_line(capsys, tmp_path):
     serve = ["--", "vllm", "serve", "stepfun-ai/Step-3.5-Flash"]
     for argv, message in ((["preflight", "--gpu", "H200"], "pass the serve command after '--'"),

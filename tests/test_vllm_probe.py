@@ -254,6 +254,36 @@ def test_the_mirror_answers_as_vllm_on_every_row(grid):
 
 
 @needs_vllm
+def test_shards_vllm_refuses_to_build():
+    """Beyond the grid's layouts: a TP that does not split the 1280 columns (TP3, TP6) trips FusedMoEConfig's bare
+    assert, named by its statement; an FP8 shard that is neither refinable nor whole 128 blocks (TP16's 80, DP8 x TP2
+    without EP) fails Fp8MoEMethod.create_weights, unless an explicit Triton-based backend pads it to 128. The mirror
+    answers as vLLM on every row."""
+    from tuning.vllm_rules import layer_runtime
+
+    cases = [(ServeFacts(arch=arch, dtype=dtype, tp=tp, dp=dp, ep=ep, moe_backend=backend), act)
+             for arch, dtype, (tp, dp), ep, backend, act in itertools.product(
+                 ("sm90", "sm100"), ("bf16", "fp8"), ((3, 1), (6, 1), (16, 1), (2, 8), (20, 1)), (False, True),
+                 ("auto", "triton", "deep_gemm"), ACTS)]
+    answers = probe(cases)
+    for (serve, act), theirs in zip(cases, answers):
+        ours = layer_runtime(serve, act)
+        assert (runs(ours), (ours.error or "").split(":")[0]) == (runs(theirs), (theirs.error or "").split(":")[0]), \
+            (serve, act, ours, theirs)
+    by = {(c.arch, c.dtype, c.tp, c.dp, c.ep, c.moe_backend, act): r for (c, act), r in zip(cases, answers)}
+    assert by["sm90", "fp8", 3, 1, False, "auto", "silu"].error == \
+        "AssertionError: assert self.intermediate_size % tp_size == 0 (fused_moe/config.py:1352)"
+    assert by["sm90", "bf16", 6, 1, False, "auto", "silu"].error.startswith("AssertionError: assert self.intermediate")
+    for tp, dp in ((16, 1), (2, 8)):
+        assert by["sm90", "fp8", tp, dp, False, "auto", "silu"].error == (
+            "ValueError: The output_size of gate's and up's weight = 80 is not divisible by weight quantization "
+            "block_n = 128.")
+    assert runs(by["sm90", "fp8", 16, 1, False, "triton", "silu"]) == ("TRITON", "TritonExperts", 128, (128, 128))
+    assert runs(by["sm90", "fp8", 16, 1, True, "auto", "silu"])[2:] == (1280, (128, 128))  # EP: whole experts
+    assert runs(by["sm90", "fp8", 20, 1, False, "auto", "silu"])[2:] == (64, (64, 64))  # refined
+
+
+@needs_vllm
 def test_the_accepted_moe_backends_are_vllms():
     from vllm.config.kernel import MoEBackend
 

@@ -49,6 +49,7 @@ class Node:
     env: dict[str, str]
     config_dir: Path
     vllm_version: str
+    config_dir_given: bool = False  # --config-dir: the folder the serve is meant to read
 
 
 @dataclass(kw_only=True)
@@ -193,7 +194,14 @@ def check(argv: list[str], node: Node) -> dict:
     problems = _problems(layers, tokens, node)
     return {"command": cmd, "plan": plan, "dtype": dtype, "tokens": tokens, "layers": layers, "problems": problems,
             "notes": _notes(node), "answered_by": answered_by, "advice": advice_line(cmd, dtype, node),
-            "fix": _fix(cmd, dtype, node, layers, tokens) if _needs_tune(layers, tokens) else None}
+            "fix": _fix(cmd, dtype, node, layers, tokens) if _needs_tune(layers, tokens) and not _misdirected(node)
+            else None}
+
+
+def _misdirected(node: Node) -> bool:
+    """--config-dir names one folder and the serve's VLLM_TUNED_CONFIG_FOLDER another: the export is the fix."""
+    var = node.env.get(TUNED_VAR)
+    return node.config_dir_given and bool(var) and Path(var).resolve() != node.config_dir.resolve()
 
 
 def advice_line(cmd: ServeCommand, dtype: str, node: Node) -> str | None:
@@ -241,6 +249,9 @@ def _problems(layers: list[Layer], tokens: list[int], node: Node) -> list[str]:
     if any(layer.file for layer in layers) and not node.env.get(TUNED_VAR):
         out.append(f"{TUNED_VAR} is not set for the serve, so vLLM reads only its own configs (none for this "
                    f"model); export {TUNED_VAR}={node.config_dir.resolve()}")
+    elif _misdirected(node):
+        out.append(f"the serve's {TUNED_VAR}={node.env[TUNED_VAR]} is not --config-dir {node.config_dir}, and vLLM "
+                   f"reads the variable (checked above); export {TUNED_VAR}={node.config_dir.resolve()}")
     if node.env.get("VLLM_BATCH_INVARIANT") not in (None, "", "0"):
         out.append("VLLM_BATCH_INVARIANT=1: vLLM's get_moe_configs returns no tuned config at all (its default "
                    "config everywhere); unset it to use the tuned files")
@@ -354,7 +365,8 @@ def render(report: dict, node: Node) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", help="GPU of the serving node: H200, H20, H20-3e or B200 (default: this node's)")
     p.add_argument("--config-dir", metavar="DIR", help=f"tuned folder the serve will be given (default: "
-                   f"${TUNED_VAR} when set, else {CONFIGS_ROOT}/vllm-<major.minor>/<device_name>)")
+                   f"${TUNED_VAR} when set, else {CONFIGS_ROOT}/vllm-<major.minor>/<device_name>); the serve "
+                   f"reads ${TUNED_VAR}, so a different one set for it is a problem")
     p.add_argument("--vllm-version", help=f"vLLM the serve runs (default: the installed one, else {DEFAULT_VLLM_VERSION})")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.add_argument("serve", nargs=argparse.REMAINDER, help="-- [VAR=value ...] vllm serve MODEL [options]")
@@ -373,8 +385,10 @@ def run(args: argparse.Namespace) -> int:
     vllm_version = args.vllm_version or installed_vllm_version() or DEFAULT_VLLM_VERSION
     config_dir = Path(args.config_dir or default_folder(gpu.device_name, vllm_version))
     if args.config_dir and not config_dir.is_dir():
-        raise UsageError(f"--config-dir {config_dir}: no such folder; pass the folder holding the tuned files")
-    node = Node(gpu=gpu, env=env, config_dir=config_dir, vllm_version=vllm_version)
+        what = "a file, not a folder" if config_dir.exists() else "no such folder"
+        raise UsageError(f"--config-dir {config_dir}: {what}; pass the folder holding the tuned files")
+    node = Node(gpu=gpu, env=env, config_dir=config_dir, vllm_version=vllm_version,
+                config_dir_given=bool(args.config_dir))
     report = check(argv, node)
     print(render(report, node))
     if args.json:

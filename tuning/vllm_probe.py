@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 from types import MethodType, SimpleNamespace
@@ -349,9 +350,12 @@ class _Oracle:
         e8m0 = bool(self.dg.is_deep_gemm_e8m0_used())
         try:
             config = self._moe_config(serve, activation)
-            backend, experts, n, block = (self._select_fp8 if serve.dtype == "fp8" else self._select_bf16)(config)
+            if serve.dtype == "fp8":
+                backend, experts, n, block = self._select_fp8(config, serve)
+            else:
+                backend, experts, n, block = self._select_bf16(config)
         except Exception as e:  # what vLLM raises at start-up
-            first = (str(e).strip().splitlines() or [""])[0]
+            first = (str(e).strip().splitlines() or [""])[0] or _failed_line(e)
             return LayerRuntime(backend=None, experts=None, error=f"{type(e).__name__}: {first}", n=None,
                                 block=None, e8m0=e8m0)
         return LayerRuntime(backend=backend.value, experts=experts and experts.__name__, error=None, n=n,
@@ -393,13 +397,25 @@ class _Oracle:
             activation=self.MoEActivation.from_str(activation),
             routing_method=self.cfg.get_routing_method_type("sigmoid", serve.top_k, True, None, True))
 
-    def _select_fp8(self, config):
-        """``Fp8MoEMethod.__init__`` (quantization/fp8.py) for the serialized block-FP8 checkpoint."""
+    def _select_fp8(self, config, serve: ServeFacts):
+        """``Fp8MoEMethod.__init__`` (quantization/fp8.py) for the serialized block-FP8 checkpoint, then what its
+        ``create_weights`` checks of a shard it did not refine: ``validate_fp8_block_shape_moe`` under the serve's
+        tensor-parallel size (a shard of 80 columns, TP16, is no whole number of 128 blocks)."""
+        import vllm.distributed as dist
+        from vllm.model_executor.layers.quantization.utils.fp8_utils import validate_fp8_block_shape_moe
+
         act_key = self.qu.kFp8Dynamic128Sym
-        block, _ = self.fp8.resolve_fp8_moe_weight_block_shape(config, list(CHECKPOINT_BLOCK), act_key, True)
+        block, refine = self.fp8.resolve_fp8_moe_weight_block_shape(config, list(CHECKPOINT_BLOCK), act_key, True)
         weight_key = self.qu.create_fp8_quant_key(static=True, group_shape=self.qu.GroupShape(*block))
         backend, experts = self.fp8.select_fp8_moe_backend(
             config=config, weight_key=weight_key, activation_key=act_key, allow_vllm_cutlass=False)
+        if refine is None:
+            saved = dist.get_tensor_model_parallel_world_size
+            dist.get_tensor_model_parallel_world_size = lambda: serve.tp
+            try:
+                validate_fp8_block_shape_moe(config.intermediate_size_per_partition, list(CHECKPOINT_BLOCK))
+            finally:
+                dist.get_tensor_model_parallel_world_size = saved
         return backend, experts, config.intermediate_size_per_partition, tuple(block)
 
     def _select_bf16(self, config):
@@ -408,6 +424,13 @@ class _Oracle:
         _, n = self.unq.unquantized_round_up_hidden_size_and_intermediate_size(
             backend, config.hidden_dim, config.intermediate_size_per_partition)
         return backend, experts, n, None
+
+
+def _failed_line(e: BaseException) -> str:
+    """A bare ``assert`` has no message: the statement that failed, and where (``fused_moe/config.py:1352``)."""
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    where = Path(frame.filename)
+    return f"{frame.line} ({where.parent.name}/{where.name}:{frame.lineno})"
 
 
 def _first_line(e: Exception) -> str:

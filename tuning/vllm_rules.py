@@ -247,10 +247,34 @@ def _bf16_layer(s: ServeFacts, act: str) -> tuple[str, str] | str:
     return _select(s, act, order, False, "Unquantized")
 
 
+def _unsplit(s: ServeFacts) -> str | None:
+    """FusedMoEConfig.__post_init__ (fused_moe/config.py): the expert width must split evenly over the MoE's TP."""
+    tp = 1 if s.ep else s.tp * s.dp
+    return None if s.intermediate % tp == 0 else \
+        "AssertionError: assert self.intermediate_size % tp_size == 0 (fused_moe/config.py)"
+
+
+def _unblocked(n: int, refined: bool, tp: int, block: tuple[int, int] = (128, 128)) -> str | None:
+    """Fp8MoEMethod.create_weights: an unrefined shard must be whole checkpoint blocks
+    (fp8_utils.validate_fp8_block_shape_moe, under the serve's tensor-parallel size)."""
+    if refined:
+        return None
+    if n % block[0]:
+        return f"ValueError: The output_size of gate's and up's weight = {n} is not divisible by weight " \
+               f"quantization block_n = {block[0]}."
+    if tp > 1 and n % block[1]:
+        return f"ValueError: The input_size of down's weight = {n} is not divisible by weight quantization " \
+               f"block_k = {block[1]}."
+    return None
+
+
 def layer_runtime(s: ServeFacts, activation: str) -> LayerRuntime:
     """The backend and shard vLLM runs one MoE layer of ``activation`` with (the mirror)."""
     e8m0 = e8m0_used(s)
-    found = _fp8_layer(s, activation) if s.dtype == "fp8" else _bf16_layer(s, activation)
+    found = _unsplit(s) or (_fp8_layer(s, activation) if s.dtype == "fp8" else _bf16_layer(s, activation))
+    if s.dtype == "fp8" and not isinstance(found, str):
+        n, _, refined = fp8_shard(s)
+        found = _unblocked(n, refined, s.tp) or found
     if isinstance(found, str):
         return LayerRuntime(backend=None, experts=None, error=found, n=None, block=None, e8m0=e8m0)
     backend, experts = found
