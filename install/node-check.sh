@@ -18,8 +18,13 @@
 #   --dtype bf16|fp8     checkpoint to serve: BF16 ~394 GB, FP8 ~200 GB (default: bf16)
 #   --env-out FILE       environment file to write (default: ./tune-moe-node.env)
 #   --model-cache DIR    Hugging Face cache (default: $HF_HOME, else ~/.cache/huggingface)
+#   --vllm-version X.Y.Z the vLLM the serve runs, for the tuned configs' folder (default: the vLLM
+#                        installed in --venv, else for python3 on PATH when there is no such venv,
+#                        else TUNE_MOE_VLLM_VERSION)
+#   --venv DIR           the virtual environment the serve runs from (default: ./.venv, where
+#                        install-vllm.sh installs); its vLLM is read from its package metadata
 #   --configs-dir DIR    tuned configs, one folder per device (default: <repo>/kernels_configs/vllm-X.Y,
-#                        X.Y of TUNE_MOE_VLLM_VERSION, the vLLM install-vllm.sh installs)
+#                        X.Y of that vLLM: each release reads its own folder)
 #   --min-driver-cuda X.Y  oldest CUDA the driver must support (default: TUNE_MOE_MIN_DRIVER_CUDA)
 #   --min-free-gb N      free space needed where this runs (default: 50)
 #   -h, --help           this text
@@ -27,7 +32,10 @@
 # The env file holds `export NAME=value` lines: the GPU, dtype, GPU count and
 # model, HF_HOME, VLLM_TUNED_CONFIG_FOLDER=<configs-dir>/<device name> and
 # CUDA_HOME (when nvcc works). It is written only when every check passes, and
-# re-running writes the same file. For fp8 on B200 a note line (not a check)
+# re-running writes the same file. An info line names the vLLM release the
+# folder is for and where that release came from; a warning says when that
+# folder does not exist. Run it after install-vllm.sh, so that it reads the
+# vLLM the serve runs. For fp8 on B200 a note line (not a check)
 # says that vLLM 0.33 chooses the MoE backend per layer, set with
 # `vllm serve --moe-backend`, and that `tune-moe preflight -- <serve command>`
 # shows which backend each MoE layer kind will run.
@@ -51,8 +59,12 @@ num_gpus=""
 dtype="bf16"
 env_out="./tune-moe-node.env"
 model_cache="${HF_HOME:-$HOME/.cache/huggingface}"
-[[ "$TUNE_MOE_VLLM_VERSION" =~ ^([0-9]+\.[0-9]+) ]] || tm_die "TUNE_MOE_VLLM_VERSION=$TUNE_MOE_VLLM_VERSION: not a vLLM version; set it like 0.33.0"
-configs_dir="$TM_REPO_ROOT/kernels_configs/vllm-${BASH_REMATCH[1]}"  # the files that vLLM release reads
+vllm_version=""  # --vllm-version
+venv="./.venv"
+venv_given=0
+configs_dir=""   # --configs-dir; else the folder of the serve's vLLM release (resolve_configs_dir)
+release=""       # X.Y of that vLLM
+release_from=""  # where that vLLM came from, for the info line
 min_driver_cuda="$TUNE_MOE_MIN_DRIVER_CUDA"
 min_free_gb=50
 failures=0
@@ -69,6 +81,8 @@ parse_args() {
       --dtype) tm_need_value "$@"; dtype="$2"; shift 2 ;;
       --env-out) tm_need_value "$@"; env_out="$2"; shift 2 ;;
       --model-cache) tm_need_value "$@"; model_cache="$2"; shift 2 ;;
+      --vllm-version) tm_need_value "$@"; vllm_version="$2"; shift 2 ;;
+      --venv) tm_need_value "$@"; venv="$2"; venv_given=1; shift 2 ;;
       --configs-dir) tm_need_value "$@"; configs_dir="$2"; shift 2 ;;
       --min-driver-cuda) tm_need_value "$@"; min_driver_cuda="$2"; shift 2 ;;
       --min-free-gb) tm_need_value "$@"; min_free_gb="$2"; shift 2 ;;
@@ -83,6 +97,56 @@ parse_args() {
   [[ -n "${MODELS[$dtype]:-}" ]] || tm_usage_error "--dtype $dtype: use bf16 or fp8"
   [[ "$min_driver_cuda" =~ ^[0-9]+\.[0-9]+$ ]] || tm_usage_error "--min-driver-cuda $min_driver_cuda: use a version like 13.0"
   [[ "$min_free_gb" =~ ^[0-9]+$ ]] || tm_usage_error "--min-free-gb $min_free_gb: use a whole number of GB"
+  [[ -z "$vllm_version" || -n "$(release_of "$vllm_version")" ]] ||
+    tm_usage_error "--vllm-version $vllm_version: use a vLLM version like 0.34.0"
+  [[ "$venv_given" -eq 0 || -e "$venv/bin/python" || -L "$venv/bin/python" ]] ||
+    tm_usage_error "--venv $venv: no $venv/bin/python; pass the virtual environment install-vllm.sh created"
+}
+
+# X.Y of a vLLM version (0.34.0, 0.34, 0.34.0rc1, 0.34.0.dev12+g1234); nothing when it is not one.
+release_of() {
+  local version_re='^([0-9]+)\.([0-9]+)([.+_a-zA-Z-][[:alnum:].+_-]*)?$'
+  if [[ "$1" =~ $version_re ]]; then printf '%s.%s\n' "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]}"; fi
+}
+
+# The vLLM version installed for PYTHON, read from the package metadata (vLLM is
+# not imported); nothing when PYTHON does not run or has no vLLM.
+installed_vllm() {
+  "$1" -c 'import importlib.metadata as m; print(m.version("vllm"))' 2>/dev/null | sed -n '$p' || true
+}
+
+# The folder of tuned configs: --configs-dir, else kernels_configs/vllm-X.Y of
+# the vLLM the serve runs: --vllm-version, else the one installed in --venv (or
+# for python3 on PATH when there is no such venv), else TUNE_MOE_VLLM_VERSION.
+resolve_configs_dir() {
+  if [[ -n "$configs_dir" ]]; then
+    release_from="--configs-dir"
+    return
+  fi
+  local version="" python="" where="" missing=""
+  if [[ -n "$vllm_version" ]]; then
+    version="$vllm_version" release_from="--vllm-version $vllm_version"
+  else
+    if [[ -e "$venv/bin/python" || -L "$venv/bin/python" ]]; then
+      python="$venv/bin/python" where="in $venv"
+    elif python="$(command -v python3)"; then
+      where="for python3, $python"
+    fi
+    if [[ -n "$python" ]]; then version="$(installed_vllm "$python")"; fi
+    if [[ -n "$version" && -n "$(release_of "$version")" ]]; then
+      release_from="$version installed $where"
+    else
+      if [[ -n "$version" ]]; then
+        tm_warn "$python says its vLLM is '$version', not a version; using TUNE_MOE_VLLM_VERSION"
+      fi
+      if [[ -n "$python" ]]; then missing="no vLLM installed $where"; else missing="no $venv and no python3 on PATH"; fi
+      version="$TUNE_MOE_VLLM_VERSION" release_from="TUNE_MOE_VLLM_VERSION=$TUNE_MOE_VLLM_VERSION; $missing"
+      [[ -n "$(release_of "$version")" ]] ||
+        tm_die "TUNE_MOE_VLLM_VERSION=$TUNE_MOE_VLLM_VERSION: not a vLLM version; set it like 0.33.0"
+    fi
+  fi
+  release="$(release_of "$version")"
+  configs_dir="$TM_REPO_ROOT/kernels_configs/vllm-$release"  # the files that vLLM release reads
 }
 
 pass() { printf 'ok    %-12s %s\n' "$1" "$2"; }
@@ -249,7 +313,10 @@ write_env() {
   local device folder tmp
   device="$(tm_vllm_device_name "${GPU_NAMES[${gpu,,}]}")"
   folder="$configs_dir/$device"
-  [[ -d "$folder" ]] || tm_warn "no tuned configs in $folder yet; vLLM falls back to its defaults until tune-moe writes them"
+  local label="tuned configs" of_release=""
+  if [[ -n "$release" ]]; then label+=" for vLLM $release" of_release=" for vLLM $release"; fi
+  tm_info "$label ($release_from): $folder"
+  [[ -d "$folder" ]] || tm_warn "no tuned configs$of_release in $folder yet; vLLM falls back to its defaults until tune-moe writes them"
   if ! mkdir -p "$(dirname "$env_out")" 2>/dev/null || ! tmp="$(mktemp "$env_out.XXXXXX" 2>/dev/null)"; then
     tm_die "cannot write $env_out; pass --env-out in a writable folder"
   fi
@@ -272,6 +339,7 @@ env_line() { printf 'export %s=%q\n' "$1" "$2"; }
 
 main() {
   parse_args "$@"
+  resolve_configs_dir
   tm_probe_driver
   check_gpus
   check_memory

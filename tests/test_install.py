@@ -428,16 +428,143 @@ def test_node_check_8x_h200_passes_and_writes_the_env_file(node):
     assert (node.tmp / "tune-moe-node.env").read_text() == first
 
 
-def test_node_check_points_vllm_at_the_release_folder_of_the_vllm_it_installs(node):
-    """kernels_configs holds one folder per vLLM release: a node pinned to 0.34 reads 0.34's files."""
+def _python(path: Path, vllm: str | None) -> Path:
+    """A Python for node-check's version probe: it prints VLLM when asked for vllm's package metadata, and without
+    VLLM fails as a Python without vLLM does. Every call goes to FAKE_LOG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    answer = (f"printf '%s\\n' '{vllm}'; exit 0" if vllm else
+              "echo 'importlib.metadata.PackageNotFoundError: No package metadata was found for vllm' >&2; exit 1")
+    path.write_text("#!/usr/bin/env bash\n"
+                    'printf \'python %s %s\\n\' "$0" "$*" >>"${FAKE_LOG:?}"\n'
+                    f"if [[ \"${{1:-}}\" == -c && \"${{2:-}}\" == *'m.version(\"vllm\")'* ]]; then {answer}; fi\n"
+                    "exit 3\n")
+    path.chmod(0o755)
+    return path
+
+
+def _folder(release: str, device: str = "NVIDIA_H200") -> str:
+    return f"{ROOT}/kernels_configs/vllm-{release}/{device}"
+
+
+def _info(done: subprocess.CompletedProcess) -> str:
+    """node-check's line on the tuned configs' folder."""
+    return next(line for line in done.stdout.splitlines() if line.startswith("==> tuned configs"))
+
+
+def test_node_check_takes_the_folder_of_the_vllm_installed_in_the_venv(node):
+    """install-vllm.sh put 0.34.0 into ./.venv under a one-run TUNE_MOE_VLLM_VERSION=0.34.0; a later plain run,
+    with the pin back at 0.33.0 and python3 on PATH holding 0.33.0, points the serve at 0.34's files."""
+    _python(node.tmp / ".venv" / "bin" / "python", "0.34.0")
+    _python(node.bin / "python3", "0.33.0")
+    done = node.run("node-check.sh", "--gpu", "H200", "--num-gpus", "8", "--dtype", "fp8")
+    assert done.returncode == 0, done.stderr
+    assert _env_file(node)["VLLM_TUNED_CONFIG_FOLDER"] == _folder("0.34")
+    assert _info(done) == f"==> tuned configs for vLLM 0.34 (0.34.0 installed in ./.venv): {_folder('0.34')}"
+    assert "warning" not in done.stderr
+    assert [c.split()[1] for c in node.calls()] == ["./.venv/bin/python"]  # the venv only, asked once
+    other = node.tmp / "serve-env"
+    _python(other / "bin" / "python", "0.33.0.dev12+g1234")
+    done = node.run("node-check.sh", "--gpu", "H200", "--venv", str(other))
+    assert done.returncode == 0, done.stderr
+    assert _env_file(node)["VLLM_TUNED_CONFIG_FOLDER"] == _folder("0.33")
+    assert _info(done) == f"==> tuned configs for vLLM 0.33 (0.33.0.dev12+g1234 installed in {other}): {_folder('0.33')}"
+
+
+def test_node_check_probe_reads_the_real_vllm(node):
+    """The probe against this environment's real interpreter and vLLM, as a venv's python."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed here")
+    from importlib.metadata import version
+    venv_bin = node.tmp / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python").write_text(f'#!/usr/bin/env bash\nexec "{sys.executable}" "$@"\n')
+    (venv_bin / "python").chmod(0o755)
+    release = ".".join(version("vllm").split(".")[:2])
+    done = node.run("node-check.sh", "--gpu", "H200")
+    assert done.returncode == 0, done.stderr
+    assert _env_file(node)["VLLM_TUNED_CONFIG_FOLDER"] == _folder(release)
+    assert _info(done).startswith(f"==> tuned configs for vLLM {release} ({version('vllm')} installed in ./.venv): ")
+
+
+def test_node_check_without_a_venv_reads_the_vllm_of_python3(node):
+    python3 = _python(node.bin / "python3", "0.34.0")
+    done = node.run("node-check.sh", "--gpu", "H200", TUNE_MOE_VLLM_VERSION="0.33.0")
+    assert done.returncode == 0, done.stderr
+    assert _env_file(node)["VLLM_TUNED_CONFIG_FOLDER"] == _folder("0.34")
+    assert _info(done) == f"==> tuned configs for vLLM 0.34 (0.34.0 installed for python3, {python3}): {_folder('0.34')}"
+
+
+def test_node_check_vllm_version_overrides_the_installed_vllm(node):
+    _python(node.tmp / ".venv" / "bin" / "python", "0.34.0")
+    done = node.run("node-check.sh", "--gpu", "H200", "--vllm-version", "0.33.0", TUNE_MOE_VLLM_VERSION="0.34.0")
+    assert done.returncode == 0, done.stderr
+    assert _env_file(node)["VLLM_TUNED_CONFIG_FOLDER"] == _folder("0.33")
+    assert _info(done) == f"==> tuned configs for vLLM 0.33 (--vllm-version 0.33.0): {_folder('0.33')}"
+    assert node.calls() == []  # nothing probed
+    assert node.run("node-check.sh", "--gpu", "H200", "--vllm-version", "0.34").returncode == 0
+    assert _env_file(node)["VLLM_TUNED_CONFIG_FOLDER"] == _folder("0.34")
+
+
+def test_node_check_without_an_installed_vllm_takes_the_pin(node):
+    """No vLLM where the serve runs: the folder of TUNE_MOE_VLLM_VERSION, the release install-vllm.sh installs."""
+    _python(node.tmp / ".venv" / "bin" / "python", None)
     done = node.run("node-check.sh", "--gpu", "H200", "--num-gpus", "8", "--dtype", "fp8", TUNE_MOE_VLLM_VERSION="0.34.0")
     assert done.returncode == 0, done.stderr
-    assert _env_file(node)["VLLM_TUNED_CONFIG_FOLDER"] == f"{ROOT}/kernels_configs/vllm-0.34/NVIDIA_H200"
+    assert _env_file(node)["VLLM_TUNED_CONFIG_FOLDER"] == _folder("0.34")
     assert (ROOT / "kernels_configs" / "vllm-0.34" / "NVIDIA_H200").is_dir()
+    assert _info(done) == (f"==> tuned configs for vLLM 0.34 (TUNE_MOE_VLLM_VERSION=0.34.0; no vLLM installed in "
+                           f"./.venv): {_folder('0.34')}")
     before = (node.tmp / "tune-moe-node.env").read_text()
     bad = node.run("node-check.sh", "--gpu", "H200", TUNE_MOE_VLLM_VERSION="latest")
-    assert bad.returncode != 0 and "TUNE_MOE_VLLM_VERSION=latest: not a vLLM version" in bad.stderr
+    assert bad.returncode == 1
+    assert bad.stderr == ("node-check.sh: error: TUNE_MOE_VLLM_VERSION=latest: not a vLLM version; "
+                          "set it like 0.33.0\n")
     assert (node.tmp / "tune-moe-node.env").read_text() == before  # nothing written
+    (node.tmp / ".venv" / "bin" / "python").unlink()
+    python3 = _python(node.bin / "python3", None)
+    done = node.run("node-check.sh", "--gpu", "H200")
+    assert done.returncode == 0, done.stderr
+    assert _info(done) == (f"==> tuned configs for vLLM 0.33 (TUNE_MOE_VLLM_VERSION=0.33.0; no vLLM installed for "
+                           f"python3, {python3}): {_folder('0.33')}")
+    done = node.run("node-check.sh", "--gpu", "H200", **node.without("python3"))
+    assert done.returncode == 0, done.stderr
+    assert _info(done) == (f"==> tuned configs for vLLM 0.33 (TUNE_MOE_VLLM_VERSION=0.33.0; no ./.venv and no "
+                           f"python3 on PATH): {_folder('0.33')}")
+
+
+def test_node_check_release_without_configs_warns_naming_it(node):
+    done = node.run("node-check.sh", "--gpu", "H200", "--vllm-version", "0.35.0rc1")
+    assert done.returncode == 0, done.stderr
+    assert _env_file(node)["VLLM_TUNED_CONFIG_FOLDER"] == _folder("0.35")
+    assert done.stderr == (f"node-check.sh: warning: no tuned configs for vLLM 0.35 in {_folder('0.35')} yet; "
+                           "vLLM falls back to its defaults until tune-moe writes them\n")
+
+
+def test_node_check_configs_dir_overrides_the_release_folder(node):
+    _python(node.tmp / ".venv" / "bin" / "python", "0.34.0")
+    root = node.tmp / "configs"
+    (root / "NVIDIA_H200").mkdir(parents=True)
+    done = node.run("node-check.sh", "--gpu", "H200", "--vllm-version", "0.34.0", "--configs-dir", str(root))
+    assert done.returncode == 0, done.stderr
+    assert _env_file(node)["VLLM_TUNED_CONFIG_FOLDER"] == f"{root}/NVIDIA_H200"
+    assert _info(done) == f"==> tuned configs (--configs-dir): {root}/NVIDIA_H200"
+    assert node.calls() == []
+
+
+@pytest.mark.parametrize("value", ["latest", "34", "v0.34.0", "0.34.0 ", "0.34.0;rm"])
+def test_node_check_bad_vllm_version_is_a_one_line_usage_error(node, value):
+    done = node.run("node-check.sh", "--gpu", "H200", "--vllm-version", value)
+    assert done.returncode == 2
+    assert done.stderr == f"node-check.sh: error: --vllm-version {value}: use a vLLM version like 0.34.0\n"
+    assert done.stdout == ""
+    assert not (node.tmp / "tune-moe-node.env").exists()
+
+
+def test_node_check_venv_without_a_python_is_a_usage_error(node):
+    done = node.run("node-check.sh", "--gpu", "H200", "--venv", "missing")
+    assert done.returncode == 2
+    assert done.stderr == ("node-check.sh: error: --venv missing: no missing/bin/python; pass the virtual "
+                           "environment install-vllm.sh created\n")
 
 
 def _lines(done: subprocess.CompletedProcess) -> dict[str, list[str]]:
