@@ -177,6 +177,47 @@ def test_from_vllm_log_with_per_tensor_fp8_is_one_line(tune, tmp_path):
     assert rc == 2 and "per-tensor FP8" in one_error_line(err) and "-FP8" in err
 
 
+def test_from_vllm_log_plans_a_logged_shape_outside_the_node_with_its_layouts(tune, tmp_path):
+    """A log of a bf16 TP16 serve (two nodes) names N=80: a shape of the model, planned with the layout that runs it;
+    a shape the model runs on no layout (another model's log) and --layouts beside the log are one line each."""
+    log = tmp_path / "vllm.log"
+    log.write_text(missing_line("E=288,N=80,device_name=NVIDIA_H200.json") + "\n")
+    rc, out, err = tune("--gpu", "H200", "--dtype", "bf16", "--dry-run", "--from-vllm-log", str(log))
+    assert rc == 0 and "bf16 E=288 N=80, K=4096, top-8; layouts TP16" in out
+    log.write_text(missing_line("E=100,N=100,device_name=NVIDIA_H200.json") + "\n")
+    rc, out, err = tune("--gpu", "H200", "--dtype", "bf16", "--dry-run", "--from-vllm-log", str(log))
+    assert rc == 2 and "E=100,N=100,device_name=NVIDIA_H200.json, which no TP/DP/EP layout of " \
+                       "stepfun-ai/Step-3.5-Flash runs" in one_error_line(err)
+    rc, out, err = tune("--gpu", "H200", "--dtype", "bf16", "--dry-run", "--from-vllm-log", str(log), "--layouts", "TP8")
+    assert rc == 2 and "drop --layouts" in one_error_line(err)
+
+
+def test_an_explicit_moe_backend_plans_only_what_reads_a_tuned_file(tune):
+    """vllm_rules.layer_runtime per layer kind: FlashInfer-CUTLASS cannot run the SwiGLU-step layers (vLLM will not
+    start), Marlin reads no Triton file, and deep_gemm's Triton fallback reads the padded file with E8M0 off."""
+    base = ("--gpu", "H200", "--dtype", "fp8", "--dry-run", "--layouts", "TP4", "--num-gpus", "4", "--moe-backend")
+    rc, out, err = tune(*base, "flashinfer_cutlass")
+    assert rc == 2 and "layout TP4: vLLM will not start with --moe-backend flashinfer_cutlass: SwiGLU-step layers: " \
+                       "ValueError: FP8 MoE backend FLASHINFER_CUTLASS does not support" in one_error_line(err)
+    rc, out, err = tune(*base, "marlin")
+    assert rc == 2 and "no MoE layer kind runs the Triton kernel (SiLU layers MARLIN, SwiGLU-step layers MARLIN)" \
+                       in one_error_line(err)
+    rc, out, err = tune(*base, "deep_gemm")
+    assert rc == 0 and "E=288,N=384,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json" in out
+    rc, out, err = tune("--gpu", "H200", "--dtype", "fp8", "--dry-run", "--num-gpus", "4", "--moe-backend", "marlin")
+    assert rc == 2 and "  TP2: not planned: with --moe-backend marlin" in out and "would fit" not in out
+    assert "with --moe-backend marlin no layout reads a Triton tuned file (above); tune for a backend that runs " \
+           "vLLM's Triton kernel: auto, triton or deep_gemm" in one_error_line(err)
+
+
+def test_a_dry_run_for_another_vllm_says_the_tune_needs_its_kernel(tune):
+    rc, out, _ = tune("--gpu", "H200", "--dtype", "bf16", "--dry-run", "--layouts", "TP4", "--num-gpus", "4",
+                      "--vllm-version", "0.34.0")
+    assert rc == 0
+    assert "Kernel: the installed vLLM is 0.33.0, not 0.34.0; a tune needs --vllm-src with vLLM 0.34.0's " \
+           "fused_moe.py or wheel" in out
+
+
 def test_vllm_triton_use_td_is_refused(tune, monkeypatch):
     monkeypatch.setenv("VLLM_TRITON_USE_TD", "1")
     rc, _, err = tune("--gpu", "H200", "--dtype", "bf16", "--dry-run")
@@ -213,6 +254,9 @@ def test_fp8_of_a_bf16_checkpoint_says_so(tune):
     (["--gpu", "H200", "--dtype", "fp8", "--strategy", "random"], "argument --strategy: invalid choice"),
     (["--gpu", "H200", "--dtype", "fp8", "--dry-run", "--layouts", "TP4,XP2"], "cannot read 'XP2'"),
     (["--gpu", "H200", "--dtype", "fp8", "--dry-run", "--batch-sizes", ","], "--batch-sizes ','"),
+    (["--gpu", "H200", "--dtype", "fp8", "--dry-run", "--batch-sizes", "1,,2"], "--batch-sizes '1,,2'"),
+    (["--gpu", "H200", "--dtype", "fp8", "--dry-run", "--layouts", "TP4,,TP8"], "an empty item between commas"),
+    (["--gpu", "H200", "--dtype", "fp8", "--dry-run", "--out", ""], "--out is empty"),
 ])
 def test_more_bad_input_in_process(tune, argv, expected):
     rc, out, err = tune(*argv)

@@ -14,10 +14,9 @@ from .kernel import installed_vllm_version
 from .plan import Plan
 from .recipe import ServeSpec, serve_line
 from .shapes import Layout, parse_version
-from .vllm_rules import ACTIVATIONS, MIRRORED, LayerRuntime, ServeFacts, layer_runtime
+from .vllm_rules import ACTIVATIONS, KIND, MIRRORED, LayerRuntime, ServeFacts, layer_runtime
 
 RECIPE_LAYOUTS = (Layout(tp=4), Layout(dp=4, ep=True))
-KIND = {"silu": "SiLU layers", "swiglustep": "SwiGLU-step layers"}
 
 
 def runtimes(serve: ServeFacts) -> tuple[dict[str, LayerRuntime], str]:

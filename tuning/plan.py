@@ -9,8 +9,8 @@ from .gpus import GpuSpec
 from .jobs import Job
 from .models import ModelGeometry
 from .shapes import Layout, MoeShape, Refusal, shape_for
-from .vllm_rules import (DEEPGEMM_MIN_N, ServeFacts, down_file_name, launch_read_in, launch_rules, layer_runtime,
-                         reads_down_file)
+from .vllm_rules import (ACTIVATIONS, DEEPGEMM_MIN_N, KIND, ServeFacts, down_file_name, launch_read_in, launch_rules,
+                         layer_runtime, reads_down_file)
 
 
 @dataclass
@@ -31,6 +31,11 @@ class Plan:
     def jobs(self) -> list[Job]:
         """Every (shape, M) of the plan; ``schedule`` decides the order workers take them in."""
         return [Job(s, m) for s in self.shapes for m in self.batch_sizes]
+
+    @property
+    def backend_refused(self) -> bool:
+        """No shape, because under the serve's --moe-backend no layout reads a tuned file."""
+        return not self.shapes and bool(self.refusals) and all(r.of_backend for r in self.refusals)
 
     def file_name(self, shape: MoeShape) -> str:
         return shape.file_name(self.gpu.device_name)
@@ -53,13 +58,36 @@ def make_plan(model: ModelGeometry, gpu: GpuSpec, dtype: str, layouts: list[Layo
         if isinstance(shape, Refusal):
             plan.refusals.append(shape)
             continue
+        refused = _backend_refusal(plan, layout)
+        if refused:
+            plan.refusals.append(refused)
+            continue
         verdict = fitting.fit(model, layout, dtype, gpu)
         plan.fits.append(verdict)
         if verdict.fits or not check_fit:
             plan.shapes.setdefault(shape, []).append(layout)
-    if not plan.shapes:
+    if not plan.shapes and not plan.backend_refused:
         plan.alternatives = fitting.alternatives(model, dtype, gpu, num_gpus, vllm_version, moe_backend)
     return plan
+
+
+def _backend_refusal(plan: Plan, layout: Layout) -> Refusal | None:
+    """Under an explicit --moe-backend: a layout vLLM will not start (a layer kind the backend cannot run), or one
+    where no MoE layer kind runs vLLM's Triton kernel, so no tuned file is read (vllm_rules.layer_runtime)."""
+    if plan.moe_backend == "auto":
+        return None
+    runs = {act: layer_runtime(plan.serve_facts(layout, plan.moe_backend), act) for act in ACTIVATIONS}
+    flag = f"--moe-backend {plan.moe_backend}"
+    for act, r in runs.items():
+        if r.error:
+            return Refusal(layout, f"vLLM will not start with {flag}: {KIND[act]}: {r.error}", of_backend=True)
+    e8m0_off = [layer_runtime(plan.serve_facts(layout, plan.moe_backend, {"VLLM_USE_DEEP_GEMM_E8M0": "0"}), act)
+                for act in ACTIVATIONS]  # DeepGEMM's Triton fallback reads the file then (the advised TP4/TP8 serve)
+    if not any(r.reads_tuned_file for r in [*runs.values(), *e8m0_off]):
+        ran = ", ".join(f"{KIND[act]} {r.backend}" for act, r in runs.items())
+        return Refusal(layout, f"with {flag} no MoE layer kind runs the Triton kernel ({ran}): no tuned file is "
+                               "read, so there is nothing to tune", by_vllm=False, of_backend=True)
+    return None
 
 
 def format_plan(plan: Plan) -> str:
@@ -67,7 +95,10 @@ def format_plan(plan: Plan) -> str:
              f"({plan.gpu.device_name}, {plan.gpu.arch}), vLLM {plan.vllm_version} launch rules"
              f"{launch_read_in(plan.vllm_version)}", "", "Layouts:"]
     lines += [f"  {f.why(plan.gpu)}" for f in plan.fits]
-    lines += [f"  {r.layout.name}: refused by vLLM {plan.vllm_version}: {r.reason}" for r in plan.refusals]
+    lines += [f"  {r.layout.name}: " + (f"refused by vLLM {plan.vllm_version}: " if r.by_vllm else "not planned: ")
+              + r.reason for r in plan.refusals]
+    if plan.backend_refused:
+        return "\n".join(lines + ["", f"No layout reads a Triton tuned file with --moe-backend {plan.moe_backend}."])
     if not plan.shapes:
         lines += ["", f"No layout fits {plan.model.name} {plan.dtype} on {plan.num_gpus}x{plan.gpu.key}."]
         lines += [f"  would fit: {alt}" for alt in plan.alternatives] or ["  nothing in the catalogue would"]

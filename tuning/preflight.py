@@ -31,10 +31,9 @@ from .models import BUILTIN, ModelGeometry, load_model, mtp_layers
 from .serve_command import MEMORY_GB, ServeCommand, parse, serve_release
 from .shapes import BATCH_SIZES, DEFAULT_VLLM_VERSION, Layout, MoeShape, parse_version
 from .triton_pins import mismatch, target_triton
-from .vllm_rules import (ACTIVATIONS, LayerRuntime, ServeFacts, kernel_launch_changes, launch_changes, layer_runtime,
+from .vllm_rules import (ACTIVATIONS, KIND, LayerRuntime, ServeFacts, kernel_launch_changes, launch_changes, layer_runtime,
                          down_file_name, nearest_key, reads_down_file)
 
-KIND = {"silu": "SiLU layers", "swiglustep": "SwiGLU-step layers"}
 ASSIGN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 MIRROR = "tune-moe's mirror of vLLM {release}'s rules (its parser, batch sizes and backend per layer)"
 FAR = 2.0  # a batch size this many times beyond the nearest tuned key is reported as untuned

@@ -114,6 +114,8 @@ class MoeShape:
 class Refusal:
     layout: Layout
     reason: str
+    by_vllm: bool = True  # vLLM refuses the layout; else the layout runs but reads no tuned file
+    of_backend: bool = False  # decided by the serve's explicit --moe-backend
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ def parse_batch_sizes(text: str | None, option: str = "--batch-sizes") -> tuple[
         return BATCH_SIZES
     sizes: list[int] = []
     try:
-        for word in (w.strip() for w in text.split(",") if w.strip()):
+        for word in (w.strip() for w in text.split(",")):  # an empty word ("1,,2") is a number left out: refused
             sizes += BATCH_SIZES if word == "vllm" else [int(word)]
     except ValueError:
         sizes = []
@@ -206,6 +208,20 @@ def _fix_fp8_shard(model, layout, shard, block, vllm_version, moe_backend):
 
 # The inverse of MoeShape.file_name: E, N, device, dtype (None: bf16), block n, block k.
 FILE_NAME = re.compile(r"^E=(\d+),N=(\d+),device_name=([^,]+)(?:,dtype=([a-z0-9_]+))?(?:,block_shape=\[(\d+),(\d+)\])?\.json$")
+
+
+def layouts_of(model: ModelGeometry, dtype: str, vllm_version: str, moe_backend: str = "auto",
+               max_gpus: int = 64) -> dict[MoeShape, list[Layout]]:
+    """Every shape ``model`` runs on a TPn, TPn+EP or DPn+EP layout of up to ``max_gpus`` GPUs, with its layouts
+    (FP8 TP shards as vLLM refines them, or pads them for --moe-backend deep_gemm or the backend given)."""
+    out: dict[MoeShape, list[Layout]] = {}
+    for n in range(1, max_gpus + 1):
+        for layout in {Layout(tp=n), Layout(tp=n, ep=n > 1), Layout(dp=n, ep=n > 1)}:
+            for backend in dict.fromkeys((moe_backend, "auto", "deep_gemm")):
+                shape = shape_for(model, layout, dtype, vllm_version, backend)
+                if isinstance(shape, MoeShape) and layout not in out.setdefault(shape, []):
+                    out[shape].append(layout)
+    return {s: sorted(lays, key=lambda lay: (lay.gpus, lay.dp, lay.ep)) for s, lays in out.items()}
 
 
 def shapes_from_file_names(names: list[str], model: ModelGeometry, device_name: str) -> list[MoeShape]:

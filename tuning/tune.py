@@ -15,7 +15,7 @@ from pathlib import Path
 from . import gpus, shapes
 from .configs import CONFIGS_ROOT, default_folder
 from .errors import UsageError
-from .kernel import KernelSource, installed_fused_moe, target_release
+from .kernel import KernelSource, installed_fused_moe, installed_vllm_version, target_release
 from .models import DEFAULT_MODEL, load_model
 from .plan import Plan, format_plan, make_plan
 from .provenance import Target
@@ -63,8 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the kernels under Triton's CPU interpreter with fake GPUs (tiny models; for testing)")
 
 
-def _csv(text: str | None) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else []
+def _csv(text: str | None, option: str = "--layouts") -> list[str]:
+    words = [t.strip() for t in text.split(",")] if text else []
+    if any(not w for w in words) and any(words):
+        raise UsageError(f"{option} {text!r}: an empty item between commas; write e.g. TP4,DP4+EP")
+    return [w for w in words if w]
 
 
 def build_plan(args: argparse.Namespace, found: list[gpus.DetectedGpu]) -> Plan:
@@ -84,6 +87,9 @@ def build_plan(args: argparse.Namespace, found: list[gpus.DetectedGpu]) -> Plan:
     if os.environ.get("VLLM_TRITON_USE_TD") not in (None, ""):
         raise UsageError("VLLM_TRITON_USE_TD is set: tune-moe times vLLM's pointer path of fused_moe_kernel, not the "
                          "tensor-descriptor path (unquantized, sm100, needs Triton's allocator); unset it to tune")
+    if args.out is not None and not args.out.strip():
+        raise UsageError("--out is empty (an unset variable?); pass the output folder, or drop --out for "
+                         f"{CONFIGS_ROOT}/vllm-<major.minor>/<device_name>")
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers {args.workers}: must be at least 1")
     num_gpus = args.num_gpus if args.num_gpus is not None else (len(found) or 8)
@@ -111,12 +117,20 @@ def _select_shapes(plan: Plan, args: argparse.Namespace) -> Plan:
     if args.from_vllm_log:
         from .vllm_log import missing_config_files
 
+        if args.layouts:
+            raise UsageError("--from-vllm-log takes the shapes the log names, whatever their layout; drop --layouts "
+                             "(or drop --from-vllm-log to tune those layouts)")
         names = missing_config_files(Path(args.from_vllm_log))
         logged = shapes.shapes_from_file_names(names, plan.model, plan.gpu.device_name)
         other = sorted({s.dtype for s in logged} - {plan.dtype})
         if other:
             raise UsageError(f"--from-vllm-log names {other[0]} shapes, not {plan.dtype}; re-run with --dtype {other[0]}")
-        plan.shapes = {s: plan.shapes.get(s, []) for s in logged}
+        runs = shapes.layouts_of(plan.model, plan.dtype, plan.vllm_version, plan.moe_backend)
+        foreign = [name for name, s in zip(names, logged) if s not in runs]
+        if foreign:
+            raise UsageError(f"--from-vllm-log names {foreign[0]}, which no TP/DP/EP layout of {plan.model.name} runs "
+                             f"under vLLM {plan.vllm_version}; pass the log of a {plan.model.name} serve (or --model)")
+        plan.shapes = {s: plan.shapes.get(s) or runs[s] for s in logged}
     wanted = []
     for text in args.shape:
         m = _SHAPE.match(text.replace(" ", ""))
@@ -164,6 +178,14 @@ def target_lines(plan: Plan, args: argparse.Namespace) -> list[str]:
         lines = [f"Triton: vLLM {pin.vllm} runs Triton {pin.triton} (torch {pin.torch} pins it; {pin.how}); {here}"]
     if args.vllm_src:
         lines.append("Kernel: " + read_signature(Path(args.vllm_src), args.vllm_version).describe())
+    else:
+        installed = installed_vllm_version()
+        if installed is None:
+            lines.append(f"Kernel: no vLLM is installed here; a tune needs vLLM {plan.vllm_version} installed "
+                         f"(install/install-vllm.sh) or --vllm-src with its fused_moe.py or wheel")
+        elif shapes.parse_version(installed) != shapes.parse_version(plan.vllm_version):
+            lines.append(f"Kernel: the installed vLLM is {installed}, not {plan.vllm_version}; a tune needs --vllm-src "
+                         f"with vLLM {plan.vllm_version}'s fused_moe.py or wheel")
     return lines
 
 
@@ -172,6 +194,9 @@ def run(args: argparse.Namespace) -> int:
     plan = build_plan(args, found)
     told = target_lines(plan, args) if args.dry_run else []  # a refused --vllm-src: one line, before the plan
     print(format_plan(plan))
+    if plan.backend_refused:
+        raise UsageError(f"with --moe-backend {plan.moe_backend} no layout reads a Triton tuned file (above); tune for "
+                         "a backend that runs vLLM's Triton kernel: auto, triton or deep_gemm")
     if not plan.shapes:
         would = "; would fit: " + ", ".join(plan.alternatives) if plan.alternatives else ""
         which = f"none of --layouts {args.layouts} fits" if args.layouts else "no layout fits"

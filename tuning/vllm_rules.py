@@ -38,6 +38,7 @@ MOE_BACKENDS = (
     "aiter_triton_mxfp4_bf16", "aiter_triton_mxfp4_mxfp4", "flydsl", "hpc", "emulation", "rdna3",
 )
 ACTIVATIONS = ("silu", "swiglustep")  # step3p5.py: "swiglustep" where swiglu_limits[layer] is set (7.0)
+KIND = {"silu": "SiLU layers", "swiglustep": "SwiGLU-step layers"}  # the layer kinds as the tool names them
 DEEPGEMM_ALIGN = 128  # DeepGEMM's get_mk_alignment_for_contiguous_layout() on sm90 and sm100
 DEEPGEMM_MIN_N = 513  # experts/deep_gemm_moe.py _valid_deep_gemm: "DeepGemm disabled for N <= 512"
 # Backends that run vLLM's fused_moe_kernel with the tuned file as the file means it: M = tokens.
