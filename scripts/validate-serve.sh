@@ -38,7 +38,7 @@ esac
 
 python="${PYTHON:-python3}"
 if ! command -v "$python" >/dev/null 2>&1; then
-    echo "validate-serve.sh: $python not found; install Python 3.10+ or set PYTHON=/path/to/python" >&2
+    echo "validate-serve.sh: $python not found; install Python 3.11+ or set PYTHON=/path/to/python" >&2
     exit 2
 fi
 cd "$repo_root"
