@@ -182,6 +182,19 @@ def test_config_dir_against_the_serves_variable(capsys, tmp_path):
     assert "a file, not a folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command,message", [
+    (["vllm", "serve"], "names no model (vLLM would serve its own default)"),
+    (["vllm", "serve", "-tp", "4"], "names no model"),
+    (["vllm serve stepfun-ai/Step-3.5-Flash -tp 4"], "came as one word"),
+    (["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "stepfun-ai/Step-3.5-Flash"],
+     "write the api_server command as vllm serve MODEL"),
+])
+def test_serve_commands_in_another_form_are_one_line(capsys, command, message):
+    assert main(["preflight", "--gpu", "H200", "--", *command]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and message in err and err.count("\n") == 1
+
+
 def test_bad_preflight_arguments_are_one_line(capsys, tmp_path):
     serve = ["--", "vllm", "serve", "stepfun-ai/Step-3.5-Flash"]
     for argv, message in ((["preflight", "--gpu", "H200"], "pass the serve command after '--'"),

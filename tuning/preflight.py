@@ -131,6 +131,21 @@ def _after_serve(argv: list[str]) -> list[str]:
     return argv[1:] if argv[:1] == ["serve"] else argv
 
 
+def _check_form(argv: list[str]) -> None:
+    """The forms of a serve command preflight does not read, each refused with the form it does read."""
+    if " " in argv[0] and argv[0].split()[0] in ("vllm", "serve"):
+        raise UsageError(f"preflight: the serve command came as one word ({argv[0][:40]!r}...); pass its words "
+                         "apart: drop the quotes around it")
+    if "vllm.entrypoints.openai.api_server" in argv:
+        raise UsageError("preflight: reads the vllm serve form; write the api_server command as vllm serve MODEL "
+                         "[options] (its --model value first, the other options as they are)")
+    words = _after_serve(argv)
+    if not words or (words[0].startswith("-") and "--model" not in words and
+                     not any(w.startswith("--model=") for w in words)):
+        raise UsageError("preflight: the serve command names no model (vLLM would serve its own default); write "
+                         "vllm serve MODEL [options], e.g. vllm serve stepfun-ai/Step-3.5-Flash")
+
+
 def engine_tokens(cmd: ServeCommand, plan: BatchPlan) -> list[int]:
     """M of the fused MoE per step: each captured size and the prefill chunk; all DP ranks' tokens under EP
     (vLLM's default all2all gathers every rank's tokens, padded to the same size, into each expert rank)."""
@@ -377,6 +392,7 @@ def run(args: argparse.Namespace) -> int:
     if not argv:
         raise UsageError("preflight: pass the serve command after '--', e.g. "
                          "tune-moe preflight --gpu H200 -- vllm serve stepfun-ai/Step-3.5-Flash --tensor-parallel-size 4")
+    _check_form(argv)
     from .serve_args import pick_gpu
 
     gpu = pick_gpu(args.gpu)
