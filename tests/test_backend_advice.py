@@ -309,6 +309,124 @@ def test_from_json_refuses_a_file_that_is_not_a_bake_off(tmp_path, capsys):
     assert len(err) == 1 and "not a compare-backends --json-out file" in err[0] and not out.exists()
 
 
+def corrupted(tmp_path, change, name="ep4.json") -> Path:
+    """b30/ep4.json (vLLM 0.34's DP4+EP bake-off on an H200) copied into tmp_path with ``change`` applied."""
+    data = json.loads((B30 / "ep4.json").read_text())
+    change(data)
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def refused(capsys, argv, target: Path, before: str | None) -> str:
+    """compare-backends exits 2 with one line on stderr, prints nothing and leaves --write-advice's file as it was."""
+    from tuning.cli import main
+
+    assert main(["compare-backends", *argv, "--write-advice", str(target)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tune-moe: error: ") and captured.out == ""
+    assert "internal error" not in err[0] and "Traceback" not in captured.err
+    if before is None:
+        assert not target.exists()
+    else:
+        assert target.read_text() == before
+    return err[0]
+
+
+def test_from_json_refuses_a_bake_off_measured_on_another_gpu(tmp_path, capsys):
+    """A recorded bake-off's GPU is its provenance's gpu_name: replayed under another --gpu, its H200 times would be
+    filed as that GPU's advice and its serve lines would name that GPU's tuned folder. Refused in one line naming the
+    file, its GPU and the --gpu it was measured on; so are files of different GPUs given together. Every
+    H200-family board is an H200 (vLLM's device name)."""
+    from tuning.cli import main
+
+    target = tmp_path / "advice.json"
+    target.write_text(adv.data_file("0.34").read_text())
+    before = target.read_text()
+    line = refused(capsys, ["--gpu", "B200", "--from-json", str(B30 / "ep4.json")], target, before)
+    assert line == (f"tune-moe: error: --from-json {B30 / 'ep4.json'}: measured on NVIDIA H200, not on --gpu B200 "
+                    "(NVIDIA B200); give --gpu H200")
+    assert "give --gpu H200" in refused(capsys, ["--gpu", "H20", "--from-json", str(B30 / "ep4.json")],
+                                        tmp_path / "new.json", None)
+    b200 = corrupted(tmp_path, lambda d: d["provenance"].update(gpu_name="NVIDIA B200"), "ep4-b200.json")
+    line = refused(capsys, ["--gpu", "H200", "--from-json", str(B30 / "ep4.json"), str(b200)], target, before)
+    assert line == (f"tune-moe: error: --from-json: these bake-offs ran on different GPUs ({B30 / 'ep4.json'}: NVIDIA "
+                    f"H200, {b200}: NVIDIA B200); give each GPU's files alone, with its --gpu")
+    assert "measured on NVIDIA B200, not on --gpu H200 (NVIDIA H200); give --gpu B200" in \
+        refused(capsys, ["--gpu", "H200", "--from-json", str(b200)], target, before)
+    a100 = corrupted(tmp_path, lambda d: d["provenance"].update(gpu_name="NVIDIA A100-SXM4-80GB"), "ep4-a100.json")
+    assert "measured on NVIDIA A100-SXM4-80GB, not on --gpu H200 (NVIDIA H200); give files measured on NVIDIA H200" \
+        in refused(capsys, ["--gpu", "H200", "--from-json", str(a100)], target, before)
+    nvl = corrupted(tmp_path, lambda d: d["provenance"].update(gpu_name="NVIDIA H200 NVL"), "ep4-nvl.json")
+    assert main(["compare-backends", "--gpu", "H200", "--from-json", str(nvl)]) == 0
+    assert "DP4+EP (measured 2026-12-04" in capsys.readouterr().out
+
+
+def _row(i, **change):
+    def apply(d):
+        d["rows"][i].update(change)
+    return apply
+
+
+def _drop(i, key):
+    def apply(d):
+        del d["rows"][i][key]
+    return apply
+
+
+@pytest.mark.parametrize("change,words", [
+    (_row(3, m="abc"), "row 3 'm' is 'abc', not an integer >= 1"),
+    (_row(3, m=0), "row 3 'm' is 0, not an integer >= 1"),
+    (_row(3, m=True), "row 3 'm' is True, not an integer >= 1"),
+    (_row(5, backend="cutlass"), "row 5 'backend' is 'cutlass', not one of triton_tuned, triton_default"),
+    (_row(5, activation="gelu"), "row 5 'activation' is 'gelu', not one of silu, swiglustep"),
+    (_row(7, us="fast"), "row 7 'us' is 'fast', not µs >= 0 or null"),
+    (_row(7, us=-1.0), "row 7 'us' is -1.0, not µs >= 0 or null"),
+    (_row(7, rel_error=[0.1]), "row 7 'rel_error' is [0.1], not a number or null"),
+    (_row(7, failure=3), "row 7 'failure' is 3, not a string or null"),
+    (_row(7, speed=1.0), "row 7 has the unknown field 'speed'"),
+    (_drop(2, "layout"), "row 2 has no 'layout' (a layout name)"),
+    (lambda d: d["rows"].__setitem__(4, ["DP4+EP", "silu"]), "row 4 is list, not an object of layout, activation"),
+    (_row(6, layout="TP99"), "row 6 'layout' is 'TP99', which compare-backends cannot time (expert width 1280 does "
+                             "not split over TP99)"),
+    (_row(6, layout="DP4-EP"), "row 6 'layout' is 'DP4-EP', not a layout name such as TP4 or DP4+EP"),
+    (_row(6, layout="dp4+ep"), "row 6 'layout' is 'dp4+ep', written DP4+EP by compare-backends"),
+    (lambda d: d["provenance"].update(finished_layouts=["TP99"]),
+     "its provenance lists the layout 'TP99', which compare-backends cannot time"),
+    (lambda d: d["provenance"].update(layouts=["DP4+EP", "TP99"]), "its provenance lists the layout 'TP99'"),
+    (lambda d: d["provenance"].update(layouts="DP4+EP"), "its provenance's \"layouts\" is 'DP4+EP', not a list"),
+    (lambda d: d["provenance"].update(finished_layouts=["DP4+EP", "DP8+EP"]),
+     "its provenance says DP8+EP finished, and no row measured it"),
+    (lambda d: d["provenance"].update(finished_layouts="DP4+EP"), 'its provenance has no "finished_layouts"'),
+    (lambda d: d["provenance"].pop("gpu_name"), 'its provenance has no "gpu_name" (the GPU it was measured on)'),
+    (lambda d: d["provenance"].update(vllm=0.34), "its provenance's \"vllm\" is 0.34, not a vLLM version such as "
+                                                  "0.34.0"),
+    (lambda d: d.pop("provenance"), 'not a compare-backends --json-out file (it needs "rows", a list, and '
+                                    '"provenance", an object)'),
+    (lambda d: d.update(rows={"0": {}}), "not a compare-backends --json-out file"),
+])
+def test_from_json_refuses_a_malformed_file_in_one_line(tmp_path, capsys, change, words):
+    """A --json-out file with a malformed row, a layout the bake-off cannot time, or a provenance it needs missing
+    (b30/ep4.json copied and corrupted) is refused before any table is printed or advice written: one line naming
+    the file and the first problem, exit 2, the advice file as it was."""
+    bad = corrupted(tmp_path, change)
+    target = tmp_path / "advice.json"
+    target.write_text(adv.data_file("0.34").read_text())
+    line = refused(capsys, ["--gpu", "H200", "--from-json", str(B30 / "e33-4.json"), str(bad)], target,
+                   target.read_text())
+    assert line.startswith(f"tune-moe: error: --from-json {bad}: ") and words in line, line
+    assert refused(capsys, ["--gpu", "H200", "--from-json", str(bad)], tmp_path / "new.json", None) == line
+
+
+@pytest.mark.parametrize("text", ["", "not json", "[1, 2]", '"rows"', "{\"rows\": [], \"provenance\": []}"])
+def test_from_json_refuses_a_file_that_is_not_json_of_a_bake_off(tmp_path, capsys, text):
+    bad = tmp_path / "bad.json"
+    bad.write_text(text)
+    line = refused(capsys, ["--gpu", "H200", "--from-json", str(bad)], tmp_path / "new.json", None)
+    assert f"--from-json {bad}: not a compare-backends --json-out file" in line
+
+
 def test_the_serve_lines_a_tune_prints_follow_the_advice(tmp_path):
     """After a tune, each recipe layout's serve line carries the advised --moe-backend and variables, says what
     each layer kind then runs (vLLM's own selection code where importable), and names a tuned file the advised

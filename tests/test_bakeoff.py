@@ -111,3 +111,29 @@ def test_with_vllms_ops_loaded_no_stand_in_is_timed(bench):
     for r in rows:
         if r.backend != "triton_tuned":
             assert r.failure is None and r.us > 0 and r.standin_us is None, r
+
+
+def test_a_recorded_row_reads_back_as_the_measurement_it_was():
+    """Every row of the recorded bake-offs (b30, b31) reads back as the Measured it recorded; a row with a field
+    missing, unknown or of the wrong type is a ValueError naming that field."""
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from tuning.bakeoff import measured_row
+
+    results = Path(__file__).parents[1] / "benchmarks" / "results"
+    for path in [*sorted((results / "b30").glob("*.json")), *sorted((results / "b31").glob("*.json"))]:
+        for row in json.loads(path.read_text())["rows"]:
+            assert asdict(measured_row(row)) == row
+    row = json.loads((results / "b30" / "ep4.json").read_text())["rows"][0]
+    for change, words in (({"m": "abc"}, "'m' is 'abc', not an integer >= 1"), ({"m": 2.0}, "'m' is 2.0"),
+                          ({"backend": "tuned"}, "'backend' is 'tuned', not one of triton_tuned"),
+                          ({"p80_us": float("nan")}, "'p80_us' is nan, not µs >= 0 or null"),
+                          ({"calc_diff": "0.1"}, "'calc_diff' is '0.1', not a number or null"),
+                          ({"runs": None}, "'runs' is None, not a string"), ({"gpu": "H200"}, "unknown field 'gpu'")):
+        with pytest.raises(ValueError, match=words.replace("(", r"\(")):
+            measured_row({**row, **change})
+    with pytest.raises(ValueError, match="has no 'shape'"):
+        measured_row({k: v for k, v in row.items() if k != "shape"})
+    assert measured_row({k: row[k] for k in ("layout", "activation", "m", "backend", "shape")}).us is None

@@ -279,7 +279,7 @@ def test_report_passes_only_when_every_check_passed():
     failed = assemble_report([*good, verdict("cuobjdump", False, None, "not on PATH")], {})
     assert not failed["ok"] and failed["failed"] == ["cuobjdump"]
     skipped = assemble_report([*good, Check("gemm.masked.w2", "skip")], {})
-    assert not skipped["ok"]
+    assert not skipped["ok"] and skipped["failed"] == [] and skipped["skipped"] == ["gemm.masked.w2"]
     assert not assemble_report([], {})["ok"]
 
 
@@ -291,6 +291,56 @@ def test_summary_has_one_line_per_check_and_a_verdict():
     assert lines[1].startswith("FAIL gemm.dense") and "1005 TFLOP/s ( 51% of 1979)" in lines[1]
     assert "first 7.96 s, cached 0.44 ms" in lines[1]
     assert lines[-1] == "DeepGEMM check FAILED: gemm.dense"
+
+
+def test_skipped_gemm_checks_are_not_failures():
+    """Without a GPU DeepGEMM runs on, the GEMM checks are skipped and the verdict says the check is incomplete and
+    why, naming only what did fail besides; without an importable DeepGEMM on a good GPU, the import failed and the
+    GEMMs did not run."""
+    skips = [Check(c.name, "skip", None, "needs a supported GPU") for c in GEMM_CASES]
+    env = [verdict("gpu.capability", False, None, "no CUDA device visible to torch"),
+           verdict("cuobjdump", False, None, "not on PATH"), verdict("deep_gemm.import", True, "2.8.1")]
+    report = assemble_report([*env, *skips], {}, "this node has none (no CUDA device visible to torch)")
+    assert not report["ok"] and report["failed"] == ["gpu.capability", "cuobjdump"]
+    assert report["skipped"] == [c.name for c in GEMM_CASES]
+    assert summary_lines(report)[-1] == (
+        "DeepGEMM check incomplete: the GEMM checks need a supported GPU (compute capability 9.0 or 10.x: H200, "
+        "B200...), and this node has none (no CUDA device visible to torch); run it on the GPU node (failed here too: "
+        "cuobjdump)")
+    alone = assemble_report([env[0], env[2], *skips], {}, "this node's NVIDIA A100-SXM4-80GB is sm80")
+    assert summary_lines(alone)[-1].endswith("and this node's NVIDIA A100-SXM4-80GB is sm80; run it on the GPU node")
+    no_import = assemble_report([verdict("gpu.capability", True, "9.0"), verdict("deep_gemm.import", False), *skips],
+                                {})
+    assert summary_lines(no_import)[-1] == ("DeepGEMM check FAILED: deep_gemm.import; not run: "
+                                            + ", ".join(c.name for c in GEMM_CASES))
+
+
+@pytest.mark.parametrize("probe,why", [
+    ((None, "no CUDA device visible to torch"), "this node has none (no CUDA device visible to torch)"),
+    (((8, 0), "NVIDIA A100-SXM4-80GB"), "this node's NVIDIA A100-SXM4-80GB is sm80"),
+])
+def test_a_node_without_a_supported_gpu_is_incomplete_not_failed(tmp_path, monkeypatch, capsys, probe, why):
+    """The real run on this node with its GPU probe answered: the skipped GEMM checks are not called failures, the
+    last line says plainly that they need a supported GPU and where to run, the exit is 1 (nothing was verified)."""
+    monkeypatch.setattr("tuning.deepgemm_check._probe_gpu", lambda: probe)
+    monkeypatch.setenv("DG_JIT_CACHE_DIR", str(tmp_path / "cache"))
+    package = _fake_package(tmp_path / "dg", "2.8.1")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    try:
+        assert cli_main(["check-deepgemm", "--deep-gemm-path", str(tmp_path / "dg"),
+                         "--json-out", str(tmp_path / "r.json")]) == 1
+    finally:
+        sys.modules.pop("deep_gemm", None)
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    last = captured.out.splitlines()[-1]
+    assert last.startswith("DeepGEMM check incomplete: the GEMM checks need a supported GPU (compute capability 9.0 "
+                           f"or 10.x: H200, B200...), and {why}; run it on the GPU node")
+    assert "FAILED" not in last and "gemm." not in last and "gpu.capability" not in last
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["incomplete"] == why and report["deep_gemm"]["directory"] == str(package)
+    assert report["skipped"] == [c.name for c in GEMM_CASES] and not set(report["skipped"]) & set(report["failed"])
+    assert all(f"SKIP {c.name:<20} needs a supported GPU; {why}" in captured.out.splitlines() for c in GEMM_CASES)
 
 
 def _listing(folder: Path) -> list[str]:
@@ -334,8 +384,9 @@ def _verifier(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_module_run_without_a_gpu_reports_and_fails(tmp_path):
-    """python3 -m tuning.deepgemm_check with a fake deep_gemm: resolution and the report, no GPU."""
+def test_module_run_without_a_gpu_reports_incomplete(tmp_path):
+    """python3 -m tuning.deepgemm_check with a fake deep_gemm: resolution and the report, no GPU: the GEMM checks
+    skipped, not failed, and exit 1 (DeepGEMM was not verified)."""
     marker = tmp_path / "imported"
     package = _fake_package(tmp_path / "dg", "2.8.1", f"open({str(marker)!r}, 'w').close()\n")
     done = _verifier("--deep-gemm-path", str(tmp_path / "dg"), "--json-out", "r.json", cwd=tmp_path)
@@ -348,8 +399,11 @@ def test_module_run_without_a_gpu_reports_and_fails(tmp_path):
     status = {c["name"]: c["status"] for c in report["checks"]}
     assert status["deep_gemm.import"] == "pass" and status["gpu.capability"] == "fail"
     assert {status[c.name] for c in GEMM_CASES} == {"skip"}
+    assert report["skipped"] == [c.name for c in GEMM_CASES] and "gpu.capability" in report["failed"]
     assert report["jit_cache"]["dir"] == str(tmp_path / ".dj")
-    assert "DeepGEMM check FAILED" in done.stdout.splitlines()[-1]
+    last = done.stdout.splitlines()[-1]
+    assert last.startswith("DeepGEMM check incomplete: the GEMM checks need a supported GPU") and "FAILED" not in last
+    assert "this node has none (no CUDA device visible to torch); run it on the GPU node" in last
 
 
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):

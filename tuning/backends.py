@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -245,24 +246,14 @@ def run(args: argparse.Namespace) -> int:
 
 def replay(args: argparse.Namespace) -> int:
     """--from-json: the tables and advice of recorded bake-offs, each file with its own provenance."""
-    from .bakeoff import Measured
-
     gpu = gpus.get_gpu(args.gpu)
     if args.json_out:
         raise UsageError("--from-json re-reads --json-out files; give --write-advice alone")
     if args.write_advice:
         output_file(args.write_advice, "--write-advice")
-    loaded = []
-    for name in args.from_json:
-        try:
-            data = json.loads(Path(name).read_text())
-            rows = [Measured(**r) for r in data["rows"]]
-            prov = data["provenance"]
-            done = list(prov["finished_layouts"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UsageError(f"--from-json {name}: not a compare-backends --json-out file ({type(exc).__name__}: "
-                             f"{str(exc)[:80]}); give the JSON a bake-off wrote") from None
-        loaded.append((rows, done, prov))
+    model = load_model(MODEL)
+    loaded = [read_recorded(name, model) for name in args.from_json]
+    check_recorded_gpu(gpu, {file: prov["gpu_name"] for file, (_, _, prov) in zip(args.from_json, loaded)})
     ran = {file: recorded_release(args, prov) for file, (_, _, prov) in zip(args.from_json, loaded)}
     if args.write_advice and len(set(ran.values())) > 1:
         raise UsageError("--from-json: these bake-offs ran different vLLM releases ("
@@ -281,6 +272,92 @@ def replay(args: argparse.Namespace) -> int:
             _summary(name, rows, folder)
         status = max(status, finish(args, rows, done, prov, gpu.key, ran[file]))
     return status
+
+
+def read_recorded(name: str, model) -> tuple[list, list[str], dict]:
+    """The rows, finished layouts and provenance of a --json-out file, every row checked: a file that is not one, or
+    one with a malformed row or a layout compare-backends cannot time, is refused in one line naming the first
+    problem."""
+    from .bakeoff import measured_row
+
+    def refuse(problem: str) -> UsageError:
+        return UsageError(f"--from-json {name}: {problem}; give the --json-out file a bake-off wrote, as it wrote it")
+
+    try:
+        data = json.loads(Path(name).read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--from-json {name}: not a compare-backends --json-out file ({type(exc).__name__}: "
+                         f"{str(exc)[:80]}); give the JSON a bake-off wrote") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or \
+            not isinstance(data.get("provenance"), dict):
+        raise UsageError(f"--from-json {name}: not a compare-backends --json-out file (it needs \"rows\", a list, and "
+                         "\"provenance\", an object); give the JSON a bake-off wrote")
+    prov = data["provenance"]
+    done = prov.get("finished_layouts")
+    if not isinstance(done, list) or not all(isinstance(n, str) for n in done):
+        raise refuse('its provenance has no "finished_layouts" (a list of the layouts measured at every M)')
+    if not isinstance(prov.get("gpu_name"), str) or not prov["gpu_name"].strip():
+        raise refuse('its provenance has no "gpu_name" (the GPU it was measured on)')
+    version = prov.get("vllm")
+    if version is not None and not (isinstance(version, str) and re.match(r"^v?\d+\.\d+", version.strip())):
+        raise refuse(f'its provenance\'s "vllm" is {version!r}, not a vLLM version such as 0.34.0')
+    if not isinstance(prov.get("kernel_sha256"), (str, type(None))):
+        raise refuse(f'its provenance\'s "kernel_sha256" is {prov["kernel_sha256"]!r}, not a sha256')
+    layouts = prov.get("layouts") or []
+    if not isinstance(layouts, list):
+        raise refuse(f'its provenance\'s "layouts" is {layouts!r}, not a list of layouts')
+    known: dict[str, str | None] = {}
+    for n in [*layouts, *done]:
+        problem = _layout_problem(n, model, known)
+        if problem:
+            raise refuse(f"its provenance lists the layout {n!r}, {problem}")
+    rows = []
+    for i, r in enumerate(data["rows"]):
+        try:
+            row = measured_row(r)
+        except ValueError as exc:
+            raise refuse(f"row {i} {exc}") from None
+        problem = _layout_problem(row.layout, model, known)
+        if problem:
+            raise refuse(f"row {i} 'layout' is {row.layout!r}, {problem}")
+        rows.append(row)
+    empty = next((n for n in done if not any(r.layout == n for r in rows)), None)
+    if empty is not None:
+        raise refuse(f"its provenance says {empty} finished, and no row measured it")
+    return rows, list(done), prov
+
+
+def _layout_problem(name, model, known: dict[str, str | None]) -> str | None:
+    """Why ``name`` is not an FP8 layout the bake-off times (None where it is), as ``check_args`` decides."""
+    if not isinstance(name, str):
+        return "not a layout name"
+    if name not in known:
+        try:
+            layout = parse_layout(name)
+        except UsageError:
+            known[name] = "not a layout name such as TP4 or DP4+EP"
+        else:
+            refused = next((s for s in (shape_for(model, layout, "fp8", moe_backend=b) for b in ("triton", "deep_gemm"))
+                            if isinstance(s, Refusal)), None)
+            known[name] = (f"written {layout.name} by compare-backends" if layout.name != name else
+                           f"which compare-backends cannot time ({refused.reason.split(';')[0]})" if refused else None)
+    return known[name]
+
+
+def check_recorded_gpu(gpu: gpus.GpuSpec, measured: dict[str, str]) -> None:
+    """The GPU the --from-json files were measured on (file -> its provenance's gpu_name) is --gpu's: one GPU for
+    all, by vLLM's device name (every H200-family board is an H200)."""
+    names = {file: gpus.vllm_device_name(n) for file, n in measured.items()}
+    if len(set(names.values())) > 1:
+        raise UsageError("--from-json: these bake-offs ran on different GPUs ("
+                         + ", ".join(f"{f}: {measured[f]}" for f in measured) + "); give each GPU's files alone, "
+                         "with its --gpu")
+    for file, name in names.items():
+        if name != gpu.device_name:
+            spec = gpus.spec_for_name(measured[file])
+            fix = f"give --gpu {spec.key}" if spec else f"give files measured on {gpu.torch_name}"
+            raise UsageError(f"--from-json {file}: measured on {measured[file]}, not on --gpu {gpu.key} "
+                             f"({gpu.torch_name}); {fix}")
 
 
 def finish(args, rows, done: list[str], prov: dict, gpu_key: str, release: str) -> int:

@@ -53,6 +53,43 @@ class Measured:
     failure: str | None = None
 
 
+TIMES = ("us", "p20_us", "p80_us", "standin_us")  # µs: a number >= 0, or null where not timed
+ERRORS = ("rel_error", "calc_diff")  # a number, or null where the check did not run
+
+
+def measured_row(row) -> Measured:
+    """A row of a --json-out file as the Measured it recorded; ValueError naming the first field that is missing or
+    of the wrong type (the layout's name is the caller's to check: it needs the model)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"is {type(row).__name__}, not an object of {', '.join(Measured.__dataclass_fields__)}")
+    fields = Measured.__dataclass_fields__
+    extra = next((k for k in row if k not in fields), None)
+    if extra is not None:
+        raise ValueError(f"has the unknown field {extra!r}")
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    need = {"layout": (lambda v: isinstance(v, str) and v != "", "a layout name"),
+            "activation": (lambda v: v in ACTIVATIONS, f"one of {', '.join(ACTIVATIONS)}"),
+            "m": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+            "backend": (lambda v: isinstance(v, str) and v in BACKENDS, f"one of {', '.join(BACKENDS)}"),
+            "shape": (lambda v: isinstance(v, str), "a string")}
+    for key, (ok, what) in need.items():
+        if key not in row:
+            raise ValueError(f"has no {key!r} ({what})")
+        if not ok(row[key]):
+            raise ValueError(f"{key!r} is {row[key]!r}, not {what}")
+    optional = {**{k: (lambda v: v is None or number(v) and 0 <= v < float("inf"), "µs >= 0 or null") for k in TIMES},
+                **{k: (lambda v: v is None or number(v), "a number or null") for k in ERRORS},
+                "runs": (lambda v: isinstance(v, str), "a string"),
+                "failure": (lambda v: v is None or isinstance(v, str), "a string or null")}
+    for key, (ok, what) in optional.items():
+        if key in row and not ok(row[key]):
+            raise ValueError(f"{key!r} is {row[key]!r}, not {what}")
+    return Measured(**row)
+
+
 @dataclass
 class Bench:
     """Everything the GPU run loaded once: vLLM's kernels and CUDA ops, DeepGEMM, FlashInfer (each may be missing)."""

@@ -12,7 +12,10 @@ This module is the command: its arguments, the run, and the report assembled
 from the checks. The environment checks and locating DeepGEMM live in
 ``deepgemm_env``, the GEMMs (calc_diff, the quantizers, layouts, timing) in
 ``deepgemm_gemms``. All but ``deepgemm_gemms.gemm_checks`` need no GPU.
-Exit status: 0 when every check passed, 1 otherwise, 2 for bad arguments.
+Without a supported GPU the GEMM checks are skipped, not failed, and the run
+ends "DeepGEMM check incomplete": DeepGEMM was not verified.
+Exit status: 0 when every check passed; 1 otherwise (a check failed, or the
+GEMM checks could not run here); 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -40,13 +43,20 @@ except ImportError:  # reported as a failed check by run()
 
 # ------------------------------------------------------------------ report
 
-def assemble_report(checks: list[Check], context: dict[str, Any]) -> dict[str, Any]:
-    """Every check with its value; ok only when there is at least one check and all passed."""
-    failed = [c.name for c in checks if not c.ok]
+SUPPORTED_GPUS = "compute capability 9.0 or 10.x: H200, B200..."
+
+
+def assemble_report(checks: list[Check], context: dict[str, Any], incomplete: str = "") -> dict[str, Any]:
+    """Every check with its value; ok only when there is at least one check and all passed. ``incomplete``: why
+    the GEMM checks could not run on this node (no supported GPU), where they were skipped for that."""
+    failed = [c.name for c in checks if c.status == "fail"]
+    skipped = [c.name for c in checks if c.status == "skip"]
     return {
         "tool": "tune-moe check-deepgemm",
-        "ok": bool(checks) and not failed,
+        "ok": bool(checks) and all(c.ok for c in checks),
         "failed": failed,
+        "skipped": skipped,
+        "incomplete": incomplete or None,
         **context,
         "checks": [asdict(c) for c in checks],
     }
@@ -68,9 +78,24 @@ def format_check(check: dict[str, Any]) -> str:
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
-    lines = [format_check(c) for c in report["checks"]]
-    verdict_line = "DeepGEMM check passed" if report["ok"] else f"DeepGEMM check FAILED: {', '.join(report['failed'])}"
-    return lines + [verdict_line]
+    return [format_check(c) for c in report["checks"]] + [verdict_line(report)]
+
+
+def verdict_line(report: dict[str, Any]) -> str:
+    """Passed; incomplete where the GEMM checks need a GPU this node lacks (with what failed besides); FAILED with
+    the checks that failed, and those skipped for them."""
+    if report["ok"]:
+        return "DeepGEMM check passed"
+    failed, skipped = report["failed"], report.get("skipped", [])
+    if report.get("incomplete"):
+        others = [name for name in failed if name != "gpu.capability"]
+        return (f"DeepGEMM check incomplete: the GEMM checks need a supported GPU ({SUPPORTED_GPUS}), and "
+                f"{report['incomplete']}; run it on the GPU node" + (f" (failed here too: {', '.join(others)})"
+                                                                      if others else ""))
+    if not failed:
+        return f"DeepGEMM check incomplete: not run: {', '.join(skipped)}" if skipped else \
+            "DeepGEMM check FAILED: no check ran"
+    return f"DeepGEMM check FAILED: {', '.join(failed)}" + (f"; not run: {', '.join(skipped)}" if skipped else "")
 
 
 # --------------------------------------------------------------------- CLI
@@ -81,6 +106,13 @@ def _probe_gpu() -> tuple[tuple[int, int] | None, str]:
     if not torch.cuda.is_available():
         return None, "no CUDA device visible to torch"
     return tuple(torch.cuda.get_device_capability()), torch.cuda.get_device_name()
+
+
+def no_gpu_reason(capability: tuple[int, int] | None, device: str) -> str:
+    """Why this node cannot run the GEMM checks: no GPU torch can use, or one DeepGEMM does not run on."""
+    if capability is None:
+        return f"this node has none ({device or 'no CUDA device visible to torch'})"
+    return f"this node's {device} is sm{capability[0]}{capability[1]}"
 
 
 def _context(source: DeepGemmSource | None, capability: tuple[int, int] | None, device: str,
@@ -130,15 +162,17 @@ def run(args: argparse.Namespace) -> int:
     module, import_check = import_deep_gemm(source)
     checks.append(import_check)
     gpu_ok = next(c.ok for c in checks if c.name == "gpu.capability")
+    incomplete = "" if gpu_ok else no_gpu_reason(capability, device)
     if module is not None and gpu_ok:
         spec = spec_for_name(device)
         checks += gemm_checks(module, capability, spec.fp8_tflops if spec else None, args)
     else:
-        why = "needs a supported GPU and an importable DeepGEMM"
+        why = f"needs a supported GPU; {incomplete}" if incomplete else \
+            "needs an importable DeepGEMM (deep_gemm.import failed)"
         checks += [Check(case.name, "skip", None, why) for case in GEMM_CASES]
     context = _context(source, capability, device, args)
     context["jit_cache"] = {"dir": cache, "kernels_before": cached_before, "kernels_after": count_cached_kernels(cache)}
-    report = assemble_report(checks, context)
+    report = assemble_report(checks, context, incomplete)
     print("\n".join(summary_lines(report)))
     if args.json_out:
         atomic_write_json(args.json_out, report, indent=2)
