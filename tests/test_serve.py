@@ -233,12 +233,24 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def fake_nvidia_smi(folder: Path) -> Path:
+    """An ``nvidia-smi`` answering validate-serve's query: $FAKE_GPUS (default 8) GPUs of $FAKE_VLLM_GPU (H200)."""
+    folder.mkdir(exist_ok=True)
+    smi = folder / "nvidia-smi"
+    smi.write_text('#!/bin/sh\ni=0\nwhile [ "$i" -lt "${FAKE_GPUS:-8}" ]; do\n'
+                   '  echo "$i, NVIDIA ${FAKE_VLLM_GPU:-H200}, 143771, 580.95.05"; i=$((i + 1))\ndone\n')
+    smi.chmod(0o755)
+    return folder
+
+
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
-    """The fake vllm first on PATH; a tuned folder holding the TP4 bf16 file; pids of every fake process and a log
-    of every benchmark; preflight answered by the mirror."""
+    """The fake vllm and a fake nvidia-smi (8 GPUs) first on PATH; a tuned folder holding the TP4 bf16 file; pids
+    of every fake process and a log of every benchmark; preflight answered by the mirror."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("PATH", f"{FAKE}{os.pathsep}{os.environ['PATH']}")
+    gpus = fake_nvidia_smi(tmp_path / "gpu-bin")
+    monkeypatch.setenv("PATH", f"{FAKE}{os.pathsep}{gpus}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER", raising=False)
     monkeypatch.setattr(vllm_probe, "preflight", lambda *args: None)
     pids = tmp_path / "pids"
@@ -988,6 +1000,143 @@ def test_busy_port_quiet_logging_and_missing_vllm_are_usage_errors(fake, monkeyp
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and "something already listens there" in err[0]
     assert "hides vLLM's 'Using configuration from' line" in err[1] and "vllm: not on PATH" in err[2]
+
+
+def refused(fake, capsys, args: list[str], words: str) -> None:
+    """validate-serve refuses ``args`` in one line holding ``words``: exit 2, nothing printed, started or written
+    (neither --out nor a run folder under serve-runs/)."""
+    assert cli.main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("tune-moe: error: ") and words in err, err
+    assert not fake["pids"].exists() and not fake["out"].exists() and not (fake["dir"] / "serve-runs").exists()
+
+
+def default_out(args: list[str]) -> list[str]:
+    """``args`` without --out: a run would write serve-runs/<run>/."""
+    i = args.index("--out")
+    return args[:i] + args[i + 2:]
+
+
+def test_a_node_without_the_layouts_gpus_is_refused_before_anything_starts(fake, monkeypatch, capsys):
+    """With --gpu as without it: nvidia-smi missing, failing or finding none, another GPU, or fewer GPUs than the
+    layout (of those CUDA_VISIBLE_DEVICES leaves); --print-command starts nothing and needs no GPU."""
+    no_gpu = "this node has no NVIDIA GPU (nvidia-smi found none); nothing was started; run on a GPU node"
+    args, path = default_out(argv(fake, "--no-bench")), os.environ["PATH"]  # the fixture's: 8 GPUs, as below
+    monkeypatch.setenv("PATH", str(FAKE))  # the fake vllm, and no nvidia-smi
+    refused(fake, capsys, args, f"--gpu H200: {no_gpu}, or add --print-command to print the commands only")
+    without = [w for w in args if w not in ("--gpu", "H200")]
+    refused(fake, capsys, without, f"error: {no_gpu}, or add --print-command --gpu GPU to print the commands only")
+    assert cli.main([*args, "--print-command"]) == 0  # starts nothing: needs no GPU
+    assert capsys.readouterr().out.startswith("export VLLM_TUNED_CONFIG_FOLDER=")
+    assert not fake["pids"].exists() and not (fake["dir"] / "serve-runs").exists()
+    failing = fake["dir"] / "failing-bin"
+    failing.mkdir()
+    (failing / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    (failing / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{FAKE}{os.pathsep}{failing}")
+    refused(fake, capsys, args, f"--gpu H200: {no_gpu}")
+    monkeypatch.setenv("PATH", path)
+    monkeypatch.setenv("FAKE_GPUS", "2")
+    refused(fake, capsys, args, "TP4 needs 4 GPUs and this node has 2x NVIDIA H200; nothing was started; run on a "
+                                "node with 4, or add --reduced to serve TP4's per-GPU shape on one GPU")
+    monkeypatch.setenv("FAKE_GPUS", "8")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    refused(fake, capsys, args, "TP4 needs 4 GPUs and this node has 8x NVIDIA H200, 3 of them in "
+                                "CUDA_VISIBLE_DEVICES=0,1,2; nothing was started")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("FAKE_VLLM_GPU", "B200")
+    refused(fake, capsys, args, "--gpu H200: this node has 8x NVIDIA B200, not NVIDIA H200; nothing was started")
+    monkeypatch.setenv("FAKE_VLLM_GPU", "H200")
+    monkeypatch.setenv("FAKE_GPUS", "1")  # a reduced serve needs one
+    assert cli.main(reduced_args(fake, "--no-bench")) == 0
+    assert report(fake)["ok"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--serve-args=--tensor-parallel-size 8"],
+     "--serve-args sets --tensor-parallel-size, which --layout TP4 decides; use --layout TP8"),
+    (["--serve-args=-tp=8"], "--serve-args sets -tp, which --layout TP4 decides; use --layout TP8"),
+    (["--serve-args=-dp 2"], "--serve-args sets -dp, which --layout TP4 decides; use --layout DP2+TP4"),
+    (["--serve-args=--enable-expert-parallel"],
+     "--serve-args sets --enable-expert-parallel, which --layout TP4 decides; use --layout TP4+EP"),
+    (["--serve-args=--tensor_parallel_size 4"],
+     "--serve-args sets --tensor-parallel-size, which --layout TP4 decides; drop it from --serve-args"),
+    (["--serve-args=-pp 2"], "--serve-args sets -pp, which --layout TP4 decides; drop it from --serve-args "
+                             "(validate-serve's layouts have no pipeline parallelism)"),
+    (["--reduced", "--serve-args=-tp 4"], "--serve-args sets -tp, which --layout TP4 decides; drop it from "
+                                          "--serve-args (--reduced serves the layout's per-GPU shape on one GPU)"),
+    (["--serve-args=--port 9000"], "--serve-args sets --port, which --port decides; use --port 9000"),
+    (["--serve-args=--host 10.0.0.1"], "--serve-args sets --host, which validate-serve decides (its health check "
+                                       "and benchmark reach the server on 127.0.0.1:--port); drop it from --serve-args"),
+    (["--serve-args=--model /models/other"], "--serve-args sets --model, which --model decides; use --model "
+                                             "/models/other"),
+    (["--serve-args=--moe-backend triton"],
+     "--serve-args sets --moe-backend, which --moe-backend decides; use --moe-backend triton"),
+    (["--serve-args=-q fp8"], "--serve-args sets -q, which --dtype bf16 decides (the checkpoint's own weights"),
+    (["--serve-args=--dtype float16"], "--serve-args sets --dtype, which validate-serve's --dtype bf16 decides"),
+    (["--mtp", "--serve-args=--speculative-config.num_speculative_tokens 2"],
+     "--serve-args sets --speculative-config, which --mtp sets (the recipe's MTP flags); drop it from "
+     "--serve-args, or drop --mtp"),
+    (["--reduced", "--serve-args=--hf-overrides {}"], "--serve-args sets --hf-overrides, which --reduced sets (the "
+                                                     "reduced model's layers and experts); drop it from --serve-args"),
+    (["--reduced", "--serve-args=--load-format auto"], "--serve-args sets --load-format, which --reduced sets"),
+    (["--serve-args=--served-model-name step"], "--serve-args sets --served-model-name, which --model decides (the "
+                                                "benchmark asks for the model by it)"),
+    (["--serve-args=--no-jit-monitor-verbose"], "--serve-args sets --no-jit-monitor-verbose, which validate-serve "
+                                                "sets (each pass counts the compiles vLLM logs)"),
+    (["--measure-moe-share", "--serve-args=--profiler-config {}"],
+     "--serve-args sets --profiler-config, which --measure-moe-share sets"),
+    (["--serve-args=--trust-remote-code"], "--serve-args sets --trust-remote-code, which validate-serve sets (the "
+                                           "recipe's flags); drop it from --serve-args"),
+    (["--reduced", "--ab", "--ab-servers", "resident", "--serve-args=--device-memory-utilization 0.8"],
+     "--serve-args sets --gpu-memory-utilization, which --ab-servers resident sets"),
+    (["--serve-args=--frobnicate"], "--serve-args: --frobnicate is not a vLLM 0.33 'vllm serve' option; check the "
+                                    "spelling (vllm serve --help lists them)"),
+    (["--vllm-version", "0.34", "--serve-args=--frobnicate"], "--serve-args: --frobnicate is not a vLLM 0.34"),
+    (["--serve-args=other/model"], "--serve-args: 'other/model' is no option (vLLM would take it for a second model)"),
+    (["--model", "stepfun-ai/Step-3.5-Flash-FP8"],
+     "--dtype bf16: --model stepfun-ai/Step-3.5-Flash-FP8 is a checkpoint of fp8 weights; pass --dtype fp8"),
+])
+def test_serve_args_that_set_what_the_run_decides_are_refused_in_one_line(fake, capsys, extra, message):
+    """vLLM takes the last of two values: --serve-args setting what validate-serve sets or relies on would serve
+    another layout, port, model or dtype than the one checked; refused, as an option vLLM's parser does not have
+    is (by the flag table of the serve's release that preflight reads), before anything is printed or started."""
+    args = argv(fake, *extra)
+    refused(fake, capsys, args, message)
+    refused(fake, capsys, default_out(args), message)
+    refused(fake, capsys, [*args, "--print-command"], message)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM installed")
+def test_vllms_own_parser_reads_the_refused_serve_args_as_validate_serve_does():
+    """vLLM 0.33's own serve parser: the options refused above store what validate-serve sets or relies on, and an
+    option it does not have is refused there too."""
+    from tuning.serve_checks import LAYOUT_OPTIONS, MTP_OPTIONS, RECIPE_OPTIONS, REACH_OPTIONS
+
+    flags = vllm_probe.serve_flags()
+    decided = {*LAYOUT_OPTIONS, *MTP_OPTIONS, *RECIPE_OPTIONS, *REACH_OPTIONS, "model", "port", "moe_backend",
+               "quantization", "dtype", "load_format", "served_model_name", "jit_monitor_verbose", "profiler_config",
+               "gpu_memory_utilization"}
+    for flag in ("-tp", "-dp", "-pp", "-ep", "--enable-expert-parallel", "--port", "--host", "--model",
+                 "--moe-backend", "-q", "--hf-overrides", "--load-format", "--speculative-config", "--served-model-name",
+                 "--no-jit-monitor-verbose", "--profiler-config", "--device-memory-utilization", "--trust-remote-code"):
+        assert flags[flag][0] in decided, flag
+    (answer,) = vllm_probe.serve_plans([(["stepfun-ai/Step-3.5-Flash", "--frobnicate"], "sm90", 141, 1)])
+    assert "unrecognized arguments: --frobnicate" in answer["error"]
+
+
+@pytest.mark.parametrize("layers", ["0", "1", "2", "-5", "100000"])
+def test_reduced_layers_out_of_range_are_refused_alike(fake, capsys, layers):
+    message = f"--reduced-layers {layers}: must be 4 to 45 (a dense layer, SiLU MoE layers and 2 clamped ones)"
+    for extra in ((), ("--print-command",)):
+        refused(fake, capsys, default_out(reduced_args(fake, "--reduced-layers", layers, *extra)), message)
+
+
+def test_print_command_suggests_preflight_on_the_served_model(fake, capsys):
+    assert cli.main(argv(fake, "--model", "someone/Step-3.5-Flash-finetune", "--print-command")) == 0
+    note = capsys.readouterr().err.splitlines()[-1]
+    assert " vllm serve someone/Step-3.5-Flash-finetune --tensor-parallel-size 4 " in note
 
 
 def wait_for_pids(fake, count: int) -> None:

@@ -1,8 +1,9 @@
 """``tune-moe validate-serve``: serve Step-3.5-Flash with the tuned configs, prove vLLM used them, benchmark.
 
-One run builds the recipe's ``vllm serve`` command for a layout (``serve_args``), refuses a layout that does
-not fit in memory, runs ``tune-moe preflight`` on the exact command and environment and refuses a serve vLLM
-will not start (``serve_checks``), then starts it in its own process group with ``VLLM_TUNED_CONFIG_FOLDER``
+One run builds the recipe's ``vllm serve`` command for a layout (``serve_args``), refuses --serve-args that set
+what the run sets or relies on, a layout that does not fit in memory and a node without its GPUs, runs
+``tune-moe preflight`` on the exact command and environment and refuses a serve vLLM will not start
+(``serve_checks``), then starts it in its own process group with ``VLLM_TUNED_CONFIG_FOLDER``
 set, waits for ``GET /health``, reads the log for vLLM's config and backend lines (``vllm_log``), checks that
 they prove the tuned files were used and agree with preflight, runs ``vllm bench serve`` (warm-up passes on
 other prompts, discarded, until two in a row agree within 3%, so every kernel the workload reaches is compiled
@@ -35,7 +36,6 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import gpus
 from . import preflight as pf
 from .errors import UsageError
 from .files import output_folder
@@ -45,8 +45,8 @@ from .moe_share import Share, measure
 from .procgroup import GATE, Interrupted, ProcessGroup, say
 from .recipe import CHECKPOINTS, RECIPE_LABEL, RECIPE_METRICS, BenchSpec, ServeSpec
 from .serve_args import ARMS, PAIR_ORDER, RESIDENT_FIX, Setup, add_arguments as _add_arguments, build, resident_shortfall
-from .serve_checks import (Preflight, check_emulation, check_fit, expected_files, geometry_name, kind_notes,
-                           kind_phrase, run_preflight, triton_alternative)
+from .serve_checks import (Preflight, check_emulation, check_fit, check_gpus, expected_files, geometry_name,
+                           kind_notes, kind_phrase, run_preflight, triton_alternative)
 from .serve_gain import ab_summary, in_serving, predictions
 from .serve_print import expected as expected_files_of, notes, print_command, print_notes
 from .serve_report import METRICS, write_report
@@ -411,12 +411,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     output_folder(setup.out, "--out")
     spec, gpu = setup.spec, setup.gpu
-    _check_node(setup, args)
     check_fit(spec, gpu, setup.reduced)
     shortfall = resident_shortfall(setup, setup.reduced.geometry() if setup.reduced else
                                    load_model(geometry_name(spec.model, spec.dtype)))
     if shortfall:
         raise UsageError(f"{shortfall}; nothing was started; {RESIDENT_FIX}")
+    _check_node(setup, args)
     pre = run_preflight(spec, gpu, setup.version)
     if setup.reduced:
         full = setup.full_spec
@@ -439,6 +439,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_node(setup: Setup, args: argparse.Namespace) -> None:
+    """What the node must have for the serve: vLLM's INFO lines, ``vllm``, the GPUs, the port."""
     spec, gpu = setup.spec, setup.gpu
     env = spec.environ(dict(os.environ))
     quiet = env.get("VLLM_LOGGING_LEVEL", "INFO").upper() not in ("INFO", "DEBUG")
@@ -447,9 +448,7 @@ def _check_node(setup: Setup, args: argparse.Namespace) -> None:
                          "from' line, so the check cannot pass; unset them in the shell and the env file")
     if shutil.which("vllm", path=env.get("PATH")) is None:
         raise UsageError("vllm: not on PATH; install vLLM (install/install-vllm.sh) or activate its environment")
-    found = gpus.detect_gpus()
-    if found:
-        gpus.check_node(gpu, found)
+    check_gpus(gpu, spec.layout, env)
     for arm in ARMS if setup.resident else ("tuned",):
         port = setup.arm_spec(arm).port
         with socket.socket() as sock:

@@ -20,6 +20,8 @@ from .errors import UsageError
 from .fit import MIN_KV_GB, RESERVED_GB, weights_per_gpu_gb
 from .models import ModelGeometry
 from .recipe import CHECKPOINTS, BenchSpec, ServeSpec
+from .serve_checks import check_checkpoint, check_serve_args, no_gpu
+from .serve_command import serve_release
 from .shapes import DEFAULT_VLLM_VERSION, DTYPES, Layout, parse_layout
 from .vllm_log import JIT_VERBOSE
 from .vllm_rules import normalize_moe_backend
@@ -91,10 +93,11 @@ class Setup:
                          env=tuple(pair for pair in self.spec.env if pair not in self.reduced.env))
 
 
-def pick_gpu(key: str | None) -> gpus.GpuSpec:
+def pick_gpu(key: str | None, found: list[gpus.DetectedGpu] | None = None) -> gpus.GpuSpec:
+    """--gpu, else the GPU of this node (``found``: its GPUs, detected when not given)."""
     if key:
         return gpus.get_gpu(key)
-    found = gpus.detect_gpus()
+    found = gpus.detect_gpus() if found is None else found
     spec = gpus.spec_for_name(found[0].name) if found else None
     if spec is None:
         known = ", ".join(g.key for g in gpus.CATALOGUE.values())
@@ -103,12 +106,20 @@ def pick_gpu(key: str | None) -> gpus.GpuSpec:
 
 
 def build(args: argparse.Namespace, installed_version: str | None) -> Setup:
-    gpu = pick_gpu(args.gpu)
+    """The run the arguments ask for; a run that starts servers on a node with no GPU and no --gpu is refused
+    here, as it is with --gpu once its input is checked (``serve_checks.check_gpus``)."""
+    detected = None if args.gpu or args.print_command else gpus.detect_gpus()
+    if detected == []:
+        raise no_gpu(None)
+    gpu = pick_gpu(args.gpu, detected)
     version = args.vllm_version or installed_version or DEFAULT_VLLM_VERSION
     if args.dtype not in DTYPES:
         raise UsageError(f"--dtype {args.dtype}: unknown; use one of {', '.join(DTYPES)}")
     layout = parse_layout(args.layout)
     _check_modes(args)
+    given = check_serve_args(_split(args.serve_args, "--serve-args"), args, layout, serve_release(version))
+    if args.model:
+        check_checkpoint(args.model, args.dtype)
     out = Path(args.out or Path("serve-runs") / _run_name(args, gpu, layout))
     found = env_file(args.env_file)
     file_env = read_env_file(found, dict(os.environ)) if found else ()
@@ -121,7 +132,7 @@ def build(args: argparse.Namespace, installed_version: str | None) -> Setup:
                   warmup_passes=MAX_WARMUP_PASSES if args.warmup_passes is None else args.warmup_passes)
     if not setup.resident:
         return setup
-    conflict = _resident_conflict(spec)
+    conflict = _resident_conflict(spec, given)
     if args.ab_servers is None:  # resident where both servers fit as asked, else fresh, and the run says why
         why = conflict or resident_shortfall(setup, _geometry(setup))
         return replace(setup, ab_servers="fresh", servers_note=f"fresh A/B servers, one at a time: {why}") if why \
@@ -165,11 +176,12 @@ def _check_modes(args: argparse.Namespace) -> None:
         raise UsageError("--warmup-passes with --no-bench: there is no benchmark to warm up for; drop one")
 
 
-def _resident_conflict(spec: ServeSpec) -> str | None:
-    """Resident A/B servers take --port and --port + 1 and set --gpu-memory-utilization themselves."""
+def _resident_conflict(spec: ServeSpec, given: dict[str, str]) -> str | None:
+    """Resident A/B servers take --port and --port + 1 and set --gpu-memory-utilization themselves; ``given``:
+    the options of --serve-args, by vLLM's destination."""
     if spec.port + 1 > 65535:
         return f"--port {spec.port}: --ab-servers resident also serves on --port + 1; pass a lower --port"
-    if any(word.split("=", 1)[0].replace("_", "-") == GMU for word in spec.extra_args):
+    if "gpu_memory_utilization" in given:
         return (f"--serve-args sets {GMU}, which --ab-servers resident sets ({RESIDENT_MEMORY} for each of its two "
                 f"servers); drop it from --serve-args")
     return None
@@ -192,9 +204,9 @@ def resident_shortfall(setup: Setup, model: ModelGeometry) -> str | None:
 
 def _reduced(args: argparse.Namespace, layout: Layout, out: Path, version: str,
              file_env: tuple[tuple[str, str], ...]) -> rd.Reduced:
-    return rd.plan(layout, args.dtype, layers=args.reduced_layers or rd.DEFAULT_LAYERS, folder=out / "reduced-model",
-                   version=version, moe_backend=normalize_moe_backend(args.moe_backend),
-                   given={**os.environ, **dict(file_env)})
+    layers = rd.DEFAULT_LAYERS if args.reduced_layers is None else args.reduced_layers
+    return rd.plan(layout, args.dtype, layers=layers, folder=out / "reduced-model", version=version,
+                   moe_backend=normalize_moe_backend(args.moe_backend), given={**os.environ, **dict(file_env)})
 
 
 def build_spec(args: argparse.Namespace, gpu: gpus.GpuSpec, file_env: tuple[tuple[str, str], ...],

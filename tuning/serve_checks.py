@@ -1,10 +1,13 @@
-"""What validate-serve checks before it starts a server: the layout fits in memory, ``tune-moe preflight`` on
-the exact serve command and environment (what vLLM runs per MoE layer kind, which tuned files it reads), and,
+"""What validate-serve checks before it starts a server: --serve-args leave alone what the run sets or relies
+on, --model is a checkpoint of --dtype, the layout fits in memory, the node has the GPUs, ``tune-moe preflight``
+on the exact serve command and environment (what vLLM runs per MoE layer kind, which tuned files it reads), and,
 for a reduced one-GPU serve, that it reads the same tuned files as the layout it emulates."""
 
 from __future__ import annotations
 
+import argparse
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,9 +18,18 @@ from .fit import alternatives, fit
 from .models import BUILTIN, ModelGeometry, load_model
 from .recipe import CHECKPOINTS, ServeSpec
 from .reduced import Reduced
-from .shapes import Refusal, parse_version, shape_for
+from .serve_command import options
+from .shapes import Layout, Refusal, parse_version, shape_for
 from .vllm_log import BATCHED, Predicted
 from .vllm_rules import ACTIVATIONS, MIRRORED, ServeFacts, down_file_name, layer_runtime, looks_up_down_file
+
+# vLLM's destinations of the serve options validate-serve sets or relies on, by what sets them
+LAYOUT_OPTIONS = ("tensor_parallel_size", "data_parallel_size", "enable_expert_parallel", "pipeline_parallel_size")
+RECIPE_OPTIONS = ("reasoning_parser", "tool_call_parser", "enable_auto_tool_choice", "trust_remote_code")
+MTP_OPTIONS = ("hf_overrides", "speculative_config", "spec_method", "spec_model", "spec_tokens")
+REACH_OPTIONS = ("host", "uds")  # the health check and the benchmark reach the server on 127.0.0.1:--port
+DROP = "drop it from --serve-args"
+
 
 @dataclass(frozen=True)
 class Preflight:
@@ -126,6 +138,108 @@ def run_preflight(spec: ServeSpec, gpu: gpus.GpuSpec, version: str, geometry: Pa
         raise UsageError(f"preflight: vLLM will not start this serve ({why}); nothing was started; change "
                          "--moe-backend or the layout (tune-moe preflight shows what each MoE layer kind runs)")
     return Preflight(report, node, name if name != spec.model and not geometry else None)
+
+
+def check_serve_args(words: list[str], args: argparse.Namespace, layout: Layout, release: str) -> dict[str, str]:
+    """Refuse (one line) in --serve-args an option vLLM ``release``'s serve parser does not have (by the flag table
+    written from it, which ``tune-moe preflight`` reads too), a word that is no option, or an option validate-serve
+    sets or relies on: vLLM takes the last of two, so the serve would not be the one checked. Returns each option
+    given, as vLLM's destination -> the option as written."""
+    try:
+        positional, values, names = options(words, release)
+    except UsageError as exc:
+        raise UsageError(f"--serve-args: {str(exc).removeprefix('preflight: ')}") from None
+    if positional:
+        raise UsageError(f"--serve-args: {positional[0]!r} is no option (vLLM would take it for a second model); "
+                         "pass options only (the model is --model's)")
+    decided = _decided(args, layout, values)
+    for dest, name in names.items():
+        if dest in decided:
+            raise UsageError(f"--serve-args sets {name}, which {decided[dest]}")
+    return names
+
+
+def _decided(args: argparse.Namespace, layout: Layout, values: dict) -> dict[str, str]:
+    """The serve options validate-serve sets or relies on: vLLM's destination -> what decides it; the fix."""
+    reach = "validate-serve decides (its health check and benchmark reach the server on 127.0.0.1:--port)"
+    out = {dest: f"--layout {layout.name} decides; {_layout_fix(args, layout, values)}" for dest in LAYOUT_OPTIONS}
+    out |= {dest: f"validate-serve sets (the recipe's flags); {DROP}" for dest in RECIPE_OPTIONS}
+    out |= {dest: f"{reach}; {DROP}" for dest in REACH_OPTIONS}
+    out |= {
+        "model": f"--reduced decides (it serves the folder it writes); {DROP}" if args.reduced else
+        f"--model decides; use --model {values.get('model')}",
+        "port": f"--port decides; use --port {values.get('port')}",
+        "moe_backend": f"--moe-backend decides; use --moe-backend {values.get('moe_backend')}",
+        "quantization": f"--dtype {args.dtype} decides (the checkpoint's own weights: bf16, or block FP8); {DROP}",
+        "dtype": f"validate-serve's --dtype {args.dtype} decides (bf16 activations, either checkpoint); {DROP}",
+    }
+    if args.reduced:
+        out |= {"hf_overrides": f"--reduced sets (the reduced model's layers and experts); {DROP}",
+                "load_format": f"--reduced sets (dummy weights); {DROP}"}
+    if args.mtp:
+        out |= {dest: "--mtp sets (the recipe's MTP flags); drop it from --serve-args, or drop --mtp"
+                for dest in MTP_OPTIONS}
+    if not args.no_bench:
+        out |= {"jit_monitor_verbose": f"validate-serve sets (each pass counts the compiles vLLM logs); {DROP}",
+                "served_model_name": f"--model decides (the benchmark asks for the model by it); {DROP}"}
+    if args.measure_moe_share:
+        out["profiler_config"] = f"--measure-moe-share sets (the profiled pass's trace folder); {DROP}"
+    return out
+
+
+def _layout_fix(args: argparse.Namespace, layout: Layout, values: dict) -> str:
+    """The --layout that the parallel options of --serve-args ask for, where validate-serve has one."""
+    if args.reduced:
+        return f"{DROP} (--reduced serves the layout's per-GPU shape on one GPU)"
+    try:
+        pp = int(values.get("pipeline_parallel_size", 1))
+        wanted = Layout(tp=int(values.get("tensor_parallel_size", layout.tp)),
+                        dp=int(values.get("data_parallel_size", layout.dp)),
+                        ep=bool(values.get("enable_expert_parallel", layout.ep)))
+    except ValueError:
+        return DROP
+    if pp != 1:
+        return f"{DROP} (validate-serve's layouts have no pipeline parallelism)"
+    if wanted == layout or min(wanted.tp, wanted.dp) < 1 or (wanted.ep and wanted.gpus == 1):
+        return DROP
+    return f"use --layout {wanted.name}"
+
+
+def check_checkpoint(model: str, dtype: str) -> None:
+    """Refuse (one line) a --model of the other dtype: a built-in name or a local folder (a Hugging Face id
+    tune-moe does not know is read as the dtype's checkpoint, ``geometry_name``)."""
+    if geometry_name(model, dtype) != model:
+        return
+    _, found = pf.checkpoint(model, None)
+    if found != dtype:
+        raise UsageError(f"--dtype {dtype}: --model {model} is a checkpoint of {found} weights; pass --dtype {found}")
+
+
+def no_gpu(key: str | None) -> UsageError:
+    """A serve on a node where nvidia-smi is missing, fails or finds no GPU (with --gpu ``key`` or without)."""
+    given = f"--gpu {key}: " if key else ""
+    return UsageError(f"{given}this node has no NVIDIA GPU (nvidia-smi found none); nothing was started; run on a "
+                      f"GPU node, or add --print-command{'' if key else ' --gpu GPU'} to print the commands only")
+
+
+def check_gpus(gpu: gpus.GpuSpec, layout: Layout, env: Mapping[str, str]) -> None:
+    """Refuse (one line) to start the serve on a node without the GPUs it needs: none (``no_gpu``), others than
+    --gpu, or fewer than the layout's among those CUDA_VISIBLE_DEVICES of the serve's environment leaves."""
+    found = gpus.detect_gpus()
+    if not found:
+        raise no_gpu(gpu.key)
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    usable = gpus.visible(found, visible)
+    if any(gpus.vllm_device_name(g.name) != gpu.device_name for g in usable):
+        raise UsageError(f"--gpu {gpu.key}: this node has {gpus.describe(usable)}, not {gpu.torch_name}; nothing was "
+                         "started; pass the --gpu that matches the node, or add --print-command to print the "
+                         "commands only")
+    if len(usable) < layout.gpus:
+        seen = gpus.describe(found) + (f", {len(usable)} of them in CUDA_VISIBLE_DEVICES={visible}"
+                                       if len(usable) < len(found) else "")
+        raise UsageError(f"{layout.name} needs {layout.gpus} GPUs and this node has {seen}; nothing was started; "
+                         f"run on a node with {layout.gpus}, or add --reduced to serve {layout.name}'s per-GPU "
+                         "shape on one GPU")
 
 
 def check_fit(spec: ServeSpec, gpu: gpus.GpuSpec, reduced: Reduced | None = None) -> None:

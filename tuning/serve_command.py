@@ -148,10 +148,17 @@ def _merge_dotted(dotted: dict, key: str, text: str) -> None:
         node[last] = value
 
 
-def _options(words: list[str], release: str) -> tuple[list[str], dict]:
-    """Positional words and options by vLLM's destination name (a list for an option of several values);
-    flags the release does not have are refused."""
-    flags, positional, values, i = serve_flags(release), [], {}, 0
+def options(words: list[str], release: str = "0.33") -> tuple[list[str], dict, dict]:
+    """Serve arguments (no ``vllm serve MODEL`` needed) as ``parse`` reads them: the positional words, the options
+    by vLLM's destination name, and each destination's option as written (``-tp``, ``--port``); a flag the
+    release does not have is refused."""
+    return _options(_rewrite(list(words)), release)
+
+
+def _options(words: list[str], release: str) -> tuple[list[str], dict, dict]:
+    """Positional words, options by vLLM's destination name (a list for an option of several values), and the
+    option each destination was last given as; flags the release does not have are refused."""
+    flags, positional, values, names, i = serve_flags(release), [], {}, {}, 0
     while i < len(words):
         word = words[i]
         if not word.startswith("-") or word == "-":
@@ -164,7 +171,8 @@ def _options(words: list[str], release: str) -> tuple[list[str], dict]:
                              "(vllm serve --help lists them)")
         dest, nargs, stored = flags[name]
         i, values[dest] = _value(words, i + 1, name, nargs, inline if has_inline else None, stored)
-    return positional, values
+        names[dest] = name
+    return positional, values, names
 
 
 def _value(words: list[str], i: int, name: str, nargs, inline: str | None, stored):
@@ -210,7 +218,7 @@ def _int(values: dict, name: str, default: int | None, read=int) -> int | None:
 
 def parse(argv: list[str], release: str = "0.33") -> ServeCommand:
     """The serve command as vLLM ``release``'s parser reads it (the fields that decide the MoE's work)."""
-    positional, values = _options(_rewrite(_words(argv)), release)
+    positional, values, _ = _options(_rewrite(_words(argv)), release)
     model = values.get("model") or (positional[0] if positional else None)
     if not model or len(positional) > 1:
         raise UsageError("preflight: the serve command names no model (or more than one); "

@@ -113,7 +113,8 @@ def print_notes(setup: Setup, expected: list[str]) -> list[str]:
     out += [f"validate-serve will refuse this A/B: {shortfall}; {RESIDENT_FIX}"] if shortfall else []
     out += [setup.servers_note] if setup.servers_note else []
     served = spec.argv()
-    served[2] = geometry_name(spec.model, spec.dtype)  # a reduced folder is written by the run: its published config
+    if setup.reduced:  # a reduced folder is written by the run: preflight reads its published checkpoint's config
+        served[2] = geometry_name(spec.model, spec.dtype)
     command = shlex.join(["tune-moe", "preflight", "--gpu", gpu.key, "--", f"{TUNED_VAR}={spec.tuned_folder}",
                           *served])
     return out + notes(spec, expected) + [f"what vLLM runs per MoE layer kind, and which tuned file each reads: {command}"]
