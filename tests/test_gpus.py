@@ -160,7 +160,7 @@ def test_visible_gpus_follow_cuda_visible_devices():
         with pytest.raises(UsageError) as refusal:
             visible(node, hidden)
         assert str(refusal.value) == (f"CUDA_VISIBLE_DEVICES={hidden!r} hides every GPU of this node (8x NVIDIA H200); "
-                                      "unset it, or list the GPUs to tune on (e.g. CUDA_VISIBLE_DEVICES=0,1)")
+                                      "unset it, or list the GPUs to use (e.g. CUDA_VISIBLE_DEVICES=0,1)")
 
 
 # --- the node check --------------------------------------------------------------------------

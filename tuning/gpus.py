@@ -114,7 +114,7 @@ def visible(found: list[DetectedGpu], cuda_visible: str | None) -> list[Detected
         usable = found[:len(entries)]
     if not usable:
         raise UsageError(f"CUDA_VISIBLE_DEVICES={cuda_visible!r} hides every GPU of this node ({describe(found)}); "
-                         "unset it, or list the GPUs to tune on (e.g. CUDA_VISIBLE_DEVICES=0,1)")
+                         "unset it, or list the GPUs to use (e.g. CUDA_VISIBLE_DEVICES=0,1)")
     return usable
 
 
