@@ -206,10 +206,13 @@ ROWS = [
     row("tune-from-log-folder", "--gpu", "H200", "--dtype", "fp8", "--from-vllm-log", "logs", "--dry-run",
         files={"logs/serve.log": "x\n"}, err="--from-vllm-log logs: cannot read it"),
     row("tune-from-log-nothing-missing", "--gpu", "H200", "--dtype", "fp8", "--from-vllm-log", "serve.log",
-        "--dry-run", files={"serve.log": "INFO Using configuration from /x/a.json for MoE layer.\n"},
+        "--dry-run", files={"serve.log": "(APIServer pid=9) INFO 12-04 10:00:00 [fused_moe.py:1152] Using configuration "
+                                         "from /x/a.json for MoE layer.\n"},
         err="vLLM reported no missing MoE config; nothing to tune"),
     row("tune-from-log-binary", "--gpu", "H200", "--dtype", "fp8", "--from-vllm-log", "serve.log", "--dry-run",
-        files={"serve.log": BINARY}, err="vLLM reported no missing MoE config"),
+        files={"serve.log": BINARY}, err="not a vLLM server log (no line of vLLM's logger"),
+    row("tune-from-log-empty", "--gpu", "H200", "--dtype", "fp8", "--from-vllm-log", "serve.log", "--dry-run",
+        files={"serve.log": ""}, err="not a vLLM server log"),
     row("tune-from-log-other-dtype", "--gpu", "H200", "--dtype", "fp8", "--from-vllm-log", "serve.log", "--dry-run",
         files={"serve.log": _missing_line(BF16_EP4)}, err="names bf16 shapes, not fp8; re-run with --dtype bf16"),
     row("tune-from-log-ok", "--gpu", "H200", "--dtype", "bf16", "--from-vllm-log", "serve.log", "--dry-run",
@@ -248,11 +251,14 @@ ROWS = [
       )),
 
     # ---- verify ------------------------------------------------------------------------------------------------
-    row("verify-no-configs", "verify", "--gpu", "H200", err="kernels_configs/vllm-0.33/NVIDIA_H200: no tuned config files"),
+    row("verify-no-configs", "verify", "--gpu", "H200", err="kernels_configs/vllm-0.33/NVIDIA_H200: no such folder; "
+        "pass --configs with the folder holding the tuned files, or run tune-moe first"),
+    row("verify-empty-configs", "verify", "--gpu", "H200", "--configs", "c", files={"c/notes.txt": "x"},
+        err="c: no tuned config files; run tune-moe first"),
     row("verify-no-release-folder", "verify", "--gpu", "H200", "--vllm-version", "0.35.0",
         files={f"kernels_configs/vllm-0.33/NVIDIA_H200/{EP4}.json": GOOD},
-        err="kernels_configs/vllm-0.35/NVIDIA_H200: no tuned config files; run tune-moe first (NVIDIA_H200 is tuned "
-            "for vLLM 0.33 here: pass --vllm-version or --configs)"),
+        err="kernels_configs/vllm-0.35/NVIDIA_H200: no such folder; pass --configs with the folder holding the tuned "
+            "files, or run tune-moe first (NVIDIA_H200 is tuned for vLLM 0.33 here: pass --vllm-version or --configs)"),
     row("verify-gpu-unknown", "verify", "--gpu", "A100", err="--gpu A100: unknown GPU"),
     row("verify-configs-is-a-file", "verify", "--gpu", "H200", "--configs", "afile", files={"afile": "x"},
         err="--configs afile: is a file, not a folder"),
@@ -338,6 +344,9 @@ ROWS = [
     row("bake-device-unknown", "bake", "--device", "NVIDIA_A100", "--configs", "kc", "--target", "t",
         files={f"kc/NVIDIA_H200/{EP4}.json": GOOD}, err="--device NVIDIA_A100: no folder kc/NVIDIA_A100; "
                                                         "device folders present: NVIDIA_H200"),
+    row("bake-configs-is-the-device-folder", "bake", "--device", "NVIDIA_H200", "--configs", "kc/NVIDIA_H200", "--target",
+        "t", files={f"kc/NVIDIA_H200/{EP4}.json": GOOD},
+        err="--configs kc/NVIDIA_H200 is NVIDIA_H200's folder itself; pass the folder above it: --configs kc"),
     row("bake-device-escapes", "bake", "--device", "..", "--configs", "kc", "--target", "t",
         files={f"kc/NVIDIA_H200/{EP4}.json": GOOD}, err="--device ..: no folder"),
     row("bake-device-missing", "bake", "--target", "t", err="the following arguments are required: --device"),

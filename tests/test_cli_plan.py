@@ -155,7 +155,8 @@ def test_from_vllm_log_lists_exactly_the_missing_shapes(tune, tmp_path):
 
 def test_from_vllm_log_without_missing_configs_is_an_error(tune, tmp_path):
     log = tmp_path / "vllm.log"
-    log.write_text("INFO [fused_moe.py:1152] Using configuration from /k/x.json for MoE layer.\n")
+    log.write_text("(EngineCore_DP0 pid=123) INFO 11-29 05:40:01 [fused_moe.py:1152] Using configuration from "
+                   "/k/x.json for MoE layer.\n")
     rc, _, err = tune("--gpu", "H200", "--dtype", "fp8", "--dry-run", "--from-vllm-log", str(log))
     assert rc == 2 and "vLLM reported no missing MoE config" in one_error_line(err)
     rc, _, err = tune("--gpu", "H200", "--dtype", "fp8", "--dry-run", "--from-vllm-log", str(tmp_path / "none.log"))

@@ -87,6 +87,9 @@ def device_folder(configs: Path, device: str) -> Path:
             raise UsageError(f"no {configs}: {configs.parent} holds files for vLLM {releases} only; tune for this "
                              "release (tune-moe --gpu ... --vllm-version), or pass --vllm-version of one of those, "
                              "or --configs")
+        if any(configs.glob(f"E=*device_name={device}*.json")):
+            raise UsageError(f"--configs {configs} is {device}'s folder itself; pass the folder above it: "
+                             f"--configs {configs.parent}")
         raise UsageError(f"--device {device}: no folder {folder}; device folders present: {listing}")
     return folder
 

@@ -103,6 +103,9 @@ def tuned_files(folder: Path, prefixes: list[str], gpu: GpuSpec, model_arg: str 
     """Every tuned file of ``folder`` (matching ``prefixes``), each read and checked; one line for the first bad one."""
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--configs {folder}: is a file, not a folder; pass the folder holding the tuned files")
+    if not folder.exists():
+        raise UsageError(f"{folder}: no such folder; pass --configs with the folder holding the tuned files, or run "
+                         f"tune-moe first" + configs.tuned_elsewhere(folder))
     names = sorted(p.name for p in folder.glob("E=*.json") if not p.name.endswith(PROVENANCE_SUFFIX))
     names = [n for n in names if not prefixes or any(n.startswith(p) for p in prefixes)]
     if not names:

@@ -29,6 +29,7 @@ from pathlib import Path
 from .errors import UsageError
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+LOGGER = re.compile(r"\b(DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d \d\d:\d\d:\d\d(\.\d+)? \[")  # vLLM's log format
 USING = re.compile(r"Using configuration from (.+?\.json) for MoE layer\.")
 MISSING = re.compile(r"Using default MoE config\. Performance might be sub-optimal! "
                      r"Config file not found at (.+?\.json)\s*$")
@@ -94,6 +95,9 @@ def missing_config_files(log: Path) -> list[str]:
         raise UsageError(f"--from-vllm-log {log}: cannot read it ({exc.strerror}); pass the vLLM server log file") \
             from None
     missing = read_log(text).missing
+    if not missing and not LOGGER.search(ANSI.sub("", text)):
+        raise UsageError(f"--from-vllm-log {log}: not a vLLM server log (no line of vLLM's logger, such as "
+                         "'INFO 12-04 10:00:00 [...]'); pass the log the server wrote")
     if not missing:
         raise UsageError(f"--from-vllm-log {log}: vLLM reported no missing MoE config; nothing to tune")
     return missing
