@@ -163,6 +163,10 @@ def test_a_corrupt_or_old_run_json_is_named_as_such(tmp_path):
     run.write_text(json.dumps({"gpu": "H200", "strategy": "guided"}))  # the flat format of older versions
     with pytest.raises(UsageError, match="another tune-moe version.*--fresh"):
         Store(tmp_path)
+    for damaged in ([1, 2], {"format": "2", "files": {}}, {"format": 2, "files": []}, {}):
+        run.write_text(json.dumps(damaged))
+        with pytest.raises(UsageError, match="run.json is not a run record tune-moe wrote .* move the folder away"):
+            Store(tmp_path)
 
 
 def test_a_second_run_into_the_same_folder_is_refused(tmp_path):

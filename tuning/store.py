@@ -82,8 +82,13 @@ class Store:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             raise UsageError(f"{self.run_path} is unreadable, so the results beside it cannot be checked; "
                              "move the folder away, or pass --fresh to discard them") from None
+        if isinstance(data, dict) and (("format" not in data and data) or  # the flat record of the first versions
+                                       (isinstance(data.get("format"), int) and data["format"] != FORMAT)):
+            raise UsageError(f"{self.dir} holds results of another tune-moe version (its run record's format is "
+                             f"{data.get('format', 1)}, this one reads {FORMAT}); pass --fresh to discard them")
         if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("files"), dict):
-            raise UsageError(f"{self.dir} holds results of another tune-moe version; pass --fresh to discard them")
+            raise UsageError(f"{self.run_path} is not a run record tune-moe wrote (damaged or edited), so the results "
+                             "beside it cannot be checked; move the folder away, or pass --fresh to discard them")
         self.fingerprints = data["files"]
         try:
             self.run = RunInfo(**data["run"])
