@@ -256,7 +256,7 @@ g("90"); print("fused_moe_90 loaded (AOT)")'  # never a JIT build here: a missin
     mkdir -p .gpu/ray && tar --owner=0 --group=0 -cf - -C "$work/site" . | zstd -19 --long=27 -T2 -q -c > .gpu/ray/ray-site.tar.zst
     rm -rf "$work" && ls -l .gpu/ray/ray-site.tar.zst ;;
   vllm-setup)
-    cd /tmp/stash && cat vllm026-site.tar.xz.part0 vllm026-site.tar.xz.part1 vllm026-site.tar.xz.part2 > vllm026-site.tar.xz
+    cd /tmp/stash && cat vllm026-site.tar.xz.part? > vllm026-site.tar.xz  # every part stashed, in order
     sha256sum -c vllm026-site.tar.xz.sha256 && mkdir -p /tmp/v026site && xz -dc vllm026-site.tar.xz | tar x -C /tmp/v026site
     rm -f vllm026-site.tar.xz* && cd - >/dev/null
     if [ -f /tmp/stash/vllm026-extras.tar.zst ]; then
