@@ -38,7 +38,7 @@ from tuning.vllm_probe import probe
 from tuning.vllm_rules import launch_rules, layer_runtime
 from tuning.vllm_source import KNOWN_SOURCES, read_signature
 from test_kernel_interpreter import EP, FP8_EP, H200
-from test_vllm_probe import grid_keys, serve_for
+from test_vllm_probe import grid_keys, serve_for, unbuildable_cases
 from wheel_member import FUSED_MOE, Recorder, release_fixtures, top_level_function
 
 WHEEL = "vllm-0.34.0-cp38-abi3-manylinux_2_28_x86_64.whl"
@@ -279,6 +279,19 @@ def test_the_mirror_answers_as_vllm_0_34_on_every_row(site_034, monkeypatch):
              if verdict(layer_runtime(replace(s, vllm="0.33"), act)) != verdict(r)]
     assert moved and {(k[0], k[1], k[3]) for k in moved} == {("sm100", "bf16", "swiglustep")}
     assert {theirs[keys.index(k)].backend for k in moved} == {"FlashInfer TRTLLM"}
+
+
+def test_the_mirror_refuses_the_shards_vllm_0_34_cannot_build(site_034, monkeypatch):
+    """0.34 keeps 0.33's FusedMoEConfig assert and create_weights' block check: the mirror, told the serve runs
+    0.34, answers as 0.34's own code on the uneven and unrefinable shards (TP3, TP16's 80 FP8 columns, ...)."""
+    monkeypatch.setenv("PYTHONPATH", str(site_034))
+    cases = unbuildable_cases("0.34.0")
+    theirs = probe(cases)
+    for (serve, act), r in zip(cases, theirs):
+        ours = layer_runtime(serve, act)
+        assert (ours.backend, ours.experts, ours.n, ours.block, (ours.error or "").split(":")[0]) == \
+            (r.backend, r.experts, r.n, r.block, (r.error or "").split(":")[0]), (serve, act, ours, r)
+    assert sum(r.error is not None for r in theirs) > len(cases) // 3
 
 
 def test_the_serve_mirror_reads_and_plans_as_vllm_0_34(site_034, monkeypatch):

@@ -253,6 +253,14 @@ def test_the_mirror_answers_as_vllm_on_every_row(grid):
     assert not wrong, f"{len(wrong)} of {len(grid)} rows differ:\n" + "\n".join(wrong[:40])
 
 
+def unbuildable_cases(vllm: str = "0.33") -> list[tuple[ServeFacts, str]]:
+    """Serves beyond the grid's layouts whose shards vLLM may refuse to build, and a refined and a padded one."""
+    return [(ServeFacts(arch=arch, dtype=dtype, tp=tp, dp=dp, ep=ep, moe_backend=backend, vllm=vllm), act)
+            for arch, dtype, (tp, dp), ep, backend, act in itertools.product(
+                ("sm90", "sm100"), ("bf16", "fp8"), ((3, 1), (6, 1), (16, 1), (2, 8), (20, 1)), (False, True),
+                ("auto", "triton", "deep_gemm"), ACTS)]
+
+
 @needs_vllm
 def test_shards_vllm_refuses_to_build():
     """Beyond the grid's layouts: a TP that does not split the 1280 columns (TP3, TP6) trips FusedMoEConfig's bare
@@ -261,10 +269,7 @@ def test_shards_vllm_refuses_to_build():
     answers as vLLM on every row."""
     from tuning.vllm_rules import layer_runtime
 
-    cases = [(ServeFacts(arch=arch, dtype=dtype, tp=tp, dp=dp, ep=ep, moe_backend=backend), act)
-             for arch, dtype, (tp, dp), ep, backend, act in itertools.product(
-                 ("sm90", "sm100"), ("bf16", "fp8"), ((3, 1), (6, 1), (16, 1), (2, 8), (20, 1)), (False, True),
-                 ("auto", "triton", "deep_gemm"), ACTS)]
+    cases = unbuildable_cases()
     answers = probe(cases)
     for (serve, act), theirs in zip(cases, answers):
         ours = layer_runtime(serve, act)
