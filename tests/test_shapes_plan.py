@@ -165,8 +165,20 @@ def test_tp_must_divide_the_expert_width():
 def test_fp8_block_that_cannot_be_refined_is_refused():
     # 1280/16 = 80: gcd(128, 128, 80, 4096) = 16 < 32, vLLM's floor.
     r = shape_for(FP8, Layout(tp=16), "fp8", "0.33")
-    assert isinstance(r, Refusal) and "gcd 16 < 32" in r.reason
+    assert isinstance(r, Refusal) and "gcd 16 < 32" in r.reason and "--moe-backend triton (pads the shard)" in r.reason
     assert shape_for(BF16, Layout(tp=16), "bf16").n == 80
+
+
+@pytest.mark.parametrize("backend", ["triton", "deep_gemm"])
+def test_an_explicit_backend_pads_the_fp8_shard_it_cannot_refine(backend):
+    """resolve_fp8_moe_weight_block_shape: an explicit backend pads a shard it cannot refine to whole blocks
+    (pad_tp_shard_to_weight_blocks), Triton too once the refinement is below 32; the mirror says the same."""
+    from tuning.vllm_rules import ServeFacts, layer_runtime
+
+    shape = shape_for(FP8, Layout(tp=16), "fp8", "0.33", backend)
+    assert (shape.n, shape.block_shape) == (128, (128, 128))
+    r = layer_runtime(ServeFacts(arch="sm90", dtype="fp8", tp=16, moe_backend=backend), "silu")
+    assert (r.n, r.block) == (shape.n, shape.block_shape)
 
 
 def test_fp8_needs_a_block_fp8_checkpoint():

@@ -197,12 +197,13 @@ def _fix_fp8_shard(model, layout, shard, block, vllm_version, moe_backend):
             f"vLLM {vllm_version} needs the per-GPU expert width {model.moe_intermediate_size}/{layout.gpus}={shard} "
             f"to be a multiple of the FP8 block {block[0]}; use DP{layout.gpus}+EP or a smaller TP, or vLLM >= 0.33",
         )
-    if moe_backend not in ("auto", "triton"):
-        padded = -(-shard // block[0]) * block[0]
-        return padded, block
     refine = math.gcd(block[0], block[1], shard, model.hidden_size)
+    if moe_backend != "auto" and (moe_backend != "triton" or refine < 32):  # an explicit backend pads what it
+        padded = -(-shard // block[0]) * block[0]                            # cannot refine
+        return padded, block
     if refine < 32:
-        return Refusal(layout, f"vLLM cannot refine the FP8 block for width {shard} (gcd {refine} < 32); use EP")
+        return Refusal(layout, f"vLLM cannot refine the FP8 block for width {shard} (gcd {refine} < 32), and the "
+                               "auto backend does not pad it; use EP, or --moe-backend triton (pads the shard)")
     return shard, (refine, refine)
 
 
