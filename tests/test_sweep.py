@@ -289,7 +289,7 @@ def test_cuda_visible_devices_picks_the_gpus_the_run_s_own_ray_hands_out(tmp_pat
     none = subprocess.run(argv, capture_output=True, text=True, env={**node, "CUDA_VISIBLE_DEVICES": ""}, timeout=600)
     assert none.returncode == 2 and none.stderr.strip().splitlines()[-1] == (
         "tune-moe: error: CUDA_VISIBLE_DEVICES='' hides every GPU of this node (8x NVIDIA H200); unset it, or list the "
-        "GPUs to tune on (e.g. CUDA_VISIBLE_DEVICES=0,1)"), none.stdout + none.stderr
+        "GPUs to use (e.g. CUDA_VISIBLE_DEVICES=0,1)"), none.stdout + none.stderr
     assert not out.exists()
 
 
