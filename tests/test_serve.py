@@ -1068,6 +1068,7 @@ def test_a_node_without_the_layouts_gpus_is_refused_before_anything_starts(fake,
     (["--serve-args=--port 9000"], "--serve-args sets --port, which --port decides; use --port 9000"),
     (["--serve-args=--host 10.0.0.1"], "--serve-args sets --host, which validate-serve decides (its health check "
                                        "and benchmark reach the server on 127.0.0.1:--port); drop it from --serve-args"),
+    (["--serve-args=--dtype float16"], "--serve-args sets --dtype, which validate-serve's --dtype bf16 decides"),
     (["--serve-args=--model /models/other"], "--serve-args sets --model, which --model decides; use --model "
                                              "/models/other"),
     (["--serve-args=--moe-backend triton"],
@@ -1105,6 +1106,14 @@ def test_serve_args_that_set_what_the_run_decides_are_refused_in_one_line(fake, 
     refused(fake, capsys, args, message)
     refused(fake, capsys, default_out(args), message)
     refused(fake, capsys, [*args, "--print-command"], message)
+
+
+def test_serve_args_that_change_nothing_the_run_relies_on_pass(fake, capsys):
+    """An address 127.0.0.1 still reaches (0.0.0.0: every interface) and vLLM's --dtype auto or bfloat16 (the
+    activations the files were tuned for) reach the printed command as given."""
+    for extra in ("--host 0.0.0.0", "--dtype bfloat16", "--dtype auto --max-num-seqs 64"):
+        assert cli.main(argv(fake, f"--serve-args={extra}", "--print-command")) == 0
+        assert f" {extra}" in capsys.readouterr().out
 
 
 @pytest.mark.slow

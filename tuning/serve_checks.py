@@ -29,6 +29,8 @@ RECIPE_OPTIONS = ("reasoning_parser", "tool_call_parser", "enable_auto_tool_choi
 MTP_OPTIONS = ("hf_overrides", "speculative_config", "spec_method", "spec_model", "spec_tokens")
 REACH_OPTIONS = ("host", "uds")  # the health check and the benchmark reach the server on 127.0.0.1:--port
 DROP = "drop it from --serve-args"
+# values of those options that change nothing the run relies on: an address 127.0.0.1 reaches, bf16 activations
+HARMLESS = {"host": ("0.0.0.0", "127.0.0.1", "localhost", "::"), "dtype": ("auto", "bfloat16")}
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ def check_serve_args(words: list[str], args: argparse.Namespace, layout: Layout,
                          "pass options only (the model is --model's)")
     decided = _decided(args, layout, values)
     for dest, name in names.items():
-        if dest in decided:
+        if dest in decided and values.get(dest) not in HARMLESS.get(dest, ()):
             raise UsageError(f"--serve-args sets {name}, which {decided[dest]}")
     return names
 
