@@ -69,11 +69,9 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[int], tuple[st
     if not names:
         raise UsageError(f"--layouts {args.layouts!r}: names no layout; write e.g. DP4+EP,TP4")
     for name in names:
-        layout = parse_layout(name)
-        for backend in ("triton", "deep_gemm"):
-            shape = shape_for(model, layout, "fp8", moe_backend=backend)
-            if isinstance(shape, Refusal):
-                raise UsageError(f"layout {name}: {shape.reason}")
+        refused = untimeable(model, parse_layout(name))
+        if refused:
+            raise UsageError(f"layout {name}: {refused.reason}")
     if not args.budget_ms > 0 or args.budget_ms > 10_000:
         raise UsageError(f"--budget-ms {args.budget_ms}: give milliseconds between 0 and 10000")
     if args.json_out:
@@ -88,6 +86,12 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[int], tuple[st
     if args.vllm_ops:
         check_folder(args.vllm_ops)
     return names, list(parse_batch_sizes(args.batch_sizes)), kinds
+
+
+def untimeable(model, layout) -> Refusal | None:
+    """Why the bake-off cannot time ``layout``: vLLM refuses its FP8 shape for Triton or for DeepGEMM."""
+    shapes = (shape_for(model, layout, "fp8", moe_backend=backend) for backend in ("triton", "deep_gemm"))
+    return next((s for s in shapes if isinstance(s, Refusal)), None)
 
 
 def sources_release(args: argparse.Namespace) -> str:
@@ -337,8 +341,7 @@ def _layout_problem(name, model, known: dict[str, str | None]) -> str | None:
         except UsageError:
             known[name] = "not a layout name such as TP4 or DP4+EP"
         else:
-            refused = next((s for s in (shape_for(model, layout, "fp8", moe_backend=b) for b in ("triton", "deep_gemm"))
-                            if isinstance(s, Refusal)), None)
+            refused = untimeable(model, layout)
             known[name] = (f"written {layout.name} by compare-backends" if layout.name != name else
                            f"which compare-backends cannot time ({refused.reason.split(';')[0]})" if refused else None)
     return known[name]

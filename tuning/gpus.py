@@ -125,16 +125,21 @@ def describe(found: list[DetectedGpu]) -> str:
     return " + ".join(f"{sum(g.name == n for g in found)}x {n}" for n in names)
 
 
-def check_node(gpu: GpuSpec, found: list[DetectedGpu]) -> None:
-    """Refuse to tune for ``gpu`` on a node whose GPUs are something else."""
+def check_node(gpu: GpuSpec, found: list[DetectedGpu], *, instead: str = "add --dry-run to print the plan only",
+               done: str = "") -> None:
+    """Refuse to run for ``gpu`` on a node whose GPUs are none or something else; ``instead``: what the command
+    offers without a GPU, ``done``: what the line says of the run (validate-serve: "nothing was started; ")."""
     if not found:
-        raise UsageError(
-            f"--gpu {gpu.key}: this node has no NVIDIA GPU (nvidia-smi found none); "
-            "run on a GPU node, or add --dry-run to print the plan only"
-        )
+        raise UsageError(no_gpu_line(gpu.key, instead, done))
     wrong = sorted({g.name for g in found if vllm_device_name(g.name) != gpu.device_name})
     if wrong:
         raise UsageError(
-            f"--gpu {gpu.key}: this node has {describe(found)}, not {gpu.torch_name}; "
-            f"pass the --gpu that matches the node, or add --dry-run to print the plan only"
+            f"--gpu {gpu.key}: this node has {describe(found)}, not {gpu.torch_name}; {done}"
+            f"pass the --gpu that matches the node, or {instead}"
         )
+
+
+def no_gpu_line(key: str | None, instead: str, done: str = "") -> str:
+    """The one line for a node where nvidia-smi is missing, fails or finds no GPU (with --gpu ``key`` or without)."""
+    given = f"--gpu {key}: " if key else ""
+    return f"{given}this node has no NVIDIA GPU (nvidia-smi found none); {done}run on a GPU node, or {instead}"

@@ -217,25 +217,24 @@ def check_checkpoint(model: str, dtype: str) -> None:
         raise UsageError(f"--dtype {dtype}: --model {model} is a checkpoint of {found} weights; pass --dtype {found}")
 
 
+PRINT_ONLY = "add --print-command to print the commands only"  # what validate-serve offers without a GPU
+STARTED = "nothing was started; "
+
+
 def no_gpu(key: str | None) -> UsageError:
     """A serve on a node where nvidia-smi is missing, fails or finds no GPU (with --gpu ``key`` or without)."""
-    given = f"--gpu {key}: " if key else ""
-    return UsageError(f"{given}this node has no NVIDIA GPU (nvidia-smi found none); nothing was started; run on a "
-                      f"GPU node, or add --print-command{'' if key else ' --gpu GPU'} to print the commands only")
+    instead = PRINT_ONLY if key else "add --print-command --gpu GPU to print the commands only"
+    return UsageError(gpus.no_gpu_line(key, instead, STARTED))
 
 
 def check_gpus(gpu: gpus.GpuSpec, layout: Layout, env: Mapping[str, str]) -> None:
-    """Refuse (one line) to start the serve on a node without the GPUs it needs: none (``no_gpu``), others than
-    --gpu, or fewer than the layout's among those CUDA_VISIBLE_DEVICES of the serve's environment leaves."""
+    """Refuse (one line) to start the serve on a node without the GPUs it needs: none or others than --gpu
+    (``gpus.check_node``), or fewer than the layout's among those CUDA_VISIBLE_DEVICES of the serve's environment
+    leaves."""
     found = gpus.detect_gpus()
-    if not found:
-        raise no_gpu(gpu.key)
     visible = env.get("CUDA_VISIBLE_DEVICES")
-    usable = gpus.visible(found, visible)
-    if any(gpus.vllm_device_name(g.name) != gpu.device_name for g in usable):
-        raise UsageError(f"--gpu {gpu.key}: this node has {gpus.describe(usable)}, not {gpu.torch_name}; nothing was "
-                         "started; pass the --gpu that matches the node, or add --print-command to print the "
-                         "commands only")
+    usable = gpus.visible(found, visible) if found else found
+    gpus.check_node(gpu, usable, instead=PRINT_ONLY, done=STARTED)
     if len(usable) < layout.gpus:
         seen = gpus.describe(found) + (f", {len(usable)} of them in CUDA_VISIBLE_DEVICES={visible}"
                                        if len(usable) < len(found) else "")

@@ -96,9 +96,14 @@ class LayerRuntime:
 
 # ---- FP8: the shard, the block and the quantisation key ------------------------------------------
 
+def moe_tp(s: ServeFacts) -> int:
+    """The fused MoE's TP size (FusedMoEParallelConfig): TP x DP without EP; 1 with EP, which splits experts."""
+    return 1 if s.ep else s.tp * s.dp
+
+
 def fp8_shard(s: ServeFacts, block: tuple[int, int] = (128, 128)) -> tuple[int, tuple[int, int], bool]:
     """(per-GPU width, block the kernels see, refined?) as resolve_fp8_moe_weight_block_shape decides."""
-    tp = 1 if s.ep else s.tp * s.dp
+    tp = moe_tp(s)
     n = s.intermediate // tp
     bn, bk = block
     if n % bn == 0 and (tp == 1 or n % bk == 0):
@@ -250,8 +255,7 @@ def _bf16_layer(s: ServeFacts, act: str) -> tuple[str, str] | str:
 
 def _unsplit(s: ServeFacts) -> str | None:
     """FusedMoEConfig.__post_init__ (fused_moe/config.py): the expert width must split evenly over the MoE's TP."""
-    tp = 1 if s.ep else s.tp * s.dp
-    return None if s.intermediate % tp == 0 else \
+    return None if s.intermediate % moe_tp(s) == 0 else \
         "AssertionError: assert self.intermediate_size % tp_size == 0 (fused_moe/config.py)"
 
 
@@ -282,7 +286,7 @@ def layer_runtime(s: ServeFacts, activation: str) -> LayerRuntime:
     if s.dtype == "fp8":
         n, block, _ = fp8_shard(s)
     else:  # unquantized_round_up_hidden_size_and_intermediate_size: TRT-LLM wants whole 128 columns
-        n, block = s.intermediate // (1 if s.ep else s.tp * s.dp), None
+        n, block = s.intermediate // moe_tp(s), None
         n = -(-n // 128) * 128 if backend == "FlashInfer TRTLLM" else n
     return LayerRuntime(backend=backend, experts=experts, error=None, n=n, block=block, e8m0=e8m0)
 
