@@ -13,7 +13,7 @@
 # runs the layout's per-GPU MoE shape on one GPU (a reduced model with dummy weights).
 #
 # Examples (4xH200):
-#   scripts/validate-serve.sh --layout TP4 --dtype bf16 --print-command
+#   scripts/validate-serve.sh --layout TP4 --dtype bf16 --gpu H200 --print-command
 #   scripts/validate-serve.sh --layout TP4 --dtype bf16 --ab
 #   scripts/validate-serve.sh --layout DP4+EP --dtype fp8 --moe-backend triton
 # One H200 (the TP4 shard, E=288 N=320):

@@ -215,6 +215,10 @@ ROWS = [
         files={"serve.log": ""}, err="not a vLLM server log"),
     row("tune-from-log-other-dtype", "--gpu", "H200", "--dtype", "fp8", "--from-vllm-log", "serve.log", "--dry-run",
         files={"serve.log": _missing_line(BF16_EP4)}, err="names bf16 shapes, not fp8; re-run with --dtype bf16"),
+    *(row(f"tune-from-log-two-serves-{dtype}", "--gpu", "H200", "--dtype", dtype, "--from-vllm-log", "serve.log",
+          "--dry-run", files={"serve.log": _missing_line(BF16_EP4) + _missing_line(EP4 + ".json")}, code=0, err=None,
+          out=f"the log also names 1 {other} shape, not tuned here; tune it with --dtype {other}")
+      for dtype, other in (("bf16", "fp8"), ("fp8", "bf16"))),
     row("tune-from-log-ok", "--gpu", "H200", "--dtype", "bf16", "--from-vllm-log", "serve.log", "--dry-run",
         files={"serve.log": _missing_line(BF16_EP4)}, code=0, err=None, out="Jobs: 1 shapes"),
     row("tune-dry-run-writes-nothing-to-a-file-out", "--gpu", "H200", "--dtype", "fp8", "--out", "afile", "--dry-run",
@@ -231,6 +235,22 @@ ROWS = [
         err="not a zip file"),
     row("tune-vllm-src-script-no-gpu", "--gpu", "H200", "--dtype", "fp8", "--vllm-src", "run.sh",
         files={"run.sh": SCRIPT}, err="this node has no NVIDIA GPU"),
+    # a state folder found in --out: a run that finishes no job and writes no file leaves it as it was
+    *(row(f"tune-no-gpu-state-{name}", "--gpu", "H200", "--dtype", "fp8", "--out", "o", files=files, err=err)
+      for name, files, err in (
+          ("damaged-line", {"o/.tune-moe/results.jsonl": "garbage\n"}, "this node has no NVIDIA GPU"),
+          ("binary-results", {"o/.tune-moe/results.jsonl": b"\xff\xfe\x00"}, "this node has no NVIDIA GPU"),
+          ("json-list-line", {"o/.tune-moe/results.jsonl": "[1, 2]\n"}, "this node has no NVIDIA GPU"),
+          ("results-a-folder", {"o/.tune-moe/results.jsonl": None},
+           "o/.tune-moe/results.jsonl is not the file a run keeps there; move it away"),
+          ("state-a-file", {"o/.tune-moe": "x"}, "this node has no NVIDIA GPU"),
+          ("run-record-written-dicts", {"o/.tune-moe/results.jsonl": "x\n",
+                                        "o/.tune-moe/run.json": '{"format": 2, "files": {}, "written": [{}]}'},
+           "o/.tune-moe/run.json is not a run record tune-moe wrote"),
+          ("run-record-file-not-a-dict", {"o/.tune-moe/results.jsonl": "x\n",
+                                          "o/.tune-moe/run.json": '{"format": 2, "files": {"a": 1}}'},
+           "o/.tune-moe/run.json is not a run record tune-moe wrote"),
+      )),
     # --interpret needs no GPU, so the kernel source itself is read (and refused) before Ray starts; one whose code
     # fails only when run is refused by the workers that run it (test_sweep.py)
     *(row(f"tune-interpret-vllm-src-{name}", "--gpu", "H200", "--dtype", "fp8", "--model", "tiny.json", "--interpret",
@@ -413,6 +433,14 @@ ROWS = [
           "H200", "--port", port, err=err)
       for name, port, err in (("zero", "0", "--port 0: not a TCP port"), ("too-big", "70000", "--port 70000: not a TCP"),
                               ("letter", "x", "argument --port: invalid int value: 'x'"))),
+    *(row(f"serve-{option[2:]}-{value}", "validate-serve", "--print-command", "--layout", "TP4", "--dtype", "bf16",
+          "--gpu", "H200", option, value, err=f"argument {option}: {value!r} is not a number of seconds")
+      for option, value in (("--timeout", "nan"), ("--timeout", "0"), ("--grace", "inf"), ("--grace", "-1"),
+                            ("--bench-timeout", "nan"))),
+    row("serve-print-deep-gemm-on", "validate-serve", "--print-command", "--layout", "TP4", "--dtype", "fp8", "--gpu",
+        "H200", env={"VLLM_USE_DEEP_GEMM": "on"},
+        err="will not start this serve (ValueError: invalid literal for int() with base 10: 'on'); set "
+            "VLLM_USE_DEEP_GEMM to 0 or 1"),
     row("serve-layout-unreadable", "validate-serve", "--print-command", "--layout", "FOO", "--dtype", "fp8", "--gpu",
         "H200", err="layout 'FOO': cannot read 'FOO'"),
     row("serve-layout-tp3", "validate-serve", "--print-command", "--layout", "TP3", "--dtype", "fp8", "--gpu", "H200",
@@ -475,6 +503,39 @@ ROWS = [
         may_write=(HUMMING,)),
     row("preflight-unknown-model", "preflight", "--gpu", "H200", "--", "vllm", "serve", "someone/other-model",
         cost=VLLM, err="model 'someone/other-model' is neither a built-in name", may_write=(HUMMING,)),
+    # values vLLM's own configs refuse, read by vLLM 0.33 (installed) and by the mirror (0.34) alike
+    *(row(f"preflight-{name}-{release}", "preflight", "--gpu", "H200", "--vllm-version", release, "--", "vllm",
+          "serve", "stepfun-ai/Step-3.5-Flash-FP8", *serve, err=err if isinstance(err, str) else err[release],
+          cost=VLLM if release == "0.33" else FAST,
+          may_write=(HUMMING,))
+      for release in ("0.33", "0.34") for name, serve, err in (
+          ("tp-negative", ("-tp", "-2"), "--tensor-parallel-size -2: vLLM's ParallelConfig takes a whole number of "
+                                         "at least 1"),
+          ("dp-zero", ("--data-parallel-size", "0"), "--data-parallel-size 0: vLLM's ParallelConfig takes"),
+          ("max-seqs-negative", ("--max-num-seqs", "-5"), "--max-num-seqs -5: vLLM's SchedulerConfig takes"),
+          ("spec-tokens-text", ("--speculative-config", '{"method": "mtp", "num_speculative_tokens": "x"}'),
+           "num_speculative_tokens 'x': vLLM's SpeculativeConfig takes a whole number of at least 1"),
+          ("spec-tokens-list", ("--speculative-config", '{"method": "mtp", "num_speculative_tokens": [3]}'),
+           "num_speculative_tokens [3]: vLLM's SpeculativeConfig takes"),
+          ("graph-sizes-below-one", ("--compilation-config", '{"cudagraph_capture_sizes": [-4, 0, 8]}'),
+           "cudagraph_capture_sizes holds -4, 0: a CUDA graph is captured for 1 token or request or more"),
+          ("graph-max-zero", ("--compilation-config", '{"max_cudagraph_capture_size": 0}'),  # vLLM's assert; ours
+           {"0.33": "vLLM refuses the serve command: Maximum cudagraph size should be greater than or equal to 1",
+            "0.34": "max_cudagraph_capture_size 0: vLLM captures CUDA graphs of at least 1 token"}),
+          ("graph-max-superscript", ("--compilation-config", '{"max_cudagraph_capture_size": "\u00b2"}'),
+           "max_cudagraph_capture_size"),
+      )),
+    *(row(f"preflight-deep-gemm-true-{release}", "preflight", "--gpu", "H200", "--vllm-version", release, "--",
+          "VLLM_USE_DEEP_GEMM=true", "vllm", "serve", "stepfun-ai/Step-3.5-Flash-FP8", code=1, err=None,
+          out="vLLM will not start: ValueError: invalid literal for int() with base 10: 'true'; set VLLM_USE_DEEP_GEMM "
+              "to 0 or 1", cost=VLLM if release == "0.33" else FAST, may_write=(HUMMING,))
+      for release in ("0.33", "0.34")),
+    row("preflight-mtp-layers-text", "preflight", "--gpu", "H200", "--vllm-version", "0.34", "--", "vllm", "serve",
+        "m", files={"m/config.json": _with(TINY_MODEL, num_nextn_predict_layers="abc")},
+        err="m/config.json: num_nextn_predict_layers='abc' is not a whole number of MTP modules"),
+    row("preflight-json-under-a-file", "preflight", "--gpu", "H200", "--vllm-version", "0.34", "--json", "f/r.json",
+        "--", "vllm", "serve", "stepfun-ai/Step-3.5-Flash", files={"f": "x"},
+        err="--json f/r.json: f is a file, not a folder; pass a file path in a folder"),
 ]
 
 

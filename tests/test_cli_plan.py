@@ -373,6 +373,9 @@ def test_plan_notes_which_fp8_shape_a_tp_serve_runs(tune):
     assert all("runs DeepGEMM at every M" in notes[n] and "VLLM_USE_DEEP_GEMM_E8M0=0" in notes[n]
                for n in ("N=384", "N=256"))
     assert "pads" not in notes["N=640"]
+    rc, out, _ = tune("--gpu", "H200", "--dtype", "fp8", "--layouts", "TP16", "--num-gpus", "16",
+                      "--moe-backend", "triton", "--dry-run")  # Triton runs the padded TP16 file at every M
+    assert rc == 0 and "pads the 80-wide shard to whole FP8 blocks; layouts TP16" in out and "DeepGEMM" not in out
 
 
 def test_blackwell_plan_says_the_same_of_the_padded_shape(tune):

@@ -4,6 +4,7 @@ GPU import no torch, and the package's import graph has no circle."""
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -71,3 +72,23 @@ def test_the_package_imports_form_no_circle():
 
     for module in sorted(graph):
         visit(module)
+
+
+def test_imports_go_down_the_design_map():
+    """docs/design.md's table lists every module once, by layer; a module imports (at module level or inside a
+    function) only modules of its own layer or of the layers below it."""
+    rows = [line.split("|")[1:3] for line in (REPO / "docs" / "design.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| layer |")]
+    layer = {module: i for i, (_, cell) in enumerate(rows) for module in re.findall(r"`(\w+)`", cell)}
+    modules = {p.stem for p in (REPO / "tuning").glob("*.py")} - {"__init__", "__main__"}
+    assert set(layer) == modules, f"missing from the map: {sorted(modules - set(layer))}; " \
+                                  f"not modules: {sorted(set(layer) - modules)}"
+    up = []
+    for module in sorted(modules):
+        for node in ast.walk(ast.parse((REPO / "tuning" / f"{module}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                for dep in {m.split(".")[0] for m in ([node.module] if node.module else [a.name for a in node.names])}:
+                    if dep in layer and layer[dep] < layer[module]:
+                        up.append(f"{module} ({rows[layer[module]][0].strip()}) imports {dep} "
+                                  f"({rows[layer[dep]][0].strip()})")
+    assert not up, "\n".join(up)

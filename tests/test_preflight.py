@@ -202,7 +202,7 @@ def test_bad_preflight_arguments_are_one_line(capsys, tmp_path):
                             "stepfun-ai/Step-3.5-Flash"], "no such folder"),
                           # vLLM 0.33 (installed) reads the command; 0.34's is read by the mirror
                           (["preflight", "--gpu", "B200", *serve, "-cc.max_decode_cudagraph_capture_requests=8"],
-                           "vLLM's parser refuses the serve command: "),
+                           "vLLM refuses the serve command: vllm serve: error: "),
                           (["preflight", "--gpu", "B200", "--vllm-version", "0.34.0", *serve,
                             "-cc.cudagraph_mode=sometimes"], "cudagraph_mode 'sometimes' is not one of NONE, PIECEWISE"),
                           (["preflight", "--gpu", "B200", "--vllm-version", "0.34.0", *serve, "--spec-tokens", "2",
@@ -257,6 +257,31 @@ COMMANDS_034 = [
     ["m", "-cc.max_decode_cudagraph_capture_requests=8", "-cc.max_cudagraph_capture_size=64"],
 ]
 GPUS = (("sm90", 141), ("sm90", 96), ("sm100", 180))
+# Sizes vLLM's configs refuse (pydantic bounds on ParallelConfig, SchedulerConfig and SpeculativeConfig;
+# _set_cudagraph_sizes' asserts) and graph sizes below 1: each refused by vLLM's code and by the mirror.
+REFUSED = [
+    ["m", "-tp", "0"], ["m", "-tp", "-2"], ["m", "--data-parallel-size", "0"], ["m", "--max-num-seqs", "-5"],
+    ["m", "--max-num-batched-tokens", "-1"],
+    ["m", "--speculative-config", '{"method": "mtp", "num_speculative_tokens": "x"}'],
+    ["m", "--speculative-config", '{"method": "mtp", "num_speculative_tokens": [3]}'],
+    ["m", "--speculative-config", '{"method": "mtp", "num_speculative_tokens": -3}'],
+    ["m", "--speculative-config", '{"method": "mtp", "num_speculative_tokens": 0}'],
+    ["m", "--spec-method", "mtp", "--spec-tokens", "0"],
+    ["m", "--compilation-config", '{"cudagraph_capture_sizes": [-4, 0]}'],
+    ["m", "--compilation-config", '{"cudagraph_capture_sizes": []}'],
+    ["m", "--compilation-config", '{"max_cudagraph_capture_size": 0}'],
+    ["m", "--compilation-config", '{"max_cudagraph_capture_size": "--5"}'],
+    ["m", "--compilation-config", '{"max_cudagraph_capture_size": "\u00b2"}'],
+]
+# Odd values vLLM takes: 0 for "unset", whole numbers as strings or floats, no graphs at all
+ACCEPTED_ODD = [
+    ["m", "--max-num-seqs", "0"], ["m", "--max-num-batched-tokens", "0"],
+    ["m", "--speculative-config", '{"method": "mtp", "num_speculative_tokens": "2"}'],
+    ["m", "--speculative-config", '{"method": "mtp", "num_speculative_tokens": 2.0}'],
+    ["m", "--compilation-config", '{"max_cudagraph_capture_size": " 16 "}'],
+    ["m", "--compilation-config", '{"max_cudagraph_capture_size": 0}', "--enforce-eager"],
+    ["m", "--compilation-config", '{"cudagraph_capture_sizes": []}', "-O0"],
+]
 
 
 def mirror_differences(release: str, commands: list[list[str]]) -> tuple[int, list[str]]:
@@ -285,6 +310,24 @@ def test_the_serve_mirror_reads_and_plans_as_vllm():
     rows, wrong = mirror_differences("0.33", COMMANDS)
     assert rows == 2 * len(GPUS) * len(COMMANDS) and not wrong, "\n".join(wrong)
     assert all("error" in a for a in vllm_probe.serve_plans([(c, "sm90", 141, 1) for c in COMMANDS_034[:4]]))
+
+
+def test_sizes_vllm_refuses_are_refused_and_odd_ones_read_alike():
+    rows, wrong = mirror_differences("0.33", REFUSED + ACCEPTED_ODD)
+    assert rows == 2 * len(GPUS) * len(REFUSED + ACCEPTED_ODD) and not wrong, "\n".join(wrong)
+    answers = vllm_probe.serve_plans([(c, "sm90", 141, 1) for c in REFUSED + ACCEPTED_ODD])
+    assert ["error" in a for a in answers] == [True] * len(REFUSED) + [False] * len(ACCEPTED_ODD)
+
+
+def test_the_mirrors_bounds_are_vllms_fields():
+    """serve_command.BOUNDS (the mirror's) against the pydantic bounds of vLLM 0.33's own config fields."""
+    pytest.importorskip("vllm")
+    import annotated_types
+    import vllm.config
+
+    for key, (cls, least) in serve_command.BOUNDS.items():
+        bounds = getattr(vllm.config, cls).__pydantic_fields__[key].metadata
+        assert bounds in ([annotated_types.Ge(ge=least)], [annotated_types.Gt(gt=least - 1)]), (key, bounds)
 
 
 def test_the_committed_flag_list_is_vllms_parser():

@@ -253,6 +253,51 @@ def test_a_run_that_finished_no_job_leaves_no_folder_it_made(tmp_path):
     assert opened(out).done(FILE, 16)
 
 
+def tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def test_a_run_that_finished_no_job_and_wrote_no_file_leaves_a_state_it_found_as_it_was(tmp_path):
+    """A state found in --out (here results of other files, and a config file to snapshot) and a run that claims new
+    files, snapshots --out, notes its workers, then finishes nothing (refused on a node without GPUs, say): the
+    record, the snapshot and the lock file are as they were. One that wrote a file from the results keeps them."""
+    first = opened(tmp_path, file="E=36.json")
+    first.add(result(16, "E=36.json"))
+    first.close()
+    (tmp_path / ".tune-moe" / "lock").unlink()
+    (tmp_path / "E=72.json").write_text("{}")
+    found = tree(tmp_path)
+    run = opened(tmp_path)
+    run.keep_before()
+    run.note_run(RUN)
+    assert tree(tmp_path) != found
+    run.close(drop_unused=True)
+    assert tree(tmp_path) == found
+    wrote = opened(tmp_path)
+    wrote.note_run(RUN)
+    wrote.note_written("E=36.json")
+    wrote.close(drop_unused=True)
+    assert json.loads((tmp_path / ".tune-moe" / "run.json").read_text())["written"] == ["E=36.json"]
+
+
+def test_a_damaged_state_is_refused_and_left_as_found(tmp_path):
+    state = tmp_path / ".tune-moe"
+    state.mkdir()
+    (state / "results.jsonl").write_bytes(b"\xff\xfe\x00\n[1, 2]\n")
+    for record in ('{"format": 2, "files": {}, "written": [{}]}', '{"format": 2, "files": {"E=72.json": 1}}'):
+        (state / "run.json").write_text(record)
+        found = tree(tmp_path)
+        with pytest.raises(UsageError, match="is not a run record tune-moe wrote"):
+            Store(tmp_path)
+        assert tree(tmp_path) == found
+    (state / "run.json").unlink()
+    assert Store(tmp_path).results == {}  # lines no JSON result reads run again
+    (state / "results.jsonl").unlink()
+    (state / "results.jsonl").mkdir()
+    with pytest.raises(UsageError, match="results.jsonl is not the file a run keeps there; move it away"):
+        Store(tmp_path)
+
+
 def test_the_files_as_they_were_before_the_results_began_are_kept(tmp_path):
     """``keep_before``: a snapshot of every config file and sidecar the folder holds (whatever the plan), taken
     once: a resumed run keeps it (what the folder held before any of these results), so a file the results made

@@ -298,15 +298,17 @@ def test_the_serve_mirror_reads_and_plans_as_vllm_0_34(site_034, monkeypatch):
     """vLLM 0.34's own parser (its flag table too) and ``_set_cudagraph_sizes``, which ends in
     ``_split_cudagraph_capture_sizes`` (config/vllm.py): the mirror, told the serve runs 0.34, reads and plans every
     command as it does, 0.33's commands and those with 0.34's split keys."""
-    from test_preflight import COMMANDS, COMMANDS_034, GPUS, mirror_differences
+    from test_preflight import ACCEPTED_ODD, COMMANDS, COMMANDS_034, GPUS, REFUSED, mirror_differences
 
     from tuning import serve_command, vllm_probe
 
     monkeypatch.setenv("PYTHONPATH", str(site_034))
     assert serve_command.serve_flags("0.34") == vllm_probe.serve_flags()
     assert set(serve_command.serve_flags("0.34")) > set(serve_command.serve_flags("0.33"))
-    rows, wrong = mirror_differences("0.34", COMMANDS + COMMANDS_034)
-    assert rows == 2 * len(GPUS) * len(COMMANDS + COMMANDS_034) and not wrong, "\n".join(wrong)
+    rows, wrong = mirror_differences("0.34", COMMANDS + COMMANDS_034 + REFUSED + ACCEPTED_ODD)
+    assert rows == 2 * len(GPUS) * len(COMMANDS + COMMANDS_034 + REFUSED + ACCEPTED_ODD) and not wrong, "\n".join(wrong)
+    answers = vllm_probe.serve_plans([(c, "sm90", 141, 1) for c in REFUSED + ACCEPTED_ODD])
+    assert ["error" in a for a in answers] == [True] * len(REFUSED) + [False] * len(ACCEPTED_ODD)
     answer = vllm_probe.preflight(["stepfun-ai/Step-3.5-Flash", "-tp", "8"], "sm100", 180, {})  # a 0.34 node's
     sizes = answer["plan"]["capture_sizes"]
     assert (len(sizes), sizes[-1]) == (91, 8192) and [r["backend"] for r in answer["layers"]] == ["FlashInfer TRTLLM"] * 2

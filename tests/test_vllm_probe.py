@@ -253,6 +253,33 @@ def test_the_mirror_answers_as_vllm_on_every_row(grid):
     assert not wrong, f"{len(wrong)} of {len(grid)} rows differ:\n" + "\n".join(wrong[:40])
 
 
+UNREADABLE = {"DG=true": (("VLLM_USE_DEEP_GEMM", "true"),), "E8M0=on": (("VLLM_USE_DEEP_GEMM_E8M0", "on"),),
+              "MOE_DG=yes": (("VLLM_MOE_USE_DEEP_GEMM", "yes"),), "BI=true": (("VLLM_BATCH_INVARIANT", "true"),),
+              "DG=": (("VLLM_USE_DEEP_GEMM", ""),)}
+
+
+@needs_vllm
+def test_a_flag_int_cannot_read_fails_where_vllm_reads_it():
+    """vllm.envs reads its boolean variables with bool(int(value)): "true", "on", "" raise where vLLM's selection
+    reads them, and the mirror raises on the same rows (and reports E8M0 as vLLM does), not on the others."""
+    from tuning.vllm_rules import layer_runtime
+
+    cases = [(ServeFacts(arch=arch, dtype=dtype, tp=LAYOUTS[lay][0], dp=LAYOUTS[lay][1], ep=LAYOUTS[lay][2],
+                         moe_backend=backend, env=env), act)
+             for arch, dtype, lay, backend, env, act in itertools.product(
+                 ("sm90", "sm100"), ("bf16", "fp8"), ("TP2", "TP4", "DP4+EP"),
+                 ("auto", "triton", "deep_gemm", "flashinfer_cutlass"), UNREADABLE.values(), ACTS)]
+    theirs = probe(cases)
+    verdict = lambda r: (r.backend, r.experts, r.n, r.block, r.e8m0, (r.error or "").split(":")[0])  # noqa: E731
+    wrong = [f"{s} {act}: mirror {verdict(layer_runtime(s, act))}; vLLM {verdict(t)}"
+             for (s, act), t in zip(cases, theirs) if verdict(layer_runtime(s, act)) != verdict(t)]
+    assert not wrong, "\n".join(wrong[:20])
+    failed = {(s.dtype, s.env[0][0]) for (s, _), t in zip(cases, theirs)
+              if (t.error or "").startswith("ValueError: invalid literal for int()")}
+    assert ("fp8", "VLLM_USE_DEEP_GEMM") in failed and ("bf16", "VLLM_BATCH_INVARIANT") in failed
+    assert ("bf16", "VLLM_USE_DEEP_GEMM") not in failed  # the unquantized oracle reads no DeepGEMM variable
+
+
 def unbuildable_cases(vllm: str = "0.33") -> list[tuple[ServeFacts, str]]:
     """Serves beyond the grid's layouts whose shards vLLM may refuse to build, and a refined and a padded one."""
     return [(ServeFacts(arch=arch, dtype=dtype, tp=tp, dp=dp, ep=ep, moe_backend=backend, vllm=vllm), act)

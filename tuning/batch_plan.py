@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .errors import UsageError
-from .serve_command import ServeCommand
+from .serve_command import ServeCommand, check_bounds
 
 MIXED_MODE = {"NONE": "NONE", "PIECEWISE": "PIECEWISE", "FULL": "FULL", "FULL_DECODE_ONLY": "NONE",
               "FULL_AND_PIECEWISE": "PIECEWISE"}  # CUDAGraphMode.mixed_mode(): what mixed batches capture
@@ -69,6 +69,7 @@ def batch_plan(cmd: ServeCommand, arch: str, memory_gb: float, release: str, mtp
         tokens, seqs = tokens * 2, seqs * 2
     tokens = cmd.max_num_batched_tokens or tokens
     seqs = cmd.max_num_seqs or seqs
+    check_bounds(cmd, seqs, tokens)
     mode = graph_mode(cmd)
     sizes: list[int] = []
     if mode != "NONE":
@@ -92,6 +93,11 @@ def _shared_sizes(cmd: ServeCommand, arch: str, seqs: int, tokens: int) -> list[
             decode = [seqs]
     biggest = min(tokens, biggest)
     given = cmd.compilation.get("cudagraph_capture_sizes")
+    if biggest < 1 or given == []:  # _set_cudagraph_sizes asserts both with CUDA graphs on
+        raise UsageError("preflight: --compilation-config " + (
+            f"max_cudagraph_capture_size {biggest}" if biggest < 1 else "cudagraph_capture_sizes []") +
+            ": vLLM captures CUDA graphs of at least 1 token and asserts so as it starts; give 1 or more, or "
+            "--enforce-eager for no graphs")
     if given is not None:
         kept = sorted(s for s in set(given) if s <= tokens)
         if cmd.compilation.get("max_cudagraph_capture_size") not in (None, max(kept, default=0)):

@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         if missing := missing_dependency(exc):
             sys.stderr.write(f"tune-moe: error: {missing}\n")
             return missing.exit_code
+        if isinstance(exc, OSError) and exc.filename and exc.strerror:  # the filesystem said no: full, read-only
+            sys.stderr.write(f"tune-moe: error: {exc.filename}: {exc.strerror}; free or fix that place (space, "
+                             "permissions, a read-only or special filesystem), or pass another path, and re-run\n")
+            return 1
         if os.environ.get("TUNE_MOE_TRACEBACK") == "1":
             raise
         where = exc.__traceback__

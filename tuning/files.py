@@ -28,8 +28,11 @@ def _umask() -> int:
 def atomic_write(path: Path | str, data: bytes) -> None:
     """Replace ``path`` with ``data`` in one rename (temp file beside it, fsynced, mode 0666 & ~umask)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # named by the file asked for, not the temp file
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file should read like any other
         with os.fdopen(fd, "wb") as f:
@@ -97,6 +100,8 @@ def output_file(path: Path | str, option: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{option} {path}: is a folder; pass a file path")
+    if (up := next((p for p in path.parents if p.exists()), None)) and not up.is_dir():
+        raise UsageError(f"{option} {path}: {up} is a file, not a folder; pass a file path in a folder")
     output_folder(path.parent if str(path.parent) else Path("."), option)
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"{option} {path}: exists and is read-only; pass another file path")

@@ -142,13 +142,34 @@ def load_model(spec: str = DEFAULT_MODEL, overrides: dict | None = None) -> Mode
     return geometry_from_config(cfg, name + (" with --hf-overrides" if flat else ""))
 
 
+def checkpoint(name: str, quantization: str | None, overrides: dict | None = None) -> tuple[ModelGeometry, str]:
+    """The served checkpoint's MoE geometry (after ``--hf-overrides``) and dtype (bf16, or the block-FP8 one)."""
+    if quantization not in (None, "fp8"):
+        raise UsageError(f"preflight: --quantization {quantization} is not modelled; serve the bf16 or -FP8 checkpoint")
+    if name not in BUILTIN and not Path(name).exists():
+        raise UsageError(f"preflight: model {name!r} is neither a built-in name ({', '.join(BUILTIN)}) nor a "
+                         "local checkpoint folder; pass the folder holding its config.json")
+    model = load_model(name, overrides)
+    if model.weight_block_size is not None:
+        return model, "fp8"
+    if quantization == "fp8":
+        raise UsageError("preflight: --quantization fp8 on the bf16 checkpoint runs per-tensor FP8 "
+                         "(file dtype=fp8_w8a8 without block_shape), which tune-moe does not tune; "
+                         "serve stepfun-ai/Step-3.5-Flash-FP8 instead")
+    return model, "bf16"
+
+
 def mtp_layers(spec: str) -> int:
     """The MTP modules vLLM's draft config gets for this checkpoint (``n_predict``): its ``num_nextn_predict_layers``,
     1 if absent. ``--hf-overrides`` given as JSON patch only the target model, not the draft (vLLM 0.34's
     ``SpeculativeConfig.compose_draft_hf_overrides``)."""
-    cfg, _ = load_config(spec)
+    cfg, name = load_config(spec)
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
-    return int(text.get("num_nextn_predict_layers") or 1)
+    layers = text.get("num_nextn_predict_layers") or 1
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+        raise UsageError(f"{name}: num_nextn_predict_layers={layers!r} is not a whole number of MTP modules; pass "
+                         "the model's config.json")
+    return layers
 
 
 def load_config(spec: str) -> tuple[dict, str]:

@@ -114,7 +114,8 @@ def format_plan(plan: Plan) -> str:
                    "(--moe-backend deep_gemm pads the shard instead)")
         elif layouts and not shape.expert_parallel and shape.n * layouts[0].gpus != plan.model.moe_intermediate_size:
             ep += f"; vLLM pads the {plan.model.moe_intermediate_size // layouts[0].gpus}-wide shard to whole FP8 blocks"
-            if shape.n < DEEPGEMM_MIN_N:  # TritonOrDeepGemmExperts: DeepGEMM at every M unless E8M0 is off
+            if plan.moe_backend == "deep_gemm" and shape.n < DEEPGEMM_MIN_N:  # TritonOrDeepGemmExperts: DeepGEMM
+                # at every M unless E8M0 is off
                 ep += (" (with deep_gemm, vLLM runs DeepGEMM at every M, E8M0 being on by default; Triton runs this "
                        "file only with VLLM_USE_DEEP_GEMM_E8M0=0)")
         lines.append(f"  {plan.file_name(shape)}")

@@ -26,13 +26,14 @@ from . import backend_advice, gpus, provenance
 from .batch_plan import BatchPlan, batch_plan
 from .configs import CONFIGS_ROOT, TUNED_VAR, default_folder, read_config_file
 from .errors import UsageError
+from .files import atomic_write_json, output_file
 from .kernel import installed_fused_moe, installed_vllm_version
-from .models import BUILTIN, ModelGeometry, load_model, mtp_layers
+from .models import ModelGeometry, checkpoint, mtp_layers
 from .serve_command import MEMORY_GB, ServeCommand, parse, serve_release
 from .shapes import BATCH_SIZES, DEFAULT_VLLM_VERSION, Layout, MoeShape, parse_version
 from .triton_pins import mismatch, target_triton
 from .vllm_rules import (ACTIVATIONS, KIND, LayerRuntime, ServeFacts, kernel_launch_changes, launch_changes, layer_runtime,
-                         down_file_name, nearest_key, reads_down_file)
+                         down_file_name, nearest_key, reads_down_file, flag_fix, unreadable_flags)
 
 ASSIGN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 MIRROR = "tune-moe's mirror of vLLM {release}'s rules (its parser, batch sizes and backend per layer)"
@@ -72,23 +73,6 @@ def split_command(words: list[str]) -> tuple[dict[str, str], list[str]]:
     return env, words[i:]
 
 
-def checkpoint(name: str, quantization: str | None, overrides: dict | None = None) -> tuple[ModelGeometry, str]:
-    """The served checkpoint's MoE geometry (after ``--hf-overrides``) and dtype (bf16, or the block-FP8 one)."""
-    if quantization not in (None, "fp8"):
-        raise UsageError(f"preflight: --quantization {quantization} is not modelled; serve the bf16 or -FP8 checkpoint")
-    if name not in BUILTIN and not Path(name).exists():
-        raise UsageError(f"preflight: model {name!r} is neither a built-in name ({', '.join(BUILTIN)}) nor a "
-                         "local checkpoint folder; pass the folder holding its config.json")
-    model = load_model(name, overrides)
-    if model.weight_block_size is not None:
-        return model, "fp8"
-    if quantization == "fp8":
-        raise UsageError("preflight: --quantization fp8 on the bf16 checkpoint runs per-tensor FP8 "
-                         "(file dtype=fp8_w8a8 without block_shape), which tune-moe does not tune; "
-                         "serve stepfun-ai/Step-3.5-Flash-FP8 instead")
-    return model, "bf16"
-
-
 def _understand(argv: list[str], arch: str, memory_gb: float, env: dict[str, str], vllm_version: str):
     """The serve command, its batch plan, the checkpoint and vLLM's backend per activation: from one vLLM
     subprocess where the installed vLLM is the release the serve runs, else from the mirrors."""
@@ -105,7 +89,7 @@ def _understand(argv: list[str], arch: str, memory_gb: float, env: dict[str, str
         if answer is not None:
             if "error" in answer:
                 raise UsageError(answer["error"] if answer["error"].startswith("preflight:") else
-                                 f"preflight: vLLM's parser refuses the serve command: {answer['error']}")
+                                 f"preflight: vLLM refuses the serve command: {answer['error']}")
             c, p = answer["command"], answer["plan"]
             layers = {act: LayerRuntime(**{**d, "block": d["block"] and tuple(d["block"])})
                       for act, d in zip(ACTIVATIONS, answer["layers"])}
@@ -120,8 +104,8 @@ def _understand(argv: list[str], arch: str, memory_gb: float, env: dict[str, str
                        env=tuple(sorted(env.items())), num_experts=model.num_experts,
                        intermediate=model.moe_intermediate_size, hidden=model.hidden_size, top_k=model.top_k,
                        vllm=vllm_version)
-    layers = {act: layer_runtime(facts, act) for act in ACTIVATIONS}
     plan = batch_plan(cmd, arch, memory_gb, release, mtp_layers(cmd.model))
+    layers = {act: layer_runtime(facts, act) for act in ACTIVATIONS}
     return cmd, plan, model, dtype, layers, MIRROR.format(release=release) + why
 
 
@@ -251,7 +235,8 @@ def _problems(layers: list[Layer], tokens: list[int], node: Node) -> list[str]:
     for layer in layers:
         kind = KIND[layer.activation]
         if layer.runtime.error:
-            out.append(f"{kind}: vLLM will not start: {layer.runtime.error}")
+            fix = flag_fix(layer.runtime.error, node.env)
+            out.append(f"{kind}: vLLM will not start: {layer.runtime.error}{f'; {fix}' if fix else ''}")
         elif layer.file and not layer.found:
             out.append(f"{kind}: {layer.file} is not in {folder(node)}; vLLM will use its default config")
         elif layer.found:
@@ -266,7 +251,8 @@ def _problems(layers: list[Layer], tokens: list[int], node: Node) -> list[str]:
     elif _misdirected(node):
         out.append(f"the serve's {TUNED_VAR}={node.env[TUNED_VAR]} is not --config-dir {node.config_dir}, and vLLM "
                    f"reads the variable (checked above); export {TUNED_VAR}={node.config_dir.resolve()}")
-    if node.env.get("VLLM_BATCH_INVARIANT") not in (None, "", "0"):
+    invariant = node.env.get("VLLM_BATCH_INVARIANT")
+    if invariant is not None and "VLLM_BATCH_INVARIANT" not in unreadable_flags(node.env) and int(invariant):
         out.append("VLLM_BATCH_INVARIANT=1: vLLM's get_moe_configs returns no tuned config at all (its default "
                    "config everywhere); unset it to use the tuned files")
     return out
@@ -404,11 +390,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--config-dir {config_dir}: {what}; pass the folder holding the tuned files")
     node = Node(gpu=gpu, env=env, config_dir=config_dir, vllm_version=vllm_version,
                 config_dir_given=bool(args.config_dir))
+    if args.json:
+        output_file(args.json, "--json")  # refused before the report, not after it
     report = check(argv, node)
     print(render(report, node))
     if args.json:
-        from .files import atomic_write_json, output_file
-
         data = {**report, "command": asdict(report["command"]), "plan": asdict(report["plan"]),
                 "layers": [{**asdict(l), "found": str(l.found) if l.found else None} for l in report["layers"]]}
         atomic_write_json(output_file(args.json, "--json"), data)

@@ -6,6 +6,7 @@ Everything here is checked before anything is written or started; bad input is o
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import time
@@ -259,6 +260,32 @@ def _run_name(args: argparse.Namespace, gpu: gpus.GpuSpec, layout: Layout) -> st
     return f"{gpu.device_name}-{args.dtype}-{name}{mode}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def seconds(text: str) -> float:
+    """A number of seconds above 0 (argparse type): not nan, not infinite."""
+    value = _float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
+
+
+def seconds_or_zero(text: str) -> float:
+    """A number of seconds, 0 or more (argparse type)."""
+    value = _float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, 0 or more")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (finite)")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", required=True, help="deployment layout, e.g. TP4 or DP4+EP (the recipe's two)")
     p.add_argument("--dtype", required=True, help="bf16 (stepfun-ai/Step-3.5-Flash) or fp8 (-FP8 checkpoint)")
@@ -281,8 +308,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log", metavar="FILE", help="server log of a single run's tuned server (default: "
                    "<out>/vllm-serve-tuned.log; an A/B writes <out>/vllm-serve-<arm>.log, with --ab-servers fresh "
                    "<out>/vllm-serve-<arm>-<pair>.log)")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for GET /health (default: 1800)")
-    p.add_argument("--grace", type=float, default=30, help="seconds from SIGTERM to SIGKILL at teardown (default: 30)")
+    p.add_argument("--timeout", type=seconds, default=1800, help="seconds to wait for GET /health (default: 1800)")
+    p.add_argument("--grace", type=seconds_or_zero, default=30,
+                   help="seconds from SIGTERM to SIGKILL at teardown (default: 30)")
     p.add_argument("--no-bench", action="store_true", help="prove the configs only; skip vllm bench serve")
     r = p.add_argument_group("one GPU for a multi-GPU layout")
     r.add_argument("--reduced", action="store_true",
@@ -321,5 +349,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--max-concurrency", type=int, help="--max-concurrency (default: the workload's)")
     b.add_argument("--num-prompts", type=int, help="--num-prompts (default: the workload's)")
     b.add_argument("--bench-args", metavar="ARGS", help="more vllm bench serve arguments, one shell-quoted string")
-    b.add_argument("--bench-timeout", type=float, default=3600, help="seconds one benchmark pass may take "
+    b.add_argument("--bench-timeout", type=seconds, default=3600, help="seconds one benchmark pass may take "
                                                                       "(default: 3600)")

@@ -15,13 +15,13 @@ from . import gpus
 from . import preflight as pf
 from .errors import UsageError
 from .fit import alternatives, fit
-from .models import BUILTIN, ModelGeometry, load_model
+from .models import BUILTIN, ModelGeometry, checkpoint, load_model
 from .recipe import CHECKPOINTS, ServeSpec
 from .reduced import Reduced
 from .serve_command import options
 from .shapes import Layout, Refusal, parse_version, shape_for
 from .vllm_log import BATCHED, Predicted
-from .vllm_rules import ACTIVATIONS, MIRRORED, ServeFacts, down_file_name, layer_runtime, looks_up_down_file
+from .vllm_rules import ACTIVATIONS, MIRRORED, ServeFacts, down_file_name, flag_fix, layer_runtime, looks_up_down_file
 
 # vLLM's destinations of the serve options validate-serve sets or relies on, by what sets them
 LAYOUT_OPTIONS = ("tensor_parallel_size", "data_parallel_size", "enable_expert_parallel", "pipeline_parallel_size")
@@ -92,7 +92,7 @@ def triton_alternative(pre: Preflight) -> str | None:
     cmd = pre.report["command"]
     if cmd.moe_backend == "triton":
         return None
-    model, dtype = pf.checkpoint(cmd.model, cmd.quantization, cmd.hf_overrides)
+    model, dtype = checkpoint(cmd.model, cmd.quantization, cmd.hf_overrides)
     facts = ServeFacts(arch=pre.node.gpu.arch, dtype=dtype, tp=cmd.tp, dp=cmd.dp, ep=cmd.ep, moe_backend="triton",
                        env=tuple(sorted((k, v) for k, v in pre.node.env.items() if k.startswith("VLLM_"))),
                        num_experts=model.num_experts, intermediate=model.moe_intermediate_size,
@@ -212,7 +212,7 @@ def check_checkpoint(model: str, dtype: str) -> None:
     tune-moe does not know is read as the dtype's checkpoint, ``geometry_name``)."""
     if geometry_name(model, dtype) != model:
         return
-    _, found = pf.checkpoint(model, None)
+    _, found = checkpoint(model, None)
     if found != dtype:
         raise UsageError(f"--dtype {dtype}: --model {model} is a checkpoint of {found} weights; pass --dtype {found}")
 
@@ -278,8 +278,8 @@ def expected_files(spec: ServeSpec, gpu: gpus.GpuSpec, version: str, model: Mode
     for act in ACTIVATIONS:
         r = layer_runtime(facts, act)
         if r.error:
-            raise UsageError(f"{pf.KIND[act]}: vLLM {version} will not start this serve ({r.error}); change "
-                             "--moe-backend or the layout")
+            fix = flag_fix(r.error, dict(env)) or "change --moe-backend or the layout"
+            raise UsageError(f"{pf.KIND[act]}: vLLM {version} will not start this serve ({r.error}); {fix}")
         if r.reads_tuned_file:
             names.append(pf.layer_shape(model, layout, r, spec.dtype).file_name(gpu.device_name))
     return list(dict.fromkeys(names))

@@ -34,6 +34,29 @@ GRAPH_KEYS = {  # the --compilation-config keys that set the CUDA graphs: key ->
     "max_decode_cudagraph_capture_tokens": "0.34"}
 MTP_METHODS = ("mtp", "step3p5_mtp")  # SpeculativeConfig names every MTP model type "mtp"
 HUMAN_INT = re.compile(r"(\d+(?:\.\d+)?)([kKmMgGtT])")
+WHOLE = re.compile(r"\s*[+-]?[0-9]+\s*")
+# The least value vLLM's configs take for the sizes a serve resolves (pydantic Field bounds: ParallelConfig and
+# SchedulerConfig ge=1, SpeculativeConfig gt=0); vLLM stops at start-up on a smaller one. CI reads vLLM's fields.
+BOUNDS = {"tensor_parallel_size": ("ParallelConfig", 1), "data_parallel_size": ("ParallelConfig", 1),
+          "max_num_seqs": ("SchedulerConfig", 1), "max_num_batched_tokens": ("SchedulerConfig", 1),
+          "num_speculative_tokens": ("SpeculativeConfig", 1)}
+BOUND_FLAGS = {"num_speculative_tokens": "--speculative-config num_speculative_tokens"}
+
+
+def out_of_bounds(key: str, value) -> str:
+    """The one line for a ``BOUNDS`` size vLLM's config refuses (the mirror's and the probe's alike)."""
+    cls, least = BOUNDS[key]
+    flag = BOUND_FLAGS.get(key, "--" + key.replace("_", "-"))
+    return (f"preflight: {flag} {value!r}: vLLM's {cls} takes a whole number of at least {least}, so the serve would "
+            f"not start; pass {least} or more")
+
+
+def check_bounds(cmd: "ServeCommand", max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    """Refuse a serve whose parallel sizes or resolved batch limits vLLM's configs refuse (``BOUNDS``)."""
+    for key, value in (("tensor_parallel_size", cmd.tp), ("data_parallel_size", cmd.dp),
+                       ("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
+        if value < BOUNDS[key][1]:
+            raise UsageError(out_of_bounds(key, value))
 
 
 def serve_release(vllm_version: str) -> str:
@@ -229,6 +252,9 @@ def parse(argv: list[str], release: str = "0.33") -> ServeCommand:
     if spec.get("num_speculative_tokens_per_batch_size") is not None:
         raise UsageError("preflight: dynamic speculative decoding (num_speculative_tokens_per_batch_size) is not "
                          "modelled; check the serve without it, with its widest num_speculative_tokens")
+    tokens = spec.get("num_speculative_tokens")
+    if tokens is not None and (_whole(tokens) is None or _whole(tokens) < BOUNDS["num_speculative_tokens"][1]):
+        raise UsageError(out_of_bounds("num_speculative_tokens", tokens))
     method = spec.get("method")
     if spec and method is None and spec.get("model") in (None, "ngram", "[ngram]"):
         method = "ngram" if spec.get("model") else "draft_model"  # SpeculativeConfig.__post_init__
@@ -240,7 +266,7 @@ def parse(argv: list[str], release: str = "0.33") -> ServeCommand:
         ep=bool(values.get("enable_expert_parallel", False)),
         moe_backend=normalize_moe_backend(str(values.get("moe_backend", "auto"))),
         quantization=values.get("quantization"),
-        num_speculative_tokens=int(spec.get("num_speculative_tokens", 0) or 0),
+        num_speculative_tokens=_whole(tokens) if tokens is not None else 0,
         speculative_method="mtp" if method in MTP_METHODS else method,
         adaptive_verification=release != "0.33" and bool(spec.get("enable_adaptive_verification", False)),
         max_num_seqs=_int(values, "max_num_seqs", None),
@@ -298,14 +324,25 @@ def _graph_value(key: str, value):
     if key.endswith("sizes"):
         if not isinstance(value, list) or not all(_whole(v) is not None for v in value):
             raise UsageError(f"preflight: --compilation-config {key} must be a list of whole numbers")
+        if problem := sizes_below_one(key, [_whole(v) for v in value]):
+            raise UsageError(problem)
         return [_whole(v) for v in value]
     if _whole(value) is None or _whole(value) < 0:
         raise UsageError(f"preflight: --compilation-config {key} must be a whole number, not {value!r}")
     return _whole(value)
 
 
+def sizes_below_one(key: str, sizes: list[int]) -> str | None:
+    """The one line for a --compilation-config list of CUDA-graph sizes that holds sizes below 1, or None."""
+    below = [size for size in sizes if size < 1]
+    return (f"preflight: --compilation-config {key} holds {', '.join(map(str, below))}: a CUDA graph is captured "
+            "for 1 token or request or more; drop them") if below else None
+
+
 def _whole(value) -> int | None:
-    """An int as pydantic's lax mode takes one (7, or "7" from a dotted ``KEY+`` list); else None."""
+    """An int as pydantic's lax mode takes one (7, 7.0, or "7" from a dotted ``KEY+`` list); else None."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    return int(value) if isinstance(value, str) and value.strip().lstrip("-").isdigit() else None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return int(value) if isinstance(value, str) and WHOLE.fullmatch(value) else None

@@ -25,7 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .errors import UsageError
-from .files import atomic_write_json, copy_config_files, remove_temp_files, write_folder
+from .files import atomic_write, atomic_write_json, copy_config_files, remove_temp_files, write_folder
 from .jobs import JobResult
 from .provenance import RunInfo
 
@@ -46,30 +46,53 @@ class Store:
         self.before_dir = self.dir / "before"
         self.made = [d for d in (self.dir, *self.dir.parents) if not d.exists()]  # deepest first
         self.added = False  # whether this run finished a job
+        self.wrote = False  # whether this run wrote a config file from these results
+        for path in (self.dir, self.results_path):
+            if path.exists() and not (path.is_dir() if path == self.dir else path.is_file()):
+                raise UsageError(f"{path} is not the {'folder' if path == self.dir else 'file'} a run keeps there; "
+                                 "move it away, or pass another --out")
         self.dir.mkdir(parents=True, exist_ok=True)
+        # as this run found the state: a run that finishes no job and writes no file puts it back (``close``)
+        self._found = {"run": self.run_path.read_bytes() if self.run_path.is_file() else None,
+                       "before": self.before_dir.exists(), "lock": (self.dir / "lock").exists()}
         self._lock = _take_lock(self.dir / "lock", Path(out))
         remove_temp_files(Path(out), "E=*.json")  # what a kill mid-write left (config files, sidecars)
         remove_temp_files(self.dir, "run.json")
-        if fresh:
+        if fresh:  # discarded for good: nothing of it is put back
+            self._found.update(run=None, before=False)
             for path in (self.results_path, self.run_path):
                 path.unlink(missing_ok=True)
             shutil.rmtree(self.before_dir, ignore_errors=True)
         self.fingerprints: dict[str, dict] = {}
         self.run: RunInfo | None = None  # what the workers that made these results ran on
         self.written: set[str] | None = set()  # files written from them; None: results from before it was kept
-        self._read_run()
+        try:
+            self._read_run()
+        except UsageError:
+            self.close(drop_unused=True)  # refused: the lock (and a state folder this run made) go
+            raise
         self.results: dict[tuple[str, int], JobResult] = self._load()
 
     def close(self, drop_unused: bool = False) -> None:
-        """Release the lock; with ``drop_unused``, a state folder this run made and finished no job in is removed
-        with the folders made for it (a run refused as its workers start leaves nothing behind)."""
+        """Release the lock; with ``drop_unused``, a run that finished no job and wrote no file leaves the state as it
+        found it: a state folder it made is removed with the folders made for it, one it found gets back its run
+        record and loses the snapshot and lock file this run added (a run refused as its workers start, or on a
+        node without the GPUs its jobs need, leaves nothing behind)."""
         if self._lock is not None:
             self._lock.close()  # releases the lock
             self._lock = None
-        if drop_unused and self.made and not self.added:
+        if not drop_unused or self.added or self.wrote:
+            return
+        if not self._found["before"]:
             shutil.rmtree(self.before_dir, ignore_errors=True)
-            for path in (self.run_path, self.results_path, self.dir / "lock"):
-                path.unlink(missing_ok=True)
+        if self._found["run"] is None:
+            self.run_path.unlink(missing_ok=True)
+        elif self.run_path.read_bytes() != self._found["run"]:
+            atomic_write(self.run_path, self._found["run"])
+        if not self._found["lock"]:
+            (self.dir / "lock").unlink(missing_ok=True)
+        if self.made:
+            self.results_path.unlink(missing_ok=True)
             for folder in self.made:
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only if empty
@@ -95,6 +118,10 @@ class Store:
         except (KeyError, TypeError):
             self.run = None  # a record it cannot read is none: no file is written from a guess
         written = data.get("written")
+        if not all(isinstance(f, str) and isinstance(p, dict) for f, p in data["files"].items()) or \
+                (isinstance(written, list) and not all(isinstance(f, str) for f in written)):
+            raise UsageError(f"{self.run_path} is not a run record tune-moe wrote (damaged or edited), so the results "
+                             "beside it cannot be checked; move the folder away, or pass --fresh to discard them")
         self.written = set(written) if isinstance(written, list) else None
 
     def _save_run(self) -> None:
@@ -112,6 +139,7 @@ class Store:
     def note_written(self, file: str) -> None:
         """Record that ``file`` (config and sidecar) holds these results; called once both are in place (after
         ``note_run``, or by a resume that found the record kept)."""
+        self.wrote = True
         if file not in self.written:
             self.written.add(file)
             self._save_run()
@@ -142,11 +170,11 @@ class Store:
         out = {}
         if not self.results_path.exists():
             return out
-        for line in self.results_path.read_text().splitlines():
+        for line in self.results_path.read_bytes().splitlines():
             try:
                 r = JobResult.from_json(json.loads(line))
-            except (json.JSONDecodeError, TypeError, KeyError, ValueError):
-                continue  # a line cut short by a kill: that job simply runs again
+            except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, ValueError, AttributeError):
+                continue  # a line cut short by a kill (or damaged): that job simply runs again
             out[(r.file, r.m)] = r
         return out
 

@@ -123,8 +123,13 @@ def _select_shapes(plan: Plan, args: argparse.Namespace) -> Plan:
         names = missing_config_files(Path(args.from_vllm_log))
         logged = shapes.shapes_from_file_names(names, plan.model, plan.gpu.device_name)
         other = sorted({s.dtype for s in logged} - {plan.dtype})
-        if other:
+        if other and not any(s.dtype == plan.dtype for s in logged):
             raise UsageError(f"--from-vllm-log names {other[0]} shapes, not {plan.dtype}; re-run with --dtype {other[0]}")
+        if other:  # the log of two serves (bf16 and fp8): this run tunes the --dtype ones
+            skipped = sum(s.dtype != plan.dtype for s in logged)
+            print(f"--from-vllm-log: the log also names {skipped} {other[0]} shape{'s' * (skipped > 1)}, not tuned "
+                  f"here; tune {'them' if skipped > 1 else 'it'} with --dtype {other[0]}\n")
+            names, logged = zip(*((n, s) for n, s in zip(names, logged) if s.dtype == plan.dtype))
         runs = shapes.layouts_of(plan.model, plan.dtype, plan.vllm_version, plan.moe_backend)
         foreign = [name for name, s in zip(names, logged) if s not in runs]
         if foreign:

@@ -34,7 +34,7 @@ from dataclasses import asdict
 from pathlib import Path
 from types import MethodType, SimpleNamespace
 
-from .serve_command import GRAPH_KEYS
+from .serve_command import BOUNDS, GRAPH_KEYS, out_of_bounds, sizes_below_one
 from .vllm_rules import ACTIVATIONS, VLLM_VERSION as VLLM_SERIES, LayerRuntime, ServeFacts
 
 ARCHS = {"sm90": ((9, 0), "NVIDIA H200"), "sm100": ((10, 0), "NVIDIA B200")}
@@ -46,6 +46,21 @@ CHECKPOINT_BLOCK = (128, 128)
 # README §2w: they answer alike but for B200 bf16 SwiGLU-step layers, which 0.34 runs on FlashInfer TRT-LLM).
 # Its serve op runs either release's parser and VllmConfig._set_cudagraph_sizes (0.34 splits prefill and decode).
 PROBED = (VLLM_SERIES, "0.34")
+
+
+def _within(value, key: str) -> bool:
+    """Whether vLLM's own pydantic field (the config class ``BOUNDS`` names) takes ``value`` for ``key``."""
+    import typing
+
+    import pydantic
+    import vllm.config
+
+    field = getattr(vllm.config, BOUNDS[key][0]).__pydantic_fields__[key]
+    try:
+        pydantic.TypeAdapter(typing.Annotated[int, field]).validate_python(value)
+    except pydantic.ValidationError:
+        return False
+    return True
 
 
 def _ask(request: dict) -> object:
@@ -158,7 +173,7 @@ class _Oracle:
         from vllm.entrypoints.common.cli_args import make_arg_parser
         from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-        return make_arg_parser(FlexibleArgumentParser())
+        return make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))  # its errors say "vllm serve: error:"
 
     def flags(self) -> dict:
         """option -> [destination, how many values it takes (0, 1, "+" or "?"), the value it stores with none]."""
@@ -183,7 +198,7 @@ class _Oracle:
             return parsed
         try:
             plan = self._plan(parsed["ns"], parsed["command"], request["memory_gb"], request.get("mtp_layers", 1))
-        except ValueError as e:  # what VllmConfig raises for the sizes
+        except (ValueError, AssertionError) as e:  # what VllmConfig raises for the sizes
             return {"error": _first_line(e)}
         return {"command": parsed["command"], "plan": plan}
 
@@ -227,6 +242,9 @@ class _Oracle:
                     return {"error": f"{flag} and --speculative-config['{key}'] are mutually exclusive"}
                 spec[key] = value
         spec = {k.replace("-", "_"): v for k, v in spec.items()}
+        if spec.get("num_speculative_tokens") is not None and not _within(spec["num_speculative_tokens"],
+                                                                          "num_speculative_tokens"):
+            return {"error": out_of_bounds("num_speculative_tokens", spec["num_speculative_tokens"])}
         method = spec.get("method")
         if method in typing.get_args(MTPModelTypes):
             method = "mtp"
@@ -234,6 +252,8 @@ class _Oracle:
             method = "ngram" if spec.get("model") else "draft_model"
         ns.speculative_config = {**spec, "method": method} if spec else None
         graph = {k: _plain(getattr(cc, k, None)) for k in GRAPH_KEYS if getattr(cc, k, None) is not None}
+        if problem := next(filter(None, (sizes_below_one(k, v) for k, v in graph.items() if k.endswith("sizes"))), None):
+            return {"error": problem}
         command = {"model": ns.model_tag or ns.model, "tp": ns.tensor_parallel_size, "dp": ns.data_parallel_size,
                    "ep": bool(ns.enable_expert_parallel), "moe_backend": ns.moe_backend,
                    "quantization": ns.quantization, "num_speculative_tokens": int(spec.get("num_speculative_tokens") or 0),
@@ -261,6 +281,11 @@ class _Oracle:
         if ns.performance_mode == "throughput":
             tokens, seqs = tokens * 2, seqs * 2
         tokens, seqs = ns.max_num_batched_tokens or tokens, ns.max_num_seqs or seqs
+        for key, value in (("tensor_parallel_size", ns.tensor_parallel_size),
+                           ("data_parallel_size", ns.data_parallel_size), ("max_num_seqs", seqs),
+                           ("max_num_batched_tokens", tokens)):
+            if not _within(value, key):
+                raise ValueError(out_of_bounds(key, value))
         cc, level = ns.compilation_config, OptimizationLevel(int(ns.optimization_level))
         if cc.cudagraph_mode is None:
             cc.cudagraph_mode = OPTIMIZATION_LEVEL_TO_CONFIG[level]["compilation_config"]["cudagraph_mode"]
@@ -318,9 +343,7 @@ class _Oracle:
 
     def preflight(self, request: dict) -> dict:
         from .errors import UsageError
-        from .preflight import checkpoint
-
-        from .models import mtp_layers
+        from .models import checkpoint, mtp_layers
 
         parsed = self._parse_serve(request)
         if "error" in parsed:
@@ -329,9 +352,9 @@ class _Oracle:
         try:
             model, dtype = checkpoint(c["model"], c["quantization"], c["hf_overrides"])
             answer = {"command": c, "plan": self._plan(parsed["ns"], c, request["memory_gb"], mtp_layers(c["model"]))}
-        except UsageError as e:
-            return {"error": str(e)}
-        except ValueError as e:  # what VllmConfig raises for the sizes
+        except UsageError as e:  # tune-moe's own refusal (the checkpoint's), not vLLM's
+            return {"error": str(e) if str(e).startswith("preflight:") else f"preflight: {e}"}
+        except (ValueError, AssertionError) as e:  # what VllmConfig raises for the sizes
             return {"error": _first_line(e)}
         facts = ServeFacts(arch=request["arch"], dtype=dtype, tp=c["tp"], dp=c["dp"], ep=c["ep"],
                            moe_backend=c["moe_backend"], env=tuple(sorted(request["env"].items())),
@@ -347,7 +370,10 @@ class _Oracle:
 
     def run(self, serve: ServeFacts, activation: str) -> LayerRuntime:
         self._enter(serve)
-        e8m0 = bool(self.dg.is_deep_gemm_e8m0_used())
+        try:
+            e8m0 = bool(self.dg.is_deep_gemm_e8m0_used())
+        except ValueError:  # a DeepGEMM variable int() cannot read: an error below where vLLM's selection reads it
+            e8m0 = False
         try:
             config = self._moe_config(serve, activation)
             if serve.dtype == "fp8":

@@ -74,9 +74,31 @@ class ServeFacts:
         return dict(self.env).get(name)
 
     def flag(self, name: str, default: bool) -> bool:
-        """A boolean vLLM variable as vllm.envs reads it (``bool(int(value))``)."""
+        """A boolean vLLM variable as vllm.envs reads it (``bool(int(value))``; ``unreadable_flag`` first)."""
         value = self.var(name)
         return default if value is None else bool(int(value))
+
+
+# The boolean variables the mirror reads, each as vllm.envs does: bool(int(value)). Another value raises where
+# vLLM's selection code reads it, which stops the serve (``layer_runtime`` reports it so).
+FLAGS = ("VLLM_USE_DEEP_GEMM", "VLLM_USE_DEEP_GEMM_E8M0", "VLLM_MOE_USE_DEEP_GEMM", "VLLM_BATCH_INVARIANT")
+
+
+def unreadable_flags(env) -> list[str]:
+    """The FLAGS that ``env`` (a mapping) sets to a value vLLM's int() cannot read."""
+    def readable(value: str) -> bool:
+        try:
+            int(value)
+        except ValueError:
+            return False
+        return True
+    return [name for name in FLAGS if name in env and not readable(env[name])]
+
+
+def flag_fix(error: str, env) -> str | None:
+    """The fix for a start-up ``error`` (LayerRuntime.error) that an unreadable FLAGS variable of ``env`` causes."""
+    names = unreadable_flags(env) if error.startswith("ValueError: invalid literal for int()") else []
+    return f"set {' and '.join(names)} to 0 or 1 (vLLM reads it as a whole number)" if names else None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -275,8 +297,14 @@ def _unblocked(n: int, refined: bool, tp: int, block: tuple[int, int] = (128, 12
 
 def layer_runtime(s: ServeFacts, activation: str) -> LayerRuntime:
     """The backend and shard vLLM runs one MoE layer of ``activation`` with (the mirror)."""
-    e8m0 = e8m0_used(s)
-    found = _unsplit(s) or (_fp8_layer(s, activation) if s.dtype == "fp8" else _bf16_layer(s, activation))
+    try:
+        e8m0 = e8m0_used(s)
+    except ValueError:  # reported below where the selection reads the variable
+        e8m0 = False
+    try:
+        found = _unsplit(s) or (_fp8_layer(s, activation) if s.dtype == "fp8" else _bf16_layer(s, activation))
+    except ValueError as e:  # a FLAGS variable int() cannot read, where vLLM's selection reads it
+        found = f"ValueError: {e}"
     if s.dtype == "fp8" and not isinstance(found, str):
         n, _, refined = fp8_shard(s)
         found = _unblocked(n, refined, s.tp) or found
