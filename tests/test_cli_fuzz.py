@@ -296,6 +296,16 @@ ROWS = [
         err="not a vLLM MoE config (a JSON object of batch sizes)"),
     row("verify-odd-file-name", "verify", "--gpu", "H200", "--configs", "c", files={"c/E=abc.json": GOOD},
         err="E=abc.json: not a vLLM fused-MoE config file name"),
+    *(row(f"verify-file-name-{name}", "verify", "--gpu", "H200", "--configs", "c", files={f"c/{file}": GOOD},
+          err=f"c/{file}: not a vLLM fused-MoE config file name ({bad}: vLLM writes a positive integer in ASCII "
+              "digits there); expected E=..,N=..,device_name=...json; rename or remove it")
+      for name, file, bad in (
+          ("e-zero", EP4.replace("E=72", "E=0") + ".json", "E=0"),
+          ("n-zero", EP4.replace("N=1280", "N=0") + ".json", "N=0"),
+          ("block-zero", EP4.replace("[128,128]", "[0,0]") + ".json", "block_shape[0]=0"),
+          ("e-not-ascii-digits", EP4.replace("E=72", "E=\u0667\u0662") + ".json", "E=\u0667\u0662"),
+          ("e-leading-zero", EP4.replace("E=72", "E=072") + ".json", "E=072"),
+      )),
     row("verify-against-missing", "verify", "--gpu", "H200", "--configs", "c", "--against", "old",
         files={f"c/{EP4}.json": GOOD}, err="--against old: not a folder; pass the folder of the files these replace"),
     row("verify-against-corrupt", "verify", "--gpu", "H200", "--configs", "c", "--against", "old",
@@ -383,6 +393,11 @@ ROWS = [
     row("bake-corrupt-sidecar", "bake", "--device", "NVIDIA_H200", "--configs", "kc", "--target", "t",
         files={f"kc/NVIDIA_H200/{EP4}.json": GOOD, f"kc/NVIDIA_H200/{EP4}.provenance.json": "{"},
         err="corrupt JSON"),
+    row("bake-config-e-zero", "bake", "--device", "NVIDIA_H200", "--configs", "kc", "--target", "t",
+        files={f"kc/NVIDIA_H200/{EP4}.json": GOOD, f"kc/NVIDIA_H200/{EP4.replace('E=72', 'E=0')}.json": GOOD},
+        err=f"kc/NVIDIA_H200/{EP4.replace('E=72', 'E=0')}.json: not a vLLM fused-MoE config file name (E=0: vLLM "
+            "writes a positive integer in ASCII digits there); expected E=..,N=..,device_name=...json; rename or "
+            "remove it"),
     row("bake-configs-is-a-file", "bake", "--device", "NVIDIA_H200", "--configs", "afile", "--target", "t",
         files={"afile": "x"}, err="--configs afile: is a file, not a folder"),
     row("bake-print-env-without-bake", "bake", "--device", "NVIDIA_H200", "--configs", "kc", "--target", "t",

@@ -37,7 +37,7 @@ from .provenance import SUFFIX as PROVENANCE_SUFFIX, TOOL, sidecar_path as prove
 from .errors import UsageError
 from .files import output_folder
 from .kernel import installed_vllm_version
-from .shapes import DEFAULT_VLLM_VERSION, FILE_NAME, parse_version
+from .shapes import DEFAULT_VLLM_VERSION, FILE_NAME, file_name_error, parse_version
 from .vllm_rules import launch_changes
 
 DEFAULT_CONFIGS = Path("kernels_configs")  # one folder per vLLM release (vllm-0.33), one per device in each
@@ -144,8 +144,7 @@ def collect(folder: Path, device: str) -> list[BakedFile]:
     configs = [n for n in names if config_device(n)]
     odd = [n for n in names if n.startswith("E=") and n not in configs]
     if odd:
-        raise UsageError(f"{folder / odd[0]}: not a vLLM fused-MoE config name (E=..,N=..,device_name=...json); "
-                         "rename or remove it")
+        raise file_name_error(odd[0], folder / odd[0])
     if not configs:
         raise UsageError(f"{folder}: no vLLM config files (E=...,device_name={device}...json); run tune-moe first")
     return [f for n in configs for f in _validate_config(folder / n, device)]

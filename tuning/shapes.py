@@ -207,8 +207,26 @@ def _fix_fp8_shard(model, layout, shard, block, vllm_version, moe_backend):
     return shard, (refine, refine)
 
 
-# The inverse of MoeShape.file_name: E, N, device, dtype (None: bf16), block n, block k.
-FILE_NAME = re.compile(r"^E=(\d+),N=(\d+),device_name=([^,]+)(?:,dtype=([a-z0-9_]+))?(?:,block_shape=\[(\d+),(\d+)\])?\.json$")
+# The inverse of MoeShape.file_name: E, N, device, dtype (None: bf16), block n, block k. vLLM writes each number
+# as Python prints a positive int: ASCII digits, no leading zero (a zero block leaves block_shape out of the name).
+_COUNT = r"[1-9][0-9]*"
+FILE_NAME = re.compile(rf"^E=({_COUNT}),N=({_COUNT}),device_name=([^,]+)(?:,dtype=([a-z0-9_]+))?"
+                       rf"(?:,block_shape=\[({_COUNT}),({_COUNT})\])?\.json$")
+# the same layout with anything between the separators: which number of a name FILE_NAME refuses is wrong
+_NUMBERS = re.compile(r"^E=([^,]*),N=([^,]*),device_name=[^,]+(?:,dtype=[^,]*)?(?:,block_shape=\[([^,\]]*),([^\]]*)\])?"
+                      r"\.json$")
+
+
+def file_name_error(name: str, where: object = None) -> UsageError:
+    """The one line refusing ``name`` (shown as ``where``, default the name itself), which FILE_NAME does not match:
+    the number vLLM would never write, where that is what is wrong."""
+    m = _NUMBERS.match(name)
+    keys = ("E", "N", "block_shape[0]", "block_shape[1]")
+    bad = next((f"{k}={v}" for k, v in zip(keys, m.groups() if m else ()) if v is not None
+                and not re.fullmatch(_COUNT, v)), None)
+    why = f" ({bad}: vLLM writes a positive integer in ASCII digits there)" if bad else ""
+    return UsageError(f"{where or name}: not a vLLM fused-MoE config file name{why}; expected "
+                      "E=..,N=..,device_name=...json; rename or remove it")
 
 
 def layouts_of(model: ModelGeometry, dtype: str, vllm_version: str, moe_backend: str = "auto",
@@ -231,7 +249,7 @@ def shapes_from_file_names(names: list[str], model: ModelGeometry, device_name: 
     for name in names:
         m = FILE_NAME.match(name)
         if not m:
-            raise UsageError(f"{name}: not a vLLM fused-MoE config file name; expected E=..,N=..,device_name=...json")
+            raise file_name_error(name)
         if m.group(3) != device_name:
             raise UsageError(f"{name} is for {m.group(3)}, not {device_name}; run on that GPU or pass its --gpu")
         if m.group(4) not in (None, "fp8_w8a8"):

@@ -39,7 +39,7 @@ from .jobs import KEEP_WITHIN
 from .kernel import KernelSource, installed_fused_moe, installed_vllm_version, quiet_imports, target_release
 from .models import DEFAULT_MODEL, ModelGeometry, load_model
 from .provenance import SUFFIX as PROVENANCE_SUFFIX
-from .shapes import MoeShape, shapes_from_file_names
+from .shapes import FILE_NAME, MoeShape, file_name_error, shapes_from_file_names
 from .vllm_rules import launch_changes, nearest_entry
 
 REGRESSION = 0.98
@@ -114,6 +114,8 @@ def tuned_files(folder: Path, prefixes: list[str], gpu: GpuSpec, model_arg: str 
     models: dict[str, ModelGeometry] = {}
     out = []
     for name in names:
+        if not FILE_NAME.match(name):
+            raise file_name_error(name, folder / name)
         spec = model_arg or (DEFAULT_MODEL + ("-FP8" if "dtype=fp8" in name else ""))
         model = models[spec] = models.get(spec) or load_model(spec)
         shape = shapes_from_file_names([name], model, gpu.device_name)[0]
