@@ -43,7 +43,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def provenance_for(config_path: Path, configs: dict, *, triton: str = "3.8.0", vllm: str = "0.33.0",
-                   kernel_sha256: str = "0" * 64, layouts: tuple[str, ...] = ()):
+                   kernel_sha256: str = "0" * 64, layouts: tuple[str, ...] = ()):  # (): the shape's layout
     """A valid sidecar record for ``config_path`` holding ``configs`` (default = tuned, speedup 1)."""
     from tuning.provenance import BatchRow, Provenance, RunInfo
     from tuning.shapes import FILE_NAME, MoeShape
@@ -57,6 +57,7 @@ def provenance_for(config_path: Path, configs: dict, *, triton: str = "3.8.0", v
     rows = tuple(BatchRow(m=bs, default=c, default_us=10.0, tuned=c, tuned_us=10.0, speedup=1.0, roofline_us=5.0,
                           default_pct_roofline=50.0, tuned_pct_roofline=50.0, bound="memory")
                  for bs, c in sorted(configs.items()))
+    layouts = layouts or ((f"TP{288 // shape.num_experts}+EP",) if shape.expert_parallel else ("TP1",))  # as a run
     return Provenance(file=Path(config_path).name, shape=shape, layouts=layouts, gpu_key="H200", run=run,
                       search={"strategy": "guided", "routing": "uniform", "seed": 0, "scope": "gemms"},
                       started="2026-11-30T00:00:00Z", finished="2026-11-30T00:01:00Z", tuning_seconds=60.0, rows=rows)

@@ -55,6 +55,18 @@ def _with(base: str, **changes) -> str:
     return json.dumps({**json.loads(base), **changes})
 
 
+def _sidecar(results: dict | None = None, **changes) -> str:
+    """EP4's sidecar with top-level keys replaced and results entries changed ({batch key: fields})."""
+    data = {**json.loads(SIDECAR), **changes}
+    for m, fields in (results or {}).items():
+        data["results"][m] = {**data["results"][m], **fields}
+    return json.dumps(data)
+
+
+SIDE = f"c/{EP4}.provenance.json"
+SIDE_BAKE = f"kc/NVIDIA_H200/{EP4}.provenance.json"
+
+
 def _modes_ignored() -> bool:
     """Whether this process writes into a folder without write permission (root does)."""
     with tempfile.TemporaryDirectory() as d:
@@ -355,6 +367,27 @@ ROWS = [
         files={f"c/{EP4}.json": GOOD,
                f"c/{EP4}.provenance.json": _with(SIDECAR, gpu={**json.loads(SIDECAR)["gpu"], "count": "x"})},
         err="regenerate the sidecar with tune-moe"),
+    *(row(f"report-sidecar-{name}", "report", "--configs", "c", "--out", "out",
+          files={f"c/{EP4}.json": GOOD, SIDE: sidecar}, err=f"{SIDE}: {problem}; regenerate the sidecar with tune-moe")
+      for name, sidecar, problem in (
+          ("confirmed-text", _sidecar(confirmed="yes"), "key 'confirmed' 'yes' is not a list of confirmed entries"),
+          ("confirmed-number", _sidecar(confirmed=[1]), "key 'confirmed.0' 1 is not a confirmed entry (an object)"),
+          ("confirmed-empty-entry", _sidecar(confirmed=[{}]), "missing required key 'confirmed.0.m'"),
+          ("confirmed-m-text", _sidecar(confirmed=[{"m": "4", "config": "x", "replaces": "y", "on": "GPU-0",
+                                                     "old_us": 2.0, "new_us": 1.0}]),
+           "key 'confirmed.0.m' '4' is not a batch size"),
+          ("layouts-empty", _sidecar(layouts=[], results={"1": {"roofline_us": 0}}),
+           """key 'layouts' [] is not a list of the layouts it was tuned for (e.g. ["TP4"])"""),
+          ("layouts-text", _sidecar(layouts="TP4+EP", results={"1": {"roofline_us": 0}}),
+           """key 'layouts' 'TP4+EP' is not a list of the layouts it was tuned for (e.g. ["TP4"])"""),
+          ("layouts-garbage", _sidecar(layouts=["TP4+EP", "FOO"]),
+           "key 'layouts' holds 'FOO', which is not a layout (TP4, DP4+EP, ...)"),
+          ("batch-key-not-ascii", json.dumps({**json.loads(SIDECAR), "results": {
+              ("\u00b2" if m == "1" else m): v for m, v in json.loads(SIDECAR)["results"].items()}}),
+           "results key '\u00b2' is not a batch size"),
+          ("vllm-garbage", _sidecar(software={**json.loads(SIDECAR)["software"], "vllm": "garbage"}),
+           "key 'software.vllm' 'garbage' is not a vLLM version (MAJOR.MINOR[.PATCH])"),
+      )),
     row("report-out-is-a-file", "report", "--configs", "c", "--out", "afile",
         files={f"c/{EP4}.json": GOOD, f"c/{EP4}.provenance.json": SIDECAR, "afile": "x"},
         err="--out afile: exists and is not a folder"),
@@ -393,6 +426,12 @@ ROWS = [
     row("bake-corrupt-sidecar", "bake", "--device", "NVIDIA_H200", "--configs", "kc", "--target", "t",
         files={f"kc/NVIDIA_H200/{EP4}.json": GOOD, f"kc/NVIDIA_H200/{EP4}.provenance.json": "{"},
         err="corrupt JSON"),
+    row("bake-sidecar-vllm-garbage", "bake", "--device", "NVIDIA_H200", "--configs", "kc", "--target", "t",
+        "--vllm-version", "0.33",
+        files={f"kc/NVIDIA_H200/{EP4}.json": GOOD,
+               SIDE_BAKE: _sidecar(software={**json.loads(SIDECAR)["software"], "vllm": "garbage"})},
+        err=f"{SIDE_BAKE}: key 'software.vllm' 'garbage' is not a vLLM version (MAJOR.MINOR[.PATCH]); regenerate "
+            "the sidecar with tune-moe", absent="--vllm-version"),
     row("bake-config-e-zero", "bake", "--device", "NVIDIA_H200", "--configs", "kc", "--target", "t",
         files={f"kc/NVIDIA_H200/{EP4}.json": GOOD, f"kc/NVIDIA_H200/{EP4.replace('E=72', 'E=0')}.json": GOOD},
         err=f"kc/NVIDIA_H200/{EP4.replace('E=72', 'E=0')}.json: not a vLLM fused-MoE config file name (E=0: vLLM "

@@ -52,6 +52,37 @@ def test_no_sidecar_is_none_and_a_bad_one_is_one_line(tmp_path):
         assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("key, value, problem", [
+    ("confirmed", {"m": 4}, "key 'confirmed' {'m': 4} is not a list of confirmed entries"),
+    ("confirmed", [{"m": 4, "config": "x", "replaces": "y", "on": "GPU-0", "old_us": 2.0, "new_us": "fast"}],
+     "key 'confirmed.0.new_us' is not a finite number"),
+    ("confirmed", [{"m": 4, "config": "x", "replaces": "y", "on": "GPU-0", "old_us": 2.0, "new_us": 1.0,
+                    "also_confirmed_on": {"GPU-1": None}}],
+     "key 'confirmed.0.also_confirmed_on' holds 'GPU-1', whose old/new is not a finite number"),
+    ("layouts", ["TP4+EP", 4], "key 'layouts' ['TP4+EP', 4] is not a list of the layouts it was tuned for "
+                               '(e.g. ["TP4"])'),
+    ("software", {"cuda": "13.0", "torch": "2.11.0", "triton": "3.8.0", "vllm": 0.33},
+     "key 'software.vllm' 0.33 is not a vLLM version (MAJOR.MINOR[.PATCH])"),
+    ("results", {"\u0661": {}}, "results key '\u0661' is not a batch size"),
+])
+def test_sidecar_keys_a_command_reads_later_are_checked_when_it_is_read(tmp_path, key, value, problem):
+    path = ours(tmp_path)
+    side = provenance.sidecar_path(path)
+    side.write_text(json.dumps({**json.loads(side.read_text()), key: value}))
+    with pytest.raises(UsageError) as err:
+        provenance.read(path)
+    assert str(err.value) == f"{side}: {problem}; regenerate the sidecar with tune-moe"
+
+
+def test_a_vllm_version_with_a_patch_or_a_local_part_is_read(tmp_path):
+    path = ours(tmp_path)
+    side = provenance.sidecar_path(path)
+    for version in ("0.33", "0.33.0", "0.33.0rc1", "0.33.0+cu130", "v0.34.1"):
+        data = json.loads(side.read_text())
+        side.write_text(json.dumps({**data, "software": {**data["software"], "vllm": version}}))
+        assert provenance.read(path).run.vllm == version
+
+
 def test_check_writable_new_file(tmp_path):
     new = check_writable(tmp_path / EP4, SOFTWARE)
     assert new.configs == {} and new.held == {}

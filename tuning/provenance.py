@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .configs import FIELDS, TileConfig
 from .errors import UsageError
 from .files import atomic_write_json
-from .shapes import MoeShape
+from .shapes import MoeShape, parse_layout
 
 TOOL = "tune-moe"
 SUFFIX = ".provenance.json"
+BATCH_KEY = re.compile(r"[0-9]+")  # a results key; str.isdigit() also takes "²", which int() refuses
+VLLM_VERSION = re.compile(r"v?[0-9]+\.[0-9]+(?![0-9])")  # MAJOR.MINOR, then anything (.PATCH, rc1, +cu130)
 
 
 def sidecar_path(config_path: Path | str) -> Path:
@@ -146,6 +149,19 @@ class Provenance:
                 f"{self.layouts[-1]} --batch-sizes {sizes} --vllm-version {self.run.vllm}")
 
 
+def _finite(value: object) -> bool:
+    try:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _short(value: object) -> str:
+    """A value read from a file, as one short piece of a line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 class _Reader:
     """Validation of a sidecar: every problem is one line naming the file and the key."""
 
@@ -164,11 +180,7 @@ class _Reader:
 
     def number(self, data: dict, path: str) -> float:
         value = self.get(data, path)
-        try:
-            finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(float(value))
-        except OverflowError:
-            finite = False
-        if not finite:
+        if not _finite(value):
             raise self.fail(f"key '{path}' is not a finite number")
         return float(value)
 
@@ -184,7 +196,7 @@ class _Reader:
         return TileConfig(*values)
 
     def row(self, data: dict, m: str) -> BatchRow:
-        if not m.isdigit():
+        if not BATCH_KEY.fullmatch(m):
             raise self.fail(f"results key {m!r} is not a batch size")
         raw = data["results"][m]
         numbers = {k: self.number(data, f"results.{m}.{k}") for k in (
@@ -205,6 +217,57 @@ class _Reader:
         except (TypeError, ValueError, OverflowError):
             raise self.fail("'shape' holds a non-integer field") from None
 
+    def layouts(self, data: dict) -> tuple[str, ...]:
+        """The layouts the file was tuned for: every run records at least one (a re-tune command names the last)."""
+        value = self.get(data, "layouts")
+        if not isinstance(value, list) or not value or not all(isinstance(x, str) for x in value):
+            raise self.fail(f"key 'layouts' {_short(value)} is not a list of the layouts it was tuned for "
+                            '(e.g. ["TP4"])')
+        for x in value:
+            try:
+                parse_layout(x)
+            except UsageError:
+                raise self.fail(f"key 'layouts' holds {_short(x)}, which is not a layout (TP4, DP4+EP, ...)") from None
+        return tuple(value)
+
+    def vllm(self, data: dict) -> str:
+        value = self.get(data, "software.vllm")
+        if not isinstance(value, str) or not VLLM_VERSION.match(value):
+            raise self.fail(f"key 'software.vllm' {_short(value)} is not a vLLM version (MAJOR.MINOR[.PATCH])")
+        return value
+
+    def confirmed(self, data: dict) -> None:
+        """``verify --keep-confirmed``'s record of the entries it took (optional): each with its batch size, the
+        configs it replaced and took, the board and the old and new times."""
+        if "confirmed" not in data:
+            return
+        value = data["confirmed"]
+        if not isinstance(value, list):
+            raise self.fail(f"key 'confirmed' {_short(value)} is not a list of confirmed entries")
+        for i, entry in enumerate(value):
+            at = f"confirmed.{i}"
+            if not isinstance(entry, dict):
+                raise self.fail(f"key '{at}' {_short(entry)} is not a confirmed entry (an object)")
+            missing = [k for k in ("m", "config", "replaces", "on", "old_us", "new_us") if k not in entry]
+            if missing:
+                raise self.fail(f"missing required key '{at}.{missing[0]}'")
+            m = entry["m"]
+            if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+                raise self.fail(f"key '{at}.m' {_short(m)} is not a batch size")
+            text = next((k for k in ("config", "replaces", "on") if not isinstance(entry[k], str)), None)
+            if text:
+                raise self.fail(f"key '{at}.{text}' {_short(entry[text])} is not text")
+            number = next((k for k in ("old_us", "new_us") if not _finite(entry[k])), None)
+            if number:
+                raise self.fail(f"key '{at}.{number}' is not a finite number")
+            also = entry.get("also_confirmed_on", {})
+            if not isinstance(also, dict):
+                raise self.fail(f"key '{at}.also_confirmed_on' is not an object of boards and their old/new")
+            for board, ratio in also.items():
+                if not _finite(ratio):
+                    raise self.fail(f"key '{at}.also_confirmed_on' holds {_short(board)}, whose old/new is not a "
+                                    "finite number")
+
     def target(self, data: object) -> Target | None:
         if data is None:
             return None
@@ -222,19 +285,21 @@ class _Reader:
             self.get(data, key)
         if not isinstance(data["results"], dict) or not data["results"]:
             raise self.fail("it holds no results")
+        layouts, vllm = self.layouts(data), self.vllm(data)
+        self.confirmed(data)
         shape, gpu, sw = self.shape(data), data["gpu"], data["software"]
         if data["file"] != shape.file_name(str(gpu["device_name"])):
             raise self.fail(f"its 'file' {data['file']!r} does not match its shape and device")
         run = RunInfo(gpu_name=str(gpu["name"]), device_name=gpu["device_name"], driver=str(gpu["driver"]),
                       count=self.count(gpu["count"]), cuda=str(sw["cuda"]), torch=str(sw["torch"]),
-                      triton=str(sw["triton"]), python=str(sw.get("python", "")), vllm=str(sw["vllm"]),
+                      triton=str(sw["triton"]), python=str(sw.get("python", "")), vllm=vllm,
                       kernel=str(sw.get("kernel", "")), kernel_sha256=str(sw.get("kernel_sha256", "")))
         target = data.get("target")
         known = {"tool", "tool_version", "file", "shape", "layouts", "gpu", "software", "target", "search", "started",
                  "finished", "tuning_seconds", "results"}
         return Provenance(
             file=data["file"], shape=shape, gpu_key=str(gpu.get("key", "")), run=run,
-            layouts=tuple(str(x) for x in data["layouts"]) if isinstance(data["layouts"], list) else (),
+            layouts=layouts,
             search=dict(data["search"]), started=str(data.get("started", "")), finished=str(data.get("finished", "")),
             tuning_seconds=self.number(data, "tuning_seconds"),
             rows=tuple(sorted((self.row(data, m) for m in data["results"]), key=lambda r: r.m)),
