@@ -211,6 +211,32 @@ def test_file_or_read_only_folder_as_target_is_one_line(configs: Path, tmp_path:
     assert listing(tmp_path) == before
 
 
+def tree(folder: Path) -> dict[str, str]:
+    """Every entry under ``folder``: a link (not followed), a folder, or a file's bytes."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = Path(root) / name
+            out[str(path.relative_to(folder))] = (f"link {os.readlink(path)}" if path.is_symlink() else
+                                                  "folder" if path.is_dir() else path.read_bytes().hex())
+    return out
+
+
+@pytest.mark.parametrize("which", ["config", "sidecar"])
+def test_a_config_or_sidecar_that_is_a_link_to_nothing_is_one_line(configs: Path, tmp_path: Path, capsys, which):
+    """Neither is read through a dangling link, nor is a sidecar link to nothing taken for no sidecar."""
+    config = configs / DEVICE / FP8
+    path = config if which == "config" else provenance_path(config)
+    path.unlink()
+    path.symlink_to("gone.json")
+    before = tree(tmp_path)
+    assert bake_cli("--device", DEVICE, "--configs", str(configs), "--target", str(tmp_path / "t")) == 2
+    assert capsys.readouterr().err == (f"tune-moe: error: {path}: a link to gone.json, which does not exist or loops; "
+                                       f"remove it or put the {which} {'file ' if which == 'config' else ''}"
+                                       "tune-moe wrote there\n")
+    assert tree(tmp_path) == before
+
+
 def test_configs_that_is_a_file_is_one_line(tmp_path: Path, capsys):
     (tmp_path / "configs.json").write_text("{}")
     argv = ("--device", DEVICE, "--configs", str(tmp_path / "configs.json"))

@@ -52,6 +52,22 @@ def test_no_sidecar_is_none_and_a_bad_one_is_one_line(tmp_path):
         assert "\n" not in str(err.value)
 
 
+def test_a_sidecar_that_is_a_link_to_nothing_or_a_folder_is_one_line(tmp_path):
+    """A sidecar link whose file is gone is refused, not taken for no sidecar."""
+    path = tmp_path / EP4
+    side = provenance.sidecar_path(path)
+    side.symlink_to("gone.json")
+    with pytest.raises(UsageError) as err:
+        provenance.read(path)
+    assert str(err.value) == (f"{side}: a link to gone.json, which does not exist or loops; remove it or put the "
+                              "sidecar tune-moe wrote there")
+    side.unlink()
+    side.mkdir()
+    with pytest.raises(UsageError) as err:
+        provenance.read(path)
+    assert str(err.value) == f"{side}: a folder, not a file; remove it or put the sidecar tune-moe wrote there"
+
+
 @pytest.mark.parametrize("key, value, problem", [
     ("confirmed", {"m": 4}, "key 'confirmed' {'m': 4} is not a list of confirmed entries"),
     ("confirmed", [{"m": 4, "config": "x", "replaces": "y", "on": "GPU-0", "old_us": 2.0, "new_us": "fast"}],

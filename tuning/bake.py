@@ -94,6 +94,15 @@ def device_folder(configs: Path, device: str) -> Path:
     return folder
 
 
+def _read(path: Path, fix: str) -> bytes:
+    """The bytes of a file to bake; one line for a folder, a link to nothing or a file that cannot be read."""
+    provenance.check_file(path, fix)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read it ({exc.strerror}); {fix}") from None
+
+
 def _load_json(path: Path, data: bytes) -> object:
     try:
         return json.loads(data)
@@ -106,12 +115,12 @@ def _validate_config(path: Path, device: str) -> list[BakedFile]:
     named = config_device(path.name)
     if named != device:
         raise UsageError(f"{path} is for device {named}, not {device}; move it to {path.parent.parent / named}/")
-    data = path.read_bytes()
+    data = _read(path, "remove it or put the config file tune-moe wrote there")
     read_config_file(path)
     side = provenance_path(path)
-    if not side.exists():
+    if not os.path.lexists(side):  # a link to nothing is refused, not taken for no sidecar
         return [BakedFile(path.name, data)]
-    side_data = side.read_bytes()
+    side_data = _read(side, "remove it or put the sidecar tune-moe wrote there")
     prov = _load_json(side, side_data)
     if not isinstance(prov, dict) or prov.get("tool") != TOOL or prov.get("file") != path.name:
         raise UsageError(f"{side}: not a {TOOL} sidecar for {path.name}; regenerate it with tune-moe or delete it")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -308,11 +309,22 @@ class _Reader:
             extra={k: v for k, v in data.items() if k not in known})
 
 
+def check_file(path: Path, fix: str) -> None:
+    """One line, ending with ``fix``, when ``path`` (present, if only as a link) is not a file that can be read:
+    a folder, a link to nothing (or to itself), a device or pipe."""
+    if path.is_file():
+        return
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"{path}: a link to {os.readlink(path)}, which does not exist or loops; {fix}")
+    raise UsageError(f"{path}: {'a folder' if path.is_dir() else 'a device or pipe'}, not a file; {fix}")
+
+
 def read(config_path: Path | str) -> Provenance | None:
     """The sidecar of ``config_path``; None when there is none; one-line error when it is corrupt."""
     path = sidecar_path(config_path)
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
+    check_file(path, "remove it or put the sidecar tune-moe wrote there")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
