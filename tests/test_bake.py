@@ -237,6 +237,36 @@ def test_a_config_or_sidecar_that_is_a_link_to_nothing_is_one_line(configs: Path
     assert tree(tmp_path) == before
 
 
+@pytest.mark.parametrize("target, link, named", [("t", "gone", "t"), ("t", "t", "t"), ("loop/t", "loop", "loop")],
+                         ids=["dangling", "loop", "under-a-loop"])
+def test_a_target_that_is_a_link_to_nothing_or_a_loop_is_one_line(configs: Path, tmp_path: Path, capsys, target,
+                                                                    link, named):
+    (tmp_path / named).symlink_to(link)
+    before = tree(tmp_path)
+    assert bake_cli("--device", DEVICE, "--configs", str(configs), "--target", str(tmp_path / target)) == 2
+    where = "" if named == target else f"{tmp_path / named} is "
+    assert capsys.readouterr().err == (f"tune-moe: error: --target {tmp_path / target}: {where}a link to {link}, "
+                                       "which does not exist or loops; point it at a folder or pass another "
+                                       "--target\n")
+    assert tree(tmp_path) == before
+
+
+def test_a_manifest_listing_a_path_outside_the_target_removes_nothing(configs: Path, tmp_path: Path, capsys):
+    """A re-bake removes the files the earlier bake's manifest lists: only names of the target's own files count."""
+    target = tmp_path / "t"
+    target.mkdir()
+    (target / "mine.txt").write_text("mine")
+    (tmp_path / "victim.txt").write_text("victim")
+    manifest = target / bake.MANIFEST
+    manifest.write_text(json.dumps({"tool": "tune-moe", "device": DEVICE, "files": ["../victim.txt"]}))
+    before = tree(tmp_path)
+    assert bake_cli("--device", DEVICE, "--configs", str(configs), "--target", str(target), "--force") == 2
+    assert capsys.readouterr().err == (
+        f"tune-moe: error: {manifest}: key 'files' is not a list of the file names a bake put in {target}; delete it "
+        "(the folder's files then count as not from a bake) or choose another --target\n")
+    assert tree(tmp_path) == before
+
+
 def test_configs_that_is_a_file_is_one_line(tmp_path: Path, capsys):
     (tmp_path / "configs.json").write_text("{}")
     argv = ("--device", DEVICE, "--configs", str(tmp_path / "configs.json"))

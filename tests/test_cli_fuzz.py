@@ -443,6 +443,18 @@ ROWS = [
         err=f"kc/NVIDIA_H200/{EP4.replace('E=72', 'E=0')}.json: not a vLLM fused-MoE config file name (E=0: vLLM "
             "writes a positive integer in ASCII digits there); expected E=..,N=..,device_name=...json; rename or "
             "remove it"),
+    *(row(f"bake-manifest-{name}", "bake", "--device", "NVIDIA_H200", "--configs", "kc", "--target", "t", "--force",
+          files={f"kc/NVIDIA_H200/{EP4}.json": GOOD, "t/mine.txt": "x", "victim.txt": "mine",
+                 "t/.tune-moe-bake.json": json.dumps({"tool": "tune-moe", "files": files})},
+          err="t/.tune-moe-bake.json: key 'files' is not a list of the file names a bake put in t; delete it (the "
+              "folder's files then count as not from a bake) or choose another --target")
+      for name, files in (("files-objects", [{}]), ("files-text", "x"), ("files-a-path", ["../victim.txt"]),
+                          ("files-dot-dot", [".."]))),
+    row("bake-manifest-corrupt", "bake", "--device", "NVIDIA_H200", "--configs", "kc", "--target", "t",
+        files={f"kc/NVIDIA_H200/{EP4}.json": GOOD, "t/.tune-moe-bake.json": "{"},
+        err="t/.tune-moe-bake.json: corrupt bake manifest (Expecting property name enclosed in double quotes: line 1 "
+            "column 2 (char 1)); delete it (the folder's files then count as not from a bake) or choose another "
+            "--target"),
     row("bake-configs-is-a-file", "bake", "--device", "NVIDIA_H200", "--configs", "afile", "--target", "t",
         files={"afile": "x"}, err="--configs afile: is a file, not a folder"),
     row("bake-print-env-without-bake", "bake", "--device", "NVIDIA_H200", "--configs", "kc", "--target", "t",

@@ -160,11 +160,27 @@ def collect(folder: Path, device: str) -> list[BakedFile]:
 
 
 def _manifest(target: Path) -> set[str] | None:
-    try:
-        data = json.loads((target / MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    """The files an earlier bake put in ``target`` (the names its manifest lists); None when it has no manifest.
+    A manifest that lists anything but file names of ``target`` is refused: a re-bake removes what it lists."""
+    path = target / MANIFEST
+    if not os.path.lexists(path):
         return None
-    return set(data.get("files", [])) if isinstance(data, dict) and data.get("tool") == TOOL else None
+    fix = "delete it (the folder's files then count as not from a bake) or choose another --target"
+    try:
+        data = json.loads(_read(path, fix))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: corrupt bake manifest ({exc}); {fix}") from None
+    if not isinstance(data, dict) or data.get("tool") != TOOL:
+        raise UsageError(f"{path}: not a {TOOL} bake manifest; {fix}")
+    files = data.get("files")
+    if not isinstance(files, list) or not all(isinstance(n, str) and _plain_name(n) for n in files):
+        raise UsageError(f"{path}: key 'files' is not a list of the file names a bake put in {target}; {fix}")
+    return set(files)
+
+
+def _plain_name(name: str) -> bool:
+    """A file name inside one folder: no path, no . or .., nothing the OS refuses."""
+    return bool(name) and name not in (".", "..") and "/" not in name and os.sep not in name and "\0" not in name
 
 
 def _manifest_bytes(device: str, names: list[str]) -> bytes:
@@ -181,7 +197,17 @@ def foreign_entries(target: Path) -> list[str]:
     return sorted(p.name for p in target.iterdir() if p.name not in ours and not p.name.startswith(STAGE))
 
 
+def _check_links(target: Path) -> None:
+    """One line when ``target``, or a folder above it, is a link to nothing or a loop of links."""
+    for path in (target, *target.parents):
+        if os.path.lexists(path) and not path.exists():
+            what = "" if path == target else f"{path} is "
+            raise UsageError(f"--target {target}: {what}a link to {os.readlink(path)}, which does not exist or loops; "
+                             "point it at a folder or pass another --target")
+
+
 def check_target(source: Path, target: Path, force: bool) -> list[str]:
+    _check_links(target)
     src, dst = source.resolve(), target.resolve()
     if src == dst or src in dst.parents or dst in src.parents:
         raise UsageError(f"--target {target} overlaps the configs folder {source}; choose a folder outside it")
