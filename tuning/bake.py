@@ -72,7 +72,7 @@ class Baked:
 def device_folder(configs: Path, device: str) -> Path:
     if configs.exists() and not configs.is_dir():
         raise UsageError(f"--configs {configs}: is a file, not a folder; pass the folder holding <device>/ folders "
-                         f"(default {DEFAULT_CONFIGS})")
+                         f"(default {DEFAULT_CONFIGS}/vllm-<major.minor>)")
     folder = configs / device
     if not folder.is_dir() or not device or device.startswith(".") or "/" in device or os.sep in device:
         releases = releases_present(configs)

@@ -138,7 +138,7 @@ def tuned_down(folder: Path, shape: MoeShape, device_name: str, m: int) -> dict 
 
 def down_entry(path: Path, m: int) -> dict | None:
     """A `_down.json` file's entry nearest to M, as experts/triton_moe.py picks it (vLLM 0.34)."""
-    table = {int(k): v for k, v in json.loads(Path(path).read_text()).items() if k.isdigit()}
+    table = {int(k): v for k, v in json.loads(Path(path).read_text()).items() if k.isascii() and k.isdigit()}
     return nearest_entry(table, m) if table else None
 
 

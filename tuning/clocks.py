@@ -71,7 +71,7 @@ def sample() -> GpuState | None:
         if _handle is None:
             pynvml.nvmlInit()
             first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
-            _handle = (pynvml.nvmlDeviceGetHandleByIndex(int(first)) if first.isdigit()
+            _handle = (pynvml.nvmlDeviceGetHandleByIndex(int(first)) if first.isascii() and first.isdigit()
                        else pynvml.nvmlDeviceGetHandleByUUID(first))
             _unit = _optional(lambda: _text(pynvml.nvmlDeviceGetUUID(_handle)), "")
         events = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \

@@ -107,7 +107,7 @@ def visible(found: list[DetectedGpu], cuda_visible: str | None) -> list[Detected
     if cuda_visible is None or not found:
         return found
     entries = [e.strip() for e in cuda_visible.split(",") if e.strip()]
-    if all(e.isdigit() for e in entries):
+    if all(e.isascii() and e.isdigit() for e in entries):
         by_index = {g.index: g for g in found}
         usable = [by_index[int(e)] for e in entries if int(e) in by_index]
     else:

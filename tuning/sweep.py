@@ -386,7 +386,7 @@ def _answers(address: str, where: str) -> None:
         raise UsageError(f"{where}: an HTTP address (Ray's dashboard, which `ray job submit` talks to), not a cluster "
                          "to join; unset it on a cluster node, or give the head's HOST:6379")
     host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not (port.isascii() and port.isdigit()):
         return  # 'auto' and the forms Ray resolves itself
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
