@@ -509,6 +509,8 @@ ROWS = [
           "--gpu", "H200", option, value, err=f"argument {option}: {value!r} is not a number of seconds")
       for option, value in (("--timeout", "nan"), ("--timeout", "0"), ("--grace", "inf"), ("--grace", "-1"),
                             ("--bench-timeout", "nan"))),
+    row("serve-print-configs-a-file", "validate-serve", "--print-command", "--layout", "TP4", "--dtype", "bf16",
+        "--gpu", "H200", "--configs", "c", files={"c": "x"}, err="--configs c: is a file, not a folder"),
     row("serve-print-deep-gemm-on", "validate-serve", "--print-command", "--layout", "TP4", "--dtype", "fp8", "--gpu",
         "H200", env={"VLLM_USE_DEEP_GEMM": "on"},
         err="will not start this serve (ValueError: invalid literal for int() with base 10: 'on'); set "

@@ -217,6 +217,9 @@ def build_spec(args: argparse.Namespace, gpu: gpus.GpuSpec, file_env: tuple[tupl
     kernel compiled while serving (``--jit-monitor-verbose``): each pass reports the compiles it caused."""
     if not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port}: not a TCP port; pass 1-65535")
+    if args.configs and Path(args.configs).exists() and not Path(args.configs).is_dir():
+        raise UsageError(f"--configs {args.configs}: is a file, not a folder; pass the folder of tuned files "
+                         "(kernels_configs/vllm-<major.minor>/<device>)")
     env = file_env
     served = {"model": args.model or CHECKPOINTS[args.dtype], "layout": parse_layout(args.layout)}
     if reduced:
