@@ -133,7 +133,7 @@ def test_a_recorded_row_reads_back_as_the_measurement_it_was():
     row = json.loads((results / "b30" / "ep4.json").read_text())["rows"][0]
     for change, words in (({"m": "abc"}, "'m' is 'abc', not an integer >= 1"), ({"m": 2.0}, "'m' is 2.0"),
                           ({"backend": "tuned"}, "'backend' is 'tuned', not one of triton_tuned"),
-                          ({"p80_us": float("nan")}, "'p80_us' is nan, not µs >= 0 or null"),
+                          ({"p80_us": float("nan")}, "'p80_us' is nan, not µs > 0 or null"),
                           ({"calc_diff": "0.1"}, "'calc_diff' is '0.1', not a number or null"),
                           ({"runs": None}, "'runs' is None, not a string"), ({"gpu": "H200"}, "unknown field 'gpu'")):
         with pytest.raises(ValueError, match=words.replace("(", r"\(")):

@@ -12,6 +12,7 @@ import shlex
 import statistics
 import signal
 import socket
+import shutil
 import subprocess
 import sys
 import time
@@ -190,6 +191,24 @@ def test_env_file_is_parsed_without_a_shell(tmp_path):
     env.write_text("source /etc/profile\n")
     with pytest.raises(UsageError, match=r"node.env:1: not an 'export NAME=value' line"):
         read_env_file(env, {})
+
+
+SH_VALUES = [  # each file's values as sh assigns them: quotes, escapes and $NAME, an expansion never re-read
+    ["X='{\"a\":1}'", 'Y="$X"'], ["A='a\\b'", "B=$A"], ["A=1", "C='x'\"$A\""], ['A="a\\$b"'],
+    ["A=\"it's\"", "B=$A"], ['A="x y"', "B=$A"], ["export A=1 # c", "B=${A}2"], ["A=a\\ b"], ['A="a\\nb"'],
+    ["A='$HOME'"], ["A=$"], ["A=x$"], ['A="q\\"q"'], ["A=\\'x"], ["A=${UNSET}z"], ["A='a'\"b\"c"],
+]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="compares with bash")
+@pytest.mark.parametrize("lines", SH_VALUES, ids=[" ".join(v) for v in SH_VALUES])
+def test_env_file_values_are_the_shells(tmp_path, lines):
+    env = tmp_path / "node.env"
+    env.write_text("\n".join(lines) + "\n")
+    names = list(dict.fromkeys(line.removeprefix("export ").split("=")[0] for line in lines))
+    script = f"set -a; . {env}; " + "; ".join(f'printf "%s\\0" "${name}"' for name in names)
+    shell = subprocess.run(["bash", "-c", script], env={}, capture_output=True, text=True, check=True).stdout
+    assert dict(read_env_file(env, {})) == dict(zip(names, shell.split("\0")[:-1]))
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path, monkeypatch, capsys):

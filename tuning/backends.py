@@ -289,7 +289,7 @@ def read_recorded(name: str, model) -> tuple[list, list[str], dict]:
 
     try:
         data = json.loads(Path(name).read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested deeper than Python reads
         raise UsageError(f"--from-json {name}: not a compare-backends --json-out file ({type(exc).__name__}: "
                          f"{str(exc)[:80]}); give the JSON a bake-off wrote") from None
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or \

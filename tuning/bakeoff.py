@@ -53,7 +53,7 @@ class Measured:
     failure: str | None = None
 
 
-TIMES = ("us", "p20_us", "p80_us", "standin_us")  # µs: a number >= 0, or null where not timed
+TIMES = ("us", "p20_us", "p80_us", "standin_us")  # µs: a number above 0, or null where not timed
 ERRORS = ("rel_error", "calc_diff")  # a number, or null where the check did not run
 
 
@@ -80,7 +80,7 @@ def measured_row(row) -> Measured:
             raise ValueError(f"has no {key!r} ({what})")
         if not ok(row[key]):
             raise ValueError(f"{key!r} is {row[key]!r}, not {what}")
-    optional = {**{k: (lambda v: v is None or number(v) and 0 <= v < float("inf"), "µs >= 0 or null") for k in TIMES},
+    optional = {**{k: (lambda v: v is None or number(v) and 0 < v < float("inf"), "µs > 0 or null") for k in TIMES},
                 **{k: (lambda v: v is None or number(v), "a number or null") for k in ERRORS},
                 "runs": (lambda v: isinstance(v, str), "a string"),
                 "failure": (lambda v: v is None or isinstance(v, str), "a string or null")}

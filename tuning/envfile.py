@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shlex
 from pathlib import Path
 
 from .errors import UsageError
@@ -35,19 +34,53 @@ def read_env_file(path: Path, base: dict[str, str]) -> tuple[tuple[str, str], ..
 
 
 def _env_value(text: str, known: dict[str, str], where: str) -> str:
-    if "$(" in text or "`" in text:
-        raise UsageError(f"{where}: command substitution is not supported; write the value itself")
-    if not text.startswith("'"):
-        text = _REF.sub(lambda m: known.get(m.group(1) or m.group(2), ""), text)
-    try:
-        words = shlex.split(text)
-    except ValueError as exc:
-        raise UsageError(f"{where}: {exc}; quote the value as sh would") from None
-    if text[:1].isspace():  # NAME= followed by a blank: empty, as in sh
-        words = [""] + words
-    if len(words) > 1 and not words[1].startswith("#"):  # a comment starts a word; 'a#b' is a value
-        raise UsageError(f"{where}: the value has unquoted spaces; quote it")
-    return words[0] if words else ""
+    """The value of ``NAME=text`` as sh assigns it: quotes removed ('...' literal; "..." with ``$NAME`` expanded and
+    \\ escaping only $ ` " \\), ``$NAME`` and ``${NAME}`` expanded outside single quotes and never split or re-read
+    (an assignment is one word), a backslash escaping the next character outside quotes; after the value only a
+    comment may follow a blank."""
+    out, i, quote = [], 0, None
+    while i < len(text):
+        c = text[i]
+        if quote == "'":
+            if c == "'":
+                quote = None
+            else:
+                out.append(c)
+            i += 1
+            continue
+        if c == "`" or text.startswith("$(", i):
+            raise UsageError(f"{where}: command substitution is not supported; write the value itself")
+        if c == "$" and (m := _REF.match(text, i)):
+            out.append(known.get(m.group(1) or m.group(2), ""))
+            i = m.end()
+            continue
+        if quote == '"':
+            if c == '"':
+                quote = None
+            elif c == "\\" and i + 1 < len(text) and text[i + 1] in '$`"\\':
+                out.append(text[i + 1])
+                i += 1
+            else:
+                out.append(c)
+            i += 1
+            continue
+        if c in "'\"":
+            quote = c
+        elif c == "\\":
+            if i + 1 < len(text):
+                out.append(text[i + 1])
+                i += 1
+        elif c.isspace():
+            rest = text[i:].lstrip()
+            if rest and not rest.startswith("#"):
+                raise UsageError(f"{where}: the value has unquoted spaces; quote it")
+            break
+        else:
+            out.append(c)
+        i += 1
+    if quote:
+        raise UsageError(f"{where}: No closing quotation; quote the value as sh would")
+    return "".join(out)
 
 
 def env_file(arg: str | None) -> Path | None:
