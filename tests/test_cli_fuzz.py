@@ -247,6 +247,19 @@ ROWS = [
         err="not a zip file"),
     row("tune-vllm-src-script-no-gpu", "--gpu", "H200", "--dtype", "fp8", "--vllm-src", "run.sh",
         files={"run.sh": SCRIPT}, err="this node has no NVIDIA GPU"),
+    # an option naming a path given empty ("$UNSET"): refused, never read as its default
+    *(row(f"empty-{'-'.join(argv[:1])}-{option[2:]}", *argv, option, "",
+          err=f"{option} is empty (an unset variable?); give it a value, or drop {option} for its default")
+      for argv, option in (
+          (("--gpu", "H200", "--dtype", "fp8", "--dry-run"), "--model"),
+          (("--gpu", "H200", "--dtype", "fp8", "--dry-run"), "--from-vllm-log"),
+          (("report", "--configs", str(H200)), "--out"),
+          (("report", "--configs", str(H200)), "--readme"),
+          (("verify", "--gpu", "H200", "--configs", str(H200), "--against", str(H200)), "--keep-confirmed"),
+          (("validate-serve", "--layout", "TP4", "--dtype", "bf16", "--gpu", "H200", "--print-command"), "--env-file"),
+          (("validate-serve", "--layout", "TP4", "--dtype", "bf16", "--gpu", "H200", "--print-command"), "--configs"),
+          (("bake", "--device", "NVIDIA_H200"), "--target"),
+      )),
     # a state folder found in --out: a run that finishes no job and writes no file leaves it as it was
     *(row(f"tune-no-gpu-state-{name}", "--gpu", "H200", "--dtype", "fp8", "--out", "o", files=files, err=err)
       for name, files, err in (

@@ -42,12 +42,29 @@ def tune_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The options that name a file, a folder or an address: given empty (``--out "$UNSET"``), each is refused, not read
+# as "not given", which would write into or read from the default place.
+PATH_OPTIONS = {"out", "model", "configs", "vllm_src", "from_vllm_log", "against", "keep_confirmed", "readme",
+                "target", "deep_gemm_path", "json_out", "jit_cache_dir", "vllm_ops", "write_advice", "from_json",
+                "env_file", "log", "config_dir", "json", "ray_address", "files"}
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but usage errors exit 2 with one line."""
+    """argparse, but usage errors exit 2 with one line, and an option of ``PATH_OPTIONS`` given empty is one."""
 
     def error(self, message: str) -> None:  # noqa: D401
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         raise SystemExit(2)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        for action in self._actions:
+            value = getattr(parsed, action.dest, None)
+            if action.dest in PATH_OPTIONS and action.option_strings and \
+                    (value == "" or isinstance(value, list) and "" in value):
+                flag = action.option_strings[0]
+                self.error(f"{flag} is empty (an unset variable?); give it a value, or drop {flag} for its default")
+        return parsed
 
 
 def main(argv: list[str] | None = None) -> int:
