@@ -474,6 +474,15 @@ ROWS = [
         "--print-env", files={f"kc/NVIDIA_H200/{EP4}.json": GOOD, "t": None}, err="--target t holds no bake"),
     row("bake-dockerfile-ok", "bake", "--device", "NVIDIA_H200", "--configs", "kc", "--dockerfile",
         files={f"kc/NVIDIA_H200/{EP4}.json": GOOD}, code=0, err=None, out="COPY kc/NVIDIA_H200/ /opt/tune-moe/configs/"),
+    *(row(f"bake-dockerfile-{name}", "bake", "--device", "NVIDIA_H200", "--configs", configs, "--dockerfile", *extra,
+          files={f"{configs}/NVIDIA_H200/{EP4}.json": GOOD}, err=err)
+      for name, configs, extra, err in (
+          ("target-with-blank", "kc", ("--target", "/opt/a b"), "--target '/opt/a b': the folder in the image must be "
+                                                                "an absolute path without blanks"),
+          ("target-relative", "kc", ("--target", "rel/x"), "--target 'rel/x': the folder in the image must be"),
+          ("configs-with-blank", "k c", (), "--configs k c: the Dockerfile's COPY reads k c/NVIDIA_H200, which is a "
+                                            "path with blanks"),
+      )),
 
     # ---- check-deepgemm (imports torch first) ------------------------------------------------------------------
     row("check-deepgemm-json-out-folder", "check-deepgemm", "--json-out", "out", files={"out": None}, cost=TORCH,

@@ -168,6 +168,21 @@ def test_readme_block_replaced_and_idempotent(folder: Path, tmp_path: Path):
     assert readme.read_text() == text
 
 
+def test_readme_keeps_its_line_ends_and_its_link(folder: Path, tmp_path: Path):
+    """A CRLF README keeps CRLF everywhere, the block too; a README.md that links elsewhere stays a link, and the
+    file it points to gets the table."""
+    (tmp_path / "docs").mkdir()
+    target = tmp_path / "docs" / "R.md"
+    target.write_bytes(f"# Title\r\n\r\n{report.BEGIN}\r\nold\r\n{report.END}\r\nafter\r\n".encode())
+    readme = tmp_path / "README.md"
+    readme.symlink_to(Path("docs") / "R.md")
+    report.run(args(folder, readme=readme))
+    data = target.read_bytes()
+    assert readme.is_symlink() and b"old" not in data and f"`{FP8.file_name(DEVICE)}`".encode() in data
+    assert data.startswith(b"# Title\r\n\r\n") and data.endswith(f"{report.END}\r\nafter\r\n".encode())
+    assert b"\n" not in data.replace(b"\r\n", b"")
+
+
 def test_readme_without_markers_is_refused_before_writing(folder: Path, tmp_path: Path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text("# no markers\n")

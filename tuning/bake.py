@@ -375,6 +375,20 @@ def env_line(target: str) -> str:
     return f"export {ENV}={shlex.quote(target)}"
 
 
+def _check_dockerfile_paths(source: Path, image_folder: str) -> None:
+    """What a Dockerfile line can hold: the folder in the image absolute, neither path with a blank (COPY and ENV
+    split on them), the configs inside the build context (this folder: COPY cannot reach above it)."""
+    if not image_folder.startswith("/") or any(c.isspace() for c in image_folder):
+        raise UsageError(f"--target {image_folder!r}: the folder in the image must be an absolute path without blanks, "
+                         "e.g. --target /opt/tune-moe/configs")
+    inside = Path(os.path.relpath(source.absolute()))
+    if inside.parts[:1] == ("..",) or any(c.isspace() for c in str(inside)):
+        raise UsageError(f"--configs {source.parent}: the Dockerfile's COPY reads {inside}, which is "
+                         f"{'above the build context' if inside.parts[:1] == ('..',) else 'a path with blanks'}; run "
+                         "tune-moe bake --dockerfile from the build context's folder, with --configs inside it and "
+                         "no blanks in its path")
+
+
 def dockerfile_snippet(configs: Path, device: str, image_folder: str, count: int) -> str:
     source = Path(os.path.relpath(configs / device)) if configs.is_absolute() else configs / device
     return "\n".join([
@@ -413,6 +427,7 @@ def run(args: argparse.Namespace) -> int:
     version = args.vllm_version or installed_vllm_version() or (None if args.configs else DEFAULT_VLLM_VERSION)
     configs = Path(args.configs) if args.configs else release_folder(version, DEFAULT_CONFIGS)
     if args.dockerfile:
+        _check_dockerfile_paths(configs / args.device, args.target or IMAGE_FOLDER)
         files = collect(device_folder(configs, args.device), args.device)
         check_release(device_folder(configs, args.device), files, version)
         count = sum(not f.name.endswith(PROVENANCE_SUFFIX) for f in files)

@@ -304,7 +304,8 @@ def _marker_span(text: str, readme: Path) -> tuple[int, int]:
 
 def readme_text(readme: Path) -> str:
     try:
-        text = Path(readme).read_text()
+        with open(readme, encoding="utf-8", newline="") as f:  # its line ends as they are (CRLF stays CRLF)
+            text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"--readme {readme}: cannot read it ({exc}); pass an existing README") from None
     _marker_span(text, readme)
@@ -312,11 +313,13 @@ def readme_text(readme: Path) -> str:
 
 
 def update_readme(readme: Path, text: str, block: list[str]) -> None:
-    """Replace only what lies between the markers; a re-run with the same data changes nothing."""
+    """Replace only what lies between the markers, in the README's own line ends, in the file a link points to;
+    a re-run with the same data changes nothing."""
     start, end = _marker_span(text, readme)
-    new = text[:start] + "\n" + "\n".join(block) + "\n" + text[end:]
+    nl = "\r\n" if "\r\n" in text else "\n"
+    new = text[:start] + nl + nl.join(block) + nl + text[end:]
     if new != text:
-        atomic_write(Path(readme), new.encode())
+        atomic_write(Path(readme).resolve(), new.encode())
 
 
 # ---- command -------------------------------------------------------------------------------------
