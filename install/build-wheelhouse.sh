@@ -45,7 +45,7 @@ parse_args() {
       --extra-index) tm_need_value "$@"; extra_index="$2"; shift 2 ;;
       --pip) tm_need_value "$@"; pip_python="$2"; shift 2 ;;
       -h | --help) tm_usage "$0"; exit 0 ;;
-      *) tm_usage_error "unknown option $1; see --help" ;;
+      *) tm_unknown_option "$1" ;;
     esac
   done
   [[ "$version" =~ ^[0-9]+(\.[0-9]+)*([a-z0-9.+-]*)$ ]] || tm_usage_error "--vllm $version: not a version like 0.33.0"

@@ -30,11 +30,20 @@ tm_usage_error() {
   exit 2
 }
 
-# tm_need_value FLAG "$@": the option FLAG must be followed by a value.
+# tm_need_value FLAG "$@": the option FLAG must be followed by a value, one
+# that is not empty and does not start with '-' (that is the next option).
 tm_need_value() {
-  if [[ $# -lt 2 || -z "$2" || "$2" == --* ]]; then
+  if [[ $# -lt 2 || -z "$2" ]]; then
     tm_usage_error "$1 needs a value; see --help"
+  elif [[ "$2" == -* ]]; then
+    tm_usage_error "$1 needs a value, not $2 (a value cannot start with '-'); see --help"
   fi
+}
+
+# tm_unknown_option ARG: the one line for an argument no option takes.
+tm_unknown_option() {
+  if [[ -z "$1" ]]; then tm_usage_error "an empty argument; remove it; see --help"; fi
+  tm_usage_error "unknown option $1; see --help"
 }
 
 tm_load_pins() {

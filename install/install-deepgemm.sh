@@ -59,7 +59,7 @@ parse_args() {
       --report) tm_need_value "$@"; report="$2"; shift 2 ;;
       --skip-verify) verify=0; shift ;;
       -h | --help) tm_usage "$0"; exit 0 ;;
-      *) tm_usage_error "unknown option $1; see --help" ;;
+      *) tm_unknown_option "$1" ;;
     esac
   done
   case "$arch" in

@@ -43,7 +43,10 @@ parse_args() {
     case "$1" in
       --pinned)
         mode="pinned"
-        if [[ $# -ge 2 && -n "$2" && "$2" != --* ]]; then version="$2"; shift; fi
+        if [[ $# -ge 2 && -z "$2" ]]; then
+          tm_usage_error "--pinned: the version is empty; pass --pinned VERSION, or --pinned alone for TUNE_MOE_VLLM_VERSION"
+        fi
+        if [[ $# -ge 2 && "$2" != -* ]]; then version="$2"; shift; fi
         shift ;;
       --nightly) mode="nightly"; shift ;;
       --offline) tm_need_value "$@"; mode="offline"; wheelhouse="$2"; shift 2 ;;
@@ -52,7 +55,7 @@ parse_args() {
       --extra-index) tm_need_value "$@"; extra_index="$2"; shift 2 ;;
       --no-gpu-check) gpu_check=0; shift ;;
       -h | --help) tm_usage "$0"; exit 0 ;;
-      *) tm_usage_error "unknown option $1; see --help" ;;
+      *) tm_unknown_option "$1" ;;
     esac
   done
   [[ "$version" =~ ^[0-9]+(\.[0-9]+)*([a-z0-9.+-]*)$ ]] || tm_usage_error "--pinned $version: not a version like 0.33.0"

@@ -87,7 +87,7 @@ parse_args() {
       --min-driver-cuda) tm_need_value "$@"; min_driver_cuda="$2"; shift 2 ;;
       --min-free-gb) tm_need_value "$@"; min_free_gb="$2"; shift 2 ;;
       -h | --help) tm_usage "$0"; exit 0 ;;
-      *) tm_usage_error "unknown option $1; see --help" ;;
+      *) tm_unknown_option "$1" ;;
     esac
   done
   [[ -n "$gpu" ]] || tm_usage_error "--gpu is required: H200, H20, H20-3e or B200"

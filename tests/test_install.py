@@ -152,6 +152,32 @@ def test_unknown_option_is_a_one_line_usage_error(script, node):
     assert "unknown option --bogus" in done.stderr
 
 
+VALUE_OPTIONS = {"install-vllm.sh": "--venv", "install-deepgemm.sh": "--wheel-dir",
+                 "node-check.sh": "--env-out", "build-wheelhouse.sh": "--out"}
+
+
+@pytest.mark.parametrize("script,option", VALUE_OPTIONS.items())
+@pytest.mark.parametrize("value,said", [
+    ("", "needs a value; see --help"),
+    ("-x", "needs a value, not -x (a value cannot start with '-'); see --help"),
+])
+def test_an_empty_or_dash_leading_option_value_is_a_one_line_usage_error(script, option, value, said, node):
+    before = sorted(node.tmp.iterdir())
+    done = node.run(script, option, value)
+    assert done.returncode == 2
+    assert done.stderr == f"{script}: error: {option} {said}\n"
+    assert done.stdout == ""
+    assert node.calls() == []
+    assert sorted(node.tmp.iterdir()) == before
+
+
+@pytest.mark.parametrize("script", VALUE_OPTIONS)
+def test_an_empty_argument_is_a_one_line_usage_error(script, node):
+    done = node.run(script, "")
+    assert done.returncode == 2
+    assert done.stderr == f"{script}: error: an empty argument; remove it; see --help\n"
+
+
 # ------------------------------------------------------ install-deepgemm.sh
 
 @pytest.fixture
@@ -380,6 +406,18 @@ def test_wheelhouse_then_offline_install(node):
     broken = node.run("install-vllm.sh", "--offline", str(house))
     assert broken.returncode == 1
     assert "does not match its SHA256SUMS" in broken.stderr
+
+
+def test_vllm_pinned_with_an_empty_version_is_a_one_line_usage_error(node):
+    done = node.run("install-vllm.sh", "--pinned", "")
+    assert done.returncode == 2
+    assert done.stderr == ("install-vllm.sh: error: --pinned: the version is empty; pass --pinned VERSION, or "
+                           "--pinned alone for TUNE_MOE_VLLM_VERSION\n")
+    assert node.calls() == []
+    assert not (node.tmp / ".venv").exists()
+    done = node.run("install-vllm.sh", "--pinned", "-x")
+    assert done.returncode == 2
+    assert done.stderr == "install-vllm.sh: error: unknown option -x; see --help\n"
 
 
 def test_offline_without_a_wheelhouse_is_a_usage_error(node):
