@@ -46,6 +46,41 @@ tm_unknown_option() {
   tm_usage_error "unknown option $1; see --help"
 }
 
+# The nearest existing path at or above PATH (itself when it exists; a link counts).
+tm_existing_ancestor() {
+  local path="$1"
+  while [[ ! -e "$path" && ! -L "$path" ]]; do path="$(dirname "$path")"; done
+  printf '%s\n' "$path"
+}
+
+# tm_output_folder FLAG DIR: DIR must be a folder this script can create or
+# write in; otherwise a usage error, before anything is done.
+tm_output_folder() {
+  local flag="$1" path="$2" up
+  if [[ -e "$path" || -L "$path" ]] && [[ ! -d "$path" ]]; then
+    tm_usage_error "$flag $path: exists and is not a folder; pass a folder path"
+  fi
+  up="$(tm_existing_ancestor "$path")"
+  [[ -d "$up" ]] || tm_usage_error "$flag $path: $up is a file, not a folder; pass a folder path"
+  [[ -w "$up" && -x "$up" ]] || tm_usage_error "$flag $path: $up is not writable; pass a folder you can write to"
+}
+
+# tm_output_file FLAG FILE: FILE must be a file path this script can (re)write,
+# its folder created when missing; otherwise a usage error, before anything is done.
+tm_output_file() {
+  local flag="$1" path="$2" up
+  if [[ -d "$path" || "$path" == */ ]]; then
+    tm_usage_error "$flag $path: is a folder; pass a file path"
+  fi
+  up="$(tm_existing_ancestor "$(dirname "$path")")"
+  [[ -d "$up" ]] || tm_usage_error "$flag $path: $up is a file, not a folder; pass a file path in a folder"
+  [[ -w "$up" && -x "$up" ]] || tm_usage_error "$flag $path: $up is not writable; pass a file path in a folder you can write to"
+  if [[ -e "$path" || -L "$path" ]]; then
+    [[ -f "$path" ]] || tm_usage_error "$flag $path: exists and is not a regular file; pass a file path"
+    [[ -w "$path" ]] || tm_usage_error "$flag $path: exists and is read-only; pass another file path"
+  fi
+}
+
 tm_load_pins() {
   local pins="${TUNE_MOE_VERSIONS_FILE:-$TM_INSTALL_DIR/versions.env}"
   [[ -r "$pins" ]] || tm_die "cannot read the pins file $pins; restore install/versions.env"

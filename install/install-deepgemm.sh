@@ -67,6 +67,9 @@ parse_args() {
     *) tm_usage_error "--arch $arch: use sm90 (H200, H20) or sm100 (B200)" ;;
   esac
   command -v "$python_bin" >/dev/null 2>&1 || tm_usage_error "--python $python_bin: not found; pass the venv's python"
+  # Where it writes, checked before anything is built or installed.
+  if [[ -n "$wheel_dir" ]]; then tm_output_folder --wheel-dir "$wheel_dir"; fi
+  if [[ "$verify" -eq 1 ]]; then tm_output_file --report "$report"; fi
 }
 
 # Prints state=installed|bundled|none, origin=DIR, vllm=VERSION for python_bin's environment.
@@ -205,6 +208,7 @@ main() {
   if [[ "$state" == none && -n "$vllm_version" ]] && tm_version_ge "$vllm_version" "$TUNE_MOE_VLLM_BUNDLES_DEEPGEMM_SINCE"; then
     tm_warn "vLLM $vllm_version should bundle DeepGEMM but its third_party/deep_gemm is missing; building from source"
   fi
+  tm_output_folder --src-dir "$src_dir"
   detect_arch
   check_nvcc "$arch"
   checkout_source

@@ -232,6 +232,25 @@ def test_deepgemm_builds_the_pinned_ref_with_its_submodules(node, remote):
     assert (wheels / "deep_gemm-2.1.1-cp312-cp312-linux_x86_64.whl").exists()
 
 
+@pytest.mark.parametrize("args,said", [
+    (("--wheel-dir", "whf"), "--wheel-dir whf: exists and is not a folder; pass a folder path"),
+    (("--wheel-dir", "whf/wheels"), "--wheel-dir whf/wheels: whf is a file, not a folder; pass a folder path"),
+    (("--report", "reports"), "--report reports: is a folder; pass a file path"),
+    (("--report", "whf/check.json"), "--report whf/check.json: whf is a file, not a folder; pass a file path in a folder"),
+    (("--src-dir", "whf"), "--src-dir whf: exists and is not a folder; pass a folder path"),
+])
+def test_deepgemm_bad_output_path_is_refused_before_cloning_or_building(node, remote, args, said):
+    (node.tmp / "whf").write_text("a file\n")
+    (node.tmp / "reports").mkdir()
+    done = _deepgemm(node, remote, *args, PYTHONPATH=_site(node.tmp, "0.16.0"))
+    assert done.returncode == 2
+    assert done.stderr == f"install-deepgemm.sh: error: {said}\n"
+    assert done.stdout == ""
+    assert not (node.tmp / "src").exists()
+    assert node.calls() == []
+    assert (node.tmp / "whf").read_text() == "a file\n" and list((node.tmp / "reports").iterdir()) == []
+
+
 def test_deepgemm_rerun_reuses_the_clone_and_restores_the_ref(node, remote):
     site = _site(node.tmp, "0.16.0")
     assert _deepgemm(node, remote, PYTHONPATH=site).returncode == 0
