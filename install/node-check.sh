@@ -101,6 +101,7 @@ parse_args() {
     tm_usage_error "--vllm-version $vllm_version: use a vLLM version like 0.34.0"
   [[ "$venv_given" -eq 0 || -e "$venv/bin/python" || -L "$venv/bin/python" ]] ||
     tm_usage_error "--venv $venv: no $venv/bin/python; pass the virtual environment install-vllm.sh created"
+  tm_output_file --env-out "$env_out"
 }
 
 # X.Y of a vLLM version (0.34.0, 0.34, 0.34.0rc1, 0.34.0.dev12+g1234); nothing when it is not one.

@@ -617,6 +617,22 @@ def test_node_check_bad_vllm_version_is_a_one_line_usage_error(node, value):
     assert not (node.tmp / "tune-moe-node.env").exists()
 
 
+@pytest.mark.parametrize("value,said", [
+    ("envdir", "--env-out envdir: is a folder; pass a file path"),
+    ("envdir/", "--env-out envdir/: is a folder; pass a file path"),
+    ("plain/node.env", "--env-out plain/node.env: plain is a file, not a folder; pass a file path in a folder"),
+])
+def test_node_check_env_out_that_is_not_a_file_path_is_refused_before_the_checks(node, value, said):
+    (node.tmp / "envdir").mkdir()
+    (node.tmp / "plain").write_text("a file\n")
+    done = node.run("node-check.sh", "--gpu", "H200", "--env-out", value)
+    assert done.returncode == 2
+    assert done.stderr == f"node-check.sh: error: {said}\n"
+    assert done.stdout == ""  # no check ran
+    assert list((node.tmp / "envdir").iterdir()) == []
+    assert (node.tmp / "plain").read_text() == "a file\n"
+
+
 def test_node_check_venv_without_a_python_is_a_usage_error(node):
     done = node.run("node-check.sh", "--gpu", "H200", "--venv", "missing")
     assert done.returncode == 2
