@@ -50,7 +50,7 @@ parse_args() {
   done
   [[ "$version" =~ ^[0-9]+(\.[0-9]+)*([a-z0-9.+-]*)$ ]] || tm_usage_error "--vllm $version: not a version like 0.33.0"
   [[ "$python_version" =~ ^3\.[0-9]+$ ]] || tm_usage_error "--python $python_version: use a version like 3.12"
-  [[ "$glibc" =~ ^2\.[0-9]+$ && "${glibc#2.}" -ge 17 ]] || tm_usage_error "--glibc $glibc: use a version like 2.35 (2.17 or newer)"
+  [[ "$glibc" =~ ^2\.[1-9][0-9]{1,2}$ && $((10#${glibc#2.})) -ge 17 ]] || tm_usage_error "--glibc $glibc: use a version like 2.35 (2.17 or newer)"
   [[ "$arch" == x86_64 || "$arch" == aarch64 ]] || tm_usage_error "--arch $arch: use x86_64 or aarch64"
   "$pip_python" -m pip --version >/dev/null 2>&1 || tm_usage_error "--pip $pip_python: it has no pip; pass a Python with pip"
 }
@@ -58,7 +58,7 @@ parse_args() {
 # One --platform per manylinux tag the nodes accept (pip matches them exactly).
 platform_args() {
   local minor
-  for ((minor = ${glibc#2.}; minor >= 17; minor--)); do
+  for ((minor = 10#${glibc#2.}; minor >= 17; minor--)); do
     printf -- '--platform\nmanylinux_2_%s_%s\n' "$minor" "$arch"
   done
   printf -- '--platform\nmanylinux2014_%s\n' "$arch"

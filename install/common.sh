@@ -81,6 +81,13 @@ tm_output_file() {
   fi
 }
 
+# tm_is_whole_number VALUE MAX_DIGITS: true when VALUE is plain decimal digits,
+# at most MAX_DIGITS of them after any leading zeros. Read it in base 10
+# ($((10#$VALUE))): bash takes a leading 0 for octal.
+tm_is_whole_number() {
+  [[ "$1" =~ ^0*([0-9]{1,$2})$ ]]
+}
+
 tm_load_pins() {
   local pins="${TUNE_MOE_VERSIONS_FILE:-$TM_INSTALL_DIR/versions.env}"
   [[ -r "$pins" ]] || tm_die "cannot read the pins file $pins; restore install/versions.env"

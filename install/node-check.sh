@@ -93,10 +93,15 @@ parse_args() {
   [[ -n "$gpu" ]] || tm_usage_error "--gpu is required: H200, H20, H20-3e or B200"
   [[ -n "${GPU_NAMES[${gpu,,}]:-}" ]] || tm_usage_error "--gpu $gpu: unknown GPU; use H200, H20, H20-3e or B200"
   gpu="${GPU_KEYS[$(tm_vllm_device_name "${GPU_NAMES[${gpu,,}]}")]}"
-  [[ -z "$num_gpus" || "$num_gpus" =~ ^[1-9][0-9]*$ ]] || tm_usage_error "--num-gpus $num_gpus: use a positive whole number"
+  if [[ -n "$num_gpus" ]]; then
+    tm_is_whole_number "$num_gpus" 4 && [[ $((10#$num_gpus)) -gt 0 ]] ||
+      tm_usage_error "--num-gpus $num_gpus: use a positive whole number (at most 9999)"
+    num_gpus=$((10#$num_gpus))
+  fi
   [[ -n "${MODELS[$dtype]:-}" ]] || tm_usage_error "--dtype $dtype: use bf16 or fp8"
   [[ "$min_driver_cuda" =~ ^[0-9]+\.[0-9]+$ ]] || tm_usage_error "--min-driver-cuda $min_driver_cuda: use a version like 13.0"
-  [[ "$min_free_gb" =~ ^[0-9]+$ ]] || tm_usage_error "--min-free-gb $min_free_gb: use a whole number of GB"
+  tm_is_whole_number "$min_free_gb" 7 || tm_usage_error "--min-free-gb $min_free_gb: use a whole number of GB (at most 9999999)"
+  min_free_gb=$((10#$min_free_gb))
   [[ -z "$vllm_version" || -n "$(release_of "$vllm_version")" ]] ||
     tm_usage_error "--vllm-version $vllm_version: use a vLLM version like 0.34.0"
   [[ "$venv_given" -eq 0 || -e "$venv/bin/python" || -L "$venv/bin/python" ]] ||
@@ -204,6 +209,7 @@ check_memory() {
   local used="${num_gpus:-$found_count}" mib gb need="${MODEL_GB[$dtype]}"
   mib="$(sed -n 1p <<<"$gpu_rows" | cut -d, -f2 | tr -d ' ')"
   [[ "$mib" =~ ^[0-9]+$ ]] || { fail memory "nvidia-smi reported no memory size; check the driver (nvidia-smi -q -d MEMORY)"; return; }
+  mib=$((10#$mib))
   gb=$((used * mib * 1048576 * GPU_MEMORY_SHARE / 100 / 1000000000))
   if [[ "$gb" -lt "$need" ]]; then
     local fix="use more GPUs"

@@ -439,6 +439,15 @@ def test_vllm_pinned_with_an_empty_version_is_a_one_line_usage_error(node):
     assert done.stderr == "install-vllm.sh: error: unknown option -x; see --help\n"
 
 
+@pytest.mark.parametrize("glibc", ["2.035", "2.08", "2.017", "2.1000"])
+def test_wheelhouse_glibc_with_leading_zeros_or_too_long_is_a_usage_error(node, glibc):
+    done = node.run("build-wheelhouse.sh", "--glibc", glibc)
+    assert done.returncode == 2
+    assert done.stderr == f"build-wheelhouse.sh: error: --glibc {glibc}: use a version like 2.35 (2.17 or newer)\n"
+    assert not any("pip download" in c for c in node.calls())
+    assert not (node.tmp / "wheelhouse").exists()
+
+
 def test_offline_without_a_wheelhouse_is_a_usage_error(node):
     done = node.run("install-vllm.sh", "--offline", str(node.tmp / "missing"))
     assert done.returncode == 2
@@ -830,6 +839,32 @@ def test_node_check_bad_arguments(node, args, message):
     done = node.run("node-check.sh", *args)
     assert done.returncode == 2
     assert message in done.stderr
+
+
+@pytest.mark.parametrize("args,said", [
+    (("--min-free-gb", "99999999999999999999"), "--min-free-gb 99999999999999999999: use a whole number of GB "
+                                                "(at most 9999999)"),
+    (("--min-free-gb", "1e3"), "--min-free-gb 1e3: use a whole number of GB (at most 9999999)"),
+    (("--num-gpus", "99999999999999999999"), "--num-gpus 99999999999999999999: use a positive whole number "
+                                             "(at most 9999)"),
+    (("--num-gpus", "00"), "--num-gpus 00: use a positive whole number (at most 9999)"),
+])
+def test_node_check_out_of_range_numbers_are_one_line_usage_errors(node, args, said):
+    done = node.run("node-check.sh", "--gpu", "H200", *args)
+    assert done.returncode == 2
+    assert done.stderr == f"node-check.sh: error: {said}\n"
+    assert done.stdout == ""
+    assert not (node.tmp / "tune-moe-node.env").exists()
+
+
+def test_node_check_numbers_with_leading_zeros_are_decimal(node):
+    done = node.run("node-check.sh", "--gpu", "H200", "--min-free-gb", "08", "--num-gpus", "08",
+                    FAKE_GPU_MEM_MIB="0143771")
+    assert done.returncode == 0, done.stderr
+    assert "ok    gpus         8x NVIDIA H200\n" in done.stdout
+    assert "ok    memory       bf16 weights ~394 GB in 92% of 8 GPUs = 1109 GB\n" in done.stdout
+    assert "needs 402 GB (394 GB of stepfun-ai/Step-3.5-Flash not cached yet + 8 GB for" in done.stdout
+    assert _env_file(node)["TUNE_MOE_NUM_GPUS"] == "8"
 
 
 def test_the_docs_and_the_tool_name_no_variable_unknown_to_vllm(vllm_facts):
