@@ -67,6 +67,9 @@ parse_args() {
     *) tm_usage_error "--arch $arch: use sm90 (H200, H20) or sm100 (B200)" ;;
   esac
   command -v "$python_bin" >/dev/null 2>&1 || tm_usage_error "--python $python_bin: not found; pass the venv's python"
+  local major
+  major="$("$python_bin" -c 'import sys; print(sys.version_info[0])' 2>/dev/null)" || major=""
+  [[ "$major" == 3 ]] || tm_usage_error "--python $python_bin: does not run as a Python 3; pass the venv's python, e.g. .venv/bin/python"
   # Where it writes, checked before anything is built or installed.
   if [[ -n "$wheel_dir" ]]; then tm_output_folder --wheel-dir "$wheel_dir"; fi
   if [[ "$verify" -eq 1 ]]; then tm_output_file --report "$report"; fi
@@ -197,6 +200,10 @@ main() {
   origin="$(sed -n 's/^origin=//p' <<<"$state")"
   vllm_version="$(sed -n 's/^vllm=//p' <<<"$state")"
   state="$(sed -n 's/^state=//p' <<<"$state")"
+  case "$state" in
+    installed | bundled | none) ;;
+    *) tm_die "$python_bin did not report DeepGEMM's state (got '${state}'); check --python" ;;
+  esac
   if [[ "$state" != none && "$force_build" -eq 0 ]]; then
     case "$state" in
       installed) tm_info "deep_gemm is already installed at $origin (it takes precedence over vLLM's copy); skipping the build" ;;

@@ -251,6 +251,31 @@ def test_deepgemm_bad_output_path_is_refused_before_cloning_or_building(node, re
     assert (node.tmp / "whf").read_text() == "a file\n" and list((node.tmp / "reports").iterdir()) == []
 
 
+@pytest.mark.parametrize("python", ["/bin/true", "echo", "sh"])
+def test_deepgemm_python_that_is_not_a_python_3_is_a_usage_error(node, remote, python):
+    done = _deepgemm(node, remote, "--python", python, PYTHONPATH=_site(node.tmp, "0.16.0"))
+    assert done.returncode == 2
+    assert done.stderr == (f"install-deepgemm.sh: error: --python {python}: does not run as a Python 3; "
+                           "pass the venv's python, e.g. .venv/bin/python\n")
+    assert done.stdout == ""
+    assert node.calls() == []
+    assert not (node.tmp / "src").exists() and not (node.tmp / "deepgemm-check.json").exists()
+
+
+def test_deepgemm_unknown_state_is_a_failure_not_a_skip(node, remote):
+    """A Python 3 whose package probe prints no known state: never treated as 'already there'."""
+    odd = node.tmp / "odd-python"
+    odd.write_text('#!/usr/bin/env bash\nif [[ "${1:-}" == -c ]]; then echo 3; exit 0; fi\n'
+                   'cat >/dev/null; echo state=weird\n')
+    odd.chmod(0o755)
+    done = _deepgemm(node, remote, "--python", str(odd))
+    assert done.returncode == 1
+    assert done.stderr == (f"install-deepgemm.sh: error: {odd} did not report DeepGEMM's state (got 'weird'); "
+                           "check --python\n")
+    assert node.calls() == []
+    assert not (node.tmp / "src").exists()
+
+
 def test_deepgemm_rerun_reuses_the_clone_and_restores_the_ref(node, remote):
     site = _site(node.tmp, "0.16.0")
     assert _deepgemm(node, remote, PYTHONPATH=site).returncode == 0
