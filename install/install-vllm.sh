@@ -60,6 +60,7 @@ parse_args() {
   done
   [[ "$version" =~ ^[0-9]+(\.[0-9]+)*([a-z0-9.+-]*)$ ]] || tm_usage_error "--pinned $version: not a version like 0.33.0"
   [[ "$python_version" =~ ^3\.[0-9]+$ ]] || tm_usage_error "--python $python_version: use a version like 3.12"
+  tm_output_folder --venv "$venv"
   if [[ "$mode" == nightly ]] && ! command -v uv >/dev/null 2>&1; then
     tm_die "--nightly needs uv (the recipe installs with it); install uv from https://docs.astral.sh/uv/"
   fi
@@ -68,6 +69,9 @@ parse_args() {
 
 # --offline: the wheelhouse must exist, match its checksums, and name its vLLM and Python.
 read_wheelhouse() {
+  if [[ -e "$wheelhouse" && ! -d "$wheelhouse" ]]; then
+    tm_usage_error "--offline $wheelhouse: not a folder; pass the folder install/build-wheelhouse.sh made"
+  fi
   [[ -d "$wheelhouse" ]] || tm_usage_error "--offline $wheelhouse: no such folder; build it with install/build-wheelhouse.sh"
   local manifest="$wheelhouse/tune-moe-wheelhouse.env"
   [[ -r "$manifest" ]] || tm_die "$manifest is missing; rebuild the wheelhouse with install/build-wheelhouse.sh"

@@ -473,6 +473,21 @@ def test_wheelhouse_glibc_with_leading_zeros_or_too_long_is_a_usage_error(node, 
     assert not (node.tmp / "wheelhouse").exists()
 
 
+@pytest.mark.parametrize("args,said", [
+    (("--venv", "vf"), "--venv vf: exists and is not a folder; pass a folder path"),
+    (("--venv", "vf/env"), "--venv vf/env: vf is a file, not a folder; pass a folder path"),
+    (("--offline", "vf"), "--offline vf: not a folder; pass the folder install/build-wheelhouse.sh made"),
+])
+def test_vllm_venv_or_wheelhouse_that_is_a_file_is_refused_before_installing(node, args, said):
+    (node.tmp / "vf").write_text("a file\n")
+    done = node.run("install-vllm.sh", *args)
+    assert done.returncode == 2
+    assert done.stderr == f"install-vllm.sh: error: {said}\n"
+    assert done.stdout == ""
+    assert node.calls() == []
+    assert (node.tmp / "vf").read_text() == "a file\n"
+
+
 def test_offline_without_a_wheelhouse_is_a_usage_error(node):
     done = node.run("install-vllm.sh", "--offline", str(node.tmp / "missing"))
     assert done.returncode == 2
