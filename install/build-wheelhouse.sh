@@ -52,6 +52,7 @@ parse_args() {
   [[ "$python_version" =~ ^3\.[0-9]+$ ]] || tm_usage_error "--python $python_version: use a version like 3.12"
   [[ "$glibc" =~ ^2\.[1-9][0-9]{1,2}$ && $((10#${glibc#2.})) -ge 17 ]] || tm_usage_error "--glibc $glibc: use a version like 2.35 (2.17 or newer)"
   [[ "$arch" == x86_64 || "$arch" == aarch64 ]] || tm_usage_error "--arch $arch: use x86_64 or aarch64"
+  tm_output_folder --out "$out"
   "$pip_python" -m pip --version >/dev/null 2>&1 || tm_usage_error "--pip $pip_python: it has no pip; pass a Python with pip"
 }
 

@@ -488,6 +488,20 @@ def test_vllm_venv_or_wheelhouse_that_is_a_file_is_refused_before_installing(nod
     assert (node.tmp / "vf").read_text() == "a file\n"
 
 
+@pytest.mark.parametrize("out,said", [
+    ("whf", "--out whf: exists and is not a folder; pass a folder path"),
+    ("whf/house", "--out whf/house: whf is a file, not a folder; pass a folder path"),
+])
+def test_wheelhouse_out_that_is_a_file_is_refused_before_downloading(node, out, said):
+    (node.tmp / "whf").write_text("a file\n")
+    done = node.run("build-wheelhouse.sh", "--out", out)
+    assert done.returncode == 2
+    assert done.stderr == f"build-wheelhouse.sh: error: {said}\n"
+    assert done.stdout == ""
+    assert node.calls() == []
+    assert (node.tmp / "whf").read_text() == "a file\n"
+
+
 def test_offline_without_a_wheelhouse_is_a_usage_error(node):
     done = node.run("install-vllm.sh", "--offline", str(node.tmp / "missing"))
     assert done.returncode == 2
