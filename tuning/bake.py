@@ -427,8 +427,8 @@ def run(args: argparse.Namespace) -> int:
     version = args.vllm_version or installed_vllm_version() or (None if args.configs else DEFAULT_VLLM_VERSION)
     configs = Path(args.configs) if args.configs else release_folder(version, DEFAULT_CONFIGS)
     if args.dockerfile:
-        _check_dockerfile_paths(configs / args.device, args.target or IMAGE_FOLDER)
         files = collect(device_folder(configs, args.device), args.device)
+        _check_dockerfile_paths(configs / args.device, args.target or IMAGE_FOLDER)
         check_release(device_folder(configs, args.device), files, version)
         count = sum(not f.name.endswith(PROVENANCE_SUFFIX) for f in files)
         print(dockerfile_snippet(configs, args.device, args.target or IMAGE_FOLDER, count))
