@@ -253,7 +253,8 @@ def parse(argv: list[str], release: str = "0.33") -> ServeCommand:
         raise UsageError("preflight: dynamic speculative decoding (num_speculative_tokens_per_batch_size) is not "
                          "modelled; check the serve without it, with its widest num_speculative_tokens")
     tokens = spec.get("num_speculative_tokens")
-    if tokens is not None and (_whole(tokens) is None or _whole(tokens) < BOUNDS["num_speculative_tokens"][1]):
+    count = 0 if tokens is None else _whole(tokens)
+    if tokens is not None and (count is None or count < BOUNDS["num_speculative_tokens"][1]):
         raise UsageError(out_of_bounds("num_speculative_tokens", tokens))
     method = spec.get("method")
     if spec and method is None and spec.get("model") in (None, "ngram", "[ngram]"):
@@ -266,7 +267,7 @@ def parse(argv: list[str], release: str = "0.33") -> ServeCommand:
         ep=bool(values.get("enable_expert_parallel", False)),
         moe_backend=normalize_moe_backend(str(values.get("moe_backend", "auto"))),
         quantization=values.get("quantization"),
-        num_speculative_tokens=_whole(tokens) if tokens is not None else 0,
+        num_speculative_tokens=count,
         speculative_method="mtp" if method in MTP_METHODS else method,
         adaptive_verification=release != "0.33" and bool(spec.get("enable_adaptive_verification", False)),
         max_num_seqs=_int(values, "max_num_seqs", None),

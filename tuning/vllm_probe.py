@@ -35,12 +35,11 @@ from pathlib import Path
 from types import MethodType, SimpleNamespace
 
 from .serve_command import BOUNDS, GRAPH_KEYS, out_of_bounds, sizes_below_one
-from .vllm_rules import ACTIVATIONS, VLLM_VERSION as VLLM_SERIES, LayerRuntime, ServeFacts
+from .vllm_rules import ACTIVATIONS, FLAGS, VLLM_VERSION as VLLM_SERIES, LayerRuntime, ServeFacts
 
 ARCHS = {"sm90": ((9, 0), "NVIDIA H200"), "sm100": ((10, 0), "NVIDIA B200")}
 DTYPES = ("bf16", "fp8")
-CLEARED_ENV = ("VLLM_USE_DEEP_GEMM", "VLLM_MOE_USE_DEEP_GEMM", "VLLM_USE_DEEP_GEMM_E8M0",
-               "VLLM_BATCH_INVARIANT", "VLLM_TRITON_USE_TD")
+CLEARED_ENV = (*FLAGS, "VLLM_TRITON_USE_TD")  # the variables the rules read: a case sets them, or they are unset
 CHECKPOINT_BLOCK = (128, 128)
 # The releases whose selection code this probe drives: 0.33, and 0.34 over the same 7392 serve rows (benchmarks
 # README §2w: they answer alike but for B200 bf16 SwiGLU-step layers, which 0.34 runs on FlashInfer TRT-LLM).

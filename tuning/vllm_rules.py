@@ -74,7 +74,7 @@ class ServeFacts:
         return dict(self.env).get(name)
 
     def flag(self, name: str, default: bool) -> bool:
-        """A boolean vLLM variable as vllm.envs reads it (``bool(int(value))``; ``unreadable_flag`` first)."""
+        """A boolean vLLM variable as vllm.envs reads it (``bool(int(value))``: ValueError where int() cannot)."""
         value = self.var(name)
         return default if value is None else bool(int(value))
 
