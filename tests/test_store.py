@@ -260,19 +260,24 @@ def tree(root: Path) -> dict[str, bytes | None]:
 def test_a_run_that_finished_no_job_and_wrote_no_file_leaves_a_state_it_found_as_it_was(tmp_path):
     """A state found in --out (here results of other files, and a config file to snapshot) and a run that claims new
     files, snapshots --out, notes its workers, then finishes nothing (refused on a node without GPUs, say): the
-    record, the snapshot and the lock file are as they were. One that wrote a file from the results keeps them."""
+    record, the snapshot and the lock file (none, or an earlier run's holder line) are as they were. One that wrote a
+    file from the results keeps them."""
     first = opened(tmp_path, file="E=36.json")
     first.add(result(16, "E=36.json"))
     first.close()
-    (tmp_path / ".tune-moe" / "lock").unlink()
     (tmp_path / "E=72.json").write_text("{}")
-    found = tree(tmp_path)
-    run = opened(tmp_path)
-    run.keep_before()
-    run.note_run(RUN)
-    assert tree(tmp_path) != found
-    run.close(drop_unused=True)
-    assert tree(tmp_path) == found
+    lock = tmp_path / ".tune-moe" / "lock"
+    for holder in (None, b"pid 1 on another-host since 2026-12-01 00:00:00\n"):
+        lock.unlink(missing_ok=True)
+        if holder is not None:
+            lock.write_bytes(holder)
+        found = tree(tmp_path)
+        run = opened(tmp_path)
+        run.keep_before()
+        run.note_run(RUN)
+        assert tree(tmp_path) != found
+        run.close(drop_unused=True)
+        assert tree(tmp_path) == found
     wrote = opened(tmp_path)
     wrote.note_run(RUN)
     wrote.note_written("E=36.json")

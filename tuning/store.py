@@ -53,8 +53,8 @@ class Store:
                                  "move it away, or pass another --out")
         self.dir.mkdir(parents=True, exist_ok=True)
         # as this run found the state: a run that finishes no job and writes no file puts it back (``close``)
-        self._found = {"run": self.run_path.read_bytes() if self.run_path.is_file() else None,
-                       "before": self.before_dir.exists(), "lock": (self.dir / "lock").exists()}
+        self._found = {"run": _read_bytes(self.run_path),
+                       "before": self.before_dir.exists(), "lock": _read_bytes(self.dir / "lock")}
         self._lock = _take_lock(self.dir / "lock", Path(out))
         remove_temp_files(Path(out), "E=*.json")  # what a kill mid-write left (config files, sidecars)
         remove_temp_files(self.dir, "run.json")
@@ -76,12 +76,19 @@ class Store:
     def close(self, drop_unused: bool = False) -> None:
         """Release the lock; with ``drop_unused``, a run that finished no job and wrote no file leaves the state as it
         found it: a state folder it made is removed with the folders made for it, one it found gets back its run
-        record and loses the snapshot and lock file this run added (a run refused as its workers start, or on a
-        node without the GPUs its jobs need, leaves nothing behind)."""
+        record and its lock file's holder line, and loses the snapshot and lock file this run added (a run refused
+        as its workers start, or on a node without the GPUs its jobs need, leaves nothing behind)."""
+        unused = drop_unused and not self.added and not self.wrote
         if self._lock is not None:
+            if unused:  # the holder line as found (an earlier run's), put back while this run still holds the lock
+                if self._found["lock"] is None:
+                    (self.dir / "lock").unlink(missing_ok=True)
+                else:
+                    os.ftruncate(self._lock.fileno(), 0)
+                    os.write(self._lock.fileno(), self._found["lock"])  # opened to append: lands at 0
             self._lock.close()  # releases the lock
             self._lock = None
-        if not drop_unused or self.added or self.wrote:
+        if not unused:
             return
         if not self._found["before"]:
             shutil.rmtree(self.before_dir, ignore_errors=True)
@@ -89,8 +96,6 @@ class Store:
             self.run_path.unlink(missing_ok=True)
         elif self.run_path.read_bytes() != self._found["run"]:
             atomic_write(self.run_path, self._found["run"])
-        if not self._found["lock"]:
-            (self.dir / "lock").unlink(missing_ok=True)
         if self.made:
             self.results_path.unlink(missing_ok=True)
             for folder in self.made:
@@ -196,6 +201,10 @@ class Store:
 
     def for_file(self, file: str) -> dict[int, JobResult]:
         return {m: r for (f, m), r in self.results.items() if f == file}
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
 
 
 def _take_lock(path: Path, out: Path):
