@@ -154,6 +154,24 @@ def test_shards_vllm_cannot_build_are_reported_without_a_tune(capsys):
     assert ("SiLU layers: vLLM refuses to start: ValueError: The output_size of gate's and up's weight = 80 is not "
             "divisible by weight quantization block_n = 128.") in out
     assert "fix: tune-moe" not in out
+    assert ("problem: SiLU layers: vLLM will not start: ValueError: The output_size of gate's and up's weight = 80 "
+            "is not divisible by weight quantization block_n = 128; add --enable-expert-parallel (each GPU then "
+            "holds whole experts), lower -tp, or serve with an explicit --moe-backend (vLLM pads the shard to "
+            "whole blocks)") in out
+    # vLLM 0.26 neither refines nor pads (tests/test_vllm_026.py reads its source): FP8 TP4 does not start there
+    code = main(["preflight", "--gpu", "H200", "--vllm-version", "0.26", "--", "vllm", "serve",
+                 "stepfun-ai/Step-3.5-Flash-FP8", "-tp", "4"])
+    out = capsys.readouterr().out
+    assert code == 1 and ("problem: SwiGLU-step layers: vLLM will not start: ValueError: The output_size of gate's "
+                          "and up's weight = 320 is not divisible by weight quantization block_n = 128; add "
+                          "--enable-expert-parallel (each GPU then holds whole experts), lower -tp, or serve with "
+                          "vLLM 0.33 or later (it refines the block)") in out
+    assert "(the installed vLLM is 0.33.0, the serve runs 0.26); of vLLM 0.26's own rules only its FP8 shard rule " \
+           "is mirrored" in out
+    for fixed in (["-tp", "4", "--enable-expert-parallel"], ["-tp", "2"]):  # what the line offers starts
+        main(["preflight", "--gpu", "H200", "--vllm-version", "0.26", "--", "vllm", "serve",
+              "stepfun-ai/Step-3.5-Flash-FP8", *fixed])
+        assert "will not start" not in capsys.readouterr().out
     code, out, _ = run(capsys, "H200", ["stepfun-ai/Step-3.5-Flash", "--tensor-parallel-size", "3"])
     assert code == 1 and "vLLM will not start: AssertionError: assert self.intermediate_size % tp_size == 0 " \
                          "(fused_moe/config.py:" in out

@@ -9,6 +9,7 @@ file's name and loading (fused_moe.py:1035-1112) are 0.33's for bf16 and block F
 under the interpreter.
 """
 
+import ast
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,11 +25,13 @@ from tuning.inputs import build_problem
 from tuning.kernel import KernelSource
 from tuning.routing import Routing
 from tuning.runner import Runner
-from tuning.shapes import BATCH_SIZES, MoeShape
+from tuning.shapes import BATCH_SIZES, Layout, MoeShape, shape_for
+from tuning.models import load_model
 from tuning.triton_pins import mismatch, target_triton
+from tuning.vllm_rules import ServeFacts, layer_runtime
 from tuning.vllm_source import KNOWN_SOURCES, read_signature
 from test_kernel_interpreter import EP, FP8_EP, FP8_TP, H200, TP, assert_default_config_matches
-from wheel_member import FUSED_MOE, Recorder, release_fixtures, top_level_function
+from wheel_member import FUSED_MOE, OFFLINE, Recorder, fetch_member, release_fixtures, top_level_function
 
 WHEEL = "vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl"
 URL = f"https://files.pythonhosted.org/packages/20/96/86edd288415aafc2952bbb969b5ef4e8c58e5525185b60320730276921e6/{WHEEL}"
@@ -121,6 +124,65 @@ def test_default_config_is_the_same_as_0_33s_for_bf16_and_block_fp8(kernel, fuse
 ])
 def test_default_config_matches_float_reference(kernel, shape, m, naive):
     assert_default_config_matches(kernel, shape, m, naive)
+
+
+# --- an FP8 shard the 128 block does not divide ----------------------------------------------------------------
+
+QUANT_FP8 = "vllm/model_executor/layers/quantization/fp8.py"  # Fp8MoEMethod.create_weights
+ORACLE_FP8 = "vllm/model_executor/layers/fused_moe/oracle/fp8.py"  # 0.33 refines or pads here; 0.26 does not
+SOURCES = {QUANT_FP8: "26ede801aceeadea1e263b854424ed4fbd0bf5c081bf5beceaf4b877fb1d4fc0",
+           ORACLE_FP8: "5321f37783658c5f20280776c5360058805e71e8c3f40dcca5b4e5c1bedf7d59"}
+
+
+def _source(cache: Path, name: str) -> str:
+    try:
+        return fetch_member(URL, name, SOURCES[name], cache / name.replace("/", "__")).read_text()
+    except OFFLINE as exc:
+        pytest.skip(f"offline: cannot fetch vLLM 0.26's {name} from PyPI ({exc})")
+
+
+def _create_weights_refusals(source: str) -> list[tuple[ast.expr, ast.JoinedStr]]:
+    """(condition, message) of each ``if ...: raise ValueError(f"...")`` in Fp8MoEMethod.create_weights."""
+    cls = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "Fp8MoEMethod")
+    fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "create_weights")
+    return [(n.test, n.body[0].exc.args[0]) for n in ast.walk(fn) if isinstance(n, ast.If) and
+            isinstance(n.body[0], ast.Raise) and getattr(n.body[0].exc.func, "id", None) == "ValueError"]
+
+
+def _evaluate(node: ast.expr, names: dict) -> Any:
+    return eval(compile(ast.Expression(node), "<vllm 0.26>", "eval"), {}, names)
+
+
+def test_an_fp8_shard_the_block_does_not_divide_fails_as_0_26s_create_weights_fails(cache):
+    """vLLM 0.26 has no refinement or padding of an FP8 shard (none of 0.33's three functions in its FP8 oracle),
+    and its Fp8MoEMethod.create_weights raises where the per-GPU width is not whole 128 blocks. For every TP size
+    of 1-16, with and without EP, the mirror's start-up error for a 0.26 serve is the message 0.26's own raise
+    renders (its conditions and f-strings evaluated from its source), or none where 0.26 raises none; the plan
+    refuses the same layouts, and 0.33 starts FP8 TP4 and TP8 (refined blocks)."""
+    oracle = {n.name for n in ast.parse(_source(cache, ORACLE_FP8)).body if isinstance(n, ast.FunctionDef)}
+    assert "select_fp8_moe_backend" in oracle
+    assert not oracle & {"refine_fp8_moe_block_shape", "resolve_fp8_moe_weight_block_shape",
+                         "pad_tp_shard_to_weight_blocks"}
+    refusals = _create_weights_refusals(_source(cache, QUANT_FP8))
+    assert len(refusals) == 2
+    model = load_model("stepfun-ai/Step-3.5-Flash-FP8")
+    refused = []
+    for tp in range(1, 17):
+        for ep in (False, True):
+            if model.moe_intermediate_size % (1 if ep else tp) or (ep and model.num_experts % tp):
+                continue  # refused before any weight is made
+            n = model.moe_intermediate_size // (1 if ep else tp)
+            names = {"intermediate_size_per_partition": n, "block_n": 128, "block_k": 128, "tp_size": tp}
+            raised = next((_evaluate(msg, names) for test, msg in refusals if _evaluate(test, names)), None)
+            for act in ("silu", "swiglustep"):
+                got = layer_runtime(ServeFacts(arch="sm90", dtype="fp8", tp=tp, ep=ep, vllm="0.26"), act).error
+                assert got == (raised and f"ValueError: {raised}"), (tp, ep, act)
+            plan = shape_for(model, Layout(tp=tp, ep=ep), "fp8", "0.26")
+            assert hasattr(plan, "reason") == (raised is not None), (tp, ep)
+            refused += [f"TP{tp}{'+EP' if ep else ''}"] if raised else []
+    assert refused[:2] == ["TP4", "TP8"] and all("+EP" not in name for name in refused)
+    for tp in (4, 8):
+        assert layer_runtime(ServeFacts(arch="sm90", dtype="fp8", tp=tp, vllm="0.33"), "silu").error is None
 
 
 def test_ep_aligns_the_remote_slots_under_0_26_and_drops_them_under_0_33():

@@ -32,8 +32,9 @@ from .models import ModelGeometry, checkpoint, mtp_layers
 from .serve_command import MEMORY_GB, ServeCommand, parse, serve_release
 from .shapes import BATCH_SIZES, DEFAULT_VLLM_VERSION, Layout, MoeShape, parse_version
 from .triton_pins import mismatch, target_triton
-from .vllm_rules import (ACTIVATIONS, KIND, LayerRuntime, ServeFacts, kernel_launch_changes, launch_changes, layer_runtime,
-                         down_file_name, nearest_key, reads_down_file, flag_fix, unreadable_flags)
+from .vllm_rules import (ACTIVATIONS, KIND, MIRRORED, LayerRuntime, ServeFacts, kernel_launch_changes, launch_changes,
+                         layer_runtime, down_file_name, nearest_key, reads_down_file, flag_fix, unblocked_fix,
+                         unreadable_flags)
 
 ASSIGN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 MIRROR = "tune-moe's mirror of vLLM {release}'s rules (its parser, batch sizes and backend per layer)"
@@ -106,6 +107,10 @@ def _understand(argv: list[str], arch: str, memory_gb: float, env: dict[str, str
                        vllm=vllm_version)
     plan = batch_plan(cmd, arch, memory_gb, release, mtp_layers(cmd.model))
     layers = {act: layer_runtime(facts, act) for act in ACTIVATIONS}
+    if parse_version(vllm_version) < parse_version(MIRRORED[0]):
+        why += f"; of vLLM {vllm_version}'s own rules only its FP8 shard rule is mirrored"
+    elif parse_version(vllm_version) not in {parse_version(v) for v in MIRRORED}:
+        why += f"; vLLM {vllm_version}'s own rules are not mirrored ({release}'s stand in)"
     return cmd, plan, model, dtype, layers, MIRROR.format(release=release) + why
 
 
@@ -235,8 +240,9 @@ def _problems(layers: list[Layer], tokens: list[int], node: Node) -> list[str]:
     for layer in layers:
         kind = KIND[layer.activation]
         if layer.runtime.error:
-            fix = flag_fix(layer.runtime.error, node.env)
-            out.append(f"{kind}: vLLM will not start: {layer.runtime.error}{f'; {fix}' if fix else ''}")
+            fix = flag_fix(layer.runtime.error, node.env) or unblocked_fix(layer.runtime.error, node.vllm_version)
+            error = layer.runtime.error.removesuffix(".") if fix else layer.runtime.error
+            out.append(f"{kind}: vLLM will not start: {error}{f'; {fix}' if fix else ''}")
         elif layer.file and not layer.found:
             out.append(f"{kind}: {layer.file} is not in {folder(node)}; vLLM will use its default config")
         elif layer.found:

@@ -188,10 +188,14 @@ def shape_for(model: ModelGeometry, layout: Layout, dtype: str, vllm_version: st
     return MoeShape(E // ep_size, E, shard, model.hidden_size, model.top_k, dtype, block)
 
 
-def _fix_fp8_shard(model, layout, shard, block, vllm_version, moe_backend):
+def fp8_shard_rule(vllm_version: str) -> Fp8ShardRule:
+    """The row of ``FP8_SHARD_RULES`` a release takes: the first at or below it."""
     version = parse_version(vllm_version)
-    rule = next(r for r in FP8_SHARD_RULES if version >= r.since)
-    if rule.action == "refuse":
+    return next(r for r in FP8_SHARD_RULES if version >= r.since)
+
+
+def _fix_fp8_shard(model, layout, shard, block, vllm_version, moe_backend):
+    if fp8_shard_rule(vllm_version).action == "refuse":
         return Refusal(
             layout,
             f"vLLM {vllm_version} needs the per-GPU expert width {model.moe_intermediate_size}/{layout.gpus}={shard} "

@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import UsageError
-from .shapes import MoeShape, parse_version
+from .shapes import MoeShape, fp8_shard_rule, parse_version
 from .vllm_source import KNOWN_SOURCES
 
 VLLM_VERSION = "0.33"
@@ -124,11 +124,15 @@ def moe_tp(s: ServeFacts) -> int:
 
 
 def fp8_shard(s: ServeFacts, block: tuple[int, int] = (128, 128)) -> tuple[int, tuple[int, int], bool]:
-    """(per-GPU width, block the kernels see, refined?) as resolve_fp8_moe_weight_block_shape decides."""
+    """(per-GPU width, block the kernels see, refined?) as resolve_fp8_moe_weight_block_shape decides; a release
+    older than that function (``shapes.FP8_SHARD_RULES``: 0.26) keeps the checkpoint's block, which
+    ``_unblocked`` then refuses as its Fp8MoEMethod.create_weights does."""
     tp = moe_tp(s)
     n = s.intermediate // tp
     bn, bk = block
     if n % bn == 0 and (tp == 1 or n % bk == 0):
+        return n, block, False
+    if fp8_shard_rule(s.vllm).action == "refuse":
         return n, block, False
     refine = math.gcd(bn, bk, n, s.hidden)
     refined = (refine, refine) if refine >= 32 else None
@@ -293,6 +297,19 @@ def _unblocked(n: int, refined: bool, tp: int, block: tuple[int, int] = (128, 12
         return f"ValueError: The input_size of down's weight = {n} is not divisible by weight quantization " \
                f"block_k = {block[1]}."
     return None
+
+
+UNBLOCKED = ("ValueError: The output_size of gate's and up's weight", "ValueError: The input_size of down's weight")
+
+
+def unblocked_fix(error: str, vllm_version: str) -> str | None:
+    """The fix for ``_unblocked``'s start-up error on a serve of ``vllm_version``: whole experts per GPU, fewer
+    TP ranks, and what that release does with an explicit backend (0.33 pads the shard) or a newer one."""
+    if not error.startswith(UNBLOCKED):
+        return None
+    other = ("an explicit --moe-backend (vLLM pads the shard to whole blocks)"
+             if fp8_shard_rule(vllm_version).action == "refine" else "vLLM 0.33 or later (it refines the block)")
+    return f"add --enable-expert-parallel (each GPU then holds whole experts), lower -tp, or serve with {other}"
 
 
 def layer_runtime(s: ServeFacts, activation: str) -> LayerRuntime:
