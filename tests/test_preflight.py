@@ -165,7 +165,7 @@ def test_shards_vllm_cannot_build_are_reported_without_a_tune(capsys):
     assert code == 1 and ("problem: SwiGLU-step layers: vLLM will not start: ValueError: The output_size of gate's "
                           "and up's weight = 320 is not divisible by weight quantization block_n = 128; add "
                           "--enable-expert-parallel (each GPU then holds whole experts), lower -tp, or serve with "
-                          "vLLM 0.33 or later (it refines the block)") in out
+                          "vLLM 0.33 or later (it refines the block or pads the shard)") in out
     assert "(the installed vLLM is 0.33.0, the serve runs 0.26); of vLLM 0.26's own rules only its FP8 shard rule " \
            "is mirrored" in out
     for fixed in (["-tp", "4", "--enable-expert-parallel"], ["-tp", "2"]):  # what the line offers starts

@@ -308,7 +308,8 @@ def unblocked_fix(error: str, vllm_version: str) -> str | None:
     if not error.startswith(UNBLOCKED):
         return None
     other = ("an explicit --moe-backend (vLLM pads the shard to whole blocks)"
-             if fp8_shard_rule(vllm_version).action == "refine" else "vLLM 0.33 or later (it refines the block)")
+             if fp8_shard_rule(vllm_version).action == "refine"
+             else "vLLM 0.33 or later (it refines the block or pads the shard)")
     return f"add --enable-expert-parallel (each GPU then holds whole experts), lower -tp, or serve with {other}"
 
 
