@@ -14,7 +14,7 @@ from .kernel import installed_vllm_version
 from .plan import Plan
 from .recipe import ServeSpec, serve_line
 from .shapes import Layout, parse_version
-from .vllm_rules import ACTIVATIONS, KIND, MIRRORED, LayerRuntime, ServeFacts, layer_runtime
+from .vllm_rules import ACTIVATIONS, KIND, LayerRuntime, ServeFacts, layer_runtime, mirrored
 
 RECIPE_LAYOUTS = (Layout(tp=4), Layout(dp=4, ep=True))
 
@@ -52,7 +52,6 @@ def serve_lines(plan: Plan, out: Path) -> list[str]:
 
     lines = []
     layouts = dict.fromkeys(lay for ls in plan.shapes.values() for lay in ls if lay in RECIPE_LAYOUTS)
-    series = ".".join(plan.vllm_version.split(".")[:2])
     for lay in layouts:
         found = advice_for(plan.gpu.key, lay, plan.dtype, plan.vllm_version)  # a str: measured under another release
         backend, env = (found.moe_backend, found.env) if isinstance(found, Advice) else ("auto", {})
@@ -61,7 +60,7 @@ def serve_lines(plan: Plan, out: Path) -> list[str]:
         spec = ServeSpec(model=plan.model.name, layout=lay, dtype=plan.dtype, tuned_folder=Path(out).resolve(),
                          moe_backend=backend, env=tuple(env.items()))
         answers, who = runtimes(plan.serve_facts(lay, backend, env))
-        modeled = series in MIRRORED or who.startswith("vLLM's own")
+        modeled = mirrored(plan.vllm_version) or who.startswith("vLLM's own")
         other = "" if modeled else f"; this tune targets vLLM {plan.vllm_version}, whose per-kind choice it does not model"
         notes = [describe(act, r) for act, r in answers.items()]
         notes += _other_shape(plan, lay, answers, backend)

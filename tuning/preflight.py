@@ -33,8 +33,8 @@ from .serve_command import MEMORY_GB, ServeCommand, parse, serve_release
 from .shapes import BATCH_SIZES, DEFAULT_VLLM_VERSION, Layout, MoeShape, parse_version
 from .triton_pins import mismatch, target_triton
 from .vllm_rules import (ACTIVATIONS, KIND, MIRRORED, LayerRuntime, ServeFacts, kernel_launch_changes, launch_changes,
-                         layer_runtime, down_file_name, nearest_key, reads_down_file, flag_fix, unblocked_fix,
-                         unreadable_flags)
+                         layer_runtime, down_file_name, mirrored, nearest_key, reads_down_file, flag_fix,
+                         unblocked_fix, unreadable_flags)
 
 ASSIGN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 MIRROR = "tune-moe's mirror of vLLM {release}'s rules (its parser, batch sizes and backend per layer)"
@@ -109,7 +109,7 @@ def _understand(argv: list[str], arch: str, memory_gb: float, env: dict[str, str
     layers = {act: layer_runtime(facts, act) for act in ACTIVATIONS}
     if parse_version(vllm_version) < parse_version(MIRRORED[0]):
         why += f"; of vLLM {vllm_version}'s own rules only its FP8 shard rule is mirrored"
-    elif parse_version(vllm_version) not in {parse_version(v) for v in MIRRORED}:
+    elif not mirrored(vllm_version):
         why += f"; vLLM {vllm_version}'s own rules are not mirrored ({release}'s stand in)"
     return cmd, plan, model, dtype, layers, MIRROR.format(release=release) + why
 

@@ -21,7 +21,8 @@ from .reduced import Reduced
 from .serve_command import options
 from .shapes import Layout, Refusal, parse_version, shape_for
 from .vllm_log import BATCHED, Predicted
-from .vllm_rules import ACTIVATIONS, MIRRORED, ServeFacts, down_file_name, flag_fix, layer_runtime, looks_up_down_file
+from .vllm_rules import (ACTIVATIONS, ServeFacts, down_file_name, flag_fix, layer_runtime, looks_up_down_file,
+                         mirrored)
 
 # vLLM's destinations of the serve options validate-serve sets or relies on, by what sets them
 LAYOUT_OPTIONS = ("tensor_parallel_size", "data_parallel_size", "enable_expert_parallel", "pipeline_parallel_size")
@@ -267,7 +268,7 @@ def expected_files(spec: ServeSpec, gpu: gpus.GpuSpec, version: str, model: Mode
     shape = shape_for(model, layout, spec.dtype, version, spec.moe_backend)
     if isinstance(shape, Refusal):
         raise UsageError(f"layout {layout.name}: {shape.reason}")
-    if parse_version(version) not in {parse_version(v) for v in MIRRORED}:
+    if not mirrored(version):
         return [shape.file_name(gpu.device_name)]
     env = tuple(sorted((k, v) for k, v in spec.environ(dict(os.environ)).items() if k.startswith("VLLM_")))
     facts = ServeFacts(arch=gpu.arch, dtype=spec.dtype, tp=layout.tp, dp=layout.dp, ep=layout.ep,

@@ -30,6 +30,11 @@ VLLM_VERSION = "0.33"
 # each release's own selection code over the probe's grid and compares).
 MIRRORED = (VLLM_VERSION, "0.34")
 
+
+def mirrored(vllm_version: str) -> bool:
+    """Whether the mirror holds ``vllm_version``'s own rules (a release of ``MIRRORED``)."""
+    return parse_version(vllm_version) in {parse_version(v) for v in MIRRORED}
+
 # vllm/config/kernel.py MoEBackend, in vLLM's order.
 MOE_BACKENDS = (
     "auto", "triton", "batched_triton", "deep_gemm", "deep_gemm_mega_moe", "cutlass", "flashinfer_trtllm",
