@@ -1,7 +1,11 @@
 """Which job a free worker takes: siblings (one kernel family, one M) never side by side, back to back instead."""
 
 import ast
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 from tuning.gpus import get_gpu
 from tuning.models import load_model
@@ -118,3 +122,26 @@ def test_two_workers_start_at_both_ends_and_walk_towards_each_other():
 def test_a_third_worker_starts_in_the_middle():
     ran = walk(3, (1, 2, 4, 8, 16, 24, 32, 64, 128, 256, 1024, 4096))
     assert [r[0] for r in ran.values()] == [1, 4096, 24]  # as far as it gets from 1 and 4096 (a tie with 32)
+
+
+def test_the_schedule_replayed_on_recorded_job_times_gives_the_ceiling_the_benchmarks_readme_states():
+    """benchmarks/schedule_replay.py runs this schedule on a one-worker run's job times: replayed on one worker it
+    gives the run's own wall time, on two the ceiling section 5 states (2e's c5: 169 s, 1.80x, against the 180 s
+    measured; B33's c11: 159 s, 1.90x), each job run once."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "benchmarks/README.md").read_text()
+    for run, one, two, said in (
+            ("scaling-x2/c5", "| 1 | 304 s | 1.00× | 36 | 276 |", "| 2 | 169 s | 1.80× | 21 + 15 | 141 + 135 |",
+             "gives 169 s (1.80×)"),
+            ("b33/c11", "| 1 | 304 s | 1.00× | 54 | 287 |", "| 2 | 159 s | 1.90× | 26 + 28 | 143 + 144 |",
+             "gives 159 s, 1.90× (26 + 28 jobs, 143 + 144 s each)")):
+        done = subprocess.run([sys.executable, str(root / "benchmarks/schedule_replay.py"),
+                               str(root / f"benchmarks/results/{run}.results.jsonl"), "2"],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+        assert done.returncode == 0, done.stderr
+        rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+        assert rows == [one, two]
+        assert said in " ".join(readme.split())
+    bad = subprocess.run([sys.executable, str(root / "benchmarks/schedule_replay.py"), "nowhere.jsonl", "2"],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(root)})
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nowhere.jsonl" in bad.stderr
