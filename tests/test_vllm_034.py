@@ -633,3 +633,31 @@ def test_the_down_entry_is_the_one_vllm_0_34_picks(site_034, tmp_path):
     assert tuned_down(tmp_path, shape, "NVIDIA_H200", 1024) is None
     shutil.copy(shipped, tmp_path / name)
     assert tuned_down(tmp_path, shape, "NVIDIA_H200", 1024)["BLOCK_SIZE_N"] == 128
+
+
+@pytest.mark.parametrize("release", ["0.33.0", "0.34.0"])
+def test_neither_release_bundles_a_file_any_plan_names(release, site_034):
+    """preflight says a serve without VLLM_TUNED_CONFIG_FOLDER reads only vLLM's own configs, "none for this model",
+    and validate-serve's A/B takes that serve as vLLM's default: neither release bundles a file of any name a plan
+    of either checkpoint names (every GPU, every layout of 1-16 GPUs, every --moe-backend that changes a shape, and
+    the `_down.json` files 0.34 reads), nor any file for the model's 288 experts."""
+    from tuning.gpus import CATALOGUE
+    from tuning.models import load_model
+    from tuning.plan import make_plan
+    from tuning.shapes import default_layouts, parse_layout
+    from tuning.vllm_rules import down_file_name
+
+    pkg = site_034 / "vllm" if release == "0.34.0" else Path(importlib.util.find_spec("vllm").origin).parent
+    bundled = {p.name for p in (pkg / "model_executor/layers/fused_moe/configs").glob("*.json")}
+    assert len(bundled) > 300  # the release's own folder, read
+    layouts = default_layouts(8) + [parse_layout(x) for x in ("TP16", "TP16+EP", "DP16+EP")]
+    names = set()
+    for gpu in CATALOGUE.values():
+        for dtype, model in (("bf16", "stepfun-ai/Step-3.5-Flash"), ("fp8", "stepfun-ai/Step-3.5-Flash-FP8")):
+            for backend in ("auto", "triton", "deep_gemm"):
+                plan = make_plan(load_model(model), gpu, dtype, layouts, 16, (1,), vllm_version=release,
+                                 moe_backend=backend, check_fit=False)
+                names |= {f(plan.file_name(s)) for s in plan.shapes for f in (str, down_file_name)}
+    assert len(names) > 40 and "E=288,N=320,device_name=NVIDIA_H200.json" in names
+    assert not names & bundled
+    assert not [n for n in bundled if n.startswith("E=288,")]
