@@ -8,16 +8,14 @@ RUN.results.jsonl is what ``benchmarks/gpu_stage.sh tune RUN ... --workers 1`` b
 once whatever the workers) and between them (paid by each worker per job). Each worker takes its next job the
 moment it is free, as the sweep does; each job lasts what it lasted in RUN. Prints per worker count the predicted
 wall time, the scaling against RUN's, the jobs and seconds per worker: the ceiling the job sizes and the schedule
-allow. What the replay cannot see is the
-cost of running side by side (two compile pools on one host, the same kernels compiled twice at once: section
-2e), which is what a measured pair adds to it.
+allow. What the replay cannot see is the cost of running side by side (two compile pools on one host, the same
+kernels compiled twice at once: section 2e), which is what a measured pair adds to it.
 """
 
 from __future__ import annotations
 
 import heapq
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -26,16 +24,17 @@ from tuning.models import load_model
 from tuning.schedule import JobQueue
 from tuning.shapes import shapes_from_file_names
 
+from scaling import load as load_run  # benchmarks/scaling.py: a run's rows, and its wall time from its log
+
 
 def load(path: Path) -> tuple[dict[Job, float], dict]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    wall, jobs, _ = load_run(path)
+    rows = list(jobs.values())
     phases_path = path.with_name(path.name.replace(".results.jsonl", ".phases.json"))
     if phases_path.exists():
         phases = json.loads(phases_path.read_text())
     else:  # a run from before run_phases.py: its wall time from the log, everything outside jobs paid once
-        wall = re.search(r": exit \d+ after (\d+) s", path.with_name(path.name.replace(".results.jsonl", ".log"))
-                         .read_text())
-        phases = {"outside_jobs_s": float(wall.group(1)) - sum(r["seconds"] for r in rows), "between_jobs_s": 0.0}
+        phases = {"outside_jobs_s": wall - sum(r["seconds"] for r in rows), "between_jobs_s": 0.0}
     files = sorted({r["file"] for r in rows})
     device = files[0].split("device_name=")[1].split(",")[0].removesuffix(".json")
     model = load_model("stepfun-ai/Step-3.5-Flash-FP8" if "fp8" in files[0] else "stepfun-ai/Step-3.5-Flash")
