@@ -59,6 +59,9 @@ def test_committed_file_is_what_the_recorded_bake_off_gives(tmp_path, capsys):
         "VLLM_USE_DEEP_GEMM_E8M0=0 --moe-backend deep_gemm"
     assert adv.advice_for("H200", parse_layout("TP4"), "bf16", "0.33.0") == adv.BF16
     assert adv.advice_for("B200", parse_layout("TP4"), "fp8", "0.33.0") is None
+    # the bf16 line is Hopper's: on a B200 vLLM runs FlashInfer TRT-LLM for bf16 (0.34 on both layer kinds)
+    assert adv.advice_for("H20", parse_layout("TP4"), "bf16", "0.34.0") == adv.BF16
+    assert adv.advice_for("B200", parse_layout("TP4"), "bf16", "0.34.0") is None
 
 
 def test_the_0_34_file_is_what_its_recorded_bake_off_gives(tmp_path, capsys):

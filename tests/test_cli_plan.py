@@ -115,7 +115,7 @@ def test_num_gpus_defaults_to_8_without_gpus(tune):
     _, out, _ = tune("--gpu", "B200", "--dtype", "bf16", "--dry-run")
     assert "on 8xB200 (NVIDIA_B200, sm100)" in out
     assert "TP8 on 8xB200" in out and "DP8+EP on 8xB200" in out
-    rc, out, _ = tune("--gpu", "B200", "--dtype", "fp8", "--dry-run", "--num-gpus", "2")
+    rc, out, _ = tune("--gpu", "B200", "--dtype", "fp8", "--dry-run", "--num-gpus", "2", "--moe-backend", "triton")
     assert rc == 0 and "on 2xB200" in out
     layouts = [line.split(" on ")[0].strip() for line in out.splitlines()
                if " on 1xB200: " in line or " on 2xB200: " in line]
@@ -206,9 +206,63 @@ def test_an_explicit_moe_backend_plans_only_what_reads_a_tuned_file(tune):
     rc, out, err = tune(*base, "deep_gemm")
     assert rc == 0 and "E=288,N=384,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json" in out
     rc, out, err = tune("--gpu", "H200", "--dtype", "fp8", "--dry-run", "--num-gpus", "4", "--moe-backend", "marlin")
-    assert rc == 2 and "  TP2: not planned: with --moe-backend marlin" in out and "would fit" not in out
+    assert rc == 2 and "  TP2, TP4, TP2+EP, TP4+EP, DP2+EP, DP4+EP: not planned: with --moe-backend marlin" in out
+    assert "would fit" not in out and "TP1 on 1xH200" in out  # a layout that does not fit says so, not planned
     assert "with --moe-backend marlin no layout reads a Triton tuned file (above); tune for a backend that runs " \
            "vLLM's Triton kernel: auto, triton or deep_gemm" in one_error_line(err)
+
+
+def test_the_default_backend_plans_only_layouts_a_serve_reads_a_tuned_file_in(tune):
+    """Under --moe-backend auto (vllm_rules.layer_runtime, checked against vLLM's own selection in
+    tests/test_vllm_probe.py): on a B200, vLLM 0.33 runs FlashInfer TRT-LLM and DeepGEMM (UE8M0) for the FP8 TP2 and
+    expert-parallel layouts, so only the refined TP4/TP8 shards are tuned; the rest is named with the flag that
+    plans it."""
+    rc, out, err = tune("--gpu", "B200", "--dtype", "fp8", "--dry-run")
+    assert rc == 0, err
+    assert ("  TP2, TP2+EP, TP4+EP, TP8+EP, DP2+EP, DP4+EP, DP8+EP: not planned: with --moe-backend auto vLLM 0.33.0 "
+            "runs SiLU layers FLASHINFER_TRTLLM, SwiGLU-step layers DEEPGEMM on B200, and no MoE layer kind runs the "
+            "Triton kernel: no tuned file is read (--moe-backend triton plans the layout for a serve that passes it)"
+            ) in out
+    assert "Shapes (2)" in out and "= 36 (shape, M) jobs" in out
+    assert "E=288,N=320,device_name=NVIDIA_B200,dtype=fp8_w8a8,block_shape=[64,64].json" in out
+    rc, out, err = tune("--gpu", "B200", "--dtype", "fp8", "--dry-run", "--layouts", "DP4+EP", "--num-gpus", "4")
+    assert rc == 2 and one_error_line(err).startswith("tune-moe: error: layout DP4+EP: with --moe-backend auto vLLM "
+                                                       "0.33.0 runs ")
+    rc, out, err = tune("--gpu", "B200", "--dtype", "fp8", "--dry-run", "--layouts", "DP4+EP", "--num-gpus", "4",
+                        "--moe-backend", "triton")
+    assert rc == 0 and "E=72,N=1280,device_name=NVIDIA_B200,dtype=fp8_w8a8,block_shape=[128,128].json" in out
+
+
+def test_the_default_backend_says_which_layer_kinds_and_serves_read_each_file(tune):
+    """A shape a default serve reads on some layer kinds, or only under another serve, says so: B200 bf16 under vLLM
+    0.33 (SiLU layers on FlashInfer TRT-LLM), the H200's FP8 expert-parallel shapes (FlashInfer-CUTLASS and
+    DeepGEMM under auto; DeepGEMM's Triton fallback with E8M0 off, and --moe-backend triton as the backend advice
+    says). A shape vLLM's default reads on both kinds gets no note."""
+    rc, out, err = tune("--gpu", "B200", "--dtype", "bf16", "--dry-run")
+    assert rc == 0, err
+    assert "Shapes (4)" in out and ("      with --moe-backend auto only the SwiGLU-step layers read it on TP4 (SiLU "
+                                    "layers: FlashInfer TRTLLM)\n") in out
+    rc, out, err = tune("--gpu", "H200", "--dtype", "fp8", "--dry-run")
+    assert rc == 0 and "Shapes (6)" in out and "= 108 (shape, M) jobs" in out
+    assert ("      with --moe-backend auto no MoE layer reads it on TP4+EP, DP4+EP (SiLU layers: FLASHINFER_CUTLASS, "
+            "SwiGLU-step layers: DEEPGEMM); read with VLLM_USE_DEEP_GEMM_E8M0=0 (SwiGLU-step layers, through "
+            "DeepGEMM's Triton fallback); or --moe-backend triton (both MoE layer kinds, the backend advice for "
+            "DP4+EP)\n") in out
+    tp2 = out.split("E=288,N=640,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json\n")[1]
+    assert tp2.splitlines()[1].startswith("  E=288,N=320,")  # the next file follows: no note under TP2's shape
+
+
+def test_the_default_backend_refuses_a_plan_no_serve_reads(tune):
+    """vLLM 0.34 runs FlashInfer TRT-LLM for bf16 on a B200 on both layer kinds: a default serve reads no tuned file,
+    so the tune stops in one line naming the flag that plans a Triton serve, and writes nothing."""
+    rc, out, err = tune("--gpu", "B200", "--dtype", "bf16", "--dry-run", "--vllm-version", "0.34.0")
+    assert rc == 2 and "No layout reads a Triton tuned file with --moe-backend auto." in out
+    assert one_error_line(err) == ("tune-moe: error: with --moe-backend auto vLLM 0.34.0 runs no MoE layer of these "
+                                   "layouts on Triton on B200 (above), so no tuned file would be read; pass "
+                                   "--moe-backend triton to tune for a serve that passes it")
+    rc, out, err = tune("--gpu", "B200", "--dtype", "bf16", "--dry-run", "--vllm-version", "0.34.0",
+                        "--moe-backend", "triton")
+    assert rc == 0 and "Shapes (4)" in out
 
 
 def test_a_dry_run_for_another_vllm_says_the_tune_needs_its_kernel(tune):

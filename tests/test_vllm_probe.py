@@ -354,3 +354,38 @@ def test_deepgemm_dispatch_is_vllms():
             assert vllm_says == deepgemm_runs(m, n, k, e8m0=e8m0), (m, n, k, e8m0)
             seen.add(vllm_says)
     assert seen == {True, False}  # the grid reaches both answers
+
+
+def test_the_default_plan_is_what_vllms_own_selection_reads(grid, monkeypatch):
+    """Under --moe-backend auto the plan keeps a layout only where a serve reads its tuned file (plan._reading_serves:
+    auto alone, with E8M0 off on sm90, the backend advice's serve). Decided on vLLM 0.33's own answers instead of the
+    mirror, every GPU kind, both checkpoints and every default layout of 8 GPUs give the same plan."""
+    import tuning.plan as plan_module
+    from tuning.gpus import get_gpu
+    from tuning.models import load_model
+    from tuning.shapes import BATCH_SIZES, default_layouts
+
+    names = {(tp, dp, ep): name for name, (tp, dp, ep) in LAYOUTS.items()}
+    env_names = {value: name for name, value in ENVS.items()}
+
+    def vllms(serve: ServeFacts, act: str) -> LayerRuntime:
+        env = env_names[serve.env] if serve.dtype == "fp8" else "none"  # bf16's oracle reads no DeepGEMM variable
+        return grid[(serve.arch, serve.dtype, names[(serve.tp, serve.dp, serve.ep)], act, serve.moe_backend, env)]
+
+    def plan_of(gpu, dtype):
+        model = load_model("stepfun-ai/Step-3.5-Flash-FP8" if dtype == "fp8" else "stepfun-ai/Step-3.5-Flash")
+        p = plan_module.make_plan(model, get_gpu(gpu), dtype, default_layouts(8), 8, BATCH_SIZES,
+                                  vllm_version="0.33.0")
+        return {s: [lay.name for lay in ls] for s, ls in p.shapes.items()}, sorted(r.layout.name for r in p.refusals)
+
+    kept = {}
+    for gpu, dtype in itertools.product(("H200", "H20", "B200"), ("bf16", "fp8")):
+        mirror = plan_of(gpu, dtype)
+        with monkeypatch.context() as m:
+            m.setattr(plan_module, "layer_runtime", vllms)
+            theirs = plan_of(gpu, dtype)
+        assert mirror == theirs, (gpu, dtype)
+        kept[gpu, dtype] = sorted(lay for ls in theirs[0].values() for lay in ls)
+    assert kept["B200", "fp8"] == ["TP4", "TP8"]  # FlashInfer TRT-LLM and UE8M0 DeepGEMM on the rest
+    assert len(kept["H200", "fp8"]) == 9  # every layout that fits: TP1 does not
+    assert len(kept["B200", "bf16"]) == 6  # the SwiGLU-step layers run Triton on every layout

@@ -28,6 +28,7 @@ from statistics import geometric_mean
 
 from .configs import read_config_file
 from .errors import UsageError
+from .gpus import CATALOGUE
 from .shapes import FILE_NAME, Layout, parse_layout, parse_version
 from .triton_pins import flashinfer_pin
 from .vllm_rules import ACTIVATIONS, LayerRuntime, ServeFacts, layer_runtime
@@ -361,10 +362,10 @@ def nearest_first(releases_: list[str], release: str) -> list[str]:
 def advice_for(gpu: str, layout: Layout, dtype: str, vllm_version: str,
                path: Path | None = None) -> Advice | str | None:
     """The advice for a serve on ``vllm_version``: an Advice measured under its release (``path``, else the
-    committed file), the one bf16 line, a line labelling the advice measured under the nearest other release that
-    has the layout (the newer of two as near), None where none has."""
-    if dtype != "fp8":
-        return BF16
+    committed file), the one bf16 line (on Hopper; None on other GPUs), a line labelling the advice measured under
+    the nearest other release that has the layout (the newer of two as near), None where none has."""
+    if dtype != "fp8":  # the bf16 line holds on Hopper; elsewhere vLLM picks other kernels (FlashInfer on B200)
+        return BF16 if CATALOGUE.get(gpu.lower()) is None or CATALOGUE[gpu.lower()].arch == "sm90" else None
     release = series(vllm_version)
     own = Path(path) if path else data_file(release)
     found = load(own).get((gpu, layout.name)) if own.is_file() else None

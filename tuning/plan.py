@@ -9,8 +9,8 @@ from .gpus import GpuSpec
 from .jobs import Job
 from .models import ModelGeometry
 from .shapes import Layout, MoeShape, Refusal, shape_for
-from .vllm_rules import (ACTIVATIONS, DEEPGEMM_MIN_N, KIND, ServeFacts, down_file_name, launch_read_in, launch_rules,
-                         layer_runtime, reads_down_file)
+from .vllm_rules import (ACTIVATIONS, DEEPGEMM_MIN_N, KIND, LayerRuntime, ServeFacts, down_file_name, launch_read_in,
+                         launch_rules, layer_runtime, mirrored, reads_down_file)
 
 
 @dataclass
@@ -58,36 +58,101 @@ def make_plan(model: ModelGeometry, gpu: GpuSpec, dtype: str, layouts: list[Layo
         if isinstance(shape, Refusal):
             plan.refusals.append(shape)
             continue
+        verdict = fitting.fit(model, layout, dtype, gpu)
+        if not verdict.fits and check_fit:
+            plan.fits.append(verdict)
+            continue
         refused = _backend_refusal(plan, layout)
         if refused:
             plan.refusals.append(refused)
             continue
-        verdict = fitting.fit(model, layout, dtype, gpu)
         plan.fits.append(verdict)
-        if verdict.fits or not check_fit:
-            plan.shapes.setdefault(shape, []).append(layout)
+        plan.shapes.setdefault(shape, []).append(layout)
     if not plan.shapes and not plan.backend_refused:
         plan.alternatives = fitting.alternatives(model, dtype, gpu, num_gpus, vllm_version, moe_backend)
     return plan
 
 
 def _backend_refusal(plan: Plan, layout: Layout) -> Refusal | None:
-    """Under an explicit --moe-backend: a layout vLLM will not start (a layer kind the backend cannot run), or one
-    where no MoE layer kind runs vLLM's Triton kernel, so no tuned file is read (vllm_rules.layer_runtime)."""
-    if plan.moe_backend == "auto":
-        return None
-    runs = {act: layer_runtime(plan.serve_facts(layout, plan.moe_backend), act) for act in ACTIVATIONS}
+    """A layout vLLM will not start under an explicit --moe-backend (a layer kind the backend cannot run), or one
+    no serve reads a tuned file in (``_reading_serves``: no MoE layer kind runs vLLM's Triton kernel)."""
+    if plan.moe_backend == "auto" and not mirrored(plan.vllm_version):
+        return None  # a release whose per-kind choice the mirror does not hold: every layout stays planned
+    serves = _reading_serves(plan, layout)
     flag = f"--moe-backend {plan.moe_backend}"
-    for act, r in runs.items():
-        if r.error:
-            return Refusal(layout, f"vLLM will not start with {flag}: {KIND[act]}: {r.error}", of_backend=True)
-    e8m0_off = [layer_runtime(plan.serve_facts(layout, plan.moe_backend, {"VLLM_USE_DEEP_GEMM_E8M0": "0"}), act)
-                for act in ACTIVATIONS]  # DeepGEMM's Triton fallback reads the file then (the advised TP4/TP8 serve)
-    if not any(r.reads_tuned_file for r in [*runs.values(), *e8m0_off]):
-        ran = ", ".join(f"{KIND[act]} {r.backend}" for act, r in runs.items())
-        return Refusal(layout, f"with {flag} no MoE layer kind runs the Triton kernel ({ran}): no tuned file is "
-                               "read, so there is nothing to tune", by_vllm=False, of_backend=True)
-    return None
+    runs = serves[0].runs
+    errors = [f"{KIND[act]}: {r.error}" for act, r in runs.items() if r.error]
+    if errors and plan.moe_backend != "auto":
+        return Refusal(layout, f"vLLM will not start with {flag}: {errors[0]}", of_backend=True)
+    if errors or any(s.kinds for s in serves):
+        return None
+    ran = ", ".join(f"{KIND[act]} {r.backend}" for act, r in runs.items())
+    if plan.moe_backend == "auto":
+        return Refusal(layout, f"with {flag} vLLM {plan.vllm_version} runs {ran} on {plan.gpu.key}, and no MoE layer "
+                               "kind runs the Triton kernel: no tuned file is read (--moe-backend triton plans the "
+                               "layout for a serve that passes it)", by_vllm=False, of_backend=True)
+    return Refusal(layout, f"with {flag} no MoE layer kind runs the Triton kernel ({ran}): no tuned file is "
+                           "read, so there is nothing to tune", by_vllm=False, of_backend=True)
+
+
+@dataclass(frozen=True)
+class Serve:
+    """A serve of a layout: what it adds to the plan's --moe-backend, what each MoE layer kind then runs, and the
+    kinds whose fused MoE reads the layout's tuned file."""
+    flags: str  # "" for the plan's --moe-backend alone, e.g. "VLLM_USE_DEEP_GEMM_E8M0=0" or "--moe-backend triton"
+    runs: dict[str, LayerRuntime]
+    kinds: tuple[str, ...]
+    why: str = ""  # how this serve comes to read the file, for the plan's note
+
+
+def _reading_serves(plan: Plan, layout: Layout) -> list[Serve]:
+    """The serves of ``layout`` that may read its tuned file, the plan's --moe-backend alone first; then with
+    DeepGEMM's E8M0 off, when its Triton fallback reads the file (the advised TP4/TP8 serve on an H200; under auto
+    only on sm90: DeepGEMM on sm100 takes UE8M0 scales only); under auto, the serve the backend advice measured
+    for this GPU and layout (``backend_advice``)."""
+    from .backend_advice import Advice, advice_for
+
+    shape = shape_for(plan.model, layout, plan.dtype, plan.vllm_version, plan.moe_backend)
+    configs = [("", plan.moe_backend, {}, "")]
+    if plan.moe_backend != "auto" or plan.gpu.arch == "sm90":
+        configs.append(("VLLM_USE_DEEP_GEMM_E8M0=0", plan.moe_backend, {"VLLM_USE_DEEP_GEMM_E8M0": "0"},
+                        "through DeepGEMM's Triton fallback"))
+    advice = advice_for(plan.gpu.key, layout, plan.dtype, plan.vllm_version) if plan.moe_backend == "auto" else None
+    if isinstance(advice, Advice) and advice.measured and advice.serve_config != "auto":
+        configs.append((advice.flags(), advice.moe_backend, advice.env, f"the backend advice for {layout.name}"))
+    serves = []
+    for flags, backend, env, why in configs:
+        runs = {act: layer_runtime(plan.serve_facts(layout, backend, env), act) for act in ACTIVATIONS}
+        # a backend that pads the FP8 shard the plan's refines (the advised deep_gemm) reads another shape's file
+        same = backend == plan.moe_backend or shape_for(plan.model, layout, plan.dtype, plan.vllm_version,
+                                                        backend) == shape
+        kinds = tuple(act for act, r in runs.items() if r.reads_tuned_file) if same else ()
+        serves.append(Serve(flags, runs, kinds, why))
+    return serves
+
+
+def _kinds(acts) -> str:
+    return "both MoE layer kinds" if len(acts) == len(ACTIVATIONS) else " and ".join(KIND[a] for a in acts)
+
+
+def read_note(plan: Plan, layouts: list[Layout]) -> str | None:
+    """Under --moe-backend auto, where a default serve of the shape's layouts does not read its file on every MoE
+    layer kind: which kinds do, and which other serves read it. None where the default serve reads it on every
+    kind (or the mirror does not hold the release's choice)."""
+    if plan.moe_backend != "auto" or not mirrored(plan.vllm_version):
+        return None
+    per = {lay: _reading_serves(plan, lay) for lay in layouts}
+    short = {lay: serves for lay, serves in per.items() if len(serves[0].kinds) < len(ACTIVATIONS)}
+    if not short:
+        return None
+    auto = next(iter(short.values()))[0]
+    ran = ", ".join(f"{KIND[act]}: {r.backend}" for act, r in auto.runs.items() if act not in auto.kinds)
+    where = ", ".join(lay.name for lay in short)
+    reads = f"only the {_kinds(auto.kinds)} read it" if auto.kinds else "no MoE layer reads it"
+    others = list(dict.fromkeys(f"{s.flags} ({_kinds(s.kinds)}, {s.why})" for serves in short.values()
+                                for s in serves[1:] if set(s.kinds) - set(serves[0].kinds)))
+    return (f"with --moe-backend auto {reads} on {where} ({ran})"
+            + (f"; read with {'; or '.join(others)}" if others else ""))
 
 
 def format_plan(plan: Plan) -> str:
@@ -95,8 +160,11 @@ def format_plan(plan: Plan) -> str:
              f"({plan.gpu.device_name}, {plan.gpu.arch}), vLLM {plan.vllm_version} launch rules"
              f"{launch_read_in(plan.vllm_version)}", "", "Layouts:"]
     lines += [f"  {f.why(plan.gpu)}" for f in plan.fits]
-    lines += [f"  {r.layout.name}: " + (f"refused by vLLM {plan.vllm_version}: " if r.by_vllm else "not planned: ")
-              + r.reason for r in plan.refusals]
+    said: dict[str, list[str]] = {}  # one line per reason: a backend's refusal is often every layout's
+    for r in plan.refusals:
+        said.setdefault((f"refused by vLLM {plan.vllm_version}: " if r.by_vllm else "not planned: ") + r.reason,
+                        []).append(r.layout.name)
+    lines += [f"  {', '.join(names)}: {reason}" for reason, names in said.items()]
     if plan.backend_refused:
         return "\n".join(lines + ["", f"No layout reads a Triton tuned file with --moe-backend {plan.moe_backend}."])
     if not plan.shapes:
@@ -120,6 +188,9 @@ def format_plan(plan: Plan) -> str:
                        "file only with VLLM_USE_DEEP_GEMM_E8M0=0)")
         lines.append(f"  {plan.file_name(shape)}")
         lines.append(f"      {shape.label}, K={shape.k}, top-{shape.top_k}{ep}; layouts {', '.join(l.name for l in layouts)}")
+        note = read_note(plan, layouts)
+        if note:
+            lines.append(f"      {note}")
     if launch_rules(plan.vllm_version).tma_weights and plan.gpu.arch in ("sm90", "sm100") and \
             any(s.block_shape for s in plan.shapes):
         lines += ["", f"Weights: vLLM {plan.vllm_version} reads block-FP8 weights through a TMA descriptor on "

@@ -199,6 +199,10 @@ def run(args: argparse.Namespace) -> int:
     plan = build_plan(args, found)
     told = target_lines(plan, args) if args.dry_run else []  # a refused --vllm-src: one line, before the plan
     print(format_plan(plan))
+    if plan.backend_refused and plan.moe_backend == "auto":
+        raise UsageError(f"with --moe-backend auto vLLM {plan.vllm_version} runs no MoE layer of these layouts on Triton "
+                         f"on {plan.gpu.key} (above), so no tuned file would be read; pass --moe-backend triton to tune "
+                         "for a serve that passes it")
     if plan.backend_refused:
         raise UsageError(f"with --moe-backend {plan.moe_backend} no layout reads a Triton tuned file (above); tune for "
                          "a backend that runs vLLM's Triton kernel: auto, triton or deep_gemm")
