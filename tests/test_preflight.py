@@ -126,6 +126,22 @@ def test_the_fix_tunes_for_the_serves_release_not_the_installed_one(capsys, tmp_
             "--vllm-version 0.34.0") in out
 
 
+def test_the_fix_is_a_tune_that_plans_the_file_the_serve_reads(capsys, tmp_path):
+    """A B200 FP8 TP2 serve reads its tuned file only through VLLM_USE_DEEP_GEMM_E8M0=0 (DeepGEMM's Triton fallback on
+    the SwiGLU-step layers), which the tune's default plan does not count there: the fix tunes the same file under
+    --moe-backend triton, and that command plans exactly it."""
+    code = main(["preflight", "--gpu", "B200", "--", f"VLLM_TUNED_CONFIG_FOLDER={tmp_path}", "VLLM_USE_DEEP_GEMM_E8M0=0",
+                 "vllm", "serve", "stepfun-ai/Step-3.5-Flash-FP8", "--tensor-parallel-size", "2"])
+    out = capsys.readouterr().out
+    name = "E=288,N=640,device_name=NVIDIA_B200,dtype=fp8_w8a8,block_shape=[128,128].json"
+    assert code == 1 and f"{name} is not in" in out
+    fix = next(line for line in out.splitlines() if line.startswith("fix: "))
+    assert fix == (f"fix: tune-moe --gpu B200 --dtype fp8 --layouts TP2 --num-gpus 2 --moe-backend triton --batch-sizes "
+                   f"vllm,16384 --out {tmp_path} --vllm-version 0.33.0")
+    assert main([*fix.split()[2:], "--dry-run"]) == 0
+    assert f"Shapes (1), each a file vLLM loads:\n  {name}\n" in capsys.readouterr().out
+
+
 def test_an_unset_tuned_folder_is_no_tune_to_fix(capsys, monkeypatch):
     """The files are there; the serve is only not told where: the problem names the export, and no tune is offered."""
     monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER", raising=False)  # preflight reads this shell's VLLM_* too

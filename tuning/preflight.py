@@ -197,7 +197,7 @@ def check(argv: list[str], node: Node) -> dict:
     problems = _problems(layers, tokens, node)
     return {"command": cmd, "plan": plan, "dtype": dtype, "tokens": tokens, "layers": layers, "problems": problems,
             "notes": _notes(node), "answered_by": answered_by, "advice": advice_line(cmd, dtype, node),
-            "fix": _fix(cmd, dtype, node, layers, tokens) if _needs_tune(layers, tokens) and not _misdirected(node)
+            "fix": _fix(cmd, model, dtype, node, layers, tokens) if _needs_tune(layers, tokens) and not _misdirected(node)
             else None}
 
 
@@ -282,22 +282,39 @@ def _notes(node: Node) -> list[str]:
     return notes
 
 
-def _fix(cmd: ServeCommand, dtype: str, node: Node, layers: list[Layer], tokens: list[int]) -> str | None:
+def _fix(cmd: ServeCommand, model: ModelGeometry, dtype: str, node: Node, layers: list[Layer],
+         tokens: list[int]) -> str | None:
     """The tune-moe command that tunes what this serve would read, for the serve's vLLM release (the node that runs
     it may have another vLLM installed, or none)."""
     wanted = [layer for layer in layers if layer.file]
     if not wanted or set(cmd.hf_overrides) & RESHAPING:
         return None  # a serve whose --hf-overrides reshape the experts is no layout the tuner plans
-    layout = "+".join(([f"DP{cmd.dp}"] if cmd.dp > 1 else []) + ([f"TP{cmd.tp}"] if cmd.tp > 1 or cmd.dp == 1 else [])
-                      + (["EP"] if cmd.ep else []))
-    words = ["tune-moe", "--gpu", node.gpu.key, "--dtype", dtype, "--layouts", layout, "--num-gpus",
+    lay = Layout(tp=cmd.tp, dp=cmd.dp, ep=cmd.ep)
+    words = ["tune-moe", "--gpu", node.gpu.key, "--dtype", dtype, "--layouts", lay.name, "--num-gpus",
              str(cmd.tp * cmd.dp)]
-    words += ["--moe-backend", cmd.moe_backend] if cmd.moe_backend != "auto" else []
+    words += ["--moe-backend", _tune_backend(cmd, model, dtype, node, lay, {layer.file for layer in wanted})]
+    words = words if words[-1] != "auto" else words[:-2]
     keys = set(BATCH_SIZES)
     extra = sorted({m for m in tokens if far(m, sorted(keys))})
     words += ["--batch-sizes", ",".join(["vllm", *map(str, extra)])] if extra else []
     words += ["--out", str(Path(node.env[TUNED_VAR]))] if node.env.get(TUNED_VAR) else []
     return shlex.join(words + ["--vllm-version", node.vllm_version])
+
+
+def _tune_backend(cmd: ServeCommand, model: ModelGeometry, dtype: str, node: Node, lay: Layout, files: set[str]) -> str:
+    """The serve's --moe-backend; but where the serve reads its file only through its VLLM_* variables, which the
+    tune's plan does not weigh (DeepGEMM's Triton fallback with E8M0 off on a B200, under auto), the backend whose
+    plan holds the same file: triton."""
+    from .plan import make_plan
+
+    def planned(backend: str) -> set[str]:
+        p = make_plan(model, node.gpu, dtype, [lay], lay.gpus, (1,), vllm_version=node.vllm_version,
+                      moe_backend=backend, check_fit=False)
+        return {p.file_name(shape) for shape in p.shapes}
+
+    if cmd.moe_backend == "auto" and not files <= planned("auto") and files <= planned("triton"):
+        return "triton"
+    return cmd.moe_backend
 
 
 # ---- text -----------------------------------------------------------------------------------------
