@@ -252,6 +252,25 @@ def test_the_default_backend_says_which_layer_kinds_and_serves_read_each_file(tu
     assert tp2.splitlines()[1].startswith("  E=288,N=320,")  # the next file follows: no note under TP2's shape
 
 
+def test_the_plan_names_the_file_an_advised_serve_reads_and_the_tune_that_adds_it(tune):
+    """The H200's backend advice serves FP8 TP4 and TP8 with VLLM_USE_DEEP_GEMM_E8M0=0 --moe-backend deep_gemm, which
+    reads the padded shard's file, not the refined one the default plan tunes: the plan says so, and the tune it
+    names plans exactly that file. Without advice (a B200) nothing is said."""
+    rc, out, err = tune("--gpu", "H200", "--dtype", "fp8", "--dry-run")
+    assert rc == 0, err
+    padded = "E=288,N=384,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"
+    line = (f"  TP4: the backend advice serves it with VLLM_USE_DEEP_GEMM_E8M0=0 --moe-backend deep_gemm, which reads "
+            f"{padded}; tune-moe --gpu H200 --dtype fp8 --layouts TP4 --moe-backend deep_gemm --vllm-version 0.33.0 "
+            "tunes it\n")
+    assert "\nAdvised serves that read a file this plan does not tune:\n" + line in out
+    assert "  TP8: the backend advice serves it with" in out and "TP2: the backend advice" not in out
+    command = line.split("; ")[1].removesuffix(" tunes it\n").split()
+    rc, out, err = tune(*command[1:], "--dry-run")
+    assert rc == 0 and f"Shapes (1), each a file vLLM loads:\n  {padded}\n" in out, err
+    rc, out, _ = tune("--gpu", "B200", "--dtype", "fp8", "--dry-run")
+    assert rc == 0 and "Advised serves" not in out
+
+
 def test_the_default_backend_refuses_a_plan_no_serve_reads(tune):
     """vLLM 0.34 runs FlashInfer TRT-LLM for bf16 on a B200 on both layer kinds: a default serve reads no tuned file,
     so the tune stops in one line naming the flag that plans a Triton serve, and writes nothing."""

@@ -155,6 +155,28 @@ def read_note(plan: Plan, layouts: list[Layout]) -> str | None:
             + (f"; read with {'; or '.join(others)}" if others else ""))
 
 
+def advised_elsewhere(plan: Plan) -> list[str]:
+    """Under --moe-backend auto: the planned layouts whose measured backend advice serves them with a backend that
+    reads another shape's file (the padded FP8 TP4/TP8 shard under deep_gemm on an H200), with the tune that adds it."""
+    from .backend_advice import Advice, advice_for
+
+    if plan.moe_backend != "auto" or not mirrored(plan.vllm_version):
+        return []
+    out = []
+    for shape, layouts in plan.shapes.items():
+        for lay in layouts:
+            advice = advice_for(plan.gpu.key, lay, plan.dtype, plan.vllm_version)
+            if not isinstance(advice, Advice) or not advice.measured or advice.moe_backend == "auto":
+                continue
+            other = shape_for(plan.model, lay, plan.dtype, plan.vllm_version, advice.moe_backend)
+            runs = [layer_runtime(plan.serve_facts(lay, advice.moe_backend, advice.env), act) for act in ACTIVATIONS]
+            if isinstance(other, MoeShape) and other != shape and any(r.reads_tuned_file for r in runs):
+                out.append(f"{lay.name}: the backend advice serves it with {advice.flags()}, which reads "
+                           f"{plan.file_name(other)}; tune-moe --gpu {plan.gpu.key} --dtype {plan.dtype} --layouts "
+                           f"{lay.name} --moe-backend {advice.moe_backend} --vllm-version {plan.vllm_version} tunes it")
+    return out
+
+
 def format_plan(plan: Plan) -> str:
     lines = [f"Plan: {plan.model.name} {plan.dtype} on {plan.num_gpus}x{plan.gpu.key} "
              f"({plan.gpu.device_name}, {plan.gpu.arch}), vLLM {plan.vllm_version} launch rules"
@@ -195,6 +217,9 @@ def format_plan(plan: Plan) -> str:
             any(s.block_shape for s in plan.shapes):
         lines += ["", f"Weights: vLLM {plan.vllm_version} reads block-FP8 weights through a TMA descriptor on "
                       f"{plan.gpu.arch} wherever the N and K tiles divide them, and the search times that launch"]
+    advised = advised_elsewhere(plan)
+    if advised:
+        lines += ["", "Advised serves that read a file this plan does not tune:"] + [f"  {a}" for a in advised]
     downs = down_files(plan)
     if downs:
         lines += ["", f"Down files: vLLM {plan.vllm_version} also reads {', '.join(downs)} for the SiLU layers (an "
