@@ -110,15 +110,13 @@ def _reading_serves(plan: Plan, layout: Layout) -> list[Serve]:
     DeepGEMM's E8M0 off, when its Triton fallback reads the file (the advised TP4/TP8 serve on an H200; under auto
     only on sm90: DeepGEMM on sm100 takes UE8M0 scales only); under auto, the serve the backend advice measured
     for this GPU and layout (``backend_advice``)."""
-    from .backend_advice import Advice, advice_for
-
     shape = shape_for(plan.model, layout, plan.dtype, plan.vllm_version, plan.moe_backend)
     configs = [("", plan.moe_backend, {}, "")]
     if plan.moe_backend != "auto" or plan.gpu.arch == "sm90":
         configs.append(("VLLM_USE_DEEP_GEMM_E8M0=0", plan.moe_backend, {"VLLM_USE_DEEP_GEMM_E8M0": "0"},
                         "through DeepGEMM's Triton fallback"))
-    advice = advice_for(plan.gpu.key, layout, plan.dtype, plan.vllm_version) if plan.moe_backend == "auto" else None
-    if isinstance(advice, Advice) and advice.measured and advice.serve_config != "auto":
+    advice = _advice(plan, layout) if plan.moe_backend == "auto" else None
+    if advice:
         configs.append((advice.flags(), advice.moe_backend, advice.env, f"the backend advice for {layout.name}"))
     serves = []
     for flags, backend, env, why in configs:
@@ -129,6 +127,15 @@ def _reading_serves(plan: Plan, layout: Layout) -> list[Serve]:
         kinds = tuple(act for act, r in runs.items() if r.reads_tuned_file) if same else ()
         serves.append(Serve(flags, runs, kinds, why))
     return serves
+
+
+def _advice(plan: Plan, layout: Layout):
+    """The backend advice measured for this GPU and layout under the plan's release, where it names a --moe-backend
+    (``backend_advice``); else None."""
+    from .backend_advice import Advice, advice_for
+
+    advice = advice_for(plan.gpu.key, layout, plan.dtype, plan.vllm_version)
+    return advice if isinstance(advice, Advice) and advice.measured and advice.moe_backend != "auto" else None
 
 
 def _kinds(acts) -> str:
@@ -158,15 +165,13 @@ def read_note(plan: Plan, layouts: list[Layout]) -> str | None:
 def advised_elsewhere(plan: Plan) -> list[str]:
     """Under --moe-backend auto: the planned layouts whose measured backend advice serves them with a backend that
     reads another shape's file (the padded FP8 TP4/TP8 shard under deep_gemm on an H200), with the tune that adds it."""
-    from .backend_advice import Advice, advice_for
-
     if plan.moe_backend != "auto" or not mirrored(plan.vllm_version):
         return []
     out = []
     for shape, layouts in plan.shapes.items():
         for lay in layouts:
-            advice = advice_for(plan.gpu.key, lay, plan.dtype, plan.vllm_version)
-            if not isinstance(advice, Advice) or not advice.measured or advice.moe_backend == "auto":
+            advice = _advice(plan, lay)
+            if advice is None:
                 continue
             other = shape_for(plan.model, lay, plan.dtype, plan.vllm_version, advice.moe_backend)
             runs = [layer_runtime(plan.serve_facts(lay, advice.moe_backend, advice.env), act) for act in ACTIVATIONS]
