@@ -3,6 +3,7 @@ own parser and selection code; the mirrors used without vLLM give the same answe
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -418,3 +419,40 @@ def test_preflight_reads_the_backend_advice_file(capsys, tmp_path, monkeypatch):
             "(measured 2026-12-01: M 1-96: triton; M 128-4096: deep_gemm_e8m0_off") in out
     _, out, _ = run(capsys, "H200", ["stepfun-ai/Step-3.5-Flash", "--tensor-parallel-size", "4", *RECIPE])
     assert f"advice: {backend_advice.BF16}" in out
+
+
+def test_every_fix_is_a_tune_whose_plan_holds_the_files_the_serve_misses(capsys, tmp_path):
+    """Across GPUs, both checkpoints, TP and EP layouts, --moe-backend auto/triton/deep_gemm and DeepGEMM's E8M0 on and
+    off (vLLM 0.34's rules, which the mirror answers here without a subprocess): wherever preflight finds a tuned file
+    missing, its fix line is a tune-moe command that runs, and its dry run plans every file the serve misses. A serve
+    whose weights do not fit says so first and offers no tune (the tune plans no such layout)."""
+    layouts = {"TP2": ["--tensor-parallel-size", "2"], "TP4": ["--tensor-parallel-size", "4"],
+               "TP8": ["--tensor-parallel-size", "8"], "TP4+EP": ["--tensor-parallel-size", "4", "--enable-expert-parallel"],
+               "DP4+EP": ["--data-parallel-size", "4", "--enable-expert-parallel"]}
+    fixed = refused = unfit = 0
+    for gpu, model, layout, backend, e8m0 in itertools.product(
+            ("H200", "H20", "B200"), ("stepfun-ai/Step-3.5-Flash", "stepfun-ai/Step-3.5-Flash-FP8"), layouts,
+            ("auto", "triton", "deep_gemm"), ("1", "0")):
+        argv = ["preflight", "--gpu", gpu, "--vllm-version", "0.34.0", "--", f"VLLM_TUNED_CONFIG_FOLDER={tmp_path}",
+                f"VLLM_USE_DEEP_GEMM_E8M0={e8m0}", "vllm", "serve", model, *layouts[layout], "--moe-backend", backend]
+        code = main(argv)
+        out, err = capsys.readouterr()
+        row = f"{gpu} {model} {layout} {backend} E8M0={e8m0}"
+        missing = set(re.findall(r"problem: [^:]+: (E=\S+\.json) is not in ", out))
+        fix = [line.removeprefix("fix: ") for line in out.splitlines() if line.startswith("fix: ")]
+        if "problem: the weights do not fit: " in out:
+            first = next(line for line in out.splitlines() if line.startswith("problem: "))
+            assert not fix and first.startswith("problem: the weights do not fit: "), row
+            unfit += 1
+            continue
+        if "vLLM will not start" in out or not missing:  # a backend that cannot run a layer kind: no tune fixes it
+            refused += "vLLM will not start" in out
+            assert not fix and code in (0, 1), row
+            continue
+        assert len(fix) == 1, f"{row}\n{out}"
+        words = fix[0].split()
+        assert words[0] == "tune-moe" and main([*words[1:], "--dry-run"]) == 0, f"{row}: {fix[0]}"
+        planned = set(re.findall(r"^  (E=\S+\.json)$", capsys.readouterr().out, re.M))
+        assert missing <= planned, f"{row}: {fix[0]} plans {planned}, the serve misses {missing}"
+        fixed += 1
+    assert fixed > 60 and refused > 0 and unfit > 0, (fixed, refused, unfit)

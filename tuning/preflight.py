@@ -27,6 +27,7 @@ from .batch_plan import BatchPlan, batch_plan
 from .configs import CONFIGS_ROOT, TUNED_VAR, default_folder, read_config_file
 from .errors import UsageError
 from .files import atomic_write_json, output_file
+from .fit import alternatives, fit
 from .kernel import installed_fused_moe, installed_vllm_version
 from .models import ModelGeometry, checkpoint, mtp_layers
 from .serve_command import MEMORY_GB, ServeCommand, parse, serve_release
@@ -194,11 +195,25 @@ def check(argv: list[str], node: Node) -> dict:
     cmd, plan, model, dtype, answers, answered_by = _understand(argv, node.gpu.arch, memory, env, node.vllm_version)
     tokens = engine_tokens(cmd, plan)
     layers = [_layer(act, answers[act], model, cmd, dtype, node) for act in ACTIVATIONS]
-    problems = _problems(layers, tokens, node)
+    room = _room(cmd, model, dtype, node)
+    problems = ([room] if room else []) + _problems(layers, tokens, node)
+    fixable = _needs_tune(layers, tokens) and not _misdirected(node) and not room  # the tune plans no such layout
     return {"command": cmd, "plan": plan, "dtype": dtype, "tokens": tokens, "layers": layers, "problems": problems,
             "notes": _notes(node), "answered_by": answered_by, "advice": advice_line(cmd, dtype, node),
-            "fix": _fix(cmd, model, dtype, node, layers, tokens) if _needs_tune(layers, tokens) and not _misdirected(node)
-            else None}
+            "fix": _fix(cmd, model, dtype, node, layers, tokens) if fixable else None}
+
+
+def _room(cmd: ServeCommand, model: ModelGeometry, dtype: str, node: Node) -> str | None:
+    """The serve's weights against each GPU's memory (``fit``, at vLLM's default --gpu-memory-utilization), as one
+    problem where they leave too little for the KV cache, with the layouts that would fit."""
+    lay = Layout(tp=cmd.tp, dp=cmd.dp, ep=cmd.ep)
+    verdict = fit(model, lay, dtype, node.gpu)
+    if verdict.fits:
+        return None
+    others = alternatives(model, dtype, node.gpu, lay.gpus, node.vllm_version, cmd.moe_backend)
+    return (f"the weights do not fit: {verdict.why(node.gpu)}"
+            + ("; vLLM cannot load them" if verdict.kv_gb < 0 else "; the KV cache would hold few requests")
+            + (f"; try {' or '.join(others)}" if others else ""))
 
 
 def _misdirected(node: Node) -> bool:
