@@ -307,8 +307,8 @@ def _fix(cmd: ServeCommand, model: ModelGeometry, dtype: str, node: Node, layers
     lay = Layout(tp=cmd.tp, dp=cmd.dp, ep=cmd.ep)
     words = ["tune-moe", "--gpu", node.gpu.key, "--dtype", dtype, "--layouts", lay.name, "--num-gpus",
              str(cmd.tp * cmd.dp)]
-    words += ["--moe-backend", _tune_backend(cmd, model, dtype, node, lay, {layer.file for layer in wanted})]
-    words = words if words[-1] != "auto" else words[:-2]
+    backend = _tune_backend(cmd, model, dtype, node, lay, {layer.file for layer in wanted})
+    words += ["--moe-backend", backend] if backend != "auto" else []
     keys = set(BATCH_SIZES)
     extra = sorted({m for m in tokens if far(m, sorted(keys))})
     words += ["--batch-sizes", ",".join(["vllm", *map(str, extra)])] if extra else []
