@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
     from tuning import compile as pool
     from tuning.configs import TileConfig
     from tuning.gpus import get_gpu
-    from tuning.kernel import KernelSource
+    from tuning.vllm.kernel import KernelSource
     from tuning.shapes import MoeShape
     from tuning.space import Context, accumulator_fits_registers, candidates, explain, space
 

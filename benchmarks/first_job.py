@@ -27,7 +27,7 @@ from tuning import compile as pool
 from tuning.configs import TileConfig
 from tuning.gpus import get_gpu
 from tuning.jobs import Job, Settings
-from tuning.kernel import KernelSource
+from tuning.vllm.kernel import KernelSource
 from tuning.runner import Runner
 from tuning.shapes import MoeShape
 from tuning.workers import run_job

@@ -130,10 +130,10 @@ def check() -> int:
     import torch
     from flashinfer.fused_moe import cutlass_fused_moe
 
-    from tuning.layer_inputs import batch, errors, float_weights, quantised, reference
-    from tuning.backends import MODEL
+    from tuning.bakeoff.layer_inputs import batch, errors, float_weights, quantised, reference
+    from tuning.bakeoff.compare import MODEL
     from tuning.models import load_model
-    from tuning.path_flashinfer import FlashInferPath, flashinfer_weights
+    from tuning.bakeoff.path_flashinfer import FlashInferPath, flashinfer_weights
     from tuning.shapes import parse_layout, shape_for
 
     layout = parse_layout("DP8+EP")

@@ -138,7 +138,7 @@ case "$stage" in
     py=${PYTHON:-python3}
     pkg=${VLLM_PKG:-$("$py" -c 'import importlib.util as u; print(u.find_spec("vllm").submodule_search_locations[0])')}
     dest=${SRC_DIR:-.gpu/vllm-src} dg=${DG_OUT:-.gpu/dg.tar.zst}
-    "$py" -c 'import shutil, sys; from pathlib import Path; from tuning.vllm_helpers import FILES
+    "$py" -c 'import shutil, sys; from pathlib import Path; from tuning.bakeoff.vllm_helpers import FILES
 root, dest = Path(sys.argv[1]).parent, Path(sys.argv[2])
 for rel in FILES:
     (dest / rel).parent.mkdir(parents=True, exist_ok=True)

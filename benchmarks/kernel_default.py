@@ -14,7 +14,7 @@ import sys
 
 from tuning.gpus import get_gpu
 from tuning.routing import Routing
-from tuning.kernel import KernelSource
+from tuning.vllm.kernel import KernelSource
 from tuning.runner import Runner
 from tuning.shapes import MoeShape
 

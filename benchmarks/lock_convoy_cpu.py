@@ -51,7 +51,7 @@ def child(src: str, run: str, variant: str, idx: int) -> None:
     from triton import knobs
 
     from tuning import compile as pool
-    from tuning.kernel import KernelSource
+    from tuning.vllm.kernel import KernelSource
 
     pool._kernel = KernelSource(src, VLLM).load()  # as compile._init
     kernels: list[dict] = []

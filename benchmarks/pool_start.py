@@ -25,7 +25,7 @@ import time
 
 from tuning.compile import Precompiler, processes
 from tuning.gpus import get_gpu
-from tuning.kernel import KernelSource
+from tuning.vllm.kernel import KernelSource
 from tuning.shapes import MoeShape
 from tuning.space import Context, space
 

@@ -28,7 +28,7 @@ from pool_start import every_process_up  # this script's folder is on the path w
 
 from tuning import compile as pool
 from tuning.gpus import get_gpu
-from tuning.kernel import KernelSource
+from tuning.vllm.kernel import KernelSource
 from tuning.shapes import MoeShape
 from tuning.space import Context, space
 

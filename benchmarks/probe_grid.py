@@ -1,7 +1,7 @@
 """The probe's grid (tests/test_vllm_probe.py: 7392 serve rows) asked of the installed vLLM, beside tune-moe's
 mirror of vLLM 0.33: the rows where they differ.
 
-    python benchmarks/probe_grid.py        # in an environment whose vLLM is 0.33 or 0.34 (tuning.vllm_probe.PROBED)
+    python benchmarks/probe_grid.py        # in an environment whose vLLM is 0.33 or 0.34 (tuning.vllm.probe.PROBED)
 
 Run with vLLM 0.34.0 on the CPU box (benchmarks/README §2w); CI runs the same comparison with vLLM 0.33.
 """
@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from test_vllm_probe import grid_keys, serve_for  # noqa: E402
 
-from tuning.vllm_probe import probe  # noqa: E402
-from tuning.vllm_rules import layer_runtime  # noqa: E402
+from tuning.vllm.probe import probe  # noqa: E402
+from tuning.vllm.rules import layer_runtime  # noqa: E402
 
 
 def verdict(r) -> tuple:

@@ -38,19 +38,20 @@ from pathlib import Path
 
 import torch
 
-from tuning import launch, moe_ops, vllm_ops
-from tuning.backends import MODEL
-from tuning.bakeoff import default_tile, down_entry, tuned_tile
+from tuning import launch
+from tuning.bakeoff import moe_ops, vllm_ops
+from tuning.bakeoff.compare import MODEL
+from tuning.bakeoff.layer import default_tile, down_entry, tuned_tile
 from tuning.bench import measure
 from tuning.configs import read_config_file
 from tuning.gpus import get_gpu
-from tuning.kernel import KernelSource
-from tuning.layer_inputs import batch, errors, float_weights, quantised, reference
+from tuning.vllm.kernel import KernelSource
+from tuning.bakeoff.layer_inputs import batch, errors, float_weights, quantised, reference
 from tuning.models import load_model
-from tuning.path_triton import TritonPath
+from tuning.bakeoff.path_triton import TritonPath
 from tuning.shapes import MoeShape, parse_batch_sizes, parse_layout, shape_for
-from tuning.vllm_helpers import VllmSource, load_helpers
-from tuning.vllm_rules import nearest_key
+from tuning.bakeoff.vllm_helpers import VllmSource, load_helpers
+from tuning.vllm.rules import nearest_key
 
 TOLERANCE = 0.1  # bakeoff.TOLERANCE: a whole FP8 layer against float
 GRID = {"BLOCK_SIZE_N": (64, 128, 256), "GROUP_SIZE_M": (1, 64), "warps_stages": ((4, 3), (4, 4), (8, 4))}

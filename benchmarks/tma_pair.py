@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tuning import launch
 from tuning.gpus import get_gpu
-from tuning.kernel import KernelSource
+from tuning.vllm.kernel import KernelSource
 from tuning.routing import Routing
 from tuning.runner import Runner
 from tuning.search import head_to_head

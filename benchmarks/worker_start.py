@@ -17,7 +17,7 @@ T1 = time.time()
 import ray  # noqa: E402
 
 from tuning.jobs import Settings  # noqa: E402
-from tuning.kernel import KernelSource  # noqa: E402
+from tuning.vllm.kernel import KernelSource  # noqa: E402
 from tuning.workers import TuneWorker  # noqa: E402
 
 ray.init(num_gpus=1, log_to_driver=False)

@@ -8,7 +8,7 @@
 # it (>= 12.3 for sm90, >= 12.9 for sm100), DeepGEMM is cloned at the pinned
 # ref, its submodules are updated after the checkout, and the wheel is built
 # (python setup.py bdist_wheel) and installed. Last, `python -m
-# tuning.deepgemm_check` (tune-moe check-deepgemm) runs and its exit status
+# tuning.deepgemm.check` (tune-moe check-deepgemm) runs and its exit status
 # decides this script's.
 #
 # Usage: install/install-deepgemm.sh [options]
@@ -188,8 +188,8 @@ run_verifier() {
     tm_warn "--skip-verify: DeepGEMM was not checked on a GPU; run tune-moe check-deepgemm on the node"
     return 0
   fi
-  tm_info "verifying: $python_bin -m tuning.deepgemm_check --json-out $report"
-  PYTHONPATH="$TM_REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$python_bin" -m tuning.deepgemm_check --json-out "$report" ||
+  tm_info "verifying: $python_bin -m tuning.deepgemm.check --json-out $report"
+  PYTHONPATH="$TM_REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$python_bin" -m tuning.deepgemm.check --json-out "$report" ||
     tm_die "DeepGEMM is installed but failed verification; see the lines above and $report"
 }
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tuning.cli import main
-from tuning.kernel import installed_fused_moe
+from tuning.vllm.kernel import installed_fused_moe
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

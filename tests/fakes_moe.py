@@ -88,7 +88,7 @@ def fake_cuda_ops(helpers, calls: list | None = None) -> dict:
     torch on the CPU; the quantisations through vLLM's Triton kernels (``helpers``), as the stand-in runs them.
     Each call appends the op's name to ``calls``. moe_align_block_size orders an expert's slots backwards, as a
     CUDA kernel's atomics may: the layout differs from the stand-in's only within experts."""
-    from tuning import moe_ops
+    from tuning.bakeoff import moe_ops
 
     log = calls if calls is not None else []
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from tuning import ab
+from tuning.serve import ab
 
 
 def test_spread_is_median_min_max():

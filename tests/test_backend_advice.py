@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tuning import backend_advice as adv
-from tuning.bakeoff import Measured
+from tuning.vllm import backend_advice as adv
+from tuning.bakeoff.layer import Measured
 from tuning.errors import UsageError
 from tuning.shapes import parse_layout
 
@@ -278,7 +278,7 @@ def test_an_entry_says_when_flashinfer_was_not_the_one_its_release_pins():
 def test_compare_backends_writes_its_rows_and_merges_advice_from_finished_layouts(tmp_path):
     import argparse
 
-    from tuning.backends import finish, serve_command
+    from tuning.bakeoff.compare import finish, serve_command
 
     args = argparse.Namespace(json_out=str(tmp_path / "b.json"), write_advice=str(tmp_path / "advice.json"))
     unmeasured(tmp_path).rename(args.write_advice)  # an existing file: the advice merges into it
@@ -576,7 +576,7 @@ ONE_KIND = Path(__file__).parents[1] / "benchmarks" / "results" / "b26" / "cb.js
 def test_a_bake_off_of_one_layer_kind_says_the_serves_are_not_compared(tmp_path, capsys):
     """Every serve configuration runs both layer kinds, so rows of one kind (--kinds silu, as in b26/cb.json) give
     no configuration a time: one line says so and how to time both, where a table of "--" and "fastest None" was."""
-    from tuning.backends import _summary
+    from tuning.bakeoff.compare import _summary
     from tuning.cli import main
 
     data = json.loads(ONE_KIND.read_text())

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from fakes_moe import FakeDeepGemm, FakeFlashInfer, is_power_of_two
-from tuning import layer_inputs as li
-from tuning import moe_ops
+from tuning.bakeoff import layer_inputs as li
+from tuning.bakeoff import moe_ops
 from tuning.configs import TileConfig
 from tuning.errors import UsageError
 from tuning.inputs import quant_groups
@@ -32,14 +32,14 @@ REFINED = MoeShape(8, 8, 192, 256, 2, "fp8", (64, 64))  # a refined TP shard
 
 @pytest.fixture(scope="module")
 def kernel(fused_moe_py):
-    from tuning.kernel import KernelSource
+    from tuning.vllm.kernel import KernelSource
 
     return KernelSource(str(fused_moe_py)).load()
 
 
 @pytest.fixture(scope="module")
 def helpers(fused_moe_py):
-    from tuning.vllm_helpers import VllmSource, load_helpers
+    from tuning.bakeoff.vllm_helpers import VllmSource, load_helpers
 
     return load_helpers(VllmSource())
 
@@ -72,7 +72,7 @@ def test_quant_kernel_matches_torch_but_the_interpreters_carry(helpers):
 @pytest.mark.parametrize("e8m0", [True, False])
 def test_triton_path_end_to_end(kernel, helpers, shape, m, dp, activation, e8m0):
     """quant -> align (naive at M=1) -> w13 -> activation -> quant -> w2 with routed weights -> sum over top-k."""
-    from tuning.path_triton import TritonPath
+    from tuning.bakeoff.path_triton import TritonPath
 
     fw, b = setup_layer(shape, m, dp)
     path = TritonPath(kernel, helpers, shape, li.quantised(fw, shape.block_shape), b,
@@ -85,7 +85,7 @@ def test_triton_path_end_to_end(kernel, helpers, shape, m, dp, activation, e8m0)
 
 def test_swiglustep_clamps_where_silu_does_not(kernel, helpers):
     """With large activations the clamped SwiGLU differs from SiLU; the path follows the one it runs."""
-    from tuning.path_triton import TritonPath
+    from tuning.bakeoff.path_triton import TritonPath
 
     fw, b = setup_layer(TP, 8, scale=8.0)
     ref_step, ref_silu = li.reference(fw, b, "swiglustep"), li.reference(fw, b, "silu")
@@ -102,7 +102,7 @@ def test_swiglustep_clamps_where_silu_does_not(kernel, helpers):
 def test_deepgemm_path_end_to_end(helpers, shape, m, dp, activation, e8m0):
     """count -> ep_scatter (prefix-sum layout for SiLU, m_indices for SwiGLU-step) -> GEMM -> fused SiLU+quant or
     swiglustep + column-major quant -> GEMM -> ep_gather, as DeepGemmExperts.apply runs them on Hopper."""
-    from tuning.path_deepgemm import DeepGemmPath, deepgemm_weights
+    from tuning.bakeoff.path_deepgemm import DeepGemmPath, deepgemm_weights
 
     dg = FakeDeepGemm()
     fw, b = setup_layer(shape, m, dp)
@@ -141,7 +141,7 @@ def stub_flashinfer(monkeypatch):
 
 @pytest.mark.parametrize("layout,shape", [("DP2+EP", EP), ("TP2", TP)])
 def test_flashinfer_call_as_flashinfer_experts_makes_it(monkeypatch, layout, shape):
-    from tuning.path_flashinfer import FlashInferPath, flashinfer_weights
+    from tuning.bakeoff.path_flashinfer import FlashInferPath, flashinfer_weights
 
     stub_flashinfer(monkeypatch)
     fi = FakeFlashInfer()
@@ -162,7 +162,7 @@ def test_flashinfer_call_as_flashinfer_experts_makes_it(monkeypatch, layout, sha
 
 
 def test_vllm_helpers_from_a_stash_folder(tmp_path, fused_moe_py):
-    from tuning.vllm_helpers import FILES, LATER, VllmSource, _installed, load_helpers
+    from tuning.bakeoff.vllm_helpers import FILES, LATER, VllmSource, _installed, load_helpers
 
     (LATER_FILE,) = LATER
 
@@ -182,7 +182,7 @@ def test_vllm_helpers_from_a_stash_folder(tmp_path, fused_moe_py):
 
 
 def test_a_source_without_the_kernels_is_refused():
-    from tuning.vllm_helpers import jit_functions
+    from tuning.bakeoff.vllm_helpers import jit_functions
 
     with pytest.raises(UsageError, match="lacks the @triton.jit function"):
         jit_functions("import triton\n\n\ndef _count_expert_num_tokens():\n    pass\n", ("_count_expert_num_tokens",),
@@ -197,8 +197,8 @@ def test_flashinfer_is_timed_only_when_its_module_needs_no_build(tmp_path, monke
 
     from flashinfer.jit import env
 
-    from tuning import path_flashinfer as pf
-    from tuning.backends import load_backends
+    from tuning.bakeoff import path_flashinfer as pf
+    from tuning.bakeoff.compare import load_backends
 
     monkeypatch.setattr(env, "FLASHINFER_JIT_DIR", tmp_path / "jit")
     monkeypatch.setattr(env, "FLASHINFER_AOT_DIR", tmp_path / "aot")

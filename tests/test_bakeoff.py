@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fakes_moe import FakeDeepGemm, FakeFlashInfer, fake_cuda_ops
-from tuning import backend_advice as adv
-from tuning.bakeoff import Bench, run_layout
+from tuning.vllm import backend_advice as adv
+from tuning.bakeoff.layer import Bench, run_layout
 from tuning.models import ModelGeometry
 
 # TP2: width 320 -> Triton refines to [64,64], DeepGEMM pads to 384; DP2+EP: 2 experts of width 640 (> 512)
@@ -27,13 +27,13 @@ def one_sample(monkeypatch):
     def once(fn, **_):
         fn()
         return Timing((1.0,))
-    monkeypatch.setattr("tuning.bakeoff.measure", once)
+    monkeypatch.setattr("tuning.bakeoff.layer.measure", once)
 
 
 @pytest.fixture(scope="module")
 def bench(fused_moe_py, tmp_path_factory):
-    from tuning.kernel import KernelSource
-    from tuning.vllm_helpers import VllmSource, load_helpers
+    from tuning.vllm.kernel import KernelSource
+    from tuning.bakeoff.vllm_helpers import VllmSource, load_helpers
 
     core = types.ModuleType("flashinfer.fused_moe.core")
     core.ActivationType = types.SimpleNamespace(Swiglu=3)
@@ -97,7 +97,7 @@ def test_tp_layout_triton_on_the_refined_block_deepgemm_on_the_padded_shard(benc
 def test_with_vllms_ops_loaded_no_stand_in_is_timed(bench):
     """Where vLLM's CUDA ops loaded (here: CPU stand-ins for them, called as vLLM's wrappers call the ops), every
     path runs them and no row carries stand-in time."""
-    from tuning.vllm_ops import VllmOps
+    from tuning.bakeoff.vllm_ops import VllmOps
 
     calls = []
     bench.ops = VllmOps("fake", fake_cuda_ops(bench.helpers, calls))
@@ -120,7 +120,7 @@ def test_a_recorded_row_reads_back_as_the_measurement_it_was():
     from dataclasses import asdict
     from pathlib import Path
 
-    from tuning.bakeoff import measured_row
+    from tuning.bakeoff.layer import measured_row
 
     results = Path(__file__).parents[1] / "benchmarks" / "results"
     recorded = [json.loads(p.read_text()) for p in [*sorted((results / "b30").glob("*.json")),

@@ -27,7 +27,7 @@ from tuning.provenance import SUFFIX as PROVENANCE_SUFFIX, sidecar_path as prove
 from tuning.gpus import CATALOGUE
 from tuning.report import load_sidecar
 from tuning.shapes import BATCH_SIZES, FILE_NAME, MoeShape, parse_version
-from tuning.vllm_rules import LAUNCH_RULES, launch_changes
+from tuning.vllm.rules import LAUNCH_RULES, launch_changes
 
 fused_moe = pytest.importorskip("vllm.model_executor.layers.fused_moe.fused_moe",
                                 reason="vLLM is not installed (pip install -e '.[vllm]')")

@@ -166,7 +166,7 @@ import json, os, sys, time
 from triton import knobs
 from triton.backends.compiler import GPUTarget
 from tuning import compile as pool
-from tuning.kernel import KernelSource
+from tuning.vllm.kernel import KernelSource
 
 pool.compile_for(GPUTarget("cuda", 90, 32))  # the pool's own driver: an H200's target, no GPU
 src, sync, idx = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -215,7 +215,7 @@ def test_the_pool_compiles_vllms_kernel_for_an_h200_in_processes_that_touch_no_g
 
     from tuning.compile import FIRST, Precompiler
     from tuning.configs import TileConfig
-    from tuning.kernel import KernelSource
+    from tuning.vllm.kernel import KernelSource
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -246,7 +246,7 @@ def test_a_pools_processes_see_the_environment_it_started_in(tmp_path, monkeypat
     from triton.backends.compiler import GPUTarget
 
     from tuning.compile import Precompiler
-    from tuning.kernel import KernelSource
+    from tuning.vllm.kernel import KernelSource
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     pools = []
@@ -269,7 +269,7 @@ from triton.backends.compiler import GPUTarget
 from tuning import compile as pool
 from tuning import launch
 from tuning.configs import TileConfig
-from tuning.kernel import KernelSource
+from tuning.vllm.kernel import KernelSource
 from tuning.shapes import MoeShape
 
 pool.compile_for(GPUTarget("cuda", 90, 32))  # Triton's lookups answered as on an H200; the launch is a worker's
@@ -299,7 +299,7 @@ def assert_the_pool_compiles_the_h200_variant(tmp_path, monkeypatch, fused_moe_p
     from tuning import compile as pool
     from tuning import launch
     from tuning.configs import TileConfig
-    from tuning.kernel import KernelSource
+    from tuning.vllm.kernel import KernelSource
     from tuning.shapes import MoeShape
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
@@ -329,7 +329,7 @@ def test_a_pool_whose_process_died_hands_every_config_over_unfailed(tmp_path, mo
 
     from tuning.compile import FIRST, Precompiler
     from tuning.configs import TileConfig
-    from tuning.kernel import KernelSource
+    from tuning.vllm.kernel import KernelSource
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -353,7 +353,7 @@ def test_a_job_times_what_a_real_pool_hands_over(tmp_path, monkeypatch, fused_mo
     from tuning.compile import FIRST, Precompiler
     from tuning.gpus import get_gpu
     from tuning.jobs import Job, Settings
-    from tuning.kernel import KernelSource
+    from tuning.vllm.kernel import KernelSource
     from tuning.workers import run_job
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_MODEL, provenance_for, vllm_fused_moe_path
-from tuning import confirm, provenance, report, verify, vllm_source
+from tuning import confirm, provenance, report, verify
+from tuning.vllm import source as vllm_source
 from tuning.clocks import GpuState
 from tuning.configs import TileConfig, read_config_file, write_config_file
 from tuning.errors import UsageError
@@ -409,7 +410,7 @@ def test_a_re_tune_keeps_the_confirmations_of_the_entries_it_keeps(sets):
     """A later re-tune rewrites a merged file's sidecar from its own results: the confirmation of an entry it kept
     stays, of one it replaced goes."""
     from tuning.jobs import JobResult, Settings
-    from tuning.kernel import KernelSource
+    from tuning.vllm.kernel import KernelSource
     from tuning.models import DEFAULT_MODEL, load_model
     from tuning.outputs import check_writable, write_shape
     from tuning.gpus import get_gpu

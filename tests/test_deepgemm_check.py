@@ -12,16 +12,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tuning import bench, deepgemm_gemms
+from tuning import bench
+from tuning.deepgemm import gemms as deepgemm_gemms
 from tuning.bench import Timing
 from tuning.cli import main as cli_main
-from tuning.deepgemm_check import assemble_report, summary_lines
-from tuning.deepgemm_env import (
+from tuning.deepgemm.check import assemble_report, summary_lines
+from tuning.deepgemm.env import (
     Check, DeepGemmSource, check_cache_dir, check_capability, check_cuobjdump, check_nvcc, count_cached_kernels,
     find_cuda_home, find_nvcc, import_deep_gemm, jit_cache_dir, locate_deep_gemm, parse_nvcc_release, parse_version,
     required_nvcc, verdict,
 )
-from tuning.deepgemm_gemms import (
+from tuning.deepgemm.gemms import (
     GEMM_CASES, PASS_DIFF, Prepared, calc_diff, ceil_to_ue8m0, contiguous_layout, expert_rows, per_block_cast_to_fp8,
     per_token_cast_to_fp8,
 )
@@ -322,7 +323,7 @@ def test_skipped_gemm_checks_are_not_failures():
 def test_a_node_without_a_supported_gpu_is_incomplete_not_failed(tmp_path, monkeypatch, capsys, probe, why):
     """The real run on this node with its GPU probe answered: the skipped GEMM checks are not called failures, the
     last line says plainly that they need a supported GPU and where to run, the exit is 1 (nothing was verified)."""
-    monkeypatch.setattr("tuning.deepgemm_check._probe_gpu", lambda: probe)
+    monkeypatch.setattr("tuning.deepgemm.check._probe_gpu", lambda: probe)
     monkeypatch.setenv("DG_JIT_CACHE_DIR", str(tmp_path / "cache"))
     package = _fake_package(tmp_path / "dg", "2.8.1")
     monkeypatch.setattr(sys, "path", list(sys.path))
@@ -365,7 +366,7 @@ def test_unusable_json_out_is_refused_before_any_check(tmp_path, monkeypatch, ca
     def no_check(*args, **kwargs):
         raise AssertionError("a check ran")
 
-    monkeypatch.setattr("tuning.deepgemm_check.locate_deep_gemm", no_check)
+    monkeypatch.setattr("tuning.deepgemm.check.locate_deep_gemm", no_check)
     path = {"folder": tmp_path / "out", "under-a-file": tmp_path / "file" / "r.json", "read-only": read_only}[where]
     before = _listing(tmp_path)
     assert cli_main(["check-deepgemm", "--json-out", str(path)]) == 2
@@ -380,12 +381,12 @@ def test_unusable_json_out_is_refused_before_any_check(tmp_path, monkeypatch, ca
 def _verifier(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DG_", "PYTHON"))}
     env.update(PYTHONPATH=str(ROOT), HOME=str(cwd), CUDA_VISIBLE_DEVICES="")
-    return subprocess.run([sys.executable, "-m", "tuning.deepgemm_check", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "tuning.deepgemm.check", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
 def test_module_run_without_a_gpu_reports_incomplete(tmp_path):
-    """python3 -m tuning.deepgemm_check with a fake deep_gemm: resolution and the report, no GPU: the GEMM checks
+    """python3 -m tuning.deepgemm.check with a fake deep_gemm: resolution and the report, no GPU: the GEMM checks
     skipped, not failed, and exit 1 (DeepGEMM was not verified)."""
     marker = tmp_path / "imported"
     package = _fake_package(tmp_path / "dg", "2.8.1", f"open({str(marker)!r}, 'w').close()\n")
@@ -424,7 +425,7 @@ def test_deepgemm_on_this_gpu(tmp_path):
     if not extra and locate_deep_gemm(None) is None:
         pytest.skip("no DeepGEMM here; set TUNE_MOE_TEST_DEEP_GEMM_PATH")
     args = ["--json-out", str(tmp_path / "r.json"), "--experts", "8", "--reps", "3"]
-    done = subprocess.run([sys.executable, "-m", "tuning.deepgemm_check", *args,
+    done = subprocess.run([sys.executable, "-m", "tuning.deepgemm.check", *args,
                            *(["--deep-gemm-path", extra] if extra else [])],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr

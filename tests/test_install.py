@@ -204,7 +204,7 @@ def test_deepgemm_bundled_with_vllm_skips_the_build(node, remote):
     assert "bundles DeepGEMM" in done.stdout and "skipping the build" in done.stdout
     assert not (node.tmp / "src").exists()
     assert not any("setup.py" in c or "pip install" in c for c in node.calls())
-    assert any("-m tuning.deepgemm_check --json-out" in c for c in node.calls())
+    assert any("-m tuning.deepgemm.check --json-out" in c for c in node.calls())
 
 
 def test_deepgemm_installed_package_takes_precedence(node, remote):
@@ -226,7 +226,7 @@ def test_deepgemm_builds_the_pinned_ref_with_its_submodules(node, remote):
     assert f"submodules= {remote.pinned_sub_sha}" in build  # ' ': at the pinned ref's commit
     calls = node.calls()
     install = next(i for i, c in enumerate(calls) if "pip install --force-reinstall --no-deps" in c)
-    verify = next(i for i, c in enumerate(calls) if "-m tuning.deepgemm_check" in c)
+    verify = next(i for i, c in enumerate(calls) if "-m tuning.deepgemm.check" in c)
     assert calls.index(build) < install < verify
     assert f"PYTHONPATH={ROOT}" in calls[verify]
     assert (wheels / "deep_gemm-2.1.1-cp312-cp312-linux_x86_64.whl").exists()

@@ -17,7 +17,7 @@ from tuning.gpus import get_gpu
 from tuning.jobs import FailureKind
 from tuning.inputs import TOLERANCE, build_problem, expert_map, reference, route
 from tuning.routing import Routing
-from tuning.kernel import KernelSource, load_from_path
+from tuning.vllm.kernel import KernelSource, load_from_path
 from tuning.roofline import roofline
 from tuning.runner import Runner
 from tuning.shapes import MoeShape
@@ -60,7 +60,7 @@ def test_unknown_signature_is_refused_naming_the_version(fused_moe_py, tmp_path)
 ])
 def test_a_refused_source_leaves_nothing_in_the_cache(tmp_path, monkeypatch, source, match):
     cache = tmp_path / "home" / ".cache" / "tune-moe"
-    monkeypatch.setattr("tuning.kernel.CACHE_DIR", cache)
+    monkeypatch.setattr("tuning.vllm.kernel.CACHE_DIR", cache)
     path = tmp_path / "fused_moe.py"
     path.write_text(source)
     with pytest.raises(UsageError, match=match):
@@ -70,7 +70,7 @@ def test_a_refused_source_leaves_nothing_in_the_cache(tmp_path, monkeypatch, sou
 
 def test_installed_vllm_on_a_host_without_a_driver_loads_its_file_on_its_own(fused_moe_py):
     """vLLM swaps Triton for a placeholder where no GPU driver is active; its kernel is then a plain function."""
-    from tuning.kernel import load_installed
+    from tuning.vllm.kernel import load_installed
 
     if torch.cuda.is_available():
         pytest.skip("a GPU host: vLLM imports the real Triton")
@@ -85,7 +85,7 @@ def test_the_drivers_read_of_the_kernel_is_what_its_workers_load_without_torch(f
     import subprocess
     import sys
 
-    code = ("import sys; from tuning.kernel import KernelSource\n"
+    code = ("import sys; from tuning.vllm.kernel import KernelSource\n"
             "for k in (KernelSource(None).read(), KernelSource(sys.argv[1]).read()):\n"
             "    print(k.vllm_version, k.source_sha256, ','.join(k.params))\n"
             "print(sorted(m for m in ('torch', 'triton', 'vllm') if m in sys.modules))")

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from conftest import provenance_for
-from tuning import moe_share, provenance, serve_gain
+from tuning.serve import moe_share, gain as serve_gain
+from tuning import provenance
 from tuning.configs import read_config_file
 from tuning.gpus import get_gpu
-from tuning.model_folder import published_config
+from tuning.serve.model_folder import published_config
 from tuning.shapes import MoeShape
 
 H200 = get_gpu("H200")

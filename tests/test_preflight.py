@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tuning import batch_plan, preflight, serve_command, vllm_probe
+from tuning.vllm import batch_plan, serve_command, probe as vllm_probe
+from tuning.serve import preflight
 from tuning.cli import main
 from tuning.gpus import get_gpu
 from tuning.errors import UsageError
@@ -370,7 +371,7 @@ def test_the_committed_flag_list_is_vllms_parser():
 
 
 def test_the_flags_tune_moe_emits_are_vllms():
-    from tuning.recipe import MTP_FLAGS, RECIPE_FLAGS
+    from tuning.serve.recipe import MTP_FLAGS, RECIPE_FLAGS
 
     flags = serve_command.serve_flags()
     emitted = [w for w in (*RECIPE_FLAGS, *MTP_FLAGS, "--tensor-parallel-size", "--data-parallel-size",
@@ -401,7 +402,7 @@ def test_preflight_reads_the_backend_advice_file(capsys, tmp_path, monkeypatch):
     rewrites it; bf16 gets the one line that needs no bake-off."""
     import json
 
-    from tuning import backend_advice
+    from tuning.vllm import backend_advice
 
     serve = ["stepfun-ai/Step-3.5-Flash-FP8", "--data-parallel-size", "4", "--enable-expert-parallel", *RECIPE]
     _, out, _ = run(capsys, "H200", serve)

@@ -173,7 +173,7 @@ def test_an_expert_parallel_config_picked_on_an_empty_launch_is_named_with_its_r
     from dataclasses import replace
 
     from tuning.gpus import get_gpu
-    from tuning.preflight import Node, _drift
+    from tuning.serve.preflight import Node, _drift
     from tuning.report import _provenance_lines
     from tuning.verify import _drift as verify_drift
 

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tuning import model_folder, reduced, vllm_probe
+from tuning.serve import model_folder, reduced
+from tuning.vllm import probe as vllm_probe
 from tuning.errors import UsageError
 from tuning.models import BUILTIN, load_model
-from tuning.recipe import RECIPE_FLAGS, BenchSpec, ServeSpec
+from tuning.serve.recipe import RECIPE_FLAGS, BenchSpec, ServeSpec
 from tuning.shapes import Layout, MoeShape, parse_layout
-from tuning.vllm_rules import ACTIVATIONS, ServeFacts
-from tuning.workloads import WORKLOADS
+from tuning.vllm.rules import ACTIVATIONS, ServeFacts
+from tuning.serve.workloads import WORKLOADS
 
 # (layout, dtype, --moe-backend): experts and width one GPU of the layout holds, and the file it reads on an H200
 CASES = {

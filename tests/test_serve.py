@@ -21,15 +21,17 @@ from pathlib import Path
 import pytest
 
 from conftest import provenance_for
-from tuning import ab, cli, provenance, vllm_probe
-from tuning.backend_advice import advice_for
+from tuning.serve import ab
+from tuning import cli, provenance
+from tuning.vllm import probe as vllm_probe
+from tuning.vllm.backend_advice import advice_for
 from tuning.configs import read_config_file
 from tuning.errors import UsageError
-from tuning.envfile import read_env_file
+from tuning.serve.envfile import read_env_file
 from tuning.models import load_model
-from tuning.recipe import BenchSpec, ServeSpec
+from tuning.serve.recipe import BenchSpec, ServeSpec
 from tuning.shapes import BATCH_SIZES, parse_layout
-from tuning.workloads import WORKLOADS
+from tuning.serve.workloads import WORKLOADS
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = REPO / "tests" / "fixtures" / "fake_vllm"
@@ -43,8 +45,9 @@ EP4_BF16 = "E=72,N=1280,device_name=NVIDIA_H200.json"
 TILE = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 3}
 CONFIG = json.dumps({str(m): TILE for m in BATCH_SIZES})  # a valid tuned file at vLLM's batch sizes
 VLLMS_OWN_PREFLIGHT = vllm_probe.preflight
-MIRROR_CLI = ("import sys; from tuning import cli, vllm_probe; vllm_probe.preflight = lambda *a: None; "
-              "sys.exit(cli.main(sys.argv[1:]))")  # validate-serve in a subprocess, preflight from the mirror
+# validate-serve in a subprocess, preflight from the mirror
+MIRROR_CLI = ("import sys; from tuning import cli; from tuning.vllm import probe as vllm_probe; "
+              "vllm_probe.preflight = lambda *a: None; sys.exit(cli.main(sys.argv[1:]))")
 
 
 # -- the commands ----------------------------------------------------------------------------------
@@ -1140,7 +1143,7 @@ def test_serve_args_that_change_nothing_the_run_relies_on_pass(fake, capsys):
 def test_vllms_own_parser_reads_the_refused_serve_args_as_validate_serve_does():
     """vLLM 0.33's own serve parser: the options refused above store what validate-serve sets or relies on, and an
     option it does not have is refused there too."""
-    from tuning.serve_checks import LAYOUT_OPTIONS, MTP_OPTIONS, RECIPE_OPTIONS, REACH_OPTIONS
+    from tuning.serve.checks import LAYOUT_OPTIONS, MTP_OPTIONS, RECIPE_OPTIONS, REACH_OPTIONS
 
     flags = vllm_probe.serve_flags()
     decided = {*LAYOUT_OPTIONS, *MTP_OPTIONS, *RECIPE_OPTIONS, *REACH_OPTIONS, "model", "port", "moe_backend",

@@ -173,7 +173,7 @@ def test_fp8_block_that_cannot_be_refined_is_refused():
 def test_an_explicit_backend_pads_the_fp8_shard_it_cannot_refine(backend):
     """resolve_fp8_moe_weight_block_shape: an explicit backend pads a shard it cannot refine to whole blocks
     (pad_tp_shard_to_weight_blocks), Triton too once the refinement is below 32; the mirror says the same."""
-    from tuning.vllm_rules import ServeFacts, layer_runtime
+    from tuning.vllm.rules import ServeFacts, layer_runtime
 
     shape = shape_for(FP8, Layout(tp=16), "fp8", "0.33", backend)
     assert (shape.n, shape.block_shape) == (128, (128, 128))

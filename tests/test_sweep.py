@@ -431,7 +431,7 @@ def test_all_gpus_busy_is_a_clear_error(tmp_path, monkeypatch):
     from tuning import sweep
     from tuning.gpus import get_gpu
     from tuning.jobs import Settings
-    from tuning.kernel import KernelSource
+    from tuning.vllm.kernel import KernelSource
     from tuning.models import load_model
     from tuning.plan import make_plan
     from tuning.shapes import Layout
@@ -467,12 +467,12 @@ def test_a_worker_that_loads_another_kernel_than_the_run_read_is_refused_before_
     from tuning import sweep
     from tuning.gpus import get_gpu
     from tuning.jobs import Settings
-    from tuning.kernel import KernelSource
+    from tuning.vllm.kernel import KernelSource
     from tuning.models import load_model
     from tuning.plan import make_plan
     from tuning.shapes import Layout
     from tuning.store import Store
-    from tuning.triton_pins import compiling_triton
+    from tuning.vllm.triton_pins import compiling_triton
 
     src = vllm_fused_moe_path() or pytest.skip("vLLM is not installed")
     read = KernelSource(str(src)).read()
@@ -779,7 +779,7 @@ def test_the_worker_collects_after_each_job_without_walking_what_it_loaded_at_st
     import torch
 
     from tuning.jobs import Settings
-    from tuning.kernel import KernelSource
+    from tuning.vllm.kernel import KernelSource
     from tuning.workers import TuneWorker
 
     class Node:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tuning import triton_pins as tp
+from tuning.vllm import triton_pins as tp
 from tuning.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,7 +144,7 @@ def test_tuning_for_vllm_0_26_on_the_h200_machines_own_torch_and_triton(monkeypa
     """The H200 machine: torch 2.11.0+cu130 (its METADATA pins triton==3.6.0 on Linux), no vLLM, Triton 3.6.0."""
     from types import SimpleNamespace
 
-    from tuning.kernel import KernelSource
+    from tuning.vllm.kernel import KernelSource
     from tuning.tune import triton_target
 
     _fake_installed(monkeypatch, {"torch": "2.11.0+cu130"}, {"torch": ['triton==3.6.0; platform_system == "Linux"']})
@@ -264,7 +264,7 @@ def test_pythonpath_folder_wins_and_nothing_heavy_is_imported(tmp_path):
     code = (
         "import sys\n"
         "for name in ('torch', 'vllm'): sys.modules[name] = None\n"
-        "from tuning import triton_pins as tp\n"
+        "from tuning.vllm import triton_pins as tp\n"
         "print(tp.compiling_triton())\n"
         "print(sorted(n for n in ('torch', 'vllm', 'triton') if sys.modules.get(n) is not None))\n"
     )

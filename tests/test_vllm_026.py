@@ -22,14 +22,14 @@ from tuning import launch
 from tuning.configs import TileConfig
 from tuning.errors import UsageError
 from tuning.inputs import build_problem
-from tuning.kernel import KernelSource
+from tuning.vllm.kernel import KernelSource
 from tuning.routing import Routing
 from tuning.runner import Runner
 from tuning.shapes import BATCH_SIZES, Layout, MoeShape, shape_for
 from tuning.models import load_model
-from tuning.triton_pins import mismatch, target_triton
-from tuning.vllm_rules import ServeFacts, layer_runtime
-from tuning.vllm_source import KNOWN_SOURCES, read_signature
+from tuning.vllm.triton_pins import mismatch, target_triton
+from tuning.vllm.rules import ServeFacts, layer_runtime
+from tuning.vllm.source import KNOWN_SOURCES, read_signature
 from test_kernel_interpreter import EP, FP8_EP, FP8_TP, H200, TP, assert_default_config_matches
 from wheel_member import FUSED_MOE, OFFLINE, Recorder, fetch_member, release_fixtures, top_level_function
 

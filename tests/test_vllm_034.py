@@ -29,14 +29,14 @@ from tuning import launch
 from tuning.configs import TileConfig
 from tuning.errors import UsageError
 from tuning.inputs import TOLERANCE, build_problem
-from tuning.kernel import KernelSource
+from tuning.vllm.kernel import KernelSource
 from tuning.routing import Routing
 from tuning.runner import Runner
 from tuning.shapes import MoeShape
-from tuning.triton_pins import KNOWN, _pinned_version, _wheel_metadata, flashinfer_pin, mismatch, target_triton
-from tuning.vllm_probe import probe
-from tuning.vllm_rules import launch_rules, layer_runtime
-from tuning.vllm_source import KNOWN_SOURCES, read_signature
+from tuning.vllm.triton_pins import KNOWN, _pinned_version, _wheel_metadata, flashinfer_pin, mismatch, target_triton
+from tuning.vllm.probe import probe
+from tuning.vllm.rules import launch_rules, layer_runtime
+from tuning.vllm.source import KNOWN_SOURCES, read_signature
 from test_kernel_interpreter import EP, FP8_EP, H200
 from test_vllm_probe import grid_keys, serve_for, unbuildable_cases
 from wheel_member import FUSED_MOE, Recorder, release_fixtures, top_level_function
@@ -137,7 +137,7 @@ def test_launch_equals_0_34s_own_invoke(kernel, src, shape, capability, tma):
     import triton
     import triton.language as tl
 
-    from tuning.vllm_rules import launch_rules
+    from tuning.vllm.rules import launch_rules
 
     platform = _platform(capability)
     ours, theirs = Recorder(kernel.fn), Recorder(kernel.fn)
@@ -300,7 +300,7 @@ def test_the_serve_mirror_reads_and_plans_as_vllm_0_34(site_034, monkeypatch):
     command as it does, 0.33's commands and those with 0.34's split keys."""
     from test_preflight import ACCEPTED_ODD, COMMANDS, COMMANDS_034, GPUS, REFUSED, mirror_differences
 
-    from tuning import serve_command, vllm_probe
+    from tuning.vllm import serve_command, probe as vllm_probe
 
     monkeypatch.setenv("PYTHONPATH", str(site_034))
     assert serve_command.serve_flags("0.34") == vllm_probe.serve_flags()
@@ -353,9 +353,10 @@ def test_what_a_file_tuned_under_0_33_meets_under_0_34(tmp_path):
     reads (and verify's, re-timing it with 0.34's kernel): block FP8 changes its launch, bf16 does not (0.26
     against 0.33 differs for EP files)."""
     from conftest import provenance_for
-    from tuning import gpus, preflight, provenance, verify
+    from tuning import gpus, provenance, verify
+    from tuning.serve import preflight
     from tuning.configs import read_config_file, write_config_file
-    from tuning.vllm_rules import launch_changes
+    from tuning.vllm.rules import launch_changes
 
     fp8_ep, bf16_ep = MoeShape(72, 288, 1280, 4096, 8, "fp8", (128, 128)), MoeShape(72, 288, 1280, 4096, 8, "bf16")
     fp8_tp = MoeShape(288, 288, 640, 4096, 8, "fp8", (128, 128))
@@ -384,7 +385,8 @@ def test_the_committed_0_34_folder_is_a_tune_for_a_0_34_serve(src, monkeypatch):
     """With vLLM 0.34 installed, preflight finds no drift in kernels_configs/vllm-0.34: its FP8 files were tuned under
     0.34, and its bf16 files under 0.33, whose launch of them 0.34 keeps (another kernel file, one launch). The 0.33
     folder's FP8 files are drift for that serve, on both counts."""
-    from tuning import gpus, preflight
+    from tuning import gpus
+    from tuning.serve import preflight
 
     monkeypatch.setattr(preflight, "installed_fused_moe", lambda: src)
     monkeypatch.setattr(preflight, "installed_vllm_version", lambda: "0.34.0")
@@ -429,9 +431,9 @@ def test_the_sorted_down_path_equals_the_float_reference_and_the_plain_path(site
     """vLLM 0.34's sorted-activation path as an H200 runs it (w13 writing slot order, _silu_mul_quant_sorted_kernel,
     w2 reading through an A descriptor with the `_down.json` entry's tiles and w13's BLOCK_SIZE_M), vLLM's kernels
     loaded from its source: against the float reference, and the plain path's output on the same inputs."""
-    from tuning.layer_inputs import batch, errors, float_weights, quantised, reference
-    from tuning.path_triton import TritonPath
-    from tuning.vllm_helpers import VllmSource, load_helpers
+    from tuning.bakeoff.layer_inputs import batch, errors, float_weights, quantised, reference
+    from tuning.bakeoff.path_triton import TritonPath
+    from tuning.bakeoff.vllm_helpers import VllmSource, load_helpers
 
     helpers = load_helpers(VllmSource(str(site_034)))
     w = float_weights(SORTED_SHAPE, 0, torch.device("cpu"), torch.float16)
@@ -464,7 +466,7 @@ def test_the_sorted_down_path_equals_the_float_reference_and_the_plain_path(site
     ({"n": 160}, False),
 ])
 def test_when_vllm_0_34_takes_the_sorted_down_path(change, runs):
-    from tuning.vllm_rules import sorted_down_runs
+    from tuning.vllm.rules import sorted_down_runs
 
     facts = dict(down=DOWN, activation="silu", e8m0=True, expert_parallel=False, naive=False, capability=90,
                  block_shape=(128, 128), block_m=16, hidden=4096, n=640)
@@ -550,7 +552,7 @@ def test_vllm_0_34_reads_the_down_file_preflight_names(site_034, tmp_path):
     """vLLM 0.34's own get_moe_configs(..., down_moe=True), the device name patched to the H200's, reads the file
     ``down_file_name`` gives for the TP2 shard from VLLM_TUNED_CONFIG_FOLDER, and finds none without it (silently:
     vLLM warns only for the tuned file)."""
-    from tuning.vllm_rules import down_file_name
+    from tuning.vllm.rules import down_file_name
 
     tuned = "E=288,N=640,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"
     entry = {"1024": {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 64,
@@ -577,11 +579,11 @@ def test_a_found_down_file_in_vllm_0_34s_log_is_what_preflight_predicts(site_034
     its tuned file: the log check (``agreement``) takes the down file as one the layer kinds look up, for both kinds
     (vLLM looks it up for every FP8 [128,128] TritonExperts call, also where the sorted path never runs), and
     without that prediction would report it as a file preflight did not predict."""
-    from tuning import preflight as pf
+    from tuning.serve import preflight as pf
     from tuning.gpus import get_gpu
-    from tuning.serve_checks import Preflight
-    from tuning.vllm_log import agreement, read_log
-    from tuning.vllm_rules import down_file_name
+    from tuning.serve.checks import Preflight
+    from tuning.vllm.log import agreement, read_log
+    from tuning.vllm.rules import down_file_name
 
     tuned = "E=288,N=640,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"
     entry = {"1": {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4,
@@ -620,7 +622,7 @@ def test_the_down_entry_is_the_one_vllm_0_34_picks(site_034, tmp_path):
     import json
     import shutil
 
-    from tuning.bakeoff import down_entry, tuned_down
+    from tuning.bakeoff.layer import down_entry, tuned_down
 
     name = "E=256,N=256,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128]_down.json"
     shipped = site_034 / "vllm" / "model_executor" / "layers" / "fused_moe" / "configs" / name
@@ -645,7 +647,7 @@ def test_neither_release_bundles_a_file_any_plan_names(release, site_034):
     from tuning.models import load_model
     from tuning.plan import make_plan
     from tuning.shapes import default_layouts, parse_layout
-    from tuning.vllm_rules import down_file_name
+    from tuning.vllm.rules import down_file_name
 
     pkg = site_034 / "vllm" if release == "0.34.0" else Path(importlib.util.find_spec("vllm").origin).parent
     bundled = {p.name for p in (pkg / "model_executor/layers/fused_moe/configs").glob("*.json")}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tuning.errors import UsageError
-from tuning.vllm_log import (
+from tuning.vllm.log import (
     TRITON_BACKENDS,
     Predicted,
     agreement,
@@ -238,7 +238,7 @@ def test_vllm_0_33_looks_up_no_down_file():
 
     from vllm.model_executor.layers.fused_moe import fused_moe
 
-    from tuning.vllm_rules import LayerRuntime, looks_up_down_file
+    from tuning.vllm.rules import LayerRuntime, looks_up_down_file
 
     assert "down_moe" not in inspect.signature(fused_moe.get_moe_configs).parameters
     r = LayerRuntime(backend="TRITON", experts="TritonExperts", error=None, n=640, block=(128, 128), e8m0=True)

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from fakes_moe import FakeDeepGemm, fake_cuda_ops
-from tuning import launch, moe_ops, vllm_ops
-from tuning import layer_inputs as li
+from tuning import launch
+from tuning.bakeoff import moe_ops, vllm_ops
+from tuning.bakeoff import layer_inputs as li
 from tuning.configs import TileConfig
 from tuning.errors import UsageError
 from tuning.inputs import quant_groups
-from tuning.ops_gate import alignment_mismatch, close_mismatch, gate, quant_mismatch
+from tuning.bakeoff.ops_gate import alignment_mismatch, close_mismatch, gate, quant_mismatch
 from tuning.shapes import MoeShape
 
 EP = MoeShape(4, 8, 128, 256, 2, "fp8", (128, 128))  # half the experts on this GPU
@@ -26,14 +27,14 @@ TP = MoeShape(8, 8, 128, 256, 2, "fp8", (128, 128))
 
 @pytest.fixture(scope="module")
 def helpers():
-    from tuning.vllm_helpers import VllmSource, load_helpers
+    from tuning.bakeoff.vllm_helpers import VllmSource, load_helpers
 
     return load_helpers(VllmSource())
 
 
 @pytest.fixture(scope="module")
 def kernel(fused_moe_py):
-    from tuning.kernel import KernelSource
+    from tuning.vllm.kernel import KernelSource
 
     return KernelSource(str(fused_moe_py)).load()
 
@@ -203,7 +204,7 @@ def test_the_check_keeps_ops_that_agree_and_refuses_the_rest(helpers):
 @pytest.mark.parametrize("shape,dp,activation,e8m0", [(EP, 2, "silu", False), (TP, 1, "silu", True),
                                                       (EP, 2, "swiglustep", True)])
 def test_triton_path_runs_vllms_ops_and_times_no_stand_in(kernel, helpers, shape, dp, activation, e8m0):
-    from tuning.path_triton import TritonPath
+    from tuning.bakeoff.path_triton import TritonPath
 
     fw, b = li.float_weights(shape, 0, "cpu", torch.float16), li.batch(shape, 12, dp, 0, "cpu", torch.float16)
     calls = []
@@ -221,7 +222,7 @@ def test_triton_path_runs_vllms_ops_and_times_no_stand_in(kernel, helpers, shape
 
 
 def test_triton_path_times_only_the_stand_ins_left(kernel, helpers):
-    from tuning.path_triton import TritonPath
+    from tuning.bakeoff.path_triton import TritonPath
 
     fw, b = li.float_weights(EP, 0, "cpu", torch.float16), li.batch(EP, 12, 2, 0, "cpu", torch.float16)
     ops = fake_ops(helpers)
@@ -243,7 +244,7 @@ def test_triton_path_times_only_the_stand_ins_left(kernel, helpers):
 
 @pytest.mark.parametrize("activation", ["silu", "swiglustep"])
 def test_deepgemm_path_quantises_with_vllms_op(helpers, activation):
-    from tuning.path_deepgemm import DeepGemmPath, deepgemm_weights
+    from tuning.bakeoff.path_deepgemm import DeepGemmPath, deepgemm_weights
 
     fw, b = li.float_weights(EP, 0, "cpu", torch.float16), li.batch(EP, 12, 2, 0, "cpu", torch.float16)
     dg, calls = FakeDeepGemm(), []
@@ -260,7 +261,7 @@ def test_deepgemm_path_quantises_with_vllms_op(helpers, activation):
 def test_the_header_says_which_ops_are_vllms_and_why_the_others_are_not(helpers, capsys):
     from types import SimpleNamespace
 
-    from tuning.backends import _ops_table
+    from tuning.bakeoff.compare import _ops_table
 
     ops = fake_ops(helpers)
     ops.refuse("moe_sum", "disagrees with its stand-in: with an expert map: 3 of 3328 values differ")

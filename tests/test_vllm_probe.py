@@ -1,4 +1,4 @@
-"""What vLLM 0.33's own selection code runs for Step-3.5-Flash's MoE layers (tuning/vllm_probe.py).
+"""What vLLM 0.33's own selection code runs for Step-3.5-Flash's MoE layers (tuning/vllm/probe.py).
 
 The grid runs in one probe subprocess (about a minute: importing vLLM dominates); its answers are
 saved as a test artifact under the test's tmp folder. The facts below were read in vLLM's
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tuning.vllm_probe import probe
-from tuning.vllm_rules import MOE_BACKENDS, LayerRuntime, ServeFacts, normalize_moe_backend
+from tuning.vllm.probe import probe
+from tuning.vllm.rules import MOE_BACKENDS, LayerRuntime, ServeFacts, normalize_moe_backend
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -90,7 +90,7 @@ def runs(r: LayerRuntime) -> tuple:
 # -- the module itself ------------------------------------------------------------------------------
 
 def test_import_is_light():
-    code = "import sys, tuning.vllm_probe; print(sorted({'vllm', 'torch'} & set(sys.modules)))"
+    code = "import sys, tuning.vllm.probe; print(sorted({'vllm', 'torch'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -238,8 +238,8 @@ def test_refused_backends(grid):
 
 @needs_vllm
 def test_the_mirror_answers_as_vllm_on_every_row(grid):
-    """tuning.vllm_rules (used where vLLM cannot be imported) gives vLLM's answer on every row of the grid."""
-    from tuning.vllm_rules import layer_runtime
+    """tuning.vllm.rules (used where vLLM cannot be imported) gives vLLM's answer on every row of the grid."""
+    from tuning.vllm.rules import layer_runtime
 
     def verdict(r: LayerRuntime) -> tuple:  # the message wording aside, every field and the exception type
         return r.backend, r.experts, r.n, r.block, r.e8m0, (r.error or "").split(":")[0]
@@ -262,7 +262,7 @@ UNREADABLE = {"DG=true": (("VLLM_USE_DEEP_GEMM", "true"),), "E8M0=on": (("VLLM_U
 def test_a_flag_int_cannot_read_fails_where_vllm_reads_it():
     """vllm.envs reads its boolean variables with bool(int(value)): "true", "on", "" raise where vLLM's selection
     reads them, and the mirror raises on the same rows (and reports E8M0 as vLLM does), not on the others."""
-    from tuning.vllm_rules import layer_runtime
+    from tuning.vllm.rules import layer_runtime
 
     cases = [(ServeFacts(arch=arch, dtype=dtype, tp=LAYOUTS[lay][0], dp=LAYOUTS[lay][1], ep=LAYOUTS[lay][2],
                          moe_backend=backend, env=env), act)
@@ -294,7 +294,7 @@ def test_shards_vllm_refuses_to_build():
     assert, named by its statement; an FP8 shard that is neither refinable nor whole 128 blocks (TP16's 80, DP8 x TP2
     without EP) fails Fp8MoEMethod.create_weights, unless an explicit Triton-based backend pads it to 128. The mirror
     answers as vLLM on every row."""
-    from tuning.vllm_rules import layer_runtime
+    from tuning.vllm.rules import layer_runtime
 
     cases = unbuildable_cases()
     answers = probe(cases)
@@ -319,7 +319,7 @@ def test_shards_vllm_refuses_to_build():
 def test_the_accepted_moe_backends_are_vllms():
     from vllm.config.kernel import MoEBackend
 
-    from tuning.vllm_rules import MOE_BACKENDS
+    from tuning.vllm.rules import MOE_BACKENDS
 
     assert MOE_BACKENDS == typing.get_args(MoEBackend)
 
@@ -331,7 +331,7 @@ def test_deepgemm_dispatch_is_vllms():
     from vllm.model_executor.layers.fused_moe.experts import triton_deep_gemm_moe as tdg
     from vllm.model_executor.layers.fused_moe.experts.deep_gemm_moe import _valid_deep_gemm
 
-    from tuning.vllm_rules import deepgemm_runs
+    from tuning.vllm.rules import deepgemm_runs
 
     import torch
 

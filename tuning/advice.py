@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .kernel import installed_vllm_version
+from .vllm.kernel import installed_vllm_version
 from .plan import Plan
-from .recipe import ServeSpec, serve_line
+from .serve.recipe import ServeSpec, serve_line
 from .shapes import Layout, parse_version
-from .vllm_rules import ACTIVATIONS, KIND, LayerRuntime, ServeFacts, layer_runtime, mirrored
+from .vllm.rules import ACTIVATIONS, KIND, LayerRuntime, ServeFacts, layer_runtime, mirrored
 
 RECIPE_LAYOUTS = (Layout(tp=4), Layout(dp=4, ep=True))
 
@@ -28,7 +28,7 @@ def runtimes(serve: ServeFacts) -> tuple[dict[str, LayerRuntime], str]:
     if parse_version(installed) != parse_version(serve.vllm):
         return mirror, f"tune-moe's mirror of vLLM's rules (the installed vLLM is {installed}, not {serve.vllm})"
     try:
-        from .vllm_probe import probe
+        from .vllm.probe import probe
 
         answers = probe([(serve, act) for act in ACTIVATIONS])
         return dict(zip(ACTIVATIONS, answers)), "vLLM's own selection code (vllm_probe)"
@@ -48,7 +48,7 @@ def serve_lines(plan: Plan, out: Path) -> list[str]:
     as the backend advice (``backend_advice``, measured by ``compare-backends``) says to serve it, and what each
     MoE layer kind then runs. When the advised serve reads a tuned file of another shape than this plan's, the
     line says which and the tune that writes it."""
-    from .backend_advice import Advice, advice_for
+    from .vllm.backend_advice import Advice, advice_for
 
     lines = []
     layouts = dict.fromkeys(lay for ls in plan.shapes.values() for lay in ls if lay in RECIPE_LAYOUTS)

@@ -36,9 +36,9 @@ from .configs import RELEASE_PREFIX, read_config_file, release_folder, releases_
 from .provenance import SUFFIX as PROVENANCE_SUFFIX, TOOL, sidecar_path as provenance_path
 from .errors import UsageError
 from .files import output_folder
-from .kernel import installed_vllm_version
+from .vllm.kernel import installed_vllm_version
 from .shapes import DEFAULT_VLLM_VERSION, FILE_NAME, file_name_error, parse_version
-from .vllm_rules import launch_changes
+from .vllm.rules import launch_changes
 
 DEFAULT_CONFIGS = Path("kernels_configs")  # one folder per vLLM release (vllm-0.33), one per device in each
 IMAGE_FOLDER = "/opt/tune-moe/configs"

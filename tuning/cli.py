@@ -19,10 +19,10 @@ COMMANDS = {
     "verify": ("tuning.verify", "load tuned files through vLLM's loader and re-time them against vLLM's default"),
     "report": ("tuning.report", "tables and plots of tuned vs default from the provenance sidecars"),
     "bake": ("tuning.bake", "install a device's tuned configs into a folder or image layer"),
-    "check-deepgemm": ("tuning.deepgemm_check", "verify DeepGEMM on this GPU: environment, correctness, speed"),
-    "compare-backends": ("tuning.backends", "time each FP8 MoE backend vLLM can run, per layout and batch size"),
-    "validate-serve": ("tuning.serve", "serve with the tuned configs, prove vLLM loaded them, benchmark"),
-    "preflight": ("tuning.preflight", "check a vllm serve command before it starts: backend per MoE layer kind, "
+    "check-deepgemm": ("tuning.deepgemm.check", "verify DeepGEMM on this GPU: environment, correctness, speed"),
+    "compare-backends": ("tuning.bakeoff.compare", "time each FP8 MoE backend vLLM can run, per layout and batch size"),
+    "validate-serve": ("tuning.serve.validate", "serve with the tuned configs, prove vLLM loaded them, benchmark"),
+    "preflight": ("tuning.serve.preflight", "check a vllm serve command before it starts: backend per MoE layer kind, "
                   "tuned files, batch sizes, drift"),
 }
 

@@ -51,7 +51,7 @@ from .configs import TileConfig
 from .inputs import build_problem
 from .jobs import Failure
 from .routing import Routing
-from .kernel import Kernel, KernelSource
+from .vllm.kernel import Kernel, KernelSource
 from .runner import classify
 from .shapes import MoeShape
 

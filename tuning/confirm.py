@@ -34,12 +34,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from statistics import geometric_mean
 
-from . import configs, provenance, vllm_source
+from . import configs, provenance
+from .vllm import source as vllm_source
 from .clocks import GpuState
 from .errors import UsageError
 from .files import atomic_write_text, copy_config_files, write_folder
 from .jobs import KEEP_WITHIN
-from .vllm_rules import kernel_launch_changes, nearest_entry
+from .vllm.rules import kernel_launch_changes, nearest_entry
 
 OPTION = "--keep-confirmed"
 LEDGER = Path(".tune-moe") / "judged.jsonl"  # in NEW: every board's head to heads of NEW's changes

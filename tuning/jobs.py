@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 
 from .configs import TileConfig
-from .kernel import KernelSource
+from .vllm.kernel import KernelSource
 from .shapes import MoeShape
 
 KEEP_WITHIN = 0.01  # a file's entry stays unless beaten by more than 1% (benchmarks §2k: one config re-timed, ±1%)

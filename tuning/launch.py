@@ -28,8 +28,8 @@ import triton
 
 from .configs import TileConfig
 from .inputs import Problem
-from .kernel import Kernel
-from .vllm_rules import LAUNCH_RULES, LaunchRules, launch_rules, naive_block_assignment
+from .vllm.kernel import Kernel
+from .vllm.rules import LAUNCH_RULES, LaunchRules, launch_rules, naive_block_assignment
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from .jobs import JobResult, Settings
 from .plan import Plan
 from .provenance import BatchRow, Provenance, RunInfo, Target
 from .shapes import MoeShape
-from .vllm_rules import nearest_key
+from .vllm.rules import nearest_key
 
 SOFTWARE = ("triton", "vllm", "kernel_sha256")  # what must match to merge a new run into an old file
 

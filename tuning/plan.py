@@ -9,7 +9,7 @@ from .gpus import GpuSpec
 from .jobs import Job
 from .models import ModelGeometry
 from .shapes import Layout, MoeShape, Refusal, shape_for
-from .vllm_rules import (ACTIVATIONS, DEEPGEMM_MIN_N, KIND, LayerRuntime, ServeFacts, down_file_name, launch_read_in,
+from .vllm.rules import (ACTIVATIONS, DEEPGEMM_MIN_N, KIND, LayerRuntime, ServeFacts, down_file_name, launch_read_in,
                          launch_rules, layer_runtime, mirrored, reads_down_file)
 
 
@@ -132,7 +132,7 @@ def _reading_serves(plan: Plan, layout: Layout) -> list[Serve]:
 def _advice(plan: Plan, layout: Layout):
     """The backend advice measured for this GPU and layout under the plan's release, where it names a --moe-backend
     (``backend_advice``); else None."""
-    from .backend_advice import Advice, advice_for
+    from .vllm.backend_advice import Advice, advice_for
 
     advice = advice_for(plan.gpu.key, layout, plan.dtype, plan.vllm_version)
     return advice if isinstance(advice, Advice) and advice.measured and advice.moe_backend != "auto" else None

@@ -25,7 +25,7 @@ from .files import atomic_write, output_file, output_folder
 from .jobs import KEEP_WITHIN
 from .provenance import SUFFIX as PROVENANCE_SUFFIX, TOOL, BatchRow, Provenance
 from .shapes import MoeShape
-from .triton_pins import mismatch, target_triton
+from .vllm.triton_pins import mismatch, target_triton
 
 BEGIN = "<!-- tune-moe:report:begin -->"
 END = "<!-- tune-moe:report:end -->"

@@ -22,7 +22,7 @@ from .jobs import Failure, FailureKind
 from .gpus import GpuSpec
 from .inputs import TOLERANCE, Problem, build_problem, quant_groups, reference, relative_error
 from .routing import Routing
-from .kernel import Kernel
+from .vllm.kernel import Kernel
 from .roofline import Roofline, roofline
 from .shapes import MoeShape
 

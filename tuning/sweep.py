@@ -33,7 +33,7 @@ from .provenance import RunInfo, Target
 from .schedule import JobQueue
 from .shapes import MoeShape
 from .store import Store
-from .triton_pins import compiling_triton
+from .vllm.triton_pins import compiling_triton
 
 MAX_RESTARTS = 8
 START_TIMEOUT_S = 300

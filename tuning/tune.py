@@ -15,15 +15,15 @@ from pathlib import Path
 from . import gpus, shapes
 from .configs import CONFIGS_ROOT, default_folder
 from .errors import UsageError
-from .kernel import KernelSource, installed_fused_moe, installed_vllm_version, target_release
+from .vllm.kernel import KernelSource, installed_fused_moe, installed_vllm_version, target_release
 from .models import DEFAULT_MODEL, load_model
 from .plan import Plan, format_plan, make_plan
 from .provenance import Target
 from .routing import Routing
 from .shapes import DEFAULT_VLLM_VERSION, DTYPES
-from .triton_pins import compiling_triton, mismatch, target_triton
-from .vllm_source import read_signature
-from .vllm_rules import normalize_moe_backend
+from .vllm.triton_pins import compiling_triton, mismatch, target_triton
+from .vllm.source import read_signature
+from .vllm.rules import normalize_moe_backend
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,7 +115,7 @@ _SHAPE = re.compile(r"^E=(\d+),N=(\d+)$")
 
 def _select_shapes(plan: Plan, args: argparse.Namespace) -> Plan:
     if args.from_vllm_log:
-        from .vllm_log import missing_config_files
+        from .vllm.log import missing_config_files
 
         if args.layouts:
             raise UsageError("--from-vllm-log takes the shapes the log names, whatever their layout; drop --layouts "

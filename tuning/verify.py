@@ -36,11 +36,11 @@ from .errors import UsageError
 from .files import output_folder
 from .gpus import GpuSpec, get_gpu
 from .jobs import KEEP_WITHIN
-from .kernel import KernelSource, installed_fused_moe, installed_vllm_version, quiet_imports, target_release
+from .vllm.kernel import KernelSource, installed_fused_moe, installed_vllm_version, quiet_imports, target_release
 from .models import DEFAULT_MODEL, ModelGeometry, load_model
 from .provenance import SUFFIX as PROVENANCE_SUFFIX
 from .shapes import FILE_NAME, MoeShape, file_name_error, shapes_from_file_names
-from .vllm_rules import launch_changes, nearest_entry
+from .vllm.rules import launch_changes, nearest_entry
 
 REGRESSION = 0.98
 
@@ -291,7 +291,7 @@ def _drift(path: Path, release: str | None) -> str:
     ``release``, whose kernel re-times it, launches otherwise than the release it was tuned under."""
     from . import provenance
     from .report import triton_drift
-    from .triton_pins import compiling_triton
+    from .vllm.triton_pins import compiling_triton
 
     prov = provenance.read(path)
     if prov is None:

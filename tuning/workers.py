@@ -12,7 +12,7 @@ from . import clocks
 from .configs import TileConfig
 from .gpus import GpuSpec, get_gpu, vllm_device_name
 from .jobs import Failure, Job, JobResult, Settings
-from .kernel import Kernel
+from .vllm.kernel import Kernel
 from .outputs import now
 
 KERNEL_CACHE_LIMIT = 512  # compiled kernels kept in memory per worker; Triton's disk cache keeps the rest
