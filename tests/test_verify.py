@@ -145,6 +145,54 @@ def test_against_re_times_only_the_changed_entries_beside_the_old_ones(tmp_path)
     assert re.search(rf"^\s+1\s+[\d.]+\s+[\d.]+\s+[\d.]+x\s+{a.short}$", out, re.M)
 
 
+def test_each_file_is_set_beside_the_speedups_its_sidecar_records(tmp_path):
+    """Without --against, each re-timed file gets a line: the geomean of the speedups timed here and of those its
+    sidecar records, at the batch sizes both hold (M = 4, not in the file, is timed but has no record); a file
+    without a sidecar says so; the run ends with the record over every file that has one."""
+    import dataclasses
+    import math
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from conftest import TINY_MODEL, provenance_for, vllm_fused_moe_path
+    from tuning.configs import write_config_file
+
+    src = vllm_fused_moe_path()
+    if src is None:
+        pytest.skip("vLLM is not installed: its fused_moe.py is the kernel under test")
+    a = TileConfig(16, 32, 32, 1, 2, 1)
+    with_record, without = "E=8,N=128,device_name=NVIDIA_H200.json", "E=4,N=256,device_name=NVIDIA_H200.json"
+    for name in (with_record, without):
+        write_config_file(tmp_path / name, {1: a, 16: a}, "3.8.0")
+    prov = provenance_for(tmp_path / with_record, {1: a, 16: a})
+    recorded = {1: 1.25, 16: 1.1}
+    provenance.write(tmp_path / with_record, dataclasses.replace(
+        prov, rows=tuple(dataclasses.replace(r, speedup=recorded[r.m]) for r in prov.rows)))
+    run = subprocess.run([sys.executable, "-m", "tuning.cli", "verify", "--gpu", "H200", "--model", str(TINY_MODEL),
+                          "--configs", str(tmp_path), "--batch-sizes", "1,4,16", "--interpret", "--vllm-src", str(src)],
+                         capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    tables = {}
+    for name in (without, with_record):  # files are re-timed in name order
+        block = run.stdout.split(f"\n{name}\n  {'M':>5}")[1]
+        tables[name] = ({int(m): float(s) for m, s in re.findall(r"^\s+(\d+)\s+[\d.]+\s+[\d.]+\s+([\d.]+)x", block, re.M)},
+                        block.split("\n\n")[0].splitlines()[-1].strip())
+    here, line = tables[with_record]
+    assert sorted(here) == [1, 4, 16]
+    got = re.fullmatch(r"geomean ([\d.]+)x over vLLM's default here, ([\d.]+)x recorded in its sidecar "
+                       r"\(2 batch sizes; here/recorded ([\d.]+)\)", line)
+    assert got, line
+    assert float(got[2]) == round(math.sqrt(1.25 * 1.1), 3)
+    assert float(got[1]) == pytest.approx(math.sqrt(here[1] * here[16]), abs=2e-3)  # M = 4 is not in the record
+    assert float(got[3]) == pytest.approx(float(got[1]) / float(got[2]), abs=2e-3)
+    assert re.fullmatch(r"geomean [\d.]+x over vLLM's default here; no tune-moe sidecar, so no recorded speedup "
+                        r"to compare", tables[without][1])
+    assert re.search(rf"^against the record: geomean {got[1]}x over vLLM's default here, {got[2]}x recorded, over 2 "
+                     r"batch sizes of 1 file; \d timed here more than 1% slower than vLLM's default$", run.stdout, re.M)
+
+
 def test_against_a_missing_folder_is_one_line(folder, mirror):
     with pytest.raises(UsageError, match="--against .*nowhere: not a folder; pass the folder of the files these"):
         verify.run(args(folder, against=str(folder / "nowhere")))

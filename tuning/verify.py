@@ -19,6 +19,10 @@ entry taken from these files only where this head to head, and every earlier boa
 ledger, confirms it (tuning.confirm): the check, on other boards, of a re-tune meant for an image that many nodes
 run. There an entry slower than vLLM's default is reported beside OUT: a confirmed change is faster than OLD's
 entry, so only a file the re-tune made withholds OUT.
+
+Without ``--against``, each file's speedups over vLLM's default are set beside those its provenance sidecar records
+(``Record``), per file and over the set: a node an image is baked for shows whether it gives what the files were
+tuned to give.
 """
 
 from __future__ import annotations
@@ -189,15 +193,20 @@ def run(args: argparse.Namespace) -> int:
     points = {f.name: _points(f, sizes, olds.get(f.name)) for f in loaded}
     if out is not None and board is not None:
         confirm.check_board(folder, {f.name: points[f.name] for f in loaded if olds[f.name] is not None}, board)
-    retimed = []
+    retimed, records = [], []
     for f in loaded:
         if against and olds[f.name] is None:
             print(f"\n{f.name}: not in {against}: a file made since, every entry re-timed against vLLM's default")
         retimed.append(_retime(f, gpu, kernel, points[f.name], olds.get(f.name),
                                judge=not args.interpret))
+        if not against:
+            records.append(_record(folder / f.name, retimed[-1].speedups))
+            print(f"  {records[-1].line()}")
     failures = len(files) - len(loaded) + sum(r.failed for r in retimed)
     print(f"\n{len(files)} files, {failures} failed"
           + (" (under --interpret: numerics checked, CPU timings shown but not judged)" if args.interpret else ""))
+    if len(records) > 1:
+        print(Record.pooled(records))
     note = clocks.held_down_note(sum(r.limited for r in retimed), sum(r.timed for r in retimed), "batch sizes timed")
     if note:
         print(note)
@@ -317,6 +326,51 @@ def _check_loader(folder: Path, f: TunedFile, gpu: GpuSpec, release: str | None)
     return True
 
 
+@dataclass(frozen=True)
+class Record:
+    """A file's speedups over vLLM's default timed here, beside those its provenance sidecar records, at the batch
+    sizes both hold: whether this node gives what the file was tuned to give (boards differ by 1-3% at the power
+    cap, benchmarks/README §2m)."""
+    here: dict[int, float]
+    recorded: dict[int, float] | None  # None: the file has no tune-moe sidecar
+
+    @property
+    def common(self) -> list[int]:
+        return sorted(set(self.here) & set(self.recorded or {}))
+
+    def line(self) -> str:
+        if not self.here:
+            return "no speedup timed here to compare with its record"
+        if self.recorded is None:
+            return (f"geomean {geometric_mean(self.here.values()):.3f}x over vLLM's default here; no tune-moe sidecar, "
+                    "so no recorded speedup to compare")
+        ms = self.common
+        if not ms:
+            return "none of these batch sizes is in its sidecar: no recorded speedup to compare"
+        here, then = (geometric_mean(d[m] for m in ms) for d in (self.here, self.recorded))
+        return (f"geomean {here:.3f}x over vLLM's default here, {then:.3f}x recorded in its sidecar "
+                f"({len(ms)} batch size{'s' if len(ms) != 1 else ''}; here/recorded {here / then:.3f})")
+
+    @staticmethod
+    def pooled(records: list[Record]) -> str:
+        pairs = [(r.here[m], r.recorded[m]) for r in records for m in r.common]
+        if not pairs:
+            return "no file has a recorded speedup at the batch sizes timed here"
+        here, then = geometric_mean(h for h, _ in pairs), geometric_mean(r for _, r in pairs)
+        low = sum(h < 1 - KEEP_WITHIN for h, _ in pairs)
+        files = sum(bool(r.common) for r in records)
+        return (f"against the record: geomean {here:.3f}x over vLLM's default here, {then:.3f}x recorded, over "
+                f"{len(pairs)} batch sizes of {files} file{'s' if files != 1 else ''}; {low} timed here more "
+                f"than {KEEP_WITHIN:.0%} slower than vLLM's default")
+
+
+def _record(path: Path, here: dict[int, float]) -> Record:
+    from . import provenance
+
+    prov = provenance.read(path)
+    return Record(dict(here), None if prov is None else {row.m: row.speedup for row in prov.rows})
+
+
 @dataclass
 class Retimed:
     hard: int = 0  # 1 if a tuned config failed to run
@@ -324,6 +378,7 @@ class Retimed:
     limited: int = 0  # batch sizes timed with the clock held down
     timed: int = 0
     changes: list[confirm.Change] = field(default_factory=list)  # with --against, each changed entry timed
+    speedups: dict[int, float] = field(default_factory=dict)  # vLLM's default µs / the tuned entry's, per batch size
     judged: bool = True  # False under --interpret: CPU timings are shown, not judged
 
     @property
@@ -363,7 +418,7 @@ def _retime(f: TunedFile, gpu: GpuSpec, kernel, sizes: tuple[int, ...], old: dic
         if not d.ok:
             print(f"  {m:>5} vLLM's default config fails: {d.failure}; tuned {t.us:.1f} us")
             continue
-        speedup = d.us / t.us
+        speedup = out.speedups[m] = d.us / t.us
         flag = "  REGRESSION" if judge and speedup < REGRESSION else ""
         out.regressions += [m] if flag else []
         state = clocks.sample() if judge else None
