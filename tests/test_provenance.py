@@ -75,6 +75,13 @@ def test_a_sidecar_that_is_a_link_to_nothing_or_a_folder_is_one_line(tmp_path):
     ("confirmed", [{"m": 4, "config": "x", "replaces": "y", "on": "GPU-0", "old_us": 2.0, "new_us": 1.0,
                     "also_confirmed_on": {"GPU-1": None}}],
      "key 'confirmed.0.also_confirmed_on' holds 'GPU-1', whose old/new is not a finite number"),
+    ("defaulted", {"m": 4}, "key 'defaulted' {'m': 4} is not a list of entries set back to vLLM's default"),
+    ("defaulted", [{"m": 4, "config": "x", "replaces": "y", "readings": 3, "boards": 2}],
+     "missing required key 'defaulted.0.speedup'"),
+    ("defaulted", [{"m": 4, "config": "x", "replaces": "y", "readings": 0, "boards": 2, "speedup": 0.99}],
+     "key 'defaulted.0.readings' 0 is not a positive count"),
+    ("defaulted", [{"m": 4, "config": "x", "replaces": "y", "readings": 3, "boards": 2, "speedup": "tie"}],
+     "key 'defaulted.0.speedup' is not a finite number"),
     ("layouts", ["TP4+EP", 4], "key 'layouts' ['TP4+EP', 4] is not a list of the layouts it was tuned for "
                                '(e.g. ["TP4"])'),
     ("software", {"cuda": "13.0", "torch": "2.11.0", "triton": "3.8.0", "vllm": 0.33},
@@ -228,7 +235,10 @@ def test_the_summary_says_what_became_of_each_entry_the_file_held():
     confirmed = replace(r, rechecked="confirmed")
     assert incumbent_mark(confirmed) == incumbent_mark(r)
     assert rechecked_note([r, undone, confirmed, confirmed]) == \
-        "3 replacements timed in a second head to head: 2 confirmed, 1 undone (the entry kept)"
+        "3 replacements timed in a second head to head: 2 confirmed, 1 undone (what vLLM ran kept: the file's entry, " \
+        "else its default)"
+    fresh = replace(r, incumbent=None, incumbent_us=0.0, tuned=default, tuned_us=803.8, rechecked="undid")
+    assert incumbent_mark(fresh) == "  (vLLM's default kept: a second head to head undid the search's pick)"
     assert JobResult.from_json(undone.to_json()) == undone
     old = undone.to_json()
     del old["rechecked"]  # a result from before the field: nothing was rechecked

@@ -259,16 +259,17 @@ def test_a_re_tune_keeps_the_files_entry_unless_beaten_by_more_than_the_noise(st
 
 
 class Drifting(Landscape):
-    """The optimum's cost moves between the first head to head (its first 9 timings: 3 rounds of 3 configs)
-    and the ones after, as a GPU's state moves a large batch's timing (benchmarks §2m)."""
+    """The optimum's cost moves between the first head to head (its first ``after`` timings: 3 rounds of 3
+    configs, or of 2 without an incumbent) and the ones after, as a GPU's state moves a large batch's timing
+    (benchmarks §2m)."""
 
-    def __init__(self, first_us: float, later_us: float, **kw):
+    def __init__(self, first_us: float, later_us: float, after: int = 9, **kw):
         super().__init__(OPTIMUM, **kw)
-        self.first_us, self.later_us, self.head_to_heads = first_us, later_us, 0
+        self.first_us, self.later_us, self.after, self.head_to_heads = first_us, later_us, after, 0
 
     def cost(self, c: TileConfig) -> float:
         if c == OPTIMUM:
-            return self.first_us if self.head_to_heads <= 9 else self.later_us
+            return self.first_us if self.head_to_heads <= self.after else self.later_us
         return super().cost(c)
 
     def evaluate(self, c: TileConfig, budget_ms: float) -> Outcome:
@@ -294,11 +295,32 @@ def test_a_replacement_must_win_a_second_head_to_head(first_us, later_us, winner
         assert result.best.us == pytest.approx(97.0)
 
 
-def test_without_an_entry_in_the_file_one_head_to_head_decides():
-    land = Drifting(97.0, 99.5, costs={DEFAULT: 110.0})
+@pytest.mark.parametrize("first_us,later_us,winner,head_to_heads,rechecked", [
+    (97.0, 97.0, OPTIMUM, 12, "confirmed"),  # beats the default by 3% in both head to heads: written
+    (97.0, 99.5, DEFAULT, 12, "undid"),  # by 3%, then by 0.5%: the noise, the default stays
+    (100.0 * (1 - KEEP_WITHIN) + 0.01, 97.0, DEFAULT, 6, ""),  # by just under KEEP_WITHIN: the default, no second
+    (100.0 * (1 - KEEP_WITHIN) - 0.01, 100.0 * (1 - KEEP_WITHIN) - 0.01, OPTIMUM, 12, "confirmed"),  # just over
+])
+def test_without_an_entry_in_the_file_the_default_is_what_a_winner_must_beat(first_us, later_us, winner,
+                                                                                head_to_heads, rechecked):
+    """Where the file holds no entry vLLM runs its default, and the search's winner replaces it only as it would
+    replace the file's entry: faster by more than KEEP_WITHIN in two head to heads in a row (benchmarks §11: an
+    entry picked 1.7% faster than the default in one head to head read as a tie on other boards)."""
+    land = Drifting(first_us, later_us, after=6, costs={DEFAULT: 100.0})
     result = guided(land, Context(BF16_TP4, H200, 256), DEFAULT)
-    assert land.head_to_heads == 6 and result.best.config == OPTIMUM and result.incumbent is None
-    assert result.rechecked == ""
+    assert land.head_to_heads == head_to_heads and result.incumbent is None
+    assert result.best.config == winner and result.rechecked == rechecked
+    assert len(result.default.timing.samples_us) == 5 * head_to_heads // 2  # 5 samples a timing, 2 a round
+    assert result.best.us * (1 - KEEP_WITHIN) <= result.default.us
+
+
+def test_a_default_that_fails_is_replaced_after_one_head_to_head():
+    """A default that fails on this GPU (out of resources, say) is nothing vLLM can run faster: the winner is
+    written without a second head to head."""
+    land = Drifting(97.0, 97.0, after=6, failing=[DEFAULT])
+    result = guided(land, Context(BF16_TP4, H200, 256), DEFAULT)
+    assert result.best.config == OPTIMUM and not result.default.ok and result.rechecked == ""
+    assert land.head_to_heads == 6
 
 
 def test_an_incumbent_that_fails_is_replaced_and_its_failure_kept():
@@ -345,13 +367,14 @@ def test_replay_search_finds_the_best_of_a_recorded_landscape_and_skips_partial_
     assert bad.returncode == 1 and bad.stderr.strip() == "--set NOPE=1: search has no constant NOPE"
 
 
-@pytest.mark.parametrize("smaller,within,configs", [(False, 231, 50), (True, 230, 54)])
+@pytest.mark.parametrize("smaller,within,configs", [(False, 220, 50), (True, 215, 54)])
 def test_the_replays_on_the_recorded_whole_landscapes_are_section_2ms_figures(smaller, within, configs):
     """benchmarks/README §2m: the guided search replayed 20 times (0.5% noise) on each of the 12 whole landscapes
     that B14's exhaustive runs recorded at M = 1536-4096, seeded by sib-old's winners at the nearest batch sizes
-    (or, --smaller-seeds, at the nearest smaller ones only): within 1% of the landscape's best first look in 231
-    (230) of 240 replays, 1.75% at worst, 50 (54) configs timed on average. The climb around one tile's best
-    configs alone found 216 and 181."""
+    (or, --smaller-seeds, at the nearest smaller ones only): within 1% of the landscape's best first look in 220
+    (215) of 240 replays, 1.52% at worst, 50 (54) configs timed on average. Before §11's rule (vLLM's default
+    stays unless beaten by more than 1%, twice) 231 (230) and 1.75%: the replays that now fall short pick the
+    default where the best is 0.6-1.1% faster. The climb around one tile's best configs alone found 216 and 181."""
     import math
     import subprocess
     import sys
@@ -366,6 +389,6 @@ def test_the_replays_on_the_recorded_whole_landscapes_are_section_2ms_figures(sm
     assert len(rows) == 12 and {int(r[1]) for r in rows} == {1536, 2048, 3072, 4096}
     assert all(r[2].split()[0] == r[2].split()[1].strip("()") for r in rows)  # whole landscapes
     assert sum(int(r[6].split("/")[0]) for r in rows) == within and sum(int(r[6].split("/")[1]) for r in rows) == 240
-    assert max(float(r[5]) for r in rows) == 1.0175
-    assert round(math.exp(sum(math.log(float(r[4])) for r in rows) / len(rows)), 3) == 1.001
+    assert max(float(r[5]) for r in rows) == 1.0152
+    assert round(math.exp(sum(math.log(float(r[4])) for r in rows) / len(rows)), 3) == 1.002
     assert round(sum(int(r[7]) for r in rows) / len(rows)) == configs

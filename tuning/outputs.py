@@ -125,8 +125,8 @@ def incumbent(held: dict[int, TileConfig], m: int) -> tuple[TileConfig | None, i
 
 def incumbent_mark(r: JobResult) -> str:
     """What became of the entry vLLM ran for this M: kept, or replaced by a config that beat it."""
-    if r.incumbent is None:
-        return ""
+    if r.incumbent is None:  # vLLM ran its default here: a pick must beat it twice, as it would an entry
+        return "  (vLLM's default kept: a second head to head undid the search's pick)" if r.rechecked == "undid" else ""
     whose = f" key {r.incumbent_key}'s" if r.adds_key else ""
     if r.incumbent == r.tuned:
         if r.rechecked == "undid":
@@ -201,7 +201,8 @@ def summary(plan: Plan, results: dict[tuple[str, int], JobResult]) -> str:
 
 
 def rechecked_note(results) -> str:
-    """How the second head to heads went: each replacement the first decided is timed once more (search)."""
+    """How the second head to heads went: each replacement of what vLLM ran (the file's entry, else its default)
+    that the first decided is timed once more (search)."""
     n = {k: sum(r.rechecked == k for r in results) for k in ("confirmed", "undid")}
     return (f"{n['confirmed'] + n['undid']} replacements timed in a second head to head: {n['confirmed']} "
-            f"confirmed, {n['undid']} undone (the entry kept)")
+            f"confirmed, {n['undid']} undone (what vLLM ran kept: the file's entry, else its default)")
