@@ -187,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         check_gpu(gpu, len(files), len(files) - len(loaded))
     if kernel is None:
         kernel = source.load()
+    print(f"\nkernel: {kernel.describe}")  # what a log's timings are of (0.34's reads FP8 weights through TMA)
     board = None if args.interpret else clocks.sample()
     if board and board.unit:  # boards differ by up to 7% on one config (benchmarks/README §2o): say which timed
         print(f"\nre-timing on {board.unit} (memory clock {board.mem_mhz} MHz)")
