@@ -15,6 +15,16 @@ per changed (file, M), old → new, old/new in each run and their mean.
 
 With --recorded, the log is one `tune-moe verify --configs` run of the files in CONFIGS_DIR (no --against); prints,
 per file, the geomean speedup over vLLM's default it timed beside the one its provenance sidecar records.
+
+    python benchmarks/verify_pair.py --boards CONFIGS_DIR LOG... [--kernel=VLLM LOG...]
+
+With --boards, the logs are any `tune-moe verify` runs (with or without --against, of any set): prints, per entry of
+CONFIGS_DIR whose config is not vLLM's default, every speedup over vLLM's default that its config read at that
+batch size of that file (as the tuned entry, or as the entry `--against` compared), each log's board named, then the
+geometric mean over the readings. A reading counts where its log compiled with the sidecar's Triton and re-timed
+with the kernel of the sidecar's vLLM (for a bf16 file, 0.33's or 0.34's: they launch its kernel alike). A log names
+its kernel ("kernel: vLLM 0.34.0 ..."); for one older than that line, the kernel is taken to be the release the
+file was tuned for, unless a --kernel=VLLM before it says otherwise (it holds for the logs after it).
 """
 
 from __future__ import annotations
@@ -25,9 +35,17 @@ import sys
 from pathlib import Path
 from statistics import fmean, geometric_mean
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tuning, for --boards
+
 FILE = re.compile(r"^(E=\S+\.json)$")
 ROW = re.compile(r"^\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+[\d.]+x\s+(\S+)")
-WAS = re.compile(r"  was (\S+) [\d.]+ us, old/new ([\d.]+)x")
+WAS = re.compile(r"  was (\S+) ([\d.]+) us, old/new ([\d.]+)x")
+STAMP = re.compile(r"^\d{9,}\.\d+ {3}")  # cli-smi's time stamp before each line
+TRITON = re.compile(r"Triton: tuned with (\S+) for vLLM (\S+); this process compiles with (\S+)")
+BOARD = re.compile(r"^re-timing on (GPU-[0-9a-f-]+)")
+KERNEL = re.compile(r"^kernel: vLLM (\S+) fused_moe_kernel")
+SUMMARY = re.compile(r"^\d+ files, \d+ failed")  # a verify run's last word (a tune log's tables are its own record)
+ALIKE = {"0.33.0", "0.34.0"}  # releases that launch a bf16 file's kernel alike (tuning.vllm.rules.launch_changes)
 
 
 def read(path: str) -> dict[tuple[str, int], tuple[float, float, str]]:
@@ -79,7 +97,7 @@ def against(logs: str) -> None:
                 file = m.group(1)
             elif file and (row := ROW.match(line)) and (was := WAS.search(line)):
                 key = (file.removesuffix(".json"), int(row.group(1)))
-                runs.setdefault(key, (was.group(1), row.group(4), []))[2].append(float(was.group(2)))
+                runs.setdefault(key, (was.group(1), row.group(4), []))[2].append(float(was.group(3)))
     print("| file | M | old → new | old / new, each run | mean |")
     print("|---|---:|---|---|---:|")
     for (file, m), (old, new, gains) in sorted(runs.items()):
@@ -108,7 +126,84 @@ def recorded(configs: str, log: str) -> None:
           f"recorded; here {min(here_all):.3f}-{max(here_all):.3f}, {sum(x < 0.99 for x in here_all)} below 0.99.")
 
 
+def readings(path: str, kernel: str = "") -> tuple[str, list[tuple[str, int, str, float, str, str]]]:
+    """A verify log's board and its (file, M, config, speedup over vLLM's default, Triton, kernel's vLLM), one
+    for the tuned entry of each row and one for the entry ``--against`` set beside it. The kernel's vLLM is the
+    log's own line, else ``kernel``, else the one the file was tuned for."""
+    board, out, file, tags = "", [], None, {}  # tags: file -> (Triton, kernel's vLLM), from the log's head
+    for line in open(path):
+        line = STAMP.sub("", line.rstrip("\n"))
+        if m := FILE.match(line):
+            file = m.group(1)
+        elif file and (m := TRITON.search(line)):
+            tags[file] = (m.group(3), kernel or m.group(2)) if m.group(1) == m.group(3) else ("mismatch", "")
+        elif m := KERNEL.match(line):
+            tags = {f: (t, m.group(1)) for f, (t, _) in tags.items()}
+        elif m := BOARD.match(line):
+            board = m.group(1)
+        elif file and (row := ROW.match(line)):
+            m_, default_us, tuned_us, config = int(row.group(1)), float(row.group(2)), float(row.group(3)), row.group(4)
+            tag = tags.get(file, ("", ""))
+            out.append((file, m_, config, default_us / tuned_us, *tag))
+            if was := WAS.search(line):
+                out.append((file, m_, was.group(1), default_us / float(was.group(2)), *tag))
+    return board, out
+
+
+def collect(configs: Path | str, logs: list[str]) -> tuple[dict, dict, list[str]]:
+    """Per entry (file, M, config) of CONFIGS_DIR that is not vLLM's default, its readings (speedup over the
+    default, board) in the logs; the recorded speedup of each; the logs skipped (no verify run's)."""
+    from tuning.configs import TileConfig  # noqa: E402
+
+    entries, recorded = {}, {}
+    for sidecar in sorted(Path(configs).glob("*.provenance.json")):
+        side = json.loads(sidecar.read_text())
+        bf16 = side["shape"]["dtype"] == "bf16"
+        for m, r in side["results"].items():
+            tuned, default = TileConfig.from_dict(r["tuned"]).short, TileConfig.from_dict(r["default"]).short
+            if tuned != default:
+                key = (side["file"], int(m), tuned)
+                entries[key], recorded[key] = (side["software"]["triton"], side["target"]["vllm"], bf16), r["speedup"]
+    got = {key: [] for key in entries}
+    kernel, skipped = "", []
+    for path in logs:
+        if path.startswith("--kernel="):
+            kernel = path.removeprefix("--kernel=")
+            continue
+        if not any(SUMMARY.match(STAMP.sub("", line)) for line in open(path)):
+            skipped.append(path)
+            continue
+        board, rows = readings(path, kernel)
+        for file, m, config, speedup, triton, vllm in rows:
+            e = entries.get((file, m, config))
+            if e and triton == e[0] and (vllm == e[1] or (e[2] and {vllm, e[1]} <= ALIKE)):
+                got[(file, m, config)].append((speedup, board or Path(path).name))
+    return got, recorded, skipped
+
+
+def boards(configs: str, logs: list[str]) -> None:
+    """Per entry of CONFIGS_DIR that is not vLLM's default: its speedup on every board that re-timed it."""
+    got, recorded, skipped = collect(configs, logs)
+    print("| file | M | entry | recorded | readings (boards) | geomean | min | max |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    pooled = []
+    for (file, m, config), read in sorted(got.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        if read:
+            g, rec = geometric_mean([s for s, _ in read]), recorded[(file, m, config)]
+            pooled.append((g, rec))
+            print(f"| {file.removesuffix('.json')} | {m} | {config} | {rec:.3f} | {len(read)} ({len({b for _, b in read})}) "
+                  f"| {g:.3f} | {min(s for s, _ in read):.3f} | {max(s for s, _ in read):.3f} |")
+    print(f"\n{len(got)} entries differ from vLLM's default; {len(pooled)} re-timed in these logs "
+          f"({len(got) - len(pooled)} never)" + (f"; {len(skipped)} logs are no verify run's, skipped" if skipped else "") + ".")
+    for lo, hi, what in ((0, 1.0, "below 1.000x"), (1.0, 1 / 0.99, "1.000-1.010x"), (1 / 0.99, 99, "above 1.010x")):
+        n = [p for p in pooled if lo <= p[0] < hi]
+        print(f"  {len(n)} read {what} over their readings" + (
+            f" ({sum(p[1] > 1 / 0.99 for p in n)} of them recorded above 1.010x)" if n else ""))
+
+
 if __name__ == "__main__":
+    if len(sys.argv) >= 4 and sys.argv[1] == "--boards":
+        sys.exit(boards(sys.argv[2], sys.argv[3:]))
     if len(sys.argv) == 4 and sys.argv[1] == "--recorded":
         sys.exit(recorded(sys.argv[2], sys.argv[3]))
     if len(sys.argv) == 3 and sys.argv[1] == "--against":

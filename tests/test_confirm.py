@@ -17,6 +17,7 @@ from tuning.clocks import GpuState
 from tuning.configs import TileConfig, read_config_file, write_config_file
 from tuning.errors import UsageError
 from tuning.shapes import MoeShape
+from committed_then import before_defaults
 
 BF16 = "E=36,N=1280,device_name=NVIDIA_H200.json"
 FP8 = "E=72,N=1280,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json"
@@ -448,7 +449,6 @@ def test_the_proposals_kept_for_the_next_board_merge_with_the_committed_set_and_
     its files pass every check a merge with the committed set (as it was then: vLLM's 18 batch sizes) makes, and the
     board that tuned them is refused. The committed set now also holds the EP files' prefill batch sizes (§7), which
     those proposals lack: a merge with it is refused in one line."""
-    import shutil
 
     repo = Path(__file__).resolve().parents[1]
     results, now = repo / "benchmarks" / "results", repo / "kernels_configs" / "vllm-0.33" / "NVIDIA_H200"
@@ -458,8 +458,8 @@ def test_the_proposals_kept_for_the_next_board_merge_with_the_committed_set_and_
     with pytest.raises(UsageError, match=r"in NEW lacks OLD's batch sizes (16384|32768|65536); a merge needs NEW "):
         confirm.check(proposed, now, tmp_path / "out", names)
     committed = tmp_path / "committed"
-    shutil.copytree(now, committed)
-    for name in names:  # the set without §7's keys
+    before_defaults(now, committed)  # the set without §11's entries set back to vLLM's default
+    for name in names:  # and without §7's keys
         entries = {m: c for m, c in read_config_file(committed / name).items() if m <= 4096}
         write_config_file(committed / name, entries, "3.8.0")
         prov = provenance.read(committed / name)
@@ -486,7 +486,8 @@ def test_the_proposals_ledger_comes_from_the_logs_and_holds_them_back_on_any_lat
 
     repo = Path(__file__).resolve().parents[1]
     results = repo / "benchmarks" / "results"
-    proposed, committed = results / "b20" / "proposed", repo / "kernels_configs" / "vllm-0.33" / "NVIDIA_H200"
+    proposed, committed = results / "b20" / "proposed", tmp_path / "committed"
+    before_defaults(repo / "kernels_configs" / "vllm-0.33" / "NVIDIA_H200", committed)  # as the boards judged it
     logs = [results / p for p in ("b20/ke-a.log", "b20/ke-b.log", "b21/ke8-a.log", "b21/ke9-a.log")]
     own_logs = [results / p for p in ("b22/ke10-a.log", "b22/ke10-b.log", "b23/ke11-a.log")]  # written by verify
     fresh, read = tmp_path / "fresh", tmp_path / "read"

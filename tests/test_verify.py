@@ -251,7 +251,8 @@ def test_the_third_board_judgement_in_the_benchmarks_readme_comes_from_the_commi
     """benchmarks/README §2p's judge table (2o's replacements on B17's board, first look against first look) and its
     verdict are what benchmarks/cross_unit.py prints given the third run; that verdict is why 2o's entries were
     undone: the committed bf16 files hold none of them, and the old entry unless another board's --keep-confirmed
-    took a third config there since (§2q), listed in the sidecar."""
+    took a third config there since (§2q), or the boards found the entry held no faster than vLLM's default, which it
+    now holds (§11), each listed in the sidecar."""
     import subprocess
     import sys
 
@@ -274,5 +275,7 @@ def test_the_third_board_judgement_in_the_benchmarks_readme_comes_from_the_commi
             old, new = change.split(" → ")
             path = committed / f"{name},device_name=NVIDIA_H200.json"
             held = verify.configs.read_config_file(path)[int(m)].short
-            taken = {c["config"] for c in provenance.read(path).extra.get("confirmed", ()) if c["m"] == int(m)}
+            extra = provenance.read(path).extra
+            taken = {c["config"] for c in extra.get("confirmed", ()) if c["m"] == int(m)}
+            taken |= {d["config"] for d in extra.get("defaulted", ()) if d["m"] == int(m) and d["replaces"] in (old, *taken)}
             assert held != new and (held == old or held in taken), (name, m)

@@ -269,6 +269,30 @@ class _Reader:
                     raise self.fail(f"key '{at}.also_confirmed_on' holds {_short(board)}, whose old/new is not a "
                                     "finite number")
 
+    def defaulted(self, data: dict) -> None:
+        """The entries set back to vLLM's default because the boards that re-timed them found them no faster
+        (optional; benchmarks/default_ties.py): each with its batch size, the default it holds now, the entry it
+        replaces, and that entry's readings over vLLM's default (how many, on how many boards, their geomean)."""
+        value = data.get("defaulted", [])
+        if not isinstance(value, list):
+            raise self.fail(f"key 'defaulted' {_short(value)} is not a list of entries set back to vLLM's default")
+        for i, entry in enumerate(value):
+            at = f"defaulted.{i}"
+            if not isinstance(entry, dict):
+                raise self.fail(f"key '{at}' {_short(entry)} is not an entry set back to vLLM's default (an object)")
+            missing = [k for k in ("m", "config", "replaces", "readings", "boards", "speedup") if k not in entry]
+            if missing:
+                raise self.fail(f"missing required key '{at}.{missing[0]}'")
+            count = next((k for k in ("m", "readings", "boards") if isinstance(entry[k], bool)
+                          or not isinstance(entry[k], int) or entry[k] < 1), None)
+            if count:
+                raise self.fail(f"key '{at}.{count}' {_short(entry[count])} is not a positive count")
+            text = next((k for k in ("config", "replaces") if not isinstance(entry[k], str)), None)
+            if text:
+                raise self.fail(f"key '{at}.{text}' {_short(entry[text])} is not text")
+            if not _finite(entry["speedup"]):
+                raise self.fail(f"key '{at}.speedup' is not a finite number")
+
     def target(self, data: object) -> Target | None:
         if data is None:
             return None
@@ -288,6 +312,7 @@ class _Reader:
             raise self.fail("it holds no results")
         layouts, vllm = self.layouts(data), self.vllm(data)
         self.confirmed(data)
+        self.defaulted(data)
         shape, gpu, sw = self.shape(data), data["gpu"], data["software"]
         if data["file"] != shape.file_name(str(gpu["device_name"])):
             raise self.fail(f"its 'file' {data['file']!r} does not match its shape and device")

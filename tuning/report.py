@@ -123,6 +123,7 @@ def _provenance_lines(p: Provenance) -> tuple[str, ...]:
         *([f"- Triton drift: {drift}"] if (drift := triton_drift(p)) else []),
         *([f"- Not tuned: {empty}"] if (empty := p.empty_launch_note()) else []),
         *([_confirmed_line(p.extra["confirmed"])] if p.extra.get("confirmed") else []),
+        *([_defaulted_line(p.extra["defaulted"])] if p.extra.get("defaulted") else []),
     )
 
 
@@ -133,6 +134,13 @@ def _confirmed_line(confirmed: list[dict]) -> str:
                      + "".join(f", {r:.3f}x on {b}" for b, r in c.get("also_confirmed_on", {}).items())
                      for c in confirmed)
     return f"- Taken from a later re-tune where another board confirmed them (`verify --keep-confirmed`): {each}"
+
+
+def _defaulted_line(defaulted: list[dict]) -> str:
+    """The entries set back to vLLM's default, each with what the boards that re-timed it made of it."""
+    each = "; ".join(f"M={d['m']} {d['replaces']} → {d['config']} ({d['speedup']:.3f}x over vLLM's default in "
+                     f"{d['readings']} re-timings on {d['boards']} boards)" for d in defaulted)
+    return f"- Set back to vLLM's default, where the boards that re-timed the entry found it no faster: {each}"
 
 
 def triton_drift(p: Provenance) -> str | None:

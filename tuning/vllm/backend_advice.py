@@ -92,7 +92,7 @@ class Advice:
 
     def stale(self, folder: Path) -> list[int]:
         """Batch sizes whose timed tuned config differs from the one ``folder``'s file for that shape holds."""
-        files = {_label(p.name): p for p in Path(folder).glob("E=*.json") if FILE_NAME.match(p.name)}
+        files = {file_label(p.name): p for p in Path(folder).glob("E=*.json") if FILE_NAME.match(p.name)}
         out = set()
         for label, per_m in (self.timed_configs or {}).items():
             path = files.get(label)
@@ -103,7 +103,7 @@ class Advice:
         return sorted(out)
 
 
-def _label(file_name: str) -> str:
+def file_label(file_name: str) -> str:
     """The shape label (MoeShape.label) of a vLLM config file name."""
     e, n, _, dtype, b0, b1 = FILE_NAME.match(file_name).groups()
     return f"{'fp8' if dtype else 'bf16'} E={e} N={n}" + (f" [{b0},{b1}]" if b0 else "")
