@@ -2,6 +2,7 @@
 
     python benchmarks/default_ties.py CONFIGS_DIR LOG... [--kernel=VLLM LOG...]           # what it would change
     python benchmarks/default_ties.py --write CONFIGS_DIR LOG... [--kernel=VLLM LOG...]   # and change it
+    python benchmarks/default_ties.py --write --include-advised COPY LOG...   # a copy for the bake-off to re-time
 
 The readings are those of ``benchmarks/verify_pair.py --boards`` (same arguments): every speedup over vLLM's default
 that a ``tune-moe verify`` log timed for an entry's config at its batch size, with the Triton and the kernel the
@@ -14,7 +15,8 @@ the boards' record shows it, and on a board at its power cap it reads up to 5% s
 ``verify`` flags. The default is what vLLM runs without the file: set back, the entry cannot lose to it anywhere.
 An entry the committed backend advice of the set's release timed (tuning/data/backend_advice/, ``timed_configs``) is
 left as it is and named: set back, it would leave that advice timed with a config the file no longer holds, which
-only a bake-off on a GPU re-times. Every file is checked before any is written; each is written whole (atomically),
+only a bake-off on a GPU re-times (``--include-advised`` sets it back too: in a copy of the set, for that bake-off
+to time). Every file is checked before any is written; each is written whole (atomically),
 its sidecar after it.
 """
 
@@ -86,11 +88,13 @@ def set_back(configs_dir: Path, found: list[tuple[str, int, str, list[tuple[floa
 def main(argv: list[str]) -> int:
     write = argv[:1] == ["--write"]
     args = argv[1:] if write else argv
+    include_advised = args[:1] == ["--include-advised"]
+    args = args[1:] if include_advised else args
     if len(args) < 2 or not Path(args[0]).is_dir():
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
     configs_dir, logs = Path(args[0]), args[1:]
-    found, timed = [], advised(configs_dir)
+    found, timed = [], {} if include_advised else advised(configs_dir)
     for tie in ties(configs_dir, logs):
         file, m, entry, got = tie
         layout = timed.get((backend_advice.file_label(file), m, entry))

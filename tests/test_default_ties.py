@@ -65,3 +65,8 @@ def test_every_committed_tuned_entry_reads_above_the_default_over_its_boards_or_
         f"{ties[0][0]}.json M=65536: M64-N128-K128-G1-w4-s4, 0.996x over vLLM's default in 3 re-timings: left, as the "
         "backend advice for DP8+EP timed it (re-time that layout with tune-moe compare-backends to set it back)",
         "0 entries would be set back to vLLM's default (--write to do it)"]
+    included = subprocess.run([sys.executable, str(REPO / "benchmarks" / "default_ties.py"), "--include-advised",
+                               str(folder), *_logs()], capture_output=True, text=True, timeout=600)
+    assert included.stdout.splitlines() == [
+        f"{ties[0][0]}.json M=65536: M64-N128-K128-G1-w4-s4, 0.996x over vLLM's default in 3 re-timings",
+        "1 entries would be set back to vLLM's default (--write to do it)"]
