@@ -237,27 +237,32 @@ class _Reader:
             raise self.fail(f"key 'software.vllm' {_short(value)} is not a vLLM version (MAJOR.MINOR[.PATCH])")
         return value
 
+    def records(self, data: dict, key: str, many: str, one: str, required: tuple[str, ...]):
+        """(where, record) of an optional list of records under ``key``, each an object holding ``required``."""
+        value = data.get(key, [])
+        if not isinstance(value, list):
+            raise self.fail(f"key '{key}' {_short(value)} is not a list of {many}")
+        for i, entry in enumerate(value):
+            at = f"{key}.{i}"
+            if not isinstance(entry, dict):
+                raise self.fail(f"key '{at}' {_short(entry)} is not {one} (an object)")
+            missing = [k for k in required if k not in entry]
+            if missing:
+                raise self.fail(f"missing required key '{at}.{missing[0]}'")
+            text = next((k for k in ("config", "replaces", "on") if k in required and not isinstance(entry[k], str)),
+                        None)
+            if text:
+                raise self.fail(f"key '{at}.{text}' {_short(entry[text])} is not text")
+            yield at, entry
+
     def confirmed(self, data: dict) -> None:
         """``verify --keep-confirmed``'s record of the entries it took (optional): each with its batch size, the
         configs it replaced and took, the board and the old and new times."""
-        if "confirmed" not in data:
-            return
-        value = data["confirmed"]
-        if not isinstance(value, list):
-            raise self.fail(f"key 'confirmed' {_short(value)} is not a list of confirmed entries")
-        for i, entry in enumerate(value):
-            at = f"confirmed.{i}"
-            if not isinstance(entry, dict):
-                raise self.fail(f"key '{at}' {_short(entry)} is not a confirmed entry (an object)")
-            missing = [k for k in ("m", "config", "replaces", "on", "old_us", "new_us") if k not in entry]
-            if missing:
-                raise self.fail(f"missing required key '{at}.{missing[0]}'")
+        for at, entry in self.records(data, "confirmed", "confirmed entries", "a confirmed entry",
+                                      ("m", "config", "replaces", "on", "old_us", "new_us")):
             m = entry["m"]
             if isinstance(m, bool) or not isinstance(m, int) or m < 1:
                 raise self.fail(f"key '{at}.m' {_short(m)} is not a batch size")
-            text = next((k for k in ("config", "replaces", "on") if not isinstance(entry[k], str)), None)
-            if text:
-                raise self.fail(f"key '{at}.{text}' {_short(entry[text])} is not text")
             number = next((k for k in ("old_us", "new_us") if not _finite(entry[k])), None)
             if number:
                 raise self.fail(f"key '{at}.{number}' is not a finite number")
@@ -273,23 +278,13 @@ class _Reader:
         """The entries set back to vLLM's default because the boards that re-timed them found them no faster
         (optional; benchmarks/default_ties.py): each with its batch size, the default it holds now, the entry it
         replaces, and that entry's readings over vLLM's default (how many, on how many boards, their geomean)."""
-        value = data.get("defaulted", [])
-        if not isinstance(value, list):
-            raise self.fail(f"key 'defaulted' {_short(value)} is not a list of entries set back to vLLM's default")
-        for i, entry in enumerate(value):
-            at = f"defaulted.{i}"
-            if not isinstance(entry, dict):
-                raise self.fail(f"key '{at}' {_short(entry)} is not an entry set back to vLLM's default (an object)")
-            missing = [k for k in ("m", "config", "replaces", "readings", "boards", "speedup") if k not in entry]
-            if missing:
-                raise self.fail(f"missing required key '{at}.{missing[0]}'")
+        for at, entry in self.records(data, "defaulted", "entries set back to vLLM's default",
+                                      "an entry set back to vLLM's default",
+                                      ("m", "config", "replaces", "readings", "boards", "speedup")):
             count = next((k for k in ("m", "readings", "boards") if isinstance(entry[k], bool)
                           or not isinstance(entry[k], int) or entry[k] < 1), None)
             if count:
                 raise self.fail(f"key '{at}.{count}' {_short(entry[count])} is not a positive count")
-            text = next((k for k in ("config", "replaces") if not isinstance(entry[k], str)), None)
-            if text:
-                raise self.fail(f"key '{at}.{text}' {_short(entry[text])} is not text")
             if not _finite(entry["speedup"]):
                 raise self.fail(f"key '{at}.speedup' is not a finite number")
 
