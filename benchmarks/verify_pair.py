@@ -22,7 +22,8 @@ With --boards, the logs are any `tune-moe verify` runs (with or without --agains
 CONFIGS_DIR whose config is not vLLM's default, every speedup over vLLM's default that its config read at that
 batch size of that file (as the tuned entry, or as the entry `--against` compared), each log's board named, then the
 geometric mean over the readings. A reading counts where its log compiled with the sidecar's Triton and re-timed
-with the kernel of the sidecar's vLLM (for a bf16 file, 0.33's or 0.34's: they launch its kernel alike). A log names
+with a kernel the sidecar's vLLM launches alike for that file (tuning.vllm.rules.launch_changes: a bf16 file's under
+0.33 and 0.34, not a block-FP8 file's). A log names
 its kernel ("kernel: vLLM 0.34.0 ..."); for one older than that line, the kernel is taken to be the release the
 file was tuned for, unless a --kernel=VLLM before it says otherwise (it holds for the logs after it).
 """
@@ -45,7 +46,6 @@ TRITON = re.compile(r"Triton: tuned with (\S+) for vLLM (\S+); this process comp
 BOARD = re.compile(r"^re-timing on (GPU-[0-9a-f-]+)")
 KERNEL = re.compile(r"^kernel: vLLM (\S+) fused_moe_kernel")
 SUMMARY = re.compile(r"^\d+ files, \d+ failed")  # a verify run's last word (a tune log's tables are its own record)
-ALIKE = {"0.33.0", "0.34.0"}  # releases that launch a bf16 file's kernel alike (tuning.vllm.rules.launch_changes)
 
 
 def read(path: str) -> dict[tuple[str, int], tuple[float, float, str]]:
@@ -153,17 +153,24 @@ def readings(path: str, kernel: str = "") -> tuple[str, list[tuple[str, int, str
 def collect(configs: Path | str, logs: list[str]) -> tuple[dict, dict, list[str]]:
     """Per entry (file, M, config) of CONFIGS_DIR that is not vLLM's default, its readings (speedup over the
     default, board) in the logs; the recorded speedup of each; the logs skipped (no verify run's)."""
-    from tuning.configs import TileConfig  # noqa: E402
+    from tuning.configs import TileConfig
+    from tuning.shapes import MoeShape
+    from tuning.vllm.rules import launch_changes
 
     entries, recorded = {}, {}
     for sidecar in sorted(Path(configs).glob("*.provenance.json")):
         side = json.loads(sidecar.read_text())
-        bf16 = side["shape"]["dtype"] == "bf16"
+        d = side["shape"]
+        shape = MoeShape(d["num_experts"], d["global_experts"], d["n"], d["k"], d["top_k"], d["dtype"],
+                         tuple(d["block_shape"]) if d["block_shape"] else None)
         for m, r in side["results"].items():
             tuned, default = TileConfig.from_dict(r["tuned"]).short, TileConfig.from_dict(r["default"]).short
             if tuned != default:
                 key = (side["file"], int(m), tuned)
-                entries[key], recorded[key] = (side["software"]["triton"], side["target"]["vllm"], bf16), r["speedup"]
+                entries[key], recorded[key] = (side["software"]["triton"], side["target"]["vllm"], shape), r["speedup"]
+    missing = next((p for p in logs if not p.startswith("--kernel=") and not Path(p).is_file()), None)
+    if missing:
+        raise SystemExit(f"{missing}: no such log; give the `tune-moe verify` logs to read (benchmarks/results/*/*.log)")
     got = {key: [] for key in entries}
     kernel, skipped = "", []
     for path in logs:
@@ -176,7 +183,7 @@ def collect(configs: Path | str, logs: list[str]) -> tuple[dict, dict, list[str]
         board, rows = readings(path, kernel)
         for file, m, config, speedup, triton, vllm in rows:
             e = entries.get((file, m, config))
-            if e and triton == e[0] and (vllm == e[1] or (e[2] and {vllm, e[1]} <= ALIKE)):
+            if e and triton == e[0] and (vllm == e[1] or not launch_changes(e[1], vllm, e[2])):
                 got[(file, m, config)].append((speedup, board or Path(path).name))
     return got, recorded, skipped
 

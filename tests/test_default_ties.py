@@ -70,3 +70,15 @@ def test_every_committed_tuned_entry_reads_above_the_default_over_its_boards_or_
     assert included.stdout.splitlines() == [
         f"{ties[0][0]}.json M=65536: M64-N128-K128-G1-w4-s4, 0.996x over vLLM's default in 3 re-timings",
         "1 entries would be set back to vLLM's default (--write to do it)"]
+
+
+def test_a_log_that_is_not_there_is_one_line_and_nothing_is_written(tmp_path):
+    folder = tmp_path / "set"
+    before_defaults(REPO / "kernels_configs" / "vllm-0.33" / "NVIDIA_H200", folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "default_ties.py"), "--write", str(folder),
+                          *_logs(), str(tmp_path / "gone.log")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr == f"{tmp_path / 'gone.log'}: no such log; give the `tune-moe verify` logs to read " \
+                         "(benchmarks/results/*/*.log)\n"
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
