@@ -10,7 +10,7 @@ from tuning.configs import TileConfig
 from tuning.jobs import Failure, FailureKind
 from tuning.gpus import get_gpu
 from tuning.runner import Outcome
-from tuning.search import HEAD_TO_HEAD_MS, KEEP_WITHIN, exhaustive, guided, head_to_head
+from tuning.search import CLEAR_WIN, HEAD_TO_HEAD_MS, KEEP_WITHIN, exhaustive, guided, head_to_head
 from tuning.shapes import MoeShape
 from tuning.configs import read_config_file
 from tuning.space import AXES, Context, accumulator_fits_registers, axes, candidates, explain, neighbours, space
@@ -312,6 +312,41 @@ def test_without_an_entry_in_the_file_the_default_is_what_a_winner_must_beat(fir
     assert result.best.config == winner and result.rechecked == rechecked
     assert len(result.default.timing.samples_us) == 5 * head_to_heads // 2  # 5 samples a timing, 2 a round
     assert result.best.us * (1 - KEEP_WITHIN) <= result.default.us
+
+
+class Spread(Drifting):
+    """Each timing's five samples spread by +-``spread`` around the config's cost, as at a board's power cap."""
+
+    def __init__(self, first_us: float, spread: float, **kw):
+        super().__init__(first_us, first_us, **kw)
+        self.spread = spread
+
+    def evaluate(self, c: TileConfig, budget_ms: float) -> Outcome:
+        got = super().evaluate(c, budget_ms)
+        if not got.ok:
+            return got
+        return Outcome(c, Timing(tuple(got.us * (1 + self.spread * k / 2) for k in (-2, -1, 0, 1, 2))), got.error)
+
+
+@pytest.mark.parametrize("win,spread,incumbent,head_to_heads,rechecked", [
+    (0.10, 0.0, False, 6, "clear"),  # 10% faster than the default, samples tight: written after one head to head
+    (CLEAR_WIN + 0.001, 0.0, False, 6, "clear"),  # just over CLEAR_WIN
+    (CLEAR_WIN - 0.001, 0.0, False, 12, "confirmed"),  # just under: a second, as any win of more than KEEP_WITHIN
+    (0.10, 0.12, False, 12, "confirmed"),  # 10% faster, samples +-12%: the quantiles overlap, a second
+    (0.10, 0.0, True, 9, "clear"),  # the file's entry beaten by 10%, samples tight
+])
+def test_a_clear_first_win_needs_no_second_head_to_head(win, spread, incumbent, head_to_heads, rechecked):
+    """A pick faster than what vLLM runs there by more than CLEAR_WIN, its p80 below the other's p20, is written
+    after one head to head: a second undid only wins of 1.3-1.7% (benchmarks §2n) and confirmed every win of
+    7-33% (§11, n37). Where a board's power cap spreads the samples so that they overlap, the second is run."""
+    standing = HELD if incumbent else DEFAULT
+    costs = {DEFAULT: 100.0 if not incumbent else 110.0, **({HELD: 100.0} if incumbent else {})}
+    land = Spread(100.0 * (1 - win), spread, after=9 if incumbent else 6, costs=costs)
+    result = guided(land, Context(BF16_TP4, H200, 256), DEFAULT, incumbent=HELD if incumbent else None)
+    assert land.head_to_heads == head_to_heads
+    assert result.best.config == OPTIMUM and result.rechecked == rechecked
+    assert (result.incumbent or result.default).config == standing
+    assert len((result.incumbent or result.default).timing.samples_us) == 5 * head_to_heads // (2 + incumbent)
 
 
 def test_a_default_that_fails_is_replaced_after_one_head_to_head():

@@ -18,7 +18,7 @@ from statistics import geometric_mean
 from . import clocks, configs, provenance
 from .configs import TileConfig
 from .errors import UsageError
-from .jobs import JobResult, Settings
+from .jobs import CLEAR_WIN, JobResult, Settings
 from .plan import Plan
 from .provenance import BatchRow, Provenance, RunInfo, Target
 from .shapes import MoeShape
@@ -202,7 +202,12 @@ def summary(plan: Plan, results: dict[tuple[str, int], JobResult]) -> str:
 
 def rechecked_note(results) -> str:
     """How the second head to heads went: each replacement of what vLLM ran (the file's entry, else its default)
-    that the first decided is timed once more (search)."""
-    n = {k: sum(r.rechecked == k for r in results) for k in ("confirmed", "undid")}
-    return (f"{n['confirmed'] + n['undid']} replacements timed in a second head to head: {n['confirmed']} "
-            f"confirmed, {n['undid']} undone (what vLLM ran kept: the file's entry, else its default)")
+    that the first decided is timed once more, unless it won the first clearly (search)."""
+    n = {k: sum(r.rechecked == k for r in results) for k in ("confirmed", "undid", "clear")}
+    parts = []
+    if n["confirmed"] + n["undid"]:
+        parts.append(f"{n['confirmed'] + n['undid']} replacements timed in a second head to head: {n['confirmed']} "
+                     f"confirmed, {n['undid']} undone (what vLLM ran kept: the file's entry, else its default)")
+    if n["clear"]:
+        parts.append(f"{n['clear']} won the first by more than {CLEAR_WIN:.0%}, samples apart: not timed again")
+    return "; ".join(parts)

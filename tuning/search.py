@@ -8,8 +8,9 @@ a climb around them alone never reaches another tile several axes away; benchmar
 successive halving with longer timings for the finalists. The winner is re-timed head to head against vLLM's
 default and the incumbent, and replaces what vLLM runs there now (the incumbent, or vLLM's default where the
 file holds none) only when it beats it by more than KEEP_WITHIN (the timing noise) in two head to heads in a
-row: a tuned entry differs from the default only where it is measurably faster, a re-tuned file changes only
-where it gets measurably faster, and a kept entry reads at most KEEP_WITHIN slower than the default.
+row, or in one by more than CLEAR_WIN with the two configs' samples apart: a tuned entry differs from the
+default only where it is measurably faster, a re-tuned file changes only where it gets measurably faster, and
+a kept entry reads at most KEEP_WITHIN slower than the default.
 ``exhaustive`` times the whole space cheaply, then finishes the same way. Configs that
 failed to compile or ran out of resources are remembered (``failures``) and never
 retried. With a compile pool, each config of a round is timed as its compile ends, while
@@ -24,7 +25,7 @@ from typing import Callable, Iterable, Protocol
 
 from .bench import Timing
 from .configs import TileConfig
-from .jobs import KEEP_WITHIN, Failure
+from .jobs import CLEAR_WIN, KEEP_WITHIN, Failure
 from .runner import Outcome
 from .space import Context, neighbours, space
 
@@ -46,7 +47,8 @@ class SearchResult:
     default: Outcome
     outcomes: list[Outcome] = field(default_factory=list)  # every first-look evaluation
     incumbent: Outcome | None = None  # the entry the output file held, timed head to head with the winner
-    rechecked: str = ""  # a second head to head: "confirmed" the replacement the first decided, or "undid" it
+    rechecked: str = ""  # a second head to head "confirmed" the replacement the first decided, or "undid" it;
+    # "clear": the first won it clearly (_clear), no second
 
     @property
     def evaluated(self) -> int:
@@ -133,7 +135,7 @@ def _finish(ev: Evaluator, book: _Book, default: TileConfig, incumbent: TileConf
     a default "win" of 0.3-2.5% that did not repeat), the default by the winner (a search's pick carries its
     board's luck: an entry picked 1.7% faster than the default read 0.95-1.03x on thirty re-timings, §11).
     A replacement must win a second head to head too (§2n: three of eleven replacements won one by 1.3-1.7%
-    and were equal re-timed); the times returned then pool both."""
+    and were equal re-timed), unless it won the first clearly (_clear); the times returned pool both."""
     base = book.seen[default]
     held = book.seen.get(incumbent) if incumbent else None
     finalists = [o.config for o in book.ranked()[:4]]
@@ -147,7 +149,9 @@ def _finish(ev: Evaluator, book: _Book, default: TileConfig, incumbent: TileConf
     timed = head_to_head(ev, *contenders)
     pick = _verdict(*timed)
     rechecked, standing = "", contenders[-1]  # what vLLM runs there now (a default that fails: nothing to recheck)
-    if pick.config != standing and timed[-1].ok:
+    if pick.config != standing and timed[-1].ok and _clear(pick, timed[-1]):
+        rechecked = "clear"
+    elif pick.config != standing and timed[-1].ok:
         again = head_to_head(ev, *contenders)
         stays = _verdict(*again).config == standing
         timed = [_pool([a, b]) for a, b in zip(timed, again)]
@@ -162,6 +166,15 @@ def _verdict(winner: Outcome, default: Outcome, held: Outcome | None = None) -> 
     more than KEEP_WITHIN."""
     pick = default if default.ok and winner.us >= default.us * (1 - KEEP_WITHIN) else winner
     return held if held is not None and held.ok and pick.us > held.us * (1 - KEEP_WITHIN) else pick
+
+
+def _clear(pick: Outcome, standing: Outcome) -> bool:
+    """A first head to head won beyond what a second has undone: the pick faster by more than CLEAR_WIN, and
+    its slow samples (p80) faster than the standing config's fast ones (p20). The second head to heads that
+    undid a pick undid wins of 1.3-1.7% (§2n); a board at its power cap spreads one config's samples by up to
+    9% (§11), so there the quantiles overlap and the second is run. On bf16 TP8 from empty results the 16 second
+    head to heads confirmed every pick, 14 of them 7-33% faster (§11, n37): 0.54 s a job that changed nothing."""
+    return pick.us < standing.us * (1 - CLEAR_WIN) and pick.timing.p80_us < standing.timing.p20_us
 
 
 def head_to_head(ev: Evaluator, *configs: TileConfig, rounds: int = 3) -> list[Outcome]:
