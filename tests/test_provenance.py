@@ -240,7 +240,7 @@ def test_the_summary_says_what_became_of_each_entry_the_file_held():
     clear = replace(r, rechecked="clear")
     assert incumbent_mark(clear) == incumbent_mark(r)
     assert rechecked_note([r, clear, undone, clear]) == (
-        "1 replacements timed in a second head to head: 0 confirmed, 1 undone (what vLLM ran kept: the file's "
+        "1 replacement timed in a second head to head: 0 confirmed, 1 undone (what vLLM ran kept: the file's "
         "entry, else its default); 2 won the first by more than 5%, samples apart: not timed again")
     assert rechecked_note([clear]) == "1 won the first by more than 5%, samples apart: not timed again"
     fresh = replace(r, incumbent=None, incumbent_us=0.0, tuned=default, tuned_us=803.8, rechecked="undid")

@@ -206,7 +206,8 @@ def rechecked_note(results) -> str:
     n = {k: sum(r.rechecked == k for r in results) for k in ("confirmed", "undid", "clear")}
     parts = []
     if n["confirmed"] + n["undid"]:
-        parts.append(f"{n['confirmed'] + n['undid']} replacements timed in a second head to head: {n['confirmed']} "
+        timed = n["confirmed"] + n["undid"]
+        parts.append(f"{timed} replacement{'s' * (timed != 1)} timed in a second head to head: {n['confirmed']} "
                      f"confirmed, {n['undid']} undone (what vLLM ran kept: the file's entry, else its default)")
     if n["clear"]:
         parts.append(f"{n['clear']} won the first by more than {CLEAR_WIN:.0%}, samples apart: not timed again")
