@@ -14,7 +14,7 @@ from .vllm.kernel import KernelSource
 from .shapes import MoeShape
 
 KEEP_WITHIN = 0.01  # a file's entry stays unless beaten by more than 1% (benchmarks §2k: one config re-timed, ±1%)
-CLEAR_WIN = 0.05  # a first head to head won by more than this, samples apart, needs no second (search._clear)
+CLEAR_WIN = 0.05  # a first head to head won by more than this, samples apart, needs no second (search.clear_win)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ class SearchResult:
     outcomes: list[Outcome] = field(default_factory=list)  # every first-look evaluation
     incumbent: Outcome | None = None  # the entry the output file held, timed head to head with the winner
     rechecked: str = ""  # a second head to head "confirmed" the replacement the first decided, or "undid" it;
-    # "clear": the first won it clearly (_clear), no second
+    # "clear": the first won it clearly (clear_win), no second
 
     @property
     def evaluated(self) -> int:
@@ -135,7 +135,7 @@ def _finish(ev: Evaluator, book: _Book, default: TileConfig, incumbent: TileConf
     a default "win" of 0.3-2.5% that did not repeat), the default by the winner (a search's pick carries its
     board's luck: an entry picked 1.7% faster than the default read 0.95-1.03x on thirty re-timings, §11).
     A replacement must win a second head to head too (§2n: three of eleven replacements won one by 1.3-1.7%
-    and were equal re-timed), unless it won the first clearly (_clear); the times returned pool both."""
+    and were equal re-timed), unless it won the first clearly (clear_win); the times returned pool both."""
     base = book.seen[default]
     held = book.seen.get(incumbent) if incumbent else None
     finalists = [o.config for o in book.ranked()[:4]]
@@ -149,7 +149,7 @@ def _finish(ev: Evaluator, book: _Book, default: TileConfig, incumbent: TileConf
     timed = head_to_head(ev, *contenders)
     pick = _verdict(*timed)
     rechecked, standing = "", contenders[-1]  # what vLLM runs there now (a default that fails: nothing to recheck)
-    if pick.config != standing and timed[-1].ok and _clear(pick, timed[-1]):
+    if pick.config != standing and timed[-1].ok and clear_win(pick, timed[-1]):
         rechecked = "clear"
     elif pick.config != standing and timed[-1].ok:
         again = head_to_head(ev, *contenders)
@@ -168,7 +168,7 @@ def _verdict(winner: Outcome, default: Outcome, held: Outcome | None = None) -> 
     return held if held is not None and held.ok and pick.us > held.us * (1 - KEEP_WITHIN) else pick
 
 
-def _clear(pick: Outcome, standing: Outcome) -> bool:
+def clear_win(pick: Outcome, standing: Outcome) -> bool:
     """A first head to head won beyond what a second has undone: the pick faster by more than CLEAR_WIN, and
     its slow samples (p80) faster than the standing config's fast ones (p20). The second head to heads that
     undid a pick undid wins of 1.3-1.7% (§2n); a board at its power cap spreads one config's samples by up to
