@@ -204,9 +204,8 @@ def rechecked_note(results) -> str:
     """How the second head to heads went: each replacement of what vLLM ran (the file's entry, else its default)
     that the first decided is timed once more, unless it won the first clearly (search)."""
     n = {k: sum(r.rechecked == k for r in results) for k in ("confirmed", "undid", "clear")}
-    parts = []
-    if n["confirmed"] + n["undid"]:
-        timed = n["confirmed"] + n["undid"]
+    parts, timed = [], n["confirmed"] + n["undid"]
+    if timed:
         parts.append(f"{timed} replacement{'s' * (timed != 1)} timed in a second head to head: {n['confirmed']} "
                      f"confirmed, {n['undid']} undone (what vLLM ran kept: the file's entry, else its default)")
     if n["clear"]:

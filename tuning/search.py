@@ -149,14 +149,15 @@ def _finish(ev: Evaluator, book: _Book, default: TileConfig, incumbent: TileConf
     timed = head_to_head(ev, *contenders)
     pick = _verdict(*timed)
     rechecked, standing = "", contenders[-1]  # what vLLM runs there now (a default that fails: nothing to recheck)
-    if pick.config != standing and timed[-1].ok and clear_win(pick, timed[-1]):
-        rechecked = "clear"
-    elif pick.config != standing and timed[-1].ok:
-        again = head_to_head(ev, *contenders)
-        stays = _verdict(*again).config == standing
-        timed = [_pool([a, b]) for a, b in zip(timed, again)]
-        pick = timed[-1] if stays else _verdict(*timed[:2])
-        rechecked = "undid" if stays else "confirmed"
+    if pick.config != standing and timed[-1].ok:  # a replacement of what vLLM runs there
+        if clear_win(pick, timed[-1]):
+            rechecked = "clear"
+        else:
+            again = head_to_head(ev, *contenders)
+            stays = _verdict(*again).config == standing
+            timed = [_pool([a, b]) for a, b in zip(timed, again)]
+            pick = timed[-1] if stays else _verdict(*timed[:2])
+            rechecked = "undid" if stays else "confirmed"
     return SearchResult(pick, timed[1], outcomes, timed[2] if len(timed) == 3 else held, rechecked)
 
 
