@@ -153,21 +153,16 @@ def readings(path: str, kernel: str = "") -> tuple[str, list[tuple[str, int, str
 def collect(configs: Path | str, logs: list[str]) -> tuple[dict, dict, list[str]]:
     """Per entry (file, M, config) of CONFIGS_DIR that is not vLLM's default, its readings (speedup over the
     default, board) in the logs; the recorded speedup of each; the logs skipped (no verify run's)."""
-    from tuning.configs import TileConfig
-    from tuning.shapes import MoeShape
+    from tuning import provenance
     from tuning.vllm.rules import launch_changes
 
     entries, recorded = {}, {}
     for sidecar in sorted(Path(configs).glob("*.provenance.json")):
-        side = json.loads(sidecar.read_text())
-        d = side["shape"]
-        shape = MoeShape(d["num_experts"], d["global_experts"], d["n"], d["k"], d["top_k"], d["dtype"],
-                         tuple(d["block_shape"]) if d["block_shape"] else None)
-        for m, r in side["results"].items():
-            tuned, default = TileConfig.from_dict(r["tuned"]).short, TileConfig.from_dict(r["default"]).short
-            if tuned != default:
-                key = (side["file"], int(m), tuned)
-                entries[key], recorded[key] = (side["software"]["triton"], side["target"]["vllm"], shape), r["speedup"]
+        prov = provenance.read(sidecar.with_name(sidecar.name.replace(provenance.SUFFIX, ".json")))
+        for r in prov.rows:
+            if r.tuned != r.default:
+                key = (prov.file, r.m, r.tuned.short)
+                entries[key], recorded[key] = (prov.run.triton, prov.target.vllm, prov.shape), r.speedup
     missing = next((p for p in logs if not p.startswith("--kernel=") and not Path(p).is_file()), None)
     if missing:
         raise SystemExit(f"{missing}: no such log; give the `tune-moe verify` logs to read (benchmarks/results/*/*.log)")
