@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tuning.errors import UsageError  # noqa: E402
 from tuning.jobs import CLEAR_WIN, KEEP_WITHIN  # noqa: E402
 
 
@@ -50,6 +51,17 @@ def summary(rows: list[dict]) -> str:
     lines.append(f"{lost} of {looks} head to heads not won by more than {KEEP_WITHIN:.0%} (the entry kept as a tie "
                  f"or a loss there), over {len(rows)} (file, M)")
     return "\n".join(lines)
+
+
+def read_rows(path: str) -> list[dict]:
+    """The rows of one --json file, or one line naming what is wrong with it."""
+    try:
+        rows = json.loads(Path(path).read_text())["rows"]
+        if all(isinstance(r, dict) and isinstance(r.get("looks"), list) for r in rows):
+            return rows
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        pass
+    sys.exit(f"second_look: {path}: not a file second_look --json wrote; give one of those to --from-json")
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
@@ -108,12 +120,15 @@ def main() -> int:
     p.add_argument("--from-json", nargs="+")
     args = p.parse_args()
     if args.from_json:
-        rows = [r for path in args.from_json for r in json.loads(Path(path).read_text())["rows"]]
+        rows = [r for path in args.from_json for r in read_rows(path)]
     else:
         if not (args.vllm_src and args.json):
             sys.exit("second_look: timing needs --vllm-src (vLLM's fused_moe.py) and --json (where the rows go)")
         args.files = args.files or ["E="]
-        rows = measure(args)
+        try:
+            rows = measure(args)
+        except UsageError as exc:  # --configs, --files, --batch-sizes, --vllm-src: what tune-moe says of them
+            sys.exit(f"second_look: {exc}")
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
     print("\n" + summary(rows))
     return 0

@@ -53,3 +53,16 @@ def test_timing_without_its_kernel_source_is_one_line(tmp_path):
                          capture_output=True, text=True)
     assert got.returncode == 1 and got.stderr.strip().count("\n") == 0 and "--vllm-src" in got.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_file_that_is_not_second_looks_is_one_line(tmp_path):
+    for text in (None, "{}", '{"rows": [1]}', "not json"):
+        path = tmp_path / "rows.json"
+        path.unlink(missing_ok=True)
+        if text is not None:
+            path.write_text(text)
+        got = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "second_look.py"), "--from-json", str(path)],
+                             capture_output=True, text=True)
+        assert got.returncode == 1 and got.stdout == ""
+        assert got.stderr == f"second_look: {path}: not a file second_look --json wrote; give one of those to " \
+                             "--from-json\n"
